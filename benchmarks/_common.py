@@ -1,0 +1,50 @@
+"""Shared helpers for benchmark scripts: device description, result JSON, printed table."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_info(device: str | torch.device | None = None) -> dict:
+    """Describe the machine a benchmark ran on (GPU name where CUDA is used, else CPU)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if dev.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"CPU ({os.cpu_count()} cores)"
+    return info
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write ``payload`` (plus a timestamp) to benchmarks/results/<name>.json and return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload}
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[dict], cols: list[str] | None = None) -> None:
+    """Print ``rows`` as an aligned text table over ``cols`` (default: keys of the first row)."""
+    if not rows:
+        print("(no rows)")
+        return
+    cols = cols or list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
