@@ -1,0 +1,82 @@
+"""Highly-variable-gene ranking from per-gene statistics (so it can be fed by a streaming pass).
+
+The formulas follow scanpy's ``highly_variable_genes`` (flavours ``seurat_v3`` and ``seurat``,
+single batch); tests check equality with scanpy on the same data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from masksc.errors import DataError
+
+
+def mean_var(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance (ddof=1) from float64 sums ``s`` and sums of squares ``ss``."""
+    mean = s / n
+    var = np.maximum(ss / n - mean**2, 0.0)
+    if n > 1:
+        var *= n / (n - 1)
+    return mean, var
+
+
+def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Seurat v3 step 1: loess fit of log10 variance on log10 mean over non-constant genes.
+
+    Returns ``(reg_std, clip_val)``: the regularised std per gene and the value each count is
+    clipped to (``reg_std * sqrt(n) + mean``) before the standardised variance is taken.
+    """
+    try:
+        from skmisc.loess import loess
+    except ImportError as exc:
+        raise DataError("hvg_flavor='seurat_v3' needs the scikit-misc package; fix: pip install scikit-misc, "
+                        "or use Preprocessor(hvg_flavor='dispersion').") from exc
+    not_const = var > 0
+    if not_const.sum() < 3:
+        raise DataError(f"only {int(not_const.sum())} genes vary across cells; fix: pass more cells/genes "
+                        "(seurat_v3 HVG selection fits a trend over genes).")
+    est = np.zeros_like(mean)
+    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
+    try:
+        model.fit()
+    except ValueError as exc:  # skmisc reports a singular local fit this way
+        raise DataError(f"seurat_v3 HVG trend fit failed ({exc}); fix: drop rarely detected genes "
+                        "(e.g. Preprocessor(min_cells=3); very sparse data such as worm_neuron_cell needs it, as "
+                        "in scanpy), use a larger span, or Preprocessor(hvg_flavor='dispersion').") from exc
+    est[not_const] = model.outputs.fitted_values
+    reg_std = np.sqrt(10**est)
+    return reg_std, reg_std * np.sqrt(n) + mean
+
+
+def seurat_v3_score(mean, reg_std, clipped_sum, clipped_sumsq, n: int) -> np.ndarray:
+    """Seurat v3 step 2: variance of the clipped, standardised counts per gene (higher = more variable)."""
+    return (n * mean**2 + clipped_sumsq - 2 * clipped_sum * mean) / ((n - 1) * reg_std**2)
+
+
+def dispersion_score(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
+    """Seurat (dispersion) score: log dispersion of expm1(log data), z-scored within ``n_bins``
+    bins of log1p mean; NaN for genes with zero dispersion (never ranked above others)."""
+    mean = mean.copy()
+    mean[mean == 0] = 1e-12
+    disp = var / mean
+    disp[disp == 0] = np.nan
+    df = pd.DataFrame({"means": np.log1p(mean), "disp": np.log(disp)})
+    df["bin"] = pd.cut(df["means"], bins=n_bins)
+    stats = df.groupby("bin", observed=True)["disp"].agg(avg="mean", dev="std")
+    single = stats["dev"].isnull()
+    stats.loc[single, "dev"] = stats.loc[single, "avg"]
+    stats.loc[single, "avg"] = 0
+    per_gene = stats.loc[df["bin"]].set_index(df.index)
+    return ((df["disp"] - per_gene["avg"]) / per_gene["dev"]).to_numpy(dtype=np.float64)
+
+
+def rank_genes(score: np.ndarray, n_top: int | None) -> np.ndarray:
+    """Indices of the ``n_top`` highest scores, best first (NaN last); all genes when None.
+
+    Scores are compared at 10 significant digits and ties go to the lower gene index, so the
+    ranking does not depend on floating-point summation order (chunk size of a streamed fit):
+    the dispersion flavour produces exact ties (e.g. +-1/sqrt(2) in two-gene bins).
+    """
+    s = np.array([float(f"{v:.10g}") for v in np.where(np.isnan(score), -np.inf, score)])
+    order = np.argsort(-s, kind="stable")
+    return order if n_top is None else order[:n_top]

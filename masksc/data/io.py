@@ -1,0 +1,272 @@
+"""Readers: one entry point, :func:`read`, auto-detecting the format of a file or folder.
+
+Every reader returns an AnnData with ``X`` a CSR float32 matrix (cells x genes) and, where the
+file holds labels, ``obs["label"]`` as a categorical of strings. Files are opened read-only.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+
+from masksc.data.validate import check_labels, check_not_empty, check_values
+from masksc.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("h5ad", "10x_h5", "10x_mtx", "csv", "tsv", "scdeepcluster")
+_BLOCK_ELEMENTS = 1 << 24  # entries converted at a time when densely stored matrices are made sparse
+
+
+def gene_names(n: int) -> list[str]:
+    """Synthesised gene names ``gene_0000`` .. for files that store none."""
+    width = max(4, len(str(n - 1)))
+    return [f"gene_{i:0{width}d}" for i in range(n)]
+
+
+def set_labels(adata: ad.AnnData, labels) -> None:
+    """Store ``labels`` (one per cell) in ``adata.obs["label"]`` as a categorical of strings.
+
+    Whole-number floats (e.g. ``2.0`` from HDF5) become ``"2"``.
+    """
+    check_labels(labels, adata.n_obs)
+    arr = np.asarray(labels)
+    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind == "S":
+        arr = arr.astype(str)
+    adata.obs["label"] = pd.Categorical(arr.astype(str))
+
+
+def detect_format(path: Path) -> str:
+    """Return one of :data:`FORMATS` for ``path`` or raise DataError."""
+    if path.is_dir():
+        if any((path / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz")):
+            return "10x_mtx"
+        raise DataError(f"{path} is a folder without matrix.mtx[.gz]; fix: point to a 10x mtx folder "
+                        "(matrix.mtx[.gz], features.tsv[.gz] or genes.tsv, barcodes.tsv[.gz]) or to a file.")
+    name = path.name.lower()
+    stem = name[:-3] if name.endswith(".gz") else name
+    if stem.endswith(".h5ad"):
+        return "h5ad"
+    if stem.endswith(".csv"):
+        return "csv"
+    if stem.endswith((".tsv", ".txt")):
+        return "tsv"
+    if stem.endswith(".mtx"):
+        return "10x_mtx"
+    if stem.endswith((".h5", ".hdf5", ".hdf")):
+        try:
+            with h5py.File(path, "r") as f:
+                if "matrix" in f and isinstance(f["matrix"], h5py.Group):
+                    return "10x_h5"
+                if f.attrs.get("encoding-type") == "anndata" or isinstance(f.get("X"), h5py.Group):
+                    return "h5ad"
+                if isinstance(f.get("X"), h5py.Dataset):
+                    return "scdeepcluster"
+                groups = [k for k in f if isinstance(f[k], h5py.Group)]
+                if groups and all({"data", "indices", "indptr", "shape"} <= set(f[g]) for g in groups):
+                    return "10x_h5"  # Cell Ranger v2: one group per genome
+                keys = list(f)
+        except OSError as exc:
+            raise DataError(f"cannot open {path} as HDF5 ({exc}); fix: check the file is complete "
+                            "and not corrupted (re-download or re-export it).") from exc
+        raise DataError(f"{path}: HDF5 file with keys {keys} matches no known layout (10x 'matrix' group, "
+                        "AnnData, or scDeepCluster 'X'/'Y'); fix: pass format= explicitly or convert to .h5ad.")
+    raise DataError(f"unknown format for {path}; fix: use one of .h5ad, .h5 (10x or scDeepCluster), a 10x "
+                    f"mtx folder, .csv or .tsv, or pass format= one of {FORMATS}.")
+
+
+def read(path, format: str | None = None, transpose: bool = False, backed: bool = False) -> ad.AnnData:
+    """Read an expression matrix into an AnnData (cells x genes, CSR float32 ``X``).
+
+    ``format``: one of :data:`FORMATS`, auto-detected when None (suffix, then HDF5 layout).
+    ``transpose``: csv/tsv files store genes x cells (rows genes, columns cells).
+    ``backed``: h5ad only; open read-only without loading ``X`` (``X`` then stays in the file
+    in its stored layout; stream it with :func:`masksc.data.iter_chunks`).
+
+    Raises DataError for a missing/unreadable file, unknown format, empty matrix, NaN/inf
+    values, or labels whose length differs from the number of cells.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"file not found: {path}; fix: check the path (relative paths resolve from {Path.cwd()}).")
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; fix: use one of {FORMATS} or format=None to auto-detect.")
+    if backed and fmt != "h5ad":
+        raise DataError(f"backed=True needs an .h5ad file, got format {fmt!r}; fix: read it in memory, "
+                        "stream it with masksc.data.iter_chunks (10x .h5 works), or convert it to .h5ad.")
+    reader = {"h5ad": _read_h5ad, "10x_h5": _read_10x_h5, "10x_mtx": _read_10x_mtx, "csv": _read_table,
+              "tsv": _read_table, "scdeepcluster": _read_scdeepcluster}[fmt]
+    try:
+        adata = reader(path, fmt=fmt, transpose=transpose, backed=backed)
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read {path} as {fmt} ({type(exc).__name__}: {exc}); fix: check the file "
+                        "is complete and in that format, or pass the right format=.") from exc
+    if not backed:
+        check_not_empty(adata.X)
+        check_values(adata.X, require_integer=False, where=f" in {path.name}")
+    return adata
+
+
+def to_csr32(X, copy: bool = True) -> sp.csr_matrix:
+    """``X`` as CSR float32 with sorted indices and no explicit zeros. With ``copy`` (default)
+    the result is a new matrix and the input is never modified; ``copy=False`` is for matrices
+    the caller owns (it may tidy them in place instead of copying)."""
+    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr(copy=False)
+    X = X.astype(np.float32, copy=copy)
+    if X.indices.dtype != X.indptr.dtype:  # e.g. int32 indices + int64 indptr from h5ad files
+        X = sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)  # scipy unifies (int32 when it fits)
+    X.eliminate_zeros()
+    X.sort_indices()
+    return X
+
+
+def _dense_rows_to_csr(ds) -> sp.csr_matrix:
+    """Convert a dense (in-file or in-memory) 2-D array to CSR block-wise, never holding it whole."""
+    rows = max(1, _BLOCK_ELEMENTS // max(1, ds.shape[1]))
+    chunk_rows = (getattr(ds, "chunks", None) or (0,))[0]
+    if chunk_rows:  # HDF5 decompresses whole chunks: read whole chunk rows at a time
+        rows = -(-rows // chunk_rows) * chunk_rows
+    blocks = [sp.csr_matrix(np.asarray(ds[i:i + rows], dtype=np.float32)) for i in range(0, ds.shape[0], rows)]
+    if not blocks:
+        return sp.csr_matrix(ds.shape, dtype=np.float32)
+    return sp.vstack(blocks, format="csr")
+
+
+def _finish(adata: ad.AnnData) -> ad.AnnData:
+    adata.X = to_csr32(adata.X, copy=False)  # freshly read: ours to tidy in place
+    if "label" in adata.obs:
+        set_labels(adata, adata.obs["label"].to_numpy())
+    return adata
+
+
+def _read_h5ad(path, backed=False, **_):
+    if backed:
+        return ad.read_h5ad(path, backed="r")
+    return _finish(ad.read_h5ad(path))
+
+
+def _decode(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.astype(str) if a.dtype.kind in "SO" else a
+
+
+def _read_10x_h5(path, **_):
+    """Cell Ranger HDF5. v3: group ``matrix`` holding a CSC genes x cells matrix, i.e. a CSR
+    cells x genes matrix (indptr over cells), plus ``features``/``barcodes``; v2 (one group per
+    genome) goes through scanpy's reader."""
+    with h5py.File(path, "r") as f:
+        if "matrix" not in f:
+            import scanpy as sc
+            adata = sc.read_10x_h5(path)
+            adata.var_names_make_unique()
+            return _finish(adata)
+        m = f["matrix"]
+        n_genes, n_cells = (int(v) for v in m["shape"][()])
+        X = sp.csr_matrix((m["data"][()].astype(np.float32), m["indices"][()], m["indptr"][()]),
+                          shape=(n_cells, n_genes))
+        feats = m["features"]
+        names = _decode(feats["name"][()]) if "name" in feats else _decode(feats["id"][()])
+        var = pd.DataFrame(index=pd.Index(names, name=None))
+        if "id" in feats:
+            var["gene_ids"] = _decode(feats["id"][()])
+        ftype = _decode(feats["feature_type"][()]) if "feature_type" in feats else None
+        obs = pd.DataFrame(index=pd.Index(_decode(m["barcodes"][()])))
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    if ftype is not None:
+        var_keep = ftype == "Gene Expression"
+        if var_keep.any() and not var_keep.all():
+            log.info("keeping %d 'Gene Expression' features of %d", var_keep.sum(), len(var_keep))
+            adata = adata[:, var_keep].copy()
+    if not adata.var_names.is_unique:
+        log.warning("%s: duplicate gene symbols made unique (var_names_make_unique)", path)
+        adata.var_names_make_unique()
+    return _finish(adata)
+
+
+def _open_text(p: Path):
+    return gzip.open(p, "rt") if p.suffix == ".gz" else open(p)
+
+
+def _first(folder: Path, names) -> Path:
+    for n in names:
+        if (folder / n).exists():
+            return folder / n
+    raise DataError(f"{folder} lacks {' or '.join(names)}; fix: a 10x mtx folder needs matrix.mtx[.gz], "
+                    "features.tsv[.gz] (or genes.tsv[.gz]) and barcodes.tsv[.gz].")
+
+
+def _read_10x_mtx(path, **_):
+    """10x mtx folder: the Matrix Market file is genes x cells; features/genes.tsv columns are
+    id, name[, type]; var_names are the names (made unique), ids in ``var["gene_ids"]``."""
+    folder = path if path.is_dir() else path.parent
+    mtx = _first(folder, ["matrix.mtx.gz", "matrix.mtx"])
+    feats = _first(folder, ["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"])
+    barcodes = _first(folder, ["barcodes.tsv.gz", "barcodes.tsv"])
+    M = scipy.io.mmread(str(mtx))  # handles .gz itself
+    X = sp.csr_matrix(M).T.tocsr()
+    with _open_text(feats) as fh:
+        ftab = pd.read_csv(fh, sep="\t", header=None, dtype=str)
+    with _open_text(barcodes) as fh:
+        bc = pd.read_csv(fh, sep="\t", header=None, dtype=str)[0].to_numpy()
+    if X.shape != (len(bc), len(ftab)):
+        raise DataError(f"{folder}: matrix is {X.shape[1]} genes x {X.shape[0]} cells but there are "
+                        f"{len(ftab)} features and {len(bc)} barcodes; fix: the three files must come "
+                        "from the same 10x output folder.")
+    names = ftab[1] if ftab.shape[1] > 1 else ftab[0]
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(bc)),
+                       var=pd.DataFrame({"gene_ids": ftab[0].to_numpy()}, index=pd.Index(names.to_numpy())))
+    if ftab.shape[1] > 2:
+        keep = (ftab[2] == "Gene Expression").to_numpy()
+        if keep.any() and not keep.all():
+            adata = adata[:, keep].copy()
+    adata.var_names_make_unique()
+    return _finish(adata)
+
+
+def _read_table(path, fmt="csv", transpose=False, **_):
+    """csv/tsv: header row of gene names, first column of cell names (transpose: genes x cells)."""
+    sep = "," if fmt == "csv" else "\t"
+    df = pd.read_csv(path, sep=sep, index_col=0)
+    if transpose:
+        df = df.T
+    check_not_empty(df)
+    non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if non_numeric:
+        raise DataError(f"{path}: columns {non_numeric[:5]} are not numeric; fix: the file must be cells x "
+                        "genes with a header row of gene names and a first column of cell names "
+                        "(transpose=True if rows are genes); remove annotation columns.")
+    adata = ad.AnnData(X=_dense_rows_to_csr(df.to_numpy(dtype=np.float32)),
+                       obs=pd.DataFrame(index=df.index.astype(str)),
+                       var=pd.DataFrame(index=df.columns.astype(str)))
+    return _finish(adata)
+
+
+def _read_scdeepcluster(path, **_):
+    """scDeepCluster HDF5: dataset ``X`` dense counts cells x genes, optional ``Y`` labels;
+    no gene names are stored, so they are synthesised (``gene_0000`` ..)."""
+    with h5py.File(path, "r") as f:
+        ds = f["X"]
+        if ds.ndim != 2:
+            raise DataError(f"{path}: dataset X has shape {ds.shape}, expected cells x genes; "
+                            "fix: store a 2-D matrix.")
+        X = _dense_rows_to_csr(ds)
+        labels = f["Y"][()] if "Y" in f else None
+    n_cells, n_genes = X.shape
+    width = max(4, len(str(n_cells - 1)))
+    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"cell_{i:0{width}d}" for i in range(n_cells)]),
+                       var=pd.DataFrame(index=gene_names(n_genes)))
+    if labels is not None:
+        set_labels(adata, np.asarray(labels).ravel())
+    return _finish(adata)

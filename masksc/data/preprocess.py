@@ -1,0 +1,289 @@
+"""Preprocessing as a fitted, serialisable transform: QC, library-size normalisation, log1p,
+highly-variable genes, optional scaling. Stays sparse (except scaling, see below).
+
+Fit reads its input in row chunks (:mod:`masksc.data.stream`), so the same code fits an
+in-memory AnnData, a backed ``.h5ad`` or a 10x HDF5 file with memory bounded by the chunk:
+
+* pass 1: validation, per-cell library sizes, cell filter, per-gene detection counts, per-gene
+  sums/sums of squares of the raw counts (seurat_v3), of the normalised values (dispersion)
+  and of the log-normalised values (scaling statistics);
+* pass 2 (seurat_v3 only): per-gene sums of counts clipped at the loess-regularised bound,
+  which is only known after pass 1 (as in Seurat v3 / scanpy).
+
+Choices, documented because they matter for new data: the library size of a cell is its sum
+over *all* genes of the input (before gene selection), computed the same way at transform
+time; ``min_cells`` restricts HVG candidates only; ``min_counts`` drops cells (with a warning)
+at fit and at transform. Input that is already log-normalised (non-integer values, max <=
+``LOG_MAX``) skips normalise/log1p and uses the dispersion flavour. Scaling centres the data,
+which densifies it: it is allowed only for at most ``SCALE_MAX_GENES`` genes (e.g. the 500
+genes contrastive-sc uses) and the output CSR then stores every entry.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from masksc.data import hvg
+from masksc.data.stream import ChunkSource, open_source
+from masksc.data.validate import check_unique_genes, check_values
+from masksc.errors import DataError
+
+log = logging.getLogger(__name__)
+
+LOG_MAX = 30.0  # log1p of 1e13: larger non-integer values cannot be log-normalised expression
+SCALE_MAX_GENES = 2048
+_PARAMS = ("n_top_genes", "target_sum", "log1p", "scale", "max_value", "hvg_flavor", "min_counts",
+           "min_cells", "input", "span", "n_bins", "chunk_size")
+
+
+class Preprocessor:
+    """Fitted preprocessing transform (scanpy conventions).
+
+    Parameters: ``n_top_genes`` genes to keep (None: all, ranked); ``target_sum`` library size
+    after normalisation; ``log1p``; ``scale`` (z-score per gene, clipped at ``max_value``);
+    ``hvg_flavor`` "seurat_v3" (raw counts), "dispersion" (scanpy flavor "seurat", on log
+    data) or "auto" (seurat_v3 for counts, dispersion for log input); ``min_counts`` per cell
+    (cells below are dropped with a warning); ``min_cells`` per gene (HVG candidates must be
+    detected in that many cells); ``input`` "auto" | "counts" | "log"; ``span`` loess span
+    (seurat_v3); ``n_bins`` mean bins (dispersion); ``chunk_size`` cells per streamed chunk.
+
+    Fitted attributes: ``genes_`` (selected genes, HVG rank order), ``input_kind_``,
+    ``flavor_``, ``scale_mean_``/``scale_std_`` (when scaling), ``n_cells_fit_``.
+    """
+
+    def __init__(self, n_top_genes: int | None = 4096, target_sum: float = 1e4, log1p: bool = True,
+                 scale: bool = False, max_value: float | None = 10.0, hvg_flavor: str = "auto",
+                 min_counts: float | None = None, min_cells: int | None = None, input: str = "auto",
+                 span: float = 0.3, n_bins: int = 20, chunk_size: int = 10_000):
+        if hvg_flavor not in ("auto", "seurat_v3", "dispersion"):
+            raise DataError(f"hvg_flavor={hvg_flavor!r}; fix: use 'auto', 'seurat_v3' or 'dispersion'.")
+        if input not in ("auto", "counts", "log"):
+            raise DataError(f"input={input!r}; fix: use 'auto', 'counts' or 'log'.")
+        if scale and (n_top_genes is None or n_top_genes > SCALE_MAX_GENES):
+            raise DataError(f"scale=True densifies the data and is allowed for at most {SCALE_MAX_GENES} genes "
+                            f"(n_top_genes={n_top_genes}); fix: lower n_top_genes or use scale=False.")
+        self.n_top_genes, self.target_sum, self.log1p, self.scale = n_top_genes, target_sum, log1p, scale
+        self.max_value, self.hvg_flavor, self.min_counts, self.min_cells = max_value, hvg_flavor, min_counts, min_cells
+        self.input, self.span, self.n_bins, self.chunk_size = input, span, n_bins, chunk_size
+        self.genes_: list[str] | None = None
+        self.input_kind_: str | None = None
+        self.flavor_: str | None = None
+        self.scale_mean_: np.ndarray | None = None
+        self.scale_std_: np.ndarray | None = None
+        self.n_cells_fit_: int | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _detect(self, X: sp.csr_matrix) -> str:
+        integer = check_values(X, require_integer=False, where=" in the first chunk")
+        if self.input != "auto":
+            return self.input
+        if integer:
+            return "counts"
+        vmax = float(X.data.max()) if X.nnz else 0.0
+        if vmax <= LOG_MAX:
+            sums = np.asarray(X.expm1().sum(axis=1)).ravel()
+            cv = float(sums.std() / sums.mean()) if sums.mean() > 0 else float("nan")
+            log.info("input looks log-normalised (non-integer, max %.3g; expm1 row-sum CV %.3g)", vmax, cv)
+            return "log"
+        raise DataError(f"X is neither raw counts (non-integer values) nor log-normalised (max {vmax:g} > "
+                        f"{LOG_MAX:g}); fix: pass raw counts, or log1p-normalised data, or set input= explicitly.")
+
+    def _keep_cells(self, X: sp.csr_matrix, kind: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """(library sizes float64 [n], keep mask [n]) after validation of the chunk."""
+        check_values(X, require_integer=kind == "counts", where=where)
+        if kind == "log" and X.nnz and X.data.max() > LOG_MAX:
+            raise DataError(f"values up to {X.data.max():g}{where} look like raw counts but the input is treated "
+                            "as log-normalised; fix: pass log-normalised data throughout, or raw counts with "
+                            "input='counts' (and a preprocessor fitted on counts).")
+        sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+        if self.min_counts:
+            keep = sums >= self.min_counts if kind == "counts" else sums > 0
+        else:
+            keep = np.ones(len(sums), dtype=bool)
+        return sums, keep
+
+    def _lognorm(self, X: sp.csr_matrix, sums: np.ndarray, kind: str) -> sp.csr_matrix:
+        """Normalise each row to ``target_sum`` and log1p (counts input); identity for log input."""
+        if kind == "log":
+            return X
+        lib = np.where(sums > 0, sums, 1.0)
+        out = X.copy()
+        out.data = (out.data * np.repeat(self.target_sum / lib, np.diff(out.indptr))).astype(np.float32)
+        if self.log1p:
+            np.log1p(out.data, out=out.data)
+        return out
+
+    def _check_zero(self, n_zero: int, n_drop: int, n_total: int) -> None:
+        if n_zero and not self.min_counts:
+            raise DataError(f"{n_zero} of {n_total} cells have zero counts; fix: filter them, e.g. "
+                            "Preprocessor(min_counts=1) drops them with a warning.")
+        if n_drop:
+            warnings.warn(f"dropped {n_drop} of {n_total} cells with fewer than {self.min_counts} counts",
+                          UserWarning, stacklevel=3)
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, data) -> Preprocessor:
+        """Fit on an AnnData (in memory or backed), an ``.h5ad``/10x ``.h5`` path (streamed) or
+        any path :func:`masksc.data.read` accepts. Never modifies the input."""
+        src = open_source(data)
+        check_unique_genes(src.var_names)
+        first = next(src.chunks(min(self.chunk_size, 2000)), None)
+        if first is None or src.n_vars == 0:
+            raise DataError(f"empty matrix: {src.n_obs} cells x {src.n_vars} genes; fix: check the input.")
+        kind = self._detect(first[1])
+        flavor = self.hvg_flavor if self.hvg_flavor != "auto" else ("seurat_v3" if kind == "counts" else "dispersion")
+        if flavor == "seurat_v3" and kind == "log":
+            raise DataError("hvg_flavor='seurat_v3' needs raw counts but the input is log-normalised; "
+                            "fix: use hvg_flavor='dispersion' (or 'auto'), or pass raw counts.")
+        G = src.n_vars
+        acc = {k: np.zeros(G) for k in ("raw_s", "raw_ss", "norm_s", "norm_ss", "log_s", "log_ss", "detected")}
+        n, n_zero, n_drop = 0, 0, 0
+        for a, X in src.chunks(self.chunk_size):
+            sums, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}")
+            n_zero += int((sums == 0).sum())
+            n_drop += int((~keep).sum())
+            X, sums = X[keep], sums[keep]
+            n += X.shape[0]
+            acc["detected"] += np.bincount(X.indices, minlength=G)
+            if kind == "counts":
+                _add(acc, "raw", X.indices, X.data.astype(np.float64), G)
+            L = self._lognorm(X, sums, kind)
+            _add(acc, "log", L.indices, L.data.astype(np.float64), G)
+            if flavor == "dispersion":
+                norm = np.expm1(L.data) if (kind == "log" or self.log1p) else L.data
+                _add(acc, "norm", L.indices, norm.astype(np.float64), G)
+        self._check_zero(n_zero, n_drop, src.n_obs)
+        if n < 2:
+            raise DataError(f"{n} cells left after filtering; fix: lower min_counts or pass more cells.")
+        cand = np.flatnonzero(acc["detected"] >= (self.min_cells or 0))
+        if cand.size == 0:
+            raise DataError(f"no gene is detected in >= {self.min_cells} cells; fix: lower min_cells.")
+        if flavor == "seurat_v3":
+            mean, var = hvg.mean_var(acc["raw_s"][cand], acc["raw_ss"][cand], n)
+            reg_std, clip = hvg.seurat_v3_clip(mean, var, n, self.span)
+            cs, css = self._clipped_sums(src, kind, cand, clip)
+            score = hvg.seurat_v3_score(mean, reg_std, cs, css, n)
+        else:
+            mean, var = hvg.mean_var(acc["norm_s"][cand], acc["norm_ss"][cand], n)
+            score = hvg.dispersion_score(mean, var, self.n_bins)
+        sel = cand[hvg.rank_genes(score, self.n_top_genes)]
+        if self.n_top_genes is not None and sel.size < self.n_top_genes:
+            log.info("only %d candidate genes for n_top_genes=%d: keeping all", sel.size, self.n_top_genes)
+        self.genes_ = [str(g) for g in src.var_names[sel]]
+        self.input_kind_, self.flavor_, self.n_cells_fit_ = kind, flavor, n
+        if self.scale:
+            m, v = hvg.mean_var(acc["log_s"][sel], acc["log_ss"][sel], n)
+            std = np.sqrt(v)
+            std[std == 0] = 1.0
+            self.scale_mean_, self.scale_std_ = m, std
+        return self
+
+    def _clipped_sums(self, src: ChunkSource, kind, cand, clip) -> tuple[np.ndarray, np.ndarray]:
+        G = src.n_vars
+        full_clip = np.full(G, np.inf)
+        full_clip[cand] = clip
+        acc = {"c_s": np.zeros(G), "c_ss": np.zeros(G)}
+        for a, X in src.chunks(self.chunk_size):
+            _, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}")
+            X = X[keep]
+            _add(acc, "c", X.indices, np.minimum(X.data.astype(np.float64), full_clip[X.indices]), G)
+        return acc["c_s"][cand], acc["c_ss"][cand]
+
+    def fit_transform(self, data) -> ad.AnnData:
+        """``fit(data)`` then ``transform(data)``."""
+        return self.fit(data).transform(data)
+
+    # ---------------------------------------------------------------- transform
+    def _check_fitted(self):
+        if self.genes_ is None:
+            raise DataError("this Preprocessor is not fitted; fix: call .fit(adata) first (or from_dict).")
+
+    def _gene_index(self, var_names: pd.Index) -> np.ndarray:
+        check_unique_genes(var_names)
+        idx = pd.Index(var_names).get_indexer(self.genes_)
+        missing = [g for g, i in zip(self.genes_, idx) if i < 0]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(self.genes_)} genes the preprocessor was fitted on are "
+                            f"missing from the data (e.g. {missing[:5]}); fix: use data measured on the same "
+                            "genes with the same gene names (or add them as zero columns).")
+        return idx
+
+    def transform_chunks(self, data, chunk_size: int | None = None) -> Iterator[tuple[int, np.ndarray, sp.csr_matrix]]:
+        """Stream the transform: yield ``(start, keep, X)`` per chunk, ``keep`` bool [chunk cells]
+        (cells dropped by ``min_counts`` are False) and ``X`` CSR float32 [kept cells, len(genes_)]."""
+        self._check_fitted()
+        src = open_source(data)
+        idx = self._gene_index(src.var_names)
+        for a, X in src.chunks(chunk_size or self.chunk_size):
+            where = f" in cells {a}..{a + X.shape[0] - 1}"
+            sums, keep = self._keep_cells(X, self.input_kind_, where)
+            n_zero = int((sums == 0).sum())
+            if n_zero and not self.min_counts:
+                raise DataError(f"{n_zero} cells have zero counts{where}; fix: filter them, e.g. "
+                                "Preprocessor(min_counts=1) drops them with a warning.")
+            L = self._lognorm(X[keep], sums[keep], self.input_kind_)[:, idx]
+            yield a, keep, self._scale(L)
+
+    def _scale(self, L: sp.csr_matrix) -> sp.csr_matrix:
+        if not self.scale:
+            L = L.astype(np.float32)
+            L.sort_indices()
+            return L
+        D = (L.toarray() - self.scale_mean_) / self.scale_std_
+        lo = -self.max_value if self.max_value is not None else None
+        if self.max_value is not None:
+            np.clip(D, lo, self.max_value, out=D)
+        out = sp.csr_matrix(D.astype(np.float32))
+        return out
+
+    def transform(self, data) -> ad.AnnData:
+        """Apply the fitted transform: AnnData [kept cells, len(genes_)], ``X`` CSR float32 with
+        columns in ``genes_`` order (the data's genes are matched by name), ``obs`` copied.
+        Raises DataError if genes are missing, values are invalid or zero-count cells are present
+        without ``min_counts``. Never modifies the input."""
+        self._check_fitted()
+        src = open_source(data)
+        blocks, keeps = [], []
+        for _, keep, X in self.transform_chunks(src):
+            blocks.append(X)
+            keeps.append(keep)
+        keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
+        self._check_zero(0, int((~keep).sum()), src.n_obs)
+        X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes_)), dtype=np.float32)
+        return ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        """JSON-able dict of parameters and fitted state (``from_dict`` restores it exactly)."""
+        self._check_fitted()
+        d = {"params": {k: getattr(self, k) for k in _PARAMS}, "genes": list(self.genes_),
+             "input_kind": self.input_kind_, "flavor": self.flavor_, "n_cells_fit": self.n_cells_fit_}
+        if self.scale:
+            d["scale_mean"] = [float(v) for v in self.scale_mean_]
+            d["scale_std"] = [float(v) for v in self.scale_std_]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessor:
+        """Rebuild a fitted Preprocessor from :meth:`to_dict` output."""
+        try:
+            p = cls(**d["params"])
+            p.genes_, p.input_kind_, p.flavor_ = list(d["genes"]), d["input_kind"], d["flavor"]
+            p.n_cells_fit_ = d.get("n_cells_fit")
+            if p.scale:
+                p.scale_mean_ = np.asarray(d["scale_mean"], dtype=np.float64)
+                p.scale_std_ = np.asarray(d["scale_std"], dtype=np.float64)
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"not a Preprocessor dict ({exc}); fix: pass the output of Preprocessor.to_dict().") from exc
+        return p
+
+
+def _add(acc: dict, key: str, indices: np.ndarray, values: np.ndarray, G: int) -> None:
+    acc[f"{key}_s"] += np.bincount(indices, weights=values, minlength=G)
+    acc[f"{key}_ss"] += np.bincount(indices, weights=values * values, minlength=G)

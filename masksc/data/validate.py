@@ -1,0 +1,134 @@
+"""Checks on expression matrices; each failure is a DataError naming the problem and the fix.
+
+Nothing here modifies its input.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from masksc.errors import DataError
+
+
+def _values(X) -> np.ndarray:
+    """The stored values of ``X`` (sparse: the non-zeros; dense: every entry), flat, no copy."""
+    if sp.issparse(X):
+        return np.asarray(X.data)
+    return np.asarray(X).ravel()
+
+
+def _as_matrix(adata_or_X):
+    X = getattr(adata_or_X, "X", adata_or_X)
+    if X is None:
+        raise DataError("the AnnData has no X matrix; fix: set adata.X to the counts matrix (cells x genes).")
+    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
+        try:
+            X = np.asarray(X)
+        except Exception as exc:  # noqa: BLE001 - any conversion failure is the same user error
+            raise DataError(f"X of type {type(X).__name__} is not a matrix; fix: pass a numpy array, "
+                            "a scipy sparse matrix or an AnnData.") from exc
+    return X
+
+
+def check_not_empty(X) -> None:
+    """Raise DataError if ``X`` has no cells, no genes, or is not 2-D."""
+    if X.ndim != 2:
+        raise DataError(f"expected a 2-D cells x genes matrix, got {X.ndim} dimensions; "
+                        "fix: reshape to (n_cells, n_genes).")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise DataError(f"empty matrix: {X.shape[0]} cells x {X.shape[1]} genes; "
+                        "fix: check the file or the filters applied before (every cell or gene was removed?).")
+
+
+def check_values(X, require_integer: bool = False, where: str = "") -> bool:
+    """Raise DataError on NaN/inf, negative values, or (``require_integer``) non-integer values.
+
+    Returns True when every value is a whole number (useful for detecting raw counts).
+    ``where`` is appended to messages (e.g. " in cells 1000..1999").
+    """
+    v = _values(X)
+    if v.dtype.kind not in "biuf":
+        raise DataError(f"X has non-numeric dtype {v.dtype}{where}; fix: convert the expression values to numbers.")
+    if v.dtype.kind == "f":
+        bad = ~np.isfinite(v)
+        if bad.any():
+            n_nan = int(np.isnan(v).sum())
+            raise DataError(f"X contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values{where}; "
+                            "fix: replace or remove them (e.g. np.nan_to_num) before using masksc.")
+    if v.size and v.min() < 0:
+        raise DataError(f"X contains {int((v < 0).sum())} negative values (min {v.min():g}){where}; "
+                        "fix: pass raw counts or log-normalised expression, not scaled/centred data.")
+    integer = v.dtype.kind in "biu" or bool(np.all(v == np.round(v)))
+    if require_integer and not integer:
+        frac = v[v != np.round(v)]
+        raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {frac[0]:g}){where} where raw "
+                        "counts are required; fix: pass the raw count matrix (e.g. adata.raw or a 'counts' "
+                        "layer), or Preprocessor(input='log') if the data is already log-normalised.")
+    return integer
+
+
+def zero_count_cells(X) -> np.ndarray:
+    """Boolean mask [n_cells] of cells whose expression sums to zero."""
+    if sp.issparse(X):
+        sums = np.asarray(X.sum(axis=1)).ravel()
+    else:
+        sums = np.asarray(X).sum(axis=1)
+    return sums == 0
+
+
+def check_zero_cells(X, where: str = "") -> None:
+    """Raise DataError naming how many cells have zero total counts."""
+    n = int(zero_count_cells(X).sum())
+    if n:
+        raise DataError(f"{n} cells have zero counts{where}; fix: filter them, e.g. Preprocessor(min_counts=1) "
+                        "drops them with a warning, or sc.pp.filter_cells(adata, min_counts=1).")
+
+
+def check_unique_genes(var_names) -> None:
+    """Raise DataError listing duplicated gene names."""
+    names = pd.Index(var_names)
+    if not names.is_unique:
+        dups = [g for g, c in Counter(names).items() if c > 1]
+        raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}); "
+                        "fix: call adata.var_names_make_unique() first.")
+
+
+def check_labels(labels, n_cells: int) -> None:
+    """Raise DataError if ``labels`` does not have one entry per cell."""
+    n = len(labels)
+    if n != n_cells:
+        raise DataError(f"labels have length {n} but the matrix has {n_cells} cells; "
+                        "fix: pass exactly one label per cell, in the same order as the cells.")
+
+
+def validate_counts(adata_or_X, require_integer: bool = True, allow_zero_cells: bool = False,
+                    labels=None) -> dict:
+    """Validate an expression matrix (or AnnData) without modifying it.
+
+    Checks, each raising :class:`masksc.errors.DataError` naming the problem and fix: empty or
+    non-2-D matrix, non-numeric values, NaN/inf, negative values, non-integer values (when
+    ``require_integer``), cells with zero counts (unless ``allow_zero_cells``), duplicate gene
+    names (AnnData input), and ``labels`` (or ``obs["label"]``) whose length differs from the
+    number of cells.
+
+    Returns a summary dict: ``n_cells``, ``n_genes``, ``integer`` (all values whole numbers),
+    ``max`` (largest value), ``n_zero_cells``.
+    """
+    X = _as_matrix(adata_or_X)
+    check_not_empty(X)
+    integer = check_values(X, require_integer=require_integer)
+    zero = zero_count_cells(X)
+    if not allow_zero_cells:
+        check_zero_cells(X)
+    if hasattr(adata_or_X, "var_names"):
+        check_unique_genes(adata_or_X.var_names)
+    if labels is None and hasattr(adata_or_X, "obs") and "label" in adata_or_X.obs:
+        labels = adata_or_X.obs["label"]
+    if labels is not None:
+        check_labels(labels, X.shape[0])
+    v = _values(X)
+    return {"n_cells": int(X.shape[0]), "n_genes": int(X.shape[1]), "integer": integer,
+            "max": float(v.max()) if v.size else 0.0, "n_zero_cells": int(zero.sum())}

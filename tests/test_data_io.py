@@ -1,0 +1,215 @@
+"""Readers: round trips on files the tests write, format detection, read errors."""
+import gzip
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+from masksc.data import read
+from masksc.errors import DataError
+
+
+@pytest.fixture
+def counts():
+    rng = np.random.default_rng(0)
+    X = rng.poisson(0.7, size=(30, 12)).astype(np.float32)
+    X[:, 0] += 1  # no empty cells
+    cells = [f"AAAC-{i}" for i in range(30)]
+    genes = [f"G{j}" for j in range(12)]
+    return X, cells, genes
+
+
+def _check(adata, X, cells, genes):
+    assert sp.isspmatrix_csr(adata.X) or isinstance(adata.X, sp.csr_array)
+    assert adata.X.dtype == np.float32
+    np.testing.assert_array_equal(adata.X.toarray(), X)
+    assert list(adata.obs_names) == cells
+    assert list(adata.var_names) == genes
+
+
+def write_10x_h5(path, X, cells, genes, feature_types=None):
+    """Cell Ranger v3 layout: CSC genes x cells under group 'matrix'."""
+    M = sp.csc_matrix(X.T.astype(np.int32))
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"] = M.data, M.indices, M.indptr
+        m["shape"] = np.array(M.shape, dtype=np.int32)
+        m["barcodes"] = np.array(cells, dtype="S")
+        feats = m.create_group("features")
+        feats["id"] = np.array([f"ENSG{j}" for j in range(len(genes))], dtype="S")
+        feats["name"] = np.array(genes, dtype="S")
+        feats["feature_type"] = np.array(feature_types or ["Gene Expression"] * len(genes), dtype="S")
+        feats["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+
+
+def test_h5ad_roundtrip_and_backed(tmp_path, counts):
+    X, cells, genes = counts
+    src = ad.AnnData(X=sp.csc_matrix(X.astype(np.int64)), obs=pd.DataFrame(index=cells),
+                     var=pd.DataFrame(index=genes))
+    src.obs["label"] = [i % 3 for i in range(30)]
+    src.write_h5ad(tmp_path / "a.h5ad")
+    a = read(tmp_path / "a.h5ad")
+    _check(a, X, cells, genes)
+    assert isinstance(a.obs["label"].dtype, pd.CategoricalDtype)
+    assert list(a.obs["label"][:4]) == ["0", "1", "2", "0"]
+    b = read(tmp_path / "a.h5ad", backed=True)
+    assert b.isbacked and b.shape == (30, 12)
+
+
+def test_10x_h5_roundtrip(tmp_path, counts):
+    X, cells, genes = counts
+    write_10x_h5(tmp_path / "m.h5", X, cells, genes)
+    a = read(tmp_path / "m.h5")
+    _check(a, X, cells, genes)
+    assert a.var["gene_ids"].iloc[3] == "ENSG3"
+
+
+def test_10x_h5_keeps_gene_expression_and_unique_names(tmp_path, counts):
+    X, cells, genes = counts
+    genes = list(genes)
+    genes[5] = genes[4]  # duplicate symbol, as in real 10x files
+    ftypes = ["Gene Expression"] * 11 + ["Antibody Capture"]
+    write_10x_h5(tmp_path / "m.h5", X, cells, genes, ftypes)
+    a = read(tmp_path / "m.h5")
+    np.testing.assert_array_equal(a.X.toarray(), X[:, :11])
+    assert a.var_names.is_unique and list(a.var_names[4:6]) == ["G4", "G4-1"]
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_10x_mtx_roundtrip(tmp_path, counts, gz):
+    X, cells, genes = counts
+    d = tmp_path / "mtx"
+    d.mkdir()
+    op = (lambda p: gzip.open(p, "wt")) if gz else (lambda p: open(p, "w"))
+    ext = ".gz" if gz else ""
+    scipy.io.mmwrite(str(d / "matrix.mtx"), sp.coo_matrix(X.T.astype(np.int64)))
+    if gz:
+        (d / "matrix.mtx.gz").write_bytes(gzip.compress((d / "matrix.mtx").read_bytes()))
+        (d / "matrix.mtx").unlink()
+    with op(d / f"features.tsv{ext}") as fh:
+        fh.writelines(f"ENSG{j}\t{g}\tGene Expression\n" for j, g in enumerate(genes))
+    with op(d / f"barcodes.tsv{ext}") as fh:
+        fh.writelines(c + "\n" for c in cells)
+    _check(read(d), X, cells, genes)
+
+
+def test_10x_mtx_v2_genes_tsv(tmp_path, counts):
+    X, cells, genes = counts
+    d = tmp_path / "v2"
+    d.mkdir()
+    scipy.io.mmwrite(str(d / "matrix.mtx"), sp.coo_matrix(X.T))
+    (d / "genes.tsv").write_text("".join(f"ENSG{j}\t{g}\n" for j, g in enumerate(genes)))
+    (d / "barcodes.tsv").write_text("".join(c + "\n" for c in cells))
+    _check(read(d), X, cells, genes)
+
+
+def test_csv_tsv_and_transpose(tmp_path, counts):
+    X, cells, genes = counts
+    df = pd.DataFrame(X, index=cells, columns=genes)
+    df.to_csv(tmp_path / "a.csv")
+    df.to_csv(tmp_path / "a.tsv", sep="\t")
+    df.T.to_csv(tmp_path / "t.csv")
+    _check(read(tmp_path / "a.csv"), X, cells, genes)
+    _check(read(tmp_path / "a.tsv"), X, cells, genes)
+    _check(read(tmp_path / "t.csv", transpose=True), X, cells, genes)
+
+
+def test_scdeepcluster_roundtrip(tmp_path, counts):
+    X, _, _ = counts
+    y = np.arange(30) % 4 + 1.0
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["X"], f["Y"] = X.astype(np.float64), y
+    a = read(tmp_path / "s.h5")
+    np.testing.assert_array_equal(a.X.toarray(), X)
+    assert a.X.dtype == np.float32
+    assert list(a.var_names[:2]) == ["gene_0000", "gene_0001"]
+    assert list(a.obs["label"][:5]) == ["1", "2", "3", "4", "1"]
+    assert isinstance(a.obs["label"].dtype, pd.CategoricalDtype)
+
+
+def test_read_does_not_modify_file(tmp_path, counts):
+    X, cells, genes = counts
+    ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(
+        tmp_path / "a.h5ad")
+    before = (tmp_path / "a.h5ad").read_bytes()
+    read(tmp_path / "a.h5ad").X.data[:] = 7
+    assert (tmp_path / "a.h5ad").read_bytes() == before
+
+
+# ---------------------------------------------------------------- errors
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read(tmp_path / "nope.h5ad")
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"abc")
+    with pytest.raises(DataError, match="unknown format"):
+        read(tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="unknown format"):
+        read(tmp_path / "x.parquet", format="loom")
+
+
+def test_unreadable_file(tmp_path):
+    (tmp_path / "bad.h5ad").write_bytes(b"not hdf5 at all")
+    with pytest.raises(DataError, match="cannot"):
+        read(tmp_path / "bad.h5ad")
+    (tmp_path / "bad.h5").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="cannot open"):
+        read(tmp_path / "bad.h5")
+
+
+def test_empty_matrix(tmp_path):
+    pd.DataFrame(np.zeros((0, 3)), columns=list("abc")).to_csv(tmp_path / "e.csv")
+    with pytest.raises(DataError, match="empty matrix"):
+        read(tmp_path / "e.csv")
+
+
+def test_nan_values(tmp_path, counts):
+    X, cells, genes = counts
+    X = X.copy()
+    X[2, 3] = np.nan
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "n.csv")
+    with pytest.raises(DataError, match="NaN"):
+        read(tmp_path / "n.csv")
+
+
+def test_labels_wrong_length(tmp_path, counts):
+    X, _, _ = counts
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["X"], f["Y"] = X, np.arange(29)
+    with pytest.raises(DataError, match="labels have length 29 but the matrix has 30 cells"):
+        read(tmp_path / "s.h5")
+
+
+def test_backed_needs_h5ad(tmp_path, counts):
+    X, cells, genes = counts
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "a.csv")
+    with pytest.raises(DataError, match="backed=True needs an .h5ad"):
+        read(tmp_path / "a.csv", backed=True)
+
+
+def test_non_numeric_csv(tmp_path, counts):
+    X, cells, genes = counts
+    df = pd.DataFrame(X, index=cells, columns=genes)
+    df["celltype"] = "T"
+    df.to_csv(tmp_path / "a.csv")
+    with pytest.raises(DataError, match="not numeric"):
+        read(tmp_path / "a.csv")
+
+
+def test_10x_h5_v2_legacy(tmp_path, counts):
+    X, cells, genes = counts
+    M = sp.csc_matrix(X.T.astype(np.int32))
+    with h5py.File(tmp_path / "v2.h5", "w") as f:
+        g = f.create_group("GRCh38")
+        g["data"], g["indices"], g["indptr"] = M.data, M.indices, M.indptr
+        g["shape"] = np.array(M.shape, dtype=np.int32)
+        g["barcodes"] = np.array(cells, dtype="S")
+        g["genes"] = np.array([f"ENSG{j}" for j in range(len(genes))], dtype="S")
+        g["gene_names"] = np.array(genes, dtype="S")
+    _check(read(tmp_path / "v2.h5"), X, cells, genes)

@@ -1,0 +1,186 @@
+"""Preprocessor against scanpy, its serialisation, new-data handling and streaming fit."""
+import json
+import warnings
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from masksc.data import Preprocessor, load_demo, synthetic, write_synthetic_h5ad
+from masksc.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return synthetic(1200, 600, n_types=5, seed=1)
+
+
+def _lognorm(a):
+    b = a.copy()
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    return b
+
+
+def test_seurat_v3_equals_scanpy(counts):
+    before = counts.X.copy()
+    p = Preprocessor(n_top_genes=150).fit(counts)
+    ref = sc.pp.highly_variable_genes(counts.copy(), flavor="seurat_v3", n_top_genes=150, inplace=False)
+    assert p.input_kind_ == "counts" and p.flavor_ == "seurat_v3"
+    assert set(p.genes_) == set(ref.index[ref["highly_variable"]])
+    # HVG rank order = scanpy's normalised variance, descending (exact ties: lower index first)
+    assert np.all(np.diff(ref.loc[p.genes_, "variances_norm"].to_numpy()) <= 1e-12)
+    out = p.transform(counts)
+    assert out.X.format == "csr" and out.X.dtype == np.float32
+    assert list(out.var_names) == p.genes_
+    np.testing.assert_allclose(out.X.toarray(), _lognorm(counts)[:, p.genes_].X.toarray(), rtol=1e-6, atol=1e-6)
+    assert (counts.X != before).nnz == 0
+
+
+def test_dispersion_equals_scanpy(counts):
+    p = Preprocessor(n_top_genes=150, hvg_flavor="dispersion").fit(counts)
+    ref = sc.pp.highly_variable_genes(_lognorm(counts), flavor="seurat", n_top_genes=150, inplace=False)
+    assert set(p.genes_) == set(ref.index[ref["highly_variable"]])
+    # rank order = scanpy's normalised dispersion, descending (ties may be ordered either way)
+    assert np.all(np.diff(ref.loc[p.genes_, "dispersions_norm"].to_numpy()) <= 1e-9)
+
+
+def test_scale_equals_scanpy(counts):
+    p = Preprocessor(n_top_genes=100, scale=True, max_value=3.0).fit(counts)
+    ref = _lognorm(counts)[:, p.genes_].copy()
+    sc.pp.scale(ref, max_value=3.0)
+    np.testing.assert_allclose(p.transform(counts).X.toarray(), ref.X, rtol=1e-4, atol=1e-5)
+
+
+def test_scale_refused_for_many_genes():
+    with pytest.raises(DataError, match="densifies"):
+        Preprocessor(n_top_genes=4096, scale=True)
+
+
+def test_qc_filters_equal_scanpy(counts):
+    X = counts.X.toarray()
+    X[:5] = 0  # empty cells
+    X[5:10] = np.floor(X[5:10] / 10)  # small libraries
+    a = ad.AnnData(sp.csr_matrix(X), obs=counts.obs.copy(), var=counts.var.copy())
+    p = Preprocessor(n_top_genes=100, min_counts=60, min_cells=30)
+    with pytest.warns(UserWarning, match="dropped"):
+        p.fit(a)
+    b = a.copy()
+    sc.pp.filter_cells(b, min_counts=60)
+    sc.pp.filter_genes(b, min_cells=30)
+    ref = sc.pp.highly_variable_genes(b, flavor="seurat_v3", n_top_genes=100, inplace=False)
+    assert p.n_cells_fit_ == b.n_obs
+    assert set(p.genes_) == set(ref.index[ref["highly_variable"]])
+    assert np.all(np.diff(ref.loc[p.genes_, "variances_norm"].to_numpy()) <= 1e-12)
+    with pytest.warns(UserWarning, match="dropped"):
+        out = p.transform(a)
+    assert list(out.obs_names) == list(b.obs_names)
+
+
+def test_zero_cells_without_min_counts(counts):
+    X = counts.X[:400].toarray()
+    X[[3, 7]] = 0
+    a = ad.AnnData(sp.csr_matrix(X), obs=counts.obs[:400].copy(), var=counts.var.copy())
+    with pytest.raises(DataError, match=r"2 of 400 cells have zero counts.*min_counts=1"):
+        Preprocessor(n_top_genes=50).fit(a)
+    p = Preprocessor(n_top_genes=50).fit(counts)
+    with pytest.raises(DataError, match="2 cells have zero counts"):
+        p.transform(a)
+
+
+def test_non_integer_where_counts_required(counts):
+    p = Preprocessor(n_top_genes=50).fit(counts)
+    b = counts[:50].copy()
+    b.X = b.X * 1.5
+    with pytest.raises(DataError, match="non-integer"):
+        p.transform(b)
+
+
+def test_negative_and_nan_refused(counts):
+    b = counts[:50].copy()
+    b.X = b.X.copy()
+    b.X.data[0] = -1
+    with pytest.raises(DataError, match="negative"):
+        Preprocessor(n_top_genes=50).fit(b)
+    b.X.data[0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        Preprocessor(n_top_genes=50).fit(b)
+
+
+def test_duplicate_genes_refused(counts):
+    b = counts[:50].copy()
+    b.var_names = ["dup"] * 2 + list(b.var_names[2:])
+    with pytest.raises(DataError, match="var_names_make_unique"):
+        Preprocessor(n_top_genes=50).fit(b)
+
+
+def test_roundtrip_dict_and_gene_reordering(counts):
+    p = Preprocessor(n_top_genes=80, scale=True).fit(counts)
+    q = Preprocessor.from_dict(json.loads(json.dumps(p.to_dict())))
+    rng = np.random.default_rng(0)
+    shuffled = counts[:200, rng.permutation(counts.n_vars)].copy()
+    np.testing.assert_array_equal(q.transform(shuffled).X.toarray(), p.transform(counts[:200]).X.toarray())
+
+
+def test_missing_genes_named(counts):
+    p = Preprocessor(n_top_genes=80).fit(counts)
+    missing = p.genes_[:3]
+    b = counts[:, [g for g in counts.var_names if g not in missing]].copy()
+    with pytest.raises(DataError, match=r"3 of the 80 genes .* missing") as e:
+        p.transform(b)
+    assert missing[0] in str(e.value)
+
+
+def test_fewer_genes_than_requested_keeps_all(counts):
+    with pytest.warns(UserWarning, match="dropped 31 of 1200 cells"):
+        p = Preprocessor(n_top_genes=10_000, min_counts=1).fit(counts[:, :40].copy())
+    assert sorted(p.genes_) == sorted(counts.var_names[:40])
+
+
+def test_demo_detected_as_log_normalised():
+    demo = load_demo()
+    assert demo.shape == (700, 765) and demo.X.format == "csr" and demo.X.dtype == np.float32
+    assert demo.obs["label"].nunique() == 10
+    p = Preprocessor(n_top_genes=300).fit(demo)
+    assert p.input_kind_ == "log" and p.flavor_ == "dispersion"
+    ref = sc.pp.highly_variable_genes(demo.copy(), flavor="seurat", n_top_genes=300, inplace=False)
+    assert set(p.genes_) == set(ref.index[ref["highly_variable"]])
+    np.testing.assert_array_equal(p.transform(demo).X.toarray(), demo[:, p.genes_].X.toarray())
+    with pytest.raises(DataError, match="seurat_v3"):
+        Preprocessor(hvg_flavor="seurat_v3").fit(demo)
+
+
+def test_streaming_fit_equals_in_memory(tmp_path):
+    path = tmp_path / "s.h5ad"
+    write_synthetic_h5ad(path, 2500, 300, n_types=4, seed=3, chunk_size=1024)
+    mem = ad.read_h5ad(path)
+    for kw in ({"n_top_genes": 120}, {"n_top_genes": 120, "hvg_flavor": "dispersion", "scale": True}):
+        a = Preprocessor(**kw).fit(mem)
+        b = Preprocessor(**kw, chunk_size=700).fit(path)
+        c = Preprocessor(**kw, chunk_size=512).fit(ad.read_h5ad(path, backed="r"))
+        assert a.genes_ == b.genes_ == c.genes_
+        da, db = a.to_dict(), b.to_dict()
+        da["params"].pop("chunk_size"), db["params"].pop("chunk_size")
+        if "scale_mean" in da:
+            np.testing.assert_allclose(da.pop("scale_mean"), db.pop("scale_mean"), rtol=1e-10)
+            np.testing.assert_allclose(da.pop("scale_std"), db.pop("scale_std"), rtol=1e-10)
+        assert da == db
+        np.testing.assert_allclose(b.transform(path).X.toarray(), a.transform(mem).X.toarray(), rtol=1e-6)
+
+
+def test_input_with_unsorted_indices_and_explicit_zeros_untouched(counts):
+    X = counts.X[:300].copy()
+    X.data[::7] = 0  # explicit zeros
+    X.has_sorted_indices = False
+    X.indices[:2], X.data[:2] = X.indices[:2][::-1].copy(), X.data[:2][::-1].copy()  # unsorted row 0
+    a = ad.AnnData(X=X, obs=counts.obs[:300].copy(), var=counts.var.copy())
+    data, indices = X.data.copy(), X.indices.copy()
+    p = Preprocessor(n_top_genes=50, min_counts=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        p.fit(a)
+        p.transform(a)
+    np.testing.assert_array_equal(a.X.data, data)
+    np.testing.assert_array_equal(a.X.indices, indices)

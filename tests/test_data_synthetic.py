@@ -1,0 +1,62 @@
+"""Synthetic data: determinism, structure, chunked h5ad writing, streaming reads."""
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from masksc.data import iter_chunks, read, synthetic, write_synthetic_h5ad
+
+
+def test_deterministic_per_seed():
+    a = synthetic(300, 200, n_types=4, seed=5)
+    b = synthetic(300, 200, n_types=4, seed=5)
+    c = synthetic(300, 200, n_types=4, seed=6)
+    assert (a.X != b.X).nnz == 0 and (a.obs["label"] == b.obs["label"]).all()
+    assert (a.X != c.X).nnz > 0
+
+
+def test_structure():
+    a = synthetic(2000, 500, n_types=5, seed=0)
+    X = a.X
+    assert X.format == "csr" and X.dtype == np.float32
+    assert np.all(X.data == np.round(X.data)) and X.data.min() > 0
+    assert isinstance(a.obs["label"].dtype, pd.CategoricalDtype) and a.obs["label"].nunique() == 5
+    zeros = 1 - X.nnz / np.prod(X.shape)
+    assert 0.8 < zeros < 0.97
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    assert lib.std() / lib.mean() > 0.3  # library-size variation
+    # each type has its own up-regulated programme: type means differ more than chance
+    means = np.stack([np.asarray(X[(a.obs["label"] == t).to_numpy()].mean(axis=0)).ravel()
+                      for t in a.obs["label"].cat.categories])
+    top = [set(np.argsort(-(m / (means.mean(0) + 1e-9)))[:10]) for m in means]
+    assert all(len(top[i] & top[j]) < 5 for i in range(5) for j in range(i))
+
+
+def test_prefix_property():
+    a = synthetic(1500, 100, seed=2)
+    b = synthetic(700, 100, seed=2)
+    assert (a.X[:700] != b.X).nnz == 0
+
+
+def test_write_h5ad_independent_of_chunk_size(tmp_path):
+    write_synthetic_h5ad(tmp_path / "a.h5ad", 2100, 120, n_types=3, seed=7, chunk_size=1024)
+    write_synthetic_h5ad(tmp_path / "b.h5ad", 2100, 120, n_types=3, seed=7, chunk_size=5000)
+    a, b = ad.read_h5ad(tmp_path / "a.h5ad"), ad.read_h5ad(tmp_path / "b.h5ad")
+    mem = synthetic(2100, 120, n_types=3, seed=7)
+    assert (a.X != mem.X).nnz == 0 and (b.X != mem.X).nnz == 0
+    assert a.X.indices.dtype == a.X.indptr.dtype
+    assert (read(tmp_path / "a.h5ad").X != mem.X).nnz == 0
+    assert list(a.obs["label"]) == list(mem.obs["label"]) and list(a.var_names) == list(mem.var_names)
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    np.testing.assert_array_equal(backed.X[100:110].toarray(), mem.X[100:110].toarray())
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def test_iter_chunks_sources_agree(tmp_path):
+    path = tmp_path / "a.h5ad"
+    write_synthetic_h5ad(path, 1100, 50, seed=1)
+    mem = ad.read_h5ad(path)
+    for src in (path, mem, ad.read_h5ad(path, backed="r")):
+        chunks = list(iter_chunks(src, chunk_size=300))
+        assert [s for s, _ in chunks] == [0, 300, 600, 900]
+        assert all(c.format == "csr" and c.dtype == np.float32 for _, c in chunks)
+        np.testing.assert_array_equal(np.vstack([c.toarray() for _, c in chunks]), mem.X.toarray())

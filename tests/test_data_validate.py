@@ -1,0 +1,80 @@
+"""validate_counts: every bad input gives a DataError naming the problem; input never modified."""
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from masksc.data import validate_counts
+from masksc.errors import DataError
+
+
+def _X():
+    rng = np.random.default_rng(0)
+    X = rng.poisson(1.0, size=(20, 8)).astype(np.float32)
+    X[:, 0] += 1
+    return X
+
+
+def test_valid_summary_and_input_unchanged():
+    X = sp.csr_matrix(_X())
+    before = X.copy()
+    s = validate_counts(X)
+    assert s["n_cells"] == 20 and s["n_genes"] == 8 and s["integer"] and s["n_zero_cells"] == 0
+    assert s["max"] == X.max()
+    assert (X != before).nnz == 0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((0, 5)), "empty matrix"),
+    (np.zeros(5), "2-D"),
+])
+def test_shape_errors(bad, match):
+    with pytest.raises(DataError, match=match):
+        validate_counts(bad)
+
+
+def test_nan_and_inf():
+    X = _X()
+    X[1, 1], X[2, 2] = np.nan, np.inf
+    with pytest.raises(DataError, match="1 NaN and 1 infinite"):
+        validate_counts(sp.csr_matrix(X))
+
+
+def test_negative():
+    X = _X()
+    X[3, 3] = -2
+    with pytest.raises(DataError, match="negative values"):
+        validate_counts(X)
+
+
+def test_non_integer_only_when_required():
+    X = _X()
+    X[0, 1] = 0.5
+    with pytest.raises(DataError, match="non-integer"):
+        validate_counts(X)
+    assert validate_counts(X, require_integer=False)["integer"] is False
+
+
+def test_zero_count_cells_counted():
+    X = _X()
+    X[[4, 9, 11]] = 0
+    with pytest.raises(DataError, match=r"3 cells have zero counts.*min_counts=1"):
+        validate_counts(sp.csr_matrix(X))
+    assert validate_counts(X, allow_zero_cells=True)["n_zero_cells"] == 3
+
+
+def test_duplicate_genes():
+    a = ad.AnnData(X=_X(), var=pd.DataFrame(index=["g0", "g1", "g1"] + [f"h{i}" for i in range(5)]))
+    with pytest.raises(DataError, match=r"duplicated.*var_names_make_unique"):
+        validate_counts(a)
+
+
+def test_labels_wrong_length():
+    with pytest.raises(DataError, match="labels have length 19 but the matrix has 20 cells"):
+        validate_counts(_X(), labels=np.zeros(19))
+
+
+def test_non_numeric():
+    with pytest.raises(DataError, match="non-numeric"):
+        validate_counts(np.array([["a", "b"], ["c", "d"]]))
