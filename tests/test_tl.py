@@ -1,0 +1,105 @@
+"""AnnData-level API: fit -> embed -> cluster -> evaluate, storage conventions, model reuse."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+from masksc import tl
+from masksc.data import synthetic
+from masksc.errors import CheckpointError, DataError
+from masksc.pipeline import MaskSCModel
+
+TINY = dict(grid_shape=(16, 16), embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1,
+            decoder_heads=2, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    adata = synthetic(240, n_genes=300, n_types=3, seed=1)
+    before = adata.X.copy()
+    model_dir = tmp_path_factory.mktemp("model")
+    model = tl.fit(adata, "demo", model_dir=model_dir, epochs=2, progress=False, **TINY)
+    return adata, before, model, model_dir
+
+
+def test_fit_records_run_and_leaves_input_unchanged(fitted):
+    adata, before, model, _ = fitted
+    assert (adata.X != before).nnz == 0
+    run = adata.uns["masksc"]["fit"]
+    assert run["preset"] == "demo" and run["epochs"] == 2 and len(run["losses"]) == 2
+    assert all(np.isfinite(run["losses"]))
+    assert model.config.grid_shape == (16, 16)
+
+
+def test_embed_cluster_evaluate_store_results(fitted):
+    adata, _, model, _ = fitted
+    ad = adata.copy()
+    tl.embed(ad, model, progress=False)
+    Z = ad.obsm["X_masksc"]
+    assert Z.shape == (ad.n_obs, model.config.embed_dim) and Z.dtype == np.float32 and np.isfinite(Z).all()
+    tl.cluster(ad, k=3)
+    assert ad.obs["masksc_cluster"].nunique() == 3
+    scores = tl.evaluate(ad, label_key="label")
+    expected = adjusted_rand_score(ad.obs["label"], ad.obs["masksc_cluster"])
+    assert scores["ari"] == pytest.approx(expected)
+    assert ad.uns["masksc"]["metrics"]["ari"] == pytest.approx(expected)
+
+
+def test_leiden_when_k_unknown(fitted):
+    adata, _, model, _ = fitted
+    ad = adata.copy()
+    tl.embed(ad, model, progress=False)
+    tl.cluster(ad)
+    assert ad.uns["masksc"]["cluster"]["k"] is None
+    assert ad.obs["masksc_cluster"].nunique() == ad.uns["masksc"]["cluster"]["n_clusters"] >= 1
+
+
+def test_saved_model_embeds_new_data_identically(fitted):
+    adata, _, model, model_dir = fitted
+    loaded = MaskSCModel.load(model_dir)
+    sub = adata[:50].copy()
+    np.testing.assert_allclose(loaded.embed(sub, progress=False), model.embed(sub, progress=False),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gene_order_of_new_data_does_not_matter(fitted):
+    adata, _, model, _ = fitted
+    sub = adata[:40].copy()
+    shuffled = sub[:, np.random.default_rng(0).permutation(sub.n_vars)].copy()
+    np.testing.assert_allclose(model.embed(shuffled, progress=False), model.embed(sub, progress=False),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_data_missing_model_genes(fitted):
+    adata, _, model, _ = fitted
+    other = adata[:20].copy()
+    other.var_names = [f"other_{i}" for i in range(other.n_vars)]
+    with pytest.raises(CheckpointError, match="missing"):
+        model.embed(other, progress=False)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MaskSCModel.load(tmp_path / "nope")
+
+
+def test_cluster_and_evaluate_need_their_inputs(fitted):
+    adata, _, _, _ = fitted
+    ad = adata.copy()
+    with pytest.raises(DataError, match="tl.embed"):
+        tl.cluster(ad, k=3)
+    with pytest.raises(DataError, match="tl.cluster"):
+        tl.evaluate(ad)
+    ad.obsm["X_masksc"] = np.zeros((ad.n_obs, 4), np.float32) + np.arange(ad.n_obs)[:, None]
+    tl.cluster(ad, k=2)
+    with pytest.raises(DataError, match="no 'celltype'"):
+        tl.evaluate(ad, label_key="celltype")
+
+
+def test_fit_refuses_nan_input():
+    adata = synthetic(60, n_genes=300, n_types=2, seed=2)
+    X = adata.X.tocsr(copy=True)
+    X.data[0] = np.nan
+    adata.X = X
+    with pytest.raises(DataError, match="NaN"):
+        tl.fit(adata, "demo", epochs=1, progress=False, **TINY)
