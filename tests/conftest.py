@@ -1,5 +1,15 @@
-"""Shared test fixtures."""
+"""Shared test fixtures.
+
+Triton kernels are tested on the CPU through the Triton interpreter, which is read when the
+kernels are first imported: it is switched on here, before any test module is collected,
+unless a CUDA GPU is present (then the kernels run for real).
+"""
+import os
+import shutil
 from pathlib import Path
+
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
