@@ -1,0 +1,278 @@
+"""Plots as PNG files: 2-D embedding maps (paper Fig. 4), attention over the gene grid
+(Fig. 6) and training loss. Each function writes its file atomically and returns the path.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so
+plotting works headless and leaves the caller's pyplot state alone.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from masksc.errors import DataError
+from masksc.io_utils import atomic_write
+
+logger = logging.getLogger(__name__)
+
+MAX_LEGEND = 30  # categories beyond this are drawn without a legend entry each
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"plots are written as PNG; give a path ending in .png, got {str(path)!r}.")
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return path
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def _coords_2d(Z: np.ndarray, method: str, seed: int) -> np.ndarray:
+    if method == "precomputed":
+        if Z.shape[1] != 2:
+            raise DataError(f"method='precomputed' needs 2-D coordinates [n, 2], got shape {Z.shape}.")
+        return Z.astype(np.float32)
+    if method == "umap":
+        try:
+            import umap
+        except Exception as exc:  # numba/llvmlite failures surface as non-ImportError exceptions too
+            warnings.warn(f"umap-learn is unavailable ({exc}); falling back to t-SNE.", stacklevel=3)
+            method = "tsne"
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*n_jobs.*")
+                reducer = umap.UMAP(n_components=2, n_neighbors=min(15, Z.shape[0] - 1), random_state=seed, n_jobs=1)
+                return reducer.fit_transform(Z).astype(np.float32)
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(1.0, (Z.shape[0] - 1) / 3)))
+    tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed)
+    return tsne.fit_transform(Z).astype(np.float32)
+
+
+def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(Z, {panel name: labels}) from an array or an AnnData plus ``color_by``."""
+    if hasattr(data, "obsm") and hasattr(data, "obs"):
+        if basis not in data.obsm:
+            raise DataError(f"adata.obsm has no {basis!r} (has {list(data.obsm)}); embed first or pass basis=.")
+        Z = _to_numpy(data.obsm[basis])
+        if color_by is None:
+            color_by = [c for c in ("masksc_cluster", "label") if c in data.obs]
+        if isinstance(color_by, (list, tuple)):
+            missing = [c for c in color_by if c not in data.obs]
+            if missing:
+                raise DataError(f"adata.obs has no column(s) {missing}; available: {list(data.obs.columns)}.")
+            color_by = {c: data.obs[c].to_numpy() for c in color_by}
+    else:
+        Z = _to_numpy(data)
+    if Z.ndim != 2 or Z.shape[0] < 2:
+        raise DataError(f"embedding must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
+    Z = Z.astype(np.float32, copy=False)
+    if not np.isfinite(Z).all():
+        raise DataError("embedding has NaN or infinite values; drop or impute those cells first.")
+    if not color_by:
+        color_by = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
+    if not isinstance(color_by, dict):
+        raise DataError("color_by must be a dict {panel title: labels per cell} (or, for AnnData, obs column names).")
+    out = {}
+    for name, labels in color_by.items():
+        labels = _to_numpy(labels)
+        if labels.ndim != 1 or labels.shape[0] != Z.shape[0]:
+            raise DataError(f"color_by[{name!r}] must have one label per cell ({Z.shape[0]}), "
+                            f"got shape {labels.shape}.")
+        out[str(name)] = labels
+    return Z, out
+
+
+def _category_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["gist_ncar"](x) for x in np.linspace(0.02, 0.95, n)]
+
+
+def _natural_key(text: str) -> list:
+    """Sort key putting "type_2" before "type_10" and "2" before "10"."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+
+
+def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float) -> None:
+    numeric_many = labels.dtype.kind == "f" and len(np.unique(labels)) > MAX_LEGEND
+    if numeric_many:  # a continuous value (e.g. a score): colour map and colour bar
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=size, cmap="viridis", linewidths=0, rasterized=True)
+        ax.figure.colorbar(sc, ax=ax, shrink=0.8)
+    else:
+        cats = sorted(np.unique(labels.astype(str)), key=_natural_key)
+        colors = _category_colors(len(cats))
+        str_labels = labels.astype(str)
+        for cat, color in zip(cats, colors):
+            sel = str_labels == cat
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=color, linewidths=0, rasterized=True,
+                       label=f"{cat} ({int(sel.sum())})")
+        if 1 < len(cats) <= MAX_LEGEND:
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8,
+                      markerscale=max(1.0, 6.0 / math.sqrt(size)), ncol=1 if len(cats) <= 15 else 2)
+        elif len(cats) > MAX_LEGEND:
+            title = f"{title} ({len(cats)} categories, no legend)"
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def embedding(data, color_by, path: str | os.PathLike, method: str = "umap", basis: str = "X_masksc",
+              seed: int = 0, max_cells: int | None = 50_000, point_size: float | None = None) -> Path:
+    """2-D map (UMAP or t-SNE) of a cell embedding, one panel per colouring (paper Fig. 4).
+
+    Args:
+        data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
+        color_by: dict {panel title: labels [n]} (categories or, for float arrays with many
+            values, a continuous colour); for AnnData also a list of obs column names, or None
+            for the ``masksc_cluster`` and ``label`` columns that exist.
+        path: output .png path (written atomically; parent folders created).
+        method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
+            imported), "tsne" (sklearn, PCA init) or "precomputed" (data already [n, 2]).
+        max_cells: above this many cells a uniform random sample (``seed``) is mapped and
+            drawn; None maps all cells.
+        point_size: marker area; default scales with the number of cells.
+
+    Returns: the path written.
+    """
+    if method not in ("umap", "tsne", "precomputed"):
+        raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
+    Z, colorings = _color_sets(data, color_by, basis)
+    n = Z.shape[0]
+    idx = np.arange(n)
+    if max_cells is not None and n > max_cells:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
+        logger.info("embedding plot: mapping a random sample of %d of %d cells", max_cells, n)
+    xy = _coords_2d(Z[idx], method, seed)
+    size = point_size if point_size is not None else float(np.clip(3000.0 / len(idx), 0.5, 30.0))
+    n_panels = len(colorings)
+    fig = _figure(6.5 * n_panels, 5.0)
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    for ax, (name, labels) in zip(axes, colorings.items()):
+        _draw_panel(ax, xy, labels[idx], name, size)
+        ax.set_xlabel(f"{method.upper()} 1" if method != "precomputed" else "")
+        ax.set_ylabel(f"{method.upper()} 2" if method != "precomputed" else "")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def attention_to_grid(attn, grid_shape: tuple[int, int], n_prefix: int = 1, query: int = 0) -> np.ndarray:
+    """Attention of one query token (default the global token at position 0) to the patch tokens,
+    averaged over heads and laid out on the patch grid.
+
+    Args:
+        attn: [B, heads, L, L] attention probabilities (e.g. ``MaskSC.last_attention``),
+            numpy or torch, with L = n_prefix + gh * gw and patch tokens in row-major grid order.
+        grid_shape: (gh, gw) = (g // P, s // P). n_prefix: tokens before the patches.
+
+    Returns: float32 [B, gh, gw].
+    """
+    a = _to_numpy(attn).astype(np.float32)
+    gh, gw = grid_shape
+    if a.ndim != 4 or a.shape[2] != a.shape[3] or a.shape[3] != n_prefix + gh * gw:
+        raise DataError(f"attn must be [B, heads, L, L] with L = n_prefix + gh*gw = {n_prefix + gh * gw}, "
+                        f"got shape {a.shape}.")
+    if not 0 <= query < a.shape[2]:
+        raise ValueError(f"query must index a token in [0, {a.shape[2]}), got {query}.")
+    return a[:, :, query, n_prefix:].mean(axis=1).reshape(a.shape[0], gh, gw)
+
+
+def attention_grid(attn_maps, titles, path: str | os.PathLike, ncols: int = 4, cmap: str = "magma") -> Path:
+    """Heatmaps of attention over the gene grid for sample cells (paper Fig. 6).
+
+    Args:
+        attn_maps: [n_cells, h, w] non-negative weights per grid position: per patch
+            ([n, g/P, s/P], e.g. from :func:`attention_to_grid`) or per gene ([n, g, s]).
+        titles: one title per cell, or None for "cell 0", "cell 1", ...
+        path: output .png path. ncols: panels per row. cmap: matplotlib colour map.
+
+    Returns: the path written.
+    """
+    maps = _to_numpy(attn_maps)
+    if maps.ndim != 3 or 0 in maps.shape:
+        raise DataError(f"attn_maps must be [n_cells, h, w] (one grid per cell), got shape {maps.shape}.")
+    if not np.issubdtype(maps.dtype, np.number) or not np.isfinite(maps).all():
+        raise DataError("attn_maps must be finite numbers.")
+    n = maps.shape[0]
+    titles = [f"cell {i}" for i in range(n)] if titles is None else [str(t) for t in titles]
+    if len(titles) != n:
+        raise DataError(f"got {len(titles)} titles for {n} attention maps; pass one per cell or None.")
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = _figure(3.6 * ncols, 3.2 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, m, t in zip(axes, maps, titles):
+        im = ax.imshow(m, cmap=cmap, interpolation="nearest", aspect="equal")
+        ax.set_title(t, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    fig.suptitle(f"last-layer attention over the {maps.shape[1]}x{maps.shape[2]} grid")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def loss_curve(losses, path: str | os.PathLike, xlabel: str = "epoch", logy: bool | None = None) -> Path:
+    """Training loss per epoch (or step).
+
+    Args:
+        losses: list of floats, or dict {curve name: list of floats}; NaN points are skipped.
+        path: output .png path. logy: log y-axis; None = when all values are positive and span
+            more than two decades.
+
+    Returns: the path written.
+    """
+    curves = losses if isinstance(losses, dict) else {"loss": losses}
+    if not curves:
+        raise DataError("losses is empty; pass a list of floats or a dict name -> list.")
+    arrays = {}
+    for name, vals in curves.items():
+        v = np.asarray(_to_numpy(vals), dtype=np.float64)
+        if v.ndim != 1 or v.size == 0:
+            raise DataError(f"loss curve {name!r} must be a non-empty 1-D list of numbers, got shape {v.shape}.")
+        arrays[str(name)] = v
+    finite = np.concatenate([v[np.isfinite(v)] for v in arrays.values()])
+    if finite.size == 0:
+        raise DataError("every loss value is NaN or infinite; nothing to plot (did training diverge?).")
+    if logy is None:
+        logy = bool((finite > 0).all() and finite.max() / finite.min() > 100)
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    for name, v in arrays.items():
+        ax.plot(np.arange(1, v.size + 1), v, marker="o" if v.size <= 30 else None, markersize=3, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if len(arrays) > 1:
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,261 @@
+"""masksc.cluster against sklearn / scanpy oracles: k-means, kNN graph, Leiden, metrics."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.cluster import KMeans
+from sklearn.datasets import load_digits, make_blobs
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from sklearn.neighbors import NearestNeighbors
+
+from threadpoolctl import threadpool_limits
+
+from masksc import cluster
+from masksc.cluster import cluster_embedding, evaluate, kmeans, knn_graph, knn_search, leiden, leiden_for_k
+from masksc.errors import DataError, MaskscError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small shapes: OpenMP threads only add waiting, and on the shared CI cores a lot of it."""
+    with threadpool_limits(1):
+        yield
+
+
+def _blobs(n=600, d=8, k=5, std=1.0, seed=0):
+    X, y = make_blobs(n_samples=n, n_features=d, centers=k, cluster_std=std, random_state=seed)
+    return X.astype(np.float32), y
+
+
+def _inertia(X, labels):
+    X = X.astype(np.float64)
+    return sum(((X[labels == c] - X[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels))
+
+
+# ---------------------------------------------------------------- k-means
+def test_kmeans_separated_blobs_match_truth_and_sklearn():
+    X, y = _blobs()
+    labels = kmeans(X, 5, seed=0)
+    sk = KMeans(5, n_init=10, random_state=0).fit(X)
+    assert labels.dtype == np.int64 and labels.shape == (600,)
+    assert adjusted_rand_score(y, labels) == 1.0
+    assert adjusted_rand_score(sk.labels_, labels) == 1.0
+    assert _inertia(X, labels) == pytest.approx(sk.inertia_, rel=1e-4)
+
+
+def test_kmeans_realistic_digits_parity_with_sklearn():
+    X = load_digits().data.astype(np.float32)  # 1797 x 64, overlapping classes
+    for seed in (0, 1):
+        labels = kmeans(X, 10, seed=seed)
+        sk = KMeans(10, n_init=10, random_state=seed).fit(X)
+        assert _inertia(X, labels) <= sk.inertia_ * 1.005  # within 0.5% (or better)
+        assert adjusted_rand_score(sk.labels_, labels) > 0.9
+
+
+def test_kmeans_subsampled_training_still_recovers_clusters():
+    X, y = _blobs(n=4000, d=16, k=6, std=1.5, seed=3)
+    labels = kmeans(X, 6, seed=0, max_points_per_centroid=40)  # trains on 240 of 4000 cells
+    assert adjusted_rand_score(y, labels) == 1.0
+
+
+def test_kmeans_deterministic_sorted_by_size_and_input_untouched():
+    X, _ = _blobs(n=500, std=3.0)
+    X64 = X.astype(np.float64)
+    before, before64 = X.copy(), X64.copy()
+    a = kmeans(X, 4, seed=7)
+    b = kmeans(X64, 4, seed=7)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(X, before)
+    np.testing.assert_array_equal(X64, before64)
+    sizes = np.bincount(a)
+    assert set(np.unique(a)) == {0, 1, 2, 3} and (np.diff(sizes) <= 0).all()
+
+
+def test_kmeans_k1_and_k_equals_n():
+    X, _ = _blobs(n=30)
+    np.testing.assert_array_equal(kmeans(X, 1), np.zeros(30, dtype=np.int64))
+    assert len(np.unique(kmeans(X, 30))) == 30
+
+
+@pytest.mark.parametrize("bad, k", [
+    (np.zeros(10, np.float32), 2),                       # 1-D
+    (np.zeros((0, 3), np.float32), 1),                   # empty
+    (np.array([[0.0, np.nan], [1.0, 2.0]]), 1),          # NaN
+    (np.array([[0.0, np.inf], [1.0, 2.0]]), 1),          # inf
+    (np.ones((5, 2), np.float32), 0),                    # k < 1
+    (np.ones((5, 2), np.float32), 6),                    # k > n
+    (np.ones((5, 2), np.float32), 2.5),                  # k not an int
+    (sp.random(5, 3, density=0.5, format="csr"), 2),     # sparse
+    (np.array([["a", "b"], ["c", "d"]]), 1),             # not numbers
+])
+def test_kmeans_rejects_bad_input(bad, k):
+    with pytest.raises(DataError):
+        kmeans(bad, k)
+
+
+@pytest.mark.skipif(cluster._faiss().get_num_gpus() > 0, reason="a GPU is visible, so use_gpu=True is valid here")
+def test_kmeans_use_gpu_true_without_gpu_is_a_clear_error():
+    X, _ = _blobs(n=50)
+    with pytest.raises(MaskscError, match="faiss-gpu"):
+        kmeans(X, 2, use_gpu=True)
+    kmeans(X, 2, use_gpu=None)  # auto falls back to the CPU
+
+
+# ---------------------------------------------------------------- kNN graph
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_search_flat_matches_sklearn_exact(metric):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 12)).astype(np.float32)
+    I, D = knn_search(X, 10, metric=metric, index="flat")
+    nn = NearestNeighbors(n_neighbors=10, metric=metric, algorithm="brute").fit(X)
+    dref, iref = nn.kneighbors(X)
+    assert I.dtype == np.int64 and D.dtype == np.float32 and I.shape == (400, 10)
+    np.testing.assert_array_equal(I[:, 0], np.arange(400))
+    for row, ref in zip(I, iref):
+        assert set(row) == set(ref)
+    np.testing.assert_allclose(D, dref, atol=2e-4)
+
+
+def test_knn_search_duplicates_keep_self_first():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 4)).astype(np.float32)
+    X = np.concatenate([X, X[:10]])  # cells 60..69 duplicate cells 0..9
+    I, D = knn_search(X, 5, index="flat")
+    np.testing.assert_array_equal(I[:, 0], np.arange(70))
+    for i in range(10):
+        assert i + 60 in I[i] and i in I[i + 60]
+    assert (D[:, 0] == 0).all() and (np.diff(D, axis=1) >= 0).all()
+
+
+@pytest.mark.slow
+def test_knn_graph_equals_scanpy_umap_connectivities():
+    import anndata
+    import scanpy as sc
+
+    X, _ = _blobs(n=500, d=10, k=4, std=2.5, seed=2)
+    G = knn_graph(X, n_neighbors=15, index="flat")
+    ad = anndata.AnnData(np.zeros((500, 1), np.float32))
+    ad.obsm["Z"] = X
+    sc.pp.neighbors(ad, n_neighbors=15, use_rep="Z")  # exact kNN at this size + umap weights
+    ref = ad.obsp["connectivities"]
+    assert isinstance(G, sp.csr_matrix) and G.dtype == np.float32
+    assert (G != G.T).nnz == 0 and G.diagonal().sum() == 0
+    np.testing.assert_array_equal((G > 0).toarray(), (ref > 0).toarray())
+    np.testing.assert_allclose(G.toarray(), ref.toarray(), atol=1e-4)
+
+
+def test_ivf_index_recall_at_15():
+    X, _ = _blobs(n=20_000, d=32, k=30, std=4.0, seed=4)
+    exact, _ = knn_search(X, 15, index="flat")
+    approx, _ = knn_search(X, 15, index="ivf")  # nlist ~ 4 sqrt(n) = 565, nprobe = nlist / 16
+    recall = np.mean([len(np.intersect1d(a, e)) / 15 for a, e in zip(approx, exact)])
+    assert recall >= 0.95
+
+
+def test_ivf_missing_neighbours_are_marked_and_graph_stays_valid():
+    X, _ = _blobs(n=300, d=4, k=3, std=2.0, seed=11)
+    I, D = knn_search(X, 40, index="ivf", nlist=30, nprobe=1)  # ~10 cells per list: rows run short
+    missing = I < 0
+    assert missing.any() and np.isinf(D[missing]).all() and np.isfinite(D[~missing]).all()
+    np.testing.assert_array_equal(I[:, 0], np.arange(300))
+    G = knn_graph(X, 40, index="ivf", nlist=30, nprobe=1)
+    assert np.isfinite(G.data).all() and (G.data > 0).all() and G.diagonal().sum() == 0
+    assert abs(G - G.T).max() < 1e-6
+
+
+def test_knn_rejects_bad_arguments():
+    X = np.ones((10, 3), np.float32)
+    with pytest.raises(DataError):
+        knn_search(X, 11)
+    with pytest.raises(DataError):
+        knn_search(X, 1)
+    with pytest.raises(ValueError, match="metric"):
+        knn_search(X, 3, metric="manhattan")
+    with pytest.raises(ValueError, match="index"):
+        knn_search(X, 3, index="hnsw")
+    Xz = np.vstack([np.zeros((1, 3), np.float32), np.ones((4, 3), np.float32)])
+    with pytest.raises(DataError, match="cosine"):
+        knn_search(Xz, 2, metric="cosine")
+
+
+# ---------------------------------------------------------------- Leiden
+def test_leiden_matches_scanpy_and_recovers_blobs():
+    import anndata
+    import scanpy as sc
+
+    X, y = _blobs(n=400, d=8, k=4, std=1.0, seed=5)
+    G = knn_graph(X, 15)
+    labels = leiden(G, resolution=1.0, seed=0)
+    ad = anndata.AnnData(np.zeros((400, 1), np.float32))
+    with pytest.warns(FutureWarning):  # scanpy's notice about its future default flavour
+        sc.tl.leiden(ad, adjacency=G, resolution=1.0, random_state=0, flavor="leidenalg")
+    assert adjusted_rand_score(ad.obs["leiden"].astype(int), labels) == 1.0
+    assert adjusted_rand_score(y, labels) == 1.0
+    assert labels.dtype == np.int64 and (np.diff(np.bincount(labels)) <= 0).all()
+
+
+def test_leiden_for_k_finds_the_target_count():
+    X, y = _blobs(n=600, d=8, k=6, std=3.5, seed=6)
+    G = knn_graph(X, 15)
+    assert sp.csgraph.connected_components(G)[0] == 1
+    for k in (3, 6, 9):
+        labels, res = leiden_for_k(G, k, seed=0)
+        assert len(np.unique(labels)) == k and res > 0
+    assert adjusted_rand_score(y, leiden_for_k(G, 6)[0]) > 0.9
+
+
+def test_leiden_for_k_warns_when_components_outnumber_k():
+    X, _ = _blobs(n=300, d=8, k=3, std=0.5, seed=6)  # three disconnected blobs
+    with pytest.warns(UserWarning, match="3 connected components"):
+        labels, _ = leiden_for_k(knn_graph(X, 15), 2, max_steps=5)
+    assert len(np.unique(labels)) == 3
+
+
+def test_leiden_rejects_bad_graphs():
+    with pytest.raises(DataError):
+        leiden(np.eye(3))
+    with pytest.raises(DataError):
+        leiden(sp.random(3, 4, density=0.5, format="csr"))
+    with pytest.raises(DataError):
+        leiden(sp.csr_matrix(-np.ones((3, 3))))
+    with pytest.raises(DataError):
+        leiden_for_k(sp.csr_matrix(np.ones((3, 3))), 4)
+
+
+def test_cluster_embedding_dispatch():
+    X, y = _blobs(n=300, d=6, k=3, std=1.0, seed=8)
+    np.testing.assert_array_equal(cluster_embedding(X, k=3, seed=1), kmeans(X, 3, seed=1))
+    np.testing.assert_array_equal(cluster_embedding(X, seed=0), leiden(knn_graph(X, 15), seed=0))
+    assert len(np.unique(cluster_embedding(X, k=3, method="leiden"))) == 3
+    with pytest.raises(ValueError, match="needs k"):
+        cluster_embedding(X, method="kmeans")
+
+
+# ---------------------------------------------------------------- metrics
+def test_evaluate_matches_sklearn():
+    X, y = _blobs(n=800, d=5, k=4, std=3.0, seed=9)
+    pred = kmeans(X, 4)
+    out = evaluate(X, pred, y)
+    assert out["ari"] == pytest.approx(adjusted_rand_score(y, pred))
+    assert out["nmi"] == pytest.approx(normalized_mutual_info_score(y, pred, average_method="arithmetic"))
+    assert out["silhouette"] == pytest.approx(silhouette_score(X, pred), abs=1e-6)  # exact below the sample size
+    assert out["n_clusters"] == 4
+    names = np.array(["T", "B", "NK", "Mono"])[y]  # string truth labels work
+    assert evaluate(X, pred, names)["ari"] == pytest.approx(out["ari"])
+
+
+def test_evaluate_sampled_silhouette_close_to_exact():
+    X, y = _blobs(n=5000, d=8, k=5, std=4.0, seed=10)
+    exact = evaluate(X, y, silhouette_sample=None)["silhouette"]
+    sampled = evaluate(X, y, silhouette_sample=1500, seed=0)["silhouette"]
+    assert exact == pytest.approx(silhouette_score(X, y), abs=1e-6)
+    assert abs(sampled - exact) < 0.02 and sampled != exact
+
+
+def test_evaluate_edge_cases_and_validation():
+    X, y = _blobs(n=50, k=2)
+    out = evaluate(X, np.zeros(50, int))
+    assert out["ari"] is None and out["nmi"] is None and out["silhouette"] is None
+    with pytest.raises(DataError, match="one label per cell"):
+        evaluate(X, y[:-1])
+    with pytest.raises(DataError, match="truth"):
+        evaluate(X, y, np.full(50, np.nan))

@@ -1,0 +1,146 @@
+"""masksc.pl writes real, non-blank PNGs and validates its inputs."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+from threadpoolctl import threadpool_limits
+
+from masksc import pl
+from masksc.errors import DataError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small shapes: OpenMP/BLAS threads (t-SNE) only add waiting on the shared CI cores."""
+    with threadpool_limits(1):
+        yield
+
+
+def _png(path, min_w=200, min_h=150):
+    img = imread(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert img.ndim == 3 and img.shape[2] in (3, 4) and img.shape[0] >= min_h and img.shape[1] >= min_w
+    rgb = img[..., :3]
+    assert rgb.std() > 0.05  # not blank
+    return img
+
+
+def _n_colours(img):
+    return len(np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+
+
+def _data(n=120, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    Z = (rng.normal(size=(n, 8)) + 4 * np.eye(8)[y]).astype(np.float32)
+    return Z, y
+
+
+def test_embedding_tsne_two_panels(tmp_path):
+    Z, y = _data()
+    out = pl.embedding(Z, {"predicted": y, "true label": np.array(["a", "b", "c"])[y]}, tmp_path / "sub" / "e.png",
+                       method="tsne")
+    assert out == tmp_path / "sub" / "e.png"
+    img = _png(out, min_w=600)
+    assert img.shape[1] > 1.5 * img.shape[0]  # two panels side by side
+    assert _n_colours(img) > 10
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["e.png"]  # no temp file left behind
+
+
+def test_embedding_from_anndata_defaults_and_many_categories(tmp_path):
+    import anndata
+    import pandas as pd
+
+    Z, y = _data(n=150, k=3)
+    ad = anndata.AnnData(np.zeros((150, 2), np.float32))
+    ad.obsm["X_masksc"] = Z
+    ad.obs["label"] = pd.Categorical(np.array(["T", "B", "NK"])[y])
+    ad.obs["masksc_cluster"] = pd.Categorical((np.arange(150) % 25).astype(str))  # 25 categories, 2-column legend
+    out = pl.embedding(ad, None, tmp_path / "ad.png", method="tsne")
+    img = _png(out, min_w=600)
+    assert img.shape[1] > 1.5 * img.shape[0]
+
+
+@pytest.mark.slow
+def test_embedding_umap(tmp_path):
+    Z, y = _data(n=100)
+    _png(pl.embedding(Z, {"cluster": y}, tmp_path / "u.png", method="umap"))
+
+
+def test_embedding_umap_falls_back_to_tsne(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # makes `import umap` raise ImportError
+    Z, y = _data(n=80)
+    with pytest.warns(UserWarning, match="falling back to t-SNE"):
+        out = pl.embedding(Z, {"cluster": y}, tmp_path / "f.png", method="umap")
+    _png(out)
+
+
+def test_embedding_precomputed_and_subsample(tmp_path):
+    rng = np.random.default_rng(1)
+    xy = rng.normal(size=(500, 2))
+    before = xy.copy()
+    out = pl.embedding(xy, {"score": rng.random(500)}, tmp_path / "p.png", method="precomputed", max_cells=200)
+    _png(out)
+    np.testing.assert_array_equal(xy, before)
+
+
+def test_embedding_rejects_bad_input(tmp_path):
+    Z, y = _data(n=50)
+    with pytest.raises(DataError, match="one label per cell"):
+        pl.embedding(Z, {"c": y[:-1]}, tmp_path / "x.png", method="tsne")
+    Zn = Z.copy()
+    Zn[0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        pl.embedding(Zn, {"c": y}, tmp_path / "x.png", method="tsne")
+    with pytest.raises(ValueError, match="method"):
+        pl.embedding(Z, {"c": y}, tmp_path / "x.png", method="pca")
+    with pytest.raises(ValueError, match=".png"):
+        pl.embedding(Z[:, :2], {"c": y}, tmp_path / "x.jpg", method="precomputed")
+    with pytest.raises(DataError, match="2-D coordinates"):
+        pl.embedding(Z, {"c": y}, tmp_path / "x.png", method="precomputed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_to_grid_is_global_token_row_mean_over_heads():
+    torch.manual_seed(0)
+    B, H, gh, gw = 2, 3, 4, 5
+    attn = torch.softmax(torch.randn(B, H, 1 + gh * gw, 1 + gh * gw), dim=-1)
+    grid = pl.attention_to_grid(attn, (gh, gw))
+    ref = attn[:, :, 0, 1:].mean(1).reshape(B, gh, gw).numpy()
+    np.testing.assert_allclose(grid, ref, rtol=1e-6)
+    assert grid[1, 2, 3] == pytest.approx(attn[1, :, 0, 1 + 2 * gw + 3].mean().item(), rel=1e-6)
+    with pytest.raises(DataError, match="n_prefix"):
+        pl.attention_to_grid(attn, (4, 4))
+
+
+def test_attention_grid_png(tmp_path):
+    rng = np.random.default_rng(2)
+    maps = rng.random((5, 16, 16))
+    out = pl.attention_grid(maps, [f"cell {i} (T)" for i in range(5)], tmp_path / "attn.png")
+    img = _png(out, min_w=600, min_h=300)  # 4 + 1 panels: two rows
+    assert _n_colours(img) > 50
+    _png(pl.attention_grid(rng.random((2, 64, 64)), None, tmp_path / "genes.png"))
+
+
+def test_attention_grid_rejects_bad_input(tmp_path):
+    with pytest.raises(DataError, match="n_cells, h, w"):
+        pl.attention_grid(np.ones((4, 4)), None, tmp_path / "a.png")
+    with pytest.raises(DataError, match="titles"):
+        pl.attention_grid(np.ones((2, 4, 4)), ["only one"], tmp_path / "a.png")
+    with pytest.raises(DataError, match="finite"):
+        pl.attention_grid(np.full((1, 4, 4), np.nan), None, tmp_path / "a.png")
+
+
+def test_loss_curve(tmp_path):
+    _png(pl.loss_curve([5.0, 3.0, 2.0, 1.5, 1.4, float("nan"), 1.2], tmp_path / "l.png"))
+    img = _png(pl.loss_curve({"train": np.geomspace(100, 0.1, 50), "val": np.geomspace(120, 0.2, 50)},
+                             tmp_path / "l2.png"))
+    assert _n_colours(img) > 5
+    with pytest.raises(DataError, match="empty"):
+        pl.loss_curve([], tmp_path / "x.png")
+    with pytest.raises(DataError, match="NaN"):
+        pl.loss_curve([float("nan")] * 3, tmp_path / "x.png")
+    with pytest.raises(DataError, match="empty"):
+        pl.loss_curve({}, tmp_path / "x.png")
