@@ -5,6 +5,7 @@ Every command reads its input, never modifies it, and writes outputs atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -24,9 +25,18 @@ def _grid(text: str) -> tuple[int, int]:
     return g, s
 
 
-def _read(args):
+def _source(args):
+    """The input of fit/embed: the path itself when it can be streamed from disk (.h5ad, 10x .h5),
+    else the file read into memory (mtx, csv/tsv, scDeepCluster .h5)."""
     from masksc.data import read
-    return read(args.data, format=args.format, transpose=args.transpose)
+    from masksc.data.io import detect_format
+    path = Path(args.data)
+    if not path.exists():
+        raise MaskscError(f"file not found: {path}; fix: check the path.")
+    fmt = args.format or detect_format(path)
+    if fmt in ("h5ad", "10x_h5") and not args.transpose:
+        return path
+    return read(path, format=fmt, transpose=args.transpose)
 
 
 def _write_h5ad(adata, path) -> Path:
@@ -43,32 +53,81 @@ def _print_metrics(scores: dict) -> None:
     print("  ".join(f"{k.upper()} {v:.4f}" for k, v in scores.items() if v is not None))
 
 
-def cmd_fit(args) -> int:
-    from masksc import tl
-    adata = _read(args)
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set needs KEY=VALUE (a MaskSCConfig field), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _overrides(args) -> dict:
     overrides = {}
+    for key, value in args.set or []:
+        overrides[key] = tuple(value) if isinstance(value, list) else value
     if args.grid:
         overrides["grid_shape"] = args.grid
-    for key in ("mask_ratio", "layout"):
+    for key in ("mask_ratio", "layout", "batch_size"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    model = tl.fit(adata, args.preset, model_dir=args.output, epochs=args.epochs, seed=args.seed,
-                   device=args.device, resume=args.resume, checkpoint_every=args.checkpoint_every, **overrides)
-    print(f"model written to {model.path}")
+    from masksc.models.masksc_model import MaskSCConfig
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(MaskSCConfig)}
+    if unknown:
+        raise MaskscError(f"unknown config field(s) {sorted(unknown)} in --set; fix: use MaskSCConfig fields, "
+                          "e.g. --set embed_dim=64 --set depth=2.")
+    return overrides
+
+
+def cmd_fit(args) -> int:
+    """Train from a file, streamed from disk (.h5ad / 10x .h5; other formats are read into memory),
+    on one process or, under torchrun, with DDP over all ranks."""
+    from masksc import distributed, pipeline
+    overrides = _overrides(args)
+    ctx = distributed.init_from_env(args.device)
+    try:
+        model, result = pipeline.fit(_source(args), args.preset, model_dir=args.output, epochs=args.epochs,
+                                     seed=args.seed, device=args.device, resume=args.resume,
+                                     checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
+                                     teacher_cells=args.teacher_cells or None, teacher_epochs=args.teacher_epochs,
+                                     dist=ctx, **overrides)
+    except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig checks)
+        raise MaskscError(str(exc)) from exc
+    if ctx.is_main:
+        print(f"model written to {model.path} (final loss {result.losses[-1]:.4f}, {ctx.world_size} process(es))")
     return 0
 
 
 def cmd_embed(args) -> int:
-    from masksc import tl
-    adata = _read(args)
-    tl.embed(adata, args.model, batch_size=args.batch_size, device=args.device)
-    print(f"embedding {adata.obsm['X_masksc'].shape} written to {_write_h5ad(adata, args.output)}")
+    """Stream the cells through the model chunk by chunk into OUT.h5ad (obs + obsm['X_masksc'], no X)
+    or OUT.npy; sharded over the ranks under torchrun. The input is never loaded whole."""
+    from masksc import distributed
+    from masksc.pipeline import MaskSCModel
+    ctx = distributed.init_from_env(args.device)
+    if ctx.distributed:
+        device = ctx.device
+    else:
+        import torch
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = MaskSCModel.load(args.model, device=device)
+    out = model.embed_file(_source(args), args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                           device=device, dist=ctx)
+    if ctx.is_main:
+        print(f"embedding of {model.config.embed_dim} dims written to {out}")
     return 0
 
 
 def _read_h5ad(path):
-    from masksc.data import read
-    return read(path, format="h5ad")
+    """An embedded .h5ad (from `masksc embed`, which stores obs + obsm but no X)."""
+    import anndata as ad
+    path = Path(path)
+    if not path.is_file():
+        raise MaskscError(f"file not found: {path}; fix: pass the .h5ad written by `masksc embed`.")
+    try:
+        return ad.read_h5ad(path)
+    except OSError as exc:
+        raise MaskscError(f"cannot read {path} as .h5ad ({exc}); fix: pass the file `masksc embed` wrote.") from exc
 
 
 def cmd_cluster(args) -> int:
@@ -111,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
 
-    sp = sub.add_parser("fit", help="train a mask-sc model on a dataset")
+    sp = sub.add_parser("fit", help="train a mask-sc model on a dataset (streamed from disk; torchrun for DDP)")
     data_args(sp)
     sp.add_argument("-o", "--output", required=True, help="model directory (checkpoints, config.json)")
     sp.add_argument("--preset", default="cpu", help="paper | cpu | demo (default cpu)")
@@ -119,16 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grid", type=_grid, default=None, help="gene grid, e.g. 48x48")
     sp.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None)
     sp.add_argument("--layout", choices=["hvg", "correlation"], default=None, help="gene order in the grid")
+    sp.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="cells per step (per process)")
+    sp.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
+                    help="override any preset field, e.g. --set embed_dim=64 --set depth=2 (repeatable)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None, help="epochs")
-    sp.add_argument("--resume", action="store_true", help="continue the run in --output")
+    sp.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    sp.add_argument("--chunk-size", dest="chunk_size", type=int, default=4096,
+                    help="cells read from disk at a time (memory bound; default 4096)")
+    sp.add_argument("--teacher-cells", dest="teacher_cells", type=int, default=50_000,
+                    help="seeded subsample the teacher and grid layout are fitted on (0 = all cells; default 50000)")
+    sp.add_argument("--teacher-epochs", dest="teacher_epochs", type=int, default=None,
+                    help="contrastive-sc teacher epochs (default: its authors' 30)")
     sp.set_defaults(func=cmd_fit)
 
-    sp = sub.add_parser("embed", help="embed cells with a trained model -> .h5ad with obsm['X_masksc']")
+    sp = sub.add_parser("embed", help="embed cells with a trained model -> .h5ad (obs + obsm['X_masksc']) or .npy")
     data_args(sp)
     sp.add_argument("--model", required=True, help="model directory written by `masksc fit`")
-    sp.add_argument("-o", "--output", required=True, help="output .h5ad")
+    sp.add_argument("-o", "--output", required=True, help="output .h5ad (obs + obsm['X_masksc'], no X) or .npy")
     sp.add_argument("--batch-size", dest="batch_size", type=int, default=1024)
+    sp.add_argument("--chunk-size", dest="chunk_size", type=int, default=16_384,
+                    help="cells read from disk at a time (memory bound; default 16384)")
     sp.set_defaults(func=cmd_embed)
 
     sp = sub.add_parser("cluster", help="cluster an embedded .h5ad -> obs['masksc_cluster']")
@@ -164,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MaskscError, FileNotFoundError) as exc:
         print(f"masksc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from masksc.distributed import shutdown
+        shutdown()
     log.info("%s finished in %.1fs", args.command, time.time() - t0)
     return code
 

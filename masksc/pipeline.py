@@ -1,9 +1,22 @@
 """A trained mask-sc encoder bundled with the preprocessing and gene grid it was trained on.
 
-``fit`` runs the whole recipe on an AnnData (preprocess -> grid layout -> teacher -> masked
-expression training) and returns a ``MaskSCModel``; ``MaskSCModel.load(dir)`` restores one
-from its checkpoint directory and embeds new data with the saved transform, refusing data
-whose genes do not match.
+``fit`` runs the whole recipe (preprocess -> grid layout -> teacher -> masked expression
+training) and returns a ``MaskSCModel``; ``MaskSCModel.load(dir)`` restores one from its
+checkpoint directory and embeds new data with the saved transform, refusing data whose genes
+do not match.
+
+Two paths, one recipe:
+
+* an in-memory AnnData is preprocessed and laid on the grid in memory (``CellBatches``);
+* a path (``.h5ad``, 10x ``.h5``) or an AnnData opened ``backed="r"`` is streamed from disk
+  (``masksc.outofcore``): preprocessing statistics in one streaming pass
+  (``Preprocessor.fit``), training batches chunk-shuffled from disk (``StreamBatches``), and
+  the teacher, its input standardisation and the grid layout fitted on a seeded subsample of
+  at most ``teacher_cells`` cells (default 50,000) held in memory. Peak memory is bounded by
+  the chunk size and ``teacher_cells``, not by the dataset. Under ``torchrun`` (or any
+  initialised process group) this path trains with DDP: rank 0 fits the preprocessing, grid
+  and teacher and broadcasts them, every rank trains on a disjoint shard of each epoch's
+  chunks, and rank 0 writes the checkpoints.
 """
 from __future__ import annotations
 
@@ -75,18 +88,53 @@ class MaskSCModel:
         return embed_matrix(self.network, self.to_grid(adata), batch_size=batch_size, device=device,
                             progress=progress)
 
+    def embed_file(self, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
+                   device: str | torch.device | None = None, amp: bool = True, dist=None,
+                   progress: bool = True) -> Path | None:
+        """Stream the cells of ``source`` (an .h5ad / 10x .h5 path or an AnnData) through the model
+        into ``output`` (.npy or .h5ad with obs + obsm["X_masksc"]) without loading the dataset;
+        sharded over the ranks of a distributed run. See ``masksc.outofcore.embed_file``."""
+        from masksc.outofcore import embed_file
+        return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size, device=device,
+                          amp=amp, dist=dist, progress=progress)
+
+
+def _streamed(data) -> bool:
+    return isinstance(data, (str, os.PathLike)) or bool(getattr(data, "isbacked", False))
+
 
 def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = None, epochs: int | None = None,
         seed: int = 0, device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
-        progress: bool = True, **overrides):
-    """Train mask-sc on ``adata`` (raw counts or log-normalised, cells x genes).
+        progress: bool = True, chunk_size: int = 4096, teacher_cells: int | None = 50_000,
+        teacher_epochs: int | None = None, dist=None, **overrides):
+    """Train mask-sc on ``adata`` (raw counts or log-normalised, cells x genes): an in-memory
+    AnnData, or a path / backed AnnData streamed from disk (see the module doc).
 
     ``preset`` names a recipe in ``masksc.models.PRESETS``; ``overrides`` replace its fields
-    (e.g. ``grid_shape=(32, 32)``, ``mask_ratio=0.5``, ``layout="correlation"``, ``ime=False``).
-    ``model_dir``: where checkpoints go (every ``checkpoint_every`` epochs, atomically);
-    ``resume=True`` continues the run there. Returns (MaskSCModel, TrainResult).
+    (e.g. ``grid_shape=(32, 32)``, ``mask_ratio=0.5``, ``layout="correlation"``, ``ime=False``,
+    ``batch_size=64``). ``model_dir``: where checkpoints go (every ``checkpoint_every`` epochs,
+    atomically); ``resume=True`` continues the run there. ``teacher_epochs``: contrastive-sc
+    epochs (None: its authors' 30). Streaming only: ``chunk_size`` cells read per disk block,
+    ``teacher_cells`` size of the in-memory subsample (None: all cells), ``dist`` a
+    ``masksc.distributed.DistContext`` (default: the current process group).
+    Returns (MaskSCModel, TrainResult); on ranks other than 0 the model's ``path`` is None.
     """
-    from masksc.train import TrainConfig, fit_masksc
+    from masksc import distributed
+
+    ctx = dist or distributed.context()
+    if _streamed(adata) or ctx.distributed:
+        return _fit_streaming(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device,
+                              resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+                              chunk_size=chunk_size, teacher_cells=teacher_cells, teacher_epochs=teacher_epochs,
+                              ctx=ctx, **overrides)
+    return _fit_memory(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device, resume=resume,
+                       checkpoint_every=checkpoint_every, progress=progress, teacher_epochs=teacher_epochs,
+                       **overrides)
+
+
+def _fit_memory(adata, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
+                teacher_epochs, **overrides):
+    from masksc.train import fit_masksc
 
     cfg = get_preset(preset)
     if epochs is not None:
@@ -97,15 +145,93 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     grid = GridLayout.fit(X, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
                           seed=seed)
     X_grid = grid.to_grid(X)
-    train_kw = dict(seed=seed, checkpoint_dir=str(model_dir) if model_dir else None, resume=resume,
-                    device=device, progress=progress)
-    if checkpoint_every is not None:
-        train_kw["checkpoint_every"] = checkpoint_every
-    train_cfg = TrainConfig.from_model_config(cfg, **train_kw)
+    train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
+                              checkpoint_every=checkpoint_every)
     bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict()}
+    teacher_cfg = None
+    if teacher_epochs:
+        from masksc.models.contrastive import ContrastiveConfig
+        from masksc.models.targets import auto_teacher_dropout
+        teacher_cfg = ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=seed, epochs=teacher_epochs,
+                                        dropout=auto_teacher_dropout(X_grid))
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
-                                 progress=progress)
+                                 teacher_cfg=teacher_cfg, progress=progress)
     path = result.checkpoint
     log.info("trained %s preset for %d epochs in %.1fs (final loss %.4f)", preset, result.epochs, result.wall_s,
              result.losses[-1] if result.losses else float("nan"))
     return MaskSCModel(network, preprocessor, grid, path=path), result
+
+
+def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_every):
+    from masksc.train import TrainConfig
+
+    kw = dict(seed=seed, checkpoint_dir=str(model_dir) if model_dir else None, resume=resume, device=device,
+              progress=progress)
+    if checkpoint_every is not None:
+        kw["checkpoint_every"] = checkpoint_every
+    return TrainConfig.from_model_config(cfg, **kw)
+
+
+def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
+                   chunk_size, teacher_cells, teacher_epochs, ctx, **overrides):
+    from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
+    from masksc.models.targets import auto_teacher_dropout, fit_teacher
+    from masksc.outofcore import RowReader, StreamBatches, subsample_genes
+    from masksc.train import seed_everything, train
+
+    cfg = get_preset(preset)
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    cfg = cfg.replace(**overrides)
+    if ctx.distributed:
+        device = str(ctx.device)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reader = RowReader(source)
+    run_dir = Path(model_dir) if model_dir else None
+    resuming = bool(resume and run_dir is not None and (run_dir / "last").exists())
+    teacher_cfg = ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=seed,
+                                    **({"epochs": teacher_epochs} if teacher_epochs else {}))
+    teacher, meta = None, None
+    if resuming:
+        # transform, layout and teacher come back with the checkpoint (the teacher's weights with
+        # the model's), so a resumed run continues exactly where it stopped
+        config = ckpt.read_config(run_dir)
+        meta = config.get("meta") or {}
+        if "preprocessor" not in meta or "grid" not in meta:
+            from masksc.errors import CheckpointError
+            raise CheckpointError(f"{run_dir} has no saved preprocessing/grid to resume from; use a new model_dir.")
+        if cfg.med:
+            teacher = ckpt.build_model(config).teacher
+    elif ctx.is_main:
+        preprocessor = Preprocessor(n_top_genes=cfg.n_genes, chunk_size=max(chunk_size, 10_000)).fit(reader.source)
+        X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, progress=progress)
+        grid = GridLayout.fit(X_sub, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
+                              seed=seed)
+        if cfg.med:
+            X_sub_grid = grid.to_grid(X_sub)
+            teacher_cfg = teacher_cfg.replace(dropout=auto_teacher_dropout(X_sub_grid))
+            teacher = fit_teacher(X_sub_grid, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
+                                  is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
+        meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(),
+                "streamed": {"n_cells": reader.n_obs, "teacher_cells": int(len(rows)), "chunk_size": chunk_size}}
+        del X_sub
+    meta = ctx.broadcast_object(meta)
+    preprocessor, grid = Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"])
+    if cfg.med and teacher is None:  # other ranks: same architecture; DDP copies rank 0's weights into it
+        teacher = ContrastiveSC(teacher_cfg)
+    seed_everything(seed)
+    network = MaskSC(cfg)
+    network.set_padding(grid.is_padding)
+    if cfg.med:
+        network.set_teacher(teacher)
+    train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=str(dev),
+                              progress=progress and ctx.is_main, checkpoint_every=checkpoint_every)
+    batches = StreamBatches(reader, preprocessor, grid, batch_size=train_cfg.batch_size, chunk_size=chunk_size,
+                            seed=seed, rank=ctx.rank, world_size=ctx.world_size)
+    from masksc import distributed
+
+    result = train(distributed.wrap_model(network, ctx), None, train_cfg, extra_state=meta, batches=batches)
+    network.eval()
+    log.info("trained %s preset (streamed, %d rank(s)) for %d epochs in %.1fs (final loss %.4f)", preset,
+             ctx.world_size, result.epochs, result.wall_s, result.losses[-1] if result.losses else float("nan"))
+    return MaskSCModel(network, preprocessor, grid, path=result.checkpoint), result

@@ -1,0 +1,276 @@
+"""Reproduce the mask-sc paper's Table 1 (methods) and Table 2 (IME / MED ablations) on the two
+datasets in ../shared/data, k = number of labels, several seeds (mean +- std).
+
+Resumable: every finished (table, dataset, method, seed, preset, epochs) run is appended to
+benchmarks/results/table1.json / table2.json (atomically) and skipped on the next call, so a
+long CPU reproduction can be completed over several invocations. The markdown tables go to
+benchmarks/results/table1.md / table2.md with the device and wall time of each row.
+
+    python benchmarks/reproduce.py                                  # everything, cpu preset
+    python benchmarks/reproduce.py --datasets pbmc --methods masksc --seeds 0 --epochs 20
+
+Methods (Table 1): masksc, contrastive-sc (authors' pipeline: 500 HVG, scaled; MLP
+200-40-60), pca-raw (PCA(50) on raw counts + k-means, the paper's PCA row), log-pca
+(normalise to 1e4, log1p, 2000 HVG, scale, PCA(50), k-means), leiden (scanpy: the log-pca
+steps, 15-NN graph on PCA(50), Leiden at resolution 1.0 — k is not given to it).
+Table 2: masksc, ime-off (1-D gene-sequence tokens), med-off (reconstruct patch values).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import RESULTS, device_info  # noqa: E402
+from masksc.io_utils import atomic_write  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+DATASETS = {"pbmc": "10X_PBMC_top2000.h5", "worm": "worm_neuron_cell_top2000.h5"}
+TABLE1 = ["masksc", "contrastive-sc", "pca-raw", "log-pca", "leiden"]
+TABLE2 = ["masksc", "ime-off", "med-off"]
+DETERMINISTIC = {"pca-raw", "log-pca", "leiden"}  # seed only changes the clustering
+PAPER = {  # reference figures (ARI, NMI): the mask-sc paper, contrastive-sc authors, the README of ../shared/data
+    ("pbmc", "masksc"): (0.8064, 0.7923), ("worm", "masksc"): (0.5777, 0.7190),
+    ("pbmc", "contrastive-sc"): (0.70, 0.73), ("worm", "contrastive-sc"): (0.49, 0.63),
+    ("pbmc", "pca-raw"): (0.19, 0.31), ("worm", "pca-raw"): (0.05, 0.18),
+    ("pbmc", "log-pca"): (0.71, 0.76), ("worm", "log-pca"): (0.25, 0.57),
+}
+log = logging.getLogger("reproduce")
+
+
+# ---- the methods ---------------------------------------------------------------------------
+def _labels(adata) -> np.ndarray:
+    return adata.obs["label"].cat.codes.to_numpy() if hasattr(adata.obs["label"], "cat") else \
+        np.unique(adata.obs["label"].to_numpy(), return_inverse=True)[1]
+
+
+def _cluster_and_score(Z, truth, k, seed) -> dict:
+    from masksc.cluster import evaluate, kmeans
+    pred = kmeans(np.ascontiguousarray(Z, dtype=np.float32), k, seed=seed, n_init=10)
+    return {k_: (float(v) if isinstance(v, (float, np.floating)) else v)
+            for k_, v in evaluate(Z, pred, truth, seed=seed).items()}
+
+
+def _scanpy_logpca(adata, seed):
+    import scanpy as sc
+    a = adata.copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, n_top_genes=min(2000, a.n_vars), subset=True)
+    sc.pp.scale(a, max_value=10)
+    sc.pp.pca(a, n_comps=50, random_state=seed)
+    return a
+
+
+def run_pca_raw(adata, k, seed, args):
+    from sklearn.decomposition import PCA
+    X = adata.X.toarray()
+    Z = PCA(50, random_state=seed).fit_transform(X)
+    return _cluster_and_score(Z, _labels(adata), k, seed), {}
+
+
+def run_log_pca(adata, k, seed, args):
+    a = _scanpy_logpca(adata, seed)
+    return _cluster_and_score(a.obsm["X_pca"], _labels(adata), k, seed), {}
+
+
+def run_leiden(adata, k, seed, args):
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+    a = _scanpy_logpca(adata, seed)
+    sc.pp.neighbors(a, n_neighbors=15, n_pcs=50, random_state=seed)
+    sc.tl.leiden(a, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    pred = a.obs["leiden"].astype(int).to_numpy()
+    truth = _labels(adata)
+    sil = float(silhouette_score(a.obsm["X_pca"], pred)) if len(np.unique(pred)) > 1 else float("nan")
+    return ({"ari": float(adjusted_rand_score(truth, pred)), "nmi": float(normalized_mutual_info_score(truth, pred)),
+             "silhouette": sil}, {"n_clusters": int(len(np.unique(pred)))})
+
+
+def run_contrastive(adata, k, seed, args):
+    """contrastive-sc as its authors ran it (their preprocessing, network, optimiser, 30 epochs)."""
+    import scanpy as sc
+    from masksc.models.contrastive import ContrastiveConfig, embed_dense, train_contrastive_dense
+    a = adata.copy()
+    a.X = np.ceil(a.X.toarray())
+    sc.pp.filter_genes(a, min_counts=3)
+    sc.pp.filter_cells(a, min_counts=1)
+    sc.pp.normalize_total(a)  # to the median library size, as their normalize_per_cell
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, min_mean=0.0125, max_mean=3, min_disp=0.5, n_top_genes=500, subset=True)
+    sc.pp.scale(a)
+    X = np.asarray(a.X, dtype=np.float32)
+    model, losses = train_contrastive_dense(X, ContrastiveConfig(n_input=X.shape[1], seed=seed), progress=False)
+    truth = _labels(adata)[np.isin(adata.obs_names, a.obs_names)]
+    return _cluster_and_score(embed_dense(model, X), truth, k, seed), {"final_loss": losses[-1]}
+
+
+def run_masksc(adata, k, seed, args, **overrides):
+    from masksc.data import GridLayout, Preprocessor
+    from masksc.embed import embed_matrix
+    from masksc.models import get_preset
+    from masksc.train import TrainConfig, fit_masksc
+    cfg = get_preset(args.preset).replace(**overrides)
+    if args.epochs:
+        cfg = cfg.replace(epochs=args.epochs)
+    pre = Preprocessor(n_top_genes=cfg.n_genes).fit(adata)
+    data = pre.transform(adata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fewer genes than grid positions: padded
+        layout = GridLayout.fit(data.X, pre.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout)
+    Xg = layout.to_grid(data)
+    tcfg = TrainConfig.from_model_config(cfg, seed=seed, progress=args.progress)
+    model, res = fit_masksc(Xg, cfg, tcfg, is_padding=layout.is_padding, progress=args.progress)
+    Z = embed_matrix(model, Xg, batch_size=512, progress=args.progress)
+    truth = _labels(adata)[np.isin(adata.obs_names, data.obs_names)]
+    return _cluster_and_score(Z, truth, k, seed), {"final_loss": res.losses[-1], "config": cfg.to_dict()}
+
+
+METHODS = {
+    "masksc": run_masksc,
+    "ime-off": lambda a, k, s, args: run_masksc(a, k, s, args, ime=False),
+    "med-off": lambda a, k, s, args: run_masksc(a, k, s, args, med=False),
+    "contrastive-sc": run_contrastive,
+    "pca-raw": run_pca_raw,
+    "log-pca": run_log_pca,
+    "leiden": run_leiden,
+}
+
+
+# ---- bookkeeping ---------------------------------------------------------------------------
+def _load(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": []}
+
+
+def _save(path: Path, doc: dict) -> None:
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    lock = Path(tempfile.gettempdir()) / f"masksc-reproduce-{path.stem}.lock"  # outside the repo
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["method"], r["seed"], r.get("preset"), r.get("epochs"))
+
+
+def _run_key(dataset, method, seed, args):
+    uses_model = method in ("masksc", "ime-off", "med-off")
+    preset = args.preset if uses_model else None
+    if uses_model:
+        from masksc.models import get_preset
+        epochs = args.epochs or get_preset(args.preset).epochs
+    else:
+        epochs = 30 if method == "contrastive-sc" else None
+    return (dataset, method, seed, preset, epochs)
+
+
+def markdown(doc: dict, methods: list[str], title: str) -> str:
+    rows = [f"### {title}", "",
+            "| dataset | method | preset / epochs | ARI | NMI | silhouette | seeds | wall (s/run) | device | reference ARI / NMI |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in doc["runs"]:
+        groups.setdefault((r["dataset"], r["method"], r.get("preset"), r.get("epochs")), []).append(r)
+    for (ds, m, preset, epochs), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1])
+                                                                             if kv[0][1] in methods else 99)):
+        if m not in methods:
+            continue
+        f = lambda key: f"{np.mean([r[key] for r in runs]):.4f} ± {np.std([r[key] for r in runs]):.4f}"
+        setting = f"{preset} / {epochs}" if preset else (f"- / {epochs}" if epochs else "-")
+        paper = PAPER.get((ds, m))
+        rows.append(f"| {ds} | {m} | {setting} | {f('ari')} | {f('nmi')} | {f('silhouette')} | "
+                    f"{','.join(str(r['seed']) for r in runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} | "
+                    f"{runs[0]['device']} | {'%.2f / %.2f' % paper if paper else '-'} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="pbmc,worm")
+    p.add_argument("--methods", default=",".join(dict.fromkeys(TABLE1 + TABLE2)))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=0, help="mask-sc epochs (0: the preset's)")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--tables-only", action="store_true", help="only rewrite the markdown tables")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+    torch.set_num_threads(args.threads)
+
+    files = {1: RESULTS / "table1.json", 2: RESULTS / "table2.json"}
+    if not args.tables_only:
+        if not DATA.is_dir():
+            print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project, see "
+                  "../shared/data/README.md)")
+            return 0
+        from masksc.data import read
+        device = device_info("cpu")["device"]
+        for ds in args.datasets.split(","):
+            adata = read(DATA / DATASETS[ds])
+            k = int(adata.obs["label"].nunique())
+            for method in args.methods.split(","):
+                if method not in METHODS:
+                    p.error(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    for table in (1, 2):
+                        if method not in (TABLE1 if table == 1 else TABLE2):
+                            continue
+                        key = _run_key(ds, method, seed, args)
+                        doc = _load(files[table])
+                        if key in {_key(r) for r in doc["runs"]}:
+                            log.info("skip %s (done)", key)
+                            continue
+                        other = _load(files[3 - table])
+                        done = [r for r in other["runs"] if _key(r) == key]
+                        if done:  # masksc is in both tables: reuse the run
+                            rec = done[0]
+                        else:
+                            log.info("run %s", key)
+                            t0 = time.time()
+                            scores, extra = METHODS[method](adata, k, seed, args)
+                            rec = {"dataset": ds, "method": method, "seed": seed, "preset": key[3],
+                                   "epochs": key[4], **scores, "wall_s": time.time() - t0, "device": device,
+                                   "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+                            log.info("%s: ARI %.4f NMI %.4f (%.0fs)", key, rec["ari"], rec["nmi"], rec["wall_s"])
+                        with _locked(files[table]):  # several invocations may run side by side
+                            doc = _load(files[table])
+                            doc["runs"] = [r for r in doc["runs"] if _key(r) != key] + [rec]
+                            doc["device"] = device
+                            _save(files[table], doc)
+    for table, methods, title in ((1, TABLE1, "Table 1: clustering (k = number of labels)"),
+                                  (2, TABLE2, "Table 2: ablations")):
+        doc = _load(files[table])
+        md = markdown(doc, methods, title)
+        with atomic_write(RESULTS / f"table{table}.md") as tmp:
+            Path(tmp).write_text(md)
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Self-describing, atomically written checkpoints.
+
+A checkpoint is a directory::
+
+    config.json          format/version, model config, teacher config, train config,
+                         preprocessing transform, grid layout (with the gene list), extra meta
+    model.safetensors    model weights (teacher included when the model has one)
+    optimizer.pt         optimizer + LR-scheduler state (training checkpoints only)
+    trainer_state.json   epoch, step, per-epoch losses, RNG states (training checkpoints only)
+
+It is written into a temporary sibling directory and renamed into place, so a crash never
+leaves a half-written checkpoint under the final name. A training run keeps its checkpoints as
+``<run>/epoch-000010/`` and an atomically swapped symlink ``<run>/last`` to the newest one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from masksc import __version__
+from masksc.errors import CheckpointError
+from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
+from masksc.models.masksc_model import MaskSC, MaskSCConfig
+
+FORMAT = "masksc-checkpoint"
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, OPTIMIZER, STATE = "config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"
+
+
+def _unwrap(model: torch.nn.Module) -> MaskSC:
+    return getattr(model, "module", model)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_config: dict | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler=None,
+                    trainer_state: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint directory at ``path`` atomically and return it.
+
+    ``extra`` may hold ``preprocessor`` (Preprocessor.to_dict()), ``grid`` (GridLayout.to_dict())
+    and any other JSON-able meta. An existing checkpoint at ``path`` is replaced (moved aside,
+    the new one renamed in, then the old one deleted).
+    """
+    model = _unwrap(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "masksc_version": __version__,
+                  "model_config": model.cfg.to_dict(),
+                  "teacher_config": model.teacher.cfg.to_dict() if model.teacher is not None else None,
+                  "train_config": train_config, "meta": extra or {}}
+        _write_json(tmp / CONFIG, config)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        if optimizer is not None:
+            with open(tmp / OPTIMIZER, "wb") as fh:
+                torch.save({"optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if trainer_state is not None:
+            _write_json(tmp / STATE, trainer_state)
+        with open(tmp / WEIGHTS, "rb") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def point_last(run_dir: str | os.PathLike, target_name: str) -> None:
+    """Atomically make ``run_dir/last`` a symlink to ``run_dir/target_name``."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / f".last-{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target_name, tmp)
+    os.replace(tmp, run_dir / "last")
+    _fsync_dir(run_dir)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint directory for ``path``: itself when it holds config.json, else its ``last``.
+    Raises CheckpointError when neither exists."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the directory does not exist; pass the directory "
+                              "`masksc fit -o` / train(checkpoint_dir=...) wrote.")
+    if (path / CONFIG).is_file():
+        return path
+    if (path / "last" / CONFIG).is_file():
+        return (path / "last").resolve()
+    raise CheckpointError(f"{path} is not a masksc checkpoint (no {CONFIG}, no last/{CONFIG}); pass a checkpoint "
+                          "directory or a training run directory.")
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The parsed config.json of the checkpoint at ``path`` (validated format and version)."""
+    ckpt = resolve(path)
+    try:
+        config = json.loads((ckpt / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{ckpt / CONFIG} is unreadable or corrupt ({exc}); retrain or restore the "
+                              "checkpoint from a copy.") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / CONFIG} is not a masksc checkpoint config; pass a directory written by "
+                              "masksc.")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {config.get('format_version')} (masksc "
+                              f"{config.get('masksc_version')}) is not {FORMAT_VERSION} (this masksc {__version__}); "
+                              "load it with the masksc version that wrote it or retrain.")
+    return config
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of the checkpoint at ``path`` (CPU tensors)."""
+    ckpt = resolve(path)
+    f = ckpt / WEIGHTS
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing; the checkpoint is incomplete — retrain or restore it.")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{f} is corrupt ({exc}); retrain or restore the checkpoint from a copy.") from exc
+
+
+def build_model(config: dict) -> MaskSC:
+    """An untrained MaskSC (with an untrained teacher where the config has one) from a config.json dict."""
+    try:
+        model = MaskSC(MaskSCConfig.from_dict(config["model_config"]))
+        if config.get("teacher_config") is not None:
+            model.set_teacher(ContrastiveSC(ContrastiveConfig.from_dict(config["teacher_config"])))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's model config does not fit this masksc version ({exc}); load it "
+                              "with the masksc version that wrote it or retrain.") from exc
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MaskSC, dict]:
+    """Load a model for inference: returns (model in eval mode on ``device``, meta) where meta is
+    the config.json dict (``meta["meta"]["preprocessor"]`` / ``["grid"]`` hold the transform and
+    the gene layout; ``meta["path"]`` the resolved checkpoint directory)."""
+    config = read_config(path)
+    model = build_model(config)
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights do not match the saved config ({exc}); the checkpoint is corrupt or "
+                              "mixed from two runs — retrain or restore it.") from exc
+    config["path"] = str(resolve(path))
+    return model.to(device).eval(), config
+
+
+def load_training_state(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(optimizer.pt contents, trainer_state.json contents) of a training checkpoint."""
+    ckpt = resolve(path)
+    try:
+        opt = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=False)
+        state = json.loads((ckpt / STATE).read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{exc.filename} is missing: {ckpt} is not a resumable training checkpoint; start "
+                              "without resume or point at a run directory.") from exc
+    except Exception as exc:  # torch.load raises many types on a damaged file
+        raise CheckpointError(f"the training state in {ckpt} is corrupt ({exc}); delete it to restart or "
+                              "restore it from a copy.") from exc
+    return opt, state
+
+
+def check_genes(meta: dict, genes) -> None:
+    """Refuse data whose genes don't cover the model's grid genes.
+
+    meta: the dict from ``load_model`` (or a GridLayout dict); genes: the data's gene names.
+    Raises CheckpointError naming how many genes are missing and the fix.
+    """
+    grid = meta.get("meta", {}).get("grid") if "meta" in meta else meta
+    if not grid or "genes" not in grid:
+        raise CheckpointError("the checkpoint has no saved gene layout, so new data cannot be matched to it; "
+                              "save the model with extra={'grid': GridLayout.to_dict()}.")
+    needed = [g for g in grid["genes"] if g]
+    have = set(map(str, genes))
+    missing = [g for g in needed if g not in have]
+    if missing:
+        raise CheckpointError(f"{len(missing)} of the {len(needed)} genes the model was trained on are missing from "
+                              f"the data (e.g. {missing[:5]}); fix: use data measured on the same genes with the same "
+                              "gene naming (e.g. symbols vs Ensembl ids), or retrain the model on this data.")

@@ -1,0 +1,32 @@
+"""Cell embeddings from a trained model, batch by batch (the dataset is never densified)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
+                 device: str | torch.device | None = None, progress: bool = True,
+                 amp: bool = False) -> np.ndarray:
+    """Embed every cell of ``X_grid_csr`` (scipy CSR [n, g*s] in grid order) in row order.
+
+    Runs ``model.embed`` (encoder on all patches, no masking) in eval mode without gradients.
+    ``amp`` uses bf16 autocast on CUDA. Returns float32 [n, embed_dim].
+    """
+    from masksc.data import CellBatches
+
+    core = getattr(model, "module", model)
+    device = torch.device(device) if device is not None else next(core.parameters()).device
+    was_training = core.training
+    core.to(device).eval()
+    out = np.empty((X_grid_csr.shape[0], core.cfg.embed_dim), dtype=np.float32)
+    batches = CellBatches(X_grid_csr, batch_size=batch_size, shuffle=False)
+    for batch in tqdm(batches, total=len(batches), desc="embed", disable=not progress, leave=False):
+        batch = batch.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            z = core.embed(batch)
+        out[batch.cell_index.cpu().numpy()] = z.float().cpu().numpy()
+    core.train(was_training)
+    return out

@@ -1,0 +1,431 @@
+"""Out-of-core training batches and embedding for datasets larger than memory.
+
+Everything here reads the dataset in row blocks from disk (an ``.h5ad`` whose ``X`` is CSR or
+dense, or a Cell Ranger v3 10x ``.h5``), applies the fitted ``Preprocessor`` and ``GridLayout``
+block by block, and never holds more than a few blocks: peak memory is bounded by
+``chunk_size`` (and ``buffer_chunks``), not by the number of cells.
+
+* :class:`RowReader`: random access to row blocks ``[a, b)`` as CSR float32.
+* :class:`StreamBatches`: training batches streamed from disk, chunk-shuffled: per epoch a
+  permutation of the chunks drawn from ``(seed, epoch)``; cells shuffled inside a buffer of
+  ``buffer_chunks`` chunks (from ``(seed, epoch, rank)``). Deterministic per (seed, epoch), so
+  a resumed run sees the same batches as an uninterrupted one. With one process every cell is
+  seen exactly once per epoch; with ``world_size`` ranks each rank reads a disjoint set of
+  chunks and all ranks take the same number of steps (see :class:`StreamBatches`).
+* :func:`subsample_genes`: a seeded subsample of at most ``n_max`` cells in memory (the
+  contrastive-sc teacher and the correlation grid layout are fitted on it).
+* :func:`embed_file`: embeddings written chunk by chunk into a ``.npy`` memmap beside the
+  output (each rank of a distributed run fills its contiguous shard), then moved into place
+  atomically as ``.npy`` or converted block-wise to an ``.h5ad`` holding ``obs`` +
+  ``obsm["X_masksc"]`` (``X`` is omitted: the input file has it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from masksc.data import CSRBatch, GridLayout, Preprocessor, open_source, read
+from masksc.data.io import detect_format
+from masksc.errors import DataError, MaskscError
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_KEY = "X_masksc"
+
+
+def _csr32(data, indices, indptr, shape) -> sp.csr_matrix:
+    X = sp.csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int64),
+                       np.asarray(indptr, dtype=np.int64)), shape=shape)
+    X.sum_duplicates()
+    X.eliminate_zeros()
+    return X
+
+
+class RowReader:
+    """Random access to the cells of a dataset in row blocks.
+
+    ``source``: an ``.h5ad`` path (X stored CSR or dense), a 10x HDF5 path (Cell Ranger v3), an
+    AnnData opened ``backed="r"`` (read like its file), an in-memory AnnData, or any other path
+    :func:`masksc.data.read` accepts (read into memory: those formats cannot be streamed).
+    Attributes: ``n_obs``, ``var_names`` (pd.Index), ``obs`` (pd.DataFrame), ``streamed``
+    (True when rows come from disk). Gene names and feature filtering match
+    :func:`masksc.data.open_source`.
+    """
+
+    def __init__(self, source):
+        if isinstance(source, RowReader):  # share its metadata (and in-memory matrix); own file handle
+            self.__dict__.update(source.__getstate__())
+            return
+        self.source = source
+        self._file: h5py.File | None = None
+        self._X = None
+        if isinstance(source, ad.AnnData) and not source.isbacked:
+            self.path, self.kind, adata = None, "memory", source
+        else:
+            self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
+            if not self.path.exists():
+                raise DataError(f"file not found: {self.path}; fix: check the path.")
+            fmt = detect_format(self.path)
+            self.kind = fmt if fmt in ("h5ad", "10x_h5") else "memory"
+            adata = None
+            if self.kind == "memory":
+                log.info("%s (%s) cannot be streamed: reading it into memory", self.path, fmt)
+                adata = read(self.path, format=fmt)
+        if adata is not None:
+            self._X = adata.X
+        src = open_source(adata if adata is not None else self.path)
+        self.n_obs, self.var_names, self.obs = src.n_obs, src.var_names, src.obs
+        self._inspect()
+
+    @property
+    def streamed(self) -> bool:
+        return self.kind != "memory"
+
+    def _inspect(self) -> None:
+        self._keep_features = None
+        if self.kind == "h5ad":
+            with h5py.File(self.path, "r") as f:
+                X = f["X"]
+                self._encoding = X.attrs.get("encoding-type", "array") if isinstance(X, h5py.Group) else "array"
+                if self._encoding not in ("csr_matrix", "array"):
+                    raise DataError(f"{self.path}: X is stored as {self._encoding!r}, which cannot be streamed by "
+                                    "cells; fix: store X as CSR (adata.X = adata.X.tocsr()) or read it in memory.")
+        elif self.kind == "10x_h5":
+            with h5py.File(self.path, "r") as f:
+                if "matrix" not in f:
+                    raise DataError(f"{self.path}: only Cell Ranger v3 files can be streamed; fix: convert it to "
+                                    ".h5ad or read it in memory.")
+                feats = f["matrix/features"]
+                if "feature_type" in feats:
+                    ftype = np.asarray(feats["feature_type"][()]).astype(str)
+                    gex = ftype == "Gene Expression"
+                    if gex.any() and not gex.all():
+                        self._keep_features = np.flatnonzero(gex)
+                self._n_features = int(f["matrix/shape"][0])
+        elif sp.issparse(self._X) and self._X.format != "csr":
+            self._X = self._X.tocsr()  # a copy: row slices of CSC are slow; the caller's matrix is kept
+
+    def close(self) -> None:
+        """Close the HDF5 handle (reopened on the next read)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self):  # h5py handles don't pickle; reopen in the child
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+    def _h5(self) -> h5py.File:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return self._file
+
+    def rows(self, a: int, b: int) -> sp.csr_matrix:
+        """Cells ``a .. b-1``: CSR float32 [b - a, n_vars] (a fresh matrix the caller owns)."""
+        if not 0 <= a <= b <= self.n_obs:
+            raise IndexError(f"rows {a}..{b} out of range for {self.n_obs} cells")
+        n_vars = len(self.var_names)
+        if self.kind == "memory":
+            X = self._X[a:b]
+            return (X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))).astype(np.float32, copy=True).tocsr()
+        f = self._h5()
+        if self.kind == "h5ad":
+            X = f["X"]
+            if self._encoding == "array":
+                return sp.csr_matrix(np.asarray(X[a:b], dtype=np.float32))
+            grp, shape = X, (b - a, n_vars)
+        else:
+            grp, shape = f["matrix"], (b - a, self._n_features)
+        ptr = np.asarray(grp["indptr"][a:b + 1], dtype=np.int64)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        out = _csr32(grp["data"][lo:hi], grp["indices"][lo:hi], ptr - lo, shape)
+        return out[:, self._keep_features] if self._keep_features is not None else out
+
+
+def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix,
+              var_names) -> tuple[np.ndarray, sp.csr_matrix]:
+    """Preprocess a block of raw cells and lay it on the grid.
+
+    X: CSR [m, n_genes] over ``var_names``. Returns (keep bool [m] — False for cells the
+    preprocessor drops (``min_counts``) — and CSR float32 [kept, g*s] in grid order)."""
+    block = ad.AnnData(X=X, var=pd.DataFrame(index=pd.Index(var_names)))
+    (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]))
+    return keep, grid.to_grid(L)
+
+
+def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(start, stop)] row ranges of ``chunk_size`` cells covering ``0..n``."""
+    if chunk_size < 1:
+        raise DataError(f"chunk_size={chunk_size}; fix: pass a positive number of cells.")
+    return [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
+
+
+class StreamBatches:
+    """Training batches (:class:`CSRBatch`, cells in grid order) streamed from disk.
+
+    Per epoch: the chunks (``chunk_size`` consecutive cells) are permuted with
+    ``default_rng([seed, epoch])``; rank ``r`` of ``world_size`` takes chunks ``perm[r::W]``
+    (disjoint shards); it reads ``buffer_chunks`` of them at a time and shuffles their cells
+    (``default_rng([seed, epoch, r])``); batches carry over across buffers, so all are full but
+    the last. ``cell_index`` holds each cell's row in the dataset.
+
+    Every rank takes ``len(self)`` steps per epoch (DDP needs equal step counts): it yields its
+    own cells once and, when its shard is smaller than the largest possible shard (or cells
+    were dropped by ``min_counts``), tops up with repeats of its first chunks. With one process
+    and no dropped cells this is exactly one pass: every cell once per epoch.
+    Memory: ``buffer_chunks * chunk_size`` cells in grid order.
+    """
+
+    def __init__(self, source, preprocessor: Preprocessor, grid: GridLayout, batch_size: int = 256,
+                 chunk_size: int = 4096, buffer_chunks: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or buffer_chunks < 1:
+            raise DataError(f"batch_size={batch_size}, buffer_chunks={buffer_chunks}; fix: both must be >= 1.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.reader = RowReader(source)
+        self.preprocessor, self.grid = preprocessor, grid
+        self.batch_size, self.buffer_chunks, self.seed = batch_size, buffer_chunks, seed
+        self.rank, self.world_size = rank, world_size
+        n = self.reader.n_obs
+        if n < world_size:
+            raise DataError(f"{n} cells cannot be split over {world_size} ranks; fix: use fewer processes.")
+        chunk_size = min(chunk_size, math.ceil(n / world_size))  # every rank gets at least one chunk
+        self.bounds = chunk_bounds(n, chunk_size)
+        sizes = sorted((b - a for a, b in self.bounds), reverse=True)
+        self.cells_per_rank = sum(sizes[:math.ceil(len(sizes) / world_size)]) if world_size > 1 else n
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose chunk permutation and shuffles the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.cells_per_rank / self.batch_size)
+
+    def chunks_of_rank(self) -> np.ndarray:
+        """Chunk ids this rank reads in the current epoch, in reading order."""
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.bounds))
+        return perm[self.rank::self.world_size]
+
+    def _load(self, c: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        a, b = self.bounds[c]
+        keep, X = grid_rows(self.preprocessor, self.grid, self.reader.rows(a, b), self.reader.var_names)
+        return X, np.arange(a, b, dtype=np.int64)[keep]
+
+    def _buffers(self, rng):
+        chunks = self.chunks_of_rank()
+        first = True
+        while True:  # pass 1: each cell once; later passes only top up to the common step count
+            got = 0
+            for g in range(0, len(chunks), self.buffer_chunks):
+                parts = [self._load(c) for c in chunks[g:g + self.buffer_chunks]]
+                X = sp.vstack([p[0] for p in parts], format="csr")
+                idx = np.concatenate([p[1] for p in parts])
+                perm = rng.permutation(len(idx))
+                got += len(idx)
+                yield X[perm], idx[perm]
+            if got == 0:
+                raise DataError("no cells left to train on after preprocessing; fix: check min_counts.")
+            if first:
+                first = False
+                log.debug("rank %d read its %d cells; topping up to %d", self.rank, got, self.cells_per_rank)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        target, emitted = self.cells_per_rank, 0
+        left_X, left_idx = None, np.zeros(0, dtype=np.int64)
+        try:
+            for X, idx in self._buffers(rng):
+                if left_X is not None and left_X.shape[0]:
+                    X, idx = sp.vstack([left_X, X], format="csr"), np.concatenate([left_idx, idx])
+                pos = 0
+                while emitted < target:
+                    need = min(self.batch_size, target - emitted)
+                    if X.shape[0] - pos < need:
+                        break
+                    yield CSRBatch.from_csr(X[pos:pos + need], idx[pos:pos + need])
+                    pos += need
+                    emitted += need
+                if emitted >= target:
+                    return
+                left_X, left_idx = X[pos:], idx[pos:]
+        finally:
+            self.reader.close()
+
+
+def subsample_rows(n: int, n_max: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted int64 rows of a seeded uniform subsample of at most ``n_max`` of ``n`` cells (all when None)."""
+    if n_max is None or n <= n_max:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng([seed, 0x5EED]).choice(n, size=n_max, replace=False)).astype(np.int64)
+
+
+def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_000, seed: int = 0,
+                    chunk_size: int = 16_384, progress: bool = False) -> tuple[sp.csr_matrix, np.ndarray]:
+    """One streaming pass keeping a seeded subsample of at most ``n_max`` cells, preprocessed.
+
+    Returns (CSR float32 [m, len(preprocessor.genes_)] over the selected genes, int64 [m] rows
+    of those cells in the dataset). Memory: the subsample plus one chunk."""
+    reader = RowReader(source)
+    rows = subsample_rows(reader.n_obs, n_max, seed)
+    blocks, kept = [], []
+    try:
+        for a, b in tqdm(chunk_bounds(reader.n_obs, chunk_size), desc="subsample", disable=not progress, leave=False):
+            lo, hi = np.searchsorted(rows, [a, b])
+            if hi == lo:
+                continue
+            X = reader.rows(a, b)[rows[lo:hi] - a]
+            block = ad.AnnData(X=X, var=pd.DataFrame(index=reader.var_names))
+            (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]))
+            blocks.append(L)
+            kept.append(rows[lo:hi][keep])
+    finally:
+        reader.close()
+    if not blocks:
+        raise DataError("the subsample holds no cells; fix: check the input and min_counts.")
+    return sp.vstack(blocks, format="csr"), np.concatenate(kept)
+
+
+@torch.no_grad()
+def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Preprocessor, grid: GridLayout,
+               out: np.ndarray, start: int, stop: int, batch_size: int = 1024, chunk_size: int = 16_384,
+               device: str | torch.device | None = None, amp: bool = True, progress: bool = True) -> None:
+    """Embed cells ``start .. stop-1`` of ``reader`` into ``out[start:stop]`` (float32 [n, D],
+    e.g. a memmap), chunk by chunk; cells dropped by the preprocessor (``min_counts``) get NaN.
+    The next chunk is read and preprocessed in a background thread while the model embeds the
+    current one (h5py, scipy and torch release the GIL for their heavy work). ``amp``: bf16
+    autocast on CUDA (ignored on CPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from masksc.embed import embed_matrix
+
+    def load(a, b):
+        return grid_rows(preprocessor, grid, reader.rows(a, b), reader.var_names)
+
+    bounds = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
+    bar = tqdm(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            nxt = pool.submit(load, *bounds[0]) if bounds else None
+            for i, (a, b) in enumerate(bounds):
+                keep, X = nxt.result()
+                nxt = pool.submit(load, *bounds[i + 1]) if i + 1 < len(bounds) else None
+                Z = embed_matrix(network, X, batch_size=batch_size, device=device, progress=False,
+                                 amp=amp) if X.shape[0] else None
+                if keep.all():
+                    out[a:b] = Z
+                else:
+                    block = np.full((b - a, out.shape[1]), np.nan, dtype=np.float32)
+                    if Z is not None:
+                        block[keep] = Z
+                    out[a:b] = block
+                bar.update(b - a)
+    finally:
+        bar.close()
+        reader.close()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict | None = None,
+                         block: int = 65_536) -> None:
+    """Write an ``.h5ad`` holding ``obs``, ``obsm["X_masksc"] = Z`` (copied ``block`` rows at a
+    time, so ``Z`` may be a memmap) and ``uns``; ``X`` is omitted (anndata reads it as None)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        ad.io.write_elem(f, "obs", obs)
+        ad.io.write_elem(f, "var", pd.DataFrame(index=pd.Index([], dtype=str)))
+        for key in ("varm", "layers", "obsp", "varp"):
+            ad.io.write_elem(f, key, {})
+        ad.io.write_elem(f, "uns", uns or {})
+        obsm = f.create_group("obsm")
+        obsm.attrs["encoding-type"], obsm.attrs["encoding-version"] = "dict", "0.1.0"
+        ds = obsm.create_dataset(EMBEDDING_KEY, shape=Z.shape, dtype=np.float32,
+                                 chunks=(min(max(1, Z.shape[0]), 16_384), Z.shape[1]))
+        ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+        for a in range(0, Z.shape[0], block):
+            ds[a:a + block] = np.asarray(Z[a:a + block], dtype=np.float32)
+
+
+def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
+               device: str | torch.device | None = None, amp: bool = True, dist=None,
+               progress: bool = True) -> Path | None:
+    """Embed every cell of ``source`` (path or AnnData; see :class:`RowReader`) with ``model``
+    (a ``masksc.pipeline.MaskSCModel``) into ``output``.
+
+    ``output`` ends in ``.npy`` (float32 [n_cells, D] in row order) or ``.h5ad`` (``obs`` of the
+    input + ``obsm["X_masksc"]`` + ``uns["masksc"]``; no ``X``). Rows are written chunk by chunk
+    into a hidden ``.npy`` memmap beside ``output``; in a distributed run (``dist``, default:
+    the current process group, see :mod:`masksc.distributed`) rank ``r`` fills its contiguous
+    shard of rows and rank 0 publishes the file (across nodes, ``output``'s folder must be on a
+    filesystem every node sees). The output appears atomically at the end (an
+    interrupted run leaves at most a hidden temp file, never a partial ``output``). Cells the
+    preprocessor drops (``min_counts``) get NaN rows. ``amp``: bf16 autocast on CUDA. Returns the
+    path on rank 0, None on other ranks.
+    Raises CheckpointError when the data lacks genes the model needs.
+    """
+    from masksc import checkpoint as ckpt
+    from masksc import distributed
+
+    ctx = dist or distributed.context()
+    output = Path(output)
+    if output.suffix not in (".npy", ".h5ad"):
+        raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
+    reader = RowReader(source)
+    ckpt.check_genes(model.grid.to_dict(), reader.var_names)
+    if reader.path is not None and output.resolve() == reader.path.resolve():
+        raise MaskscError(f"output {output} is the input file; fix: write to a new file (the input is never modified).")
+    n, dim = reader.n_obs, model.network.cfg.embed_dim
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    if ctx.is_main:
+        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".npy.tmp", dir=output.parent)
+        os.close(fd)
+        tmp = Path(name)
+    tmp = Path(ctx.broadcast_object(str(tmp) if tmp else None))
+    try:
+        if ctx.is_main:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+        ctx.barrier()
+        Z = np.lib.format.open_memmap(tmp, mode="r+")
+        a, b = distributed.shard_range(n, ctx.rank, ctx.world_size)
+        embed_rows(model.network, reader, model.preprocessor, model.grid, Z, a, b, batch_size=batch_size,
+                   chunk_size=chunk_size, device=device if device is not None else ctx.device, amp=amp,
+                   progress=progress and ctx.is_main)
+        Z.flush()
+        del Z
+        ctx.barrier()
+        if not ctx.is_main:
+            return None
+        _fsync(tmp)
+        if output.suffix == ".npy":
+            os.replace(tmp, output)
+        else:
+            from masksc.io_utils import atomic_write
+            uns = {"masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
+                                        "source": str(reader.path or "AnnData"), "n_cells": int(n)}}}
+            Z = np.lib.format.open_memmap(tmp, mode="r")
+            with atomic_write(output, suffix=".h5ad") as out_tmp:
+                write_embedding_h5ad(out_tmp, Z, reader.obs, uns)
+            del Z
+        return output
+    finally:
+        if ctx.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

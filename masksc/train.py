@@ -1,0 +1,312 @@
+"""Training loop for mask-sc: AdamW, per-step linear warmup + cosine decay, bf16 autocast on
+CUDA, gradient clipping, seeded everything, tqdm progress, atomic checkpoints and exact resume.
+
+Determinism: the cell order of epoch ``e`` comes from ``(seed, e)`` (``CellBatches``), the
+masking of step ``t`` in epoch ``e`` from ``mask_seed(seed, e, t)``, the weights from ``seed``;
+the model has no dropout. A run resumed from a checkpoint therefore continues to the same
+weights as an uninterrupted run (bitwise on CPU).
+
+Distributed hook: ``model`` may be wrapped (e.g. DDP; its forward is the training loss) and
+``batches`` may be a rank-sharded batch iterable with ``set_epoch``; only rank 0 writes
+checkpoints.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from masksc import checkpoint as ckpt
+from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
+from masksc.errors import CheckpointError
+from masksc.models.masksc_model import MaskSC, MaskSCConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "TrainResult", "train", "fit_masksc", "load_model", "mask_seed", "lr_factor"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. ``from_model_config`` takes them from a preset."""
+
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 2.0
+    min_lr_ratio: float = 0.0
+    clip: float = 1.0                 # max gradient norm; 0 disables clipping
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 5         # epochs; the final epoch is always saved
+    keep_checkpoints: int = 1         # epoch checkpoints kept besides the newest
+    resume: bool = False
+    amp: bool = True                  # bf16 autocast, CUDA only
+    num_workers: int = 0
+    device: str | None = None         # None: CUDA when available, else CPU
+    progress: bool = True
+
+    @classmethod
+    def from_model_config(cls, cfg: MaskSCConfig, **overrides) -> "TrainConfig":
+        """The training recipe stored in a preset (epochs, batch, lr, wd, betas, warmup, clip) plus overrides."""
+        base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    betas=tuple(cfg.betas), warmup_epochs=cfg.warmup_epochs, clip=cfg.clip)
+        base.update(overrides)
+        return cls(**base)
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did: per-epoch mean losses (all epochs, resumed ones included), steps, wall time."""
+
+    losses: list[float] = field(default_factory=list)
+    epochs: int = 0
+    steps: int = 0
+    wall_s: float = 0.0
+    resumed_from_epoch: int | None = None
+    checkpoint: str | None = None
+
+
+def mask_seed(seed: int, epoch: int, step: int) -> int:
+    """The masking seed of (run seed, epoch, step within epoch): a 62-bit int."""
+    return int(np.random.SeedSequence([seed, epoch, step, 0x6D61736B]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at optimiser step ``step`` (0-based): linear warmup over
+    ``warmup_steps`` then cosine from 1 down to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _is_main() -> bool:
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
+def _rng_state() -> dict:
+    buf = io.BytesIO()
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, buf)
+    return {"blob": base64.b64encode(buf.getvalue()).decode("ascii")}
+
+
+def _set_rng_state(state: dict) -> None:
+    s = torch.load(io.BytesIO(base64.b64decode(state["blob"])), weights_only=False)
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    """Delete epoch checkpoints beyond the newest ``keep + 1`` and stale temp dirs."""
+    epochs = sorted(p for p in run_dir.iterdir() if re.fullmatch(r"epoch-\d{6}", p.name))
+    last = (run_dir / "last").resolve() if (run_dir / "last").exists() else None
+    for p in epochs[:-(keep + 1)]:
+        if p.resolve() != last:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.iterdir():
+        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dict | None = None,
+          batches=None, callback=None) -> TrainResult:
+    """Train a MaskSC (teacher set when MED is on) on cells in grid order.
+
+    model: MaskSC, or a wrapper (DDP) whose ``.module`` is one and whose forward(batch, seed)
+    is the loss. X_grid_csr: scipy CSR float32 [n, g*s] (GridLayout.to_grid output); may be
+    None when ``batches`` is given. extra_state: JSON-able meta saved in every checkpoint
+    (``preprocessor``, ``grid`` dicts, ...). batches: optional iterable of CSRBatch with
+    ``set_epoch`` and ``len`` (default ``CellBatches(X, batch_size, shuffle=True, seed)``).
+    callback(epoch, mean_loss) is called after each epoch. Returns a TrainResult.
+    """
+    core: MaskSC = getattr(model, "module", model)
+    device = torch.device(cfg.device) if cfg.device else _default_device()
+    if batches is None:
+        from masksc.data import CellBatches
+        batches = CellBatches(X_grid_csr, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = len(batches)
+    if steps_per_epoch == 0:
+        raise ValueError("no batches to train on; pass a non-empty matrix.")
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    model.to(device)
+    params = [p for p in core.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr_ratio))
+
+    result = TrainResult()
+    start_epoch, step = 0, 0
+    run_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if cfg.resume:
+        if run_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir; pass the run directory to resume from.")
+        if (run_dir / "last").exists():
+            start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result)
+            log.info("resumed from %s at epoch %d (step %d)", run_dir / "last", start_epoch, step)
+        else:
+            log.info("resume=True but %s has no checkpoint yet; starting from scratch", run_dir)
+    if start_epoch == 0:
+        seed_everything(cfg.seed)
+
+    autocast = device.type == "cuda" and cfg.amp
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        batches.set_epoch(epoch)
+        source = batches
+        if cfg.num_workers > 0:  # workers fork after set_epoch, so they see this epoch's order
+            source = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers,
+                                                 pin_memory=device.type == "cuda")
+        total, count = 0.0, 0
+        bar = tqdm(source, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or not _is_main(), leave=False)
+        for i, batch in enumerate(bar):
+            batch = batch.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(batch, mask_seed(cfg.seed, epoch, i))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            n = batch.n_rows
+            total += loss.item() * n
+            count += n
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        mean = total / max(count, 1)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"training loss became {mean} at epoch {epoch + 1}; lower the learning rate "
+                                     "or check the input for extreme values.")
+        result.losses.append(mean)
+        log.info("epoch %d/%d loss %.5f (%.1fs)", epoch + 1, cfg.epochs, mean, time.time() - t0)
+        if callback is not None:
+            callback(epoch, mean)
+        done = epoch + 1
+        if run_dir is not None and _is_main() and (done % max(1, cfg.checkpoint_every) == 0 or done == cfg.epochs):
+            state = {"epoch": done, "step": step, "losses": result.losses, "rng": _rng_state(),
+                     "steps_per_epoch": steps_per_epoch}
+            name = f"epoch-{done:06d}"
+            ckpt.save_checkpoint(run_dir / name, core, train_config=cfg.to_dict(), optimizer=optimizer,
+                                 scheduler=scheduler, trainer_state=state, extra=extra_state)
+            ckpt.point_last(run_dir, name)
+            _prune(run_dir, cfg.keep_checkpoints)
+            result.checkpoint = str(run_dir / name)
+    result.epochs = cfg.epochs
+    result.steps = step
+    result.wall_s = time.time() - t0
+    model.eval()
+    return result
+
+
+def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult):
+    config = ckpt.read_config(run_dir)
+    if config["model_config"] != core.cfg.to_dict():
+        raise CheckpointError(f"the checkpoint in {run_dir} was trained with a different model config; resume "
+                              "with the same preset/options or use a new checkpoint_dir.")
+    saved = TrainConfig.from_dict(config.get("train_config") or {})
+    for key in ("batch_size", "seed", "epochs", "lr", "warmup_epochs"):
+        if getattr(saved, key) != getattr(cfg, key):
+            raise CheckpointError(f"cannot resume: {key} was {getattr(saved, key)} in {run_dir} and is "
+                                  f"{getattr(cfg, key)} now; resume with the same settings or use a new "
+                                  "checkpoint_dir.")
+    try:
+        core.load_state_dict(ckpt.load_state_dict(run_dir), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights in {run_dir} don't fit the model ({exc}); use a new checkpoint_dir.") \
+            from exc
+    opt_state, state = ckpt.load_training_state(run_dir)
+    optimizer.load_state_dict(opt_state["optimizer"])
+    if opt_state.get("scheduler") is not None:
+        scheduler.load_state_dict(opt_state["scheduler"])
+    _set_rng_state(state["rng"])
+    result.losses = list(state["losses"])
+    result.resumed_from_epoch = int(state["epoch"])
+    return int(state["epoch"]), int(state["step"])
+
+
+def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = None, *, is_padding=None,
+               teacher_cfg=None, extra_state: dict | None = None, teacher=None, progress: bool = True):
+    """The whole mask-sc recipe on cells in grid order: train the contrastive-sc teacher on
+    ``cfg.target_fragment`` fragments (MED on, unless ``teacher`` is given), build the model
+    (seeded by ``train_cfg.seed``), mark padding, train. Returns (model, TrainResult).
+
+    X_grid_csr: scipy CSR float32 [n, g*s]; is_padding: bool [g*s] (GridLayout.is_padding);
+    teacher_cfg: ContrastiveConfig for the teacher (default: authors' settings, n_input = g*s,
+    standardize=True, seed = train seed, dropout from ``auto_teacher_dropout``).
+    """
+    from masksc.models.contrastive import ContrastiveConfig
+    from masksc.models.targets import auto_teacher_dropout, fit_teacher
+
+    train_cfg = train_cfg or TrainConfig.from_model_config(cfg, progress=progress)
+    device = torch.device(train_cfg.device) if train_cfg.device else _default_device()
+    run_dir = Path(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
+    if cfg.med and teacher is None and train_cfg.resume and run_dir is not None and (run_dir / "last").exists():
+        # the teacher's weights come back with the checkpoint; don't retrain it
+        teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher
+    if cfg.med and teacher is None:
+        teacher_cfg = teacher_cfg or ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=train_cfg.seed,
+                                                       dropout=auto_teacher_dropout(X_grid_csr))
+        teacher = fit_teacher(X_grid_csr, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
+                              is_padding=is_padding, ime=cfg.ime, device=device, progress=progress)
+    seed_everything(train_cfg.seed)
+    model = MaskSC(cfg)
+    if is_padding is not None:
+        model.set_padding(is_padding)
+    if cfg.med:
+        model.set_teacher(teacher)
+    result = train(model, X_grid_csr, train_cfg, extra_state=extra_state)
+    return model, result

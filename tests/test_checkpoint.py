@@ -1,0 +1,158 @@
+"""Checkpoints: round trip, atomic writes, clear errors, gene-list refusal."""
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from masksc import checkpoint as ckpt
+from masksc.checkpoint import check_genes, load_model, save_checkpoint
+from masksc.data import GridLayout
+from masksc.embed import embed_matrix
+from masksc.errors import CheckpointError
+from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
+
+CFG = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                   decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+GENES = [f"g{i}" for i in range(60)]
+
+
+def setup(seed=0, med=True):
+    torch.manual_seed(seed)
+    X = sp.random(12, 60, density=0.3, format="csr", dtype=np.float32, random_state=seed)
+    with pytest.warns(UserWarning, match="padding"):
+        layout = GridLayout.fit(X, GENES, shape=(8, 8), patch=2)
+    model = MaskSC(CFG.replace(med=med))
+    model.set_padding(layout.is_padding)
+    if med:
+        teacher = ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True))
+        teacher.fit_standardizer(np.full(64, 0.5), np.full(64, 2.0))
+        model.set_teacher(teacher)
+    return model, layout, layout.to_grid(X)
+
+
+@pytest.mark.parametrize("med", [True, False])
+def test_round_trip_embeddings_equal(tmp_path, med):
+    model, layout, Xg = setup(med=med)
+    extra = {"grid": layout.to_dict(), "preprocessor": {"params": {"n_top_genes": 60}}}
+    save_checkpoint(tmp_path / "m", model, extra=extra, train_config={"epochs": 1})
+    loaded, meta = load_model(tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    assert meta["meta"]["grid"]["genes"] == layout.genes
+    assert meta["meta"]["preprocessor"] == extra["preprocessor"]
+    assert loaded.cfg == model.cfg and torch.equal(loaded.grid_padding, model.grid_padding)
+    assert (loaded.teacher is None) == (not med)
+    np.testing.assert_array_equal(embed_matrix(model, Xg, progress=False), embed_matrix(loaded, Xg, progress=False))
+    if med:  # the teacher (weights, BatchNorm stats, standardiser) survives the round trip
+        for (k, v), w in zip(model.teacher.state_dict().items(), loaded.teacher.state_dict().values()):
+            assert torch.equal(v, w), k
+    assert not loaded.training
+
+
+def test_overwrite_is_atomic_and_failed_save_keeps_old(tmp_path, monkeypatch):
+    model, layout, Xg = setup()
+    save_checkpoint(tmp_path / "m", model)
+    before = embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False)
+    other, _, _ = setup(seed=1)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "m", other)
+    assert os.listdir(tmp_path) == ["m"]  # no temp dir left behind
+    np.testing.assert_array_equal(embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False), before)
+    monkeypatch.undo()
+    save_checkpoint(tmp_path / "m", other)  # a successful overwrite replaces it
+    after = embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False)
+    np.testing.assert_array_equal(after, embed_matrix(other, Xg, progress=False))
+    assert os.listdir(tmp_path) == ["m"]
+
+
+def test_load_resolves_run_dir_last(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "epoch-000003", model)
+    ckpt.point_last(tmp_path, "epoch-000003")
+    loaded, meta = load_model(tmp_path)
+    assert meta["path"].endswith("epoch-000003")
+
+
+def test_missing_and_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a masksc checkpoint"):
+        load_model(tmp_path / "empty")
+
+
+def test_missing_weights_file(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    os.remove(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_weights(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_config(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "m")
+
+
+def test_config_from_another_version(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["format_version"] = 99
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_model(tmp_path / "m")
+    cfg["format_version"] = 1
+    cfg["model_config"]["config_version"] = 7
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not fit this masksc version"):
+        load_model(tmp_path / "m")
+
+
+def test_weights_from_another_model(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model_config"]["embed_dim"] = 32
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_model(tmp_path / "m")
+
+
+def test_gene_mismatch_refused_with_count_and_fix(tmp_path):
+    model, layout, _ = setup()
+    save_checkpoint(tmp_path / "m", model, extra={"grid": layout.to_dict()})
+    _, meta = load_model(tmp_path / "m")
+    check_genes(meta, GENES + ["extra"])  # a superset is fine
+    with pytest.raises(CheckpointError, match=r"7 of the 60 genes .* missing.*fix"):
+        check_genes(meta, GENES[:53])
+    with pytest.raises(CheckpointError, match="no saved gene layout"):
+        check_genes({"meta": {}}, GENES)
+
+
+def test_training_state_missing_is_clear(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    with pytest.raises(CheckpointError, match="not a resumable training checkpoint"):
+        ckpt.load_training_state(tmp_path / "m")

@@ -1,0 +1,88 @@
+"""DDP training and sharded embedding on CPU: gloo backend, 2 processes launched by torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from masksc import distributed
+from masksc.data import write_synthetic_h5ad
+from masksc.pipeline import MaskSCModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = """
+import json, sys
+from safetensors.torch import save_file
+from masksc import distributed, pipeline
+data, out = sys.argv[1], sys.argv[2]
+ctx = distributed.init_from_env("cpu")
+assert ctx.world_size == 2 and ctx.distributed
+tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+            decoder_depth=1, decoder_heads=2)
+model, result = pipeline.fit(data, "demo", model_dir=f"{out}/run", epochs=4, progress=False, chunk_size=64,
+                             teacher_cells=200, teacher_epochs=2, dist=ctx, **tiny)
+save_file({k: v.contiguous() for k, v in model.network.state_dict().items()}, f"{out}/rank{ctx.rank}.safetensors")
+with open(f"{out}/losses{ctx.rank}.json", "w") as fh:
+    json.dump({"losses": result.losses, "path": model.path}, fh)
+model.embed_file(data, f"{out}/sharded.npy", chunk_size=50, dist=ctx, progress=False)
+distributed.shutdown()
+"""
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def test_shard_range_partitions_rows_contiguously():
+    for n in (0, 1, 7, 10, 11):
+        for w in (1, 2, 3, 4):
+            parts = [distributed.shard_range(n, r, w) for r in range(w)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
+
+
+def test_single_process_context_without_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = distributed.init_from_env()
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
+    assert ctx.broadcast_object({"a": 1}) == {"a": 1}
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_model(model, ctx) is model
+
+
+@pytest.mark.slow
+def test_ddp_training_and_sharded_embedding_on_two_gloo_processes(tmp_path):
+    data = tmp_path / "d.h5ad"
+    write_synthetic_h5ad(data, 400, n_genes=300, n_types=3, seed=2)
+    (tmp_path / "worker.py").write_text(WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "worker.py"), str(data), str(tmp_path)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)   # identical weights
+    r0, r1 = (json.loads((tmp_path / f"losses{r}.json").read_text()) for r in (0, 1))
+    assert len(r0["losses"]) == 4 and r0["losses"][-1] < 0.7 * r0["losses"][0]        # it learns
+    assert r1["losses"][-1] < 0.7 * r1["losses"][0]
+    assert r0["path"] is not None and r1["path"] is None                              # rank 0 saves
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch-000004", "last"]
+
+    model = MaskSCModel.load(tmp_path / "run")
+    saved = model.network.state_dict()
+    assert all(torch.equal(saved[k], w0[k]) for k in w0)
+    model.embed_file(data, tmp_path / "single.npy", chunk_size=128, progress=False)
+    sharded, single = np.load(tmp_path / "sharded.npy"), np.load(tmp_path / "single.npy")
+    assert sharded.shape == (400, 32)
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]            # no temp files left

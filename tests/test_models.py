@@ -1,0 +1,286 @@
+"""mask-sc model, targets and contrastive-sc: shapes, oracles, loss semantics."""
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from masksc import ops
+from masksc.data import CSRBatch
+from masksc.models import PRESETS, ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig, nt_xent
+from masksc.models.masksc_model import csr_to_dense
+from masksc.models.targets import (FRAGMENTS, FragmentTargets, fit_teacher, fragment_gene_mask,
+                                   fragment_of_patch, patch_columns, token_columns)
+
+TINY = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                    decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+
+
+def random_grid(n=6, shape=(8, 8), density=0.3, seed=0, n_real=None):
+    rng = np.random.default_rng(seed)
+    X = sp.random(n, shape[0] * shape[1], density=density, format="csr", dtype=np.float32, random_state=rng)
+    X.data = rng.random(X.nnz, dtype=np.float32) * 3 + 0.1
+    if n_real is not None:  # the tail of the grid is padding
+        X = X.tolil()
+        X[:, n_real:] = 0
+        X = X.tocsr()
+        X.eliminate_zeros()
+    X.sort_indices()
+    return X
+
+
+def tiny_teacher(cfg, seed=0, X=None):
+    torch.manual_seed(seed)
+    t = ContrastiveSC(ContrastiveConfig(n_input=cfg.n_genes, layers=(10, 8, cfg.target_dim), standardize=True))
+    if X is not None:
+        dense = X.toarray()
+        t.fit_standardizer(dense.mean(0), dense.std(0))
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in t.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return t.eval()
+
+
+def make_model(cfg=TINY, X=None, seed=0, n_real=None):
+    torch.manual_seed(seed)
+    model = MaskSC(cfg)
+    if cfg.med:
+        model.set_teacher(tiny_teacher(cfg, seed, X))
+    if n_real is not None:
+        pad = np.zeros(cfg.n_genes, bool)
+        pad[n_real:] = True
+        model.set_padding(pad)
+    return model
+
+
+def test_forward_backward_shapes():
+    X = random_grid()
+    model = make_model(X=X)
+    batch = CSRBatch.from_csr(X)
+    loss = model.training_loss(batch, seed=3)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.patch_weight.grad is not None and model.patch_weight.grad.abs().sum() > 0
+    assert model.head.weight.grad is not None
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.embed(batch).shape == (6, 16)
+    assert model.last_attention(batch).shape == (6, 2, 1 + TINY.n_patches, 1 + TINY.n_patches)
+
+
+def test_embed_ignores_masking_and_is_deterministic(monkeypatch):
+    X = random_grid()
+    model = make_model(X=X).eval()
+    batch = CSRBatch.from_csr(X)
+    with torch.no_grad():
+        z1 = model.embed(batch)
+        monkeypatch.setattr(ops, "random_masking", lambda *a, **k: pytest.fail("embed must not mask"))
+        z2 = model.embed(batch)
+        # each cell embedded alone gives the same vector: no masking, no cross-cell mixing
+        z3 = torch.cat([model.embed(CSRBatch.from_csr(X[i:i + 1])) for i in range(X.shape[0])])
+    assert torch.equal(z1, z2)
+    torch.testing.assert_close(z1, z3, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_is_mean_of_normed_nonpadding_tokens():
+    X = random_grid(n_real=48)
+    model = make_model(X=X, n_real=48).eval()
+    batch = CSRBatch.from_csr(X)
+    with torch.no_grad():
+        tokens = model.tokenize(batch)
+        x = torch.cat([model.cls_token.expand(6, -1, -1), tokens], 1)
+        pad = model.pad_tokens
+        assert pad.sum() == 4  # grid rows 6-7 are padding: the last 4 of 16 patches
+        kpm = F.pad(pad.expand(6, -1), (1, 0), value=False)
+        for blk in model.blocks:
+            x = blk(x, kpm)
+        expected = model.norm(x)[:, 1:][:, ~pad].mean(1)
+        torch.testing.assert_close(model.embed(batch), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_masked_mse_known_answer():
+    pred = torch.zeros(2, 4, 3)
+    target = torch.zeros(2, 4, 3)
+    target[0, 0] = 3.0       # per-token mse 9
+    target[0, 1] = 1.0       # per-token mse 1
+    target[1, 2] = 2.0       # per-token mse 4 (but padding)
+    target[1, 3] = torch.tensor([3.0, 0.0, 0.0])  # mse 3
+    mask = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    pad = torch.tensor([False, False, True, False])
+    # counted: (0,0)=9, (1,1)=0, (1,3)=3 -> mean over 3 tokens = 4; (0,1) unmasked, (*,2) padding
+    assert MaskSC.masked_mse(pred, target, mask, pad).item() == pytest.approx(4.0)
+
+
+def test_loss_counts_only_masked_nonpadding_patches(monkeypatch):
+    """End to end: the loss equals the mean target-prediction MSE over masked, non-padding tokens."""
+    X = random_grid(n_real=48)
+    model = make_model(X=X, n_real=48)
+    batch = CSRBatch.from_csr(X)
+    seen = {}
+    real_mse = MaskSC.masked_mse
+
+    def spy(pred, target, mask, pad):
+        seen.update(pred=pred.detach(), target=target, mask=mask, pad=pad)
+        return real_mse(pred, target, mask, pad)
+
+    monkeypatch.setattr(MaskSC, "masked_mse", staticmethod(spy))
+    loss = model.training_loss(batch, seed=11)
+    _, _, _, mask = ops.random_masking(model.tokenize(batch), TINY.n_keep, 11)
+    assert torch.equal(seen["mask"], mask)
+    assert mask.sum(1).eq(TINY.n_patches - TINY.n_keep).all()
+    sel = mask & ~model.pad_tokens
+    per = ((seen["pred"] - seen["target"]) ** 2).mean(-1)
+    torch.testing.assert_close(loss.detach(), per[sel].mean())
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS)
+@pytest.mark.parametrize("ime", [True, False])
+def test_targets_equal_teacher_on_fragment_input(fragment, ime):
+    cfg = TINY.replace(target_fragment=fragment, ime=ime)
+    X = random_grid(n=5)
+    teacher = tiny_teacher(cfg, X=X)
+    targets = FragmentTargets(cfg.grid_shape, cfg.patch, fragment, ime)
+    dense = torch.from_numpy(X.toarray())
+    got = targets(teacher, dense)
+    assert got.shape == (5, cfg.n_patches, cfg.target_dim)
+    cols = token_columns(cfg.grid_shape, cfg.patch, ime)
+    frag = fragment_of_patch(cfg.grid_shape, cfg.patch, fragment)
+    with torch.no_grad():
+        z = teacher.standardize(dense)
+        for p in range(cfg.n_patches):
+            genes = np.zeros(cfg.n_genes, bool)
+            same = np.flatnonzero(frag == frag[p])
+            genes[cols[same].ravel()] = True
+            x_frag = z * torch.from_numpy(genes).float()
+            expected = teacher(x_frag, standardized=True)  # the slow, direct way
+            torch.testing.assert_close(got[:, p], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fragment_geometry():
+    cols = patch_columns((4, 6), 2)
+    assert cols.shape == (6, 4)
+    assert cols[0].tolist() == [0, 1, 6, 7] and cols[4].tolist() == [14, 15, 20, 21]
+    assert fragment_of_patch((4, 6), 2, "row").tolist() == [0, 0, 0, 1, 1, 1]
+    m = fragment_gene_mask((4, 6), 2, "row")
+    assert m.shape == (2, 24) and m[0, :12].all() and not m[0, 12:].any()
+    assert fragment_gene_mask((4, 6), 2, "cell").all()
+    assert token_columns((4, 6), 2, ime=False)[1].tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="unknown target fragment"):
+        fragment_of_patch((4, 6), 2, "band")
+
+
+def test_ime_off_tokens_are_consecutive_gene_runs():
+    cfg = TINY.replace(ime=False, med=False)
+    X = random_grid()
+    model = make_model(cfg)
+    batch = CSRBatch.from_csr(X)
+    with torch.no_grad():
+        tok = model.tokenize(batch) - model.pos_embed
+        dense = torch.from_numpy(X.toarray()).reshape(6, cfg.n_patches, cfg.patch ** 2)
+        expected = dense @ model.patch_weight.T + model.patch_bias
+    torch.testing.assert_close(tok, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(ime=False), dict(med=False), dict(med=False, norm_pix=True),
+                                     dict(ime=False, med=False), dict(pool="cls")])
+def test_ablation_variants_run(variant):
+    cfg = TINY.replace(**variant)
+    X = random_grid()
+    model = make_model(cfg, X=X)
+    batch = CSRBatch.from_csr(X)
+    loss = model.training_loss(batch, seed=0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.embed(batch).shape == (6, cfg.embed_dim)
+    if not cfg.med:
+        target = model.compute_targets(batch)
+        assert target.shape == (6, cfg.n_patches, cfg.patch ** 2)
+        if not cfg.norm_pix:
+            dense = torch.from_numpy(X.toarray())
+            torch.testing.assert_close(target, dense[:, model.token_cols])
+
+
+def test_med_off_targets_are_patch_values_in_conv_order():
+    cfg = TINY.replace(med=False)
+    X = random_grid()
+    model = make_model(cfg)
+    t = model.compute_targets(CSRBatch.from_csr(X))
+    grid = torch.from_numpy(X.toarray()).reshape(6, 1, 8, 8)
+    unfolded = F.unfold(grid, kernel_size=2, stride=2).transpose(1, 2)  # [B, G, P*P] row-major patches
+    torch.testing.assert_close(t, unfolded)
+
+
+def test_nt_xent_matches_direct_computation():
+    torch.manual_seed(0)
+    z1 = F.normalize(torch.randn(5, 4), dim=1)
+    z2 = F.normalize(torch.randn(5, 4), dim=1)
+    tau = 0.07
+    z = torch.cat([z1, z2]).double()
+    n = z.shape[0]
+    total = 0.0
+    for i in range(n):
+        j = (i + 5) % n
+        denom = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / tau) / denom)
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(total / n, rel=1e-5)
+
+
+def test_contrastive_architecture_matches_authors():
+    model = ContrastiveSC(ContrastiveConfig())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(500, 200), (200, 40), (40, 60)]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules()) == 2
+    assert model.drop.p == 0.9
+    model.eval()
+    out = model(torch.randn(7, 500))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(7))
+
+
+def test_fit_teacher_freezes_and_separates_fragments():
+    rng = np.random.default_rng(0)
+    X = random_grid(n=40, density=0.4)
+    t = fit_teacher(X, (8, 8), 2, "row", ContrastiveConfig(n_input=64, layers=(16, 8, 6), standardize=True,
+                                                           epochs=2, batch_size=20, lr=1e-3), progress=False)
+    assert not t.training and all(not p.requires_grad for p in t.parameters())
+    dense = X.toarray()
+    torch.testing.assert_close(t.in_mean, torch.from_numpy(dense.mean(0)).float(), atol=1e-5, rtol=1e-5)
+    assert rng is not None
+
+
+def test_set_teacher_checks_sizes():
+    model = MaskSC(TINY)
+    with pytest.raises(ValueError, match="teacher maps"):
+        model.set_teacher(ContrastiveSC(ContrastiveConfig(n_input=10, layers=(4, 4, 6))))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        model.set_teacher(None)
+
+
+def test_config_round_trip_and_version_check():
+    for cfg in PRESETS.values():
+        assert MaskSCConfig.from_dict(cfg.to_dict()) == cfg
+    d = TINY.to_dict()
+    d["config_version"] = 999
+    with pytest.raises(ValueError, match="another masksc version"):
+        MaskSCConfig.from_dict(d)
+    with pytest.raises(ValueError, match="divisible"):
+        TINY.replace(grid_shape=(9, 8))
+    c = ContrastiveConfig(n_input=12)
+    assert ContrastiveConfig.from_dict(c.to_dict()) == c
+
+
+def test_paper_preset_matches_the_paper():
+    p = PRESETS["paper"]
+    assert (p.grid_shape, p.patch, p.embed_dim, p.depth, p.num_heads) == ((64, 64), 4, 768, 12, 12)
+    assert (p.decoder_depth, p.decoder_heads, p.mask_ratio) == (8, 16, 0.75)
+    assert (p.lr, p.betas, p.batch_size, p.epochs) == (1e-4, (0.9, 0.95), 256, 1600)
+    assert p.n_patches == 256
+
+
+def test_csr_to_dense():
+    X = random_grid()
+    b = CSRBatch.from_csr(X)
+    torch.testing.assert_close(csr_to_dense(b.crow_indices, b.col_indices, b.values, 64),
+                               torch.from_numpy(X.toarray()))

@@ -1,0 +1,167 @@
+"""Out-of-core path: row blocks from disk, streamed training batches, streamed/atomic embedding."""
+import hashlib
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from masksc.data import GridLayout, Preprocessor, read, write_synthetic_h5ad
+from masksc.errors import CheckpointError, MaskscError
+from masksc.models import MaskSC, MaskSCConfig
+from masksc.outofcore import RowReader, StreamBatches, subsample_genes, subsample_rows
+from masksc.pipeline import MaskSCModel
+from test_data_io import write_10x_h5
+
+N, GENES = 500, 300
+CFG = MaskSCConfig(grid_shape=(16, 16), patch=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                   decoder_dim=16, decoder_depth=1, decoder_heads=2, med=False)
+
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ooc") / "cells.h5ad"
+    write_synthetic_h5ad(path, N, n_genes=GENES, n_types=3, seed=5, chunk_size=1024)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(h5ad):
+    """(in-memory AnnData, Preprocessor, GridLayout, in-memory grid matrix = the oracle)."""
+    adata = read(h5ad)
+    pre = Preprocessor(n_top_genes=256).fit(adata)
+    X = pre.transform(adata).X
+    grid = GridLayout.fit(X, pre.genes_, shape=(16, 16), patch=4)
+    return adata, pre, grid, grid.to_grid(X)
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_row_reader_matches_in_memory_read_for_every_layout(tmp_path, h5ad, fitted):
+    adata = fitted[0]
+    ref = adata.X.toarray()
+    dense = tmp_path / "dense.h5ad"
+    ad.AnnData(X=ref, obs=adata.obs.copy(), var=adata.var.copy()).write_h5ad(dense)
+    tenx = tmp_path / "m.h5"
+    write_10x_h5(tenx, ref, list(adata.obs_names), list(adata.var_names),
+                 ["Gene Expression"] * (GENES - 1) + ["Antibody Capture"])
+    for source, cols in ((h5ad, slice(None)), (dense, slice(None)), (tenx, slice(0, GENES - 1)),
+                         (adata, slice(None)), (ad.read_h5ad(h5ad, backed="r"), slice(None))):
+        r = RowReader(source)
+        assert r.n_obs == N and r.streamed == (source is not adata)
+        np.testing.assert_array_equal(r.rows(123, 321).toarray(), ref[123:321, cols])
+        assert r.rows(7, 7).shape == (0, len(r.var_names))
+        r.close()
+    assert list(RowReader(tenx).var_names) == list(adata.var_names[:GENES - 1])
+
+
+def _epoch(sb, epoch):
+    sb.set_epoch(epoch)
+    batches = list(sb)
+    assert len(batches) == len(sb)
+    return batches
+
+
+def test_stream_batches_cover_every_cell_once_with_the_in_memory_values(h5ad, fitted):
+    _, pre, grid, Xg = fitted
+    sb = StreamBatches(h5ad, pre, grid, batch_size=64, chunk_size=70, buffer_chunks=2, seed=3)
+    b0 = _epoch(sb, 0)
+    idx = np.concatenate([b.cell_index.numpy() for b in b0])
+    assert sorted(idx.tolist()) == list(range(N))                      # every cell exactly once
+    assert [b.n_rows for b in b0] == [64] * 7 + [N - 7 * 64]           # full batches but the last
+    assert not np.array_equal(idx, np.arange(N))                        # shuffled
+    for b in b0[:3]:                                                    # values = the in-memory transform
+        np.testing.assert_allclose(b.to_dense(256).numpy(), Xg[b.cell_index.numpy()].toarray(), rtol=1e-6)
+    again = _epoch(sb, 0)
+    assert all(torch.equal(a.cell_index, b.cell_index) and torch.equal(a.values, b.values) for a, b in zip(b0, again))
+    other = np.concatenate([b.cell_index.numpy() for b in _epoch(sb, 1)])
+    assert not np.array_equal(idx, other) and sorted(other.tolist()) == list(range(N))
+
+
+def test_stream_batches_shard_disjointly_with_equal_step_counts(h5ad, fitted):
+    _, pre, grid, _ = fitted
+    ranks = [StreamBatches(h5ad, pre, grid, batch_size=50, chunk_size=64, seed=1, rank=r, world_size=3)
+             for r in range(3)]
+    assert len({len(sb) for sb in ranks}) == 1
+    for epoch in (0, 1):
+        seen = []
+        for sb in ranks:
+            sb.set_epoch(epoch)
+            own = set(int(c) for c in sb.chunks_of_rank())
+            idx = np.concatenate([b.cell_index.numpy() for b in sb])
+            assert sum(b.n_rows for b in sb) == sb.cells_per_rank
+            first = idx[:len(set(idx.tolist()))]
+            assert len(set(first.tolist())) == len(first)                # own cells first, each once
+            assert {int(i) // 64 for i in idx} <= own                  # only this rank's chunks
+            seen.append(set(first.tolist()))
+        assert set().union(*seen) == set(range(N))
+        assert sum(len(s) for s in seen) == N                           # disjoint shards
+
+
+def test_subsample_is_seeded_and_transformed_like_in_memory(h5ad, fitted):
+    adata, pre, _, _ = fitted
+    X, rows = subsample_genes(h5ad, pre, n_max=120, seed=4, chunk_size=77)
+    assert len(rows) == 120 and np.all(np.diff(rows) > 0)
+    np.testing.assert_array_equal(rows, subsample_rows(N, 120, 4))
+    assert not np.array_equal(rows, subsample_rows(N, 120, 5))
+    np.testing.assert_allclose(X.toarray(), pre.transform(adata[rows]).X.toarray(), rtol=1e-6)
+    assert len(subsample_genes(h5ad, pre, n_max=None)[1]) == N
+
+
+def _model(pre, grid):
+    torch.manual_seed(0)
+    net = MaskSC(CFG).eval()
+    net.set_padding(grid.is_padding)
+    return MaskSCModel(net, pre, grid, path="untrained")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".h5ad"])
+def test_embed_file_equals_in_memory_embedding_and_is_atomic(tmp_path, h5ad, fitted, suffix):
+    adata, pre, grid, _ = fitted
+    model = _model(pre, grid)
+    before = _sha(h5ad)
+    ref = model.embed(adata, progress=False)
+    out = tmp_path / f"emb{suffix}"
+    assert model.embed_file(h5ad, out, chunk_size=90, batch_size=33, progress=False) == out
+    if suffix == ".npy":
+        Z = np.load(out)
+    else:
+        res = ad.read_h5ad(out)
+        Z = res.obsm["X_masksc"]
+        assert res.X is None and list(res.obs_names) == list(adata.obs_names)
+        assert list(res.obs["label"]) == list(adata.obs["label"])
+    np.testing.assert_allclose(Z, ref, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]    # no temp file left behind
+    assert _sha(h5ad) == before
+
+
+def test_embed_file_failure_leaves_no_output(tmp_path, h5ad, fitted, monkeypatch):
+    _, pre, grid, _ = fitted
+    model = _model(pre, grid)
+    calls = {"n": 0}
+    real = model.network.embed
+
+    def dies_on_second_batch(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(batch)
+
+    monkeypatch.setattr(model.network, "embed", dies_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model.embed_file(h5ad, tmp_path / "e.npy", chunk_size=100, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_embed_file_refuses_wrong_genes_and_bad_suffix(tmp_path, fitted):
+    adata, pre, grid, _ = fitted
+    model = _model(pre, grid)
+    other = ad.AnnData(X=sp.csr_matrix(adata.X), var=ad.AnnData(var=adata.var).var.rename(index=lambda g: g + "x"))
+    other.write_h5ad(tmp_path / "o.h5ad")
+    with pytest.raises(CheckpointError, match="missing"):
+        model.embed_file(tmp_path / "o.h5ad", tmp_path / "e.npy", progress=False)
+    with pytest.raises(MaskscError, match=r"\.npy or \.h5ad"):
+        model.embed_file(adata, tmp_path / "e.csv", progress=False)

@@ -1,0 +1,174 @@
+"""Training loop: learning, schedule, seeds, checkpoint cadence and exact resume."""
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from masksc.embed import embed_matrix
+from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
+from masksc.train import TrainConfig, lr_factor, mask_seed, train
+
+CFG = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                   decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+
+
+def structured_grid(n=48, seed=0):
+    """Cells of 3 types, each expressing its own block of grid rows: masked patches are
+    predictable from the visible ones, so a model can lower the loss."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, 64), np.float32)
+    for i in range(n):
+        t = i % 3
+        X[i, t * 16:(t + 1) * 16 + 8] = rng.poisson(3.0, 24) + 1.0
+    X = np.log1p(X) * (rng.random(X.shape) > 0.2)
+    return sp.csr_matrix(X.astype(np.float32))
+
+
+def make(med=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = CFG.replace(med=med)
+    model = MaskSC(cfg)
+    if med:
+        t = ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True)).eval()
+        model.set_teacher(t)
+    return model
+
+
+def tcfg(**kw):
+    base = dict(epochs=4, batch_size=16, lr=3e-3, warmup_epochs=1, seed=0, progress=False, device="cpu",
+                checkpoint_every=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_reduces_loss():
+    X = structured_grid()
+    model = make()
+    res = train(model, X, tcfg(epochs=10, lr=5e-3))
+    assert len(res.losses) == 10 and res.steps == 10 * 3
+    assert np.mean(res.losses[-3:]) < 0.7 * np.mean(res.losses[:2])
+    assert not model.training
+
+
+def test_train_with_teacher_targets_runs():
+    X = structured_grid()
+    model = make(med=True)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    res = train(model, X, tcfg(epochs=2))
+    assert all(math.isfinite(v) for v in res.losses)
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"teacher changed: {k}"
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10) == pytest.approx(0.0)
+    assert lr_factor(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_mask_seed_is_deterministic_and_distinct():
+    seeds = {mask_seed(s, e, t) for s in range(3) for e in range(5) for t in range(7)}
+    assert len(seeds) == 3 * 5 * 7
+    assert mask_seed(1, 2, 3) == mask_seed(1, 2, 3)
+    assert 0 <= mask_seed(2**40, 10**6, 10**6) < 2**62
+
+
+def test_same_seed_same_result_with_and_without_workers():
+    X = structured_grid()
+    a, b = make(), make()
+    ra = train(a, X, tcfg(epochs=2))
+    rb = train(b, X, tcfg(epochs=2, num_workers=2))
+    assert ra.losses == rb.losses
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("med", [False, True])
+def test_resume_equals_uninterrupted_run(tmp_path, med):
+    X = structured_grid()
+    full = make(med)
+    ref = train(full, X, tcfg(checkpoint_dir=str(tmp_path / "full")))
+
+    def crash_at_epoch_3(epoch, loss):
+        if epoch == 2:  # after the epoch-2 checkpoint, during epoch 3
+            raise Interrupt
+
+    run = str(tmp_path / "run")
+    with pytest.raises(Interrupt):
+        train(make(med), X, tcfg(checkpoint_dir=run), callback=crash_at_epoch_3)
+    assert os.path.islink(os.path.join(run, "last")) and os.readlink(os.path.join(run, "last")) == "epoch-000002"
+    resumed_model = make(med, seed=123)  # a different init: everything must come from the checkpoint
+    res = train(resumed_model, X, tcfg(checkpoint_dir=run, resume=True))
+    assert res.resumed_from_epoch == 2
+    assert res.losses == ref.losses
+    for (k, va), vb in zip(full.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(va, vb, atol=1e-6, rtol=0, msg=k)
+    np.testing.assert_allclose(embed_matrix(full, X, progress=False), embed_matrix(resumed_model, X, progress=False),
+                               atol=1e-6)
+
+
+def test_resume_refuses_different_settings(tmp_path):
+    from masksc.errors import CheckpointError
+    X = structured_grid()
+    train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train(make(), X, tcfg(epochs=2, batch_size=8, checkpoint_dir=str(tmp_path), resume=True))
+    with pytest.raises(CheckpointError, match="different model config"):
+        m = MaskSC(CFG.replace(med=False, embed_dim=32))
+        train(m, X, tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+
+
+def test_checkpoints_are_pruned_and_last_points_to_newest(tmp_path):
+    X = structured_grid()
+    train(make(), X, tcfg(epochs=6, checkpoint_every=1, keep_checkpoints=1, checkpoint_dir=str(tmp_path)))
+    names = sorted(p for p in os.listdir(tmp_path) if not p.startswith("."))
+    assert names == ["epoch-000005", "epoch-000006", "last"]
+    assert os.readlink(tmp_path / "last") == "epoch-000006"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_embed_matrix_row_order_and_dtype():
+    X = structured_grid(n=20)
+    model = make().eval()
+    Z = embed_matrix(model, X, batch_size=7, progress=False)
+    assert Z.dtype == np.float32 and Z.shape == (20, 16)
+    from masksc.data import CSRBatch
+    with torch.no_grad():
+        ref = model.embed(CSRBatch.from_csr(X)).numpy()
+    np.testing.assert_allclose(Z, ref, atol=1e-5)
+
+
+def test_fit_masksc_trains_teacher_then_model_and_resumes(tmp_path):
+    from masksc.train import fit_masksc
+    X = structured_grid()
+    pad = np.zeros(64, bool)
+    pad[60:] = True
+    cfg = CFG.replace(med=True, target_fragment="cell", epochs=2, batch_size=16)
+    teacher_cfg = ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True, epochs=2, batch_size=16)
+    run = str(tmp_path / "run")
+    model, res = fit_masksc(X, cfg, tcfg(epochs=2, checkpoint_dir=run), is_padding=pad, teacher_cfg=teacher_cfg)
+    assert len(res.losses) == 2 and model.teacher is not None and not model.teacher.training
+    assert torch.equal(model.grid_padding, torch.from_numpy(pad))
+    again, res2 = fit_masksc(X, cfg, tcfg(epochs=2, checkpoint_dir=run, resume=True), is_padding=pad)
+    assert res2.resumed_from_epoch == 2 and res2.losses == res.losses
+    for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_auto_teacher_dropout():
+    from masksc.models.targets import auto_teacher_dropout
+    dense = sp.csr_matrix(np.ones((5, 200), np.float32))
+    assert auto_teacher_dropout(dense) == pytest.approx(0.9)
+    sparse = sp.csr_matrix(np.eye(5, 200, dtype=np.float32).repeat(10, axis=1)[:, :200])
+    assert sparse.getnnz() / 5 == 10
+    assert auto_teacher_dropout(sparse) == pytest.approx(0.4)
