@@ -118,24 +118,14 @@ def run_contrastive(adata, k, seed, args):
 
 
 def run_masksc(adata, k, seed, args, **overrides):
-    from masksc.data import GridLayout, Preprocessor
-    from masksc.embed import embed_matrix
-    from masksc.models import get_preset
-    from masksc.train import TrainConfig, fit_masksc
-    cfg = get_preset(args.preset).replace(**overrides)
-    if args.epochs:
-        cfg = cfg.replace(epochs=args.epochs)
-    pre = Preprocessor(n_top_genes=cfg.n_genes).fit(adata)
-    data = pre.transform(adata)
+    from masksc.pipeline import fit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # fewer genes than grid positions: padded
-        layout = GridLayout.fit(data.X, pre.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout)
-    Xg = layout.to_grid(data)
-    tcfg = TrainConfig.from_model_config(cfg, seed=seed, progress=args.progress)
-    model, res = fit_masksc(Xg, cfg, tcfg, is_padding=layout.is_padding, progress=args.progress)
-    Z = embed_matrix(model, Xg, batch_size=512, progress=args.progress)
-    truth = _labels(adata)[np.isin(adata.obs_names, data.obs_names)]
-    return _cluster_and_score(Z, truth, k, seed), {"final_loss": res.losses[-1], "config": cfg.to_dict()}
+        model, res = fit(adata, args.preset, epochs=args.epochs or None, seed=seed, progress=args.progress,
+                         **overrides)
+    Z = model.embed(adata, batch_size=512, progress=args.progress)
+    return _cluster_and_score(Z, _labels(adata), k, seed), {"final_loss": res.losses[-1],
+                                                            "config": model.config.to_dict()}
 
 
 METHODS = {
