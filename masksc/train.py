@@ -97,9 +97,11 @@ class TrainResult:
     checkpoint: str | None = None
 
 
-def mask_seed(seed: int, epoch: int, step: int) -> int:
-    """The masking seed of (run seed, epoch, step within epoch): a 62-bit int."""
-    return int(np.random.SeedSequence([seed, epoch, step, 0x6D61736B]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+def mask_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """The masking seed of (run seed, epoch, step within epoch, process rank): a 62-bit int.
+    Each DDP rank masks its own batch differently; rank 0 keeps the single-process seeds."""
+    entropy = [seed, epoch, step, 0x6D61736B] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(2))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -111,9 +113,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float =
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _is_main() -> bool:
+def _rank() -> int:
     d = torch.distributed
-    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
+def _is_main() -> bool:
+    return _rank() == 0
 
 
 def _rng_state() -> dict:
@@ -201,6 +207,7 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
         seed_everything(cfg.seed)
 
     autocast = device.type == "cuda" and cfg.amp
+    rank = _rank()
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -215,7 +222,7 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
         for i, batch in enumerate(bar):
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(batch, mask_seed(cfg.seed, epoch, i))
+                loss = model(batch, mask_seed(cfg.seed, epoch, i, rank))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip > 0:

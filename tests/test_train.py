@@ -77,6 +77,8 @@ def test_mask_seed_is_deterministic_and_distinct():
     assert len(seeds) == 3 * 5 * 7
     assert mask_seed(1, 2, 3) == mask_seed(1, 2, 3)
     assert 0 <= mask_seed(2**40, 10**6, 10**6) < 2**62
+    assert mask_seed(1, 2, 3, rank=0) == mask_seed(1, 2, 3)
+    assert len({mask_seed(1, 2, 3, rank=r) for r in range(4)}) == 4  # DDP ranks mask differently
 
 
 def test_same_seed_same_result_with_and_without_workers():
