@@ -50,7 +50,8 @@ def _write_h5ad(adata, path) -> Path:
 
 
 def _print_metrics(scores: dict) -> None:
-    print("  ".join(f"{k.upper()} {v:.4f}" for k, v in scores.items() if v is not None))
+    print("  ".join(f"{k.upper()} {v}" if isinstance(v, int) else f"{k.upper()} {v:.4f}"
+                    for k, v in scores.items() if v is not None))
 
 
 def _override(text: str) -> tuple[str, object]:
