@@ -6,6 +6,8 @@ unless a CUDA GPU is present (then the kernels run for real).
 """
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
@@ -22,3 +24,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} absent: these tests read the paper's datasets from ../shared/data beside the repo")
     return SHARED_DATA
+
+
+def compile_for_sm90(script: str) -> str:
+    """Run ``script`` (which compiles Triton kernels for sm_90 and prints a count) in a fresh
+    interpreter without TRITON_INTERPRET, so Triton's GPU lowering runs without a GPU; returns
+    its stdout, failing the test with its stderr when it fails."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout

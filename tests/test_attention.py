@@ -10,6 +10,7 @@ from masksc import ops  # noqa: E402
 from masksc.errors import MaskscError  # noqa: E402
 from masksc.kernels import attention as attn  # noqa: E402
 from masksc.kernels.attention import attention_reference, attention_torch, flash_attention  # noqa: E402
+from conftest import compile_for_sm90  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1 set before triton is imported")
@@ -181,15 +182,4 @@ print("compiled", n)
 def test_kernels_compile_for_sm90():
     """The interpreter skips Triton's GPU lowering; compile the kernels to H100 (sm_90) machine
     code here, without a GPU, so type or layout errors surface before a GPU run."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "compiled 12" in run.stdout
+    assert "compiled 12" in compile_for_sm90(_COMPILE_SM90)
