@@ -30,10 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(co
   check_random_masking_args(tokens_in, n_keep);
   const at::Tensor tokens = tokens_in.contiguous();
   const int64_t B = tokens.size(0), G = tokens.size(1), D = tokens.size(2), U = n_keep;
-  at::Tensor kept = at::empty({B, U, D}, tokens.options());
-  at::Tensor ids_keep = at::empty({B, U}, tokens.options().dtype(at::kLong));
-  at::Tensor ids_restore = at::empty({B, G}, tokens.options().dtype(at::kLong));
-  at::Tensor mask = at::empty({B, G}, tokens.options().dtype(at::kBool));
+  at::Tensor kept, ids_keep, ids_restore, mask;
+  std::tie(kept, ids_keep, ids_restore, mask) = empty_masking_outputs(tokens, U);
 
   const uint64_t seed_st = seed_state(static_cast<uint64_t>(seed));
   const size_t row_bytes = static_cast<size_t>(D) * tokens.element_size();

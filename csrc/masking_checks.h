@@ -1,7 +1,10 @@
-// Argument checks shared by the CPU and CUDA implementations of the masking ops.
+// Argument checks and output allocation shared by the CPU and CUDA implementations of the masking ops.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
+
+#include <tuple>
 #include <c10/util/Exception.h>
 
 #include "hash_rng.h"
@@ -16,6 +19,14 @@ inline void check_random_masking_args(const at::Tensor& tokens, int64_t n_keep) 
                     "], got ", n_keep, "; compute it as round(G * (1 - mask_ratio)).");
   TORCH_CHECK_VALUE(G <= kMaxTokens, "random_masking: at most ", kMaxTokens, " tokens per sample are supported, got G = ",
                     G, "; use larger patches.");
+}
+
+// (kept [B, U, D], ids_keep int64 [B, U], ids_restore int64 [B, G], mask bool [B, G]) for contiguous tokens.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_masking_outputs(const at::Tensor& tokens,
+                                                                                      int64_t n_keep) {
+  const int64_t B = tokens.size(0), G = tokens.size(1), D = tokens.size(2);
+  return {at::empty({B, n_keep, D}, tokens.options()), at::empty({B, n_keep}, tokens.options().dtype(at::kLong)),
+          at::empty({B, G}, tokens.options().dtype(at::kLong)), at::empty({B, G}, tokens.options().dtype(at::kBool))};
 }
 
 inline void check_ids_keep(const at::Tensor& ids_keep, int64_t B, const char* op) {
