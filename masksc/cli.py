@@ -92,7 +92,7 @@ def cmd_fit(args) -> int:
                                      seed=args.seed, device=args.device, resume=args.resume,
                                      checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
                                      teacher_cells=args.teacher_cells or None, teacher_epochs=args.teacher_epochs,
-                                     dist=ctx, **overrides)
+                                     min_cells=args.min_cells, dist=ctx, **overrides)
     except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig checks)
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seeded subsample the teacher and grid layout are fitted on (0 = all cells; default 50000)")
     sp.add_argument("--teacher-epochs", dest="teacher_epochs", type=int, default=None,
                     help="contrastive-sc teacher epochs (default: its authors' 30)")
+    sp.add_argument("--min-cells", dest="min_cells", type=int, default=3,
+                    help="an HVG candidate must be detected in this many cells (default 3, as scanpy's filter_genes)")
     sp.set_defaults(func=cmd_fit)
 
     sp = sub.add_parser("embed", help="embed cells with a trained model -> .h5ad (obs + obsm['X_masksc']) or .npy")

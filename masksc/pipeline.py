@@ -106,7 +106,7 @@ def _streamed(data) -> bool:
 def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = None, epochs: int | None = None,
         seed: int = 0, device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
         progress: bool = True, chunk_size: int = 4096, teacher_cells: int | None = 50_000,
-        teacher_epochs: int | None = None, dist=None, **overrides):
+        teacher_epochs: int | None = None, min_cells: int = 3, dist=None, **overrides):
     """Train mask-sc on ``adata`` (raw counts or log-normalised, cells x genes): an in-memory
     AnnData, or a path / backed AnnData streamed from disk (see the module doc).
 
@@ -114,7 +114,9 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     (e.g. ``grid_shape=(32, 32)``, ``mask_ratio=0.5``, ``layout="correlation"``, ``ime=False``,
     ``batch_size=64``). ``model_dir``: where checkpoints go (every ``checkpoint_every`` epochs,
     atomically); ``resume=True`` continues the run there. ``teacher_epochs``: contrastive-sc
-    epochs (None: its authors' 30). Streaming only: ``chunk_size`` cells read per disk block,
+    epochs (None: its authors' 30). ``min_cells``: a gene must be detected in that many cells to
+    be an HVG candidate (scanpy's usual ``filter_genes(min_cells=3)``; without it the seurat_v3
+    trend fit fails on very sparse data such as all 13,488 worm-neuron genes). Streaming only: ``chunk_size`` cells read per disk block,
     ``teacher_cells`` size of the in-memory subsample (None: all cells), ``dist`` a
     ``masksc.distributed.DistContext`` (default: the current process group).
     Returns (MaskSCModel, TrainResult); on ranks other than 0 the model's ``path`` is None.
@@ -126,21 +128,21 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
         return _fit_streaming(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device,
                               resume=resume, checkpoint_every=checkpoint_every, progress=progress,
                               chunk_size=chunk_size, teacher_cells=teacher_cells, teacher_epochs=teacher_epochs,
-                              ctx=ctx, **overrides)
+                              min_cells=min_cells, ctx=ctx, **overrides)
     return _fit_memory(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device, resume=resume,
                        checkpoint_every=checkpoint_every, progress=progress, teacher_epochs=teacher_epochs,
-                       **overrides)
+                       min_cells=min_cells, **overrides)
 
 
 def _fit_memory(adata, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
-                teacher_epochs, **overrides):
+                teacher_epochs, min_cells, **overrides):
     from masksc.train import fit_masksc
 
     cfg = get_preset(preset)
     if epochs is not None:
         overrides["epochs"] = epochs
     cfg = cfg.replace(**overrides)
-    preprocessor = Preprocessor(n_top_genes=cfg.n_genes).fit(adata)
+    preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells).fit(adata)
     X = preprocessor.transform(adata).X
     grid = GridLayout.fit(X, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
                           seed=seed)
@@ -173,7 +175,7 @@ def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_
 
 
 def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
-                   chunk_size, teacher_cells, teacher_epochs, ctx, **overrides):
+                   chunk_size, teacher_cells, teacher_epochs, min_cells, ctx, **overrides):
     from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
     from masksc.models.targets import auto_teacher_dropout, fit_teacher
     from masksc.outofcore import RowReader, StreamBatches, subsample_genes
@@ -203,7 +205,8 @@ def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, c
         if cfg.med:
             teacher = ckpt.build_model(config).teacher
     elif ctx.is_main:
-        preprocessor = Preprocessor(n_top_genes=cfg.n_genes, chunk_size=max(chunk_size, 10_000)).fit(reader.source)
+        preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells,
+                                    chunk_size=max(chunk_size, 10_000)).fit(reader.source)
         X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, progress=progress)
         grid = GridLayout.fit(X_sub, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
                               seed=seed)
