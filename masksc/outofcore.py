@@ -36,21 +36,12 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from masksc.data import CSRBatch, GridLayout, Preprocessor, open_source, read
-from masksc.data.io import detect_format
+from masksc.data import CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.errors import DataError, MaskscError
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "X_masksc"
-
-
-def _csr32(data, indices, indptr, shape) -> sp.csr_matrix:
-    X = sp.csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int64),
-                       np.asarray(indptr, dtype=np.int64)), shape=shape)
-    X.sum_duplicates()
-    X.eliminate_zeros()
-    return X
 
 
 class RowReader:
@@ -60,8 +51,9 @@ class RowReader:
     AnnData opened ``backed="r"`` (read like its file), an in-memory AnnData, or any other path
     :func:`masksc.data.read` accepts (read into memory: those formats cannot be streamed).
     Attributes: ``n_obs``, ``var_names`` (pd.Index), ``obs`` (pd.DataFrame), ``streamed``
-    (True when rows come from disk). Gene names and feature filtering match
-    :func:`masksc.data.open_source`.
+    (True when rows come from disk). Rows are read by :func:`masksc.data.open_source`'s
+    :class:`~masksc.data.ChunkSource` through a handle this reader opens on first use; it
+    pickles without the handle (each process opens its own).
     """
 
     def __init__(self, source):
@@ -70,52 +62,18 @@ class RowReader:
             return
         self.source = source
         self._file: h5py.File | None = None
-        self._X = None
-        if isinstance(source, ad.AnnData) and not source.isbacked:
-            self.path, self.kind, adata = None, "memory", source
-        else:
+        self.path = None
+        if not isinstance(source, ad.AnnData) or source.isbacked:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
-            if not self.path.exists():
-                raise DataError(f"file not found: {self.path}; fix: check the path.")
-            fmt = detect_format(self.path)
-            self.kind = fmt if fmt in ("h5ad", "10x_h5") else "memory"
-            adata = None
-            if self.kind == "memory":
-                log.info("%s (%s) cannot be streamed: reading it into memory", self.path, fmt)
-                adata = read(self.path, format=fmt)
-        if adata is not None:
-            self._X = adata.X
-        src = open_source(adata if adata is not None else self.path)
-        self.n_obs, self.var_names, self.obs = src.n_obs, src.var_names, src.obs
-        self._inspect()
+        self._src = open_source(source if self.path is None else self.path)
+        if self.path is not None and not self.streamed:
+            log.info("%s cannot be streamed: it was read into memory", self.path)
+        self.n_obs, self.var_names, self.obs = self._src.n_obs, self._src.var_names, self._src.obs
 
     @property
     def streamed(self) -> bool:
-        return self.kind != "memory"
-
-    def _inspect(self) -> None:
-        self._keep_features = None
-        if self.kind == "h5ad":
-            with h5py.File(self.path, "r") as f:
-                X = f["X"]
-                self._encoding = X.attrs.get("encoding-type", "array") if isinstance(X, h5py.Group) else "array"
-                if self._encoding not in ("csr_matrix", "array"):
-                    raise DataError(f"{self.path}: X is stored as {self._encoding!r}, which cannot be streamed by "
-                                    "cells; fix: store X as CSR (adata.X = adata.X.tocsr()) or read it in memory.")
-        elif self.kind == "10x_h5":
-            with h5py.File(self.path, "r") as f:
-                if "matrix" not in f:
-                    raise DataError(f"{self.path}: only Cell Ranger v3 files can be streamed; fix: convert it to "
-                                    ".h5ad or read it in memory.")
-                feats = f["matrix/features"]
-                if "feature_type" in feats:
-                    ftype = np.asarray(feats["feature_type"][()]).astype(str)
-                    gex = ftype == "Gene Expression"
-                    if gex.any() and not gex.all():
-                        self._keep_features = np.flatnonzero(gex)
-                self._n_features = int(f["matrix/shape"][0])
-        elif sp.issparse(self._X) and self._X.format != "csr":
-            self._X = self._X.tocsr()  # a copy: row slices of CSC are slow; the caller's matrix is kept
+        """True when rows are read from a file (.h5ad or 10x .h5), False when held in memory."""
+        return self._src.path is not None
 
     def close(self) -> None:
         """Close the HDF5 handle (reopened on the next read)."""
@@ -128,31 +86,11 @@ class RowReader:
         state["_file"] = None
         return state
 
-    def _h5(self) -> h5py.File:
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file
-
     def rows(self, a: int, b: int) -> sp.csr_matrix:
         """Cells ``a .. b-1``: CSR float32 [b - a, n_vars] (a fresh matrix the caller owns)."""
-        if not 0 <= a <= b <= self.n_obs:
-            raise IndexError(f"rows {a}..{b} out of range for {self.n_obs} cells")
-        n_vars = len(self.var_names)
-        if self.kind == "memory":
-            X = self._X[a:b]
-            return (X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))).astype(np.float32, copy=True).tocsr()
-        f = self._h5()
-        if self.kind == "h5ad":
-            X = f["X"]
-            if self._encoding == "array":
-                return sp.csr_matrix(np.asarray(X[a:b], dtype=np.float32))
-            grp, shape = X, (b - a, n_vars)
-        else:
-            grp, shape = f["matrix"], (b - a, self._n_features)
-        ptr = np.asarray(grp["indptr"][a:b + 1], dtype=np.int64)
-        lo, hi = int(ptr[0]), int(ptr[-1])
-        out = _csr32(grp["data"][lo:hi], grp["indices"][lo:hi], ptr - lo, shape)
-        return out[:, self._keep_features] if self._keep_features is not None else out
+        if self._file is None and self.streamed:
+            self._file = h5py.File(self._src.path, "r")
+        return self._src.rows(a, b, self._file)
 
 
 def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix,
@@ -173,7 +111,7 @@ def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
 
 
-class StreamBatches:
+class StreamBatches(torch.utils.data.IterableDataset):
     """Training batches (:class:`CSRBatch`, cells in grid order) streamed from disk.
 
     Per epoch: the chunks (``chunk_size`` consecutive cells) are permuted with
@@ -187,6 +125,11 @@ class StreamBatches:
     were dropped by ``min_counts``), tops up with repeats of its first chunks. With one process
     and no dropped cells this is exactly one pass: every cell once per epoch.
     Memory: ``buffer_chunks * chunk_size`` cells in grid order.
+
+    In a ``DataLoader(batch_size=None, num_workers=k)`` worker ``w`` yields batches ``w, w+k, ...``
+    of the same stream, so the loader returns exactly the batches of ``num_workers=0`` in the same
+    order (and resume stays exact). Every worker reads and transforms the whole shard: workers
+    overlap batch building with training, they do not divide the reading.
     """
 
     def __init__(self, source, preprocessor: Preprocessor, grid: GridLayout, batch_size: int = 256,
@@ -244,6 +187,13 @@ class StreamBatches:
                 log.debug("rank %d read its %d cells; topping up to %d", self.rank, got, self.cells_per_rank)
 
     def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, batch in enumerate(self._stream()):
+            if i % n_workers == worker:
+                yield batch
+
+    def _stream(self):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         target, emitted = self.cells_per_rank, 0
         left_X, left_idx = None, np.zeros(0, dtype=np.int64)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from masksc.data import Preprocessor, iter_chunks, read, synthetic
+from masksc.data import Preprocessor, iter_chunks, open_source, read, synthetic
 from masksc.errors import DataError
 from test_data_io import write_10x_h5
 
@@ -48,3 +48,19 @@ def test_dense_h5ad_streams_and_csc_is_refused(tmp_path, data):
 def test_chunk_size_must_be_positive(data):
     with pytest.raises(DataError, match="chunk_size"):
         list(iter_chunks(data, chunk_size=0))
+
+
+def test_rows_equal_slices_of_the_in_memory_matrix(tmp_path, data):
+    X = data.X.toarray()
+    data.write_h5ad(tmp_path / "csr.h5ad")
+    ad.AnnData(X=X, obs=data.obs.copy(), var=data.var.copy()).write_h5ad(tmp_path / "dense.h5ad")
+    write_10x_h5(tmp_path / "m.h5", X, list(data.obs_names), list(data.var_names),
+                 ["Gene Expression"] * 298 + ["Antibody Capture"] * 2)
+    for name, cols in (("csr.h5ad", slice(None)), ("dense.h5ad", slice(None)), ("m.h5", slice(0, 298))):
+        src = open_source(tmp_path / name)
+        for a, b in ((0, 0), (7, 7), (123, 321), (1200, 1500), (0, 1500)):  # empty, inner, last partial block
+            got = src.rows(a, b)
+            assert got.format == "csr" and got.dtype == np.float32 and got.shape == (b - a, src.n_vars)
+            np.testing.assert_array_equal(got.toarray(), X[a:b, cols])
+        with pytest.raises(IndexError):
+            src.rows(5, 1501)

@@ -81,6 +81,16 @@ def test_stream_batches_cover_every_cell_once_with_the_in_memory_values(h5ad, fi
     assert not np.array_equal(idx, other) and sorted(other.tolist()) == list(range(N))
 
 
+def test_stream_batches_through_dataloader_workers_equal_one_process(h5ad, fitted):
+    _, pre, grid, _ = fitted
+    sb = StreamBatches(h5ad, pre, grid, batch_size=64, chunk_size=70, buffer_chunks=2, seed=3)
+    direct = _epoch(sb, 1)
+    loaded = list(torch.utils.data.DataLoader(sb, batch_size=None, num_workers=2))
+    assert len(loaded) == len(direct)
+    assert all(torch.equal(a.cell_index, b.cell_index) and torch.equal(a.values, b.values)
+               for a, b in zip(direct, loaded))
+
+
 def test_stream_batches_shard_disjointly_with_equal_step_counts(h5ad, fitted):
     _, pre, grid, _ = fitted
     ranks = [StreamBatches(h5ad, pre, grid, batch_size=50, chunk_size=64, seed=1, rank=r, world_size=3)

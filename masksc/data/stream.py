@@ -1,5 +1,8 @@
 """Out-of-core access: CSR row chunks of a dataset whose memory is bounded by the chunk.
 
+:class:`ChunkSource` reads any row range ``[a, b)`` (:meth:`ChunkSource.rows`); its chunks are
+consecutive such ranges.
+
 Sources (:func:`open_source`):
 
 * an in-memory AnnData: row slices of ``X`` (converted to CSR float32 per chunk);
@@ -15,8 +18,10 @@ Sources (:func:`open_source`):
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -31,42 +36,71 @@ from masksc.errors import DataError
 
 @dataclass
 class ChunkSource:
-    """A dataset readable in row chunks: ``n_obs`` cells, ``var_names`` genes, ``obs`` table."""
+    """A dataset readable by row ranges: ``n_obs`` cells, ``var_names`` genes, ``obs`` table.
+
+    ``path``: the HDF5 file rows are read from (None when they come from memory). A source holds
+    no open file, so it pickles (to DataLoader workers or other processes) as it is."""
 
     n_obs: int
     var_names: pd.Index
     obs: pd.DataFrame
-    _chunks: object = field(repr=False)  # callable(chunk_size) -> Iterator[(start, csr)]
+    _read: Callable = field(repr=False)  # (h5py.File | None, a, b) -> CSR float32 [b - a, n_vars]
+    path: Path | None = None
 
     @property
     def n_vars(self) -> int:
         return len(self.var_names)
 
+    def _open(self):
+        return h5py.File(self.path, "r") if self.path is not None else contextlib.nullcontext()
+
+    def rows(self, a: int, b: int, h5: h5py.File | None = None) -> sp.csr_matrix:
+        """Cells ``a .. b-1``: CSR float32 [b - a, n_vars], a fresh matrix the caller owns.
+        ``h5``: an open handle on ``path`` to reuse across calls; without it the file is opened
+        for this call only."""
+        if not 0 <= a <= b <= self.n_obs:
+            raise IndexError(f"rows {a}..{b} out of range for {self.n_obs} cells")
+        if h5 is not None:
+            return self._read(h5, a, b)
+        with self._open() as f:
+            return self._read(f, a, b)
+
     def chunks(self, chunk_size: int = 10_000) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Yield ``(start, X_chunk)``: CSR float32 [<=chunk_size, n_vars] for cells start.."""
+        """Yield ``(start, X_chunk)``: CSR float32 [<=chunk_size, n_vars] for cells start..,
+        reading through one file handle for the whole pass."""
         if chunk_size < 1:
             raise DataError(f"chunk_size must be >= 1, got {chunk_size}; fix: pass a positive number of cells.")
         return self._chunks(chunk_size)
+
+    def _chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        with self._open() as f:
+            for a in range(0, self.n_obs, chunk_size):
+                yield a, self.rows(a, min(a + chunk_size, self.n_obs), f)
+
+
+def _memory_rows(X, _f, a, b) -> sp.csr_matrix:
+    return to_csr32(X[a:b], copy=False)  # the slice is a copy already
 
 
 def _memory_source(adata: ad.AnnData) -> ChunkSource:
     X = adata.X
     if sp.issparse(X) and X.format != "csr":
         X = X.tocsr()  # a copy: slicing rows of CSC is quadratic
-
-    def gen(cs):
-        for a in range(0, adata.n_obs, cs):
-            yield a, to_csr32(X[a:a + cs], copy=False)  # the slice is a copy already
-
-    return ChunkSource(adata.n_obs, adata.var_names.copy(), adata.obs.copy(), gen)
+    return ChunkSource(adata.n_obs, adata.var_names.copy(), adata.obs.copy(), partial(_memory_rows, X))
 
 
-def _csr_block(f_data, f_indices, f_indptr, a, b, n_cols) -> sp.csr_matrix:
-    indptr = np.asarray(f_indptr[a:b + 1], dtype=np.int64)
+def _csr_block(grp, a, b, n_cols) -> sp.csr_matrix:
+    indptr = np.asarray(grp["indptr"][a:b + 1], dtype=np.int64)
     lo, hi = int(indptr[0]), int(indptr[-1])
-    data = np.asarray(f_data[lo:hi], dtype=np.float32)
-    indices = np.asarray(f_indices[lo:hi])
+    data = np.asarray(grp["data"][lo:hi], dtype=np.float32)
+    indices = np.asarray(grp["indices"][lo:hi])
     return to_csr32(sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, n_cols)), copy=False)
+
+
+def _h5ad_rows(dense: bool, n_vars: int, f, a, b) -> sp.csr_matrix:
+    if dense:
+        return to_csr32(np.asarray(f["X"][a:b], dtype=np.float32), copy=False)
+    return _csr_block(f["X"], a, b, n_vars)
 
 
 def _h5ad_source(path: Path) -> ChunkSource:
@@ -85,18 +119,12 @@ def _h5ad_source(path: Path) -> ChunkSource:
         tmp = ad.AnnData(obs=obs)
         set_labels(tmp, obs["label"].to_numpy())
         obs = tmp.obs
+    return ChunkSource(shape[0], var_names, obs, partial(_h5ad_rows, kind == "array", shape[1]), path)
 
-    def gen(cs):
-        with h5py.File(path, "r") as f:
-            X = f["X"]
-            for a in range(0, shape[0], cs):
-                b = min(a + cs, shape[0])
-                if kind == "csr_matrix":
-                    yield a, _csr_block(X["data"], X["indices"], X["indptr"], a, b, shape[1])
-                else:
-                    yield a, to_csr32(np.asarray(X[a:b], dtype=np.float32), copy=False)
 
-    return ChunkSource(shape[0], var_names, obs, gen)
+def _10x_rows(n_genes: int, keep, f, a, b) -> sp.csr_matrix:
+    X = _csr_block(f["matrix"], a, b, n_genes)
+    return X[:, keep] if keep is not None else X
 
 
 def _10x_h5_source(path: Path) -> ChunkSource:
@@ -117,15 +145,8 @@ def _10x_h5_source(path: Path) -> ChunkSource:
             keep = np.flatnonzero(gex)
             names = names[keep]
     var_names = ad.utils.make_index_unique(pd.Index(names))
-
-    def gen(cs):
-        with h5py.File(path, "r") as f:
-            m = f["matrix"]
-            for a in range(0, n_cells, cs):
-                X = _csr_block(m["data"], m["indices"], m["indptr"], a, min(a + cs, n_cells), n_genes)
-                yield a, (X[:, keep] if keep is not None else X)
-
-    return ChunkSource(n_cells, var_names, pd.DataFrame(index=pd.Index(barcodes)), gen)
+    return ChunkSource(n_cells, var_names, pd.DataFrame(index=pd.Index(barcodes)),
+                       partial(_10x_rows, n_genes, keep), path)
 
 
 def open_source(source) -> ChunkSource:
