@@ -1,0 +1,88 @@
+"""The mask-sc teacher on its own: how well does the frozen contrastive-sc network that gives
+mask-sc its targets cluster cells, and how much does that vary with its settings and seed?
+
+For each setting: the `cpu` preset's gene selection and grid (fit's own recipe: seurat_v3 HVG
+among genes detected in >= 3 cells, HVG-order grid), the whole-cell teacher trained with
+``fit_teacher``, its eval-mode embedding of every cell, k-means with k = number of labels.
+Prints a table and writes benchmarks/results/teacher_alone.json (with the device).
+
+    python benchmarks/teacher_alone.py                 # the sweep the README cites
+    python benchmarks/teacher_alone.py --quick         # the seed-0 baseline of each dataset only
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import device_info, print_table, write_result  # noqa: E402
+from benchmarks.reproduce import DATA, DATASETS, _cluster_and_score, _labels  # noqa: E402
+
+BASE = dict(n_genes=2304, grid=48, dropout=None, lr=0.4, epochs=30, flavor="auto", seed=0)
+SWEEP = [  # (dataset, changes from BASE); dropout None = auto_teacher_dropout
+    ("pbmc", {}),
+    ("worm-top2000", {}),
+    ("worm", {}), ("worm", {"seed": 1}), ("worm", {"seed": 2}),
+    ("worm", {"lr": 1e-2}), ("worm", {"lr": 1e-3}), ("worm", {"epochs": 60}),
+    ("worm", {"dropout": 0.6}), ("worm", {"dropout": 0.85}), ("worm", {"dropout": 0.9}),
+    ("worm", {"flavor": "dispersion"}), ("worm", {"n_genes": 4096, "grid": 64}),
+]
+
+
+def run(adata, s: dict) -> dict:
+    from masksc.data import GridLayout, Preprocessor
+    from masksc.models.contrastive import ContrastiveConfig
+    from masksc.models.targets import auto_teacher_dropout, fit_teacher
+
+    pre = Preprocessor(n_top_genes=s["n_genes"], hvg_flavor=s["flavor"], min_cells=3).fit(adata)
+    X = pre.transform(adata).X
+    shape = (s["grid"], s["grid"])
+    grid = GridLayout.fit(X, pre.genes_, shape=shape, patch=4, order="hvg")
+    Xg = grid.to_grid(X)
+    dropout = auto_teacher_dropout(Xg) if s["dropout"] is None else s["dropout"]
+    cfg = ContrastiveConfig(n_input=shape[0] * shape[1], standardize=True, seed=s["seed"], dropout=dropout,
+                            epochs=s["epochs"], lr=s["lr"])
+    t0 = time.time()
+    teacher = fit_teacher(Xg, shape, 4, "cell", cfg, is_padding=grid.is_padding, progress=False)
+    with torch.no_grad():
+        Z = teacher(torch.from_numpy(Xg.toarray())).numpy()
+    k = int(adata.obs["label"].nunique())
+    scores = _cluster_and_score(Z, _labels(adata), k, s["seed"])
+    return {**s, "dropout": round(dropout, 4), "detected_per_cell": round(Xg.getnnz() / Xg.shape[0], 1),
+            "ari": scores["ari"], "nmi": scores["nmi"], "wall_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only the seed-0 baseline of each dataset")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project)")
+        return 0
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UserWarning)  # fewer genes than grid positions: padded
+    from masksc.data import read
+
+    sweep = [(ds, ch) for ds, ch in SWEEP if not args.quick or not ch]
+    data, rows = {}, []
+    for ds, changes in sweep:
+        if ds not in data:
+            data[ds] = read(DATA / DATASETS[ds])
+        rows.append({"dataset": ds, **run(data[ds], {**BASE, **changes})})
+        print(f"{ds} {changes or 'baseline'}: ARI {rows[-1]['ari']:.4f} NMI {rows[-1]['nmi']:.4f}", flush=True)
+    print_table(rows)
+    write_result("teacher_alone", {**device_info("cpu"), "runs": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
