@@ -181,7 +181,7 @@ def _run_key(dataset, method, seed, args):
         epochs = args.epochs or get_preset(args.preset).epochs
         mask = args.mask_ratio or get_preset(args.preset).mask_ratio
     else:
-        epochs = 30 if method.startswith("contrastive-sc") else None
+        epochs = 30 if method == "contrastive-sc" else None
     return (dataset, method, seed, preset, epochs, mask)
 
 
@@ -253,8 +253,8 @@ def main(argv=None) -> int:
                             log.info("run %s", key)
                             t0 = time.time()
                             scores, extra = METHODS[method](adata, k, seed, args)
-                            rec = {"dataset": ds, "file": DATASETS[ds], "method": method, "seed": seed, "preset": key[3],
-                                   "epochs": key[4], **scores, "wall_s": time.time() - t0, "device": device,
+                            rec = {"dataset": ds, "file": DATASETS[ds], "method": method, "seed": seed,
+                                   "preset": key[3], "epochs": key[4], **scores, "wall_s": time.time() - t0, "device": device,
                                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
                             log.info("%s: ARI %.4f NMI %.4f (%.0fs)", key, rec["ari"], rec["nmi"], rec["wall_s"])
                         with _locked(files[table]):  # several invocations may run side by side

@@ -116,9 +116,10 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     atomically); ``resume=True`` continues the run there. ``teacher_epochs``: contrastive-sc
     epochs (None: its authors' 30). ``min_cells``: a gene must be detected in that many cells to
     be an HVG candidate (scanpy's usual ``filter_genes(min_cells=3)``; without it the seurat_v3
-    trend fit fails on very sparse data such as all 13,488 worm-neuron genes). Streaming only: ``chunk_size`` cells read per disk block,
-    ``teacher_cells`` size of the in-memory subsample (None: all cells), ``dist`` a
-    ``masksc.distributed.DistContext`` (default: the current process group).
+    trend fit fails on very sparse data such as all 13,488 worm-neuron genes). Streaming only:
+    ``chunk_size`` cells read per disk block, ``teacher_cells`` size of the in-memory subsample
+    (None: all cells), ``dist`` a ``masksc.distributed.DistContext`` (default: the current
+    process group).
     Returns (MaskSCModel, TrainResult); on ranks other than 0 the model's ``path`` is None.
     """
     from masksc import distributed
