@@ -191,7 +191,8 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in doc["runs"]:
-        groups.setdefault(_key(r)[:2] + _key(r)[3:], []).append(r)
+        ds, m, _seed, *setting = _key(r)
+        groups.setdefault((ds, m, *setting), []).append(r)
     for (ds, m, preset, epochs, mask), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1])
                                                                              if kv[0][1] in methods else 99)):
         if m not in methods:
@@ -254,8 +255,8 @@ def main(argv=None) -> int:
                             t0 = time.time()
                             scores, extra = METHODS[method](adata, k, seed, args)
                             rec = {"dataset": ds, "file": DATASETS[ds], "method": method, "seed": seed,
-                                   "preset": key[3], "epochs": key[4], **scores, "wall_s": time.time() - t0, "device": device,
-                                   "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+                                   "preset": key[3], "epochs": key[4], **scores, "wall_s": time.time() - t0,
+                                   "device": device, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
                             log.info("%s: ARI %.4f NMI %.4f (%.0fs)", key, rec["ari"], rec["nmi"], rec["wall_s"])
                         with _locked(files[table]):  # several invocations may run side by side
                             doc = _load(files[table])
