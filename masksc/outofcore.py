@@ -60,11 +60,11 @@ class RowReader:
         if isinstance(source, RowReader):  # share its metadata (and in-memory matrix); own file handle
             self.__dict__.update(source.__getstate__())
             return
-        self.source = source
         self._file: h5py.File | None = None
         self.path = None
         if not isinstance(source, ad.AnnData) or source.isbacked:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
+        self.source = source if self.path is None else self.path  # never a backed AnnData's h5py handle
         self._src = open_source(source if self.path is None else self.path)
         if self.path is not None and not self.streamed:
             log.info("%s cannot be streamed: it was read into memory", self.path)

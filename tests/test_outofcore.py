@@ -1,5 +1,6 @@
 """Out-of-core path: row blocks from disk, streamed training batches, streamed/atomic embedding."""
 import hashlib
+import pickle
 
 import anndata as ad
 import numpy as np
@@ -56,6 +57,19 @@ def test_row_reader_matches_in_memory_read_for_every_layout(tmp_path, h5ad, fitt
         assert r.rows(7, 7).shape == (0, len(r.var_names))
         r.close()
     assert list(RowReader(tenx).var_names) == list(adata.var_names[:GENES - 1])
+
+
+def test_row_reader_pickles_for_every_source_and_reads_the_same_rows(h5ad, fitted):
+    adata = fitted[0]
+    backed = ad.read_h5ad(h5ad, backed="r")
+    for source in (h5ad, adata, backed):
+        r = RowReader(source)
+        r.rows(0, 5)                                                    # opens the file handle
+        clone = pickle.loads(pickle.dumps(r))
+        np.testing.assert_array_equal(clone.rows(40, 90).toarray(), adata.X[40:90].toarray())
+        r.close()
+        clone.close()
+    backed.file.close()
 
 
 def _epoch(sb, epoch):
