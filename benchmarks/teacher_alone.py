@@ -55,13 +55,14 @@ def run(adata, s: dict) -> dict:
     Xg = grid.to_grid(X)
     dropout = auto_teacher_dropout(Xg) if s["dropout"] is None else s["dropout"]
     t0 = time.time()
+    dense = torch.from_numpy(Xg.toarray())
     Z = []
     for seed in range(s["seed"], s["seed"] + s["teachers"]):
         cfg = ContrastiveConfig(n_input=shape[0] * shape[1], standardize=True, seed=seed, dropout=dropout,
                                 epochs=s["epochs"], lr=s["lr"])
         teacher = fit_teacher(Xg, shape, 4, "cell", cfg, is_padding=grid.is_padding, progress=False)
         with torch.no_grad():
-            Z.append(teacher(torch.from_numpy(Xg.toarray())).numpy())
+            Z.append(teacher(dense).numpy())
     Z = np.concatenate(Z, axis=1)
     k = int(adata.obs["label"].nunique())
     scores = _cluster_and_score(Z, _labels(adata), k, s["seed"])

@@ -65,7 +65,7 @@ class RowReader:
         if not isinstance(source, ad.AnnData) or source.isbacked:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
         self.source = source if self.path is None else self.path  # never a backed AnnData's h5py handle
-        self._src = open_source(source if self.path is None else self.path)
+        self._src = open_source(self.source)
         if self.path is not None and not self.streamed:
             log.info("%s cannot be streamed: it was read into memory", self.path)
         self.n_obs, self.var_names, self.obs = self._src.n_obs, self._src.var_names, self._src.obs
