@@ -1,9 +1,11 @@
 """Reproduce the mask-sc paper's Table 1 (methods) and Table 2 (IME / MED ablations) on the two
 datasets in ../shared/data, k = number of labels, several seeds (mean +- std).
 
-Resumable: every finished (table, dataset, method, seed, preset, epochs) run is appended to
-benchmarks/results/table1.json / table2.json (atomically) and skipped on the next call, so a
-long CPU reproduction can be completed over several invocations. The markdown tables go to
+Resumable: every finished run is appended to benchmarks/results/table1.json / table2.json
+(atomically) and skipped on the next call, so a long CPU reproduction can be completed over
+several invocations. A mask-sc run is identified by (dataset, seed, the model's whole config):
+an ablation whose switch the preset already has (``ime-off`` under ``cpu``) is the same run
+as ``masksc`` and is taken from it, not trained twice. The markdown tables go to
 benchmarks/results/table1.md / table2.md with the device and wall time of each row.
 
     python benchmarks/reproduce.py                                  # everything, cpu preset
@@ -13,13 +15,16 @@ Methods (Table 1): masksc, contrastive-sc (authors' pipeline: 500 HVG, scaled; M
 200-40-60), pca-raw (PCA(50) on raw counts + k-means, the paper's PCA row), log-pca
 (normalise to 1e4, log1p, 2000 HVG, scale, PCA(50), k-means), leiden (scanpy: the log-pca
 steps, 15-NN graph on PCA(50), Leiden at resolution 1.0 — k is not given to it).
-Table 2: masksc, ime-off (1-D gene-sequence tokens), med-off (reconstruct patch values).
+Table 2: masksc, ime-on (2-D gene-grid patches, the paper's IME), ime-off (1-D gene-sequence
+tokens), med-off (reconstruct patch values) -- each the preset with one switch set.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import sys
@@ -43,7 +48,8 @@ DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"pbmc": "10X_PBMC_top2000.h5", "worm": "worm_neuron_cell.h5",
             "worm-top2000": "worm_neuron_cell_top2000.h5"}
 TABLE1 = ["masksc", "contrastive-sc", "pca-raw", "log-pca", "leiden"]
-TABLE2 = ["masksc", "ime-off", "med-off"]
+TABLE2 = ["masksc", "ime-on", "ime-off", "med-off"]
+ABLATIONS = {"masksc": {}, "ime-on": {"ime": True}, "ime-off": {"ime": False}, "med-off": {"med": False}}
 DETERMINISTIC = {"pca-raw", "log-pca", "leiden"}  # seed only changes the clustering
 PAPER = {  # reference figures (ARI, NMI): the mask-sc paper, contrastive-sc authors, the README of ../shared/data
     ("pbmc", "masksc"): (0.8064, 0.7923), ("worm", "masksc"): (0.5777, 0.7190),
@@ -134,9 +140,7 @@ def run_masksc(adata, k, seed, args, **overrides):
 
 
 METHODS = {
-    "masksc": run_masksc,
-    "ime-off": lambda a, k, s, args: run_masksc(a, k, s, args, ime=False),
-    "med-off": lambda a, k, s, args: run_masksc(a, k, s, args, med=False),
+    **{m: functools.partial(run_masksc, **switches) for m, switches in ABLATIONS.items()},
     "contrastive-sc": run_contrastive,
     "pca-raw": run_pca_raw,
     "log-pca": run_log_pca,
@@ -168,37 +172,58 @@ def _locked(path: Path):
 
 
 def _key(r: dict) -> tuple:
-    mask = r["config"]["mask_ratio"] if "config" in r else None
-    return (r["dataset"], r["method"], r["seed"], r.get("preset"), r.get("epochs"), mask)
+    """A row's identity in its table: dataset, method, seed and, for mask-sc, what it trained
+    (preset, epochs, mask ratio, IME, MED)."""
+    c = r.get("config", {})
+    return (r["dataset"], r["method"], r["seed"], r.get("preset"), r.get("epochs"), c.get("mask_ratio"),
+            c.get("ime"), c.get("med"))
+
+
+def _model_config(method, args) -> dict | None:
+    """The whole MaskSCConfig (as saved in a row's "config") that ``method`` trains; None for
+    methods without a mask-sc model."""
+    if method not in ABLATIONS:
+        return None
+    from masksc.models import get_preset
+    cfg = dataclasses.replace(get_preset(args.preset), **ABLATIONS[method],
+                              **({"mask_ratio": args.mask_ratio} if args.mask_ratio else {}),
+                              **({"epochs": args.epochs} if args.epochs else {}))
+    return cfg.to_dict()
 
 
 def _run_key(dataset, method, seed, args):
-    uses_model = method in ("masksc", "ime-off", "med-off")
-    preset = args.preset if uses_model else None
-    mask = None
-    if uses_model:
-        from masksc.models import get_preset
-        epochs = args.epochs or get_preset(args.preset).epochs
-        mask = args.mask_ratio or get_preset(args.preset).mask_ratio
-    else:
-        epochs = 30 if method == "contrastive-sc" else None
-    return (dataset, method, seed, preset, epochs, mask)
+    cfg = _model_config(method, args)
+    if cfg is None:
+        return (dataset, method, seed, None, 30 if method == "contrastive-sc" else None, None, None, None)
+    return (dataset, method, seed, args.preset, cfg["epochs"], cfg["mask_ratio"], cfg["ime"], cfg["med"])
+
+
+def _same_run(docs: list[dict], dataset: str, seed: int, cfg: dict | None) -> dict | None:
+    """A finished mask-sc row (any method, either table) that trained exactly ``cfg``."""
+    if cfg is None:
+        return None
+    for doc in docs:
+        for r in doc["runs"]:
+            if r["method"] in ABLATIONS and (r["dataset"], r["seed"], r.get("config")) == (dataset, seed, cfg):
+                return r
+    return None
 
 
 def markdown(doc: dict, methods: list[str], title: str) -> str:
     rows = [f"### {title}", "",
-            "| dataset | method | preset / epochs / mask | ARI | NMI | silhouette | seeds | wall (s/run) | device | reference ARI / NMI |",
+            "| dataset | method | preset / epochs / mask / switches | ARI | NMI | silhouette | seeds | wall (s/run) | device | reference ARI / NMI |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in doc["runs"]:
         ds, m, _seed, *setting = _key(r)
         groups.setdefault((ds, m, *setting), []).append(r)
-    for (ds, m, preset, epochs, mask), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1])
+    for (ds, m, preset, epochs, mask, ime, med), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1])
                                                                              if kv[0][1] in methods else 99)):
         if m not in methods:
             continue
         f = lambda key: f"{np.mean([r[key] for r in runs]):.4f} ± {np.std([r[key] for r in runs]):.4f}"
-        setting = f"{preset} / {epochs} / {mask:g}" if preset else (f"- / {epochs}" if epochs else "-")
+        setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}"
+                   if preset else (f"- / {epochs}" if epochs else "-"))
         paper = PAPER.get((ds, m))
         rows.append(f"| {ds} | {m} | {setting} | {f('ari')} | {f('nmi')} | {f('silhouette')} | "
                     f"{','.join(str(r['seed']) for r in runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} | "
@@ -242,14 +267,16 @@ def main(argv=None) -> int:
                         if method not in (TABLE1 if table == 1 else TABLE2):
                             continue
                         key = _run_key(ds, method, seed, args)
-                        doc = _load(files[table])
-                        if key in {_key(r) for r in doc["runs"]}:
+                        docs = [_load(files[table]), _load(files[3 - table])]
+                        if key in {_key(r) for r in docs[0]["runs"]}:
                             log.info("skip %s (done)", key)
                             continue
-                        other = _load(files[3 - table])
-                        done = [r for r in other["runs"] if _key(r) == key]
-                        if done:  # masksc is in both tables: reuse the run
-                            rec = done[0]
+                        same = _same_run(docs, ds, seed, _model_config(method, args))
+                        if same is not None:  # masksc is in both tables; an ablation may equal the preset
+                            log.info("%s: same run as %s", key, same["method"])
+                            rec = {**same, "method": method}
+                            if same["method"] != method:
+                                rec["same_run_as"] = same.get("same_run_as", same["method"])
                         else:
                             log.info("run %s", key)
                             t0 = time.time()

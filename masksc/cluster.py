@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import sys
 import warnings
 
@@ -234,10 +235,11 @@ def _lloyd_restarts(train, k, n_init, init, index, cp, rng):
 
 
 def _build_index(X: np.ndarray, metric: str, index: str, nlist: int | None, nprobe: int | None,
-                 gpus: int, seed: int):
-    """FAISS index over X: exact flat, or IVFFlat trained on X. On GPU(s) an IVF is trained on
-    the CPU-side object with a GPU clustering index, so every shard shares one coarse quantizer,
-    then cloned (sharded across GPUs when there are several) before the cells are added."""
+                 gpus: int, seed: int, k: int, target_recall: float):
+    """FAISS index holding X: exact flat, or IVFFlat trained on X whose ``nprobe`` is the given
+    one or tuned by :func:`_tune_nprobe`. On GPU(s) an IVF's coarse quantizer is trained with a
+    GPU clustering index and the filled CPU index is cloned (sharded across GPUs when there are
+    several), so every shard shares one quantizer."""
     faiss = _faiss()
     n, d = X.shape
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
@@ -248,21 +250,58 @@ def _build_index(X: np.ndarray, metric: str, index: str, nlist: int | None, npro
         idx = faiss.IndexIVFFlat(faiss.IndexFlat(d, faiss_metric), d, nlist, faiss_metric)
         idx.cp.seed = int(seed) & 0x7FFFFFFF
         idx.cp.min_points_per_centroid = 1
-        idx.nprobe = min(nlist, nprobe or max(1, nlist // 16))
+        # Coarse centroids from <= 64 cells each: at 1M x 128, 24 s instead of FAISS's 256
+        # (97 s), recall@15 unchanged (0.996 at nprobe 32).
+        idx.cp.max_points_per_centroid = 64
         if gpus:
             idx.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(d, faiss_metric), ngpu=gpus)
         idx.train(X)
+        idx.add(X)
+        if nprobe:
+            idx.nprobe = min(nlist, int(nprobe))
+        else:
+            _tune_nprobe(idx, X, k, target_recall, faiss_metric, seed)
     if gpus:
         co = faiss.GpuMultipleClonerOptions()
         co.shard = gpus > 1  # split the cells across GPUs rather than copying them to each
         idx = faiss.index_cpu_to_all_gpus(idx, co=co, ngpu=gpus)
-    idx.add(X)
+    if index == "flat":
+        idx.add(X)
     return idx
 
 
+def _tune_nprobe(idx, X: np.ndarray, k: int, target_recall: float, faiss_metric, seed: int,
+                 n_queries: int = 1000) -> None:
+    """Set ``idx.nprobe`` to the smallest of 8, 16, 32, ... (up to nlist) whose recall@k on
+    ``n_queries`` sampled cells reaches ``target_recall`` against exact search. A returned
+    neighbour counts as found when exact search returned it too or when it is no farther than
+    the exact k-th neighbour (ties among identical cells; the two searches round distances
+    differently, hence the 1e-3 relative slack)."""
+    faiss = _faiss()
+    n = X.shape[0]
+    q = X[np.random.default_rng(seed).choice(n, size=min(n, n_queries), replace=False)]
+    exact_d, exact_i = faiss.knn(q, X, k, metric=faiss_metric)
+    kth = exact_d[:, -1:]
+    if faiss_metric == faiss.METRIC_INNER_PRODUCT:  # similarities: at least the k-th's
+        tied = lambda d: d >= kth - 1e-3 * np.abs(kth)
+    else:
+        tied = lambda d: d <= kth * (1 + 1e-3)
+    found = lambda d, i: (i >= 0) & (tied(d) | (i[:, :, None] == exact_i[:, None, :]).any(2))
+    nprobe = 8
+    while True:
+        idx.nprobe = min(nprobe, idx.nlist)
+        d, i = idx.search(q, k)
+        recall = float(found(d, i).sum()) / d.size
+        if recall >= target_recall or idx.nprobe == idx.nlist:
+            break
+        nprobe *= 2
+    logger.info("IVF nprobe %d of %d lists: sampled recall@%d %.3f (target %.2f)", idx.nprobe, idx.nlist, k,
+                recall, target_recall)
+
+
 def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str = "auto",
-               nlist: int | None = None, nprobe: int | None = None, use_gpu: bool | None = None,
-               ngpu: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.95,
+               use_gpu: bool | None = None, ngpu: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of every cell among all cells, through FAISS.
 
     Args:
@@ -272,8 +311,11 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
         metric: "euclidean" or "cosine" (distance 1 - cosine similarity).
         index: "flat" (exact), "ivf" (IndexIVFFlat, approximate) or "auto" (flat below
             ``IVF_MIN_CELLS`` cells, IVF above).
-        nlist: IVF lists (default ~4*sqrt(n)); nprobe: lists searched per query (default nlist/16,
-            which gave recall@15 >= 0.95 on Gaussian-mixture embeddings; raise it for more recall).
+        nlist: IVF lists (default ~4*sqrt(n)).
+        nprobe: lists an IVF search visits per query. None: the smallest of 8, 16, 32, ...
+            whose recall@n_neighbors, measured on 1000 sampled cells against exact search,
+            reaches ``target_recall`` (the scale benchmark's 1M-cell embedding needs 16 or 32;
+            an isotropic 64-D Gaussian mixture ~80 at 100k). Logged at INFO.
         use_gpu, ngpu: as in :func:`kmeans`; with several GPUs the database is sharded across them.
 
     Returns:
@@ -287,6 +329,8 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
     if index not in ("auto", "flat", "ivf"):
         raise ValueError(f"index must be 'auto', 'flat' or 'ivf', got {index!r}.")
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}.")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or not 2 <= n_neighbors <= n:
         raise DataError(f"n_neighbors (including the cell itself) must be an integer in [2, n_cells={n}], "
                         f"got {n_neighbors!r}.")
@@ -303,8 +347,8 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
     I = np.empty((n, k), dtype=np.int64)
     D = np.empty((n, k), dtype=np.float32)
     starts = range(0, n, _SEARCH_CHUNK)
-    with _faiss_threads(float(n) * n * X.shape[1] / (1 if index == "flat" else 16)):
-        idx = _build_index(X, metric, index, nlist, nprobe, gpus, seed)
+    with _faiss_threads(float(n) * X.shape[1] * (n if index == "flat" else 8 * np.sqrt(n))):
+        idx = _build_index(X, metric, index, nlist, nprobe, gpus, seed, k, target_recall)
         for s in tqdm(starts, desc=f"kNN ({index})", disable=len(starts) < 4, leave=False):
             D[s:s + _SEARCH_CHUNK], I[s:s + _SEARCH_CHUNK] = idx.search(X[s:s + _SEARCH_CHUNK], k)
     missing = I < 0
@@ -390,8 +434,8 @@ def fuzzy_connectivities(indices: np.ndarray, distances: np.ndarray) -> sp.csr_m
 
 
 def knn_graph(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str = "auto",
-              nlist: int | None = None, nprobe: int | None = None, use_gpu: bool | None = None,
-              ngpu: int | None = None, seed: int = 0) -> sp.csr_matrix:
+              nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.95,
+              use_gpu: bool | None = None, ngpu: int | None = None, seed: int = 0) -> sp.csr_matrix:
     """kNN graph of the cells with UMAP-style fuzzy connectivities (scanpy's default graph).
 
     Neighbours come from :func:`knn_search` (FAISS: exact ``IndexFlat`` below ``IVF_MIN_CELLS``
@@ -401,7 +445,8 @@ def knn_graph(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str = 
 
     Returns: symmetric scipy.sparse.csr_matrix float32 [n, n], the input of :func:`leiden`.
     """
-    I, D = knn_search(Z, n_neighbors, metric, index, nlist, nprobe, use_gpu, ngpu, seed)
+    I, D = knn_search(Z, n_neighbors, metric, index, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
+                      use_gpu=use_gpu, ngpu=ngpu, seed=seed)
     return fuzzy_connectivities(I, D)
 
 
@@ -415,34 +460,63 @@ def _check_graph(graph) -> sp.csr_matrix:
     return G
 
 
-def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int = -1,
-           directed: bool = True) -> np.ndarray:
-    """Leiden communities (leidenalg, RBConfigurationVertexPartition) of a weighted graph.
+LEIDEN_FLAVORS = ("igraph", "leidenalg")
 
-    Builds the igraph graph exactly as ``scanpy.tl.leiden(flavor="leidenalg")`` does (every
-    stored entry an edge, ``directed=True`` by default), so the same graph and seed give
-    scanpy's labels.
+
+def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int | None = None,
+           flavor: str = "igraph", directed: bool = True) -> np.ndarray:
+    """Leiden communities of a weighted graph (modularity with a resolution parameter).
+
+    Two implementations of the same objective, as ``scanpy.tl.leiden``'s two flavours:
+
+    - ``"igraph"`` (default): igraph's C ``community_leiden`` on the undirected graph, 2
+      iterations (scanpy's recommended setting). 100k cells, 15-NN graph, 2 cores: 1.7 s
+      against 282 s for ``leidenalg`` until convergence, same 17 clusters, ARI 0.771 vs 0.773
+      to the truth.
+    - ``"leidenalg"``: ``leidenalg.RBConfigurationVertexPartition``, iterated until no
+      improvement; builds the igraph graph exactly as ``scanpy.tl.leiden(flavor="leidenalg")``
+      does (every stored entry an edge, ``directed=True`` by default), so the same graph and
+      seed give scanpy's labels.
 
     Args:
         graph: square scipy.sparse [n, n] of non-negative weights (e.g. :func:`knn_graph`).
-        resolution: RB resolution; higher -> more clusters.
-        seed: leidenalg seed. n_iterations: -1 = until no improvement.
+        resolution: resolution of the modularity; higher -> more clusters.
+        seed: random seed (for ``igraph``, a ``random.Random(seed)`` set as igraph's RNG for the
+            call; igraph's default, Python's ``random`` module, is set back after it).
+        n_iterations: passes over the graph; -1 = until no improvement. None: 2 for
+            ``igraph``, -1 for ``leidenalg``.
+        flavor: ``"igraph"`` or ``"leidenalg"``. directed: ``leidenalg`` only.
 
     Returns: np.int64 [n] labels 0.., numbered by decreasing cluster size.
     """
     import igraph as ig
-    import leidenalg
 
     G = _check_graph(graph)
     if not resolution > 0:
         raise ValueError(f"resolution must be > 0, got {resolution}.")
+    if flavor not in LEIDEN_FLAVORS:
+        raise ValueError(f"flavor must be one of {LEIDEN_FLAVORS}, got {flavor!r}.")
+    if flavor == "igraph":
+        # Each undirected edge once; G + G.T keeps a non-symmetric graph's weight in both
+        # directions and, for a symmetric one, doubles every weight, which leaves modularity as is.
+        U = sp.triu(G + G.T).tocoo()
+        g = ig.Graph(n=G.shape[0], edges=np.column_stack([U.row, U.col]).astype(np.int64), directed=False)
+        ig.set_random_number_generator(random.Random(int(seed)))
+        try:
+            part = g.community_leiden(objective_function="modularity", weights=U.data.astype(np.float64),
+                                      resolution=float(resolution), n_iterations=2 if n_iterations is None
+                                      else n_iterations)
+        finally:
+            ig.set_random_number_generator(random)  # igraph's default; it has no getter for the current one
+        return _relabel_by_size(np.asarray(part.membership, dtype=np.int64))
+
+    import leidenalg
     coo = G.tocoo()  # same edge order as scanpy's adjacency.nonzero(), which leidenalg's RNG sees
     nz = coo.data != 0
     g = ig.Graph(n=G.shape[0], edges=np.column_stack([coo.row[nz], coo.col[nz]]).astype(np.int64), directed=directed)
-    weights = coo.data[nz].astype(np.float64)
-    part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights=weights,
-                                    resolution_parameter=float(resolution), n_iterations=n_iterations,
-                                    seed=int(seed))
+    part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights=coo.data[nz].astype(np.float64),
+                                    resolution_parameter=float(resolution),
+                                    n_iterations=-1 if n_iterations is None else n_iterations, seed=int(seed))
     return _relabel_by_size(np.asarray(part.membership, dtype=np.int64))
 
 

@@ -181,33 +181,43 @@ def embedding(data, color_by, path: str | os.PathLike, method: str = "umap", bas
     return _save(fig, path)
 
 
-def attention_to_grid(attn, grid_shape: tuple[int, int], n_prefix: int = 1, query: int = 0) -> np.ndarray:
-    """Attention of one query token (default the global token at position 0) to the patch tokens,
-    averaged over heads and laid out on the patch grid.
+def attention_to_grid(attn, grid_shape: tuple[int, int], patch: int, ime: bool = True, n_prefix: int = 1,
+                      query: int = 0) -> np.ndarray:
+    """Attention of one query token (default the global token at position 0) to the gene
+    tokens, averaged over heads and laid out on the gene grid: every gene gets the weight of
+    the token that holds it (a 2-D ``P x P`` patch with IME, a run of ``P*P`` consecutive
+    grid positions without).
 
     Args:
         attn: [B, heads, L, L] attention probabilities (e.g. ``MaskSC.last_attention``),
-            numpy or torch, with L = n_prefix + gh * gw and patch tokens in row-major grid order.
-        grid_shape: (gh, gw) = (g // P, s // P). n_prefix: tokens before the patches.
+            numpy or torch, with L = n_prefix + (g // P) * (s // P).
+        grid_shape: the gene grid (g, s). patch: P. ime: the model's ``config.ime``.
+        n_prefix: tokens before the gene tokens. query: the attending token.
 
-    Returns: float32 [B, gh, gw].
+    Returns: float32 [B, g, s].
     """
+    from masksc.models.targets import token_columns
+
     a = _to_numpy(attn).astype(np.float32)
-    gh, gw = grid_shape
-    if a.ndim != 4 or a.shape[2] != a.shape[3] or a.shape[3] != n_prefix + gh * gw:
-        raise DataError(f"attn must be [B, heads, L, L] with L = n_prefix + gh*gw = {n_prefix + gh * gw}, "
+    g, s = grid_shape
+    cols = token_columns((g, s), patch, ime)  # [G, P*P] grid positions of each token
+    if a.ndim != 4 or a.shape[2] != a.shape[3] or a.shape[3] != n_prefix + len(cols):
+        raise DataError(f"attn must be [B, heads, L, L] with L = n_prefix + (g/P)*(s/P) = {n_prefix + len(cols)}, "
                         f"got shape {a.shape}.")
     if not 0 <= query < a.shape[2]:
         raise ValueError(f"query must index a token in [0, {a.shape[2]}), got {query}.")
-    return a[:, :, query, n_prefix:].mean(axis=1).reshape(a.shape[0], gh, gw)
+    per_token = a[:, :, query, n_prefix:].mean(axis=1)  # [B, G]
+    out = np.zeros((a.shape[0], g * s), np.float32)
+    out[:, cols] = per_token[:, :, None]
+    return out.reshape(a.shape[0], g, s)
 
 
 def attention_grid(attn_maps, titles, path: str | os.PathLike, ncols: int = 4, cmap: str = "magma") -> Path:
     """Heatmaps of attention over the gene grid for sample cells (paper Fig. 6).
 
     Args:
-        attn_maps: [n_cells, h, w] non-negative weights per grid position: per patch
-            ([n, g/P, s/P], e.g. from :func:`attention_to_grid`) or per gene ([n, g, s]).
+        attn_maps: [n_cells, h, w] non-negative weights per grid position: per gene ([n, g, s],
+            e.g. from :func:`attention_to_grid`) or per patch ([n, g/P, s/P]).
         titles: one title per cell, or None for "cell 0", "cell 1", ...
         path: output .png path. ncols: panels per row. cmap: matplotlib colour map.
 

@@ -103,16 +103,27 @@ def test_embedding_rejects_bad_input(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_attention_to_grid_is_global_token_row_mean_over_heads():
+def test_attention_to_grid_gives_each_gene_its_patchs_weight():
     torch.manual_seed(0)
-    B, H, gh, gw = 2, 3, 4, 5
+    B, H, g, s, P = 2, 3, 8, 12, 4
+    gh, gw = g // P, s // P
     attn = torch.softmax(torch.randn(B, H, 1 + gh * gw, 1 + gh * gw), dim=-1)
-    grid = pl.attention_to_grid(attn, (gh, gw))
-    ref = attn[:, :, 0, 1:].mean(1).reshape(B, gh, gw).numpy()
-    np.testing.assert_allclose(grid, ref, rtol=1e-6)
-    assert grid[1, 2, 3] == pytest.approx(attn[1, :, 0, 1 + 2 * gw + 3].mean().item(), rel=1e-6)
+    grid = pl.attention_to_grid(attn, (g, s), P)
+    per_patch = attn[:, :, 0, 1:].mean(1).reshape(B, gh, gw).numpy()
+    np.testing.assert_allclose(grid, np.kron(per_patch, np.ones((P, P))), rtol=1e-6)
+    assert grid[1, 5, 9] == pytest.approx(attn[1, :, 0, 1 + (5 // P) * gw + 9 // P].mean().item(), rel=1e-6)
     with pytest.raises(DataError, match="n_prefix"):
-        pl.attention_to_grid(attn, (4, 4))
+        pl.attention_to_grid(attn, (16, 16), P)
+
+
+def test_attention_to_grid_without_ime_follows_gene_runs():
+    torch.manual_seed(1)
+    B, H, g, s, P = 2, 2, 8, 12, 2
+    G = (g // P) * (s // P)
+    attn = torch.softmax(torch.randn(B, H, 1 + G, 1 + G), dim=-1)
+    grid = pl.attention_to_grid(attn, (g, s), P, ime=False).reshape(B, g * s)
+    per_token = attn[:, :, 0, 1:].mean(1).numpy()
+    np.testing.assert_allclose(grid, np.repeat(per_token, P * P, axis=1), rtol=1e-6)  # token t: genes 4t..4t+3
 
 
 def test_attention_grid_png(tmp_path):

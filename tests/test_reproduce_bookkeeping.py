@@ -1,0 +1,56 @@
+"""benchmarks/reproduce.py's resumable bookkeeping: which finished row a run is, and when an
+ablation is the very run the preset already made."""
+import argparse
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+from masksc.models import get_preset
+
+_spec = importlib.util.spec_from_file_location(
+    "reproduce", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reproduce)
+
+ARGS = argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0)
+
+
+def _row(method, seed=0, dataset="pbmc", **switches):
+    cfg = dataclasses.replace(get_preset("cpu"), **switches).to_dict()
+    return {"dataset": dataset, "method": method, "seed": seed, "preset": "cpu", "epochs": cfg["epochs"],
+            "config": cfg, "ari": 0.5, "nmi": 0.5}
+
+
+def test_run_key_matches_the_row_it_writes():
+    for method, switches in reproduce.ABLATIONS.items():
+        assert reproduce._key(_row(method, **switches)) == reproduce._run_key("pbmc", method, 0, ARGS)
+
+
+def test_key_tells_ime_on_from_ime_off():
+    on, off = _row("masksc", ime=True), _row("masksc", ime=False)
+    assert reproduce._key(on) != reproduce._key(off)
+
+
+def test_ablation_equal_to_the_preset_reuses_its_run():
+    preset_ime = get_preset("cpu").ime
+    same_as_preset = "ime-on" if preset_ime else "ime-off"
+    other = "ime-off" if preset_ime else "ime-on"
+    docs = [{"runs": [_row("masksc", seed=1, ime=preset_ime)]}, {"runs": []}]
+    found = reproduce._same_run(docs, "pbmc", 1, reproduce._model_config(same_as_preset, ARGS))
+    assert found is docs[0]["runs"][0]
+    assert reproduce._same_run(docs, "pbmc", 1, reproduce._model_config(other, ARGS)) is None
+    assert reproduce._same_run(docs, "pbmc", 2, reproduce._model_config(same_as_preset, ARGS)) is None
+    assert reproduce._same_run(docs, "worm", 1, reproduce._model_config(same_as_preset, ARGS)) is None
+
+
+def test_non_model_methods_never_reuse_model_runs():
+    docs = [{"runs": [_row("masksc")]}]
+    assert reproduce._model_config("log-pca", ARGS) is None
+    assert reproduce._same_run(docs, "pbmc", 0, None) is None
+
+
+def test_epochs_and_mask_overrides_enter_the_config():
+    args = argparse.Namespace(preset="cpu", epochs=7, mask_ratio=0.25)
+    cfg = reproduce._model_config("masksc", args)
+    assert (cfg["epochs"], cfg["mask_ratio"]) == (7, 0.25)
+    assert reproduce._run_key("worm", "masksc", 2, args)[3:6] == ("cpu", 7, 0.25)
