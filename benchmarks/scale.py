@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--preset", default="auto", help="auto (paper on a GPU, cpu on the CPU), cpu, paper")
     ap.add_argument("--train-cells", type=int, default=4096)
     ap.add_argument("--train-epochs", type=int, default=None,
-                    help="epochs of the model's training run (default: the preset's own, 20 for cpu)")
+                    help="epochs of the model's training run (default: the preset's own, 40 for cpu)")
     ap.add_argument("--n-init", type=int, default=3, help="k-means restarts (both libraries)")
     ap.add_argument("--kmeans-iters", type=int, default=20, help="Lloyd iterations (both libraries)")
     ap.add_argument("--embed-batch", type=int, default=1024)
