@@ -192,10 +192,12 @@ def _model_config(method, args) -> dict | None:
 
 
 def _run_key(dataset, method, seed, args):
+    """The :func:`_key` of the row this run writes."""
     cfg = _model_config(method, args)
+    row = {"dataset": dataset, "method": method, "seed": seed}
     if cfg is None:
-        return (dataset, method, seed, None, 30 if method == "contrastive-sc" else None, None, None, None)
-    return (dataset, method, seed, args.preset, cfg["epochs"], cfg["mask_ratio"], cfg["ime"], cfg["med"])
+        return _key({**row, "epochs": 30 if method == "contrastive-sc" else None})
+    return _key({**row, "preset": args.preset, "epochs": cfg["epochs"], "config": cfg})
 
 
 def _same_run(docs: list[dict], dataset: str, seed: int, cfg: dict | None) -> dict | None:

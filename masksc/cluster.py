@@ -470,9 +470,9 @@ def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int | No
     Two implementations of the same objective, as ``scanpy.tl.leiden``'s two flavours:
 
     - ``"igraph"`` (default): igraph's C ``community_leiden`` on the undirected graph, 2
-      iterations (scanpy's recommended setting). 100k cells, 15-NN graph, 2 cores: 1.7 s
-      against 282 s for ``leidenalg`` until convergence, same 17 clusters, ARI 0.771 vs 0.773
-      to the truth.
+      iterations (scanpy's recommended setting). 100k cells, 15-NN graph, 2 cores: 1.7-3.9 s
+      against 282 s for ``leidenalg`` until convergence; 16-18 clusters and ARI 0.73-0.77 to
+      the truth depending on the seed, against 17 and 0.773.
     - ``"leidenalg"``: ``leidenalg.RBConfigurationVertexPartition``, iterated until no
       improvement; builds the igraph graph exactly as ``scanpy.tl.leiden(flavor="leidenalg")``
       does (every stored entry an edge, ``directed=True`` by default), so the same graph and

@@ -47,8 +47,8 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     net = model.network
     with torch.no_grad():
         attn = net.last_attention(batch.to(next(net.parameters()).device)).float().cpu()
-    g, s = model.config.grid_shape
     P = model.config.patch
+    g, s = model.config.grid_shape
     maps = pl.attention_to_grid(attn, (g, s), P, ime=model.config.ime)
     pl.attention_grid(maps, [str(x) for x in adata.obs["label"].to_numpy()[picks]], out / "attention.png")
 
