@@ -15,8 +15,11 @@ Methods (Table 1): masksc, contrastive-sc (authors' pipeline: 500 HVG, scaled; M
 200-40-60), pca-raw (PCA(50) on raw counts + k-means, the paper's PCA row), log-pca
 (normalise to 1e4, log1p, 2000 HVG, scale, PCA(50), k-means), leiden (scanpy: the log-pca
 steps, 15-NN graph on PCA(50), Leiden at resolution 1.0 — k is not given to it).
-Table 2: masksc, ime-on (2-D gene-grid patches, the paper's IME), ime-off (1-D gene-sequence
-tokens), med-off (reconstruct patch values) -- each the preset with one switch set.
+Table 2: masksc and the preset with one thing changed: ime-on (2-D gene-grid patches, the
+paper's IME), ime-off (1-D gene-sequence tokens), med-off (reconstruct patch values),
+corr-patches (2-D patches on the correlation layout: each 4 x 4 patch holds 16 consecutive
+genes of an average-linkage ordering of gene-gene correlation, one co-expression module),
+small (D = 64, encoder depth 2) and depth-6 (encoder depth 6).
 """
 from __future__ import annotations
 
@@ -48,8 +51,10 @@ DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"pbmc": "10X_PBMC_top2000.h5", "worm": "worm_neuron_cell.h5",
             "worm-top2000": "worm_neuron_cell_top2000.h5"}
 TABLE1 = ["masksc", "contrastive-sc", "pca-raw", "log-pca", "leiden"]
-TABLE2 = ["masksc", "ime-on", "ime-off", "med-off"]
-ABLATIONS = {"masksc": {}, "ime-on": {"ime": True}, "ime-off": {"ime": False}, "med-off": {"med": False}}
+TABLE2 = ["masksc", "ime-on", "ime-off", "med-off", "corr-patches", "small", "depth-6"]
+ABLATIONS = {"masksc": {}, "ime-on": {"ime": True}, "ime-off": {"ime": False}, "med-off": {"med": False},
+             "corr-patches": {"ime": True, "layout": "correlation"}, "small": {"embed_dim": 64, "depth": 2},
+             "depth-6": {"depth": 6}}
 DETERMINISTIC = {"pca-raw", "log-pca", "leiden"}  # seed only changes the clustering
 PAPER = {  # reference figures (ARI, NMI): the mask-sc paper, contrastive-sc authors, the README of ../shared/data
     ("pbmc", "masksc"): (0.8064, 0.7923), ("worm", "masksc"): (0.5777, 0.7190),
@@ -211,6 +216,16 @@ def _same_run(docs: list[dict], dataset: str, seed: int, cfg: dict | None) -> di
     return None
 
 
+def _beyond_switches(cfg: dict, preset: str) -> str:
+    """The table's note for a row's gene layout and model size where they are not the preset's."""
+    from masksc.models import get_preset
+    base = get_preset(preset)
+    note = "" if cfg.get("layout", "hvg") == base.layout else f", {cfg['layout']} layout"
+    if (cfg["embed_dim"], cfg["depth"]) != (base.embed_dim, base.depth):
+        note += f", D {cfg['embed_dim']} / depth {cfg['depth']}"
+    return note
+
+
 def markdown(doc: dict, methods: list[str], title: str) -> str:
     rows = [f"### {title}", "",
             "| dataset | method | preset / epochs / mask / switches | ARI | NMI | silhouette | seeds | wall (s/run) | device | reference ARI / NMI |",
@@ -225,7 +240,7 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
             continue
         f = lambda key: f"{np.mean([r[key] for r in runs]):.4f} ± {np.std([r[key] for r in runs]):.4f}"
         setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}"
-                   if preset else (f"- / {epochs}" if epochs else "-"))
+                   f"{_beyond_switches(runs[0]['config'], preset)}" if preset else (f"- / {epochs}" if epochs else "-"))
         paper = PAPER.get((ds, m))
         rows.append(f"| {ds} | {m} | {setting} | {f('ari')} | {f('nmi')} | {f('silhouette')} | "
                     f"{','.join(str(r['seed']) for r in runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} | "

@@ -54,3 +54,21 @@ def test_epochs_and_mask_overrides_enter_the_config():
     cfg = reproduce._model_config("masksc", args)
     assert (cfg["epochs"], cfg["mask_ratio"]) == (7, 0.25)
     assert reproduce._run_key("worm", "masksc", 2, args)[3:6] == ("cpu", 7, 0.25)
+
+
+def test_correlation_patches_are_not_the_ime_on_run():
+    docs = [{"runs": [_row("ime-on", ime=True)]}, {"runs": []}]
+    cfg = reproduce._model_config("corr-patches", ARGS)
+    assert (cfg["ime"], cfg["layout"]) == (True, "correlation")
+    assert reproduce._same_run(docs, "pbmc", 0, cfg) is None
+    assert reproduce._same_run(docs, "pbmc", 0, reproduce._model_config("ime-on", ARGS)) is docs[0]["runs"][0]
+
+
+def test_table_names_layout_and_size_where_they_differ_from_the_preset():
+    rows = [{**_row(m, **reproduce.ABLATIONS[m]), "silhouette": 0.1, "wall_s": 1.0, "device": "cpu"}
+            for m in ("masksc", "corr-patches", "small")]
+    lines = {line.split("|")[2].strip(): line for line in
+             reproduce.markdown({"runs": rows}, reproduce.TABLE2, "t").splitlines() if line.startswith("| pbmc")}
+    assert "layout" not in lines["masksc"] and "depth" not in lines["masksc"]
+    assert "correlation layout" in lines["corr-patches"]
+    assert "D 64 / depth 2" in lines["small"] and "layout" not in lines["small"]
