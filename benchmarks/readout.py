@@ -27,22 +27,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import device_info, print_table, write_result  # noqa: E402
 from benchmarks.reproduce import DATA, DATASETS, _labels  # noqa: E402
 from benchmarks.scale import _preset_hash  # noqa: E402
-
-
-def _kmeans(Z, k, seed, n_init=10):
-    from masksc.cluster import kmeans
-    return kmeans(np.ascontiguousarray(Z, dtype=np.float32), k, seed=seed, n_init=n_init)
+from masksc.cluster import kmeans, knn_graph, knn_search, leiden_for_k  # noqa: E402
 
 
 def _knn_mean(Z, n_neighbors=15):
-    from masksc.cluster import knn_search
-    idx, _ = knn_search(np.ascontiguousarray(Z, dtype=np.float32), n_neighbors)
+    idx, _ = knn_search(Z, n_neighbors)
     return Z[idx].mean(1)
-
-
-def _leiden_for_k(Z, k, seed):
-    from masksc.cluster import knn_graph, leiden_for_k
-    return leiden_for_k(knn_graph(np.ascontiguousarray(Z, dtype=np.float32), 15), k, seed=seed)[0]
 
 
 def _pca(Z, n, seed):
@@ -56,14 +46,14 @@ def _ward(Z, k):
 
 
 CLUSTERINGS = {  # name -> (Z, k, seed) -> labels; "kmeans10" is what reproduce.py reports
-    "kmeans10": lambda Z, k, s: _kmeans(Z, k, s),
-    "kmeans100": lambda Z, k, s: _kmeans(Z, k, s, n_init=100),
-    "l2 + kmeans10": lambda Z, k, s: _kmeans(Z / np.linalg.norm(Z, axis=1, keepdims=True), k, s),
-    "standardise + kmeans10": lambda Z, k, s: _kmeans((Z - Z.mean(0)) / Z.std(0), k, s),
-    "pca16 + kmeans10": lambda Z, k, s: _kmeans(_pca(Z, 16, s), k, s),
+    "kmeans10": lambda Z, k, s: kmeans(Z, k, seed=s),
+    "kmeans100": lambda Z, k, s: kmeans(Z, k, seed=s, n_init=100),
+    "l2 + kmeans10": lambda Z, k, s: kmeans(Z / np.linalg.norm(Z, axis=1, keepdims=True), k, seed=s),
+    "standardise + kmeans10": lambda Z, k, s: kmeans((Z - Z.mean(0)) / Z.std(0), k, seed=s),
+    "pca16 + kmeans10": lambda Z, k, s: kmeans(_pca(Z, 16, s), k, seed=s),
     "ward": lambda Z, k, s: _ward(Z, k),
-    "15-NN mean + kmeans10": lambda Z, k, s: _kmeans(_knn_mean(Z), k, s),
-    "leiden_for_k": _leiden_for_k,
+    "15-NN mean + kmeans10": lambda Z, k, s: kmeans(_knn_mean(Z), k, seed=s),
+    "leiden_for_k": lambda Z, k, s: leiden_for_k(knn_graph(Z, 15), k, seed=s)[0],
 }
 
 

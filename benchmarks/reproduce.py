@@ -74,7 +74,7 @@ def _labels(adata) -> np.ndarray:
 
 def _cluster_and_score(Z, truth, k, seed) -> dict:
     from masksc.cluster import evaluate, kmeans
-    pred = kmeans(np.ascontiguousarray(Z, dtype=np.float32), k, seed=seed, n_init=10)
+    pred = kmeans(Z, k, seed=seed, n_init=10)
     return {k_: (float(v) if isinstance(v, (float, np.floating)) else v)
             for k_, v in evaluate(Z, pred, truth, seed=seed).items()}
 
@@ -217,13 +217,12 @@ def _same_run(docs: list[dict], dataset: str, seed: int, cfg: dict | None) -> di
 
 
 def _beyond_switches(cfg: dict, preset: str) -> str:
-    """The table's note for a row's gene layout and model size where they are not the preset's."""
+    """The table's note for every config field, other than those the setting column already
+    shows (epochs, mask ratio, IME, MED), where a row differs from its preset."""
     from masksc.models import get_preset
-    base = get_preset(preset)
-    note = "" if cfg.get("layout", "hvg") == base.layout else f", {cfg['layout']} layout"
-    if (cfg["embed_dim"], cfg["depth"]) != (base.embed_dim, base.depth):
-        note += f", D {cfg['embed_dim']} / depth {cfg['depth']}"
-    return note
+    shown = {"epochs", "mask_ratio", "ime", "med"}
+    return "".join(f", {name} {cfg[name]}" for name, value in get_preset(preset).to_dict().items()
+                   if name not in shown and cfg.get(name, value) != value)
 
 
 def markdown(doc: dict, methods: list[str], title: str) -> str:

@@ -70,5 +70,5 @@ def test_table_names_layout_and_size_where_they_differ_from_the_preset():
     lines = {line.split("|")[2].strip(): line for line in
              reproduce.markdown({"runs": rows}, reproduce.TABLE2, "t").splitlines() if line.startswith("| pbmc")}
     assert "layout" not in lines["masksc"] and "depth" not in lines["masksc"]
-    assert "correlation layout" in lines["corr-patches"]
-    assert "D 64 / depth 2" in lines["small"] and "layout" not in lines["small"]
+    assert "layout correlation" in lines["corr-patches"]
+    assert "embed_dim 64, depth 2" in lines["small"] and "layout" not in lines["small"]
