@@ -1,22 +1,20 @@
 """How should a trained mask-sc model be read out and clustered? For a `cpu`-preset model per
-(dataset, seed), the embedding is taken three ways (mean of the patch tokens, the global
-token, both concatenated) and the mean-pooled one is clustered eight ways with k = number of
-labels. Prints a table and writes benchmarks/results/readout.json (with the device).
+(dataset, seed), the embedding is taken four ways (mean of the patch tokens, the global
+token, the predicted teacher feature, mean and global token concatenated) and the
+mean-pooled and predicted-feature ones are clustered eight ways with k = number of labels. Prints a table and writes
+benchmarks/results/readout.json (with the device).
 
     python benchmarks/readout.py                       # the runs the README cites
     python benchmarks/readout.py --runs pbmc:1,worm:0
 
-Each model is trained once (the same recipe and seed as ``reproduce.py``'s ``masksc`` row, so
-its scores under "mean / kmeans10" are that row's) and kept in --workdir
-(default ~/.cache/masksc-readout), named by the preset's config hash.
+The models are ``reproduce.py``'s ``masksc`` models (same recipe and seed, so the preset's own
+read-out under "kmeans10" scores that row), trained once and shared with it in --models.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import device_info, print_table, write_result  # noqa: E402
-from benchmarks.reproduce import DATA, DATASETS, _labels  # noqa: E402
-from benchmarks.scale import _preset_hash  # noqa: E402
+from benchmarks.reproduce import DATA, DATASETS, MODELS, _labels, trained_masksc  # noqa: E402
 from masksc.cluster import kmeans, knn_graph, knn_search, leiden_for_k  # noqa: E402
+from masksc.models.masksc_model import POOLS  # noqa: E402
 
 
 def _knn_mean(Z, n_neighbors=15):
@@ -57,22 +55,10 @@ CLUSTERINGS = {  # name -> (Z, k, seed) -> labels; "kmeans10" is what reproduce.
 }
 
 
-def _model(ds: str, seed: int, adata, workdir: Path):
-    from masksc.pipeline import MaskSCModel, fit
-    path = workdir / f"{ds}_s{seed}_cpu-{_preset_hash('cpu')}"
-    if (path / "model.safetensors").exists():
-        return MaskSCModel.load(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # fewer genes than grid positions: padded
-        model, _ = fit(adata, "cpu", seed=seed, progress=False)
-    model.save(path)
-    return model
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="pbmc:0,worm:2", help="dataset:seed pairs")
-    p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "masksc-readout")
+    p.add_argument("--runs", default="pbmc:0,pbmc:1,pbmc:2,worm:0,worm:1,worm:2", help="dataset:seed pairs")
+    p.add_argument("--models", default=str(MODELS), help="trained models, shared with reproduce.py")
     args = p.parse_args(argv)
     if not DATA.is_dir():
         print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project)")
@@ -88,14 +74,16 @@ def main(argv=None) -> int:
         adata = read(DATA / DATASETS[ds])
         truth = _labels(adata)
         k = len(np.unique(truth))
-        model = _model(ds, seed, adata, args.workdir)
+        model, _ = trained_masksc(adata, ds, seed, argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0,
+                                                                      models=args.models, progress=False))
         X = model.to_grid(adata)
-        net, pooled = model.network, {}
-        for pool in ("mean", "cls"):
-            net.cfg = dataclasses.replace(net.cfg, pool=pool)
-            pooled[pool] = embed_matrix(net, X, batch_size=512, progress=False)
+        pooled = {}
+        for pool in POOLS:
+            model.set_pool(pool)
+            pooled[pool] = embed_matrix(model.network, X, batch_size=512, progress=False)
         pooled["mean + cls"] = np.hstack([pooled["mean"], pooled["cls"]])
-        todo = [(pool, "kmeans10") for pool in pooled] + [("mean", c) for c in CLUSTERINGS if c != "kmeans10"]
+        todo = [(pool, "kmeans10") for pool in pooled] + [(pool, c) for pool in ("mean", "target")
+                                                          for c in CLUSTERINGS if c != "kmeans10"]
         for pool, clustering in todo:
             t = time.perf_counter()
             pred = CLUSTERINGS[clustering](pooled[pool], k, seed)

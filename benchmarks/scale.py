@@ -113,7 +113,7 @@ def stage(name: str, args) -> dict:
         dev = _device()
         model = MaskSCModel.load(model_dir, device=dev)
         model.embed_file(path, emb, batch_size=args.embed_batch, chunk_size=16_384, device=dev, progress=False)
-        out["dim"] = model.config.embed_dim
+        out["dim"] = model.config.embedding_dim
     elif name in ("kmeans_faiss", "kmeans_sklearn"):
         from sklearn.metrics import adjusted_rand_score as ari
         Z = np.load(emb)

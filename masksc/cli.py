@@ -112,10 +112,15 @@ def cmd_embed(args) -> int:
         import torch
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = MaskSCModel.load(args.model, device=device)
+    if args.pool:
+        try:
+            model.set_pool(args.pool)
+        except ValueError as exc:
+            raise MaskscError(f"--pool {args.pool}: {exc}") from exc
     out = model.embed_file(_source(args), args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
                            device=device, dist=ctx)
     if ctx.is_main:
-        print(f"embedding of {model.config.embed_dim} dims written to {out}")
+        print(f"embedding of {model.config.embedding_dim} dims written to {out}")
     return 0
 
 
@@ -202,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", dest="batch_size", type=int, default=1024)
     sp.add_argument("--chunk-size", dest="chunk_size", type=int, default=16_384,
                     help="cells read from disk at a time (memory bound; default 16384)")
+    sp.add_argument("--pool", default=None,
+                    help="read-out, default the model's own: mean (of the encoded tokens), cls (the global "
+                         "token) or target (the predicted teacher feature)")
     sp.set_defaults(func=cmd_embed)
 
     sp = sub.add_parser("cluster", help="cluster an embedded .h5ad -> obs['masksc_cluster']")

@@ -13,7 +13,7 @@ def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
     """Embed every cell of ``X_grid_csr`` (scipy CSR [n, g*s] in grid order) in row order.
 
     Runs ``model.embed`` (encoder on all patches, no masking) in eval mode without gradients.
-    ``amp`` uses bf16 autocast on CUDA. Returns float32 [n, embed_dim].
+    ``amp`` uses bf16 autocast on CUDA. Returns float32 [n, cfg.embedding_dim].
     """
     from masksc.data import CellBatches
 
@@ -21,7 +21,7 @@ def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
     device = torch.device(device) if device is not None else next(core.parameters()).device
     was_training = core.training
     core.to(device).eval()
-    out = np.empty((X_grid_csr.shape[0], core.cfg.embed_dim), dtype=np.float32)
+    out = np.empty((X_grid_csr.shape[0], core.cfg.embedding_dim), dtype=np.float32)
     batches = CellBatches(X_grid_csr, batch_size=batch_size, shuffle=False)
     for batch in tqdm(batches, total=len(batches), desc="embed", disable=not progress, leave=False):
         batch = batch.to(device)

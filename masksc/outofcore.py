@@ -341,7 +341,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     ckpt.check_genes(model.grid.to_dict(), reader.var_names)
     if reader.path is not None and output.resolve() == reader.path.resolve():
         raise MaskscError(f"output {output} is the input file; fix: write to a new file (the input is never modified).")
-    n, dim = reader.n_obs, model.network.cfg.embed_dim
+    n, dim = reader.n_obs, model.network.cfg.embedding_dim
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     if ctx.is_main:

@@ -68,6 +68,11 @@ class MaskSCModel:
         return cls(network, Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"]),
                    path=config["path"])
 
+    def set_pool(self, pool: str) -> None:
+        """Read cells out another way from now on (``mean``, ``cls`` or ``target``, see
+        ``MaskSC.embed``) without retraining; ``save`` then stores that choice."""
+        self.network.cfg = self.network.cfg.replace(pool=pool)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model as a checkpoint directory (config.json + model.safetensors), atomically."""
         return ckpt.save_checkpoint(path, self.network, extra=self.meta())
@@ -84,7 +89,7 @@ class MaskSCModel:
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True) -> np.ndarray:
-        """Embeddings of the cells of ``adata``: float32 [n_cells, embed_dim], in row order."""
+        """Embeddings of the cells of ``adata``: float32 [n_cells, config.embedding_dim], in row order."""
         return embed_matrix(self.network, self.to_grid(adata), batch_size=batch_size, device=device,
                             progress=progress)
 

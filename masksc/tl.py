@@ -41,7 +41,7 @@ def fit(adata, preset: str = "cpu", **kwargs) -> MaskSCModel:
 def embed(adata, model: MaskSCModel | str | os.PathLike, *, key_added: str = EMBEDDING_KEY,
           batch_size: int = 1024, device: str | None = None, progress: bool = True) -> None:
     """Embed every cell of ``adata`` with ``model`` (a MaskSCModel or its directory) into
-    ``adata.obsm[key_added]`` (float32 [n_cells, embed_dim])."""
+    ``adata.obsm[key_added]`` (float32 [n_cells, config.embedding_dim])."""
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=device or "cpu")
     adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress)

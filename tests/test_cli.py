@@ -70,6 +70,24 @@ def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_embed_pool_target_matches_the_python_readout(trained, tmp_path, capsys):
+    """`masksc embed --pool target` writes the predicted teacher features the Python API gives
+    after ``set_pool("target")``; a read-out that needs MED on a model without it is refused."""
+    from masksc.pipeline import MaskSCModel
+    data, before, model_dir = trained
+    out = tmp_path / "target.npy"
+    assert main(["embed", str(data), "--model", str(model_dir), "-o", str(out), "--pool", "target"]) == 0
+    model = MaskSCModel.load(model_dir)
+    model.set_pool("target")
+    expected = model.embed(ad.read_h5ad(data), progress=False)
+    assert expected.shape == (400, model.config.target_dim)
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["embed", str(data), "--model", str(model_dir), "-o", str(tmp_path / "x.npy"), "--pool", "max"]) == 2
+    assert "choose one of" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
+    assert _sha(data) == before
+
+
 def test_missing_file_exits_nonzero_with_message(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "nope.h5ad"), "-o", str(tmp_path / "m"), *TINY]) != 0
     assert "not found" in capsys.readouterr().err

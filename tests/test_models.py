@@ -101,6 +101,31 @@ def test_embed_is_mean_of_normed_nonpadding_tokens():
         torch.testing.assert_close(model.embed(batch), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_target_readout_is_decoder_prediction_on_all_tokens():
+    """pool='target': the decoder run on the unmasked encoding (no mask tokens anywhere),
+    its head output averaged over the non-padding tokens."""
+    X = random_grid(n_real=48)
+    model = make_model(TINY.replace(pool="target"), X=X, n_real=48).eval()
+    batch = CSRBatch.from_csr(X)
+    with torch.no_grad():
+        latent = model._encode_all(batch)
+        pad = model.pad_tokens
+        x = model.decoder_embed(latent)
+        x = torch.cat([x[:, :1], x[:, 1:] + model.decoder_pos_embed], 1)
+        kpm = F.pad(pad.expand(6, -1), (1, 0), value=False)
+        for blk in model.decoder_blocks:
+            x = blk(x, kpm)
+        expected = model.head(model.decoder_norm(x))[:, 1:][:, ~pad].mean(1)
+        got = model.embed(batch)
+    assert got.shape == (6, TINY.target_dim) == (6, model.cfg.embedding_dim)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_target_readout_needs_med():
+    with pytest.raises(ValueError, match="MED on"):
+        TINY.replace(pool="target", med=False)
+
+
 def test_masked_mse_known_answer():
     pred = torch.zeros(2, 4, 3)
     target = torch.zeros(2, 4, 3)
@@ -185,7 +210,7 @@ def test_ime_off_tokens_are_consecutive_gene_runs():
 
 
 @pytest.mark.parametrize("variant", [dict(ime=False), dict(med=False), dict(med=False, norm_pix=True),
-                                     dict(ime=False, med=False), dict(pool="cls")])
+                                     dict(ime=False, med=False), dict(pool="cls"), dict(pool="target")])
 def test_ablation_variants_run(variant):
     cfg = TINY.replace(**variant)
     X = random_grid()
@@ -194,7 +219,7 @@ def test_ablation_variants_run(variant):
     loss = model.training_loss(batch, seed=0)
     loss.backward()
     assert torch.isfinite(loss)
-    assert model.embed(batch).shape == (6, cfg.embed_dim)
+    assert model.embed(batch).shape == (6, cfg.embedding_dim)
     if not cfg.med:
         target = model.compute_targets(batch)
         assert target.shape == (6, cfg.n_patches, cfg.patch ** 2)

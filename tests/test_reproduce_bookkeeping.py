@@ -72,3 +72,37 @@ def test_table_names_layout_and_size_where_they_differ_from_the_preset():
     assert "layout" not in lines["masksc"] and "depth" not in lines["masksc"]
     assert "layout correlation" in lines["corr-patches"]
     assert "embed_dim 64, depth 2" in lines["small"] and "layout" not in lines["small"]
+
+
+def test_a_kept_model_is_reused_only_for_another_read_out(monkeypatch, tmp_path):
+    """trained_masksc trains once per (dataset, seed, what is learned); a method that changes only
+    the read-out embeds with the kept model (same weights, its own pool), another seed trains."""
+    import masksc.pipeline
+    import torch
+    from masksc.data import synthetic
+
+    tiny = dict(grid_shape=(16, 16), embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1,
+                decoder_heads=2, batch_size=64)
+    monkeypatch.setattr(reproduce, "ABLATIONS", {"masksc": tiny, "target-readout": {**tiny, "pool": "target"}})
+    calls = []
+    real_fit = masksc.pipeline.fit
+
+    def counting_fit(*a, **kw):
+        calls.append(kw["seed"])
+        return real_fit(*a, **kw)
+
+    monkeypatch.setattr(masksc.pipeline, "fit", counting_fit)
+    adata = synthetic(120, n_genes=300, n_types=3, seed=1)
+    args = argparse.Namespace(preset="demo", epochs=1, mask_ratio=0.0, models=str(tmp_path), progress=False)
+
+    first, info = reproduce.trained_masksc(adata, "syn", 0, args, "masksc")
+    assert calls == [0] and first.config.pool == "mean" and info["train_s"] > 0
+    reused, info2 = reproduce.trained_masksc(adata, "syn", 0, args, "target-readout")
+    assert calls == [0] and info2 == info
+    assert reused.config.pool == "target" and reused.config.to_dict() == reproduce._model_config("target-readout", args)
+    for a, b in zip(first.network.state_dict().values(), reused.network.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    reproduce.trained_masksc(adata, "syn", 1, args, "target-readout")
+    assert calls == [0, 1]
+    assert reproduce._training_id(reproduce._model_config("masksc", args)) == \
+        reproduce._training_id(reproduce._model_config("target-readout", args))

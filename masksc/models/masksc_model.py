@@ -27,6 +27,7 @@ from masksc.models.contrastive import ContrastiveSC
 from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 
 CONFIG_VERSION = 1
+POOLS = ("mean", "cls", "target")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class MaskSCConfig:
     target_dim: int = 60             # teacher output size (MED on)
     target_scale: float = 0.0        # multiply teacher targets by this; 0 = sqrt(target_dim) (unit-variance elements)
     norm_pix: bool = False           # MED off: standardise each patch's target values
-    pool: str = "mean"               # embedding: "mean" of non-padding patch tokens, or "cls"
+    pool: str = "mean"               # embedding: "mean" of the non-padding patch tokens, "cls", or "target"
     layout: str = "hvg"              # gene order in the grid ("hvg" | "correlation"), used by the data layer
     # training recipe (TrainConfig.from_model_config reads these)
     epochs: int = 40
@@ -71,8 +72,11 @@ class MaskSCConfig:
             raise ValueError(f"mask_ratio={self.mask_ratio} must be in (0, 1).")
         if self.target_fragment not in FRAGMENTS:
             raise ValueError(f"target_fragment={self.target_fragment!r}; choose one of {FRAGMENTS}.")
-        if self.pool not in ("mean", "cls"):
-            raise ValueError(f"pool={self.pool!r}; choose 'mean' or 'cls'.")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r}; choose one of {POOLS}.")
+        if self.pool == "target" and not self.med:
+            raise ValueError("pool='target' reads out the predicted teacher feature, which needs MED on; "
+                             "use pool='mean' with med=False.")
 
     @property
     def n_patches(self) -> int:
@@ -89,6 +93,11 @@ class MaskSCConfig:
     @property
     def out_dim(self) -> int:
         return self.target_dim if self.med else self.patch * self.patch
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of a cell embedding: target_dim under pool='target', else embed_dim."""
+        return self.target_dim if self.pool == "target" else self.embed_dim
 
     def replace(self, **kw) -> "MaskSCConfig":
         return dataclasses.replace(self, **kw)
@@ -344,13 +353,21 @@ class MaskSC(nn.Module):
         return self.encode(tokens, self.pad_tokens.expand(tokens.shape[0], -1))
 
     def embed(self, batch) -> torch.Tensor:
-        """Cell embeddings [B, D] float32: encoder on all tokens (no masking), final LayerNorm,
-        mean over the non-padding patch tokens (or the global token when cfg.pool == 'cls')."""
-        x = self._encode_all(batch).float()
+        """Cell embeddings [B, cfg.embedding_dim] float32 from the encoder on all tokens (no
+        masking), by ``cfg.pool``: ``mean`` of the non-padding patch tokens after the final
+        LayerNorm, the global token (``cls``), or ``target``: the decoder's prediction of the
+        teacher feature at every token, nothing masked, averaged over the non-padding tokens
+        (a cell's estimate of its own sequence-level target, in the teacher's space)."""
+        x = self._encode_all(batch)
         if self.cfg.pool == "cls":
-            return x[:, 0]
+            return x[:, 0].float()
+        if self.cfg.pool == "target":
+            all_ids = torch.arange(self.cfg.n_patches, device=x.device).expand(x.shape[0], -1)
+            tokens = self.decode(x, all_ids).float()
+        else:
+            tokens = x[:, 1:].float()
         keep = (~self.pad_tokens).float()
-        return (x[:, 1:] * keep[None, :, None]).sum(1) / keep.sum().clamp(min=1.0)
+        return (tokens * keep[None, :, None]).sum(1) / keep.sum().clamp(min=1.0)
 
     def last_attention(self, batch) -> torch.Tensor:
         """Attention probabilities of the last encoder block on all tokens: [B, heads, 1+G, 1+G]
