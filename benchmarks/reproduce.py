@@ -224,10 +224,10 @@ def _locked(path: Path):
 
 def _key(r: dict) -> tuple:
     """A row's identity in its table: dataset, method, seed and, for mask-sc, what it trained
-    (preset, epochs, mask ratio, IME, MED)."""
+    (preset, epochs, mask ratio, IME, MED and every other config field it changes from its preset)."""
     c = r.get("config", {})
     return (r["dataset"], r["method"], r["seed"], r.get("preset"), r.get("epochs"), c.get("mask_ratio"),
-            c.get("ime"), c.get("med"))
+            c.get("ime"), c.get("med"), _beyond_switches(c, r["preset"]) if r.get("preset") else ())
 
 
 def _model_config(method, args) -> dict | None:
@@ -262,13 +262,14 @@ def _same_run(docs: list[dict], dataset: str, seed: int, cfg: dict | None) -> di
     return None
 
 
-def _beyond_switches(cfg: dict, preset: str) -> str:
-    """The table's note for every config field, other than those the setting column already
-    shows (epochs, mask ratio, IME, MED), where a row differs from its preset."""
+def _beyond_switches(cfg: dict, preset: str) -> tuple[tuple[str, str], ...]:
+    """(name, value as text) of every config field, other than those the setting column already
+    shows (epochs, mask ratio, IME, MED), where a row differs from its preset as it is now: a row
+    of an earlier preset keeps its own identity and names what it did differently."""
     from masksc.models import get_preset
     shown = {"epochs", "mask_ratio", "ime", "med"}
-    return "".join(f", {name} {cfg[name]}" for name, value in get_preset(preset).to_dict().items()
-                   if name not in shown and cfg.get(name, value) != value)
+    return tuple((name, str(cfg[name])) for name, value in get_preset(preset).to_dict().items()
+                 if name not in shown and cfg.get(name, value) != value)
 
 
 def markdown(doc: dict, methods: list[str], title: str) -> str:
@@ -279,13 +280,13 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
     for r in doc["runs"]:
         ds, m, _seed, *setting = _key(r)
         groups.setdefault((ds, m, *setting), []).append(r)
-    for (ds, m, preset, epochs, mask, ime, med), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1])
+    for (ds, m, preset, epochs, mask, ime, med, extras), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1])
                                                                              if kv[0][1] in methods else 99)):
         if m not in methods:
             continue
         f = lambda key: f"{np.mean([r[key] for r in runs]):.4f} ± {np.std([r[key] for r in runs]):.4f}"
         setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}"
-                   f"{_beyond_switches(runs[0]['config'], preset)}" if preset else (f"- / {epochs}" if epochs else "-"))
+                   f"{''.join(f', {name} {value}' for name, value in extras)}" if preset else (f"- / {epochs}" if epochs else "-"))
         paper = PAPER.get((ds, m))
         rows.append(f"| {ds} | {m} | {setting} | {f('ari')} | {f('nmi')} | {f('silhouette')} | "
                     f"{','.join(str(r['seed']) for r in runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} | "

@@ -74,6 +74,18 @@ def test_table_names_layout_and_size_where_they_differ_from_the_preset():
     assert "embed_dim 64, depth 2" in lines["small"] and "layout" not in lines["small"]
 
 
+def test_a_row_of_an_earlier_preset_is_not_the_preset_s_row():
+    """A row trained with another value of a field the setting column does not show (here the
+    learning rate) is neither skipped as done nor grouped with the preset's rows; the table names it."""
+    lr = get_preset("cpu").lr
+    old = {**_row("masksc", lr=lr * 2), "silhouette": 0.1, "wall_s": 1.0, "device": "cpu"}
+    now = {**_row("masksc"), "silhouette": 0.1, "wall_s": 1.0, "device": "cpu"}
+    assert reproduce._key(old) != reproduce._run_key("pbmc", "masksc", 0, ARGS) == reproduce._key(now)
+    lines = [line for line in reproduce.markdown({"runs": [old, now]}, reproduce.TABLE1, "t").splitlines()
+             if line.startswith("| pbmc")]
+    assert len(lines) == 2 and sum(f"lr {lr * 2}" in line for line in lines) == 1
+
+
 def test_a_kept_model_is_reused_only_for_another_read_out(monkeypatch, tmp_path):
     """trained_masksc trains once per (dataset, seed, what is learned); a method that changes only
     the read-out embeds with the kept model (same weights, its own pool), another seed trains."""
