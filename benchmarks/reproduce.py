@@ -19,10 +19,10 @@ Table 2: masksc and the preset with one thing changed: ime-on (2-D gene-grid pat
 paper's IME), ime-off (1-D gene-sequence tokens), med-off (reconstruct patch values),
 corr-patches (2-D patches on the correlation layout: each 4 x 4 patch holds 16 consecutive
 genes of an average-linkage ordering of gene-gene correlation, one co-expression module),
-small (D = 64, encoder depth 2), depth-6 (encoder depth 6), wide (D = 192, 6 heads), lr-1e-3 (the
-learning rate of earlier releases' preset), grid-32 (a 32 x 32 grid: the top 1024 HVG, 64 tokens) and
-target-readout (cells read out as the decoder's prediction of their teacher feature instead of
-mean-pooled tokens).
+small (D = 64, encoder depth 2), depth-6 (encoder depth 6), wide (D = 192, 6 heads),
+lr-1e-3 (the learning rate of earlier releases' preset), grid-32 (a 32 x 32 grid: the top
+1024 HVG, 64 tokens) and target-readout (cells read out as the decoder's prediction of their
+teacher feature instead of mean-pooled tokens).
 
 Trained models are kept in --models (default ~/.cache/masksc-reproduce); a row that differs
 from a kept model only in its read-out (target-readout) embeds with it instead of training
@@ -280,13 +280,14 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
     for r in doc["runs"]:
         ds, m, _seed, *setting = _key(r)
         groups.setdefault((ds, m, *setting), []).append(r)
-    for (ds, m, preset, epochs, mask, ime, med, extras), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], methods.index(kv[0][1])
-                                                                             if kv[0][1] in methods else 99)):
+    order = lambda kv: (kv[0][0], methods.index(kv[0][1]) if kv[0][1] in methods else 99)
+    for (ds, m, preset, epochs, mask, ime, med, extras), runs in sorted(groups.items(), key=order):
         if m not in methods:
             continue
         f = lambda key: f"{np.mean([r[key] for r in runs]):.4f} ± {np.std([r[key] for r in runs]):.4f}"
-        setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}"
-                   f"{''.join(f', {name} {value}' for name, value in extras)}" if preset else (f"- / {epochs}" if epochs else "-"))
+        notes = "".join(f", {name} {value}" for name, value in extras)
+        setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}{notes}"
+                   if preset else (f"- / {epochs}" if epochs else "-"))
         paper = PAPER.get((ds, m))
         rows.append(f"| {ds} | {m} | {setting} | {f('ari')} | {f('nmi')} | {f('silhouette')} | "
                     f"{','.join(str(r['seed']) for r in runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} | "
