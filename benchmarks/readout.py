@@ -1,7 +1,7 @@
 """How should a trained mask-sc model be read out and clustered? For a `cpu`-preset model per
 (dataset, seed), the embedding is taken four ways (mean of the patch tokens, the global
 token, the predicted teacher feature, mean and global token concatenated) and the
-mean-pooled and predicted-feature ones are clustered eight ways with k = number of labels,
+mean-pooled and predicted-feature ones are clustered ten ways with k = number of labels,
 plain and L2-normalised k-means also from 10 clustering seeds (mean +- std: the share of a
 score that is the k-means draw rather than the embedding). Prints a table and writes
 benchmarks/results/readout.json (with the device).
@@ -45,6 +45,19 @@ def _ward(Z, k):
     return AgglomerativeClustering(k).fit_predict(Z)
 
 
+def _gmm(Z, k, seed):
+    """Gaussian mixture with a full covariance per cluster (k-means-initialised): clusters of
+    unequal size and spread, which k-means's equal spheres split or merge."""
+    from sklearn.mixture import GaussianMixture
+    return GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed).fit_predict(Z)
+
+
+def _spectral(Z, k, seed):
+    from sklearn.cluster import SpectralClustering
+    return SpectralClustering(k, affinity="nearest_neighbors", n_neighbors=15, assign_labels="cluster_qr",
+                              random_state=seed).fit_predict(Z)
+
+
 CLUSTERINGS = {  # name -> (Z, k, seed) -> labels; "kmeans10" is what reproduce.py reports
     "kmeans10": lambda Z, k, s: kmeans(Z, k, seed=s),
     "kmeans100": lambda Z, k, s: kmeans(Z, k, seed=s, n_init=100),
@@ -54,6 +67,8 @@ CLUSTERINGS = {  # name -> (Z, k, seed) -> labels; "kmeans10" is what reproduce.
     "ward": lambda Z, k, s: _ward(Z, k),
     "15-NN mean + kmeans10": lambda Z, k, s: kmeans(_knn_mean(Z), k, seed=s),
     "leiden_for_k": lambda Z, k, s: leiden_for_k(knn_graph(Z, 15), k, seed=s)[0],
+    "gmm (full covariance)": _gmm,
+    "spectral (15-NN)": _spectral,
 }
 
 # k-means restarts from SPREAD_SEEDS seeds: how much of a score is the clustering's own draw?

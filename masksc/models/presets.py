@@ -19,7 +19,7 @@
   3 seeds, worm ARI / NMI 0.576 / 0.697 vs 0.535 / 0.674, PBMC 0.783 / 0.779 vs
   0.780 / 0.777 (the grid's 2-D neighbours are genes of similar HVG rank, not related genes).
   AdamW lr 5e-4 rather than 1e-3: 3 seeds, worm ARI 0.586 +- 0.075 vs 0.560 +- 0.086 (10 k-means
-  draws per model: 0.583 vs 0.556, higher for each seed), PBMC 0.783 / 0.781 vs 0.785 / 0.782.
+  draws per model: 0.584 vs 0.556, higher for each seed), PBMC 0.783 / 0.781 vs 0.785 / 0.782.
 - ``demo``: for the 700-cell pbmc68k_reduced demo (765 genes): a 28 x 28 grid, P = 4 ->
   49 tokens, D = 64, depth 2, decoder 32 x 1, batch 32, 80 epochs, mask 0.5 (as ``cpu``):
   60 s of training on 2 shared CPU cores, ARI 0.51 / NMI 0.65 on the 10 bulk labels against
