@@ -17,12 +17,15 @@
   an epoch costs ~1.5x as much (twice the visible tokens). IME off (1-D tokens of 16
   consecutive genes in HVG rank, the paper's IME ablation) rather than 4 x 4 grid patches:
   3 seeds, worm ARI / NMI 0.576 / 0.697 vs 0.535 / 0.674, PBMC 0.783 / 0.779 vs
-  0.780 / 0.777 (the grid's 2-D neighbours are genes of similar HVG rank, not related genes).
+  0.780 / 0.777 (the grid's 2-D neighbours are genes of similar HVG rank, not related genes;
+  20 epochs, lr 1e-3). At this preset's 40 epochs and lr 5e-4 the ranking turned: IME on
+  scored PBMC 0.789 vs 0.783 and worm 0.628 +- 0.015 vs 0.586 +- 0.075 (3 seeds, Table 2);
+  measured at the end of a release and not yet adopted here.
   AdamW lr 5e-4 rather than 1e-3: 3 seeds, worm ARI 0.586 +- 0.075 vs 0.560 +- 0.086 (10 k-means
   draws per model: 0.584 vs 0.556, higher for each seed), PBMC 0.783 / 0.781 vs 0.785 / 0.782.
 - ``demo``: for the 700-cell pbmc68k_reduced demo (765 genes): a 28 x 28 grid, P = 4 ->
   49 tokens, D = 64, depth 2, decoder 32 x 1, batch 32, 80 epochs, mask 0.5 (as ``cpu``):
-  60 s of training on 2 shared CPU cores, ARI 0.51 / NMI 0.65 on the 10 bulk labels against
+  52-60 s of training on 2 CPU cores, ARI 0.53 / NMI 0.66 on the 10 bulk labels against
   0.48 / 0.66 for PCA(50) + k-means on the same input (mask 0.75: 0.46 / 0.62; 30 epochs at
   batch 64 gave only 0.27).
 """
