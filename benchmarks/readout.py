@@ -3,7 +3,9 @@
 token, the predicted teacher feature, mean and global token concatenated) and the
 mean-pooled and predicted-feature ones are clustered ten ways with k = number of labels,
 plain and L2-normalised k-means also from 10 clustering seeds (mean +- std: the share of a
-score that is the k-means draw rather than the embedding). Prints a table and writes
+score that is the k-means draw rather than the embedding). A 15-nearest-neighbour classifier
+on the labels (5-fold accuracy) says how well the mean-pooled embedding separates the types
+locally, whatever shape k-means needs them to have. Prints a table and writes
 benchmarks/results/readout.json (with the device).
 
     python benchmarks/readout.py                       # the runs the README cites
@@ -56,6 +58,15 @@ def _spectral(Z, k, seed):
     from sklearn.cluster import SpectralClustering
     return SpectralClustering(k, affinity="nearest_neighbors", n_neighbors=15, assign_labels="cluster_qr",
                               random_state=seed).fit_predict(Z)
+
+
+def _knn_accuracy(Z, truth, seed):
+    """5-fold accuracy of a 15-NN classifier on the labels: how well the embedding separates
+    the types locally, whatever shape k-means needs them to have."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    return float(cross_val_score(KNeighborsClassifier(15), Z, truth, cv=folds).mean())
 
 
 CLUSTERINGS = {  # name -> (Z, k, seed) -> labels; "kmeans10" is what reproduce.py reports
@@ -112,6 +123,9 @@ def main(argv=None) -> int:
                          "nmi": float(normalized_mutual_info_score(truth, pred)),
                          "seconds": time.perf_counter() - t})
             print(f"{ds} seed {seed}  {pool:10s} {clustering:24s} ARI {rows[-1]['ari']:.4f}  NMI {rows[-1]['nmi']:.4f}", flush=True)
+        rows.append({"dataset": ds, "seed": seed, "pool": "mean", "clustering": "15-NN classifier, 5-fold",
+                     "accuracy": _knn_accuracy(pooled["mean"], truth, seed)})
+        print(f"{ds} seed {seed}  mean       15-NN classifier accuracy {rows[-1]['accuracy']:.4f}", flush=True)
         for pool, clustering in [(pool, c) for pool in ("mean", "target") for c in SPREAD]:
             scores = [(adjusted_rand_score(truth, pred), normalized_mutual_info_score(truth, pred))
                       for pred in (CLUSTERINGS[clustering](pooled[pool], k, s) for s in range(SPREAD_SEEDS))]
@@ -120,7 +134,7 @@ def main(argv=None) -> int:
                          "ari": float(ari.mean()), "ari_std": float(ari.std()), "nmi": float(nmi.mean())})
             print(f"{ds} seed {seed}  {pool:10s} {rows[-1]['clustering']:24s} ARI {ari.mean():.4f} ± {ari.std():.4f}  "
                   f"NMI {nmi.mean():.4f}", flush=True)
-    print_table(rows, ["dataset", "seed", "pool", "clustering", "ari", "nmi"])
+    print_table(rows, ["dataset", "seed", "pool", "clustering", "ari", "nmi", "accuracy"])
     print(write_result("readout", {**device_info("cpu"), "preset": "cpu", "rows": rows}))
     return 0
 

@@ -61,11 +61,12 @@ DATASETS = {"pbmc": "10X_PBMC_top2000.h5", "worm": "worm_neuron_cell.h5",
 MODELS = Path.home() / ".cache" / "masksc-reproduce"  # trained mask-sc models (see trained_masksc)
 TABLE1 = ["masksc", "contrastive-sc", "pca-raw", "log-pca", "leiden"]
 TABLE2 = ["masksc", "ime-on", "ime-off", "med-off", "corr-patches", "small", "depth-6", "wide", "lr-1e-3", "grid-32",
-          "target-readout"]
+          "decoder-4", "target-readout"]
 ABLATIONS = {"masksc": {}, "ime-on": {"ime": True}, "ime-off": {"ime": False}, "med-off": {"med": False},
              "corr-patches": {"ime": True, "layout": "correlation"}, "small": {"embed_dim": 64, "depth": 2},
              "depth-6": {"depth": 6}, "wide": {"embed_dim": 192, "num_heads": 6}, "lr-1e-3": {"lr": 1e-3},
-             "grid-32": {"grid_shape": (32, 32)}, "target-readout": {"pool": "target"}}
+             "grid-32": {"grid_shape": (32, 32)}, "decoder-4": {"decoder_depth": 4},
+             "target-readout": {"pool": "target"}}
 DETERMINISTIC = {"pca-raw", "log-pca", "leiden"}  # seed only changes the clustering
 PAPER = {  # reference figures (ARI, NMI): the mask-sc paper, contrastive-sc authors, the README of ../shared/data
     ("pbmc", "masksc"): (0.8064, 0.7923), ("worm", "masksc"): (0.5777, 0.7190),

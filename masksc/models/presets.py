@@ -14,15 +14,13 @@
   mask ratio 0.5 rather than the paper's 0.75: scRNA-seq grids are 90-99% zeros, and at 0.75
   a worm-neuron cell shows the encoder only ~6 of its ~25 detected grid genes. Seed 0, 20
   epochs: worm (all genes) ARI 0.568 vs 0.503, PBMC 0.782 vs 0.766 (3-seed mean at 0.75);
-  an epoch costs ~1.5x as much (twice the visible tokens). IME off (1-D tokens of 16
-  consecutive genes in HVG rank, the paper's IME ablation) rather than 4 x 4 grid patches:
-  3 seeds, worm ARI / NMI 0.576 / 0.697 vs 0.535 / 0.674, PBMC 0.783 / 0.779 vs
-  0.780 / 0.777 (the grid's 2-D neighbours are genes of similar HVG rank, not related genes;
-  20 epochs, lr 1e-3). At this preset's 40 epochs and lr 5e-4 the ranking turned: IME on
-  scored PBMC 0.789 vs 0.783 and worm 0.628 +- 0.015 vs 0.586 +- 0.075 (3 seeds, Table 2);
-  measured at the end of a release and not yet adopted here.
-  AdamW lr 5e-4 rather than 1e-3: 3 seeds, worm ARI 0.586 +- 0.075 vs 0.560 +- 0.086 (10 k-means
-  draws per model: 0.584 vs 0.556, higher for each seed), PBMC 0.783 / 0.781 vs 0.785 / 0.782.
+  an epoch costs ~1.5x as much (twice the visible tokens). 4 x 4 grid patches (IME on, the
+  paper's tokens) rather than 1-D tokens of 16 consecutive HVG-ranked genes: 3 seeds at this
+  preset's 40 epochs and lr 5e-4, PBMC ARI / NMI 0.789 / 0.783 vs 0.783 / 0.781, worm
+  0.628 +- 0.015 / 0.731 vs 0.586 +- 0.075 / 0.727 (1-D tokens had led at 20 epochs and
+  lr 1e-3: worm 0.576 vs 0.535, PBMC level). AdamW lr 5e-4 rather than 1e-3: 3 seeds with
+  1-D tokens, worm ARI 0.586 +- 0.075 vs 0.560 +- 0.086 (10 k-means draws per model: 0.584
+  vs 0.556, higher for each seed), PBMC 0.783 / 0.781 vs 0.785 / 0.782.
 - ``demo``: for the 700-cell pbmc68k_reduced demo (765 genes): a 28 x 28 grid, P = 4 ->
   49 tokens, D = 64, depth 2, decoder 32 x 1, batch 32, 80 epochs, mask 0.5 (as ``cpu``):
   52-60 s of training on 2 CPU cores, ARI 0.53 / NMI 0.66 on the 10 bulk labels against
@@ -40,7 +38,7 @@ PRESETS: dict[str, MaskSCConfig] = {
                           warmup_epochs=40),
     "cpu": MaskSCConfig(grid_shape=(48, 48), patch=4, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
                         decoder_dim=64, decoder_depth=1, decoder_heads=4, mask_ratio=0.5, target_fragment="cell",
-                        ime=False, epochs=40, batch_size=64, lr=5e-4, weight_decay=0.05, betas=(0.9, 0.95),
+                        ime=True, epochs=40, batch_size=64, lr=5e-4, weight_decay=0.05, betas=(0.9, 0.95),
                         warmup_epochs=1),
     "demo": MaskSCConfig(grid_shape=(28, 28), patch=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
                          decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.5, target_fragment="cell",
