@@ -4,7 +4,7 @@ datasets in ../shared/data, k = number of labels, several seeds (mean +- std).
 Resumable: every finished run is appended to benchmarks/results/table1.json / table2.json
 (atomically) and skipped on the next call, so a long CPU reproduction can be completed over
 several invocations. A mask-sc run is identified by (dataset, seed, the model's whole config):
-an ablation whose switch the preset already has (``ime-off`` under ``cpu``) is the same run
+an ablation whose switch the preset already has (``ime-on`` under ``cpu``) is the same run
 as ``masksc`` and is taken from it, not trained twice. The markdown tables go to
 benchmarks/results/table1.md / table2.md with the device and wall time of each row.
 
@@ -21,7 +21,7 @@ corr-patches (2-D patches on the correlation layout: each 4 x 4 patch holds 16 c
 genes of an average-linkage ordering of gene-gene correlation, one co-expression module),
 small (D = 64, encoder depth 2), depth-6 (encoder depth 6), wide (D = 192, 6 heads),
 lr-1e-3 (the learning rate of earlier releases' preset), grid-32 (a 32 x 32 grid: the top
-1024 HVG, 64 tokens) and target-readout (cells read out as the decoder's prediction of their
+1024 HVG, 64 tokens), decoder-4 (a 4-block decoder) and target-readout (cells read out as the decoder's prediction of their
 teacher feature instead of mean-pooled tokens).
 
 Trained models are kept in --models (default ~/.cache/masksc-reproduce); a row that differs
