@@ -31,7 +31,7 @@ from benchmarks._common import device_info, print_table, write_result  # noqa: E
 from benchmarks.reproduce import DATA, DATASETS, _cluster_and_score, _labels  # noqa: E402
 
 BASE = dict(n_genes=2304, grid=48, dropout=None, lr=0.4, epochs=30, temperature=0.07, flavor="auto", seed=0,
-            teachers=1)
+            teachers=1, layers=(200, 40, 60), batch_size=200)
 SWEEP = [  # (dataset, changes from BASE); dropout None = auto_teacher_dropout
     ("pbmc", {}),
     ("worm-top2000", {}),
@@ -46,6 +46,10 @@ SWEEP = [  # (dataset, changes from BASE); dropout None = auto_teacher_dropout
     ("pbmc", {"temperature": 0.2}), ("pbmc", {"temperature": 0.3}), ("pbmc", {"temperature": 0.5}),
     ("pbmc", {"temperature": 0.5, "seed": 1}), ("pbmc", {"temperature": 0.5, "seed": 2}),
     ("worm", {"temperature": 0.2}), ("worm", {"temperature": 0.5}),
+    ("pbmc", {"temperature": 0.3, "seed": 1}), ("pbmc", {"temperature": 0.3, "seed": 2}),
+    *[("pbmc", {"layers": layers, "seed": seed})
+      for layers in ((512, 128, 60), (1024, 256, 128)) for seed in (0, 1, 2)],
+    *[("pbmc", {"batch_size": 100, "seed": seed}) for seed in (0, 1, 2)],
 ]
 
 
@@ -65,7 +69,8 @@ def run(adata, s: dict) -> dict:
     Z = []
     for seed in range(s["seed"], s["seed"] + s["teachers"]):
         cfg = ContrastiveConfig(n_input=shape[0] * shape[1], standardize=True, seed=seed, dropout=dropout,
-                                epochs=s["epochs"], lr=s["lr"], temperature=s["temperature"])
+                                epochs=s["epochs"], lr=s["lr"], temperature=s["temperature"], layers=s["layers"],
+                                batch_size=s["batch_size"])
         teacher = fit_teacher(Xg, shape, 4, "cell", cfg, is_padding=grid.is_padding, progress=False)
         with torch.no_grad():
             Z.append(teacher(dense).numpy())

@@ -5,6 +5,8 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from masksc.models import get_preset
 
 _spec = importlib.util.spec_from_file_location(
@@ -118,3 +120,36 @@ def test_a_kept_model_is_reused_only_for_another_read_out(monkeypatch, tmp_path)
     assert calls == [0, 1]
     assert reproduce._training_id(reproduce._model_config("masksc", args)) == \
         reproduce._training_id(reproduce._model_config("target-readout", args))
+
+
+def test_contrastive_sc_sweep_picks_the_size_with_the_highest_silhouette(monkeypatch):
+    """The authors' rule: 3 seeds per input size, keep the size with the highest mean k-means
+    silhouette (no labels); sizes past the data's gene count are one run, not several."""
+    silhouette = {500: [0.30, 0.28, 0.32], 1000: [0.25, 0.26, 0.24], 1200: [0.33, 0.34, 0.35]}
+    calls = []
+
+    def fake(adata, n_genes, seed):
+        used = 1200 if n_genes is None or n_genes > 1200 else n_genes
+        calls.append((n_genes, seed))
+        return {"silhouette": silhouette[used][seed], "ari": used / 10_000 + seed}, {"n_genes": used}
+
+    monkeypatch.setattr(reproduce, "_contrastive_sc", fake)
+    monkeypatch.setattr(reproduce, "_SWEEPS", {})
+    adata = argparse.Namespace(uns={"dataset": "syn"})
+    scores, extra = reproduce.run_contrastive_sweep(adata, 3, 2, ARGS)
+    assert [n for n, _ in calls] == [500] * 3 + [1000] * 3 + [1500] * 3   # 1500 > 1200 genes: stop
+    assert extra["n_genes"] == 1200 and scores == {"silhouette": 0.35, "ari": 0.12 + 2}
+    assert extra["silhouette_by_size"] == pytest.approx({500: 0.30, 1000: 0.25, 1200: 0.34})
+    reproduce.run_contrastive_sweep(adata, 3, 0, ARGS)                   # the other seeds reuse the sweep
+    assert len(calls) == 9
+    assert reproduce._run_key("worm", "contrastive-sc-sweep", 1, ARGS)[:5] == ("worm", "contrastive-sc-sweep", 1,
+                                                                             None, 30)
+
+
+def test_contrastive_sc_uses_the_asked_number_of_genes():
+    from masksc.data import synthetic
+    adata = synthetic(150, n_genes=400, n_types=3, seed=0)
+    scores, extra = reproduce._contrastive_sc(adata, 100, 0)
+    assert extra["n_genes"] == 100 and 0 <= scores["ari"] <= 1
+    _, every = reproduce._contrastive_sc(adata, None, 0)
+    assert every["n_genes"] == int(((adata.X.sum(0) >= 3)).sum())
