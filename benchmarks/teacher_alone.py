@@ -47,6 +47,7 @@ SWEEP = [  # (dataset, changes from BASE); dropout None = auto_teacher_dropout
     ("pbmc", {"temperature": 0.5, "seed": 1}), ("pbmc", {"temperature": 0.5, "seed": 2}),
     ("worm", {"temperature": 0.2}), ("worm", {"temperature": 0.5}),
     ("pbmc", {"temperature": 0.3, "seed": 1}), ("pbmc", {"temperature": 0.3, "seed": 2}),
+    *[(ds, {"temperature": 0.2, "seed": seed}) for ds in ("worm", "pbmc") for seed in (1, 2)],
     *[("pbmc", {"layers": layers, "seed": seed})
       for layers in ((512, 128, 60), (1024, 256, 128)) for seed in (0, 1, 2)],
     *[("pbmc", {"batch_size": 100, "seed": seed}) for seed in (0, 1, 2)],
