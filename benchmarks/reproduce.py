@@ -130,7 +130,7 @@ def run_leiden(adata, k, seed, args):
              "silhouette": sil}, {"n_clusters": int(len(np.unique(pred)))})
 
 
-def _contrastive_sc(adata, n_genes: int | None, seed: int) -> tuple[dict, dict]:
+def _contrastive_sc(adata, k: int, n_genes: int | None, seed: int) -> tuple[dict, dict]:
     """contrastive-sc as its authors ran it (their preprocessing, network, optimiser, 30 epochs)
     on their ``n_genes`` most variable genes (every gene left after filtering if None or if
     fewer are left)."""
@@ -148,13 +148,12 @@ def _contrastive_sc(adata, n_genes: int | None, seed: int) -> tuple[dict, dict]:
     X = np.asarray(a.X, dtype=np.float32)
     model, losses = train_contrastive_dense(X, ContrastiveConfig(n_input=X.shape[1], seed=seed), progress=False)
     truth = _labels(adata)[np.isin(adata.obs_names, a.obs_names)]
-    k = len(np.unique(truth))
     return _cluster_and_score(embed_dense(model, X), truth, k, seed), {"final_loss": losses[-1], "n_genes": X.shape[1]}
 
 
 def run_contrastive(adata, k, seed, args):
     """contrastive-sc on 500 HVG, the input size its authors default to."""
-    return _contrastive_sc(adata, 500, seed)
+    return _contrastive_sc(adata, k, 500, seed)
 
 
 # The authors' final benchmark (their Benchmark_real_data and Grid_search_real_input_size
@@ -165,7 +164,12 @@ INPUT_SIZES, SIZE_SEEDS = (500, 1000, 1500, 3000, 5000, None), (0, 1, 2)
 _SWEEPS: dict[str, dict] = {}  # dataset -> its sweep, run once per invocation
 
 
-def _input_size_sweep(adata) -> dict[int, list[tuple[dict, dict, float]]]:
+def _sweep_mean(runs: list[tuple[dict, dict, float]], score: str) -> float:
+    """Mean of ``score`` over one input size's runs."""
+    return float(np.mean([scores[score] for scores, _, _ in runs]))
+
+
+def _input_size_sweep(adata, k: int) -> dict[int, list[tuple[dict, dict, float]]]:
     """Every input size's runs on ``adata`` (seeds SIZE_SEEDS), keyed by the number of genes
     used: {n_genes: [(scores, extra, seconds) per seed]}."""
     if adata.uns["dataset"] in _SWEEPS:
@@ -175,12 +179,12 @@ def _input_size_sweep(adata) -> dict[int, list[tuple[dict, dict, float]]]:
         runs = []
         for seed in SIZE_SEEDS:
             t0 = time.time()
-            scores, extra = _contrastive_sc(adata, n, seed)
+            scores, extra = _contrastive_sc(adata, k, n, seed)
             runs.append((scores, extra, time.time() - t0))
         used = runs[0][1]["n_genes"]
         sweep[used] = runs
         log.info("contrastive-sc input size %d: silhouette %.4f, ARI %.4f", used,
-                 np.mean([r[0]["silhouette"] for r in runs]), np.mean([r[0]["ari"] for r in runs]))
+                 _sweep_mean(runs, "silhouette"), _sweep_mean(runs, "ari"))
         if n is not None and used < n:  # every gene is in: larger sizes are the same run
             break
     _SWEEPS[adata.uns["dataset"]] = sweep
@@ -189,18 +193,18 @@ def _input_size_sweep(adata) -> dict[int, list[tuple[dict, dict, float]]]:
 
 def run_contrastive_sweep(adata, k, seed, args):
     """contrastive-sc at the input size its authors' selection rule picks for this dataset."""
-    sweep = _input_size_sweep(adata)
-    silhouette = {n: float(np.mean([r[0]["silhouette"] for r in runs])) for n, runs in sweep.items()}
+    sweep = _input_size_sweep(adata, k)
+    silhouette = {n: _sweep_mean(runs, "silhouette") for n, runs in sweep.items()}
     chosen = max(silhouette, key=silhouette.get)
     if seed in SIZE_SEEDS:
         scores, extra, seconds = sweep[chosen][SIZE_SEEDS.index(seed)]
     else:
         t0 = time.time()
-        scores, extra = _contrastive_sc(adata, chosen, seed)
+        scores, extra = _contrastive_sc(adata, k, chosen, seed)
         seconds = time.time() - t0
     return scores, {**extra, "wall_s": seconds, "silhouette_by_size": silhouette,
                     "selection_s": sum(r[2] for runs in sweep.values() for r in runs),
-                    "ari_by_size": {n: float(np.mean([r[0]["ari"] for r in runs])) for n, runs in sweep.items()}}
+                    "ari_by_size": {n: _sweep_mean(runs, "ari") for n, runs in sweep.items()}}
 
 
 def _training_id(cfg: dict) -> str:

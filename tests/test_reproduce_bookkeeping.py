@@ -128,7 +128,8 @@ def test_contrastive_sc_sweep_picks_the_size_with_the_highest_silhouette(monkeyp
     silhouette = {500: [0.30, 0.28, 0.32], 1000: [0.25, 0.26, 0.24], 1200: [0.33, 0.34, 0.35]}
     calls = []
 
-    def fake(adata, n_genes, seed):
+    def fake(adata, k, n_genes, seed):
+        assert k == 3
         used = 1200 if n_genes is None or n_genes > 1200 else n_genes
         calls.append((n_genes, seed))
         return {"silhouette": silhouette[used][seed], "ari": used / 10_000 + seed}, {"n_genes": used}
@@ -149,7 +150,8 @@ def test_contrastive_sc_sweep_picks_the_size_with_the_highest_silhouette(monkeyp
 def test_contrastive_sc_uses_the_asked_number_of_genes():
     from masksc.data import synthetic
     adata = synthetic(150, n_genes=400, n_types=3, seed=0)
-    scores, extra = reproduce._contrastive_sc(adata, 100, 0)
+    k = adata.obs["label"].nunique()
+    scores, extra = reproduce._contrastive_sc(adata, k, 100, 0)
     assert extra["n_genes"] == 100 and 0 <= scores["ari"] <= 1
-    _, every = reproduce._contrastive_sc(adata, None, 0)
+    _, every = reproduce._contrastive_sc(adata, k, None, 0)
     assert every["n_genes"] == int(((adata.X.sum(0) >= 3)).sum())
