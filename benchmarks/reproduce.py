@@ -5,8 +5,9 @@ Resumable: every finished run is appended to benchmarks/results/table1.json / ta
 (atomically) and skipped on the next call, so a long CPU reproduction can be completed over
 several invocations. A mask-sc run is identified by (dataset, seed, the model's whole config):
 an ablation whose switch the preset already has (``ime-on`` under ``cpu``) is the same run
-as ``masksc`` and is taken from it, not trained twice. The markdown tables go to
-benchmarks/results/table1.md / table2.md with the device and wall time of each row.
+as ``masksc`` and is taken from it, not trained twice. The markdown tables, with the device
+and wall time of each row, go to benchmarks/results/table1.md / table2.md and replace the
+tables under the README's "#### Table 1: ..." / "#### Table 2: ..." headings.
 
     python benchmarks/reproduce.py                                  # everything, cpu preset
     python benchmarks/reproduce.py --datasets pbmc --methods masksc --seeds 0 --epochs 20
@@ -359,6 +360,26 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def replace_readme_table(readme: str, title: str, table_md: str) -> str:
+    """``readme`` with the table under its ``#### {title}`` heading replaced by the table rows of
+    ``table_md`` (the output of :func:`markdown`); the rest of the text is left as it is.
+    Raises ValueError when the README has no such heading or no table under it."""
+    lines = readme.split("\n")
+    heading = f"#### {title}"
+    if heading not in lines:
+        raise ValueError(f"README has no line {heading!r}; add it above the table's place.")
+    start = lines.index(heading) + 1
+    while start < len(lines) and not lines[start].startswith("|"):
+        if lines[start].startswith("#"):
+            raise ValueError(f"README has no table under {heading!r}; add one (a header row is enough).")
+        start += 1
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    rows = [line for line in table_md.splitlines() if line.startswith("|")]
+    return "\n".join(lines[:start] + rows + lines[end:])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="pbmc,worm")
@@ -373,7 +394,7 @@ def main(argv=None) -> int:
                    help="keep trained mask-sc models here and reuse them for rows that differ only in "
                         "the read-out ('' keeps none)")
     p.add_argument("--progress", action="store_true")
-    p.add_argument("--tables-only", action="store_true", help="only rewrite the markdown tables")
+    p.add_argument("--tables-only", action="store_true", help="only rewrite the markdown tables (results/ and README)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -422,13 +443,18 @@ def main(argv=None) -> int:
                             doc["runs"] = [r for r in doc["runs"] if _key(r) != key] + [rec]
                             doc["device"] = device
                             _save(files[table], doc)
-    for table, methods, title in ((1, TABLE1, "Table 1: clustering (k = number of labels)"),
-                                  (2, TABLE2, "Table 2: ablations")):
-        doc = _load(files[table])
-        md = markdown(doc, methods, title)
-        with atomic_write(RESULTS / f"table{table}.md") as tmp:
-            Path(tmp).write_text(md)
-        print(md)
+    readme = ROOT / "README.md"
+    with _locked(readme):
+        text = readme.read_text()
+        for table, methods, title in ((1, TABLE1, "Table 1: clustering (k = number of labels)"),
+                                      (2, TABLE2, "Table 2: ablations")):
+            md = markdown(_load(files[table]), methods, title)
+            with atomic_write(RESULTS / f"table{table}.md") as tmp:
+                Path(tmp).write_text(md)
+            text = replace_readme_table(text, title, md)
+            print(md)
+        with atomic_write(readme) as tmp:
+            Path(tmp).write_text(text)
     return 0
 
 

@@ -155,3 +155,43 @@ def test_contrastive_sc_uses_the_asked_number_of_genes():
     assert extra["n_genes"] == 100 and 0 <= scores["ari"] <= 1
     _, every = reproduce._contrastive_sc(adata, k, None, 0)
     assert every["n_genes"] == int(((adata.X.sum(0) >= 3)).sum())
+
+
+README = """# project
+
+intro
+
+#### Table 1: clustering
+
+| dataset | method | ARI |
+|---|---|---|
+| pbmc | old | 0.1 |
+
+text after the table
+"""
+
+
+def test_readme_table_is_replaced_and_nothing_else():
+    md = "### Table 1: clustering\n\n| dataset | method | ARI |\n|---|---|---|\n| pbmc | new | 0.2 |\n| worm | new | 0.3 |\n"
+    out = reproduce.replace_readme_table(README, "Table 1: clustering", md)
+    assert "| pbmc | old |" not in out
+    assert out == README.replace("| pbmc | old | 0.1 |", "| pbmc | new | 0.2 |\n| worm | new | 0.3 |")
+    assert reproduce.replace_readme_table(out, "Table 1: clustering", md) == out
+
+
+def test_readme_without_the_table_is_an_error_naming_the_heading():
+    with pytest.raises(ValueError, match="Table 2: ablations"):
+        reproduce.replace_readme_table(README, "Table 2: ablations", "| a |\n")
+    no_table = "#### Table 2: ablations\n\ntext\n\n## Next\n\n| other | table |\n"
+    with pytest.raises(ValueError, match="no table under"):
+        reproduce.replace_readme_table(no_table, "Table 2: ablations", "| a |\n")
+
+
+def test_the_readme_holds_the_tables_the_results_give():
+    """The README's two tables are what ``markdown`` makes of the committed results."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    for n, methods, title in ((1, reproduce.TABLE1, "Table 1: clustering (k = number of labels)"),
+                              (2, reproduce.TABLE2, "Table 2: ablations")):
+        doc = reproduce._load(root / "benchmarks" / "results" / f"table{n}.json")
+        assert reproduce.replace_readme_table(readme, title, reproduce.markdown(doc, methods, title)) == readme
