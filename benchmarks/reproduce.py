@@ -65,6 +65,7 @@ MODELS = Path.home() / ".cache" / "masksc-reproduce"  # trained mask-sc models (
 TABLE1 = ["masksc", "contrastive-sc", "contrastive-sc-sweep", "pca-raw", "log-pca", "leiden"]
 TABLE2 = ["masksc", "ime-on", "ime-off", "med-off", "corr-patches", "small", "depth-6", "wide", "lr-1e-3", "grid-32",
           "decoder-4", "target-readout"]
+TABLES = ((1, TABLE1, "Table 1: clustering (k = number of labels)"), (2, TABLE2, "Table 2: ablations"))
 ABLATIONS = {"masksc": {}, "ime-on": {"ime": True}, "ime-off": {"ime": False}, "med-off": {"med": False},
              "corr-patches": {"ime": True, "layout": "correlation"}, "small": {"embed_dim": 64, "depth": 2},
              "depth-6": {"depth": 6}, "wide": {"embed_dim": 192, "num_heads": 6}, "lr-1e-3": {"lr": 1e-3},
@@ -446,8 +447,7 @@ def main(argv=None) -> int:
     readme = ROOT / "README.md"
     with _locked(readme):
         text = readme.read_text()
-        for table, methods, title in ((1, TABLE1, "Table 1: clustering (k = number of labels)"),
-                                      (2, TABLE2, "Table 2: ablations")):
+        for table, methods, title in TABLES:
             md = markdown(_load(files[table]), methods, title)
             with atomic_write(RESULTS / f"table{table}.md") as tmp:
                 Path(tmp).write_text(md)

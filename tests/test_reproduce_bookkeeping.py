@@ -191,7 +191,6 @@ def test_the_readme_holds_the_tables_the_results_give():
     """The README's two tables are what ``markdown`` makes of the committed results."""
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    for n, methods, title in ((1, reproduce.TABLE1, "Table 1: clustering (k = number of labels)"),
-                              (2, reproduce.TABLE2, "Table 2: ablations")):
+    for n, methods, title in reproduce.TABLES:
         doc = reproduce._load(root / "benchmarks" / "results" / f"table{n}.json")
         assert reproduce.replace_readme_table(readme, title, reproduce.markdown(doc, methods, title)) == readme
