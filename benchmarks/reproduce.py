@@ -370,10 +370,10 @@ def replace_readme_table(readme: str, title: str, table_md: str) -> str:
     if heading not in lines:
         raise ValueError(f"README has no line {heading!r}; add it above the table's place.")
     start = lines.index(heading) + 1
-    while start < len(lines) and not lines[start].startswith("|"):
-        if lines[start].startswith("#"):
-            raise ValueError(f"README has no table under {heading!r}; add one (a header row is enough).")
+    while start < len(lines) and not lines[start].startswith(("|", "#")):
         start += 1
+    if start == len(lines) or lines[start].startswith("#"):
+        raise ValueError(f"README has no table under {heading!r}; add one (a header row is enough).")
     end = start
     while end < len(lines) and lines[end].startswith("|"):
         end += 1

@@ -185,6 +185,8 @@ def test_readme_without_the_table_is_an_error_naming_the_heading():
     no_table = "#### Table 2: ablations\n\ntext\n\n## Next\n\n| other | table |\n"
     with pytest.raises(ValueError, match="no table under"):
         reproduce.replace_readme_table(no_table, "Table 2: ablations", "| a |\n")
+    with pytest.raises(ValueError, match="no table under"):                 # the heading ends the file
+        reproduce.replace_readme_table("intro\n\n#### Table 2: ablations\n\ntext\n", "Table 2: ablations", "| a |\n")
 
 
 def test_the_readme_holds_the_tables_the_results_give():
