@@ -1,6 +1,7 @@
 """How should a trained mask-sc model be read out and clustered? For a `cpu`-preset model per
-(dataset, seed), the embedding is taken four ways (mean of the patch tokens, the global
-token, the predicted teacher feature, mean and global token concatenated) and the
+(dataset, seed), the embedding is taken six ways (mean of the patch tokens, the global
+token, the predicted teacher feature, mean and global token concatenated, the frozen
+teacher's own feature of the whole cell, mean and teacher feature concatenated) and the
 mean-pooled and predicted-feature ones are clustered ten ways with k = number of labels,
 plain and L2-normalised k-means also from 10 clustering seeds (mean +- std: the share of a
 score that is the k-means draw rather than the embedding). A 15-nearest-neighbour classifier
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +32,13 @@ from benchmarks._common import device_info, print_table, write_result  # noqa: E
 from benchmarks.reproduce import DATA, DATASETS, MODELS, _labels, trained_masksc  # noqa: E402
 from masksc.cluster import kmeans, knn_graph, knn_search, leiden_for_k  # noqa: E402
 from masksc.models.masksc_model import POOLS  # noqa: E402
+
+
+def _unit_rms(Z):
+    """Centre Z [n, d] and scale it to a mean squared row norm of 1, so that blocks of
+    different sizes weigh alike when concatenated."""
+    Z = Z - Z.mean(0)
+    return Z / np.sqrt((Z ** 2).sum(1).mean())
 
 
 def _knn_mean(Z, n_neighbors=15):
@@ -113,6 +122,9 @@ def main(argv=None) -> int:
             model.set_pool(pool)
             pooled[pool] = embed_matrix(model.network, X, batch_size=512, progress=False)
         pooled["mean + cls"] = np.hstack([pooled["mean"], pooled["cls"]])
+        with torch.no_grad():
+            pooled["teacher"] = model.network.teacher(torch.from_numpy(X.toarray()).float()).numpy()
+        pooled["mean + teacher"] = np.hstack([_unit_rms(pooled["mean"]), _unit_rms(pooled["teacher"])])
         todo = [(pool, "kmeans10") for pool in pooled] + [(pool, c) for pool in ("mean", "target")
                                                           for c in CLUSTERINGS if c != "kmeans10"]
         for pool, clustering in todo:

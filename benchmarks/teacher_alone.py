@@ -11,7 +11,9 @@ Prints a table and writes benchmarks/results/teacher_alone.json (with the device
 
 ``teachers = n`` rows train n teachers (seeds seed .. seed+n-1) and cluster the concatenation of
 their embeddings: would an ensemble of teachers (as the student's target) average out the
-seed-to-seed spread?
+seed-to-seed spread? ``readout = "hidden"`` rows embed cells as the teacher's last hidden layer
+(the 40 units before the output layer, as SimCLR reads out before its projection head) instead
+of its L2-normalised output, the feature mask-sc's student regresses.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from benchmarks._common import device_info, print_table, write_result  # noqa: E
 from benchmarks.reproduce import DATA, DATASETS, _cluster_and_score, _labels  # noqa: E402
 
 BASE = dict(n_genes=2304, grid=48, dropout=None, lr=0.4, epochs=30, temperature=0.07, flavor="auto", seed=0,
-            teachers=1, layers=(200, 40, 60), batch_size=200)
+            teachers=1, layers=(200, 40, 60), batch_size=200, readout="output")
 SWEEP = [  # (dataset, changes from BASE); dropout None = auto_teacher_dropout
     ("pbmc", {}),
     ("worm-top2000", {}),
@@ -51,7 +53,21 @@ SWEEP = [  # (dataset, changes from BASE); dropout None = auto_teacher_dropout
     *[("pbmc", {"layers": layers, "seed": seed})
       for layers in ((512, 128, 60), (1024, 256, 128)) for seed in (0, 1, 2)],
     *[("pbmc", {"batch_size": 100, "seed": seed}) for seed in (0, 1, 2)],
+    *[(ds, {**changes, "seed": seed}) for ds, changes in [
+        ("pbmc", {"readout": "hidden"}), ("pbmc", {"temperature": 1.0}), ("pbmc", {"batch_size": 512}),
+        ("pbmc", {"temperature": 0.5, "readout": "hidden"}), ("pbmc", {"temperature": 0.5, "epochs": 60}),
+        ("pbmc", {"temperature": 0.5, "batch_size": 512}), ("pbmc", {"temperature": 0.5, "layers": (512, 128, 60)}),
+        ("worm", {"readout": "hidden"}), ("worm", {"batch_size": 512})] for seed in (0, 1, 2)],
 ]
+
+
+def _hidden(teacher, dense: torch.Tensor) -> torch.Tensor:
+    """The teacher's last hidden layer (after its BatchNorm and ReLU) for dense grid rows
+    [n, g*s] -> [n, layers[-2]]."""
+    h = teacher.fc1(teacher.standardize(dense))
+    for layer in list(teacher.rest)[:-1]:
+        h = layer(h)
+    return h
 
 
 def run(adata, s: dict) -> dict:
@@ -74,7 +90,7 @@ def run(adata, s: dict) -> dict:
                                 batch_size=s["batch_size"])
         teacher = fit_teacher(Xg, shape, 4, "cell", cfg, is_padding=grid.is_padding, progress=False)
         with torch.no_grad():
-            Z.append(teacher(dense).numpy())
+            Z.append((teacher(dense) if s["readout"] == "output" else _hidden(teacher, dense)).numpy())
     Z = np.concatenate(Z, axis=1)
     k = int(adata.obs["label"].nunique())
     scores = _cluster_and_score(Z, _labels(adata), k, s["seed"])
