@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,18 @@ def device_info(device: str | torch.device | None = None) -> dict:
     else:
         info["device"] = f"CPU ({os.cpu_count()} cores)"
     return info
+
+
+def ready_for_data(data: Path, threads: int) -> bool:
+    """Whether the benchmark datasets are at ``data`` (printing why not when they are absent).
+    When they are, torch runs on ``threads`` threads and the warning that a dataset has fewer
+    genes than grid positions (they are padded) is silenced."""
+    if not data.is_dir():
+        print(f"skipping: {data} is absent (the benchmark datasets live beside the project)")
+        return False
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore", UserWarning)
+    return True
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import device_info, print_table, write_result  # noqa: E402
+from benchmarks._common import device_info, print_table, ready_for_data, write_result  # noqa: E402
 from benchmarks.reproduce import DATA, DATASETS, _cluster_and_score, _labels  # noqa: E402
 
 BASE = dict(n_genes=2304, grid=48, dropout=None, lr=0.4, epochs=30, temperature=0.07, flavor="auto", seed=0,
@@ -103,11 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="only the seed-0 baseline of each dataset")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     args = p.parse_args(argv)
-    if not DATA.is_dir():
-        print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project)")
+    if not ready_for_data(DATA, args.threads):
         return 0
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore", UserWarning)  # fewer genes than grid positions: padded
     from masksc.data import read
 
     sweep = [(ds, ch) for ds, ch in SWEEP if not args.quick or not ch]

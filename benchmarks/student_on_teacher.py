@@ -1,0 +1,89 @@
+"""Does a better teacher make a better mask-sc student? The `cpu` preset as shipped, trained on
+a teacher whose contrastive-sc settings differ from the authors' (NT-Xent temperature here),
+against the same student on the default teacher (the ``masksc`` row of Table 1, same seed).
+
+For each (dataset, seed, temperature): fit's own recipe (seurat_v3 HVG among genes detected in
+>= 3 cells, HVG-order grid), the whole-cell teacher at that temperature, the student trained
+on its targets, then k-means (k = number of labels) on the student's mean-pooled embedding
+and on the teacher's own feature. Each finished run is appended, under a lock, to
+benchmarks/results/student_on_teacher.json (with the device), so runs may go side by side:
+
+    python benchmarks/student_on_teacher.py --dataset pbmc --seeds 0 --temperature 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import device_info, ready_for_data  # noqa: E402
+from benchmarks.reproduce import DATA, DATASETS, _cluster_and_score, _labels, _load, _locked, _save  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "student_on_teacher.json"
+
+
+def run(adata, seed: int, temperature: float) -> dict:
+    from masksc.data import GridLayout, Preprocessor
+    from masksc.models.contrastive import ContrastiveConfig
+    from masksc.models.presets import get_preset
+    from masksc.models.targets import auto_teacher_dropout
+    from masksc.pipeline import MaskSCModel, _train_config
+    from masksc.train import fit_masksc
+
+    cfg = get_preset("cpu")
+    pre = Preprocessor(n_top_genes=cfg.n_genes, min_cells=3).fit(adata)
+    X = pre.transform(adata).X
+    grid = GridLayout.fit(X, pre.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout, seed=seed)
+    Xg = grid.to_grid(X)
+    teacher_cfg = ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=seed,
+                                    dropout=auto_teacher_dropout(Xg), temperature=temperature)
+    train_cfg = _train_config(cfg, seed=seed, model_dir=None, resume=False, device="cpu", progress=False,
+                              checkpoint_every=None)
+    t0 = time.time()
+    network, result = fit_masksc(Xg, cfg, train_cfg, is_padding=grid.is_padding, teacher_cfg=teacher_cfg,
+                                 progress=False)
+    student = MaskSCModel(network, pre, grid).embed(adata, batch_size=512, progress=False)
+    with torch.no_grad():
+        teacher = network.teacher(torch.from_numpy(Xg.toarray()).float()).numpy()
+    truth, k = _labels(adata), int(adata.obs["label"].nunique())
+    s, t = _cluster_and_score(student, truth, k, seed), _cluster_and_score(teacher, truth, k, seed)
+    return {"seed": seed, "temperature": temperature, "student_ari": s["ari"], "student_nmi": s["nmi"],
+            "teacher_ari": t["ari"], "teacher_nmi": t["nmi"], "final_loss": result.losses[-1],
+            "wall_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="pbmc", choices=sorted(DATASETS))
+    p.add_argument("--seeds", default="0", help="comma-separated")
+    p.add_argument("--temperature", type=float, default=0.5, help="the teacher's NT-Xent temperature")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
+    args = p.parse_args(argv)
+    if not ready_for_data(DATA, args.threads):
+        return 0
+    from masksc.data import read
+
+    adata = read(DATA / DATASETS[args.dataset])
+    for seed in (int(s) for s in args.seeds.split(",")):
+        row = {"dataset": args.dataset, **run(adata, seed, args.temperature), "torch_threads": args.threads}
+        print(f"{args.dataset} seed {seed} teacher temperature {args.temperature}: student ARI "
+              f"{row['student_ari']:.4f} NMI {row['student_nmi']:.4f}; its teacher ARI {row['teacher_ari']:.4f} "
+              f"NMI {row['teacher_nmi']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+        with _locked(RESULT):
+            doc = _load(RESULT)
+            doc.update(device_info("cpu"))
+            doc["runs"] = [r for r in doc["runs"] if (r["dataset"], r["seed"], r["temperature"]) !=
+                           (row["dataset"], seed, args.temperature)] + [row]
+            _save(RESULT, doc)
+    print(RESULT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
