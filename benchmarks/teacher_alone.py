@@ -7,7 +7,7 @@ among genes detected in >= 3 cells, HVG-order grid), the whole-cell teacher trai
 Prints a table and writes benchmarks/results/teacher_alone.json (with the device).
 
     python benchmarks/teacher_alone.py                 # the sweep the README cites
-    python benchmarks/teacher_alone.py --quick         # the seed-0 baseline of each dataset only
+    python benchmarks/teacher_alone.py --quick         # the seed-0 baseline of each dataset, printed only
 
 ``teachers = n`` rows train n teachers (seeds seed .. seed+n-1) and cluster the concatenation of
 their embeddings: would an ensemble of teachers (as the student's target) average out the
@@ -99,7 +99,7 @@ def run(adata, s: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only the seed-0 baseline of each dataset")
+    p.add_argument("--quick", action="store_true", help="only the seed-0 baseline of each dataset, printed; the JSON of the whole sweep is kept")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     args = p.parse_args(argv)
     if not ready_for_data(DATA, args.threads):
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         rows.append({"dataset": ds, **run(data[ds], {**BASE, **changes})})
         print(f"{ds} {changes or 'baseline'}: ARI {rows[-1]['ari']:.4f} NMI {rows[-1]['nmi']:.4f}", flush=True)
     print_table(rows)
-    write_result("teacher_alone", {**device_info("cpu"), "torch_threads": args.threads, "runs": rows})
+    if not args.quick:
+        print(write_result("teacher_alone", {**device_info("cpu"), "torch_threads": args.threads, "runs": rows}))
     return 0
 
 
