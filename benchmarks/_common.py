@@ -8,6 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +37,13 @@ def ready_for_data(data: Path, threads: int) -> bool:
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore", UserWarning)
     return True
+
+
+def teacher_embedding(teacher, X_grid) -> np.ndarray:
+    """The frozen teacher's own feature of every cell: X_grid [n, g*s] scipy sparse rows on the
+    model's grid -> [n, out_dim] float32 numpy (eval mode, no gradients)."""
+    with torch.no_grad():
+        return teacher(torch.from_numpy(X_grid.toarray()).float()).numpy()
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import device_info, print_table, write_result  # noqa: E402
+from benchmarks._common import device_info, print_table, teacher_embedding, write_result  # noqa: E402
 from benchmarks.reproduce import DATA, DATASETS, MODELS, _labels, trained_masksc  # noqa: E402
 from masksc.cluster import kmeans, knn_graph, knn_search, leiden_for_k  # noqa: E402
 from masksc.models.masksc_model import POOLS  # noqa: E402
@@ -122,8 +121,7 @@ def main(argv=None) -> int:
             model.set_pool(pool)
             pooled[pool] = embed_matrix(model.network, X, batch_size=512, progress=False)
         pooled["mean + cls"] = np.hstack([pooled["mean"], pooled["cls"]])
-        with torch.no_grad():
-            pooled["teacher"] = model.network.teacher(torch.from_numpy(X.toarray()).float()).numpy()
+        pooled["teacher"] = teacher_embedding(model.network.teacher, X)
         pooled["mean + teacher"] = np.hstack([_unit_rms(pooled["mean"]), _unit_rms(pooled["teacher"])])
         todo = [(pool, "kmeans10") for pool in pooled] + [(pool, c) for pool in ("mean", "target")
                                                           for c in CLUSTERINGS if c != "kmeans10"]

@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import device_info, ready_for_data  # noqa: E402
+from benchmarks._common import device_info, ready_for_data, teacher_embedding  # noqa: E402
 from benchmarks.reproduce import DATA, DATASETS, _cluster_and_score, _labels, _load, _locked, _save  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "student_on_teacher.json"
@@ -49,8 +47,7 @@ def run(adata, seed: int, temperature: float) -> dict:
     network, result = fit_masksc(Xg, cfg, train_cfg, is_padding=grid.is_padding, teacher_cfg=teacher_cfg,
                                  progress=False)
     student = MaskSCModel(network, pre, grid).embed(adata, batch_size=512, progress=False)
-    with torch.no_grad():
-        teacher = network.teacher(torch.from_numpy(Xg.toarray()).float()).numpy()
+    teacher = teacher_embedding(network.teacher, Xg)
     truth, k = _labels(adata), int(adata.obs["label"].nunique())
     s, t = _cluster_and_score(student, truth, k, seed), _cluster_and_score(teacher, truth, k, seed)
     return {"seed": seed, "temperature": temperature, "student_ari": s["ari"], "student_nmi": s["nmi"],
