@@ -2,10 +2,9 @@
 a teacher whose contrastive-sc settings differ from the authors' (NT-Xent temperature here),
 against the same student on the default teacher (the ``masksc`` row of Table 1, same seed).
 
-For each (dataset, seed, temperature): fit's own recipe (seurat_v3 HVG among genes detected in
->= 3 cells, HVG-order grid), the whole-cell teacher at that temperature, the student trained
-on its targets, then k-means (k = number of labels) on the student's mean-pooled embedding
-and on the teacher's own feature. Each finished run is appended, under a lock, to
+For each (dataset, seed, temperature): ``masksc.pipeline.fit`` as shipped with only the teacher's
+temperature overridden (``teacher_overrides``), then k-means (k = number of labels) on the
+student's mean-pooled embedding and on the teacher's own feature. Each finished run is appended, under a lock, to
 benchmarks/results/student_on_teacher.json (with the device), so runs may go side by side:
 
     python benchmarks/student_on_teacher.py --dataset pbmc --seeds 0 --temperature 0.5
@@ -27,27 +26,13 @@ RESULT = ROOT / "benchmarks" / "results" / "student_on_teacher.json"
 
 
 def run(adata, seed: int, temperature: float) -> dict:
-    from masksc.data import GridLayout, Preprocessor
-    from masksc.models.contrastive import ContrastiveConfig
-    from masksc.models.presets import get_preset
-    from masksc.models.targets import auto_teacher_dropout
-    from masksc.pipeline import MaskSCModel, _train_config
-    from masksc.train import fit_masksc
+    from masksc.pipeline import fit
 
-    cfg = get_preset("cpu")
-    pre = Preprocessor(n_top_genes=cfg.n_genes, min_cells=3).fit(adata)
-    X = pre.transform(adata).X
-    grid = GridLayout.fit(X, pre.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout, seed=seed)
-    Xg = grid.to_grid(X)
-    teacher_cfg = ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=seed,
-                                    dropout=auto_teacher_dropout(Xg), temperature=temperature)
-    train_cfg = _train_config(cfg, seed=seed, model_dir=None, resume=False, device="cpu", progress=False,
-                              checkpoint_every=None)
     t0 = time.time()
-    network, result = fit_masksc(Xg, cfg, train_cfg, is_padding=grid.is_padding, teacher_cfg=teacher_cfg,
-                                 progress=False)
-    student = MaskSCModel(network, pre, grid).embed(adata, batch_size=512, progress=False)
-    teacher = teacher_embedding(network.teacher, Xg)
+    model, result = fit(adata, "cpu", seed=seed, device="cpu", progress=False,
+                        teacher_overrides={"temperature": temperature})
+    student = model.embed(adata, batch_size=512, progress=False)
+    teacher = teacher_embedding(model.network.teacher, model.to_grid(adata))
     truth, k = _labels(adata), int(adata.obs["label"].nunique())
     s, t = _cluster_and_score(student, truth, k, seed), _cluster_and_score(teacher, truth, k, seed)
     return {"seed": seed, "temperature": temperature, "student_ari": s["ari"], "student_nmi": s["nmi"],

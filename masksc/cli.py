@@ -57,7 +57,7 @@ def _print_metrics(scores: dict) -> None:
 def _override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set needs KEY=VALUE (a MaskSCConfig field), got {text!r}")
+        raise argparse.ArgumentTypeError(f"needs KEY=VALUE (a config field and its value), got {text!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -91,9 +91,10 @@ def cmd_fit(args) -> int:
         model, result = pipeline.fit(_source(args), args.preset, model_dir=args.output, epochs=args.epochs,
                                      seed=args.seed, device=args.device, resume=args.resume,
                                      checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
-                                     teacher_cells=args.teacher_cells or None, teacher_epochs=args.teacher_epochs,
+                                     teacher_cells=args.teacher_cells or None,
+                                     teacher_overrides=dict(args.teacher_set or []),
                                      min_cells=args.min_cells, dist=ctx, **overrides)
-    except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig checks)
+    except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig / teacher checks)
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
         print(f"model written to {model.path} (final loss {result.losses[-1]:.4f}, {ctx.world_size} process(es))")
@@ -194,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cells read from disk at a time (memory bound; default 4096)")
     sp.add_argument("--teacher-cells", dest="teacher_cells", type=int, default=50_000,
                     help="seeded subsample the teacher and grid layout are fitted on (0 = all cells; default 50000)")
-    sp.add_argument("--teacher-epochs", dest="teacher_epochs", type=int, default=None,
-                    help="contrastive-sc teacher epochs (default: its authors' 30)")
+    sp.add_argument("--teacher-set", dest="teacher_set", action="append", type=_override, metavar="KEY=VALUE",
+                    help="override a contrastive-sc teacher setting (its authors' by default), e.g. "
+                         "--teacher-set epochs=5 --teacher-set temperature=0.5 (repeatable)")
     sp.add_argument("--min-cells", dest="min_cells", type=int, default=3,
                     help="an HVG candidate must be detected in this many cells (default 3, as scanpy's filter_genes)")
     sp.set_defaults(func=cmd_fit)

@@ -31,6 +31,7 @@ from masksc import checkpoint as ckpt
 from masksc.data import GridLayout, Preprocessor
 from masksc.embed import embed_matrix
 from masksc.models import MaskSC
+from masksc.models.targets import teacher_config
 from masksc.models.presets import get_preset
 
 log = logging.getLogger(__name__)
@@ -111,17 +112,20 @@ def _streamed(data) -> bool:
 def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = None, epochs: int | None = None,
         seed: int = 0, device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
         progress: bool = True, chunk_size: int = 4096, teacher_cells: int | None = 50_000,
-        teacher_epochs: int | None = None, min_cells: int = 3, dist=None, **overrides):
+        teacher_overrides: dict | None = None, min_cells: int = 3, dist=None, **overrides):
     """Train mask-sc on ``adata`` (raw counts or log-normalised, cells x genes): an in-memory
     AnnData, or a path / backed AnnData streamed from disk (see the module doc).
 
     ``preset`` names a recipe in ``masksc.models.PRESETS``; ``overrides`` replace its fields
     (e.g. ``grid_shape=(32, 32)``, ``mask_ratio=0.5``, ``layout="correlation"``, ``ime=False``,
     ``batch_size=64``). ``model_dir``: where checkpoints go (every ``checkpoint_every`` epochs,
-    atomically); ``resume=True`` continues the run there. ``teacher_epochs``: contrastive-sc
-    epochs (None: its authors' 30). ``min_cells``: a gene must be detected in that many cells to
-    be an HVG candidate (scanpy's usual ``filter_genes(min_cells=3)``; without it the seurat_v3
-    trend fit fails on very sparse data such as all 13,488 worm-neuron genes). Streaming only:
+    atomically); ``resume=True`` continues the run there. ``teacher_overrides``: fields of the
+    contrastive-sc teacher's config that differ from its authors' settings (``ContrastiveConfig``,
+    e.g. ``{"epochs": 5, "temperature": 0.5}``; see ``masksc.models.targets.teacher_config``); a
+    resumed run keeps its saved teacher and refuses settings that contradict it. ``min_cells``: a
+    gene must be detected in that many cells to be an HVG candidate (scanpy's usual
+    ``filter_genes(min_cells=3)``; without it the seurat_v3 trend fit fails on very sparse data
+    such as all 13,488 worm-neuron genes). Streaming only:
     ``chunk_size`` cells read per disk block, ``teacher_cells`` size of the in-memory subsample
     (None: all cells), ``dist`` a ``masksc.distributed.DistContext`` (default: the current
     process group).
@@ -130,18 +134,21 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     from masksc import distributed
 
     ctx = dist or distributed.context()
+    teacher_overrides = dict(teacher_overrides or {})
+    if resume and model_dir is not None and (Path(model_dir) / "last").exists():
+        _check_resumed_teacher(Path(model_dir), teacher_overrides)
     if _streamed(adata) or ctx.distributed:
         return _fit_streaming(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device,
                               resume=resume, checkpoint_every=checkpoint_every, progress=progress,
-                              chunk_size=chunk_size, teacher_cells=teacher_cells, teacher_epochs=teacher_epochs,
-                              min_cells=min_cells, ctx=ctx, **overrides)
+                              chunk_size=chunk_size, teacher_cells=teacher_cells,
+                              teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx, **overrides)
     return _fit_memory(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device, resume=resume,
-                       checkpoint_every=checkpoint_every, progress=progress, teacher_epochs=teacher_epochs,
-                       min_cells=min_cells, **overrides)
+                       checkpoint_every=checkpoint_every, progress=progress,
+                       teacher_overrides=teacher_overrides, min_cells=min_cells, **overrides)
 
 
 def _fit_memory(adata, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
-                teacher_epochs, min_cells, **overrides):
+                teacher_overrides, min_cells, **overrides):
     from masksc.train import fit_masksc
 
     cfg = get_preset(preset)
@@ -156,18 +163,35 @@ def _fit_memory(adata, preset, *, model_dir, epochs, seed, device, resume, check
     train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
                               checkpoint_every=checkpoint_every)
     bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict()}
-    teacher_cfg = None
-    if teacher_epochs:
-        from masksc.models.contrastive import ContrastiveConfig
-        from masksc.models.targets import auto_teacher_dropout
-        teacher_cfg = ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=seed, epochs=teacher_epochs,
-                                        dropout=auto_teacher_dropout(X_grid))
+    teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
     path = result.checkpoint
     log.info("trained %s preset for %d epochs in %.1fs (final loss %.4f)", preset, result.epochs, result.wall_s,
              result.losses[-1] if result.losses else float("nan"))
     return MaskSCModel(network, preprocessor, grid, path=path), result
+
+
+def _teacher_config(cfg, seed: int, X_grid, teacher_overrides: dict):
+    """The teacher's ContrastiveConfig for model config ``cfg`` (None with MED off, where a teacher
+    setting is an error rather than silently unused)."""
+    if not cfg.med:
+        if teacher_overrides:
+            raise ValueError(f"MED is off (med=False), so there is no teacher for {sorted(teacher_overrides)}; "
+                             "drop the teacher settings or turn MED on.")
+        return None
+    return teacher_config(cfg, seed, X_grid, **teacher_overrides)
+
+
+def _check_resumed_teacher(run_dir: Path, teacher_overrides: dict) -> None:
+    """A resumed run keeps the teacher saved in ``run_dir``; refuse teacher settings it was not
+    trained with rather than silently ignoring them."""
+    saved = (ckpt.read_config(run_dir).get("teacher_config") or {})
+    for key, value in teacher_overrides.items():
+        if key in saved and saved[key] != (list(value) if isinstance(value, tuple) else value):
+            from masksc.errors import CheckpointError
+            raise CheckpointError(f"cannot resume: the teacher in {run_dir} was trained with {key}={saved[key]!r}, "
+                                  f"not {value!r}; resume with the same teacher settings or use a new model_dir.")
 
 
 def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_every):
@@ -181,9 +205,9 @@ def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_
 
 
 def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
-                   chunk_size, teacher_cells, teacher_epochs, min_cells, ctx, **overrides):
-    from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
-    from masksc.models.targets import auto_teacher_dropout, fit_teacher
+                   chunk_size, teacher_cells, teacher_overrides, min_cells, ctx, **overrides):
+    from masksc.models.contrastive import ContrastiveSC
+    from masksc.models.targets import fit_teacher
     from masksc.outofcore import RowReader, StreamBatches, subsample_genes
     from masksc.train import seed_everything, train
 
@@ -197,8 +221,7 @@ def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, c
     reader = RowReader(source)
     run_dir = Path(model_dir) if model_dir else None
     resuming = bool(resume and run_dir is not None and (run_dir / "last").exists())
-    teacher_cfg = ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=seed,
-                                    **({"epochs": teacher_epochs} if teacher_epochs else {}))
+    teacher_cfg = _teacher_config(cfg, seed, None, teacher_overrides)
     teacher, meta = None, None
     if resuming:
         # transform, layout and teacher come back with the checkpoint (the teacher's weights with
@@ -218,7 +241,7 @@ def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, c
                               seed=seed)
         if cfg.med:
             X_sub_grid = grid.to_grid(X_sub)
-            teacher_cfg = teacher_cfg.replace(dropout=auto_teacher_dropout(X_sub_grid))
+            teacher_cfg = _teacher_config(cfg, seed, X_sub_grid, teacher_overrides)
             teacher = fit_teacher(X_sub_grid, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
                                   is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
         meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(),

@@ -17,7 +17,6 @@ import dataclasses
 import io
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -292,11 +291,10 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
     (seeded by ``train_cfg.seed``), mark padding, train. Returns (model, TrainResult).
 
     X_grid_csr: scipy CSR float32 [n, g*s]; is_padding: bool [g*s] (GridLayout.is_padding);
-    teacher_cfg: ContrastiveConfig for the teacher (default: authors' settings, n_input = g*s,
-    standardize=True, seed = train seed, dropout from ``auto_teacher_dropout``).
+    teacher_cfg: ContrastiveConfig for the teacher (default: ``teacher_config(cfg, train seed,
+    X_grid_csr)``, the authors' settings with the dropout of ``auto_teacher_dropout``).
     """
-    from masksc.models.contrastive import ContrastiveConfig
-    from masksc.models.targets import auto_teacher_dropout, fit_teacher
+    from masksc.models.targets import fit_teacher, teacher_config
 
     train_cfg = train_cfg or TrainConfig.from_model_config(cfg, progress=progress)
     device = torch.device(train_cfg.device) if train_cfg.device else _default_device()
@@ -305,8 +303,7 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
         # the teacher's weights come back with the checkpoint; don't retrain it
         teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher
     if cfg.med and teacher is None:
-        teacher_cfg = teacher_cfg or ContrastiveConfig(n_input=cfg.n_genes, standardize=True, seed=train_cfg.seed,
-                                                       dropout=auto_teacher_dropout(X_grid_csr))
+        teacher_cfg = teacher_cfg or teacher_config(cfg, train_cfg.seed, X_grid_csr)
         teacher = fit_teacher(X_grid_csr, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
                               is_padding=is_padding, ime=cfg.ime, device=device, progress=progress)
     seed_everything(train_cfg.seed)

@@ -17,8 +17,8 @@ from masksc.data import write_synthetic_h5ad
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "demo", "--epochs", "2", "--grid", "16x16", "--batch-size", "50", "--set", "embed_dim=32",
         "--set", "depth=1", "--set", "num_heads=2", "--set", "decoder_dim=32", "--set", "decoder_depth=1",
-        "--set", "decoder_heads=2", "--chunk-size", "100", "--teacher-cells", "200", "--teacher-epochs", "2",
-        "--device", "cpu"]
+        "--set", "decoder_heads=2", "--chunk-size", "100", "--teacher-cells", "200", "--teacher-set", "epochs=2",
+        "--teacher-set", "temperature=0.5", "--device", "cpu"]
 
 
 def _sha(path: Path) -> str:
@@ -47,7 +47,8 @@ def test_help_lists_the_commands():
 
 def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys):
     data, before, model = trained
-    assert (model / "last" / "config.json").is_file()
+    config = json.loads((model / "last" / "config.json").read_text())
+    assert config["teacher_config"]["epochs"] == 2 and config["teacher_config"]["temperature"] == 0.5
     emb = tmp_path / "emb.h5ad"
     assert main(["embed", str(data), "--model", str(model), "-o", str(emb), "--chunk-size", "150"]) == 0
     E = ad.read_h5ad(emb)
@@ -110,4 +111,8 @@ def test_wrong_genes_for_the_model_exit_nonzero(trained, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--set", "no_such_field=1"]) != 0
     assert "no_such_field" in capsys.readouterr().err
-    assert _sha(data) == before
+    assert main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--teacher-set", "n_input=9"]) != 0
+    assert "n_input" in capsys.readouterr().err
+    assert main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--teacher-set", "temperature=0"]) != 0
+    assert "temperature=0 must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and _sha(data) == before

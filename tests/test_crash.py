@@ -20,7 +20,7 @@ EPOCHS = 6
 TINY = ["--preset", "demo", "--epochs", str(EPOCHS), "--grid", "16x16", "--batch-size", "40",
         "--set", "embed_dim=32", "--set", "depth=1", "--set", "num_heads=2", "--set", "decoder_dim=32",
         "--set", "decoder_depth=1", "--set", "decoder_heads=2", "--checkpoint-every", "1",
-        "--chunk-size", "64", "--teacher-cells", "200", "--teacher-epochs", "2", "--device", "cpu"]
+        "--chunk-size", "64", "--teacher-cells", "200", "--teacher-set", "epochs=2", "--device", "cpu"]
 
 
 def _env():

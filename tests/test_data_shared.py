@@ -43,7 +43,7 @@ def test_fit_runs_on_all_worm_genes_with_its_default_gene_filter(shared_data):
     from masksc.pipeline import fit
 
     worm = _read(shared_data / "worm_neuron_cell.h5")
-    model, _ = fit(worm, "demo", epochs=1, teacher_epochs=1, progress=False, grid_shape=(16, 16), embed_dim=32,
+    model, _ = fit(worm, "demo", epochs=1, teacher_overrides={"epochs": 1}, progress=False, grid_shape=(16, 16), embed_dim=32,
                    depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2, batch_size=256)
     assert model.preprocessor.flavor_ == "seurat_v3" and len(model.genes) == 256
     detected = np.asarray((worm[:, model.genes].X > 0).sum(axis=0)).ravel()

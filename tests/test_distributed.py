@@ -26,7 +26,7 @@ assert ctx.world_size == 2 and ctx.distributed
 tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
             decoder_depth=1, decoder_heads=2)
 model, result = pipeline.fit(data, "demo", model_dir=f"{out}/run", epochs=4, progress=False, chunk_size=64,
-                             teacher_cells=200, teacher_epochs=2, dist=ctx, **tiny)
+                             teacher_cells=200, teacher_overrides={"epochs": 2}, dist=ctx, **tiny)
 save_file({k: v.contiguous() for k, v in model.network.state_dict().items()}, f"{out}/rank{ctx.rank}.safetensors")
 with open(f"{out}/losses{ctx.rank}.json", "w") as fh:
     json.dump({"losses": result.losses, "path": model.path}, fh)

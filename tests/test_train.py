@@ -174,3 +174,63 @@ def test_auto_teacher_dropout():
     sparse = sp.csr_matrix(np.eye(5, 200, dtype=np.float32).repeat(10, axis=1)[:, :200])
     assert sparse.getnnz() / 5 == 10
     assert auto_teacher_dropout(sparse) == pytest.approx(0.4)
+
+
+def test_teacher_config_is_the_authors_recipe_with_overrides():
+    from masksc.models.targets import auto_teacher_dropout, teacher_config
+    X = structured_grid()
+    cfg = CFG.replace(med=True)
+    default = teacher_config(cfg, 3, X, layers=[10, 8, 6])
+    authors = ContrastiveConfig()
+    assert default.n_input == 64 and default.standardize and default.seed == 3 and default.layers == (10, 8, 6)
+    assert default.dropout == auto_teacher_dropout(X)
+    assert (default.temperature, default.lr, default.epochs, default.batch_size) == \
+        (authors.temperature, authors.lr, authors.epochs, authors.batch_size)
+    changed = teacher_config(cfg, 3, X, layers=(10, 8, 6), temperature=0.5, dropout=0.8)
+    assert changed == default.replace(temperature=0.5, dropout=0.8)
+    with pytest.raises(ValueError, match=r"\['n_input'\] cannot be set"):
+        teacher_config(cfg, 0, X, n_input=10)
+    with pytest.raises(ValueError, match="tempreature"):
+        teacher_config(cfg, 0, X, tempreature=0.5)
+    with pytest.raises(ValueError, match="last layer is 60 wide but the model's target_dim is 6"):
+        teacher_config(cfg, 0, X)
+    with pytest.raises(ValueError, match=r"dropout=1.0 must be in \[0, 1\)"):
+        teacher_config(cfg, 0, X, layers=(10, 8, 6), dropout=1.0)
+
+
+def test_fit_teacher_overrides_train_the_teacher_fit_masksc_trains_from_that_config(tmp_path):
+    """``fit(..., teacher_overrides=...)`` is fit_masksc on ``teacher_config`` with the same
+    overrides (the same weights), conflicting settings on resume and teacher settings with MED off
+    are refused."""
+    from masksc.data import GridLayout, Preprocessor, synthetic
+    from masksc.errors import CheckpointError
+    from masksc.models.targets import teacher_config
+    from masksc.pipeline import _train_config, fit
+    from masksc.train import fit_masksc
+
+    adata = synthetic(120, n_genes=200, n_types=3, seed=5)
+    tiny = dict(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, decoder_dim=8, decoder_depth=1,
+                decoder_heads=2, target_dim=6, batch_size=32)
+    teacher = {"epochs": 2, "temperature": 0.5, "layers": [10, 8, 6]}
+    model, _ = fit(adata, "demo", model_dir=tmp_path / "run", epochs=2, progress=False, device="cpu",
+                   teacher_overrides=teacher, **tiny)
+    assert model.network.teacher.cfg.temperature == 0.5 and model.network.teacher.cfg.epochs == 2
+
+    cfg = model.config
+    pre = Preprocessor(n_top_genes=cfg.n_genes, min_cells=3).fit(adata)
+    X = pre.transform(adata).X
+    grid = GridLayout.fit(X, pre.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout, seed=0)
+    Xg = grid.to_grid(X)
+    train_cfg = _train_config(cfg, seed=0, model_dir=None, resume=False, device="cpu", progress=False,
+                              checkpoint_every=None)
+    network, _ = fit_masksc(Xg, cfg, train_cfg, is_padding=grid.is_padding, progress=False,
+                            teacher_cfg=teacher_config(cfg, 0, Xg, **teacher))
+    for (k, v), w in zip(model.network.state_dict().items(), network.state_dict().values()):
+        assert torch.equal(v, w), k
+
+    with pytest.raises(CheckpointError, match="temperature=0.5, not 0.2"):
+        fit(adata, "demo", model_dir=tmp_path / "run", epochs=3, progress=False, device="cpu", resume=True,
+            teacher_overrides={**teacher, "temperature": 0.2}, **tiny)
+    with pytest.raises(ValueError, match="MED is off"):
+        fit(adata, "demo", epochs=1, progress=False, device="cpu", med=False, teacher_overrides={"epochs": 1},
+            **tiny)

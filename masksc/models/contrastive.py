@@ -44,6 +44,20 @@ class ContrastiveConfig:
     seed: int = 0
     standardize: bool = False  # teacher mode: standardise inputs with fitted per-gene buffers
 
+    def __post_init__(self):
+        problems = [msg for bad, msg in (
+            (self.n_input < 1, f"n_input={self.n_input} must be >= 1"),
+            (not self.layers or min(self.layers) < 1, f"layers={self.layers} must be one or more widths >= 1"),
+            (not 0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
+            (self.temperature <= 0, f"temperature={self.temperature} must be > 0"),
+            (self.lr <= 0, f"lr={self.lr} must be > 0"),
+            (self.epochs < 1, f"epochs={self.epochs} must be >= 1"),
+            (self.batch_size < 2, f"batch_size={self.batch_size} must be >= 2 (NT-Xent contrasts cells in a batch)"),
+            (self.lr_horizon_epochs < 1, f"lr_horizon_epochs={self.lr_horizon_epochs} must be >= 1"),
+        ) if bad]
+        if problems:
+            raise ValueError("contrastive-sc config: " + "; ".join(problems) + ".")
+
     @property
     def out_dim(self) -> int:
         return self.layers[-1]

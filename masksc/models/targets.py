@@ -34,10 +34,12 @@ copy of the cell per patch is ever made.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
-from masksc.models.contrastive import ContrastiveSC
+from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
 
 FRAGMENTS = ("patch", "row", "cell")
 
@@ -156,24 +158,52 @@ def auto_teacher_dropout(X_grid_csr, min_kept: float = 6.0, max_dropout: float =
     return float(np.clip(1.0 - min_kept / max(detected, 1e-9), 0.0, max_dropout))
 
 
-def fit_teacher(X_grid_csr, grid_shape: tuple[int, int], patch: int, fragment: str, cfg=None,
+# Set by the model's grid, not by the user: the teacher reads the standardised g*s grid vector.
+GRID_BOUND_TEACHER_FIELDS = ("n_input", "standardize")
+
+
+def teacher_config(model_cfg, seed: int = 0, X_grid_csr=None, **overrides) -> ContrastiveConfig:
+    """The MED teacher's recipe for a mask-sc model config ``model_cfg`` (a MaskSCConfig):
+    contrastive-sc at its authors' settings on the standardised g*s grid vector, seeded by
+    ``seed``, with the input dropout of ``auto_teacher_dropout(X_grid_csr)`` when the cells
+    (scipy CSR [n, g*s]) are given. ``overrides`` replace any other ContrastiveConfig field, e.g.
+    ``epochs=5``, ``temperature=0.5``, ``dropout=0.8``, ``layers=(512, 128, 60)``; the last layer
+    must equal ``model_cfg.target_dim``. Raises ValueError naming a bad field."""
+    settable = sorted({f.name for f in dataclasses.fields(ContrastiveConfig)} - set(GRID_BOUND_TEACHER_FIELDS))
+    unknown = sorted(set(overrides) - set(settable))
+    if unknown:
+        raise ValueError(f"teacher setting(s) {unknown} cannot be set; choose from {settable} (n_input and "
+                         "standardize follow the model's grid).")
+    if "layers" in overrides:
+        overrides["layers"] = tuple(int(x) for x in overrides["layers"])
+    recipe = {"seed": seed}
+    if X_grid_csr is not None:
+        recipe["dropout"] = auto_teacher_dropout(X_grid_csr)
+    cfg = ContrastiveConfig(n_input=model_cfg.n_genes, standardize=True, **{**recipe, **overrides})
+    if cfg.out_dim != model_cfg.target_dim:
+        raise ValueError(f"the teacher's last layer is {cfg.out_dim} wide but the model's target_dim is "
+                         f"{model_cfg.target_dim}; end teacher layers with {model_cfg.target_dim} or set "
+                         f"target_dim={cfg.out_dim}.")
+    return cfg
+
+
+def fit_teacher(X_grid_csr, grid_shape: tuple[int, int], patch: int, fragment: str, cfg: ContrastiveConfig,
                 is_padding: np.ndarray | None = None, ime: bool = True, device: str | torch.device = "cpu",
                 progress: bool = True) -> ContrastiveSC:
     """Train the contrastive-sc teacher on expression fragments of the grid genes and freeze it.
 
     X_grid_csr: scipy CSR float32 [n, g*s] (GridLayout.to_grid output). Each training cell is
     restricted to one random fragment of type ``fragment`` (fragments that are all padding are
-    never drawn); the two views come from the teacher's input dropout. ``cfg`` is a
-    ContrastiveConfig (default: the authors' settings with n_input = g*s, standardize=True).
+    never drawn); the two views come from the teacher's input dropout. ``cfg``: the teacher's
+    ContrastiveConfig (``teacher_config`` gives the recipe ``fit`` uses).
     Returns the teacher in eval mode with requires_grad off.
     """
-    from masksc.models.contrastive import ContrastiveConfig, fit_contrastive
+    from masksc.models.contrastive import fit_contrastive
 
     n_genes = grid_shape[0] * grid_shape[1]
     if X_grid_csr.shape[1] != n_genes:
         raise ValueError(f"X has {X_grid_csr.shape[1]} columns but the grid {grid_shape} has {n_genes} positions; "
                          "pass GridLayout.to_grid(...) output of the same grid.")
-    cfg = cfg or ContrastiveConfig(n_input=n_genes, standardize=True, dropout=auto_teacher_dropout(X_grid_csr))
     if cfg.n_input != n_genes or not cfg.standardize:
         raise ValueError("the teacher config needs n_input = g*s and standardize=True.")
     torch.manual_seed(cfg.seed)
