@@ -1,7 +1,9 @@
 """How should a trained mask-sc model be read out and clustered? For a `cpu`-preset model per
-(dataset, seed), the embedding is taken six ways (mean of the patch tokens, the global
+(dataset, seed), the embedding is taken eight ways (mean of the patch tokens, the global
 token, the predicted teacher feature, mean and global token concatenated, the frozen
-teacher's own feature of the whole cell, mean and teacher feature concatenated) and the
+teacher's own feature of the whole cell, mean and teacher feature concatenated, the mean of
+the tokens after the second-to-last encoder block, the mean over 8 masked views of the cell
+as training sees it) and the
 mean-pooled and predicted-feature ones are clustered ten ways with k = number of labels,
 plain and L2-normalised k-means also from 10 clustering seeds (mean +- std: the share of a
 score that is the k-means draw rather than the embedding). A 15-nearest-neighbour classifier
@@ -23,12 +25,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import device_info, print_table, teacher_embedding, write_result  # noqa: E402
 from benchmarks.reproduce import DATA, DATASETS, MODELS, _labels, trained_masksc  # noqa: E402
+from masksc import ops  # noqa: E402
 from masksc.cluster import kmeans, knn_graph, knn_search, leiden_for_k  # noqa: E402
 from masksc.models.masksc_model import POOLS  # noqa: E402
 
@@ -38,6 +43,49 @@ def _unit_rms(Z):
     different sizes weigh alike when concatenated."""
     Z = Z - Z.mean(0)
     return Z / np.sqrt((Z ** 2).sum(1).mean())
+
+
+def _earlier_block_mean(net, X, block: int) -> np.ndarray:
+    """Mean of the non-padding patch tokens after encoder block ``block`` (1-based), through
+    the encoder's final LayerNorm as the shipped read-out is: X [n, g*s] CSR -> [n, embed_dim]."""
+    def one(batch):
+        tokens = net.tokenize(batch)
+        kpm = F.pad(net.pad_tokens.expand(tokens.shape[0], -1), (1, 0), value=False)
+        x = torch.cat([net.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for blk in net.blocks[:block]:
+            x = blk(x, kpm)
+        keep = (~net.pad_tokens).float()
+        return (net.norm(x)[:, 1:] * keep[None, :, None]).sum(1) / keep.sum()
+    return _per_batch(net, X, one)
+
+
+def _masked_views_mean(net, X, views: int = 8) -> np.ndarray:
+    """Mean-pooled encoder tokens averaged over ``views`` random maskings of each cell (the
+    cfg.n_keep visible patches training encodes), instead of one pass over every patch:
+    X [n, g*s] CSR -> [n, embed_dim]. Seeded by view and first row, so reruns agree."""
+    def one(batch):
+        tokens, pad = net.tokenize(batch), net.pad_tokens
+        total = 0.0
+        for view in range(views):
+            kept, ids_keep, _, _ = ops.random_masking(tokens, net.cfg.n_keep,
+                                                      view * 1_000_003 + int(batch.cell_index[0]))
+            latent = net.encode(kept, pad[ids_keep])[:, 1:]
+            real = (~pad[ids_keep]).float()
+            total = total + (latent * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1.0)
+        return total / views
+    return _per_batch(net, X, one)
+
+
+def _per_batch(net, X, fn) -> np.ndarray:
+    from masksc.data import CellBatches
+    net.eval()
+    out = None
+    with torch.no_grad():
+        for batch in CellBatches(X, batch_size=512, shuffle=False):
+            z = fn(batch).numpy()
+            out = np.empty((X.shape[0], z.shape[1]), np.float32) if out is None else out
+            out[batch.cell_index.numpy()] = z
+    return out
 
 
 def _knn_mean(Z, n_neighbors=15):
@@ -123,6 +171,9 @@ def main(argv=None) -> int:
         pooled["mean + cls"] = np.hstack([pooled["mean"], pooled["cls"]])
         pooled["teacher"] = teacher_embedding(model.network.teacher, X)
         pooled["mean + teacher"] = np.hstack([_unit_rms(pooled["mean"]), _unit_rms(pooled["teacher"])])
+        depth = model.network.cfg.depth
+        pooled[f"mean, block {depth - 1} of {depth}"] = _earlier_block_mean(model.network, X, depth - 1)
+        pooled["mean of 8 masked views"] = _masked_views_mean(model.network, X)
         todo = [(pool, "kmeans10") for pool in pooled] + [(pool, c) for pool in ("mean", "target")
                                                           for c in CLUSTERINGS if c != "kmeans10"]
         for pool, clustering in todo:
