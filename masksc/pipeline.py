@@ -31,8 +31,8 @@ from masksc import checkpoint as ckpt
 from masksc.data import GridLayout, Preprocessor
 from masksc.embed import embed_matrix
 from masksc.models import MaskSC
-from masksc.models.targets import teacher_config
 from masksc.models.presets import get_preset
+from masksc.models.targets import teacher_config
 
 log = logging.getLogger(__name__)
 
