@@ -52,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import RESULTS, device_info  # noqa: E402
+from benchmarks._common import RESULTS, device_info, ready_for_data  # noqa: E402
 from masksc.io_utils import atomic_write  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -286,6 +286,27 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def seeded_runs(dataset: str, seeds: str, threads: int):
+    """Yield (the benchmark dataset's AnnData, seed) for each of the comma-separated ``seeds``,
+    torch on ``threads`` threads; nothing (saying why) when the datasets are absent."""
+    if not ready_for_data(DATA, threads):
+        return
+    from masksc.data import read
+    adata = read(DATA / DATASETS[dataset])
+    for seed in (int(s) for s in seeds.split(",")):
+        yield adata, seed
+
+
+def append_run(path: Path, row: dict, key: tuple[str, ...]) -> None:
+    """Append ``row`` to the ``runs`` of the JSON at ``path`` (recording the device), replacing a
+    run that agrees with it on every field of ``key``; under a lock, so scripts may run side by side."""
+    with _locked(path):
+        doc = _load(path)
+        doc.update(device_info("cpu"))
+        doc["runs"] = [r for r in doc["runs"] if any(r[f] != row[f] for f in key)] + [row]
+        _save(path, doc)
 
 
 def _key(r: dict) -> tuple:

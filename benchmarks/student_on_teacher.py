@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import device_info, ready_for_data, teacher_embedding  # noqa: E402
-from benchmarks.reproduce import DATA, DATASETS, _cluster_and_score, _labels, _load, _locked, _save  # noqa: E402
+from benchmarks._common import teacher_embedding  # noqa: E402
+from benchmarks.reproduce import DATASETS, _cluster_and_score, _labels, append_run, seeded_runs  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "student_on_teacher.json"
 
@@ -47,22 +47,12 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.5, help="the teacher's NT-Xent temperature")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     args = p.parse_args(argv)
-    if not ready_for_data(DATA, args.threads):
-        return 0
-    from masksc.data import read
-
-    adata = read(DATA / DATASETS[args.dataset])
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for adata, seed in seeded_runs(args.dataset, args.seeds, args.threads):
         row = {"dataset": args.dataset, **run(adata, seed, args.temperature), "torch_threads": args.threads}
         print(f"{args.dataset} seed {seed} teacher temperature {args.temperature}: student ARI "
               f"{row['student_ari']:.4f} NMI {row['student_nmi']:.4f}; its teacher ARI {row['teacher_ari']:.4f} "
               f"NMI {row['teacher_nmi']:.4f} ({row['wall_s']:.0f} s)", flush=True)
-        with _locked(RESULT):
-            doc = _load(RESULT)
-            doc.update(device_info("cpu"))
-            doc["runs"] = [r for r in doc["runs"] if (r["dataset"], r["seed"], r["temperature"]) !=
-                           (row["dataset"], seed, args.temperature)] + [row]
-            _save(RESULT, doc)
+        append_run(RESULT, row, ("dataset", "seed", "temperature"))
     print(RESULT)
     return 0
 

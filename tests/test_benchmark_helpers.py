@@ -1,18 +1,27 @@
-"""benchmarks/readout.py's own read-outs against the model's shipped one (their oracle)."""
+"""The benchmark scripts' own model pieces against the shipped ones they vary (their oracles):
+readout.py's read-outs, student_variants.py's input scaling and per-patch embedding."""
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
+from masksc.data import CSRBatch
 from masksc.embed import embed_matrix
 from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
 from tests.test_train import structured_grid
 
-_spec = importlib.util.spec_from_file_location(
-    "readout", Path(__file__).resolve().parents[1] / "benchmarks" / "readout.py")
-readout = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(readout)
+
+def _load(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+readout, variants = _load("readout"), _load("student_variants")
 
 
 def _model(mask_ratio):
@@ -48,3 +57,27 @@ def test_masked_views_are_seeded_and_differ_from_one_pass():
     a, b = readout._masked_views_mean(net, X, views=2), readout._masked_views_mean(net, X, views=2)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, embed_matrix(net, X, progress=False), atol=1e-3)
+
+
+def test_gene_scale_divides_each_gene_by_its_sd_and_clips():
+    dense = structured_grid(n=40).toarray().astype(np.float64)
+    dense[:, 5] = 0.0  # a gene never detected stays 0
+    X = sp.csr_matrix(dense.astype(np.float32))
+    sd = dense.std(0)
+    expected = np.minimum(np.divide(dense, sd, out=np.zeros_like(dense), where=sd > 0), 3.0)
+    scaled = variants.scale_genes(X, clip=3.0)
+    assert sp.issparse(scaled) and scaled.nnz == X.nnz
+    np.testing.assert_allclose(scaled.toarray(), expected, rtol=1e-5, atol=1e-6)
+    assert (scaled.toarray() >= 3.0 - 1e-6).any()  # the clip was reached
+
+
+def test_per_patch_embedding_with_the_shared_weight_in_every_patch_is_the_shipped_embedding():
+    torch.manual_seed(0)
+    cfg = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                       decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+    net = variants.PerPatchEmbedMaskSC(cfg)
+    batch = CSRBatch.from_csr(structured_grid(n=12))
+    with torch.no_grad():
+        assert not torch.allclose(net.tokenize(batch), MaskSC.tokenize(net, batch), atol=1e-3)
+        net.per_patch_weight.copy_(net.patch_weight.T.expand(cfg.n_patches, -1, -1))
+        torch.testing.assert_close(net.tokenize(batch), MaskSC.tokenize(net, batch), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,115 @@
+"""Two changes to what the mask-sc student reads, measured against the `cpu` preset as shipped
+(the ``masksc`` row of Table 1, same seed):
+
+- ``gene-scale``: each grid gene divided by its standard deviation over the cells and clipped
+  at 10 (scanpy's ``scale`` without centring, so the data stays sparse). Log values let highly
+  expressed genes dominate a patch, and the shared patch embedding cannot re-weigh one gene
+  against another. The teacher standardises its own input, so it sees the same cells either
+  way (up to the clip).
+- ``per-patch-embed``: one patch-embedding weight per patch ([patches, P*P, D]) instead of
+  ViT's single weight shared by every patch, so the first layer knows which genes it reads.
+
+For each (dataset, seed, variant): fit's recipe (seurat_v3 HVG among genes detected in >= 3
+cells, HVG-order grid, the default whole-cell teacher, the preset's training), then k-means
+(k = number of labels) on the mean-pooled embedding. Each finished run is appended, under a
+lock, to benchmarks/results/student_variants.json (with the device), so runs may go side by side:
+
+    python benchmarks/student_variants.py --dataset pbmc --seeds 0 --variant gene-scale
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.reproduce import DATASETS, _cluster_and_score, _labels, append_run, seeded_runs  # noqa: E402
+from masksc.models.masksc_model import MaskSC, csr_to_dense  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "student_variants.json"
+CLIP = 10.0
+
+
+class PerPatchEmbedMaskSC(MaskSC):
+    """MaskSC whose patch embedding has its own weight per patch: token t of a cell is
+    ``x[genes(t)] @ weight[t] + bias + position[t]`` with weight [patches, P*P, D]."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        weight = torch.empty(cfg.n_patches, cfg.patch * cfg.patch, cfg.embed_dim)
+        for w in weight:
+            torch.nn.init.xavier_uniform_(w.T)
+        self.per_patch_weight = torch.nn.Parameter(weight)
+
+    def tokenize(self, batch) -> torch.Tensor:
+        dense = csr_to_dense(batch.crow_indices, batch.col_indices, batch.values.float(), self.cfg.n_genes)
+        tokens = torch.einsum("bgk,gkd->bgd", dense[:, self.token_cols], self.per_patch_weight)
+        return tokens + self.patch_bias + self.pos_embed
+
+
+def scale_genes(X_grid, clip: float = CLIP):
+    """X_grid [n, g*s] CSR -> the same with each column divided by its standard deviation over
+    the rows (all-zero columns stay 0) and values clipped at ``clip``."""
+    from masksc.models.targets import gene_mean_std
+    _, sd = gene_mean_std(X_grid)
+    X = (X_grid @ sp.diags(np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0))).tocsr().astype(np.float32)
+    X.data = np.minimum(X.data, clip)
+    return X
+
+
+def run(adata, seed: int, variant: str) -> dict:
+    from masksc.data import GridLayout, Preprocessor
+    from masksc.embed import embed_matrix
+    from masksc.models.presets import get_preset
+    from masksc.models.targets import fit_teacher, teacher_config
+    from masksc.pipeline import _train_config
+    from masksc.train import seed_everything, train
+
+    cfg = get_preset("cpu")
+    pre = Preprocessor(n_top_genes=cfg.n_genes, min_cells=3).fit(adata)
+    X = pre.transform(adata).X
+    grid = GridLayout.fit(X, pre.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout, seed=seed)
+    Xg = grid.to_grid(X)
+    if variant == "gene-scale":
+        Xg = scale_genes(Xg)
+    t0 = time.time()
+    teacher = fit_teacher(Xg, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_config(cfg, seed, Xg),
+                          is_padding=grid.is_padding, ime=cfg.ime, progress=False)
+    seed_everything(seed)
+    network = (PerPatchEmbedMaskSC if variant == "per-patch-embed" else MaskSC)(cfg)
+    network.set_padding(grid.is_padding)
+    network.set_teacher(teacher)
+    train_cfg = _train_config(cfg, seed=seed, model_dir=None, resume=False, device="cpu", progress=False,
+                              checkpoint_every=None)
+    result = train(network, Xg, train_cfg)
+    Z = embed_matrix(network, Xg, batch_size=512, progress=False)
+    scores = _cluster_and_score(Z, _labels(adata), int(adata.obs["label"].nunique()), seed)
+    return {"seed": seed, "variant": variant, "ari": scores["ari"], "nmi": scores["nmi"],
+            "final_loss": result.losses[-1], "wall_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="pbmc", choices=sorted(DATASETS))
+    p.add_argument("--seeds", default="0", help="comma-separated")
+    p.add_argument("--variant", required=True, choices=["gene-scale", "per-patch-embed"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
+    args = p.parse_args(argv)
+    for adata, seed in seeded_runs(args.dataset, args.seeds, args.threads):
+        row = {"dataset": args.dataset, **run(adata, seed, args.variant), "torch_threads": args.threads}
+        print(f"{args.dataset} seed {seed} {args.variant}: ARI {row['ari']:.4f} NMI {row['nmi']:.4f} "
+              f"(final loss {row['final_loss']:.4f}, {row['wall_s']:.0f} s)", flush=True)
+        append_run(RESULT, row, ("dataset", "seed", "variant"))
+    print(RESULT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
