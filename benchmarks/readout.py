@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,12 +49,9 @@ def _earlier_block_mean(net, X, block: int) -> np.ndarray:
     the encoder's final LayerNorm as the shipped read-out is: X [n, g*s] CSR -> [n, embed_dim]."""
     def one(batch):
         tokens = net.tokenize(batch)
-        kpm = F.pad(net.pad_tokens.expand(tokens.shape[0], -1), (1, 0), value=False)
-        x = torch.cat([net.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        for blk in net.blocks[:block]:
-            x = blk(x, kpm)
+        x = net.encode(tokens, net.pad_tokens.expand(tokens.shape[0], -1), n_blocks=block)
         keep = (~net.pad_tokens).float()
-        return (net.norm(x)[:, 1:] * keep[None, :, None]).sum(1) / keep.sum()
+        return (x[:, 1:] * keep[None, :, None]).sum(1) / keep.sum()
     return _per_batch(net, X, one)
 
 

@@ -65,30 +65,20 @@ def scale_genes(X_grid, clip: float = CLIP):
 
 
 def run(adata, seed: int, variant: str) -> dict:
-    from masksc.data import GridLayout, Preprocessor
     from masksc.embed import embed_matrix
     from masksc.models.presets import get_preset
-    from masksc.models.targets import fit_teacher, teacher_config
-    from masksc.pipeline import _train_config
-    from masksc.train import seed_everything, train
+    from masksc.pipeline import _train_config, preprocess_to_grid
+    from masksc.train import fit_masksc
 
     cfg = get_preset("cpu")
-    pre = Preprocessor(n_top_genes=cfg.n_genes, min_cells=3).fit(adata)
-    X = pre.transform(adata).X
-    grid = GridLayout.fit(X, pre.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout, seed=seed)
-    Xg = grid.to_grid(X)
+    _, grid, Xg = preprocess_to_grid(adata, cfg, seed=seed)
     if variant == "gene-scale":
         Xg = scale_genes(Xg)
     t0 = time.time()
-    teacher = fit_teacher(Xg, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_config(cfg, seed, Xg),
-                          is_padding=grid.is_padding, ime=cfg.ime, progress=False)
-    seed_everything(seed)
-    network = (PerPatchEmbedMaskSC if variant == "per-patch-embed" else MaskSC)(cfg)
-    network.set_padding(grid.is_padding)
-    network.set_teacher(teacher)
     train_cfg = _train_config(cfg, seed=seed, model_dir=None, resume=False, device="cpu", progress=False,
                               checkpoint_every=None)
-    result = train(network, Xg, train_cfg)
+    network, result = fit_masksc(Xg, cfg, train_cfg, is_padding=grid.is_padding, progress=False,
+                                 model_class=PerPatchEmbedMaskSC if variant == "per-patch-embed" else MaskSC)
     Z = embed_matrix(network, Xg, batch_size=512, progress=False)
     scores = _cluster_and_score(Z, _labels(adata), int(adata.obs["label"].nunique()), seed)
     return {"seed": seed, "variant": variant, "ari": scores["ari"], "nmi": scores["nmi"],

@@ -155,11 +155,7 @@ def _fit_memory(adata, preset, *, model_dir, epochs, seed, device, resume, check
     if epochs is not None:
         overrides["epochs"] = epochs
     cfg = cfg.replace(**overrides)
-    preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells).fit(adata)
-    X = preprocessor.transform(adata).X
-    grid = GridLayout.fit(X, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
-                          seed=seed)
-    X_grid = grid.to_grid(X)
+    preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
     train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
                               checkpoint_every=checkpoint_every)
     bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict()}
@@ -170,6 +166,18 @@ def _fit_memory(adata, preset, *, model_dir, epochs, seed, device, resume, check
     log.info("trained %s preset for %d epochs in %.1fs (final loss %.4f)", preset, result.epochs, result.wall_s,
              result.losses[-1] if result.losses else float("nan"))
     return MaskSCModel(network, preprocessor, grid, path=path), result
+
+
+def preprocess_to_grid(adata, cfg, *, seed: int, min_cells: int = 3):
+    """``fit``'s in-memory preparation of ``adata`` for model config ``cfg``: preprocessing fitted
+    on it (``cfg.n_genes`` HVG among genes detected in ``min_cells`` cells), the grid layout
+    ``cfg.layout`` (seeded) and the cells on it.
+    Returns (Preprocessor, GridLayout, X_grid: CSR float32 [n_cells, g*s])."""
+    preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells).fit(adata)
+    X = preprocessor.transform(adata).X
+    grid = GridLayout.fit(X, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
+                          seed=seed)
+    return preprocessor, grid, grid.to_grid(X)
 
 
 def _teacher_config(cfg, seed: int, X_grid, teacher_overrides: dict):

@@ -285,7 +285,8 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
 
 
 def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = None, *, is_padding=None,
-               teacher_cfg=None, extra_state: dict | None = None, teacher=None, progress: bool = True):
+               teacher_cfg=None, extra_state: dict | None = None, teacher=None, progress: bool = True,
+               model_class: type[MaskSC] = MaskSC):
     """The whole mask-sc recipe on cells in grid order: train the contrastive-sc teacher on
     ``cfg.target_fragment`` fragments (MED on, unless ``teacher`` is given), build the model
     (seeded by ``train_cfg.seed``), mark padding, train. Returns (model, TrainResult).
@@ -293,6 +294,8 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
     X_grid_csr: scipy CSR float32 [n, g*s]; is_padding: bool [g*s] (GridLayout.is_padding);
     teacher_cfg: ContrastiveConfig for the teacher (default: ``teacher_config(cfg, train seed,
     X_grid_csr)``, the authors' settings with the dropout of ``auto_teacher_dropout``).
+    model_class: MaskSC or a subclass (a research variant, built as ``model_class(cfg)``); a
+    subclass's checkpoints resume here but load back only through that class.
     """
     from masksc.models.targets import fit_teacher, teacher_config
 
@@ -307,7 +310,7 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
         teacher = fit_teacher(X_grid_csr, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
                               is_padding=is_padding, ime=cfg.ime, device=device, progress=progress)
     seed_everything(train_cfg.seed)
-    model = MaskSC(cfg)
+    model = model_class(cfg)
     if is_padding is not None:
         model.set_padding(is_padding)
     if cfg.med:

@@ -71,6 +71,33 @@ def test_forward_backward_shapes():
     assert model.last_attention(batch).shape == (6, 2, 1 + TINY.n_patches, 1 + TINY.n_patches)
 
 
+def test_encode_n_blocks_equals_a_shallower_copy():
+    """encode(n_blocks=k) is the encoder of depth k holding the first k blocks; last_attention
+    of a depth-3 model is the attention of its third block on what the first two produce."""
+    cfg = TINY.replace(depth=3)
+    X = random_grid(n_real=50)
+    deep = make_model(cfg, X=X, n_real=50).eval()
+    batch = CSRBatch.from_csr(X)
+    with torch.no_grad():
+        tokens = deep.tokenize(batch)
+        pad = deep.pad_tokens.expand(tokens.shape[0], -1)
+        for k in (1, 2):
+            shallow = MaskSC(cfg.replace(depth=k)).eval()
+            loaded = shallow.load_state_dict({n: v for n, v in deep.state_dict().items()
+                                              if not n.startswith("blocks.") or int(n.split(".")[1]) < k}, strict=False)
+            assert not loaded.missing_keys
+            torch.testing.assert_close(deep.encode(tokens, pad, n_blocks=k), shallow.encode(tokens, pad))
+        torch.testing.assert_close(deep.encode(tokens, pad, n_blocks=3), deep.encode(tokens, pad))
+        two = MaskSC(cfg.replace(depth=2)).eval()
+        assert not two.load_state_dict(deep.state_dict(), strict=False).missing_keys
+        x = torch.cat([deep.cls_token.expand(tokens.shape[0], -1, -1), tokens], 1)
+        x = two.blocks[1](two.blocks[0](x, F.pad(pad, (1, 0))), F.pad(pad, (1, 0)))
+        last = deep.blocks[2]
+        torch.testing.assert_close(deep.last_attention(batch), last.attn.probs(last.norm1(x), F.pad(pad, (1, 0))))
+    with pytest.raises(ValueError, match="n_blocks=4"):
+        deep.encode(tokens, pad, n_blocks=4)
+
+
 def test_embed_ignores_masking_and_is_deterministic(monkeypatch):
     X = random_grid()
     model = make_model(X=X).eval()

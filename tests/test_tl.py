@@ -1,7 +1,6 @@
 """AnnData-level API: fit -> embed -> cluster -> evaluate, storage conventions, model reuse."""
 import numpy as np
 import pytest
-import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from masksc import tl

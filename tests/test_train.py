@@ -167,6 +167,29 @@ def test_fit_masksc_trains_teacher_then_model_and_resumes(tmp_path):
         assert torch.equal(v, w), k
 
 
+def test_fit_masksc_builds_and_trains_the_model_class_it_is_given():
+    """A MaskSC subclass goes through the whole recipe: its overridden method is what trains, and
+    one that changes nothing ends at the default model's weights."""
+    from masksc.train import fit_masksc
+
+    class CountingTokenize(MaskSC):
+        calls = 0
+
+        def tokenize(self, batch):
+            CountingTokenize.calls += 1
+            return super().tokenize(batch)
+
+    X = structured_grid()
+    cfg = CFG.replace(med=True, target_fragment="cell", epochs=2, batch_size=16)
+    teacher_cfg = ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True, epochs=2, batch_size=16)
+    plain, _ = fit_masksc(X, cfg, tcfg(epochs=2), teacher_cfg=teacher_cfg, progress=False)
+    counted, _ = fit_masksc(X, cfg, tcfg(epochs=2), teacher_cfg=teacher_cfg, progress=False,
+                            model_class=CountingTokenize)
+    assert type(counted) is CountingTokenize and CountingTokenize.calls >= 2 * math.ceil(X.shape[0] / 16)
+    for (k, v), w in zip(plain.state_dict().items(), counted.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
 def test_auto_teacher_dropout():
     from masksc.models.targets import auto_teacher_dropout
     dense = sp.csr_matrix(np.ones((5, 200), np.float32))

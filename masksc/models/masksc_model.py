@@ -291,14 +291,25 @@ class MaskSC(nn.Module):
                               tuple(self.cfg.grid_shape), self.cfg.patch)
         return tok + self.pos_embed
 
-    def encode(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor, n_blocks: int | None = None
+               ) -> torch.Tensor:
         """tokens [B, L, D] (positions added), key_padding_mask bool [B, L] -> [B, 1+L, D] after
-        the final LayerNorm; index 0 is the global token."""
+        the final LayerNorm; index 0 is the global token. ``n_blocks``: run only the first
+        ``n_blocks`` encoder blocks (default: all ``cfg.depth``)."""
+        x, _ = self._through_blocks(tokens, key_padding_mask, self.cfg.depth if n_blocks is None else n_blocks)
+        return self.norm(x)
+
+    def _through_blocks(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor, n_blocks: int):
+        """The global token prepended and the first ``n_blocks`` encoder blocks run, no final
+        LayerNorm: -> (x [B, 1+L, D], the key padding mask [B, 1+L] they used)."""
+        if not 0 <= n_blocks <= self.cfg.depth:
+            raise ValueError(f"n_blocks={n_blocks} but the encoder has {self.cfg.depth} blocks; "
+                             f"pass 0..{self.cfg.depth}.")
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         kpm = F.pad(key_padding_mask, (1, 0), value=False)
-        for blk in self.blocks:
+        for blk in self.blocks[:n_blocks]:
             x = blk(x, kpm)
-        return self.norm(x)
+        return x, kpm
 
     def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """latent [B, 1+U, D] -> predictions [B, G, out_dim] for every token position."""
@@ -373,9 +384,6 @@ class MaskSC(nn.Module):
         """Attention probabilities of the last encoder block on all tokens: [B, heads, 1+G, 1+G]
         (index 0 = global token, then patches row-major)."""
         tokens = self.tokenize(batch)
-        kpm = F.pad(self.pad_tokens.expand(tokens.shape[0], -1), (1, 0), value=False)
-        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        for blk in self.blocks[:-1]:
-            x = blk(x, kpm)
+        x, kpm = self._through_blocks(tokens, self.pad_tokens.expand(tokens.shape[0], -1), self.cfg.depth - 1)
         last = self.blocks[-1]
         return last.attn.probs(last.norm1(x), kpm)
