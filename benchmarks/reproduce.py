@@ -23,9 +23,10 @@ paper's IME), ime-off (1-D gene-sequence tokens), med-off (reconstruct patch val
 corr-patches (2-D patches on the correlation layout: each 4 x 4 patch holds 16 consecutive
 genes of an average-linkage ordering of gene-gene correlation, one co-expression module),
 small (D = 64, encoder depth 2), depth-6 (encoder depth 6), wide (D = 192, 6 heads),
-lr-1e-3 (the learning rate of earlier releases' preset), lr-2.5e-4 (half the preset's), grid-32 (a 32 x 32 grid: the top
-1024 HVG, 64 tokens), decoder-4 (a 4-block decoder) and target-readout (cells read out as
-the decoder's prediction of their teacher feature instead of mean-pooled tokens).
+lr-1e-3 (the learning rate of earlier releases' preset), lr-2.5e-4 (half the preset's),
+grid-32 (a 32 x 32 grid: the top 1024 HVG, 64 tokens), decoder-4 (a 4-block decoder) and
+target-readout (cells read out as the decoder's prediction of their teacher feature instead
+of mean-pooled tokens).
 
 Trained models are kept in --models (default ~/.cache/masksc-reproduce); a row that differs
 from a kept model only in its read-out (target-readout) embeds with it instead of training
