@@ -71,8 +71,8 @@ def _hidden(teacher, dense: torch.Tensor) -> torch.Tensor:
 
 def run(adata, s: dict) -> dict:
     from masksc.data import GridLayout, Preprocessor
-    from masksc.models.contrastive import ContrastiveConfig
-    from masksc.models.targets import auto_teacher_dropout, fit_teacher
+    from masksc.models.presets import get_preset
+    from masksc.models.targets import auto_teacher_dropout, fit_teacher, teacher_config
 
     pre = Preprocessor(n_top_genes=s["n_genes"], hvg_flavor=s["flavor"], min_cells=3).fit(adata)
     X = pre.transform(adata).X
@@ -83,11 +83,11 @@ def run(adata, s: dict) -> dict:
     t0 = time.time()
     dense = torch.from_numpy(Xg.toarray())
     Z = []
+    model_cfg = get_preset("cpu").replace(grid_shape=shape, target_dim=s["layers"][-1])
     for seed in range(s["seed"], s["seed"] + s["teachers"]):
-        cfg = ContrastiveConfig(n_input=shape[0] * shape[1], standardize=True, seed=seed, dropout=dropout,
-                                epochs=s["epochs"], lr=s["lr"], temperature=s["temperature"], layers=s["layers"],
-                                batch_size=s["batch_size"])
-        teacher = fit_teacher(Xg, shape, 4, "cell", cfg, is_padding=grid.is_padding, progress=False)
+        cfg = teacher_config(model_cfg, seed, dropout=dropout, epochs=s["epochs"], lr=s["lr"],
+                             temperature=s["temperature"], layers=s["layers"], batch_size=s["batch_size"])
+        teacher = fit_teacher(Xg, shape, model_cfg.patch, "cell", cfg, is_padding=grid.is_padding, progress=False)
         with torch.no_grad():
             Z.append((teacher(dense) if s["readout"] == "output" else _hidden(teacher, dense)).numpy())
     Z = np.concatenate(Z, axis=1)
