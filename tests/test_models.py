@@ -90,10 +90,11 @@ def test_encode_n_blocks_equals_a_shallower_copy():
         torch.testing.assert_close(deep.encode(tokens, pad, n_blocks=3), deep.encode(tokens, pad))
         two = MaskSC(cfg.replace(depth=2)).eval()
         assert not two.load_state_dict(deep.state_dict(), strict=False).missing_keys
+        kpm = F.pad(pad, (1, 0))  # the global token is never padding
         x = torch.cat([deep.cls_token.expand(tokens.shape[0], -1, -1), tokens], 1)
-        x = two.blocks[1](two.blocks[0](x, F.pad(pad, (1, 0))), F.pad(pad, (1, 0)))
+        x = two.blocks[1](two.blocks[0](x, kpm), kpm)
         last = deep.blocks[2]
-        torch.testing.assert_close(deep.last_attention(batch), last.attn.probs(last.norm1(x), F.pad(pad, (1, 0))))
+        torch.testing.assert_close(deep.last_attention(batch), last.attn.probs(last.norm1(x), kpm))
     with pytest.raises(ValueError, match="n_blocks=4"):
         deep.encode(tokens, pad, n_blocks=4)
 
