@@ -50,8 +50,7 @@ def _earlier_block_mean(net, X, block: int) -> np.ndarray:
     def one(batch):
         tokens = net.tokenize(batch)
         x = net.encode(tokens, net.pad_tokens.expand(tokens.shape[0], -1), n_blocks=block)
-        keep = (~net.pad_tokens).float()
-        return (x[:, 1:] * keep[None, :, None]).sum(1) / keep.sum()
+        return net.mean_over_patches(x[:, 1:])
     return _per_batch(net, X, one)
 
 

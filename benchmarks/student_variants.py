@@ -8,6 +8,11 @@
   way (up to the clip).
 - ``per-patch-embed``: one patch-embedding weight per patch ([patches, P*P, D]) instead of
   ViT's single weight shared by every patch, so the first layer knows which genes it reads.
+- ``med+values``: each masked patch regresses onto its teacher feature and, beside it, its own
+  ``P*P`` values standardised within the patch (the MED-off target), through one head of
+  ``target_dim + P*P`` outputs. The teacher's whole-cell feature is the same for every patch of
+  a cell, so the student learns nothing about a cell that its teacher does not summarise; the
+  values add what each patch holds (16 of the 76 elements each masked patch's error averages).
 
 For each (dataset, seed, variant): fit's recipe (seurat_v3 HVG among genes detected in >= 3
 cells, HVG-order grid, the default whole-cell teacher, the preset's training), then k-means
@@ -54,6 +59,26 @@ class PerPatchEmbedMaskSC(MaskSC):
         return tokens + self.patch_bias + self.pos_embed
 
 
+class MedPlusValuesMaskSC(MaskSC):
+    """MaskSC whose target for each patch is [teacher feature (target_dim), the patch's P*P values
+    standardised within the patch]: float32 [B, G, target_dim + P*P]."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.head = torch.nn.Linear(cfg.decoder_dim, cfg.out_dim + cfg.patch * cfg.patch)
+        torch.nn.init.xavier_uniform_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def compute_targets(self, batch) -> torch.Tensor:
+        dense = csr_to_dense(batch.crow_indices, batch.col_indices, batch.values, self.cfg.n_genes)
+        vals = dense[:, self.token_cols]
+        vals = (vals - vals.mean(-1, keepdim=True)) / (vals.var(-1, keepdim=True) + 1e-6).sqrt()
+        return torch.cat([super().compute_targets(batch), vals], dim=-1)
+
+
+VARIANT_MODELS = {"gene-scale": MaskSC, "per-patch-embed": PerPatchEmbedMaskSC, "med+values": MedPlusValuesMaskSC}
+
+
 def scale_genes(X_grid, clip: float = CLIP):
     """X_grid [n, g*s] CSR -> the same with each column divided by its standard deviation over
     the rows (all-zero columns stay 0) and values clipped at ``clip``."""
@@ -67,18 +92,17 @@ def scale_genes(X_grid, clip: float = CLIP):
 def run(adata, seed: int, variant: str) -> dict:
     from masksc.embed import embed_matrix
     from masksc.models.presets import get_preset
-    from masksc.pipeline import _train_config, preprocess_to_grid
-    from masksc.train import fit_masksc
+    from masksc.pipeline import preprocess_to_grid
+    from masksc.train import TrainConfig, fit_masksc
 
     cfg = get_preset("cpu")
     _, grid, Xg = preprocess_to_grid(adata, cfg, seed=seed)
     if variant == "gene-scale":
         Xg = scale_genes(Xg)
     t0 = time.time()
-    train_cfg = _train_config(cfg, seed=seed, model_dir=None, resume=False, device="cpu", progress=False,
-                              checkpoint_every=None)
+    train_cfg = TrainConfig.from_model_config(cfg, seed=seed, device="cpu", progress=False)
     network, result = fit_masksc(Xg, cfg, train_cfg, is_padding=grid.is_padding, progress=False,
-                                 model_class=PerPatchEmbedMaskSC if variant == "per-patch-embed" else MaskSC)
+                                 model_class=VARIANT_MODELS[variant])
     Z = embed_matrix(network, Xg, batch_size=512, progress=False)
     scores = _cluster_and_score(Z, _labels(adata), int(adata.obs["label"].nunique()), seed)
     return {"seed": seed, "variant": variant, "ari": scores["ari"], "nmi": scores["nmi"],
@@ -89,7 +113,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="pbmc", choices=sorted(DATASETS))
     p.add_argument("--seeds", default="0", help="comma-separated")
-    p.add_argument("--variant", required=True, choices=["gene-scale", "per-patch-embed"])
+    p.add_argument("--variant", required=True, choices=sorted(VARIANT_MODELS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     args = p.parse_args(argv)
     for adata, seed in seeded_runs(args.dataset, args.seeds, args.threads):

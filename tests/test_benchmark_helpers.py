@@ -1,5 +1,6 @@
 """The benchmark scripts' own model pieces against the shipped ones they vary (their oracles):
-readout.py's read-outs, student_variants.py's input scaling and per-patch embedding."""
+readout.py's read-outs, student_variants.py's input scaling, per-patch embedding and joint target."""
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -81,3 +82,22 @@ def test_per_patch_embedding_with_the_shared_weight_in_every_patch_is_the_shippe
         assert not torch.allclose(net.tokenize(batch), MaskSC.tokenize(net, batch), atol=1e-3)
         net.per_patch_weight.copy_(net.patch_weight.T.expand(cfg.n_patches, -1, -1))
         torch.testing.assert_close(net.tokenize(batch), MaskSC.tokenize(net, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_med_plus_values_target_is_the_teacher_feature_then_the_standardised_patch_values():
+    torch.manual_seed(0)
+    cfg = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                       decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+    net = variants.MedPlusValuesMaskSC(cfg)
+    net.set_teacher(ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True)))
+    X = structured_grid(n=12)
+    batch = CSRBatch.from_csr(X)
+    with torch.no_grad():
+        target = net.compute_targets(batch)
+        assert target.shape == (12, cfg.n_patches, 6 + 4)
+        torch.testing.assert_close(target[..., :6], MaskSC.compute_targets(net, batch))
+        med_off = MaskSC(dataclasses.replace(cfg, med=False, norm_pix=True))  # the MED-off ablation's target
+        torch.testing.assert_close(target[..., 6:], med_off.compute_targets(batch))
+        assert target[..., 6:].abs().max() > 0.5
+        assert net.decode(net.encode(net.tokenize(batch), net.pad_tokens.expand(12, -1)),
+                          torch.arange(cfg.n_patches).expand(12, -1)).shape == target.shape

@@ -127,6 +127,8 @@ def test_embed_is_mean_of_normed_nonpadding_tokens():
             x = blk(x, kpm)
         expected = model.norm(x)[:, 1:][:, ~pad].mean(1)
         torch.testing.assert_close(model.embed(batch), expected, atol=1e-6, rtol=1e-5)
+        per_patch = torch.randn(6, 16, 3)
+        torch.testing.assert_close(model.mean_over_patches(per_patch), per_patch[:, ~pad].mean(1))
 
 
 def test_target_readout_is_decoder_prediction_on_all_tokens():

@@ -377,8 +377,12 @@ class MaskSC(nn.Module):
             tokens = self.decode(x, all_ids).float()
         else:
             tokens = x[:, 1:].float()
+        return self.mean_over_patches(tokens)
+
+    def mean_over_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean of per-patch vectors over the non-padding patches: [B, G, F] -> [B, F] float32."""
         keep = (~self.pad_tokens).float()
-        return (tokens * keep[None, :, None]).sum(1) / keep.sum().clamp(min=1.0)
+        return (tokens.float() * keep[None, :, None]).sum(1) / keep.sum().clamp(min=1.0)
 
     def last_attention(self, batch) -> torch.Tensor:
         """Attention probabilities of the last encoder block on all tokens: [B, heads, 1+G, 1+G]
