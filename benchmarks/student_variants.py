@@ -13,6 +13,11 @@
   ``target_dim + P*P`` outputs. The teacher's whole-cell feature is the same for every patch of
   a cell, so the student learns nothing about a cell that its teacher does not summarise; the
   values add what each patch holds (16 of the 76 elements each masked patch's error averages).
+- ``med+views``: beside the MED loss on one masked view, NT-Xent (temperature 0.5, weight
+  ``VIEW_WEIGHT``) between the mean-pooled encodings of two independently masked views of each
+  cell, through a 2-layer projection head (SimCLR's recipe). The read-out is that mean pool;
+  the contrastive term asks it to be the same whichever half of the cell the encoder sees, the
+  invariance that makes the teacher's own embedding cluster well.
 
 For each (dataset, seed, variant): fit's recipe (seurat_v3 HVG among genes detected in >= 3
 cells, HVG-order grid, the default whole-cell teacher, the preset's training), then k-means
@@ -36,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.reproduce import DATASETS, _cluster_and_score, _labels, append_run, seeded_runs  # noqa: E402
+from masksc import ops  # noqa: E402
+from masksc.models.contrastive import nt_xent  # noqa: E402
 from masksc.models.masksc_model import MaskSC, csr_to_dense  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "student_variants.json"
@@ -76,7 +83,40 @@ class MedPlusValuesMaskSC(MaskSC):
         return torch.cat([super().compute_targets(batch), vals], dim=-1)
 
 
-VARIANT_MODELS = {"gene-scale": MaskSC, "per-patch-embed": PerPatchEmbedMaskSC, "med+values": MedPlusValuesMaskSC}
+class MedPlusViewsMaskSC(MaskSC):
+    """MaskSC trained on MED loss + VIEW_WEIGHT * NT-Xent between two masked views' pooled
+    encodings (projected to PROJ_DIM, L2-normalised, temperature TEMPERATURE)."""
+
+    VIEW_WEIGHT, TEMPERATURE, PROJ_DIM = 0.1, 0.5, 64
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = cfg.embed_dim
+        self.projector = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU(), torch.nn.Linear(d, self.PROJ_DIM))
+
+    def masked_view(self, tokens: torch.Tensor, seed: int):
+        """One masked view: (latent [B, 1+U, D], ids_keep [B, U], mask [B, G], mean of the
+        visible non-padding patch tokens [B, D])."""
+        kept, ids_keep, _, mask = ops.random_masking(tokens, self.cfg.n_keep, int(seed))
+        latent = self.encode(kept, self.pad_tokens[ids_keep])
+        real = (~self.pad_tokens[ids_keep]).float()
+        pooled = (latent[:, 1:].float() * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1.0)
+        return latent, ids_keep, mask, pooled
+
+    def training_loss(self, batch, seed: int) -> torch.Tensor:
+        tokens = self.tokenize(batch)
+        latent, ids_keep, mask, pooled = self.masked_view(tokens, seed)
+        *_, pooled_other = self.masked_view(tokens, int(seed) ^ (1 << 61))
+        pred = self.decode(latent, ids_keep)
+        with torch.no_grad(), torch.autocast(device_type=pred.device.type, enabled=False):
+            target = self.compute_targets(batch)
+        z = torch.nn.functional.normalize(self.projector(torch.cat([pooled, pooled_other])).float(), dim=-1)
+        return self.masked_mse(pred, target, mask, self.pad_tokens) + \
+            self.VIEW_WEIGHT * nt_xent(*z.chunk(2), temperature=self.TEMPERATURE)
+
+
+VARIANT_MODELS = {"gene-scale": MaskSC, "per-patch-embed": PerPatchEmbedMaskSC, "med+values": MedPlusValuesMaskSC,
+                  "med+views": MedPlusViewsMaskSC}
 
 
 def scale_genes(X_grid, clip: float = CLIP):

@@ -1,5 +1,6 @@
 """The benchmark scripts' own model pieces against the shipped ones they vary (their oracles):
-readout.py's read-outs, student_variants.py's input scaling, per-patch embedding and joint target."""
+readout.py's read-outs, student_variants.py's input scaling, per-patch embedding and joint
+targets."""
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -8,9 +9,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from masksc import ops
 from masksc.data import CSRBatch
 from masksc.embed import embed_matrix
 from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
+from masksc.models.contrastive import nt_xent
 from tests.test_train import structured_grid
 
 
@@ -25,14 +28,21 @@ def _load(name):
 readout, variants = _load("readout"), _load("student_variants")
 
 
+def _last_patch_is_padding():
+    """bool [64]: on an 8 x 8 grid of 2 x 2 patches, the genes of the last patch (rows and
+    columns 6-7) are padding."""
+    pad = np.zeros((8, 8), bool)
+    pad[6:, 6:] = True
+    return pad.ravel()
+
+
 def _model(mask_ratio):
     torch.manual_seed(0)
     cfg = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
                        decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=mask_ratio, target_dim=6)
     net = MaskSC(cfg)
-    pad = np.zeros(64, bool)
-    pad[-4:] = True  # the last patch is padding: never pooled
-    net.set_padding(pad)
+    net.set_padding(_last_patch_is_padding())  # never pooled
+    assert net.pad_tokens.sum() == 1
     net.set_teacher(ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True)))
     return net.eval()
 
@@ -101,3 +111,27 @@ def test_med_plus_values_target_is_the_teacher_feature_then_the_standardised_pat
         assert target[..., 6:].abs().max() > 0.5
         assert net.decode(net.encode(net.tokenize(batch), net.pad_tokens.expand(12, -1)),
                           torch.arange(cfg.n_patches).expand(12, -1)).shape == target.shape
+
+
+def test_med_plus_views_loss_is_the_shipped_loss_plus_weighted_nt_xent_of_two_masked_views():
+    torch.manual_seed(0)
+    cfg = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                       decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+    net = variants.MedPlusViewsMaskSC(cfg)
+    net.set_padding(_last_patch_is_padding())
+    net.set_teacher(ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True)))
+    batch = CSRBatch.from_csr(structured_grid(n=12))
+    with torch.no_grad():
+        shipped = MaskSC.training_loss(net, batch, 7)
+        tokens = net.tokenize(batch)
+        pooled = []
+        for seed in (7, 7 ^ (1 << 61)):
+            kept, ids_keep, _, _ = ops.random_masking(tokens, cfg.n_keep, seed)
+            latent = net.encode(kept, net.pad_tokens[ids_keep])[:, 1:]
+            visible = ~net.pad_tokens[ids_keep]
+            pooled.append(torch.stack([latent[i, visible[i]].mean(0) for i in range(12)]))
+        z = torch.nn.functional.normalize(net.projector(torch.cat(pooled)), dim=-1)
+        expected = shipped + net.VIEW_WEIGHT * nt_xent(z[:12], z[12:], temperature=net.TEMPERATURE)
+        torch.testing.assert_close(net.training_loss(batch, 7), expected)
+        assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)  # the two views differ
+        assert net.pad_tokens.sum() == 1 and (~visible).any()  # a padding patch was kept and left out
