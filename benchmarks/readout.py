@@ -64,9 +64,7 @@ def _masked_views_mean(net, X, views: int = 8) -> np.ndarray:
         for view in range(views):
             kept, ids_keep, _, _ = ops.random_masking(tokens, net.cfg.n_keep,
                                                       view * 1_000_003 + int(batch.cell_index[0]))
-            latent = net.encode(kept, pad[ids_keep])[:, 1:]
-            real = (~pad[ids_keep]).float()
-            total = total + (latent * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1.0)
+            total = total + net.mean_over_patches(net.encode(kept, pad[ids_keep])[:, 1:], pad[ids_keep])
         return total / views
     return _per_batch(net, X, one)
 

@@ -99,9 +99,7 @@ class MedPlusViewsMaskSC(MaskSC):
         visible non-padding patch tokens [B, D])."""
         kept, ids_keep, _, mask = ops.random_masking(tokens, self.cfg.n_keep, int(seed))
         latent = self.encode(kept, self.pad_tokens[ids_keep])
-        real = (~self.pad_tokens[ids_keep]).float()
-        pooled = (latent[:, 1:].float() * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1.0)
-        return latent, ids_keep, mask, pooled
+        return latent, ids_keep, mask, self.mean_over_patches(latent[:, 1:], self.pad_tokens[ids_keep])
 
     def training_loss(self, batch, seed: int) -> torch.Tensor:
         tokens = self.tokenize(batch)

@@ -129,6 +129,11 @@ def test_embed_is_mean_of_normed_nonpadding_tokens():
         torch.testing.assert_close(model.embed(batch), expected, atol=1e-6, rtol=1e-5)
         per_patch = torch.randn(6, 16, 3)
         torch.testing.assert_close(model.mean_over_patches(per_patch), per_patch[:, ~pad].mean(1))
+        kept_pad = torch.rand(6, 16) < 0.3  # per-cell padding, as a masked view's kept tokens have
+        kept_pad[0] = True  # a cell with nothing but padding pools to zeros
+        torch.testing.assert_close(model.mean_over_patches(per_patch, kept_pad)[1:],
+                                   torch.stack([per_patch[i, ~kept_pad[i]].mean(0) for i in range(1, 6)]))
+        assert (model.mean_over_patches(per_patch, kept_pad)[0] == 0).all()
 
 
 def test_target_readout_is_decoder_prediction_on_all_tokens():

@@ -379,10 +379,13 @@ class MaskSC(nn.Module):
             tokens = x[:, 1:].float()
         return self.mean_over_patches(tokens)
 
-    def mean_over_patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean of per-patch vectors over the non-padding patches: [B, G, F] -> [B, F] float32."""
-        keep = (~self.pad_tokens).float()
-        return (tokens.float() * keep[None, :, None]).sum(1) / keep.sum().clamp(min=1.0)
+    def mean_over_patches(self, tokens: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of per-patch vectors over the patches that are not padding: tokens [B, L, F] ->
+        [B, F] float32. ``padding`` bool [L] or [B, L], True = padding; default the model's
+        padding patches (L = G). For a masked view's kept tokens pass ``pad_tokens[ids_keep]``."""
+        pad = self.pad_tokens if padding is None else padding
+        keep = (~pad).float().expand(tokens.shape[0], -1)
+        return (tokens.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1.0)
 
     def last_attention(self, batch) -> torch.Tensor:
         """Attention probabilities of the last encoder block on all tokens: [B, heads, 1+G, 1+G]
