@@ -78,9 +78,7 @@ class MedPlusValuesMaskSC(MaskSC):
 
     def compute_targets(self, batch) -> torch.Tensor:
         dense = csr_to_dense(batch.crow_indices, batch.col_indices, batch.values, self.cfg.n_genes)
-        vals = dense[:, self.token_cols]
-        vals = (vals - vals.mean(-1, keepdim=True)) / (vals.var(-1, keepdim=True) + 1e-6).sqrt()
-        return torch.cat([super().compute_targets(batch), vals], dim=-1)
+        return torch.cat([self.teacher_targets(dense), self.patch_values(dense, standardise=True)], dim=-1)
 
 
 class MedPlusViewsMaskSC(MaskSC):

@@ -161,6 +161,11 @@ def test_target_readout_needs_med():
         TINY.replace(pool="target", med=False)
 
 
+def test_med_targets_without_a_teacher_name_the_fix():
+    with pytest.raises(RuntimeError, match="set_teacher"):
+        MaskSC(TINY).compute_targets(CSRBatch.from_csr(random_grid()))
+
+
 def test_masked_mse_known_answer():
     pred = torch.zeros(2, 4, 3)
     target = torch.zeros(2, 4, 3)

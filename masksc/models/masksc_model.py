@@ -326,12 +326,22 @@ class MaskSC(nn.Module):
         """Regression targets for every token: [B, G, out_dim] float32."""
         dense = csr_to_dense(batch.crow_indices, batch.col_indices, batch.values, self.cfg.n_genes)
         if self.cfg.med:
-            if self.teacher is None:
-                raise RuntimeError("MED is on but no teacher is set; call model.set_teacher(teacher) first.")
-            scale = self.cfg.target_scale or math.sqrt(self.cfg.target_dim)
-            return self.targets(self.teacher, dense) * scale
+            return self.teacher_targets(dense)
+        return self.patch_values(dense, standardise=self.cfg.norm_pix)
+
+    def teacher_targets(self, dense: torch.Tensor) -> torch.Tensor:
+        """MED targets: the frozen teacher on each token's fragment, scaled by ``target_scale``
+        (default sqrt(target_dim)). dense [B, g*s] float32 -> [B, G, target_dim] float32."""
+        if self.teacher is None:
+            raise RuntimeError("MED is on but no teacher is set; call model.set_teacher(teacher) first.")
+        scale = self.cfg.target_scale or math.sqrt(self.cfg.target_dim)
+        return self.targets(self.teacher, dense) * scale
+
+    def patch_values(self, dense: torch.Tensor, standardise: bool) -> torch.Tensor:
+        """MED-off targets: each token's P*P values, optionally standardised within the token.
+        dense [B, g*s] float32 -> [B, G, P*P] float32."""
         vals = dense[:, self.token_cols]
-        if self.cfg.norm_pix:
+        if standardise:
             vals = (vals - vals.mean(-1, keepdim=True)) / (vals.var(-1, keepdim=True) + 1e-6).sqrt()
         return vals
 
