@@ -94,18 +94,33 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
         with open(tmp / WEIGHTS, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        old = _move_aside(path) if path.exists() or path.is_symlink() else None
+        os.replace(tmp, path)
         _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` into a fresh ``.old-*`` sibling directory (one atomic step) and return that
+    directory, so what is deleted next is never seen under a checkpoint name."""
+    old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+    os.replace(path, old / "x")
+    return old
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete the checkpoint directory ``path`` so that a crash part-way leaves either the whole
+    checkpoint or nothing under its name (a leftover ``.old-*`` directory is removed by the next
+    prune)."""
+    path = Path(path)
+    old = _move_aside(path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def point_last(run_dir: str | os.PathLike, target_name: str) -> None:

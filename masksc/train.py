@@ -154,7 +154,7 @@ def _prune(run_dir: Path, keep: int) -> None:
     last = (run_dir / "last").resolve() if (run_dir / "last").exists() else None
     for p in epochs[:-(keep + 1)]:
         if p.resolve() != last:
-            shutil.rmtree(p, ignore_errors=True)
+            ckpt.remove_checkpoint(p)
     for p in run_dir.iterdir():
         if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -139,6 +139,37 @@ def test_checkpoints_are_pruned_and_last_points_to_newest(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
+def test_crash_while_pruning_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
+    """A kill part-way through deleting an old checkpoint (here: after its weights are gone) must
+    not leave the rest of it under its epoch name, where resume and load would find it broken."""
+    import shutil
+
+    from masksc import checkpoint as ckpt
+    real_rmtree = shutil.rmtree
+
+    def killed_after_weights(path, *a, **k):
+        for f in sorted(os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns):
+            if f.endswith(ckpt.WEIGHTS):
+                os.remove(f)
+                raise KeyboardInterrupt("killed mid-delete")
+        real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_after_weights)
+    with pytest.raises(KeyboardInterrupt):
+        train(make(), structured_grid(), tcfg(epochs=4, checkpoint_every=1, keep_checkpoints=1,
+                                              checkpoint_dir=str(tmp_path)))
+    monkeypatch.undo()
+    epochs = sorted(p for p in os.listdir(tmp_path) if p.startswith("epoch-"))
+    assert epochs == ["epoch-000002", "epoch-000003"]   # epoch 1 was being pruned after epoch 3
+    for name in epochs:
+        ckpt.load_model(tmp_path / name)
+        ckpt.load_training_state(tmp_path / name)
+    resumed = train(make(), structured_grid(), tcfg(epochs=4, checkpoint_every=1, keep_checkpoints=1,
+                                                    checkpoint_dir=str(tmp_path), resume=True))
+    assert resumed.resumed_from_epoch == 3
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]   # the next prune clears leftovers
+
+
 def test_embed_matrix_row_order_and_dtype():
     X = structured_grid(n=20)
     model = make().eval()
