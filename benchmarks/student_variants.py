@@ -17,7 +17,8 @@
   ``VIEW_WEIGHT``) between the mean-pooled encodings of two independently masked views of each
   cell, through a 2-layer projection head (SimCLR's recipe). The read-out is that mean pool;
   the contrastive term asks it to be the same whichever half of the cell the encoder sees, the
-  invariance that makes the teacher's own embedding cluster well.
+  invariance that makes the teacher's own embedding cluster well. ``med+views-0.01`` is the
+  same at a tenth of the weight.
 
 For each (dataset, seed, variant): fit's recipe (seurat_v3 HVG among genes detected in >= 3
 cells, HVG-order grid, the default whole-cell teacher, the preset's training), then k-means
@@ -111,8 +112,14 @@ class MedPlusViewsMaskSC(MaskSC):
             self.VIEW_WEIGHT * nt_xent(*z.chunk(2), temperature=self.TEMPERATURE)
 
 
+class MedPlusWeakViewsMaskSC(MedPlusViewsMaskSC):
+    """``med+views`` with a tenth of its contrastive weight (0.01)."""
+
+    VIEW_WEIGHT = 0.01
+
+
 VARIANT_MODELS = {"gene-scale": MaskSC, "per-patch-embed": PerPatchEmbedMaskSC, "med+values": MedPlusValuesMaskSC,
-                  "med+views": MedPlusViewsMaskSC}
+                  "med+views": MedPlusViewsMaskSC, "med+views-0.01": MedPlusWeakViewsMaskSC}
 
 
 def scale_genes(X_grid, clip: float = CLIP):

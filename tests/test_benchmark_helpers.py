@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -113,11 +114,12 @@ def test_med_plus_values_target_is_the_teacher_feature_then_the_standardised_pat
                           torch.arange(cfg.n_patches).expand(12, -1)).shape == target.shape
 
 
-def test_med_plus_views_loss_is_the_shipped_loss_plus_weighted_nt_xent_of_two_masked_views():
+@pytest.mark.parametrize("variant,weight", [("med+views", 0.1), ("med+views-0.01", 0.01)])
+def test_med_plus_views_loss_is_the_shipped_loss_plus_weighted_nt_xent_of_two_masked_views(variant, weight):
     torch.manual_seed(0)
     cfg = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
                        decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
-    net = variants.MedPlusViewsMaskSC(cfg)
+    net = variants.VARIANT_MODELS[variant](cfg)
     net.set_padding(_last_patch_is_padding())
     net.set_teacher(ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True)))
     batch = CSRBatch.from_csr(structured_grid(n=12))
@@ -131,7 +133,7 @@ def test_med_plus_views_loss_is_the_shipped_loss_plus_weighted_nt_xent_of_two_ma
             visible = ~net.pad_tokens[ids_keep]
             pooled.append(torch.stack([latent[i, visible[i]].mean(0) for i in range(12)]))
         z = torch.nn.functional.normalize(net.projector(torch.cat(pooled)), dim=-1)
-        expected = shipped + net.VIEW_WEIGHT * nt_xent(z[:12], z[12:], temperature=net.TEMPERATURE)
+        expected = shipped + weight * nt_xent(z[:12], z[12:], temperature=net.TEMPERATURE)
         torch.testing.assert_close(net.training_loss(batch, 7), expected)
         assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)  # the two views differ
         assert net.pad_tokens.sum() == 1 and (~visible).any()  # a padding patch was kept and left out
