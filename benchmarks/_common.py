@@ -27,6 +27,13 @@ def device_info(device: str | torch.device | None = None) -> dict:
     return info
 
 
+def interpret_triton_without_cuda(smoke: bool) -> None:
+    """For a ``--smoke`` run on a machine without CUDA, run Triton kernels under its interpreter.
+    Call it before triton is first imported: the interpreter is chosen at import."""
+    if smoke and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def ready_for_data(data: Path, threads: int) -> bool:
     """Whether the benchmark datasets are at ``data`` (printing why not when they are absent).
     When they are, torch runs on ``threads`` threads and the warning that a dataset has fewer

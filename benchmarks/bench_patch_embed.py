@@ -45,15 +45,14 @@ def _parse() -> argparse.Namespace:
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.smoke:
-    import torch as _t
-    if not _t.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+from _common import device_info, interpret_triton_without_cuda, print_table, write_result  # noqa: E402
+
+interpret_triton_without_cuda(ARGS is not None and ARGS.smoke)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import device_info, print_table, write_result  # noqa: E402
 from kernels.patch_embed import _patch_coords, _row_ids, patch_embed_csr, patch_embed_torch  # noqa: E402
 
 
