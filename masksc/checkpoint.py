@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -121,6 +122,18 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     old = _move_aside(path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(run_dir: str | os.PathLike) -> None:
+    """Delete what an interrupted save_checkpoint, remove_checkpoint or point_last left in
+    ``run_dir`` (their ``.tmp-*`` / ``.old-*`` directories and ``.last-*.tmp`` links). Call it only
+    while no checkpoint is being written there."""
+    for p in Path(run_dir).iterdir():
+        if p.is_symlink():
+            if re.fullmatch(r"\.last-\d+\.tmp", p.name):
+                p.unlink()
+        elif p.is_dir() and re.fullmatch(r"\.(tmp|old)-.+-[a-z0-9_]{8}", p.name):  # tempfile.mkdtemp's suffix
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def point_last(run_dir: str | os.PathLike, target_name: str) -> None:

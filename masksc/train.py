@@ -19,7 +19,6 @@ import logging
 import math
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,15 +148,13 @@ def _default_device() -> torch.device:
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    """Delete epoch checkpoints beyond the newest ``keep + 1`` and stale temp dirs."""
+    """Delete epoch checkpoints beyond the newest ``keep + 1`` and what interrupted writes left."""
     epochs = sorted(p for p in run_dir.iterdir() if re.fullmatch(r"epoch-\d{6}", p.name))
     last = (run_dir / "last").resolve() if (run_dir / "last").exists() else None
     for p in epochs[:-(keep + 1)]:
         if p.resolve() != last:
             ckpt.remove_checkpoint(p)
-    for p in run_dir.iterdir():
-        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    ckpt.remove_leftovers(run_dir)
 
 
 def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dict | None = None,

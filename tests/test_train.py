@@ -139,6 +139,20 @@ def test_checkpoints_are_pruned_and_last_points_to_newest(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
+def test_prune_removes_interrupted_writes_and_nothing_else(tmp_path):
+    def plant(epoch, loss):   # what a kill of an earlier run left, and names none of our writes leaves
+        (tmp_path / ".tmp-epoch-000002-k3_q9zx1").mkdir()     # save_checkpoint before its rename
+        (tmp_path / ".old-epoch-000001-a8cd_1x2" / "x").mkdir(parents=True)  # remove_checkpoint mid-delete
+        os.symlink("epoch-000001", tmp_path / ".last-999.tmp")  # point_last before its rename
+        (tmp_path / ".tmp-notes").write_text("the user's file")
+        (tmp_path / ".old-runs").mkdir()
+        os.symlink(".old-runs", tmp_path / ".old-link-abcdefgh")
+
+    train(make(), structured_grid(), tcfg(epochs=1, checkpoint_dir=str(tmp_path)), callback=plant)
+    left = sorted(p for p in os.listdir(tmp_path) if p.startswith("."))
+    assert left == [".old-link-abcdefgh", ".old-runs", ".tmp-notes"]
+
+
 def test_crash_while_pruning_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
     """A kill part-way through deleting an old checkpoint (here: after its weights are gone) must
     not leave the rest of it under its epoch name, where resume and load would find it broken."""
