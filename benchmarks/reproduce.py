@@ -24,7 +24,8 @@ corr-patches (2-D patches on the correlation layout: each 4 x 4 patch holds 16 c
 genes of an average-linkage ordering of gene-gene correlation, one co-expression module),
 small (D = 64, encoder depth 2), depth-6 (encoder depth 6), wide (D = 192, 6 heads),
 lr-1e-3 (the learning rate of earlier releases' preset), lr-2.5e-4 (half the preset's),
-grid-32 (a 32 x 32 grid: the top 1024 HVG, 64 tokens), decoder-4 (a 4-block decoder) and
+grid-32 (a 32 x 32 grid: the top 1024 HVG, 64 tokens), patch-8 (8 x 8 patches: 36 tokens of
+64 genes each on the preset's 48 x 48 grid), decoder-4 (a 4-block decoder) and
 target-readout (cells read out as the decoder's prediction of their teacher feature instead
 of mean-pooled tokens).
 
@@ -65,13 +66,13 @@ DATASETS = {"pbmc": "10X_PBMC_top2000.h5", "worm": "worm_neuron_cell.h5",
 MODELS = Path.home() / ".cache" / "masksc-reproduce"  # trained mask-sc models (see trained_masksc)
 TABLE1 = ["masksc", "contrastive-sc", "contrastive-sc-sweep", "pca-raw", "log-pca", "leiden"]
 TABLE2 = ["masksc", "ime-on", "ime-off", "med-off", "corr-patches", "small", "depth-6", "wide", "lr-1e-3", "lr-2.5e-4",
-          "grid-32", "decoder-4", "target-readout"]
+          "grid-32", "patch-8", "decoder-4", "target-readout"]
 TABLES = ((1, TABLE1, "Table 1: clustering (k = number of labels)"), (2, TABLE2, "Table 2: ablations"))
 ABLATIONS = {"masksc": {}, "ime-on": {"ime": True}, "ime-off": {"ime": False}, "med-off": {"med": False},
              "corr-patches": {"ime": True, "layout": "correlation"}, "small": {"embed_dim": 64, "depth": 2},
              "depth-6": {"depth": 6}, "wide": {"embed_dim": 192, "num_heads": 6}, "lr-1e-3": {"lr": 1e-3},
              "lr-2.5e-4": {"lr": 2.5e-4},
-             "grid-32": {"grid_shape": (32, 32)}, "decoder-4": {"decoder_depth": 4},
+             "grid-32": {"grid_shape": (32, 32)}, "patch-8": {"patch": 8}, "decoder-4": {"decoder_depth": 4},
              "target-readout": {"pool": "target"}}
 DETERMINISTIC = {"pca-raw", "log-pca", "leiden"}  # seed only changes the clustering
 PAPER = {  # reference figures (ARI, NMI): the mask-sc paper, contrastive-sc authors, the README of ../shared/data
