@@ -19,6 +19,12 @@
   the contrastive term asks it to be the same whichever half of the cell the encoder sees, the
   invariance that makes the teacher's own embedding cluster well. ``med+views-0.01`` is the
   same at a tenth of the weight.
+- ``gene-dropout-0.5`` / ``-0.2``: during training each detected value of the cell is dropped
+  with that probability (inverted dropout, as the teacher's input dropout) before the patches
+  are embedded, while the targets still come from the whole cell. Masking hides whole patches;
+  this also hides genes inside the visible ones, asking the student for the teacher's feature
+  from a sparser draw of the same cell, the augmentation contrastive-sc itself is built on.
+  Embedding reads the cell undropped.
 
 For each (dataset, seed, variant): fit's recipe (seurat_v3 HVG among genes detected in >= 3
 cells, HVG-order grid, the default whole-cell teacher, the preset's training), then k-means
@@ -30,6 +36,7 @@ lock, to benchmarks/results/student_variants.json (with the device), so runs may
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -118,8 +125,27 @@ class MedPlusWeakViewsMaskSC(MedPlusViewsMaskSC):
     VIEW_WEIGHT = 0.01
 
 
+class GeneDropoutMaskSC(MaskSC):
+    """MaskSC whose training input drops each detected value with probability DROPOUT (values
+    kept are scaled by 1 / (1 - DROPOUT)); targets and embedding read the whole cell."""
+
+    DROPOUT = 0.5
+
+    def tokenize(self, batch) -> torch.Tensor:
+        if self.training:
+            batch = dataclasses.replace(batch, values=torch.nn.functional.dropout(batch.values.float(), self.DROPOUT))
+        return super().tokenize(batch)
+
+
+class LightGeneDropoutMaskSC(GeneDropoutMaskSC):
+    """``gene-dropout-0.5`` at a dropout of 0.2."""
+
+    DROPOUT = 0.2
+
+
 VARIANT_MODELS = {"gene-scale": MaskSC, "per-patch-embed": PerPatchEmbedMaskSC, "med+values": MedPlusValuesMaskSC,
-                  "med+views": MedPlusViewsMaskSC, "med+views-0.01": MedPlusWeakViewsMaskSC}
+                  "med+views": MedPlusViewsMaskSC, "med+views-0.01": MedPlusWeakViewsMaskSC,
+                  "gene-dropout-0.5": GeneDropoutMaskSC, "gene-dropout-0.2": LightGeneDropoutMaskSC}
 
 
 def scale_genes(X_grid, clip: float = CLIP):

@@ -137,3 +137,33 @@ def test_med_plus_views_loss_is_the_shipped_loss_plus_weighted_nt_xent_of_two_ma
         torch.testing.assert_close(net.training_loss(batch, 7), expected)
         assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)  # the two views differ
         assert net.pad_tokens.sum() == 1 and (~visible).any()  # a padding patch was kept and left out
+
+
+@pytest.mark.parametrize("variant,p", [("gene-dropout-0.5", 0.5), ("gene-dropout-0.2", 0.2)])
+def test_gene_dropout_drops_detected_values_in_training_only_and_keeps_whole_cell_targets(variant, p, monkeypatch):
+    torch.manual_seed(0)
+    cfg = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                       decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+    net = variants.VARIANT_MODELS[variant](cfg)
+    net.set_teacher(ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True)))
+    batch = CSRBatch.from_csr(structured_grid(n=12))
+    seen, real_patch_embed = [], ops.patch_embed
+
+    def spy(crow, col, values, *args):
+        seen.append(values.clone())
+        return real_patch_embed(crow, col, values, *args)
+
+    with torch.no_grad():
+        whole = MaskSC.tokenize(net, batch)
+        torch.testing.assert_close(net.eval().tokenize(batch), whole)        # embedding reads the whole cell
+        net.train()
+        draws = torch.stack([net.tokenize(batch) for _ in range(4000)])
+        torch.testing.assert_close(draws.mean(0), whole, atol=0.06, rtol=0)  # patch embedding is linear
+        monkeypatch.setattr(ops, "patch_embed", spy)
+        for _ in range(200):
+            net.tokenize(batch)
+        values = torch.stack(seen)                                            # [draws, nnz]
+        kept = values != 0
+        torch.testing.assert_close(values[kept], (batch.values / (1 - p)).expand_as(values)[kept])
+        torch.testing.assert_close(1 - kept.float().mean(), torch.tensor(p), atol=0.01, rtol=0)
+        torch.testing.assert_close(net.compute_targets(batch), MaskSC.compute_targets(net, batch))
