@@ -19,7 +19,7 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     ``pbmc68k_masksc.h5ad`` (embedding + clusters), ``embedding_umap.png`` (coloured by cluster
     and by label, paper Fig. 4), ``attention.png`` (paper Fig. 6), ``loss.png``, ``metrics.json``.
     Returns the metrics."""
-    from masksc import pl, tl
+    from masksc import pl
     from masksc.data import CellBatches, load_demo
     from masksc.io_utils import atomic_write
 
@@ -27,15 +27,11 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     adata = load_demo()
-    k = adata.obs["label"].nunique()
-    print(f"[demo] pbmc68k_reduced: {adata.n_obs} cells x {adata.n_vars} genes, {k} labelled types")
-    model = tl.fit(adata, "demo", model_dir=out / "model", epochs=epochs, seed=seed, device=device)
-    tl.embed(adata, model, device=device)
-    tl.cluster(adata, k=k, seed=seed)
-    scores = tl.evaluate(adata, label_key="label")
+    print(f"[demo] pbmc68k_reduced: {adata.n_obs} cells x {adata.n_vars} genes, "
+          f"{adata.obs['label'].nunique()} labelled types")
+    model, scores, baseline = fit_and_score(adata, seed, device=device, model_dir=out / "model", epochs=epochs)
     wall = time.time() - t0
     print(f"[demo] mask-sc ({model.config.epochs} epochs, {wall:.0f}s): {_fmt(scores)}")
-    baseline = _pca_kmeans(adata, k, seed)
     print(f"[demo] baseline PCA(50) + k-means on the same log-normalised genes: {_fmt(baseline)}")
 
     pl.embedding(adata, {"mask-sc cluster": adata.obs["masksc_cluster"].to_numpy(),
@@ -60,6 +56,20 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     print(f"[demo] wrote {out}/: pbmc68k_masksc.h5ad, embedding_umap.png, attention.png, loss.png, "
           "metrics.json, model/")
     return scores
+
+
+def fit_and_score(adata, seed: int, *, device: str | None = None, progress: bool = True, **fit_kwargs):
+    """The demo's steps on ``adata`` (labels in ``obs["label"]``, k = their number): fit the
+    ``demo`` preset (``fit_kwargs``: ``model_dir``, ``epochs``, config overrides), embed, cluster,
+    score, and score its PCA(50) + k-means reference. Stores the embedding and clusters on
+    ``adata``; returns (model, mask-sc scores, reference scores)."""
+    from masksc import tl
+
+    k = adata.obs["label"].nunique()
+    model = tl.fit(adata, "demo", seed=seed, device=device, progress=progress, **fit_kwargs)
+    tl.embed(adata, model, device=device, progress=progress)
+    tl.cluster(adata, k=k, seed=seed)
+    return model, tl.evaluate(adata, label_key="label"), _pca_kmeans(adata, k, seed)
 
 
 def _fmt(scores: dict) -> str:
