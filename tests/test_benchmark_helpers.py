@@ -1,6 +1,6 @@
 """The benchmark scripts' own model pieces against the shipped ones they vary (their oracles):
-readout.py's read-outs, student_variants.py's input scaling, per-patch embedding and joint
-targets."""
+readout.py's read-outs, centroid_bound.py's partitions, student_variants.py's input scaling,
+per-patch embedding and joint targets."""
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -26,7 +26,7 @@ def _load(name):
     return module
 
 
-readout, variants = _load("readout"), _load("student_variants")
+readout, variants, bound = _load("readout"), _load("student_variants"), _load("centroid_bound")
 
 
 def _last_patch_is_padding():
@@ -69,6 +69,24 @@ def test_masked_views_are_seeded_and_differ_from_one_pass():
     a, b = readout._masked_views_mean(net, X, views=2), readout._masked_views_mean(net, X, views=2)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, embed_matrix(net, X, progress=False), atol=1e-3)
+
+
+def test_centroid_bound_partitions_against_brute_force_and_sklearn():
+    from sklearn.cluster import KMeans
+    from masksc.cluster import kmeans
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 300)
+    Z = (rng.normal(size=(300, 5)) + 1.5 * np.eye(3, 5)[truth]).astype(np.float32)  # overlapping types
+    parts = bound.partitions(Z, truth, seed=4)
+    np.testing.assert_array_equal(parts["kmeans10"], kmeans(Z, 3, seed=4))
+    means = np.stack([Z[truth == c].mean(0) for c in range(3)])
+    nearest = np.linalg.norm(Z[:, None] - means[None], axis=-1).argmin(1)
+    np.testing.assert_array_equal(parts["nearest true centroid (oracle)"], nearest)
+    assert (nearest != truth).mean() > 0.05                       # overlap: the oracle is not the truth
+    lloyd = KMeans(3, init=means, n_init=1, max_iter=300).fit(Z)
+    np.testing.assert_array_equal(parts["k-means from true centroids (oracle)"], lloyd.labels_)
+    assert bound.objective(Z, lloyd.labels_) == pytest.approx(lloyd.inertia_, rel=1e-4)
+    assert bound.objective(Z, lloyd.labels_) < bound.objective(Z, nearest)  # Lloyd only lowers it
 
 
 def test_gene_scale_divides_each_gene_by_its_sd_and_clips():
