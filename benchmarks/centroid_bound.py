@@ -1,7 +1,8 @@
 """Is a dataset's gap to its goal in the embedding or in k-means? For a trained model per
-(dataset, seed), its embedding (the method's read-out) and its frozen teacher's feature are each
-partitioned three ways: k-means (k = number of labels, 10 restarts, what Table 1 reports), and
-two oracles that read the labels, bounding what any centroid clustering could score there:
+(dataset, seed), its embedding (the method's read-out) and its frozen teacher's feature (or, with
+``--method log-pca``, the log-PCA baseline's 50 components) are each partitioned three ways:
+k-means (k = number of labels, 10 restarts, what Table 1 reports), and two oracles that read the
+labels, bounding what any centroid clustering could score there:
 
 - ``nearest true centroid``: each cell to the nearest mean of a true type;
 - ``k-means from true centroids``: Lloyd's k-means started from those means and run to
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import ready_for_data, teacher_embedding  # noqa: E402
-from benchmarks.reproduce import ABLATIONS, DATA, DATASETS, MODELS, _labels, append_run, trained_masksc  # noqa: E402
+from benchmarks.reproduce import (ABLATIONS, DATA, DATASETS, MODELS, _labels, _scanpy_logpca,  # noqa: E402
+                                  append_run, trained_masksc)
 from masksc.cluster import kmeans  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "centroid_bound.json"
@@ -53,10 +55,23 @@ def partitions(Z: np.ndarray, truth: np.ndarray, seed: int) -> dict:
                                                            max_iter=300).fit_predict(Z)}
 
 
+def _readouts(adata, dataset: str, seed: int, args) -> dict:
+    """{name: float32 [n, d]}: a mask-sc model's embedding and its teacher's feature, or log-PCA's
+    50 components (Table 1's ``log-pca`` row)."""
+    if args.method == "log-pca":
+        return {"log-pca": _scanpy_logpca(adata, seed).obsm["X_pca"].astype(np.float32)}
+    model, _ = trained_masksc(adata, dataset, seed, argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0,
+                                                                      models=args.models, progress=False),
+                              args.method)
+    return {"model": model.embed(adata, batch_size=512, progress=False),
+            "teacher": teacher_embedding(model.network.teacher, model.to_grid(adata))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="pbmc:0,pbmc:1,pbmc:2,worm:0,worm:1,worm:2", help="dataset:seed pairs")
-    p.add_argument("--method", default="masksc", choices=sorted(ABLATIONS), help="a mask-sc row of Table 1 or 2")
+    p.add_argument("--method", default="masksc", choices=sorted(ABLATIONS) + ["log-pca"],
+                   help="a mask-sc row of Table 1 or 2, or the log-PCA baseline")
     p.add_argument("--models", default=str(MODELS), help="trained models, shared with reproduce.py")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     args = p.parse_args(argv)
@@ -69,11 +84,7 @@ def main(argv=None) -> int:
         ds, seed = run.split(":")
         seed, adata = int(seed), read(DATA / DATASETS[ds])
         truth = _labels(adata)
-        model, _ = trained_masksc(adata, ds, seed, argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0,
-                                                                      models=args.models, progress=False),
-                                  args.method)
-        readouts = {"model": model.embed(adata, batch_size=512, progress=False),
-                    "teacher": teacher_embedding(model.network.teacher, model.to_grid(adata))}
+        readouts = _readouts(adata, ds, seed, args)
         for readout, Z in readouts.items():
             parts = partitions(Z, truth, seed)
             plain = objective(Z, parts["kmeans10"])
