@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import ready_for_data, teacher_embedding  # noqa: E402
 from benchmarks.reproduce import (ABLATIONS, DATA, DATASETS, MODELS, _labels, _scanpy_logpca,  # noqa: E402
-                                  append_run, trained_masksc)
+                                  append_run, preset_model)
 from masksc.cluster import kmeans  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "centroid_bound.json"
@@ -60,11 +60,11 @@ def _readouts(adata, dataset: str, seed: int, args) -> dict:
     50 components (Table 1's ``log-pca`` row)."""
     if args.method == "log-pca":
         return {"log-pca": _scanpy_logpca(adata, seed).obsm["X_pca"].astype(np.float32)}
-    model, _ = trained_masksc(adata, dataset, seed, argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0,
-                                                                      models=args.models, progress=False),
-                              args.method)
-    return {"model": model.embed(adata, batch_size=512, progress=False),
-            "teacher": teacher_embedding(model.network.teacher, model.to_grid(adata))}
+    from masksc.embed import embed_matrix
+    model = preset_model(adata, dataset, seed, args.models, args.method)
+    X = model.to_grid(adata)
+    return {"model": embed_matrix(model.network, X, batch_size=512, progress=False),
+            "teacher": teacher_embedding(model.network.teacher, X)}
 
 
 def main(argv=None) -> int:
@@ -80,9 +80,12 @@ def main(argv=None) -> int:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
     from masksc.data import read
 
+    datasets = {}
     for run in args.runs.split(","):
         ds, seed = run.split(":")
-        seed, adata = int(seed), read(DATA / DATASETS[ds])
+        if ds not in datasets:
+            datasets[ds] = read(DATA / DATASETS[ds])
+        seed, adata = int(seed), datasets[ds]
         truth = _labels(adata)
         readouts = _readouts(adata, ds, seed, args)
         for readout, Z in readouts.items():

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import device_info, print_table, teacher_embedding, write_result  # noqa: E402
-from benchmarks.reproduce import DATA, DATASETS, MODELS, _labels, trained_masksc  # noqa: E402
+from benchmarks.reproduce import DATA, DATASETS, MODELS, _labels, preset_model  # noqa: E402
 from masksc import ops  # noqa: E402
 from masksc.cluster import kmeans, knn_graph, knn_search, leiden_for_k  # noqa: E402
 from masksc.models.masksc_model import POOLS  # noqa: E402
@@ -154,8 +154,7 @@ def main(argv=None) -> int:
         adata = read(DATA / DATASETS[ds])
         truth = _labels(adata)
         k = len(np.unique(truth))
-        model, _ = trained_masksc(adata, ds, seed, argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0,
-                                                                      models=args.models, progress=False))
+        model = preset_model(adata, ds, seed, args.models)
         X = model.to_grid(adata)
         pooled = {}
         for pool in POOLS:

@@ -249,6 +249,13 @@ def trained_masksc(adata, dataset: str, seed: int, args, method: str = "masksc")
     return model, info
 
 
+def preset_model(adata, dataset: str, seed: int, models, method: str = "masksc"):
+    """The ``cpu``-preset model ``method`` trains on ``dataset`` with ``seed`` at the preset's own
+    epochs and mask ratio: ``trained_masksc``'s, kept in (or first trained into) ``models``."""
+    args = argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0, models=models, progress=False)
+    return trained_masksc(adata, dataset, seed, args, method)[0]
+
+
 def run_masksc(adata, k, seed, args, method):
     model, info = trained_masksc(adata, adata.uns["dataset"], seed, args, method)
     t0 = time.time()
