@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from masksc import __version__
 from masksc.errors import CheckpointError
+from masksc.io_utils import check_output, default_mode
 from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
 from masksc.models.masksc_model import MaskSC, MaskSCConfig
 
@@ -77,6 +78,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700; the checkpoint keeps this mode
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "masksc_version": __version__,
                   "model_config": model.cfg.to_dict(),
                   "teacher_config": model.teacher.cfg.to_dict() if model.teacher is not None else None,
@@ -134,6 +136,24 @@ def remove_leftovers(run_dir: str | os.PathLike) -> None:
                 p.unlink()
         elif p.is_dir() and re.fullmatch(r"\.(tmp|old)-.+-[a-z0-9_]{8}", p.name):  # tempfile.mkdtemp's suffix
             shutil.rmtree(p, ignore_errors=True)
+
+
+def epoch_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The epoch checkpoints (``epoch-000010``) in the training run directory ``run_dir``, oldest first."""
+    return sorted(p for p in Path(run_dir).iterdir() if re.fullmatch(r"epoch-\d{6}", p.name))
+
+
+def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
+    """Refuse, before any work, a training run directory ``path`` that cannot be created or
+    written (see ``io_utils.check_output``; MaskscError), or that already holds a run or a saved
+    model while ``resume`` is off: training there would mix two runs (CheckpointError). Creates
+    nothing; returns ``path``."""
+    path = check_output(path, folder=True)
+    if not resume and path.is_dir() and (os.path.lexists(path / "last") or (path / CONFIG).exists()
+                                         or epoch_dirs(path)):
+        raise CheckpointError(f"{path} already holds a training run or a saved model; fix: pass --resume "
+                              "(resume=True) to continue that run, or choose a new directory.")
+    return path
 
 
 def point_last(run_dir: str | os.PathLike, target_name: str) -> None:

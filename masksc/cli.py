@@ -12,9 +12,24 @@ import sys
 import time
 from pathlib import Path
 
+from masksc.data.io import FORMATS
 from masksc.errors import MaskscError
+from masksc.models import PRESETS
 
 log = logging.getLogger("masksc")
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -39,11 +54,26 @@ def _source(args):
     return read(path, format=fmt, transpose=args.transpose)
 
 
-def _write_h5ad(adata, path) -> Path:
-    from masksc.io_utils import atomic_write
+def _device(name):
+    """The torch.device ``--device`` names; MaskscError before any work when it is unusable here."""
+    from masksc.train import resolve_device
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise MaskscError(str(exc)) from exc
+
+
+def _h5ad_output(path, source) -> Path:
+    """``-o`` of cluster, checked before any work: an .h5ad that is not the input and can be written."""
+    from masksc.io_utils import check_output
     path = Path(path)
     if path.suffix != ".h5ad":
         raise MaskscError(f"output {path} must end in .h5ad; fix: pass -o NAME.h5ad.")
+    return check_output(path, source)
+
+
+def _write_h5ad(adata, path) -> Path:
+    from masksc.io_utils import atomic_write
     with atomic_write(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
     return path
@@ -84,8 +114,10 @@ def _overrides(args) -> dict:
 def cmd_fit(args) -> int:
     """Train from a file, streamed from disk (.h5ad / 10x .h5; other formats are read into memory),
     on one process or, under torchrun, with DDP over all ranks."""
-    from masksc import distributed, pipeline
+    from masksc import checkpoint, distributed, pipeline
     overrides = _overrides(args)
+    _device(args.device)
+    checkpoint.check_run_dir(args.output, resume=args.resume)
     ctx = distributed.init_from_env(args.device)
     try:
         model, result = pipeline.fit(_source(args), args.preset, model_dir=args.output, epochs=args.epochs,
@@ -105,13 +137,13 @@ def cmd_embed(args) -> int:
     """Stream the cells through the model chunk by chunk into OUT.h5ad (obs + obsm['X_masksc'], no X)
     or OUT.npy; sharded over the ranks under torchrun. The input is never loaded whole."""
     from masksc import distributed
+    from masksc.io_utils import check_output
     from masksc.pipeline import MaskSCModel
+    device = _device(args.device)
+    check_output(args.output, args.data)
     ctx = distributed.init_from_env(args.device)
     if ctx.distributed:
         device = ctx.device
-    else:
-        import torch
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = MaskSCModel.load(args.model, device=device)
     if args.pool:
         try:
@@ -139,20 +171,24 @@ def _read_h5ad(path):
 
 def cmd_cluster(args) -> int:
     from masksc import tl
+    output = _h5ad_output(args.output, args.data)
     adata = _read_h5ad(args.data)
-    tl.cluster(adata, k=args.k, seed=args.seed)
+    leiden = {} if args.k is not None else {"n_neighbors": args.n_neighbors, "resolution": args.resolution}
+    tl.cluster(adata, k=args.k, seed=args.seed, **leiden)
     n = adata.obs["masksc_cluster"].nunique()
-    print(f"{n} clusters written to {_write_h5ad(adata, args.output)}")
+    print(f"{n} clusters written to {_write_h5ad(adata, output)}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from masksc import tl
+    from masksc.io_utils import atomic_write, check_output
+    if args.json:
+        check_output(args.json, args.data)
     adata = _read_h5ad(args.data)
     scores = tl.evaluate(adata, label_key=args.label_key)
     _print_metrics(scores)
     if args.json:
-        from masksc.io_utils import atomic_write
         with atomic_write(args.json) as tmp:
             tmp.write_text(json.dumps(scores, indent=2) + "\n")
     return 0
@@ -160,6 +196,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_demo(args) -> int:
     from masksc.demo import run_demo
+    _device(args.device)
     run_demo(args.output, epochs=args.epochs, seed=args.seed, device=args.device)
     return 0
 
@@ -173,32 +210,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     def data_args(sp):
         sp.add_argument("data", help="counts: .h5ad, 10x .h5, 10x mtx folder, csv/tsv, scDeepCluster .h5")
-        sp.add_argument("--format", default=None, help="force the reader (default: detect)")
+        sp.add_argument("--format", default=None, choices=FORMATS, help="force the reader (default: detect)")
         sp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
 
     sp = sub.add_parser("fit", help="train a mask-sc model on a dataset (streamed from disk; torchrun for DDP)")
     data_args(sp)
     sp.add_argument("-o", "--output", required=True, help="model directory (checkpoints, config.json)")
-    sp.add_argument("--preset", default="cpu", help="paper | cpu | demo (default cpu)")
-    sp.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    sp.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="recipe (default cpu)")
+    sp.add_argument("--epochs", type=_at_least(1), default=None, help="override the preset's epochs")
     sp.add_argument("--grid", type=_grid, default=None, help="gene grid, e.g. 48x48")
     sp.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None)
     sp.add_argument("--layout", choices=["hvg", "correlation"], default=None, help="gene order in the grid")
-    sp.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="cells per step (per process)")
+    sp.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=None,
+                    help="cells per step (per process)")
     sp.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
                     help="override any preset field, e.g. --set embed_dim=64 --set depth=2 (repeatable)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None, help="epochs")
+    sp.add_argument("--checkpoint-every", dest="checkpoint_every", type=_at_least(1), default=None, help="epochs")
     sp.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    sp.add_argument("--chunk-size", dest="chunk_size", type=int, default=4096,
-                    help="cells read from disk at a time (memory bound; default 4096)")
-    sp.add_argument("--teacher-cells", dest="teacher_cells", type=int, default=50_000,
-                    help="seeded subsample the teacher and grid layout are fitted on (0 = all cells; default 50000)")
+    sp.add_argument("--chunk-size", dest="chunk_size", type=_at_least(1), default=4096,
+                    help="cells read from disk at a time (memory bound; default 4096); .h5ad and 10x .h5 only "
+                         "(csv, mtx and scDeepCluster .h5 are read into memory)")
+    sp.add_argument("--teacher-cells", dest="teacher_cells", type=_at_least(0), default=50_000,
+                    help="seeded subsample the teacher and grid layout are fitted on (0 = all cells; default 50000); "
+                         ".h5ad and 10x .h5 only (other formats use all cells)")
     sp.add_argument("--teacher-set", dest="teacher_set", action="append", type=_override, metavar="KEY=VALUE",
                     help="override a contrastive-sc teacher setting (its authors' by default), e.g. "
                          "--teacher-set epochs=5 --teacher-set temperature=0.5 (repeatable)")
-    sp.add_argument("--min-cells", dest="min_cells", type=int, default=3,
+    sp.add_argument("--min-cells", dest="min_cells", type=_at_least(0), default=3,
                     help="an HVG candidate must be detected in this many cells (default 3, as scanpy's filter_genes)")
     sp.set_defaults(func=cmd_fit)
 
@@ -206,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(sp)
     sp.add_argument("--model", required=True, help="model directory written by `masksc fit`")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (obs + obsm['X_masksc'], no X) or .npy")
-    sp.add_argument("--batch-size", dest="batch_size", type=int, default=1024)
-    sp.add_argument("--chunk-size", dest="chunk_size", type=int, default=16_384,
+    sp.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=1024)
+    sp.add_argument("--chunk-size", dest="chunk_size", type=_at_least(1), default=16_384,
                     help="cells read from disk at a time (memory bound; default 16384)")
     sp.add_argument("--pool", default=None,
                     help="read-out, default the model's own: mean (of the encoded tokens), cls (the global "
@@ -218,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("data", help=".h5ad written by `masksc embed`")
     sp.add_argument("-k", type=int, default=None, help="number of clusters (k-means); omit for Leiden")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (the input is never modified)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of k-means / Leiden (default 0)")
+    sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=15,
+                    help="Leiden (no -k): neighbours per cell in the kNN graph (default 15)")
+    sp.add_argument("--resolution", type=float, default=1.0,
+                    help="Leiden (no -k): higher gives more, smaller clusters (default 1.0)")
     sp.set_defaults(func=cmd_cluster)
 
     sp = sub.add_parser("evaluate", help="ARI / NMI against labels and silhouette of a clustered .h5ad")
@@ -229,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="train on scanpy's bundled pbmc68k_reduced, cluster, score, plot")
     sp.add_argument("-o", "--output", default="masksc-demo", help="output folder (default ./masksc-demo)")
-    sp.add_argument("--epochs", type=int, default=None)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default=None)
+    sp.add_argument("--epochs", type=_at_least(1), default=None, help="override the demo preset's epochs")
+    sp.add_argument("--seed", type=int, default=0, help="seed of training and clustering (default 0)")
+    sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     sp.set_defaults(func=cmd_demo)
     return p
 
@@ -241,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every SIMD build it tried
     t0 = time.time()
     try:
         code = args.func(args)

@@ -332,8 +332,11 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}.")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or not 2 <= n_neighbors <= n:
+        fix = (f"pass n_neighbors= an integer in that range (e.g. n_neighbors={min(n, 15)}; tl.cluster, "
+               "cluster_embedding and `masksc cluster --n-neighbors` take it too)" if n >= 2
+               else "pass at least 2 cells (a kNN graph needs them)")
         raise DataError(f"n_neighbors (including the cell itself) must be an integer in [2, n_cells={n}], "
-                        f"got {n_neighbors!r}.")
+                        f"got {n_neighbors!r}; fix: {fix}.")
     if metric == "cosine":
         norms = np.linalg.norm(X, axis=1, keepdims=True)
         if (norms == 0).any():
@@ -527,6 +530,14 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     The cluster count is not strictly monotone in the resolution; when no tried resolution
     gives ``k`` within ``max_steps``, the closest count found is returned with a warning.
 
+    Args:
+        graph: square scipy.sparse [n, n] of non-negative weights (e.g. :func:`knn_graph`).
+        k: number of clusters wanted, 1 <= k <= n.
+        seed: random seed of every :func:`leiden` call.
+        resolution_range: (lowest, highest) resolution searched, both > 0.
+        max_steps: bisection steps (Leiden runs) at most.
+        leiden_kw: other arguments of :func:`leiden` (``n_iterations``, ``flavor``, ``directed``).
+
     Returns: (labels np.int64 [n], resolution used).
     """
     G = _check_graph(graph)
@@ -565,7 +576,11 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
         Z: embedding [n, d]. k: number of clusters or None.
         method: "auto" (k-means if k else Leiden), "kmeans" (needs k), or "leiden" (with k, the
             resolution is searched for k clusters via :func:`leiden_for_k`; without, ``resolution``).
-        n_neighbors, metric: kNN graph settings for Leiden. kmeans_kw: passed to :func:`kmeans`.
+        seed: seeds k-means, the kNN search and Leiden.
+        n_neighbors, metric: kNN graph settings for Leiden. resolution: Leiden's when k is None.
+        use_gpu: as in :func:`kmeans`.
+        kmeans_kw: passed to :func:`kmeans` (``n_init``, ``max_iter``, ...); a TypeError when
+            Leiden is used, which would ignore them.
 
     Returns: np.int64 [n] labels.
     """
@@ -577,6 +592,10 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
         if k is None:
             raise ValueError("method='kmeans' needs k; pass k or use method='leiden' to find clusters from the graph.")
         return kmeans(Z, k, seed=seed, use_gpu=use_gpu, **kmeans_kw)
+    if kmeans_kw:
+        raise TypeError(f"{sorted(kmeans_kw)} are k-means arguments, but Leiden clusters here (k={k!r}, "
+                        "method='leiden'), which would ignore them; fix: drop them, or pass k (with "
+                        "method='auto' or 'kmeans') to use k-means.")
     graph = knn_graph(Z, n_neighbors=n_neighbors, metric=metric, use_gpu=use_gpu, seed=seed)
     if k is None:
         return leiden(graph, resolution=resolution, seed=seed)
@@ -606,7 +625,7 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
 
     Returns: {"ari", "nmi", "silhouette", "n_clusters"}; ari/nmi (sklearn; NMI with arithmetic
     mean normalisation) are None without ``truth``; silhouette is None when pred has fewer than
-    2 or more than n-1 clusters.
+    2 or more than n-1 clusters, or when the silhouette sample holds fewer than 2 of them.
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 

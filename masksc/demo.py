@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,12 +19,18 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     ARI / NMI / silhouette, and write into ``out_dir``: ``model/`` (checkpoint),
     ``pbmc68k_masksc.h5ad`` (embedding + clusters), ``embedding_umap.png`` (coloured by cluster
     and by label, paper Fig. 4), ``attention.png`` (paper Fig. 6), ``loss.png``, ``metrics.json``.
-    Returns the metrics."""
-    from masksc import pl
+    A rerun into the same ``out_dir`` replaces the earlier demo's files. Returns the metrics."""
+    from masksc import checkpoint, pl
     from masksc.data import CellBatches, load_demo
-    from masksc.io_utils import atomic_write
+    from masksc.errors import CheckpointError
+    from masksc.io_utils import atomic_write, check_output
 
-    out = Path(out_dir)
+    out = check_output(out_dir, folder=True)
+    try:
+        checkpoint.check_run_dir(out / "model")
+    except CheckpointError:  # an earlier demo's model: the demo is rerun from scratch, not resumed
+        print(f"[demo] replacing the earlier demo in {out}")
+        shutil.rmtree(out / "model")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     adata = load_demo()

@@ -1,10 +1,13 @@
-"""Atomic file output: nothing is half-written if a process dies mid-write."""
+"""Output files: checked before any work, written atomically (nothing is half-written if a
+process dies mid-write)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+from masksc.errors import MaskscError
 
 
 def _umask() -> int:
@@ -13,21 +16,75 @@ def _umask() -> int:
     return mask
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` / ``mkdir`` would give under the current umask (mkstemp and
+    mkdtemp use 0600 / 0700 instead)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _unwritable(path: Path, folder: Path, exc: OSError) -> MaskscError:
+    return MaskscError(f"cannot write {path}: cannot write in {folder} ({exc.strerror or exc}); fix: choose an "
+                       "output in a folder you can write to.")
+
+
+def check_output(path: str | os.PathLike, source: str | os.PathLike | None = None, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that would fail or do harm: ``path`` is the input file
+    ``source``, is a folder where a file goes (a file where a folder goes when ``folder``), lies
+    under a file, or lies in a folder this process cannot write. Creates nothing (the check
+    makes and removes a hidden probe directory). Raises MaskscError naming ``path`` and the
+    fix; returns ``path``."""
+    path = Path(path)
+    if source is not None and _same_file(path, Path(source)):
+        raise MaskscError(f"output {path} is the input file; fix: write to a new file (the input is never "
+                          "modified).")
+    if path.exists() and path.is_dir() != folder:
+        want, found = ("a folder", "a file") if folder else ("a file", "a folder")
+        raise MaskscError(f"output {path} is {found}, not {want}; fix: choose another output path.")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MaskscError(f"cannot create {path}: {existing} is a file, not a folder; fix: choose an output "
+                          "path inside a folder.")
+    try:  # os.access is not enough: it says yes to root in /proc, where nothing can be created
+        os.rmdir(tempfile.mkdtemp(prefix=".masksc-probe-", dir=existing))
+    except OSError as exc:
+        raise _unwritable(path, existing, exc) from exc
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either one does not exist
+        return False
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically
-    (after an fsync), on any exception it is removed and ``path`` is left untouched."""
+    (after an fsync), on any exception it is removed and ``path`` is left untouched.
+    Raises MaskscError naming ``path`` when its folder cannot be created or written or the
+    final rename fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp",
-                               dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp",
+                                   dir=path.parent)
+    except OSError as exc:
+        raise _unwritable(path, path.parent, exc) from exc
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file a normal file's mode
+    os.chmod(tmp, default_mode())
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _unwritable(path, path.parent, exc) from exc
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

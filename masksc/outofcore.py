@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from masksc.data import CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.errors import DataError, MaskscError
+from masksc.io_utils import check_output
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,31 @@ class RowReader:
         return self._src.rows(a, b, self._file)
 
 
-def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix,
-              var_names) -> tuple[np.ndarray, sp.csr_matrix]:
-    """Preprocess a block of raw cells and lay it on the grid.
+def _transform_block(preprocessor: Preprocessor, X: sp.csr_matrix, var_names,
+                    cells: str) -> tuple[np.ndarray, sp.csr_matrix]:
+    """``preprocessor.transform_chunks`` on a block of raw cells read from a dataset, as one chunk.
+
+    X: CSR [m, n_genes] over ``var_names``. ``cells`` says where the block lies in the dataset
+    (e.g. " in cells 3000..3999"); it replaces the block-local range (" in cells 0..m-1") in a
+    DataError, so errors name the dataset's cells. Returns (keep bool [m] — False for cells the
+    preprocessor drops (``min_counts``) — and CSR float32 [kept, len(preprocessor.genes_)])."""
+    block = ad.AnnData(X=X, var=pd.DataFrame(index=pd.Index(var_names)))
+    try:
+        (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]))
+    except DataError as exc:
+        exc.args = (str(exc).replace(f" in cells 0..{X.shape[0] - 1}", cells),)
+        raise
+    return keep, L
+
+
+def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, var_names,
+              start: int = 0) -> tuple[np.ndarray, sp.csr_matrix]:
+    """Preprocess a block of raw cells, cells ``start .. start+m-1`` of the dataset, and lay it on the grid.
 
     X: CSR [m, n_genes] over ``var_names``. Returns (keep bool [m] — False for cells the
-    preprocessor drops (``min_counts``) — and CSR float32 [kept, g*s] in grid order)."""
-    block = ad.AnnData(X=X, var=pd.DataFrame(index=pd.Index(var_names)))
-    (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]))
+    preprocessor drops (``min_counts``) — and CSR float32 [kept, g*s] in grid order). A DataError
+    names the bad cells by their dataset rows."""
+    keep, L = _transform_block(preprocessor, X, var_names, f" in cells {start}..{start + X.shape[0] - 1}")
     return keep, grid.to_grid(L)
 
 
@@ -165,7 +183,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
     def _load(self, c: int) -> tuple[sp.csr_matrix, np.ndarray]:
         a, b = self.bounds[c]
-        keep, X = grid_rows(self.preprocessor, self.grid, self.reader.rows(a, b), self.reader.var_names)
+        keep, X = grid_rows(self.preprocessor, self.grid, self.reader.rows(a, b), self.reader.var_names, a)
         return X, np.arange(a, b, dtype=np.int64)[keep]
 
     def _buffers(self, rng):
@@ -238,8 +256,7 @@ def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_0
             if hi == lo:
                 continue
             X = reader.rows(a, b)[rows[lo:hi] - a]
-            block = ad.AnnData(X=X, var=pd.DataFrame(index=reader.var_names))
-            (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]))
+            keep, L = _transform_block(preprocessor, X, reader.var_names, f" in cells sampled from {a}..{b - 1}")
             blocks.append(L)
             kept.append(rows[lo:hi][keep])
     finally:
@@ -263,7 +280,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     from masksc.embed import embed_matrix
 
     def load(a, b):
-        return grid_rows(preprocessor, grid, reader.rows(a, b), reader.var_names)
+        return grid_rows(preprocessor, grid, reader.rows(a, b), reader.var_names, a)
 
     bounds = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
     bar = tqdm(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
@@ -338,9 +355,8 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     if output.suffix not in (".npy", ".h5ad"):
         raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
     reader = RowReader(source)
+    check_output(output, reader.path)
     ckpt.check_genes(model.grid.to_dict(), reader.var_names)
-    if reader.path is not None and output.resolve() == reader.path.resolve():
-        raise MaskscError(f"output {output} is the input file; fix: write to a new file (the input is never modified).")
     n, dim = reader.n_obs, model.network.cfg.embedding_dim
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = None

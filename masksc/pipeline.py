@@ -132,9 +132,20 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     Returns (MaskSCModel, TrainResult); on ranks other than 0 the model's ``path`` is None.
     """
     from masksc import distributed
+    from masksc.errors import DataError
+    from masksc.train import resolve_device
 
     ctx = dist or distributed.context()
     teacher_overrides = dict(teacher_overrides or {})
+    # bad settings and an unusable model_dir fail here, before any preprocessing or training
+    resolve_device(device)
+    _train_config(get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs})),
+                  seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
+                  checkpoint_every=checkpoint_every)
+    if chunk_size < 1:
+        raise DataError(f"chunk_size={chunk_size} must be >= 1; fix: pass a positive number of cells.")
+    if model_dir is not None:
+        ckpt.check_run_dir(model_dir, resume)
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
         _check_resumed_teacher(Path(model_dir), teacher_overrides)
     if _streamed(adata) or ctx.distributed:

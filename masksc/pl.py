@@ -217,7 +217,8 @@ def attention_grid(attn_maps, titles, path: str | os.PathLike, ncols: int = 4, c
 
     Args:
         attn_maps: [n_cells, h, w] non-negative weights per grid position: per gene ([n, g, s],
-            e.g. from :func:`attention_to_grid`) or per patch ([n, g/P, s/P]).
+            e.g. from :func:`attention_to_grid`) or per patch ([n, g/P, s/P]). Attention
+            probabilities are never negative, so negative values raise DataError.
         titles: one title per cell, or None for "cell 0", "cell 1", ...
         path: output .png path. ncols: panels per row. cmap: matplotlib colour map.
 
@@ -228,6 +229,10 @@ def attention_grid(attn_maps, titles, path: str | os.PathLike, ncols: int = 4, c
         raise DataError(f"attn_maps must be [n_cells, h, w] (one grid per cell), got shape {maps.shape}.")
     if not np.issubdtype(maps.dtype, np.number) or not np.isfinite(maps).all():
         raise DataError("attn_maps must be finite numbers.")
+    if (maps < 0).any():
+        raise DataError(f"attn_maps has {int((maps < 0).sum())} negative values (min {maps.min():g}), but attention "
+                        "weights are probabilities; fix: pass the softmax attention (e.g. via attention_to_grid), "
+                        "not logits or centred scores.")
     n = maps.shape[0]
     titles = [f"cell {i}" for i in range(n)] if titles is None else [str(t) for t in titles]
     if len(titles) != n:

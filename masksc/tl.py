@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
 from masksc import cluster as _cluster
+from masksc.data.validate import _as_matrix
 from masksc.errors import DataError
 from masksc.pipeline import MaskSCModel
 from masksc.pipeline import fit as _fit
@@ -24,14 +26,41 @@ EMBEDDING_KEY = "X_masksc"
 CLUSTER_KEY = "masksc_cluster"
 
 
+_WRAP = "wrap the cells x genes matrix as anndata.AnnData(X) with var_names set to the gene names"
+# The fix for each step given a path, and given a bare matrix.
+_FIXES = {"fit": ("masksc.pipeline.fit(path, ...) or `masksc fit DATA -o DIR` to stream the file", _WRAP),
+          "embed": ("model.embed_file(path, OUT) or `masksc embed DATA --model DIR -o OUT.h5ad` to stream it",
+                    _WRAP),
+          "cluster": ("`masksc cluster EMBEDDED.h5ad -o OUT.h5ad`",
+                      "for an embedding matrix Z use masksc.cluster.cluster_embedding(Z, k)"),
+          "evaluate": ("`masksc evaluate CLUSTERED.h5ad`",
+                       "for an embedding matrix Z use masksc.cluster.evaluate(Z, pred, truth)")}
+
+
 def _uns(adata) -> dict:
     return adata.uns.setdefault("masksc", {})
 
 
+def _check_adata(adata, step: str, needs_x: bool = True) -> None:
+    """Raise DataError unless ``adata`` is an AnnData (with an expression matrix when ``needs_x``):
+    the tl functions store their results on it, so a path or a bare matrix cannot be used."""
+    if isinstance(adata, (str, os.PathLike)):
+        raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got the path "
+                        f"{os.fspath(adata)!r}; fix: adata = masksc.read(path) first, or {_FIXES[step][0]}.")
+    if not isinstance(adata, ad.AnnData):
+        raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got a "
+                        f"{type(adata).__name__}; fix: {_FIXES[step][1]}.")
+    if needs_x and not adata.isbacked:
+        _as_matrix(adata)  # DataError naming the fix when X is None or not a matrix
+
+
 def fit(adata, preset: str = "cpu", **kwargs) -> MaskSCModel:
-    """Train mask-sc on ``adata`` (see ``masksc.pipeline.fit`` for the keyword arguments:
-    ``model_dir``, ``epochs``, ``seed``, ``device``, ``resume``, config overrides).
-    Records the preset and per-epoch losses in ``adata.uns["masksc"]``; returns the model."""
+    """Train mask-sc on ``adata`` (an AnnData, in memory or opened ``backed="r"``; see
+    ``masksc.pipeline.fit`` for the keyword arguments: ``model_dir``, ``epochs``, ``seed``,
+    ``device``, ``resume``, config overrides). Records the preset and per-epoch losses in
+    ``adata.uns["masksc"]``; returns the model. Raises DataError when ``adata`` is a path or a
+    bare matrix, before any work."""
+    _check_adata(adata, "fit")
     model, result = _fit(adata, preset, **kwargs)
     _uns(adata)["fit"] = {"preset": preset, "epochs": result.epochs, "losses": list(result.losses),
                           "wall_s": result.wall_s, "model_dir": model.path}
@@ -40,8 +69,13 @@ def fit(adata, preset: str = "cpu", **kwargs) -> MaskSCModel:
 
 def embed(adata, model: MaskSCModel | str | os.PathLike, *, key_added: str = EMBEDDING_KEY,
           batch_size: int = 1024, device: str | None = None, progress: bool = True) -> None:
-    """Embed every cell of ``adata`` with ``model`` (a MaskSCModel or its directory) into
-    ``adata.obsm[key_added]`` (float32 [n_cells, config.embedding_dim])."""
+    """Embed every cell of ``adata`` (an AnnData) with ``model`` (a MaskSCModel or its
+    directory) into ``adata.obsm[key_added]`` (float32 [n_cells, config.embedding_dim]).
+
+    ``batch_size``: cells per forward pass. ``device``: where to run; None runs where the
+    model's weights are (a directory is loaded onto ``device``, the CPU when None).
+    ``progress``: show a progress bar."""
+    _check_adata(adata, "embed")
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=device or "cpu")
     adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress)
@@ -50,7 +84,8 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, key_added: str = EMB
 
 def _embedding(adata, use_rep: str) -> np.ndarray:
     if use_rep not in adata.obsm:
-        raise DataError(f"adata.obsm has no {use_rep!r}; fix: run masksc.tl.embed(adata, model) first "
+        raise DataError(f"adata.obsm has no {use_rep!r}; fix: run masksc.tl.embed(adata, model) first, or "
+                        "`masksc embed DATA --model DIR -o OUT.h5ad` on the command line "
                         f"(or pass use_rep= one of {list(adata.obsm)}).")
     return np.asarray(adata.obsm[use_rep], dtype=np.float32)
 
@@ -58,7 +93,12 @@ def _embedding(adata, use_rep: str) -> np.ndarray:
 def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_added: str = CLUSTER_KEY,
             seed: int = 0, **kwargs) -> None:
     """Cluster the embedding ``adata.obsm[use_rep]``: k-means (FAISS) when ``k`` is given,
-    kNN graph + Leiden otherwise; labels go to ``adata.obs[key_added]`` (categorical)."""
+    kNN graph + Leiden otherwise; labels go to ``adata.obs[key_added]`` (categorical).
+
+    ``seed``: seeds k-means / Leiden. ``kwargs`` go to ``masksc.cluster.cluster_embedding``
+    (``method``, ``n_neighbors``, ``resolution``, ``metric``, ``use_gpu``, and k-means settings
+    such as ``n_init``)."""
+    _check_adata(adata, "cluster", needs_x=False)
     labels = _cluster.cluster_embedding(_embedding(adata, use_rep), k=k, seed=seed, **kwargs)
     adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str))
     _uns(adata)["cluster"] = {"k": k, "use_rep": use_rep, "key": key_added, "seed": seed,
@@ -68,7 +108,11 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
 def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,
              cluster_key: str = CLUSTER_KEY, silhouette_sample: int | None = 10_000, seed: int = 0) -> dict:
     """ARI and NMI of ``adata.obs[cluster_key]`` against ``adata.obs[label_key]`` (when given and
-    present) and the silhouette of the embedding under the predicted clusters."""
+    present) and the silhouette of the embedding ``adata.obsm[use_rep]`` under the predicted
+    clusters, on a ``seed``-ed random sample of ``silhouette_sample`` cells when there are more
+    (None: all cells). Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette,
+    n_clusters), also stored in ``adata.uns["masksc"]["metrics"]``."""
+    _check_adata(adata, "evaluate", needs_x=False)
     if cluster_key not in adata.obs:
         raise DataError(f"adata.obs has no {cluster_key!r}; fix: run masksc.tl.cluster(adata) first.")
     truth = None

@@ -18,7 +18,6 @@ import io
 import logging
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ from masksc.models.masksc_model import MaskSC, MaskSCConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "train", "fit_masksc", "load_model", "mask_seed", "lr_factor"]
+__all__ = ["TrainConfig", "TrainResult", "train", "fit_masksc", "load_model", "mask_seed", "lr_factor",
+           "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ class TrainConfig:
     device: str | None = None         # None: CUDA when available, else CPU
     progress: bool = True
 
+    def __post_init__(self):
+        for key, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 1), ("keep_checkpoints", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= {low}; fix: pass {key} >= {low}.")
+
     @classmethod
     def from_model_config(cls, cfg: MaskSCConfig, **overrides) -> "TrainConfig":
         """The training recipe stored in a preset (epochs, batch, lr, wd, betas, warmup, clip) plus overrides."""
@@ -68,15 +73,18 @@ class TrainConfig:
         return cls(**base)
 
     def replace(self, **kw) -> "TrainConfig":
+        """A copy with the fields in ``kw`` changed (validated like a new one)."""
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-able dict (what a checkpoint's config.json stores)."""
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The TrainConfig of a ``to_dict`` dict; keys this version does not know are ignored."""
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
@@ -143,13 +151,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (None: CUDA when available, else CPU). Raises ValueError
+    naming the fix for a name torch does not know or a CUDA device this machine lacks, so a
+    bad ``--device`` fails before any work."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device name ({exc}); fix: pass cpu, cuda or cuda:N.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "finds no GPU" if torch.version.cuda else "was built without CUDA"
+            raise ValueError(f"device {device!r}: this torch {torch.__version__} {why}; fix: pass --device cpu "
+                             "(device='cpu'), or omit it to use CUDA only when there is one.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible; fix: pass "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    return dev
 
 
 def _prune(run_dir: Path, keep: int) -> None:
     """Delete epoch checkpoints beyond the newest ``keep + 1`` and what interrupted writes left."""
-    epochs = sorted(p for p in run_dir.iterdir() if re.fullmatch(r"epoch-\d{6}", p.name))
+    epochs = ckpt.epoch_dirs(run_dir)
     last = (run_dir / "last").resolve() if (run_dir / "last").exists() else None
     for p in epochs[:-(keep + 1)]:
         if p.resolve() != last:
@@ -169,7 +194,10 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
     callback(epoch, mean_loss) is called after each epoch. Returns a TrainResult.
     """
     core: MaskSC = getattr(model, "module", model)
-    device = torch.device(cfg.device) if cfg.device else _default_device()
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if run_dir is not None:
+        ckpt.check_run_dir(run_dir, cfg.resume)
     if batches is None:
         from masksc.data import CellBatches
         batches = CellBatches(X_grid_csr, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -190,12 +218,13 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
 
     result = TrainResult()
     start_epoch, step = 0, 0
-    run_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if cfg.resume:
         if run_dir is None:
             raise ValueError("resume=True needs checkpoint_dir; pass the run directory to resume from.")
         if (run_dir / "last").exists():
             start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result)
+            if _is_main():  # a finished run writes nothing more: its model is the last checkpoint
+                result.checkpoint = str(run_dir / (run_dir / "last").resolve().name)
             log.info("resumed from %s at epoch %d (step %d)", run_dir / "last", start_epoch, step)
         else:
             log.info("resume=True but %s has no checkpoint yet; starting from scratch", run_dir)
@@ -239,7 +268,7 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
         if callback is not None:
             callback(epoch, mean)
         done = epoch + 1
-        if run_dir is not None and _is_main() and (done % max(1, cfg.checkpoint_every) == 0 or done == cfg.epochs):
+        if run_dir is not None and _is_main() and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
             state = {"epoch": done, "step": step, "losses": result.losses, "rng": _rng_state(),
                      "steps_per_epoch": steps_per_epoch}
             name = f"epoch-{done:06d}"
@@ -257,9 +286,12 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
 
 def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult):
     config = ckpt.read_config(run_dir)
-    if config["model_config"] != core.cfg.to_dict():
-        raise CheckpointError(f"the checkpoint in {run_dir} was trained with a different model config; resume "
-                              "with the same preset/options or use a new checkpoint_dir.")
+    was, now = config["model_config"], core.cfg.to_dict()
+    if was != now:
+        diff = "; ".join(f"{k}: saved {was.get(k)!r}, requested {now.get(k)!r}"
+                         for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k))
+        raise CheckpointError(f"the checkpoint in {run_dir} was trained with a different model config ({diff}); "
+                              "resume with the same preset/options or use a new checkpoint_dir.")
     saved = TrainConfig.from_dict(config.get("train_config") or {})
     for key in ("batch_size", "seed", "epochs", "lr", "warmup_epochs"):
         if getattr(saved, key) != getattr(cfg, key):
@@ -297,8 +329,10 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
     from masksc.models.targets import fit_teacher, teacher_config
 
     train_cfg = train_cfg or TrainConfig.from_model_config(cfg, progress=progress)
-    device = torch.device(train_cfg.device) if train_cfg.device else _default_device()
+    device = resolve_device(train_cfg.device)
     run_dir = Path(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
+    if run_dir is not None:
+        ckpt.check_run_dir(run_dir, train_cfg.resume)
     if cfg.med and teacher is None and train_cfg.resume and run_dir is not None and (run_dir / "last").exists():
         # the teacher's weights come back with the checkpoint; don't retrain it
         teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher

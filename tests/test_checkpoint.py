@@ -156,3 +156,53 @@ def test_training_state_missing_is_clear(tmp_path):
     save_checkpoint(tmp_path / "m", model)
     with pytest.raises(CheckpointError, match="not a resumable training checkpoint"):
         ckpt.load_training_state(tmp_path / "m")
+
+
+def test_checkpoint_directories_get_the_umask_mode(tmp_path):
+    """A checkpoint directory gets the mode ``mkdir`` would give (mkdtemp's 0700 would hide it
+    from the group), like its files."""
+    model, _, _ = setup(med=False)
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "m", model)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "m" / ckpt.CONFIG).stat().st_mode & 0o777 == 0o640
+
+
+def test_check_run_dir_refuses_unusable_paths_before_creating_anything(tmp_path):
+    from masksc.errors import MaskscError
+    afile = tmp_path / "notes.txt"
+    afile.write_text("the user's file")
+    with pytest.raises(MaskscError, match="notes.txt is a file, not a folder; fix: "):
+        ckpt.check_run_dir(afile)
+    with pytest.raises(MaskscError, match="notes.txt is a file, not a folder; fix: "):
+        ckpt.check_run_dir(afile / "run")
+    assert afile.read_text() == "the user's file"
+    assert ckpt.check_run_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]   # checked, not created; no probe left
+    (tmp_path / "empty").mkdir()
+    ckpt.check_run_dir(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where no file can be created")
+def test_check_run_dir_refuses_a_folder_that_cannot_be_written():
+    from masksc.errors import MaskscError
+    with pytest.raises(MaskscError, match=r"cannot write /proc/run: cannot write in /proc .*fix: choose"):
+        ckpt.check_run_dir("/proc/run")
+
+
+def test_check_run_dir_refuses_a_directory_holding_a_run_unless_resuming(tmp_path):
+    model, _, _ = setup(med=False)
+    run = tmp_path / "run"
+    save_checkpoint(run / "epoch-000001", model)
+    with pytest.raises(CheckpointError, match="run already holds a training run.*--resume.*new directory"):
+        ckpt.check_run_dir(run)
+    ckpt.point_last(run, "epoch-000001")
+    with pytest.raises(CheckpointError, match="--resume"):
+        ckpt.check_run_dir(run)
+    ckpt.check_run_dir(run, resume=True)
+    save_checkpoint(tmp_path / "saved", model)          # a saved model (model.save) is not a place to train
+    with pytest.raises(CheckpointError, match="saved model"):
+        ckpt.check_run_dir(tmp_path / "saved")

@@ -116,3 +116,137 @@ def test_wrong_genes_for_the_model_exit_nonzero(trained, tmp_path, capsys):
     assert main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--teacher-set", "temperature=0"]) != 0
     assert "temperature=0 must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and _sha(data) == before
+
+
+@pytest.fixture(scope="module")
+def embedded(trained, tmp_path_factory):
+    """An embedded .h5ad written by `masksc embed`."""
+    data, _, model = trained
+    emb = tmp_path_factory.mktemp("embedded") / "emb.h5ad"
+    assert main(["embed", str(data), "--model", str(model), "-o", str(emb)]) == 0
+    return emb
+
+
+def test_no_command_overwrites_its_input(trained, embedded, tmp_path, capsys):
+    data, before, model = trained
+    emb_hash = _sha(embedded)
+    os.symlink(embedded, tmp_path / "link.h5ad")
+    for argv in (["cluster", str(embedded), "-k", "3", "-o", str(embedded)],
+                 ["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "link.h5ad")],
+                 ["evaluate", str(embedded), "--json", str(embedded)],
+                 ["embed", str(data), "--model", str(model), "-o", str(data)]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is the input file; fix: write to a new file" in err and "Traceback" not in err
+    assert _sha(embedded) == emb_hash and _sha(data) == before
+
+
+def test_unwritable_outputs_are_one_line_errors_before_any_work(trained, embedded, tmp_path, capsys, monkeypatch):
+    from masksc import pipeline, tl
+
+    def no_work(*a, **k):
+        raise AssertionError("the command started working before checking its output")
+
+    for module, name in ((pipeline, "fit"), (tl, "cluster"), (tl, "evaluate")):
+        monkeypatch.setattr(module, name, no_work)
+    data, before, model = trained
+    afile = tmp_path / "notes.py"
+    afile.write_text("the user's file")
+    cases = [(["fit", str(data), "-o", str(afile), *TINY], "notes.py is a file, not a folder; fix: "),
+             (["fit", str(data), "-o", str(afile / "m"), *TINY], "notes.py is a file, not a folder; fix: "),
+             (["cluster", str(embedded), "-k", "3", "-o", str(afile / "c.h5ad")], "is a file, not a folder; fix: "),
+             (["evaluate", str(embedded), "--json", str(afile / "s.json")], "is a file, not a folder; fix: "),
+             (["demo", "-o", str(afile)], "notes.py is a file, not a folder; fix: ")]
+    if os.path.isdir("/proc/self"):   # a folder where nothing can be created, even by root
+        cases.append((["cluster", str(embedded), "-k", "3", "-o", "/proc/c.h5ad"],
+                      "cannot write /proc/c.h5ad: cannot write in /proc"))
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "/." not in err                      # never names a hidden temp file
+    assert afile.read_text() == "the user's file" and sorted(os.listdir(tmp_path)) == ["notes.py"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where no file can be created")
+def test_atomic_write_names_the_destination_not_its_temp_file():
+    from masksc.errors import MaskscError
+    from masksc.io_utils import atomic_write
+    with pytest.raises(MaskscError, match=r"^cannot write /proc/x\.h5ad: cannot write in /proc .*fix: "):
+        with atomic_write("/proc/x.h5ad", suffix=".h5ad"):
+            raise AssertionError("not reached")
+
+
+def test_fit_into_a_run_needs_resume_and_resuming_a_finished_run_names_its_model(trained, capsys):
+    data, before, model = trained
+    files = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["fit", str(data), "-o", str(model), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "fix: pass --resume" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == files
+    assert main(["fit", str(data), "-o", str(model), *TINY, "--resume"]) == 0
+    assert f"model written to {model / 'epoch-000002'} " in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == files
+
+
+def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--epochs", "2"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", "-o", str(out), "--epochs", "1"]) == 0
+    assert f"replacing the earlier demo in {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "model").iterdir() if p.name.startswith("epoch-")) == ["epoch-000001"]
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "DATA", "-o", "M", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["fit", "DATA", "-o", "M", "--epochs", "-3"], "argument --epochs: must be >= 1, got -3"),
+    (["fit", "DATA", "-o", "M", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["fit", "DATA", "-o", "M", "--chunk-size", "0"], "argument --chunk-size: must be >= 1, got 0"),
+    (["fit", "DATA", "-o", "M", "--checkpoint-every", "0"], "argument --checkpoint-every: must be >= 1"),
+    (["fit", "DATA", "-o", "M", "--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
+    (["fit", "DATA", "-o", "M", "--format", "xlsx"], "argument --format: invalid choice: 'xlsx'"),
+    (["embed", "DATA", "--model", "M", "-o", "E.npy", "--chunk-size", "0"], "argument --chunk-size: must be >= 1"),
+    (["demo", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+])
+def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unusable_device_is_refused_before_reading_the_data(tmp_path, capsys):
+    missing = str(tmp_path / "nope.h5ad")  # read first, it would say "not found"
+    for argv in (["fit", missing, "-o", str(tmp_path / "m"), *TINY, "--device", "cuda:99"],
+                 ["embed", missing, "--model", str(tmp_path / "m"), "-o", str(tmp_path / "e.npy"),
+                  "--device", "cuda:99"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "device 'cuda:99'" in err and "fix: pass" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cluster_logs_no_faiss_loader_lines(embedded, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "masksc.cli", "cluster", str(embedded), "-k", "3", "-o",
+                          str(tmp_path / "c.h5ad")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and (tmp_path / "c.h5ad").is_file()
+    assert "faiss" not in out.stderr and "ModuleNotFoundError" not in out.stderr, out.stderr
+
+
+def test_cluster_leiden_options_reach_leiden(embedded, tmp_path):
+    """`masksc cluster` without -k runs Leiden with --n-neighbors / --resolution, as tl.cluster does."""
+    from masksc import tl
+    for n_neighbors, resolution in ((15, 1.0), (5, 3.0)):
+        out = tmp_path / f"leiden_{n_neighbors}.h5ad"
+        assert main(["cluster", str(embedded), "-o", str(out), "--n-neighbors", str(n_neighbors),
+                     "--resolution", str(resolution)]) == 0
+        ref = ad.read_h5ad(embedded)
+        tl.cluster(ref, n_neighbors=n_neighbors, resolution=resolution)
+        got = ad.read_h5ad(out).obs["masksc_cluster"].astype(str).to_numpy()
+        np.testing.assert_array_equal(got, ref.obs["masksc_cluster"].astype(str).to_numpy())

@@ -186,10 +186,12 @@ def test_ivf_missing_neighbours_are_marked_and_graph_stays_valid():
 
 def test_knn_rejects_bad_arguments():
     X = np.ones((10, 3), np.float32)
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"got 11; fix: pass n_neighbors= an integer in that range \(e.g. n_neighbors=10"):
         knn_search(X, 11)
     with pytest.raises(DataError):
         knn_search(X, 1)
+    with pytest.raises(DataError, match="fix: pass at least 2 cells"):
+        knn_search(X[:1], 2)
     with pytest.raises(ValueError, match="metric"):
         knn_search(X, 3, metric="manhattan")
     with pytest.raises(ValueError, match="index"):
@@ -302,6 +304,15 @@ def test_cluster_embedding_dispatch():
         cluster_embedding(X, method="kmeans")
 
 
+def test_cluster_embedding_refuses_kmeans_arguments_leiden_would_ignore():
+    X, _ = _blobs(n=300, d=6, k=3, std=1.0, seed=8)
+    with pytest.raises(TypeError, match=r"\['max_iter', 'n_init'\] are k-means arguments.*k=None"):
+        cluster_embedding(X, n_init=3, max_iter=5)
+    with pytest.raises(TypeError, match=r"\['n_init'\] are k-means arguments.*k=3"):
+        cluster_embedding(X, k=3, method="leiden", n_init=3)
+    np.testing.assert_array_equal(cluster_embedding(X, k=3, n_init=3, seed=1), kmeans(X, 3, n_init=3, seed=1))
+
+
 # ---------------------------------------------------------------- metrics
 def test_evaluate_matches_sklearn():
     X, y = _blobs(n=800, d=5, k=4, std=3.0, seed=9)
@@ -327,6 +338,10 @@ def test_evaluate_edge_cases_and_validation():
     X, y = _blobs(n=50, k=2)
     out = evaluate(X, np.zeros(50, int))
     assert out["ari"] is None and out["nmi"] is None and out["silhouette"] is None
+    one_outlier = np.r_[np.zeros(49, int), 1]  # 2 clusters, but a 2-cell sample holding only cluster 0
+    seed = next(s for s in range(100) if 49 not in np.random.default_rng(s).choice(50, size=2, replace=False))
+    out = evaluate(X, one_outlier, silhouette_sample=2, seed=seed)
+    assert out["n_clusters"] == 2 and out["silhouette"] is None
     with pytest.raises(DataError, match="one label per cell"):
         evaluate(X, y[:-1])
     with pytest.raises(DataError, match="truth"):

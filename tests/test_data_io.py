@@ -79,6 +79,19 @@ def test_10x_h5_keeps_gene_expression_and_unique_names(tmp_path, counts):
     assert a.var_names.is_unique and list(a.var_names[4:6]) == ["G4", "G4-1"]
 
 
+def test_csv_duplicate_genes_made_unique_as_10x(tmp_path, counts, caplog):
+    """A file's repeated gene names get scanpy's G, G-1 (as 10x files do), not pandas's G.1."""
+    X, cells, genes = counts
+    genes = list(genes)
+    genes[5] = genes[4]
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "d.csv")
+    pd.DataFrame(X, index=cells, columns=genes).T.to_csv(tmp_path / "dt.csv")
+    for a in (read(tmp_path / "d.csv"), read(tmp_path / "dt.csv", transpose=True)):
+        assert list(a.var_names[4:6]) == ["G4", "G4-1"] and a.var_names.is_unique
+        np.testing.assert_array_equal(a.X.toarray(), X)
+    assert "1 duplicated gene names made unique" in caplog.text
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_10x_mtx_roundtrip(tmp_path, counts, gz):
     X, cells, genes = counts

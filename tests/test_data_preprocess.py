@@ -184,3 +184,55 @@ def test_input_with_unsorted_indices_and_explicit_zeros_untouched(counts):
         p.transform(a)
     np.testing.assert_array_equal(a.X.data, data)
     np.testing.assert_array_equal(a.X.indices, indices)
+
+
+def test_counts_with_stray_non_integer_values_refused(counts):
+    b = counts[:300].copy()
+    b.X = b.X.copy()
+    b.X.data[[5, 9]] = 2.5  # corrected counts left unrounded: everything else is whole
+    with pytest.raises(DataError, match=r"raw counts, but 2 of its \d+ non-zero values .* not whole numbers \(e\.g\. 2\.5\)"):
+        Preprocessor(n_top_genes=50).fit(b)
+    assert Preprocessor(n_top_genes=50).fit(_lognorm(counts)).input_kind_ == "log"  # log data: no whole values
+
+
+def test_unnamed_genes_must_match_the_training_profile(counts):
+    """Synthesised names (gene_0000.. as read from an scDeepCluster file) match by position only:
+    other genes under the same names are refused, the same genes (other cells) accepted."""
+    p = Preprocessor(n_top_genes=80).fit(counts)
+    p.transform(counts[:100])
+    other = counts[:300].copy()
+    other.var_names = np.random.default_rng(0).permutation(counts.var_names)
+    with pytest.raises(DataError, match=r"no names .* Spearman r = -?0\.\d\d .* retrain on this data"):
+        p.transform(other)
+    named = counts[:300].copy()
+    named.var_names = [f"G{i}" for i in range(counts.n_vars)]
+    q = Preprocessor(n_top_genes=80).fit(named)
+    shuffled = named.copy()
+    shuffled.var_names = np.random.default_rng(0).permutation(named.var_names)
+    q.transform(shuffled)  # real names are trusted: no profile check
+    old = {k: v for k, v in p.to_dict().items() if k != "detection"}  # a checkpoint from before the check
+    Preprocessor.from_dict(old).transform(other)
+
+
+def test_library_size_summed_over_the_training_genes(counts):
+    p = Preprocessor(n_top_genes=80).fit(counts)
+    ref = p.transform(counts[:200]).X.toarray()
+    extra = ad.AnnData(sp.hstack([counts.X[:200], sp.csr_matrix(np.full((200, 3), 9.0, np.float32))]).tocsr(),
+                       var=ad.AnnData(var=None).var.reindex(list(counts.var_names) + ["x0", "x1", "x2"]))
+    np.testing.assert_array_equal(p.transform(extra).X.toarray(), ref)  # genes unseen in training don't count
+    unused = [g for g in counts.var_names if g not in p.genes_][:10]
+    fewer = counts[:200, [g for g in counts.var_names if g not in unused]].copy()
+    with pytest.warns(UserWarning, match="10 of the 600 genes the model was trained on are missing"):
+        out = p.transform(fewer).X.toarray()
+    lib = np.asarray(fewer.X.sum(1)).ravel()  # oracle: normalised over the genes present
+    expect = np.log1p(fewer[:, p.genes_].X.toarray() * (1e4 / lib)[:, None])
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
+    old = {k: v for k, v in p.to_dict().items() if k != "input_genes"}
+    np.testing.assert_allclose(Preprocessor.from_dict(old).transform(extra).X.toarray(),
+                               np.log1p(counts[:200, p.genes_].X.toarray() * (1e4 / np.asarray(
+                                   extra.X.sum(1)).ravel())[:, None]), rtol=1e-5, atol=1e-6)
+
+
+def test_too_few_genes_named_as_the_cause():
+    with pytest.raises(DataError, match=r"only \d+ genes vary across cells, too few .* full gene set"):
+        Preprocessor(n_top_genes=50, min_counts=1).fit(synthetic(300, 8, n_types=3, seed=0))

@@ -64,3 +64,25 @@ def test_rows_equal_slices_of_the_in_memory_matrix(tmp_path, data):
             np.testing.assert_array_equal(got.toarray(), X[a:b, cols])
         with pytest.raises(IndexError):
             src.rows(5, 1501)
+
+
+def test_no_expression_matrix_named(tmp_path, data):
+    """An AnnData or .h5ad without X (e.g. `masksc embed`'s output) is refused with what to pass."""
+    bare = ad.AnnData(obs=pd.DataFrame(index=data.obs_names), var=data.var.copy())
+    with pytest.raises(DataError, match="no X matrix; fix: set adata.X"):
+        Preprocessor(n_top_genes=20).fit(bare)
+    bare.obsm["X_masksc"] = np.zeros((data.n_obs, 4), np.float32)
+    bare.write_h5ad(tmp_path / "embedded.h5ad")
+    with pytest.raises(DataError, match="no X matrix .* fix: pass the file that holds the expression counts"):
+        Preprocessor(n_top_genes=20).fit(tmp_path / "embedded.h5ad")
+    with pytest.raises(DataError, match="no X matrix .* anndata.read_h5ad"):
+        read(tmp_path / "embedded.h5ad")
+
+
+def test_half_precision_counts_read_as_float32(data):
+    half = ad.AnnData(X=data.X.toarray().astype(np.float16), var=data.var.copy())
+    p, q = Preprocessor(n_top_genes=20).fit(half), Preprocessor(n_top_genes=20).fit(data)
+    assert p.genes_ == q.genes_
+    np.testing.assert_array_equal(p.transform(half).X.toarray(), q.transform(data).X.toarray())
+    with pytest.raises(DataError, match="dtype object, not numbers"):
+        Preprocessor(n_top_genes=20).fit(ad.AnnData(X=data.X.toarray().astype(object), var=data.var.copy()))

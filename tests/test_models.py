@@ -336,6 +336,25 @@ def test_config_round_trip_and_version_check():
     assert ContrastiveConfig.from_dict(c.to_dict()) == c
 
 
+def test_config_replace_names_unknown_fields_and_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown MaskSCConfig field\(s\) \['bogus'\]; fix: use one of .*'embed_dim'"):
+        TINY.replace(bogus=1, embed_dim=32)
+    assert TINY.replace(embed_dim=32).embed_dim == 32 and TINY.embed_dim == 16
+
+
+@pytest.mark.parametrize("field, value", [("embed_dim", -5), ("num_heads", 0), ("patch", 0), ("depth", -1),
+                                          ("decoder_heads", 0), ("batch_size", 0), ("embed_dim", 16.0)])
+def test_config_sizes_must_be_positive_before_divisibility(field, value):
+    # num_heads=0 and patch=0 were ZeroDivisionErrors; embed_dim=-5 a divisibility complaint
+    with pytest.raises(ValueError, match=f"^{field}={value!r} must be an integer >= "):
+        TINY.replace(**{field: value})
+
+
+def test_config_grid_sides_must_be_positive():
+    with pytest.raises(ValueError, match="grid_shape=.*two positive integers"):
+        TINY.replace(grid_shape=(0, 8))  # 0 is divisible by the patch, so only this check catches it
+
+
 def test_paper_preset_matches_the_paper():
     p = PRESETS["paper"]
     assert (p.grid_shape, p.patch, p.embed_dim, p.depth, p.num_heads) == ((64, 64), 4, 768, 12, 12)

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 
 from masksc.data import GridLayout, Preprocessor, read, write_synthetic_h5ad
-from masksc.errors import CheckpointError, MaskscError
+from masksc.errors import CheckpointError, DataError, MaskscError
 from masksc.models import MaskSC, MaskSCConfig
 from masksc.outofcore import RowReader, StreamBatches, subsample_genes, subsample_rows
 from masksc.pipeline import MaskSCModel
@@ -189,3 +189,15 @@ def test_embed_file_refuses_wrong_genes_and_bad_suffix(tmp_path, fitted):
         model.embed_file(tmp_path / "o.h5ad", tmp_path / "e.npy", progress=False)
     with pytest.raises(MaskscError, match=r"\.npy or \.h5ad"):
         model.embed_file(adata, tmp_path / "e.csv", progress=False)
+
+
+def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):
+    adata, pre, grid, _ = fitted
+    X = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
+    X[234, X[234].indices[0]] = np.nan
+    path = tmp_path / "nan234.h5ad"
+    ad.AnnData(X=X, obs=adata.obs.copy(), var=adata.var.copy()).write_h5ad(path)
+    with pytest.raises(DataError, match=r"1 NaN .* in cells 200\.\.299;"):  # not the chunk-local 0..99
+        _model(pre, grid).embed_file(path, tmp_path / "e.npy", chunk_size=100, progress=False)
+    with pytest.raises(DataError, match=r"1 NaN .* in cells sampled from 200\.\.299;"):
+        subsample_genes(path, pre, n_max=None, chunk_size=100)

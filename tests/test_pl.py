@@ -142,6 +142,11 @@ def test_attention_grid_rejects_bad_input(tmp_path):
         pl.attention_grid(np.ones((2, 4, 4)), ["only one"], tmp_path / "a.png")
     with pytest.raises(DataError, match="finite"):
         pl.attention_grid(np.full((1, 4, 4), np.nan), None, tmp_path / "a.png")
+    negative = np.full((1, 4, 4), 0.1)
+    negative[0, 2, 3] = -0.5
+    with pytest.raises(DataError, match="1 negative values"):
+        pl.attention_grid(negative, None, tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_loss_curve(tmp_path):

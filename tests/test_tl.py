@@ -85,7 +85,7 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 def test_cluster_and_evaluate_need_their_inputs(fitted):
     adata, _, _, _ = fitted
     ad = adata.copy()
-    with pytest.raises(DataError, match="tl.embed"):
+    with pytest.raises(DataError, match=r"tl.embed\(adata, model\) first, or `masksc embed DATA --model DIR -o OUT.h5ad`"):
         tl.cluster(ad, k=3)
     with pytest.raises(DataError, match="tl.cluster"):
         tl.evaluate(ad)
@@ -102,3 +102,59 @@ def test_fit_refuses_nan_input():
     adata.X = X
     with pytest.raises(DataError, match="NaN"):
         tl.fit(adata, "demo", epochs=1, progress=False, **TINY)
+
+
+def test_tl_refuses_paths_and_bare_matrices_before_any_work(tmp_path, fitted):
+    adata, _, model, _ = fitted
+    path = tmp_path / "cells.h5ad"
+    adata[:50].copy().write_h5ad(path)
+    with pytest.raises(DataError, match=r"tl.fit takes an AnnData.*masksc.read\(path\).*`masksc fit"):
+        tl.fit(str(path), "demo", model_dir=tmp_path / "m", epochs=1, progress=False, **TINY)
+    assert not (tmp_path / "m").exists()  # refused before training, not after
+    with pytest.raises(DataError, match=r"tl.embed takes an AnnData.*embed_file"):
+        tl.embed(path, model, progress=False)
+    for matrix in (adata.X, adata.X.toarray()):
+        with pytest.raises(DataError, match=r"got a \w+; fix: wrap .* as anndata.AnnData\(X\)"):
+            tl.fit(matrix, "demo", model_dir=tmp_path / "m", epochs=1, progress=False, **TINY)
+        with pytest.raises(DataError, match=r"anndata.AnnData\(X\)"):
+            tl.embed(matrix, model, progress=False)
+    with pytest.raises(DataError, match="cluster_embedding"):
+        tl.cluster(np.zeros((10, 4), np.float32), k=2)
+    assert not (tmp_path / "m").exists()
+
+
+def test_tl_refuses_anndata_without_x(tmp_path, fitted):
+    adata, _, model, _ = fitted
+    empty = adata[:20].copy()
+    empty.X = None
+    with pytest.raises(DataError, match="no X matrix; fix: set adata.X"):
+        tl.fit(empty, "demo", model_dir=tmp_path / "m", epochs=1, progress=False, **TINY)
+    with pytest.raises(DataError, match="no X matrix; fix: set adata.X"):
+        tl.embed(empty, model, progress=False)
+    assert "X_masksc" not in empty.obsm and not (tmp_path / "m").exists()
+
+
+def test_fit_names_unknown_config_fields(tmp_path):
+    adata = synthetic(60, n_genes=300, n_types=2, seed=3)
+    with pytest.raises(ValueError, match=r"unknown MaskSCConfig field\(s\) \['bogus'\]; fix: use one of"):
+        tl.fit(adata, "demo", model_dir=tmp_path / "m", epochs=1, progress=False, bogus=1, **TINY)
+    assert not (tmp_path / "m").exists() and "masksc" not in adata.uns
+
+
+def test_leiden_on_few_cells_names_the_n_neighbors_fix():
+    ad = synthetic(10, n_genes=20, n_types=2, seed=4)
+    ad.obsm["X_masksc"] = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    with pytest.raises(DataError, match=r"n_cells=10\], got 15; fix: pass n_neighbors=.*n_neighbors=10"):
+        tl.cluster(ad)
+    tl.cluster(ad, n_neighbors=5)
+    assert ad.obs["masksc_cluster"].nunique() == ad.uns["masksc"]["cluster"]["n_clusters"]
+
+
+def test_cluster_refuses_kmeans_arguments_under_leiden(fitted):
+    ad = fitted[0][:60].copy()
+    ad.obsm["X_masksc"] = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match=r"\['n_init'\] are k-means arguments"):
+        tl.cluster(ad, n_init=3)
+    assert "masksc_cluster" not in ad.obs
+    tl.cluster(ad, k=2, n_init=3)
+    assert ad.obs["masksc_cluster"].nunique() == 2

@@ -125,8 +125,9 @@ def test_resume_refuses_different_settings(tmp_path):
     train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))
     with pytest.raises(CheckpointError, match="batch_size"):
         train(make(), X, tcfg(epochs=2, batch_size=8, checkpoint_dir=str(tmp_path), resume=True))
-    with pytest.raises(CheckpointError, match="different model config"):
-        m = MaskSC(CFG.replace(med=False, embed_dim=32))
+    with pytest.raises(CheckpointError, match=r"different model config \(embed_dim: saved 16, requested 32; "
+                                              r"mask_ratio: saved 0.5, requested 0.6\)"):
+        m = MaskSC(CFG.replace(med=False, embed_dim=32, mask_ratio=0.6))
         train(m, X, tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
 
 
@@ -302,3 +303,86 @@ def test_fit_teacher_overrides_train_the_teacher_fit_masksc_trains_from_that_con
     with pytest.raises(ValueError, match="MED is off"):
         fit(adata, "demo", epochs=1, progress=False, device="cpu", med=False, teacher_overrides={"epochs": 1},
             **tiny)
+
+
+def test_train_config_refuses_values_that_cannot_train():
+    for key, value in (("epochs", 0), ("epochs", -3), ("batch_size", 0), ("checkpoint_every", 0),
+                       ("keep_checkpoints", -1)):
+        with pytest.raises(ValueError, match=f"{key}={value} must be >= "):
+            tcfg(**{key: value})
+    cfg = tcfg(betas=(0.8, 0.9))
+    assert TrainConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
+    assert cfg.replace(epochs=7).epochs == 7
+
+
+def test_train_refuses_a_directory_holding_a_run_without_resume(tmp_path):
+    from masksc.errors import CheckpointError
+    X = structured_grid()
+    train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))
+    before = {p: (tmp_path / p / "model.safetensors").read_bytes() for p in os.listdir(tmp_path) if p != "last"}
+    with pytest.raises(CheckpointError, match="holds a training run.*fix: pass --resume"):
+        train(make(), X, tcfg(epochs=3, checkpoint_dir=str(tmp_path)))
+    assert before == {p: (tmp_path / p / "model.safetensors").read_bytes() for p in os.listdir(tmp_path)
+                      if p != "last"}
+
+
+def test_resuming_a_finished_run_returns_its_last_checkpoint(tmp_path):
+    X = structured_grid()
+    done = train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))
+    again = train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+    assert again.resumed_from_epoch == 2 and again.losses == done.losses
+    assert again.checkpoint == done.checkpoint == str(tmp_path / "epoch-000002")
+
+
+def _tiny_fit_args():
+    from masksc.data import synthetic
+    adata = synthetic(120, n_genes=200, n_types=3, seed=5)
+    tiny = dict(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, decoder_dim=8, decoder_depth=1,
+                decoder_heads=2, target_dim=6, batch_size=32, progress=False, device="cpu",
+                teacher_overrides={"epochs": 1, "layers": [10, 8, 6]})
+    return adata, tiny
+
+
+def test_tl_fit_resuming_a_finished_run_records_its_model_dir(tmp_path):
+    from masksc import tl
+    adata, tiny = _tiny_fit_args()
+    first = tl.fit(adata, "demo", model_dir=tmp_path / "run", epochs=1, **tiny)
+    again = tl.fit(adata, "demo", model_dir=tmp_path / "run", epochs=1, resume=True, **tiny)
+    assert again.path == first.path == str(tmp_path / "run" / "epoch-000001")
+    assert adata.uns["masksc"]["fit"]["model_dir"] == first.path
+
+
+def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monkeypatch):
+    from masksc import pipeline, tl
+    from masksc.errors import CheckpointError, DataError, MaskscError
+
+    def no_work(*a, **k):
+        raise AssertionError("fit started working before checking its settings")
+
+    monkeypatch.setattr(pipeline, "preprocess_to_grid", no_work)
+    monkeypatch.setattr(pipeline, "_fit_streaming", no_work)
+    adata, tiny = _tiny_fit_args()
+    afile = tmp_path / "notes.txt"
+    afile.write_text("the user's file")
+    with pytest.raises(ValueError, match="epochs=0 must be >= 1"):
+        tl.fit(adata, "demo", epochs=0, **tiny)
+    with pytest.raises(ValueError, match=r"device 'cuda:99'.*fix: pass"):
+        tl.fit(adata, "demo", epochs=1, **{**tiny, "device": "cuda:99"})
+    with pytest.raises(DataError, match="chunk_size=0 must be >= 1"):
+        tl.fit(adata, "demo", epochs=1, chunk_size=0, **tiny)
+    with pytest.raises(MaskscError, match="notes.txt is a file, not a folder"):
+        tl.fit(adata, "demo", epochs=1, model_dir=afile, **tiny)
+    with pytest.raises(MaskscError, match="notes.txt is a file, not a folder"):
+        tl.fit(adata, "demo", epochs=1, model_dir=afile / "run", **tiny)
+    (tmp_path / "run" / "epoch-000001").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds a training run"):
+        tl.fit(adata, "demo", epochs=1, model_dir=tmp_path / "run", **tiny)
+    assert afile.read_text() == "the user's file" and sorted(os.listdir(tmp_path)) == ["notes.txt", "run"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a torch without CUDA")
+def test_cuda_device_without_cuda_is_refused_with_the_fix():
+    from masksc.train import resolve_device
+    with pytest.raises(ValueError, match="device 'cuda'.*fix: pass --device cpu"):
+        resolve_device("cuda")
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")

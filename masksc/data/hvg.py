@@ -20,6 +20,9 @@ def mean_var(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     return mean, var
 
 
+MIN_TREND_GENES = 200  # below this a failed loess fit is put down to too few genes, not sparse ones
+
+
 def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """Seurat v3 step 1: loess fit of log10 variance on log10 mean over non-constant genes.
 
@@ -40,6 +43,10 @@ def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3)
     try:
         model.fit()
     except ValueError as exc:  # skmisc reports a singular local fit this way
+        if not_const.sum() < MIN_TREND_GENES:
+            raise DataError(f"only {int(not_const.sum())} genes vary across cells, too few for the seurat_v3 HVG "
+                            "trend fit; fix: pass the full gene set of the experiment, "
+                            "not a selection of it.") from exc
         raise DataError(f"seurat_v3 HVG trend fit failed ({exc}); fix: drop rarely detected genes "
                         "(e.g. Preprocessor(min_cells=3); very sparse data such as worm_neuron_cell needs it, as "
                         "in scanpy), use a larger span, or Preprocessor(hvg_flavor='dispersion').") from exc

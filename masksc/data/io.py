@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -22,6 +23,7 @@ from masksc.errors import DataError
 log = logging.getLogger(__name__)
 
 FORMATS = ("h5ad", "10x_h5", "10x_mtx", "csv", "tsv", "scdeepcluster")
+_SYNTHESISED = re.compile(r"gene_\d{4,}")
 _BLOCK_ELEMENTS = 1 << 24  # entries converted at a time when densely stored matrices are made sparse
 
 
@@ -29,6 +31,12 @@ def gene_names(n: int) -> list[str]:
     """Synthesised gene names ``gene_0000`` .. for files that store none."""
     width = max(4, len(str(n - 1)))
     return [f"gene_{i:0{width}d}" for i in range(n)]
+
+
+def has_synthesised_names(names) -> bool:
+    """True when every name is one :func:`gene_names` makes up: such genes carry no identity, only
+    a column position."""
+    return all(_SYNTHESISED.fullmatch(str(g)) for g in names)
 
 
 def set_labels(adata: ad.AnnData, labels) -> None:
@@ -123,7 +131,12 @@ def to_csr32(X, copy: bool = True) -> sp.csr_matrix:
     """``X`` as CSR float32 with sorted indices and no explicit zeros. With ``copy`` (default)
     the result is a new matrix and the input is never modified; ``copy=False`` is for matrices
     the caller owns (it may tidy them in place instead of copying)."""
-    X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr(copy=False)
+    if not sp.issparse(X):
+        X = np.asarray(X)
+        if X.dtype.kind not in "biuf":
+            raise DataError(f"X has dtype {X.dtype}, not numbers; fix: convert the expression values to numbers.")
+        X = sp.csr_matrix(X.astype(np.float32, copy=False))  # scipy has no float16 matrices
+    X = X.tocsr(copy=False)
     X = X.astype(np.float32, copy=copy)
     if X.indices.dtype != X.indptr.dtype:  # e.g. int32 indices + int64 indptr from h5ad files
         X = sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)  # scipy unifies (int32 when it fits)
@@ -145,6 +158,9 @@ def _dense_rows_to_csr(ds) -> sp.csr_matrix:
 
 
 def _finish(adata: ad.AnnData) -> ad.AnnData:
+    if adata.X is None:
+        raise DataError("the file has no X matrix (a `masksc embed` output holds only obs and the embedding: "
+                        "open it with anndata.read_h5ad); fix: pass the file that holds the expression counts.")
     adata.X = to_csr32(adata.X, copy=False)  # freshly read: ours to tidy in place
     if "label" in adata.obs:
         set_labels(adata, adata.obs["label"].to_numpy())
@@ -169,9 +185,7 @@ def _read_10x_h5(path, **_):
     with h5py.File(path, "r") as f:
         if "matrix" not in f:
             import scanpy as sc
-            adata = sc.read_10x_h5(path)
-            adata.var_names_make_unique()
-            return _finish(adata)
+            return _finish(_unique_genes(sc.read_10x_h5(path), path))
         m = f["matrix"]
         n_genes, n_cells = (int(v) for v in m["shape"][()])
         X = sp.csr_matrix((m["data"][()].astype(np.float32), m["indices"][()], m["indptr"][()]),
@@ -189,10 +203,19 @@ def _read_10x_h5(path, **_):
         if var_keep.any() and not var_keep.all():
             log.info("keeping %d 'Gene Expression' features of %d", var_keep.sum(), len(var_keep))
             adata = adata[:, var_keep].copy()
-    if not adata.var_names.is_unique:
-        log.warning("%s: duplicate gene symbols made unique (var_names_make_unique)", path)
+    return _finish(_unique_genes(adata, path))
+
+
+def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
+    """A file's duplicated gene names (10x symbols often repeat) made unique as scanpy does
+    (``G``, ``G-1``, ..), with a warning; an AnnData the user built is refused instead (see
+    :func:`masksc.data.validate.check_unique_genes`), since it is theirs to rename."""
+    dups = adata.var_names[adata.var_names.duplicated()].unique()
+    if len(dups):
+        log.warning("%s: %d duplicated gene names made unique as scanpy's var_names_make_unique does "
+                    "(e.g. %s)", path, len(dups), list(dups[:3]))
         adata.var_names_make_unique()
-    return _finish(adata)
+    return adata
 
 
 def _open_text(p: Path):
@@ -231,18 +254,19 @@ def _read_10x_mtx(path, **_):
         keep = (ftab[2] == "Gene Expression").to_numpy()
         if keep.any() and not keep.all():
             adata = adata[:, keep].copy()
-    adata.var_names_make_unique()
-    return _finish(adata)
+    return _finish(_unique_genes(adata, folder))
 
 
 def _read_table(path, fmt="csv", transpose=False, **_):
     """csv/tsv: header row of gene names, first column of cell names (transpose: genes x cells)."""
     sep = "," if fmt == "csv" else "\t"
     df = pd.read_csv(path, sep=sep, index_col=0)
+    if not df.empty:  # pandas renames a repeated header name G to G.1; keep the file's names
+        df.columns = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0, 1:].to_numpy()
     if transpose:
         df = df.T
     check_not_empty(df)
-    non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    non_numeric = [c for c, t in zip(df.columns, df.dtypes) if not pd.api.types.is_numeric_dtype(t)]
     if non_numeric:
         raise DataError(f"{path}: columns {non_numeric[:5]} are not numeric; fix: the file must be cells x "
                         "genes with a header row of gene names and a first column of cell names "
@@ -250,7 +274,7 @@ def _read_table(path, fmt="csv", transpose=False, **_):
     adata = ad.AnnData(X=_dense_rows_to_csr(df.to_numpy(dtype=np.float32)),
                        obs=pd.DataFrame(index=df.index.astype(str)),
                        var=pd.DataFrame(index=df.columns.astype(str)))
-    return _finish(adata)
+    return _finish(_unique_genes(adata, path))
 
 
 def _read_scdeepcluster(path, **_):

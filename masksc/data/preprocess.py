@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from masksc.data import hvg
+from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
 from masksc.data.validate import check_unique_genes, check_values
 from masksc.errors import DataError
@@ -38,6 +39,16 @@ log = logging.getLogger(__name__)
 
 LOG_MAX = 30.0  # log1p of 1e13: larger non-integer values cannot be log-normalised expression
 SCALE_MAX_GENES = 2048
+# Above this fraction of whole non-zero values, non-integer input is counts with stray values, not
+# log-normalised data (log1p of normalised counts is almost never a whole number).
+COUNTS_WHOLE_FRACTION = 0.5
+# Files without gene names (scDeepCluster .h5) are matched by column position; below this Spearman
+# correlation between new cells' and the training cells' per-gene detection rates the columns are
+# not the same genes (same genes: r >= 0.83 even for a single PBMC type; other genes: r ~ 0).
+PROFILE_MIN_SPEARMAN = 0.5
+PROFILE_MIN_CELLS = 50
+ZERO_CELLS_FIX = ("fix: remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1) "
+                  "(Preprocessor(min_counts=1) drops them with a warning).")
 _PARAMS = ("n_top_genes", "target_sum", "log1p", "scale", "max_value", "hvg_flavor", "min_counts",
            "min_cells", "input", "span", "n_bins", "chunk_size")
 
@@ -54,7 +65,10 @@ class Preprocessor:
     (seurat_v3); ``n_bins`` mean bins (dispersion); ``chunk_size`` cells per streamed chunk.
 
     Fitted attributes: ``genes_`` (selected genes, HVG rank order), ``input_kind_``,
-    ``flavor_``, ``scale_mean_``/``scale_std_`` (when scaling), ``n_cells_fit_``.
+    ``flavor_``, ``scale_mean_``/``scale_std_`` (when scaling), ``n_cells_fit_``,
+    ``input_genes_`` (every gene of the fitted data: a cell's library size is summed over these,
+    whatever other genes new data holds) and ``detection_`` (fraction of fitted cells detecting
+    each of ``genes_``; new data without gene names must resemble it, see ``transform_chunks``).
     """
 
     def __init__(self, n_top_genes: int | None = 4096, target_sum: float = 1e4, log1p: bool = True,
@@ -77,6 +91,8 @@ class Preprocessor:
         self.scale_mean_: np.ndarray | None = None
         self.scale_std_: np.ndarray | None = None
         self.n_cells_fit_: int | None = None
+        self.input_genes_: list[str] | None = None
+        self.detection_: np.ndarray | None = None
 
     # ---------------------------------------------------------------- helpers
     def _detect(self, X: sp.csr_matrix) -> str:
@@ -85,6 +101,13 @@ class Preprocessor:
             return self.input
         if integer:
             return "counts"
+        whole = X.data == np.round(X.data)
+        if whole.mean() > COUNTS_WHOLE_FRACTION:
+            odd = X.data[~whole]
+            raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values in the first "
+                            f"chunk are not whole numbers (e.g. {odd[0]:g}); fix: pass integer raw counts "
+                            "(round corrected counts, e.g. after ambient-RNA removal); for log-normalised data "
+                            "whose whole-number values are real, Preprocessor(input='log').")
         vmax = float(X.data.max()) if X.nnz else 0.0
         if vmax <= LOG_MAX:
             sums = np.asarray(X.expm1().sum(axis=1)).ravel()
@@ -94,14 +117,16 @@ class Preprocessor:
         raise DataError(f"X is neither raw counts (non-integer values) nor log-normalised (max {vmax:g} > "
                         f"{LOG_MAX:g}); fix: pass raw counts, or log1p-normalised data, or set input= explicitly.")
 
-    def _keep_cells(self, X: sp.csr_matrix, kind: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """(library sizes float64 [n], keep mask [n]) after validation of the chunk."""
+    def _keep_cells(self, X: sp.csr_matrix, kind: str, where: str, library_cols: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(library sizes float64 [n], keep mask [n]) after validation of the chunk; library sizes sum
+        the columns ``library_cols`` (default all)."""
         check_values(X, require_integer=kind == "counts", where=where)
         if kind == "log" and X.nnz and X.data.max() > LOG_MAX:
             raise DataError(f"values up to {X.data.max():g}{where} look like raw counts but the input is treated "
                             "as log-normalised; fix: pass log-normalised data throughout, or raw counts with "
                             "input='counts' (and a preprocessor fitted on counts).")
-        sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+        sums = np.asarray((X if library_cols is None else X[:, library_cols]).sum(axis=1, dtype=np.float64)).ravel()
         if self.min_counts:
             keep = sums >= self.min_counts if kind == "counts" else sums > 0
         else:
@@ -121,8 +146,7 @@ class Preprocessor:
 
     def _check_zero(self, n_zero: int, n_drop: int, n_total: int) -> None:
         if n_zero and not self.min_counts:
-            raise DataError(f"{n_zero} of {n_total} cells have zero counts; fix: filter them, e.g. "
-                            "Preprocessor(min_counts=1) drops them with a warning.")
+            raise DataError(f"{n_zero} of {n_total} cells have zero counts; {ZERO_CELLS_FIX}")
         if n_drop:
             warnings.warn(f"dropped {n_drop} of {n_total} cells with fewer than {self.min_counts} counts",
                           UserWarning, stacklevel=3)
@@ -177,6 +201,8 @@ class Preprocessor:
             log.info("only %d candidate genes for n_top_genes=%d: keeping all", sel.size, self.n_top_genes)
         self.genes_ = [str(g) for g in src.var_names[sel]]
         self.input_kind_, self.flavor_, self.n_cells_fit_ = kind, flavor, n
+        self.input_genes_ = [str(g) for g in src.var_names]
+        self.detection_ = acc["detected"][sel] / n
         if self.scale:
             m, v = hvg.mean_var(acc["log_s"][sel], acc["log_ss"][sel], n)
             std = np.sqrt(v)
@@ -214,19 +240,58 @@ class Preprocessor:
                             "genes with the same gene names (or add them as zero columns).")
         return idx
 
+    def _library_columns(self, var_names: pd.Index) -> np.ndarray | None:
+        """Columns of data with genes ``var_names`` whose sum is a cell's library size: None (all)
+        when they are the fitted data's genes, else those of ``input_genes_`` present, with a
+        warning when some are missing (library sizes, and so the embedding, then shift)."""
+        if self.input_genes_ is None or set(map(str, var_names)) == set(self.input_genes_):
+            return None
+        cols = pd.Index(var_names).get_indexer(self.input_genes_)
+        n_missing = int((cols < 0).sum())
+        if n_missing:
+            warnings.warn(f"{n_missing} of the {len(cols)} genes the model was trained on are missing from the data; "
+                          "library sizes are summed over the rest, so cells normalise differently than in training "
+                          "and their embedding shifts; fix: pass every gene of the training data (a gene not "
+                          "measured can be a zero column)", UserWarning, stacklevel=3)
+        return np.sort(cols[cols >= 0])
+
+    def _check_profile(self, X: sp.csr_matrix, where: str) -> None:
+        """Refuse cells (CSR [n, len(genes_)], raw values in ``genes_`` order) whose per-gene
+        detection rates do not resemble the fitted data's: with synthesised gene names, columns
+        are matched by position and this is the only sign that they are other genes."""
+        from scipy.stats import spearmanr
+        detection = np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) / X.shape[0]
+        r = float(spearmanr(detection, self.detection_)[0])
+        if not r >= PROFILE_MIN_SPEARMAN:  # also catches NaN (a constant profile)
+            raise DataError(f"the data's genes have no names (gene_0000.. were made up when it was read), so they are "
+                            f"matched to the model's by column position, and these columns are not the genes it was "
+                            f"trained on: their per-gene detection rates{where} correlate with the training data's "
+                            f"at Spearman r = {r:.2f} (the same genes give r above 0.8); fix: embed cells "
+                            "measured on the training file's genes in its column order, or retrain on this data.")
+
     def transform_chunks(self, data, chunk_size: int | None = None) -> Iterator[tuple[int, np.ndarray, sp.csr_matrix]]:
         """Stream the transform: yield ``(start, keep, X)`` per chunk, ``keep`` bool [chunk cells]
-        (cells dropped by ``min_counts`` are False) and ``X`` CSR float32 [kept cells, len(genes_)]."""
+        (cells dropped by ``min_counts`` are False) and ``X`` CSR float32 [kept cells, len(genes_)].
+
+        Library sizes are summed over ``input_genes_`` (see ``_library_columns``). Genes without
+        names (``gene_0000``.., as :func:`masksc.data.read` names an scDeepCluster file's) are
+        matched by position, so the per-gene detection rates of the first chunk with at least
+        ``PROFILE_MIN_CELLS`` cells must correlate with ``detection_`` (Spearman r >= 0.5 over
+        ``genes_``), else a DataError; fewer cells than that are not checked."""
         self._check_fitted()
         src = open_source(data)
         idx = self._gene_index(src.var_names)
+        library_cols = self._library_columns(src.var_names)
+        check_profile = self.detection_ is not None and has_synthesised_names(self.genes_)
         for a, X in src.chunks(chunk_size or self.chunk_size):
             where = f" in cells {a}..{a + X.shape[0] - 1}"
-            sums, keep = self._keep_cells(X, self.input_kind_, where)
+            sums, keep = self._keep_cells(X, self.input_kind_, where, library_cols)
+            if check_profile and keep.sum() >= PROFILE_MIN_CELLS:
+                self._check_profile(X[keep][:, idx], where)
+                check_profile = False
             n_zero = int((sums == 0).sum())
             if n_zero and not self.min_counts:
-                raise DataError(f"{n_zero} cells have zero counts{where}; fix: filter them, e.g. "
-                                "Preprocessor(min_counts=1) drops them with a warning.")
+                raise DataError(f"{n_zero} cells have zero counts{where}; {ZERO_CELLS_FIX}")
             L = self._lognorm(X[keep], sums[keep], self.input_kind_)[:, idx]
             yield a, keep, self._scale(L)
 
@@ -263,7 +328,9 @@ class Preprocessor:
         """JSON-able dict of parameters and fitted state (``from_dict`` restores it exactly)."""
         self._check_fitted()
         d = {"params": {k: getattr(self, k) for k in _PARAMS}, "genes": list(self.genes_),
-             "input_kind": self.input_kind_, "flavor": self.flavor_, "n_cells_fit": self.n_cells_fit_}
+             "input_kind": self.input_kind_, "flavor": self.flavor_, "n_cells_fit": self.n_cells_fit_,
+             "input_genes": list(self.input_genes_),
+             "detection": [round(float(v), 6) for v in self.detection_]}
         if self.scale:
             d["scale_mean"] = [float(v) for v in self.scale_mean_]
             d["scale_std"] = [float(v) for v in self.scale_std_]
@@ -276,6 +343,8 @@ class Preprocessor:
             p = cls(**d["params"])
             p.genes_, p.input_kind_, p.flavor_ = list(d["genes"]), d["input_kind"], d["flavor"]
             p.n_cells_fit_ = d.get("n_cells_fit")
+            p.input_genes_ = d.get("input_genes")  # absent from earlier checkpoints: sum every gene, as they did
+            p.detection_ = np.asarray(d["detection"], dtype=np.float64) if "detection" in d else None
             if p.scale:
                 p.scale_mean_ = np.asarray(d["scale_mean"], dtype=np.float64)
                 p.scale_std_ = np.asarray(d["scale_std"], dtype=np.float64)

@@ -84,6 +84,8 @@ def _memory_rows(X, _f, a, b) -> sp.csr_matrix:
 
 def _memory_source(adata: ad.AnnData) -> ChunkSource:
     X = adata.X
+    if X is None:
+        raise DataError("the AnnData has no X matrix; fix: set adata.X to the counts matrix (cells x genes).")
     if sp.issparse(X) and X.format != "csr":
         X = X.tocsr()  # a copy: slicing rows of CSC is quadratic
     return ChunkSource(adata.n_obs, adata.var_names.copy(), adata.obs.copy(), partial(_memory_rows, X))
@@ -107,12 +109,16 @@ def _h5ad_source(path: Path) -> ChunkSource:
     with h5py.File(path, "r") as f:
         obs = ad.io.read_elem(f["obs"])
         var_names = pd.Index(ad.io.read_elem(f["var"]).index)
+        if "X" not in f:
+            raise DataError(f"{path} has no X matrix (a `masksc embed` output holds only obs and the embedding); "
+                            "fix: pass the file that holds the expression counts.")
         X = f["X"]
         kind = X.attrs.get("encoding-type", "array") if isinstance(X, h5py.Group) else "array"
         shape = tuple(int(v) for v in (X.attrs["shape"] if isinstance(X, h5py.Group) else X.shape))
     if kind == "csc_matrix":
         raise DataError(f"{path}: X is stored CSC, which cannot be streamed by cells; fix: rewrite it as CSR "
-                        "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)) or read it in memory.")
+                        "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)), or in Python pass the AnnData read "
+                        "in memory (masksc.read(path)).")
     if kind not in ("csr_matrix", "array"):
         raise DataError(f"{path}: X has unsupported encoding {kind!r}; fix: store X as CSR or a dense array.")
     if "label" in obs:

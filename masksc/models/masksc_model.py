@@ -28,6 +28,9 @@ from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 
 CONFIG_VERSION = 1
 POOLS = ("mean", "cls", "target")
+# Integer size fields and their smallest value, checked before the divisibility rules that use them.
+_SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 0, "num_heads": 1, "decoder_dim": 1, "decoder_depth": 0,
+                "decoder_heads": 1, "target_dim": 1, "epochs": 0, "batch_size": 1}
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,13 @@ class MaskSCConfig:
     clip: float = 1.0
 
     def __post_init__(self):
+        for name, least in _SIZE_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name}={value!r} must be an integer >= {least}.")
+        if len(self.grid_shape) != 2 or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+                                                 and x >= 1 for x in self.grid_shape):
+            raise ValueError(f"grid_shape={self.grid_shape!r} must be two positive integers (rows, columns).")
         g, s = self.grid_shape
         if g % self.patch or s % self.patch:
             raise ValueError(f"grid {self.grid_shape} is not divisible by patch {self.patch}; pick a grid whose "
@@ -100,6 +110,11 @@ class MaskSCConfig:
         return self.target_dim if self.pool == "target" else self.embed_dim
 
     def replace(self, **kw) -> "MaskSCConfig":
+        """A copy with the fields in ``kw`` changed; ValueError naming unknown fields or bad values."""
+        valid = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(kw) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown MaskSCConfig field(s) {unknown}; fix: use one of {valid}.")
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:

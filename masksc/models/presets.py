@@ -4,8 +4,9 @@
   encoder, depth-8 decoder, 75% masking, AdamW lr 1e-4, betas (0.9, 0.95), batch 256,
   1600 epochs). Needs a GPU.
 - ``cpu``: meant to train a ~4k-cell dataset on 2 CPU cores in under 30 minutes (see the
-  README's results for measured times and scores): 48 x 48 grid (2304 genes; a 2000-gene
-  file leaves the last 304 positions as padding, 12 all-padding patches), P = 4 -> 144
+  README's results for measured times and scores): 48 x 48 grid (2304 genes; the PBMC
+  top-2000 file keeps 1989 genes detected in >= 3 cells (fit's ``min_cells``), leaving the
+  last 315 positions as padding, 12 all-padding patches), P = 4 -> 144
   tokens, D = 128, depth 4 / 4 heads, decoder 64 x 1, whole-cell teacher targets (``cell``
   beat ``row`` and ``patch``), batch 64 (4x the optimiser steps of batch 256 for the same
   compute: PBMC ARI 0.74 after 5 epochs vs 0.67 after 10 epochs at batch 256), 40 epochs
