@@ -125,7 +125,7 @@ def cmd_fit(args) -> int:
                                      checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
                                      teacher_cells=args.teacher_cells or None,
                                      teacher_overrides=dict(args.teacher_set or []),
-                                     min_cells=args.min_cells, dist=ctx, **overrides)
+                                     min_cells=args.min_cells, dist=ctx, layer=args.layer, **overrides)
     except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig / teacher checks)
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
@@ -151,7 +151,7 @@ def cmd_embed(args) -> int:
         except ValueError as exc:
             raise MaskscError(f"--pool {args.pool}: {exc}") from exc
     out = model.embed_file(_source(args), args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                           device=device, dist=ctx)
+                           device=device, dist=ctx, layer=args.layer)
     if ctx.is_main:
         print(f"embedding of {model.config.embedding_dim} dims written to {out}")
     return 0
@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("data", help="counts: .h5ad, 10x .h5, 10x mtx folder, csv/tsv, scDeepCluster .h5")
         sp.add_argument("--format", default=None, choices=FORMATS, help="force the reader (default: detect)")
         sp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
+        sp.add_argument("--layer", default=None,
+                        help="read this layer of an .h5ad (e.g. counts) instead of X; embed with the layer fit used")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
 
     sp = sub.add_parser("fit", help="train a mask-sc model on a dataset (streamed from disk; torchrun for DDP)")

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from masksc.data import CSRBatch, GridLayout, Preprocessor, open_source
+from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import check_output
 
@@ -51,13 +51,15 @@ class RowReader:
     ``source``: an ``.h5ad`` path (X stored CSR or dense), a 10x HDF5 path (Cell Ranger v3), an
     AnnData opened ``backed="r"`` (read like its file), an in-memory AnnData, or any other path
     :func:`masksc.data.read` accepts (read into memory: those formats cannot be streamed).
+    ``layer``: read that layer instead of ``X`` (AnnData and ``.h5ad``).
     Attributes: ``n_obs``, ``var_names`` (pd.Index), ``obs`` (pd.DataFrame), ``streamed``
-    (True when rows come from disk). Rows are read by :func:`masksc.data.open_source`'s
+    (True when rows come from disk), ``chunks`` (the :class:`~masksc.data.ChunkSource`, for
+    whole passes such as fitting the preprocessor). Rows are read by :func:`masksc.data.open_source`'s
     :class:`~masksc.data.ChunkSource` through a handle this reader opens on first use; it
     pickles without the handle (each process opens its own).
     """
 
-    def __init__(self, source):
+    def __init__(self, source, layer: str | None = None):
         if isinstance(source, RowReader):  # share its metadata (and in-memory matrix); own file handle
             self.__dict__.update(source.__getstate__())
             return
@@ -66,10 +68,15 @@ class RowReader:
         if not isinstance(source, ad.AnnData) or source.isbacked:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
         self.source = source if self.path is None else self.path  # never a backed AnnData's h5py handle
-        self._src = open_source(self.source)
+        self._src = open_source(self.source, layer)
         if self.path is not None and not self.streamed:
             log.info("%s cannot be streamed: it was read into memory", self.path)
         self.n_obs, self.var_names, self.obs = self._src.n_obs, self._src.var_names, self._src.obs
+
+    @property
+    def chunks(self) -> ChunkSource:
+        """The dataset as a ChunkSource (of the layer read, if one was named)."""
+        return self._src
 
     @property
     def streamed(self) -> bool:
@@ -332,9 +339,9 @@ def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict
 
 def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                device: str | torch.device | None = None, amp: bool = True, dist=None,
-               progress: bool = True) -> Path | None:
-    """Embed every cell of ``source`` (path or AnnData; see :class:`RowReader`) with ``model``
-    (a ``masksc.pipeline.MaskSCModel``) into ``output``.
+               progress: bool = True, layer: str | None = None) -> Path | None:
+    """Embed every cell of ``source`` (path or AnnData; see :class:`RowReader`; its ``X`` or the
+    layer ``layer``) with ``model`` (a ``masksc.pipeline.MaskSCModel``) into ``output``.
 
     ``output`` ends in ``.npy`` (float32 [n_cells, D] in row order) or ``.h5ad`` (``obs`` of the
     input + ``obsm["X_masksc"]`` + ``uns["masksc"]``; no ``X``). Rows are written chunk by chunk
@@ -354,7 +361,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     output = Path(output)
     if output.suffix not in (".npy", ".h5ad"):
         raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
-    reader = RowReader(source)
+    reader = RowReader(source, layer)
     check_output(output, reader.path)
     ckpt.check_genes(model.grid.to_dict(), reader.var_names)
     n, dim = reader.n_obs, model.network.cfg.embedding_dim

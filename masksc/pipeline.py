@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from masksc import checkpoint as ckpt
-from masksc.data import GridLayout, Preprocessor
+from masksc.data import GridLayout, Preprocessor, with_layer
 from masksc.embed import embed_matrix
 from masksc.models import MaskSC
 from masksc.models.presets import get_preset
@@ -82,27 +82,30 @@ class MaskSCModel:
         """The JSON-able transform saved beside the weights."""
         return {"preprocessor": self.preprocessor.to_dict(), "grid": self.grid.to_dict()}
 
-    def to_grid(self, adata):
-        """Preprocess ``adata`` with the saved transform and lay it on the grid: CSR float32
-        [n_cells, g*s]. Raises CheckpointError when ``adata`` lacks genes the model needs."""
+    def to_grid(self, adata, layer: str | None = None):
+        """Preprocess ``adata`` (its ``X``, or ``adata.layers[layer]``) with the saved transform and
+        lay it on the grid: CSR float32 [n_cells, g*s]. Raises CheckpointError when ``adata`` lacks
+        genes the model needs."""
         ckpt.check_genes(self.grid.to_dict(), adata.var_names)
-        return self.grid.to_grid(self.preprocessor.transform(adata))
+        return self.grid.to_grid(self.preprocessor.transform(with_layer(adata, layer)))
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
-              progress: bool = True) -> np.ndarray:
-        """Embeddings of the cells of ``adata``: float32 [n_cells, config.embedding_dim], in row order."""
-        return embed_matrix(self.network, self.to_grid(adata), batch_size=batch_size, device=device,
+              progress: bool = True, layer: str | None = None) -> np.ndarray:
+        """Embeddings of the cells of ``adata`` (its ``X``, or ``adata.layers[layer]``): float32
+        [n_cells, config.embedding_dim], in row order."""
+        return embed_matrix(self.network, self.to_grid(adata, layer), batch_size=batch_size, device=device,
                             progress=progress)
 
     def embed_file(self, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                    device: str | torch.device | None = None, amp: bool = True, dist=None,
-                   progress: bool = True) -> Path | None:
-        """Stream the cells of ``source`` (an .h5ad / 10x .h5 path or an AnnData) through the model
-        into ``output`` (.npy or .h5ad with obs + obsm["X_masksc"]) without loading the dataset;
-        sharded over the ranks of a distributed run. See ``masksc.outofcore.embed_file``."""
+                   progress: bool = True, layer: str | None = None) -> Path | None:
+        """Stream the cells of ``source`` (an .h5ad / 10x .h5 path or an AnnData; its ``X`` or the
+        layer ``layer``) through the model into ``output`` (.npy or .h5ad with obs +
+        obsm["X_masksc"]) without loading the dataset; sharded over the ranks of a distributed run.
+        See ``masksc.outofcore.embed_file``."""
         from masksc.outofcore import embed_file
         return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size, device=device,
-                          amp=amp, dist=dist, progress=progress)
+                          amp=amp, dist=dist, progress=progress, layer=layer)
 
 
 def _streamed(data) -> bool:
@@ -112,9 +115,12 @@ def _streamed(data) -> bool:
 def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = None, epochs: int | None = None,
         seed: int = 0, device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
         progress: bool = True, chunk_size: int = 4096, teacher_cells: int | None = 50_000,
-        teacher_overrides: dict | None = None, min_cells: int = 3, dist=None, **overrides):
+        teacher_overrides: dict | None = None, min_cells: int = 3, dist=None, layer: str | None = None,
+        **overrides):
     """Train mask-sc on ``adata`` (raw counts or log-normalised, cells x genes): an in-memory
-    AnnData, or a path / backed AnnData streamed from disk (see the module doc).
+    AnnData, or a path / backed AnnData streamed from disk (see the module doc). ``layer``:
+    train on ``adata.layers[layer]`` (e.g. ``"counts"``) instead of ``X`` (an ``.h5ad`` path's
+    layer is streamed); the same layer must be passed when embedding.
 
     ``preset`` names a recipe in ``masksc.models.PRESETS``; ``overrides`` replace its fields
     (e.g. ``grid_shape=(32, 32)``, ``mask_ratio=0.5``, ``layout="correlation"``, ``ime=False``,
@@ -133,6 +139,7 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     """
     from masksc import distributed
     from masksc.errors import DataError
+    from masksc.outofcore import RowReader
     from masksc.train import resolve_device
 
     ctx = dist or distributed.context()
@@ -149,11 +156,11 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
         _check_resumed_teacher(Path(model_dir), teacher_overrides)
     if _streamed(adata) or ctx.distributed:
-        return _fit_streaming(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device,
-                              resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+        return _fit_streaming(RowReader(adata, layer), preset, model_dir=model_dir, epochs=epochs, seed=seed,
+                              device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
                               chunk_size=chunk_size, teacher_cells=teacher_cells,
                               teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx, **overrides)
-    return _fit_memory(adata, preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device, resume=resume,
+    return _fit_memory(with_layer(adata, layer), preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device, resume=resume,
                        checkpoint_every=checkpoint_every, progress=progress,
                        teacher_overrides=teacher_overrides, min_cells=min_cells, **overrides)
 
@@ -223,11 +230,11 @@ def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_
     return TrainConfig.from_model_config(cfg, **kw)
 
 
-def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
+def _fit_streaming(reader, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
                    chunk_size, teacher_cells, teacher_overrides, min_cells, ctx, **overrides):
     from masksc.models.contrastive import ContrastiveSC
     from masksc.models.targets import fit_teacher
-    from masksc.outofcore import RowReader, StreamBatches, subsample_genes
+    from masksc.outofcore import StreamBatches, subsample_genes
     from masksc.train import seed_everything, train
 
     cfg = get_preset(preset)
@@ -237,7 +244,6 @@ def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, c
     if ctx.distributed:
         device = str(ctx.device)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reader = RowReader(source)
     run_dir = Path(model_dir) if model_dir else None
     resuming = bool(resume and run_dir is not None and (run_dir / "last").exists())
     teacher_cfg = _teacher_config(cfg, seed, None, teacher_overrides)
@@ -254,7 +260,7 @@ def _fit_streaming(source, preset, *, model_dir, epochs, seed, device, resume, c
             teacher = ckpt.build_model(config).teacher
     elif ctx.is_main:
         preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells,
-                                    chunk_size=max(chunk_size, 10_000)).fit(reader.source)
+                                    chunk_size=max(chunk_size, 10_000)).fit(reader.chunks)
         X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, progress=progress)
         grid = GridLayout.fit(X_sub, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
                               seed=seed)

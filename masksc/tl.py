@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from masksc import cluster as _cluster
+from masksc.data import with_layer
 from masksc.data.validate import _as_matrix
 from masksc.errors import DataError
 from masksc.pipeline import MaskSCModel
@@ -41,9 +42,10 @@ def _uns(adata) -> dict:
     return adata.uns.setdefault("masksc", {})
 
 
-def _check_adata(adata, step: str, needs_x: bool = True) -> None:
-    """Raise DataError unless ``adata`` is an AnnData (with an expression matrix when ``needs_x``):
-    the tl functions store their results on it, so a path or a bare matrix cannot be used."""
+def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = True) -> None:
+    """Raise DataError unless ``adata`` is an AnnData (with an expression matrix, ``X`` or the
+    layer ``layer``, when ``needs_x``): the tl functions store their results on it, so a path or a
+    bare matrix cannot be used."""
     if isinstance(adata, (str, os.PathLike)):
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got the path "
                         f"{os.fspath(adata)!r}; fix: adata = masksc.read(path) first, or {_FIXES[step][0]}.")
@@ -51,35 +53,39 @@ def _check_adata(adata, step: str, needs_x: bool = True) -> None:
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got a "
                         f"{type(adata).__name__}; fix: {_FIXES[step][1]}.")
     if needs_x and not adata.isbacked:
-        _as_matrix(adata)  # DataError naming the fix when X is None or not a matrix
+        _as_matrix(with_layer(adata, layer))  # DataError naming the fix when X is None or not a matrix
 
 
-def fit(adata, preset: str = "cpu", **kwargs) -> MaskSCModel:
-    """Train mask-sc on ``adata`` (an AnnData, in memory or opened ``backed="r"``; see
+def fit(adata, preset: str = "cpu", *, layer: str | None = None, **kwargs) -> MaskSCModel:
+    """Train mask-sc on ``adata`` (an AnnData, in memory or opened ``backed="r"``), on its ``X``
+    or, with ``layer`` (e.g. ``"counts"``), on ``adata.layers[layer]``; see
     ``masksc.pipeline.fit`` for the keyword arguments: ``model_dir``, ``epochs``, ``seed``,
-    ``device``, ``resume``, config overrides). Records the preset and per-epoch losses in
+    ``device``, ``resume``, config overrides. Records the preset, layer and per-epoch losses in
     ``adata.uns["masksc"]``; returns the model. Raises DataError when ``adata`` is a path or a
     bare matrix, before any work."""
-    _check_adata(adata, "fit")
-    model, result = _fit(adata, preset, **kwargs)
-    _uns(adata)["fit"] = {"preset": preset, "epochs": result.epochs, "losses": list(result.losses),
+    _check_adata(adata, "fit", layer)
+    model, result = _fit(adata, preset, layer=layer, **kwargs)
+    _uns(adata)["fit"] = {"preset": preset, "layer": layer, "epochs": result.epochs, "losses": list(result.losses),
                           "wall_s": result.wall_s, "model_dir": model.path}
     return model
 
 
-def embed(adata, model: MaskSCModel | str | os.PathLike, *, key_added: str = EMBEDDING_KEY,
-          batch_size: int = 1024, device: str | None = None, progress: bool = True) -> None:
-    """Embed every cell of ``adata`` (an AnnData) with ``model`` (a MaskSCModel or its
-    directory) into ``adata.obsm[key_added]`` (float32 [n_cells, config.embedding_dim]).
+def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = None,
+          key_added: str = EMBEDDING_KEY, batch_size: int = 1024, device: str | None = None,
+          progress: bool = True) -> None:
+    """Embed every cell of ``adata`` (an AnnData; its ``X``, or ``adata.layers[layer]``: pass
+    the layer the model was fitted on) with ``model`` (a MaskSCModel or its directory) into
+    ``adata.obsm[key_added]`` (float32 [n_cells, config.embedding_dim]).
 
     ``batch_size``: cells per forward pass. ``device``: where to run; None runs where the
     model's weights are (a directory is loaded onto ``device``, the CPU when None).
     ``progress``: show a progress bar."""
-    _check_adata(adata, "embed")
+    _check_adata(adata, "embed", layer)
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=device or "cpu")
-    adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress)
-    _uns(adata)["embed"] = {"model": model.path, "key": key_added, "config": model.config.to_dict()}
+    adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress, layer=layer)
+    _uns(adata)["embed"] = {"model": model.path, "layer": layer, "key": key_added,
+                            "config": model.config.to_dict()}
 
 
 def _embedding(adata, use_rep: str) -> np.ndarray:

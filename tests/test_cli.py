@@ -250,3 +250,20 @@ def test_cluster_leiden_options_reach_leiden(embedded, tmp_path):
         tl.cluster(ref, n_neighbors=n_neighbors, resolution=resolution)
         got = ad.read_h5ad(out).obs["masksc_cluster"].astype(str).to_numpy()
         np.testing.assert_array_equal(got, ref.obs["masksc_cluster"].astype(str).to_numpy())
+
+
+def test_layer_option_streams_that_layer(trained, tmp_path):
+    """fit / embed --layer counts on an .h5ad with log values in X give what the counts in X give."""
+    import scanpy as sc
+    data, _, model = trained
+    layered = ad.read_h5ad(data)
+    layered.layers["counts"] = layered.X.copy()
+    sc.pp.normalize_total(layered, target_sum=1e4)
+    sc.pp.log1p(layered)
+    layered.write_h5ad(tmp_path / "layered.h5ad")
+    assert main(["fit", str(tmp_path / "layered.h5ad"), "-o", str(tmp_path / "m"), *TINY, "--layer", "counts"]) == 0
+    for source, model_dir, layer in ((tmp_path / "layered.h5ad", tmp_path / "m", ["--layer", "counts"]),
+                                     (data, model, [])):
+        assert main(["embed", str(source), "--model", str(model_dir), "-o", str(tmp_path / f"{len(layer)}.npy"),
+                     *layer]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "2.npy"), np.load(tmp_path / "0.npy"), rtol=1e-5, atol=1e-6)

@@ -86,3 +86,23 @@ def test_half_precision_counts_read_as_float32(data):
     np.testing.assert_array_equal(p.transform(half).X.toarray(), q.transform(data).X.toarray())
     with pytest.raises(DataError, match="dtype object, not numbers"):
         Preprocessor(n_top_genes=20).fit(ad.AnnData(X=data.X.toarray().astype(object), var=data.var.copy()))
+
+
+def test_layers_stream_like_x(tmp_path, data):
+    """A layer of an in-memory, backed or on-disk AnnData reads as that layer, chunk by chunk."""
+    other = np.zeros(data.X.shape, dtype=np.float32)
+    other[:, 0] = 1.0  # X is something else: the layer must be what is read
+    a = ad.AnnData(X=sp.csr_matrix(other), obs=data.obs.copy(), var=data.var.copy())
+    a.layers["counts"] = data.X.copy()
+    a.write_h5ad(tmp_path / "l.h5ad")
+    backed = ad.read_h5ad(tmp_path / "l.h5ad", backed="r")
+    for source in (a, tmp_path / "l.h5ad", backed):
+        got = sp.vstack([X for _, X in open_source(source, layer="counts").chunks(400)])
+        np.testing.assert_array_equal(got.toarray(), data.X.toarray())
+    with pytest.raises(DataError, match=r"no layer 'spliced'; fix: pass one of \['counts'\]"):
+        open_source(tmp_path / "l.h5ad", layer="spliced")
+    with pytest.raises(DataError, match=r"no layer 'spliced'; fix: pass one of \['counts'\]"):
+        open_source(a, layer="spliced")
+    data.to_df().to_csv(tmp_path / "c.csv")
+    with pytest.raises(DataError, match="csv file, which has no layers"):
+        open_source(tmp_path / "c.csv", layer="counts")

@@ -158,3 +158,24 @@ def test_cluster_refuses_kmeans_arguments_under_leiden(fitted):
     assert "masksc_cluster" not in ad.obs
     tl.cluster(ad, k=2, n_init=3)
     assert ad.obs["masksc_cluster"].nunique() == 2
+
+
+def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
+    """scanpy's usual layout (log data in X, counts in layers["counts"]): layer="counts" gives the
+    model and embedding that the same counts in X give, and X is left as it was."""
+    import scanpy as sc
+    counts = synthetic(240, n_genes=300, n_types=3, seed=1)
+    layered = counts.copy()
+    layered.layers["counts"] = counts.X.copy()
+    sc.pp.normalize_total(layered, target_sum=1e4)
+    sc.pp.log1p(layered)
+    log_x = layered.X.copy()
+    from_layer = tl.fit(layered, "demo", layer="counts", epochs=2, progress=False, **TINY)
+    assert (layered.X != log_x).nnz == 0 and layered.uns["masksc"]["fit"]["layer"] == "counts"
+    _, _, from_x, _ = fitted  # the same cells, counts in X, same preset and seed
+    tl.embed(layered, from_layer, layer="counts", progress=False)
+    np.testing.assert_allclose(layered.obsm["X_masksc"], from_x.embed(counts, progress=False), rtol=1e-5, atol=1e-6)
+    with pytest.raises(DataError, match="non-integer .* layer='counts'"):
+        tl.embed(layered, from_layer, progress=False)  # X holds log values, the model wants counts
+    with pytest.raises(DataError, match=r"no layer 'raw'; fix: pass one of \['counts'\]"):
+        tl.fit(layered, "demo", layer="raw", progress=False, **TINY)

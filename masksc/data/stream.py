@@ -82,6 +82,18 @@ def _memory_rows(X, _f, a, b) -> sp.csr_matrix:
     return to_csr32(X[a:b], copy=False)  # the slice is a copy already
 
 
+def with_layer(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
+    """``adata`` itself when ``layer`` is None, else an AnnData whose X is ``adata.layers[layer]``
+    (the same matrix, not a copy; obs and var alike). DataError naming the layers there are when
+    ``layer`` is not one of them."""
+    if layer is None:
+        return adata
+    if layer not in adata.layers:
+        raise DataError(f"the AnnData has no layer {layer!r}; fix: pass one of {list(adata.layers)}, or "
+                        "layer=None for adata.X.")
+    return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var)
+
+
 def _memory_source(adata: ad.AnnData) -> ChunkSource:
     X = adata.X
     if X is None:
@@ -99,33 +111,37 @@ def _csr_block(grp, a, b, n_cols) -> sp.csr_matrix:
     return to_csr32(sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, n_cols)), copy=False)
 
 
-def _h5ad_rows(dense: bool, n_vars: int, f, a, b) -> sp.csr_matrix:
+def _h5ad_rows(key: str, dense: bool, n_vars: int, f, a, b) -> sp.csr_matrix:
     if dense:
-        return to_csr32(np.asarray(f["X"][a:b], dtype=np.float32), copy=False)
-    return _csr_block(f["X"], a, b, n_vars)
+        return to_csr32(np.asarray(f[key][a:b], dtype=np.float32), copy=False)
+    return _csr_block(f[key], a, b, n_vars)
 
 
-def _h5ad_source(path: Path) -> ChunkSource:
+def _h5ad_source(path: Path, layer: str | None = None) -> ChunkSource:
+    key = "X" if layer is None else f"layers/{layer}"
     with h5py.File(path, "r") as f:
         obs = ad.io.read_elem(f["obs"])
         var_names = pd.Index(ad.io.read_elem(f["var"]).index)
-        if "X" not in f:
+        if layer is not None and key not in f:
+            layers = list(f["layers"]) if "layers" in f else []
+            raise DataError(f"{path} has no layer {layer!r}; fix: pass one of {layers}, or no layer for X.")
+        if key not in f:
             raise DataError(f"{path} has no X matrix (a `masksc embed` output holds only obs and the embedding); "
                             "fix: pass the file that holds the expression counts.")
-        X = f["X"]
+        X = f[key]
         kind = X.attrs.get("encoding-type", "array") if isinstance(X, h5py.Group) else "array"
         shape = tuple(int(v) for v in (X.attrs["shape"] if isinstance(X, h5py.Group) else X.shape))
     if kind == "csc_matrix":
-        raise DataError(f"{path}: X is stored CSC, which cannot be streamed by cells; fix: rewrite it as CSR "
+        raise DataError(f"{path}: {key} is stored CSC, which cannot be streamed by cells; fix: rewrite it as CSR "
                         "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)), or in Python pass the AnnData read "
                         "in memory (masksc.read(path)).")
     if kind not in ("csr_matrix", "array"):
-        raise DataError(f"{path}: X has unsupported encoding {kind!r}; fix: store X as CSR or a dense array.")
+        raise DataError(f"{path}: {key} has unsupported encoding {kind!r}; fix: store it as CSR or a dense array.")
     if "label" in obs:
         tmp = ad.AnnData(obs=obs)
         set_labels(tmp, obs["label"].to_numpy())
         obs = tmp.obs
-    return ChunkSource(shape[0], var_names, obs, partial(_h5ad_rows, kind == "array", shape[1]), path)
+    return ChunkSource(shape[0], var_names, obs, partial(_h5ad_rows, key, kind == "array", shape[1]), path)
 
 
 def _10x_rows(n_genes: int, keep, f, a, b) -> sp.csr_matrix:
@@ -155,22 +171,27 @@ def _10x_h5_source(path: Path) -> ChunkSource:
                        partial(_10x_rows, n_genes, keep), path)
 
 
-def open_source(source) -> ChunkSource:
+def open_source(source, layer: str | None = None) -> ChunkSource:
     """Wrap an AnnData (in memory or backed), an ``.h5ad`` path, a 10x HDF5 path (or any path
-    :func:`read` accepts, read in memory) as a :class:`ChunkSource`."""
+    :func:`read` accepts, read in memory) as a :class:`ChunkSource` of its ``X``, or of the layer
+    ``layer`` (AnnData and ``.h5ad`` only; a backed one's layer is streamed from the file)."""
     if isinstance(source, ChunkSource):
+        if layer is not None:
+            raise DataError("a ChunkSource is already one matrix; fix: pass layer= where it is opened.")
         return source
     if isinstance(source, ad.AnnData):
         if source.isbacked:
-            return _h5ad_source(Path(source.filename))
-        return _memory_source(source)
+            return _h5ad_source(Path(source.filename), layer)
+        return _memory_source(with_layer(source, layer))
     path = Path(source)
     if not path.exists():
         raise DataError(f"file not found: {path}; fix: check the path.")
     fmt = detect_format(path)
+    if layer is not None and fmt != "h5ad":
+        raise DataError(f"{path} is a {fmt} file, which has no layers; fix: drop the layer, or pass an .h5ad.")
     try:
         if fmt == "h5ad":
-            return _h5ad_source(path)
+            return _h5ad_source(path, layer)
         if fmt == "10x_h5":
             return _10x_h5_source(path)
     except (OSError, KeyError) as exc:
