@@ -98,3 +98,13 @@ def test_dict_roundtrip_and_anndata_input():
         lay.to_grid(X[:, :5])
     with pytest.raises(DataError, match="missing"):
         lay.to_grid(a[:, 2:])
+
+
+def test_corrupt_layout_dict_refused():
+    X, genes = _data()
+    with pytest.warns(UserWarning):
+        d = GridLayout.fit(X, genes, shape=(4, 4), patch=2).to_dict()
+    with pytest.raises(DataError, match=r"lists 15 grid genes for a 4x4 grid \(16 positions\); it is corrupt"):
+        GridLayout.from_dict({**d, "genes": d["genes"][:-1]})
+    with pytest.raises(DataError, match="1 grid genes are not among the layout's source genes"):
+        GridLayout.from_dict({**d, "genes": ["nope"] + d["genes"][1:]})

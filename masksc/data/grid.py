@@ -79,6 +79,9 @@ class GridLayout:
         self.genes = list(genes)
         self.source_genes = list(source_genes)
         g, s = self.shape
+        if len(self.genes) != g * s:
+            raise DataError(f"the layout lists {len(self.genes)} grid genes for a {g}x{s} grid ({g * s} positions); "
+                            "it is corrupt (e.g. an edited checkpoint config.json); fix: restore it or retrain.")
         self.is_padding = np.array([x == "" for x in self.genes], dtype=np.bool_)
         pos = np.arange(g * s)
         P = self.patch
@@ -86,6 +89,9 @@ class GridLayout:
         src = pd.Index(self.source_genes)
         real = np.flatnonzero(~self.is_padding)
         cols = src.get_indexer([self.genes[j] for j in real])
+        if (cols < 0).any():
+            raise DataError(f"{int((cols < 0).sum())} grid genes are not among the layout's source genes; it is corrupt "
+                            "(e.g. an edited checkpoint config.json); fix: restore it or retrain.")
         # to_grid: take source columns `_src_cols` and write them to grid positions `_grid_pos`
         self._src_cols, self._grid_pos = cols.astype(np.int64), real.astype(np.int64)
 
