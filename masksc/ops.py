@@ -21,7 +21,7 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 AUTO_DEFAULTS: dict[str, dict[str, str]] = {
     "attention": {"cpu": "torch", "cuda": "torch"},
     "patch_embed": {"cpu": "torch", "cuda": "torch"},
-    # C++ op on CPU: 4.7x (masking) and 3.1x (unmask) the torch reference fwd+bwd at B=256,
+    # C++ op on CPU: 2.6x (masking) and 3.1x (unmask) the torch reference fwd+bwd at B=256,
     # G=144, D=128 (benchmarks/results/masking_cpu.json). CUDA: not yet measured on a GPU.
     "random_masking": {"cpu": "cpp", "cuda": "torch"},
     "unmask": {"cpu": "cpp", "cuda": "torch"},
