@@ -34,6 +34,16 @@ def interpret_triton_without_cuda(smoke: bool) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def use_threads(n: int) -> None:
+    """Run torch on ``n`` CPU threads for the rest of the process. numba (scanpy's parallel
+    loops) shares torch's OpenMP runtime and resets its thread count to numba's own, every
+    core, whenever it starts a parallel loop (after the log-PCA baseline's scanpy calls torch
+    reported 2 threads where 1 was set), so numba is held to ``n`` too."""
+    import numba
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def ready_for_data(data: Path, threads: int) -> bool:
     """Whether the benchmark datasets are at ``data`` (printing why not when they are absent).
     When they are, torch runs on ``threads`` threads and the warning that a dataset has fewer
@@ -41,7 +51,7 @@ def ready_for_data(data: Path, threads: int) -> bool:
     if not data.is_dir():
         print(f"skipping: {data} is absent (the benchmark datasets live beside the project)")
         return False
-    torch.set_num_threads(threads)
+    use_threads(threads)
     warnings.simplefilter("ignore", UserWarning)
     return True
 

@@ -54,7 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import RESULTS, device_info, ready_for_data  # noqa: E402
+from benchmarks._common import RESULTS, device_info, ready_for_data, use_threads  # noqa: E402
 from masksc.io_utils import atomic_write  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -429,8 +429,7 @@ def main(argv=None) -> int:
     p.add_argument("--tables-only", action="store_true", help="only rewrite the markdown tables (results/ and README)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    import torch
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
 
     files = {1: RESULTS / "table1.json", 2: RESULTS / "table2.json"}
     if not args.tables_only:

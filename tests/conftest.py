@@ -13,7 +13,15 @@ from pathlib import Path
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numba
 import pytest
+import torch
+
+# numba (scanpy's parallel loops) and torch share the OpenMP runtime, and numba resets its thread
+# count to numba's own (every core) whenever it starts a parallel loop; under OMP_NUM_THREADS=1
+# that changes torch's float reduction order mid-session. Tests comparing two trainings need
+# both on one count.
+numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 

@@ -1,8 +1,6 @@
 """Fused Triton attention (run on CPU by the Triton interpreter) against the eager oracle."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

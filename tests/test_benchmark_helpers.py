@@ -185,3 +185,18 @@ def test_gene_dropout_drops_detected_values_in_training_only_and_keeps_whole_cel
         torch.testing.assert_close(values[kept], (batch.values / (1 - p)).expand_as(values)[kept])
         torch.testing.assert_close(1 - kept.float().mean(), torch.tensor(p), atol=0.01, rtol=0)
         torch.testing.assert_close(net.compute_targets(batch), MaskSC.compute_targets(net, batch))
+
+
+def test_use_threads_holds_numba_to_torchs_count():
+    """scanpy's numba loops set the OpenMP thread count torch shares to numba's own, so
+    use_threads sets both (seen in reproduce.py: torch at 2 threads after log-PCA, 1 asked)."""
+    import numba
+
+    from benchmarks._common import use_threads
+    before = torch.get_num_threads()
+    try:
+        use_threads(1)
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    finally:
+        use_threads(before)
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)

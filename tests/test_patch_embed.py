@@ -1,8 +1,6 @@
 """Sparse patch embedding (Triton under the interpreter, and the torch path) against densify + Conv2d."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
