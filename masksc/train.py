@@ -248,6 +248,10 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(batch, mask_seed(cfg.seed, epoch, i, rank))
+            value = loss.item()
+            if not math.isfinite(value):  # before the step, so the weights stay finite
+                raise FloatingPointError(f"training loss became {value} at epoch {epoch + 1}, step {i + 1}; lower the "
+                                         "learning rate or check the input for extreme values.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip > 0:
@@ -256,13 +260,10 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
             scheduler.step()
             step += 1
             n = batch.n_rows
-            total += loss.item() * n
+            total += value * n
             count += n
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         mean = total / max(count, 1)
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"training loss became {mean} at epoch {epoch + 1}; lower the learning rate "
-                                     "or check the input for extreme values.")
         result.losses.append(mean)
         log.info("epoch %d/%d loss %.5f (%.1fs)", epoch + 1, cfg.epochs, mean, time.time() - t0)
         if callback is not None:
@@ -284,6 +285,11 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
     return result
 
 
+# Settings a resumed run must share with its checkpoint to continue the same trajectory.
+_RESUME_FIXED = ("batch_size", "seed", "epochs", "lr", "weight_decay", "betas", "warmup_epochs", "min_lr_ratio",
+                 "clip", "amp")
+
+
 def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult):
     config = ckpt.read_config(run_dir)
     was, now = config["model_config"], core.cfg.to_dict()
@@ -293,7 +299,7 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
         raise CheckpointError(f"the checkpoint in {run_dir} was trained with a different model config ({diff}); "
                               "resume with the same preset/options or use a new checkpoint_dir.")
     saved = TrainConfig.from_dict(config.get("train_config") or {})
-    for key in ("batch_size", "seed", "epochs", "lr", "warmup_epochs"):
+    for key in _RESUME_FIXED:
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(f"cannot resume: {key} was {getattr(saved, key)} in {run_dir} and is "
                                   f"{getattr(cfg, key)} now; resume with the same settings or use a new "

@@ -73,11 +73,19 @@ def test_overwrite_is_atomic_and_failed_save_keeps_old(tmp_path, monkeypatch):
 
 
 def test_load_resolves_run_dir_last(tmp_path):
+    """A run directory loads the checkpoint its ``last`` link names, not merely the newest one."""
     model, _, _ = setup()
+    newer, _, _ = setup(seed=1)
     save_checkpoint(tmp_path / "epoch-000003", model)
+    save_checkpoint(tmp_path / "epoch-000004", newer)
     ckpt.point_last(tmp_path, "epoch-000003")
     loaded, meta = load_model(tmp_path)
     assert meta["path"].endswith("epoch-000003")
+    saved, got = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == got.keys()
+    for name, value in saved.items():
+        assert torch.equal(got[name], value), name
+    assert any(not torch.equal(got[k], v) for k, v in newer.state_dict().items())
 
 
 def test_missing_and_not_a_checkpoint(tmp_path):

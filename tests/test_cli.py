@@ -10,6 +10,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from masksc.cli import main
 from masksc.data import write_synthetic_h5ad
@@ -66,7 +67,10 @@ def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys):
     assert main(["evaluate", str(clustered), "--json", str(scores_path)]) == 0
     printed = capsys.readouterr().out
     scores = json.loads(scores_path.read_text())
-    assert "ARI" in printed and 0.0 <= scores["nmi"] <= 1.0 and -1.0 <= scores["ari"] <= 1.0
+    truth, pred = C.obs["label"].to_numpy(), C.obs["masksc_cluster"].to_numpy()
+    ari, nmi = adjusted_rand_score(truth, pred), normalized_mutual_info_score(truth, pred)
+    assert scores["ari"] == pytest.approx(ari, abs=1e-12) and scores["nmi"] == pytest.approx(nmi, abs=1e-12)
+    assert f"ARI {ari:.4f}  NMI {nmi:.4f}" in printed, printed
     assert _sha(data) == before                                   # the input file is never modified
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -250,6 +254,31 @@ def test_cluster_leiden_options_reach_leiden(embedded, tmp_path):
         tl.cluster(ref, n_neighbors=n_neighbors, resolution=resolution)
         got = ad.read_h5ad(out).obs["masksc_cluster"].astype(str).to_numpy()
         np.testing.assert_array_equal(got, ref.obs["masksc_cluster"].astype(str).to_numpy())
+
+
+def test_cluster_seed_reaches_kmeans(embedded, tmp_path):
+    """`masksc cluster -k 3 --seed 1` writes tl.cluster(k=3, seed=1)'s labels, which on this
+    embedding are another partition than the default seed 0 gives."""
+    from masksc import tl
+    out = tmp_path / "c.h5ad"
+    assert main(["cluster", str(embedded), "-k", "3", "--seed", "1", "-o", str(out)]) == 0
+    refs = {}
+    for seed in (0, 1):
+        ref = ad.read_h5ad(embedded)
+        tl.cluster(ref, k=3, seed=seed)
+        refs[seed] = ref.obs["masksc_cluster"].astype(str).to_numpy()
+    assert adjusted_rand_score(refs[0], refs[1]) < 0.95  # the seed matters on this data: the check below has teeth
+    np.testing.assert_array_equal(ad.read_h5ad(out).obs["masksc_cluster"].astype(str).to_numpy(), refs[1])
+
+
+def test_fit_mask_ratio_and_layout_reach_the_model_config(trained, tmp_path):
+    data, _, model = trained
+    default = json.loads((model / "last" / "config.json").read_text())["model_config"]
+    assert (default["mask_ratio"], default["layout"]) == (0.5, "hvg")  # so the values below are not the defaults
+    assert main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--epochs", "1", "--mask-ratio", "0.75",
+                 "--layout", "correlation"]) == 0
+    config = json.loads((tmp_path / "m" / "last" / "config.json").read_text())["model_config"]
+    assert (config["mask_ratio"], config["layout"]) == (0.75, "correlation")
 
 
 def test_layer_option_streams_that_layer(trained, tmp_path):

@@ -54,6 +54,27 @@ def test_scale_equals_scanpy(counts):
     np.testing.assert_allclose(p.transform(counts).X.toarray(), ref.X, rtol=1e-4, atol=1e-5)
 
 
+def test_target_sum_and_no_log1p_equal_scanpy(counts):
+    p = Preprocessor(n_top_genes=100, target_sum=1e3).fit(counts)
+    ref = counts.copy()
+    sc.pp.normalize_total(ref, target_sum=1e3)
+    sc.pp.log1p(ref)
+    np.testing.assert_allclose(p.transform(counts).X.toarray(), ref[:, p.genes_].X.toarray(), rtol=1e-6, atol=1e-6)
+    q = Preprocessor(n_top_genes=100, log1p=False).fit(counts)
+    ref = counts.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    np.testing.assert_allclose(q.transform(counts).X.toarray(), ref[:, q.genes_].X.toarray(), rtol=1e-6, atol=1e-4)
+    assert ref[:, q.genes_].X.max() > 100  # normalised counts, not their log
+
+
+def test_unclipped_scale_equals_scanpy(counts):
+    p = Preprocessor(n_top_genes=100, scale=True, max_value=None).fit(counts)
+    ref = _lognorm(counts)[:, p.genes_].copy()
+    sc.pp.scale(ref)
+    assert np.abs(ref.X).max() > 10  # beyond the default max_value=10: only unclipped scaling keeps these
+    np.testing.assert_allclose(p.transform(counts).X.toarray(), ref.X, rtol=1e-4, atol=1e-5)
+
+
 def test_scale_refused_for_many_genes():
     with pytest.raises(DataError, match="densifies"):
         Preprocessor(n_top_genes=4096, scale=True)
@@ -134,8 +155,11 @@ def test_missing_genes_named(counts):
 
 
 def test_fewer_genes_than_requested_keeps_all(counts):
-    with pytest.warns(UserWarning, match="dropped 31 of 1200 cells"):
-        p = Preprocessor(n_top_genes=10_000, min_counts=1).fit(counts[:, :40].copy())
+    few = counts[:, :40].copy()
+    n_empty = int((np.asarray(few.X.sum(axis=1)).ravel() < 1).sum())  # below min_counts=1
+    assert n_empty > 0
+    with pytest.warns(UserWarning, match=f"dropped {n_empty} of 1200 cells with fewer than 1 counts"):
+        p = Preprocessor(n_top_genes=10_000, min_counts=1).fit(few)
     assert sorted(p.genes_) == sorted(counts.var_names[:40])
 
 

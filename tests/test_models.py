@@ -304,15 +304,48 @@ def test_contrastive_architecture_matches_authors():
     torch.testing.assert_close(out.norm(dim=1), torch.ones(7))
 
 
-def test_fit_teacher_freezes_and_separates_fragments():
-    rng = np.random.default_rng(0)
-    X = random_grid(n=40, density=0.4)
-    t = fit_teacher(X, (8, 8), 2, "row", ContrastiveConfig(n_input=64, layers=(16, 8, 6), standardize=True,
-                                                           epochs=2, batch_size=20, lr=1e-3), progress=False)
+def test_fit_teacher_freezes_and_separates_fragments(monkeypatch):
+    """The teacher trains from its seeded initialisation and is frozen after; every cell it sees
+    is one standardised cell restricted to one "row" fragment, never to the all-padding one."""
+    from masksc.models import contrastive
+    X = random_grid(n=40, density=0.4, n_real=48)   # grid rows 6-7 (genes 48-63) are padding
+    pad = np.zeros(64, bool)
+    pad[48:] = True
+    cfg = ContrastiveConfig(n_input=64, layers=(16, 8, 6), standardize=True, epochs=2, batch_size=20, lr=1e-3)
+    seen, real_fit = [], contrastive.fit_contrastive
+
+    def spy(model, batches_fn, n_cells, **kw):
+        def recorded(epoch, rng):
+            for x in batches_fn(epoch, rng):
+                seen.append(x.clone())
+                yield x
+        return real_fit(model, recorded, n_cells, **kw)
+
+    monkeypatch.setattr(contrastive, "fit_contrastive", spy)
+    t = fit_teacher(X, (8, 8), 2, "row", cfg, is_padding=pad, progress=False)
     assert not t.training and all(not p.requires_grad for p in t.parameters())
-    dense = X.toarray()
-    torch.testing.assert_close(t.in_mean, torch.from_numpy(dense.mean(0)).float(), atol=1e-5, rtol=1e-5)
-    assert rng is not None
+    dense = torch.from_numpy(X.toarray())
+    torch.testing.assert_close(t.in_mean, dense.mean(0), atol=1e-5, rtol=1e-5)
+
+    torch.manual_seed(cfg.seed)
+    init = dict(ContrastiveSC(cfg).named_parameters())
+    moved = [n for n, p in t.named_parameters() if not torch.equal(p, init[n])]
+    assert moved == list(init), "the teacher's weights never left their seeded initialisation"
+
+    masks = torch.from_numpy(fragment_gene_mask((8, 8), 2, "row"))   # 4 bands of 16 genes; band 3 is padding
+    z = t.standardize(dense)
+    assert (z[:, ~pad] != 0).all() and (z[:, pad] == 0).all()   # a cell's fragment has the fragment's support
+    assert sum(len(x) for x in seen) == cfg.epochs * 40
+    drawn = []
+    for x in seen:
+        for row in x:
+            support = row != 0
+            inside = [f for f in range(len(masks)) if support.any() and not (support & ~masks[f]).any()]
+            assert len(inside) == 1, "a training input is not one non-padding fragment"
+            f = inside[0]
+            assert (row - z * masks[f]).abs().amax(1).min() < 1e-6, "a training input is not a cell's fragment"
+            drawn.append(f)
+    assert set(drawn) == {0, 1, 2}
 
 
 def test_set_teacher_checks_sizes():

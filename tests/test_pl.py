@@ -96,7 +96,7 @@ def test_embedding_rejects_bad_input(tmp_path):
         pl.embedding(Zn, {"c": y}, tmp_path / "x.png", method="tsne")
     with pytest.raises(ValueError, match="method"):
         pl.embedding(Z, {"c": y}, tmp_path / "x.png", method="pca")
-    with pytest.raises(ValueError, match=".png"):
+    with pytest.raises(ValueError, match=r"give a path ending in \.png, got '.*x\.jpg'"):
         pl.embedding(Z[:, :2], {"c": y}, tmp_path / "x.jpg", method="precomputed")
     with pytest.raises(DataError, match="2-D coordinates"):
         pl.embedding(Z, {"c": y}, tmp_path / "x.png", method="precomputed")

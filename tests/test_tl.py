@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from masksc import tl
+from masksc import cluster, tl
 from masksc.data import synthetic
 from masksc.errors import CheckpointError, DataError
 from masksc.pipeline import MaskSCModel
@@ -44,13 +44,22 @@ def test_embed_cluster_evaluate_store_results(fitted):
     assert ad.uns["masksc"]["metrics"]["ari"] == pytest.approx(expected)
 
 
-def test_leiden_when_k_unknown(fitted):
-    adata, _, model, _ = fitted
-    ad = adata.copy()
-    tl.embed(ad, model, progress=False)
-    tl.cluster(ad)
-    assert ad.uns["masksc"]["cluster"]["k"] is None
-    assert ad.obs["masksc_cluster"].nunique() == ad.uns["masksc"]["cluster"]["n_clusters"] >= 1
+def test_leiden_when_k_unknown():
+    """Without k, tl.cluster is Leiden (resolution 1) on the 15-neighbour kNN graph, both seeded
+    by ``seed``: the labels equal that pipeline's, and three far-apart blobs are never merged."""
+    rng = np.random.default_rng(0)
+    blob = np.repeat(np.arange(3), 80)
+    Z = (rng.normal(size=(240, 8)) + 20.0 * np.eye(8)[blob]).astype(np.float32)
+    ad = synthetic(240, n_genes=20, n_types=3, seed=5)
+    ad.obsm["X_masksc"] = Z
+    tl.cluster(ad, seed=3)
+    expected = cluster.leiden(cluster.knn_graph(Z, n_neighbors=15, seed=3), resolution=1.0, seed=3)
+    got = ad.obs["masksc_cluster"].to_numpy().astype(str)
+    np.testing.assert_array_equal(got, expected.astype(str))
+    run = ad.uns["masksc"]["cluster"]
+    assert run["k"] is None and run["seed"] == 3 and run["n_clusters"] == len(np.unique(expected)) >= 3
+    for label in np.unique(got):  # no cluster spans two blobs
+        assert len(np.unique(blob[got == label])) == 1, label
 
 
 def test_saved_model_embeds_new_data_identically(fitted):

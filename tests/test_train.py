@@ -1,15 +1,19 @@
 """Training loop: learning, schedule, seeds, checkpoint cadence and exact resume."""
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from safetensors.torch import load_file
 
+from masksc.data import CellBatches
 from masksc.embed import embed_matrix
+from masksc.errors import CheckpointError
 from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
-from masksc.train import TrainConfig, lr_factor, mask_seed, train
+from masksc.train import TrainConfig, lr_factor, mask_seed, seed_everything, train
 
 CFG = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
                    decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
@@ -81,6 +85,46 @@ def test_mask_seed_is_deterministic_and_distinct():
     assert len({mask_seed(1, 2, 3, rank=r) for r in range(4)}) == 4  # DDP ranks mask differently
 
 
+def test_train_equals_a_plain_torch_reference_loop():
+    """train() is AdamW with weight decay on the matrices only (biases, norms and the mask token
+    are not decayed), per-step LambdaLR warmup + cosine from ``lr_factor`` and gradient clipping
+    at ``cfg.clip``: a loop written here from those pieces ends at the same weights. The settings
+    make each piece matter: a strong decay, a clip below the gradient norms, a warmup epoch."""
+    X = structured_grid()
+    cfg = tcfg(epochs=3, lr=2e-2, clip=0.05, weight_decay=0.5)
+    got = make()
+    train(got, X, cfg)
+
+    ref = make()
+    batches = CellBatches(X, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
+    total, warmup = cfg.epochs * len(batches), int(round(cfg.warmup_epochs * len(batches)))
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    decay = [n for n, p in named if p.ndim >= 2]
+    assert {"patch_weight", "cls_token", "head.weight", "blocks.0.attn.qkv.weight"} <= set(decay)
+    assert not [n for n in decay if n.endswith("bias") or "norm" in n or n == "mask_token"]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
+                             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+    seed_everything(cfg.seed)
+    ref.train()
+    norms = []
+    for epoch in range(cfg.epochs):
+        batches.set_epoch(epoch)
+        for i, batch in enumerate(batches):
+            loss = ref(batch, mask_seed(cfg.seed, epoch, i))
+            opt.zero_grad()
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.clip)))
+            opt.step()
+            sched.step()
+    assert len(norms) == 9 and min(norms) > cfg.clip  # every step was clipped
+    want = ref.state_dict()
+    for k, v in got.state_dict().items():
+        torch.testing.assert_close(v, want[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_same_seed_same_result_with_and_without_workers():
     X = structured_grid()
     a, b = make(), make()
@@ -120,7 +164,6 @@ def test_resume_equals_uninterrupted_run(tmp_path, med):
 
 
 def test_resume_refuses_different_settings(tmp_path):
-    from masksc.errors import CheckpointError
     X = structured_grid()
     train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))
     with pytest.raises(CheckpointError, match="batch_size"):
@@ -129,6 +172,55 @@ def test_resume_refuses_different_settings(tmp_path):
                                               r"mask_ratio: saved 0.5, requested 0.6\)"):
         m = MaskSC(CFG.replace(med=False, embed_dim=32, mask_ratio=0.6))
         train(m, X, tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+
+
+@pytest.mark.parametrize("key, value", [("seed", 1), ("epochs", 3), ("lr", 1e-3), ("warmup_epochs", 0.5),
+                                        ("batch_size", 8), ("weight_decay", 0.1), ("betas", (0.9, 0.99)),
+                                        ("min_lr_ratio", 0.1), ("clip", 0.5), ("amp", False)])
+def test_resume_refuses_a_changed_training_setting(tmp_path, key, value):
+    """Each setting the step schedule, masking or cell order depend on must match the checkpoint's."""
+    X = structured_grid()
+    train(make(), X, tcfg(epochs=1, checkpoint_dir=str(tmp_path)))
+    weights = (tmp_path / "epoch-000001" / "model.safetensors").read_bytes()
+    saved = getattr(tcfg(epochs=1), key)
+    with pytest.raises(CheckpointError, match=rf"cannot resume: {key} was {re.escape(str(saved))} in .* and is "
+                                              rf"{re.escape(str(value))} now"):
+        train(make(), X, tcfg(**{"epochs": 1, key: value, "checkpoint_dir": str(tmp_path), "resume": True}))
+    assert sorted(os.listdir(tmp_path)) == ["epoch-000001", "last"]
+    assert (tmp_path / "epoch-000001" / "model.safetensors").read_bytes() == weights
+
+
+def test_resume_without_checkpoint_dir_is_refused():
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        train(make(), structured_grid(), tcfg(resume=True))
+
+
+class PoisonedLoss(torch.nn.Module):
+    """A DDP-like wrapper (``.module`` is the MaskSC) whose loss turns NaN once ``poisoned`` is set."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+        self.poisoned = False
+
+    def forward(self, batch, seed):
+        loss = self.module.training_loss(batch, seed)
+        return loss * float("nan") if self.poisoned else loss
+
+
+def test_non_finite_loss_stops_training_before_it_is_saved(tmp_path):
+    wrapped = PoisonedLoss(make())
+
+    def poison(epoch, loss):
+        wrapped.poisoned = True
+
+    with pytest.raises(FloatingPointError, match="training loss became nan at epoch 2, step 1; lower the learning"):
+        train(wrapped, structured_grid(), tcfg(epochs=3, checkpoint_every=1, checkpoint_dir=str(tmp_path)),
+              callback=poison)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-000001", "last"]   # the NaN epoch wrote no checkpoint
+    saved = load_file(str(tmp_path / "epoch-000001" / "model.safetensors"))
+    for name, p in wrapped.module.state_dict().items():  # refused before its step: the epoch-1 weights
+        assert torch.equal(p, saved[name]), name
 
 
 def test_checkpoints_are_pruned_and_last_points_to_newest(tmp_path):
@@ -272,7 +364,6 @@ def test_fit_teacher_overrides_train_the_teacher_fit_masksc_trains_from_that_con
     overrides (the same weights), conflicting settings on resume and teacher settings with MED off
     are refused."""
     from masksc.data import GridLayout, Preprocessor, synthetic
-    from masksc.errors import CheckpointError
     from masksc.models.targets import teacher_config
     from masksc.pipeline import _train_config, fit
     from masksc.train import fit_masksc
@@ -316,7 +407,6 @@ def test_train_config_refuses_values_that_cannot_train():
 
 
 def test_train_refuses_a_directory_holding_a_run_without_resume(tmp_path):
-    from masksc.errors import CheckpointError
     X = structured_grid()
     train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))
     before = {p: (tmp_path / p / "model.safetensors").read_bytes() for p in os.listdir(tmp_path) if p != "last"}

@@ -1,0 +1,89 @@
+"""masksc.ops.backend_for: the per-op, per-device defaults under MASKSC_BACKEND=auto, what each
+forced backend resolves to, and that the dispatching functions call the backend it names."""
+import re
+
+import pytest
+import torch
+
+from masksc import masking, ops
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+MASKING_OPS = ("random_masking", "unmask")
+KERNEL_OPS = ("attention", "patch_embed")
+
+
+@pytest.fixture
+def auto(monkeypatch):
+    monkeypatch.delenv("MASKSC_BACKEND", raising=False)
+    return monkeypatch
+
+
+def test_auto_follows_the_table_and_runs_masking_on_the_cpu_in_cpp(auto):
+    masking.load_extension()  # masksc._C is built (test_extension.py fails otherwise)
+    assert set(ops.AUTO_DEFAULTS) == set(MASKING_OPS + KERNEL_OPS)
+    for op in MASKING_OPS:
+        assert ops.backend_for(op, CPU) == "cpp"
+        assert ops.backend_for(op, CUDA) == "torch"
+    for op in KERNEL_OPS:
+        assert ops.backend_for(op, CPU) == ops.backend_for(op, CUDA) == "torch"
+    auto.setenv("MASKSC_BACKEND", "Auto")  # case does not matter
+    assert ops.backend_for("random_masking", CPU) == "cpp"
+
+
+def test_auto_falls_back_to_torch_without_the_extension(auto):
+    auto.setattr(ops, "_cpp_available", lambda: False)
+    for op in MASKING_OPS + KERNEL_OPS:
+        assert ops.backend_for(op, CPU) == "torch"
+
+
+def test_dispatch_calls_the_op_backend_for_names(auto):
+    calls = []
+    for name in ("random_masking_cpp", "random_masking_torch", "unmask_cpp", "unmask_torch"):
+        auto.setattr(masking, name, lambda *a, _name=name: calls.append(_name))
+    tokens, kept = torch.zeros(2, 16, 4), torch.zeros(2, 4, 4)
+    ids_keep = torch.arange(4).repeat(2, 1)
+    ops.random_masking(tokens, 4, 0)
+    ops.unmask(kept, torch.zeros(4), ids_keep, 16)
+    auto.setenv("MASKSC_BACKEND", "torch")
+    ops.random_masking(tokens, 4, 0)
+    ops.unmask(kept, torch.zeros(4), ids_keep, 16)
+    assert calls == ["random_masking_cpp", "unmask_cpp", "random_masking_torch", "unmask_torch"]
+
+
+@pytest.mark.parametrize("name", ["cuda", "c++", "flash"])
+def test_unknown_backend_is_refused(auto, name):
+    auto.setenv("MASKSC_BACKEND", name)
+    for op in MASKING_OPS + KERNEL_OPS:
+        with pytest.raises(ValueError, match=re.escape(f"MASKSC_BACKEND='{name}' is not one of {ops.BACKENDS}")):
+            ops.backend_for(op, CPU)
+
+
+def test_forced_torch_and_cpp(auto):
+    auto.setenv("MASKSC_BACKEND", "torch")
+    for op in MASKING_OPS + KERNEL_OPS:
+        assert ops.backend_for(op, CPU) == ops.backend_for(op, CUDA) == "torch"
+    auto.setenv("MASKSC_BACKEND", "CPP")
+    for op in MASKING_OPS:
+        assert ops.backend_for(op, CPU) == ops.backend_for(op, CUDA) == "cpp"
+    for op in KERNEL_OPS:  # no C++ attention / patch embedding: torch
+        assert ops.backend_for(op, CPU) == ops.backend_for(op, CUDA) == "torch"
+
+
+def test_forced_triton(auto):
+    auto.setenv("MASKSC_BACKEND", "triton")
+    for device, interpret in ((CUDA, None), (CPU, "1"), (CUDA, "1")):
+        if interpret is None:
+            auto.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            auto.setenv("TRITON_INTERPRET", interpret)
+        for op in KERNEL_OPS:
+            assert ops.backend_for(op, device) == "triton", (op, device, interpret)
+        for op in MASKING_OPS:  # no Triton masking kernel: the C++ op
+            assert ops.backend_for(op, device) == "cpp", (op, device, interpret)
+    for interpret in (None, "0"):  # on the CPU without the interpreter Triton cannot run: torch
+        if interpret is None:
+            auto.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            auto.setenv("TRITON_INTERPRET", interpret)
+        for op in MASKING_OPS + KERNEL_OPS:
+            assert ops.backend_for(op, CPU) == "torch", (op, interpret)
