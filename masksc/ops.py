@@ -40,7 +40,7 @@ def _cpp_available() -> bool:
 
 def backend_for(op: str, device: torch.device) -> str:
     """Resolve the backend for ``op`` on ``device`` under ``MASKSC_BACKEND``."""
-    forced = os.environ.get("MASKSC_BACKEND", "auto").lower()
+    forced = (os.environ.get("MASKSC_BACKEND") or "auto").lower()  # set but empty: as unset
     if forced not in BACKENDS:
         raise ValueError(f"MASKSC_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those.")
     if forced == "auto":

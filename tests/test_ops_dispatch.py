@@ -58,6 +58,12 @@ def test_unknown_backend_is_refused(auto, name):
             ops.backend_for(op, CPU)
 
 
+def test_empty_backend_is_auto(auto):
+    auto.setenv("MASKSC_BACKEND", "")
+    assert [ops.backend_for(op, CPU) for op in MASKING_OPS + KERNEL_OPS] == \
+        [ops.AUTO_DEFAULTS[op]["cpu"] for op in MASKING_OPS + KERNEL_OPS]
+
+
 def test_forced_torch_and_cpp(auto):
     auto.setenv("MASKSC_BACKEND", "torch")
     for op in MASKING_OPS + KERNEL_OPS:
