@@ -269,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("evaluate", help="ARI / NMI against labels and silhouette of a clustered .h5ad")
     sp.add_argument("data", help=".h5ad written by `masksc cluster`")
-    sp.add_argument("--label-key", dest="label_key", default="label", help="obs column of true labels")
+    labels = sp.add_mutually_exclusive_group()
+    labels.add_argument("--label-key", dest="label_key", default="label", help="obs column of true labels")
+    labels.add_argument("--no-labels", dest="label_key", action="store_const", const=None,
+                        help="silhouette only (data without labels)")
     sp.add_argument("--json", default=None, help="also write the scores to this JSON file")
     sp.set_defaults(func=cmd_evaluate)
 

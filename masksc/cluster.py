@@ -17,9 +17,9 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.csgraph  # noqa: F401  (sp.csgraph)
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from masksc.errors import DataError, MaskscError
+from masksc.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _lloyd_restarts(train, k, n_init, init, index, cp, rng):
     faiss = _faiss()
     d = train.shape[1]
     best_obj, best_centroids = np.inf, None
-    for _ in tqdm(range(n_init), desc="k-means restarts", disable=n_init < 2 or train.shape[0] < 200_000, leave=False):
+    for _ in progress_bar(range(n_init), desc="k-means restarts", disable=n_init < 2 or train.shape[0] < 200_000, leave=False):
         if init == "k-means++":
             # thin [n, 2 + log k] products: BLAS threads only add waiting (16 ms vs 0.2 ms
             # for 5000 cells on busy cores)
@@ -352,7 +352,7 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
     starts = range(0, n, _SEARCH_CHUNK)
     with _faiss_threads(float(n) * X.shape[1] * (n if index == "flat" else 8 * np.sqrt(n))):
         idx = _build_index(X, metric, index, nlist, nprobe, gpus, seed, k, target_recall)
-        for s in tqdm(starts, desc=f"kNN ({index})", disable=len(starts) < 4, leave=False):
+        for s in progress_bar(starts, desc=f"kNN ({index})", disable=len(starts) < 4, leave=False):
             D[s:s + _SEARCH_CHUNK], I[s:s + _SEARCH_CHUNK] = idx.search(X[s:s + _SEARCH_CHUNK], k)
     missing = I < 0
     if metric == "cosine":
@@ -613,6 +613,16 @@ def _as_labels(labels, n: int, name: str) -> np.ndarray:
     return labels
 
 
+def agreement(truth, pred) -> dict:
+    """{"ari", "nmi"} (sklearn; NMI with arithmetic-mean normalisation) of predicted labels
+    ``pred`` [n] against true labels ``truth`` [n] (any hashable dtypes)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    n = len(pred)
+    truth, pred = _as_labels(truth, n, "truth"), _as_labels(pred, n, "pred")
+    return {"ari": float(adjusted_rand_score(truth, pred)), "nmi": float(normalized_mutual_info_score(truth, pred))}
+
+
 def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: int = 0) -> dict:
     """Clustering metrics.
 
@@ -627,7 +637,7 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
     mean normalisation) are None without ``truth``; silhouette is None when pred has fewer than
     2 or more than n-1 clusters, or when the silhouette sample holds fewer than 2 of them.
     """
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+    from sklearn.metrics import silhouette_score
 
     X = _check_embedding(Z)
     n = X.shape[0]
@@ -635,9 +645,7 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
     n_clusters = len(np.unique(pred))
     out = {"ari": None, "nmi": None, "silhouette": None, "n_clusters": n_clusters}
     if truth is not None:
-        truth = _as_labels(truth, n, "truth")
-        out["ari"] = float(adjusted_rand_score(truth, pred))
-        out["nmi"] = float(normalized_mutual_info_score(truth, pred))
+        out.update(agreement(truth, pred))
     if 2 <= n_clusters <= n - 1:
         sample = silhouette_sample if silhouette_sample is not None and n > silhouette_sample else None
         if sample is not None and sample < 2:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from masksc.progress import progress_bar
 
 
 @torch.no_grad()
@@ -23,7 +24,7 @@ def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
     core.to(device).eval()
     out = np.empty((X_grid_csr.shape[0], core.cfg.embedding_dim), dtype=np.float32)
     batches = CellBatches(X_grid_csr, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(batches, total=len(batches), desc="embed", disable=not progress, leave=False):
+    for batch in progress_bar(batches, total=len(batches), desc="embed", disable=not progress, leave=False):
         batch = batch.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             z = core.embed(batch)

@@ -34,11 +34,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import check_output
+from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_0
     rows = subsample_rows(reader.n_obs, n_max, seed)
     blocks, kept = [], []
     try:
-        for a, b in tqdm(chunk_bounds(reader.n_obs, chunk_size), desc="subsample", disable=not progress, leave=False):
+        for a, b in progress_bar(chunk_bounds(reader.n_obs, chunk_size), desc="subsample", disable=not progress, leave=False):
             lo, hi = np.searchsorted(rows, [a, b])
             if hi == lo:
                 continue
@@ -290,7 +290,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
         return grid_rows(preprocessor, grid, reader.rows(a, b), reader.var_names, a)
 
     bounds = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
-    bar = tqdm(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
+    bar = progress_bar(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             nxt = pool.submit(load, *bounds[0]) if bounds else None

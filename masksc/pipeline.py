@@ -51,6 +51,13 @@ class MaskSCModel:
         """The MaskSCConfig the network was built with."""
         return self.network.cfg
 
+    def __repr__(self) -> str:
+        c = self.config
+        g, s = c.grid_shape
+        return (f"MaskSCModel({len(self.genes)} genes on a {g}x{s} grid, {c.patch}x{c.patch} patches, "
+                f"D={c.embed_dim}, depth {c.depth}, {c.epochs} epochs, pool={c.pool!r}, "
+                f"embedding_dim={c.embedding_dim}, path={self.path!r})")
+
     @property
     def genes(self) -> list[str]:
         """Input genes the model needs (those placed on the grid)."""

@@ -11,6 +11,7 @@ Parameters of each step are recorded under ``adata.uns["masksc"]``. The expressi
 from __future__ import annotations
 
 import os
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -38,14 +39,31 @@ _FIXES = {"fit": ("masksc.pipeline.fit(path, ...) or `masksc fit DATA -o DIR` to
                        "for an embedding matrix Z use masksc.cluster.evaluate(Z, pred, truth)")}
 
 
-def _uns(adata) -> dict:
-    return adata.uns.setdefault("masksc", {})
+def _record(adata, step: str, info: dict) -> None:
+    """Store ``info`` as ``adata.uns["masksc"][step]``, by assignment so that on a view anndata
+    makes it a copy (with its ImplicitModificationWarning) instead of the record being lost."""
+    runs = dict(adata.uns.get("masksc", {}))
+    runs[step] = info
+    adata.uns["masksc"] = runs
+
+
+def _expression(adata, layer: str | None, use_raw: bool):
+    """The AnnData fit/embed read: ``adata`` itself, its layer ``layer``, or (``use_raw``) its
+    ``.raw`` (log values beside scaled ``X`` in the usual scanpy layout), sharing the matrices."""
+    if not use_raw:
+        return adata
+    if layer is not None:
+        raise DataError("use_raw=True and layer= both name the matrix to read; fix: pass one of them.")
+    if adata.raw is None:
+        raise DataError("use_raw=True but adata.raw is None; fix: drop use_raw, or pass layer= the matrix to read.")
+    return ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var)
 
 
 def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = True) -> None:
     """Raise DataError unless ``adata`` is an AnnData (with an expression matrix, ``X`` or the
     layer ``layer``, when ``needs_x``): the tl functions store their results on it, so a path or a
-    bare matrix cannot be used."""
+    bare matrix cannot be used. Scaled values in ``X`` with ``adata.raw`` set get the fix
+    ``use_raw=True``."""
     if isinstance(adata, (str, os.PathLike)):
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got the path "
                         f"{os.fspath(adata)!r}; fix: adata = masksc.read(path) first, or {_FIXES[step][0]}.")
@@ -53,39 +71,45 @@ def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = Tru
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got a "
                         f"{type(adata).__name__}; fix: {_FIXES[step][1]}.")
     if needs_x and not adata.isbacked:
-        _as_matrix(with_layer(adata, layer))  # DataError naming the fix when X is None or not a matrix
+        X = _as_matrix(with_layer(adata, layer))  # DataError naming the fix when X is None or not a matrix
+        if layer is None and adata.raw is not None and (X.min() if X.size else 0) < 0:
+            raise DataError("adata.X holds negative (scaled) values and adata.raw is set: scanpy's layout keeps "
+                            f"the log-normalised values there; fix: masksc.tl.{step}(..., use_raw=True), or "
+                            "layer= a counts layer.")
 
 
-def fit(adata, preset: str = "cpu", *, layer: str | None = None, **kwargs) -> MaskSCModel:
+def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool = False, **kwargs) -> MaskSCModel:
     """Train mask-sc on ``adata`` (an AnnData, in memory or opened ``backed="r"``), on its ``X``
-    or, with ``layer`` (e.g. ``"counts"``), on ``adata.layers[layer]``; see
-    ``masksc.pipeline.fit`` for the keyword arguments: ``model_dir``, ``epochs``, ``seed``,
-    ``device``, ``resume``, config overrides. Records the preset, layer and per-epoch losses in
-    ``adata.uns["masksc"]``; returns the model. Raises DataError when ``adata`` is a path or a
-    bare matrix, before any work."""
-    _check_adata(adata, "fit", layer)
-    model, result = _fit(adata, preset, layer=layer, **kwargs)
-    _uns(adata)["fit"] = {"preset": preset, "layer": layer, "epochs": result.epochs, "losses": list(result.losses),
-                          "wall_s": result.wall_s, "model_dir": model.path}
+    or, with ``layer`` (e.g. ``"counts"``), on ``adata.layers[layer]``, or with ``use_raw`` on
+    ``adata.raw`` (its genes); see ``masksc.pipeline.fit`` for the keyword arguments:
+    ``model_dir``, ``epochs``, ``seed``, ``device``, ``resume``, config overrides. Records the
+    preset, matrix read and per-epoch losses in ``adata.uns["masksc"]``; returns the model.
+    Raises DataError when ``adata`` is a path or a bare matrix, before any work."""
+    _check_adata(adata, "fit", layer, needs_x=not use_raw)
+    model, result = _fit(_expression(adata, layer, use_raw), preset, layer=layer, **kwargs)
+    _record(adata, "fit", {"preset": preset, "layer": layer, "use_raw": use_raw, "epochs": result.epochs,
+                           "losses": list(result.losses), "wall_s": result.wall_s, "model_dir": model.path})
     return model
 
 
-def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = None,
+def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = None, use_raw: bool = False,
           key_added: str = EMBEDDING_KEY, batch_size: int = 1024, device: str | None = None,
           progress: bool = True) -> None:
-    """Embed every cell of ``adata`` (an AnnData; its ``X``, or ``adata.layers[layer]``: pass
-    the layer the model was fitted on) with ``model`` (a MaskSCModel or its directory) into
-    ``adata.obsm[key_added]`` (float32 [n_cells, config.embedding_dim]).
+    """Embed every cell of ``adata`` (an AnnData; its ``X``, ``adata.layers[layer]`` or, with
+    ``use_raw``, ``adata.raw``: read what the model was fitted on) with ``model`` (a
+    MaskSCModel or its directory) into ``adata.obsm[key_added]`` (float32 [n_cells,
+    config.embedding_dim]).
 
     ``batch_size``: cells per forward pass. ``device``: where to run; None runs where the
     model's weights are (a directory is loaded onto ``device``, the CPU when None).
     ``progress``: show a progress bar."""
-    _check_adata(adata, "embed", layer)
+    _check_adata(adata, "embed", layer, needs_x=not use_raw)
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=device or "cpu")
-    adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress, layer=layer)
-    _uns(adata)["embed"] = {"model": model.path, "layer": layer, "key": key_added,
-                            "config": model.config.to_dict()}
+    adata.obsm[key_added] = model.embed(_expression(adata, layer, use_raw), batch_size=batch_size, device=device,
+                                        progress=progress, layer=layer)
+    _record(adata, "embed", {"model": model.path, "layer": layer, "use_raw": use_raw, "key": key_added,
+                             "config": model.config.to_dict()})
 
 
 def _embedding(adata, use_rep: str) -> np.ndarray:
@@ -106,9 +130,9 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     such as ``n_init``)."""
     _check_adata(adata, "cluster", needs_x=False)
     labels = _cluster.cluster_embedding(_embedding(adata, use_rep), k=k, seed=seed, **kwargs)
-    adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str))
-    _uns(adata)["cluster"] = {"k": k, "use_rep": use_rep, "key": key_added, "seed": seed,
-                              "n_clusters": int(len(np.unique(labels)))}
+    names = [str(c) for c in np.unique(labels)]  # numeric order ("2" before "10"), as scanpy's leiden
+    adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str), categories=names)
+    _record(adata, "cluster", {"k": k, "use_rep": use_rep, "key": key_added, "seed": seed, "n_clusters": len(names)})
 
 
 def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,
@@ -116,18 +140,29 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
     """ARI and NMI of ``adata.obs[cluster_key]`` against ``adata.obs[label_key]`` (when given and
     present) and the silhouette of the embedding ``adata.obsm[use_rep]`` under the predicted
     clusters, on a ``seed``-ed random sample of ``silhouette_sample`` cells when there are more
-    (None: all cells). Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette,
-    n_clusters), also stored in ``adata.uns["masksc"]["metrics"]``."""
+    (None: all cells). Cells without a label (NaN) are left out of ARI / NMI, with a warning.
+    Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette, n_clusters), also stored
+    in ``adata.uns["masksc"]["metrics"]`` with the keys it was computed from."""
     _check_adata(adata, "evaluate", needs_x=False)
     if cluster_key not in adata.obs:
-        raise DataError(f"adata.obs has no {cluster_key!r}; fix: run masksc.tl.cluster(adata) first.")
-    truth = None
+        raise DataError(f"adata.obs has no {cluster_key!r}; fix: run masksc.tl.cluster(adata) first "
+                        "(`masksc cluster` on the command line).")
+    Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
+    scores = _cluster.evaluate(Z, pred, None, silhouette_sample=silhouette_sample, seed=seed)
+    n_labelled = None
     if label_key is not None:
         if label_key not in adata.obs:
             raise DataError(f"adata.obs has no {label_key!r} labels; fix: pass label_key= one of "
                             f"{list(adata.obs.columns)}, or label_key=None for silhouette only.")
-        truth = adata.obs[label_key].to_numpy()
-    scores = _cluster.evaluate(_embedding(adata, use_rep), adata.obs[cluster_key].to_numpy(), truth,
-                               silhouette_sample=silhouette_sample, seed=seed)
-    _uns(adata)["metrics"] = dict(scores)
+        labelled = adata.obs[label_key].notna().to_numpy()
+        n_labelled = int(labelled.sum())
+        if n_labelled == 0:
+            raise DataError(f"no cell has a {label_key!r} label; fix: pass label_key= a labelled column, or "
+                            "label_key=None for silhouette only.")
+        if n_labelled < len(labelled):
+            warnings.warn(f"{len(labelled) - n_labelled} of {len(labelled)} cells have no {label_key!r} label; ARI "
+                          "and NMI are computed on the labelled cells", UserWarning, stacklevel=2)
+        scores.update(_cluster.agreement(adata.obs[label_key].to_numpy()[labelled], pred[labelled]))
+    _record(adata, "metrics", {**scores, "label_key": label_key, "cluster_key": cluster_key, "use_rep": use_rep,
+                               "n_labelled": n_labelled})
     return scores

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.errors import CheckpointError
 from masksc.models.masksc_model import MaskSC, MaskSCConfig
+from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
             source = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers,
                                                  pin_memory=device.type == "cuda")
         total, count = 0.0, 0
-        bar = tqdm(source, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = progress_bar(source, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress or not _is_main(), leave=False)
         for i, batch in enumerate(bar):
             batch = batch.to(device, non_blocking=True)
@@ -262,7 +262,7 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
             n = batch.n_rows
             total += value * n
             count += n
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         mean = total / max(count, 1)
         result.losses.append(mean)
         log.info("epoch %d/%d loss %.5f (%.1fs)", epoch + 1, cfg.epochs, mean, time.time() - t0)

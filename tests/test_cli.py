@@ -296,3 +296,15 @@ def test_layer_option_streams_that_layer(trained, tmp_path):
         assert main(["embed", str(source), "--model", str(model_dir), "-o", str(tmp_path / f"{len(layer)}.npy"),
                      *layer]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "2.npy"), np.load(tmp_path / "0.npy"), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_without_labels_scores_silhouette_only(embedded, tmp_path, capsys):
+    from sklearn.metrics import silhouette_score
+    out = tmp_path / "c.h5ad"
+    assert main(["cluster", str(embedded), "-k", "3", "-o", str(out)]) == 0
+    assert main(["evaluate", str(out), "--no-labels", "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    a = ad.read_h5ad(out)
+    assert scores["ari"] is None and scores["nmi"] is None
+    assert scores["silhouette"] == pytest.approx(silhouette_score(a.obsm["X_masksc"], a.obs["masksc_cluster"]),
+                                                 rel=1e-5)

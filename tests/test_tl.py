@@ -188,3 +188,70 @@ def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
         tl.embed(layered, from_layer, progress=False)  # X holds log values, the model wants counts
     with pytest.raises(DataError, match=r"no layer 'raw'; fix: pass one of \['counts'\]"):
         tl.fit(layered, "demo", layer="raw", progress=False, **TINY)
+
+
+def test_use_raw_reads_log_values_beside_scaled_x(fitted):
+    """scanpy's usual layout (log values in .raw, scaled X): use_raw=True trains and embeds on
+    .raw; scaled X alone is refused with that fix."""
+    import anndata as ad
+    import scanpy as sc
+    counts = synthetic(240, n_genes=300, n_types=3, seed=1)
+    sc.pp.normalize_total(counts, target_sum=1e4)
+    sc.pp.log1p(counts)
+    log_x = counts.copy()
+    counts.raw = counts
+    sc.pp.scale(counts)
+    with pytest.raises(DataError, match=r"negative \(scaled\) values and adata.raw is set.*use_raw=True"):
+        tl.fit(counts, "demo", epochs=2, progress=False, **TINY)
+    from_raw = tl.fit(counts, "demo", use_raw=True, epochs=2, progress=False, **TINY)
+    from_log = tl.fit(log_x, "demo", epochs=2, progress=False, **TINY)
+    tl.embed(counts, from_raw, use_raw=True, progress=False)
+    np.testing.assert_allclose(counts.obsm["X_masksc"], from_log.embed(log_x, progress=False), rtol=1e-5, atol=1e-6)
+    assert counts.uns["masksc"]["fit"]["use_raw"] is True
+    with pytest.raises(DataError, match="use_raw=True but adata.raw is None"):
+        tl.embed(ad.AnnData(log_x.X, var=log_x.var), from_log, use_raw=True, progress=False)
+
+
+def test_steps_on_a_view_keep_their_record(fitted):
+    adata, _, model, _ = fitted
+    view = adata[:100]
+    with pytest.warns(UserWarning):  # anndata's ImplicitModificationWarning: the view becomes a copy
+        tl.embed(view, model, progress=False)
+    assert not view.is_view and view.uns["masksc"]["embed"]["key"] == "X_masksc"
+    assert "X_masksc" in view.obsm
+
+
+def test_cluster_categories_in_numeric_order():
+    rng = np.random.default_rng(0)
+    import anndata as ad
+    a = ad.AnnData(obs={"i": np.arange(600)})
+    a.obsm["X_masksc"] = (rng.normal(size=(600, 2)) + 20 * np.repeat(np.arange(12), 50)[:, None]).astype(np.float32)
+    tl.cluster(a, k=12)
+    assert list(a.obs["masksc_cluster"].cat.categories) == [str(i) for i in range(12)]
+
+
+def test_evaluate_leaves_out_unlabelled_cells_and_records_its_keys(fitted):
+    adata, _, model, _ = fitted
+    ad_ = adata.copy()
+    tl.embed(ad_, model, progress=False)
+    tl.cluster(ad_, k=3)
+    truth = ad_.obs["label"].astype(object).to_numpy()
+    truth[:20] = np.nan
+    ad_.obs["partial"] = truth
+    with pytest.warns(UserWarning, match="20 of 240 cells have no 'partial' label"):
+        scores = tl.evaluate(ad_, label_key="partial")
+    pred = ad_.obs["masksc_cluster"].to_numpy()
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(truth[20:].astype(str), pred[20:]))
+    rec = ad_.uns["masksc"]["metrics"]
+    assert (rec["label_key"], rec["cluster_key"], rec["use_rep"], rec["n_labelled"]) == \
+        ("partial", "masksc_cluster", "X_masksc", 220)
+    ad_.obs["none"] = np.full(240, np.nan)
+    with pytest.raises(DataError, match="no cell has a 'none' label"):
+        tl.evaluate(ad_, label_key="none")
+
+
+def test_model_repr_says_what_it_is(fitted):
+    _, _, model, model_dir = fitted
+    assert repr(model) == (f"MaskSCModel({len(model.genes)} genes on a 16x16 grid, 4x4 patches, D=32, depth 1, "
+                           f"2 epochs, pool='mean', embedding_dim=32, path={model.path!r})")
+    assert str(model_dir) in model.path

@@ -23,11 +23,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from masksc.data.io import gene_names
 from masksc.errors import DataError
 from masksc.io_utils import atomic_write
+from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def write_synthetic_h5ad(path, n_cells: int, n_genes: int = 4096, n_types: int =
         indptr[0] = 0
         nnz, row = 0, 0
         n_blocks = -(-n_cells // BLOCK)
-        for b0 in tqdm(range(0, n_blocks, per_chunk), desc="synthetic", unit="chunk", leave=False):
+        for b0 in progress_bar(range(0, n_blocks, per_chunk), desc="synthetic", unit="chunk", leave=False):
             parts = [_block(m, seed, b, min(BLOCK, n_cells - b * BLOCK))
                      for b in range(b0, min(b0 + per_chunk, n_blocks))]
             C = sp.vstack([p[0] for p in parts], format="csr")

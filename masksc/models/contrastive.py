@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def fit_contrastive(model: ContrastiveSC, batches_fn, n_cells: int, device: str 
     model.to(device).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     losses: list[float] = []
-    bar = tqdm(range(cfg.epochs), desc="contrastive-sc", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.epochs), desc="contrastive-sc", disable=not progress, leave=False)
     for epoch in bar:
         for group in opt.param_groups:
             group["lr"] = authors_lr(cfg, epoch)
@@ -185,7 +186,7 @@ def fit_contrastive(model: ContrastiveSC, batches_fn, n_cells: int, device: str 
             total += loss.item() * x.shape[0]
             n += x.shape[0]
         losses.append(total / max(n, 1))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         log.info("contrastive-sc epoch %d loss %.4f", epoch, losses[-1])
     model.eval()
     return losses
