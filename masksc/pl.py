@@ -73,11 +73,15 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> np.ndarray:
 def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(Z, {panel name: labels}) from an array or an AnnData plus ``color_by``."""
     if hasattr(data, "obsm") and hasattr(data, "obs"):
+        if basis not in data.obsm and f"X_{basis}" in data.obsm:  # scanpy's basis="umap" for obsm["X_umap"]
+            basis = f"X_{basis}"
         if basis not in data.obsm:
             raise DataError(f"adata.obsm has no {basis!r} (has {list(data.obsm)}); embed first or pass basis=.")
         Z = _to_numpy(data.obsm[basis])
         if color_by is None:
             color_by = [c for c in ("masksc_cluster", "label") if c in data.obs]
+        if isinstance(color_by, str):
+            color_by = [color_by]
         if isinstance(color_by, (list, tuple)):
             missing = [c for c in color_by if c not in data.obs]
             if missing:
@@ -149,8 +153,10 @@ def embedding(data, color_by, path: str | os.PathLike, method: str = "umap", bas
     Args:
         data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
         color_by: dict {panel title: labels [n]} (categories or, for float arrays with many
-            values, a continuous colour); for AnnData also a list of obs column names, or None
-            for the ``masksc_cluster`` and ``label`` columns that exist.
+            values, a continuous colour); for AnnData also an obs column name or a list of them,
+            or None for the ``masksc_cluster`` and ``label`` columns that exist.
+        basis: the ``obsm`` key of an AnnData's embedding (``"umap"`` finds ``X_umap`` as in
+            scanpy); a 2-D one is drawn as it is, whatever ``method``.
         path: output .png path (written atomically; parent folders created).
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
             imported), "tsne" (sklearn, PCA init) or "precomputed" (data already [n, 2]).
@@ -163,6 +169,8 @@ def embedding(data, color_by, path: str | os.PathLike, method: str = "umap", bas
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
     Z, colorings = _color_sets(data, color_by, basis)
+    if Z.shape[1] == 2:  # already a map (e.g. scanpy's X_umap): mapping it again would distort it
+        method = "precomputed"
     n = Z.shape[0]
     idx = np.arange(n)
     if max_cells is not None and n > max_cells:

@@ -160,3 +160,18 @@ def test_loss_curve(tmp_path):
         pl.loss_curve([float("nan")] * 3, tmp_path / "x.png")
     with pytest.raises(DataError, match="empty"):
         pl.loss_curve({}, tmp_path / "x.png")
+
+
+def test_embedding_takes_scanpy_style_basis_and_color(tmp_path, monkeypatch):
+    """basis="umap" finds obsm["X_umap"], a 2-D map is drawn as it is, color= one obs column."""
+    import anndata
+    import pandas as pd
+
+    Z, y = _data(n=120, k=3)
+    ad = anndata.AnnData(np.zeros((120, 2), np.float32))
+    ad.obsm["X_umap"] = Z[:, :2].copy()
+    ad.obs["label"] = pd.Categorical(np.array(["T", "B", "NK"])[y])
+    seen = []
+    monkeypatch.setattr(pl, "_coords_2d", lambda Z, method, seed: seen.append((Z.copy(), method)) or Z)
+    _png(pl.embedding(ad, "label", tmp_path / "u.png", basis="umap"))
+    assert seen[0][1] == "precomputed" and np.array_equal(seen[0][0], ad.obsm["X_umap"])
