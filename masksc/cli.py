@@ -174,9 +174,9 @@ def cmd_cluster(args) -> int:
     output = _h5ad_output(args.output, args.data)
     adata = _read_h5ad(args.data)
     leiden = {} if args.k is not None else {"n_neighbors": args.n_neighbors, "resolution": args.resolution}
-    tl.cluster(adata, k=args.k, seed=args.seed, **leiden)
-    n = adata.obs["masksc_cluster"].nunique()
-    print(f"{n} clusters written to {_write_h5ad(adata, output)}")
+    tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)
+    n = adata.obs[args.key_added].nunique()
+    print(f"{n} clusters written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
     return 0
 
 
@@ -186,7 +186,7 @@ def cmd_evaluate(args) -> int:
     if args.json:
         check_output(args.json, args.data)
     adata = _read_h5ad(args.data)
-    scores = tl.evaluate(adata, label_key=args.label_key)
+    scores = tl.evaluate(adata, label_key=args.label_key, cluster_key=args.cluster_key, use_rep=args.use_rep)
     _print_metrics(scores)
     if args.json:
         with atomic_write(args.json) as tmp:
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Leiden (no -k): neighbours per cell in the kNN graph (default 15)")
     sp.add_argument("--resolution", type=float, default=1.0,
                     help="Leiden (no -k): higher gives more, smaller clusters (default 1.0)")
+    sp.add_argument("--use-rep", dest="use_rep", default="X_masksc", help="obsm key to cluster (default X_masksc)")
+    sp.add_argument("--key-added", dest="key_added", default="masksc_cluster",
+                    help="obs column the clusters go to (default masksc_cluster)")
     sp.set_defaults(func=cmd_cluster)
 
     sp = sub.add_parser("evaluate", help="ARI / NMI against labels and silhouette of a clustered .h5ad")
@@ -273,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--label-key", dest="label_key", default="label", help="obs column of true labels")
     labels.add_argument("--no-labels", dest="label_key", action="store_const", const=None,
                         help="silhouette only (data without labels)")
+    sp.add_argument("--cluster-key", dest="cluster_key", default="masksc_cluster",
+                    help="obs column of the clusters scored (default masksc_cluster)")
+    sp.add_argument("--use-rep", dest="use_rep", default="X_masksc",
+                    help="obsm key the silhouette is computed on (default X_masksc)")
     sp.add_argument("--json", default=None, help="also write the scores to this JSON file")
     sp.set_defaults(func=cmd_evaluate)
 

@@ -308,3 +308,24 @@ def test_evaluate_without_labels_scores_silhouette_only(embedded, tmp_path, caps
     assert scores["ari"] is None and scores["nmi"] is None
     assert scores["silhouette"] == pytest.approx(silhouette_score(a.obsm["X_masksc"], a.obs["masksc_cluster"]),
                                                  rel=1e-5)
+
+
+def test_cluster_and_evaluate_keys(embedded, tmp_path):
+    """--key-added / --use-rep / --cluster-key work as tl's key_added / use_rep / cluster_key."""
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+    from masksc import tl
+    src = ad.read_h5ad(embedded)
+    src.obsm["X_half"] = src.obsm["X_masksc"][:, :8].copy()
+    src.write_h5ad(tmp_path / "two.h5ad")
+    out = tmp_path / "c.h5ad"
+    assert main(["cluster", str(tmp_path / "two.h5ad"), "-k", "3", "--use-rep", "X_half", "--key-added", "half",
+                 "-o", str(out)]) == 0
+    got = ad.read_h5ad(out)
+    tl.cluster(src, k=3, use_rep="X_half", key_added="half")
+    assert "masksc_cluster" not in got.obs
+    np.testing.assert_array_equal(got.obs["half"].astype(str).to_numpy(), src.obs["half"].astype(str).to_numpy())
+    assert main(["evaluate", str(out), "--cluster-key", "half", "--use-rep", "X_half",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(got.obs["label"], got.obs["half"]))
+    assert scores["silhouette"] == pytest.approx(silhouette_score(got.obsm["X_half"], got.obs["half"]), rel=1e-5)

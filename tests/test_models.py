@@ -401,3 +401,15 @@ def test_csr_to_dense():
     b = CSRBatch.from_csr(X)
     torch.testing.assert_close(csr_to_dense(b.crow_indices, b.col_indices, b.values, 64),
                                torch.from_numpy(X.toarray()))
+
+
+def test_fit_contrastive_stops_at_a_non_finite_loss_before_stepping():
+    from masksc.models.contrastive import fit_contrastive
+    model = ContrastiveSC(ContrastiveConfig(n_input=12, layers=(8, 4), epochs=2, batch_size=4, lr=0.1))
+    start = {k: v.clone() for k, v in model.named_parameters()}
+    bad = torch.ones(4, 12)
+    bad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"contrastive-sc loss became nan at epoch 1; lower its learning rate"):
+        fit_contrastive(model, lambda epoch, rng: [bad], n_cells=4, progress=False)
+    for name, value in model.named_parameters():  # no optimiser step was taken
+        assert torch.equal(value, start[name]), name

@@ -180,10 +180,15 @@ def fit_contrastive(model: ContrastiveSC, batches_fn, n_cells: int, device: str 
             if x.shape[0] < 2:
                 continue  # BatchNorm and NT-Xent need two cells
             loss = nt_xent(model(x, standardized=True), model(x, standardized=True), cfg.temperature)
+            value = loss.item()
+            if not math.isfinite(value):  # before the step, so the weights stay finite
+                raise FloatingPointError(f"contrastive-sc loss became {value} at epoch {epoch + 1}; lower its learning "
+                                         f"rate (lr={cfg.lr}: --teacher-set lr=..., teacher_overrides={{'lr': ...}}) "
+                                         "or check the input for extreme values.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * x.shape[0]
+            total += value * x.shape[0]
             n += x.shape[0]
         losses.append(total / max(n, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
