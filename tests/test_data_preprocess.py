@@ -214,7 +214,8 @@ def test_counts_with_stray_non_integer_values_refused(counts):
     b = counts[:300].copy()
     b.X = b.X.copy()
     b.X.data[[5, 9]] = 2.5  # corrected counts left unrounded: everything else is whole
-    with pytest.raises(DataError, match=r"raw counts, but 2 of its \d+ non-zero values .* not whole numbers \(e\.g\. 2\.5\)"):
+    with pytest.raises(DataError,
+                       match=r"raw counts, but 2 of its \d+ non-zero values .* not whole numbers \(e\.g\. 2\.5\)"):
         Preprocessor(n_top_genes=50).fit(b)
     assert Preprocessor(n_top_genes=50).fit(_lognorm(counts)).input_kind_ == "log"  # log data: no whole values
 
@@ -234,8 +235,9 @@ def test_unnamed_genes_must_match_the_training_profile(counts):
     shuffled = named.copy()
     shuffled.var_names = np.random.default_rng(0).permutation(named.var_names)
     q.transform(shuffled)  # real names are trusted: no profile check
-    old = {k: v for k, v in p.to_dict().items() if k != "detection"}  # a checkpoint from before the check
+    old = {k: v for k, v in p.to_dict().items() if k not in ("detection", "input_genes")}  # an earlier checkpoint
     Preprocessor.from_dict(old).transform(other)
+    assert Preprocessor.from_dict(old).to_dict() == old  # and it saves again as it was
 
 
 def test_library_size_summed_over_the_training_genes(counts):

@@ -328,9 +328,11 @@ class Preprocessor:
         """JSON-able dict of parameters and fitted state (``from_dict`` restores it exactly)."""
         self._check_fitted()
         d = {"params": {k: getattr(self, k) for k in _PARAMS}, "genes": list(self.genes_),
-             "input_kind": self.input_kind_, "flavor": self.flavor_, "n_cells_fit": self.n_cells_fit_,
-             "input_genes": list(self.input_genes_),
-             "detection": [round(float(v), 6) for v in self.detection_]}
+             "input_kind": self.input_kind_, "flavor": self.flavor_, "n_cells_fit": self.n_cells_fit_}
+        if self.input_genes_ is not None:  # None when loaded from a checkpoint written before they were kept
+            d["input_genes"] = list(self.input_genes_)
+        if self.detection_ is not None:
+            d["detection"] = [round(float(v), 6) for v in self.detection_]
         if self.scale:
             d["scale_mean"] = [float(v) for v in self.scale_mean_]
             d["scale_std"] = [float(v) for v in self.scale_std_]
