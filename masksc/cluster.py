@@ -215,7 +215,8 @@ def _lloyd_restarts(train, k, n_init, init, index, cp, rng):
     faiss = _faiss()
     d = train.shape[1]
     best_obj, best_centroids = np.inf, None
-    for _ in progress_bar(range(n_init), desc="k-means restarts", disable=n_init < 2 or train.shape[0] < 200_000, leave=False):
+    for _ in progress_bar(range(n_init), desc="k-means restarts", disable=n_init < 2 or train.shape[0] < 200_000,
+                          leave=False):
         if init == "k-means++":
             # thin [n, 2 + log k] products: BLAS threads only add waiting (16 ms vs 0.2 ms
             # for 5000 cells on busy cores)

@@ -258,7 +258,8 @@ def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_0
     rows = subsample_rows(reader.n_obs, n_max, seed)
     blocks, kept = [], []
     try:
-        for a, b in progress_bar(chunk_bounds(reader.n_obs, chunk_size), desc="subsample", disable=not progress, leave=False):
+        for a, b in progress_bar(chunk_bounds(reader.n_obs, chunk_size), desc="subsample", disable=not progress,
+                                 leave=False):
             lo, hi = np.searchsorted(rows, [a, b])
             if hi == lo:
                 continue

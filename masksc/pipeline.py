@@ -153,9 +153,9 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     teacher_overrides = dict(teacher_overrides or {})
     # bad settings and an unusable model_dir fail here, before any preprocessing or training
     resolve_device(device)
-    _train_config(get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs})),
-                  seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
-                  checkpoint_every=checkpoint_every)
+    cfg = get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs}))
+    train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
+                              checkpoint_every=checkpoint_every)
     if chunk_size < 1:
         raise DataError(f"chunk_size={chunk_size} must be >= 1; fix: pass a positive number of cells.")
     if model_dir is not None:
@@ -163,26 +163,18 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
         _check_resumed_teacher(Path(model_dir), teacher_overrides)
     if _streamed(adata) or ctx.distributed:
-        return _fit_streaming(RowReader(adata, layer), preset, model_dir=model_dir, epochs=epochs, seed=seed,
-                              device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+        return _fit_streaming(RowReader(adata, layer), preset, cfg, model_dir=model_dir, seed=seed, device=device,
+                              resume=resume, checkpoint_every=checkpoint_every, progress=progress,
                               chunk_size=chunk_size, teacher_cells=teacher_cells,
-                              teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx, **overrides)
-    return _fit_memory(with_layer(adata, layer), preset, model_dir=model_dir, epochs=epochs, seed=seed, device=device, resume=resume,
-                       checkpoint_every=checkpoint_every, progress=progress,
-                       teacher_overrides=teacher_overrides, min_cells=min_cells, **overrides)
+                              teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx)
+    return _fit_memory(with_layer(adata, layer), preset, cfg, train_cfg, seed=seed, progress=progress,
+                       teacher_overrides=teacher_overrides, min_cells=min_cells)
 
 
-def _fit_memory(adata, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
-                teacher_overrides, min_cells, **overrides):
+def _fit_memory(adata, preset, cfg, train_cfg, *, seed, progress, teacher_overrides, min_cells):
     from masksc.train import fit_masksc
 
-    cfg = get_preset(preset)
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    cfg = cfg.replace(**overrides)
     preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
-    train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
-                              checkpoint_every=checkpoint_every)
     bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict()}
     teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
@@ -237,20 +229,14 @@ def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_
     return TrainConfig.from_model_config(cfg, **kw)
 
 
-def _fit_streaming(reader, preset, *, model_dir, epochs, seed, device, resume, checkpoint_every, progress,
-                   chunk_size, teacher_cells, teacher_overrides, min_cells, ctx, **overrides):
+def _fit_streaming(reader, preset, cfg, *, model_dir, seed, device, resume, checkpoint_every, progress,
+                   chunk_size, teacher_cells, teacher_overrides, min_cells, ctx):
     from masksc.models.contrastive import ContrastiveSC
     from masksc.models.targets import fit_teacher
     from masksc.outofcore import StreamBatches, subsample_genes
-    from masksc.train import seed_everything, train
+    from masksc.train import resolve_device, seed_everything, train
 
-    cfg = get_preset(preset)
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    cfg = cfg.replace(**overrides)
-    if ctx.distributed:
-        device = str(ctx.device)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = ctx.device if ctx.distributed else resolve_device(device)
     run_dir = Path(model_dir) if model_dir else None
     resuming = bool(resume and run_dir is not None and (run_dir / "last").exists())
     teacher_cfg = _teacher_config(cfg, seed, None, teacher_overrides)

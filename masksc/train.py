@@ -243,7 +243,7 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
                                                  pin_memory=device.type == "cuda")
         total, count = 0.0, 0
         bar = progress_bar(source, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress or not _is_main(), leave=False)
+                           disable=not cfg.progress or not _is_main(), leave=False)
         for i, batch in enumerate(bar):
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):

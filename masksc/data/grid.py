@@ -90,8 +90,8 @@ class GridLayout:
         real = np.flatnonzero(~self.is_padding)
         cols = src.get_indexer([self.genes[j] for j in real])
         if (cols < 0).any():
-            raise DataError(f"{int((cols < 0).sum())} grid genes are not among the layout's source genes; it is corrupt "
-                            "(e.g. an edited checkpoint config.json); fix: restore it or retrain.")
+            raise DataError(f"{int((cols < 0).sum())} grid genes are not among the layout's source genes; it is "
+                            "corrupt (e.g. an edited checkpoint config.json); fix: restore it or retrain.")
         # to_grid: take source columns `_src_cols` and write them to grid positions `_grid_pos`
         self._src_cols, self._grid_pos = cols.astype(np.int64), real.astype(np.int64)
 
