@@ -373,8 +373,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fused Triton attention ``softmax(Q K^T / sqrt(Dh)) V``, differentiable in q, k, v.
 
-    q, k, v: [B, H, L, Dh], one dtype of float16 / bfloat16 / float32 (float64 too, for
-    gradcheck), any strides; Dh <= 128 (tuned for 32, 64, 128); any L >= 1.
+    q, k, v: [B, H, L, Dh], one dtype of float16 / bfloat16 / float32 (float64 too, under
+    the interpreter, for gradcheck), any strides; Dh <= 128 (tuned for 32, 64, 128); any L >= 1.
     key_padding_mask: bool [B, L], True where a key is padding. Products accumulate in float32
     (float64 for float64 input); float32 inputs use IEEE (not TF32) products.
     Returns [B, H, L, Dh] contiguous in the input dtype; 0 for a sample whose keys are all padding.
@@ -386,7 +386,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.shape[-1] > 128 or q.shape[2] == 0:
         raise MaskscError(f"flash_attention needs 1 <= L and Dh <= 128; got shape {tuple(q.shape)}. "
                           "Use attention_torch for other shapes.")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if q.device.type != "cuda" and not interpreted:
         raise MaskscError("flash_attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
                           f"got a {q.device.type} tensor. Use attention_torch on CPU.")
+    if q.dtype == torch.float64 and not interpreted:
+        # Triton 3.6 fails to lower float64 dots for sm_90 (seen on an H200); float64 is for gradcheck.
+        raise MaskscError("flash_attention takes float64 only under TRITON_INTERPRET=1 (gradcheck); on a GPU "
+                          "cast q, k, v to float32 / bfloat16 / float16, or use attention_torch.")
     return _FlashAttention.apply(q, k, v, key_padding_mask)

@@ -86,11 +86,19 @@ def test_half_precision(dtype, tol):
     _compare(q, k, v, mask, atol=tol, rtol=tol)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 runs under the interpreter only (refusal tested below)")
 def test_gradcheck_float64():
     q, k, v = _qkv(1, 2, 5, 8, dtype=torch.float64)
     mask = torch.tensor([[False, True, False, False, True]], device=DEVICE)
     assert torch.autograd.gradcheck(lambda a, b, c: flash_attention(a, b, c, mask), (q, k, v), fast_mode=True)
     assert torch.autograd.gradcheck(lambda a, b, c: flash_attention(a, b, c), (q, k, v), fast_mode=True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter takes float64 (gradcheck above)")
+def test_float64_on_a_gpu_is_refused_with_the_fix():
+    q, k, v = _qkv(1, 2, 5, 8, dtype=torch.float64)
+    with pytest.raises(MaskscError, match="float64 only under TRITON_INTERPRET=1.*cast q, k, v"):
+        flash_attention(q, k, v)
 
 
 def test_attention_torch_matches_reference_with_padding():

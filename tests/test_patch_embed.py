@@ -80,20 +80,20 @@ def test_triton_edge_batches():
     # all-zero patches: values only in the top-left patch; the last 10 positions are padding
     dense = torch.zeros(4, g, s)
     dense[:, :4, :4] = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(5)) + 0.1
-    dense = dense.view(4, g * s)
+    dense = dense.view(4, g * s).to(DEVICE)
     dense[:, -10:] = 0
     csr = dense.to_sparse_csr()
     out = patch_embed_csr(csr.crow_indices(), csr.col_indices(), csr.values(), w, b, (g, s), P)
     torch.testing.assert_close(out, _conv(dense, w, b, g, s, P), atol=1e-5, rtol=1e-5)
     assert torch.allclose(out[:, 1:], b.detach().expand(4, 3, D))
     # a batch with no nonzeros at all, and a batch of zero cells
-    none = patch_embed_csr(torch.zeros(3, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                           torch.zeros(0), w, b, (g, s), P)
+    none = patch_embed_csr(torch.zeros(3, dtype=torch.int64, device=DEVICE), torch.zeros(0, dtype=torch.int64,
+                           device=DEVICE), torch.zeros(0, device=DEVICE), w, b, (g, s), P)
     torch.testing.assert_close(none, b.detach().expand(2, 4, D))
     gw, gb = torch.autograd.grad(none.sum(), (w, b))
-    assert torch.all(gw == 0) and torch.allclose(gb, torch.full((D,), 8.0))
-    zero_cells = patch_embed_csr(torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                                 torch.zeros(0), w, b, (g, s), P)
+    assert torch.all(gw == 0) and torch.allclose(gb, torch.full((D,), 8.0, device=DEVICE))
+    zero_cells = patch_embed_csr(torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.zeros(0, dtype=torch.int64,
+                                 device=DEVICE), torch.zeros(0, device=DEVICE), w, b, (g, s), P)
     assert zero_cells.shape == (0, 4, D)
 
 
@@ -103,8 +103,8 @@ def test_triton_unsorted_columns():
     P, D = 2, 16
     crow, col, val, dense = _batch(3, g, s, 0.4)
     w, b = _params(D, P)
-    perm = torch.cat([torch.randperm(int(hi - lo), generator=torch.Generator().manual_seed(i)) + lo
-                      for i, (lo, hi) in enumerate(zip(crow[:-1], crow[1:]))])
+    perm = torch.cat([torch.randperm(int(hi - lo), generator=torch.Generator().manual_seed(i)) + int(lo)
+                      for i, (lo, hi) in enumerate(zip(crow[:-1].tolist(), crow[1:].tolist()))]).to(DEVICE)
     out = patch_embed_csr(crow, col[perm], val[perm], w, b, (g, s), P)
     torch.testing.assert_close(out, _conv(dense, w, b, g, s, P), atol=1e-5, rtol=1e-5)
 

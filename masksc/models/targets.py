@@ -136,7 +136,7 @@ def fragment_batches(dense_grid: torch.Tensor, gene_mask: torch.Tensor, generato
     pick = torch.randint(0, n, (dense_grid.shape[0],), generator=generator)
     if candidates is not None:
         pick = candidates[pick]
-    return dense_grid * gene_mask[pick].to(dense_grid.dtype)
+    return dense_grid * gene_mask[pick].to(dense_grid.device, dense_grid.dtype)
 
 
 def gene_mean_std(X_grid_csr) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +221,8 @@ def fit_teacher(X_grid_csr, grid_shape: tuple[int, int], patch: int, fragment: s
     def batches(epoch, rng):
         order = rng.permutation(X.shape[0])
         for s in range(0, len(order), cfg.batch_size):
-            dense = torch.from_numpy(X[order[s:s + cfg.batch_size]].toarray())
+            # on the teacher's device (fit_contrastive moved it there); fragments are drawn on the CPU
+            dense = torch.from_numpy(X[order[s:s + cfg.batch_size]].toarray()).to(device)
             z = teacher.standardize(dense)
             yield z if fragment == "cell" else fragment_batches(z, gene_mask, gen, candidates)
 
