@@ -425,6 +425,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=str(MODELS),
                    help="keep trained mask-sc models here and reuse them for rows that differ only in "
                         "the read-out ('' keeps none)")
+    p.add_argument("--data", type=Path, default=DATA, help="folder holding the datasets (default ../shared/data)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--tables-only", action="store_true", help="only rewrite the markdown tables (results/ and README)")
     args = p.parse_args(argv)
@@ -433,14 +434,15 @@ def main(argv=None) -> int:
 
     files = {1: RESULTS / "table1.json", 2: RESULTS / "table2.json"}
     if not args.tables_only:
-        if not DATA.is_dir():
-            print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project, see "
+        if not args.data.is_dir():
+            print(f"skipping: {args.data} is absent (the benchmark datasets live beside the project, see "
                   "../shared/data/README.md)")
             return 0
         from masksc.data import read
-        device = device_info("cpu")["device"]
+        cpu = device_info("cpu")["device"]
+        model_device = device_info()["device"]  # mask-sc trains on CUDA where present (fit's default)
         for ds in args.datasets.split(","):
-            adata = read(DATA / DATASETS[ds])
+            adata = read(args.data / DATASETS[ds])
             adata.uns["dataset"] = ds
             k = int(adata.obs["label"].nunique())
             for method in args.methods.split(","):
@@ -465,6 +467,7 @@ def main(argv=None) -> int:
                             log.info("run %s", key)
                             t0 = time.time()
                             scores, extra = METHODS[method](adata, k, seed, args)
+                            device = model_device if method in ABLATIONS else cpu
                             rec = {"dataset": ds, "file": DATASETS[ds], "method": method, "seed": seed,
                                    "preset": key[3], "epochs": key[4], **scores, "wall_s": time.time() - t0,
                                    "device": device, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
@@ -472,7 +475,7 @@ def main(argv=None) -> int:
                         with _locked(files[table]):  # several invocations may run side by side
                             doc = _load(files[table])
                             doc["runs"] = [r for r in doc["runs"] if _key(r) != key] + [rec]
-                            doc["device"] = device
+                            doc["device"] = rec["device"]
                             _save(files[table], doc)
     readme = ROOT / "README.md"
     with _locked(readme):

@@ -19,23 +19,31 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 # Which backend `auto` picks, per op and device type. Each entry is justified by a
 # benchmark in benchmarks/ (see README, "Kernels"); anything unmeasured stays on torch.
 AUTO_DEFAULTS: dict[str, dict[str, str]] = {
-    "attention": {"cpu": "torch", "cuda": "torch"},
+    # Triton on CUDA: the paper-preset training step 1.30x and embedding 1.28x the torch model
+    # (H200, bf16, B=256; end_to_end_gpu.json), where SDPA gets the key-padding mask and cannot
+    # take its flash kernel; the patch embedding, also Triton there, times equal to torch at B=256.
+    "attention": {"cpu": "torch", "cuda": "triton"},
+    # Triton on CUDA: no faster than patch_embed_torch at B=256, 2-2.5x slower at B=4096
+    # (patch_embed_gpu.json).
     "patch_embed": {"cpu": "torch", "cuda": "torch"},
     # C++ op on CPU: 2.6x (masking) and 3.1x (unmask) the torch reference fwd+bwd at B=256,
-    # G=144, D=128 (benchmarks/results/masking_cpu.json). CUDA: not yet measured on a GPU.
-    "random_masking": {"cpu": "cpp", "cuda": "torch"},
-    "unmask": {"cpu": "cpp", "cuda": "torch"},
+    # G=144, D=128 (benchmarks/results/masking_cpu.json). CUDA (H200, bf16, B=256): 3.3-3.9x
+    # (masking) and 1.0-2.3x (unmask, D >= 128) the torch reference fwd+bwd (masking_cuda.json).
+    "random_masking": {"cpu": "cpp", "cuda": "cpp"},
+    "unmask": {"cpu": "cpp", "cuda": "cpp"},
 }
 
 
-def _cpp_available() -> bool:
-    """Whether masksc._C loads (a source checkout that was never built falls back to torch)."""
+def _cpp_available(device: torch.device) -> bool:
+    """Whether masksc._C loads with kernels for ``device`` (a source checkout that was never
+    built, or built without nvcc, falls back to torch)."""
     from masksc import masking
     try:
         masking.load_extension()
     except ImportError:
         return False
-    return True
+    return device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
+        "masksc::random_masking", device.type.upper())
 
 
 def backend_for(op: str, device: torch.device) -> str:
@@ -45,7 +53,7 @@ def backend_for(op: str, device: torch.device) -> str:
         raise ValueError(f"MASKSC_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those.")
     if forced == "auto":
         choice = AUTO_DEFAULTS[op].get(device.type, "torch")
-        return "torch" if choice == "cpp" and not _cpp_available() else choice
+        return "torch" if choice == "cpp" and not _cpp_available(device) else choice
     if forced == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         # Triton needs a GPU, or the interpreter for tests; fall back rather than crash.
         return "torch"
@@ -56,12 +64,19 @@ def backend_for(op: str, device: torch.device) -> str:
     return forced
 
 
+def _triton_attention_takes(q: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs q's shape and dtype (head dim <= 128; float64 only under
+    the interpreter); other inputs take the torch path."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return q.shape[-1] <= 128 and q.shape[2] > 0 and (q.dtype != torch.float64 or interpreted)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention. q, k, v: [B, H, L, Dh] (fp32/fp16/bf16); key_padding_mask: bool
     [B, L], True where a key is padding and must be ignored. Returns [B, H, L, Dh]."""
     backend = backend_for("attention", q.device)
-    if backend == "triton":
+    if backend == "triton" and _triton_attention_takes(q):
         from masksc.kernels.attention import flash_attention
         return flash_attention(q, k, v, key_padding_mask)
     from masksc.kernels.attention import attention_torch

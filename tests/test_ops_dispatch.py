@@ -18,22 +18,27 @@ def auto(monkeypatch):
     return monkeypatch
 
 
-def test_auto_follows_the_table_and_runs_masking_on_the_cpu_in_cpp(auto):
+def test_auto_follows_the_table_and_runs_masking_in_cpp(auto):
     masking.load_extension()  # masksc._C is built (test_extension.py fails otherwise)
     assert set(ops.AUTO_DEFAULTS) == set(MASKING_OPS + KERNEL_OPS)
+    cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("masksc::random_masking", "CUDA")
     for op in MASKING_OPS:
         assert ops.backend_for(op, CPU) == "cpp"
-        assert ops.backend_for(op, CUDA) == "torch"
+        # the CUDA kernels of masksc._C where they were built (nvcc), else the torch reference
+        assert ops.backend_for(op, CUDA) == ("cpp" if cuda_kernels else "torch")
     for op in KERNEL_OPS:
-        assert ops.backend_for(op, CPU) == ops.backend_for(op, CUDA) == "torch"
+        assert ops.backend_for(op, CPU) == "torch"
+    assert ops.backend_for("attention", CUDA) == "triton"
+    assert ops.backend_for("patch_embed", CUDA) == "torch"
     auto.setenv("MASKSC_BACKEND", "Auto")  # case does not matter
     assert ops.backend_for("random_masking", CPU) == "cpp"
 
 
 def test_auto_falls_back_to_torch_without_the_extension(auto):
-    auto.setattr(ops, "_cpp_available", lambda: False)
-    for op in MASKING_OPS + KERNEL_OPS:
-        assert ops.backend_for(op, CPU) == "torch"
+    auto.setattr(ops, "_cpp_available", lambda device: False)
+    for op in MASKING_OPS:
+        assert ops.backend_for(op, CPU) == ops.backend_for(op, CUDA) == "torch"
+    assert ops.backend_for("attention", CUDA) == "triton"  # needs no extension
 
 
 def test_dispatch_calls_the_op_backend_for_names(auto):
@@ -93,3 +98,19 @@ def test_forced_triton(auto):
             auto.setenv("TRITON_INTERPRET", interpret)
         for op in MASKING_OPS + KERNEL_OPS:
             assert ops.backend_for(op, CPU) == "torch", (op, interpret)
+
+
+def test_attention_shapes_the_kernel_does_not_take_go_to_torch(auto):
+    from masksc.kernels import attention as kernels
+    calls = []
+    auto.setattr(kernels, "flash_attention", lambda *a: calls.append("triton"))
+    auto.setattr(kernels, "attention_torch", lambda *a: calls.append("torch"))
+    auto.setenv("MASKSC_BACKEND", "triton")
+    auto.setenv("TRITON_INTERPRET", "1")
+    for dh, dtype in ((64, torch.float32), (129, torch.float32), (64, torch.float64)):
+        q = torch.zeros(1, 1, 3, dh, dtype=dtype)
+        ops.attention(q, q, q)
+    assert calls == ["triton", "torch", "triton"]  # float64 runs under the interpreter (gradcheck)
+    auto.delenv("TRITON_INTERPRET")
+    q = torch.zeros(1, 1, 3, 64, dtype=torch.float64, device="meta")
+    assert not ops._triton_attention_takes(q) and ops._triton_attention_takes(q.float())
