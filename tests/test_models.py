@@ -348,6 +348,22 @@ def test_fit_teacher_freezes_and_separates_fragments(monkeypatch):
     assert set(drawn) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("fragment", ["cell", "row"])
+def test_teacher_batches_follow_the_model_to_its_device(fragment):
+    """Training on another device moves each batch there (a CUDA fit once failed at its first
+    batch). The meta device stands in for a GPU: a meta tensor meeting a CPU one raises a
+    device error as a CUDA one does, and reading the loss is where a correct run on meta stops."""
+    from masksc.models.contrastive import train_contrastive_dense
+    cfg = ContrastiveConfig(n_input=64, layers=(16, 8, 6), standardize=True, epochs=1, batch_size=20)
+    X = random_grid(n=40, density=0.4, n_real=48)
+    for train in (lambda: fit_teacher(X, (8, 8), 2, fragment, cfg, device="meta", progress=False),
+                  lambda: train_contrastive_dense(X.toarray(), cfg, device="meta", progress=False)):
+        with pytest.raises((RuntimeError, NotImplementedError)) as err:
+            train()
+        message = str(err.value)
+        assert "meta" in message and "same device" not in message and "expected device" not in message, message
+
+
 def test_set_teacher_checks_sizes():
     model = MaskSC(TINY)
     with pytest.raises(ValueError, match="teacher maps"):

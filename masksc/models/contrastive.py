@@ -214,7 +214,7 @@ def train_contrastive_dense(X: np.ndarray, cfg: ContrastiveConfig, device: str |
     def batches(epoch, rng):
         idx = rng.permutation(len(X))
         for s in range(0, len(X), cfg.batch_size):
-            yield model.standardize(Xt[idx[s:s + cfg.batch_size]])
+            yield model.standardize(Xt[idx[s:s + cfg.batch_size]].to(device))  # the model is on device
 
     losses = fit_contrastive(model, batches, len(X), device=device, progress=progress)
     return model, losses
