@@ -100,12 +100,13 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
     MaskSCModel or its directory) into ``adata.obsm[key_added]`` (float32 [n_cells,
     config.embedding_dim]).
 
-    ``batch_size``: cells per forward pass. ``device``: where to run; None runs where the
-    model's weights are (a directory is loaded onto ``device``, the CPU when None).
-    ``progress``: show a progress bar."""
+    ``batch_size``: cells per forward pass. ``device``: where to run; None runs a MaskSCModel
+    where its weights are, and loads a directory onto CUDA when there is a GPU, else the CPU
+    (as ``masksc embed`` and ``tl.fit`` do). ``progress``: show a progress bar."""
+    from masksc.train import resolve_device
     _check_adata(adata, "embed", layer, needs_x=not use_raw)
     if not isinstance(model, MaskSCModel):
-        model = MaskSCModel.load(model, device=device or "cpu")
+        model = MaskSCModel.load(model, device=resolve_device(device))
     adata.obsm[key_added] = model.embed(_expression(adata, layer, use_raw), batch_size=batch_size, device=device,
                                         progress=progress, layer=layer)
     _record(adata, "embed", {"model": model.path, "layer": layer, "use_raw": use_raw, "key": key_added,

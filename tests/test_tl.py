@@ -255,3 +255,28 @@ def test_model_repr_says_what_it_is(fitted):
     assert repr(model) == (f"MaskSCModel({len(model.genes)} genes on a 16x16 grid, 4x4 patches, D=32, depth 1, "
                            f"2 epochs, pool='mean', embedding_dim=32, path={model.path!r})")
     assert str(model_dir) in model.path
+
+
+def test_embed_from_a_directory_loads_where_fit_and_the_cli_run(fitted, monkeypatch):
+    """A model directory is loaded onto CUDA when there is a GPU (as `masksc embed` and tl.fit
+    choose), onto the device asked for otherwise, and a bad device is named before loading."""
+    import torch
+    adata, _, model, model_dir = fitted
+    loaded_on = []
+    real_load = MaskSCModel.load
+
+    def spy(path, device="cpu"):
+        loaded_on.append(torch.device(device))
+        return real_load(path, device="cpu")  # this machine may have no GPU
+
+    monkeypatch.setattr(MaskSCModel, "load", staticmethod(spy))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ad = adata[:20].copy()
+    tl.embed(ad, model_dir, progress=False)
+    tl.embed(ad, model_dir, device="cpu", progress=False, key_added="X_cpu")
+    assert loaded_on == [torch.device("cuda"), torch.device("cpu")]
+    np.testing.assert_array_equal(ad.obsm["X_masksc"], ad.obsm["X_cpu"])
+    with pytest.raises(ValueError, match="device 'gpu'.*fix: pass cpu, cuda"):
+        tl.embed(ad, model_dir, device="gpu", progress=False)
+    assert len(loaded_on) == 2
