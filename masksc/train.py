@@ -128,6 +128,18 @@ def _is_main() -> bool:
     return _rank() == 0
 
 
+def _finite_on_every_rank(finite: bool, device: torch.device) -> bool:
+    """Whether the loss is finite on all ranks (this rank's answer in a single process). Every
+    rank then stops at the same step: a rank stopping alone would leave the others waiting
+    in DDP's gradient all-reduce."""
+    d = torch.distributed
+    if not (d.is_available() and d.is_initialized()) or d.get_world_size() == 1:
+        return finite
+    flag = torch.tensor([1.0 if finite else 0.0], device=device)
+    d.all_reduce(flag, op=d.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _rng_state() -> dict:
     buf = io.BytesIO()
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -249,8 +261,9 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(batch, mask_seed(cfg.seed, epoch, i, rank))
             value = loss.item()
-            if not math.isfinite(value):  # before the step, so the weights stay finite
-                raise FloatingPointError(f"training loss became {value} at epoch {epoch + 1}, step {i + 1}; lower the "
+            if not _finite_on_every_rank(math.isfinite(value), device):  # before the step: weights stay finite
+                where = f"{value}" if not math.isfinite(value) else "non-finite on another rank"
+                raise FloatingPointError(f"training loss became {where} at epoch {epoch + 1}, step {i + 1}; lower the "
                                          "learning rate or check the input for extreme values.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

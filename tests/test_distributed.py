@@ -34,6 +34,38 @@ model.embed_file(data, f"{out}/sharded.npy", chunk_size=50, dist=ctx, progress=F
 distributed.shutdown()
 """
 
+NAN_WORKER = """
+import sys
+from masksc import distributed, pipeline
+from masksc.models import MaskSC
+data, out = sys.argv[1], sys.argv[2]
+ctx = distributed.init_from_env("cpu")
+if ctx.rank == 1:  # this rank's loss turns non-finite at its first step
+    real_forward = MaskSC.forward
+    MaskSC.forward = lambda self, batch, seed: real_forward(self, batch, seed) * float("nan")
+tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+            decoder_depth=1, decoder_heads=2)
+try:
+    pipeline.fit(data, "demo", epochs=2, progress=False, chunk_size=64, teacher_cells=200,
+                 teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
+except FloatingPointError as exc:
+    open(f"{out}/stopped{ctx.rank}.txt", "w").write(str(exc))
+distributed.shutdown()
+"""
+
+
+def _two_gloo_processes(worker: str, n_cells: int, tmp_path: Path) -> Path:
+    """Write a synthetic dataset of ``n_cells`` and run ``worker`` (argv: data, tmp_path) on 2
+    processes under torchrun, failing the test with its output when it fails; returns the data path."""
+    data = tmp_path / "d.h5ad"
+    write_synthetic_h5ad(data, n_cells, n_genes=300, n_types=3, seed=2)
+    (tmp_path / "worker.py").write_text(worker)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "worker.py"), str(data), str(tmp_path)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data
+
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -62,13 +94,7 @@ def test_single_process_context_without_torchrun(monkeypatch):
 
 @pytest.mark.slow
 def test_ddp_training_and_sharded_embedding_on_two_gloo_processes(tmp_path):
-    data = tmp_path / "d.h5ad"
-    write_synthetic_h5ad(data, 400, n_genes=300, n_types=3, seed=2)
-    (tmp_path / "worker.py").write_text(WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "worker.py"), str(data), str(tmp_path)],
-                          env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = _two_gloo_processes(WORKER, 400, tmp_path)
 
     w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)   # identical weights
@@ -86,3 +112,13 @@ def test_ddp_training_and_sharded_embedding_on_two_gloo_processes(tmp_path):
     assert sharded.shape == (400, 32)
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]            # no temp files left
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's loss is NaN from its first step: both ranks stop there with the error. Before,
+    rank 0 went on into DDP's gradient all-reduce, where gloo failed it with a lost connection
+    once rank 1 had exited (NCCL would leave it waiting)."""
+    _two_gloo_processes(NAN_WORKER, 200, tmp_path)
+    stopped = [(tmp_path / f"stopped{r}.txt").read_text() for r in (0, 1)]
+    assert stopped[0].startswith("training loss became non-finite on another rank at epoch 1, step 1;")
+    assert stopped[1].startswith("training loss became nan at epoch 1, step 1;")
