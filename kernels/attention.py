@@ -383,15 +383,24 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_inputs(q, k, v, key_padding_mask)
     if q.dtype not in _DTYPES:
         raise MaskscError(f"flash_attention supports {_DTYPES}; got {q.dtype}. Cast q, k, v first.")
+    refusal = kernel_refusal(q)
+    if refusal is not None:
+        raise MaskscError(refusal)
+    return _FlashAttention.apply(q, k, v, key_padding_mask)
+
+
+def kernel_refusal(q: torch.Tensor) -> str | None:
+    """Why the kernel cannot run queries ``q`` [B, H, L, Dh] here (shape, device, float64 on a
+    GPU), naming the fix; None when it can. ``masksc.ops`` sends what it refuses to torch."""
     if q.shape[-1] > 128 or q.shape[2] == 0:
-        raise MaskscError(f"flash_attention needs 1 <= L and Dh <= 128; got shape {tuple(q.shape)}. "
-                          "Use attention_torch for other shapes.")
+        return (f"flash_attention needs 1 <= L and Dh <= 128; got shape {tuple(q.shape)}. "
+                "Use attention_torch for other shapes.")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not interpreted:
-        raise MaskscError("flash_attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
-                          f"got a {q.device.type} tensor. Use attention_torch on CPU.")
+        return ("flash_attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
+                f"got a {q.device.type} tensor. Use attention_torch on CPU.")
     if q.dtype == torch.float64 and not interpreted:
         # Triton 3.6 fails to lower float64 dots for sm_90 (seen on an H200); float64 is for gradcheck.
-        raise MaskscError("flash_attention takes float64 only under TRITON_INTERPRET=1 (gradcheck); on a GPU "
-                          "cast q, k, v to float32 / bfloat16 / float16, or use attention_torch.")
-    return _FlashAttention.apply(q, k, v, key_padding_mask)
+        return ("flash_attention takes float64 only under TRITON_INTERPRET=1 (gradcheck); on a GPU "
+                "cast q, k, v to float32 / bfloat16 / float16, or use attention_torch.")
+    return None

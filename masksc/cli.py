@@ -63,15 +63,6 @@ def _device(name):
         raise MaskscError(str(exc)) from exc
 
 
-def _h5ad_output(path, source) -> Path:
-    """``-o`` of cluster, checked before any work: an .h5ad that is not the input and can be written."""
-    from masksc.io_utils import check_output
-    path = Path(path)
-    if path.suffix != ".h5ad":
-        raise MaskscError(f"output {path} must end in .h5ad; fix: pass -o NAME.h5ad.")
-    return check_output(path, source)
-
-
 def _write_h5ad(adata, path) -> Path:
     from masksc.io_utils import atomic_write
     with atomic_write(path, suffix=".h5ad") as tmp:
@@ -171,7 +162,8 @@ def _read_h5ad(path):
 
 def cmd_cluster(args) -> int:
     from masksc import tl
-    output = _h5ad_output(args.output, args.data)
+    from masksc.io_utils import check_output
+    output = check_output(args.output, args.data)
     adata = _read_h5ad(args.data)
     leiden = {} if args.k is not None else {"n_neighbors": args.n_neighbors, "resolution": args.resolution}
     tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)

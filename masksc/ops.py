@@ -64,21 +64,15 @@ def backend_for(op: str, device: torch.device) -> str:
     return forced
 
 
-def _triton_attention_takes(q: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs q's shape and dtype (head dim <= 128; float64 only under
-    the interpreter); other inputs take the torch path."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return q.shape[-1] <= 128 and q.shape[2] > 0 and (q.dtype != torch.float64 or interpreted)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention. q, k, v: [B, H, L, Dh] (fp32/fp16/bf16); key_padding_mask: bool
     [B, L], True where a key is padding and must be ignored. Returns [B, H, L, Dh]."""
     backend = backend_for("attention", q.device)
-    if backend == "triton" and _triton_attention_takes(q):
-        from masksc.kernels.attention import flash_attention
-        return flash_attention(q, k, v, key_padding_mask)
+    if backend == "triton":
+        from masksc.kernels.attention import flash_attention, kernel_refusal
+        if kernel_refusal(q) is None:  # e.g. head dims > 128 and float64 on a GPU take torch
+            return flash_attention(q, k, v, key_padding_mask)
     from masksc.kernels.attention import attention_torch
     return attention_torch(q, k, v, key_padding_mask)
 

@@ -149,8 +149,7 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
         raise DataError(f"adata.obs has no {cluster_key!r}; fix: run masksc.tl.cluster(adata) first "
                         "(`masksc cluster` on the command line).")
     Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
-    scores = _cluster.evaluate(Z, pred, None, silhouette_sample=silhouette_sample, seed=seed)
-    n_labelled = None
+    n_labelled, agreement = None, {}
     if label_key is not None:
         if label_key not in adata.obs:
             raise DataError(f"adata.obs has no {label_key!r} labels; fix: pass label_key= one of "
@@ -163,7 +162,8 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
         if n_labelled < len(labelled):
             warnings.warn(f"{len(labelled) - n_labelled} of {len(labelled)} cells have no {label_key!r} label; ARI "
                           "and NMI are computed on the labelled cells", UserWarning, stacklevel=2)
-        scores.update(_cluster.agreement(adata.obs[label_key].to_numpy()[labelled], pred[labelled]))
+        agreement = _cluster.agreement(adata.obs[label_key].to_numpy()[labelled], pred[labelled])
+    scores = {**_cluster.evaluate(Z, pred, None, silhouette_sample=silhouette_sample, seed=seed), **agreement}
     _record(adata, "metrics", {**scores, "label_key": label_key, "cluster_key": cluster_key, "use_rep": use_rep,
                                "n_labelled": n_labelled})
     return scores
