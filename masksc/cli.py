@@ -15,6 +15,7 @@ from pathlib import Path
 from masksc.data.io import FORMATS
 from masksc.errors import MaskscError
 from masksc.models import PRESETS
+from masksc.models.masksc_model import POOLS
 
 log = logging.getLogger("masksc")
 
@@ -30,6 +31,17 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -120,7 +132,8 @@ def cmd_fit(args) -> int:
     except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig / teacher checks)
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
-        print(f"model written to {model.path} (final loss {result.losses[-1]:.4f}, {ctx.world_size} process(es))")
+        print(f"model written to {args.output} (last checkpoint {Path(model.path).name}, final loss "
+              f"{result.losses[-1]:.4f}, {ctx.world_size} process(es)); use it as --model {args.output}")
     return 0
 
 
@@ -163,6 +176,9 @@ def _read_h5ad(path):
 def cmd_cluster(args) -> int:
     from masksc import tl
     from masksc.io_utils import check_output
+    if Path(args.output).suffix.lower() != ".h5ad":
+        raise MaskscError(f"output {args.output} must end in .h5ad (the clustered AnnData); fix: e.g. "
+                          f"-o {Path(args.output).with_suffix('.h5ad')}.")
     output = check_output(args.output, args.data)
     adata = _read_h5ad(args.data)
     leiden = {} if args.k is not None else {"n_neighbors": args.n_neighbors, "resolution": args.resolution}
@@ -214,14 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="recipe (default cpu)")
     sp.add_argument("--epochs", type=_at_least(1), default=None, help="override the preset's epochs")
     sp.add_argument("--grid", type=_grid, default=None, help="gene grid, e.g. 48x48")
-    sp.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None)
+    sp.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None,
+                    help="share of the gene tokens hidden per cell, in (0, 1) (default: the preset's)")
     sp.add_argument("--layout", choices=["hvg", "correlation"], default=None, help="gene order in the grid")
     sp.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=None,
                     help="cells per step (per process)")
     sp.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
                     help="override any preset field, e.g. --set embed_dim=64 --set depth=2 (repeatable)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--checkpoint-every", dest="checkpoint_every", type=_at_least(1), default=None, help="epochs")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the teacher, the model and the batches (default 0)")
+    sp.add_argument("--checkpoint-every", dest="checkpoint_every", type=_at_least(1), default=None,
+                    help="save a checkpoint every this many epochs (default 5; the last epoch is always saved)")
     sp.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     sp.add_argument("--chunk-size", dest="chunk_size", type=_at_least(1), default=4096,
                     help="cells read from disk at a time (memory bound; default 4096); .h5ad and 10x .h5 only "
@@ -240,22 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(sp)
     sp.add_argument("--model", required=True, help="model directory written by `masksc fit`")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (obs + obsm['X_masksc'], no X) or .npy")
-    sp.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=1024)
+    sp.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=1024,
+                    help="cells per forward pass (default 1024)")
     sp.add_argument("--chunk-size", dest="chunk_size", type=_at_least(1), default=16_384,
                     help="cells read from disk at a time (memory bound; default 16384)")
-    sp.add_argument("--pool", default=None,
+    sp.add_argument("--pool", default=None, choices=POOLS,
                     help="read-out, default the model's own: mean (of the encoded tokens), cls (the global "
                          "token) or target (the predicted teacher feature)")
     sp.set_defaults(func=cmd_embed)
 
     sp = sub.add_parser("cluster", help="cluster an embedded .h5ad -> obs['masksc_cluster']")
     sp.add_argument("data", help=".h5ad written by `masksc embed`")
-    sp.add_argument("-k", type=int, default=None, help="number of clusters (k-means); omit for Leiden")
+    sp.add_argument("-k", type=_at_least(1), default=None, help="number of clusters (k-means); omit for Leiden")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (the input is never modified)")
     sp.add_argument("--seed", type=int, default=0, help="seed of k-means / Leiden (default 0)")
     sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=15,
                     help="Leiden (no -k): neighbours per cell in the kNN graph (default 15)")
-    sp.add_argument("--resolution", type=float, default=1.0,
+    sp.add_argument("--resolution", type=_positive_float, default=1.0,
                     help="Leiden (no -k): higher gives more, smaller clusters (default 1.0)")
     sp.add_argument("--use-rep", dest="use_rep", default="X_masksc", help="obsm key to cluster (default X_masksc)")
     sp.add_argument("--key-added", dest="key_added", default="masksc_cluster",
@@ -265,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="ARI / NMI against labels and silhouette of a clustered .h5ad")
     sp.add_argument("data", help=".h5ad written by `masksc cluster`")
     labels = sp.add_mutually_exclusive_group()
-    labels.add_argument("--label-key", dest="label_key", default="label", help="obs column of true labels")
+    labels.add_argument("--label-key", dest="label_key", default="label",
+                        help="obs column of true labels (default label)")
     labels.add_argument("--no-labels", dest="label_key", action="store_const", const=None,
                         help="silhouette only (data without labels)")
     sp.add_argument("--cluster-key", dest="cluster_key", default="masksc_cluster",

@@ -89,7 +89,7 @@ def _pca_kmeans(adata, k: int, seed: int) -> dict:
 
     from masksc.cluster import evaluate, kmeans
     X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    Z = PCA(n_components=min(50, *X.shape) - 1, random_state=seed).fit_transform(X).astype(np.float32)
+    Z = PCA(n_components=min(50, *X.shape), random_state=seed).fit_transform(X).astype(np.float32)
     return evaluate(Z, kmeans(Z, k, seed=seed), adata.obs["label"].to_numpy())
 
 

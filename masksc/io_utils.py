@@ -69,11 +69,13 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None):
     Raises MaskscError naming ``path`` when its folder cannot be created or written or the
     final rename fails."""
     path = Path(path)
+    created = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = make_folders(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp",
                                    dir=path.parent)
     except OSError as exc:
+        remove_empty_folders(created)
         raise _unwritable(path, path.parent, exc) from exc
     os.close(fd)
     os.chmod(tmp, default_mode())
@@ -93,4 +95,25 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        remove_empty_folders(created)
         raise
+
+
+def make_folders(folder: str | os.PathLike) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, outermost first, so that a failed write
+    can take them away again (:func:`remove_empty_folders`) and leave the filesystem as it was."""
+    folder = Path(folder)
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+    return missing[::-1]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (as :func:`make_folders` returned them) innermost first, each only if empty."""
+    for f in reversed(folders):
+        with contextlib.suppress(OSError):
+            f.rmdir()

@@ -37,12 +37,13 @@ import torch
 
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.errors import DataError, MaskscError
-from masksc.io_utils import check_output
+from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "X_masksc"
+PROFILE_CHECK_CELLS = 1000  # cells read at once for the gene-profile check of a blockwise pass
 
 
 class RowReader:
@@ -129,6 +130,14 @@ def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, va
     return keep, grid.to_grid(L)
 
 
+def _check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
+    """Blocks are transformed one at a time, each too small for the gene-profile check when the
+    chunk size is small; check the first ``PROFILE_CHECK_CELLS`` cells of ``start .. stop-1`` at once."""
+    b = min(stop, start + PROFILE_CHECK_CELLS)
+    if b > start:
+        preprocessor.check_gene_profile(reader.rows(start, b), reader.var_names, f" in cells {start}..{b - 1}")
+
+
 def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, stop)] row ranges of ``chunk_size`` cells covering ``0..n``."""
     if chunk_size < 1:
@@ -165,6 +174,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.reader = RowReader(source)
         self.preprocessor, self.grid = preprocessor, grid
+        _check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs)
         self.batch_size, self.buffer_chunks, self.seed = batch_size, buffer_chunks, seed
         self.rank, self.world_size = rank, world_size
         n = self.reader.n_obs
@@ -293,6 +303,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     bounds = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
     bar = progress_bar(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
     try:
+        _check_first_cells(preprocessor, reader, start, stop)
         with ThreadPoolExecutor(max_workers=1) as pool:
             nxt = pool.submit(load, *bounds[0]) if bounds else None
             for i, (a, b) in enumerate(bounds):
@@ -366,11 +377,12 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     check_output(output, reader.path)
     ckpt.check_genes(model.grid.to_dict(), reader.var_names)
     n, dim = reader.n_obs, model.network.cfg.embedding_dim
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    created, tmp, done = [], None, False
     if ctx.is_main:
+        created = make_folders(output.parent)
         fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".npy.tmp", dir=output.parent)
         os.close(fd)
+        os.chmod(name, default_mode())  # mkstemp's 0600 would become the .npy's mode
         tmp = Path(name)
     tmp = Path(ctx.broadcast_object(str(tmp) if tmp else None))
     try:
@@ -393,13 +405,17 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         else:
             from masksc.io_utils import atomic_write
             uns = {"masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
-                                        "source": str(reader.path or "AnnData"), "n_cells": int(n)}}}
+                                        "source": str(reader.path or "AnnData"), "n_cells": int(n),
+                                        "layer": layer, "config": model.config.to_dict()}}}
             Z = np.lib.format.open_memmap(tmp, mode="r")
             with atomic_write(output, suffix=".h5ad") as out_tmp:
                 write_embedding_h5ad(out_tmp, Z, reader.obs, uns)
             del Z
+        done = True
         return output
     finally:
         if ctx.is_main:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+            if not done:
+                remove_empty_folders(created)

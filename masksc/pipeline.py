@@ -36,6 +36,8 @@ from masksc.models.targets import teacher_config
 
 log = logging.getLogger(__name__)
 
+MIN_FIT_CELLS = 20  # below this there is nothing to learn a cell embedding from (hundreds in practice)
+
 
 class MaskSCModel:
     """A mask-sc network (``network``, a MaskSC) with its fitted ``preprocessor`` and ``grid``."""
@@ -147,7 +149,7 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     from masksc import distributed
     from masksc.errors import DataError
     from masksc.outofcore import RowReader
-    from masksc.train import resolve_device
+    from masksc.train import check_resumable, resolve_device
 
     ctx = dist or distributed.context()
     teacher_overrides = dict(teacher_overrides or {})
@@ -158,24 +160,47 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                               checkpoint_every=checkpoint_every)
     if chunk_size < 1:
         raise DataError(f"chunk_size={chunk_size} must be >= 1; fix: pass a positive number of cells.")
+    if teacher_cells is not None and teacher_cells < 1:
+        raise DataError(f"teacher_cells={teacher_cells} must be >= 1; fix: pass a positive number of cells, or "
+                        "None for all cells (0 on the command line).")
     if model_dir is not None:
         ckpt.check_run_dir(model_dir, resume)
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
         _check_resumed_teacher(Path(model_dir), teacher_overrides)
+        check_resumable(model_dir, cfg, train_cfg)
     if _streamed(adata) or ctx.distributed:
-        return _fit_streaming(RowReader(adata, layer), preset, cfg, model_dir=model_dir, seed=seed, device=device,
+        reader = RowReader(adata, layer)
+        _check_enough_cells(reader.n_obs)
+        return _fit_streaming(reader, preset, cfg, model_dir=model_dir, seed=seed, device=device,
                               resume=resume, checkpoint_every=checkpoint_every, progress=progress,
                               chunk_size=chunk_size, teacher_cells=teacher_cells,
                               teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx)
+    _check_enough_cells(adata.n_obs)
     return _fit_memory(with_layer(adata, layer), preset, cfg, train_cfg, seed=seed, progress=progress,
                        teacher_overrides=teacher_overrides, min_cells=min_cells)
+
+
+def _check_enough_cells(n: int) -> None:
+    from masksc.errors import DataError
+    if n < MIN_FIT_CELLS:
+        raise DataError(f"{n} cells are too few to train on (at least {MIN_FIT_CELLS}, hundreds in practice); fix: "
+                        "pass more cells, or embed these with a model trained on a larger dataset.")
 
 
 def _fit_memory(adata, preset, cfg, train_cfg, *, seed, progress, teacher_overrides, min_cells):
     from masksc.train import fit_masksc
 
-    preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
-    bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict()}
+    run_dir = Path(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
+    if train_cfg.resume and run_dir is not None and (run_dir / "last").exists():
+        # the saved transform, not one refitted on this data: it continues the run exactly and
+        # refuses data from another gene set, as a resumed streamed run does
+        bundle_meta = _saved_transform(run_dir)
+        preprocessor = Preprocessor.from_dict(bundle_meta["preprocessor"])
+        grid = GridLayout.from_dict(bundle_meta["grid"])
+        X_grid = grid.to_grid(preprocessor.transform(adata).X)
+    else:
+        preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
+        bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict()}
     teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
@@ -219,6 +244,16 @@ def _check_resumed_teacher(run_dir: Path, teacher_overrides: dict) -> None:
                                   f"not {value!r}; resume with the same teacher settings or use a new model_dir.")
 
 
+def _saved_transform(run_dir: Path) -> dict:
+    """The checkpoint metadata a resumed run reuses: the fitted ``preprocessor`` and ``grid`` dicts
+    (and, for a streamed run, its ``streamed`` record)."""
+    meta = ckpt.read_config(run_dir).get("meta") or {}
+    if "preprocessor" not in meta or "grid" not in meta:
+        from masksc.errors import CheckpointError
+        raise CheckpointError(f"{run_dir} has no saved preprocessing/grid to resume from; use a new model_dir.")
+    return meta
+
+
 def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_every):
     from masksc.train import TrainConfig
 
@@ -244,13 +279,9 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, seed, device, resume, chec
     if resuming:
         # transform, layout and teacher come back with the checkpoint (the teacher's weights with
         # the model's), so a resumed run continues exactly where it stopped
-        config = ckpt.read_config(run_dir)
-        meta = config.get("meta") or {}
-        if "preprocessor" not in meta or "grid" not in meta:
-            from masksc.errors import CheckpointError
-            raise CheckpointError(f"{run_dir} has no saved preprocessing/grid to resume from; use a new model_dir.")
+        meta = _saved_transform(run_dir)
         if cfg.med:
-            teacher = ckpt.build_model(config).teacher
+            teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher
     elif ctx.is_main:
         preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells,
                                     chunk_size=max(chunk_size, 10_000)).fit(reader.chunks)

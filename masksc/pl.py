@@ -1,5 +1,6 @@
 """Plots as PNG files: 2-D embedding maps (paper Fig. 4), attention over the gene grid
-(Fig. 6) and training loss. Each function writes its file atomically and returns the path.
+(Fig. 6) and training loss. Each function writes its file atomically and returns the path, or,
+given no path, returns the ``matplotlib.figure.Figure`` (a notebook shows it inline).
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so
 plotting works headless and leaves the caller's pyplot state alone.
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from masksc.errors import DataError
 from masksc.io_utils import atomic_write
@@ -32,10 +34,18 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path) -> Path:
+def _check_png(path) -> None:
+    """Refuse a path that is not a .png before any work (a UMAP can take minutes)."""
+    if path is not None and Path(path).suffix.lower() != ".png":
+        raise ValueError(f"plots are written as PNG; give a path ending in .png (or None for the Figure), "
+                         f"got {str(path)!r}.")
+
+
+def _save(fig, path):
+    """Write ``fig`` to ``path`` atomically and return the path; with no path, return ``fig``."""
+    if path is None:
+        return fig
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"plots are written as PNG; give a path ending in .png, got {str(path)!r}.")
     with atomic_write(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
@@ -47,11 +57,12 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _coords_2d(Z: np.ndarray, method: str, seed: int) -> np.ndarray:
+def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
+    """(coordinates float32 [n, 2], the method that made them: t-SNE when UMAP is unavailable)."""
     if method == "precomputed":
         if Z.shape[1] != 2:
             raise DataError(f"method='precomputed' needs 2-D coordinates [n, 2], got shape {Z.shape}.")
-        return Z.astype(np.float32)
+        return Z.astype(np.float32), method
     if method == "umap":
         try:
             import umap
@@ -62,12 +73,12 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*n_jobs.*")
                 reducer = umap.UMAP(n_components=2, n_neighbors=min(15, Z.shape[0] - 1), random_state=seed, n_jobs=1)
-                return reducer.fit_transform(Z).astype(np.float32)
+                return reducer.fit_transform(Z).astype(np.float32), method
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(1.0, (Z.shape[0] - 1) / 3)))
     tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed)
-    return tsne.fit_transform(Z).astype(np.float32)
+    return tsne.fit_transform(Z).astype(np.float32), "tsne"
 
 
 def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -79,7 +90,8 @@ def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.nd
             raise DataError(f"adata.obsm has no {basis!r} (has {list(data.obsm)}); embed first or pass basis=.")
         Z = _to_numpy(data.obsm[basis])
         if color_by is None:
-            color_by = [c for c in ("masksc_cluster", "label") if c in data.obs]
+            cluster_key = data.uns.get("masksc", {}).get("cluster", {}).get("key", "masksc_cluster")
+            color_by = [c for c in (cluster_key, "label") if c in data.obs]
         if isinstance(color_by, str):
             color_by = [color_by]
         if isinstance(color_by, (list, tuple)):
@@ -129,14 +141,18 @@ def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float)
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=size, cmap="viridis", linewidths=0, rasterized=True)
         ax.figure.colorbar(sc, ax=ax, shrink=0.8)
     else:
-        cats = sorted(np.unique(labels.astype(str)), key=_natural_key)
-        colors = _category_colors(len(cats))
+        missing = np.asarray(pd.isna(labels), dtype=bool)
         str_labels = labels.astype(str)
+        cats = sorted(np.unique(str_labels[~missing]), key=_natural_key)
+        colors = _category_colors(len(cats))
+        if missing.any():  # unlabelled cells: grey, underneath the labelled ones
+            ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True,
+                       label=f"NA ({int(missing.sum())})")
         for cat, color in zip(cats, colors):
-            sel = str_labels == cat
+            sel = (str_labels == cat) & ~missing
             ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=color, linewidths=0, rasterized=True,
                        label=f"{cat} ({int(sel.sum())})")
-        if 1 < len(cats) <= MAX_LEGEND:
+        if 1 < len(cats) + missing.any() <= MAX_LEGEND:
             ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8,
                       markerscale=max(1.0, 6.0 / math.sqrt(size)), ncol=1 if len(cats) <= 15 else 2)
         elif len(cats) > MAX_LEGEND:
@@ -146,26 +162,30 @@ def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float)
     ax.set_yticks([])
 
 
-def embedding(data, color_by, path: str | os.PathLike, method: str = "umap", basis: str = "X_masksc",
-              seed: int = 0, max_cells: int | None = 50_000, point_size: float | None = None) -> Path:
+def embedding(data, color_by=None, path: str | os.PathLike | None = None, method: str = "umap",
+              basis: str = "X_masksc", seed: int = 0, max_cells: int | None = 50_000,
+              point_size: float | None = None):
     """2-D map (UMAP or t-SNE) of a cell embedding, one panel per colouring (paper Fig. 4).
 
     Args:
         data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
-        color_by: dict {panel title: labels [n]} (categories or, for float arrays with many
-            values, a continuous colour); for AnnData also an obs column name or a list of them,
-            or None for the ``masksc_cluster`` and ``label`` columns that exist.
-        basis: the ``obsm`` key of an AnnData's embedding (``"umap"`` finds ``X_umap`` as in
-            scanpy); a 2-D one is drawn as it is, whatever ``method``.
-        path: output .png path (written atomically; parent folders created).
+        color_by: dict {panel title: labels [n]} (categories, missing ones drawn grey as "NA",
+            or, for float arrays with many values, a continuous colour); for AnnData also an obs
+            column name or a list of them, or None for the clusters of the last ``tl.cluster``
+            and the ``label`` column, those that exist.
+        path: output .png path (written atomically; parent folders created); None returns the
+            Figure instead.
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
             imported), "tsne" (sklearn, PCA init) or "precomputed" (data already [n, 2]).
+        basis: the ``obsm`` key of an AnnData's embedding (``"umap"`` finds ``X_umap`` as in
+            scanpy); a 2-D one is drawn as it is, whatever ``method``.
         max_cells: above this many cells a uniform random sample (``seed``) is mapped and
             drawn; None maps all cells.
         point_size: marker area; default scales with the number of cells.
 
-    Returns: the path written.
+    Returns: the path written, or the ``matplotlib.figure.Figure`` when ``path`` is None.
     """
+    _check_png(path)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
     Z, colorings = _color_sets(data, color_by, basis)
@@ -176,7 +196,7 @@ def embedding(data, color_by, path: str | os.PathLike, method: str = "umap", bas
     if max_cells is not None and n > max_cells:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
         logger.info("embedding plot: mapping a random sample of %d of %d cells", max_cells, n)
-    xy = _coords_2d(Z[idx], method, seed)
+    xy, method = _coords_2d(Z[idx], method, seed)
     size = point_size if point_size is not None else float(np.clip(3000.0 / len(idx), 0.5, 30.0))
     n_panels = len(colorings)
     fig = _figure(6.5 * n_panels, 5.0)
@@ -220,7 +240,8 @@ def attention_to_grid(attn, grid_shape: tuple[int, int], patch: int, ime: bool =
     return out.reshape(a.shape[0], g, s)
 
 
-def attention_grid(attn_maps, titles, path: str | os.PathLike, ncols: int = 4, cmap: str = "magma") -> Path:
+def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None, ncols: int = 4,
+                   cmap: str = "magma"):
     """Heatmaps of attention over the gene grid for sample cells (paper Fig. 6).
 
     Args:
@@ -228,10 +249,12 @@ def attention_grid(attn_maps, titles, path: str | os.PathLike, ncols: int = 4, c
             e.g. from :func:`attention_to_grid`) or per patch ([n, g/P, s/P]). Attention
             probabilities are never negative, so negative values raise DataError.
         titles: one title per cell, or None for "cell 0", "cell 1", ...
-        path: output .png path. ncols: panels per row. cmap: matplotlib colour map.
+        path: output .png path; None returns the Figure. ncols: panels per row. cmap: matplotlib
+            colour map.
 
-    Returns: the path written.
+    Returns: the path written, or the Figure.
     """
+    _check_png(path)
     maps = _to_numpy(attn_maps)
     if maps.ndim != 3 or 0 in maps.shape:
         raise DataError(f"attn_maps must be [n_cells, h, w] (one grid per cell), got shape {maps.shape}.")
@@ -262,16 +285,17 @@ def attention_grid(attn_maps, titles, path: str | os.PathLike, ncols: int = 4, c
     return _save(fig, path)
 
 
-def loss_curve(losses, path: str | os.PathLike, xlabel: str = "epoch", logy: bool | None = None) -> Path:
+def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epoch", logy: bool | None = None):
     """Training loss per epoch (or step).
 
     Args:
         losses: list of floats, or dict {curve name: list of floats}; NaN points are skipped.
-        path: output .png path. logy: log y-axis; None = when all values are positive and span
-            more than two decades.
+        path: output .png path; None returns the Figure. logy: log y-axis; None = when all values
+            are positive and span more than two decades.
 
-    Returns: the path written.
+    Returns: the path written, or the Figure.
     """
+    _check_png(path)
     curves = losses if isinstance(losses, dict) else {"loss": losses}
     if not curves:
         raise DataError("losses is empty; pass a list of floats or a dict name -> list.")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 import warnings
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from masksc import cluster as _cluster
 from masksc.data import with_layer
@@ -87,8 +90,11 @@ def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool =
     Raises DataError when ``adata`` is a path or a bare matrix, before any work."""
     _check_adata(adata, "fit", layer, needs_x=not use_raw)
     model, result = _fit(_expression(adata, layer, use_raw), preset, layer=layer, **kwargs)
+    model_dir = kwargs.get("model_dir")
     _record(adata, "fit", {"preset": preset, "layer": layer, "use_raw": use_raw, "epochs": result.epochs,
-                           "losses": list(result.losses), "wall_s": result.wall_s, "model_dir": model.path})
+                           "losses": list(result.losses), "wall_s": result.wall_s,
+                           "model_dir": None if model_dir is None else str(Path(model_dir).resolve()),
+                           "checkpoint": None if model.path is None else str(Path(model.path).resolve())})
     return model
 
 
@@ -105,6 +111,9 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
     (as ``masksc embed`` and ``tl.fit`` do). ``progress``: show a progress bar."""
     from masksc.train import resolve_device
     _check_adata(adata, "embed", layer, needs_x=not use_raw)
+    if not isinstance(model, (MaskSCModel, str, os.PathLike)):
+        raise DataError(f"model must be a MaskSCModel or the directory `fit` wrote it to, got a {type(model).__name__}; "
+                        "fix: pass tl.fit's return value or its model_dir.")
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=resolve_device(device))
     adata.obsm[key_added] = model.embed(_expression(adata, layer, use_raw), batch_size=batch_size, device=device,
@@ -118,7 +127,8 @@ def _embedding(adata, use_rep: str) -> np.ndarray:
         raise DataError(f"adata.obsm has no {use_rep!r}; fix: run masksc.tl.embed(adata, model) first, or "
                         "`masksc embed DATA --model DIR -o OUT.h5ad` on the command line "
                         f"(or pass use_rep= one of {list(adata.obsm)}).")
-    return np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    Z = adata.obsm[use_rep]
+    return np.asarray(Z.toarray() if sp.issparse(Z) else Z, dtype=np.float32)
 
 
 def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_added: str = CLUSTER_KEY,
@@ -130,6 +140,10 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     (``method``, ``n_neighbors``, ``resolution``, ``metric``, ``use_gpu``, and k-means settings
     such as ``n_init``)."""
     _check_adata(adata, "cluster", needs_x=False)
+    previous = adata.uns.get("masksc", {}).get("cluster", {}).get("key")
+    if key_added in adata.obs and key_added not in (CLUSTER_KEY, previous):
+        raise DataError(f"adata.obs[{key_added!r}] exists and was not written by masksc.tl.cluster (it may be your "
+                        "labels); fix: key_added= a new column name (--key-added), or delete that column first.")
     labels = _cluster.cluster_embedding(_embedding(adata, use_rep), k=k, seed=seed, **kwargs)
     names = [str(c) for c in np.unique(labels)]  # numeric order ("2" before "10"), as scanpy's leiden
     adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str), categories=names)
@@ -138,8 +152,8 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
 
 def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,
              cluster_key: str = CLUSTER_KEY, silhouette_sample: int | None = 10_000, seed: int = 0) -> dict:
-    """ARI and NMI of ``adata.obs[cluster_key]`` against ``adata.obs[label_key]`` (when given and
-    present) and the silhouette of the embedding ``adata.obsm[use_rep]`` under the predicted
+    """ARI and NMI of ``adata.obs[cluster_key]`` against ``adata.obs[label_key]`` (None: no labels,
+    silhouette only; a missing column is a DataError) and the silhouette of the embedding ``adata.obsm[use_rep]`` under the predicted
     clusters, on a ``seed``-ed random sample of ``silhouette_sample`` cells when there are more
     (None: all cells). Cells without a label (NaN) are left out of ARI / NMI, with a warning.
     Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette, n_clusters), also stored
@@ -148,12 +162,16 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
     if cluster_key not in adata.obs:
         raise DataError(f"adata.obs has no {cluster_key!r}; fix: run masksc.tl.cluster(adata) first "
                         "(`masksc cluster` on the command line).")
+    if label_key == cluster_key:
+        raise DataError(f"label_key and cluster_key are both {label_key!r}: the clusters would be scored against "
+                        "themselves; fix: pass the column of true labels as label_key (--label-key).")
     Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
     n_labelled, agreement = None, {}
     if label_key is not None:
         if label_key not in adata.obs:
-            raise DataError(f"adata.obs has no {label_key!r} labels; fix: pass label_key= one of "
-                            f"{list(adata.obs.columns)}, or label_key=None for silhouette only.")
+            others = [c for c in adata.obs.columns if c != cluster_key]
+            raise DataError(f"adata.obs has no {label_key!r} labels; fix: pass label_key= (--label-key) one of "
+                            f"{others}, or label_key=None (--no-labels) for silhouette only.")
         labelled = adata.obs[label_key].notna().to_numpy()
         n_labelled = int(labelled.sum())
         if n_labelled == 0:

@@ -17,6 +17,7 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -303,25 +304,36 @@ _RESUME_FIXED = ("batch_size", "seed", "epochs", "lr", "weight_decay", "betas", 
                  "clip", "amp")
 
 
-def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult):
+def check_resumable(run_dir: str | os.PathLike, model_cfg: MaskSCConfig, cfg: TrainConfig) -> None:
+    """Raise CheckpointError, naming each difference, unless the run saved in ``run_dir`` was
+    trained with ``model_cfg`` and the settings of ``cfg`` that fix its trajectory (the
+    schedule depends on ``epochs``, so a finished run is not extended: start a new one)."""
+    run_dir = Path(run_dir)
     config = ckpt.read_config(run_dir)
-    was, now = config["model_config"], core.cfg.to_dict()
+    was, now = config["model_config"], model_cfg.to_dict()
     if was != now:
         diff = "; ".join(f"{k}: saved {was.get(k)!r}, requested {now.get(k)!r}"
                          for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k))
         raise CheckpointError(f"the checkpoint in {run_dir} was trained with a different model config ({diff}); "
-                              "resume with the same preset/options or use a new checkpoint_dir.")
+                              f"resume with the same preset/options or use a new model directory {_NEW_DIR}.")
     saved = TrainConfig.from_dict(config.get("train_config") or {})
     for key in _RESUME_FIXED:
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(f"cannot resume: {key} was {getattr(saved, key)} in {run_dir} and is "
-                                  f"{getattr(cfg, key)} now; resume with the same settings or use a new "
-                                  "checkpoint_dir.")
+                                  f"{getattr(cfg, key)} now; resume with the same settings or use a new model "
+                                  f"directory {_NEW_DIR}.")
+
+
+_NEW_DIR = "(model_dir= in Python, -o on the command line)"
+
+
+def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult):
+    check_resumable(run_dir, core.cfg, cfg)
     try:
         core.load_state_dict(ckpt.load_state_dict(run_dir), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {run_dir} don't fit the model ({exc}); use a new checkpoint_dir.") \
-            from exc
+        raise CheckpointError(f"the weights in {run_dir} don't fit the model ({exc}); use a new model directory "
+                              f"{_NEW_DIR}.") from exc
     opt_state, state = ckpt.load_training_state(run_dir)
     optimizer.load_state_dict(opt_state["optimizer"])
     if opt_state.get("scheduler") is not None:

@@ -22,6 +22,12 @@ TINY = ["--preset", "demo", "--epochs", "2", "--grid", "16x16", "--batch-size", 
         "--teacher-set", "temperature=0.5", "--device", "cpu"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -55,8 +61,12 @@ def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys):
     E = ad.read_h5ad(emb)
     assert E.obsm["X_masksc"].shape == (400, 32) and np.isfinite(E.obsm["X_masksc"]).all()
     assert E.X is None                                            # out-of-core output: obs + obsm only
+    record = E.uns["masksc"]["embed"]
+    assert record["config"]["pool"] == "mean" and record["layer"] is None
+    assert oct(emb.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     assert main(["embed", str(data), "--model", str(model), "-o", str(tmp_path / "emb.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "emb.npy"), E.obsm["X_masksc"])
+    assert oct((tmp_path / "emb.npy").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
 
     clustered = tmp_path / "clustered.h5ad"
     assert main(["cluster", str(emb), "-k", "3", "-o", str(clustered)]) == 0
@@ -88,8 +98,10 @@ def test_embed_pool_target_matches_the_python_readout(trained, tmp_path, capsys)
     assert expected.shape == (400, model.config.target_dim)
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
     capsys.readouterr()
-    assert main(["embed", str(data), "--model", str(model_dir), "-o", str(tmp_path / "x.npy"), "--pool", "max"]) == 2
-    assert "choose one of" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", str(data), "--model", str(model_dir), "-o", str(tmp_path / "x.npy"), "--pool", "max"])
+    assert exit_.value.code == 2 and "invalid choice: 'max'" in capsys.readouterr().err
+    assert not (tmp_path / "x.npy").exists()
     assert _sha(data) == before
 
 
@@ -162,6 +174,8 @@ def test_unwritable_outputs_are_one_line_errors_before_any_work(trained, embedde
              (["cluster", str(embedded), "-k", "3", "-o", str(afile / "c.h5ad")], "is a file, not a folder; fix: "),
              (["evaluate", str(embedded), "--json", str(afile / "s.json")], "is a file, not a folder; fix: "),
              (["demo", "-o", str(afile)], "notes.py is a file, not a folder; fix: ")]
+    cases.append((["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "c.npy")],
+                  "c.npy must end in .h5ad (the clustered AnnData); fix: e.g. -o "))
     if os.path.isdir("/proc/self"):   # a folder where nothing can be created, even by root
         cases.append((["cluster", str(embedded), "-k", "3", "-o", "/proc/c.h5ad"],
                       "cannot write /proc/c.h5ad: cannot write in /proc"))
@@ -192,7 +206,7 @@ def test_fit_into_a_run_needs_resume_and_resuming_a_finished_run_names_its_model
     assert "already holds a training run" in err and "fix: pass --resume" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == files
     assert main(["fit", str(data), "-o", str(model), *TINY, "--resume"]) == 0
-    assert f"model written to {model / 'epoch-000002'} " in capsys.readouterr().out
+    assert f"model written to {model} (last checkpoint epoch-000002, " in capsys.readouterr().out
     assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == files
 
 
@@ -217,6 +231,10 @@ def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsy
     (["fit", "DATA", "-o", "M", "--format", "xlsx"], "argument --format: invalid choice: 'xlsx'"),
     (["embed", "DATA", "--model", "M", "-o", "E.npy", "--chunk-size", "0"], "argument --chunk-size: must be >= 1"),
     (["demo", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "--resolution", "0"], "argument --resolution: must be a number > 0, got 0"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "--resolution", "-1"], "must be a number > 0, got -1"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "--resolution", "nan"], "must be a number > 0, got nan"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "-k", "0"], "argument -k: must be >= 1, got 0"),
 ])
 def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -144,6 +144,22 @@ def test_scdeepcluster_roundtrip(tmp_path, counts):
     assert isinstance(a.obs["label"].dtype, pd.CategoricalDtype)
 
 
+def test_missing_labels_stay_missing(tmp_path, counts):
+    """A NaN label is an unlabelled cell, not a type called "nan" that ARI would score."""
+    X, cells, genes = counts
+    y = np.arange(30) % 3 + 1.0
+    y[:4] = np.nan
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["X"], f["Y"] = X, y
+    labels = read(tmp_path / "s.h5").obs["label"]
+    assert labels.isna().sum() == 4
+    assert list(labels.cat.categories) == ["1", "2", "3"]
+    obs = pd.DataFrame({"label": pd.Categorical(["T", None] * 15)}, index=cells)
+    ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "a.h5ad")
+    labels = read(tmp_path / "a.h5ad").obs["label"]
+    assert labels.isna().sum() == 15 and list(labels.cat.categories) == ["T"]
+
+
 def test_read_does_not_modify_file(tmp_path, counts):
     X, cells, genes = counts
     ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(
@@ -197,6 +213,14 @@ def test_labels_wrong_length(tmp_path, counts):
         f["X"], f["Y"] = X, np.arange(29)
     with pytest.raises(DataError, match="labels have length 29 but the matrix has 30 cells"):
         read(tmp_path / "s.h5")
+
+
+def test_transpose_is_for_tables_only(tmp_path, counts):
+    X, cells, genes = counts
+    ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(
+        tmp_path / "a.h5ad")
+    with pytest.raises(DataError, match="applies to csv/tsv tables only, not format 'h5ad'"):
+        read(tmp_path / "a.h5ad", transpose=True)
 
 
 def test_backed_needs_h5ad(tmp_path, counts):

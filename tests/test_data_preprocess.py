@@ -176,6 +176,22 @@ def test_demo_detected_as_log_normalised():
         Preprocessor(hvg_flavor="seurat_v3").fit(demo)
 
 
+def test_counts_given_to_a_log_fitted_preprocessor_are_refused(counts):
+    """Fitted on log values, the transform refuses raw counts, deep ones by their size and
+    shallow ones (all under the log ceiling) by being whole numbers."""
+    p = Preprocessor(n_top_genes=80).fit(_lognorm(counts))
+    assert p.input_kind_ == "log"
+    with pytest.raises(DataError, match=r"values up to \d+ in cells 0\.\.\d+ look like raw counts"):
+        p.transform(counts)  # counts up to 77
+    shallow = counts[:200].copy()
+    shallow.X = shallow.X.minimum(20.0).tocsr()
+    with pytest.raises(DataError, match=r"whole-number values in cells 0\.\.199 look like raw counts.*fix: pass "
+                                        "log-normalised"):
+        p.transform(shallow)
+    told = Preprocessor(n_top_genes=80, input="log").fit(_lognorm(counts))  # the user vouches for whole log values
+    told.transform(shallow)
+
+
 def test_streaming_fit_equals_in_memory(tmp_path):
     path = tmp_path / "s.h5ad"
     write_synthetic_h5ad(path, 2500, 300, n_types=4, seed=3, chunk_size=1024)
@@ -229,6 +245,12 @@ def test_unnamed_genes_must_match_the_training_profile(counts):
     other.var_names = np.random.default_rng(0).permutation(counts.var_names)
     with pytest.raises(DataError, match=r"no names .* Spearman r = -?0\.\d\d .* retrain on this data"):
         p.transform(other)
+    with pytest.raises(DataError, match=r"no names .* in cells 0\.\.49"):  # chunks too small alone still add up
+        for _ in p.transform_chunks(other, chunk_size=10):
+            pass
+    with pytest.raises(DataError, match=r"no names .* in cells 3\.\.302"):
+        p.check_gene_profile(other.X[3:303], other.var_names, " in cells 3..302")
+    p.check_gene_profile(counts.X[:300], counts.var_names)  # the same genes pass
     named = counts[:300].copy()
     named.var_names = [f"G{i}" for i in range(counts.n_vars)]
     q = Preprocessor(n_top_genes=80).fit(named)

@@ -1,6 +1,7 @@
 """Out-of-core path: row blocks from disk, streamed training batches, streamed/atomic embedding."""
 import hashlib
 import pickle
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -175,9 +176,12 @@ def test_embed_file_failure_leaves_no_output(tmp_path, h5ad, fitted, monkeypatch
         return real(batch)
 
     monkeypatch.setattr(model.network, "embed", dies_on_second_batch)
-    with pytest.raises(RuntimeError, match="simulated"):
-        model.embed_file(h5ad, tmp_path / "e.npy", chunk_size=100, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
+    for output in (tmp_path / "e.npy", tmp_path / "runs" / "new" / "deeper" / "e.h5ad"):
+        calls["n"] = 0
+        with pytest.raises(RuntimeError, match="simulated"):
+            model.embed_file(h5ad, output, chunk_size=100, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("runs")]  # folders it made: gone
 
 
 def test_embed_file_refuses_wrong_genes_and_bad_suffix(tmp_path, fitted):
@@ -189,6 +193,25 @@ def test_embed_file_refuses_wrong_genes_and_bad_suffix(tmp_path, fitted):
         model.embed_file(tmp_path / "o.h5ad", tmp_path / "e.npy", progress=False)
     with pytest.raises(MaskscError, match=r"\.npy or \.h5ad"):
         model.embed_file(adata, tmp_path / "e.csv", progress=False)
+
+
+def test_blockwise_passes_check_unnamed_genes_whatever_the_chunk_size(tmp_path, fitted):
+    """The cells here have made-up names (gene_0000..), so columns match by position and the
+    detection profile is what refuses other genes: blocks of 10 cells, each too small for the
+    check alone, must not let them through, whether embedded or streamed for training."""
+    adata, pre, grid, _ = fitted
+    assert adata.var_names[0] == "gene_0000"
+    other = ad.AnnData(X=sp.csr_matrix(adata.X)[:, np.random.default_rng(0).permutation(adata.n_vars)],
+                       var=adata.var.copy())
+    other.write_h5ad(tmp_path / "other.h5ad")
+    for chunk_size in (10, 400):
+        with pytest.raises(DataError, match=r"no names .* in cells 0\.\.499"):
+            _model(pre, grid).embed_file(tmp_path / "other.h5ad", tmp_path / "e.npy", chunk_size=chunk_size,
+                                         progress=False)
+        with pytest.raises(DataError, match="no names"):
+            StreamBatches(tmp_path / "other.h5ad", pre, grid, chunk_size=chunk_size)
+    assert not (tmp_path / "e.npy").exists()
+    StreamBatches(adata, pre, grid, chunk_size=10)  # the fitted cells pass
 
 
 def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):

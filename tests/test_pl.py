@@ -75,6 +75,47 @@ def test_embedding_umap_falls_back_to_tsne(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="falling back to t-SNE"):
         out = pl.embedding(Z, {"cluster": y}, tmp_path / "f.png", method="umap")
     _png(out)
+    with pytest.warns(UserWarning, match="falling back to t-SNE"):
+        fig = pl.embedding(Z, {"cluster": y}, method="umap")
+    assert fig.axes[0].get_xlabel() == "TSNE 1"  # the axes name the map that was drawn
+
+
+def test_embedding_without_a_path_returns_the_figure_and_writes_nothing(tmp_path, monkeypatch):
+    """path=None gives the Figure (a notebook shows it); the clusters of the last tl.cluster
+    and the labels are the default panels, unlabelled cells one grey "NA" entry."""
+    import anndata
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    monkeypatch.chdir(tmp_path)
+    Z, y = _data(n=90, k=3)
+    ad = anndata.AnnData(np.zeros((90, 2), np.float32))
+    ad.obsm["X_masksc"] = Z
+    labels = np.array(["T", "B", "NK"], dtype=object)[y]
+    labels[:7] = None
+    ad.obs["label"] = pd.Categorical(labels)
+    ad.obs["leiden_masksc"] = pd.Categorical(y.astype(str))
+    ad.uns["masksc"] = {"cluster": {"key": "leiden_masksc"}}
+    fig = pl.embedding(ad, method="tsne")
+    assert isinstance(fig, Figure) and list(tmp_path.iterdir()) == []
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["leiden_masksc", "label"]
+    legend = [t.get_text() for t in panels[1].get_legend().get_texts()]
+    assert legend[0] == "NA (7)" and sorted(legend[1:]) == sorted(
+        f"{c} ({int(((labels == c)).sum())})" for c in ("T", "B", "NK"))
+    assert isinstance(pl.loss_curve([3.0, 2.0]), Figure)
+    assert isinstance(pl.attention_grid(np.random.default_rng(0).random((2, 8, 8))), Figure)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wrong_suffix_is_refused_before_the_map_is_computed(tmp_path, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("the map was computed before the path was checked")
+
+    monkeypatch.setattr(pl, "_coords_2d", no_work)
+    Z, y = _data(n=50)
+    with pytest.raises(ValueError, match=r"ending in \.png .*x\.pdf"):
+        pl.embedding(Z, {"c": y}, tmp_path / "x.pdf")
 
 
 def test_embedding_precomputed_and_subsample(tmp_path):
@@ -96,7 +137,7 @@ def test_embedding_rejects_bad_input(tmp_path):
         pl.embedding(Zn, {"c": y}, tmp_path / "x.png", method="tsne")
     with pytest.raises(ValueError, match="method"):
         pl.embedding(Z, {"c": y}, tmp_path / "x.png", method="pca")
-    with pytest.raises(ValueError, match=r"give a path ending in \.png, got '.*x\.jpg'"):
+    with pytest.raises(ValueError, match=r"give a path ending in \.png .*got '.*x\.jpg'"):
         pl.embedding(Z[:, :2], {"c": y}, tmp_path / "x.jpg", method="precomputed")
     with pytest.raises(DataError, match="2-D coordinates"):
         pl.embedding(Z, {"c": y}, tmp_path / "x.png", method="precomputed")
@@ -172,6 +213,6 @@ def test_embedding_takes_scanpy_style_basis_and_color(tmp_path, monkeypatch):
     ad.obsm["X_umap"] = Z[:, :2].copy()
     ad.obs["label"] = pd.Categorical(np.array(["T", "B", "NK"])[y])
     seen = []
-    monkeypatch.setattr(pl, "_coords_2d", lambda Z, method, seed: seen.append((Z.copy(), method)) or Z)
+    monkeypatch.setattr(pl, "_coords_2d", lambda Z, method, seed: seen.append((Z.copy(), method)) or (Z, method))
     _png(pl.embedding(ad, "label", tmp_path / "u.png", basis="umap"))
     assert seen[0][1] == "precomputed" and np.array_equal(seen[0][0], ad.obsm["X_umap"])

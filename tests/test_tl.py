@@ -1,6 +1,10 @@
 """AnnData-level API: fit -> embed -> cluster -> evaluate, storage conventions, model reuse."""
+import os
+import shutil
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from masksc import cluster, tl
@@ -42,6 +46,33 @@ def test_embed_cluster_evaluate_store_results(fitted):
     expected = adjusted_rand_score(ad.obs["label"], ad.obs["masksc_cluster"])
     assert scores["ari"] == pytest.approx(expected)
     assert ad.uns["masksc"]["metrics"]["ari"] == pytest.approx(expected)
+
+
+def test_resumed_fit_reuses_the_saved_transform_and_refuses_other_genes(tmp_path):
+    """A fit resumed from a checkpoint keeps the transform and gene list it saved: on the same
+    cells it ends where the uninterrupted run does, and cells of another gene set are refused
+    instead of silently replacing the model's genes under weights trained on the old ones."""
+    adata = synthetic(240, n_genes=300, n_types=3, seed=1)
+    settings = dict(epochs=2, checkpoint_every=1, progress=False, **TINY)
+    full = adata.copy()
+    ref = tl.fit(full, "demo", model_dir=tmp_path / "full", **settings)
+    run = tmp_path / "run"
+    tl.fit(adata.copy(), "demo", model_dir=run, **settings)
+    shutil.rmtree(run / "epoch-000002")  # as if stopped after epoch 1
+    (run / "last").unlink()
+    os.symlink("epoch-000001", run / "last")
+
+    other = synthetic(240, n_genes=300, n_types=3, seed=2)
+    other.var_names = [f"other_{i}" for i in range(other.n_vars)]
+    with pytest.raises(DataError, match="missing"):
+        tl.fit(other, "demo", model_dir=run, resume=True, **settings)
+    with pytest.raises(CheckpointError, match=r"grid_shape: saved \[16, 16\], requested \[8, 8\].* -o on the command"):
+        tl.fit(adata.copy(), "demo", model_dir=run, resume=True, **{**settings, "grid_shape": (8, 8)})
+    resumed = adata.copy()
+    model = tl.fit(resumed, "demo", model_dir=run, resume=True, **settings)
+    assert list(model.genes) == list(ref.genes)
+    assert resumed.uns["masksc"]["fit"]["losses"] == pytest.approx(full.uns["masksc"]["fit"]["losses"], abs=1e-6)
+    np.testing.assert_allclose(model.embed(adata, progress=False), ref.embed(adata, progress=False), atol=1e-5)
 
 
 def test_leiden_when_k_unknown():
@@ -100,8 +131,28 @@ def test_cluster_and_evaluate_need_their_inputs(fitted):
         tl.evaluate(ad)
     ad.obsm["X_masksc"] = np.zeros((ad.n_obs, 4), np.float32) + np.arange(ad.n_obs)[:, None]
     tl.cluster(ad, k=2)
-    with pytest.raises(DataError, match="no 'celltype'"):
+    with pytest.raises(DataError, match=r"no 'celltype'.* one of \['label'\]"):  # not the clusters themselves
         tl.evaluate(ad, label_key="celltype")
+
+
+def test_clusters_never_replace_the_users_columns_nor_score_against_themselves(fitted):
+    adata, _, _, _ = fitted
+    ad = adata.copy()
+    ad.obsm["X_masksc"] = sp.csr_matrix(np.eye(3, dtype=np.float32)[ad.obs["label"].cat.codes] * 5)  # sparse is read
+    truth = ad.obs["label"].copy()
+    with pytest.raises(DataError, match=r"obs\['label'\] exists and was not written by masksc.tl.cluster"):
+        tl.cluster(ad, k=3, key_added="label")
+    assert ad.obs["label"].equals(truth)
+    tl.cluster(ad, k=3, key_added="mine")
+    tl.cluster(ad, k=2, key_added="mine")  # its own column: replaced
+    assert ad.obs["mine"].nunique() == 2
+    assert tl.evaluate(ad, cluster_key="mine")["ari"] < 1.0
+    with pytest.raises(DataError, match="scored against themselves"):
+        tl.evaluate(ad, label_key="mine", cluster_key="mine")
+    tl.cluster(ad, k=3)
+    assert tl.evaluate(ad)["ari"] == pytest.approx(1.0)  # three separated points per type: exact
+    with pytest.raises(DataError, match="MaskSCModel or the directory"):
+        tl.embed(ad, None)
 
 
 def test_fit_refuses_nan_input():

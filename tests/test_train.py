@@ -439,7 +439,8 @@ def test_tl_fit_resuming_a_finished_run_records_its_model_dir(tmp_path):
     first = tl.fit(adata, "demo", model_dir=tmp_path / "run", epochs=1, **tiny)
     again = tl.fit(adata, "demo", model_dir=tmp_path / "run", epochs=1, resume=True, **tiny)
     assert again.path == first.path == str(tmp_path / "run" / "epoch-000001")
-    assert adata.uns["masksc"]["fit"]["model_dir"] == first.path
+    run = adata.uns["masksc"]["fit"]
+    assert run["model_dir"] == str((tmp_path / "run").resolve()) and run["checkpoint"] == first.path
 
 
 def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monkeypatch):
@@ -460,6 +461,14 @@ def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monke
         tl.fit(adata, "demo", epochs=1, **{**tiny, "device": "cuda:99"})
     with pytest.raises(DataError, match="chunk_size=0 must be >= 1"):
         tl.fit(adata, "demo", epochs=1, chunk_size=0, **tiny)
+    with pytest.raises(DataError, match=r"teacher_cells=0 must be >= 1; fix: .* or None for all cells"):
+        tl.fit(adata, "demo", epochs=1, teacher_cells=0, **tiny)
+    with pytest.raises(DataError, match=r"^3 cells are too few to train on \(at least 20"):
+        tl.fit(adata[:3].copy(), "demo", epochs=1, **tiny)
+    adata[:3].copy().write_h5ad(tmp_path / "three.h5ad")
+    with pytest.raises(DataError, match=r"^3 cells are too few"):
+        pipeline.fit(tmp_path / "three.h5ad", "demo", epochs=1, **tiny)
+    (tmp_path / "three.h5ad").unlink()
     with pytest.raises(MaskscError, match="notes.txt is a file, not a folder"):
         tl.fit(adata, "demo", epochs=1, model_dir=afile, **tiny)
     with pytest.raises(MaskscError, match="notes.txt is a file, not a folder"):

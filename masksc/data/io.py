@@ -42,15 +42,20 @@ def has_synthesised_names(names) -> bool:
 def set_labels(adata: ad.AnnData, labels) -> None:
     """Store ``labels`` (one per cell) in ``adata.obs["label"]`` as a categorical of strings.
 
-    Whole-number floats (e.g. ``2.0`` from HDF5) become ``"2"``.
+    Whole-number floats (e.g. ``2.0`` from HDF5) become ``"2"``; missing labels (NaN, None)
+    stay missing rather than becoming a type called "nan".
     """
     check_labels(labels, adata.n_obs)
     arr = np.asarray(labels)
-    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-        arr = arr.astype(np.int64)
-    if arr.dtype.kind == "S":
-        arr = arr.astype(str)
-    adata.obs["label"] = pd.Categorical(arr.astype(str))
+    missing = np.asarray(pd.isna(arr), dtype=bool)
+    present = arr[~missing]
+    if present.dtype.kind == "f" and np.all(np.isfinite(present)) and np.all(present == np.round(present)):
+        present = present.astype(np.int64)
+    if present.dtype.kind == "S":
+        present = present.astype(str)
+    text = np.full(len(arr), None, dtype=object)
+    text[~missing] = present.astype(str)
+    adata.obs["label"] = pd.Categorical(text)
 
 
 def detect_format(path: Path) -> str:
@@ -109,6 +114,9 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; fix: use one of {FORMATS} or format=None to auto-detect.")
+    if transpose and fmt not in ("csv", "tsv"):
+        raise DataError(f"transpose=True (--transpose) applies to csv/tsv tables only, not format {fmt!r}, whose "
+                        "cells x genes orientation is part of the format; fix: drop it.")
     if backed and fmt != "h5ad":
         raise DataError(f"backed=True needs an .h5ad file, got format {fmt!r}; fix: read it in memory, "
                         "stream it with masksc.data.iter_chunks (10x .h5 works), or convert it to .h5ad.")

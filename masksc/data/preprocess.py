@@ -122,10 +122,22 @@ class Preprocessor:
         """(library sizes float64 [n], keep mask [n]) after validation of the chunk; library sizes sum
         the columns ``library_cols`` (default all)."""
         check_values(X, require_integer=kind == "counts", where=where)
-        if kind == "log" and X.nnz and X.data.max() > LOG_MAX:
-            raise DataError(f"values up to {X.data.max():g}{where} look like raw counts but the input is treated "
-                            "as log-normalised; fix: pass log-normalised data throughout, or raw counts with "
-                            "input='counts' (and a preprocessor fitted on counts).")
+        if kind == "log" and X.nnz:
+            looks_like = None
+            if X.data.max() > LOG_MAX:
+                looks_like = f"values up to {X.data.max():g}"
+            elif self.input == "auto" and np.mean(X.data == np.round(X.data)) > COUNTS_WHOLE_FRACTION:
+                # shallow counts stay under LOG_MAX; log1p of normalised counts is almost never whole
+                looks_like = "whole-number values"
+            if looks_like:
+                raise DataError(f"{looks_like}{where} look like raw counts, but the preprocessor was fitted on "
+                                "log-normalised data; fix: pass log-normalised values, as in fitting (the same "
+                                "layer or use_raw), or fit a model on raw counts.")
+        return self._library_sizes(X, kind, library_cols)
+
+    def _library_sizes(self, X: sp.csr_matrix, kind: str, library_cols: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(library sizes float64 [n], keep mask [n]) of a chunk, without validating its values."""
         sums = np.asarray((X if library_cols is None else X[:, library_cols]).sum(axis=1, dtype=np.float64)).ravel()
         if self.min_counts:
             keep = sums >= self.min_counts if kind == "counts" else sums > 0
@@ -255,6 +267,28 @@ class Preprocessor:
                           "measured can be a zero column)", UserWarning, stacklevel=3)
         return np.sort(cols[cols >= 0])
 
+    def _profile_checked(self) -> bool:
+        """Whether data must pass the detection-profile check: genes matched by position only."""
+        return self.detection_ is not None and has_synthesised_names(self.genes_)
+
+    def check_gene_profile(self, X: sp.csr_matrix, var_names, where: str = "") -> None:
+        """The check :meth:`transform_chunks` makes, on one block of raw cells (CSR [m,
+        len(var_names)]) for callers that transform a dataset block by block: when the fitted
+        genes have no names (``gene_0000``..), the block's per-gene detection rates must
+        correlate with the fitted data's, else a DataError; a no-op for named genes or fewer
+        than ``PROFILE_MIN_CELLS`` kept cells. ``where`` names the cells in the error. Values are
+        not validated here: the transform of each block does that and names the bad cells."""
+        self._check_fitted()
+        if not self._profile_checked():
+            return
+        idx = self._gene_index(pd.Index(var_names))
+        with warnings.catch_warnings():  # missing library genes: the transform that follows warns once
+            warnings.simplefilter("ignore", UserWarning)
+            library_cols = self._library_columns(pd.Index(var_names))
+        _, keep = self._library_sizes(X, self.input_kind_, library_cols)
+        if keep.sum() >= PROFILE_MIN_CELLS:
+            self._check_profile(X[keep][:, idx], where)
+
     def _check_profile(self, X: sp.csr_matrix, where: str) -> None:
         """Refuse cells (CSR [n, len(genes_)], raw values in ``genes_`` order) whose per-gene
         detection rates do not resemble the fitted data's: with synthesised gene names, columns
@@ -277,18 +311,23 @@ class Preprocessor:
         names (``gene_0000``.., as :func:`masksc.data.read` names an scDeepCluster file's) are
         matched by position, so the per-gene detection rates of the first chunk with at least
         ``PROFILE_MIN_CELLS`` cells must correlate with ``detection_`` (Spearman r >= 0.5 over
-        ``genes_``), else a DataError; fewer cells than that are not checked."""
+        ``genes_``), else a DataError; fewer cells than that are not checked. The first chunks are
+        gathered until they hold that many cells, so small chunks do not skip the check."""
         self._check_fitted()
         src = open_source(data)
         idx = self._gene_index(src.var_names)
         library_cols = self._library_columns(src.var_names)
-        check_profile = self.detection_ is not None and has_synthesised_names(self.genes_)
+        check_profile = self._profile_checked()
+        gathered, n_gathered = [], 0
         for a, X in src.chunks(chunk_size or self.chunk_size):
             where = f" in cells {a}..{a + X.shape[0] - 1}"
             sums, keep = self._keep_cells(X, self.input_kind_, where, library_cols)
-            if check_profile and keep.sum() >= PROFILE_MIN_CELLS:
-                self._check_profile(X[keep][:, idx], where)
-                check_profile = False
+            if check_profile:
+                gathered.append(X[keep][:, idx])
+                n_gathered += int(keep.sum())
+                if n_gathered >= PROFILE_MIN_CELLS:
+                    self._check_profile(sp.vstack(gathered, format="csr"), f" in cells 0..{a + X.shape[0] - 1}")
+                    check_profile, gathered = False, []
             n_zero = int((sums == 0).sum())
             if n_zero and not self.min_counts:
                 raise DataError(f"{n_zero} cells have zero counts{where}; {ZERO_CELLS_FIX}")
