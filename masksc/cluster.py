@@ -11,14 +11,13 @@ import logging
 import os
 import random
 import sys
-import warnings
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.csgraph  # noqa: F401  (sp.csgraph)
 from threadpoolctl import threadpool_limits
 
-from masksc.errors import DataError, MaskscError
+from masksc.errors import DataError, MaskscError, warn
 from masksc.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -306,7 +305,7 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
     """k nearest neighbours of every cell among all cells, through FAISS.
 
     Args:
-        Z: embedding [n, d].
+        Z: embedding [n, d], a real-valued array (searched as float32).
         n_neighbors: neighbours per cell **including the cell itself** (scanpy's convention),
             2 <= n_neighbors <= n.
         metric: "euclidean" or "cosine" (distance 1 - cosine similarity).
@@ -563,8 +562,8 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     n_comp = sp.csgraph.connected_components(G, directed=False)[0]
     why = (f" The graph has {n_comp} connected components and Leiden never joins them."
            if n_comp > k else " Widen resolution_range.")
-    warnings.warn(f"leiden_for_k: no resolution in {resolution_range} gave {k} clusters; returning {found} "
-                  f"(resolution {r:.4g}).{why} Use k-means for an exact k.", stacklevel=2)
+    warn(f"leiden_for_k: no resolution in {resolution_range} gave {k} clusters; returning {found} "
+         f"(resolution {r:.4g}).{why} Use k-means for an exact k.")
     return labels, r
 
 
@@ -574,7 +573,7 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
     """Cluster an embedding: k-means when ``k`` is given, kNN graph + Leiden when it is not.
 
     Args:
-        Z: embedding [n, d]. k: number of clusters or None.
+        Z: embedding [n, d], a real-valued array (clustered as float32). k: number of clusters or None.
         method: "auto" (k-means if k else Leiden), "kmeans" (needs k), or "leiden" (with k, the
             resolution is searched for k clusters via :func:`leiden_for_k`; without, ``resolution``).
         seed: seeds k-means, the kNN search and Leiden.
@@ -628,7 +627,7 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
     """Clustering metrics.
 
     Args:
-        Z: embedding [n, d] the silhouette is computed in (euclidean).
+        Z: embedding [n, d], a real-valued array, the silhouette is computed in (euclidean).
         pred: predicted labels [n] (any hashable dtype). truth: true labels [n] or None.
         silhouette_sample: silhouette on a uniform random sample of this many cells when n is
             larger (sklearn ``sample_size``); exact when n <= it or when None.

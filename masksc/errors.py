@@ -1,4 +1,8 @@
-"""Exceptions masksc raises for problems the user can fix; each message names the fix."""
+"""Exceptions masksc raises for problems the user can fix, each message naming the fix, and the
+warnings it gives."""
+import os
+import sys
+import warnings
 
 
 class MaskscError(Exception):
@@ -11,3 +15,15 @@ class DataError(MaskscError, ValueError):
 
 class CheckpointError(MaskscError, ValueError):
     """A saved model is missing, corrupt, or does not fit the data it is applied to."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside masksc, so that the warning
+    names the user's line (``tl.fit(...)``), not whichever masksc function noticed the problem."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep

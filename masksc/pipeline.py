@@ -211,7 +211,7 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, seed, progress, teacher_overri
 
 
 def preprocess_to_grid(adata, cfg, *, seed: int, min_cells: int = 3):
-    """``fit``'s in-memory preparation of ``adata`` for model config ``cfg``: preprocessing fitted
+    """``fit``'s in-memory preparation of ``adata`` for model config ``cfg`` (a MaskSCConfig): preprocessing fitted
     on it (``cfg.n_genes`` HVG among genes detected in ``min_cells`` cells), the grid layout
     ``cfg.layout`` (seeded) and the cells on it.
     Returns (Preprocessor, GridLayout, X_grid: CSR float32 [n_cells, g*s])."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from masksc.errors import DataError
+from masksc.errors import DataError, warn
 from masksc.io_utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
         try:
             import umap
         except Exception as exc:  # numba/llvmlite failures surface as non-ImportError exceptions too
-            warnings.warn(f"umap-learn is unavailable ({exc}); falling back to t-SNE.", stacklevel=3)
+            warn(f"umap-learn is unavailable ({exc}); falling back to t-SNE.")
             method = "tsne"
         else:
             with warnings.catch_warnings():

@@ -11,7 +11,6 @@ Parameters of each step are recorded under ``adata.uns["masksc"]``. The expressi
 from __future__ import annotations
 
 import os
-import warnings
 
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import scipy.sparse as sp
 from masksc import cluster as _cluster
 from masksc.data import with_layer
 from masksc.data.validate import _as_matrix
-from masksc.errors import DataError
+from masksc.errors import DataError, warn
 from masksc.pipeline import MaskSCModel
 from masksc.pipeline import fit as _fit
 
@@ -178,8 +177,8 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
             raise DataError(f"no cell has a {label_key!r} label; fix: pass label_key= a labelled column, or "
                             "label_key=None for silhouette only.")
         if n_labelled < len(labelled):
-            warnings.warn(f"{len(labelled) - n_labelled} of {len(labelled)} cells have no {label_key!r} label; ARI "
-                          "and NMI are computed on the labelled cells", UserWarning, stacklevel=2)
+            warn(f"{len(labelled) - n_labelled} of {len(labelled)} cells have no {label_key!r} label; ARI "
+                 "and NMI are computed on the labelled cells")
         agreement = _cluster.agreement(adata.obs[label_key].to_numpy()[labelled], pred[labelled])
     scores = {**_cluster.evaluate(Z, pred, None, silhouette_sample=silhouette_sample, seed=seed), **agreement}
     _record(adata, "metrics", {**scores, "label_key": label_key, "cluster_key": cluster_key, "use_rep": use_rep,

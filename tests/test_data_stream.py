@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from masksc.data import Preprocessor, iter_chunks, open_source, read, synthetic
+from masksc.data import Preprocessor, iter_chunks, open_source, read, synthetic, with_layer
 from masksc.errors import DataError
 from test_data_io import write_10x_h5
 
@@ -106,3 +106,5 @@ def test_layers_stream_like_x(tmp_path, data):
     data.to_df().to_csv(tmp_path / "c.csv")
     with pytest.raises(DataError, match="csv file, which has no layers"):
         open_source(tmp_path / "c.csv", layer="counts")
+    with pytest.raises(DataError, match=r"no layer 'counts': the data has no layers .* drop layer= \(--layer\)"):
+        with_layer(read(tmp_path / "c.csv"), "counts")  # what the CLI reads a csv into

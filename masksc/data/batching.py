@@ -32,6 +32,7 @@ class CSRBatch:
 
     @property
     def n_rows(self) -> int:
+        """Cells in the batch."""
         return int(self.crow_indices.numel() - 1)
 
     def to(self, device, non_blocking: bool = False) -> CSRBatch:

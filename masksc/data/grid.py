@@ -20,13 +20,12 @@ values; ``genes`` has ``""`` there and ``is_padding`` is True.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.errors import DataError
+from masksc.errors import DataError, warn
 
 ORDERS = ("hvg", "correlation")
 
@@ -97,6 +96,7 @@ class GridLayout:
 
     @property
     def n_patches(self) -> int:
+        """Gene tokens per cell: (g / P) * (s / P)."""
         return (self.shape[0] // self.patch) * (self.shape[1] // self.patch)
 
     @classmethod
@@ -126,8 +126,7 @@ class GridLayout:
             if strict:
                 raise DataError(f"{msg}; fix: select more genes (n_top_genes >= {n}), a smaller grid, or "
                                 "strict=False to pad with zeros.")
-            warnings.warn(f"{msg}: padding the last {n - len(genes)} positions with zeros", UserWarning,
-                          stacklevel=2)
+            warn(f"{msg}: padding the last {n - len(genes)} positions with zeros")
         chosen = np.arange(min(n, len(genes)))
         if order == "correlation":
             if X_csr is None:

@@ -33,7 +33,7 @@ from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
 from masksc.data.validate import check_unique_genes, check_values
-from masksc.errors import DataError
+from masksc.errors import DataError, warn
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ COUNTS_WHOLE_FRACTION = 0.5
 # not the same genes (same genes: r >= 0.83 even for a single PBMC type; other genes: r ~ 0).
 PROFILE_MIN_SPEARMAN = 0.5
 PROFILE_MIN_CELLS = 50
-ZERO_CELLS_FIX = ("fix: remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1) "
-                  "(Preprocessor(min_counts=1) drops them with a warning).")
+ZERO_CELLS_FIX = ("fix: remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1), and for the command "
+                  "line write the result to a new .h5ad (a Preprocessor(min_counts=1) of your own drops them "
+                  "with a warning).")
 _PARAMS = ("n_top_genes", "target_sum", "log1p", "scale", "max_value", "hvg_flavor", "min_counts",
            "min_cells", "input", "span", "n_bins", "chunk_size")
 
@@ -160,8 +161,7 @@ class Preprocessor:
         if n_zero and not self.min_counts:
             raise DataError(f"{n_zero} of {n_total} cells have zero counts; {ZERO_CELLS_FIX}")
         if n_drop:
-            warnings.warn(f"dropped {n_drop} of {n_total} cells with fewer than {self.min_counts} counts",
-                          UserWarning, stacklevel=3)
+            warn(f"dropped {n_drop} of {n_total} cells with fewer than {self.min_counts} counts")
 
     # ---------------------------------------------------------------- fit
     def fit(self, data) -> Preprocessor:
@@ -261,10 +261,10 @@ class Preprocessor:
         cols = pd.Index(var_names).get_indexer(self.input_genes_)
         n_missing = int((cols < 0).sum())
         if n_missing:
-            warnings.warn(f"{n_missing} of the {len(cols)} genes the model was trained on are missing from the data; "
-                          "library sizes are summed over the rest, so cells normalise differently than in training "
-                          "and their embedding shifts; fix: pass every gene of the training data (a gene not "
-                          "measured can be a zero column)", UserWarning, stacklevel=3)
+            warn(f"{n_missing} of the {len(cols)} genes the model was trained on are missing from the data; "
+                 "library sizes are summed over the rest, so cells normalise differently than in training "
+                 "and their embedding shifts; fix: pass every gene of the training data (a gene not "
+                 "measured can be a zero column)")
         return np.sort(cols[cols >= 0])
 
     def _profile_checked(self) -> bool:

@@ -49,6 +49,7 @@ class ChunkSource:
 
     @property
     def n_vars(self) -> int:
+        """Genes (columns) of the source."""
         return len(self.var_names)
 
     def _open(self):
@@ -89,8 +90,11 @@ def with_layer(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
     if layer is None:
         return adata
     if layer not in adata.layers:
+        if not adata.layers:
+            raise DataError(f"there is no layer {layer!r}: the data has no layers (only .h5ad files and AnnData "
+                            "objects have them); fix: drop layer= (--layer) to read its matrix.")
         raise DataError(f"the AnnData has no layer {layer!r}; fix: pass one of {list(adata.layers)}, or "
-                        "layer=None for adata.X.")
+                        "layer=None (no --layer) for adata.X.")
     return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var)
 
 

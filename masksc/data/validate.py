@@ -66,8 +66,8 @@ def check_values(X, require_integer: bool = False, where: str = "") -> bool:
         frac = v[v != np.round(v)]
         raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {frac[0]:g}){where} where raw "
                         "counts are required; fix: pass the raw count matrix (a 'counts' layer: layer='counts' "
-                        "in masksc.tl, --layer counts on the command line), or Preprocessor(input='log') if the "
-                        "data is already log-normalised.")
+                        "in masksc.tl, --layer counts on the command line); log-normalised data needs a model "
+                        "fitted on log-normalised data.")
     return integer
 
 

@@ -192,7 +192,7 @@ def fit_contrastive(model: ContrastiveSC, batches_fn, n_cells: int, device: str 
             n += x.shape[0]
         losses.append(total / max(n, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        log.info("contrastive-sc epoch %d loss %.4f", epoch, losses[-1])
+        log.info("contrastive-sc epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, losses[-1])
     model.eval()
     return losses
 
