@@ -41,6 +41,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not (q.dtype == k.dtype == v.dtype):
         raise MaskscError(f"attention expects q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}. "
                           "Cast them to a common dtype.")
+    devices = {t.device for t in (q, k, v, key_padding_mask) if t is not None}
+    if len(devices) > 1:
+        raise MaskscError("attention expects q, k, v and key_padding_mask on one device; got "
+                          f"{sorted(map(str, devices))}. Move them with .to(q.device).")
     if key_padding_mask is not None:
         B, _, L, _ = q.shape
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, L):
@@ -392,8 +396,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def kernel_refusal(q: torch.Tensor) -> str | None:
     """Why the kernel cannot run queries ``q`` [B, H, L, Dh] here (shape, device, float64 on a
     GPU), naming the fix; None when it can. ``masksc.ops`` sends what it refuses to torch."""
-    if q.shape[-1] > 128 or q.shape[2] == 0:
-        return (f"flash_attention needs 1 <= L and Dh <= 128; got shape {tuple(q.shape)}. "
+    if not 1 <= q.shape[-1] <= 128 or q.shape[2] == 0:
+        return (f"flash_attention needs 1 <= L and 1 <= Dh <= 128; got shape {tuple(q.shape)}. "
                 "Use attention_torch for other shapes.")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not interpreted:

@@ -28,7 +28,8 @@ from masksc.errors import MaskscError
 
 def _check(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor, grid_shape, patch: int) -> tuple[int, int, int, int, int]:
-    """Validate shapes; return (B, g, s, P, D)."""
+    """Validate shapes and, for CPU tensors (where the check costs no device sync), the CSR
+    structure; return (B, g, s, P, D)."""
     g, s = (int(x) for x in grid_shape)
     P = int(patch)
     if P < 1 or g < P or s < P:
@@ -42,7 +43,23 @@ def _check(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, weight: tor
                           f"{tuple(bias.shape)}. Flatten a Conv2d kernel [D, 1, P, P] with .view(D, -1).")
     if not weight.is_floating_point() or bias.dtype != weight.dtype:
         raise MaskscError(f"weight and bias must share a floating dtype; got {weight.dtype} and {bias.dtype}.")
+    if crow.device.type == "cpu" and col.device.type == "cpu":
+        _check_csr(crow, col, g * s)
     return crow.numel() - 1, g, s, P, weight.shape[0]
+
+
+def _check_csr(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> None:
+    """Refuse a CSR structure the kernels would read out of bounds or misattribute."""
+    nnz = col.numel()
+    bad = None
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz:
+        bad = f"crow must run from 0 to nnz = {nnz}, got {int(crow[0])} .. {int(crow[-1])}"
+    elif crow.numel() > 1 and bool((crow.diff() < 0).any()):
+        bad = "crow must be non-decreasing"
+    elif nnz and (int(col.min()) < 0 or int(col.max()) >= n_cols):
+        bad = f"col must index grid positions 0 .. {n_cols - 1}, got {int(col.min())} .. {int(col.max())}"
+    if bad:
+        raise MaskscError(f"not a valid CSR batch: {bad}; pass a CSRBatch's fields (GridLayout.to_grid output).")
 
 
 def _row_ids(crow: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -99,12 +116,10 @@ def patch_embed_torch(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, 
     G = n_band * n_per_band
     rows = _row_ids(crow, col.numel())
     p, o, inside = _patch_coords(col, s, P, n_band, n_per_band)
-    flat = (rows * G + p) * (P * P) + o
-    vals = val.to(weight.dtype)
-    if not bool(inside.all()):
-        flat, vals = flat[inside], vals[inside]
-    x = torch.zeros(B * G * P * P, dtype=weight.dtype, device=weight.device)
-    x = x.index_put((flat,), vals, accumulate=True)
+    n = B * G * P * P
+    flat = torch.where(inside, (rows * G + p) * (P * P) + o, n)  # positions past the last whole patch: a sink
+    x = torch.zeros(n + 1, dtype=weight.dtype, device=weight.device)
+    x = x.index_put((flat,), val.to(weight.dtype), accumulate=True)[:n]
     return torch.addmm(bias, x.view(B * G, P * P), weight.t()).view(B, G, D)
 
 
@@ -206,6 +221,7 @@ class _PatchEmbedCSR(torch.autograd.Function):
         n_band, n_per_band = g // P, s // P
         n_band_all = -(-g // P)
         acc_tl, acc_torch = _acc_dtypes(weight.dtype)
+        col, val = col.contiguous(), val.contiguous()  # the kernels index them as flat arrays
         rows = _row_ids(crow, col.numel())
         band_id, perm = _band_order(rows, col, s, P, n_band_all)
         col_k, val_k, rows_k = (col, val, rows) if perm is None else (col[perm], val[perm], rows[perm])
@@ -216,7 +232,7 @@ class _PatchEmbedCSR(torch.autograd.Function):
         block_d = min(128, max(16, triton.next_power_of_2(D)))
         grid = (B * n_band, triton.cdiv(D, block_d))
         if out.numel():
-            _fwd_kernel[grid](col_k, val_k, band_ptr, wt, bias.detach(), out,
+            _fwd_kernel[grid](col_k, val_k, band_ptr, wt, bias.detach().contiguous(), out,
                               s, D, n_band, n_band_all, n_per_band,
                               P=P, ACC=acc_tl, BLOCK_PB=max(16, triton.next_power_of_2(n_per_band)),
                               BLOCK_D=block_d, BLOCK_K=_BLOCK_K)

@@ -71,10 +71,16 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
 
     ``extra`` may hold ``preprocessor`` (Preprocessor.to_dict()), ``grid`` (GridLayout.to_dict())
     and any other JSON-able meta. An existing checkpoint at ``path`` is replaced (moved aside,
-    the new one renamed in, then the old one deleted).
+    the new one renamed in, then the old one deleted); anything else there (a file, a folder
+    that is not a checkpoint, such as a training run, or a symlink) is refused with a
+    CheckpointError rather than deleted.
     """
     model = _unwrap(model)
-    path = Path(path)
+    path = check_output(path, folder=True)
+    if path.is_symlink() or (path.exists() and not _is_checkpoint(path)):
+        what = "a symlink" if path.is_symlink() else "a folder that is not a masksc checkpoint"
+        raise CheckpointError(f"{path} is {what}, and saving there would delete what it holds; fix: save to a new "
+                              "directory (or to an existing checkpoint, which is replaced).")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
@@ -106,6 +112,14 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint directory masksc wrote (so replacing it loses nothing else)."""
+    try:
+        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _move_aside(path: Path) -> Path:
@@ -187,7 +201,7 @@ def read_config(path: str | os.PathLike) -> dict:
     ckpt = resolve(path)
     try:
         config = json.loads((ckpt / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
         raise CheckpointError(f"{ckpt / CONFIG} is unreadable or corrupt ({exc}); retrain or restore the "
                               "checkpoint from a copy.") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:

@@ -13,6 +13,7 @@ import random
 import sys
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import scipy.sparse.csgraph  # noqa: F401  (sp.csgraph)
 from threadpoolctl import threadpool_limits
@@ -247,6 +248,9 @@ def _build_index(X: np.ndarray, metric: str, index: str, nlist: int | None, npro
         idx = faiss.IndexFlat(d, faiss_metric)
     else:
         nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
+        if not 1 <= nlist <= n:
+            raise DataError(f"nlist={nlist} IVF lists for {n} cells; fix: pass 1 <= nlist <= n_cells (or None for "
+                            "~4*sqrt(n)), or index='flat' for so few cells.")
         idx = faiss.IndexIVFFlat(faiss.IndexFlat(d, faiss_metric), d, nlist, faiss_metric)
         idx.cp.seed = int(seed) & 0x7FFFFFFF
         idx.cp.min_points_per_centroid = 1
@@ -543,6 +547,8 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     G = _check_graph(graph)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= G.shape[0]:
         raise DataError(f"k must be an integer in [1, n_cells={G.shape[0]}], got {k!r}.")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 (Leiden runs), got {max_steps}.")
     lo, hi = np.log(resolution_range[0]), np.log(resolution_range[1])
     best = None
     for _ in range(max_steps):
@@ -608,8 +614,11 @@ def _as_labels(labels, n: int, name: str) -> np.ndarray:
         raise DataError(f"{name} must be 1-D with one label per cell ({n}), got shape {labels.shape}.")
     if labels.dtype.kind == "f" and np.isnan(labels).any():
         raise DataError(f"{name} contains NaN; remove unlabelled cells before evaluating.")
-    if labels.dtype == object and any(v is None or v != v for v in labels):
-        raise DataError(f"{name} contains missing values; remove unlabelled cells before evaluating.")
+    if labels.dtype == object:
+        if pd.isna(labels).any():  # None, NaN, pd.NA
+            raise DataError(f"{name} contains missing values; remove unlabelled cells before evaluating.")
+        if len({type(v) for v in labels}) > 1:
+            labels = labels.astype(str)  # e.g. 1 and "1" mixed: compared as text
     return labels
 
 
@@ -635,7 +644,8 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
 
     Returns: {"ari", "nmi", "silhouette", "n_clusters"}; ari/nmi (sklearn; NMI with arithmetic
     mean normalisation) are None without ``truth``; silhouette is None when pred has fewer than
-    2 or more than n-1 clusters, or when the silhouette sample holds fewer than 2 of them.
+    2 or more than n-1 clusters, or when the silhouette sample holds fewer than 2 or more than
+    sample-1 of them.
     """
     from sklearn.metrics import silhouette_score
 
@@ -653,7 +663,7 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
         if sample is not None:
             rng = np.random.default_rng(seed)
             idx = rng.choice(n, size=sample, replace=False)
-            if len(np.unique(pred[idx])) >= 2:
+            if 2 <= len(np.unique(pred[idx])) <= sample - 1:
                 out["silhouette"] = float(silhouette_score(X[idx], pred[idx]))
         else:
             out["silhouette"] = float(silhouette_score(X, pred))

@@ -14,6 +14,8 @@ so the torch reference works without the compiled extension.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from masksc.errors import DataError
@@ -91,6 +93,17 @@ def _check_masking(tokens: torch.Tensor, n_keep: int) -> None:
                         f"got G = {G}; use larger patches.")
 
 
+def _count(name: str, value) -> int:
+    """``value`` as an int; DataError for a bool or a fractional number rather than truncating it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise DataError(f"{name} must be an integer, got {value!r}; fix: pass an int, e.g. round(G * (1 - "
+                        "mask_ratio)).") from None
+
+
 def _check_unmask(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Validate unmask's arguments; return mask_token as a 1-D [D] tensor of kept's dtype."""
     if kept.dim() != 3:
@@ -104,7 +117,17 @@ def _check_unmask(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.
                         f"got shape {tuple(mask_token.shape)}.")
     if not U <= n_tokens <= MAX_TOKENS:
         raise DataError(f"unmask: n_tokens must be in [U, {MAX_TOKENS}] = [{U}, {MAX_TOKENS}], got {n_tokens}.")
+    _check_same_device("unmask", kept=kept, mask_token=mask_token, ids_keep=ids_keep)
     return mask_token.reshape(D).to(kept.dtype)
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    """One device for every tensor argument (a meta tensor among CPU ones would otherwise send the
+    call to the shape-only fake kernel, which returns uninitialised memory)."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise DataError(f"{op}: all tensors must be on one device, got {listed}; fix: move them with .to(device).")
 
 
 def random_masking_torch(tokens: torch.Tensor, n_keep: int, seed: int):
@@ -114,7 +137,7 @@ def random_masking_torch(tokens: torch.Tensor, n_keep: int, seed: int):
     ascending, ids_restore int64 [B, G], mask bool [B, G] True where masked), U = n_keep;
     ``ids_restore = argsort(cat(ids_keep, masked ids ascending))``. Differentiable w.r.t. tokens.
     """
-    n_keep = int(n_keep)
+    n_keep = _count("n_keep", n_keep)
     _check_masking(tokens, n_keep)
     B, G, D = tokens.shape
     dev = tokens.device
@@ -137,7 +160,7 @@ def unmask_torch(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.T
     """Pure-torch reference of ``unmask``: [B, n_tokens, D] holding ``mask_token`` ([D] or
     [1, 1, D], cast to kept.dtype) everywhere except at ``ids_keep`` [B, U] (int64), where
     the rows of ``kept`` [B, U, D] go. Differentiable w.r.t. kept and mask_token."""
-    n_tokens = int(n_tokens)
+    n_tokens = _count("n_tokens", n_tokens)
     token = _check_unmask(kept, mask_token, ids_keep, n_tokens)
     B, U, D = kept.shape
     out = token.expand(B, n_tokens, D).clone()
@@ -177,11 +200,13 @@ def _register_python_parts() -> None:
     def _(kept, mask_token, ids_keep, n_tokens):
         torch._check(mask_token.dim() == 1 and mask_token.dtype == kept.dtype,
                      lambda: "unmask: mask_token must be 1-D with kept's dtype")
+        _check_same_device("unmask", kept=kept, mask_token=mask_token, ids_keep=ids_keep)
         B, U, D = kept.shape
         return kept.new_empty(B, n_tokens, D)
 
     @torch.library.register_fake("masksc::unmask_backward")
     def _(grad_out, ids_keep):
+        _check_same_device("unmask_backward", grad_out=grad_out, ids_keep=ids_keep)
         B, G, D = grad_out.shape
         return grad_out.new_empty(B, ids_keep.shape[1], D), grad_out.new_empty(D)
 
@@ -225,7 +250,7 @@ def random_masking_cpp(tokens: torch.Tensor, n_keep: int, seed: int):
     ``seed`` is any Python int (taken mod 2**64). Differentiable w.r.t. tokens.
     """
     load_extension()
-    n_keep = int(n_keep)
+    n_keep = _count("n_keep", n_keep)
     _check_masking(tokens, n_keep)
     return torch.ops.masksc.random_masking(tokens, n_keep, _s64(int(seed)))
 
@@ -235,6 +260,6 @@ def unmask_cpp(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Ten
     [B, n_tokens, D] output that holds ``mask_token`` ([D] or [1, 1, D], cast to kept.dtype)
     elsewhere. Differentiable w.r.t. kept and mask_token (twice, via unmask_backward)."""
     load_extension()
-    n_tokens = int(n_tokens)
+    n_tokens = _count("n_tokens", n_tokens)
     token = _check_unmask(kept, mask_token, ids_keep, n_tokens)
     return torch.ops.masksc.unmask(kept, token, ids_keep, n_tokens)

@@ -111,7 +111,9 @@ def random_masking(tokens: torch.Tensor, n_keep: int, seed: int):
 def unmask(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Tensor,
            n_tokens: int) -> torch.Tensor:
     """Inverse of ``random_masking``'s gather: kept [B, U, D] scattered to their positions
-    ``ids_keep`` [B, U] in a [B, n_tokens, D] sequence, ``mask_token`` [D] elsewhere."""
+    ``ids_keep`` [B, U] in a [B, n_tokens, D] sequence, ``mask_token`` [D] elsewhere. Each row
+    of ``ids_keep`` must hold distinct positions in [0, n_tokens), as ``random_masking`` returns
+    them (not checked, which would cost a device sync per call)."""
     from masksc import masking
     if backend_for("unmask", kept.device) == "cpp":
         return masking.unmask_cpp(kept, mask_token, ids_keep, n_tokens)

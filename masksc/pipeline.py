@@ -68,7 +68,13 @@ class MaskSCModel:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "MaskSCModel":
         """Load the model saved in ``path`` (a checkpoint directory or a training run directory,
-        whose ``last`` checkpoint is used). Raises CheckpointError when it is missing or broken."""
+        whose ``last`` checkpoint is used) onto ``device``. Raises CheckpointError when it is
+        missing or broken, ValueError for a device this machine lacks, before reading anything."""
+        from masksc.train import resolve_device
+        device = resolve_device(device)
+        if device.type == "meta":
+            raise ValueError("device 'meta' holds no weights, so the model could not embed; fix: load onto cpu or "
+                             "cuda.")
         network, config = ckpt.load_model(path, device=device)
         meta = config.get("meta") or {}
         if "preprocessor" not in meta or "grid" not in meta:

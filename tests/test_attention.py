@@ -124,6 +124,10 @@ def test_bad_inputs_raise():
         attention_torch(q, k.double(), v)
     with pytest.raises(MaskscError, match="Dh <= 128"):
         flash_attention(*_qkv(1, 1, 2, 160))
+    with pytest.raises(MaskscError, match="1 <= Dh <= 128"):
+        flash_attention(*_qkv(1, 1, 2, 0))
+    with pytest.raises(MaskscError, match=r"on one device; got \['.*', 'meta'\]"):
+        attention_torch(q, k, v, torch.zeros(1, 4, dtype=torch.bool, device="meta"))
 
 
 def test_autotune_configs_follow_sequence_length(monkeypatch):

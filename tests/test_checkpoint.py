@@ -72,6 +72,36 @@ def test_overwrite_is_atomic_and_failed_save_keeps_old(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m"]
 
 
+def test_save_replaces_only_a_checkpoint(tmp_path):
+    """Saving over a checkpoint replaces it; anything else at the path is refused and kept."""
+    from masksc.errors import MaskscError
+    model, _, _ = setup()
+    (tmp_path / "results" / "sub").mkdir(parents=True)
+    (tmp_path / "results" / "sub" / "scores.csv").write_text("1")
+    (tmp_path / "notes.txt").write_text("mine")
+    save_checkpoint(tmp_path / "run" / "epoch-000001", model)
+    os.symlink("epoch-000001", tmp_path / "run" / "last")
+    for target, message in ((tmp_path / "results", "is a folder that is not a masksc checkpoint"),
+                            (tmp_path / "run", "is a folder that is not a masksc checkpoint"),
+                            (tmp_path / "run" / "last", "is a symlink"),
+                            (tmp_path / "notes.txt", "is a file, not a folder"),
+                            (tmp_path / "notes.txt" / "m", "is a file, not a folder")):
+        with pytest.raises(MaskscError, match=message):
+            save_checkpoint(target, model)
+    assert (tmp_path / "results" / "sub" / "scores.csv").read_text() == "1"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert os.readlink(tmp_path / "run" / "last") == "epoch-000001"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results", "run"]  # nothing left aside
+
+
+def test_load_refuses_a_device_before_reading(tmp_path):
+    from masksc.pipeline import MaskSCModel
+    with pytest.raises(ValueError, match="device 'meta' holds no weights"):
+        MaskSCModel.load(tmp_path / "nowhere", device="meta")
+    with pytest.raises(ValueError, match="device 'bogus' is not a device name"):
+        MaskSCModel.load(tmp_path / "nowhere", device="bogus")
+
+
 def test_load_resolves_run_dir_last(tmp_path):
     """A run directory loads the checkpoint its ``last`` link names, not merely the newest one."""
     model, _, _ = setup()
@@ -117,6 +147,9 @@ def test_corrupt_config(tmp_path):
     model, _, _ = setup()
     save_checkpoint(tmp_path / "m", model)
     (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_bytes(b"\xff\xfe{")  # not UTF-8
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(tmp_path / "m")
 

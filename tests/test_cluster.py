@@ -3,6 +3,7 @@ import logging
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
@@ -182,6 +183,8 @@ def test_ivf_missing_neighbours_are_marked_and_graph_stays_valid():
     G = knn_graph(X, 40, index="ivf", nlist=30, nprobe=1)
     assert np.isfinite(G.data).all() and (G.data > 0).all() and G.diagonal().sum() == 0
     assert abs(G - G.T).max() < 1e-6
+    with pytest.raises(DataError, match=r"nlist=301 IVF lists for 300 cells; fix: pass 1 <= nlist <= n_cells"):
+        knn_search(X, 5, index="ivf", nlist=301)
 
 
 def test_knn_rejects_bad_arguments():
@@ -275,6 +278,8 @@ def test_leiden_for_k_finds_the_target_count():
         labels, res = leiden_for_k(G, k, seed=0)
         assert len(np.unique(labels)) == k and res > 0
     assert adjusted_rand_score(y, leiden_for_k(G, 6)[0]) > 0.9
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        leiden_for_k(G, 6, max_steps=0)
 
 
 def test_leiden_for_k_warns_when_components_outnumber_k():
@@ -346,3 +351,11 @@ def test_evaluate_edge_cases_and_validation():
         evaluate(X, y[:-1])
     with pytest.raises(DataError, match="truth"):
         evaluate(X, y, np.full(50, np.nan))
+    pairs = np.arange(50) // 2  # 25 clusters; a 10-cell sample with one cell of each of 10 is too few for a silhouette
+    seed = next(s for s in range(100)
+                if len(np.unique(pairs[np.random.default_rng(s).choice(50, size=10, replace=False)])) == 10)
+    assert evaluate(X, pairs, silhouette_sample=10, seed=seed)["silhouette"] is None
+    with pytest.raises(DataError, match="truth contains missing values"):
+        evaluate(X, y, pd.array([None] + ["a"] * 49, dtype="string"))
+    mixed = np.array([1, "1"] * 25, dtype=object)  # one label written two ways compares as text
+    assert evaluate(X, y, mixed)["ari"] == pytest.approx(adjusted_rand_score(np.zeros(50), y))

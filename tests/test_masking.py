@@ -194,6 +194,9 @@ def test_bad_masking_inputs(impl):
         IMPLS[impl](torch.randn(2, 5, 3), -1, 0)
     with pytest.raises(DataError, match="3-D"):
         IMPLS[impl](torch.randn(5, 3), 2, 0)
+    for n_keep in (2.9, True, "2"):  # never truncated or read as a number
+        with pytest.raises(DataError, match=r"n_keep must be an integer, got"):
+            IMPLS[impl](torch.randn(2, 5, 3), n_keep, 0)
 
 
 @pytest.mark.parametrize("unmask", [unmask_torch, masking.unmask_cpp])
@@ -205,3 +208,11 @@ def test_bad_unmask_inputs(unmask):
         unmask(kept, torch.zeros(4), ids.int(), 6)
     with pytest.raises(DataError, match="n_tokens"):
         unmask(kept, torch.zeros(4), ids, 2)
+    with pytest.raises(DataError, match=r"one device, got kept on cpu, mask_token on cpu, ids_keep on meta"):
+        unmask(kept, torch.zeros(4), ids.to("meta"), 6)  # not the fake kernel's uninitialised memory
+
+
+def test_op_level_unmask_backward_refuses_mixed_devices():
+    masking.load_extension()
+    with pytest.raises(DataError, match="unmask_backward: all tensors must be on one device"):
+        torch.ops.masksc.unmask_backward(torch.randn(2, 6, 4), torch.zeros(2, 3, dtype=torch.int64, device="meta"))

@@ -107,10 +107,10 @@ def test_attention_shapes_the_kernel_does_not_take_go_to_torch(auto):
     auto.setattr(kernels, "attention_torch", lambda *a: calls.append("torch"))
     auto.setenv("MASKSC_BACKEND", "triton")
     auto.setenv("TRITON_INTERPRET", "1")
-    for dh, dtype in ((64, torch.float32), (129, torch.float32), (64, torch.float64)):
+    for dh, dtype in ((64, torch.float32), (129, torch.float32), (64, torch.float64), (0, torch.float32)):
         q = torch.zeros(1, 1, 3, dh, dtype=dtype)
         ops.attention(q, q, q)
-    assert calls == ["triton", "torch", "triton"]  # float64 runs under the interpreter (gradcheck)
+    assert calls == ["triton", "torch", "triton", "torch"]  # float64 runs under the interpreter (gradcheck)
     auto.delenv("TRITON_INTERPRET")  # outside the interpreter only CUDA tensors are taken (float64 on a GPU
     q = torch.zeros(1, 1, 3, 64, device="meta")  # is refused too: test_attention, on a GPU)
     assert "runs on CUDA tensors" in kernels.kernel_refusal(q)

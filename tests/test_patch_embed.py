@@ -110,6 +110,43 @@ def test_triton_unsorted_columns():
 
 
 @triton_ok
+def test_triton_takes_strided_inputs():
+    """Columns, values and bias that are views with a stride (not laid out flat) give the same
+    tokens as contiguous ones: the kernel indexes them as flat arrays."""
+    g, s, P, D = 8, 8, 2, 16
+    crow, col, val, dense = _batch(3, g, s, 0.4)
+    w, b = _params(D, P)
+    strided = (torch.stack([col, col.flip(0)], 1)[:, 0], torch.stack([val, val * 7], 1)[:, 0],
+               torch.stack([b, b + 100], 1)[:, 0])
+    assert not any(t.is_contiguous() for t in strided)
+    out = patch_embed_csr(crow, strided[0], strided[1], w, strided[2], (g, s), P)
+    torch.testing.assert_close(out, _conv(dense, w, b, g, s, P), atol=1e-5, rtol=1e-5)
+
+
+def test_malformed_csr_is_refused_on_every_path():
+    crow, col, val, _ = _batch(2, 8, 8, 0.3)
+    w, b = _params(16, 4)
+    too_far, negative, short = col.clone(), col.clone(), crow.clone()
+    too_far[-1], negative[0], short[-1] = 64, -1, short[-1] - 1
+    cases = [(crow, too_far, r"col must index grid positions 0 \.\. 63, got \d+ \.\. 64"),
+             (crow, negative, r"col must index grid positions 0 \.\. 63, got -1"),
+             (short, col, r"crow must run from 0 to nnz"),
+             (crow.flip(0), col, r"crow must run from 0 to nnz")]
+    for fn in (patch_embed_reference, patch_embed_torch):
+        for c, k, message in cases:
+            with pytest.raises(MaskscError, match=message):
+                fn(c.cpu(), k.cpu(), val.cpu(), w.cpu(), b.cpu(), (8, 8), 4)
+
+
+def test_torch_path_runs_on_meta_tensors():
+    """No host sync in the torch path: it traces on the meta device (shapes only)."""
+    crow, col, val, _ = _batch(2, 9, 10, 0.3)
+    w, b = _params(8, 3)
+    out = patch_embed_torch(*(t.detach().to("meta") for t in (crow, col, val, w, b)), (9, 10), 3)
+    assert out.device.type == "meta" and out.shape == (2, 9, 8)
+
+
+@triton_ok
 def test_triton_gradcheck_float64():
     g, s, P, D = 6, 6, 3, 5
     crow, col, val, _ = _batch(2, g, s, 0.5)
