@@ -1,6 +1,7 @@
 """Plots as PNG files: 2-D embedding maps (paper Fig. 4), attention over the gene grid
 (Fig. 6) and training loss. Each function writes its file atomically and returns the path, or,
-given no path, returns the ``matplotlib.figure.Figure`` (a notebook shows it inline).
+given no path, returns the ``matplotlib.figure.Figure`` (a notebook shows it inline); a
+single-panel plot also draws into a caller's ``ax`` (returned) for a figure of one's own.
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so
 plotting works headless and leaves the caller's pyplot state alone.
@@ -39,6 +40,20 @@ def _check_png(path) -> None:
     if path is not None and Path(path).suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; give a path ending in .png (or None for the Figure), "
                          f"got {str(path)!r}.")
+
+
+def _panels(ax, path, n: int, width: float, height: float):
+    """(figure, [n axes]) to draw into: a new figure of n panels side by side, or the caller's
+    ``ax`` for a single panel (the caller then owns saving, so no path)."""
+    if ax is None:
+        fig = _figure(width * n, height)
+        return fig, list(fig.subplots(1, n, squeeze=False)[0])
+    if path is not None:
+        raise ValueError("ax= draws into your own figure, which you save; pass path=None with it.")
+    if n != 1:
+        raise DataError(f"ax= takes one panel, but there are {n} colourings; pass a single color_by, or no ax "
+                        "for a figure of one panel per colouring.")
+    return ax.figure, [ax]
 
 
 def _save(fig, path):
@@ -164,7 +179,7 @@ def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float)
 
 def embedding(data, color_by=None, path: str | os.PathLike | None = None, method: str = "umap",
               basis: str = "X_masksc", seed: int = 0, max_cells: int | None = 50_000,
-              point_size: float | None = None):
+              point_size: float | None = None, ax=None):
     """2-D map (UMAP or t-SNE) of a cell embedding, one panel per colouring (paper Fig. 4).
 
     Args:
@@ -182,13 +197,15 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
         max_cells: above this many cells a uniform random sample (``seed``) is mapped and
             drawn; None maps all cells.
         point_size: marker area; default scales with the number of cells.
+        ax: a matplotlib Axes to draw one colouring into (with ``path=None``).
 
-    Returns: the path written, or the ``matplotlib.figure.Figure`` when ``path`` is None.
+    Returns: the path written; with no path the ``matplotlib.figure.Figure``, or ``ax`` when given.
     """
     _check_png(path)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
     Z, colorings = _color_sets(data, color_by, basis)
+    fig, axes = _panels(ax, path, len(colorings), 6.5, 5.0)  # before the map: a bad ax= fails at once
     if Z.shape[1] == 2:  # already a map (e.g. scanpy's X_umap): mapping it again would distort it
         method = "precomputed"
     n = Z.shape[0]
@@ -198,13 +215,12 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
         logger.info("embedding plot: mapping a random sample of %d of %d cells", max_cells, n)
     xy, method = _coords_2d(Z[idx], method, seed)
     size = point_size if point_size is not None else float(np.clip(3000.0 / len(idx), 0.5, 30.0))
-    n_panels = len(colorings)
-    fig = _figure(6.5 * n_panels, 5.0)
-    axes = fig.subplots(1, n_panels, squeeze=False)[0]
-    for ax, (name, labels) in zip(axes, colorings.items()):
-        _draw_panel(ax, xy, labels[idx], name, size)
-        ax.set_xlabel(f"{method.upper()} 1" if method != "precomputed" else "")
-        ax.set_ylabel(f"{method.upper()} 2" if method != "precomputed" else "")
+    for panel, (name, labels) in zip(axes, colorings.items()):
+        _draw_panel(panel, xy, labels[idx], name, size)
+        panel.set_xlabel(f"{method.upper()} 1" if method != "precomputed" else "")
+        panel.set_ylabel(f"{method.upper()} 2" if method != "precomputed" else "")
+    if ax is not None:
+        return ax
     fig.tight_layout()
     return _save(fig, path)
 
@@ -285,15 +301,17 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
     return _save(fig, path)
 
 
-def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epoch", logy: bool | None = None):
+def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epoch", logy: bool | None = None,
+               ax=None):
     """Training loss per epoch (or step).
 
     Args:
         losses: list of floats, or dict {curve name: list of floats}; NaN points are skipped.
         path: output .png path; None returns the Figure. logy: log y-axis; None = when all values
-            are positive and span more than two decades.
+            are positive and span more than two decades. ax: a matplotlib Axes to draw into (with
+            ``path=None``).
 
-    Returns: the path written, or the Figure.
+    Returns: the path written; with no path the Figure, or ``ax`` when given.
     """
     _check_png(path)
     curves = losses if isinstance(losses, dict) else {"loss": losses}
@@ -310,16 +328,17 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
         raise DataError("every loss value is NaN or infinite; nothing to plot (did training diverge?).")
     if logy is None:
         logy = bool((finite > 0).all() and finite.max() / finite.min() > 100)
-    fig = _figure(6.0, 4.0)
-    ax = fig.subplots()
+    fig, (panel,) = _panels(ax, path, 1, 6.0, 4.0)
     for name, v in arrays.items():
-        ax.plot(np.arange(1, v.size + 1), v, marker="o" if v.size <= 30 else None, markersize=3, label=name)
+        panel.plot(np.arange(1, v.size + 1), v, marker="o" if v.size <= 30 else None, markersize=3, label=name)
     if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
+        panel.set_yscale("log")
+    panel.set_xlabel(xlabel)
+    panel.set_ylabel("loss")
+    panel.grid(alpha=0.3)
     if len(arrays) > 1:
-        ax.legend(frameon=False)
+        panel.legend(frameon=False)
+    if ax is not None:
+        return ax
     fig.tight_layout()
     return _save(fig, path)

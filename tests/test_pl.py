@@ -108,6 +108,25 @@ def test_embedding_without_a_path_returns_the_figure_and_writes_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_single_panels_draw_into_the_callers_axes(tmp_path):
+    """ax= composes masksc panels into a figure of one's own, as scanpy's plots do."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
+    Z, y = _data(n=60)
+    assert pl.embedding(Z, {"cluster": y}, method="tsne", ax=left) is left
+    assert pl.loss_curve([3.0, 2.0, 1.5], ax=right) is right
+    assert left.get_title() == "cluster" and len(left.collections) == 3 and right.get_ylabel() == "loss"
+    fig.savefig(tmp_path / "mine.png")
+    _png(tmp_path / "mine.png", min_w=600)
+    with pytest.raises(DataError, match="ax= takes one panel, but there are 2 colourings"):
+        pl.embedding(Z, {"a": y, "b": y}, method="tsne", ax=left)
+    with pytest.raises(ValueError, match="pass path=None with it"):
+        pl.loss_curve([1.0], tmp_path / "x.png", ax=right)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png"]
+
+
 def test_a_wrong_suffix_is_refused_before_the_map_is_computed(tmp_path, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("the map was computed before the path was checked")
