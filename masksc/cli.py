@@ -61,9 +61,20 @@ def _source(args):
     if not path.exists():
         raise MaskscError(f"file not found: {path}; fix: check the path.")
     fmt = args.format or detect_format(path)
-    if fmt in ("h5ad", "10x_h5") and not args.transpose:
+    if fmt in ("h5ad", "10x_h5") and not args.transpose and (args.format is None or _detects_as(path, fmt)):
         return path
     return read(path, format=fmt, transpose=args.transpose)
+
+
+def _detects_as(path: Path, fmt: str) -> bool:
+    """Whether ``path`` is recognised as ``fmt`` without --format (the streaming readers detect
+    the format again; a file --format had to name is read into memory instead)."""
+    from masksc.data.io import detect_format
+    from masksc.errors import DataError
+    try:
+        return detect_format(path) == fmt
+    except DataError:
+        return False
 
 
 def _device(name):

@@ -9,6 +9,7 @@ same code runs on one CPU, one GPU or many.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -49,6 +50,32 @@ class DistContext:
                 dist.barrier(device_ids=[self.device.index])
             else:
                 dist.barrier()
+
+    @contextlib.contextmanager
+    def together(self):
+        """Run a block on every rank and stop every rank if it fails on any. The failing rank
+        raises its own error; the others raise a MaskscError naming it, instead of waiting in
+        (NCCL) or dying with a lost connection in (gloo) the next collective. The block's end
+        is a collective: every rank must enter it."""
+        from masksc.errors import MaskscError
+        error = None
+        try:
+            yield
+        except Exception as exc:
+            if not self.distributed:
+                raise
+            error = exc
+        if not self.distributed:
+            return
+        flags = torch.zeros(self.world_size, device=self.device if self.device is not None else "cpu")
+        flags[self.rank] = float(error is not None)
+        dist.all_reduce(flags)
+        if error is not None:
+            raise error
+        failed = [r for r in range(self.world_size) if flags[r] > 0]
+        if failed:
+            raise MaskscError(f"rank {', '.join(map(str, failed))} stopped with an error (its message is in that "
+                              "rank's output); every rank stops with it.")
 
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` of rank ``src`` (any picklable object), returned on every rank."""
@@ -106,8 +133,13 @@ def init_from_env(device: str | torch.device | None = None,
 
 
 def shutdown() -> None:
-    """Leave the process group if this process joined one."""
+    """Leave the process group if this process joined one. Under gloo the ranks first meet once
+    more, so none tears its connections down while a peer is still using them (a rank leaving
+    early could abort another at exit); a peer that is gone already is not waited for."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            with contextlib.suppress(RuntimeError):
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
         dist.destroy_process_group()
 
 

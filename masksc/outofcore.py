@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
+from masksc.data.stream import check_not_backed_view
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders
 from masksc.progress import progress_bar
@@ -66,6 +67,8 @@ class RowReader:
             return
         self._file: h5py.File | None = None
         self.path = None
+        if isinstance(source, ad.AnnData):
+            check_not_backed_view(source)
         if not isinstance(source, ad.AnnData) or source.isbacked:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
         self.source = source if self.path is None else self.path  # never a backed AnnData's h5py handle
@@ -335,7 +338,7 @@ def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict
     time, so ``Z`` may be a memmap) and ``uns``; ``X`` is omitted (anndata reads it as None)."""
     with h5py.File(path, "w") as f:
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-        ad.io.write_elem(f, "obs", obs)
+        ad.io.write_elem(f, "obs", _writable_obs(obs))
         ad.io.write_elem(f, "var", pd.DataFrame(index=pd.Index([], dtype=str)))
         for key in ("varm", "layers", "obsp", "varp"):
             ad.io.write_elem(f, key, {})
@@ -347,6 +350,18 @@ def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict
         ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
         for a in range(0, Z.shape[0], block):
             ds[a:a + block] = np.asarray(Z[a:a + block], dtype=np.float32)
+
+
+def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
+    """``obs`` as ``AnnData.write_h5ad`` stores it: object columns (text, with missing values or
+    mixed types, which h5py cannot write as they are) become categoricals of their text, missing
+    values staying missing."""
+    out = obs.copy()
+    for name in out.columns:
+        if out[name].dtype == object:
+            col = out[name]
+            out[name] = pd.Categorical(col.astype(str).where(col.notna()))
+    return out
 
 
 def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
@@ -377,6 +392,8 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     check_output(output, reader.path)
     ckpt.check_genes(model.grid.to_dict(), reader.var_names)
     n, dim = reader.n_obs, model.network.cfg.embedding_dim
+    if n == 0:
+        raise DataError(f"{reader.path or 'the data'} holds no cells; fix: pass a dataset with cells.")
     created, tmp, done = [], None, False
     if ctx.is_main:
         created = make_folders(output.parent)
@@ -391,12 +408,12 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         ctx.barrier()
         Z = np.lib.format.open_memmap(tmp, mode="r+")
         a, b = distributed.shard_range(n, ctx.rank, ctx.world_size)
-        embed_rows(model.network, reader, model.preprocessor, model.grid, Z, a, b, batch_size=batch_size,
-                   chunk_size=chunk_size, device=device if device is not None else ctx.device, amp=amp,
-                   progress=progress and ctx.is_main)
-        Z.flush()
-        del Z
-        ctx.barrier()
+        with ctx.together():  # bad cells in one rank's shard stop every rank with a message
+            embed_rows(model.network, reader, model.preprocessor, model.grid, Z, a, b, batch_size=batch_size,
+                       chunk_size=chunk_size, device=device if device is not None else ctx.device, amp=amp,
+                       progress=progress and ctx.is_main)
+            Z.flush()
+            del Z
         if not ctx.is_main:
             return None
         _fsync(tmp)

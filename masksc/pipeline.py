@@ -288,20 +288,23 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, seed, device, resume, chec
         meta = _saved_transform(run_dir)
         if cfg.med:
             teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher
-    elif ctx.is_main:
-        preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells,
-                                    chunk_size=max(chunk_size, 10_000)).fit(reader.chunks)
-        X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, progress=progress)
-        grid = GridLayout.fit(X_sub, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
-                              seed=seed)
-        if cfg.med:
-            X_sub_grid = grid.to_grid(X_sub)
-            teacher_cfg = _teacher_config(cfg, seed, X_sub_grid, teacher_overrides)
-            teacher = fit_teacher(X_sub_grid, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
-                                  is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
-        meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(),
-                "streamed": {"n_cells": reader.n_obs, "teacher_cells": int(len(rows)), "chunk_size": chunk_size}}
-        del X_sub
+    else:
+        with ctx.together():  # rank 0 alone prepares; an error there stops the ranks waiting for it
+            if ctx.is_main:
+                preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells,
+                                            chunk_size=max(chunk_size, 10_000)).fit(reader.chunks)
+                X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, progress=progress)
+                grid = GridLayout.fit(X_sub, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch,
+                                      order=cfg.layout, seed=seed)
+                if cfg.med:
+                    X_sub_grid = grid.to_grid(X_sub)
+                    teacher_cfg = _teacher_config(cfg, seed, X_sub_grid, teacher_overrides)
+                    teacher = fit_teacher(X_sub_grid, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
+                                          is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
+                meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(),
+                        "streamed": {"n_cells": reader.n_obs, "teacher_cells": int(len(rows)),
+                                     "chunk_size": chunk_size}}
+                del X_sub
     meta = ctx.broadcast_object(meta)
     preprocessor, grid = Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"])
     if cfg.med and teacher is None:  # other ranks: same architecture; DDP copies rank 0's weights into it

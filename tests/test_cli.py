@@ -66,6 +66,10 @@ def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys):
     assert oct(emb.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     assert main(["embed", str(data), "--model", str(model), "-o", str(tmp_path / "emb.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "emb.npy"), E.obsm["X_masksc"])
+    renamed = tmp_path / "cells.dat"  # a name only --format can place
+    renamed.write_bytes(data.read_bytes())
+    assert main(["embed", str(renamed), "--format", "h5ad", "--model", str(model), "-o", str(tmp_path / "d.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), E.obsm["X_masksc"])
     assert oct((tmp_path / "emb.npy").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
 
     clustered = tmp_path / "clustered.h5ad"

@@ -215,6 +215,28 @@ def test_labels_wrong_length(tmp_path, counts):
         read(tmp_path / "s.h5")
 
 
+def test_tables_keep_names_as_written_and_take_r_headers(tmp_path):
+    """Names are text: "001" is not 1 and a gene called "NA" is not missing; a header without a
+    name for the cell column (R's write.table) reads like one with it."""
+    rows = ["001\t0\t2\t1", "010\t3\t0\t1"]
+    (tmp_path / "r.tsv").write_text("\n".join(["NA\t0101\tG3"] + rows) + "\n")        # R: no corner name
+    (tmp_path / "p.tsv").write_text("\n".join(["cell\tNA\t0101\tG3"] + rows) + "\n")  # pandas: a corner name
+    for name in ("r.tsv", "p.tsv"):
+        a = read(tmp_path / name)
+        assert list(a.obs_names) == ["001", "010"] and list(a.var_names) == ["NA", "0101", "G3"]
+        np.testing.assert_array_equal(a.X.toarray(), [[0, 2, 1], [3, 0, 1]])
+    (tmp_path / "bad.tsv").write_text("\n".join(["a\tb\tc\td\te"] + rows) + "\n")
+    with pytest.raises(DataError, match="the header names 5 columns but the rows hold a name and 3 values"):
+        read(tmp_path / "bad.tsv")
+    mtx = tmp_path / "mtx"
+    mtx.mkdir()
+    scipy.io.mmwrite(str(mtx / "matrix.mtx"), sp.coo_matrix(np.array([[1.0, 0.0], [2.0, 3.0]])))  # genes x cells
+    (mtx / "genes.tsv").write_text("ENSG1\tNA\nENSG2\tnull\n")
+    (mtx / "barcodes.tsv").write_text("AAAC-1\nNA\n")
+    b = read(mtx)
+    assert list(b.var_names) == ["NA", "null"] and list(b.obs_names) == ["AAAC-1", "NA"]
+
+
 def test_transpose_is_for_tables_only(tmp_path, counts):
     X, cells, genes = counts
     ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(
@@ -250,3 +272,7 @@ def test_10x_h5_v2_legacy(tmp_path, counts):
         g["genes"] = np.array([f"ENSG{j}" for j in range(len(genes))], dtype="S")
         g["gene_names"] = np.array(genes, dtype="S")
     _check(read(tmp_path / "v2.h5"), X, cells, genes)
+    from masksc.data import open_source  # stored genes x cells, so not streamed: read in memory instead
+    src = open_source(tmp_path / "v2.h5")
+    assert src.path is None and list(src.var_names) == genes
+    np.testing.assert_array_equal(sp.vstack([c for _, c in src.chunks(7)]).toarray(), X)

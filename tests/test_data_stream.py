@@ -108,3 +108,15 @@ def test_layers_stream_like_x(tmp_path, data):
         open_source(tmp_path / "c.csv", layer="counts")
     with pytest.raises(DataError, match=r"no layer 'counts': the data has no layers .* drop layer= \(--layer\)"):
         with_layer(read(tmp_path / "c.csv"), "counts")  # what the CLI reads a csv into
+
+
+def test_a_view_of_a_backed_anndata_is_refused(tmp_path):
+    """Its cells would be streamed from the whole file, not the selection."""
+    from masksc.outofcore import RowReader
+    synthetic(60, n_genes=30, n_types=2, seed=0).write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    for make in (lambda: open_source(backed[:20]), lambda: RowReader(backed[:, :10]),
+                 lambda: Preprocessor(n_top_genes=10).fit(backed[:20])):
+        with pytest.raises(DataError, match=r"view \(20 cells x 30 genes\)|view \(60 cells x 10 genes\)"):
+            make()
+    assert open_source(backed[:20].to_memory()).n_obs == 20

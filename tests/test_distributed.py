@@ -53,6 +53,27 @@ except FloatingPointError as exc:
 distributed.shutdown()
 """
 
+ERROR_WORKER = """
+import sys
+from masksc import distributed, pipeline
+from masksc.errors import MaskscError
+data, out = sys.argv[1], sys.argv[2]
+bad = f"{out}/bad.h5ad"  # a negative count in cell 150: rank 1's half when embedding
+ctx = distributed.init_from_env("cpu")
+tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+            decoder_depth=1, decoder_heads=2)
+model, _ = pipeline.fit(data, "demo", epochs=1, progress=False, chunk_size=64, teacher_cells=200,
+                        teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
+steps = {"fit": lambda: pipeline.fit(bad, "demo", epochs=1, progress=False, chunk_size=64, dist=ctx, **tiny),
+         "embed": lambda: model.embed_file(bad, f"{out}/e.npy", chunk_size=50, dist=ctx, progress=False)}
+for name, step in steps.items():
+    try:
+        step()
+    except MaskscError as exc:
+        open(f"{out}/{name}{ctx.rank}.txt", "w").write(f"{type(exc).__name__}: {exc}")
+distributed.shutdown()
+"""
+
 
 def _two_gloo_processes(worker: str, n_cells: int, tmp_path: Path) -> Path:
     """Write a synthetic dataset of ``n_cells`` and run ``worker`` (argv: data, tmp_path) on 2
@@ -122,3 +143,22 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     stopped = [(tmp_path / f"stopped{r}.txt").read_text() for r in (0, 1)]
     assert stopped[0].startswith("training loss became non-finite on another rank at epoch 1, step 1;")
     assert stopped[1].startswith("training loss became nan at epoch 1, step 1;")
+
+
+def test_an_input_error_on_one_rank_stops_every_rank_with_a_message(tmp_path):
+    """The rank that meets bad cells raises its DataError; the other raises a MaskscError naming
+    it, instead of dying in the next collective with gloo's lost connection (or NCCL's wait)."""
+    import anndata as ad
+    write_synthetic_h5ad(tmp_path / "ok.h5ad", 200, n_genes=300, n_types=3, seed=2)
+    bad = ad.read_h5ad(tmp_path / "ok.h5ad")
+    bad.X = bad.X.tocsr(copy=True)
+    bad.X.data[bad.X.indptr[150]] = -1.0
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    _two_gloo_processes(ERROR_WORKER, 200, tmp_path)
+    fit = [(tmp_path / f"fit{r}.txt").read_text() for r in (0, 1)]
+    assert fit[0].startswith("DataError: X contains 1 negative values")
+    assert fit[1].startswith("MaskscError: rank 0 stopped with an error")
+    embed = [(tmp_path / f"embed{r}.txt").read_text() for r in (0, 1)]
+    assert embed[0].startswith("MaskscError: rank 1 stopped with an error")
+    assert embed[1].startswith("DataError: X contains 1 negative values") and "in cells 150.." in embed[1]
+    assert not (tmp_path / "e.npy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -214,6 +214,22 @@ def test_blockwise_passes_check_unnamed_genes_whatever_the_chunk_size(tmp_path, 
     StreamBatches(adata, pre, grid, chunk_size=10)  # the fitted cells pass
 
 
+def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, fitted):
+    """Text columns with missing values or mixed types (which h5py cannot write as they are)
+    come out as categoricals, missing values missing; a dataset without cells is refused."""
+    adata, pre, grid, _ = fitted
+    cells = adata[:40].copy()
+    cells.obs["note"] = np.array(["a", np.nan] * 20, dtype=object)
+    cells.obs["mixed"] = np.array([1, "x"] * 20, dtype=object)
+    out = _model(pre, grid).embed_file(cells, tmp_path / "e.h5ad", progress=False)
+    obs = ad.read_h5ad(out).obs
+    assert obs["note"].iloc[0] == "a" and obs["note"].isna().sum() == 20  # missing stays missing, not "nan"
+    assert list(obs["mixed"][:2]) == ["1", "x"]
+    with pytest.raises(DataError, match="holds no cells"):
+        _model(pre, grid).embed_file(adata[:0].copy(), tmp_path / "z.h5ad", progress=False)
+    assert not (tmp_path / "z.h5ad").exists()
+
+
 def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):
     adata, pre, grid, _ = fitted
     X = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)

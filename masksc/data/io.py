@@ -177,7 +177,10 @@ def _finish(adata: ad.AnnData) -> ad.AnnData:
 
 def _read_h5ad(path, backed=False, **_):
     if backed:
-        return ad.read_h5ad(path, backed="r")
+        adata = ad.read_h5ad(path, backed="r")  # obs is in memory: its labels are tidied as when read whole
+        if "label" in adata.obs:
+            set_labels(adata, adata.obs["label"].to_numpy())
+        return adata
     return _finish(ad.read_h5ad(path))
 
 
@@ -247,10 +250,10 @@ def _read_10x_mtx(path, **_):
     barcodes = _first(folder, ["barcodes.tsv.gz", "barcodes.tsv"])
     M = scipy.io.mmread(str(mtx))  # handles .gz itself
     X = sp.csr_matrix(M).T.tocsr()
-    with _open_text(feats) as fh:
-        ftab = pd.read_csv(fh, sep="\t", header=None, dtype=str)
+    with _open_text(feats) as fh:  # names as written: a gene called "NA" is not a missing value
+        ftab = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)
     with _open_text(barcodes) as fh:
-        bc = pd.read_csv(fh, sep="\t", header=None, dtype=str)[0].to_numpy()
+        bc = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)[0].to_numpy()
     if X.shape != (len(bc), len(ftab)):
         raise DataError(f"{folder}: matrix is {X.shape[1]} genes x {X.shape[0]} cells but there are "
                         f"{len(ftab)} features and {len(bc)} barcodes; fix: the three files must come "
@@ -266,14 +269,29 @@ def _read_10x_mtx(path, **_):
 
 
 def _read_table(path, fmt="csv", transpose=False, **_):
-    """csv/tsv: header row of gene names, first column of cell names (transpose: genes x cells)."""
+    """csv/tsv: header row of gene names, first column of cell names (transpose: genes x cells).
+    The header may name the first column or not (R's write.table leaves it out). Names are kept
+    as written: "001" stays "001", a gene called "NA" stays "NA" (pandas would parse either)."""
     sep = "," if fmt == "csv" else "\t"
-    df = pd.read_csv(path, sep=sep, index_col=0)
-    if not df.empty:  # pandas renames a repeated header name G to G.1; keep the file's names
-        df.columns = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0, 1:].to_numpy()
+
+    def names(**kw) -> np.ndarray:
+        return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, **kw).iloc[:, 0].to_numpy()
+
+    header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].to_numpy()
+    try:
+        body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
+    except pd.errors.EmptyDataError:  # a header and no rows
+        body = pd.DataFrame()
+    check_not_empty(np.empty((len(body), max(body.shape[1] - 1, 0))))
+    n_values = body.shape[1] - 1
+    if len(header) not in (n_values, n_values + 1):
+        raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "
+                        "values; fix: write one header name per value column (a first name for the cell column "
+                        "is optional).")
+    df = body.iloc[:, 1:]
+    df.index, df.columns = names(skiprows=1, usecols=[0]), header[len(header) - n_values:]
     if transpose:
         df = df.T
-    check_not_empty(df)
     non_numeric = [c for c, t in zip(df.columns, df.dtypes) if not pd.api.types.is_numeric_dtype(t)]
     if non_numeric:
         raise DataError(f"{path}: columns {non_numeric[:5]} are not numeric; fix: the file must be cells x "

@@ -19,6 +19,7 @@ Sources (:func:`open_source`):
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +33,8 @@ import scipy.sparse as sp
 
 from masksc.data.io import _decode, detect_format, read, set_labels, to_csr32
 from masksc.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,11 +156,12 @@ def _10x_rows(n_genes: int, keep, f, a, b) -> sp.csr_matrix:
     return X[:, keep] if keep is not None else X
 
 
-def _10x_h5_source(path: Path) -> ChunkSource:
+def _10x_h5_source(path: Path) -> ChunkSource | None:
+    """A Cell Ranger v3 file (group ``matrix``) streamed by cells; None for the v2 layout (one
+    group per genome, stored genes x cells), which is read in memory instead."""
     with h5py.File(path, "r") as f:
         if "matrix" not in f:
-            raise DataError(f"{path}: only Cell Ranger v3 files (group 'matrix') can be streamed; fix: read it "
-                            "in memory with masksc.data.read, or convert it to .h5ad.")
+            return None
         m = f["matrix"]
         n_genes, n_cells = (int(v) for v in m["shape"][()])
         feats = m["features"]
@@ -185,6 +189,7 @@ def open_source(source, layer: str | None = None) -> ChunkSource:
         return source
     if isinstance(source, ad.AnnData):
         if source.isbacked:
+            check_not_backed_view(source)
             return _h5ad_source(Path(source.filename), layer)
         return _memory_source(with_layer(source, layer))
     path = Path(source)
@@ -197,10 +202,23 @@ def open_source(source, layer: str | None = None) -> ChunkSource:
         if fmt == "h5ad":
             return _h5ad_source(path, layer)
         if fmt == "10x_h5":
-            return _10x_h5_source(path)
+            src = _10x_h5_source(path)
+            if src is not None:
+                return src
+            log.info("%s is a Cell Ranger v2 file, which is stored genes x cells: reading it into memory", path)
     except (OSError, KeyError) as exc:
         raise DataError(f"cannot stream {path} as {fmt} ({exc}); fix: check the file is complete.") from exc
     return _memory_source(read(path, format=fmt))
+
+
+def check_not_backed_view(adata: ad.AnnData) -> None:
+    """Refuse a view of a backed AnnData (``adata[mask]`` of ``read_h5ad(..., backed="r")``): it is
+    streamed from its file, which holds every cell and gene, not the selection."""
+    if adata.isbacked and adata.is_view:
+        raise DataError(f"this is a view ({adata.n_obs} cells x {adata.n_vars} genes) of the backed file "
+                        f"{adata.filename}, whose cells are streamed from the file as a whole; fix: "
+                        "adata[mask].to_memory() to load the selection, or write it to its own .h5ad "
+                        "(adata[mask].copy(filename=...)).")
 
 
 def iter_chunks(source, chunk_size: int = 10_000) -> Iterator[tuple[int, sp.csr_matrix]]:
