@@ -54,15 +54,17 @@ def _earlier_block_mean(net, X, block: int) -> np.ndarray:
     return _per_batch(net, X, one)
 
 
-def _masked_views_mean(net, X, views: int = 8) -> np.ndarray:
+def _masked_views_mean(net, X, views: int = 8, n_keep: int | None = None) -> np.ndarray:
     """Mean-pooled encoder tokens averaged over ``views`` random maskings of each cell (the
-    cfg.n_keep visible patches training encodes), instead of one pass over every patch:
-    X [n, g*s] CSR -> [n, embed_dim]. Seeded by view and first row, so reruns agree."""
+    ``n_keep`` visible patches, default cfg.n_keep as training encodes), instead of one pass over
+    every patch: X [n, g*s] CSR -> [n, embed_dim]. Seeded by view and first row, so reruns agree."""
+    n_keep = net.cfg.n_keep if n_keep is None else n_keep
+
     def one(batch):
         tokens, pad = net.tokenize(batch), net.pad_tokens
         total = 0.0
         for view in range(views):
-            kept, ids_keep, _, _ = ops.random_masking(tokens, net.cfg.n_keep,
+            kept, ids_keep, _, _ = ops.random_masking(tokens, n_keep,
                                                       view * 1_000_003 + int(batch.cell_index[0]))
             total = total + net.mean_over_patches(net.encode(kept, pad[ids_keep])[:, 1:], pad[ids_keep])
         return total / views

@@ -241,7 +241,8 @@ def trained_masksc(adata, dataset: str, seed: int, args, method: str = "masksc")
         warnings.simplefilter("ignore", UserWarning)  # fewer genes than grid positions: padded
         model, res = fit(adata, args.preset, epochs=args.epochs or None, seed=seed, progress=args.progress,
                          **({"mask_ratio": args.mask_ratio} if args.mask_ratio else {}), **ABLATIONS[method])
-    info = {"train_s": time.time() - t0, "final_loss": res.losses[-1]}
+    info = {"train_s": time.time() - t0, "final_loss": res.losses[-1],
+            "device": device_info()["device"]}  # fit trains on CUDA where there is one
     if path is not None:
         model.save(path)
         with atomic_write(path / "train.json") as tmp:
@@ -261,8 +262,11 @@ def run_masksc(adata, k, seed, args, method):
     t0 = time.time()
     Z = model.embed(adata, batch_size=512, progress=args.progress)
     scores = _cluster_and_score(Z, _labels(adata), k, seed)
-    return scores, {"final_loss": info["final_loss"], "config": model.config.to_dict(), "train_s": info["train_s"],
-                    "wall_s": info["train_s"] + time.time() - t0}
+    extra = {"final_loss": info["final_loss"], "config": model.config.to_dict(), "train_s": info["train_s"],
+             "wall_s": info["train_s"] + time.time() - t0}
+    if "device" in info:  # where the model trained (kept models from before this was recorded: unknown)
+        extra["device"] = info["device"]
+    return scores, extra
 
 
 METHODS = {
@@ -386,10 +390,18 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
         setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}{notes}"
                    if preset else (f"- / {epochs}" if epochs else "-"))
         paper = PAPER.get((ds, m))
+        devices = list(dict.fromkeys(r["device"] for r in runs))  # in run order
+        wall = " / ".join(f"{np.mean([r['wall_s'] for r in runs if r['device'] == d]):.0f}" for d in devices)
+        device = ", ".join(d if len(devices) == 1 else f"{d} ×{sum(r['device'] == d for r in runs)}" for d in devices)
         rows.append(f"| {ds} | {m} | {setting} | {f('ari')} | {f('nmi')} | {f('silhouette')} | "
-                    f"{','.join(str(r['seed']) for r in runs)} | {np.mean([r['wall_s'] for r in runs]):.0f} | "
-                    f"{runs[0]['device']} | {'%.2f / %.2f' % paper if paper else '-'} |")
+                    f"{','.join(str(r['seed']) for r in runs)} | {wall} | {device} | "
+                    f"{'%.2f / %.2f' % paper if paper else '-'} |")
     return "\n".join(rows) + "\n"
+
+
+def _devices(runs: list[dict]) -> str:
+    """The devices a table's rows ran on, for the file's top-level ``device`` (rows name their own)."""
+    return ", ".join(sorted({r["device"] for r in runs}))
 
 
 def replace_readme_table(readme: str, title: str, table_md: str) -> str:
@@ -467,7 +479,7 @@ def main(argv=None) -> int:
                             log.info("run %s", key)
                             t0 = time.time()
                             scores, extra = METHODS[method](adata, k, seed, args)
-                            device = model_device if method in ABLATIONS else cpu
+                            device = extra.pop("device", model_device) if method in ABLATIONS else cpu
                             rec = {"dataset": ds, "file": DATASETS[ds], "method": method, "seed": seed,
                                    "preset": key[3], "epochs": key[4], **scores, "wall_s": time.time() - t0,
                                    "device": device, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
@@ -475,7 +487,7 @@ def main(argv=None) -> int:
                         with _locked(files[table]):  # several invocations may run side by side
                             doc = _load(files[table])
                             doc["runs"] = [r for r in doc["runs"] if _key(r) != key] + [rec]
-                            doc["device"] = rec["device"]
+                            doc["device"] = _devices(doc["runs"])
                             _save(files[table], doc)
     readme = ROOT / "README.md"
     with _locked(readme):

@@ -29,7 +29,7 @@ import torch
 from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.errors import CheckpointError
-from masksc.models.masksc_model import MaskSC, MaskSCConfig
+from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,16 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for key, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 1), ("keep_checkpoints", 0)):
-            if getattr(self, key) < low:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= {low}; fix: pass {key} >= {low}.")
+        object.__setattr__(self, "betas", tuple(self.betas))  # a list (JSON, a user) resumes like the tuple
+        for key, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 1), ("keep_checkpoints", 0),
+                         ("num_workers", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{key}={value!r} must be an integer >= {low}; fix: pass {key} >= {low}.")
+        check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1] (the share of lr the cosine "
+                             "ends at).")
 
     @classmethod
     def from_model_config(cls, cfg: MaskSCConfig, **overrides) -> "TrainConfig":
@@ -235,7 +242,7 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
         if run_dir is None:
             raise ValueError("resume=True needs checkpoint_dir; pass the run directory to resume from.")
         if (run_dir / "last").exists():
-            start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result)
+            start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result, steps_per_epoch)
             if _is_main():  # a finished run writes nothing more: its model is the last checkpoint
                 result.checkpoint = str(run_dir / (run_dir / "last").resolve().name)
             log.info("resumed from %s at epoch %d (step %d)", run_dir / "last", start_epoch, step)
@@ -327,8 +334,14 @@ def check_resumable(run_dir: str | os.PathLike, model_cfg: MaskSCConfig, cfg: Tr
 _NEW_DIR = "(model_dir= in Python, -o on the command line)"
 
 
-def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult):
+def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult,
+             steps_per_epoch: int):
     check_resumable(run_dir, core.cfg, cfg)
+    saved_steps = ckpt.load_training_state(run_dir)[1].get("steps_per_epoch", steps_per_epoch)
+    if saved_steps != steps_per_epoch:
+        raise CheckpointError(f"cannot resume: the run in {run_dir} took {saved_steps} steps per epoch and this data "
+                              f"gives {steps_per_epoch}, so the schedule and masking would not continue the run; "
+                              f"resume on the cells it was trained on, or use a new model directory {_NEW_DIR}.")
     try:
         core.load_state_dict(ckpt.load_state_dict(run_dir), strict=True)
     except RuntimeError as exc:

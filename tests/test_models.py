@@ -302,6 +302,9 @@ def test_contrastive_architecture_matches_authors():
     model.eval()
     out = model(torch.randn(7, 500))
     torch.testing.assert_close(out.norm(dim=1), torch.ones(7))
+    lone = ContrastiveSC(ContrastiveConfig(n_input=20, layers=(8,))).eval()  # one layer is the output layer
+    assert not any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.ReLU)) for m in lone.modules())
+    assert (lone(torch.randn(50, 20)) < 0).any()  # not squashed through a ReLU
 
 
 def test_fit_teacher_freezes_and_separates_fragments(monkeypatch):
@@ -402,6 +405,23 @@ def test_config_sizes_must_be_positive_before_divisibility(field, value):
 def test_config_grid_sides_must_be_positive():
     with pytest.raises(ValueError, match="grid_shape=.*two positive integers"):
         TINY.replace(grid_shape=(0, 8))  # 0 is divisible by the patch, so only this check catches it
+
+
+def test_config_refuses_what_would_fail_or_learn_nothing_later():
+    """Each of these built a model that failed at its first step (after the teacher had trained)
+    or trained on nothing without an error."""
+    with pytest.raises(ValueError, match="must be multiples of 4 for the sin-cos position embedding over the 2-D"):
+        TINY.replace(embed_dim=6, num_heads=2)  # 2-D positions give each grid axis half the channels
+    with pytest.raises(ValueError, match="must be multiples of 2"):
+        TINY.replace(ime=False, decoder_dim=5, decoder_heads=1)
+    assert TINY.replace(ime=False, embed_dim=6, num_heads=2).embed_dim == 6  # 1-D positions need only even widths
+    with pytest.raises(ValueError, match=r"mask_ratio=0.01 masks no patch of 16 .* fix: mask_ratio >= 0.0312"):
+        TINY.replace(mask_ratio=0.01)
+    with pytest.raises(ValueError, match="layout='bogus'"):
+        TINY.replace(layout="bogus")
+    with pytest.raises(ValueError, match="mlp_ratio=-1"):
+        TINY.replace(mlp_ratio=-1)
+    assert TINY.replace(grid_shape=[8, 8]).grid_shape == (8, 8)  # a list (from JSON) is the tuple
 
 
 def test_paper_preset_matches_the_paper():

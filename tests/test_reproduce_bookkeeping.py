@@ -76,6 +76,17 @@ def test_table_names_layout_and_size_where_they_differ_from_the_preset():
     assert "embed_dim 64, depth 2" in lines["small"] and "layout" not in lines["small"]
 
 
+def test_a_group_run_on_two_devices_names_both_with_their_own_wall_times():
+    """Seeds of one row filled in on another machine: the row must not carry the first run's
+    device for all of them, nor average a GPU's wall time with a CPU's."""
+    rows = [{**_row("masksc", seed=s), "silhouette": 0.1, "wall_s": w, "device": d}
+            for s, w, d in ((0, 100.0, "NVIDIA H200"), (1, 1400.0, "CPU (2 cores)"), (2, 1300.0, "CPU (2 cores)"))]
+    line = next(x for x in reproduce.markdown({"runs": rows}, reproduce.TABLE1, "t").splitlines()
+                if x.startswith("| pbmc"))
+    assert "| 0,1,2 | 100 / 1350 | NVIDIA H200 ×1, CPU (2 cores) ×2 |" in line
+    assert reproduce._devices(rows) == "CPU (2 cores), NVIDIA H200"
+
+
 def test_a_row_of_an_earlier_preset_is_not_the_preset_s_row():
     """A row trained with another value of a field the setting column does not show (here the
     learning rate) is neither skipped as done nor grouped with the preset's rows; the table names it."""

@@ -172,6 +172,8 @@ def test_resume_refuses_different_settings(tmp_path):
                                               r"mask_ratio: saved 0.5, requested 0.6\)"):
         m = MaskSC(CFG.replace(med=False, embed_dim=32, mask_ratio=0.6))
         train(m, X, tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+    with pytest.raises(CheckpointError, match=r"took 3 steps per epoch and this data gives 6"):  # twice the cells
+        train(make(), sp.vstack([X, X]).tocsr(), tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
 
 
 @pytest.mark.parametrize("key, value", [("seed", 1), ("epochs", 3), ("lr", 1e-3), ("warmup_epochs", 0.5),
@@ -397,13 +399,26 @@ def test_fit_teacher_overrides_train_the_teacher_fit_masksc_trains_from_that_con
 
 
 def test_train_config_refuses_values_that_cannot_train():
-    for key, value in (("epochs", 0), ("epochs", -3), ("batch_size", 0), ("checkpoint_every", 0),
-                       ("keep_checkpoints", -1)):
-        with pytest.raises(ValueError, match=f"{key}={value} must be >= "):
+    """Refused where the config is made, not once AdamW is built after the teacher has trained,
+    and never silently reinterpreted (a negative clip would turn clipping off)."""
+    for key, value in (("epochs", 0), ("epochs", -3), ("epochs", 2.5), ("batch_size", 0), ("checkpoint_every", 0),
+                       ("keep_checkpoints", -1), ("num_workers", -1)):
+        with pytest.raises(ValueError, match=f"{key}={value} must be an integer >= "):
             tcfg(**{key: value})
+    for key, value, message in (("lr", -1.0, "lr=-1.0 must be a number > 0"), ("lr", float("nan"), "lr=nan"),
+                                ("clip", -1.0, r"clip=-1.0 must be a number >= 0 \(0: no clipping\)"),
+                                ("warmup_epochs", -1.0, "warmup_epochs=-1.0 must be"),
+                                ("betas", (0.9, 1.5), r"betas=\(0.9, 1.5\) must be two numbers in \[0, 1\)"),
+                                ("weight_decay", -0.1, "weight_decay=-0.1"), ("min_lr_ratio", 2.0, "min_lr_ratio=2.0")):
+        with pytest.raises(ValueError, match=message):
+            tcfg(**{key: value})
+        if key != "min_lr_ratio":  # the preset carries the same recipe fields
+            with pytest.raises(ValueError, match=message):
+                CFG.replace(**{key: value})
     cfg = tcfg(betas=(0.8, 0.9))
     assert TrainConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
     assert cfg.replace(epochs=7).epochs == 7
+    assert tcfg(betas=[0.8, 0.9]) == cfg  # a list is the tuple, so a run started with one resumes
 
 
 def test_train_refuses_a_directory_holding_a_run_without_resume(tmp_path):
@@ -455,7 +470,7 @@ def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monke
     adata, tiny = _tiny_fit_args()
     afile = tmp_path / "notes.txt"
     afile.write_text("the user's file")
-    with pytest.raises(ValueError, match="epochs=0 must be >= 1"):
+    with pytest.raises(ValueError, match="epochs=0 must be an integer >= 1"):
         tl.fit(adata, "demo", epochs=0, **tiny)
     with pytest.raises(ValueError, match=r"device 'cuda:99'.*fix: pass"):
         tl.fit(adata, "demo", epochs=1, **{**tiny, "device": "cuda:99"})

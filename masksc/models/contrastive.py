@@ -93,7 +93,8 @@ class ContrastiveSC(nn.Module):
         dims = [cfg.n_input, *cfg.layers]
         self.drop = nn.Dropout(cfg.dropout)
         self.fc1 = nn.Linear(dims[0], dims[1])
-        rest: list[nn.Module] = [nn.BatchNorm1d(dims[1]), nn.ReLU()]
+        # hidden layers end in BatchNorm + ReLU, the output layer is plain (a lone layer is the output)
+        rest: list[nn.Module] = [nn.BatchNorm1d(dims[1]), nn.ReLU()] if len(dims) > 2 else []
         for i in range(1, len(dims) - 1):
             rest.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2:

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from masksc import ops
+from masksc.data.grid import ORDERS
 from masksc.models.contrastive import ContrastiveSC
 from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 
@@ -30,7 +31,25 @@ CONFIG_VERSION = 1
 POOLS = ("mean", "cls", "target")
 # Integer size fields and their smallest value, checked before the divisibility rules that use them.
 _SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 0, "num_heads": 1, "decoder_dim": 1, "decoder_depth": 0,
-                "decoder_heads": 1, "target_dim": 1, "epochs": 0, "batch_size": 1}
+                "decoder_heads": 1, "target_dim": 1, "epochs": 1, "batch_size": 1}
+
+
+def check_recipe(lr, weight_decay, betas, warmup_epochs, clip) -> None:
+    """Refuse optimisation settings AdamW would reject late (after the teacher has trained) or
+    silently misuse (a negative clip turning clipping off, a negative warm-up)."""
+    bad = []
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        bad.append(f"lr={lr!r} must be a number > 0")
+    if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
+        bad.append(f"weight_decay={weight_decay!r} must be a number >= 0")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        bad.append(f"betas={tuple(betas)!r} must be two numbers in [0, 1)")
+    if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs < math.inf):
+        bad.append(f"warmup_epochs={warmup_epochs!r} must be a number >= 0")
+    if not (isinstance(clip, (int, float)) and 0 <= clip < math.inf):
+        bad.append(f"clip={clip!r} must be a number >= 0 (0: no clipping)")
+    if bad:
+        raise ValueError("; ".join(bad) + ".")
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,8 @@ class MaskSCConfig:
     clip: float = 1.0
 
     def __post_init__(self):
+        object.__setattr__(self, "grid_shape", tuple(self.grid_shape))  # a list from JSON or a user: hashable
+        object.__setattr__(self, "betas", tuple(self.betas))
         for name, least in _SIZE_FIELDS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -78,8 +99,23 @@ class MaskSCConfig:
                              "sides are multiples of the patch size.")
         if self.embed_dim % self.num_heads or self.decoder_dim % self.decoder_heads:
             raise ValueError("embed_dim / decoder_dim must be divisible by num_heads / decoder_heads.")
+        step = 4 if self.ime else 2  # sin-cos positions: half the channels per grid axis (IME), sin and cos
+        if self.embed_dim % step or self.decoder_dim % step:
+            raise ValueError(f"embed_dim={self.embed_dim} and decoder_dim={self.decoder_dim} must be multiples of "
+                             f"{step} for the sin-cos position embedding{' over the 2-D grid' if self.ime else ''}.")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be > 0.")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio={self.mask_ratio} must be in (0, 1).")
+        if self.n_keep >= self.n_patches:
+            raise ValueError(f"mask_ratio={self.mask_ratio} masks no patch of {self.n_patches} (it keeps "
+                             f"round({self.n_patches} * (1 - mask_ratio)) = {self.n_keep}), so there is nothing to "
+                             f"predict; fix: mask_ratio >= {0.5 / self.n_patches:.3g}.")
+        if self.layout not in ORDERS:
+            raise ValueError(f"layout={self.layout!r}; choose one of {ORDERS}.")
+        if not self.target_scale >= 0:
+            raise ValueError(f"target_scale={self.target_scale!r} must be >= 0 (0: sqrt(target_dim)).")
+        check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
         if self.target_fragment not in FRAGMENTS:
             raise ValueError(f"target_fragment={self.target_fragment!r}; choose one of {FRAGMENTS}.")
         if self.pool not in POOLS:
