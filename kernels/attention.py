@@ -43,8 +43,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           "Cast them to a common dtype.")
     devices = {t.device for t in (q, k, v, key_padding_mask) if t is not None}
     if len(devices) > 1:
-        raise MaskscError("attention expects q, k, v and key_padding_mask on one device; got "
-                          f"{sorted(map(str, devices))}. Move them with .to(q.device).")
+        raise MaskscError("attention: q, k, v and key_padding_mask must be on one device, got "
+                          f"{sorted(map(str, devices))}; fix: move them with .to(q.device).")
     if key_padding_mask is not None:
         B, _, L, _ = q.shape
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, L):

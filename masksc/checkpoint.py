@@ -77,7 +77,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
     """
     model = _unwrap(model)
     path = check_output(path, folder=True)
-    if path.is_symlink() or (path.exists() and not _is_checkpoint(path)):
+    if path.is_symlink() or (path.exists() and any(path.iterdir()) and not _is_checkpoint(path)):
         what = "a symlink" if path.is_symlink() else "a folder that is not a masksc checkpoint"
         raise CheckpointError(f"{path} is {what}, and saving there would delete what it holds; fix: save to a new "
                               "directory (or to an existing checkpoint, which is replaced).")

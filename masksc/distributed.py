@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # Rank 0 alone streams the preprocessing statistics and trains the teacher while the other
 # ranks wait in a collective; on a 10^7-cell atlas that is far longer than torch's default.
 DEFAULT_TIMEOUT = datetime.timedelta(hours=6)
+SHUTDOWN_WAIT = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,12 @@ def init_from_env(device: str | torch.device | None = None,
 def shutdown() -> None:
     """Leave the process group if this process joined one. Under gloo the ranks first meet once
     more, so none tears its connections down while a peer is still using them (a rank leaving
-    early could abort another at exit); a peer that is gone already is not waited for."""
+    early could abort another at exit). A peer that is gone already is not waited for; one still
+    working (rank 0 writing a large output) is, for up to ``SHUTDOWN_WAIT``."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "gloo":
             with contextlib.suppress(RuntimeError):
-                dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+                dist.monitored_barrier(timeout=SHUTDOWN_WAIT)
         dist.destroy_process_group()
 
 

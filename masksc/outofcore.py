@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
+from masksc.data.preprocess import PROFILE_SAMPLE_CELLS
 from masksc.data.stream import check_not_backed_view
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders
@@ -44,7 +45,6 @@ from masksc.progress import progress_bar
 log = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "X_masksc"
-PROFILE_CHECK_CELLS = 1000  # cells read at once for the gene-profile check of a blockwise pass
 
 
 class RowReader:
@@ -135,10 +135,14 @@ def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, va
 
 def _check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
     """Blocks are transformed one at a time, each too small for the gene-profile check when the
-    chunk size is small; check the first ``PROFILE_CHECK_CELLS`` cells of ``start .. stop-1`` at once."""
-    b = min(stop, start + PROFILE_CHECK_CELLS)
-    if b > start:
-        preprocessor.check_gene_profile(reader.rows(start, b), reader.var_names, f" in cells {start}..{b - 1}")
+    chunk size is small; check the first ``PROFILE_SAMPLE_CELLS`` cells of ``start .. stop-1`` at
+    once. Reads nothing for named genes; leaves no file handle open (readers fork into workers)."""
+    b = min(stop, start + PROFILE_SAMPLE_CELLS)
+    if b > start and preprocessor.needs_profile_check():
+        try:
+            preprocessor.check_gene_profile(reader.rows(start, b), reader.var_names, f" in cells {start}..{b - 1}")
+        finally:
+            reader.close()
 
 
 def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -386,7 +390,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
 
     ctx = dist or distributed.context()
     output = Path(output)
-    if output.suffix not in (".npy", ".h5ad"):
+    if output.suffix.lower() not in (".npy", ".h5ad"):
         raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
     reader = RowReader(source, layer)
     check_output(output, reader.path)
@@ -406,9 +410,9 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         if ctx.is_main:
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
         ctx.barrier()
-        Z = np.lib.format.open_memmap(tmp, mode="r+")
-        a, b = distributed.shard_range(n, ctx.rank, ctx.world_size)
-        with ctx.together():  # bad cells in one rank's shard stop every rank with a message
+        with ctx.together():  # bad cells in one rank's shard (or no shared folder) stop every rank with a message
+            Z = np.lib.format.open_memmap(tmp, mode="r+")
+            a, b = distributed.shard_range(n, ctx.rank, ctx.world_size)
             embed_rows(model.network, reader, model.preprocessor, model.grid, Z, a, b, batch_size=batch_size,
                        chunk_size=chunk_size, device=device if device is not None else ctx.device, amp=amp,
                        progress=progress and ctx.is_main)
@@ -417,7 +421,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         if not ctx.is_main:
             return None
         _fsync(tmp)
-        if output.suffix == ".npy":
+        if output.suffix.lower() == ".npy":
             os.replace(tmp, output)
         else:
             from masksc.io_utils import atomic_write

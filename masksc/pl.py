@@ -51,8 +51,8 @@ def _panels(ax, path, n: int, width: float, height: float):
     if path is not None:
         raise ValueError("ax= draws into your own figure, which you save; pass path=None with it.")
     if n != 1:
-        raise DataError(f"ax= takes one panel, but there are {n} colourings; pass a single color_by, or no ax "
-                        "for a figure of one panel per colouring.")
+        raise ValueError(f"ax= takes one panel, but there are {n} colourings; pass a single color_by, or no ax "
+                         "for a figure of one panel per colouring.")
     return ax.figure, [ax]
 
 
@@ -170,7 +170,7 @@ def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float)
         if 1 < len(cats) + missing.any() <= MAX_LEGEND:
             ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8,
                       markerscale=max(1.0, 6.0 / math.sqrt(size)), ncol=1 if len(cats) <= 15 else 2)
-        elif len(cats) > MAX_LEGEND:
+        elif len(cats) + missing.any() > MAX_LEGEND:
             title = f"{title} ({len(cats)} categories, no legend)"
     ax.set_title(title)
     ax.set_xticks([])

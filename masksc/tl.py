@@ -139,14 +139,15 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     (``method``, ``n_neighbors``, ``resolution``, ``metric``, ``use_gpu``, and k-means settings
     such as ``n_init``)."""
     _check_adata(adata, "cluster", needs_x=False)
-    previous = adata.uns.get("masksc", {}).get("cluster", {}).get("key")
-    if key_added in adata.obs and key_added not in (CLUSTER_KEY, previous):
+    written = adata.uns.get("masksc", {}).get("cluster", {}).get("keys_written", [])
+    if key_added in adata.obs and key_added != CLUSTER_KEY and key_added not in written:
         raise DataError(f"adata.obs[{key_added!r}] exists and was not written by masksc.tl.cluster (it may be your "
                         "labels); fix: key_added= a new column name (--key-added), or delete that column first.")
     labels = _cluster.cluster_embedding(_embedding(adata, use_rep), k=k, seed=seed, **kwargs)
     names = [str(c) for c in np.unique(labels)]  # numeric order ("2" before "10"), as scanpy's leiden
     adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str), categories=names)
-    _record(adata, "cluster", {"k": k, "use_rep": use_rep, "key": key_added, "seed": seed, "n_clusters": len(names)})
+    _record(adata, "cluster", {"k": k, "use_rep": use_rep, "key": key_added, "seed": seed, "n_clusters": len(names),
+                               "keys_written": sorted({*written, key_added})})
 
 
 def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,

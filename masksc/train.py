@@ -337,7 +337,8 @@ _NEW_DIR = "(model_dir= in Python, -o on the command line)"
 def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult,
              steps_per_epoch: int):
     check_resumable(run_dir, core.cfg, cfg)
-    saved_steps = ckpt.load_training_state(run_dir)[1].get("steps_per_epoch", steps_per_epoch)
+    opt_state, state = ckpt.load_training_state(run_dir)
+    saved_steps = state.get("steps_per_epoch", steps_per_epoch)
     if saved_steps != steps_per_epoch:
         raise CheckpointError(f"cannot resume: the run in {run_dir} took {saved_steps} steps per epoch and this data "
                               f"gives {steps_per_epoch}, so the schedule and masking would not continue the run; "
@@ -347,7 +348,6 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
     except RuntimeError as exc:
         raise CheckpointError(f"the weights in {run_dir} don't fit the model ({exc}); use a new model directory "
                               f"{_NEW_DIR}.") from exc
-    opt_state, state = ckpt.load_training_state(run_dir)
     optimizer.load_state_dict(opt_state["optimizer"])
     if opt_state.get("scheduler") is not None:
         scheduler.load_state_dict(opt_state["scheduler"])

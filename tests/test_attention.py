@@ -126,7 +126,7 @@ def test_bad_inputs_raise():
         flash_attention(*_qkv(1, 1, 2, 160))
     with pytest.raises(MaskscError, match="1 <= Dh <= 128"):
         flash_attention(*_qkv(1, 1, 2, 0))
-    with pytest.raises(MaskscError, match=r"on one device; got \['.*', 'meta'\]"):
+    with pytest.raises(MaskscError, match=r"on one device, got \['.*', 'meta'\]; fix: move them"):
         attention_torch(q, k, v, torch.zeros(1, 4, dtype=torch.bool, device="meta"))
 
 

@@ -22,12 +22,6 @@ TINY = ["--preset", "demo", "--epochs", "2", "--grid", "16x16", "--batch-size", 
         "--teacher-set", "temperature=0.5", "--device", "cpu"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -52,7 +46,15 @@ def test_help_lists_the_commands():
         assert f"    {command} " in out.stdout
 
 
-def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys):
+@pytest.fixture
+def umask_022():
+    """A umask under which mkstemp's 0600 differs from a plain file's mode (0644)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys, umask_022):
     data, before, model = trained
     config = json.loads((model / "last" / "config.json").read_text())
     assert config["teacher_config"]["epochs"] == 2 and config["teacher_config"]["temperature"] == 0.5
@@ -63,14 +65,14 @@ def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys):
     assert E.X is None                                            # out-of-core output: obs + obsm only
     record = E.uns["masksc"]["embed"]
     assert record["config"]["pool"] == "mean" and record["layer"] is None
-    assert oct(emb.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert oct(emb.stat().st_mode & 0o777) == "0o644"
     assert main(["embed", str(data), "--model", str(model), "-o", str(tmp_path / "emb.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "emb.npy"), E.obsm["X_masksc"])
     renamed = tmp_path / "cells.dat"  # a name only --format can place
     renamed.write_bytes(data.read_bytes())
     assert main(["embed", str(renamed), "--format", "h5ad", "--model", str(model), "-o", str(tmp_path / "d.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), E.obsm["X_masksc"])
-    assert oct((tmp_path / "emb.npy").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
+    assert oct((tmp_path / "emb.npy").stat().st_mode & 0o777) == "0o644"  # not mkstemp's 0600
 
     clustered = tmp_path / "clustered.h5ad"
     assert main(["cluster", str(emb), "-k", "3", "-o", str(clustered)]) == 0

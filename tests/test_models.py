@@ -415,8 +415,9 @@ def test_config_refuses_what_would_fail_or_learn_nothing_later():
     with pytest.raises(ValueError, match="must be multiples of 2"):
         TINY.replace(ime=False, decoder_dim=5, decoder_heads=1)
     assert TINY.replace(ime=False, embed_dim=6, num_heads=2).embed_dim == 6  # 1-D positions need only even widths
-    with pytest.raises(ValueError, match=r"mask_ratio=0.01 masks no patch of 16 .* fix: mask_ratio >= 0.0312"):
+    with pytest.raises(ValueError, match=r"mask_ratio=0.01 masks no patch of 16 .* fix: mask_ratio >= 0.0625"):
         TINY.replace(mask_ratio=0.01)
+    assert TINY.replace(mask_ratio=1 / 16).n_keep == 15  # the value the message names works
     with pytest.raises(ValueError, match="layout='bogus'"):
         TINY.replace(layout="bogus")
     with pytest.raises(ValueError, match="mlp_ratio=-1"):

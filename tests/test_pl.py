@@ -120,7 +120,7 @@ def test_single_panels_draw_into_the_callers_axes(tmp_path):
     assert left.get_title() == "cluster" and len(left.collections) == 3 and right.get_ylabel() == "loss"
     fig.savefig(tmp_path / "mine.png")
     _png(tmp_path / "mine.png", min_w=600)
-    with pytest.raises(DataError, match="ax= takes one panel, but there are 2 colourings"):
+    with pytest.raises(ValueError, match="ax= takes one panel, but there are 2 colourings"):
         pl.embedding(Z, {"a": y, "b": y}, method="tsne", ax=left)
     with pytest.raises(ValueError, match="pass path=None with it"):
         pl.loss_curve([1.0], tmp_path / "x.png", ax=right)

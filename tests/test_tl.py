@@ -144,7 +144,8 @@ def test_clusters_never_replace_the_users_columns_nor_score_against_themselves(f
         tl.cluster(ad, k=3, key_added="label")
     assert ad.obs["label"].equals(truth)
     tl.cluster(ad, k=3, key_added="mine")
-    tl.cluster(ad, k=2, key_added="mine")  # its own column: replaced
+    tl.cluster(ad, k=3, key_added="other")
+    tl.cluster(ad, k=2, key_added="mine")  # a column it wrote, if not last: replaced
     assert ad.obs["mine"].nunique() == 2
     assert tl.evaluate(ad, cluster_key="mine")["ari"] < 1.0
     with pytest.raises(DataError, match="scored against themselves"):

@@ -282,7 +282,7 @@ def _read_table(path, fmt="csv", transpose=False, **_):
         body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
     except pd.errors.EmptyDataError:  # a header and no rows
         body = pd.DataFrame()
-    check_not_empty(np.empty((len(body), max(body.shape[1] - 1, 0))))
+    check_not_empty(np.broadcast_to(np.float32(0), (len(body), max(body.shape[1] - 1, 0))))  # shape only
     n_values = body.shape[1] - 1
     if len(header) not in (n_values, n_values + 1):
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "

@@ -46,12 +46,19 @@ COUNTS_WHOLE_FRACTION = 0.5
 # correlation between new cells' and the training cells' per-gene detection rates the columns are
 # not the same genes (same genes: r >= 0.83 even for a single PBMC type; other genes: r ~ 0).
 PROFILE_MIN_SPEARMAN = 0.5
+PROFILE_SAMPLE_CELLS = 1000  # the first cells the detection profile is checked on (at least PROFILE_MIN_CELLS)
 PROFILE_MIN_CELLS = 50
 ZERO_CELLS_FIX = ("fix: remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1), and for the command "
                   "line write the result to a new .h5ad (a Preprocessor(min_counts=1) of your own drops them "
                   "with a warning).")
 _PARAMS = ("n_top_genes", "target_sum", "log1p", "scale", "max_value", "hvg_flavor", "min_counts",
            "min_cells", "input", "span", "n_bins", "chunk_size")
+
+
+def _mostly_whole(X: sp.csr_matrix) -> bool:
+    """Whether more than COUNTS_WHOLE_FRACTION of the non-zero values are whole numbers: counts,
+    even when not all are (log1p of normalised counts is almost never whole)."""
+    return bool(X.nnz) and float(np.mean(X.data == np.round(X.data))) > COUNTS_WHOLE_FRACTION
 
 
 class Preprocessor:
@@ -102,9 +109,8 @@ class Preprocessor:
             return self.input
         if integer:
             return "counts"
-        whole = X.data == np.round(X.data)
-        if whole.mean() > COUNTS_WHOLE_FRACTION:
-            odd = X.data[~whole]
+        if _mostly_whole(X):
+            odd = X.data[X.data != np.round(X.data)]
             raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values in the first "
                             f"chunk are not whole numbers (e.g. {odd[0]:g}); fix: pass integer raw counts "
                             "(round corrected counts, e.g. after ambient-RNA removal); for log-normalised data "
@@ -127,7 +133,7 @@ class Preprocessor:
             looks_like = None
             if X.data.max() > LOG_MAX:
                 looks_like = f"values up to {X.data.max():g}"
-            elif self.input == "auto" and np.mean(X.data == np.round(X.data)) > COUNTS_WHOLE_FRACTION:
+            elif self.input == "auto" and _mostly_whole(X):
                 # shallow counts stay under LOG_MAX; log1p of normalised counts is almost never whole
                 looks_like = "whole-number values"
             if looks_like:
@@ -267,7 +273,7 @@ class Preprocessor:
                  "measured can be a zero column)")
         return np.sort(cols[cols >= 0])
 
-    def _profile_checked(self) -> bool:
+    def needs_profile_check(self) -> bool:
         """Whether data must pass the detection-profile check: genes matched by position only."""
         return self.detection_ is not None and has_synthesised_names(self.genes_)
 
@@ -279,7 +285,7 @@ class Preprocessor:
         than ``PROFILE_MIN_CELLS`` kept cells. ``where`` names the cells in the error. Values are
         not validated here: the transform of each block does that and names the bad cells."""
         self._check_fitted()
-        if not self._profile_checked():
+        if not self.needs_profile_check():
             return
         idx = self._gene_index(pd.Index(var_names))
         with warnings.catch_warnings():  # missing library genes: the transform that follows warns once
@@ -312,22 +318,27 @@ class Preprocessor:
         matched by position, so the per-gene detection rates of the first chunk with at least
         ``PROFILE_MIN_CELLS`` cells must correlate with ``detection_`` (Spearman r >= 0.5 over
         ``genes_``), else a DataError; fewer cells than that are not checked. The first chunks are
-        gathered until they hold that many cells, so small chunks do not skip the check."""
+        gathered up to ``PROFILE_SAMPLE_CELLS`` cells (or all there are), so small chunks do not skip
+        the check and every path checks the same sample."""
         self._check_fitted()
         src = open_source(data)
         idx = self._gene_index(src.var_names)
         library_cols = self._library_columns(src.var_names)
-        check_profile = self._profile_checked()
-        gathered, n_gathered = [], 0
+        check_profile = self.needs_profile_check()
+        gathered, n_gathered, end = [], 0, 0
         for a, X in src.chunks(chunk_size or self.chunk_size):
-            where = f" in cells {a}..{a + X.shape[0] - 1}"
+            end = a + X.shape[0]
+            where = f" in cells {a}..{end - 1}"
             sums, keep = self._keep_cells(X, self.input_kind_, where, library_cols)
             if check_profile:
-                gathered.append(X[keep][:, idx])
-                n_gathered += int(keep.sum())
+                take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
+                gathered.append(X[:take][keep[:take]][:, idx])
+                n_gathered += int(keep[:take].sum())
+            if check_profile and (end >= PROFILE_SAMPLE_CELLS or end == src.n_obs):
                 if n_gathered >= PROFILE_MIN_CELLS:
-                    self._check_profile(sp.vstack(gathered, format="csr"), f" in cells 0..{a + X.shape[0] - 1}")
-                    check_profile, gathered = False, []
+                    self._check_profile(sp.vstack(gathered, format="csr"),
+                                        f" in cells 0..{min(end, PROFILE_SAMPLE_CELLS) - 1}")
+                check_profile, gathered = False, []
             n_zero = int((sums == 0).sum())
             if n_zero and not self.min_counts:
                 raise DataError(f"{n_zero} cells have zero counts{where}; {ZERO_CELLS_FIX}")

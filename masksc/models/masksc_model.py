@@ -110,7 +110,7 @@ class MaskSCConfig:
         if self.n_keep >= self.n_patches:
             raise ValueError(f"mask_ratio={self.mask_ratio} masks no patch of {self.n_patches} (it keeps "
                              f"round({self.n_patches} * (1 - mask_ratio)) = {self.n_keep}), so there is nothing to "
-                             f"predict; fix: mask_ratio >= {0.5 / self.n_patches:.3g}.")
+                             f"predict; fix: mask_ratio >= {1 / self.n_patches:.3g} (one patch in {self.n_patches}).")
         if self.layout not in ORDERS:
             raise ValueError(f"layout={self.layout!r}; choose one of {ORDERS}.")
         if not self.target_scale >= 0:
