@@ -171,19 +171,21 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                         "None for all cells (0 on the command line).")
     if model_dir is not None:
         ckpt.check_run_dir(model_dir, resume)
+    resume_from = None  # the run to continue: its transform, layout and teacher come back from it
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
-        _check_resumed_teacher(Path(model_dir), teacher_overrides)
-        check_resumable(model_dir, cfg, train_cfg)
+        resume_from = Path(model_dir)
+        _check_resumed_teacher(resume_from, teacher_overrides)
+        check_resumable(resume_from, cfg, train_cfg)
     if _streamed(adata) or ctx.distributed:
         reader = RowReader(adata, layer)
         _check_enough_cells(reader.n_obs)
-        return _fit_streaming(reader, preset, cfg, model_dir=model_dir, seed=seed, device=device,
-                              resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+        return _fit_streaming(reader, preset, cfg, model_dir=model_dir, resume_from=resume_from, seed=seed,
+                              device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
                               chunk_size=chunk_size, teacher_cells=teacher_cells,
                               teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx)
     _check_enough_cells(adata.n_obs)
-    return _fit_memory(with_layer(adata, layer), preset, cfg, train_cfg, seed=seed, progress=progress,
-                       teacher_overrides=teacher_overrides, min_cells=min_cells)
+    return _fit_memory(with_layer(adata, layer), preset, cfg, train_cfg, resume_from=resume_from, seed=seed,
+                       progress=progress, teacher_overrides=teacher_overrides, min_cells=min_cells)
 
 
 def _check_enough_cells(n: int) -> None:
@@ -193,14 +195,13 @@ def _check_enough_cells(n: int) -> None:
                         "pass more cells, or embed these with a model trained on a larger dataset.")
 
 
-def _fit_memory(adata, preset, cfg, train_cfg, *, seed, progress, teacher_overrides, min_cells):
+def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, teacher_overrides, min_cells):
     from masksc.train import fit_masksc
 
-    run_dir = Path(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
-    if train_cfg.resume and run_dir is not None and (run_dir / "last").exists():
+    if resume_from is not None:
         # the saved transform, not one refitted on this data: it continues the run exactly and
         # refuses data from another gene set, as a resumed streamed run does
-        bundle_meta = _saved_transform(run_dir)
+        bundle_meta = _saved_transform(resume_from)
         preprocessor = Preprocessor.from_dict(bundle_meta["preprocessor"])
         grid = GridLayout.from_dict(bundle_meta["grid"])
         X_grid = grid.to_grid(preprocessor.transform(adata).X)
@@ -270,24 +271,22 @@ def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_
     return TrainConfig.from_model_config(cfg, **kw)
 
 
-def _fit_streaming(reader, preset, cfg, *, model_dir, seed, device, resume, checkpoint_every, progress,
-                   chunk_size, teacher_cells, teacher_overrides, min_cells, ctx):
+def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device, resume, checkpoint_every,
+                   progress, chunk_size, teacher_cells, teacher_overrides, min_cells, ctx):
     from masksc.models.contrastive import ContrastiveSC
     from masksc.models.targets import fit_teacher
     from masksc.outofcore import StreamBatches, subsample_genes
     from masksc.train import resolve_device, seed_everything, train
 
     dev = ctx.device if ctx.distributed else resolve_device(device)
-    run_dir = Path(model_dir) if model_dir else None
-    resuming = bool(resume and run_dir is not None and (run_dir / "last").exists())
     teacher_cfg = _teacher_config(cfg, seed, None, teacher_overrides)
     teacher, meta = None, None
-    if resuming:
+    if resume_from is not None:
         # transform, layout and teacher come back with the checkpoint (the teacher's weights with
         # the model's), so a resumed run continues exactly where it stopped
-        meta = _saved_transform(run_dir)
+        meta = _saved_transform(resume_from)
         if cfg.med:
-            teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher
+            teacher = ckpt.build_model(ckpt.read_config(resume_from)).teacher
     else:
         with ctx.together():  # rank 0 alone prepares; an error there stops the ranks waiting for it
             if ctx.is_main:
