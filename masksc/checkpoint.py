@@ -9,15 +9,22 @@ A checkpoint is a directory::
     trainer_state.json   epoch, step, per-epoch losses, RNG states (training checkpoints only)
 
 It is written into a temporary sibling directory and renamed into place, so a crash never
-leaves a half-written checkpoint under the final name. A training run keeps its checkpoints as
+leaves a half-written checkpoint under the final name. A checkpoint already there is swapped
+with the new one in one atomic step on Linux (``renameat2(RENAME_EXCHANGE)``); where that is not
+available it is first moved into a ``.old-<name>-*`` sibling, and a crash between the two renames
+leaves it only there (loading ``path`` then names it). A training run keeps its checkpoints as
 ``<run>/epoch-000010/`` and an atomically swapped symlink ``<run>/last`` to the newest one.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +42,10 @@ from masksc.models.masksc_model import MaskSC, MaskSCConfig
 FORMAT = "masksc-checkpoint"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, OPTIMIZER, STATE = "config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+_ASIDE = "x"  # a checkpoint moved aside is .old-<name>-*/x
+# renameat2 errors meaning "no exchange here" (old kernel or C library, a filesystem without it)
+_NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def _unwrap(model: torch.nn.Module) -> MaskSC:
@@ -70,10 +81,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
     """Write a checkpoint directory at ``path`` atomically and return it.
 
     ``extra`` may hold ``preprocessor`` (Preprocessor.to_dict()), ``grid`` (GridLayout.to_dict())
-    and any other JSON-able meta. An existing checkpoint at ``path`` is replaced (moved aside,
-    the new one renamed in, then the old one deleted); anything else there (a file, a folder
-    that is not a checkpoint, such as a training run, or a symlink) is refused with a
-    CheckpointError rather than deleted.
+    and any other JSON-able meta. An existing checkpoint at ``path`` is replaced (see
+    ``_put_in_place``; then the old one is deleted); anything else there (a file, a folder that
+    is not a checkpoint, such as a training run, or a symlink) is refused with a CheckpointError
+    rather than deleted.
     """
     model = _unwrap(model)
     path = check_output(path, folder=True)
@@ -103,8 +114,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
         with open(tmp / WEIGHTS, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        old = _move_aside(path) if path.exists() or path.is_symlink() else None
-        os.replace(tmp, path)
+        old = _put_in_place(tmp, path)
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -122,11 +132,56 @@ def _is_checkpoint(path: Path) -> bool:
         return False
 
 
+@functools.cache
+def _renameat2():
+    """The C library's ``renameat2`` with its signature set, or None where there is none
+    (not Linux, or glibc older than 2.28)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows has no CDLL(None)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the names ``a`` and ``b`` (both existing) in one atomic step. Raises OSError: ENOSYS
+    where the C library has no ``renameat2``, EINVAL / EOPNOTSUPP (or ENOSYS) where the kernel
+    or the filesystem cannot exchange."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(a))
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _put_in_place(tmp: Path, path: Path) -> Path | None:
+    """Rename the finished checkpoint directory ``tmp`` to ``path`` and return where the directory
+    it replaced now is, for the caller to delete (None: ``path`` was free). The replacement is
+    one atomic exchange where the system has one, so a crash leaves the old or the new checkpoint
+    at ``path``; elsewhere the old one is moved aside first, and a crash between the two renames
+    leaves it only in a ``.old-*`` sibling (which ``resolve`` then names)."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return None
+    try:
+        _exchange(tmp, path)
+        return tmp
+    except OSError as exc:
+        if exc.errno not in _NO_EXCHANGE:
+            raise
+    old = _move_aside(path)
+    os.replace(tmp, path)
+    return old
+
+
 def _move_aside(path: Path) -> Path:
     """Rename ``path`` into a fresh ``.old-*`` sibling directory (one atomic step) and return that
     directory, so what is deleted next is never seen under a checkpoint name."""
     old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
-    os.replace(path, old / "x")
+    os.replace(path, old / _ASIDE)
     return old
 
 
@@ -186,6 +241,11 @@ def resolve(path: str | os.PathLike) -> Path:
     Raises CheckpointError when neither exists."""
     path = Path(path)
     if not path.exists():
+        aside = _moved_aside(path)
+        if aside is not None:
+            raise CheckpointError(f"no checkpoint at {path}, but {aside} holds a complete masksc checkpoint that an "
+                                  f"interrupted save moved aside; fix: rename it back (mv {shlex.quote(str(aside))} "
+                                  f"{shlex.quote(str(path))}).")
         raise CheckpointError(f"no checkpoint at {path}: the directory does not exist; pass the directory "
                               "`masksc fit -o` / train(checkpoint_dir=...) wrote.")
     if (path / CONFIG).is_file():
@@ -194,6 +254,19 @@ def resolve(path: str | os.PathLike) -> Path:
         return (path / "last").resolve()
     raise CheckpointError(f"{path} is not a masksc checkpoint (no {CONFIG}, no last/{CONFIG}); pass a checkpoint "
                           "directory or a training run directory.")
+
+
+def _moved_aside(path: Path) -> Path | None:
+    """The newest complete checkpoint that ``_move_aside`` left for ``path`` in a ``.old-*``
+    sibling (a save interrupted between its two renames), or None."""
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return None
+    pattern = re.escape(f".old-{path.name}-") + r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
+    found = [p / _ASIDE for p in siblings if re.fullmatch(pattern, p.name)]
+    found = [p for p in found if _is_checkpoint(p) and (p / WEIGHTS).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def read_config(path: str | os.PathLike) -> dict:

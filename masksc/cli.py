@@ -53,8 +53,9 @@ def _grid(text: str) -> tuple[int, int]:
 
 
 def _source(args):
-    """The input of fit/embed: the path itself when it can be streamed from disk (.h5ad, 10x .h5),
-    else the file read into memory (mtx, csv/tsv, scDeepCluster .h5)."""
+    """The input of fit/embed: the path itself when it is an .h5ad or 10x .h5 (the streaming reader
+    reads those it cannot stream into memory: a CSC X, a Cell Ranger v2 file, saying so), else the
+    file read into memory (mtx, csv/tsv, scDeepCluster .h5, or what only --format places)."""
     from masksc.data import read
     from masksc.data.io import detect_format
     path = Path(args.data)
@@ -150,7 +151,8 @@ def cmd_fit(args) -> int:
 
 def cmd_embed(args) -> int:
     """Stream the cells through the model chunk by chunk into OUT.h5ad (obs + obsm['X_masksc'], no X)
-    or OUT.npy; sharded over the ranks under torchrun. The input is never loaded whole."""
+    or OUT.npy; sharded over the ranks under torchrun. A streamable input is never loaded whole (see
+    _source); the output records the input file as its source."""
     from masksc import distributed
     from masksc.io_utils import check_output
     from masksc.pipeline import MaskSCModel
@@ -166,7 +168,7 @@ def cmd_embed(args) -> int:
         except ValueError as exc:
             raise MaskscError(f"--pool {args.pool}: {exc}") from exc
     out = model.embed_file(_source(args), args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                           device=device, dist=ctx, layer=args.layer)
+                           device=device, dist=ctx, layer=args.layer, source_path=args.data)
     if ctx.is_main:
         print(f"embedding of {model.config.embedding_dim} dims written to {out}")
     return 0
@@ -248,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cells per step (per process)")
     sp.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
                     help="override any preset field, e.g. --set embed_dim=64 --set depth=2 (repeatable)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the teacher, the model and the batches (default 0)")
+    sp.add_argument("--seed", type=_at_least(0), default=0,
+                    help="seed of the teacher, the model and the batches (default 0)")
     sp.add_argument("--checkpoint-every", dest="checkpoint_every", type=_at_least(1), default=None,
                     help="save a checkpoint every this many epochs (default 5; the last epoch is always saved)")
     sp.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("data", help=".h5ad written by `masksc embed`")
     sp.add_argument("-k", type=_at_least(1), default=None, help="number of clusters (k-means); omit for Leiden")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (the input is never modified)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of k-means / Leiden (default 0)")
+    sp.add_argument("--seed", type=_at_least(0), default=0, help="seed of k-means / Leiden (default 0)")
     sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=15,
                     help="Leiden (no -k): neighbours per cell in the kNN graph (default 15)")
     sp.add_argument("--resolution", type=_positive_float, default=1.0,
@@ -309,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="train on scanpy's bundled pbmc68k_reduced, cluster, score, plot")
     sp.add_argument("-o", "--output", default="masksc-demo", help="output folder (default ./masksc-demo)")
     sp.add_argument("--epochs", type=_at_least(1), default=None, help="override the demo preset's epochs")
-    sp.add_argument("--seed", type=int, default=0, help="seed of training and clustering (default 0)")
+    sp.add_argument("--seed", type=_at_least(0), default=0, help="seed of training and clustering (default 0)")
     sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     sp.set_defaults(func=cmd_demo)
     return p

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph  # noqa: F401  (sp.csgraph)
 from threadpoolctl import threadpool_limits
 
+from masksc.data.validate import beyond_float32
 from masksc.errors import DataError, MaskscError, warn
 from masksc.progress import progress_bar
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 IVF_MIN_CELLS = 100_000
 _SEARCH_CHUNK = 65_536
 _SMALL_WORK = 5e7  # below this many multiply-adds per pass FAISS runs on one thread
+_MAX_SEED = 2**63 - 1  # leidenalg takes seeds up to a C ssize_t
 
 
 def _faiss():
@@ -67,8 +69,10 @@ def _faiss_threads(work: float):
         faiss.omp_set_num_threads(before)
 
 
-def _check_embedding(Z, name: str = "Z") -> np.ndarray:
-    """Return ``Z`` as a C-contiguous float32 [n, d] array (a copy only when needed)."""
+def check_embedding(Z, name: str = "Z") -> np.ndarray:
+    """Return ``Z`` as a C-contiguous float32 [n, d] array (a copy only when needed); a DataError
+    naming the problem and fix when it is sparse, not 2-D, empty, not real-valued, NaN or
+    infinite, or holds values float32 cannot (``name`` is what the message calls it)."""
     if sp.issparse(Z):
         raise DataError(f"{name} is a sparse matrix; pass a dense embedding (e.g. adata.obsm['X_masksc']).")
     Z = np.asarray(Z)
@@ -79,11 +83,26 @@ def _check_embedding(Z, name: str = "Z") -> np.ndarray:
         raise DataError(f"{name} is empty (shape {Z.shape}); it needs at least one cell and one dimension.")
     if not np.issubdtype(Z.dtype, np.number) or np.issubdtype(Z.dtype, np.complexfloating):
         raise DataError(f"{name} must hold real numbers, got dtype {Z.dtype}.")
-    Z = np.ascontiguousarray(Z, dtype=np.float32)
+    # checked before the cast, which would turn a finite value beyond float32's range into inf
     if not np.isfinite(Z).all():
         bad = int((~np.isfinite(Z)).any(axis=1).sum())
         raise DataError(f"{name} has NaN or infinite values in {bad} row(s); drop or impute those cells first.")
-    return Z
+    big = beyond_float32(Z)
+    if big.any():
+        raise DataError(f"{name} has values too large for float32 (max 3.4e38; largest magnitude "
+                        f"{np.abs(Z[big]).max():.3g}) in {int(big.any(axis=1).sum())} row(s); fix: rescale it, "
+                        "e.g. divide it by its largest magnitude (all distances shrink alike, so the clusters "
+                        "stay), or drop those cells.")
+    return np.ascontiguousarray(Z, dtype=np.float32)
+
+
+def _check_seed(seed) -> int:
+    """``seed`` as an int; DataError unless it is an integer in [0, 2**63 - 1] (what numpy's,
+    FAISS's and leidenalg's generators all take)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
+        raise DataError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}; fix: pass a non-negative "
+                        "integer, e.g. seed=0.")
+    return int(seed)
 
 
 def _resolve_gpus(use_gpu: bool | None, ngpu: int | None) -> int:
@@ -172,7 +191,7 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
         np.int64 [n] cluster labels in 0..k-1, numbered by decreasing cluster size.
     """
     faiss = _faiss()
-    X = _check_embedding(Z)
+    X = check_embedding(Z)
     n, d = X.shape
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise DataError(f"k must be an integer in [1, n_cells={n}], got {k!r}.")
@@ -182,6 +201,7 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}.")
     if max_points_per_centroid is not None and max_points_per_centroid < 1:
         raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}.")
+    seed = _check_seed(seed)
     k = int(k)
     if k == 1:
         return np.zeros(n, dtype=np.int64)
@@ -327,7 +347,7 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
         distance with the cell itself in column 0 (distance 0). A neighbour an approximate
         index failed to return is index -1 with distance +inf.
     """
-    X = _check_embedding(Z)
+    X = check_embedding(Z)
     n = X.shape[0]
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
@@ -341,6 +361,7 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
                else "pass at least 2 cells (a kNN graph needs them)")
         raise DataError(f"n_neighbors (including the cell itself) must be an integer in [2, n_cells={n}], "
                         f"got {n_neighbors!r}; fix: {fix}.")
+    seed = _check_seed(seed)
     if metric == "cosine":
         norms = np.linalg.norm(X, axis=1, keepdims=True)
         if (norms == 0).any():
@@ -440,6 +461,21 @@ def fuzzy_connectivities(indices: np.ndarray, distances: np.ndarray) -> sp.csr_m
     return G.astype(np.float32)
 
 
+def knn_distances(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
+    """The kNN distances as scanpy's ``pp.neighbors`` stores them in ``obsp["distances"]``: row i
+    holds cell i's neighbours other than itself (and none an approximate index failed to return).
+
+    Args: indices int64 [n, k] and distances [n, k] from :func:`knn_search` (self in column 0).
+    Returns: scipy.sparse.csr_matrix float32 [n, n], not symmetric, at most k - 1 entries a row.
+    """
+    n, k = indices.shape
+    rows = np.repeat(np.arange(n), k)
+    cols = indices.ravel()
+    keep = (cols >= 0) & (cols != rows)
+    # explicit zeros are kept: a duplicate cell is a neighbour at distance 0
+    return sp.csr_matrix((distances.ravel()[keep].astype(np.float32), (rows[keep], cols[keep])), shape=(n, n))
+
+
 def knn_graph(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str = "auto",
               nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.95,
               use_gpu: bool | None = None, ngpu: int | None = None, seed: int = 0) -> sp.csr_matrix:
@@ -503,12 +539,13 @@ def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int | No
         raise ValueError(f"resolution must be > 0, got {resolution}.")
     if flavor not in LEIDEN_FLAVORS:
         raise ValueError(f"flavor must be one of {LEIDEN_FLAVORS}, got {flavor!r}.")
+    seed = _check_seed(seed)
     if flavor == "igraph":
         # Each undirected edge once; G + G.T keeps a non-symmetric graph's weight in both
         # directions and, for a symmetric one, doubles every weight, which leaves modularity as is.
         U = sp.triu(G + G.T).tocoo()
         g = ig.Graph(n=G.shape[0], edges=np.column_stack([U.row, U.col]).astype(np.int64), directed=False)
-        ig.set_random_number_generator(random.Random(int(seed)))
+        ig.set_random_number_generator(random.Random(seed))
         try:
             part = g.community_leiden(objective_function="modularity", weights=U.data.astype(np.float64),
                                       resolution=float(resolution), n_iterations=2 if n_iterations is None
@@ -523,7 +560,7 @@ def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int | No
     g = ig.Graph(n=G.shape[0], edges=np.column_stack([coo.row[nz], coo.col[nz]]).astype(np.int64), directed=directed)
     part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights=coo.data[nz].astype(np.float64),
                                     resolution_parameter=float(resolution),
-                                    n_iterations=-1 if n_iterations is None else n_iterations, seed=int(seed))
+                                    n_iterations=-1 if n_iterations is None else n_iterations, seed=seed)
     return _relabel_by_size(np.asarray(part.membership, dtype=np.int64))
 
 
@@ -575,7 +612,7 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
 
 def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int = 0, n_neighbors: int = 15,
                       resolution: float = 1.0, metric: str = "euclidean", use_gpu: bool | None = None,
-                      **kmeans_kw) -> np.ndarray:
+                      graph=None, **kmeans_kw) -> np.ndarray:
     """Cluster an embedding: k-means when ``k`` is given, kNN graph + Leiden when it is not.
 
     Args:
@@ -585,6 +622,8 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
         seed: seeds k-means, the kNN search and Leiden.
         n_neighbors, metric: kNN graph settings for Leiden. resolution: Leiden's when k is None.
         use_gpu: as in :func:`kmeans`.
+        graph: a kNN graph of these cells already built (e.g. :func:`knn_graph`, or a stored
+            ``adata.obsp`` graph) for Leiden to use instead of building one from ``Z``.
         kmeans_kw: passed to :func:`kmeans` (``n_init``, ``max_iter``, ...); a TypeError when
             Leiden is used, which would ignore them.
 
@@ -597,12 +636,19 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
     if method == "kmeans":
         if k is None:
             raise ValueError("method='kmeans' needs k; pass k or use method='leiden' to find clusters from the graph.")
+        if graph is not None:
+            raise TypeError("graph= is Leiden's input, but k-means clusters here; fix: drop graph=, or pass "
+                            "method='leiden' to search the graph's resolution for k clusters.")
         return kmeans(Z, k, seed=seed, use_gpu=use_gpu, **kmeans_kw)
     if kmeans_kw:
         raise TypeError(f"{sorted(kmeans_kw)} are k-means arguments, but Leiden clusters here (k={k!r}, "
                         "method='leiden'), which would ignore them; fix: drop them, or pass k (with "
                         "method='auto' or 'kmeans') to use k-means.")
-    graph = knn_graph(Z, n_neighbors=n_neighbors, metric=metric, use_gpu=use_gpu, seed=seed)
+    if graph is None:
+        graph = knn_graph(Z, n_neighbors=n_neighbors, metric=metric, use_gpu=use_gpu, seed=seed)
+    elif graph.shape != (len(Z), len(Z)):
+        raise DataError(f"graph is {graph.shape[0]} x {graph.shape[1]} but Z has {len(Z)} cells; fix: pass the graph "
+                        "built from these cells (knn_graph(Z)).")
     if k is None:
         return leiden(graph, resolution=resolution, seed=seed)
     return leiden_for_k(graph, k, seed=seed)[0]
@@ -649,7 +695,8 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
     """
     from sklearn.metrics import silhouette_score
 
-    X = _check_embedding(Z)
+    X = check_embedding(Z)
+    seed = _check_seed(seed)
     n = X.shape[0]
     pred = _as_labels(pred, n, "pred")
     n_clusters = len(np.unique(pred))

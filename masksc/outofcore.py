@@ -52,7 +52,8 @@ class RowReader:
 
     ``source``: an ``.h5ad`` path (X stored CSR or dense), a 10x HDF5 path (Cell Ranger v3), an
     AnnData opened ``backed="r"`` (read like its file), an in-memory AnnData, or any other path
-    :func:`masksc.data.read` accepts (read into memory: those formats cannot be streamed).
+    :func:`masksc.data.read` accepts; what cannot be streamed (those other formats, a Cell Ranger
+    v2 ``.h5``, an ``.h5ad`` whose X is stored CSC) is read into memory, with a log line saying why.
     ``layer``: read that layer instead of ``X`` (AnnData and ``.h5ad``).
     Attributes: ``n_obs``, ``var_names`` (pd.Index), ``obs`` (pd.DataFrame), ``streamed``
     (True when rows come from disk), ``chunks`` (the :class:`~masksc.data.ChunkSource`, for
@@ -73,8 +74,6 @@ class RowReader:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
         self.source = source if self.path is None else self.path  # never a backed AnnData's h5py handle
         self._src = open_source(self.source, layer)
-        if self.path is not None and not self.streamed:
-            log.info("%s cannot be streamed: it was read into memory", self.path)
         self.n_obs, self.var_names, self.obs = self._src.n_obs, self._src.var_names, self._src.obs
 
     @property
@@ -370,9 +369,13 @@ def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
 
 def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                device: str | torch.device | None = None, amp: bool = True, dist=None,
-               progress: bool = True, layer: str | None = None) -> Path | None:
+               progress: bool = True, layer: str | None = None,
+               source_path: str | os.PathLike | None = None) -> Path | None:
     """Embed every cell of ``source`` (path or AnnData; see :class:`RowReader`; its ``X`` or the
     layer ``layer``) with ``model`` (a ``masksc.pipeline.MaskSCModel``) into ``output``.
+    ``source_path``: the file an in-memory ``source`` was read from (default: the path of a path
+    or backed source); the ``.h5ad`` output records it as its source ("AnnData" without one), and
+    ``output`` may not be it.
 
     ``output`` ends in ``.npy`` (float32 [n_cells, D] in row order) or ``.h5ad`` (``obs`` of the
     input + ``obsm["X_masksc"]`` + ``uns["masksc"]``; no ``X``). Rows are written chunk by chunk
@@ -393,11 +396,12 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     if output.suffix.lower() not in (".npy", ".h5ad"):
         raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
     reader = RowReader(source, layer)
-    check_output(output, reader.path)
+    origin = Path(source_path) if source_path is not None else reader.path
+    check_output(output, origin)
     ckpt.check_genes(model.grid.to_dict(), reader.var_names)
     n, dim = reader.n_obs, model.network.cfg.embedding_dim
     if n == 0:
-        raise DataError(f"{reader.path or 'the data'} holds no cells; fix: pass a dataset with cells.")
+        raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")
     created, tmp, done = [], None, False
     if ctx.is_main:
         created = make_folders(output.parent)
@@ -426,7 +430,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         else:
             from masksc.io_utils import atomic_write
             uns = {"masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
-                                        "source": str(reader.path or "AnnData"), "n_cells": int(n),
+                                        "source": str(origin or "AnnData"), "n_cells": int(n),
                                         "layer": layer, "config": model.config.to_dict()}}}
             Z = np.lib.format.open_memmap(tmp, mode="r")
             with atomic_write(output, suffix=".h5ad") as out_tmp:

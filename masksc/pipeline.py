@@ -70,12 +70,7 @@ class MaskSCModel:
         """Load the model saved in ``path`` (a checkpoint directory or a training run directory,
         whose ``last`` checkpoint is used) onto ``device``. Raises CheckpointError when it is
         missing or broken, ValueError for a device this machine lacks, before reading anything."""
-        from masksc.train import resolve_device
-        device = resolve_device(device)
-        if device.type == "meta":
-            raise ValueError("device 'meta' holds no weights, so the model could not embed; fix: load onto cpu or "
-                             "cuda.")
-        network, config = ckpt.load_model(path, device=device)
+        network, config = ckpt.load_model(path, device=_weights_device(device))
         meta = config.get("meta") or {}
         if "preprocessor" not in meta or "grid" not in meta:
             from masksc.errors import CheckpointError
@@ -83,6 +78,13 @@ class MaskSCModel:
                                   "save it with masksc.tl.fit / `masksc fit`.")
         return cls(network, Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"]),
                    path=config["path"])
+
+    def to(self, device: str | torch.device) -> "MaskSCModel":
+        """Move the network (with its teacher) to ``device`` and return this model, as
+        ``nn.Module.to`` does; ``embed`` with ``device=None`` then runs there. Raises ValueError,
+        naming the fix, for a device this machine lacks or ``meta``, before moving anything."""
+        self.network.to(_weights_device(device))
+        return self
 
     def set_pool(self, pool: str) -> None:
         """Read cells out another way from now on (``mean``, ``cls`` or ``target``, see
@@ -113,14 +115,26 @@ class MaskSCModel:
 
     def embed_file(self, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                    device: str | torch.device | None = None, amp: bool = True, dist=None,
-                   progress: bool = True, layer: str | None = None) -> Path | None:
+                   progress: bool = True, layer: str | None = None,
+                   source_path: str | os.PathLike | None = None) -> Path | None:
         """Stream the cells of ``source`` (an .h5ad / 10x .h5 path or an AnnData; its ``X`` or the
         layer ``layer``) through the model into ``output`` (.npy or .h5ad with obs +
         obsm["X_masksc"]) without loading the dataset; sharded over the ranks of a distributed run.
+        ``source_path``: the file an in-memory ``source`` was read from, recorded as the source.
         See ``masksc.outofcore.embed_file``."""
         from masksc.outofcore import embed_file
         return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size, device=device,
-                          amp=amp, dist=dist, progress=progress, layer=layer)
+                          amp=amp, dist=dist, progress=progress, layer=layer, source_path=source_path)
+
+
+def _weights_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that can hold a model's weights: checked by
+    ``train.resolve_device``, and not ``meta`` (which holds no values, so nothing could embed)."""
+    from masksc.train import resolve_device
+    device = resolve_device(device)
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no weights, so the model could not embed; fix: use cpu or cuda.")
+    return device
 
 
 def _streamed(data) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from masksc.cluster import check_embedding
 from masksc.errors import DataError, warn
 from masksc.io_utils import atomic_write
 
@@ -118,9 +119,7 @@ def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.nd
         Z = _to_numpy(data)
     if Z.ndim != 2 or Z.shape[0] < 2:
         raise DataError(f"embedding must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
-    Z = Z.astype(np.float32, copy=False)
-    if not np.isfinite(Z).all():
-        raise DataError("embedding has NaN or infinite values; drop or impute those cells first.")
+    Z = check_embedding(Z, "embedding")  # NaN / inf, and values float32 cannot hold, named apart
     if not color_by:
         color_by = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
     if not isinstance(color_by, dict):

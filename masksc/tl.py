@@ -2,16 +2,20 @@
 
 - ``fit(adata, preset=...)`` -> a trained ``MaskSCModel``
 - ``embed(adata, model)`` -> ``adata.obsm["X_masksc"]``
+- ``neighbors(adata)`` -> the embedding's kNN graph in ``adata.obsp`` / ``adata.uns["masksc_neighbors"]``,
+  stored as scanpy's ``pp.neighbors`` stores one (``sc.tl.umap(adata, neighbors_key="masksc_neighbors")``)
 - ``cluster(adata, k=None)`` -> ``adata.obs["masksc_cluster"]``
 - ``evaluate(adata, label_key="label")`` -> ARI / NMI / silhouette (also in ``adata.uns["masksc"]``)
 
 Parameters of each step are recorded under ``adata.uns["masksc"]``. The expression matrix of
-``adata`` is never modified.
+``adata`` is never modified. ``embed``, ``neighbors`` and ``cluster`` take scanpy's ``copy=``:
+True leaves ``adata`` as it is and returns a copy holding the result.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-
+from collections.abc import Mapping
 from pathlib import Path
 
 import anndata as ad
@@ -28,6 +32,7 @@ from masksc.pipeline import fit as _fit
 
 EMBEDDING_KEY = "X_masksc"
 CLUSTER_KEY = "masksc_cluster"
+NEIGHBORS_KEY = "masksc_neighbors"
 
 
 _WRAP = "wrap the cells x genes matrix as anndata.AnnData(X) with var_names set to the gene names"
@@ -35,6 +40,8 @@ _WRAP = "wrap the cells x genes matrix as anndata.AnnData(X) with var_names set 
 _FIXES = {"fit": ("masksc.pipeline.fit(path, ...) or `masksc fit DATA -o DIR` to stream the file", _WRAP),
           "embed": ("model.embed_file(path, OUT) or `masksc embed DATA --model DIR -o OUT.h5ad` to stream it",
                     _WRAP),
+          "neighbors": ("`masksc cluster EMBEDDED.h5ad -o OUT.h5ad` (without -k it stores the graph)",
+                        "for an embedding matrix Z use masksc.cluster.knn_graph(Z)"),
           "cluster": ("`masksc cluster EMBEDDED.h5ad -o OUT.h5ad`",
                       "for an embedding matrix Z use masksc.cluster.cluster_embedding(Z, k)"),
           "evaluate": ("`masksc evaluate CLUSTERED.h5ad`",
@@ -47,6 +54,16 @@ def _record(adata, step: str, info: dict) -> None:
     runs = dict(adata.uns.get("masksc", {}))
     runs[step] = info
     adata.uns["masksc"] = runs
+
+
+def _target(adata, copy: bool):
+    """The AnnData a step writes into: ``adata`` itself, or (``copy``) a copy of it in memory."""
+    if not copy:
+        return adata
+    if adata.isbacked:
+        raise DataError("copy=True on an AnnData opened backed would read the whole file into memory; fix: "
+                        "adata = adata.to_memory() first, or copy=False to store the result on the backed object.")
+    return adata.copy()
 
 
 def _expression(adata, layer: str | None, use_raw: bool):
@@ -99,7 +116,7 @@ def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool =
 
 def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = None, use_raw: bool = False,
           key_added: str = EMBEDDING_KEY, batch_size: int = 1024, device: str | None = None,
-          progress: bool = True) -> None:
+          progress: bool = True, copy: bool = False):
     """Embed every cell of ``adata`` (an AnnData; its ``X``, ``adata.layers[layer]`` or, with
     ``use_raw``, ``adata.raw``: read what the model was fitted on) with ``model`` (a
     MaskSCModel or its directory) into ``adata.obsm[key_added]`` (float32 [n_cells,
@@ -107,7 +124,8 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
 
     ``batch_size``: cells per forward pass. ``device``: where to run; None runs a MaskSCModel
     where its weights are, and loads a directory onto CUDA when there is a GPU, else the CPU
-    (as ``masksc embed`` and ``tl.fit`` do). ``progress``: show a progress bar."""
+    (as ``masksc embed`` and ``tl.fit`` do). ``progress``: show a progress bar. ``copy``: return a
+    copy of ``adata`` with the embedding and leave ``adata`` as it is (else None is returned)."""
     from masksc.train import resolve_device
     _check_adata(adata, "embed", layer, needs_x=not use_raw)
     if not isinstance(model, (MaskSCModel, str, os.PathLike)):
@@ -115,10 +133,12 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
                         "fix: pass tl.fit's return value or its model_dir.")
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=resolve_device(device))
+    adata = _target(adata, copy)
     adata.obsm[key_added] = model.embed(_expression(adata, layer, use_raw), batch_size=batch_size, device=device,
                                         progress=progress, layer=layer)
     _record(adata, "embed", {"model": model.path, "layer": layer, "use_raw": use_raw, "key": key_added,
                              "config": model.config.to_dict()})
+    return adata if copy else None
 
 
 def _embedding(adata, use_rep: str) -> np.ndarray:
@@ -130,24 +150,119 @@ def _embedding(adata, use_rep: str) -> np.ndarray:
     return np.asarray(Z.toarray() if sp.issparse(Z) else Z, dtype=np.float32)
 
 
+def _graph_keys(key: str) -> tuple[str, str]:
+    """The ``obsp`` keys of the graph whose settings are ``uns[key]``, named as scanpy names them."""
+    return ("connectivities", "distances") if key == "neighbors" else (f"{key}_connectivities", f"{key}_distances")
+
+
+def _digest(Z: np.ndarray) -> str:
+    """A digest of the embedding's values, so a stored graph is reused only for the embedding it
+    was built from (a re-embedding keeps ``use_rep`` but changes every row)."""
+    return hashlib.blake2b(np.ascontiguousarray(Z).data, digest_size=16).hexdigest()
+
+
+def _computed_here(adata, key: str) -> bool:
+    stored = adata.uns.get(key)
+    return isinstance(stored, Mapping) and stored.get("params", {}).get("computed_by") == "masksc"
+
+
+def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, metric: str = "euclidean",
+              key_added: str = NEIGHBORS_KEY, seed: int = 0, use_gpu: bool | None = None, copy: bool = False):
+    """kNN graph of the embedding ``adata.obsm[use_rep]`` (FAISS, see ``masksc.cluster.knn_search``),
+    stored as scanpy's ``pp.neighbors(key_added=...)`` stores one, so scanpy's tools read it
+    (``sc.tl.umap(adata, neighbors_key="masksc_neighbors")``, ``sc.tl.leiden``, ``sc.tl.paga``):
+
+    - ``adata.obsp[key_added + "_connectivities"]``: UMAP fuzzy weights, symmetric float32 [n, n];
+    - ``adata.obsp[key_added + "_distances"]``: each cell's ``n_neighbors - 1`` nearest other cells,
+      float32 [n, n];
+    - ``adata.uns[key_added]``: the two keys and the settings (``params``).
+
+    ``key_added="neighbors"`` writes scanpy's default keys (``connectivities``, ``distances``).
+    ``n_neighbors`` counts the cell itself, as scanpy's does. ``seed`` seeds an approximate (IVF)
+    index, used above 100k cells. A graph there that masksc did not compute (e.g. scanpy's) is
+    not replaced: a DataError names the fix. ``copy``: return a copy of ``adata`` with the graph
+    and leave ``adata`` as it is (else None is returned)."""
+    _check_adata(adata, "neighbors", needs_x=False)
+    conn_key, dist_key = _graph_keys(key_added)
+    if not _computed_here(adata, key_added) and (key_added in adata.uns or conn_key in adata.obsp
+                                                  or dist_key in adata.obsp):
+        raise DataError(f"adata.uns[{key_added!r}] / adata.obsp[{conn_key!r}] hold a graph masksc did not compute "
+                        f"(e.g. scanpy's pp.neighbors); fix: key_added= another name (default {NEIGHBORS_KEY!r}), "
+                        "or delete that graph first.")
+    Z = _embedding(adata, use_rep)
+    indices, distances = _cluster.knn_search(Z, n_neighbors, metric, use_gpu=use_gpu, seed=seed)
+    adata = _target(adata, copy)
+    adata.obsp[conn_key] = _cluster.fuzzy_connectivities(indices, distances)
+    adata.obsp[dist_key] = _cluster.knn_distances(indices, distances)
+    adata.uns[key_added] = {"connectivities_key": conn_key, "distances_key": dist_key,
+                            "params": {"n_neighbors": int(n_neighbors), "method": "umap", "metric": metric,
+                                       "use_rep": use_rep, "random_state": seed, "computed_by": "masksc",
+                                       "embedding_digest": _digest(Z)}}
+    return adata if copy else None
+
+
+def _leiden_graph(adata, Z: np.ndarray, use_rep: str, neighbors_key: str | None, seed: int, kwargs: dict):
+    """The graph Leiden clusters: the stored ``uns[neighbors_key]`` graph when a key is given, else
+    masksc's own, rebuilt (tl.neighbors) unless the stored one came from this embedding with
+    these settings."""
+    if neighbors_key is not None:
+        given = sorted({"n_neighbors", "metric"} & set(kwargs))
+        if given:
+            raise TypeError(f"{given} set the graph built here, but neighbors_key={neighbors_key!r} names a stored "
+                            "one; fix: drop them, or drop neighbors_key to build the graph.")
+        if neighbors_key not in adata.uns:
+            raise DataError(f"adata.uns has no {neighbors_key!r} graph; fix: masksc.tl.neighbors(adata, key_added="
+                            f"{neighbors_key!r}) (or scanpy's pp.neighbors) first, or drop neighbors_key.")
+        stored = adata.uns[neighbors_key]
+        conn_key = "connectivities" if neighbors_key == "neighbors" else \
+            stored.get("connectivities_key") if isinstance(stored, Mapping) else None
+        if conn_key not in adata.obsp:
+            raise DataError(f"adata.uns[{neighbors_key!r}] names connectivities {conn_key!r}, which adata.obsp lacks; "
+                            "fix: recompute the graph (masksc.tl.neighbors or sc.pp.neighbors).")
+        return adata.obsp[conn_key], neighbors_key
+    settings = {"n_neighbors": kwargs.get("n_neighbors", 15), "metric": kwargs.get("metric", "euclidean"),
+                "use_rep": use_rep, "random_state": seed}
+    params = adata.uns[NEIGHBORS_KEY].get("params", {}) if _computed_here(adata, NEIGHBORS_KEY) else {}
+    if any(params.get(name) != value for name, value in settings.items()) or params.get("embedding_digest") != _digest(Z):
+        neighbors(adata, settings["n_neighbors"], use_rep=use_rep, metric=settings["metric"], seed=seed,
+                  use_gpu=kwargs.get("use_gpu"))
+    return adata.obsp[_graph_keys(NEIGHBORS_KEY)[0]], NEIGHBORS_KEY
+
+
 def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_added: str = CLUSTER_KEY,
-            seed: int = 0, **kwargs) -> None:
+            neighbors_key: str | None = None, seed: int = 0, copy: bool = False, **kwargs):
     """Cluster the embedding ``adata.obsm[use_rep]``: k-means (FAISS) when ``k`` is given,
     kNN graph + Leiden otherwise; labels go to ``adata.obs[key_added]`` (categorical).
 
+    Leiden's graph: with ``neighbors_key``, the one stored under ``adata.uns[neighbors_key]``
+    (by :func:`neighbors` or scanpy's ``pp.neighbors``); without, masksc's own graph
+    ``adata.uns["masksc_neighbors"]``, reused when it was built from this embedding with the same
+    ``n_neighbors``, ``metric`` and ``seed``, else built by :func:`neighbors` and stored there (so
+    ``sc.tl.umap(adata, neighbors_key="masksc_neighbors")`` can draw it).
+
     ``seed``: seeds k-means / Leiden. ``kwargs`` go to ``masksc.cluster.cluster_embedding``
     (``method``, ``n_neighbors``, ``resolution``, ``metric``, ``use_gpu``, and k-means settings
-    such as ``n_init``)."""
+    such as ``n_init``). ``copy``: return a copy of ``adata`` with the clusters and leave ``adata``
+    as it is (else None is returned)."""
     _check_adata(adata, "cluster", needs_x=False)
     written = adata.uns.get("masksc", {}).get("cluster", {}).get("keys_written", [])
     if key_added in adata.obs and key_added != CLUSTER_KEY and key_added not in written:
         raise DataError(f"adata.obs[{key_added!r}] exists and was not written by masksc.tl.cluster (it may be your "
                         "labels); fix: key_added= a new column name (--key-added), or delete that column first.")
-    labels = _cluster.cluster_embedding(_embedding(adata, use_rep), k=k, seed=seed, **kwargs)
+    method = kwargs.get("method", "auto")
+    leiden = method == "leiden" or (method == "auto" and k is None)
+    if neighbors_key is not None and not leiden:
+        raise TypeError(f"neighbors_key= names Leiden's graph, but k-means clusters here (k={k}); fix: drop "
+                        "neighbors_key, or pass method='leiden' to search the graph's resolution for k clusters.")
+    Z = _embedding(adata, use_rep)
+    adata = _target(adata, copy)
+    graph, graph_key = _leiden_graph(adata, Z, use_rep, neighbors_key, seed, kwargs) if leiden else (None, None)
+    labels = _cluster.cluster_embedding(Z, k=k, seed=seed, graph=graph, **kwargs)
     names = [str(c) for c in np.unique(labels)]  # numeric order ("2" before "10"), as scanpy's leiden
     adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str), categories=names)
     _record(adata, "cluster", {"k": k, "use_rep": use_rep, "key": key_added, "seed": seed, "n_clusters": len(names),
-                               "keys_written": sorted({*written, key_added})})
+                               "neighbors_key": graph_key, "keys_written": sorted({*written, key_added})})
+    return adata if copy else None
 
 
 def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,

@@ -29,7 +29,7 @@ import torch
 from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.errors import CheckpointError
-from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
+from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe, is_integer, is_number, plain_numbers
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,16 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))  # a list (JSON, a user) resumes like the tuple
+        plain_numbers(self)
         for key, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 1), ("keep_checkpoints", 0),
-                         ("num_workers", 0)):
+                         ("num_workers", 0), ("seed", 0)):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"{key}={value!r} must be an integer >= {low}; fix: pass {key} >= {low}.")
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1] (the share of lr the cosine "
-                             "ends at).")
+        if not (is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be a number in [0, 1] (the share of lr the "
+                             "cosine ends at).")
 
     @classmethod
     def from_model_config(cls, cfg: MaskSCConfig, **overrides) -> "TrainConfig":

@@ -1,6 +1,8 @@
 """Checkpoints: round trip, atomic writes, clear errors, gene-list refusal."""
+import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +72,121 @@ def test_overwrite_is_atomic_and_failed_save_keeps_old(tmp_path, monkeypatch):
     after = embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False)
     np.testing.assert_array_equal(after, embed_matrix(other, Xg, progress=False))
     assert os.listdir(tmp_path) == ["m"]
+
+
+def _exchange_supported(tmp_path) -> bool:
+    """Whether renameat2(RENAME_EXCHANGE) works here (glibc >= 2.28 and a filesystem with it)."""
+    (tmp_path / "probe-a").mkdir()
+    (tmp_path / "probe-b").mkdir()
+    try:
+        ckpt._exchange(tmp_path / "probe-a", tmp_path / "probe-b")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.rmdir(tmp_path / "probe-a")
+        os.rmdir(tmp_path / "probe-b")
+
+
+def _moving_aside_forbidden(*a, **k):
+    raise AssertionError("the old checkpoint was moved aside, not exchanged")
+
+
+def test_overwrite_is_one_atomic_exchange(tmp_path, monkeypatch):
+    """Where the system can exchange two names, replacing a checkpoint never leaves ``path``
+    without one: the new directory and the old one swap names, and the old one is deleted."""
+    if not _exchange_supported(tmp_path):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    model, _, Xg = setup()
+    other, _, _ = setup(seed=1)
+    save_checkpoint(tmp_path / "m", model)
+    swaps = []
+    real = ckpt._exchange
+
+    def exchange(a, b):
+        assert sorted(os.listdir(b)) == ["config.json", "model.safetensors"]  # the old one is still there
+        real(a, b)
+        swaps.append((a.name, b.name))
+
+    monkeypatch.setattr(ckpt, "_exchange", exchange)
+    monkeypatch.setattr(ckpt, "_move_aside", _moving_aside_forbidden)
+    save_checkpoint(tmp_path / "m", other)
+    assert len(swaps) == 1 and swaps[0][0].startswith(".tmp-m-") and swaps[0][1] == "m"
+    assert os.listdir(tmp_path) == ["m"]  # neither the temp dir (holding the old one) nor an .old- dir is left
+    np.testing.assert_array_equal(embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False),
+                                  embed_matrix(other, Xg, progress=False))
+
+
+def test_exchange_failing_otherwise_raises_and_keeps_old(tmp_path, monkeypatch):
+    """Only errors meaning "no exchange here" fall back to moving aside; others (here EIO) raise,
+    with the old checkpoint untouched and the new one's temp dir removed."""
+    model, _, Xg = setup()
+    other, _, _ = setup(seed=1)
+    save_checkpoint(tmp_path / "m", model)
+    before = embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False)
+
+    def broken(a, b):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(ckpt, "_exchange", broken)
+    monkeypatch.setattr(ckpt, "_move_aside", _moving_aside_forbidden)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(tmp_path / "m", other)
+    assert info.value.errno == errno.EIO
+    assert os.listdir(tmp_path) == ["m"]
+    np.testing.assert_array_equal(embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False), before)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, None])
+def test_overwrite_falls_back_to_moving_aside_without_exchange(tmp_path, monkeypatch, code):
+    """A filesystem or kernel without RENAME_EXCHANGE (EINVAL, EOPNOTSUPP, ENOSYS) or a C library
+    without renameat2 (None) still replaces the checkpoint, by moving the old one aside."""
+    model, _, Xg = setup()
+    other, _, _ = setup(seed=1)
+    save_checkpoint(tmp_path / "m", model)
+
+    def unsupported(a, b):
+        raise OSError(code, os.strerror(code))
+
+    if code is None:
+        monkeypatch.setattr(ckpt, "_renameat2", lambda: None)
+    else:
+        monkeypatch.setattr(ckpt, "_exchange", unsupported)
+    moved = []
+    real = ckpt._move_aside
+    monkeypatch.setattr(ckpt, "_move_aside", lambda p: moved.append(p.name) or real(p))
+    save_checkpoint(tmp_path / "m", other)
+    assert moved == ["m"]
+    assert os.listdir(tmp_path) == ["m"]
+    np.testing.assert_array_equal(embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False),
+                                  embed_matrix(other, Xg, progress=False))
+
+
+def test_load_names_a_checkpoint_an_interrupted_save_left_aside(tmp_path):
+    """A crash between moving the old checkpoint aside and renaming the new one in leaves no
+    checkpoint at ``path``; loading it names the complete one left aside and how to restore it."""
+    model, _, Xg = setup()
+    save_checkpoint(tmp_path / "m", model)
+    save_checkpoint(tmp_path / "m-2", model)
+    old = ckpt._move_aside(tmp_path / "m")  # what the fallback had done when the crash came
+    other = ckpt._move_aside(tmp_path / "m-2")  # another checkpoint's, newer: not this one
+    os.utime(other / "x", (2e9, 2e9))
+    with pytest.raises(CheckpointError, match=re.escape(f"no checkpoint at {tmp_path / 'm'}, but {old / 'x'} holds a "
+                                                        "complete masksc checkpoint") + r".*fix: rename it back \(mv "):
+        load_model(tmp_path / "m")
+    os.rename(old / "x", tmp_path / "m")  # the fix the message gives
+    np.testing.assert_array_equal(embed_matrix(load_model(tmp_path / "m")[0], Xg, progress=False),
+                                  embed_matrix(model, Xg, progress=False))
+
+
+def test_load_ignores_an_incomplete_or_foreign_old_sibling(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    old = ckpt._move_aside(tmp_path / "m")
+    os.remove(old / "x" / "model.safetensors")  # deleted part-way: nothing to restore
+    (tmp_path / ".old-m-12345678" / "x").mkdir(parents=True)  # a folder that is not a checkpoint
+    with pytest.raises(CheckpointError, match="the directory does not exist"):
+        load_model(tmp_path / "m")
 
 
 def test_save_replaces_only_a_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """The `masksc` command: help, fit -> embed -> cluster -> evaluate round trip, bad input."""
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -241,6 +243,9 @@ def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsy
     (["cluster", "E.h5ad", "-o", "C.h5ad", "--resolution", "-1"], "must be a number > 0, got -1"),
     (["cluster", "E.h5ad", "-o", "C.h5ad", "--resolution", "nan"], "must be a number > 0, got nan"),
     (["cluster", "E.h5ad", "-o", "C.h5ad", "-k", "0"], "argument -k: must be >= 1, got 0"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["fit", "DATA", "-o", "M", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["demo", "--seed", "1.5"], "argument --seed: needs an integer, got '1.5'"),
 ])
 def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -353,3 +358,41 @@ def test_cluster_and_evaluate_keys(embedded, tmp_path):
     scores = json.loads((tmp_path / "s.json").read_text())
     assert scores["ari"] == pytest.approx(adjusted_rand_score(got.obs["label"], got.obs["half"]))
     assert scores["silhouette"] == pytest.approx(silhouette_score(got.obsm["X_half"], got.obs["half"]), rel=1e-5)
+
+
+def test_embed_reads_a_csc_h5ad_into_memory_and_embeds_it_as_its_csr_twin(trained, tmp_path, caplog):
+    """An .h5ad whose X is stored CSC cannot be streamed by cells: embed reads it into memory as
+    CSR, says so in one line naming the way to stream it, leaves the file as it was, and gives
+    the embedding of the same cells stored CSR."""
+    data, _, model = trained
+    csc = ad.read_h5ad(data)
+    csc.X = sp.csc_matrix(csc.X)
+    path = tmp_path / "csc.h5ad"
+    csc.write_h5ad(path)
+    before = _sha(path)
+    with caplog.at_level(logging.INFO):
+        assert main(["embed", str(path), "--model", str(model), "-o", str(tmp_path / "csc.npy")]) == 0
+    lines = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "X is stored CSC" in lines[0] and "rewrite it as CSR (adata.X = adata.X.tocsr()" in lines[0]
+    assert main(["embed", str(data), "--model", str(model), "-o", str(tmp_path / "csr.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "csc.npy"), np.load(tmp_path / "csr.npy"))
+    assert _sha(path) == before
+
+
+def test_embed_records_the_file_it_read_into_memory_as_its_source(trained, embedded, tmp_path):
+    """A csv is read into memory by the command (it cannot be streamed); the output still names
+    that file as its source, as it names a streamed .h5ad, and embeds it as the .h5ad."""
+    data, _, model = trained
+    cells = ad.read_h5ad(data)
+    for name, frame, extra in (("cells.csv", pd.DataFrame(cells.X.toarray(), cells.obs_names, cells.var_names), []),
+                               ("genes.tsv", pd.DataFrame(cells.X.toarray().T, cells.var_names, cells.obs_names),
+                                ["--transpose"])):
+        table = tmp_path / name
+        frame.to_csv(table, sep="," if name.endswith(".csv") else "\t")
+        out = tmp_path / f"{name}.h5ad"
+        assert main(["embed", str(table), "--model", str(model), "-o", str(out), *extra]) == 0
+        got = ad.read_h5ad(out)
+        assert got.uns["masksc"]["embed"]["source"] == str(table)
+        np.testing.assert_array_equal(got.obsm["X_masksc"], ad.read_h5ad(embedded).obsm["X_masksc"])
+    assert ad.read_h5ad(embedded).uns["masksc"]["embed"]["source"] == str(data)

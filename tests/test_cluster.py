@@ -359,3 +359,59 @@ def test_evaluate_edge_cases_and_validation():
         evaluate(X, y, pd.array([None] + ["a"] * 49, dtype="string"))
     mixed = np.array([1, "1"] * 25, dtype=object)  # one label written two ways compares as text
     assert evaluate(X, y, mixed)["ari"] == pytest.approx(adjusted_rand_score(np.zeros(50), y))
+
+
+def test_cluster_embedding_takes_a_built_graph_for_leiden_only():
+    X, _ = _blobs(n=300, d=8, k=3, std=1.0, seed=6)
+    G = knn_graph(X, n_neighbors=10)
+    np.testing.assert_array_equal(cluster_embedding(X, graph=G, seed=4), leiden(G, seed=4))
+    with pytest.raises(TypeError, match="graph= is Leiden's input, but k-means clusters here"):
+        cluster_embedding(X, k=3, graph=G)
+    with pytest.raises(DataError, match="graph is 300 x 300 but Z has 200 cells"):
+        cluster_embedding(X[:200], graph=G)
+
+
+# ---------------------------------------------------------------- argument checks shared by the functions
+@pytest.mark.parametrize("seed", [-1, 1.5, True, 2**63, "0", None])
+def test_seeded_functions_refuse_seeds_their_generators_cannot_take(seed):
+    """numpy refuses negative and non-integer seeds, leidenalg those beyond 2**63 - 1: each
+    function names the problem and the fix instead of passing on a generator's own error."""
+    X, y = _blobs(n=60, k=3)
+    graph = knn_graph(X, 5)
+    calls = {"kmeans": lambda: kmeans(X, 3, seed=seed), "knn_search": lambda: knn_search(X, 5, seed=seed),
+             "knn_graph": lambda: knn_graph(X, 5, seed=seed), "leiden": lambda: leiden(graph, seed=seed),
+             "leidenalg": lambda: leiden(graph, seed=seed, flavor="leidenalg"),
+             "leiden_for_k": lambda: leiden_for_k(graph, 3, seed=seed),
+             "cluster_embedding kmeans": lambda: cluster_embedding(X, 3, seed=seed),
+             "cluster_embedding leiden": lambda: cluster_embedding(X, seed=seed),
+             "evaluate": lambda: evaluate(X, y, seed=seed)}
+    for name, call in calls.items():
+        with pytest.raises(DataError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\], got .*; fix: pass a "
+                                            r"non-negative integer"):
+            call()
+            pytest.fail(f"{name} took seed={seed!r}")
+
+
+def test_seeds_at_the_ends_of_the_range_work():
+    X, y = _blobs(n=60, k=3)
+    for seed in (0, np.int64(2**63 - 1)):
+        labels = kmeans(X, 3, seed=seed)
+        assert adjusted_rand_score(y, labels) == 1.0
+        assert len(np.unique(leiden(knn_graph(X, 5, seed=seed), seed=seed, flavor="leidenalg"))) >= 2
+
+
+def test_embedding_values_beyond_float32_are_named_apart_from_nan_and_inf():
+    """A finite float64 value float32 cannot hold would read as inf after the cast: it is named
+    as too large, with the fix, and NaN / inf keep their own message."""
+    X, y = _blobs(n=50, k=2)
+    Z = X.astype(np.float64)
+    Z[3, 1], Z[7, 0] = 1e39, -2e39
+    for call in (lambda z: kmeans(z, 2), lambda z: knn_search(z, 5), lambda z: evaluate(z, y),
+                 lambda z: cluster_embedding(z)):
+        with pytest.raises(DataError, match=r"Z has values too large for float32 \(max 3.4e38; largest magnitude "
+                                            r"2e\+39\) in 2 row\(s\); fix: rescale it") as exc:
+            call(Z)
+        assert "NaN" not in str(exc.value) and "infinite" not in str(exc.value)
+    Z[3, 1] = np.inf
+    with pytest.raises(DataError, match=r"NaN or infinite values in 1 row\(s\)"):
+        kmeans(Z, 2)

@@ -276,3 +276,20 @@ def test_10x_h5_v2_legacy(tmp_path, counts):
     src = open_source(tmp_path / "v2.h5")
     assert src.path is None and list(src.var_names) == genes
     np.testing.assert_array_equal(sp.vstack([c for _, c in src.chunks(7)]).toarray(), X)
+
+
+@pytest.mark.parametrize("name", ["b.csv", "b.h5ad"])
+def test_values_beyond_float32_are_not_reported_as_infinite(tmp_path, counts, name):
+    """Reading casts to float32, which would make 1e39 inf: it is named as too large instead."""
+    X, cells, genes = counts
+    X = X.astype(np.float64)
+    X[2, 3] = 1e39
+    if name.endswith(".csv"):
+        pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / name)
+    else:
+        ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(
+            tmp_path / name)
+    with pytest.raises(DataError, match=rf"X holds 1 values too large for float32 \(max 3.4e38; largest magnitude "
+                                        rf"1e\+39\) in {name}; fix: ") as exc:
+        read(tmp_path / name)
+    assert "infinite" not in str(exc.value)

@@ -1,4 +1,6 @@
 """Streaming sources: 10x HDF5 read by cell blocks, dense/CSC h5ad, fit on a 10x file."""
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -34,15 +36,44 @@ def test_fit_on_10x_file_equals_in_memory(tmp_path, data):
     np.testing.assert_array_equal(b.transform(tmp_path / "m.h5").X.toarray(), a.transform(data).X.toarray())
 
 
-def test_dense_h5ad_streams_and_csc_is_refused(tmp_path, data):
+def test_dense_h5ad_streams_and_a_csc_one_is_read_into_memory(tmp_path, data, caplog):
+    """A CSC X or layer cannot be streamed by cells: it is read into memory as CSR with one log
+    line saying why and how to avoid it; the file is left as it was."""
     dense = ad.AnnData(X=data.X.toarray(), obs=data.obs.copy(), var=data.var.copy())
     dense.write_h5ad(tmp_path / "d.h5ad")
     got = sp.vstack([c for _, c in iter_chunks(tmp_path / "d.h5ad", chunk_size=600)])
     np.testing.assert_array_equal(got.toarray(), data.X.toarray())
     csc = ad.AnnData(X=sp.csc_matrix(data.X), obs=pd.DataFrame(index=data.obs_names), var=data.var.copy())
-    csc.write_h5ad(tmp_path / "c.h5ad")
-    with pytest.raises(DataError, match="CSC"):
-        list(iter_chunks(tmp_path / "c.h5ad"))
+    csc.layers["counts"] = sp.csc_matrix(data.X)
+    path = tmp_path / "c.h5ad"
+    csc.write_h5ad(path)
+    before = path.read_bytes()
+    for layer in (None, "counts"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="masksc"):
+            src = open_source(path, layer)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "stored CSC" in lines[0] and "reading it into memory as CSR" in lines[0]
+        assert "rewrite it as CSR" in lines[0]
+        assert src.path is None  # rows come from memory, not the file
+        got = sp.vstack([c for _, c in src.chunks(chunk_size=600)])
+        assert got.format == "csr" and got.dtype == np.float32
+        np.testing.assert_array_equal(got.toarray(), data.X.toarray())
+        assert list(src.obs.index) == list(data.obs_names) and list(src.var_names) == list(data.var_names)
+    assert path.read_bytes() == before
+
+
+def test_streamed_values_beyond_float32_are_named_with_their_cells(tmp_path, data):
+    """float64 values float32 cannot hold (they would turn infinite) are not reported as inf."""
+    X = data.X.toarray().astype(np.float64)
+    X[700, np.flatnonzero(X[700])[0]] = 1e39
+    for name, matrix in (("csr.h5ad", sp.csr_matrix(X)), ("dense.h5ad", X), ("csc.h5ad", sp.csc_matrix(X))):
+        ad.AnnData(X=matrix, obs=data.obs.copy(), var=data.var.copy()).write_h5ad(tmp_path / name)
+        where = "in csc.h5ad" if name == "csc.h5ad" else "in cells 600..1199"
+        with pytest.raises(DataError, match=rf"X holds 1 values too large for float32 \(max 3.4e38; largest "
+                                            rf"magnitude 1e\+39\) {where}; fix: pass raw counts") as exc:
+            list(iter_chunks(tmp_path / name, chunk_size=600))
+        assert "infinite" not in str(exc.value)
 
 
 def test_chunk_size_must_be_positive(data):

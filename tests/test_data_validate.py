@@ -78,3 +78,20 @@ def test_labels_wrong_length():
 def test_non_numeric():
     with pytest.raises(DataError, match="non-numeric"):
         validate_counts(np.array([["a", "b"], ["c", "d"]]))
+
+
+def test_values_beyond_float32_are_named_apart_from_nan_and_inf():
+    """masksc computes in float32: a finite float64 value it cannot hold is 'too large', not inf."""
+    X = _X().astype(np.float64)
+    X[1, 1], X[2, 2] = 1e39, -2e39
+    for M in (X, sp.csr_matrix(X)):
+        with pytest.raises(DataError, match=r"X holds 2 values too large for float32 \(max 3.4e38; largest "
+                                            r"magnitude 2e\+39\); fix: pass raw counts") as exc:
+            validate_counts(M)
+        assert "NaN" not in str(exc.value) and "infinite" not in str(exc.value)
+    X[3, 3] = np.nan  # NaN / inf are named first
+    with pytest.raises(DataError, match="1 NaN and 0 infinite"):
+        validate_counts(X)
+    fits = _X().astype(np.float64)
+    fits[1, 1] = float(np.finfo(np.float32).max)
+    assert validate_counts(fits)["max"] == fits[1, 1]

@@ -1,5 +1,7 @@
 """mask-sc model, targets and contrastive-sc: shapes, oracles, loss semantics."""
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from masksc import ops
 from masksc.data import CSRBatch
 from masksc.models import PRESETS, ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig, nt_xent
-from masksc.models.masksc_model import csr_to_dense
+from masksc.models.masksc_model import check_recipe, csr_to_dense
 from masksc.models.targets import (FRAGMENTS, FragmentTargets, fit_teacher, fragment_gene_mask,
                                    fragment_of_patch, patch_columns, token_columns)
 
@@ -399,6 +401,38 @@ def test_config_replace_names_unknown_fields_and_valid_ones():
 def test_config_sizes_must_be_positive_before_divisibility(field, value):
     # num_heads=0 and patch=0 were ZeroDivisionErrors; embed_dim=-5 a divisibility complaint
     with pytest.raises(ValueError, match=f"^{field}={value!r} must be an integer >= "):
+        TINY.replace(**{field: value})
+
+
+def test_check_recipe_takes_numbers_of_any_real_type_and_refuses_bools():
+    """np.float32 (what a float32 array yields) and numpy integers are numbers; a bool is not."""
+    check_recipe(np.float32(1e-3), np.float16(0.05), (np.float32(0.9), np.float64(0.95)), np.int64(2), np.int32(1))
+    check_recipe(1, 0, (0, 0.5), 0, 0)
+    for args, message in (((True, 0.05, (0.9, 0.95), 2, 1.0), "lr=True must be a number > 0"),
+                          ((1e-3, np.True_, (0.9, 0.95), 2, 1.0), "weight_decay=np.True_ must be a number >= 0"),
+                          ((1e-3, 0.05, (False, 0.95), 2, 1.0), r"betas=\(False, 0.95\) must be two numbers"),
+                          ((1e-3, 0.05, (0.9, 0.95), True, 1.0), "warmup_epochs=True must be a number >= 0"),
+                          ((1e-3, 0.05, (0.9, 0.95), 2, False), "clip=False must be a number >= 0")):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            check_recipe(*args)
+
+
+def test_config_takes_numpy_numbers_as_the_python_values_they_equal():
+    cfg = TINY.replace(lr=np.float32(1e-3), weight_decay=np.float64(0.05), betas=(np.float32(0.5), 0.95),
+                       warmup_epochs=np.int64(2), clip=np.float32(1.0), epochs=np.int32(3), embed_dim=np.int64(16),
+                       grid_shape=(np.int32(8), np.int64(8)), mlp_ratio=np.float32(2.0), mask_ratio=np.float32(0.5))
+    assert cfg == TINY.replace(lr=float(np.float32(1e-3)), weight_decay=0.05, betas=(0.5, 0.95), warmup_epochs=2,
+                               clip=1.0, epochs=3)
+    assert type(cfg.lr) is float and type(cfg.epochs) is int and type(cfg.grid_shape[0]) is int
+    assert MaskSCConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # plain JSON, no numpy scalars
+
+
+@pytest.mark.parametrize("field, value", [("lr", True), ("clip", False), ("warmup_epochs", True),
+                                          ("epochs", True), ("embed_dim", np.True_), ("mlp_ratio", True),
+                                          ("mask_ratio", True), ("target_scale", True), ("grid_shape", (True, 8)),
+                                          ("betas", (0.9, True))])
+def test_config_refuses_bools_for_numbers(field, value):
+    with pytest.raises(ValueError, match=f"^{re.escape(field)}="):
         TINY.replace(**{field: value})
 
 

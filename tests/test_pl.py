@@ -235,3 +235,13 @@ def test_embedding_takes_scanpy_style_basis_and_color(tmp_path, monkeypatch):
     monkeypatch.setattr(pl, "_coords_2d", lambda Z, method, seed: seen.append((Z.copy(), method)) or (Z, method))
     _png(pl.embedding(ad, "label", tmp_path / "u.png", basis="umap"))
     assert seen[0][1] == "precomputed" and np.array_equal(seen[0][0], ad.obsm["X_umap"])
+
+
+def test_embedding_plot_names_values_float32_cannot_hold_apart_from_nan(tmp_path):
+    Z = np.random.default_rng(0).normal(size=(50, 4))
+    Z[3, 1] = 1e39
+    with pytest.raises(DataError, match=r"embedding has values too large for float32 .* in 1 row\(s\); fix"):
+        pl.embedding(Z, path=tmp_path / "big.png", method="tsne")
+    Z[3, 1] = np.nan
+    with pytest.raises(DataError, match=r"embedding has NaN or infinite values in 1 row\(s\)"):
+        pl.embedding(Z, path=tmp_path / "nan.png", method="tsne")

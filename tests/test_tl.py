@@ -332,3 +332,117 @@ def test_embed_from_a_directory_loads_where_fit_and_the_cli_run(fitted, monkeypa
     with pytest.raises(ValueError, match="device 'gpu'.*fix: pass cpu, cuda"):
         tl.embed(ad, model_dir, device="gpu", progress=False)
     assert len(loaded_on) == 2
+
+
+def _blob_adata(n=300, seed=0):
+    """An AnnData with a 3-blob embedding in obsm["X_masksc"] and its blob in obs["label"]."""
+    import anndata
+    rng = np.random.default_rng(seed)
+    blob = np.repeat(np.arange(3), n // 3)
+    a = anndata.AnnData(obs={"label": blob.astype(str)})
+    a.obsm["X_masksc"] = (rng.normal(size=(n, 8)) + 6.0 * np.eye(8)[blob]).astype(np.float32)
+    return a
+
+
+def test_neighbors_stores_scanpys_graph_which_scanpy_tools_read(tmp_path):
+    """tl.neighbors writes the graph scanpy's pp.neighbors computes from the same embedding (exact
+    kNN at this size, UMAP weights), under scanpy's layout, so sc.tl.umap / sc.tl.leiden take it
+    by neighbors_key, and it survives an .h5ad round trip."""
+    import anndata
+    import scanpy as sc
+    a = _blob_adata()
+    assert tl.neighbors(a, n_neighbors=15) is None
+    ref = a.copy()
+    sc.pp.neighbors(ref, n_neighbors=15, use_rep="X_masksc")
+    stored = a.uns["masksc_neighbors"]
+    assert stored["connectivities_key"] == "masksc_neighbors_connectivities"
+    assert stored["params"]["n_neighbors"] == 15 and stored["params"]["use_rep"] == "X_masksc"
+    conn, dist = a.obsp["masksc_neighbors_connectivities"], a.obsp["masksc_neighbors_distances"]
+    np.testing.assert_allclose(conn.toarray(), ref.obsp["connectivities"].toarray(), atol=1e-4)
+    np.testing.assert_array_equal((dist > 0).toarray(), (ref.obsp["distances"] > 0).toarray())
+    np.testing.assert_allclose(dist.toarray(), ref.obsp["distances"].toarray(), rtol=1e-4, atol=1e-5)
+    sc.tl.umap(a, neighbors_key="masksc_neighbors", random_state=0)
+    sc.tl.leiden(a, neighbors_key="masksc_neighbors", flavor="igraph", n_iterations=2, random_state=0)
+    assert a.obsm["X_umap"].shape == (300, 2) and adjusted_rand_score(a.obs["label"], a.obs["leiden"]) == 1.0
+    a.write_h5ad(tmp_path / "g.h5ad")
+    back = anndata.read_h5ad(tmp_path / "g.h5ad")
+    assert (back.obsp["masksc_neighbors_connectivities"] != conn).nnz == 0
+    assert back.uns["masksc_neighbors"]["params"]["computed_by"] == "masksc"
+
+
+def test_neighbors_never_replaces_a_graph_masksc_did_not_compute():
+    import scanpy as sc
+    a = _blob_adata()
+    sc.pp.neighbors(a, n_neighbors=10, use_rep="X_masksc")
+    theirs = a.obsp["connectivities"].copy()
+    with pytest.raises(DataError, match=r"adata.uns\['neighbors'\].*masksc did not compute.*key_added="):
+        tl.neighbors(a, key_added="neighbors")
+    assert (a.obsp["connectivities"] != theirs).nnz == 0
+    b = _blob_adata()
+    tl.neighbors(b, key_added="neighbors", n_neighbors=10)  # scanpy's default keys, then sc.tl.umap(b) as is
+    tl.neighbors(b, key_added="neighbors", n_neighbors=12)  # its own graph it replaces
+    assert b.uns["neighbors"]["params"]["n_neighbors"] == 12 and (b.obsp["distances"] > 0).sum(axis=1).max() == 11
+
+
+def test_leiden_reuses_the_graph_of_this_embedding_and_rebuilds_a_stale_one(monkeypatch):
+    """tl.cluster's Leiden stores its graph; a second call with the same embedding and settings
+    reuses it (same labels, no search), other settings or a changed embedding rebuild it."""
+    a = _blob_adata()
+    searches = []
+    real = cluster.knn_search
+    monkeypatch.setattr(cluster, "knn_search", lambda *args, **kw: searches.append(1) or real(*args, **kw))
+    tl.cluster(a, seed=1)
+    first = a.obs["masksc_cluster"].to_numpy()
+    graph = a.obsp["masksc_neighbors_connectivities"]
+    expected = cluster.leiden(cluster.knn_graph(a.obsm["X_masksc"], n_neighbors=15, seed=1), seed=1)
+    np.testing.assert_array_equal(first, expected.astype(str))
+    searches.clear()
+    tl.cluster(a, seed=1, resolution=0.5)
+    assert searches == [] and a.uns["masksc"]["cluster"]["neighbors_key"] == "masksc_neighbors"
+    tl.cluster(a, seed=1, n_neighbors=10)
+    assert len(searches) == 1 and a.uns["masksc_neighbors"]["params"]["n_neighbors"] == 10
+    a.obsm["X_masksc"] = a.obsm["X_masksc"][::-1].copy()  # re-embedded: same key, other values
+    tl.cluster(a, seed=1, n_neighbors=10)
+    assert len(searches) == 2
+    assert (a.obsp["masksc_neighbors_connectivities"] != graph).nnz > 0
+    tl.cluster(a, k=3)
+    assert len(searches) == 2 and a.uns["masksc"]["cluster"]["neighbors_key"] is None
+
+
+def test_cluster_on_a_named_graph_uses_it_as_stored():
+    """neighbors_key= makes Leiden cluster that stored graph (here scanpy's), whose labels are
+    cluster.leiden's on it; settings that would build a graph, or k-means, are refused."""
+    import scanpy as sc
+    a = _blob_adata()
+    sc.pp.neighbors(a, n_neighbors=8, use_rep="X_masksc")
+    tl.cluster(a, neighbors_key="neighbors", seed=2)
+    expected = cluster.leiden(a.obsp["connectivities"], seed=2)
+    np.testing.assert_array_equal(a.obs["masksc_cluster"].to_numpy(), expected.astype(str))
+    assert "masksc_neighbors" not in a.uns
+    tl.cluster(a, 3, method="leiden", neighbors_key="neighbors")
+    assert a.obs["masksc_cluster"].nunique() == 3
+    with pytest.raises(TypeError, match=r"\['n_neighbors'\] set the graph built here"):
+        tl.cluster(a, neighbors_key="neighbors", n_neighbors=5)
+    with pytest.raises(TypeError, match="k-means clusters here"):
+        tl.cluster(a, 3, neighbors_key="neighbors")
+    with pytest.raises(DataError, match=r"no 'other' graph; fix: masksc.tl.neighbors\(adata, key_added='other'\)"):
+        tl.cluster(a, neighbors_key="other")
+
+
+def test_copy_returns_a_copy_with_the_result_and_leaves_adata_as_it_was(fitted, tmp_path):
+    import anndata
+    adata, _, model, _ = fitted
+    a = adata[:80].copy()
+    uns_before = dict(a.uns)
+    embedded = tl.embed(a, model, progress=False, copy=True)
+    assert "X_masksc" not in a.obsm and dict(a.uns) == uns_before
+    np.testing.assert_array_equal(embedded.obsm["X_masksc"], model.embed(a, progress=False))
+    graphed = tl.neighbors(embedded, copy=True)
+    assert "masksc_neighbors" in graphed.uns and "masksc_neighbors" not in embedded.uns and not embedded.obsp
+    clustered = tl.cluster(embedded, k=3, copy=True)
+    assert "masksc_cluster" not in embedded.obs and clustered.obs["masksc_cluster"].nunique() == 3
+    assert "cluster" not in embedded.uns["masksc"] and clustered.uns["masksc"]["cluster"]["k"] == 3
+    embedded.write_h5ad(tmp_path / "e.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "e.h5ad", backed="r")
+    with pytest.raises(DataError, match=r"copy=True on an AnnData opened backed.*to_memory\(\)"):
+        tl.cluster(backed, k=3, copy=True)

@@ -421,6 +421,21 @@ def test_train_config_refuses_values_that_cannot_train():
     assert tcfg(betas=[0.8, 0.9]) == cfg  # a list is the tuple, so a run started with one resumes
 
 
+def test_train_config_takes_numpy_numbers_and_refuses_bools():
+    cfg = tcfg(epochs=np.int32(4), batch_size=np.int64(16), seed=np.int64(3), lr=np.float32(3e-3),
+               warmup_epochs=np.float32(1.0), min_lr_ratio=np.float32(0.5), keep_checkpoints=np.uint8(0))
+    assert cfg == tcfg(seed=3, lr=float(np.float32(3e-3)), min_lr_ratio=0.5, keep_checkpoints=0)
+    assert type(cfg.epochs) is int and type(cfg.lr) is float
+    for key, value in (("epochs", True), ("batch_size", np.True_), ("seed", True), ("keep_checkpoints", False)):
+        with pytest.raises(ValueError, match=f"^{key}=True must be an integer >= |^{key}=False must be an integer"):
+            tcfg(**{key: value})
+    for key in ("lr", "min_lr_ratio", "clip"):
+        with pytest.raises(ValueError, match=f"^{key}=True must be a number"):
+            tcfg(**{key: True})
+    with pytest.raises(ValueError, match="seed=-1 must be an integer >= 0"):  # SeedSequence refuses it mid-run
+        tcfg(seed=-1)
+
+
 def test_train_refuses_a_directory_holding_a_run_without_resume(tmp_path):
     X = structured_grid()
     train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from masksc.data.validate import check_labels, check_not_empty, check_values
+from masksc.data.validate import check_float32_range, check_labels, check_not_empty, check_values
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,9 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
                         "stream it with masksc.data.iter_chunks (10x .h5 works), or convert it to .h5ad.")
     reader = {"h5ad": _read_h5ad, "10x_h5": _read_10x_h5, "10x_mtx": _read_10x_mtx, "csv": _read_table,
               "tsv": _read_table, "scdeepcluster": _read_scdeepcluster}[fmt]
+    where = f" in {path.name}"
     try:
-        adata = reader(path, fmt=fmt, transpose=transpose, backed=backed)
+        adata = reader(path, fmt=fmt, transpose=transpose, backed=backed, where=where)
     except DataError:
         raise
     except (OSError, KeyError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
@@ -131,20 +132,31 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
                         "is complete and in that format, or pass the right format=.") from exc
     if not backed:
         check_not_empty(adata.X)
-        check_values(adata.X, require_integer=False, where=f" in {path.name}")
+        check_values(adata.X, require_integer=False, where=where)
     return adata
 
 
-def to_csr32(X, copy: bool = True) -> sp.csr_matrix:
+def as_float32(a, where: str = "") -> np.ndarray:
+    """``a`` as a float32 ndarray (``a`` itself when it is one). A DataError instead when a finite
+    value is too large for float32, which the cast would make infinite (``where`` is appended to
+    the message, e.g. " in cells 0..999")."""
+    a = np.asarray(a)
+    check_float32_range(a, where)
+    return a.astype(np.float32, copy=False)
+
+
+def to_csr32(X, copy: bool = True, where: str = "") -> sp.csr_matrix:
     """``X`` as CSR float32 with sorted indices and no explicit zeros. With ``copy`` (default)
     the result is a new matrix and the input is never modified; ``copy=False`` is for matrices
-    the caller owns (it may tidy them in place instead of copying)."""
+    the caller owns (it may tidy them in place instead of copying). A DataError names values too
+    large for float32 (``where`` as in :func:`as_float32`)."""
     if not sp.issparse(X):
         X = np.asarray(X)
         if X.dtype.kind not in "biuf":
             raise DataError(f"X has dtype {X.dtype}, not numbers; fix: convert the expression values to numbers.")
-        X = sp.csr_matrix(X.astype(np.float32, copy=False))  # scipy has no float16 matrices
+        X = sp.csr_matrix(as_float32(X, where))  # scipy has no float16 matrices
     X = X.tocsr(copy=False)
+    check_float32_range(X, where)
     X = X.astype(np.float32, copy=copy)
     if X.indices.dtype != X.indptr.dtype:  # e.g. int32 indices + int64 indptr from h5ad files
         X = sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)  # scipy unifies (int32 when it fits)
@@ -153,35 +165,36 @@ def to_csr32(X, copy: bool = True) -> sp.csr_matrix:
     return X
 
 
-def _dense_rows_to_csr(ds) -> sp.csr_matrix:
-    """Convert a dense (in-file or in-memory) 2-D array to CSR block-wise, never holding it whole."""
+def _dense_rows_to_csr(ds, where: str) -> sp.csr_matrix:
+    """Convert a dense (in-file or in-memory) 2-D array to CSR float32 block-wise, never holding it
+    whole (``where``: as in :func:`as_float32`)."""
     rows = max(1, _BLOCK_ELEMENTS // max(1, ds.shape[1]))
     chunk_rows = (getattr(ds, "chunks", None) or (0,))[0]
     if chunk_rows:  # HDF5 decompresses whole chunks: read whole chunk rows at a time
         rows = -(-rows // chunk_rows) * chunk_rows
-    blocks = [sp.csr_matrix(np.asarray(ds[i:i + rows], dtype=np.float32)) for i in range(0, ds.shape[0], rows)]
+    blocks = [sp.csr_matrix(as_float32(ds[i:i + rows], where)) for i in range(0, ds.shape[0], rows)]
     if not blocks:
         return sp.csr_matrix(ds.shape, dtype=np.float32)
     return sp.vstack(blocks, format="csr")
 
 
-def _finish(adata: ad.AnnData) -> ad.AnnData:
+def _finish(adata: ad.AnnData, where: str) -> ad.AnnData:
     if adata.X is None:
         raise DataError("the file has no X matrix (a `masksc embed` output holds only obs and the embedding: "
                         "open it with anndata.read_h5ad); fix: pass the file that holds the expression counts.")
-    adata.X = to_csr32(adata.X, copy=False)  # freshly read: ours to tidy in place
+    adata.X = to_csr32(adata.X, copy=False, where=where)  # freshly read: ours to tidy in place
     if "label" in adata.obs:
         set_labels(adata, adata.obs["label"].to_numpy())
     return adata
 
 
-def _read_h5ad(path, backed=False, **_):
+def _read_h5ad(path, where, backed=False, **_):
     if backed:
         adata = ad.read_h5ad(path, backed="r")  # obs is in memory: its labels are tidied as when read whole
         if "label" in adata.obs:
             set_labels(adata, adata.obs["label"].to_numpy())
         return adata
-    return _finish(ad.read_h5ad(path))
+    return _finish(ad.read_h5ad(path), where)
 
 
 def _decode(a) -> np.ndarray:
@@ -189,17 +202,17 @@ def _decode(a) -> np.ndarray:
     return a.astype(str) if a.dtype.kind in "SO" else a
 
 
-def _read_10x_h5(path, **_):
+def _read_10x_h5(path, where, **_):
     """Cell Ranger HDF5. v3: group ``matrix`` holding a CSC genes x cells matrix, i.e. a CSR
     cells x genes matrix (indptr over cells), plus ``features``/``barcodes``; v2 (one group per
     genome) goes through scanpy's reader."""
     with h5py.File(path, "r") as f:
         if "matrix" not in f:
             import scanpy as sc
-            return _finish(_unique_genes(sc.read_10x_h5(path), path))
+            return _finish(_unique_genes(sc.read_10x_h5(path), path), where)
         m = f["matrix"]
         n_genes, n_cells = (int(v) for v in m["shape"][()])
-        X = sp.csr_matrix((m["data"][()].astype(np.float32), m["indices"][()], m["indptr"][()]),
+        X = sp.csr_matrix((as_float32(m["data"][()], where), m["indices"][()], m["indptr"][()]),
                           shape=(n_cells, n_genes))
         feats = m["features"]
         names = _decode(feats["name"][()]) if "name" in feats else _decode(feats["id"][()])
@@ -214,7 +227,7 @@ def _read_10x_h5(path, **_):
         if var_keep.any() and not var_keep.all():
             log.info("keeping %d 'Gene Expression' features of %d", var_keep.sum(), len(var_keep))
             adata = adata[:, var_keep].copy()
-    return _finish(_unique_genes(adata, path))
+    return _finish(_unique_genes(adata, path), where)
 
 
 def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
@@ -241,7 +254,7 @@ def _first(folder: Path, names) -> Path:
                     "features.tsv[.gz] (or genes.tsv[.gz]) and barcodes.tsv[.gz].")
 
 
-def _read_10x_mtx(path, **_):
+def _read_10x_mtx(path, where, **_):
     """10x mtx folder: the Matrix Market file is genes x cells; features/genes.tsv columns are
     id, name[, type]; var_names are the names (made unique), ids in ``var["gene_ids"]``."""
     folder = path if path.is_dir() else path.parent
@@ -265,10 +278,10 @@ def _read_10x_mtx(path, **_):
         keep = (ftab[2] == "Gene Expression").to_numpy()
         if keep.any() and not keep.all():
             adata = adata[:, keep].copy()
-    return _finish(_unique_genes(adata, folder))
+    return _finish(_unique_genes(adata, folder), where)
 
 
-def _read_table(path, fmt="csv", transpose=False, **_):
+def _read_table(path, where, fmt="csv", transpose=False, **_):
     """csv/tsv: header row of gene names, first column of cell names (transpose: genes x cells).
     The header may name the first column or not (R's write.table leaves it out). Names are kept
     as written: "001" stays "001", a gene called "NA" stays "NA" (pandas would parse either)."""
@@ -297,13 +310,13 @@ def _read_table(path, fmt="csv", transpose=False, **_):
         raise DataError(f"{path}: columns {non_numeric[:5]} are not numeric; fix: the file must be cells x "
                         "genes with a header row of gene names and a first column of cell names "
                         "(transpose=True if rows are genes); remove annotation columns.")
-    adata = ad.AnnData(X=_dense_rows_to_csr(df.to_numpy(dtype=np.float32)),
+    adata = ad.AnnData(X=_dense_rows_to_csr(df.to_numpy(dtype=np.float64), where),
                        obs=pd.DataFrame(index=df.index.astype(str)),
                        var=pd.DataFrame(index=df.columns.astype(str)))
-    return _finish(_unique_genes(adata, path))
+    return _finish(_unique_genes(adata, path), where)
 
 
-def _read_scdeepcluster(path, **_):
+def _read_scdeepcluster(path, where, **_):
     """scDeepCluster HDF5: dataset ``X`` dense counts cells x genes, optional ``Y`` labels;
     no gene names are stored, so they are synthesised (``gene_0000`` ..)."""
     with h5py.File(path, "r") as f:
@@ -311,7 +324,7 @@ def _read_scdeepcluster(path, **_):
         if ds.ndim != 2:
             raise DataError(f"{path}: dataset X has shape {ds.shape}, expected cells x genes; "
                             "fix: store a 2-D matrix.")
-        X = _dense_rows_to_csr(ds)
+        X = _dense_rows_to_csr(ds, where)
         labels = f["Y"][()] if "Y" in f else None
     n_cells, n_genes = X.shape
     width = max(4, len(str(n_cells - 1)))
@@ -319,4 +332,4 @@ def _read_scdeepcluster(path, **_):
                        var=pd.DataFrame(index=gene_names(n_genes)))
     if labels is not None:
         set_labels(adata, np.asarray(labels).ravel())
-    return _finish(adata)
+    return _finish(adata, where)

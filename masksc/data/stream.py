@@ -9,12 +9,14 @@ Sources (:func:`open_source`):
 * an ``.h5ad`` path or an AnnData opened with ``backed="r"``: ``X`` is read from the file with
   h5py. A CSR ``X`` (the usual layout, and what :func:`write_synthetic_h5ad` writes) is read as
   slices ``indptr[a:b+1]`` then ``data/indices[indptr[a]:indptr[b]]``, so a chunk costs only its
-  own non-zeros; a dense ``X`` is read by row blocks; a CSC ``X`` is refused (rows are scattered
-  over the whole file) with the fix;
+  own non-zeros; a dense ``X`` is read by row blocks; a CSC ``X`` cannot be streamed (a cell's
+  values are scattered over the whole file): it is read into memory as CSR, with a log line
+  saying so and how to avoid it;
 * a 10x Genomics HDF5 path (Cell Ranger v3): the matrix is stored CSC *genes x cells*, i.e. its
   ``indptr`` runs over cells, so a block of cells is one contiguous column block of the stored
   matrix and is read exactly like a CSR row block (no transposition, no full pass);
-* any other path: read in memory with :func:`masksc.data.read`, then sliced.
+* any other path (and a Cell Ranger v2 ``.h5``): read into memory with :func:`masksc.data.read`,
+  with a log line saying so, then sliced.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.data.io import _decode, detect_format, read, set_labels, to_csr32
+from masksc.data.io import _decode, as_float32, detect_format, read, set_labels, to_csr32
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -82,8 +84,13 @@ class ChunkSource:
                 yield a, self.rows(a, min(a + chunk_size, self.n_obs), f)
 
 
+def _cells(a: int, b: int) -> str:
+    """Where rows ``a .. b-1`` lie, for error messages."""
+    return f" in cells {a}..{b - 1}"
+
+
 def _memory_rows(X, _f, a, b) -> sp.csr_matrix:
-    return to_csr32(X[a:b], copy=False)  # the slice is a copy already
+    return to_csr32(X[a:b], copy=False, where=_cells(a, b))  # the slice is a copy already
 
 
 def with_layer(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
@@ -113,14 +120,14 @@ def _memory_source(adata: ad.AnnData) -> ChunkSource:
 def _csr_block(grp, a, b, n_cols) -> sp.csr_matrix:
     indptr = np.asarray(grp["indptr"][a:b + 1], dtype=np.int64)
     lo, hi = int(indptr[0]), int(indptr[-1])
-    data = np.asarray(grp["data"][lo:hi], dtype=np.float32)
+    data = as_float32(grp["data"][lo:hi], _cells(a, b))
     indices = np.asarray(grp["indices"][lo:hi])
     return to_csr32(sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, n_cols)), copy=False)
 
 
 def _h5ad_rows(key: str, dense: bool, n_vars: int, f, a, b) -> sp.csr_matrix:
     if dense:
-        return to_csr32(np.asarray(f[key][a:b], dtype=np.float32), copy=False)
+        return to_csr32(f[key][a:b], copy=False, where=_cells(a, b))
     return _csr_block(f[key], a, b, n_vars)
 
 
@@ -138,17 +145,22 @@ def _h5ad_source(path: Path, layer: str | None = None) -> ChunkSource:
         X = f[key]
         kind = X.attrs.get("encoding-type", "array") if isinstance(X, h5py.Group) else "array"
         shape = tuple(int(v) for v in (X.attrs["shape"] if isinstance(X, h5py.Group) else X.shape))
-    if kind == "csc_matrix":
-        raise DataError(f"{path}: {key} is stored CSC, which cannot be streamed by cells; fix: rewrite it as CSR "
-                        "(adata.X = adata.X.tocsr(); adata.write_h5ad(...)), or in Python pass the AnnData read "
-                        "in memory (masksc.read(path)).")
-    if kind not in ("csr_matrix", "array"):
-        raise DataError(f"{path}: {key} has unsupported encoding {kind!r}; fix: store it as CSR or a dense array.")
+        if kind not in ("csr_matrix", "csc_matrix", "array"):
+            raise DataError(f"{path}: {key} has unsupported encoding {kind!r}; fix: store it as CSR or a dense "
+                            "array.")
+        if kind == "csc_matrix":
+            log.info("%s: %s is stored CSC, whose cells cannot be streamed (each is scattered over the file): "
+                     "reading it into memory as CSR; to stream it, rewrite it as CSR (adata.X = adata.X.tocsr(); "
+                     "adata.write_h5ad(...))", path, key)
+            rows, streamed_from = partial(_memory_rows, to_csr32(ad.io.read_elem(X), copy=False,
+                                                                 where=f" in {path.name}")), None
+        else:
+            rows, streamed_from = partial(_h5ad_rows, key, kind == "array", shape[1]), path
     if "label" in obs:
         tmp = ad.AnnData(obs=obs)
         set_labels(tmp, obs["label"].to_numpy())
         obs = tmp.obs
-    return ChunkSource(shape[0], var_names, obs, partial(_h5ad_rows, key, kind == "array", shape[1]), path)
+    return ChunkSource(shape[0], var_names, obs, rows, streamed_from)
 
 
 def _10x_rows(n_genes: int, keep, f, a, b) -> sp.csr_matrix:
@@ -206,6 +218,8 @@ def open_source(source, layer: str | None = None) -> ChunkSource:
             if src is not None:
                 return src
             log.info("%s is a Cell Ranger v2 file, which is stored genes x cells: reading it into memory", path)
+        else:
+            log.info("%s is a %s file, which cannot be streamed: reading it into memory", path, fmt)
     except (OSError, KeyError) as exc:
         raise DataError(f"cannot stream {path} as {fmt} ({exc}); fix: check the file is complete.") from exc
     return _memory_source(read(path, format=fmt))

@@ -12,6 +12,8 @@ import scipy.sparse as sp
 
 from masksc.errors import DataError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4e38: masksc computes in float32
+
 
 def _values(X) -> np.ndarray:
     """The stored values of ``X`` (sparse: the non-zeros; dense: every entry), flat, no copy."""
@@ -43,8 +45,42 @@ def check_not_empty(X) -> None:
                         "fix: check the file or the filters applied before (every cell or gene was removed?).")
 
 
+def _wider_than_float32(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` holds finite values float32 cannot (float64, longdouble; every integer fits)."""
+    return dtype.kind == "f" and dtype.itemsize > 4
+
+
+def beyond_float32(values) -> np.ndarray:
+    """Boolean mask, shaped as ``values`` (an array), of the finite entries whose magnitude exceeds
+    :data:`FLOAT32_MAX`: casting them to float32 would make them infinite. All False for float32,
+    float16 and integer arrays (every one of their values fits)."""
+    values = np.asarray(values)
+    if not _wider_than_float32(values.dtype):
+        return np.zeros(values.shape, dtype=bool)
+    big = np.abs(values) > FLOAT32_MAX
+    if big.any():
+        big &= np.isfinite(values)
+    return big
+
+
+def check_float32_range(X, where: str = "") -> None:
+    """Raise DataError when a finite value of ``X`` (matrix or array) is too large for float32,
+    which masksc converts every expression matrix to (it would become infinite). NaN and inf are
+    :func:`check_values`' to report. ``where`` is appended to the message."""
+    v = _values(X)
+    if not _wider_than_float32(v.dtype):
+        return
+    big = beyond_float32(v)
+    if big.any():
+        raise DataError(f"X holds {int(big.sum())} values too large for float32 (max 3.4e38; largest magnitude "
+                        f"{np.abs(v[big]).max():.3g}){where}; fix: pass raw counts or log-normalised expression "
+                        "(values this large point to a corrupt or wrongly scaled matrix), or rescale it into "
+                        "float32's range.")
+
+
 def check_values(X, require_integer: bool = False, where: str = "") -> bool:
-    """Raise DataError on NaN/inf, negative values, or (``require_integer``) non-integer values.
+    """Raise DataError on NaN/inf, finite values too large for float32, negative values, or
+    (``require_integer``) non-integer values.
 
     Returns True when every value is a whole number (useful for detecting raw counts).
     ``where`` is appended to messages (e.g. " in cells 1000..1999").
@@ -58,6 +94,7 @@ def check_values(X, require_integer: bool = False, where: str = "") -> bool:
             n_nan = int(np.isnan(v).sum())
             raise DataError(f"X contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values{where}; "
                             "fix: replace or remove them (e.g. np.nan_to_num) before using masksc.")
+        check_float32_range(v, where)
     if v.size and v.min() < 0:
         raise DataError(f"X contains {int((v < 0).sum())} negative values (min {v.min():g}){where}; "
                         "fix: pass raw counts or log-normalised expression, not scaled/centred data.")
@@ -110,7 +147,7 @@ def validate_counts(adata_or_X, require_integer: bool = True, allow_zero_cells: 
     """Validate an expression matrix (or AnnData) without modifying it.
 
     Checks, each raising :class:`masksc.errors.DataError` naming the problem and fix: empty or
-    non-2-D matrix, non-numeric values, NaN/inf, negative values, non-integer values (when
+    non-2-D matrix, non-numeric values, NaN/inf, values too large for float32, negative values, non-integer values (when
     ``require_integer``), cells with zero counts (unless ``allow_zero_cells``), duplicate gene
     names (AnnData input), and ``labels`` (or ``obs["label"]``) whose length differs from the
     number of cells.

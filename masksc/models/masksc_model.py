@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,19 +35,44 @@ _SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 0, "num_heads": 1, "decoder
                 "decoder_heads": 1, "target_dim": 1, "epochs": 1, "batch_size": 1}
 
 
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number of any Python or numpy type (``np.float32``, ``np.int64``
+    ...); a bool is not, so ``lr=True`` is refused rather than read as 1."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer of any Python or numpy type (``np.int32`` ...), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def plain_numbers(config) -> None:
+    """Replace the numpy scalars among the fields of the frozen dataclass ``config`` (also inside
+    tuple fields) by the Python values they equal, so what a user passed as ``np.float32`` is
+    stored, compared and written to JSON like a float."""
+    def plain(value):
+        return value.item() if isinstance(value, np.generic) else value
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        value = tuple(map(plain, value)) if isinstance(value, tuple) else plain(value)
+        object.__setattr__(config, f.name, value)
+
+
 def check_recipe(lr, weight_decay, betas, warmup_epochs, clip) -> None:
     """Refuse optimisation settings AdamW would reject late (after the teacher has trained) or
-    silently misuse (a negative clip turning clipping off, a negative warm-up)."""
+    silently misuse (a negative clip turning clipping off, a negative warm-up, a bool taken for
+    a number). Numbers of any Python or numpy real type pass."""
     bad = []
-    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+    if not (is_number(lr) and 0 < lr < math.inf):
         bad.append(f"lr={lr!r} must be a number > 0")
-    if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
+    if not (is_number(weight_decay) and 0 <= weight_decay < math.inf):
         bad.append(f"weight_decay={weight_decay!r} must be a number >= 0")
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
         bad.append(f"betas={tuple(betas)!r} must be two numbers in [0, 1)")
-    if not (isinstance(warmup_epochs, (int, float)) and 0 <= warmup_epochs < math.inf):
+    if not (is_number(warmup_epochs) and 0 <= warmup_epochs < math.inf):
         bad.append(f"warmup_epochs={warmup_epochs!r} must be a number >= 0")
-    if not (isinstance(clip, (int, float)) and 0 <= clip < math.inf):
+    if not (is_number(clip) and 0 <= clip < math.inf):
         bad.append(f"clip={clip!r} must be a number >= 0 (0: no clipping)")
     if bad:
         raise ValueError("; ".join(bad) + ".")
@@ -86,12 +112,12 @@ class MaskSCConfig:
     def __post_init__(self):
         object.__setattr__(self, "grid_shape", tuple(self.grid_shape))  # a list from JSON or a user: hashable
         object.__setattr__(self, "betas", tuple(self.betas))
+        plain_numbers(self)
         for name, least in _SIZE_FIELDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            if not is_integer(value) or value < least:
                 raise ValueError(f"{name}={value!r} must be an integer >= {least}.")
-        if len(self.grid_shape) != 2 or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-                                                 and x >= 1 for x in self.grid_shape):
+        if len(self.grid_shape) != 2 or not all(is_integer(x) and x >= 1 for x in self.grid_shape):
             raise ValueError(f"grid_shape={self.grid_shape!r} must be two positive integers (rows, columns).")
         g, s = self.grid_shape
         if g % self.patch or s % self.patch:
@@ -103,18 +129,18 @@ class MaskSCConfig:
         if self.embed_dim % step or self.decoder_dim % step:
             raise ValueError(f"embed_dim={self.embed_dim} and decoder_dim={self.decoder_dim} must be multiples of "
                              f"{step} for the sin-cos position embedding{' over the 2-D grid' if self.ime else ''}.")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be > 0.")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio={self.mask_ratio} must be in (0, 1).")
+        if not (is_number(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a number > 0.")
+        if not (is_number(self.mask_ratio) and 0.0 < self.mask_ratio < 1.0):
+            raise ValueError(f"mask_ratio={self.mask_ratio!r} must be a number in (0, 1).")
         if self.n_keep >= self.n_patches:
             raise ValueError(f"mask_ratio={self.mask_ratio} masks no patch of {self.n_patches} (it keeps "
                              f"round({self.n_patches} * (1 - mask_ratio)) = {self.n_keep}), so there is nothing to "
                              f"predict; fix: mask_ratio >= {1 / self.n_patches:.3g} (one patch in {self.n_patches}).")
         if self.layout not in ORDERS:
             raise ValueError(f"layout={self.layout!r}; choose one of {ORDERS}.")
-        if not self.target_scale >= 0:
-            raise ValueError(f"target_scale={self.target_scale!r} must be >= 0 (0: sqrt(target_dim)).")
+        if not (is_number(self.target_scale) and self.target_scale >= 0):
+            raise ValueError(f"target_scale={self.target_scale!r} must be a number >= 0 (0: sqrt(target_dim)).")
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
         if self.target_fragment not in FRAGMENTS:
             raise ValueError(f"target_fragment={self.target_fragment!r}; choose one of {FRAGMENTS}.")

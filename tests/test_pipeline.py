@@ -1,0 +1,56 @@
+"""MaskSCModel: moving a model between devices."""
+import numpy as np
+import pytest
+import torch
+
+from masksc.data import synthetic
+from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
+from masksc.pipeline import MaskSCModel, preprocess_to_grid
+
+CFG = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                   decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_ratio=0.5, target_dim=6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """An untrained tiny MaskSCModel with a teacher, and the cells it embeds."""
+    adata = synthetic(120, n_genes=200, n_types=3, seed=5)
+    preprocessor, grid, _ = preprocess_to_grid(adata, CFG, seed=0)
+    torch.manual_seed(0)
+    network = MaskSC(CFG).eval()
+    network.set_padding(grid.is_padding)
+    network.set_teacher(ContrastiveSC(ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True)))
+    return MaskSCModel(network, preprocessor, grid), adata
+
+
+def test_to_returns_the_model_and_embeds_the_same(tiny):
+    model, adata = tiny
+    before = model.embed(adata, progress=False)
+    assert model.to("cpu") is model
+    assert model.to(torch.device("cpu")) is model
+    np.testing.assert_array_equal(model.embed(adata, progress=False), before)
+
+
+@pytest.mark.parametrize("device, message", [("meta", "device 'meta' holds no weights.*fix: "),
+                                             ("nonsense", "device 'nonsense' is not a device name.*fix: "),
+                                             ("cuda:99", "device 'cuda:99'.*fix: ")])
+def test_to_refuses_a_device_that_cannot_hold_the_weights(tiny, device, message):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=message):
+        model.to(device)
+    assert {p.device.type for p in model.network.parameters()} == {"cpu"}  # nothing moved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_cuda_moves_network_and_teacher_and_embed_follows(tiny):
+    model, adata = tiny
+    before = model.embed(adata, progress=False)
+    try:
+        assert model.to("cuda") is model
+        tensors = [*model.network.parameters(), *model.network.buffers()]
+        assert {t.device.type for t in tensors} == {"cuda"}
+        assert {p.device.type for p in model.network.teacher.parameters()} == {"cuda"}
+        np.testing.assert_allclose(model.embed(adata, progress=False), before, rtol=1e-3, atol=1e-4)
+        assert next(model.network.parameters()).device.type == "cuda"  # embed ran where the weights are
+    finally:
+        model.to("cpu")
