@@ -327,6 +327,20 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), config
 
 
+def read_losses(path: str | os.PathLike) -> list[float]:
+    """The per-epoch mean training losses recorded in a training checkpoint (or a run
+    directory's ``last`` one), without reading its weights or optimiser state."""
+    ckpt = resolve(path)
+    try:
+        return [float(v) for v in json.loads((ckpt / STATE).read_text())["losses"]]
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{ckpt} holds no training record ({STATE}): it was saved by MaskSCModel.save, not by "
+                              "training; fix: pass the directory `masksc fit -o` wrote.") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the training record {ckpt / STATE} is corrupt ({exc}); fix: restore it from a "
+                              "copy.") from exc
+
+
 def load_training_state(path: str | os.PathLike) -> tuple[dict, dict]:
     """(optimizer.pt contents, trainer_state.json contents) of a training checkpoint."""
     ckpt = resolve(path)

@@ -1,4 +1,4 @@
-"""The ``masksc`` command: fit, embed, cluster, evaluate, demo.
+"""The ``masksc`` command: fit, embed, cluster, evaluate, plot, demo.
 
 Every command reads its input, never modifies it, and writes outputs atomically.
 """
@@ -215,6 +215,58 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _cells_to_draw(args):
+    """The few cells ``plot attention`` draws, in memory: one per label of ``--label-key`` when the
+    data has that column, else ``--cells`` random ones; an .h5ad is opened backed, so only they
+    are read. Returns (AnnData of those cells, panel titles)."""
+    import anndata as ad
+    import numpy as np
+
+    from masksc.data import read
+    from masksc.data.io import detect_format
+    from masksc.demo import one_cell_per_label
+    path = Path(args.data)
+    if not path.exists():
+        raise MaskscError(f"file not found: {path}; fix: check the path.")
+    fmt = args.format or detect_format(path)
+    adata = ad.read_h5ad(path, backed="r") if fmt == "h5ad" else read(path, format=fmt, transpose=args.transpose)
+    if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
+        labels = adata.obs[args.label_key]
+        labelled = np.flatnonzero(labels.notna().to_numpy())
+        picks = labelled[one_cell_per_label(labels.to_numpy()[labelled].astype(str), args.seed)][:args.cells]
+        titles = [str(v) for v in labels.to_numpy()[picks]]
+    else:
+        picks = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, min(args.cells, adata.n_obs),
+                                                                 replace=False))
+        titles = [f"cell {name}" for name in adata.obs_names[picks]]
+    cells = adata[picks]
+    return (cells.to_memory() if adata.isbacked else cells.copy()), titles
+
+
+def cmd_plot(args) -> int:
+    """Draw one PNG: the 2-D map of an embedded .h5ad coloured by its clusters and labels (paper
+    Fig. 4), a fit's training loss per epoch, or the last encoder block's attention over the gene
+    grid for one cell per label (paper Fig. 6)."""
+    from masksc import checkpoint, pl
+    from masksc.io_utils import check_output
+    if Path(args.output).suffix.lower() != ".png":
+        raise MaskscError(f"output {args.output} must end in .png; fix: e.g. -o {Path(args.output).with_suffix('.png')}.")
+    output = check_output(args.output, args.data)
+    if args.kind == "embedding":
+        out = pl.embedding(_read_h5ad(args.data), args.color, output, method=args.method, basis=args.use_rep,
+                           seed=args.seed, max_cells=args.max_cells)
+    elif args.kind == "loss":
+        out = pl.loss_curve(checkpoint.read_losses(args.data), output)
+    else:
+        from masksc.pipeline import MaskSCModel
+        device = _device(args.device)
+        model = MaskSCModel.load(args.model, device=device)
+        cells, titles = _cells_to_draw(args)
+        out = pl.attention_grid(model.attention_maps(cells, layer=args.layer), titles, output)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from masksc.demo import run_demo
     _device(args.device)
@@ -308,6 +360,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="obsm key the silhouette is computed on (default X_masksc)")
     sp.add_argument("--json", default=None, help="also write the scores to this JSON file")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("plot", help="draw a PNG: an embedding's map, a fit's loss, or attention over the gene grid")
+    kinds = sp.add_subparsers(dest="kind", required=True, metavar="KIND")
+    kp = kinds.add_parser("embedding", help="UMAP / t-SNE of an embedded .h5ad, one panel per colouring")
+    kp.add_argument("data", help=".h5ad written by `masksc embed` or `masksc cluster`")
+    kp.add_argument("--color", action="append", default=None, metavar="COLUMN",
+                    help="obs column to colour by (repeatable; default: the clusters and the label column)")
+    kp.add_argument("--method", choices=("umap", "tsne"), default="umap", help="2-D map (default umap)")
+    kp.add_argument("--use-rep", dest="use_rep", default="X_masksc",
+                    help="obsm key to map (default X_masksc; a 2-D one such as X_umap is drawn as it is)")
+    kp.add_argument("--max-cells", dest="max_cells", type=_at_least(2), default=50_000,
+                    help="map a random sample of this many cells when there are more (default 50000)")
+    kp.add_argument("--seed", type=_at_least(0), default=0, help="seed of the map and the sample (default 0)")
+    kp = kinds.add_parser("loss", help="training loss per epoch of a fit")
+    kp.add_argument("data", metavar="MODEL_DIR", help="the directory `masksc fit -o` wrote (or one of its checkpoints)")
+    kp = kinds.add_parser("attention", help="last-layer attention of the global token over the gene grid, "
+                                            "one panel per cell (one cell per label)")
+    kp.add_argument("data", help="counts: .h5ad (read backed: only the drawn cells are loaded), 10x .h5, mtx, "
+                                 "csv/tsv, scDeepCluster .h5")
+    kp.add_argument("--model", required=True, help="the directory `masksc fit -o` wrote")
+    kp.add_argument("--label-key", dest="label_key", default="label",
+                    help="obs column whose labels get one cell each (default label; absent: random cells)")
+    kp.add_argument("--cells", type=_at_least(1), default=8, help="most panels to draw (default 8)")
+    kp.add_argument("--seed", type=_at_least(0), default=0, help="seed of the cells picked (default 0)")
+    kp.add_argument("--format", default=None, choices=FORMATS, help="force the reader (default: detect)")
+    kp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
+    kp.add_argument("--layer", default=None, help="read this layer of an .h5ad (the one fit used)")
+    kp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    for kp in kinds.choices.values():
+        kp.add_argument("-o", "--output", required=True, help="output .png")
+    sp.set_defaults(func=cmd_plot)
 
     sp = sub.add_parser("demo", help="train on scanpy's bundled pbmc68k_reduced, cluster, score, plot")
     sp.add_argument("-o", "--output", default="masksc-demo", help="output folder (default ./masksc-demo)")

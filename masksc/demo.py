@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +20,7 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     and by label, paper Fig. 4), ``attention.png`` (paper Fig. 6), ``loss.png``, ``metrics.json``.
     A rerun into the same ``out_dir`` replaces the earlier demo's files. Returns the metrics."""
     from masksc import checkpoint, pl
-    from masksc.data import CellBatches, load_demo
+    from masksc.data import load_demo
     from masksc.errors import CheckpointError
     from masksc.io_utils import atomic_write, check_output
 
@@ -45,15 +44,9 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
                          "cell type (label)": adata.obs["label"].to_numpy()}, out / "embedding_umap.png",
                  method="umap", seed=seed)
     pl.loss_curve(adata.uns["masksc"]["fit"]["losses"], out / "loss.png")
-    picks = _one_cell_per_label(adata.obs["label"].to_numpy(), seed)[:8]
-    batch = next(iter(CellBatches(model.to_grid(adata[picks]), batch_size=len(picks), shuffle=False)))
-    net = model.network
-    with torch.no_grad():
-        attn = net.last_attention(batch.to(next(net.parameters()).device)).float().cpu()
-    P = model.config.patch
-    g, s = model.config.grid_shape
-    maps = pl.attention_to_grid(attn, (g, s), P, ime=model.config.ime)
-    pl.attention_grid(maps, [str(x) for x in adata.obs["label"].to_numpy()[picks]], out / "attention.png")
+    picks = one_cell_per_label(adata.obs["label"].to_numpy(), seed)[:8]
+    pl.attention_grid(model.attention_maps(adata[picks]), [str(x) for x in adata.obs["label"].to_numpy()[picks]],
+                      out / "attention.png")
 
     with atomic_write(out / "pbmc68k_masksc.h5ad", suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
@@ -93,6 +86,7 @@ def _pca_kmeans(adata, k: int, seed: int) -> dict:
     return evaluate(Z, kmeans(Z, k, seed=seed), adata.obs["label"].to_numpy())
 
 
-def _one_cell_per_label(labels: np.ndarray, seed: int) -> np.ndarray:
+def one_cell_per_label(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Row indices of one ``seed``-ed random cell of each label (labels in sorted order)."""
     rng = np.random.default_rng(seed)
     return np.array([rng.choice(np.flatnonzero(labels == c)) for c in np.unique(labels)])

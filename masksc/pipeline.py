@@ -113,6 +113,22 @@ class MaskSCModel:
         return embed_matrix(self.network, self.to_grid(adata, layer), batch_size=batch_size, device=device,
                             progress=progress)
 
+    def attention_maps(self, adata, layer: str | None = None, device: str | torch.device | None = None) -> np.ndarray:
+        """The global token's last-layer encoder attention over the gene grid (paper Fig. 6) for
+        each cell of ``adata`` (its ``X`` or ``adata.layers[layer]``; meant for a few cells: they
+        go through in one batch), averaged over heads: float32 [n_cells, g, s], each gene weighted
+        by its token's share. ``device``: as in ``embed`` (None: where the weights are; another
+        device moves the weights there, as ``embed`` does)."""
+        from masksc.data import CellBatches
+        from masksc.pl import attention_to_grid
+        net = self.network
+        device = torch.device(device) if device is not None else next(net.parameters()).device
+        X = self.to_grid(adata, layer)
+        batch = next(iter(CellBatches(X, batch_size=max(1, X.shape[0]), shuffle=False)))
+        with torch.no_grad():
+            attn = net.to(device).eval().last_attention(batch.to(device)).float().cpu()
+        return attention_to_grid(attn, self.config.grid_shape, self.config.patch, ime=self.config.ime)
+
     def embed_file(self, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                    device: str | torch.device | None = None, amp: bool = True, dist=None,
                    progress: bool = True, layer: str | None = None,

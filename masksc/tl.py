@@ -167,7 +167,8 @@ def _computed_here(adata, key: str) -> bool:
 
 
 def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, metric: str = "euclidean",
-              key_added: str = NEIGHBORS_KEY, seed: int = 0, use_gpu: bool | None = None, copy: bool = False):
+              key_added: str = NEIGHBORS_KEY, seed: int = 0, use_gpu: bool | None = None, copy: bool = False,
+              **search_kw):
     """kNN graph of the embedding ``adata.obsm[use_rep]`` (FAISS, see ``masksc.cluster.knn_search``),
     stored as scanpy's ``pp.neighbors(key_added=...)`` stores one, so scanpy's tools read it
     (``sc.tl.umap(adata, neighbors_key="masksc_neighbors")``, ``sc.tl.leiden``, ``sc.tl.paga``):
@@ -179,7 +180,9 @@ def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, met
 
     ``key_added="neighbors"`` writes scanpy's default keys (``connectivities``, ``distances``).
     ``n_neighbors`` counts the cell itself, as scanpy's does. ``seed`` seeds an approximate (IVF)
-    index, used above 100k cells. A graph there that masksc did not compute (e.g. scanpy's) is
+    index, used above 100k cells. ``search_kw`` go to ``masksc.cluster.knn_search`` (``index``,
+    ``nlist``, ``nprobe``, ``target_recall``: e.g. ``target_recall=0.8`` for a faster, rougher
+    graph) and are recorded with the settings. A graph there that masksc did not compute (e.g. scanpy's) is
     not replaced: a DataError names the fix. ``copy``: return a copy of ``adata`` with the graph
     and leave ``adata`` as it is (else None is returned)."""
     _check_adata(adata, "neighbors", needs_x=False)
@@ -190,14 +193,14 @@ def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, met
                         f"(e.g. scanpy's pp.neighbors); fix: key_added= another name (default {NEIGHBORS_KEY!r}), "
                         "or delete that graph first.")
     Z = _embedding(adata, use_rep)
-    indices, distances = _cluster.knn_search(Z, n_neighbors, metric, use_gpu=use_gpu, seed=seed)
+    indices, distances = _cluster.knn_search(Z, n_neighbors, metric, use_gpu=use_gpu, seed=seed, **search_kw)
     adata = _target(adata, copy)
     adata.obsp[conn_key] = _cluster.fuzzy_connectivities(indices, distances)
     adata.obsp[dist_key] = _cluster.knn_distances(indices, distances)
     adata.uns[key_added] = {"connectivities_key": conn_key, "distances_key": dist_key,
                             "params": {"n_neighbors": int(n_neighbors), "method": "umap", "metric": metric,
-                                       "use_rep": use_rep, "random_state": seed, "computed_by": "masksc",
-                                       "embedding_digest": _digest(Z)}}
+                                       "use_rep": use_rep, "random_state": seed, "search": dict(search_kw),
+                                       "computed_by": "masksc", "embedding_digest": _digest(Z)}}
     return adata if copy else None
 
 
@@ -221,7 +224,7 @@ def _leiden_graph(adata, Z: np.ndarray, use_rep: str, neighbors_key: str | None,
                             "fix: recompute the graph (masksc.tl.neighbors or sc.pp.neighbors).")
         return adata.obsp[conn_key], neighbors_key
     settings = {"n_neighbors": kwargs.get("n_neighbors", 15), "metric": kwargs.get("metric", "euclidean"),
-                "use_rep": use_rep, "random_state": seed}
+                "use_rep": use_rep, "random_state": seed, "search": {}}
     params = adata.uns[NEIGHBORS_KEY].get("params", {}) if _computed_here(adata, NEIGHBORS_KEY) else {}
     if any(params.get(name) != value for name, value in settings.items()) or params.get("embedding_digest") != _digest(Z):
         neighbors(adata, settings["n_neighbors"], use_rep=use_rep, metric=settings["metric"], seed=seed,
@@ -237,7 +240,7 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     Leiden's graph: with ``neighbors_key``, the one stored under ``adata.uns[neighbors_key]``
     (by :func:`neighbors` or scanpy's ``pp.neighbors``); without, masksc's own graph
     ``adata.uns["masksc_neighbors"]``, reused when it was built from this embedding with the same
-    ``n_neighbors``, ``metric`` and ``seed``, else built by :func:`neighbors` and stored there (so
+    ``n_neighbors``, ``metric`` and ``seed`` and the default search, else built by :func:`neighbors` and stored there (so
     ``sc.tl.umap(adata, neighbors_key="masksc_neighbors")`` can draw it).
 
     ``seed``: seeds k-means / Leiden. ``kwargs`` go to ``masksc.cluster.cluster_embedding``

@@ -44,7 +44,7 @@ def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "masksc.cli", "--help"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
-    for command in ("fit", "embed", "cluster", "evaluate", "demo"):
+    for command in ("fit", "embed", "cluster", "evaluate", "plot", "demo"):
         assert f"    {command} " in out.stdout
 
 
@@ -396,3 +396,66 @@ def test_embed_records_the_file_it_read_into_memory_as_its_source(trained, embed
         assert got.uns["masksc"]["embed"]["source"] == str(table)
         np.testing.assert_array_equal(got.obsm["X_masksc"], ad.read_h5ad(embedded).obsm["X_masksc"])
     assert ad.read_h5ad(embedded).uns["masksc"]["embed"]["source"] == str(data)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return imread(str(path))
+
+
+def test_plot_embedding_draws_what_pl_embedding_draws(embedded, tmp_path, capsys):
+    """`masksc plot embedding` on a clustered file is pl.embedding's figure of the same cells (clusters
+    and labels by default, or the --color columns), pixel for pixel; the input is left as it was."""
+    from masksc import pl
+    clustered = tmp_path / "clustered.h5ad"
+    assert main(["cluster", str(embedded), "-k", "3", "-o", str(clustered)]) == 0
+    before = _sha(clustered)
+    assert main(["plot", "embedding", str(clustered), "--method", "tsne", "-o", str(tmp_path / "cli.png")]) == 0
+    assert f"wrote {tmp_path / 'cli.png'}" in capsys.readouterr().out
+    pl.embedding(ad.read_h5ad(clustered), None, tmp_path / "api.png", method="tsne", seed=0)
+    np.testing.assert_array_equal(_pixels(tmp_path / "cli.png"), _pixels(tmp_path / "api.png"))
+    assert main(["plot", "embedding", str(clustered), "--method", "tsne", "--color", "label",
+                 "-o", str(tmp_path / "one.png")]) == 0
+    assert _pixels(tmp_path / "one.png").shape[1] < _pixels(tmp_path / "cli.png").shape[1]  # one panel, not two
+    assert _sha(clustered) == before
+    assert main(["plot", "embedding", str(clustered), "-o", str(tmp_path / "map.pdf")]) == 2
+    assert "must end in .png" in capsys.readouterr().err
+
+
+def test_plot_loss_draws_the_fits_recorded_losses(trained, tmp_path, capsys):
+    from masksc import checkpoint, pl
+    from masksc.pipeline import MaskSCModel
+    _, _, model_dir = trained
+    state = json.loads((model_dir / "last" / "trainer_state.json").read_text())
+    assert checkpoint.read_losses(model_dir) == state["losses"] and len(state["losses"]) == 2
+    assert main(["plot", "loss", str(model_dir), "-o", str(tmp_path / "cli.png")]) == 0
+    pl.loss_curve(state["losses"], tmp_path / "api.png")
+    np.testing.assert_array_equal(_pixels(tmp_path / "cli.png"), _pixels(tmp_path / "api.png"))
+    MaskSCModel.load(model_dir).save(tmp_path / "saved")
+    assert main(["plot", "loss", str(tmp_path / "saved"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "holds no training record" in capsys.readouterr().err
+
+
+def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
+    """`masksc plot attention` draws model.attention_maps of one seeded cell per label, titled by
+    label; without the label column it draws --cells random cells titled by name."""
+    from masksc import pl
+    from masksc.demo import one_cell_per_label
+    from masksc.pipeline import MaskSCModel
+    data, before, model_dir = trained
+    assert main(["plot", "attention", str(data), "--model", str(model_dir), "--device", "cpu",
+                 "-o", str(tmp_path / "cli.png")]) == 0
+    cells = ad.read_h5ad(data)
+    picks = one_cell_per_label(cells.obs["label"].to_numpy().astype(str), 0)
+    model = MaskSCModel.load(model_dir)
+    pl.attention_grid(model.attention_maps(cells[picks]), [str(v) for v in cells.obs["label"].to_numpy()[picks]],
+                      tmp_path / "api.png")
+    np.testing.assert_array_equal(_pixels(tmp_path / "cli.png"), _pixels(tmp_path / "api.png"))
+    assert main(["plot", "attention", str(data), "--model", str(model_dir), "--label-key", "none", "--cells", "2",
+                 "--seed", "5", "-o", str(tmp_path / "two.png")]) == 0
+    rng_picks = np.sort(np.random.default_rng(5).choice(cells.n_obs, 2, replace=False))
+    pl.attention_grid(model.attention_maps(cells[rng_picks]), [f"cell {n}" for n in cells.obs_names[rng_picks]],
+                      tmp_path / "two_api.png")
+    np.testing.assert_array_equal(_pixels(tmp_path / "two.png"), _pixels(tmp_path / "two_api.png"))
+    assert _sha(data) == before

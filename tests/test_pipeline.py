@@ -1,4 +1,4 @@
-"""MaskSCModel: moving a model between devices."""
+"""MaskSCModel: moving a model between devices, its attention maps."""
 import numpy as np
 import pytest
 import torch
@@ -54,3 +54,23 @@ def test_to_cuda_moves_network_and_teacher_and_embed_follows(tiny):
         assert next(model.network.parameters()).device.type == "cuda"  # embed ran where the weights are
     finally:
         model.to("cpu")
+
+
+def test_attention_maps_are_the_global_tokens_last_layer_attention_on_the_grid(tiny):
+    """attention_maps = the network's last-block attention of token 0, head-averaged and laid on the
+    grid by pl.attention_to_grid; each map spreads the global token's weight over the genes."""
+    from masksc.data import CellBatches
+    from masksc.pl import attention_to_grid
+    model, adata = tiny
+    cells = adata[:5]
+    maps = model.attention_maps(cells)
+    batch = next(iter(CellBatches(model.to_grid(cells), batch_size=5, shuffle=False)))
+    with torch.no_grad():
+        attn = model.network.eval().last_attention(batch)
+    expected = attention_to_grid(attn, model.config.grid_shape, model.config.patch, ime=model.config.ime)
+    np.testing.assert_allclose(maps, expected, rtol=1e-6)
+    P = model.config.patch
+    # each token's weight is repeated over its P*P genes, and the weights over tokens sum to 1 minus self
+    token_sum = maps.sum(axis=(1, 2)) / (P * P)
+    self_weight = attn[:, :, 0, 0].mean(dim=1).numpy()
+    np.testing.assert_allclose(token_sum + self_weight, 1.0, rtol=1e-4)

@@ -405,8 +405,12 @@ def test_leiden_reuses_the_graph_of_this_embedding_and_rebuilds_a_stale_one(monk
     tl.cluster(a, seed=1, n_neighbors=10)
     assert len(searches) == 2
     assert (a.obsp["masksc_neighbors_connectivities"] != graph).nnz > 0
+    tl.neighbors(a, 10, seed=1, index="ivf", nprobe=1)  # a rougher graph, under the same key
+    assert len(searches) == 3 and a.uns["masksc_neighbors"]["params"]["search"] == {"index": "ivf", "nprobe": 1}
+    tl.cluster(a, seed=1, n_neighbors=10)  # not reused: built with another search
+    assert len(searches) == 4 and a.uns["masksc_neighbors"]["params"]["search"] == {}
     tl.cluster(a, k=3)
-    assert len(searches) == 2 and a.uns["masksc"]["cluster"]["neighbors_key"] is None
+    assert len(searches) == 4 and a.uns["masksc"]["cluster"]["neighbors_key"] is None
 
 
 def test_cluster_on_a_named_graph_uses_it_as_stored():
