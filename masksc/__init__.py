@@ -1,6 +1,19 @@
 """masksc: masked expression modeling for single-cell clustering."""
 __version__ = "0.1.0"
 
+import importlib
+
 from masksc.data import read  # noqa: E402  (the one-call entry point: masksc.read(path))
 
-__all__ = ["read", "__version__"]
+# Submodules reachable as attributes after a plain `import masksc` (masksc.tl, masksc.pipeline, ...),
+# imported on first use so that `import masksc` stays light (torch, FAISS, matplotlib load when needed).
+_SUBMODULES = ("checkpoint", "cluster", "data", "distributed", "embed", "errors", "io_utils", "models", "ops",
+               "outofcore", "pipeline", "pl", "tl", "train")
+
+__all__ = ["read", "__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"masksc.{name}")
+    raise AttributeError(f"module 'masksc' has no attribute {name!r}")

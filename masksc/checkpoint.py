@@ -103,6 +103,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
         _write_json(tmp / CONFIG, config)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        os.chmod(tmp / WEIGHTS, default_mode())  # safetensors creates it 0600; the other files get open()'s mode
         if optimizer is not None:
             with open(tmp / OPTIMIZER, "wb") as fh:
                 torch.save({"optimizer": optimizer.state_dict(),

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from masksc.data.io import FORMATS
-from masksc.errors import MaskscError
+from masksc.errors import DataError, MaskscError
 from masksc.models import PRESETS
 from masksc.models.masksc_model import POOLS
 
@@ -31,6 +31,19 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, an integer ``cluster.check_seed`` takes (in [0, 2**63 - 1])."""
+    from masksc.cluster import check_seed
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
+    try:
+        return check_seed(value)
+    except DataError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {value}") from None
 
 
 def _positive_float(text: str) -> float:
@@ -64,6 +77,8 @@ def _source(args):
     fmt = args.format or detect_format(path)
     if fmt in ("h5ad", "10x_h5") and not args.transpose and (args.format is None or _detects_as(path, fmt)):
         return path
+    log.info("%s: a %s file cannot be streamed by cells; reading it into memory (--chunk-size and "
+             "--teacher-cells do not apply; an .h5ad or 10x .h5 copy would stream)", path, fmt)
     return read(path, format=fmt, transpose=args.transpose)
 
 
@@ -71,7 +86,6 @@ def _detects_as(path: Path, fmt: str) -> bool:
     """Whether ``path`` is recognised as ``fmt`` without --format (the streaming readers detect
     the format again; a file --format had to name is read into memory instead)."""
     from masksc.data.io import detect_format
-    from masksc.errors import DataError
     try:
         return detect_format(path) == fmt
     except DataError:
@@ -220,21 +234,28 @@ def _cells_to_draw(args):
     data has that column, else ``--cells`` random ones; an .h5ad is opened backed, so only they
     are read. Returns (AnnData of those cells, panel titles)."""
     import anndata as ad
+    import h5py
     import numpy as np
 
     from masksc.data import read
     from masksc.data.io import detect_format
-    from masksc.demo import one_cell_per_label
+    from masksc.pl import one_cell_per_label
     path = Path(args.data)
     if not path.exists():
         raise MaskscError(f"file not found: {path}; fix: check the path.")
     fmt = args.format or detect_format(path)
-    adata = ad.read_h5ad(path, backed="r") if fmt == "h5ad" else read(path, format=fmt, transpose=args.transpose)
+    if fmt == "h5ad":
+        with h5py.File(path, "r") as f:
+            if "X" not in f:  # read backed, it would fail later, on the cells' X, as a raw h5py KeyError
+                raise MaskscError(f"{path} holds no expression matrix X (a `masksc embed` output stores only obs "
+                                  "and the embedding); fix: pass the counts file the model was fitted on.")
+        adata = ad.read_h5ad(path, backed="r")
+    else:
+        adata = read(path, format=fmt, transpose=args.transpose)
     if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
         labels = adata.obs[args.label_key]
-        labelled = np.flatnonzero(labels.notna().to_numpy())
-        picks = labelled[one_cell_per_label(labels.to_numpy()[labelled].astype(str), args.seed)][:args.cells]
-        titles = [str(v) for v in labels.to_numpy()[picks]]
+        picks = one_cell_per_label(labels, args.seed, n=args.cells)
+        titles = [str(v) for v in labels.iloc[picks]]  # not to_numpy(): NaN makes integer categories 2.0
     else:
         picks = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, min(args.cells, adata.n_obs),
                                                                  replace=False))
@@ -247,16 +268,17 @@ def cmd_plot(args) -> int:
     """Draw one PNG: the 2-D map of an embedded .h5ad coloured by its clusters and labels (paper
     Fig. 4), a fit's training loss per epoch, or the last encoder block's attention over the gene
     grid for one cell per label (paper Fig. 6)."""
-    from masksc import checkpoint, pl
+    from masksc import pl
     from masksc.io_utils import check_output
     if Path(args.output).suffix.lower() != ".png":
-        raise MaskscError(f"output {args.output} must end in .png; fix: e.g. -o {Path(args.output).with_suffix('.png')}.")
+        raise MaskscError(f"output {args.output} must end in .png; fix: e.g. "
+                          f"-o {Path(args.output).with_suffix('.png')}.")
     output = check_output(args.output, args.data)
     if args.kind == "embedding":
         out = pl.embedding(_read_h5ad(args.data), args.color, output, method=args.method, basis=args.use_rep,
                            seed=args.seed, max_cells=args.max_cells)
     elif args.kind == "loss":
-        out = pl.loss_curve(checkpoint.read_losses(args.data), output)
+        out = pl.loss_curve(args.data, output)
     else:
         from masksc.pipeline import MaskSCModel
         device = _device(args.device)
@@ -302,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cells per step (per process)")
     sp.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
                     help="override any preset field, e.g. --set embed_dim=64 --set depth=2 (repeatable)")
-    sp.add_argument("--seed", type=_at_least(0), default=0,
+    sp.add_argument("--seed", type=_seed, default=0,
                     help="seed of the teacher, the model and the batches (default 0)")
     sp.add_argument("--checkpoint-every", dest="checkpoint_every", type=_at_least(1), default=None,
                     help="save a checkpoint every this many epochs (default 5; the last epoch is always saved)")
@@ -337,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("data", help=".h5ad written by `masksc embed`")
     sp.add_argument("-k", type=_at_least(1), default=None, help="number of clusters (k-means); omit for Leiden")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (the input is never modified)")
-    sp.add_argument("--seed", type=_at_least(0), default=0, help="seed of k-means / Leiden (default 0)")
+    sp.add_argument("--seed", type=_seed, default=0, help="seed of k-means / Leiden (default 0)")
     sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=15,
                     help="Leiden (no -k): neighbours per cell in the kNN graph (default 15)")
     sp.add_argument("--resolution", type=_positive_float, default=1.0,
@@ -372,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="obsm key to map (default X_masksc; a 2-D one such as X_umap is drawn as it is)")
     kp.add_argument("--max-cells", dest="max_cells", type=_at_least(2), default=50_000,
                     help="map a random sample of this many cells when there are more (default 50000)")
-    kp.add_argument("--seed", type=_at_least(0), default=0, help="seed of the map and the sample (default 0)")
+    kp.add_argument("--seed", type=_seed, default=0, help="seed of the map and the sample (default 0)")
     kp = kinds.add_parser("loss", help="training loss per epoch of a fit")
     kp.add_argument("data", metavar="MODEL_DIR", help="the directory `masksc fit -o` wrote (or one of its checkpoints)")
     kp = kinds.add_parser("attention", help="last-layer attention of the global token over the gene grid, "
@@ -383,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--label-key", dest="label_key", default="label",
                     help="obs column whose labels get one cell each (default label; absent: random cells)")
     kp.add_argument("--cells", type=_at_least(1), default=8, help="most panels to draw (default 8)")
-    kp.add_argument("--seed", type=_at_least(0), default=0, help="seed of the cells picked (default 0)")
+    kp.add_argument("--seed", type=_seed, default=0, help="seed of the cells picked (default 0)")
     kp.add_argument("--format", default=None, choices=FORMATS, help="force the reader (default: detect)")
     kp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
     kp.add_argument("--layer", default=None, help="read this layer of an .h5ad (the one fit used)")
@@ -395,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="train on scanpy's bundled pbmc68k_reduced, cluster, score, plot")
     sp.add_argument("-o", "--output", default="masksc-demo", help="output folder (default ./masksc-demo)")
     sp.add_argument("--epochs", type=_at_least(1), default=None, help="override the demo preset's epochs")
-    sp.add_argument("--seed", type=_at_least(0), default=0, help="seed of training and clustering (default 0)")
+    sp.add_argument("--seed", type=_seed, default=0, help="seed of training and clustering (default 0)")
     sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     sp.set_defaults(func=cmd_demo)
     return p

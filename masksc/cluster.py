@@ -96,7 +96,7 @@ def check_embedding(Z, name: str = "Z") -> np.ndarray:
     return np.ascontiguousarray(Z, dtype=np.float32)
 
 
-def _check_seed(seed) -> int:
+def check_seed(seed) -> int:
     """``seed`` as an int; DataError unless it is an integer in [0, 2**63 - 1] (what numpy's,
     FAISS's and leidenalg's generators all take)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
@@ -201,7 +201,7 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}.")
     if max_points_per_centroid is not None and max_points_per_centroid < 1:
         raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}.")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     k = int(k)
     if k == 1:
         return np.zeros(n, dtype=np.int64)
@@ -361,7 +361,7 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
                else "pass at least 2 cells (a kNN graph needs them)")
         raise DataError(f"n_neighbors (including the cell itself) must be an integer in [2, n_cells={n}], "
                         f"got {n_neighbors!r}; fix: {fix}.")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if metric == "cosine":
         norms = np.linalg.norm(X, axis=1, keepdims=True)
         if (norms == 0).any():
@@ -469,10 +469,15 @@ def knn_distances(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
     Returns: scipy.sparse.csr_matrix float32 [n, n], not symmetric, at most k - 1 entries a row.
     """
     n, k = indices.shape
+    others, dists = indices[:, 1:], distances[:, 1:].astype(np.float32)
+    # explicit zeros are kept: a duplicate cell is a neighbour at distance 0
+    if (indices[:, 0] == np.arange(n)).all() and (others >= 0).all():  # the usual case: built row by row, no copy
+        order = np.argsort(others, axis=1, kind="stable")
+        return sp.csr_matrix((np.take_along_axis(dists, order, 1).ravel(),
+                              np.take_along_axis(others, order, 1).ravel(), np.arange(n + 1) * (k - 1)), shape=(n, n))
     rows = np.repeat(np.arange(n), k)
     cols = indices.ravel()
     keep = (cols >= 0) & (cols != rows)
-    # explicit zeros are kept: a duplicate cell is a neighbour at distance 0
     return sp.csr_matrix((distances.ravel()[keep].astype(np.float32), (rows[keep], cols[keep])), shape=(n, n))
 
 
@@ -539,7 +544,7 @@ def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int | No
         raise ValueError(f"resolution must be > 0, got {resolution}.")
     if flavor not in LEIDEN_FLAVORS:
         raise ValueError(f"flavor must be one of {LEIDEN_FLAVORS}, got {flavor!r}.")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if flavor == "igraph":
         # Each undirected edge once; G + G.T keeps a non-symmetric graph's weight in both
         # directions and, for a symmetric one, doubles every weight, which leaves modularity as is.
@@ -610,20 +615,22 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     return labels, r
 
 
-def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int = 0, n_neighbors: int = 15,
-                      resolution: float = 1.0, metric: str = "euclidean", use_gpu: bool | None = None,
+def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int = 0, n_neighbors: int | None = None,
+                      resolution: float = 1.0, metric: str | None = None, use_gpu: bool | None = None,
                       graph=None, **kmeans_kw) -> np.ndarray:
     """Cluster an embedding: k-means when ``k`` is given, kNN graph + Leiden when it is not.
 
     Args:
-        Z: embedding [n, d], a real-valued array (clustered as float32). k: number of clusters or None.
+        Z: embedding [n, d], a real-valued array (clustered as float32); None when ``graph`` is
+            given. k: number of clusters or None.
         method: "auto" (k-means if k else Leiden), "kmeans" (needs k), or "leiden" (with k, the
             resolution is searched for k clusters via :func:`leiden_for_k`; without, ``resolution``).
         seed: seeds k-means, the kNN search and Leiden.
-        n_neighbors, metric: kNN graph settings for Leiden. resolution: Leiden's when k is None.
-        use_gpu: as in :func:`kmeans`.
+        n_neighbors, metric: the kNN graph Leiden builds from ``Z`` (default 15, "euclidean").
+        resolution: Leiden's when k is None. use_gpu: as in :func:`kmeans`.
         graph: a kNN graph of these cells already built (e.g. :func:`knn_graph`, or a stored
-            ``adata.obsp`` graph) for Leiden to use instead of building one from ``Z``.
+            ``adata.obsp`` graph) for Leiden to cluster instead of building one; ``n_neighbors``
+            and ``metric`` are then refused (TypeError), as they would be ignored.
         kmeans_kw: passed to :func:`kmeans` (``n_init``, ``max_iter``, ...); a TypeError when
             Leiden is used, which would ignore them.
 
@@ -645,10 +652,15 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
                         "method='leiden'), which would ignore them; fix: drop them, or pass k (with "
                         "method='auto' or 'kmeans') to use k-means.")
     if graph is None:
-        graph = knn_graph(Z, n_neighbors=n_neighbors, metric=metric, use_gpu=use_gpu, seed=seed)
-    elif graph.shape != (len(Z), len(Z)):
-        raise DataError(f"graph is {graph.shape[0]} x {graph.shape[1]} but Z has {len(Z)} cells; fix: pass the graph "
-                        "built from these cells (knn_graph(Z)).")
+        graph = knn_graph(Z, n_neighbors=15 if n_neighbors is None else n_neighbors,
+                          metric="euclidean" if metric is None else metric, use_gpu=use_gpu, seed=seed)
+    else:
+        given = [name for name, value in (("n_neighbors", n_neighbors), ("metric", metric)) if value is not None]
+        if given:
+            raise TypeError(f"{given} set the graph built from Z, but graph= is given; fix: drop them.")
+        if Z is not None and graph.shape != (len(Z), len(Z)):
+            raise DataError(f"graph is {graph.shape[0]} x {graph.shape[1]} but Z has {len(Z)} cells; fix: pass the "
+                            "graph built from these cells (knn_graph(Z)).")
     if k is None:
         return leiden(graph, resolution=resolution, seed=seed)
     return leiden_for_k(graph, k, seed=seed)[0]
@@ -696,7 +708,7 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
     from sklearn.metrics import silhouette_score
 
     X = check_embedding(Z)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     n = X.shape[0]
     pred = _as_labels(pred, n, "pred")
     n_clusters = len(np.unique(pred))

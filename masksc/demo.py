@@ -44,9 +44,9 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
                          "cell type (label)": adata.obs["label"].to_numpy()}, out / "embedding_umap.png",
                  method="umap", seed=seed)
     pl.loss_curve(adata.uns["masksc"]["fit"]["losses"], out / "loss.png")
-    picks = one_cell_per_label(adata.obs["label"].to_numpy(), seed)[:8]
-    pl.attention_grid(model.attention_maps(adata[picks]), [str(x) for x in adata.obs["label"].to_numpy()[picks]],
-                      out / "attention.png")
+    labels = adata.obs["label"].to_numpy()
+    picks = pl.one_cell_per_label(labels, seed, n=8)
+    pl.attention_grid(model.attention_maps(adata[picks]), [str(x) for x in labels[picks]], out / "attention.png")
 
     with atomic_write(out / "pbmc68k_masksc.h5ad", suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
@@ -85,8 +85,3 @@ def _pca_kmeans(adata, k: int, seed: int) -> dict:
     Z = PCA(n_components=min(50, *X.shape), random_state=seed).fit_transform(X).astype(np.float32)
     return evaluate(Z, kmeans(Z, k, seed=seed), adata.obs["label"].to_numpy())
 
-
-def one_cell_per_label(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Row indices of one ``seed``-ed random cell of each label (labels in sorted order)."""
-    rng = np.random.default_rng(seed)
-    return np.array([rng.choice(np.flatnonzero(labels == c)) for c in np.unique(labels)])

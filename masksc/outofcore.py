@@ -396,6 +396,10 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     if output.suffix.lower() not in (".npy", ".h5ad"):
         raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
     reader = RowReader(source, layer)
+    if source_path is not None and reader.path is not None and \
+            Path(source_path).resolve() != Path(reader.path).resolve():
+        raise MaskscError(f"source_path={str(source_path)!r} names the file an in-memory source was read from, but "
+                          f"the source is the file {reader.path} itself; fix: drop source_path.")
     origin = Path(source_path) if source_path is not None else reader.path
     check_output(output, origin)
     ckpt.check_genes(model.grid.to_dict(), reader.var_names)

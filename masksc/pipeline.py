@@ -83,7 +83,7 @@ class MaskSCModel:
         """Move the network (with its teacher) to ``device`` and return this model, as
         ``nn.Module.to`` does; ``embed`` with ``device=None`` then runs there. Raises ValueError,
         naming the fix, for a device this machine lacks or ``meta``, before moving anything."""
-        self.network.to(_weights_device(device))
+        self.network.to(_weights_device(device, cpu_fix='call .to("cpu")'))
         return self
 
     def set_pool(self, pool: str) -> None:
@@ -143,11 +143,12 @@ class MaskSCModel:
                           amp=amp, dist=dist, progress=progress, layer=layer, source_path=source_path)
 
 
-def _weights_device(device: str | torch.device) -> torch.device:
+def _weights_device(device: str | torch.device, cpu_fix: str | None = None) -> torch.device:
     """``device`` as a torch.device that can hold a model's weights: checked by
-    ``train.resolve_device``, and not ``meta`` (which holds no values, so nothing could embed)."""
-    from masksc.train import resolve_device
-    device = resolve_device(device)
+    ``train.resolve_device`` (``cpu_fix``: its fix for a torch without CUDA, None for its default),
+    and not ``meta`` (which holds no values, so nothing could embed)."""
+    from masksc.train import CPU_FIX, resolve_device
+    device = resolve_device(device, CPU_FIX if cpu_fix is None else cpu_fix)
     if device.type == "meta":
         raise ValueError("device 'meta' holds no weights, so the model could not embed; fix: use cpu or cuda.")
     return device

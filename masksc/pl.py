@@ -224,6 +224,31 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
     return _save(fig, path)
 
 
+def one_cell_per_label(labels, seed: int = 0, n: int | None = None) -> np.ndarray:
+    """Row indices of one random cell (drawn with ``seed``) of each distinct label, e.g. the cells
+    :func:`attention_grid` draws (paper Fig. 6).
+
+    Args:
+        labels: one label per cell (array, list or pandas Series); missing ones (NaN, None) get
+            no cell.
+        seed: seed of the draw; the same seed picks the same cells.
+        n: return at most this many (the first labels in sorted order); None for all.
+
+    Returns: int64 row indices, one per label, in the labels' sorted order (numbers numerically,
+    then text). Linear in the number of cells, so a per-cell column of millions is fine.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
+        raise ValueError(f"n must be a non-negative integer or None (all labels), got {n!r}.")
+    values = np.asarray(labels)
+    if values.ndim != 1:
+        raise DataError(f"labels must be 1-D (one label per cell), got shape {values.shape}; fix: pass a column "
+                        "such as adata.obs['label'].")
+    codes, _ = pd.factorize(values, sort=True)  # code k = k-th label in sorted order; missing -> -1
+    order = np.random.default_rng(seed).permutation(codes.size)
+    present, first = np.unique(codes[order], return_index=True)
+    return order[first[present >= 0]][:n].astype(np.int64)
+
+
 def attention_to_grid(attn, grid_shape: tuple[int, int], patch: int, ime: bool = True, n_prefix: int = 1,
                       query: int = 0) -> np.ndarray:
     """Attention of one query token (default the global token at position 0) to the gene
@@ -305,7 +330,8 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
     """Training loss per epoch (or step).
 
     Args:
-        losses: list of floats, or dict {curve name: list of floats}; NaN points are skipped.
+        losses: list of floats, or dict {curve name: list of floats}; NaN points are skipped; or
+            the directory ``fit`` wrote (its recorded per-epoch losses).
         path: output .png path; None returns the Figure. logy: log y-axis; None = when all values
             are positive and span more than two decades. ax: a matplotlib Axes to draw into (with
             ``path=None``).
@@ -313,12 +339,19 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
     Returns: the path written; with no path the Figure, or ``ax`` when given.
     """
     _check_png(path)
+    if isinstance(losses, (str, os.PathLike)):
+        from masksc.checkpoint import read_losses
+        losses = read_losses(losses)
     curves = losses if isinstance(losses, dict) else {"loss": losses}
     if not curves:
         raise DataError("losses is empty; pass a list of floats or a dict name -> list.")
     arrays = {}
     for name, vals in curves.items():
-        v = np.asarray(_to_numpy(vals), dtype=np.float64)
+        try:
+            v = np.asarray(_to_numpy(vals), dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"loss curve {name!r} must be numbers, got a {type(vals).__name__}; fix: pass the losses "
+                            "(e.g. adata.uns['masksc']['fit']['losses']) or the directory fit wrote.") from exc
         if v.ndim != 1 or v.size == 0:
             raise DataError(f"loss curve {name!r} must be a non-empty 1-D list of numbers, got shape {v.shape}.")
         arrays[str(name)] = v

@@ -147,12 +147,18 @@ def _embedding(adata, use_rep: str) -> np.ndarray:
                         "`masksc embed DATA --model DIR -o OUT.h5ad` on the command line "
                         f"(or pass use_rep= one of {list(adata.obsm)}).")
     Z = adata.obsm[use_rep]
-    return np.asarray(Z.toarray() if sp.issparse(Z) else Z, dtype=np.float32)
+    return _cluster.check_embedding(Z.toarray() if sp.issparse(Z) else Z, f"adata.obsm[{use_rep!r}]")
 
 
-def _graph_keys(key: str) -> tuple[str, str]:
-    """The ``obsp`` keys of the graph whose settings are ``uns[key]``, named as scanpy names them."""
-    return ("connectivities", "distances") if key == "neighbors" else (f"{key}_connectivities", f"{key}_distances")
+def _graph_keys(adata, key: str) -> tuple[str, str]:
+    """The ``obsp`` keys (connectivities, distances) of the graph under ``uns[key]``, found as
+    scanpy finds them: its defaults for ``"neighbors"``, else the keys ``uns[key]`` names, else
+    ``key + "_connectivities"`` / ``key + "_distances"``."""
+    if key == "neighbors":
+        return "connectivities", "distances"
+    stored = adata.uns.get(key)
+    stored = stored if isinstance(stored, Mapping) else {}
+    return stored.get("connectivities_key", f"{key}_connectivities"), stored.get("distances_key", f"{key}_distances")
 
 
 def _digest(Z: np.ndarray) -> str:
@@ -161,9 +167,20 @@ def _digest(Z: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(Z).data, digest_size=16).hexdigest()
 
 
-def _computed_here(adata, key: str) -> bool:
+def _own_params(adata, key: str) -> dict | None:
+    """The settings of the graph masksc stored under ``uns[key]``, or None when there is none."""
     stored = adata.uns.get(key)
-    return isinstance(stored, Mapping) and stored.get("params", {}).get("computed_by") == "masksc"
+    params = stored.get("params", {}) if isinstance(stored, Mapping) else {}
+    return params if params.get("computed_by") == "masksc" else None
+
+
+def _foreign_graph(adata, key: str) -> str | None:
+    """What holds a graph masksc did not compute under ``key`` (e.g. scanpy's), or None."""
+    if _own_params(adata, key) is not None:
+        return None
+    held = ([f"adata.uns[{key!r}]"] if key in adata.uns else []) + \
+        [f"adata.obsp[{name!r}]" for name in _graph_keys(adata, key) if name in adata.obsp]
+    return " and ".join(held) or None
 
 
 def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, metric: str = "euclidean",
@@ -182,19 +199,19 @@ def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, met
     ``n_neighbors`` counts the cell itself, as scanpy's does. ``seed`` seeds an approximate (IVF)
     index, used above 100k cells. ``search_kw`` go to ``masksc.cluster.knn_search`` (``index``,
     ``nlist``, ``nprobe``, ``target_recall``: e.g. ``target_recall=0.8`` for a faster, rougher
-    graph) and are recorded with the settings. A graph there that masksc did not compute (e.g. scanpy's) is
-    not replaced: a DataError names the fix. ``copy``: return a copy of ``adata`` with the graph
-    and leave ``adata`` as it is (else None is returned)."""
+    graph) and are recorded with the settings. A graph there that masksc did not compute (e.g.
+    scanpy's) is not replaced: a DataError names the fix. ``copy``: return a copy of ``adata``
+    with the graph and leave ``adata`` as it is (else None is returned)."""
     _check_adata(adata, "neighbors", needs_x=False)
-    conn_key, dist_key = _graph_keys(key_added)
-    if not _computed_here(adata, key_added) and (key_added in adata.uns or conn_key in adata.obsp
-                                                  or dist_key in adata.obsp):
-        raise DataError(f"adata.uns[{key_added!r}] / adata.obsp[{conn_key!r}] hold a graph masksc did not compute "
-                        f"(e.g. scanpy's pp.neighbors); fix: key_added= another name (default {NEIGHBORS_KEY!r}), "
-                        "or delete that graph first.")
+    foreign = _foreign_graph(adata, key_added)
+    if foreign:
+        raise DataError(f"{foreign} hold a graph masksc did not compute (e.g. scanpy's pp.neighbors); fix: "
+                        f"key_added= another name (default {NEIGHBORS_KEY!r}), or delete that graph first.")
     Z = _embedding(adata, use_rep)
+    adata = _target(adata, copy)  # before the search, which can take minutes
     indices, distances = _cluster.knn_search(Z, n_neighbors, metric, use_gpu=use_gpu, seed=seed, **search_kw)
-    adata = _target(adata, copy)
+    conn_key, dist_key = ("connectivities", "distances") if key_added == "neighbors" else \
+        (f"{key_added}_connectivities", f"{key_added}_distances")
     adata.obsp[conn_key] = _cluster.fuzzy_connectivities(indices, distances)
     adata.obsp[dist_key] = _cluster.knn_distances(indices, distances)
     adata.uns[key_added] = {"connectivities_key": conn_key, "distances_key": dist_key,
@@ -204,32 +221,46 @@ def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, met
     return adata if copy else None
 
 
-def _leiden_graph(adata, Z: np.ndarray, use_rep: str, neighbors_key: str | None, seed: int, kwargs: dict):
-    """The graph Leiden clusters: the stored ``uns[neighbors_key]`` graph when a key is given, else
-    masksc's own, rebuilt (tl.neighbors) unless the stored one came from this embedding with
-    these settings."""
-    if neighbors_key is not None:
-        given = sorted({"n_neighbors", "metric"} & set(kwargs))
-        if given:
-            raise TypeError(f"{given} set the graph built here, but neighbors_key={neighbors_key!r} names a stored "
-                            "one; fix: drop them, or drop neighbors_key to build the graph.")
-        if neighbors_key not in adata.uns:
-            raise DataError(f"adata.uns has no {neighbors_key!r} graph; fix: masksc.tl.neighbors(adata, key_added="
-                            f"{neighbors_key!r}) (or scanpy's pp.neighbors) first, or drop neighbors_key.")
-        stored = adata.uns[neighbors_key]
-        conn_key = "connectivities" if neighbors_key == "neighbors" else \
-            stored.get("connectivities_key") if isinstance(stored, Mapping) else None
-        if conn_key not in adata.obsp:
-            raise DataError(f"adata.uns[{neighbors_key!r}] names connectivities {conn_key!r}, which adata.obsp lacks; "
-                            "fix: recompute the graph (masksc.tl.neighbors or sc.pp.neighbors).")
-        return adata.obsp[conn_key], neighbors_key
-    settings = {"n_neighbors": kwargs.get("n_neighbors", 15), "metric": kwargs.get("metric", "euclidean"),
-                "use_rep": use_rep, "random_state": seed, "search": {}}
-    params = adata.uns[NEIGHBORS_KEY].get("params", {}) if _computed_here(adata, NEIGHBORS_KEY) else {}
-    if any(params.get(name) != value for name, value in settings.items()) or params.get("embedding_digest") != _digest(Z):
-        neighbors(adata, settings["n_neighbors"], use_rep=use_rep, metric=settings["metric"], seed=seed,
-                  use_gpu=kwargs.get("use_gpu"))
-    return adata.obsp[_graph_keys(NEIGHBORS_KEY)[0]], NEIGHBORS_KEY
+def _stored_graph(adata, key: str, kwargs: dict):
+    """The connectivities of the graph stored under ``uns[key]`` and the embedding it was built
+    from (None when its settings do not say)."""
+    given = sorted({"n_neighbors", "metric"} & set(kwargs))
+    if given:
+        raise TypeError(f"{given} set the graph built here, but neighbors_key={key!r} names a stored one; fix: "
+                        "drop them, or drop neighbors_key to build the graph.")
+    if key not in adata.uns:
+        raise DataError(f"adata.uns has no {key!r} graph; fix: masksc.tl.neighbors(adata, key_added={key!r}) (or "
+                        "scanpy's pp.neighbors) first, or drop neighbors_key.")
+    conn_key = _graph_keys(adata, key)[0]
+    if conn_key not in adata.obsp:
+        raise DataError(f"adata.uns[{key!r}] names connectivities {conn_key!r}, which adata.obsp lacks; fix: recompute "
+                        "the graph (masksc.tl.neighbors or sc.pp.neighbors).")
+    stored = adata.uns[key]
+    params = stored.get("params", {}) if isinstance(stored, Mapping) else {}
+    return adata.obsp[conn_key], params.get("use_rep")
+
+
+def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
+    """The connectivities of masksc's own graph of ``adata.obsm[use_rep]``: the stored one when it
+    was built from this embedding (with the ``n_neighbors`` / ``metric`` in ``kwargs``, if given),
+    else a new one, built by :func:`neighbors` and stored in its place."""
+    foreign = _foreign_graph(adata, NEIGHBORS_KEY)
+    if foreign:
+        raise DataError(f"{foreign} hold a graph masksc did not compute, where tl.cluster keeps its own; fix: "
+                        f"neighbors_key={NEIGHBORS_KEY!r} to cluster that graph, or delete it first.")
+    Z = _embedding(adata, use_rep)
+    asked = {name: kwargs[name] for name in ("n_neighbors", "metric") if name in kwargs}
+    params = _own_params(adata, NEIGHBORS_KEY)
+    if params is not None and params.get("use_rep") == use_rep and params.get("embedding_digest") == _digest(Z) \
+            and all(params.get(name) == value for name, value in asked.items()):
+        return adata.obsp[_graph_keys(adata, NEIGHBORS_KEY)[0]]
+    if params is not None and params.get("use_rep") != use_rep:
+        warn(f"replacing the graph in adata.uns[{NEIGHBORS_KEY!r}], built from adata.obsm[{params.get('use_rep')!r}], "
+             f"with one of adata.obsm[{use_rep!r}]; to keep both, build one with masksc.tl.neighbors(adata, "
+             "key_added=...) and pass it as neighbors_key")
+    neighbors(adata, asked.get("n_neighbors", 15), use_rep=use_rep, metric=asked.get("metric", "euclidean"),
+              seed=seed, use_gpu=kwargs.get("use_gpu"))
+    return adata.obsp[_graph_keys(adata, NEIGHBORS_KEY)[0]]
 
 
 def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_added: str = CLUSTER_KEY,
@@ -238,10 +269,11 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     kNN graph + Leiden otherwise; labels go to ``adata.obs[key_added]`` (categorical).
 
     Leiden's graph: with ``neighbors_key``, the one stored under ``adata.uns[neighbors_key]``
-    (by :func:`neighbors` or scanpy's ``pp.neighbors``); without, masksc's own graph
-    ``adata.uns["masksc_neighbors"]``, reused when it was built from this embedding with the same
-    ``n_neighbors``, ``metric`` and ``seed`` and the default search, else built by :func:`neighbors` and stored there (so
-    ``sc.tl.umap(adata, neighbors_key="masksc_neighbors")`` can draw it).
+    (by :func:`neighbors` or scanpy's ``pp.neighbors``; the embedding is then not read); without,
+    masksc's own graph ``adata.uns["masksc_neighbors"]``, reused when it was built from this
+    embedding (with the ``n_neighbors`` / ``metric`` passed, if any; so a graph built with
+    :func:`neighbors` is the one clustered), else built by :func:`neighbors` and stored there
+    (``sc.tl.umap(adata, neighbors_key="masksc_neighbors")`` can then draw it).
 
     ``seed``: seeds k-means / Leiden. ``kwargs`` go to ``masksc.cluster.cluster_embedding``
     (``method``, ``n_neighbors``, ``resolution``, ``metric``, ``use_gpu``, and k-means settings
@@ -257,13 +289,21 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     if neighbors_key is not None and not leiden:
         raise TypeError(f"neighbors_key= names Leiden's graph, but k-means clusters here (k={k}); fix: drop "
                         "neighbors_key, or pass method='leiden' to search the graph's resolution for k clusters.")
-    Z = _embedding(adata, use_rep)
     adata = _target(adata, copy)
-    graph, graph_key = _leiden_graph(adata, Z, use_rep, neighbors_key, seed, kwargs) if leiden else (None, None)
-    labels = _cluster.cluster_embedding(Z, k=k, seed=seed, graph=graph, **kwargs)
+    if not leiden:
+        labels = _cluster.cluster_embedding(_embedding(adata, use_rep), k=k, seed=seed, **kwargs)
+        graph_key, clustered = None, use_rep
+    else:
+        if neighbors_key is not None:
+            graph, clustered = _stored_graph(adata, neighbors_key, kwargs)
+        else:
+            graph, clustered = _own_graph(adata, use_rep, seed, kwargs), use_rep
+        graph_key = neighbors_key or NEIGHBORS_KEY
+        settings = {name: value for name, value in kwargs.items() if name not in ("n_neighbors", "metric")}
+        labels = _cluster.cluster_embedding(None, k=k, seed=seed, graph=graph, **settings)
     names = [str(c) for c in np.unique(labels)]  # numeric order ("2" before "10"), as scanpy's leiden
     adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str), categories=names)
-    _record(adata, "cluster", {"k": k, "use_rep": use_rep, "key": key_added, "seed": seed, "n_clusters": len(names),
+    _record(adata, "cluster", {"k": k, "use_rep": clustered, "key": key_added, "seed": seed, "n_clusters": len(names),
                                "neighbors_key": graph_key, "keys_written": sorted({*written, key_added})})
     return adata if copy else None
 

@@ -28,6 +28,7 @@ import torch
 
 from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
+from masksc.cluster import check_seed
 from masksc.errors import CheckpointError
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe, is_integer, is_number, plain_numbers
 from masksc.progress import progress_bar
@@ -64,10 +65,11 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(self.betas))  # a list (JSON, a user) resumes like the tuple
         plain_numbers(self)
         for key, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 1), ("keep_checkpoints", 0),
-                         ("num_workers", 0), ("seed", 0)):
+                         ("num_workers", 0)):
             value = getattr(self, key)
             if not is_integer(value) or value < low:
                 raise ValueError(f"{key}={value!r} must be an integer >= {low}; fix: pass {key} >= {low}.")
+        check_seed(self.seed)
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
         if not (is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be a number in [0, 1] (the share of lr the "
@@ -172,10 +174,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+CPU_FIX = "pass --device cpu (device='cpu'), or omit it to use CUDA only when there is one"
+
+
+def resolve_device(device: str | torch.device | None, cpu_fix: str = CPU_FIX) -> torch.device:
     """``device`` as a torch.device (None: CUDA when available, else CPU). Raises ValueError
     naming the fix for a name torch does not know or a CUDA device this machine lacks, so a
-    bad ``--device`` fails before any work."""
+    bad ``--device`` fails before any work. ``cpu_fix``: how the caller's user asks for the CPU
+    instead, the fix a torch without CUDA is answered with (e.g. ``'call .to("cpu")'``)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -185,8 +191,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "finds no GPU" if torch.version.cuda else "was built without CUDA"
-            raise ValueError(f"device {device!r}: this torch {torch.__version__} {why}; fix: pass --device cpu "
-                             "(device='cpu'), or omit it to use CUDA only when there is one.")
+            raise ValueError(f"device {device!r}: this torch {torch.__version__} {why}; fix: {cpu_fix}.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible; fix: pass "
                              f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")

@@ -329,6 +329,28 @@ def test_checkpoint_directories_get_the_umask_mode(tmp_path):
     assert (tmp_path / "m" / ckpt.CONFIG).stat().st_mode & 0o777 == 0o640
 
 
+@pytest.fixture
+def umask_022():
+    """A umask under which mkstemp's and safetensors' 0600 differs from a plain file's mode (0644)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_every_file_of_a_checkpoint_gets_the_umask_mode(tmp_path, umask_022):
+    """The weights too: safetensors writes model.safetensors 0600, which would hide them from the
+    group that can read config.json beside them."""
+    model, _, _ = setup(med=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "m", model, train_config={"epochs": 1}, optimizer=optimizer,
+                    trainer_state={"epoch": 1, "losses": [1.0]}, extra={"note": "x"})
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == sorted([ckpt.CONFIG, ckpt.WEIGHTS, ckpt.OPTIMIZER, ckpt.STATE])
+    assert {name: oct((tmp_path / "m" / name).stat().st_mode & 0o777) for name in files} == \
+        {name: "0o644" for name in files}
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
 def test_check_run_dir_refuses_unusable_paths_before_creating_anything(tmp_path):
     from masksc.errors import MaskscError
     afile = tmp_path / "notes.txt"

@@ -243,14 +243,38 @@ def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsy
     (["cluster", "E.h5ad", "-o", "C.h5ad", "--resolution", "-1"], "must be a number > 0, got -1"),
     (["cluster", "E.h5ad", "-o", "C.h5ad", "--resolution", "nan"], "must be a number > 0, got nan"),
     (["cluster", "E.h5ad", "-o", "C.h5ad", "-k", "0"], "argument -k: must be >= 1, got 0"),
-    (["cluster", "E.h5ad", "-o", "C.h5ad", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
-    (["fit", "DATA", "-o", "M", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "--seed", "-1"], "argument --seed: must be an integer in [0, 2**63 - 1], "
+                                                             "got -1"),
+    (["fit", "DATA", "-o", "M", "--seed", "-1"], "argument --seed: must be an integer in [0, 2**63 - 1], got -1"),
     (["demo", "--seed", "1.5"], "argument --seed: needs an integer, got '1.5'"),
+    (["fit", "DATA", "-o", "M", "--seed", str(2**64)], f"argument --seed: must be an integer in [0, 2**63 - 1], "
+                                                       f"got {2**64}"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "--seed", str(2**63)], "argument --seed: must be an integer in [0, 2**63"),
+    (["plot", "embedding", "E.h5ad", "-o", "p.png", "--seed", str(2**63)], "argument --seed: must be an integer in"),
+    (["plot", "attention", "D.h5ad", "--model", "M", "-o", "p.png", "--seed", str(2**63)],
+     "argument --seed: must be an integer in"),
+    (["demo", "--seed", str(2**64)], "argument --seed: must be an integer in [0, 2**63 - 1]"),
 ])
 def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fit_refuses_a_seed_beyond_2_63_before_any_work(trained, tmp_path, capsys, monkeypatch):
+    """It used to preprocess the data, then fail in torch with "Overflow when unpacking long long"."""
+    from masksc import pipeline
+
+    def no_work(*a, **k):
+        raise AssertionError("fit started working with a seed no generator takes")
+
+    monkeypatch.setattr(pipeline, "fit", no_work)
+    data, before, _ = trained
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--seed", "18446744073709551616"])
+    assert exc.value.code == 2
+    assert "argument --seed: must be an integer in [0, 2**63 - 1], got 18446744073709551616" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and _sha(data) == before
 
 
 def test_an_unusable_device_is_refused_before_reading_the_data(tmp_path, capsys):
@@ -380,9 +404,10 @@ def test_embed_reads_a_csc_h5ad_into_memory_and_embeds_it_as_its_csr_twin(traine
     assert _sha(path) == before
 
 
-def test_embed_records_the_file_it_read_into_memory_as_its_source(trained, embedded, tmp_path):
-    """A csv is read into memory by the command (it cannot be streamed); the output still names
-    that file as its source, as it names a streamed .h5ad, and embeds it as the .h5ad."""
+def test_embed_records_the_file_it_read_into_memory_as_its_source(trained, embedded, tmp_path, caplog):
+    """A csv is read into memory by the command (it cannot be streamed), saying so; the output still
+    names that file as its source, as it names a streamed .h5ad, and embeds it as the .h5ad."""
+    caplog.set_level(logging.INFO, logger="masksc")
     data, _, model = trained
     cells = ad.read_h5ad(data)
     for name, frame, extra in (("cells.csv", pd.DataFrame(cells.X.toarray(), cells.obs_names, cells.var_names), []),
@@ -394,6 +419,7 @@ def test_embed_records_the_file_it_read_into_memory_as_its_source(trained, embed
         assert main(["embed", str(table), "--model", str(model), "-o", str(out), *extra]) == 0
         got = ad.read_h5ad(out)
         assert got.uns["masksc"]["embed"]["source"] == str(table)
+        assert f"{table}: a {name[-3:]} file cannot be streamed by cells; reading it into memory" in caplog.text
         np.testing.assert_array_equal(got.obsm["X_masksc"], ad.read_h5ad(embedded).obsm["X_masksc"])
     assert ad.read_h5ad(embedded).uns["masksc"]["embed"]["source"] == str(data)
 
@@ -441,13 +467,12 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
     """`masksc plot attention` draws model.attention_maps of one seeded cell per label, titled by
     label; without the label column it draws --cells random cells titled by name."""
     from masksc import pl
-    from masksc.demo import one_cell_per_label
     from masksc.pipeline import MaskSCModel
     data, before, model_dir = trained
     assert main(["plot", "attention", str(data), "--model", str(model_dir), "--device", "cpu",
                  "-o", str(tmp_path / "cli.png")]) == 0
     cells = ad.read_h5ad(data)
-    picks = one_cell_per_label(cells.obs["label"].to_numpy().astype(str), 0)
+    picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), 0)
     model = MaskSCModel.load(model_dir)
     pl.attention_grid(model.attention_maps(cells[picks]), [str(v) for v in cells.obs["label"].to_numpy()[picks]],
                       tmp_path / "api.png")
@@ -459,3 +484,37 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
                       tmp_path / "two_api.png")
     np.testing.assert_array_equal(_pixels(tmp_path / "two.png"), _pixels(tmp_path / "two_api.png"))
     assert _sha(data) == before
+
+
+def test_plot_attention_on_an_embedding_without_x_names_the_file_and_the_fix(trained, embedded, tmp_path, capsys):
+    """`masksc embed` writes obs + the embedding, no X: its cells cannot be drawn (was a raw h5py KeyError)."""
+    _, _, model_dir = trained
+    assert main(["plot", "attention", str(embedded), "--model", str(model_dir), "--device", "cpu",
+                 "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{embedded} holds no expression matrix X" in err and "Traceback" not in err
+    assert "fix: pass the counts file the model was fitted on." in err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_plot_attention_never_draws_a_cell_without_a_label(trained, tmp_path, capsys):
+    """Cells whose label is missing (NaN) are never picked; numeric labels keep their order (2 before 10,
+    not "10" before "2" as text) and are titled as written (2, not 2.0)."""
+    from masksc import pl
+    from masksc.pipeline import MaskSCModel
+    data, _, model_dir = trained
+    cells = ad.read_h5ad(data)
+    kind = cells.obs["label"].astype(str).to_numpy()
+    cells.obs["label"] = pd.Categorical(np.select([kind == "type_1", kind == "type_2"], [10, 2], -1),
+                                        categories=[2, 10])  # -1 is no category: type_0 cells are NaN
+    assert cells.obs["label"].isna().sum() == (kind == "type_0").sum() > 0
+    cells.write_h5ad(tmp_path / "nan.h5ad")
+    for seed in range(3):
+        out = tmp_path / f"cli{seed}.png"
+        assert main(["plot", "attention", str(tmp_path / "nan.h5ad"), "--model", str(model_dir), "--device", "cpu",
+                     "--seed", str(seed), "-o", str(out)]) == 0
+        picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), seed)
+        assert list(cells.obs["label"].to_numpy()[picks]) == [2, 10]
+        model = MaskSCModel.load(model_dir)
+        pl.attention_grid(model.attention_maps(cells[picks]), ["2", "10"], tmp_path / "api.png")
+        np.testing.assert_array_equal(_pixels(out), _pixels(tmp_path / "api.png"))

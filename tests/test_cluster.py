@@ -369,6 +369,9 @@ def test_cluster_embedding_takes_a_built_graph_for_leiden_only():
         cluster_embedding(X, k=3, graph=G)
     with pytest.raises(DataError, match="graph is 300 x 300 but Z has 200 cells"):
         cluster_embedding(X[:200], graph=G)
+    np.testing.assert_array_equal(cluster_embedding(None, graph=G, seed=4), leiden(G, seed=4))
+    with pytest.raises(TypeError, match=r"\['n_neighbors'\] set the graph built from Z, but graph= is given"):
+        cluster_embedding(X, graph=G, n_neighbors=5)
 
 
 # ---------------------------------------------------------------- argument checks shared by the functions

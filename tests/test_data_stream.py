@@ -137,7 +137,8 @@ def test_layers_stream_like_x(tmp_path, data):
     data.to_df().to_csv(tmp_path / "c.csv")
     with pytest.raises(DataError, match="csv file, which has no layers"):
         open_source(tmp_path / "c.csv", layer="counts")
-    with pytest.raises(DataError, match=r"no layer 'counts': the data has no layers .* drop layer= \(--layer\)"):
+    with pytest.raises(DataError, match=r"^the AnnData has no layer 'counts' \(its layers: none\); fix: drop "
+                                        r"layer= \(--layer\) to read adata\.X .*adata\.layers\['counts'\] = counts"):
         with_layer(read(tmp_path / "c.csv"), "counts")  # what the CLI reads a csv into
 
 

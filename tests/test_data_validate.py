@@ -95,3 +95,31 @@ def test_values_beyond_float32_are_named_apart_from_nan_and_inf():
     fits = _X().astype(np.float64)
     fits[1, 1] = float(np.finfo(np.float32).max)
     assert validate_counts(fits)["max"] == fits[1, 1]
+
+
+def test_float32_range_checks_allocate_nothing_the_size_of_the_data():
+    """A float64 matrix within float32's range is checked from its max and min alone: no
+    temporary such as np.abs(X) (as large as X) or a mask; the mask is built only when a value is over."""
+    import tracemalloc
+
+    from masksc.data.validate import beyond_float32, check_float32_range
+    X = np.random.default_rng(0).normal(size=(1000, 1000))  # 8 MB of float64
+    X[0, 0] = np.nan                                       # skipped, as np.nanmax skips it
+    sparse = sp.csr_matrix(X)
+    tracemalloc.start()
+    try:
+        check_float32_range(X)
+        check_float32_range(sparse)
+        _, checked = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        mask = beyond_float32(X)
+        _, masked = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert checked < 100_000, checked
+    assert masked < X.size + 100_000, masked  # the bool mask it returns, nothing float-sized
+    assert not mask.any() and mask.shape == X.shape
+    X[5, 5], X[6, 6] = 1e39, -np.inf  # inf is not beyond float32 (check_values names it)
+    np.testing.assert_array_equal(np.flatnonzero(beyond_float32(X)), [5 * 1000 + 5])
+    with pytest.raises(DataError, match="X holds 1 values too large for float32"):
+        check_float32_range(X)

@@ -427,6 +427,22 @@ def test_config_takes_numpy_numbers_as_the_python_values_they_equal():
     assert MaskSCConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # plain JSON, no numpy scalars
 
 
+def test_configs_take_any_real_number_as_the_float_it_equals():
+    """is_number accepts a Fraction, so the configs store it as a float: the checkpoint's
+    config.json written after training must be plain JSON."""
+    from fractions import Fraction
+
+    from masksc.train import TrainConfig
+    cfg = TINY.replace(lr=Fraction(1, 1000), betas=(Fraction(1, 2), 0.95), warmup_epochs=Fraction(3, 2),
+                       mlp_ratio=Fraction(2), mask_ratio=Fraction(1, 2))
+    assert cfg == TINY.replace(lr=0.001, betas=(0.5, 0.95), warmup_epochs=1.5, mask_ratio=0.5)
+    assert type(cfg.lr) is float and type(cfg.betas[0]) is float and type(cfg.mlp_ratio) is float
+    assert MaskSCConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    train_cfg = TrainConfig(lr=Fraction(1, 1000), min_lr_ratio=Fraction(1, 10), clip=Fraction(1))
+    assert (train_cfg.lr, train_cfg.min_lr_ratio, train_cfg.clip) == (0.001, 0.1, 1.0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(train_cfg.to_dict()))) == train_cfg
+
+
 @pytest.mark.parametrize("field, value", [("lr", True), ("clip", False), ("warmup_epochs", True),
                                           ("epochs", True), ("embed_dim", np.True_), ("mlp_ratio", True),
                                           ("mask_ratio", True), ("target_scale", True), ("grid_shape", (True, 8)),

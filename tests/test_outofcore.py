@@ -240,3 +240,22 @@ def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):
         _model(pre, grid).embed_file(path, tmp_path / "e.npy", chunk_size=100, progress=False)
     with pytest.raises(DataError, match=r"1 NaN .* in cells sampled from 200\.\.299;"):
         subsample_genes(path, pre, n_max=None, chunk_size=100)
+
+
+def test_source_path_names_an_in_memory_sources_file_and_never_hides_the_input(tmp_path, h5ad, fitted):
+    """source_path records where an in-memory source came from, and the output may not be that file;
+    a path source is its own origin: another source_path beside it is refused, so a mismatch can
+    never let the output replace the input."""
+    adata, pre, grid, _ = fitted
+    model = _model(pre, grid)
+    out = tmp_path / "e.h5ad"
+    model.embed_file(adata, out, source_path=h5ad, progress=False)
+    assert ad.read_h5ad(out).uns["masksc"]["embed"]["source"] == str(h5ad)
+    with pytest.raises(MaskscError, match="is the input file"):
+        model.embed_file(adata, h5ad, source_path=h5ad, progress=False)
+    victim = tmp_path / "victim.h5ad"
+    victim.write_bytes(h5ad.read_bytes())
+    before = _sha(victim)
+    with pytest.raises(MaskscError, match=r"the source is the file .*victim.h5ad itself; fix: drop source_path"):
+        model.embed_file(victim, victim, source_path=tmp_path / "small.csv", progress=False)
+    assert _sha(victim) == before

@@ -41,6 +41,31 @@ def test_to_refuses_a_device_that_cannot_hold_the_weights(tiny, device, message)
     assert {p.device.type for p in model.network.parameters()} == {"cpu"}  # nothing moved
 
 
+def test_to_cuda_on_a_torch_without_cuda_names_the_fix_as_to_is_called(tiny, monkeypatch):
+    """`.to("cuda")` is answered with `.to("cpu")`, not the command line's --device cpu."""
+    from masksc.train import resolve_device
+    model, _ = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device 'cuda': this torch .*; fix: call \.to\(\"cpu\"\)\.$") as exc:
+        model.to("cuda")
+    assert "--device" not in str(exc.value)
+    with pytest.raises(ValueError, match=r"fix: pass --device cpu \(device='cpu'\), or omit it"):
+        resolve_device("cuda")  # the command line and the functions taking device= keep their fix
+    assert {p.device.type for p in model.network.parameters()} == {"cpu"}
+
+
+def test_embedding_a_layer_an_anndata_lacks_names_the_anndata_and_its_layers(tiny):
+    """Not "only .h5ad files and AnnData objects have them": this is an AnnData."""
+    from masksc import tl
+    from masksc.errors import DataError
+    model, adata = tiny
+    adata = adata.copy()
+    with pytest.raises(DataError, match=r"^the AnnData has no layer 'counts' \(its layers: none\); fix: drop layer= "
+                                        r"\(--layer\) to read adata\.X .*adata\.layers\['counts'\] = counts\.$") as exc:
+        tl.embed(adata, model, layer="counts", progress=False)
+    assert "have them" not in str(exc.value) and "X_masksc" not in adata.obsm
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_to_cuda_moves_network_and_teacher_and_embed_follows(tiny):
     model, adata = tiny
@@ -74,3 +99,18 @@ def test_attention_maps_are_the_global_tokens_last_layer_attention_on_the_grid(t
     token_sum = maps.sum(axis=(1, 2)) / (P * P)
     self_weight = attn[:, :, 0, 0].mean(dim=1).numpy()
     np.testing.assert_allclose(token_sum + self_weight, 1.0, rtol=1e-4)
+
+
+def test_submodules_are_attributes_after_a_plain_import():
+    """`import masksc` then masksc.pipeline / masksc.tl / masksc.cluster, as the README writes them,
+    in a fresh interpreter (no other masksc import having loaded them first)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import masksc; assert masksc.pipeline.MaskSCModel.load and masksc.tl.neighbors and "
+            "masksc.cluster.kmeans and masksc.models.PRESETS\n"
+            "try:\n    masksc.no_such_module\nexcept AttributeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "module 'masksc' has no attribute 'no_such_module'" in out.stdout

@@ -2,6 +2,7 @@
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from matplotlib.image import imread
@@ -245,3 +246,71 @@ def test_embedding_plot_names_values_float32_cannot_hold_apart_from_nan(tmp_path
     Z[3, 1] = np.nan
     with pytest.raises(DataError, match=r"embedding has NaN or infinite values in 1 row\(s\)"):
         pl.embedding(Z, path=tmp_path / "nan.png", method="tsne")
+
+
+def test_loss_curve_reads_a_run_directory_and_names_the_fix_for_other_objects(tmp_path):
+    """A run directory draws its recorded losses (the figure of the list itself); an object that is
+    not numbers (a model, say) is a DataError naming what to pass."""
+    import json
+    run = tmp_path / "run" / "epoch-000002"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"format": "masksc-checkpoint", "format_version": 1}))
+    (run / "trainer_state.json").write_text(json.dumps({"losses": [0.9, 0.5]}))
+    (tmp_path / "run" / "last").symlink_to("epoch-000002")
+    pl.loss_curve(tmp_path / "run", tmp_path / "dir.png")
+    pl.loss_curve([0.9, 0.5], tmp_path / "list.png")
+    np.testing.assert_array_equal(imread(str(tmp_path / "dir.png")), imread(str(tmp_path / "list.png")))
+    with pytest.raises(DataError, match=r"must be numbers, got a object; fix: pass the losses"):
+        pl.loss_curve(object())
+
+
+def _one_per_label_oracle(labels):
+    """The distinct non-missing labels in sorted order: brute force, one Python pass."""
+    return sorted({v for v in labels if not pd.isna(v)})
+
+
+@pytest.mark.parametrize("labels", [
+    np.array([10, 2, np.nan, 2, 10, 33, 2, np.nan, 10, 10]),                 # numbers: 2 before 10
+    np.array(["b", None, "a", "c", "a", np.nan, "b", "b"], dtype=object),    # text; None and NaN missing
+    pd.Series(pd.Categorical([10, 2, None, 2, 10, 2], categories=[2, 10])),  # an obs column
+    [3, 1, 2, 1, 3],                                                         # a plain list
+])
+def test_one_cell_per_label_matches_a_brute_force_oracle(labels):
+    values = np.asarray(labels, dtype=object)
+    expected = _one_per_label_oracle(values)
+    drawn = {label: set() for label in expected}
+    for seed in range(40):
+        picks = pl.one_cell_per_label(labels, seed)
+        assert picks.dtype == np.int64 and list(values[picks]) == expected  # one per label, the label's own
+        np.testing.assert_array_equal(pl.one_cell_per_label(labels, seed), picks)  # the seed decides
+        for n in (0, 1, 2, len(expected) + 5):
+            np.testing.assert_array_equal(pl.one_cell_per_label(labels, seed, n=n), picks[:n])
+        for label, i in zip(expected, picks):
+            drawn[label].add(int(i))
+    for label, cells in drawn.items():  # over the seeds, every cell of a label gets drawn
+        assert cells == set(np.flatnonzero(values == label).tolist()), label
+
+
+def test_one_cell_per_label_reads_the_labels_once_not_once_per_label():
+    """Linear in the cells: not one comparison of the whole column per label (quadratic with one
+    label per cell: 40 minutes at 1M cells). Counted, not timed."""
+    class Scans(np.ndarray):
+        count = 0
+
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            Scans.count += 1
+            return getattr(ufunc, method)(*(np.asarray(x) for x in inputs), **kwargs)
+
+    labels = np.arange(500).repeat(2).view(Scans)
+    picks = pl.one_cell_per_label(labels, 0)
+    assert Scans.count <= 2 and picks.shape == (500,)
+    np.testing.assert_array_equal(np.asarray(labels)[picks], np.arange(500))
+
+
+def test_one_cell_per_label_edge_cases():
+    assert pl.one_cell_per_label(np.array([np.nan, np.nan]), 0).shape == (0,)
+    assert pl.one_cell_per_label([], 0).shape == (0,)
+    with pytest.raises(ValueError, match="n must be a non-negative integer or None"):
+        pl.one_cell_per_label([1, 2], 0, n=-1)
+    with pytest.raises(DataError, match=r"labels must be 1-D .*got shape \(2, 2\)"):
+        pl.one_cell_per_label(np.ones((2, 2)), 0)

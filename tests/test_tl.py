@@ -405,12 +405,20 @@ def test_leiden_reuses_the_graph_of_this_embedding_and_rebuilds_a_stale_one(monk
     tl.cluster(a, seed=1, n_neighbors=10)
     assert len(searches) == 2
     assert (a.obsp["masksc_neighbors_connectivities"] != graph).nnz > 0
-    tl.neighbors(a, 10, seed=1, index="ivf", nprobe=1)  # a rougher graph, under the same key
-    assert len(searches) == 3 and a.uns["masksc_neighbors"]["params"]["search"] == {"index": "ivf", "nprobe": 1}
-    tl.cluster(a, seed=1, n_neighbors=10)  # not reused: built with another search
-    assert len(searches) == 4 and a.uns["masksc_neighbors"]["params"]["search"] == {}
+    tl.neighbors(a, 30, seed=1, index="ivf", nprobe=1)  # the user's own graph, under the same key
+    assert len(searches) == 3
+    tl.cluster(a, seed=2)  # clusters the user's graph as it is, whatever its settings or seed
+    assert len(searches) == 3 and a.uns["masksc_neighbors"]["params"]["n_neighbors"] == 30
+    assert a.uns["masksc_neighbors"]["params"]["search"] == {"index": "ivf", "nprobe": 1}
+    np.testing.assert_array_equal(a.obs["masksc_cluster"].to_numpy(),
+                                  cluster.leiden(a.obsp["masksc_neighbors_connectivities"], seed=2).astype(str))
     tl.cluster(a, k=3)
-    assert len(searches) == 4 and a.uns["masksc"]["cluster"]["neighbors_key"] is None
+    assert len(searches) == 3 and a.uns["masksc"]["cluster"]["neighbors_key"] is None
+    a.obsm["X_other"] = a.obsm["X_masksc"] + 1.0
+    with pytest.warns(UserWarning, match=r"replacing the graph .* built from adata.obsm\['X_masksc'\], with one of "
+                                         r"adata.obsm\['X_other'\]"):
+        tl.cluster(a, use_rep="X_other")
+    assert len(searches) == 4 and a.uns["masksc_neighbors"]["params"]["use_rep"] == "X_other"
 
 
 def test_cluster_on_a_named_graph_uses_it_as_stored():
@@ -431,6 +439,42 @@ def test_cluster_on_a_named_graph_uses_it_as_stored():
         tl.cluster(a, 3, neighbors_key="neighbors")
     with pytest.raises(DataError, match=r"no 'other' graph; fix: masksc.tl.neighbors\(adata, key_added='other'\)"):
         tl.cluster(a, neighbors_key="other")
+    del a.obsm["X_masksc"]  # the named graph is all Leiden needs
+    tl.cluster(a, neighbors_key="neighbors", seed=2)
+    np.testing.assert_array_equal(a.obs["masksc_cluster"].to_numpy(), expected.astype(str))
+    assert a.uns["masksc"]["cluster"]["use_rep"] == "X_masksc"  # the graph's own embedding, from its settings
+
+
+def test_cluster_names_the_fix_when_its_graph_key_holds_scanpys_graph():
+    import scanpy as sc
+    a = _blob_adata()
+    sc.pp.neighbors(a, n_neighbors=8, use_rep="X_masksc", key_added="masksc_neighbors")
+    with pytest.raises(DataError, match=r"adata.uns\['masksc_neighbors'\] and adata.obsp\['masksc_neighbors_"
+                                        r"connectivities'\] and .* masksc did not compute, where tl.cluster keeps its "
+                                        r"own; fix: neighbors_key='masksc_neighbors'"):
+        tl.cluster(a)
+    tl.cluster(a, neighbors_key="masksc_neighbors")
+    assert a.obs["masksc_cluster"].nunique() >= 3
+
+
+def test_tl_names_embedding_values_float32_cannot_hold():
+    a = _blob_adata()
+    big = a.obsm["X_masksc"].astype(np.float64)
+    big[4, 0] = 1e39
+    a.obsm["X_big"] = big
+    for step in (lambda: tl.neighbors(a, use_rep="X_big"), lambda: tl.cluster(a, k=3, use_rep="X_big")):
+        with pytest.raises(DataError, match=r"adata.obsm\['X_big'\] has values too large for float32 .* in 1 row"):
+            step()
+
+
+def test_backed_copy_is_refused_before_the_search(tmp_path, monkeypatch):
+    import anndata
+    a = _blob_adata()
+    a.write_h5ad(tmp_path / "b.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    monkeypatch.setattr(cluster, "knn_search", lambda *args, **kw: pytest.fail("searched before refusing"))
+    with pytest.raises(DataError, match="copy=True on an AnnData opened backed"):
+        tl.neighbors(backed, copy=True)
 
 
 def test_copy_returns_a_copy_with_the_result_and_leaves_adata_as_it_was(fitted, tmp_path):

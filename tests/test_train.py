@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from masksc.data import CellBatches
 from masksc.embed import embed_matrix
-from masksc.errors import CheckpointError
+from masksc.errors import CheckpointError, DataError
 from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
 from masksc.train import TrainConfig, lr_factor, mask_seed, seed_everything, train
 
@@ -426,14 +426,21 @@ def test_train_config_takes_numpy_numbers_and_refuses_bools():
                warmup_epochs=np.float32(1.0), min_lr_ratio=np.float32(0.5), keep_checkpoints=np.uint8(0))
     assert cfg == tcfg(seed=3, lr=float(np.float32(3e-3)), min_lr_ratio=0.5, keep_checkpoints=0)
     assert type(cfg.epochs) is int and type(cfg.lr) is float
-    for key, value in (("epochs", True), ("batch_size", np.True_), ("seed", True), ("keep_checkpoints", False)):
+    for key, value in (("epochs", True), ("batch_size", np.True_), ("keep_checkpoints", False)):
         with pytest.raises(ValueError, match=f"^{key}=True must be an integer >= |^{key}=False must be an integer"):
             tcfg(**{key: value})
     for key in ("lr", "min_lr_ratio", "clip"):
         with pytest.raises(ValueError, match=f"^{key}=True must be a number"):
             tcfg(**{key: True})
-    with pytest.raises(ValueError, match="seed=-1 must be an integer >= 0"):  # SeedSequence refuses it mid-run
-        tcfg(seed=-1)
+
+
+@pytest.mark.parametrize("seed", [-1, True, 1.0, 2**63, 2**64])
+def test_train_config_refuses_a_seed_outside_the_range_every_generator_takes(seed):
+    """SeedSequence refuses -1 mid-run, torch overflows on 2**64 ("Overflow when unpacking long long"):
+    both are refused when the config is made, naming the range, as cluster.check_seed does."""
+    with pytest.raises(DataError, match=r"^seed must be an integer in \[0, 2\*\*63 - 1\], got .*fix: "):
+        tcfg(seed=seed)
+    assert tcfg(seed=2**63 - 1).seed == 2**63 - 1
 
 
 def test_train_refuses_a_directory_holding_a_run_without_resume(tmp_path):

@@ -101,8 +101,9 @@ def with_layer(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
         return adata
     if layer not in adata.layers:
         if not adata.layers:
-            raise DataError(f"there is no layer {layer!r}: the data has no layers (only .h5ad files and AnnData "
-                            "objects have them); fix: drop layer= (--layer) to read its matrix.")
+            raise DataError(f"the AnnData has no layer {layer!r} (its layers: none); fix: drop layer= (--layer) to "
+                            "read adata.X (all that a csv, mtx or 10x file holds), or store the matrix first: "
+                            f"adata.layers[{layer!r}] = counts.")
         raise DataError(f"the AnnData has no layer {layer!r}; fix: pass one of {list(adata.layers)}, or "
                         "layer=None (no --layer) for adata.X.")
     return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var)

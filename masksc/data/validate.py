@@ -50,12 +50,21 @@ def _wider_than_float32(dtype: np.dtype) -> bool:
     return dtype.kind == "f" and dtype.itemsize > 4
 
 
+def _may_exceed_float32(values: np.ndarray) -> bool:
+    """Whether ``values`` (an array) may hold a magnitude above :data:`FLOAT32_MAX` (inf counts), found
+    from its largest and smallest value alone: no temporary array the size of ``values``."""
+    if not _wider_than_float32(values.dtype) or values.size == 0:
+        return False
+    # fmax / fmin skip NaN as np.nanmax / np.nanmin do, without their warning on an all-NaN array
+    return bool(np.fmax.reduce(values, axis=None) > FLOAT32_MAX or np.fmin.reduce(values, axis=None) < -FLOAT32_MAX)
+
+
 def beyond_float32(values) -> np.ndarray:
     """Boolean mask, shaped as ``values`` (an array), of the finite entries whose magnitude exceeds
     :data:`FLOAT32_MAX`: casting them to float32 would make them infinite. All False for float32,
     float16 and integer arrays (every one of their values fits)."""
     values = np.asarray(values)
-    if not _wider_than_float32(values.dtype):
+    if not _may_exceed_float32(values):
         return np.zeros(values.shape, dtype=bool)
     big = np.abs(values) > FLOAT32_MAX
     if big.any():
@@ -68,7 +77,7 @@ def check_float32_range(X, where: str = "") -> None:
     which masksc converts every expression matrix to (it would become infinite). NaN and inf are
     :func:`check_values`' to report. ``where`` is appended to the message."""
     v = _values(X)
-    if not _wider_than_float32(v.dtype):
+    if not _may_exceed_float32(v):
         return
     big = beyond_float32(v)
     if big.any():

@@ -47,11 +47,15 @@ def is_integer(value) -> bool:
 
 
 def plain_numbers(config) -> None:
-    """Replace the numpy scalars among the fields of the frozen dataclass ``config`` (also inside
-    tuple fields) by the Python values they equal, so what a user passed as ``np.float32`` is
-    stored, compared and written to JSON like a float."""
+    """Replace the numbers among the fields of the frozen dataclass ``config`` (also inside tuple
+    fields) by Python ints (any ``numbers.Integral``) and floats (any other ``numbers.Real``:
+    ``np.float32``, ``fractions.Fraction`` ...), and other numpy scalars by their Python values,
+    so what a user passed is stored, compared and written to JSON like an int or a float. Bools
+    stay bools (the checks refuse them)."""
     def plain(value):
-        return value.item() if isinstance(value, np.generic) else value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return value.item() if isinstance(value, np.generic) else value
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
 
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
