@@ -120,7 +120,13 @@ def _override(text: str) -> tuple[str, object]:
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
-        return key, value
+        pass
+    if "," in value:  # grid_shape=16,16 or betas=0.9,0.95: the list without brackets
+        try:
+            return key, json.loads(f"[{value}]")
+        except json.JSONDecodeError:
+            pass
+    return key, value
 
 
 def _overrides(args) -> dict:

@@ -518,3 +518,13 @@ def test_plot_attention_never_draws_a_cell_without_a_label(trained, tmp_path, ca
         model = MaskSCModel.load(model_dir)
         pl.attention_grid(model.attention_maps(cells[picks]), ["2", "10"], tmp_path / "api.png")
         np.testing.assert_array_equal(_pixels(out), _pixels(tmp_path / "api.png"))
+
+
+def test_set_takes_a_list_without_brackets():
+    """--set grid_shape=16,16 is the list [16, 16] (it was split into the characters '1', '6', ',' ..)."""
+    from masksc.cli import _override
+    assert _override("grid_shape=16,16") == ("grid_shape", [16, 16])
+    assert _override("betas=0.9,0.95") == ("betas", [0.9, 0.95])
+    assert _override("grid_shape=[16, 16]") == ("grid_shape", [16, 16])
+    assert _override("layout=hvg") == ("layout", "hvg")
+    assert _override("layout=a,b") == ("layout", "a,b")  # not a list of JSON values: the text as given

@@ -500,3 +500,11 @@ def test_fit_contrastive_stops_at_a_non_finite_loss_before_stepping():
         fit_contrastive(model, lambda epoch, rng: [bad], n_cells=4, progress=False)
     for name, value in model.named_parameters():  # no optimiser step was taken
         assert torch.equal(value, start[name]), name
+
+
+def test_a_string_for_a_pair_is_named_as_given():
+    from masksc.train import TrainConfig
+    with pytest.raises(ValueError, match=r"grid_shape='16,16' must be two positive integers"):
+        MaskSCConfig(grid_shape="16,16")
+    with pytest.raises(ValueError, match=r"betas='ab'"):
+        TrainConfig(betas="ab")

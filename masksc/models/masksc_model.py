@@ -73,7 +73,7 @@ def check_recipe(lr, weight_decay, betas, warmup_epochs, clip) -> None:
     if not (is_number(weight_decay) and 0 <= weight_decay < math.inf):
         bad.append(f"weight_decay={weight_decay!r} must be a number >= 0")
     if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
-        bad.append(f"betas={tuple(betas)!r} must be two numbers in [0, 1)")
+        bad.append(f"betas={betas!r} must be two numbers in [0, 1)")
     if not (is_number(warmup_epochs) and 0 <= warmup_epochs < math.inf):
         bad.append(f"warmup_epochs={warmup_epochs!r} must be a number >= 0")
     if not (is_number(clip) and 0 <= clip < math.inf):
@@ -114,8 +114,9 @@ class MaskSCConfig:
     clip: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "grid_shape", tuple(self.grid_shape))  # a list from JSON or a user: hashable
-        object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("grid_shape", "betas"):  # a list from JSON or a user: hashable; a string stays one, and fails
+            if not isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         plain_numbers(self)
         for name, least in _SIZE_FIELDS.items():
             value = getattr(self, name)
