@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from masksc.data.io import FORMATS
@@ -436,8 +437,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every SIMD build it tried
     t0 = time.time()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # a command's user has no source line to be pointed at: the message alone, as errors are printed
+        print(f"masksc {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        code = args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            code = args.func(args)
     except (MaskscError, FileNotFoundError) as exc:
         print(f"masksc {args.command}: error: {exc}", file=sys.stderr)
         return 2

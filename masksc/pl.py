@@ -196,7 +196,8 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
         max_cells: above this many cells a uniform random sample (``seed``) is mapped and
             drawn; None maps all cells.
         point_size: marker area; default scales with the number of cells.
-        ax: a matplotlib Axes to draw one colouring into (with ``path=None``).
+        ax: a matplotlib Axes to draw one colouring into (with ``path=None``); the legend sits
+            right of the panel, so save that figure with ``bbox_inches="tight"``.
 
     Returns: the path written; with no path the ``matplotlib.figure.Figure``, or ``ax`` when given.
     """

@@ -528,3 +528,19 @@ def test_set_takes_a_list_without_brackets():
     assert _override("grid_shape=[16, 16]") == ("grid_shape", [16, 16])
     assert _override("layout=hvg") == ("layout", "hvg")
     assert _override("layout=a,b") == ("layout", "a,b")  # not a list of JSON values: the text as given
+
+
+def test_warnings_are_printed_as_the_commands_own_lines(embedded, tmp_path, capsys):
+    """A warning reaches a command's user as `masksc CMD: warning: ...`, not as a Python source line."""
+    clustered, partial = tmp_path / "c.h5ad", tmp_path / "p.h5ad"
+    assert main(["cluster", str(embedded), "-k", "3", "-o", str(clustered)]) == 0
+    cells = ad.read_h5ad(clustered)
+    labels = cells.obs["label"].astype(object).to_numpy()
+    labels[:7] = np.nan
+    cells.obs["label"] = labels
+    cells.write_h5ad(partial)
+    capsys.readouterr()
+    assert main(["evaluate", str(partial)]) == 0
+    err = capsys.readouterr().err
+    assert "masksc evaluate: warning: 7 of 400 cells have no 'label' label" in err
+    assert "UserWarning" not in err and ".py:" not in err
