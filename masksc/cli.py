@@ -66,16 +66,22 @@ def _grid(text: str) -> tuple[int, int]:
     return g, s
 
 
+def _input_format(args) -> tuple[Path, str]:
+    """The input file of fit/embed/plot attention (MaskscError when it is missing) and its format:
+    --format, else detected from the file."""
+    from masksc.data.io import detect_format
+    path = Path(args.data)
+    if not path.exists():
+        raise MaskscError(f"file not found: {path}; fix: check the path.")
+    return path, args.format or detect_format(path)
+
+
 def _source(args):
     """The input of fit/embed: the path itself when it is an .h5ad or 10x .h5 (the streaming reader
     reads those it cannot stream into memory: a CSC X, a Cell Ranger v2 file, saying so), else the
     file read into memory (mtx, csv/tsv, scDeepCluster .h5, or what only --format places)."""
     from masksc.data import read
-    from masksc.data.io import detect_format
-    path = Path(args.data)
-    if not path.exists():
-        raise MaskscError(f"file not found: {path}; fix: check the path.")
-    fmt = args.format or detect_format(path)
+    path, fmt = _input_format(args)
     if fmt in ("h5ad", "10x_h5") and not args.transpose and (args.format is None or _detects_as(path, fmt)):
         return path
     log.info("%s: a %s file cannot be streamed by cells; reading it into memory (--chunk-size and "
@@ -245,12 +251,8 @@ def _cells_to_draw(args):
     import numpy as np
 
     from masksc.data import read
-    from masksc.data.io import detect_format
     from masksc.pl import one_cell_per_label
-    path = Path(args.data)
-    if not path.exists():
-        raise MaskscError(f"file not found: {path}; fix: check the path.")
-    fmt = args.format or detect_format(path)
+    path, fmt = _input_format(args)
     if fmt == "h5ad":
         with h5py.File(path, "r") as f:
             if "X" not in f:  # read backed, it would fail later, on the cells' X, as a raw h5py KeyError

@@ -471,7 +471,7 @@ def knn_distances(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
     n, k = indices.shape
     others, dists = indices[:, 1:], distances[:, 1:].astype(np.float32)
     # explicit zeros are kept: a duplicate cell is a neighbour at distance 0
-    if (indices[:, 0] == np.arange(n)).all() and (others >= 0).all():  # the usual case: built row by row, no copy
+    if (indices[:, 0] == np.arange(n)).all() and (others >= 0).all():  # the usual case: k - 1 entries every row
         order = np.argsort(others, axis=1, kind="stable")
         return sp.csr_matrix((np.take_along_axis(dists, order, 1).ravel(),
                               np.take_along_axis(others, order, 1).ravel(), np.arange(n + 1) * (k - 1)), shape=(n, n))

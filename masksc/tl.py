@@ -209,16 +209,23 @@ def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, met
                         f"key_added= another name (default {NEIGHBORS_KEY!r}), or delete that graph first.")
     Z = _embedding(adata, use_rep)
     adata = _target(adata, copy)  # before the search, which can take minutes
+    _store_graph(adata, key_added, Z, _digest(Z), use_rep, n_neighbors, metric, seed, use_gpu, search_kw)
+    return adata if copy else None
+
+
+def _store_graph(adata, key: str, Z: np.ndarray, digest: str, use_rep: str, n_neighbors: int, metric: str,
+                 seed: int, use_gpu: bool | None, search_kw: dict) -> str:
+    """Search the kNN graph of ``Z`` (``adata.obsm[use_rep]``, whose digest is ``digest``) and store
+    it under ``key`` in scanpy's layout; returns the connectivities' ``obsp`` key."""
     indices, distances = _cluster.knn_search(Z, n_neighbors, metric, use_gpu=use_gpu, seed=seed, **search_kw)
-    conn_key, dist_key = ("connectivities", "distances") if key_added == "neighbors" else \
-        (f"{key_added}_connectivities", f"{key_added}_distances")
+    conn_key, dist_key = _graph_keys(adata, key)
     adata.obsp[conn_key] = _cluster.fuzzy_connectivities(indices, distances)
     adata.obsp[dist_key] = _cluster.knn_distances(indices, distances)
-    adata.uns[key_added] = {"connectivities_key": conn_key, "distances_key": dist_key,
-                            "params": {"n_neighbors": int(n_neighbors), "method": "umap", "metric": metric,
-                                       "use_rep": use_rep, "random_state": seed, "search": dict(search_kw),
-                                       "computed_by": "masksc", "embedding_digest": _digest(Z)}}
-    return adata if copy else None
+    adata.uns[key] = {"connectivities_key": conn_key, "distances_key": dist_key,
+                      "params": {"n_neighbors": int(n_neighbors), "method": "umap", "metric": metric,
+                                 "use_rep": use_rep, "random_state": seed, "search": dict(search_kw),
+                                 "computed_by": "masksc", "embedding_digest": digest}}
+    return conn_key
 
 
 def _stored_graph(adata, key: str, kwargs: dict):
@@ -243,24 +250,25 @@ def _stored_graph(adata, key: str, kwargs: dict):
 def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
     """The connectivities of masksc's own graph of ``adata.obsm[use_rep]``: the stored one when it
     was built from this embedding (with the ``n_neighbors`` / ``metric`` in ``kwargs``, if given),
-    else a new one, built by :func:`neighbors` and stored in its place."""
+    else a new one, built as :func:`neighbors` builds it and stored in its place."""
     foreign = _foreign_graph(adata, NEIGHBORS_KEY)
     if foreign:
         raise DataError(f"{foreign} hold a graph masksc did not compute, where tl.cluster keeps its own; fix: "
                         f"neighbors_key={NEIGHBORS_KEY!r} to cluster that graph, or delete it first.")
     Z = _embedding(adata, use_rep)
+    digest = _digest(Z)
     asked = {name: kwargs[name] for name in ("n_neighbors", "metric") if name in kwargs}
     params = _own_params(adata, NEIGHBORS_KEY)
-    if params is not None and params.get("use_rep") == use_rep and params.get("embedding_digest") == _digest(Z) \
+    if params is not None and params.get("use_rep") == use_rep and params.get("embedding_digest") == digest \
             and all(params.get(name) == value for name, value in asked.items()):
         return adata.obsp[_graph_keys(adata, NEIGHBORS_KEY)[0]]
     if params is not None and params.get("use_rep") != use_rep:
         warn(f"replacing the graph in adata.uns[{NEIGHBORS_KEY!r}], built from adata.obsm[{params.get('use_rep')!r}], "
              f"with one of adata.obsm[{use_rep!r}]; to keep both, build one with masksc.tl.neighbors(adata, "
              "key_added=...) and pass it as neighbors_key")
-    neighbors(adata, asked.get("n_neighbors", 15), use_rep=use_rep, metric=asked.get("metric", "euclidean"),
-              seed=seed, use_gpu=kwargs.get("use_gpu"))
-    return adata.obsp[_graph_keys(adata, NEIGHBORS_KEY)[0]]
+    conn_key = _store_graph(adata, NEIGHBORS_KEY, Z, digest, use_rep, asked.get("n_neighbors", 15),
+                            asked.get("metric", "euclidean"), seed, kwargs.get("use_gpu"), {})
+    return adata.obsp[conn_key]
 
 
 def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_added: str = CLUSTER_KEY,
