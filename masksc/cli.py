@@ -13,6 +13,9 @@ import time
 import warnings
 from pathlib import Path
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from masksc.data.io import FORMATS
 from masksc.errors import DataError, MaskscError
 from masksc.models import PRESETS
@@ -442,10 +445,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         # a command's user has no source line to be pointed at: the message alone, as errors are printed
-        print(f"masksc {args.command}: warning: {message}", file=sys.stderr)
+        tqdm.write(f"masksc {args.command}: warning: {message}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings():
+        # log lines go through tqdm.write, so a running bar is redrawn below them instead of cut in two
+        with warnings.catch_warnings(), logging_redirect_tqdm():
             warnings.showwarning = show_warning
             code = args.func(args)
     except (MaskscError, FileNotFoundError) as exc:

@@ -109,7 +109,10 @@ class MaskSCModel:
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True, layer: str | None = None) -> np.ndarray:
         """Embeddings of the cells of ``adata`` (its ``X``, or ``adata.layers[layer]``): float32
-        [n_cells, config.embedding_dim], in row order."""
+        [n_cells, config.embedding_dim], in row order. ``device``: where to run (None: where the
+        weights are; another device moves the weights there). Raises ValueError, naming the fix,
+        for a device this machine lacks or ``meta``, before any work."""
+        device = _run_device(device)
         return embed_matrix(self.network, self.to_grid(adata, layer), batch_size=batch_size, device=device,
                             progress=progress)
 
@@ -117,17 +120,20 @@ class MaskSCModel:
         """The global token's last-layer encoder attention over the gene grid (paper Fig. 6) for
         each cell of ``adata`` (its ``X`` or ``adata.layers[layer]``; meant for a few cells: they
         go through in one batch), averaged over heads: float32 [n_cells, g, s], each gene weighted
-        by its token's share. ``device``: as in ``embed`` (None: where the weights are; another
+        by its token's share, NaN at grid positions that hold no gene (padding; ``pl.attention_grid``
+        draws them grey). ``device``: as in ``embed`` (None: where the weights are; another
         device moves the weights there, as ``embed`` does)."""
         from masksc.data import CellBatches
         from masksc.pl import attention_to_grid
         net = self.network
-        device = torch.device(device) if device is not None else next(net.parameters()).device
+        device = next(net.parameters()).device if device is None else _run_device(device)
         X = self.to_grid(adata, layer)
         batch = next(iter(CellBatches(X, batch_size=max(1, X.shape[0]), shuffle=False)))
         with torch.no_grad():
             attn = net.to(device).eval().last_attention(batch.to(device)).float().cpu()
-        return attention_to_grid(attn, self.config.grid_shape, self.config.patch, ime=self.config.ime)
+        maps = attention_to_grid(attn, self.config.grid_shape, self.config.patch, ime=self.config.ime)
+        maps[:, self.grid.is_padding.reshape(self.config.grid_shape)] = np.nan
+        return maps
 
     def embed_file(self, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                    device: str | torch.device | None = None, amp: bool = True, dist=None,
@@ -139,7 +145,8 @@ class MaskSCModel:
         ``source_path``: the file an in-memory ``source`` was read from, recorded as the source.
         See ``masksc.outofcore.embed_file``."""
         from masksc.outofcore import embed_file
-        return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size, device=device,
+        return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
+                          device=_run_device(device),
                           amp=amp, dist=dist, progress=progress, layer=layer, source_path=source_path)
 
 
@@ -152,6 +159,11 @@ def _weights_device(device: str | torch.device, cpu_fix: str | None = None) -> t
     if device.type == "meta":
         raise ValueError("device 'meta' holds no weights, so the model could not embed; fix: use cpu or cuda.")
     return device
+
+
+def _run_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` checked by ``_weights_device`` (None stays None: run where the weights are)."""
+    return None if device is None else _weights_device(device)
 
 
 def _streamed(data) -> bool:

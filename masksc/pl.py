@@ -287,8 +287,9 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
 
     Args:
         attn_maps: [n_cells, h, w] non-negative weights per grid position: per gene ([n, g, s],
-            e.g. from :func:`attention_to_grid`) or per patch ([n, g/P, s/P]). Attention
-            probabilities are never negative, so negative values raise DataError.
+            e.g. from ``MaskSCModel.attention_maps`` or :func:`attention_to_grid`) or per patch
+            ([n, g/P, s/P]). NaN marks a position without a gene (grid padding), drawn grey.
+            Attention probabilities are never negative, so negative values raise DataError.
         titles: one title per cell, or None for "cell 0", "cell 1", ...
         path: output .png path; None returns the Figure. ncols: panels per row. cmap: matplotlib
             colour map.
@@ -299,10 +300,14 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
     maps = _to_numpy(attn_maps)
     if maps.ndim != 3 or 0 in maps.shape:
         raise DataError(f"attn_maps must be [n_cells, h, w] (one grid per cell), got shape {maps.shape}.")
-    if not np.issubdtype(maps.dtype, np.number) or not np.isfinite(maps).all():
-        raise DataError("attn_maps must be finite numbers.")
+    if not np.issubdtype(maps.dtype, np.number) or np.isinf(maps).any():
+        raise DataError("attn_maps must be finite numbers (NaN only where a grid position holds no gene).")
+    no_gene = np.isnan(maps)
+    if no_gene.all(axis=(1, 2)).any():
+        raise DataError(f"attn_maps {np.flatnonzero(no_gene.all(axis=(1, 2))).tolist()} are NaN everywhere, so there "
+                        "is nothing to draw; fix: pass attention weights (NaN only at grid padding).")
     if (maps < 0).any():
-        raise DataError(f"attn_maps has {int((maps < 0).sum())} negative values (min {maps.min():g}), but attention "
+        raise DataError(f"attn_maps has {int((maps < 0).sum())} negative values (min {np.nanmin(maps):g}), but attention "
                         "weights are probabilities; fix: pass the softmax attention (e.g. via attention_to_grid), "
                         "not logits or centred scores.")
     n = maps.shape[0]
@@ -313,15 +318,18 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
     nrows = math.ceil(n / ncols)
     fig = _figure(3.6 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    from matplotlib import colormaps
+    colors = colormaps[cmap].with_extremes(bad="lightgrey")
     for ax, m, t in zip(axes, maps, titles):
-        im = ax.imshow(m, cmap=cmap, interpolation="nearest", aspect="equal")
+        im = ax.imshow(m, cmap=colors, interpolation="nearest", aspect="equal")
         ax.set_title(t, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     for ax in axes[n:]:
         ax.set_axis_off()
-    fig.suptitle(f"last-layer attention over the {maps.shape[1]}x{maps.shape[2]} grid")
+    fig.suptitle(f"last-layer attention over the {maps.shape[1]}x{maps.shape[2]} grid"
+                 + (" (grey: no gene)" if no_gene.any() else ""))
     fig.tight_layout()
     return _save(fig, path)
 

@@ -544,3 +544,26 @@ def test_warnings_are_printed_as_the_commands_own_lines(embedded, tmp_path, caps
     err = capsys.readouterr().err
     assert "masksc evaluate: warning: 7 of 400 cells have no 'label' label" in err
     assert "UserWarning" not in err and ".py:" not in err
+
+
+def test_log_lines_and_warnings_on_a_terminal_are_never_glued_to_a_progress_bar(tmp_path):
+    """On a terminal a bar is cleared before a log line or warning is printed and redrawn after it,
+    so each message starts its own line (a plain handler would append it to the half-drawn bar)."""
+    data = tmp_path / "cells.h5ad"
+    write_synthetic_h5ad(data, 200, n_genes=300, n_types=3, seed=4)
+    script = ("import io, sys\n"
+              "class Terminal(io.StringIO):\n"
+              "    def isatty(self): return True\n"
+              "sys.stderr = Terminal()\n"
+              "from masksc.cli import main\n"
+              f"code = main(['fit', {str(data)!r}, '-o', {str(tmp_path / 'model')!r}, *{TINY!r}])\n"
+              "sys.__stderr__.write(sys.stderr.getvalue())\n"
+              "sys.exit(code)\n")
+    out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "it/s" in out.stderr  # bars were drawn
+    messages = [line.rsplit("\r", 1)[-1] for line in out.stderr.split("\n") if " INFO " in line or "warning:" in line]
+    assert any("contrastive-sc epoch 1/2" in m for m in messages) and any("masksc fit: warning:" in m for m in messages)
+    glued = [m for m in messages if not (m[:2].isdigit() or m.startswith("masksc fit: warning:"))]
+    assert not glued, glued

@@ -54,6 +54,25 @@ def test_to_cuda_on_a_torch_without_cuda_names_the_fix_as_to_is_called(tiny, mon
     assert {p.device.type for p in model.network.parameters()} == {"cpu"}
 
 
+@pytest.mark.parametrize("call", ["embed", "attention_maps", "embed_file"])
+def test_running_on_a_device_this_machine_lacks_is_refused_with_the_fix_before_any_work(tiny, call, monkeypatch,
+                                                                                        tmp_path):
+    """embed / attention_maps / embed_file check an explicit device= as .to() does, rather than
+    leaving it to torch's error from deep inside the forward pass (or after a temp file is made)."""
+    model, adata = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = {"embed": lambda device: model.embed(adata, device=device, progress=False),
+           "attention_maps": lambda device: model.attention_maps(adata[:2], device=device),
+           "embed_file": lambda device: model.embed_file(adata, tmp_path / "z.npy", device=device, progress=False)}[call]
+    with pytest.raises(ValueError, match=r"^device 'cuda': this torch .*; fix: pass --device cpu \(device='cpu'\)"):
+        run("cuda")
+    with pytest.raises(ValueError, match="device 'meta' holds no weights.*fix: "):
+        run("meta")
+    assert {p.device.type for p in model.network.parameters()} == {"cpu"}  # nothing moved
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert run("cpu") is not None
+
+
 def test_embedding_a_layer_an_anndata_lacks_names_the_anndata_and_its_layers(tiny):
     """Not "only .h5ad files and AnnData objects have them": this is an AnnData."""
     from masksc import tl
@@ -99,6 +118,24 @@ def test_attention_maps_are_the_global_tokens_last_layer_attention_on_the_grid(t
     token_sum = maps.sum(axis=(1, 2)) / (P * P)
     self_weight = attn[:, :, 0, 0].mean(dim=1).numpy()
     np.testing.assert_allclose(token_sum + self_weight, 1.0, rtol=1e-4)
+
+
+def test_attention_maps_are_nan_exactly_where_the_grid_holds_no_gene():
+    """40 genes on an 8 x 8 grid: the padding positions are NaN (pl.attention_grid draws them
+    grey), every gene's position keeps its token's weight."""
+    adata = synthetic(120, n_genes=40, n_types=2, seed=6)
+    adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
+    with pytest.warns(UserWarning, match="padding"):
+        preprocessor, grid, _ = preprocess_to_grid(adata, CFG, seed=0)
+    torch.manual_seed(0)
+    network = MaskSC(CFG).eval()
+    network.set_padding(grid.is_padding)
+    model = MaskSCModel(network, preprocessor, grid)
+    maps = model.attention_maps(adata[:3])
+    padding = grid.is_padding.reshape(CFG.grid_shape)
+    assert 0 < padding.sum() < padding.size
+    assert np.isnan(maps[:, padding]).all() and np.isfinite(maps[:, ~padding]).all()
+    assert (maps[:, ~padding] > 0).all()
 
 
 def test_submodules_are_attributes_after_a_plain_import():

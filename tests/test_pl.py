@@ -196,13 +196,31 @@ def test_attention_grid_png(tmp_path):
     _png(pl.attention_grid(rng.random((2, 64, 64)), None, tmp_path / "genes.png"))
 
 
+def test_attention_grid_draws_positions_without_a_gene_grey_and_says_so(tmp_path):
+    """NaN (grid padding, as MaskSCModel.attention_maps marks it) is drawn light grey, not as the
+    colour map's darkest colour, which would read as genes with no attention."""
+    from matplotlib.colors import to_rgba
+    maps = np.random.default_rng(3).random((2, 16, 16)) * 0.01
+    maps[:, 12:, :] = np.nan  # the last 4 rows hold no gene
+    fig = pl.attention_grid(maps)
+    image = fig.axes[0].images[0]
+    assert image.cmap.get_bad() == pytest.approx(to_rgba("lightgrey"))
+    assert fig._suptitle.get_text().endswith("(grey: no gene)")
+    img = _png(pl.attention_grid(maps, None, tmp_path / "padded.png"))
+    grey = np.all(np.abs(img[..., :3] - np.array(to_rgba("lightgrey")[:3])) < 2 / 255, axis=-1)
+    assert grey.sum() > 1000  # two 16 x 4 bands, several pixels per position
+    assert "grey" not in pl.attention_grid(np.nan_to_num(maps))._suptitle.get_text()
+
+
 def test_attention_grid_rejects_bad_input(tmp_path):
     with pytest.raises(DataError, match="n_cells, h, w"):
         pl.attention_grid(np.ones((4, 4)), None, tmp_path / "a.png")
     with pytest.raises(DataError, match="titles"):
         pl.attention_grid(np.ones((2, 4, 4)), ["only one"], tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"attn_maps \[1\] are NaN everywhere.*fix: "):
+        pl.attention_grid(np.stack([np.ones((4, 4)), np.full((4, 4), np.nan)]), None, tmp_path / "a.png")
     with pytest.raises(DataError, match="finite"):
-        pl.attention_grid(np.full((1, 4, 4), np.nan), None, tmp_path / "a.png")
+        pl.attention_grid(np.full((1, 4, 4), np.inf), None, tmp_path / "a.png")
     negative = np.full((1, 4, 4), 0.1)
     negative[0, 2, 3] = -0.5
     with pytest.raises(DataError, match="1 negative values"):
