@@ -7,6 +7,7 @@ GPU is visible (``use_gpu=None``), otherwise on the CPU.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import random
@@ -227,6 +228,11 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
             labels[s:s + _SEARCH_CHUNK * 4] = index.search(X[s:s + _SEARCH_CHUNK * 4], 1)[1][:, 0]
     logger.debug("faiss k-means n=%d d=%d k=%d objective %.6g on %s", n, d, k, best_obj,
                  f"{gpus} GPU(s)" if gpus else "CPU")
+    found = len(np.unique(labels))
+    if found < k:  # centroids that coincide (duplicate cells) or that no cell is nearest to
+        warn(f"k-means found {found} distinct clusters, fewer than k={k}: the embedding has too few distinct "
+             "cells for k clusters (e.g. duplicates, or an untrained model); the labels are 0.."
+             f"{found - 1}")
     return _relabel_by_size(labels)
 
 
@@ -615,6 +621,23 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     return labels, r
 
 
+# keywords of cluster_embedding / tl.cluster, named in the refusal of an unknown one
+CLUSTER_SETTINGS = ("method", "seed", "n_neighbors", "resolution", "metric", "use_gpu", "graph")
+KMEANS_SETTINGS = ("n_init", "max_iter", "init", "max_points_per_centroid", "ngpu")
+
+
+def check_settings(settings, allowed=CLUSTER_SETTINGS + KMEANS_SETTINGS) -> None:
+    """Raise TypeError for a keyword in ``settings`` that clustering does not take (a typo such as
+    ``resolutoin``), naming the closest one it does, before any search runs."""
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        known = [*CLUSTER_SETTINGS, *KMEANS_SETTINGS]
+        close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        hint = "".join(f" ({name}: did you mean {match[0]!r}?)" for name, match in close.items() if match)
+        raise TypeError(f"unexpected keyword argument(s) {unknown}{hint}; clustering takes {list(CLUSTER_SETTINGS)} "
+                        f"and, for k-means, {list(KMEANS_SETTINGS)}.")
+
+
 def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int = 0, n_neighbors: int | None = None,
                       resolution: float = 1.0, metric: str | None = None, use_gpu: bool | None = None,
                       graph=None, **kmeans_kw) -> np.ndarray:
@@ -638,6 +661,7 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
     """
     if method not in ("auto", "kmeans", "leiden"):
         raise ValueError(f"method must be 'auto', 'kmeans' or 'leiden', got {method!r}.")
+    check_settings(kmeans_kw, allowed=KMEANS_SETTINGS)
     if method == "auto":
         method = "kmeans" if k is not None else "leiden"
     if method == "kmeans":

@@ -99,26 +99,30 @@ class MaskSCModel:
         """The JSON-able transform saved beside the weights."""
         return {"preprocessor": self.preprocessor.to_dict(), "grid": self.grid.to_dict()}
 
-    def to_grid(self, adata, layer: str | None = None):
-        """Preprocess ``adata`` (its ``X``, or ``adata.layers[layer]``) with the saved transform and
-        lay it on the grid: CSR float32 [n_cells, g*s]. Raises CheckpointError when ``adata`` lacks
-        genes the model needs."""
-        ckpt.check_genes(self.grid.to_dict(), adata.var_names)
-        return self.grid.to_grid(self.preprocessor.transform(with_layer(adata, layer)))
+    def to_grid(self, adata, layer: str | None = None, use_raw: bool = False):
+        """Preprocess ``adata`` (its ``X``, ``adata.layers[layer]``, or with ``use_raw`` its
+        ``.raw``) with the saved transform and lay it on the grid: CSR float32 [n_cells, g*s].
+        Raises CheckpointError when that matrix lacks genes the model needs."""
+        expression = with_layer(adata, layer, use_raw)
+        ckpt.check_genes(self.grid.to_dict(), expression.var_names)
+        return self.grid.to_grid(self.preprocessor.transform(expression))
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
-              progress: bool = True, layer: str | None = None) -> np.ndarray:
-        """Embeddings of the cells of ``adata`` (its ``X``, or ``adata.layers[layer]``): float32
+              progress: bool = True, layer: str | None = None, use_raw: bool = False) -> np.ndarray:
+        """Embeddings of the cells of ``adata`` (its ``X``, ``adata.layers[layer]``, or with
+        ``use_raw`` its ``.raw``: what the model was fitted on): float32
         [n_cells, config.embedding_dim], in row order. ``device``: where to run (None: where the
         weights are; another device moves the weights there). Raises ValueError, naming the fix,
         for a device this machine lacks or ``meta``, before any work."""
         device = _run_device(device)
-        return embed_matrix(self.network, self.to_grid(adata, layer), batch_size=batch_size, device=device,
+        return embed_matrix(self.network, self.to_grid(adata, layer, use_raw), batch_size=batch_size, device=device,
                             progress=progress)
 
-    def attention_maps(self, adata, layer: str | None = None, device: str | torch.device | None = None) -> np.ndarray:
+    def attention_maps(self, adata, layer: str | None = None, device: str | torch.device | None = None,
+                       use_raw: bool = False) -> np.ndarray:
         """The global token's last-layer encoder attention over the gene grid (paper Fig. 6) for
-        each cell of ``adata`` (its ``X`` or ``adata.layers[layer]``; meant for a few cells: they
+        each cell of ``adata`` (its ``X``, ``adata.layers[layer]`` or, with ``use_raw``, its
+        ``.raw``, as in ``embed``; meant for a few cells: they
         go through in one batch), averaged over heads: float32 [n_cells, g, s], each gene weighted
         by its token's share, NaN at grid positions that hold no gene (padding; ``pl.attention_grid``
         draws them grey). ``device``: as in ``embed`` (None: where the weights are; another
@@ -127,7 +131,7 @@ class MaskSCModel:
         from masksc.pl import attention_to_grid
         net = self.network
         device = next(net.parameters()).device if device is None else _run_device(device)
-        X = self.to_grid(adata, layer)
+        X = self.to_grid(adata, layer, use_raw)
         batch = next(iter(CellBatches(X, batch_size=max(1, X.shape[0]), shuffle=False)))
         with torch.no_grad():
             attn = net.to(device).eval().last_attention(batch.to(device)).float().cpu()

@@ -25,6 +25,7 @@ from masksc.io_utils import atomic_write
 logger = logging.getLogger(__name__)
 
 MAX_LEGEND = 30  # categories beyond this are drawn without a legend entry each
+UMAP_MIN_CELLS = 16  # below this umap-learn's spectral initialisation fails (and a map says little)
 
 
 def _figure(width: float, height: float):
@@ -79,6 +80,10 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
         if Z.shape[1] != 2:
             raise DataError(f"method='precomputed' needs 2-D coordinates [n, 2], got shape {Z.shape}.")
         return Z.astype(np.float32), method
+    if method == "umap" and Z.shape[0] < UMAP_MIN_CELLS:
+        warn(f"{Z.shape[0]} cells are too few for UMAP's spectral layout (it needs {UMAP_MIN_CELLS}); drawing them "
+             "with t-SNE")
+        method = "tsne"
     if method == "umap":
         try:
             import umap
@@ -150,9 +155,15 @@ def _natural_key(text: str) -> list:
 
 
 def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float) -> None:
-    numeric_many = labels.dtype.kind == "f" and len(np.unique(labels)) > MAX_LEGEND
-    if numeric_many:  # a continuous value (e.g. a score): colour map and colour bar
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=size, cmap="viridis", linewidths=0, rasterized=True)
+    numeric_many = labels.dtype.kind in "fiu" and len(np.unique(labels)) > MAX_LEGEND
+    if numeric_many:  # a continuous value (a score, a count per cell): colour map and colour bar
+        missing = np.isnan(labels) if labels.dtype.kind == "f" else np.zeros(len(labels), dtype=bool)
+        if missing.any():  # NaN: grey underneath, as unlabelled cells are drawn (matplotlib would drop them)
+            ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True,
+                       label=f"NA ({int(missing.sum())})")
+            ax.legend(loc="upper left", frameon=False, fontsize=8, markerscale=max(1.0, 6.0 / math.sqrt(size)))
+        sc = ax.scatter(xy[~missing, 0], xy[~missing, 1], c=labels[~missing], s=size, cmap="viridis", linewidths=0,
+                        rasterized=True)
         ax.figure.colorbar(sc, ax=ax, shrink=0.8)
     else:
         missing = np.asarray(pd.isna(labels), dtype=bool)
@@ -184,17 +195,19 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
     Args:
         data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
         color_by: dict {panel title: labels [n]} (categories, missing ones drawn grey as "NA",
-            or, for float arrays with many values, a continuous colour); for AnnData also an obs
+            or, for numbers with more than 30 distinct values, e.g. counts per cell, a continuous
+            colour, NaN drawn grey); for AnnData also an obs
             column name or a list of them, or None for the clusters of the last ``tl.cluster``
             and the ``label`` column, those that exist.
         path: output .png path (written atomically; parent folders created); None returns the
             Figure instead.
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
-            imported), "tsne" (sklearn, PCA init) or "precomputed" (data already [n, 2]).
+            imported or for fewer than 16 cells), "tsne" (sklearn, PCA init) or "precomputed"
+            (data already [n, 2]).
         basis: the ``obsm`` key of an AnnData's embedding (``"umap"`` finds ``X_umap`` as in
             scanpy); a 2-D one is drawn as it is, whatever ``method``.
-        max_cells: above this many cells a uniform random sample (``seed``) is mapped and
-            drawn; None maps all cells.
+        max_cells: above this many cells (>= 2) a uniform random sample (``seed``) is mapped
+            and drawn; None maps all cells.
         point_size: marker area; default scales with the number of cells.
         ax: a matplotlib Axes to draw one colouring into (with ``path=None``); the legend sits
             right of the panel, so save that figure with ``bbox_inches="tight"``.
@@ -204,6 +217,10 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
     _check_png(path)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer))
+                                  or max_cells < 2):
+        raise DataError(f"max_cells must be an integer >= 2 (a map needs two cells) or None for all cells, got "
+                        f"{max_cells!r}.")
     Z, colorings = _color_sets(data, color_by, basis)
     fig, axes = _panels(ax, path, len(colorings), 6.5, 5.0)  # before the map: a bad ax= fails at once
     if Z.shape[1] == 2:  # already a map (e.g. scanpy's X_umap): mapping it again would distort it

@@ -66,16 +66,7 @@ def _target(adata, copy: bool):
     return adata.copy()
 
 
-def _expression(adata, layer: str | None, use_raw: bool):
-    """The AnnData fit/embed read: ``adata`` itself, its layer ``layer``, or (``use_raw``) its
-    ``.raw`` (log values beside scaled ``X`` in the usual scanpy layout), sharing the matrices."""
-    if not use_raw:
-        return adata
-    if layer is not None:
-        raise DataError("use_raw=True and layer= both name the matrix to read; fix: pass one of them.")
-    if adata.raw is None:
-        raise DataError("use_raw=True but adata.raw is None; fix: drop use_raw, or pass layer= the matrix to read.")
-    return ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var)
+SCALED_SAMPLE_CELLS = 1000  # cells of a backed X read to tell scaled values (with .raw beside them) at once
 
 
 def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = True) -> None:
@@ -89,8 +80,9 @@ def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = Tru
     if not isinstance(adata, ad.AnnData):
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got a "
                         f"{type(adata).__name__}; fix: {_FIXES[step][1]}.")
-    if needs_x and not adata.isbacked:
-        X = _as_matrix(with_layer(adata, layer))  # DataError naming the fix when X is None or not a matrix
+    if needs_x:
+        # backed: the first cells stand for the file (scaled values are negative in almost every cell)
+        X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
         if layer is None and adata.raw is not None and (X.min() if X.size else 0) < 0:
             raise DataError("adata.X holds negative (scaled) values and adata.raw is set: scanpy's layout keeps "
                             f"the log-normalised values there; fix: masksc.tl.{step}(..., use_raw=True), or "
@@ -105,7 +97,8 @@ def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool =
     preset, matrix read and per-epoch losses in ``adata.uns["masksc"]``; returns the model.
     Raises DataError when ``adata`` is a path or a bare matrix, before any work."""
     _check_adata(adata, "fit", layer, needs_x=not use_raw)
-    model, result = _fit(_expression(adata, layer, use_raw), preset, layer=layer, **kwargs)
+    data = with_layer(adata, layer, use_raw) if use_raw else adata  # a layer is read by fit (streamed when backed)
+    model, result = _fit(data, preset, layer=layer, **kwargs)
     model_dir = kwargs.get("model_dir")
     _record(adata, "fit", {"preset": preset, "layer": layer, "use_raw": use_raw, "epochs": result.epochs,
                            "losses": list(result.losses), "wall_s": result.wall_s,
@@ -134,8 +127,8 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=resolve_device(device))
     adata = _target(adata, copy)
-    adata.obsm[key_added] = model.embed(_expression(adata, layer, use_raw), batch_size=batch_size, device=device,
-                                        progress=progress, layer=layer)
+    adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress, layer=layer,
+                                        use_raw=use_raw)
     _record(adata, "embed", {"model": model.path, "layer": layer, "use_raw": use_raw, "key": key_added,
                              "config": model.config.to_dict()})
     return adata if copy else None
@@ -288,6 +281,8 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     such as ``n_init``). ``copy``: return a copy of ``adata`` with the clusters and leave ``adata``
     as it is (else None is returned)."""
     _check_adata(adata, "cluster", needs_x=False)
+    _cluster.check_settings(kwargs, allowed=[name for name in _cluster.CLUSTER_SETTINGS + _cluster.KMEANS_SETTINGS
+                                             if name not in ("seed", "graph")])
     written = adata.uns.get("masksc", {}).get("cluster", {}).get("keys_written", [])
     if key_added in adata.obs and key_added != CLUSTER_KEY and key_added not in written:
         raise DataError(f"adata.obs[{key_added!r}] exists and was not written by masksc.tl.cluster (it may be your "
@@ -311,8 +306,13 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
         labels = _cluster.cluster_embedding(None, k=k, seed=seed, graph=graph, **settings)
     names = [str(c) for c in np.unique(labels)]  # numeric order ("2" before "10"), as scanpy's leiden
     adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str), categories=names)
+    recorded = {"method": "leiden" if leiden else "kmeans", **{name: value for name, value in kwargs.items()
+                                                                if name != "method"}}
+    if leiden and k is None:
+        recorded.setdefault("resolution", 1.0)
     _record(adata, "cluster", {"k": k, "use_rep": clustered, "key": key_added, "seed": seed, "n_clusters": len(names),
-                               "neighbors_key": graph_key, "keys_written": sorted({*written, key_added})})
+                               "neighbors_key": graph_key, "settings": recorded,
+                               "keys_written": sorted({*written, key_added})})
     return adata if copy else None
 
 

@@ -1,6 +1,7 @@
 """masksc.cluster against sklearn / scanpy oracles: k-means, kNN graph, Leiden, metrics."""
 import logging
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -316,6 +317,34 @@ def test_cluster_embedding_refuses_kmeans_arguments_leiden_would_ignore():
     with pytest.raises(TypeError, match=r"\['n_init'\] are k-means arguments.*k=3"):
         cluster_embedding(X, k=3, method="leiden", n_init=3)
     np.testing.assert_array_equal(cluster_embedding(X, k=3, n_init=3, seed=1), kmeans(X, 3, n_init=3, seed=1))
+
+
+def test_an_unknown_keyword_is_named_as_such_with_the_closest_known_one():
+    """A typo is not "a k-means argument": it is refused as unknown, under either method."""
+    import inspect
+    X, _ = _blobs(n=300, d=6, k=3, std=1.0, seed=8)
+    for kwargs in ({"resolutoin": 0.5}, {"k": 3, "resolutoin": 0.5}):
+        with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['resolutoin'\] \(resolutoin: did you "
+                                            r"mean 'resolution'\?\)"):
+            cluster_embedding(X, **kwargs)
+    with pytest.raises(TypeError, match=r"\['bogus'\]; clustering takes"):
+        cluster_embedding(X, k=3, bogus=1)
+    # the names the refusal lists are the functions' own
+    assert set(cluster.KMEANS_SETTINGS) == set(inspect.signature(kmeans).parameters) - {"Z", "k", "seed", "use_gpu"}
+    assert set(cluster.CLUSTER_SETTINGS) == set(inspect.signature(cluster_embedding).parameters) - {
+        "Z", "k", "kmeans_kw"}
+
+
+def test_kmeans_warns_when_the_embedding_has_fewer_distinct_cells_than_k():
+    """Two distinct points asked for 5 clusters: 2 come back, with a warning (as sklearn warns)."""
+    X = np.repeat(np.array([[0.0, 0.0], [5.0, 5.0]], np.float32), 50, axis=0)
+    with pytest.warns(UserWarning, match=r"k-means found 2 distinct clusters, fewer than k=5"):
+        labels = kmeans(X, 5, seed=0)
+    assert sorted(np.unique(labels)) == [0, 1]
+    np.testing.assert_array_equal(labels[:50], labels[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kmeans(_blobs(n=300, d=6, k=3, std=1.0, seed=8)[0], 3)
 
 
 # ---------------------------------------------------------------- metrics

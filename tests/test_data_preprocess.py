@@ -107,8 +107,22 @@ def test_zero_cells_without_min_counts(counts):
     with pytest.raises(DataError, match=r"2 of 400 cells have zero counts.*min_counts=1"):
         Preprocessor(n_top_genes=50).fit(a)
     p = Preprocessor(n_top_genes=50).fit(counts)
-    with pytest.raises(DataError, match="2 cells have zero counts"):
+    with pytest.raises(DataError, match=rf"^2 cells \(rows 3 \({a.obs_names[3]}\), 7 \({a.obs_names[7]}\)\) have "
+                                        "zero counts; fix: remove them first"):
         p.transform(a)
+
+
+def test_cells_with_counts_only_in_genes_the_model_never_saw_are_named_as_such(counts):
+    """Not "zero counts" with a filter_cells fix that would keep them: they have counts, in other genes."""
+    p = Preprocessor(n_top_genes=50).fit(counts[:, :500])
+    X = counts.X[:100].toarray()
+    X[5, :500] = 0
+    X[5, 550] = 3
+    a = ad.AnnData(sp.csr_matrix(X), obs=counts.obs[:100].copy(), var=counts.var.copy())
+    with pytest.raises(DataError, match=rf"^1 cells \(rows 5 \({a.obs_names[5]}\)\) have no counts in the 500 genes "
+                                        r"the model was trained on \(only in other genes\).*fix: remove them first") as exc:
+        p.transform(a)
+    assert "filter_cells" not in str(exc.value)
 
 
 def test_non_integer_where_counts_required(counts):
@@ -226,6 +240,38 @@ def test_input_with_unsorted_indices_and_explicit_zeros_untouched(counts):
     np.testing.assert_array_equal(a.X.indices, indices)
 
 
+def _split_entries(X: sp.csr_matrix) -> sp.csr_matrix:
+    """The same matrix with every count stored as two entries of one (cell, gene), as another
+    tool may write it (scipy reads the entries of one position as their sum)."""
+    coo = X.tocoo()
+    rows, cols = np.r_[coo.row, coo.row], np.r_[coo.col, coo.col]
+    half = np.floor(coo.data / 2)
+    values = np.r_[half, coo.data - half]
+    order = np.lexsort((cols, rows))
+    indptr = np.searchsorted(rows[order], np.arange(X.shape[0] + 1))
+    return sp.csr_matrix((values[order], cols[order], indptr), shape=X.shape)
+
+
+def test_a_matrix_storing_a_count_as_several_entries_is_read_as_their_sum(counts, tmp_path):
+    """HVGs, normalisation and the streamed path see the summed counts, as scipy defines them
+    (per-entry log1p and library sizes gave other genes and values), and the user's matrix keeps
+    its own entries."""
+    a = counts[:400].copy()
+    split = _split_entries(a.X)
+    assert not split.has_canonical_format and (split != a.X).nnz == 0
+    b = ad.AnnData(X=split, obs=a.obs.copy(), var=a.var.copy())
+    stored = (split.data.copy(), split.indices.copy(), split.indptr.copy())
+    p, q = Preprocessor(n_top_genes=100).fit(a), Preprocessor(n_top_genes=100).fit(b)
+    assert p.genes_ == q.genes_
+    np.testing.assert_allclose(q.transform(b).X.toarray(), p.transform(a).X.toarray(), rtol=1e-6)
+    for kept, now in zip(stored, (b.X.data, b.X.indices, b.X.indptr)):
+        np.testing.assert_array_equal(now, kept)
+    path = tmp_path / "split.h5ad"
+    b.write_h5ad(path)  # anndata writes the entries as they are
+    assert Preprocessor(n_top_genes=100, chunk_size=150).fit(path).genes_ == p.genes_
+    np.testing.assert_allclose(p.transform(path).X.toarray(), p.transform(a).X.toarray(), rtol=1e-6)
+
+
 def test_counts_with_stray_non_integer_values_refused(counts):
     b = counts[:300].copy()
     b.X = b.X.copy()
@@ -282,5 +328,33 @@ def test_library_size_summed_over_the_training_genes(counts):
 
 
 def test_too_few_genes_named_as_the_cause():
-    with pytest.raises(DataError, match=r"only \d+ genes vary across cells, too few .* full gene set"):
+    with pytest.raises(DataError, match=r"on the 8 genes that vary across the \d+ cells .*fix: pass the full "
+                                        r"gene set of the experiment, not a selection of it \(8 genes were given\)"):
         Preprocessor(n_top_genes=50, min_counts=1).fit(synthetic(300, 8, n_types=3, seed=0))
+    # 500 genes given, but 20 cells: the cells are the cause
+    with pytest.raises(DataError, match=r"on the \d+ genes that vary across the 20 cells .*fix: pass more cells: in 20 "
+                                        r"cells only \d+ of the 500 genes vary\.$"):
+        Preprocessor(n_top_genes=50, min_cells=3).fit(synthetic(20, 500, n_types=3, seed=0))
+
+
+def test_a_failed_hvg_trend_fit_names_the_min_cells_a_pipeline_user_can_raise():
+    """50 cells x 2000 genes: the fix names min_cells as tl.fit / masksc fit take it, with its
+    present value (3 already), and that value raised is a fix indeed."""
+    from masksc import tl
+    cells = synthetic(50, n_genes=2000, n_types=3, seed=1)
+    with pytest.raises(DataError, match=r"trend fit failed on the \d+ genes that vary across the 50 cells .*"
+                                        r"raise min_cells \(now 3; .*"
+                                        r"tl\.fit\(min_cells=5\) or masksc fit --min-cells 5"):
+        tl.fit(cells, "demo", epochs=1, progress=False)
+    Preprocessor(n_top_genes=256, min_cells=5).fit(cells)
+
+
+def test_normalised_unlogged_input_names_fixes_the_pipeline_accepts():
+    """CP10k without log1p: the fix is raw counts or log1p, not a Preprocessor option tl.fit lacks."""
+    from masksc import tl
+    cells = synthetic(300, n_genes=500, seed=0)
+    sc.pp.normalize_total(cells, target_sum=1e4)
+    with pytest.raises(DataError, match=r"e\.g\. normalised without log1p; fix: pass raw counts \(layer='counts'.*"
+                                        r"sc\.pp\.log1p") as exc:
+        tl.fit(cells, "demo", epochs=1, progress=False)
+    assert "set input=" not in str(exc.value)

@@ -147,6 +147,41 @@ def test_embedding_precomputed_and_subsample(tmp_path):
     np.testing.assert_array_equal(xy, before)
 
 
+def test_numbers_with_many_values_get_a_colour_bar_and_their_nan_cells_are_drawn_grey():
+    """A count per cell (integers, as scanpy's n_genes_by_counts) is continuous, as in scanpy, not
+    hundreds of unlegended categories; NaN cells of a score stay on the map, grey; a few integer
+    labels stay categories."""
+    rng = np.random.default_rng(4)
+    xy = rng.normal(size=(300, 2))
+    score = rng.random(300)
+    score[:9] = np.nan
+    colorings = {"n_genes": rng.integers(100, 2000, 300), "score": score, "label": rng.integers(0, 8, 300)}
+    fig = pl.embedding(xy, colorings, method="precomputed")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"n_genes", "score", "label"}  # no "(300 categories, no legend)"
+    assert len(fig.axes) == 5  # three panels, a colour bar for each continuous one
+    counts = panels["n_genes"].collections
+    assert len(counts) == 1 and len(counts[0].get_offsets()) == 300
+    grey, coloured = panels["score"].collections
+    assert len(grey.get_offsets()) == 9 and len(coloured.get_offsets()) == 291
+    assert [t.get_text() for t in panels["score"].get_legend().get_texts()] == ["NA (9)"]
+    assert len(panels["label"].get_legend().get_texts()) == 8
+
+
+def test_embedding_of_very_few_cells_is_drawn_or_refused_with_a_fix(tmp_path):
+    """UMAP's spectral layout fails below 16 cells: t-SNE draws them, saying so; max_cells below 2
+    cannot make a map."""
+    Z, y = _data(n=3)
+    with pytest.warns(UserWarning, match="3 cells are too few for UMAP's spectral layout.*t-SNE"):
+        fig = pl.embedding(Z, {"c": y})
+    assert [ax.get_xlabel() for ax in fig.axes if ax.get_title()] == ["TSNE 1"]
+    with pytest.warns(UserWarning, match="2 cells are too few"):
+        _png(pl.embedding(Z[:2], {"c": y[:2]}, tmp_path / "two.png"))
+    for bad in (0, 1, 2.5, True):
+        with pytest.raises(DataError, match=rf"max_cells must be an integer >= 2 .*got {bad!r}"):
+            pl.embedding(Z, {"c": y}, max_cells=bad)
+
+
 def test_embedding_rejects_bad_input(tmp_path):
     Z, y = _data(n=50)
     with pytest.raises(DataError, match="one label per cell"):

@@ -221,6 +221,20 @@ def test_cluster_refuses_kmeans_arguments_under_leiden(fitted):
     assert ad.obs["masksc_cluster"].nunique() == 2
 
 
+def test_cluster_refuses_a_misspelt_setting_before_building_a_graph_and_records_its_settings():
+    ad = synthetic(60, n_genes=20, n_types=2, seed=4)
+    ad.obsm["X_masksc"] = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match=r"\['resolutoin'\] \(resolutoin: did you mean 'resolution'\?\)"):
+        tl.cluster(ad, resolutoin=0.3)
+    assert "masksc_neighbors" not in ad.uns and "masksc_cluster" not in ad.obs  # refused before any search
+    tl.cluster(ad, resolution=0.3, n_neighbors=10)
+    assert ad.uns["masksc"]["cluster"]["settings"] == {"method": "leiden", "resolution": 0.3, "n_neighbors": 10}
+    tl.cluster(ad)
+    assert ad.uns["masksc"]["cluster"]["settings"] == {"method": "leiden", "resolution": 1.0}
+    tl.cluster(ad, k=2, n_init=3)
+    assert ad.uns["masksc"]["cluster"]["settings"] == {"method": "kmeans", "n_init": 3}
+
+
 def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
     """scanpy's usual layout (log data in X, counts in layers["counts"]): layer="counts" gives the
     model and embedding that the same counts in X give, and X is left as it was."""
@@ -242,7 +256,7 @@ def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
         tl.fit(layered, "demo", layer="raw", progress=False, **TINY)
 
 
-def test_use_raw_reads_log_values_beside_scaled_x(fitted):
+def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
     """scanpy's usual layout (log values in .raw, scaled X): use_raw=True trains and embeds on
     .raw; scaled X alone is refused with that fix."""
     import anndata as ad
@@ -262,6 +276,15 @@ def test_use_raw_reads_log_values_beside_scaled_x(fitted):
     assert counts.uns["masksc"]["fit"]["use_raw"] is True
     with pytest.raises(DataError, match="use_raw=True but adata.raw is None"):
         tl.embed(ad.AnnData(log_x.X, var=log_x.var), from_log, use_raw=True, progress=False)
+    # the attention maps read .raw alike, and the same file opened backed gets the same hint
+    np.testing.assert_allclose(from_raw.attention_maps(counts[:4], use_raw=True), from_log.attention_maps(log_x[:4]),
+                               rtol=1e-5, atol=1e-7)
+    counts.write_h5ad(tmp_path / "layout.h5ad")
+    backed = ad.read_h5ad(tmp_path / "layout.h5ad", backed="r")
+    with pytest.raises(DataError, match=r"negative \(scaled\) values and adata.raw is set.*use_raw=True"):
+        tl.embed(backed, from_raw, progress=False)
+    tl.embed(backed, from_raw, use_raw=True, progress=False)
+    np.testing.assert_allclose(backed.obsm["X_masksc"], counts.obsm["X_masksc"], rtol=1e-5, atol=1e-6)
 
 
 def test_steps_on_a_view_keep_their_record(fitted):

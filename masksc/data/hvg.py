@@ -20,7 +20,16 @@ def mean_var(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     return mean, var
 
 
-MIN_TREND_GENES = 200  # below this a failed loess fit is put down to too few genes, not sparse ones
+MIN_TREND_GENES = 200  # below this many varying genes a failed loess fit is put down to too few, not sparse, genes
+
+
+class TrendFitError(DataError):
+    """The seurat_v3 loess trend could not be fitted on the genes given; ``n_varying`` genes varied.
+    The caller, which knows what the genes were selected from, names the fix."""
+
+    def __init__(self, message: str, n_varying: int):
+        super().__init__(message)
+        self.n_varying = n_varying
 
 
 def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -36,20 +45,15 @@ def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3)
                         "or use Preprocessor(hvg_flavor='dispersion').") from exc
     not_const = var > 0
     if not_const.sum() < 3:
-        raise DataError(f"only {int(not_const.sum())} genes vary across cells; fix: pass more cells/genes "
-                        "(seurat_v3 HVG selection fits a trend over genes).")
+        raise TrendFitError(f"only {int(not_const.sum())} genes vary across the {n} cells, too few for the seurat_v3 "
+                            "HVG trend fit", int(not_const.sum()))
     est = np.zeros_like(mean)
     model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
     try:
         model.fit()
     except ValueError as exc:  # skmisc reports a singular local fit this way
-        if not_const.sum() < MIN_TREND_GENES:
-            raise DataError(f"only {int(not_const.sum())} genes vary across cells, too few for the seurat_v3 HVG "
-                            "trend fit; fix: pass the full gene set of the experiment, "
-                            "not a selection of it.") from exc
-        raise DataError(f"seurat_v3 HVG trend fit failed ({exc}); fix: drop rarely detected genes "
-                        "(e.g. Preprocessor(min_cells=3); very sparse data such as worm_neuron_cell needs it, as "
-                        "in scanpy), use a larger span, or Preprocessor(hvg_flavor='dispersion').") from exc
+        raise TrendFitError(f"seurat_v3 HVG trend fit failed on the {int(not_const.sum())} genes that vary across "
+                            f"the {n} cells ({exc})", int(not_const.sum())) from exc
     est[not_const] = model.outputs.fitted_values
     reg_std = np.sqrt(10**est)
     return reg_std, reg_std * np.sqrt(n) + mean

@@ -146,7 +146,9 @@ def as_float32(a, where: str = "") -> np.ndarray:
 
 
 def to_csr32(X, copy: bool = True, where: str = "") -> sp.csr_matrix:
-    """``X`` as CSR float32 with sorted indices and no explicit zeros. With ``copy`` (default)
+    """``X`` as CSR float32 in canonical form: one entry per (cell, gene), the values a matrix
+    stores more than once for the same position summed (scipy's meaning of such a matrix, which
+    per-entry arithmetic would otherwise get wrong), sorted indices, no explicit zeros. With ``copy`` (default)
     the result is a new matrix and the input is never modified; ``copy=False`` is for matrices
     the caller owns (it may tidy them in place instead of copying). A DataError names values too
     large for float32 (``where`` as in :func:`as_float32`)."""
@@ -160,8 +162,8 @@ def to_csr32(X, copy: bool = True, where: str = "") -> sp.csr_matrix:
     X = X.astype(np.float32, copy=copy)
     if X.indices.dtype != X.indptr.dtype:  # e.g. int32 indices + int64 indptr from h5ad files
         X = sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape)  # scipy unifies (int32 when it fits)
+    X.sum_duplicates()  # also sorts the indices
     X.eliminate_zeros()
-    X.sort_indices()
     return X
 
 

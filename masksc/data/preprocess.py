@@ -114,7 +114,7 @@ class Preprocessor:
             raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values in the first "
                             f"chunk are not whole numbers (e.g. {odd[0]:g}); fix: pass integer raw counts "
                             "(round corrected counts, e.g. after ambient-RNA removal); for log-normalised data "
-                            "whose whole-number values are real, Preprocessor(input='log').")
+                            "whose whole-number values are real, a Preprocessor(input='log') of your own.")
         vmax = float(X.data.max()) if X.nnz else 0.0
         if vmax <= LOG_MAX:
             sums = np.asarray(X.expm1().sum(axis=1)).ravel()
@@ -122,7 +122,9 @@ class Preprocessor:
             log.info("input looks log-normalised (non-integer, max %.3g; expm1 row-sum CV %.3g)", vmax, cv)
             return "log"
         raise DataError(f"X is neither raw counts (non-integer values) nor log-normalised (max {vmax:g} > "
-                        f"{LOG_MAX:g}); fix: pass raw counts, or log1p-normalised data, or set input= explicitly.")
+                        f"{LOG_MAX:g}), e.g. normalised without log1p; fix: pass raw counts (layer='counts' / --layer "
+                        "counts if they are kept in a layer), or log1p the data first (sc.pp.log1p); a Preprocessor "
+                        "of your own also takes input='counts' or 'log'.")
 
     def _keep_cells(self, X: sp.csr_matrix, kind: str, where: str, library_cols: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +210,10 @@ class Preprocessor:
             raise DataError(f"no gene is detected in >= {self.min_cells} cells; fix: lower min_cells.")
         if flavor == "seurat_v3":
             mean, var = hvg.mean_var(acc["raw_s"][cand], acc["raw_ss"][cand], n)
-            reg_std, clip = hvg.seurat_v3_clip(mean, var, n, self.span)
+            try:
+                reg_std, clip = hvg.seurat_v3_clip(mean, var, n, self.span)
+            except hvg.TrendFitError as exc:
+                raise DataError(f"{exc}; fix: {self._trend_fix(exc.n_varying, n, G)}.") from exc
             cs, css = self._clipped_sums(src, kind, cand, clip)
             score = hvg.seurat_v3_score(mean, reg_std, cs, css, n)
         else:
@@ -227,6 +232,17 @@ class Preprocessor:
             std[std == 0] = 1.0
             self.scale_mean_, self.scale_std_ = m, std
         return self
+
+    def _trend_fix(self, n_varying: int, n_cells: int, n_genes: int) -> str:
+        """What to change when the seurat_v3 trend fit failed with ``n_varying`` genes varying."""
+        if n_varying >= hvg.MIN_TREND_GENES:  # genes enough, but too sparse for a smooth trend
+            return (f"keep only genes detected in more cells: raise min_cells (now {self.min_cells or 0}; tl.fit and "
+                    "masksc fit use 3, scanpy's usual filter, which very sparse data such as worm_neuron_cell "
+                    "needs; with few cells more, e.g. tl.fit(min_cells=5) or masksc fit --min-cells 5), or "
+                    "preprocess with a Preprocessor(hvg_flavor='dispersion') of your own")
+        if n_genes < 2 * hvg.MIN_TREND_GENES:
+            return f"pass the full gene set of the experiment, not a selection of it ({n_genes} genes were given)"
+        return f"pass more cells: in {n_cells} cells only {n_varying} of the {n_genes} genes vary"
 
     def _clipped_sums(self, src: ChunkSource, kind, cand, clip) -> tuple[np.ndarray, np.ndarray]:
         G = src.n_vars
@@ -339,11 +355,22 @@ class Preprocessor:
                     self._check_profile(sp.vstack(gathered, format="csr"),
                                         f" in cells 0..{min(end, PROFILE_SAMPLE_CELLS) - 1}")
                 check_profile, gathered = False, []
-            n_zero = int((sums == 0).sum())
-            if n_zero and not self.min_counts:
-                raise DataError(f"{n_zero} cells have zero counts{where}; {ZERO_CELLS_FIX}")
+            if not self.min_counts and (sums == 0).any():
+                raise DataError(self._zero_library_message(X, sums, src, a, library_cols))
             L = self._lognorm(X[keep], sums[keep], self.input_kind_)[:, idx]
             yield a, keep, self._scale(L)
+
+    def _zero_library_message(self, X: sp.csr_matrix, sums: np.ndarray, src: ChunkSource, start: int,
+                              library_cols: np.ndarray | None) -> str:
+        """Why cells of a chunk (rows ``start``..) with library size 0 cannot be transformed, naming them."""
+        rows = np.flatnonzero(sums == 0)
+        shown = ", ".join(f"{start + r} ({src.obs.index[start + r]})" for r in rows[:5])
+        cells = f"{rows.size} cells (rows {shown}{', ...' if rows.size > 5 else ''})"
+        if library_cols is not None and X[rows].nnz:
+            return (f"{cells} have no counts in the {len(library_cols)} genes the model was trained on (only in "
+                    "other genes), so they cannot be normalised as in training; fix: remove them first, e.g. "
+                    "adata = adata[np.asarray(adata[:, model.preprocessor.input_genes_].X.sum(1)).ravel() > 0].")
+        return f"{cells} have zero counts; {ZERO_CELLS_FIX}"
 
     def _scale(self, L: sp.csr_matrix) -> sp.csr_matrix:
         if not self.scale:

@@ -93,10 +93,19 @@ def _memory_rows(X, _f, a, b) -> sp.csr_matrix:
     return to_csr32(X[a:b], copy=False, where=_cells(a, b))  # the slice is a copy already
 
 
-def with_layer(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
-    """``adata`` itself when ``layer`` is None, else an AnnData whose X is ``adata.layers[layer]``
-    (the same matrix, not a copy; obs and var alike). DataError naming the layers there are when
-    ``layer`` is not one of them."""
+def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> ad.AnnData:
+    """The expression matrix to read as an AnnData: ``adata`` itself when ``layer`` is None, else
+    one whose X is ``adata.layers[layer]``, or with ``use_raw`` one of ``adata.raw`` (log values
+    beside scaled ``X`` in the usual scanpy layout, with the raw genes): the same matrices, not
+    copies, obs alike. DataError naming the layers there are when ``layer`` is not one of them, and
+    for ``use_raw`` without ``.raw`` or beside a layer."""
+    if use_raw:
+        if layer is not None:
+            raise DataError("use_raw=True and layer= both name the matrix to read; fix: pass one of them.")
+        if adata.raw is None:
+            raise DataError("use_raw=True but adata.raw is None; fix: drop use_raw, or pass layer= the matrix to "
+                            "read.")
+        return ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var)
     if layer is None:
         return adata
     if layer not in adata.layers:
