@@ -34,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from masksc import __version__
-from masksc.errors import CheckpointError
-from masksc.io_utils import check_output, default_mode
+from masksc.errors import CheckpointError, warn
+from masksc.io_utils import check_output, default_mode, out_of_space
 from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
 from masksc.models.masksc_model import MaskSC, MaskSCConfig
 
@@ -119,8 +119,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_space(exc):
+            raise CheckpointError(f"no space left to write the checkpoint {path} (the previous checkpoint is kept); "
+                                  "fix: free space there, then continue with --resume (resume=True).") from exc
         raise
     return path
 
@@ -215,26 +218,46 @@ def epoch_dirs(run_dir: str | os.PathLike) -> list[Path]:
 
 def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
     """Refuse, before any work, a training run directory ``path`` that cannot be created or
-    written (see ``io_utils.check_output``; MaskscError), or that already holds a run or a saved
-    model while ``resume`` is off: training there would mix two runs (CheckpointError). Creates
-    nothing; returns ``path``."""
+    written (see ``io_utils.check_output``; MaskscError), that already holds a run or a saved
+    model while ``resume`` is off (training there would mix two runs), or, with ``resume``, that
+    is one checkpoint of a run rather than the run (CheckpointError). With ``resume``, a ``last``
+    link that is missing or names no checkpoint while epoch checkpoints are there (a crash
+    before the link was written, a deleted folder) is pointed at the newest of them, with a
+    warning; nothing else is created. Returns ``path``."""
     path = check_output(path, folder=True)
-    if not resume and path.is_dir() and (os.path.lexists(path / "last") or (path / CONFIG).exists()
-                                         or epoch_dirs(path)):
+    if not path.is_dir():
+        return path
+    if not resume and (os.path.lexists(path / "last") or (path / CONFIG).exists() or epoch_dirs(path)):
         raise CheckpointError(f"{path} already holds a training run or a saved model; fix: pass --resume "
                               "(resume=True) to continue that run, or choose a new directory.")
+    if resume and (path / CONFIG).exists():
+        raise CheckpointError(f"{path} is one checkpoint (a saved model), not a training run directory, so there is "
+                              f"no run to resume in it; fix: pass the run directory that holds it (-o "
+                              f"{shlex.quote(str(path.parent))}, model_dir=) to resume that run.")
+    if resume and not (path / "last" / CONFIG).is_file():
+        saved = [p for p in epoch_dirs(path) if _is_checkpoint(p)]
+        if saved:
+            how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
+            warn(f"{path}/last {how}; resuming from the newest checkpoint there, {saved[-1].name}")
+            point_last(path, saved[-1].name)
     return path
 
 
 def point_last(run_dir: str | os.PathLike, target_name: str) -> None:
-    """Atomically make ``run_dir/last`` a symlink to ``run_dir/target_name``."""
+    """Atomically make ``run_dir/last`` a symlink to ``run_dir/target_name``. A ``last`` that is
+    a folder (a copy of a checkpoint, as ``cp -rL`` or ``scp -r`` make of the link) is moved
+    aside first and deleted once the link is in place."""
     run_dir = Path(run_dir)
+    last = run_dir / "last"
     tmp = run_dir / f".last-{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target_name, tmp)
-    os.replace(tmp, run_dir / "last")
+    copy = _move_aside(last) if last.is_dir() and not last.is_symlink() else None
+    os.replace(tmp, last)
     _fsync_dir(run_dir)
+    if copy is not None:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -18,6 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from masksc.data.io import FORMATS
 from masksc.errors import DataError, MaskscError
+from masksc.io_utils import out_of_space
 from masksc.models import PRESETS
 from masksc.models.masksc_model import POOLS
 
@@ -208,12 +209,15 @@ def _read_h5ad(path):
     """An embedded .h5ad (from `masksc embed`, which stores obs + obsm but no X)."""
     import anndata as ad
     path = Path(path)
+    if path.is_dir():
+        raise MaskscError(f"{path} is a folder; fix: pass the .h5ad file written by `masksc embed`.")
     if not path.is_file():
         raise MaskscError(f"file not found: {path}; fix: pass the .h5ad written by `masksc embed`.")
     try:
         return ad.read_h5ad(path)
-    except OSError as exc:
-        raise MaskscError(f"cannot read {path} as .h5ad ({exc}); fix: pass the file `masksc embed` wrote.") from exc
+    except Exception as exc:  # noqa: BLE001 - h5py and anndata fail on a foreign file in many ways
+        raise MaskscError(f"cannot read {path} as .h5ad ({type(exc).__name__}: {exc}); fix: pass the .h5ad file "
+                          "`masksc embed` wrote (a counts file goes to `masksc embed` first).") from exc
 
 
 def cmd_cluster(args) -> int:
@@ -328,12 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, help="model directory (checkpoints, config.json)")
     sp.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="recipe (default cpu)")
     sp.add_argument("--epochs", type=_at_least(1), default=None, help="override the preset's epochs")
-    sp.add_argument("--grid", type=_grid, default=None, help="gene grid, e.g. 48x48")
+    sp.add_argument("--grid", type=_grid, default=None, help="gene grid, e.g. 48x48 (default: the preset's)")
     sp.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None,
                     help="share of the gene tokens hidden per cell, in (0, 1) (default: the preset's)")
-    sp.add_argument("--layout", choices=["hvg", "correlation"], default=None, help="gene order in the grid")
+    sp.add_argument("--layout", choices=["hvg", "correlation"], default=None,
+                    help="gene order in the grid (default: the preset's)")
     sp.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=None,
-                    help="cells per step (per process)")
+                    help="cells per step (per process; default: the preset's)")
     sp.add_argument("--set", action="append", type=_override, metavar="KEY=VALUE",
                     help="override any preset field, e.g. --set embed_dim=64 --set depth=2 (repeatable)")
     sp.add_argument("--seed", type=_seed, default=0,
@@ -455,6 +460,18 @@ def main(argv: list[str] | None = None) -> int:
     except (MaskscError, FileNotFoundError) as exc:
         print(f"masksc {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system's refusal (a full disk, a permission), not a bug: one line, -v for more
+        if args.verbose:
+            raise
+        fix = ("free space there (or write elsewhere) and run it again" if out_of_space(exc) else
+               "see the system's message; run with -v for the traceback")
+        print(f"masksc {args.command}: error: {exc}; fix: {fix}.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        again = (f"; continue with the same command and --resume (checkpoints are in {args.output})"
+                 if args.command == "fit" else "")
+        print(f"masksc {args.command}: interrupted{again}.", file=sys.stderr)
+        return 130
     finally:
         from masksc.distributed import shutdown
         shutdown()

@@ -21,10 +21,14 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     A rerun into the same ``out_dir`` replaces the earlier demo's files. Returns the metrics."""
     from masksc import checkpoint, pl
     from masksc.data import load_demo
-    from masksc.errors import CheckpointError
+    from masksc.errors import CheckpointError, MaskscError
     from masksc.io_utils import atomic_write, check_output
 
     out = check_output(out_dir, folder=True)
+    replaced = [name for name in OUTPUTS if (out / name).exists()]
+    if replaced and not _earlier_demo_run(out / "model"):
+        raise MaskscError(f"{out} holds {', '.join(replaced)}, which the demo would replace, and no earlier demo's "
+                          "model; fix: -o a new folder (or one an earlier demo wrote).")
     try:
         checkpoint.check_run_dir(out / "model")
     except CheckpointError:  # an earlier demo's model: the demo is rerun from scratch, not resumed
@@ -56,6 +60,35 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     print(f"[demo] wrote {out}/: pbmc68k_masksc.h5ad, embedding_umap.png, attention.png, loss.png, "
           "metrics.json, model/")
     return scores
+
+
+OUTPUTS = ("model", "pbmc68k_masksc.h5ad", "embedding_umap.png", "attention.png", "loss.png", "metrics.json")
+
+
+def _earlier_demo_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a training run of the ``demo`` preset and nothing else (its entries
+    are checkpoints and what an interrupted save leaves; every checkpoint's model is the preset's,
+    whatever its epochs), so a rerun of the demo may delete it."""
+    import re
+
+    from masksc import checkpoint
+    from masksc.errors import CheckpointError
+    from masksc.models.presets import get_preset
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        return False
+    demo = {**get_preset("demo").to_dict(), "epochs": None}
+    for entry in run_dir.iterdir():
+        if entry.name == "last" or re.fullmatch(r"\.(tmp|old)-.+|\.last-\d+\.tmp", entry.name):
+            continue
+        if not re.fullmatch(r"epoch-\d{6}", entry.name):
+            return False
+        try:
+            saved = checkpoint.read_config(entry)["model_config"]
+        except CheckpointError:  # unreadable: not known to be the demo's
+            return False
+        if {**saved, "epochs": None} != demo:
+            return False
+    return True
 
 
 def fit_and_score(adata, seed: int, *, device: str | None = None, progress: bool = True, **fit_kwargs):

@@ -3,6 +3,7 @@ process dies mid-write)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,26 @@ def default_mode(directory: bool = False) -> int:
     """The mode a plain ``open`` / ``mkdir`` would give under the current umask (mkstemp and
     mkdtemp use 0600 / 0700 instead)."""
     return (0o777 if directory else 0o666) & ~_umask()
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk or an exhausted quota, also as libraries pass it on (torch's
+    RuntimeError raised while handling the OSError, safetensors' error naming the OS error)."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+    return any(text in str(exc) for text in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes of the open file ``fd`` on disk now, so that a full disk is an OSError
+    here rather than a SIGBUS when a memory map of the file is written later. Where the
+    filesystem cannot allocate ahead (EOPNOTSUPP / EINVAL) nothing is done."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def _unwritable(path: Path, folder: Path, exc: OSError) -> MaskscError:

@@ -39,7 +39,7 @@ from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_so
 from masksc.data.preprocess import PROFILE_SAMPLE_CELLS
 from masksc.data.stream import check_not_backed_view
 from masksc.errors import DataError, MaskscError
-from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders
+from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders, reserve
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -415,9 +415,11 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         tmp = Path(name)
     tmp = Path(ctx.broadcast_object(str(tmp) if tmp else None))
     try:
-        if ctx.is_main:
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
-        ctx.barrier()
+        with ctx.together():  # a full disk stops every rank here, not as a SIGBUS in the memory map's writes
+            if ctx.is_main:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+                with open(tmp, "r+b") as fh:
+                    reserve(fh.fileno(), os.fstat(fh.fileno()).st_size)
         with ctx.together():  # bad cells in one rank's shard (or no shared folder) stop every rank with a message
             Z = np.lib.format.open_memmap(tmp, mode="r+")
             a, b = distributed.shard_range(n, ctx.rank, ctx.world_size)

@@ -62,7 +62,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.betas, str):  # a list (JSON, a user) resumes like the tuple; a string fails below
+        if isinstance(self.betas, (list, tuple, np.ndarray)):  # a list (JSON, a user) resumes like the tuple
             object.__setattr__(self, "betas", tuple(self.betas))
         plain_numbers(self)
         for key, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 1), ("keep_checkpoints", 0),

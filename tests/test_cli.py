@@ -1,8 +1,10 @@
 """The `masksc` command: help, fit -> embed -> cluster -> evaluate round trip, bad input."""
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from masksc.cli import main
@@ -227,6 +230,108 @@ def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsy
     assert sorted(p.name for p in (out / "model").iterdir() if p.name.startswith("epoch-")) == ["epoch-000001"]
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_demo_refuses_a_folder_whose_model_or_outputs_are_not_an_earlier_demos(trained, tmp_path, capsys):
+    """`demo -o DIR` deleted any masksc run in DIR/model (another fit's, with the user's notes)
+    and overwrote a metrics.json of the user's."""
+    _, _, model = trained
+    project = tmp_path / "project"
+    shutil.copytree(model, project / "model", symlinks=True)  # another fit's run (a 16 x 16 grid, not the preset)
+    (project / "model" / "NOTES.txt").write_text("mine")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "metrics.json").write_text('{"mine": 1}')
+    for out in (project, alone):
+        files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        assert main(["demo", "-o", str(out), "--epochs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds " in err and "which the demo would replace, and no earlier demo's model; fix: -o a new " \
+            "folder" in err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    from masksc.demo import _earlier_demo_run
+    assert not _earlier_demo_run(project / "model")
+    (project / "model" / "NOTES.txt").unlink()
+    assert not _earlier_demo_run(project / "model")  # its checkpoints are not the demo preset's
+
+
+def test_a_file_that_is_not_an_h5ad_or_a_folder_is_refused_in_one_line(tmp_path, capsys):
+    import h5py
+    foreign = tmp_path / "scdeepcluster.h5"
+    with h5py.File(foreign, "w") as f:  # the scDeepCluster layout: X and Y, no obs
+        f["X"] = np.ones((5, 3))
+        f["Y"] = np.arange(5)
+    for command in (["cluster", str(foreign), "-k", "2", "-o", str(tmp_path / "c.h5ad")], ["evaluate", str(foreign)],
+                    ["plot", "embedding", str(foreign), "-o", str(tmp_path / "e.png")]):
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"cannot read {foreign} as .h5ad (" in err and "fix: pass the .h5ad file `masksc embed` wrote" in err
+        assert "Traceback" not in err
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder; fix: pass the .h5ad file" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_embed_is_one_line_and_leaves_no_temp_file(trained, tmp_path, capsys, monkeypatch):
+    """The embedding's memory map was written into a sparse file: on a full disk that is a SIGBUS
+    (exit 135, no message, the temp file left). The space is now reserved first."""
+    import errno
+    data, _, model = trained
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["embed", str(data), "--model", str(model), "-o", str(out / "e.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "masksc embed: error: [Errno 28] No space left on device; fix: free space there" in err
+    assert "Traceback" not in err and list(out.iterdir()) == []
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one_and_names_the_fix(trained, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """torch.save passes a full disk on as a RuntimeError: the epoch-2 save names it, the epoch-1
+    checkpoint stays the run's last, no temp folder is left, and the command ends in one line."""
+    import errno
+
+    import masksc.checkpoint as ckpt
+    data, _, _ = trained
+    real_save, calls = torch.save, []
+
+    def full_after_first(obj, f, *args, **kwargs):
+        if not isinstance(f, io.BufferedWriter):  # the RNG state, saved into memory
+            return real_save(obj, f, *args, **kwargs)
+        calls.append(f.name)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(ckpt.torch, "save", full_after_first)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["fit", str(data), "-o", str(run), *TINY, "--checkpoint-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"no space left to write the checkpoint {run / 'epoch-000002'} (the previous checkpoint is kept); fix: " \
+        "free space there, then continue with --resume" in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["epoch-000001", "last"]
+    assert os.readlink(run / "last") == "epoch-000001"
+
+
+def test_ctrl_c_during_fit_is_one_line_naming_resume(trained, tmp_path, capsys, monkeypatch):
+    import masksc.pipeline
+    data, _, _ = trained
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(masksc.pipeline, "fit", interrupted)
+    assert main(["fit", str(data), "-o", str(tmp_path / "run"), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == (f"masksc fit: interrupted; continue with the same command and --resume (checkpoints are "
+                           f"in {tmp_path / 'run'}).")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -508,3 +508,26 @@ def test_a_string_for_a_pair_is_named_as_given():
         MaskSCConfig(grid_shape="16,16")
     with pytest.raises(ValueError, match=r"betas='ab'"):
         TrainConfig(betas="ab")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("betas", 0.9, r"betas=0\.9 must be two numbers in \[0, 1\)"),
+    ("grid_shape", 5, r"grid_shape=5 must be two positive integers"),
+    ("grid_shape", None, r"grid_shape=None must be two positive integers"),
+    ("ime", "False", r"ime='False': a switch must be true or false"),
+    ("med", "no", r"med='no': a switch must be true or false"),
+    ("norm_pix", 1, r"norm_pix=1: a switch must be true or false"),
+    ("mlp_ratio", 1e-9, r"mlp_ratio=1e-09 must be a number giving the MLPs at least one hidden unit \(>= 0\.0156 "
+                        r"for width 64\)")])
+def test_a_setting_of_the_wrong_kind_is_refused_by_name(field, value, message):
+    """Values --set can give (JSON of the wrong shape, a capitalised False, a ratio leaving the
+    MLPs no unit) are a ValueError naming them, not a TypeError from deep inside, nor silently on."""
+    with pytest.raises(ValueError, match=message):
+        MaskSCConfig(**{field: value, "embed_dim": 64, "decoder_dim": 64})
+
+
+def test_train_config_refuses_one_number_for_betas():
+    from masksc.train import TrainConfig
+    with pytest.raises(ValueError, match=r"betas=0\.9 must be two numbers"):
+        TrainConfig(betas=0.9)
+    assert MaskSCConfig(ime=np.bool_(False)).ime is False  # numpy's bools are bools

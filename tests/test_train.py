@@ -2,6 +2,8 @@
 import math
 import os
 import re
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -161,6 +163,55 @@ def test_resume_equals_uninterrupted_run(tmp_path, med):
         torch.testing.assert_close(va, vb, atol=1e-6, rtol=0, msg=k)
     np.testing.assert_allclose(embed_matrix(full, X, progress=False), embed_matrix(resumed_model, X, progress=False),
                                atol=1e-6)
+
+
+def _crashed_run(run: str, med: bool = False) -> None:
+    """A run of tcfg() stopped during epoch 3, after its epoch-2 checkpoint."""
+    def crash_at_epoch_3(epoch, loss):
+        if epoch == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(make(med), structured_grid(), tcfg(checkpoint_dir=run), callback=crash_at_epoch_3)
+
+
+@pytest.mark.parametrize("damage", ["last copied as a folder", "last missing", "last dangling"])
+def test_resume_continues_a_run_whose_last_link_was_copied_lost_or_left_dangling(tmp_path, damage):
+    """cp -rL / scp -r make `last` a folder (the next save crashed on it, every time); a crash
+    before the first link, or a deleted folder, leaves none: the run resumes from the newest
+    epoch checkpoint (with a warning) and ends as an uninterrupted run does."""
+    X = structured_grid()
+    full = make()
+    ref = train(full, X, tcfg(checkpoint_dir=str(tmp_path / "full")))
+    run = tmp_path / "run"
+    _crashed_run(str(run))
+    last = run / "last"
+    last.unlink()
+    if damage == "last copied as a folder":
+        shutil.copytree(run / "epoch-000002", last)
+    elif damage == "last dangling":
+        os.symlink("epoch-000009", last)
+    resumed_model = make(seed=123)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = train(resumed_model, X, tcfg(checkpoint_dir=str(run), resume=True))
+    said = [str(w.message) for w in caught if "resuming from the newest checkpoint" in str(w.message)]
+    assert len(said) == (0 if damage == "last copied as a folder" else 1), said
+    assert res.resumed_from_epoch == 2 and res.losses == ref.losses
+    for (k, va), vb in zip(full.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(va, vb, atol=1e-6, rtol=0, msg=k)
+    assert last.is_symlink() and os.readlink(last) == f"epoch-{tcfg().epochs:06d}"
+    assert sorted(os.listdir(run)) == sorted(os.listdir(tmp_path / "full"))  # the folder copy is gone too
+
+
+def test_resume_pointed_at_one_checkpoint_of_a_run_names_the_run_directory(tmp_path):
+    """-o run/epoch-000002 --resume used to start a new run nested inside that checkpoint."""
+    run = tmp_path / "run"
+    _crashed_run(str(run))
+    before = sorted(os.listdir(run / "epoch-000002"))
+    with pytest.raises(CheckpointError, match=r"epoch-000002 is one checkpoint .*not a training run directory.*fix: "
+                                              rf"pass the run directory that holds it \(-o {re.escape(str(run))},"):
+        train(make(), structured_grid(), tcfg(checkpoint_dir=str(run / "epoch-000002"), resume=True))
+    assert sorted(os.listdir(run / "epoch-000002")) == before
 
 
 def test_resume_refuses_different_settings(tmp_path):

@@ -72,7 +72,7 @@ def check_recipe(lr, weight_decay, betas, warmup_epochs, clip) -> None:
         bad.append(f"lr={lr!r} must be a number > 0")
     if not (is_number(weight_decay) and 0 <= weight_decay < math.inf):
         bad.append(f"weight_decay={weight_decay!r} must be a number >= 0")
-    if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
+    if not isinstance(betas, tuple) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
         bad.append(f"betas={betas!r} must be two numbers in [0, 1)")
     if not (is_number(warmup_epochs) and 0 <= warmup_epochs < math.inf):
         bad.append(f"warmup_epochs={warmup_epochs!r} must be a number >= 0")
@@ -114,15 +114,20 @@ class MaskSCConfig:
     clip: float = 1.0
 
     def __post_init__(self):
-        for name in ("grid_shape", "betas"):  # a list from JSON or a user: hashable; a string stays one, and fails
-            if not isinstance(getattr(self, name), str):
+        for name in ("grid_shape", "betas"):  # a list from JSON or a user: hashable; anything else stays, and fails
+            if isinstance(getattr(self, name), (list, tuple, np.ndarray)):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         plain_numbers(self)
         for name, least in _SIZE_FIELDS.items():
             value = getattr(self, name)
             if not is_integer(value) or value < least:
                 raise ValueError(f"{name}={value!r} must be an integer >= {least}.")
-        if len(self.grid_shape) != 2 or not all(is_integer(x) and x >= 1 for x in self.grid_shape):
+        switches = [f"{name}={getattr(self, name)!r}" for name in ("ime", "med", "norm_pix")
+                    if not isinstance(getattr(self, name), bool)]
+        if switches:  # a string such as "False" would count as on
+            raise ValueError(f"{', '.join(switches)}: a switch must be true or false (--set ime=false).")
+        if not isinstance(self.grid_shape, tuple) or len(self.grid_shape) != 2 or \
+                not all(is_integer(x) and x >= 1 for x in self.grid_shape):
             raise ValueError(f"grid_shape={self.grid_shape!r} must be two positive integers (rows, columns).")
         g, s = self.grid_shape
         if g % self.patch or s % self.patch:
@@ -134,8 +139,10 @@ class MaskSCConfig:
         if self.embed_dim % step or self.decoder_dim % step:
             raise ValueError(f"embed_dim={self.embed_dim} and decoder_dim={self.decoder_dim} must be multiples of "
                              f"{step} for the sin-cos position embedding{' over the 2-D grid' if self.ime else ''}.")
-        if not (is_number(self.mlp_ratio) and self.mlp_ratio > 0):
-            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a number > 0.")
+        narrowest = min(self.embed_dim, self.decoder_dim)
+        if not (is_number(self.mlp_ratio) and int(narrowest * self.mlp_ratio) >= 1):
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a number giving the MLPs at least one hidden unit "
+                             f"(>= {1 / narrowest:.3g} for width {narrowest}).")
         if not (is_number(self.mask_ratio) and 0.0 < self.mask_ratio < 1.0):
             raise ValueError(f"mask_ratio={self.mask_ratio!r} must be a number in (0, 1).")
         if self.n_keep >= self.n_patches:
