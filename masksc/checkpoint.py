@@ -122,8 +122,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if out_of_space(exc):
-            raise CheckpointError(f"no space left to write the checkpoint {path} (the previous checkpoint is kept); "
-                                  "fix: free space there, then continue with --resume (resume=True).") from exc
+            raise CheckpointError(f"no space left to write the checkpoint {path} (none of it is left behind, and "
+                                  "checkpoints saved before are intact); fix: free space there, then run again with "
+                                  "--resume (resume=True), which continues from the last checkpoint saved, if any."
+                                  ) from exc
         raise
     return path
 

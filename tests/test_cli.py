@@ -315,8 +315,9 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one_and_names_the_
     capsys.readouterr()
     assert main(["fit", str(data), "-o", str(run), *TINY, "--checkpoint-every", "1"]) == 2
     err = capsys.readouterr().err
-    assert f"no space left to write the checkpoint {run / 'epoch-000002'} (the previous checkpoint is kept); fix: " \
-        "free space there, then continue with --resume" in err and "Traceback" not in err
+    assert f"no space left to write the checkpoint {run / 'epoch-000002'} (none of it is left behind, and " \
+        "checkpoints saved before are intact); fix: free space there, then run again with --resume" in err
+    assert "Traceback" not in err
     assert sorted(p.name for p in run.iterdir()) == ["epoch-000001", "last"]
     assert os.readlink(run / "last") == "epoch-000001"
 
