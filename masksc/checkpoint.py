@@ -122,10 +122,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if out_of_space(exc):
+            again = (", then run again with --resume (resume=True), which continues from the last checkpoint "
+                     "saved, if any" if trainer_state is not None else ", or save elsewhere")
             raise CheckpointError(f"no space left to write the checkpoint {path} (none of it is left behind, and "
-                                  "checkpoints saved before are intact); fix: free space there, then run again with "
-                                  "--resume (resume=True), which continues from the last checkpoint saved, if any."
-                                  ) from exc
+                                  f"checkpoints saved before are intact); fix: free space there{again}.") from exc
         raise
     return path
 

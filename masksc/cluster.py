@@ -631,11 +631,11 @@ def check_settings(settings, allowed=CLUSTER_SETTINGS + KMEANS_SETTINGS) -> None
     ``resolutoin``), naming the closest one it does, before any search runs."""
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
-        known = [*CLUSTER_SETTINGS, *KMEANS_SETTINGS]
-        close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        close = {name: difflib.get_close_matches(name, list(allowed), n=1) for name in unknown}
         hint = "".join(f" ({name}: did you mean {match[0]!r}?)" for name, match in close.items() if match)
-        raise TypeError(f"unexpected keyword argument(s) {unknown}{hint}; clustering takes {list(CLUSTER_SETTINGS)} "
-                        f"and, for k-means, {list(KMEANS_SETTINGS)}.")
+        raise TypeError(f"unexpected keyword argument(s) {unknown}{hint}; clustering takes "
+                        f"{[n for n in CLUSTER_SETTINGS if n in allowed]} and, for k-means, "
+                        f"{[n for n in KMEANS_SETTINGS if n in allowed]}.")
 
 
 def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int = 0, n_neighbors: int | None = None,
@@ -661,7 +661,7 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
     """
     if method not in ("auto", "kmeans", "leiden"):
         raise ValueError(f"method must be 'auto', 'kmeans' or 'leiden', got {method!r}.")
-    check_settings(kmeans_kw, allowed=KMEANS_SETTINGS)
+    check_settings(kmeans_kw)  # the named settings are parameters, so only k-means' and unknown ones are here
     if method == "auto":
         method = "kmeans" if k is not None else "leiden"
     if method == "kmeans":

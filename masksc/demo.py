@@ -33,6 +33,8 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
         checkpoint.check_run_dir(out / "model")
     except CheckpointError:  # an earlier demo's model: the demo is rerun from scratch, not resumed
         print(f"[demo] replacing the earlier demo in {out}")
+        for name in replaced[1:]:  # its outputs first, so that no output outlives its model (OUTPUTS[0])
+            (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "model")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -78,9 +80,9 @@ def _earlier_demo_run(run_dir: Path) -> bool:
         return False
     demo = {**get_preset("demo").to_dict(), "epochs": None}
     for entry in run_dir.iterdir():
-        if entry.name == "last" or re.fullmatch(r"\.(tmp|old)-.+|\.last-\d+\.tmp", entry.name):
-            continue
-        if not re.fullmatch(r"epoch-\d{6}", entry.name):
+        if entry.is_symlink() or re.fullmatch(r"\.(tmp|old)-.+", entry.name):
+            continue  # last (and .last-*.tmp) links, what an interrupted save leaves
+        if not re.fullmatch(r"epoch-\d{6}|last", entry.name):  # last: a folder where a copy made it one
             return False
         try:
             saved = checkpoint.read_config(entry)["model_config"]

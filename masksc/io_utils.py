@@ -34,8 +34,11 @@ def out_of_space(exc: BaseException) -> bool:
 
 def reserve(fd: int, size: int) -> None:
     """Allocate ``size`` bytes of the open file ``fd`` on disk now, so that a full disk is an OSError
-    here rather than a SIGBUS when a memory map of the file is written later. Where the
-    filesystem cannot allocate ahead (EOPNOTSUPP / EINVAL) nothing is done."""
+    here rather than a SIGBUS when a memory map of the file is written later. Where the system
+    or the filesystem cannot allocate ahead (no ``posix_fallocate``, as on macOS and Windows;
+    EOPNOTSUPP / EINVAL) nothing is done."""
+    if not hasattr(os, "posix_fallocate"):
+        return
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:

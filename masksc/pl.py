@@ -119,7 +119,9 @@ def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.nd
             missing = [c for c in color_by if c not in data.obs]
             if missing:
                 raise DataError(f"adata.obs has no column(s) {missing}; available: {list(data.obs.columns)}.")
-            color_by = {c: data.obs[c].to_numpy() for c in color_by}
+            # a categorical column stays categories whatever they are (its to_numpy() of int categories is ints)
+            color_by = {c: data.obs[c].astype(object).to_numpy() if isinstance(data.obs[c].dtype, pd.CategoricalDtype)
+                        else data.obs[c].to_numpy() for c in color_by}
     else:
         Z = _to_numpy(data)
     if Z.ndim != 2 or Z.shape[0] < 2:
@@ -324,8 +326,8 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
         raise DataError(f"attn_maps {np.flatnonzero(no_gene.all(axis=(1, 2))).tolist()} are NaN everywhere, so there "
                         "is nothing to draw; fix: pass attention weights (NaN only at grid padding).")
     if (maps < 0).any():
-        raise DataError(f"attn_maps has {int((maps < 0).sum())} negative values (min {np.nanmin(maps):g}), but attention "
-                        "weights are probabilities; fix: pass the softmax attention (e.g. via attention_to_grid), "
+        raise DataError(f"attn_maps has {int((maps < 0).sum())} negative values (min {np.nanmin(maps):g}), but "
+                        "attention weights are probabilities; fix: pass the softmax attention (e.g. via attention_to_grid), "
                         "not logits or centred scores.")
     n = maps.shape[0]
     titles = [f"cell {i}" for i in range(n)] if titles is None else [str(t) for t in titles]
@@ -336,7 +338,7 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
     fig = _figure(3.6 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     from matplotlib import colormaps
-    colors = colormaps[cmap].with_extremes(bad="lightgrey")
+    colors = colormaps.get_cmap(cmap).with_extremes(bad="lightgrey")  # a name or a Colormap
     for ax, m, t in zip(axes, maps, titles):
         im = ax.imshow(m, cmap=colors, interpolation="nearest", aspect="equal")
         ax.set_title(t, fontsize=9)

@@ -386,3 +386,16 @@ def test_check_run_dir_refuses_a_directory_holding_a_run_unless_resuming(tmp_pat
     save_checkpoint(tmp_path / "saved", model)          # a saved model (model.save) is not a place to train
     with pytest.raises(CheckpointError, match="saved model"):
         ckpt.check_run_dir(tmp_path / "saved")
+
+
+def test_a_model_saved_on_a_full_disk_is_told_to_save_elsewhere_not_to_resume(tmp_path, monkeypatch):
+    """--resume is a training run's fix; a plain save (MaskSCModel.save) gets its own."""
+    model, _, _ = setup()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"no space left to write the checkpoint .*fix: free space there, or "
+                                              r"save elsewhere\.$") as exc:
+        save_checkpoint(tmp_path / "model", model)
+    assert "resume" not in str(exc.value) and list(tmp_path.iterdir()) == []

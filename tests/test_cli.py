@@ -256,6 +256,25 @@ def test_demo_refuses_a_folder_whose_model_or_outputs_are_not_an_earlier_demos(t
     assert not _earlier_demo_run(project / "model")  # its checkpoints are not the demo preset's
 
 
+def test_a_demo_rerun_stopped_before_its_first_checkpoint_leaves_a_folder_the_demo_accepts(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Replacing an earlier demo removes its outputs with its model, so a rerun stopped before a
+    new model exists does not leave outputs that lock the folder."""
+    import masksc.demo
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--epochs", "1"]) == 0
+    (out / "notes.txt").write_text("mine")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(masksc.demo, "fit_and_score", stopped)
+    assert main(["demo", "-o", str(out), "--epochs", "1"]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    capsys.readouterr()
+    assert main(["demo", "-o", str(out), "--epochs", "1"]) == 130  # accepted: it got as far as training again
+    assert "no earlier demo's model" not in capsys.readouterr().err
+
+
 def test_a_file_that_is_not_an_h5ad_or_a_folder_is_refused_in_one_line(tmp_path, capsys):
     import h5py
     foreign = tmp_path / "scdeepcluster.h5"

@@ -1,5 +1,6 @@
 """Preprocessor against scanpy, its serialisation, new-data handling and streaming fit."""
 import json
+import types
 import warnings
 
 import anndata as ad
@@ -119,10 +120,22 @@ def test_cells_with_counts_only_in_genes_the_model_never_saw_are_named_as_such(c
     X[5, :500] = 0
     X[5, 550] = 3
     a = ad.AnnData(sp.csr_matrix(X), obs=counts.obs[:100].copy(), var=counts.var.copy())
-    with pytest.raises(DataError, match=rf"^1 cells \(rows 5 \({a.obs_names[5]}\)\) have no counts in the 500 genes "
-                                        r"the model was trained on \(only in other genes\).*fix: remove them first") as exc:
+    with pytest.raises(DataError, match=rf"^1 cell \(row 5 \({a.obs_names[5]}\)\) has no counts in the 500 genes of "
+                                        r"the training data present here \(only in other genes\).*fix: remove them "
+                                        "first") as exc:
         p.transform(a)
     assert "filter_cells" not in str(exc.value)
+    # with training genes missing too (allowed, with a warning), the fix the message gives works
+    dropped = [g for g in a.var_names[:500] if g not in p.genes_][:5]  # not among the model's HVGs
+    fewer = a[:, ~a.var_names.isin(dropped)].copy()
+    with pytest.warns(UserWarning, match="5 of the 500 genes"), pytest.raises(DataError) as exc:
+        p.transform(fewer)
+    code = str(exc.value).split("in Python: ", 1)[1].rstrip(".")
+    scope = {"adata": fewer, "np": np, "model": types.SimpleNamespace(preprocessor=p)}
+    exec(code, scope)
+    assert scope["adata"].n_obs == 99 and fewer.obs_names[5] not in scope["adata"].obs_names
+    with pytest.warns(UserWarning, match="5 of the 500 genes"):
+        assert p.transform(scope["adata"]).n_obs == 99
 
 
 def test_non_integer_where_counts_required(counts):
@@ -332,8 +345,8 @@ def test_too_few_genes_named_as_the_cause():
                                         r"gene set of the experiment, not a selection of it \(8 genes were given\)"):
         Preprocessor(n_top_genes=50, min_counts=1).fit(synthetic(300, 8, n_types=3, seed=0))
     # 500 genes given, but 20 cells: the cells are the cause
-    with pytest.raises(DataError, match=r"on the \d+ genes that vary across the 20 cells .*fix: pass more cells: in 20 "
-                                        r"cells only \d+ of the 500 genes vary\.$"):
+    with pytest.raises(DataError, match=r"on the \d+ genes that vary across the 20 cells .*fix: pass more cells or "
+                                        r"lower min_cells \(now 3\): in 20 cells only \d+ of the 500 genes vary\.$"):
         Preprocessor(n_top_genes=50, min_cells=3).fit(synthetic(20, 500, n_types=3, seed=0))
 
 

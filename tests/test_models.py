@@ -518,7 +518,9 @@ def test_a_string_for_a_pair_is_named_as_given():
     ("med", "no", r"med='no': a switch must be true or false"),
     ("norm_pix", 1, r"norm_pix=1: a switch must be true or false"),
     ("mlp_ratio", 1e-9, r"mlp_ratio=1e-09 must be a number giving the MLPs at least one hidden unit \(>= 0\.0156 "
-                        r"for width 64\)")])
+                        r"for width 64\)"),
+    ("mlp_ratio", float("inf"), r"mlp_ratio=inf must be a number giving"),
+    ("mlp_ratio", float("nan"), r"mlp_ratio=nan must be a number giving")])
 def test_a_setting_of_the_wrong_kind_is_refused_by_name(field, value, message):
     """Values --set can give (JSON of the wrong shape, a capitalised False, a ratio leaving the
     MLPs no unit) are a ValueError naming them, not a TypeError from deep inside, nor silently on."""

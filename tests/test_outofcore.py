@@ -163,6 +163,23 @@ def test_embed_file_equals_in_memory_embedding_and_is_atomic(tmp_path, h5ad, fit
     assert _sha(h5ad) == before
 
 
+def test_embed_file_reserves_its_space_where_the_system_can_and_works_where_it_cannot(tmp_path, h5ad, fitted,
+                                                                                     monkeypatch):
+    """posix_fallocate is asked for the whole embedding (its absence, on macOS and Windows, is no
+    error; the result is the same)."""
+    import os
+    adata, pre, grid, _ = fitted
+    model = _model(pre, grid)
+    asked = []
+    real = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: (asked.append(size), real(fd, offset, size)))
+    model.embed_file(h5ad, tmp_path / "a.npy", progress=False)
+    assert len(asked) == 1 and asked[0] == (tmp_path / "a.npy").stat().st_size >= N * model.config.embedding_dim * 4
+    monkeypatch.delattr(os, "posix_fallocate")
+    model.embed_file(h5ad, tmp_path / "b.npy", progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"))
+
+
 def test_embed_file_failure_leaves_no_output(tmp_path, h5ad, fitted, monkeypatch):
     _, pre, grid, _ = fitted
     model = _model(pre, grid)

@@ -168,6 +168,27 @@ def test_numbers_with_many_values_get_a_colour_bar_and_their_nan_cells_are_drawn
     assert len(panels["label"].get_legend().get_texts()) == 8
 
 
+def test_a_categorical_column_of_many_integer_categories_stays_categorical():
+    """obs["clusters"] as a Categorical of 40 integers (leiden's, say) is categories, not a colour bar."""
+    import anndata as ad
+    rng = np.random.default_rng(5)
+    cells = ad.AnnData(obs=pd.DataFrame({"clusters": pd.Categorical(rng.integers(0, 40, 300)),
+                                         "n_genes": rng.integers(100, 2000, 300)},
+                                        index=[f"c{i}" for i in range(300)]),
+                       obsm={"X_umap": rng.normal(size=(300, 2)).astype(np.float32)})
+    fig = pl.embedding(cells, ["clusters", "n_genes"], basis="umap")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"clusters (40 categories, no legend)", "n_genes"}
+    assert len(fig.axes) == 3  # one colour bar: the counts'
+    assert len(panels["clusters (40 categories, no legend)"].collections) == 40
+
+
+def test_attention_grid_takes_a_colormap_object_as_matplotlib_does():
+    from matplotlib import colormaps
+    fig = pl.attention_grid(np.random.default_rng(0).random((1, 4, 4)), cmap=colormaps["viridis"])
+    assert fig.axes[0].images[0].cmap.name == "viridis"
+
+
 def test_embedding_of_very_few_cells_is_drawn_or_refused_with_a_fix(tmp_path):
     """UMAP's spectral layout fails below 16 cells: t-SNE draws them, saying so; max_cells below 2
     cannot make a map."""

@@ -227,6 +227,9 @@ def test_cluster_refuses_a_misspelt_setting_before_building_a_graph_and_records_
     with pytest.raises(TypeError, match=r"\['resolutoin'\] \(resolutoin: did you mean 'resolution'\?\)"):
         tl.cluster(ad, resolutoin=0.3)
     assert "masksc_neighbors" not in ad.uns and "masksc_cluster" not in ad.obs  # refused before any search
+    with pytest.raises(TypeError, match=r"\['graph'\]; clustering takes \['method', 'n_neighbors'") as exc:
+        tl.cluster(ad, graph=None)  # tl.cluster's graphs are named by neighbors_key
+    assert "did you mean" not in str(exc.value) and "'graph'" not in str(exc.value).split("takes")[1]
     tl.cluster(ad, resolution=0.3, n_neighbors=10)
     assert ad.uns["masksc"]["cluster"]["settings"] == {"method": "leiden", "resolution": 0.3, "n_neighbors": 10}
     tl.cluster(ad)

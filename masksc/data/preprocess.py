@@ -242,7 +242,8 @@ class Preprocessor:
                     "preprocess with a Preprocessor(hvg_flavor='dispersion') of your own")
         if n_genes < 2 * hvg.MIN_TREND_GENES:
             return f"pass the full gene set of the experiment, not a selection of it ({n_genes} genes were given)"
-        return f"pass more cells: in {n_cells} cells only {n_varying} of the {n_genes} genes vary"
+        fewer = f" or lower min_cells (now {self.min_cells})" if self.min_cells else ""
+        return f"pass more cells{fewer}: in {n_cells} cells only {n_varying} of the {n_genes} genes vary"
 
     def _clipped_sums(self, src: ChunkSource, kind, cand, clip) -> tuple[np.ndarray, np.ndarray]:
         G = src.n_vars
@@ -365,12 +366,14 @@ class Preprocessor:
         """Why cells of a chunk (rows ``start``..) with library size 0 cannot be transformed, naming them."""
         rows = np.flatnonzero(sums == 0)
         shown = ", ".join(f"{start + r} ({src.obs.index[start + r]})" for r in rows[:5])
-        cells = f"{rows.size} cells (rows {shown}{', ...' if rows.size > 5 else ''})"
+        cells = (f"{rows.size} cells (rows {shown}{', ...' if rows.size > 5 else ''}) have" if rows.size > 1
+                 else f"1 cell (row {shown}) has")
         if library_cols is not None and X[rows].nnz:
-            return (f"{cells} have no counts in the {len(library_cols)} genes the model was trained on (only in "
-                    "other genes), so they cannot be normalised as in training; fix: remove them first, e.g. "
-                    "adata = adata[np.asarray(adata[:, model.preprocessor.input_genes_].X.sum(1)).ravel() > 0].")
-        return f"{cells} have zero counts; {ZERO_CELLS_FIX}"
+            return (f"{cells} no counts in the {len(library_cols)} genes of the training data present here (only "
+                    "in other genes), so they cannot be normalised as in training; fix: remove them first, e.g. "
+                    "in Python: seen = adata.var_names.isin(model.preprocessor.input_genes_); adata = "
+                    "adata[np.asarray(adata[:, seen].X.sum(axis=1)).ravel() > 0].copy().")
+        return f"{cells} zero counts; {ZERO_CELLS_FIX}"
 
     def _scale(self, L: sp.csr_matrix) -> sp.csr_matrix:
         if not self.scale:

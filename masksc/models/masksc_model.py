@@ -140,7 +140,8 @@ class MaskSCConfig:
             raise ValueError(f"embed_dim={self.embed_dim} and decoder_dim={self.decoder_dim} must be multiples of "
                              f"{step} for the sin-cos position embedding{' over the 2-D grid' if self.ime else ''}.")
         narrowest = min(self.embed_dim, self.decoder_dim)
-        if not (is_number(self.mlp_ratio) and int(narrowest * self.mlp_ratio) >= 1):
+        if not (is_number(self.mlp_ratio) and math.isfinite(self.mlp_ratio)
+                and int(narrowest * self.mlp_ratio) >= 1):
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a number giving the MLPs at least one hidden unit "
                              f"(>= {1 / narrowest:.3g} for width {narrowest}).")
         if not (is_number(self.mask_ratio) and 0.0 < self.mask_ratio < 1.0):
