@@ -327,8 +327,8 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
                         "is nothing to draw; fix: pass attention weights (NaN only at grid padding).")
     if (maps < 0).any():
         raise DataError(f"attn_maps has {int((maps < 0).sum())} negative values (min {np.nanmin(maps):g}), but "
-                        "attention weights are probabilities; fix: pass the softmax attention (e.g. via attention_to_grid), "
-                        "not logits or centred scores.")
+                        "attention weights are probabilities; fix: pass the softmax attention (e.g. via "
+                        "attention_to_grid), not logits or centred scores.")
     n = maps.shape[0]
     titles = [f"cell {i}" for i in range(n)] if titles is None else [str(t) for t in titles]
     if len(titles) != n:
