@@ -293,3 +293,116 @@ def test_values_beyond_float32_are_not_reported_as_infinite(tmp_path, counts, na
                                         rf"1e\+39\) in {name}; fix: ") as exc:
         read(tmp_path / name)
     assert "infinite" not in str(exc.value)
+
+
+def _barcodes(n):
+    rng = np.random.default_rng(1)
+    return ["".join(rng.choice(list("ACGT"), 16)) + "-1" for _ in range(n)]
+
+
+def test_a_genes_by_cells_table_is_refused_unless_transposed(tmp_path, counts):
+    """A header of barcodes means rows are genes: read as stored, it was trained on sideways."""
+    X, _, genes = counts
+    cells = _barcodes(len(X))
+    pd.DataFrame(X, index=cells, columns=genes).T.to_csv(tmp_path / "genes_by_cells.csv.gz")
+    with pytest.raises(DataError, match=r"header row looks like cell barcodes \(e\.g\. '[ACGT]{16}-1'\).*fix: "
+                                        r"transpose=True \(--transpose\)"):
+        read(tmp_path / "genes_by_cells.csv.gz")
+    _check(read(tmp_path / "genes_by_cells.csv.gz", transpose=True), X, cells, genes)
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "cells_by_genes.csv")
+    _check(read(tmp_path / "cells_by_genes.csv"), X, cells, genes)  # barcodes as row names: as it should be
+
+
+def test_a_table_without_cell_names_keeps_its_first_gene(tmp_path, counts):
+    """pandas' index=False / R's row.names=FALSE: the first column is the first gene's counts, not
+    names (it lost that gene, its counts becoming cell names); scanpy names the cells 0..n-1 too."""
+    import scanpy as sc
+    X, _, genes = counts
+    pd.DataFrame(X.astype(int), columns=genes).to_csv(tmp_path / "noindex.csv", index=False)
+    adata = read(tmp_path / "noindex.csv")
+    _check(adata, X, [str(i) for i in range(len(X))], genes)
+    ref = sc.read_csv(tmp_path / "noindex.csv")
+    np.testing.assert_array_equal(adata.X.toarray(), np.asarray(ref.X))
+    assert list(adata.var_names) == list(ref.var_names) == genes
+    # unique integer cell IDs in the first column are names, as before
+    pd.DataFrame(X, index=range(1, len(X) + 1), columns=genes).to_csv(tmp_path / "ids.csv")
+    _check(read(tmp_path / "ids.csv"), X, [str(i) for i in range(1, len(X) + 1)], genes)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_damaged_gzip_is_one_error_naming_the_file(tmp_path, counts, damage):
+    X, cells, genes = counts
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "a.csv.gz")
+    data = bytearray((tmp_path / "a.csv.gz").read_bytes())
+    if damage == "truncated":  # an interrupted download
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2:len(data) // 2 + 8] = b"\xff" * 8
+    (tmp_path / "a.csv.gz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"cannot read .*a\.csv\.gz as csv \((EOFError|error|BadGzipFile)"):
+        read(tmp_path / "a.csv.gz")
+
+
+def test_a_table_with_another_separator_names_it(tmp_path, counts):
+    X, cells, genes = counts
+    df = pd.DataFrame(X, index=cells, columns=genes)
+    df.to_csv(tmp_path / "excel.csv", sep=";")
+    with pytest.raises(DataError, match=r"one column: no comma separates its values \(a semicolon does\); fix: write "
+                                        "the table with a comma between values"):
+        read(tmp_path / "excel.csv")
+    df.to_csv(tmp_path / "comma.txt")
+    with pytest.raises(DataError, match=r"no tab separates its values \(a comma does\); fix: format='csv'"):
+        read(tmp_path / "comma.txt")
+    _check(read(tmp_path / "comma.txt", format="csv"), X, cells, genes)
+
+
+def _mtx_folder(d, X, cells, genes, prefix="", cells_by_genes=False, barcode_header=False):
+    d.mkdir(exist_ok=True)
+    scipy.io.mmwrite(str(d / f"{prefix}matrix.mtx"), sp.coo_matrix(X if cells_by_genes else X.T))
+    (d / f"{prefix}features.tsv").write_text("".join(f"ENSG{j}\t{g}\tGene Expression\n" for j, g in enumerate(genes)))
+    (d / f"{prefix}barcodes.tsv").write_text(("barcode\n" if barcode_header else "") + "".join(c + "\n" for c in cells))
+
+
+def test_mtx_stored_cells_by_genes_geo_prefixes_and_header_lines(tmp_path, counts):
+    X, cells, genes = counts
+    _mtx_folder(tmp_path / "swapped", X, cells, genes, cells_by_genes=True)
+    _check(read(tmp_path / "swapped"), X, cells, genes)
+    _mtx_folder(tmp_path / "geo", X, cells, genes, prefix="GSM123_sample1_")
+    _check(read(tmp_path / "geo" / "GSM123_sample1_matrix.mtx"), X, cells, genes)
+    with pytest.raises(DataError, match=r"folder without matrix\.mtx\[\.gz\].*e\.g\. .*GSM123_sample1_matrix\.mtx "
+                                        r"\(its prefix names"):
+        read(tmp_path / "geo")
+    _mtx_folder(tmp_path / "header", X, cells, genes, barcode_header=True)
+    with pytest.raises(DataError, match=r"barcodes\.tsv has one line more than the matrix has cells \(a header line\? "
+                                        r"fix: remove it\)"):
+        read(tmp_path / "header")
+
+
+def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
+    """Scaled X beside .raw reads (fit / embed say use_raw); a file with layers but no X names
+    them and --layer; a file of anndata < 0.7 streams as it reads."""
+    from masksc.data import open_source
+    X, cells, genes = counts
+    a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes))
+    a.raw = a.copy()
+    a.X = sp.csr_matrix(X - X.mean(0))
+    a.write_h5ad(tmp_path / "scaled.h5ad")
+    got = read(tmp_path / "scaled.h5ad")
+    np.testing.assert_array_equal(got.raw.X.toarray(), X)
+    b = ad.AnnData(obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes), layers={"counts": sp.csr_matrix(X)})
+    b.write_h5ad(tmp_path / "layers.h5ad")
+    with pytest.raises(DataError, match=r"no X matrix, only the layers \['counts'\]; fix: read a layer with --layer "
+                                        "counts"):
+        read(tmp_path / "layers.h5ad")
+    with pytest.raises(DataError, match=r"only the layers \['counts'\]; fix: --layer counts"):
+        open_source(tmp_path / "layers.h5ad")
+    M = sp.csr_matrix(X)
+    with h5py.File(tmp_path / "legacy.h5ad", "w") as f:  # anndata < 0.7: compound obs / var, no encoding-type
+        g = f.create_group("X")
+        g["data"], g["indices"], g["indptr"] = M.data, M.indices, M.indptr
+        g.attrs["h5sparse_format"], g.attrs["h5sparse_shape"] = "csr", np.array(M.shape)
+        f["obs"] = np.array([(c.encode(),) for c in cells], dtype=[("index", "S10")])
+        f["var"] = np.array([(g_.encode(),) for g_ in genes], dtype=[("index", "S10")])
+    _check(read(tmp_path / "legacy.h5ad"), X, cells, genes)
+    streamed = sp.vstack([chunk for _, chunk in open_source(tmp_path / "legacy.h5ad").chunks(7)])
+    np.testing.assert_array_equal(streamed.toarray(), X)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import logging
 import re
+import zlib
 from pathlib import Path
 
 import anndata as ad
@@ -63,8 +64,11 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if any((path / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz")):
             return "10x_mtx"
+        prefixed = sorted(p.name for p in path.glob("*matrix.mtx*"))
         raise DataError(f"{path} is a folder without matrix.mtx[.gz]; fix: point to a 10x mtx folder "
-                        "(matrix.mtx[.gz], features.tsv[.gz] or genes.tsv, barcodes.tsv[.gz]) or to a file.")
+                        "(matrix.mtx[.gz], features.tsv[.gz] or genes.tsv, barcodes.tsv[.gz]) or to a file"
+                        + (f", e.g. {path / prefixed[0]} (its prefix names its features and barcodes files)."
+                           if prefixed else "."))
     name = path.name.lower()
     stem = name[:-3] if name.endswith(".gz") else name
     if stem.endswith(".h5ad"):
@@ -127,12 +131,13 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
         adata = reader(path, fmt=fmt, transpose=transpose, backed=backed, where=where)
     except DataError:
         raise
-    except (OSError, KeyError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+    except (OSError, EOFError, zlib.error, KeyError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot read {path} as {fmt} ({type(exc).__name__}: {exc}); fix: check the file "
                         "is complete and in that format, or pass the right format=.") from exc
     if not backed:
         check_not_empty(adata.X)
-        check_values(adata.X, require_integer=False, where=where)
+        if adata.raw is None:  # beside .raw, X is often scaled (negative): fit / embed check what they read
+            check_values(adata.X, require_integer=False, where=where)
     return adata
 
 
@@ -181,6 +186,11 @@ def _dense_rows_to_csr(ds, where: str) -> sp.csr_matrix:
 
 
 def _finish(adata: ad.AnnData, where: str) -> ad.AnnData:
+    if adata.X is None and len(adata.layers):
+        layers = list(adata.layers)
+        raise DataError(f"the file has no X matrix, only the layers {layers}; fix: read a layer with --layer "
+                        f"{layers[0]} (masksc fit / embed stream it), or in Python adata = anndata.read_h5ad(path) "
+                        f"then tl.fit(adata, layer={layers[0]!r}).")
     if adata.X is None:
         raise DataError("the file has no X matrix (a `masksc embed` output holds only obs and the embedding: "
                         "open it with anndata.read_h5ad); fix: pass the file that holds the expression counts.")
@@ -253,26 +263,38 @@ def _first(folder: Path, names) -> Path:
         if (folder / n).exists():
             return folder / n
     raise DataError(f"{folder} lacks {' or '.join(names)}; fix: a 10x mtx folder needs matrix.mtx[.gz], "
-                    "features.tsv[.gz] (or genes.tsv[.gz]) and barcodes.tsv[.gz].")
+                    "features.tsv[.gz] (or genes.tsv[.gz]) and barcodes.tsv[.gz]; files named with a common "
+                    "prefix (GEO's GSM..._matrix.mtx.gz) are read by passing the path of the matrix file.")
 
 
 def _read_10x_mtx(path, where, **_):
     """10x mtx folder: the Matrix Market file is genes x cells; features/genes.tsv columns are
     id, name[, type]; var_names are the names (made unique), ids in ``var["gene_ids"]``."""
     folder = path if path.is_dir() else path.parent
-    mtx = _first(folder, ["matrix.mtx.gz", "matrix.mtx"])
-    feats = _first(folder, ["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"])
-    barcodes = _first(folder, ["barcodes.tsv.gz", "barcodes.tsv"])
+    # GEO names a sample's three files with a common prefix (GSM123_sample_matrix.mtx.gz, ...): a path to
+    # such a matrix file names the prefix of its two siblings
+    named = None if path.is_dir() else re.fullmatch(r"(.*)matrix\.mtx(?:\.gz)?", path.name)
+    prefix = named.group(1) if named else ""
+    mtx = _first(folder, [f"{prefix}matrix.mtx.gz", f"{prefix}matrix.mtx"])
+    feats = _first(folder, [f"{prefix}{n}" for n in ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv")])
+    barcodes = _first(folder, [f"{prefix}barcodes.tsv.gz", f"{prefix}barcodes.tsv"])
     M = scipy.io.mmread(str(mtx))  # handles .gz itself
     X = sp.csr_matrix(M).T.tocsr()
     with _open_text(feats) as fh:  # names as written: a gene called "NA" is not a missing value
         ftab = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)
     with _open_text(barcodes) as fh:
         bc = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)[0].to_numpy()
+    if X.shape == (len(ftab), len(bc)) and len(bc) != len(ftab):  # written cells x genes, not 10x's genes x cells
+        log.info("%s: the matrix is stored cells x genes (10x writes genes x cells); reading it as stored", mtx)
+        X = X.T.tocsr()
     if X.shape != (len(bc), len(ftab)):
+        extra = [f"{name} has one line more than the matrix has {what} (a header line? fix: remove it)"
+                 for name, rows, n, what in ((barcodes.name, len(bc), X.shape[0], "cells"),
+                                             (feats.name, len(ftab), X.shape[1], "genes")) if rows == n + 1]
         raise DataError(f"{folder}: matrix is {X.shape[1]} genes x {X.shape[0]} cells but there are "
-                        f"{len(ftab)} features and {len(bc)} barcodes; fix: the three files must come "
-                        "from the same 10x output folder.")
+                        f"{len(ftab)} features and {len(bc)} barcodes; "
+                        + ("; ".join(extra) + "." if extra else "fix: the three files must come from the same 10x "
+                           "output folder."))
     names = ftab[1] if ftab.shape[1] > 1 else ftab[0]
     adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(bc)),
                        var=pd.DataFrame({"gene_ids": ftab[0].to_numpy()}, index=pd.Index(names.to_numpy())))
@@ -293,20 +315,36 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
         return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, **kw).iloc[:, 0].to_numpy()
 
     header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].to_numpy()
+    if len(header) == 1:
+        marks = {",": "comma", "\t": "tab", ";": "semicolon"}
+        seen = [name for mark, name in marks.items() if mark != sep and mark in header[0]]
+        fix = {"comma": "format='csv' (--format csv)", "tab": "format='tsv' (--format tsv)"}.get(
+            seen[0] if seen else "", f"write the table with a {marks[sep]} between values")
+        raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values"
+                        f"{f' (a {seen[0]} does)' if seen else ''}; fix: {fix}.")
     try:
         body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
     except pd.errors.EmptyDataError:  # a header and no rows
         body = pd.DataFrame()
     check_not_empty(np.broadcast_to(np.float32(0), (len(body), max(body.shape[1] - 1, 0))))  # shape only
-    n_values = body.shape[1] - 1
+    first = body.iloc[:, 0] if body.shape[1] else pd.Series(dtype=float)
+    # a numeric first column that is not an ID sequence (unique integers) is the first gene's counts:
+    # the table was written without cell names (pandas' index=False, R's row.names=FALSE)
+    unnamed = len(header) == body.shape[1] and pd.api.types.is_numeric_dtype(first) and not (
+        first.is_unique and np.all(np.mod(first.to_numpy(dtype=np.float64), 1) == 0))
+    n_values = body.shape[1] - (0 if unnamed else 1)
     if len(header) not in (n_values, n_values + 1):
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")
-    df = body.iloc[:, 1:]
-    df.index, df.columns = names(skiprows=1, usecols=[0]), header[len(header) - n_values:]
+    df = body if unnamed else body.iloc[:, 1:]
+    df.index = pd.Index([str(i) for i in range(len(body))]) if unnamed else names(skiprows=1, usecols=[0])
+    df.columns = header[len(header) - n_values:]
     if transpose:
         df = df.T
+    elif _mostly_barcodes(df.columns):
+        raise DataError(f"{path}: its header row looks like cell barcodes (e.g. {df.columns[0]!r}), so its rows are "
+                        "genes and its columns cells; fix: transpose=True (--transpose) to read it genes x cells.")
     non_numeric = [c for c, t in zip(df.columns, df.dtypes) if not pd.api.types.is_numeric_dtype(t)]
     if non_numeric:
         raise DataError(f"{path}: columns {non_numeric[:5]} are not numeric; fix: the file must be cells x "
@@ -316,6 +354,15 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                        obs=pd.DataFrame(index=df.index.astype(str)),
                        var=pd.DataFrame(index=df.columns.astype(str)))
     return _finish(_unique_genes(adata, path), where)
+
+
+_BARCODE = re.compile(r"(?:.*[_:-])?[ACGTN]{8,}(?:-\d+)?")  # 10x's AAACCTGAGAAACCAT-1, optionally prefixed
+
+
+def _mostly_barcodes(names) -> bool:
+    """Whether most of ``names`` (a sample of them) look like cell barcodes."""
+    sample = [str(n) for n in list(names)[:200]]
+    return len(sample) > 0 and sum(bool(_BARCODE.fullmatch(n)) for n in sample) > len(sample) / 2
 
 
 def _read_scdeepcluster(path, where, **_):

@@ -141,14 +141,33 @@ def _h5ad_rows(key: str, dense: bool, n_vars: int, f, a, b) -> sp.csr_matrix:
     return _csr_block(f[key], a, b, n_vars)
 
 
+def _legacy_h5ad(f: h5py.File, key: str) -> bool:
+    """Whether ``f`` was written by anndata < 0.7 (obs a compound dataset, sparse matrices
+    without ``encoding-type``): anndata still reads such a file whole, but not by rows."""
+    X = f.get(key)
+    return isinstance(f.get("obs"), h5py.Dataset) or (isinstance(X, h5py.Group) and "encoding-type" not in X.attrs)
+
+
 def _h5ad_source(path: Path, layer: str | None = None) -> ChunkSource:
     key = "X" if layer is None else f"layers/{layer}"
+    with h5py.File(path, "r") as f:
+        legacy = _legacy_h5ad(f, key)
+    if legacy:
+        log.info("%s was written by anndata < 0.7, whose layout cannot be streamed: reading it into memory (to "
+                 "stream it, rewrite it: anndata.read_h5ad(path).write_h5ad(new_path))", path)
+        adata = ad.read_h5ad(path)
+        if "label" in adata.obs:
+            set_labels(adata, adata.obs["label"].to_numpy())
+        return _memory_source(with_layer(adata, layer))
     with h5py.File(path, "r") as f:
         obs = ad.io.read_elem(f["obs"])
         var_names = pd.Index(ad.io.read_elem(f["var"]).index)
         if layer is not None and key not in f:
             layers = list(f["layers"]) if "layers" in f else []
             raise DataError(f"{path} has no layer {layer!r}; fix: pass one of {layers}, or no layer for X.")
+        if key not in f and "layers" in f and len(f["layers"]):
+            raise DataError(f"{path} has no X matrix, only the layers {list(f['layers'])}; fix: --layer "
+                            f"{list(f['layers'])[0]} (layer=) to read one.")
         if key not in f:
             raise DataError(f"{path} has no X matrix (a `masksc embed` output holds only obs and the embedding); "
                             "fix: pass the file that holds the expression counts.")
