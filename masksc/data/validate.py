@@ -140,7 +140,8 @@ def check_unique_genes(var_names) -> None:
     if not names.is_unique:
         dups = [g for g, c in Counter(names).items() if c > 1]
         raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}); "
-                        "fix: call adata.var_names_make_unique() first.")
+                        "fix: call adata.var_names_make_unique() first (for a file: read it with anndata, do so, "
+                        "and write a new .h5ad with adata.write_h5ad).")
 
 
 def check_labels(labels, n_cells: int) -> None:
