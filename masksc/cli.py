@@ -171,7 +171,8 @@ def cmd_fit(args) -> int:
                                      checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
                                      teacher_cells=args.teacher_cells or None,
                                      teacher_overrides=dict(args.teacher_set or []),
-                                     min_cells=args.min_cells, dist=ctx, layer=args.layer, **overrides)
+                                     min_cells=args.min_cells, dist=ctx, layer=args.layer, use_raw=args.use_raw,
+                                     **overrides)
     except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig / teacher checks)
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
@@ -199,7 +200,7 @@ def cmd_embed(args) -> int:
         except ValueError as exc:
             raise MaskscError(f"--pool {args.pool}: {exc}") from exc
     out = model.embed_file(_source(args), args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                           device=device, dist=ctx, layer=args.layer, source_path=args.data)
+                           device=device, dist=ctx, layer=args.layer, use_raw=args.use_raw, source_path=args.data)
     if ctx.is_main:
         print(f"embedding of {model.config.embedding_dim} dims written to {out}")
     return 0
@@ -300,7 +301,7 @@ def cmd_plot(args) -> int:
         device = _device(args.device)
         model = MaskSCModel.load(args.model, device=device)
         cells, titles = _cells_to_draw(args)
-        out = pl.attention_grid(model.attention_maps(cells, layer=args.layer), titles, output)
+        out = pl.attention_grid(model.attention_maps(cells, layer=args.layer, use_raw=args.use_raw), titles, output)
     print(f"wrote {out}")
     return 0
 
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
         sp.add_argument("--layer", default=None,
                         help="read this layer of an .h5ad (e.g. counts) instead of X; embed with the layer fit used")
+        sp.add_argument("--use-raw", dest="use_raw", action="store_true",
+                        help="read the .h5ad's .raw (log values beside scaled X, scanpy's layout) instead of X; "
+                             "embed with it too")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
 
     sp = sub.add_parser("fit", help="train a mask-sc model on a dataset (streamed from disk; torchrun for DDP)")
@@ -426,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--format", default=None, choices=FORMATS, help="force the reader (default: detect)")
     kp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
     kp.add_argument("--layer", default=None, help="read this layer of an .h5ad (the one fit used)")
+    kp.add_argument("--use-raw", dest="use_raw", action="store_true", help="read the .h5ad's .raw (as fit did)")
     kp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     for kp in kinds.choices.values():
         kp.add_argument("-o", "--output", required=True, help="output .png")

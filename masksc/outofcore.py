@@ -54,7 +54,7 @@ class RowReader:
     AnnData opened ``backed="r"`` (read like its file), an in-memory AnnData, or any other path
     :func:`masksc.data.read` accepts; what cannot be streamed (those other formats, a Cell Ranger
     v2 ``.h5``, an ``.h5ad`` whose X is stored CSC) is read into memory, with a log line saying why.
-    ``layer``: read that layer instead of ``X`` (AnnData and ``.h5ad``).
+    ``layer``: read that layer instead of ``X``; ``use_raw``: read ``.raw`` (AnnData and ``.h5ad``).
     Attributes: ``n_obs``, ``var_names`` (pd.Index), ``obs`` (pd.DataFrame), ``streamed``
     (True when rows come from disk), ``chunks`` (the :class:`~masksc.data.ChunkSource`, for
     whole passes such as fitting the preprocessor). Rows are read by :func:`masksc.data.open_source`'s
@@ -62,7 +62,7 @@ class RowReader:
     pickles without the handle (each process opens its own).
     """
 
-    def __init__(self, source, layer: str | None = None):
+    def __init__(self, source, layer: str | None = None, use_raw: bool = False):
         if isinstance(source, RowReader):  # share its metadata (and in-memory matrix); own file handle
             self.__dict__.update(source.__getstate__())
             return
@@ -73,7 +73,7 @@ class RowReader:
         if not isinstance(source, ad.AnnData) or source.isbacked:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
         self.source = source if self.path is None else self.path  # never a backed AnnData's h5py handle
-        self._src = open_source(self.source, layer)
+        self._src = open_source(self.source, layer, use_raw)
         self.n_obs, self.var_names, self.obs = self._src.n_obs, self._src.var_names, self._src.obs
 
     @property
@@ -369,10 +369,11 @@ def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
 
 def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                device: str | torch.device | None = None, amp: bool = True, dist=None,
-               progress: bool = True, layer: str | None = None,
+               progress: bool = True, layer: str | None = None, use_raw: bool = False,
                source_path: str | os.PathLike | None = None) -> Path | None:
     """Embed every cell of ``source`` (path or AnnData; see :class:`RowReader`; its ``X`` or the
-    layer ``layer``) with ``model`` (a ``masksc.pipeline.MaskSCModel``) into ``output``.
+    layer ``layer``, or with ``use_raw`` its ``.raw``) with ``model`` (a ``masksc.pipeline.MaskSCModel``)
+    into ``output``.
     ``source_path``: the file an in-memory ``source`` was read from (default: the path of a path
     or backed source); the ``.h5ad`` output records it as its source ("AnnData" without one), and
     ``output`` may not be it.
@@ -395,7 +396,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     output = Path(output)
     if output.suffix.lower() not in (".npy", ".h5ad"):
         raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
-    reader = RowReader(source, layer)
+    reader = RowReader(source, layer, use_raw)
     if source_path is not None and reader.path is not None and \
             Path(source_path).resolve() != Path(reader.path).resolve():
         raise MaskscError(f"source_path={str(source_path)!r} names the file an in-memory source was read from, but "
@@ -437,7 +438,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             from masksc.io_utils import atomic_write
             uns = {"masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
                                         "source": str(origin or "AnnData"), "n_cells": int(n),
-                                        "layer": layer, "config": model.config.to_dict()}}}
+                                        "layer": layer, "use_raw": use_raw, "config": model.config.to_dict()}}}
             Z = np.lib.format.open_memmap(tmp, mode="r")
             with atomic_write(output, suffix=".h5ad") as out_tmp:
                 write_embedding_h5ad(out_tmp, Z, reader.obs, uns)

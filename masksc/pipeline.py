@@ -141,17 +141,18 @@ class MaskSCModel:
 
     def embed_file(self, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                    device: str | torch.device | None = None, amp: bool = True, dist=None,
-                   progress: bool = True, layer: str | None = None,
+                   progress: bool = True, layer: str | None = None, use_raw: bool = False,
                    source_path: str | os.PathLike | None = None) -> Path | None:
-        """Stream the cells of ``source`` (an .h5ad / 10x .h5 path or an AnnData; its ``X`` or the
-        layer ``layer``) through the model into ``output`` (.npy or .h5ad with obs +
+        """Stream the cells of ``source`` (an .h5ad / 10x .h5 path or an AnnData; its ``X``, the
+        layer ``layer`` or, with ``use_raw``, its ``.raw``) through the model into ``output`` (.npy or .h5ad with obs +
         obsm["X_masksc"]) without loading the dataset; sharded over the ranks of a distributed run.
         ``source_path``: the file an in-memory ``source`` was read from, recorded as the source.
         See ``masksc.outofcore.embed_file``."""
         from masksc.outofcore import embed_file
         return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
                           device=_run_device(device),
-                          amp=amp, dist=dist, progress=progress, layer=layer, source_path=source_path)
+                          amp=amp, dist=dist, progress=progress, layer=layer, use_raw=use_raw,
+                          source_path=source_path)
 
 
 def _weights_device(device: str | torch.device, cpu_fix: str | None = None) -> torch.device:
@@ -178,11 +179,12 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
         seed: int = 0, device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
         progress: bool = True, chunk_size: int = 4096, teacher_cells: int | None = 50_000,
         teacher_overrides: dict | None = None, min_cells: int = 3, dist=None, layer: str | None = None,
-        **overrides):
+        use_raw: bool = False, **overrides):
     """Train mask-sc on ``adata`` (raw counts or log-normalised, cells x genes): an in-memory
     AnnData, or a path / backed AnnData streamed from disk (see the module doc). ``layer``:
-    train on ``adata.layers[layer]`` (e.g. ``"counts"``) instead of ``X`` (an ``.h5ad`` path's
-    layer is streamed); the same layer must be passed when embedding.
+    train on ``adata.layers[layer]`` (e.g. ``"counts"``) instead of ``X``, ``use_raw``: on
+    ``adata.raw`` (an ``.h5ad`` path's layer or ``.raw`` is streamed); the same must be passed
+    when embedding.
 
     ``preset`` names a recipe in ``masksc.models.PRESETS``; ``overrides`` replace its fields
     (e.g. ``grid_shape=(32, 32)``, ``mask_ratio=0.5``, ``layout="correlation"``, ``ime=False``,
@@ -224,14 +226,14 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
         _check_resumed_teacher(resume_from, teacher_overrides)
         check_resumable(resume_from, cfg, train_cfg)
     if _streamed(adata) or ctx.distributed:
-        reader = RowReader(adata, layer)
+        reader = RowReader(adata, layer, use_raw)
         _check_enough_cells(reader.n_obs)
         return _fit_streaming(reader, preset, cfg, model_dir=model_dir, resume_from=resume_from, seed=seed,
                               device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
                               chunk_size=chunk_size, teacher_cells=teacher_cells,
                               teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx)
     _check_enough_cells(adata.n_obs)
-    return _fit_memory(with_layer(adata, layer), preset, cfg, train_cfg, resume_from=resume_from, seed=seed,
+    return _fit_memory(with_layer(adata, layer, use_raw), preset, cfg, train_cfg, resume_from=resume_from, seed=seed,
                        progress=progress, teacher_overrides=teacher_overrides, min_cells=min_cells)
 
 

@@ -97,8 +97,7 @@ def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool =
     preset, matrix read and per-epoch losses in ``adata.uns["masksc"]``; returns the model.
     Raises DataError when ``adata`` is a path or a bare matrix, before any work."""
     _check_adata(adata, "fit", layer, needs_x=not use_raw)
-    data = with_layer(adata, layer, use_raw) if use_raw else adata  # a layer is read by fit (streamed when backed)
-    model, result = _fit(data, preset, layer=layer, **kwargs)
+    model, result = _fit(adata, preset, layer=layer, use_raw=use_raw, **kwargs)  # streamed when backed
     model_dir = kwargs.get("model_dir")
     _record(adata, "fit", {"preset": preset, "layer": layer, "use_raw": use_raw, "epochs": result.epochs,
                            "losses": list(result.losses), "wall_s": result.wall_s,

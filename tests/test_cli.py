@@ -692,3 +692,35 @@ def test_log_lines_and_warnings_on_a_terminal_are_never_glued_to_a_progress_bar(
     assert any("contrastive-sc epoch 1/2" in m for m in messages) and any("masksc fit: warning:" in m for m in messages)
     glued = [m for m in messages if not (m[:2].isdigit() or m.startswith("masksc fit: warning:"))]
     assert not glued, glued
+
+
+def test_use_raw_reads_scanpys_layout_as_the_log_values_in_x_are_read(tmp_path, capsys):
+    """scaled X with log values in .raw (scanpy's usual file): fit / embed --use-raw stream .raw and
+    give the model and embedding that the same log values stored as X give; plot attention reads it."""
+    import scanpy as sc
+
+    from masksc.data import synthetic
+    cells = synthetic(300, n_genes=300, n_types=3, seed=4)
+    sc.pp.normalize_total(cells, target_sum=1e4)
+    sc.pp.log1p(cells)
+    cells.write_h5ad(tmp_path / "log.h5ad")
+    cells.raw = cells
+    sc.pp.scale(cells)
+    cells.write_h5ad(tmp_path / "scaled.h5ad")
+    assert main(["fit", str(tmp_path / "scaled.h5ad"), "-o", str(tmp_path / "m_raw"), *TINY]) == 2
+    assert "negative" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "scaled.h5ad"), "-o", str(tmp_path / "m_raw"), *TINY, "--use-raw"]) == 0
+    assert main(["fit", str(tmp_path / "log.h5ad"), "-o", str(tmp_path / "m_log"), *TINY]) == 0
+    assert main(["embed", str(tmp_path / "scaled.h5ad"), "--model", str(tmp_path / "m_raw"), "-o",
+                 str(tmp_path / "e_raw.h5ad"), "--use-raw"]) == 0
+    assert main(["embed", str(tmp_path / "log.h5ad"), "--model", str(tmp_path / "m_log"), "-o",
+                 str(tmp_path / "e_log.h5ad")]) == 0
+    raw, log = ad.read_h5ad(tmp_path / "e_raw.h5ad"), ad.read_h5ad(tmp_path / "e_log.h5ad")
+    np.testing.assert_allclose(raw.obsm["X_masksc"], log.obsm["X_masksc"], rtol=1e-5, atol=1e-6)
+    assert raw.uns["masksc"]["embed"]["use_raw"] is True
+    assert main(["plot", "attention", str(tmp_path / "scaled.h5ad"), "--model", str(tmp_path / "m_raw"),
+                 "--use-raw", "-o", str(tmp_path / "a.png")]) == 0
+    capsys.readouterr()
+    assert main(["embed", str(tmp_path / "log.h5ad"), "--model", str(tmp_path / "m_log"), "-o",
+                 str(tmp_path / "e2.h5ad"), "--use-raw"]) == 2
+    assert "has no .raw to read with use_raw (--use-raw); fix: drop it" in capsys.readouterr().err

@@ -148,20 +148,25 @@ def _legacy_h5ad(f: h5py.File, key: str) -> bool:
     return isinstance(f.get("obs"), h5py.Dataset) or (isinstance(X, h5py.Group) and "encoding-type" not in X.attrs)
 
 
-def _h5ad_source(path: Path, layer: str | None = None) -> ChunkSource:
-    key = "X" if layer is None else f"layers/{layer}"
+def _h5ad_source(path: Path, layer: str | None = None, use_raw: bool = False) -> ChunkSource:
+    if use_raw and layer is not None:
+        raise DataError("use_raw (--use-raw) and layer (--layer) both name the matrix to read; fix: pass one of them.")
+    key = "raw/X" if use_raw else "X" if layer is None else f"layers/{layer}"
     with h5py.File(path, "r") as f:
         legacy = _legacy_h5ad(f, key)
+        if use_raw and key not in f:
+            raise DataError(f"{path} has no .raw to read with use_raw (--use-raw); fix: drop it, or pass --layer "
+                            "(layer=) the matrix to read.")
     if legacy:
         log.info("%s was written by anndata < 0.7, whose layout cannot be streamed: reading it into memory (to "
                  "stream it, rewrite it: anndata.read_h5ad(path).write_h5ad(new_path))", path)
         adata = ad.read_h5ad(path)
         if "label" in adata.obs:
             set_labels(adata, adata.obs["label"].to_numpy())
-        return _memory_source(with_layer(adata, layer))
+        return _memory_source(with_layer(adata, layer, use_raw))
     with h5py.File(path, "r") as f:
         obs = ad.io.read_elem(f["obs"])
-        var_names = pd.Index(ad.io.read_elem(f["var"]).index)
+        var_names = pd.Index(ad.io.read_elem(f["raw/var" if use_raw else "var"]).index)
         if layer is not None and key not in f:
             layers = list(f["layers"]) if "layers" in f else []
             raise DataError(f"{path} has no layer {layer!r}; fix: pass one of {layers}, or no layer for X.")
@@ -220,28 +225,30 @@ def _10x_h5_source(path: Path) -> ChunkSource | None:
                        partial(_10x_rows, n_genes, keep), path)
 
 
-def open_source(source, layer: str | None = None) -> ChunkSource:
+def open_source(source, layer: str | None = None, use_raw: bool = False) -> ChunkSource:
     """Wrap an AnnData (in memory or backed), an ``.h5ad`` path, a 10x HDF5 path (or any path
-    :func:`read` accepts, read in memory) as a :class:`ChunkSource` of its ``X``, or of the layer
-    ``layer`` (AnnData and ``.h5ad`` only; a backed one's layer is streamed from the file)."""
+    :func:`read` accepts, read in memory) as a :class:`ChunkSource` of its ``X``, of the layer
+    ``layer``, or with ``use_raw`` of its ``.raw`` (AnnData and ``.h5ad`` only; a backed one's
+    layer or ``.raw`` is streamed from the file)."""
     if isinstance(source, ChunkSource):
-        if layer is not None:
-            raise DataError("a ChunkSource is already one matrix; fix: pass layer= where it is opened.")
+        if layer is not None or use_raw:
+            raise DataError("a ChunkSource is already one matrix; fix: pass layer= / use_raw= where it is opened.")
         return source
     if isinstance(source, ad.AnnData):
         if source.isbacked:
             check_not_backed_view(source)
-            return _h5ad_source(Path(source.filename), layer)
-        return _memory_source(with_layer(source, layer))
+            return _h5ad_source(Path(source.filename), layer, use_raw)
+        return _memory_source(with_layer(source, layer, use_raw))
     path = Path(source)
     if not path.exists():
         raise DataError(f"file not found: {path}; fix: check the path.")
     fmt = detect_format(path)
-    if layer is not None and fmt != "h5ad":
-        raise DataError(f"{path} is a {fmt} file, which has no layers; fix: drop the layer, or pass an .h5ad.")
+    if (layer is not None or use_raw) and fmt != "h5ad":
+        raise DataError(f"{path} is a {fmt} file, which has no layers or .raw; fix: drop "
+                        f"{'the layer' if layer is not None else 'use_raw'}, or pass an .h5ad.")
     try:
         if fmt == "h5ad":
-            return _h5ad_source(path, layer)
+            return _h5ad_source(path, layer, use_raw)
         if fmt == "10x_h5":
             src = _10x_h5_source(path)
             if src is not None:
