@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from masksc import cluster as _cluster
-from masksc.data import with_layer
+from masksc.data.stream import SCALED_SAMPLE_CELLS, check_not_scaled_beside_raw, with_layer
 from masksc.data.validate import _as_matrix
 from masksc.errors import DataError, warn
 from masksc.pipeline import MaskSCModel
@@ -66,9 +66,6 @@ def _target(adata, copy: bool):
     return adata.copy()
 
 
-SCALED_SAMPLE_CELLS = 1000  # cells of a backed X read to tell scaled values (with .raw beside them) at once
-
-
 def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = True) -> None:
     """Raise DataError unless ``adata`` is an AnnData (with an expression matrix, ``X`` or the
     layer ``layer``, when ``needs_x``): the tl functions store their results on it, so a path or a
@@ -83,10 +80,8 @@ def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = Tru
     if needs_x:
         # backed: the first cells stand for the file (scaled values are negative in almost every cell)
         X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
-        if layer is None and adata.raw is not None and (X.min() if X.size else 0) < 0:
-            raise DataError("adata.X holds negative (scaled) values and adata.raw is set: scanpy's layout keeps "
-                            f"the log-normalised values there; fix: masksc.tl.{step}(..., use_raw=True), or "
-                            "layer= a counts layer.")
+        check_not_scaled_beside_raw(X, layer is None and adata.raw is not None,
+                                    f"masksc.tl.{step}(..., use_raw=True), or layer= a counts layer")
 
 
 def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool = False, **kwargs) -> MaskSCModel:

@@ -708,7 +708,8 @@ def test_use_raw_reads_scanpys_layout_as_the_log_values_in_x_are_read(tmp_path, 
     sc.pp.scale(cells)
     cells.write_h5ad(tmp_path / "scaled.h5ad")
     assert main(["fit", str(tmp_path / "scaled.h5ad"), "-o", str(tmp_path / "m_raw"), *TINY]) == 2
-    assert "negative" in capsys.readouterr().err
+    assert "X holds negative (scaled) values and .raw is set: scanpy's layout keeps the log-normalised values " \
+        "there; fix: use_raw=True (--use-raw)" in capsys.readouterr().err
     assert main(["fit", str(tmp_path / "scaled.h5ad"), "-o", str(tmp_path / "m_raw"), *TINY, "--use-raw"]) == 0
     assert main(["fit", str(tmp_path / "log.h5ad"), "-o", str(tmp_path / "m_log"), *TINY]) == 0
     assert main(["embed", str(tmp_path / "scaled.h5ad"), "--model", str(tmp_path / "m_raw"), "-o",

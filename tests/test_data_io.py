@@ -327,6 +327,16 @@ def test_a_table_without_cell_names_keeps_its_first_gene(tmp_path, counts):
     # unique integer cell IDs in the first column are names, as before
     pd.DataFrame(X, index=range(1, len(X) + 1), columns=genes).to_csv(tmp_path / "ids.csv")
     _check(read(tmp_path / "ids.csv"), X, [str(i) for i in range(1, len(X) + 1)], genes)
+    # and a blank first header cell (pandas' and R's index column) always marks names: float, repeated or
+    # missing IDs included
+    for name, index in (("float", np.arange(len(X)) + 0.5), ("repeated", np.arange(len(X)) % 7),
+                        ("missing", np.r_[np.nan, np.arange(1, len(X))])):
+        pd.DataFrame(X, index=index, columns=genes).to_csv(tmp_path / f"{name}.csv")
+        got = read(tmp_path / f"{name}.csv")
+        np.testing.assert_array_equal(got.X.toarray(), X)
+        assert list(got.var_names) == genes, name
+    pd.DataFrame(X, index=np.arange(len(X)) + 0.5, columns=genes).T.to_csv(tmp_path / "float_t.csv")
+    assert list(read(tmp_path / "float_t.csv", transpose=True).var_names) == genes
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
@@ -379,8 +389,9 @@ def test_mtx_stored_cells_by_genes_geo_prefixes_and_header_lines(tmp_path, count
 
 
 def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
-    """Scaled X beside .raw reads (fit / embed say use_raw); a file with layers but no X names
-    them and --layer; a file of anndata < 0.7 streams as it reads."""
+    """Scaled X beside .raw reads, and reading its X as the data names --use-raw (streamed, as fit /
+    embed read it); a file with layers but no X names them and --layer; a file of anndata < 0.7
+    streams as it reads, its .raw too."""
     from masksc.data import open_source
     X, cells, genes = counts
     a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes))
@@ -389,6 +400,11 @@ def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
     a.write_h5ad(tmp_path / "scaled.h5ad")
     got = read(tmp_path / "scaled.h5ad")
     np.testing.assert_array_equal(got.raw.X.toarray(), X)
+    for source in (tmp_path / "scaled.h5ad", got):
+        with pytest.raises(DataError, match=r"X holds negative \(scaled\) values and \.raw is set.*fix: use_raw=True "
+                                            r"\(--use-raw\)"):
+            open_source(source)
+        np.testing.assert_array_equal(next(open_source(source, use_raw=True).chunks(100))[1].toarray(), X)
     b = ad.AnnData(obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes), layers={"counts": sp.csr_matrix(X)})
     b.write_h5ad(tmp_path / "layers.h5ad")
     with pytest.raises(DataError, match=r"no X matrix, only the layers \['counts'\]; fix: read a layer with --layer "
@@ -405,4 +421,13 @@ def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
         f["var"] = np.array([(g_.encode(),) for g_ in genes], dtype=[("index", "S10")])
     _check(read(tmp_path / "legacy.h5ad"), X, cells, genes)
     streamed = sp.vstack([chunk for _, chunk in open_source(tmp_path / "legacy.h5ad").chunks(7)])
+    np.testing.assert_array_equal(streamed.toarray(), X)
+    with h5py.File(tmp_path / "legacy.h5ad", "a") as f:  # scanpy's old layout: scaled X, raw.X / raw.var beside it
+        f["raw.X"] = f["X"]
+        f["raw.var"] = f["var"][()]
+        del f["X"]
+        f["X"] = X - X.mean(0)
+    with pytest.raises(DataError, match=r"X holds negative \(scaled\) values and \.raw is set.*--use-raw"):
+        open_source(tmp_path / "legacy.h5ad")
+    streamed = sp.vstack([chunk for _, chunk in open_source(tmp_path / "legacy.h5ad", use_raw=True).chunks(7)])
     np.testing.assert_array_equal(streamed.toarray(), X)

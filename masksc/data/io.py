@@ -330,8 +330,11 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     first = body.iloc[:, 0] if body.shape[1] else pd.Series(dtype=float)
     # a numeric first column that is not an ID sequence (unique integers) is the first gene's counts:
     # the table was written without cell names (pandas' index=False, R's row.names=FALSE)
-    unnamed = len(header) == body.shape[1] and pd.api.types.is_numeric_dtype(first) and not (
+    unnamed = len(header) == body.shape[1] and header[0] != "" and pd.api.types.is_numeric_dtype(first) and not (
         first.is_unique and np.all(np.mod(first.to_numpy(dtype=np.float64), 1) == 0))
+    if unnamed:  # a blank first header cell (pandas, R's write.csv) always marks a name column
+        log.info("%s: its first column holds numbers, not cell names (header %r): read as the first gene, the "
+                 "cells named 0..%d", path, header[0], len(body) - 1)
     n_values = body.shape[1] - (0 if unnamed else 1)
     if len(header) not in (n_values, n_values + 1):
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "

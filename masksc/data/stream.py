@@ -118,12 +118,28 @@ def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> a
     return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var)
 
 
+SCALED_SAMPLE_CELLS = 1000  # cells read to tell a scaled X beside .raw (negative in almost every cell) at once
+
+
+def check_not_scaled_beside_raw(first_cells, has_raw: bool, fix: str) -> None:
+    """Raise DataError, naming ``fix``, when ``X`` (its first cells: any matrix) holds negative values
+    while the data has a ``.raw``: scanpy's usual file, whose log-normalised values are in ``.raw``."""
+    if has_raw and first_cells.size and first_cells.min() < 0:
+        raise DataError(f"X holds negative (scaled) values and .raw is set: scanpy's layout keeps the "
+                        f"log-normalised values there; fix: {fix}.")
+
+
+_RAW_FIX = "use_raw=True (--use-raw) to read .raw, or layer= (--layer) a counts layer"
+
+
 def _memory_source(adata: ad.AnnData) -> ChunkSource:
     X = adata.X
     if X is None:
         raise DataError("the AnnData has no X matrix; fix: set adata.X to the counts matrix (cells x genes).")
     if sp.issparse(X) and X.format != "csr":
         X = X.tocsr()  # a copy: slicing rows of CSC is quadratic
+    if adata.raw is not None:
+        check_not_scaled_beside_raw(X[:SCALED_SAMPLE_CELLS], True, _RAW_FIX)
     return ChunkSource(adata.n_obs, adata.var_names.copy(), adata.obs.copy(), partial(_memory_rows, X))
 
 
@@ -154,7 +170,8 @@ def _h5ad_source(path: Path, layer: str | None = None, use_raw: bool = False) ->
     key = "raw/X" if use_raw else "X" if layer is None else f"layers/{layer}"
     with h5py.File(path, "r") as f:
         legacy = _legacy_h5ad(f, key)
-        if use_raw and key not in f:
+        has_raw = "raw" in f or "raw.X" in f  # anndata < 0.7 wrote raw.X beside X
+        if use_raw and not legacy and key not in f:
             raise DataError(f"{path} has no .raw to read with use_raw (--use-raw); fix: drop it, or pass --layer "
                             "(layer=) the matrix to read.")
     if legacy:
@@ -194,7 +211,10 @@ def _h5ad_source(path: Path, layer: str | None = None, use_raw: bool = False) ->
         tmp = ad.AnnData(obs=obs)
         set_labels(tmp, obs["label"].to_numpy())
         obs = tmp.obs
-    return ChunkSource(shape[0], var_names, obs, rows, streamed_from)
+    source = ChunkSource(shape[0], var_names, obs, rows, streamed_from)
+    if key == "X" and has_raw:
+        check_not_scaled_beside_raw(source.rows(0, min(source.n_obs, SCALED_SAMPLE_CELLS)), has_raw, _RAW_FIX)
+    return source
 
 
 def _10x_rows(n_genes: int, keep, f, a, b) -> sp.csr_matrix:
