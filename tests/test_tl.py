@@ -270,7 +270,8 @@ def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
     log_x = counts.copy()
     counts.raw = counts
     sc.pp.scale(counts)
-    with pytest.raises(DataError, match=r"negative \(scaled\) values and \.raw is set.*tl\.(fit|embed)\(\.\.\., use_raw=True\)"):
+    with pytest.raises(DataError, match=r"negative \(scaled\) values and \.raw is set.*"
+                                        r"tl\.(fit|embed)\(\.\.\., use_raw=True\)"):
         tl.fit(counts, "demo", epochs=2, progress=False, **TINY)
     from_raw = tl.fit(counts, "demo", use_raw=True, epochs=2, progress=False, **TINY)
     from_log = tl.fit(log_x, "demo", epochs=2, progress=False, **TINY)
@@ -284,7 +285,8 @@ def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
                                rtol=1e-5, atol=1e-7)
     counts.write_h5ad(tmp_path / "layout.h5ad")
     backed = ad.read_h5ad(tmp_path / "layout.h5ad", backed="r")
-    with pytest.raises(DataError, match=r"negative \(scaled\) values and \.raw is set.*tl\.(fit|embed)\(\.\.\., use_raw=True\)"):
+    with pytest.raises(DataError, match=r"negative \(scaled\) values and \.raw is set.*"
+                                        r"tl\.(fit|embed)\(\.\.\., use_raw=True\)"):
         tl.embed(backed, from_raw, progress=False)
     tl.embed(backed, from_raw, use_raw=True, progress=False)
     np.testing.assert_allclose(backed.obsm["X_masksc"], counts.obsm["X_masksc"], rtol=1e-5, atol=1e-6)
