@@ -86,6 +86,10 @@ def _source(args):
     file read into memory (mtx, csv/tsv, scDeepCluster .h5, or what only --format places)."""
     from masksc.data import read
     path, fmt = _input_format(args)
+    for flag, given in (("--layer", args.layer is not None), ("--use-raw", args.use_raw)):
+        if given and fmt != "h5ad":
+            raise MaskscError(f"{flag} reads a part of an .h5ad, and {path} is a {fmt} file, which has none; fix: "
+                              f"drop {flag}.")
     if fmt in ("h5ad", "10x_h5") and not args.transpose and (args.format is None or _detects_as(path, fmt)):
         return path
     log.info("%s: a %s file cannot be streamed by cells; reading it into memory (--chunk-size and "

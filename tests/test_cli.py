@@ -275,6 +275,20 @@ def test_a_demo_rerun_stopped_before_its_first_checkpoint_leaves_a_folder_the_de
     assert "no earlier demo's model" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["--layer", "counts"], ["--use-raw"]])
+def test_layer_and_use_raw_on_a_file_without_them_name_the_flag(trained, tmp_path, capsys, flag):
+    data, _, model = trained
+    table = tmp_path / "cells.csv"
+    ad.read_h5ad(data).to_df().to_csv(table)
+    for command in (["fit", str(table), "-o", str(tmp_path / "m"), *TINY], ["embed", str(table), "--model", str(model),
+                                                                          "-o", str(tmp_path / "e.h5ad")]):
+        capsys.readouterr()
+        assert main([*command, *flag]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"{flag[0]} reads a part of an .h5ad, and {table} is a csv file, which has none; fix: drop {flag[0]}.")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e.h5ad").exists()
+
+
 def test_a_file_that_is_not_an_h5ad_or_a_folder_is_refused_in_one_line(tmp_path, capsys):
     import h5py
     foreign = tmp_path / "scdeepcluster.h5"
