@@ -33,7 +33,7 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
         checkpoint.check_run_dir(out / "model")
     except CheckpointError:  # an earlier demo's model: the demo is rerun from scratch, not resumed
         print(f"[demo] replacing the earlier demo in {out}")
-        for name in replaced[1:]:  # its outputs first, so that no output outlives its model (OUTPUTS[0])
+        for name in OUTPUTS[1:]:  # its outputs first, so that no output outlives its model (OUTPUTS[0])
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "model")
     out.mkdir(parents=True, exist_ok=True)

@@ -80,8 +80,8 @@ def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = Tru
     if needs_x:
         # backed: the first cells stand for the file (scaled values are negative in almost every cell)
         X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
-        check_not_scaled_beside_raw(X, layer is None and adata.raw is not None,
-                                    f"masksc.tl.{step}(..., use_raw=True), or layer= a counts layer")
+        if layer is None and adata.raw is not None:
+            check_not_scaled_beside_raw(X, f"masksc.tl.{step}(..., use_raw=True), or layer= a counts layer")
 
 
 def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool = False, **kwargs) -> MaskSCModel:
@@ -154,10 +154,15 @@ def _digest(Z: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(Z).data, digest_size=16).hexdigest()
 
 
-def _own_params(adata, key: str) -> dict | None:
-    """The settings of the graph masksc stored under ``uns[key]``, or None when there is none."""
+def _params(adata, key: str) -> Mapping:
+    """The settings (``params``) of the graph stored under ``uns[key]``, empty when it has none."""
     stored = adata.uns.get(key)
-    params = stored.get("params", {}) if isinstance(stored, Mapping) else {}
+    return stored.get("params", {}) if isinstance(stored, Mapping) else {}
+
+
+def _own_params(adata, key: str) -> Mapping | None:
+    """The settings of the graph masksc stored under ``uns[key]``, or None when there is none."""
+    params = _params(adata, key)
     return params if params.get("computed_by") == "masksc" else None
 
 
@@ -229,9 +234,7 @@ def _stored_graph(adata, key: str, kwargs: dict):
     if conn_key not in adata.obsp:
         raise DataError(f"adata.uns[{key!r}] names connectivities {conn_key!r}, which adata.obsp lacks; fix: recompute "
                         "the graph (masksc.tl.neighbors or sc.pp.neighbors).")
-    stored = adata.uns[key]
-    params = stored.get("params", {}) if isinstance(stored, Mapping) else {}
-    return adata.obsp[conn_key], params.get("use_rep")
+    return adata.obsp[conn_key], _params(adata, key).get("use_rep")
 
 
 def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):

@@ -431,3 +431,17 @@ def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
         open_source(tmp_path / "legacy.h5ad")
     streamed = sp.vstack([chunk for _, chunk in open_source(tmp_path / "legacy.h5ad", use_raw=True).chunks(7)])
     np.testing.assert_array_equal(streamed.toarray(), X)
+
+
+def test_a_layer_and_raw_named_together_are_refused_alike_for_files_and_anndata(tmp_path, counts):
+    from masksc.data import open_source, with_layer
+    X, cells, genes = counts
+    a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes),
+                   layers={"counts": sp.csr_matrix(X)})
+    a.raw = a.copy()
+    a.write_h5ad(tmp_path / "a.h5ad")
+    message = r"^use_raw=True \(--use-raw\) and layer= \(--layer\) both name the matrix to read; fix: pass one of them\.$"
+    for call in (lambda: with_layer(a, "counts", use_raw=True), lambda: open_source(a, "counts", use_raw=True),
+                 lambda: open_source(tmp_path / "a.h5ad", "counts", use_raw=True)):
+        with pytest.raises(DataError, match=message):
+            call()

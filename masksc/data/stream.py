@@ -93,15 +93,21 @@ def _memory_rows(X, _f, a, b) -> sp.csr_matrix:
     return to_csr32(X[a:b], copy=False, where=_cells(a, b))  # the slice is a copy already
 
 
+def _check_one_matrix(layer: str | None, use_raw: bool) -> None:
+    """Refuse a layer and .raw named together: each names the matrix to read."""
+    if use_raw and layer is not None:
+        raise DataError("use_raw=True (--use-raw) and layer= (--layer) both name the matrix to read; fix: pass one "
+                        "of them.")
+
+
 def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> ad.AnnData:
     """The expression matrix to read as an AnnData: ``adata`` itself when ``layer`` is None, else
     one whose X is ``adata.layers[layer]``, or with ``use_raw`` one of ``adata.raw`` (log values
     beside scaled ``X`` in the usual scanpy layout, with the raw genes): the same matrices, not
     copies, obs alike. DataError naming the layers there are when ``layer`` is not one of them, and
     for ``use_raw`` without ``.raw`` or beside a layer."""
+    _check_one_matrix(layer, use_raw)
     if use_raw:
-        if layer is not None:
-            raise DataError("use_raw=True and layer= both name the matrix to read; fix: pass one of them.")
         if adata.raw is None:
             raise DataError("use_raw=True but adata.raw is None; fix: drop use_raw, or pass layer= the matrix to "
                             "read.")
@@ -121,10 +127,11 @@ def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> a
 SCALED_SAMPLE_CELLS = 1000  # cells read to tell a scaled X beside .raw (negative in almost every cell) at once
 
 
-def check_not_scaled_beside_raw(first_cells, has_raw: bool, fix: str) -> None:
-    """Raise DataError, naming ``fix``, when ``X`` (its first cells: any matrix) holds negative values
-    while the data has a ``.raw``: scanpy's usual file, whose log-normalised values are in ``.raw``."""
-    if has_raw and first_cells.size and first_cells.min() < 0:
+def check_not_scaled_beside_raw(first_cells, fix: str) -> None:
+    """Raise DataError, naming ``fix``, when ``X`` (its first cells: any matrix) of data that has a
+    ``.raw`` holds negative values: scanpy's usual file, whose log-normalised values are in ``.raw``.
+    Call it only for data with a ``.raw``."""
+    if first_cells.size and first_cells.min() < 0:
         raise DataError(f"X holds negative (scaled) values and .raw is set: scanpy's layout keeps the "
                         f"log-normalised values there; fix: {fix}.")
 
@@ -139,7 +146,7 @@ def _memory_source(adata: ad.AnnData) -> ChunkSource:
     if sp.issparse(X) and X.format != "csr":
         X = X.tocsr()  # a copy: slicing rows of CSC is quadratic
     if adata.raw is not None:
-        check_not_scaled_beside_raw(X[:SCALED_SAMPLE_CELLS], True, _RAW_FIX)
+        check_not_scaled_beside_raw(X[:SCALED_SAMPLE_CELLS], _RAW_FIX)
     return ChunkSource(adata.n_obs, adata.var_names.copy(), adata.obs.copy(), partial(_memory_rows, X))
 
 
@@ -165,8 +172,7 @@ def _legacy_h5ad(f: h5py.File, key: str) -> bool:
 
 
 def _h5ad_source(path: Path, layer: str | None = None, use_raw: bool = False) -> ChunkSource:
-    if use_raw and layer is not None:
-        raise DataError("use_raw (--use-raw) and layer (--layer) both name the matrix to read; fix: pass one of them.")
+    _check_one_matrix(layer, use_raw)
     key = "raw/X" if use_raw else "X" if layer is None else f"layers/{layer}"
     with h5py.File(path, "r") as f:
         legacy = _legacy_h5ad(f, key)
@@ -213,7 +219,7 @@ def _h5ad_source(path: Path, layer: str | None = None, use_raw: bool = False) ->
         obs = tmp.obs
     source = ChunkSource(shape[0], var_names, obs, rows, streamed_from)
     if key == "X" and has_raw:
-        check_not_scaled_beside_raw(source.rows(0, min(source.n_obs, SCALED_SAMPLE_CELLS)), has_raw, _RAW_FIX)
+        check_not_scaled_beside_raw(source.rows(0, min(source.n_obs, SCALED_SAMPLE_CELLS)), _RAW_FIX)
     return source
 
 
