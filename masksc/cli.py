@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from masksc.cluster import LEIDEN_RESOLUTION
 from masksc.data.io import FORMATS
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import out_of_space
@@ -233,7 +234,12 @@ def cmd_cluster(args) -> int:
                           f"-o {Path(args.output).with_suffix('.h5ad')}.")
     output = check_output(args.output, args.data)
     adata = _read_h5ad(args.data)
-    leiden = {} if args.k is not None else {"n_neighbors": args.n_neighbors, "resolution": args.resolution}
+    leiden = {name: value for name, value in (("n_neighbors", args.n_neighbors), ("resolution", args.resolution))
+              if value is not None}
+    if args.k is not None and leiden:
+        flags = " and ".join("--" + name.replace("_", "-") for name in leiden)
+        raise MaskscError(f"{flags} set Leiden's graph and clusters, but -k {args.k} clusters with k-means; fix: "
+                          "drop them, or drop -k to cluster with Leiden.")
     tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)
     n = adata.obs[args.key_added].nunique()
     print(f"{n} clusters written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
@@ -385,10 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=_at_least(1), default=None, help="number of clusters (k-means); omit for Leiden")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (the input is never modified)")
     sp.add_argument("--seed", type=_seed, default=0, help="seed of k-means / Leiden (default 0)")
-    sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=15,
+    sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=None,
                     help="Leiden (no -k): neighbours per cell in the kNN graph (default 15)")
-    sp.add_argument("--resolution", type=_positive_float, default=1.0,
-                    help="Leiden (no -k): higher gives more, smaller clusters (default 1.0)")
+    sp.add_argument("--resolution", type=_positive_float, default=None,
+                    help=f"Leiden (no -k): higher gives more, smaller clusters (default {LEIDEN_RESOLUTION})")
     sp.add_argument("--use-rep", dest="use_rep", default="X_masksc", help="obsm key to cluster (default X_masksc)")
     sp.add_argument("--key-added", dest="key_added", default="masksc_cluster",
                     help="obs column the clusters go to (default masksc_cluster)")

@@ -517,7 +517,10 @@ def _check_graph(graph) -> sp.csr_matrix:
 LEIDEN_FLAVORS = ("igraph", "leidenalg")
 
 
-def leiden(graph, resolution: float = 1.0, seed: int = 0, n_iterations: int | None = None,
+LEIDEN_RESOLUTION = 1.0  # Leiden's resolution when k is not given (scanpy's default)
+
+
+def leiden(graph, resolution: float = LEIDEN_RESOLUTION, seed: int = 0, n_iterations: int | None = None,
            flavor: str = "igraph", directed: bool = True) -> np.ndarray:
     """Leiden communities of a weighted graph (modularity with a resolution parameter).
 
@@ -639,7 +642,7 @@ def check_settings(settings, allowed=CLUSTER_SETTINGS + KMEANS_SETTINGS) -> None
 
 
 def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int = 0, n_neighbors: int | None = None,
-                      resolution: float = 1.0, metric: str | None = None, use_gpu: bool | None = None,
+                      resolution: float | None = None, metric: str | None = None, use_gpu: bool | None = None,
                       graph=None, **kmeans_kw) -> np.ndarray:
     """Cluster an embedding: k-means when ``k`` is given, kNN graph + Leiden when it is not.
 
@@ -650,7 +653,8 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
             resolution is searched for k clusters via :func:`leiden_for_k`; without, ``resolution``).
         seed: seeds k-means, the kNN search and Leiden.
         n_neighbors, metric: the kNN graph Leiden builds from ``Z`` (default 15, "euclidean").
-        resolution: Leiden's when k is None. use_gpu: as in :func:`kmeans`.
+        resolution: Leiden's when k is None (default ``LEIDEN_RESOLUTION``); with k it is searched,
+            so passing one is a TypeError. use_gpu: as in :func:`kmeans`.
         graph: a kNN graph of these cells already built (e.g. :func:`knn_graph`, or a stored
             ``adata.obsp`` graph) for Leiden to cluster instead of building one; ``n_neighbors``
             and ``metric`` are then refused (TypeError), as they would be ignored.
@@ -670,11 +674,13 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
         if graph is not None:
             raise TypeError("graph= is Leiden's input, but k-means clusters here; fix: drop graph=, or pass "
                             "method='leiden' to search the graph's resolution for k clusters.")
+        leiden_only = [name for name, value in (("n_neighbors", n_neighbors), ("resolution", resolution),
+                                                ("metric", metric)) if value is not None]
+        if leiden_only:
+            raise TypeError(f"{leiden_only} set Leiden's graph, but k-means clusters here (k={k}), which would "
+                            "ignore them; fix: drop them, or pass method='leiden' to cluster a graph.")
         return kmeans(Z, k, seed=seed, use_gpu=use_gpu, **kmeans_kw)
-    if kmeans_kw:
-        raise TypeError(f"{sorted(kmeans_kw)} are k-means arguments, but Leiden clusters here (k={k!r}, "
-                        "method='leiden'), which would ignore them; fix: drop them, or pass k (with "
-                        "method='auto' or 'kmeans') to use k-means.")
+    _refuse_ignored_by_leiden(k, resolution, kmeans_kw)
     if graph is None:
         graph = knn_graph(Z, n_neighbors=15 if n_neighbors is None else n_neighbors,
                           metric="euclidean" if metric is None else metric, use_gpu=use_gpu, seed=seed)
@@ -685,9 +691,30 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
         if Z is not None and graph.shape != (len(Z), len(Z)):
             raise DataError(f"graph is {graph.shape[0]} x {graph.shape[1]} but Z has {len(Z)} cells; fix: pass the "
                             "graph built from these cells (knn_graph(Z)).")
+    return cluster_graph(graph, k, seed=seed, resolution=resolution)[0]
+
+
+def cluster_graph(graph, k: int | None = None, seed: int = 0, resolution: float | None = None,
+                  **kmeans_kw) -> tuple[np.ndarray, float]:
+    """Leiden on a kNN graph already built: at ``resolution`` (default ``LEIDEN_RESOLUTION``)
+    when ``k`` is None, else at the resolution :func:`leiden_for_k` finds for k clusters.
+    ``kmeans_kw`` and a resolution given with k are refused (TypeError), as Leiden would ignore
+    them. graph: square scipy.sparse [n, n]. Returns (labels np.int64 [n], resolution used)."""
+    _refuse_ignored_by_leiden(k, resolution, kmeans_kw)
     if k is None:
-        return leiden(graph, resolution=resolution, seed=seed)
-    return leiden_for_k(graph, k, seed=seed)[0]
+        resolution = LEIDEN_RESOLUTION if resolution is None else resolution
+        return leiden(graph, resolution=resolution, seed=seed), resolution
+    return leiden_for_k(graph, k, seed=seed)
+
+
+def _refuse_ignored_by_leiden(k, resolution, kmeans_kw) -> None:
+    if k is not None and resolution is not None:
+        raise TypeError(f"resolution={resolution} would be ignored: with k={k} Leiden searches the resolution that "
+                        "gives k clusters; fix: drop resolution, or drop k to cluster at that resolution.")
+    if kmeans_kw:
+        raise TypeError(f"{sorted(kmeans_kw)} are k-means arguments, but Leiden clusters here (k={k!r}, "
+                        "method='leiden'), which would ignore them; fix: drop them, or pass k (with "
+                        "method='auto' or 'kmeans') to use k-means.")
 
 
 def _as_labels(labels, n: int, name: str) -> np.ndarray:

@@ -299,14 +299,15 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
         else:
             graph, clustered = _own_graph(adata, use_rep, seed, kwargs), use_rep
         graph_key = neighbors_key or NEIGHBORS_KEY
-        settings = {name: value for name, value in kwargs.items() if name not in ("n_neighbors", "metric")}
-        labels = _cluster.cluster_embedding(None, k=k, seed=seed, graph=graph, **settings)
+        settings = {name: value for name, value in kwargs.items()
+                    if name not in ("n_neighbors", "metric", "method", "use_gpu")}
+        labels, resolution = _cluster.cluster_graph(graph, k, seed=seed, **settings)
     names = [str(c) for c in np.unique(labels)]  # numeric order ("2" before "10"), as scanpy's leiden
     adata.obs[key_added] = pd.Categorical(np.asarray(labels).astype(str), categories=names)
     recorded = {"method": "leiden" if leiden else "kmeans", **{name: value for name, value in kwargs.items()
                                                                 if name != "method"}}
-    if leiden and k is None:
-        recorded.setdefault("resolution", 1.0)
+    if leiden:
+        recorded["resolution"] = resolution
     _record(adata, "cluster", {"k": k, "use_rep": clustered, "key": key_added, "seed": seed, "n_clusters": len(names),
                                "neighbors_key": graph_key, "settings": recorded,
                                "keys_written": sorted({*written, key_added})})

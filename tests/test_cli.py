@@ -448,6 +448,15 @@ def test_cluster_leiden_options_reach_leiden(embedded, tmp_path):
         np.testing.assert_array_equal(got, ref.obs["masksc_cluster"].astype(str).to_numpy())
 
 
+def test_cluster_refuses_leiden_options_beside_k(embedded, tmp_path, capsys):
+    """--resolution / --n-neighbors with -k would be ignored by k-means: refused, nothing written."""
+    out = tmp_path / "c.h5ad"
+    assert main(["cluster", str(embedded), "-o", str(out), "-k", "3", "--resolution", "2"]) == 2
+    assert "--resolution set Leiden's graph and clusters, but -k 3 clusters with k-means" in capsys.readouterr().err
+    assert main(["cluster", str(embedded), "-o", str(out), "-k", "3", "--n-neighbors", "5"]) == 2
+    assert "--n-neighbors set Leiden's" in capsys.readouterr().err and not out.exists()
+
+
 def test_cluster_seed_reaches_kmeans(embedded, tmp_path):
     """`masksc cluster -k 3 --seed 1` writes tl.cluster(k=3, seed=1)'s labels, which on this
     embedding are another partition than the default seed 0 gives."""

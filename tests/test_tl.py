@@ -238,6 +238,25 @@ def test_cluster_refuses_a_misspelt_setting_before_building_a_graph_and_records_
     assert ad.uns["masksc"]["cluster"]["settings"] == {"method": "kmeans", "n_init": 3}
 
 
+def test_leiden_with_k_records_the_resolution_its_search_found():
+    """Leiden asked for k clusters records the resolution leiden_for_k settled on (the one that
+    gives these clusters again), not a default it never used."""
+    ad = synthetic(90, n_genes=20, n_types=3, seed=4)
+    ad.obsm["X_masksc"] = np.random.default_rng(2).normal(size=(90, 4)).astype(np.float32)
+    tl.cluster(ad, k=4, method="leiden", seed=1)
+    recorded = ad.uns["masksc"]["cluster"]["settings"]
+    graph = ad.obsp[ad.uns["masksc_neighbors"]["connectivities_key"]]
+    labels, resolution = cluster.leiden_for_k(graph, 4, seed=1)
+    assert recorded == {"method": "leiden", "resolution": resolution} and resolution != cluster.LEIDEN_RESOLUTION
+    np.testing.assert_array_equal(ad.obs["masksc_cluster"].astype(int).to_numpy(), labels)
+    again = cluster.leiden(graph, resolution=recorded["resolution"], seed=1)
+    assert len(np.unique(again)) == 4
+    with pytest.raises(TypeError, match=r"resolution=0.5 would be ignored: with k=4 Leiden searches"):
+        tl.cluster(ad, k=4, method="leiden", resolution=0.5)
+    with pytest.raises(TypeError, match=r"\['n_neighbors', 'resolution'\] set Leiden's graph, but k-means"):
+        tl.cluster(ad, k=4, n_neighbors=5, resolution=0.5)
+
+
 def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
     """scanpy's usual layout (log data in X, counts in layers["counts"]): layer="counts" gives the
     model and embedding that the same counts in X give, and X is left as it was."""
