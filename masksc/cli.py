@@ -73,24 +73,31 @@ def _grid(text: str) -> tuple[int, int]:
 
 def _input_format(args) -> tuple[Path, str]:
     """The input file of fit/embed/plot attention (MaskscError when it is missing) and its format:
-    --format, else detected from the file."""
+    --format, else detected from the file. --layer / --use-raw on a file that is not an .h5ad and
+    --genome on one that is not a 10x .h5 are refused (each reads a part only that format has)."""
     from masksc.data.io import detect_format
     path = Path(args.data)
     if not path.exists():
         raise MaskscError(f"file not found: {path}; fix: check the path.")
-    return path, args.format or detect_format(path)
+    fmt = args.format or detect_format(path)
+    for flag, given, part_of in (("--layer", args.layer is not None, "h5ad"), ("--use-raw", args.use_raw, "h5ad"),
+                                 ("--genome", args.genome is not None, "10x_h5")):
+        if given and fmt != part_of:
+            raise MaskscError(f"{flag} reads a part of {'an .h5ad' if part_of == 'h5ad' else 'a 10x .h5'}, and "
+                              f"{path} is a {fmt} file, which has none; fix: drop {flag}.")
+    return path, fmt
 
 
 def _source(args):
     """The input of fit/embed: the path itself when it is an .h5ad or 10x .h5 (the streaming reader
     reads those it cannot stream into memory: a CSC X, a Cell Ranger v2 file, saying so), else the
-    file read into memory (mtx, csv/tsv, scDeepCluster .h5, or what only --format places)."""
+    file read into memory (mtx, csv/tsv, scDeepCluster .h5, what only --format places, or one
+    --genome of a 10x .h5)."""
     from masksc.data import read
     path, fmt = _input_format(args)
-    for flag, given in (("--layer", args.layer is not None), ("--use-raw", args.use_raw)):
-        if given and fmt != "h5ad":
-            raise MaskscError(f"{flag} reads a part of an .h5ad, and {path} is a {fmt} file, which has none; fix: "
-                              f"drop {flag}.")
+    if args.genome is not None:
+        log.info("%s: reading genome %s into memory", path, args.genome)
+        return read(path, format=fmt, genome=args.genome)
     if fmt in ("h5ad", "10x_h5") and not args.transpose and (args.format is None or _detects_as(path, fmt)):
         return path
     log.info("%s: a %s file cannot be streamed by cells; reading it into memory (--chunk-size and "
@@ -278,7 +285,7 @@ def _cells_to_draw(args):
                                   "and the embedding); fix: pass the counts file the model was fitted on.")
         adata = ad.read_h5ad(path, backed="r")
     else:
-        adata = read(path, format=fmt, transpose=args.transpose)
+        adata = read(path, format=fmt, transpose=args.transpose, genome=args.genome)
     if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
         labels = adata.obs[args.label_key]
         picks = one_cell_per_label(labels, args.seed, n=args.cells)
@@ -339,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--use-raw", dest="use_raw", action="store_true",
                         help="read the .h5ad's .raw (log values beside scaled X, scanpy's layout) instead of X; "
                              "embed with it too")
+        sp.add_argument("--genome", default=None,
+                        help="read this genome of a 10x .h5 holding several (read into memory)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
 
     sp = sub.add_parser("fit", help="train a mask-sc model on a dataset (streamed from disk; torchrun for DDP)")
@@ -441,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--transpose", action="store_true", help="csv/tsv is genes x cells")
     kp.add_argument("--layer", default=None, help="read this layer of an .h5ad (the one fit used)")
     kp.add_argument("--use-raw", dest="use_raw", action="store_true", help="read the .h5ad's .raw (as fit did)")
+    kp.add_argument("--genome", default=None, help="read this genome of a 10x .h5 holding several")
     kp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     for kp in kinds.choices.values():
         kp.add_argument("-o", "--output", required=True, help="output .png")

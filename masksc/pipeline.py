@@ -20,6 +20,7 @@ Two paths, one recipe:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -40,13 +41,17 @@ MIN_FIT_CELLS = 20  # below this there is nothing to learn a cell embedding from
 
 
 class MaskSCModel:
-    """A mask-sc network (``network``, a MaskSC) with its fitted ``preprocessor`` and ``grid``."""
+    """A mask-sc network (``network``, a MaskSC) with its fitted ``preprocessor`` and ``grid``;
+    ``fitted_input``: the matrix it was fitted on, ``{"layer": str | None, "use_raw": bool}``
+    (None for a model saved before it was recorded)."""
 
-    def __init__(self, network: MaskSC, preprocessor: Preprocessor, grid: GridLayout, path: str | None = None):
+    def __init__(self, network: MaskSC, preprocessor: Preprocessor, grid: GridLayout, path: str | None = None,
+                 fitted_input: dict | None = None):
         self.network = network
         self.preprocessor = preprocessor
         self.grid = grid
         self.path = path
+        self.fitted_input = fitted_input
 
     @property
     def config(self):
@@ -77,7 +82,7 @@ class MaskSCModel:
             raise CheckpointError(f"{config['path']} has no saved preprocessing/grid, so it cannot embed new data; "
                                   "save it with masksc.tl.fit / `masksc fit`.")
         return cls(network, Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"]),
-                   path=config["path"])
+                   path=config["path"], fitted_input=meta.get("input"))
 
     def to(self, device: str | torch.device) -> "MaskSCModel":
         """Move the network (with its teacher) to ``device`` and return this model, as
@@ -96,16 +101,35 @@ class MaskSCModel:
         return ckpt.save_checkpoint(path, self.network, extra=self.meta())
 
     def meta(self) -> dict:
-        """The JSON-able transform saved beside the weights."""
-        return {"preprocessor": self.preprocessor.to_dict(), "grid": self.grid.to_dict()}
+        """The JSON-able transform (and the input it was fitted on, when known) saved beside the weights."""
+        meta = {"preprocessor": self.preprocessor.to_dict(), "grid": self.grid.to_dict()}
+        if self.fitted_input is not None:
+            meta["input"] = self.fitted_input
+        return meta
+
+    @contextlib.contextmanager
+    def _naming_fitted_input(self, layer: str | None, use_raw: bool):
+        """Add to a DataError about the data read (from ``layer`` / ``use_raw``) which matrix this
+        model was fitted on, when it was another: reading another one is the likely cause."""
+        from masksc.errors import DataError
+        try:
+            yield
+        except DataError as exc:
+            fitted = self.fitted_input
+            if fitted is None or (fitted["layer"], fitted["use_raw"]) == (layer, bool(use_raw)):
+                raise
+            raise DataError(f"{exc} Note: this model was fitted on {_describe_input(**fitted)}, and "
+                            f"{_describe_input(layer, use_raw)} was read here; to read the same, "
+                            f"{_input_arguments(**fitted)}.") from exc
 
     def to_grid(self, adata, layer: str | None = None, use_raw: bool = False):
         """Preprocess ``adata`` (its ``X``, ``adata.layers[layer]``, or with ``use_raw`` its
         ``.raw``) with the saved transform and lay it on the grid: CSR float32 [n_cells, g*s].
         Raises CheckpointError when that matrix lacks genes the model needs."""
-        expression = with_layer(adata, layer, use_raw)
-        ckpt.check_genes(self.grid.to_dict(), expression.var_names)
-        return self.grid.to_grid(self.preprocessor.transform(expression))
+        with self._naming_fitted_input(layer, use_raw):
+            expression = with_layer(adata, layer, use_raw)
+            ckpt.check_genes(self.grid.to_dict(), expression.var_names)
+            return self.grid.to_grid(self.preprocessor.transform(expression))
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True, layer: str | None = None, use_raw: bool = False) -> np.ndarray:
@@ -149,10 +173,23 @@ class MaskSCModel:
         ``source_path``: the file an in-memory ``source`` was read from, recorded as the source.
         See ``masksc.outofcore.embed_file``."""
         from masksc.outofcore import embed_file
-        return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
-                          device=_run_device(device),
-                          amp=amp, dist=dist, progress=progress, layer=layer, use_raw=use_raw,
-                          source_path=source_path)
+        with self._naming_fitted_input(layer, use_raw):
+            return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
+                              device=_run_device(device), amp=amp, dist=dist, progress=progress, layer=layer,
+                              use_raw=use_raw, source_path=source_path)
+
+
+def _describe_input(layer: str | None, use_raw: bool) -> str:
+    return "adata.raw" if use_raw else "X" if layer is None else f"the layer {layer!r}"
+
+
+def _input_arguments(layer: str | None, use_raw: bool) -> str:
+    """What to pass, in Python and on the command line, to read the matrix ``layer`` / ``use_raw`` names."""
+    if use_raw:
+        return "pass use_raw=True (--use-raw)"
+    if layer is not None:
+        return f"pass layer={layer!r} (--layer {layer})"
+    return "drop layer= / use_raw= (--layer / --use-raw)"
 
 
 def _weights_device(device: str | torch.device, cpu_fix: str | None = None) -> torch.device:
@@ -224,17 +261,21 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
         resume_from = Path(model_dir)
         _check_resumed_teacher(resume_from, teacher_overrides)
+        _check_resumed_input(resume_from, layer, use_raw)
         check_resumable(resume_from, cfg, train_cfg)
+    fitted_input = {"layer": layer, "use_raw": bool(use_raw)}
     if _streamed(adata) or ctx.distributed:
         reader = RowReader(adata, layer, use_raw)
         _check_enough_cells(reader.n_obs)
         return _fit_streaming(reader, preset, cfg, model_dir=model_dir, resume_from=resume_from, seed=seed,
                               device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
                               chunk_size=chunk_size, teacher_cells=teacher_cells,
-                              teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx)
+                              teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx,
+                              fitted_input=fitted_input)
     _check_enough_cells(adata.n_obs)
     return _fit_memory(with_layer(adata, layer, use_raw), preset, cfg, train_cfg, resume_from=resume_from, seed=seed,
-                       progress=progress, teacher_overrides=teacher_overrides, min_cells=min_cells)
+                       progress=progress, teacher_overrides=teacher_overrides, min_cells=min_cells,
+                       fitted_input=fitted_input)
 
 
 def _check_enough_cells(n: int) -> None:
@@ -244,7 +285,8 @@ def _check_enough_cells(n: int) -> None:
                         "pass more cells, or embed these with a model trained on a larger dataset.")
 
 
-def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, teacher_overrides, min_cells):
+def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, teacher_overrides, min_cells,
+                fitted_input):
     from masksc.train import fit_masksc
 
     if resume_from is not None:
@@ -256,14 +298,14 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
         X_grid = grid.to_grid(preprocessor.transform(adata).X)
     else:
         preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
-        bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict()}
+        bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input}
     teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
     path = result.checkpoint
     log.info("trained %s preset for %d epochs in %.1fs (final loss %.4f)", preset, result.epochs, result.wall_s,
              result.losses[-1] if result.losses else float("nan"))
-    return MaskSCModel(network, preprocessor, grid, path=path), result
+    return MaskSCModel(network, preprocessor, grid, path=path, fitted_input=bundle_meta.get("input")), result
 
 
 def preprocess_to_grid(adata, cfg, *, seed: int, min_cells: int = 3):
@@ -300,6 +342,17 @@ def _check_resumed_teacher(run_dir: Path, teacher_overrides: dict) -> None:
                                   f"not {value!r}; resume with the same teacher settings or use a new model_dir.")
 
 
+def _check_resumed_input(run_dir: Path, layer: str | None, use_raw: bool) -> None:
+    """A resumed run reads the matrix it started on; refuse another (a run saved before the input
+    was recorded is not checked)."""
+    saved = (ckpt.read_config(run_dir).get("meta") or {}).get("input")
+    if saved is not None and (saved["layer"], saved["use_raw"]) != (layer, bool(use_raw)):
+        from masksc.errors import CheckpointError
+        raise CheckpointError(f"cannot resume: the run in {run_dir} was fitted on {_describe_input(**saved)}, not "
+                              f"{_describe_input(layer, use_raw)}; to resume, {_input_arguments(**saved)}, or use a "
+                              "new model_dir.")
+
+
 def _saved_transform(run_dir: Path) -> dict:
     """The checkpoint metadata a resumed run reuses: the fitted ``preprocessor`` and ``grid`` dicts
     (and, for a streamed run, its ``streamed`` record)."""
@@ -321,7 +374,7 @@ def _train_config(cfg, *, seed, model_dir, resume, device, progress, checkpoint_
 
 
 def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device, resume, checkpoint_every,
-                   progress, chunk_size, teacher_cells, teacher_overrides, min_cells, ctx):
+                   progress, chunk_size, teacher_cells, teacher_overrides, min_cells, ctx, fitted_input):
     from masksc.models.contrastive import ContrastiveSC
     from masksc.models.targets import fit_teacher
     from masksc.outofcore import StreamBatches, subsample_genes
@@ -349,7 +402,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
                     teacher_cfg = _teacher_config(cfg, seed, X_sub_grid, teacher_overrides)
                     teacher = fit_teacher(X_sub_grid, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,
                                           is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
-                meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(),
+                meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
                         "streamed": {"n_cells": reader.n_obs, "teacher_cells": int(len(rows)),
                                      "chunk_size": chunk_size}}
                 del X_sub
@@ -372,4 +425,4 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
     network.eval()
     log.info("trained %s preset (streamed, %d rank(s)) for %d epochs in %.1fs (final loss %.4f)", preset,
              ctx.world_size, result.epochs, result.wall_s, result.losses[-1] if result.losses else float("nan"))
-    return MaskSCModel(network, preprocessor, grid, path=result.checkpoint), result
+    return MaskSCModel(network, preprocessor, grid, path=result.checkpoint, fitted_input=meta.get("input")), result

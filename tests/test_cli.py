@@ -289,6 +289,30 @@ def test_layer_and_use_raw_on_a_file_without_them_name_the_flag(trained, tmp_pat
     assert not (tmp_path / "m").exists() and not (tmp_path / "e.h5ad").exists()
 
 
+def test_genome_reads_one_genome_of_a_mixed_species_10x_file(trained, tmp_path, capsys):
+    """embed / plot attention --genome read that genome of a two-genome Cell Ranger v2 file: the
+    same embedding as the cells' .h5ad; without --genome the message names the genomes and the
+    flag, and --genome on an .h5ad is refused naming it."""
+    from test_data_io import write_10x_v2_h5
+    data, _, model = trained
+    cells = ad.read_h5ad(data)
+    other = np.random.default_rng(0).poisson(1.0, size=(cells.n_obs, 40))
+    write_10x_v2_h5(tmp_path / "mixed.h5", {"hg19": (other, [f"H{j}" for j in range(40)]),
+                                            "mm10": (cells.X.toarray(), list(cells.var_names))}, list(cells.obs_names))
+    embed = ["embed", str(tmp_path / "mixed.h5"), "--model", str(model), "-o"]
+    assert main([*embed, str(tmp_path / "mixed.npy"), "--genome", "mm10"]) == 0
+    assert main(["embed", str(data), "--model", str(model), "-o", str(tmp_path / "cells.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "mixed.npy"), np.load(tmp_path / "cells.npy"), rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main([*embed, str(tmp_path / "none.npy")]) == 2
+    assert "holds 2 genomes ['hg19', 'mm10']" in capsys.readouterr().err and not (tmp_path / "none.npy").exists()
+    assert main(["plot", "attention", str(tmp_path / "mixed.h5"), "--model", str(model), "-o",
+                 str(tmp_path / "a.png"), "--genome", "mm10", "--cells", "2"]) == 0
+    assert main(["embed", str(data), "--model", str(model), "-o", str(tmp_path / "g.npy"), "--genome", "mm10"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--genome reads a part of a 10x .h5, and {data} is a h5ad "
+                                                    "file, which has none; fix: drop --genome.")
+
+
 def test_a_file_that_is_not_an_h5ad_or_a_folder_is_refused_in_one_line(tmp_path, capsys):
     import h5py
     foreign = tmp_path / "scdeepcluster.h5"
@@ -482,7 +506,7 @@ def test_fit_mask_ratio_and_layout_reach_the_model_config(trained, tmp_path):
     assert (config["mask_ratio"], config["layout"]) == (0.75, "correlation")
 
 
-def test_layer_option_streams_that_layer(trained, tmp_path):
+def test_layer_option_streams_that_layer(trained, tmp_path, capsys):
     """fit / embed --layer counts on an .h5ad with log values in X give what the counts in X give."""
     import scanpy as sc
     data, _, model = trained
@@ -497,6 +521,14 @@ def test_layer_option_streams_that_layer(trained, tmp_path):
         assert main(["embed", str(source), "--model", str(model_dir), "-o", str(tmp_path / f"{len(layer)}.npy"),
                      *layer]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "2.npy"), np.load(tmp_path / "0.npy"), rtol=1e-5, atol=1e-6)
+    # the model records its layer: reading X instead is refused naming it, and so is resuming on X
+    assert main(["embed", str(tmp_path / "layered.h5ad"), "--model", str(tmp_path / "m"), "-o",
+                 str(tmp_path / "x.npy")]) == 2
+    assert ("this model was fitted on the layer 'counts', and X was read here; to read the same, pass "
+            "layer='counts' (--layer counts)") in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
+    assert main(["fit", str(tmp_path / "layered.h5ad"), "-o", str(tmp_path / "m"), *TINY, "--resume"]) == 2
+    assert "was fitted on the layer 'counts', not X; to resume, pass layer='counts' (--layer counts)" in \
+        capsys.readouterr().err
 
 
 def test_evaluate_without_labels_scores_silhouette_only(embedded, tmp_path, capsys):

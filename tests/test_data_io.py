@@ -31,8 +31,8 @@ def _check(adata, X, cells, genes):
     assert list(adata.var_names) == genes
 
 
-def write_10x_h5(path, X, cells, genes, feature_types=None):
-    """Cell Ranger v3 layout: CSC genes x cells under group 'matrix'."""
+def write_10x_h5(path, X, cells, genes, feature_types=None, genomes=None):
+    """Cell Ranger v3 layout: CSC genes x cells under group 'matrix' (``genomes``: each feature's)."""
     M = sp.csc_matrix(X.T.astype(np.int32))
     with h5py.File(path, "w") as f:
         m = f.create_group("matrix")
@@ -43,7 +43,7 @@ def write_10x_h5(path, X, cells, genes, feature_types=None):
         feats["id"] = np.array([f"ENSG{j}" for j in range(len(genes))], dtype="S")
         feats["name"] = np.array(genes, dtype="S")
         feats["feature_type"] = np.array(feature_types or ["Gene Expression"] * len(genes), dtype="S")
-        feats["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+        feats["genome"] = np.array(genomes or ["GRCh38"] * len(genes), dtype="S")
 
 
 def test_h5ad_roundtrip_and_backed(tmp_path, counts):
@@ -261,21 +261,55 @@ def test_non_numeric_csv(tmp_path, counts):
         read(tmp_path / "a.csv")
 
 
+def write_10x_v2_h5(path, genomes: dict, cells):
+    """Cell Ranger v2 layout: one group per genome, each a CSC genes x cells matrix;
+    ``genomes``: {name: (X cells x genes, genes)}."""
+    with h5py.File(path, "w") as f:
+        for name, (X, genes) in genomes.items():
+            M = sp.csc_matrix(X.T.astype(np.int32))
+            g = f.create_group(name)
+            g["data"], g["indices"], g["indptr"] = M.data, M.indices, M.indptr
+            g["shape"] = np.array(M.shape, dtype=np.int32)
+            g["barcodes"] = np.array(cells, dtype="S")
+            g["genes"] = np.array([f"ENS{name}{j}" for j in range(len(genes))], dtype="S")
+            g["gene_names"] = np.array(genes, dtype="S")
+
+
 def test_10x_h5_v2_legacy(tmp_path, counts):
     X, cells, genes = counts
-    M = sp.csc_matrix(X.T.astype(np.int32))
-    with h5py.File(tmp_path / "v2.h5", "w") as f:
-        g = f.create_group("GRCh38")
-        g["data"], g["indices"], g["indptr"] = M.data, M.indices, M.indptr
-        g["shape"] = np.array(M.shape, dtype=np.int32)
-        g["barcodes"] = np.array(cells, dtype="S")
-        g["genes"] = np.array([f"ENSG{j}" for j in range(len(genes))], dtype="S")
-        g["gene_names"] = np.array(genes, dtype="S")
+    write_10x_v2_h5(tmp_path / "v2.h5", {"GRCh38": (X, genes)}, cells)
     _check(read(tmp_path / "v2.h5"), X, cells, genes)
     from masksc.data import open_source  # stored genes x cells, so not streamed: read in memory instead
     src = open_source(tmp_path / "v2.h5")
     assert src.path is None and list(src.var_names) == genes
     np.testing.assert_array_equal(sp.vstack([c for _, c in src.chunks(7)]).toarray(), X)
+
+
+def test_10x_h5_genome_picks_one_genome_of_a_mixed_species_file(tmp_path, counts):
+    """A v2 file with two genomes must name one (the message lists them), and reads as scanpy
+    reads that genome; a v3 file is read whole, or one genome's features with genome=."""
+    import scanpy as sc
+    X, cells, genes = counts
+    human, mouse = X[:, :7], X[:, 7:]
+    write_10x_v2_h5(tmp_path / "v2.h5", {"hg19": (human, genes[:7]), "mm10": (mouse, genes[7:])}, cells)
+    with pytest.raises(DataError, match=r"holds 2 genomes \['hg19', 'mm10'\].*fix: read one, e.g. "
+                                        r"masksc.read\(path, genome='hg19'\) \(--genome hg19"):
+        read(tmp_path / "v2.h5")
+    for name, part, part_genes in (("hg19", human, genes[:7]), ("mm10", mouse, genes[7:])):
+        _check(read(tmp_path / "v2.h5", genome=name), part, cells, part_genes)
+        scanpy_read = sc.read_10x_h5(tmp_path / "v2.h5", genome=name)
+        assert (read(tmp_path / "v2.h5", genome=name).X != scanpy_read.X).nnz == 0
+    with pytest.raises(DataError, match=r"genome='GRCh38' \(--genome\): .* holds the genomes \['hg19', 'mm10'\]"):
+        read(tmp_path / "v2.h5", genome="GRCh38")
+    write_10x_h5(tmp_path / "v3.h5", X, cells, genes, genomes=["hg19"] * 7 + ["mm10"] * 5)
+    _check(read(tmp_path / "v3.h5"), X, cells, genes)
+    _check(read(tmp_path / "v3.h5", genome="mm10"), mouse, cells, genes[7:])
+    with pytest.raises(DataError, match=r"genome='mm9' \(--genome\): .* holds the genomes \['hg19', 'mm10'\]"):
+        read(tmp_path / "v3.h5", genome="mm9")
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "t.csv")
+    with pytest.raises(DataError, match=r"genome='hg19' \(--genome\) picks a genome of a 10x .h5 file, not of "
+                                        r"format 'csv'; fix: drop it"):
+        read(tmp_path / "t.csv", genome="hg19")
 
 
 @pytest.mark.parametrize("name", ["b.csv", "b.h5ad"])

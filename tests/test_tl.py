@@ -272,8 +272,13 @@ def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
     _, _, from_x, _ = fitted  # the same cells, counts in X, same preset and seed
     tl.embed(layered, from_layer, layer="counts", progress=False)
     np.testing.assert_allclose(layered.obsm["X_masksc"], from_x.embed(counts, progress=False), rtol=1e-5, atol=1e-6)
-    with pytest.raises(DataError, match="non-integer .* layer='counts'"):
+    with pytest.raises(DataError, match="non-integer .* layer='counts'") as exc:
         tl.embed(layered, from_layer, progress=False)  # X holds log values, the model wants counts
+    assert str(exc.value).endswith("Note: this model was fitted on the layer 'counts', and X was read here; to read "
+                                   "the same, pass layer='counts' (--layer counts).")
+    saved = MaskSCModel.load(from_layer.save(tmp_path / "layer_model"))
+    assert saved.fitted_input == from_layer.fitted_input == {"layer": "counts", "use_raw": False}
+    assert from_x.fitted_input == {"layer": None, "use_raw": False}
     with pytest.raises(DataError, match=r"no layer 'raw'; fix: pass one of \['counts'\]"):
         tl.fit(layered, "demo", layer="raw", progress=False, **TINY)
 

@@ -101,13 +101,17 @@ def detect_format(path: Path) -> str:
                     f"mtx folder, .csv or .tsv, or pass format= one of {FORMATS}.")
 
 
-def read(path, format: str | None = None, transpose: bool = False, backed: bool = False) -> ad.AnnData:
+def read(path, format: str | None = None, transpose: bool = False, backed: bool = False,
+         genome: str | None = None) -> ad.AnnData:
     """Read an expression matrix into an AnnData (cells x genes, CSR float32 ``X``).
 
     ``format``: one of :data:`FORMATS`, auto-detected when None (suffix, then HDF5 layout).
     ``transpose``: csv/tsv files store genes x cells (rows genes, columns cells).
     ``backed``: h5ad only; open read-only without loading ``X`` (``X`` then stays in the file
     in its stored layout; stream it with :func:`masksc.data.iter_chunks`).
+    ``genome``: 10x .h5 only; read that genome's genes of a file holding several (a Cell Ranger v2
+    file with two genomes must name one; a v3 file is read whole without it, as Cell Ranger's
+    matrix is).
 
     Raises DataError for a missing/unreadable file, unknown format, empty matrix, NaN/inf
     values, or labels whose length differs from the number of cells.
@@ -121,6 +125,9 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
     if transpose and fmt not in ("csv", "tsv"):
         raise DataError(f"transpose=True (--transpose) applies to csv/tsv tables only, not format {fmt!r}, whose "
                         "cells x genes orientation is part of the format; fix: drop it.")
+    if genome is not None and fmt != "10x_h5":
+        raise DataError(f"genome={genome!r} (--genome) picks a genome of a 10x .h5 file, not of format {fmt!r}; "
+                        "fix: drop it.")
     if backed and fmt != "h5ad":
         raise DataError(f"backed=True needs an .h5ad file, got format {fmt!r}; fix: read it in memory, "
                         "stream it with masksc.data.iter_chunks (10x .h5 works), or convert it to .h5ad.")
@@ -128,7 +135,7 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
               "tsv": _read_table, "scdeepcluster": _read_scdeepcluster}[fmt]
     where = f" in {path.name}"
     try:
-        adata = reader(path, fmt=fmt, transpose=transpose, backed=backed, where=where)
+        adata = reader(path, fmt=fmt, transpose=transpose, backed=backed, where=where, genome=genome)
     except DataError:
         raise
     except (OSError, EOFError, zlib.error, KeyError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
@@ -214,14 +221,17 @@ def _decode(a) -> np.ndarray:
     return a.astype(str) if a.dtype.kind in "SO" else a
 
 
-def _read_10x_h5(path, where, **_):
+def _read_10x_h5(path, where, genome=None, **_):
     """Cell Ranger HDF5. v3: group ``matrix`` holding a CSC genes x cells matrix, i.e. a CSR
-    cells x genes matrix (indptr over cells), plus ``features``/``barcodes``; v2 (one group per
-    genome) goes through scanpy's reader."""
+    cells x genes matrix (indptr over cells), plus ``features``/``barcodes`` (``genome``: keep the
+    features of that genome); v2 (one group per genome, which ``genome`` picks; needed when
+    there are several) goes through scanpy's reader."""
     with h5py.File(path, "r") as f:
         if "matrix" not in f:
+            genomes = [name for name in f if isinstance(f[name], h5py.Group)]
+            _check_genome(path, genome, genomes, needed=len(genomes) > 1)
             import scanpy as sc
-            return _finish(_unique_genes(sc.read_10x_h5(path), path), where)
+            return _finish(_unique_genes(sc.read_10x_h5(path, genome=genome), path), where)
         m = f["matrix"]
         n_genes, n_cells = (int(v) for v in m["shape"][()])
         X = sp.csr_matrix((as_float32(m["data"][()], where), m["indices"][()], m["indptr"][()]),
@@ -232,14 +242,31 @@ def _read_10x_h5(path, where, **_):
         if "id" in feats:
             var["gene_ids"] = _decode(feats["id"][()])
         ftype = _decode(feats["feature_type"][()]) if "feature_type" in feats else None
+        genomes = _decode(feats["genome"][()]) if "genome" in feats else None
         obs = pd.DataFrame(index=pd.Index(_decode(m["barcodes"][()])))
     adata = ad.AnnData(X=X, obs=obs, var=var)
+    if genome is not None:
+        _check_genome(path, genome, [] if genomes is None else list(dict.fromkeys(genomes.tolist())), needed=False)
+        adata = adata[:, genomes == genome].copy()
     if ftype is not None:
         var_keep = ftype == "Gene Expression"
         if var_keep.any() and not var_keep.all():
             log.info("keeping %d 'Gene Expression' features of %d", var_keep.sum(), len(var_keep))
             adata = adata[:, var_keep].copy()
     return _finish(_unique_genes(adata, path), where)
+
+
+def _check_genome(path, genome: str | None, genomes: list[str], needed: bool) -> None:
+    """Refuse a ``genome`` the 10x file ``path`` does not hold (``genomes``), or none where the
+    file's several genomes (``needed``) leave the genes to read undecided."""
+    if genome is None and needed:
+        raise DataError(f"{path} holds {len(genomes)} genomes {genomes} (a Cell Ranger v2 file of a mixed-species "
+                        f"sample); fix: read one, e.g. masksc.read(path, genome={genomes[0]!r}) (--genome "
+                        f"{genomes[0]} on the command line).")
+    if genome is not None and genome not in genomes:
+        held = f"holds the genomes {genomes}" if genomes else "records no genome"
+        raise DataError(f"genome={genome!r} (--genome): {path} {held}; fix: "
+                        + ("pass one of them." if genomes else "drop genome."))
 
 
 def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
