@@ -347,6 +347,31 @@ def test_a_genes_by_cells_table_is_refused_unless_transposed(tmp_path, counts):
     _check(read(tmp_path / "cells_by_genes.csv"), X, cells, genes)  # barcodes as row names: as it should be
 
 
+@pytest.mark.parametrize("suffix", [".1", "_1", "-1"])
+def test_barcodes_as_r_and_merged_samples_write_them_mark_a_genes_by_cells_table(tmp_path, counts, suffix):
+    """R's make.names turns AAAC..-1 into AAAC...1 and merged samples append _1: both are barcodes."""
+    X, _, genes = counts
+    cells = [f"s1_{c[:-2]}{suffix}" for c in _barcodes(len(X))]
+    pd.DataFrame(X, index=cells, columns=genes).T.to_csv(tmp_path / "g.csv")
+    with pytest.raises(DataError, match="header row looks like cell barcodes"):
+        read(tmp_path / "g.csv")
+    _check(read(tmp_path / "g.csv", transpose=True), X, cells, genes)
+
+
+def test_ensembl_gene_ids_as_row_names_mark_a_genes_by_cells_table(tmp_path, counts):
+    """Cells named cell_1.. give no barcode to go by; Ensembl IDs down the first column do."""
+    X, _, _ = counts
+    ids = [f"ENSMUSG{j:011d}.{j % 3 + 1}" for j in range(X.shape[1])]
+    cells = [f"cell_{i}" for i in range(len(X))]
+    pd.DataFrame(X, index=cells, columns=ids).T.to_csv(tmp_path / "g.tsv", sep="\t")
+    with pytest.raises(DataError, match=r"first column looks like Ensembl gene IDs \(e\.g\. 'ENSMUSG00000000000\.1'"
+                                        r"\), so its rows are genes.*transpose=True \(--transpose\)"):
+        read(tmp_path / "g.tsv")
+    _check(read(tmp_path / "g.tsv", transpose=True), X, cells, ids)
+    pd.DataFrame(X, index=cells, columns=ids).to_csv(tmp_path / "c.tsv", sep="\t")
+    _check(read(tmp_path / "c.tsv"), X, cells, ids)  # Ensembl IDs as the header: cells x genes, as it should be
+
+
 def test_a_table_without_cell_names_keeps_its_first_gene(tmp_path, counts):
     """pandas' index=False / R's row.names=FALSE: the first column is the first gene's counts, not
     names (it lost that gene, its counts becoming cell names); scanpy names the cells 0..n-1 too."""

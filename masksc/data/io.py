@@ -372,9 +372,12 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     df.columns = header[len(header) - n_values:]
     if transpose:
         df = df.T
-    elif _mostly_barcodes(df.columns):
+    elif _mostly_matching(_BARCODE, df.columns):
         raise DataError(f"{path}: its header row looks like cell barcodes (e.g. {df.columns[0]!r}), so its rows are "
                         "genes and its columns cells; fix: transpose=True (--transpose) to read it genes x cells.")
+    elif _mostly_matching(_ENSEMBL_GENE, df.index):
+        raise DataError(f"{path}: its first column looks like Ensembl gene IDs (e.g. {df.index[0]!r}), so its rows "
+                        "are genes and its columns cells; fix: transpose=True (--transpose) to read it genes x cells.")
     non_numeric = [c for c, t in zip(df.columns, df.dtypes) if not pd.api.types.is_numeric_dtype(t)]
     if non_numeric:
         raise DataError(f"{path}: columns {non_numeric[:5]} are not numeric; fix: the file must be cells x "
@@ -386,13 +389,15 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     return _finish(_unique_genes(adata, path), where)
 
 
-_BARCODE = re.compile(r"(?:.*[_:-])?[ACGTN]{8,}(?:-\d+)?")  # 10x's AAACCTGAGAAACCAT-1, optionally prefixed
+# 10x's AAACCTGAGAAACCAT-1, optionally prefixed by a sample, with R make.names' ".1" or a "_1" suffix
+_BARCODE = re.compile(r"(?:.*[_:.-])?[ACGTN]{8,}(?:[-._]\d+)?")
+_ENSEMBL_GENE = re.compile(r"ENS[A-Z]*G\d{11}(?:\.\d+)?")  # ENSG00000141510, ENSMUSG..., with a version
 
 
-def _mostly_barcodes(names) -> bool:
-    """Whether most of ``names`` (a sample of them) look like cell barcodes."""
+def _mostly_matching(pattern: re.Pattern, names) -> bool:
+    """Whether most of ``names`` (the first 200) match ``pattern`` whole."""
     sample = [str(n) for n in list(names)[:200]]
-    return len(sample) > 0 and sum(bool(_BARCODE.fullmatch(n)) for n in sample) > len(sample) / 2
+    return len(sample) > 0 and sum(bool(pattern.fullmatch(n)) for n in sample) > len(sample) / 2
 
 
 def _read_scdeepcluster(path, where, **_):
