@@ -28,7 +28,8 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     replaced = [name for name in OUTPUTS if (out / name).exists()]
     if replaced and not _earlier_demo_run(out / "model"):
         raise MaskscError(f"{out} holds {', '.join(replaced)}, which the demo would replace, and no earlier demo's "
-                          "model; fix: -o a new folder (or one an earlier demo wrote).")
+                          "model (no model/ of this release's demo preset: another fit's, or an earlier release's "
+                          "demo); fix: -o a new folder, or delete those yourself if they are an earlier demo's.")
     try:
         checkpoint.check_run_dir(out / "model")
     except CheckpointError:  # an earlier demo's model: the demo is rerun from scratch, not resumed

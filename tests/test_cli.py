@@ -247,8 +247,8 @@ def test_demo_refuses_a_folder_whose_model_or_outputs_are_not_an_earlier_demos(t
         capsys.readouterr()
         assert main(["demo", "-o", str(out), "--epochs", "1"]) == 2
         err = capsys.readouterr().err
-        assert f"{out} holds " in err and "which the demo would replace, and no earlier demo's model; fix: -o a new " \
-            "folder" in err
+        assert f"{out} holds " in err and "which the demo would replace, and no earlier demo's model (no model/ of " \
+            "this release's demo preset: another fit's, or an earlier release's demo); fix: -o a new folder" in err
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     from masksc.demo import _earlier_demo_run
     assert not _earlier_demo_run(project / "model")
