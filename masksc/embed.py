@@ -1,13 +1,30 @@
 """Cell embeddings from a trained model, batch by batch (the dataset is never densified)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from masksc.progress import progress_bar
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module, device: str | torch.device | None = None):
+    """``model`` (a DDP wrapper's ``module``) moved to ``device`` (None: where its weights are) in
+    eval mode without gradients; yields (the module, its torch.device) and restores the
+    module's train/eval mode afterwards."""
+    core = getattr(model, "module", model)
+    device = torch.device(device) if device is not None else next(core.parameters()).device
+    was_training = core.training
+    core.to(device).eval()
+    try:
+        with torch.no_grad():
+            yield core, device
+    finally:
+        core.train(was_training)
+
+
 def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
                  device: str | torch.device | None = None, progress: bool = True,
                  amp: bool = False) -> np.ndarray:
@@ -18,16 +35,13 @@ def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
     """
     from masksc.data import CellBatches
 
-    core = getattr(model, "module", model)
-    device = torch.device(device) if device is not None else next(core.parameters()).device
-    was_training = core.training
-    core.to(device).eval()
-    out = np.empty((X_grid_csr.shape[0], core.cfg.embedding_dim), dtype=np.float32)
-    batches = CellBatches(X_grid_csr, batch_size=batch_size, shuffle=False)
-    for batch in progress_bar(batches, total=len(batches), desc="embed", disable=not progress, leave=False):
-        batch = batch.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            z = core.embed(batch)
-        out[batch.cell_index.cpu().numpy()] = z.float().cpu().numpy()
-    core.train(was_training)
+    with evaluating(model, device) as (core, device):
+        out = np.empty((X_grid_csr.shape[0], core.cfg.embedding_dim), dtype=np.float32)
+        batches = CellBatches(X_grid_csr, batch_size=batch_size, shuffle=False)
+        for batch in progress_bar(batches, total=len(batches), desc="embed", disable=not progress, leave=False):
+            batch = batch.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                enabled=amp and device.type == "cuda"):
+                z = core.embed(batch)
+            out[batch.cell_index.cpu().numpy()] = z.float().cpu().numpy()
     return out

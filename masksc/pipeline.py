@@ -152,13 +152,13 @@ class MaskSCModel:
         draws them grey). ``device``: as in ``embed`` (None: where the weights are; another
         device moves the weights there, as ``embed`` does)."""
         from masksc.data import CellBatches
+        from masksc.embed import evaluating
         from masksc.pl import attention_to_grid
-        net = self.network
-        device = next(net.parameters()).device if device is None else _run_device(device)
+        device = _run_device(device)  # checked before any work
         X = self.to_grid(adata, layer, use_raw)
         batch = next(iter(CellBatches(X, batch_size=max(1, X.shape[0]), shuffle=False)))
-        with torch.no_grad():
-            attn = net.to(device).eval().last_attention(batch.to(device)).float().cpu()
+        with evaluating(self.network, device) as (net, device):
+            attn = net.last_attention(batch.to(device)).float().cpu()
         maps = attention_to_grid(attn, self.config.grid_shape, self.config.patch, ime=self.config.ime)
         maps[:, self.grid.is_padding.reshape(self.config.grid_shape)] = np.nan
         return maps
