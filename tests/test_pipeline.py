@@ -107,7 +107,11 @@ def test_attention_maps_are_the_global_tokens_last_layer_attention_on_the_grid(t
     from masksc.pl import attention_to_grid
     model, adata = tiny
     cells = adata[:5]
+    model.network.train()  # read out in eval mode (no dropout), the caller's mode given back
     maps = model.attention_maps(cells)
+    assert model.network.training
+    model.embed(cells, progress=False)
+    assert model.network.training
     batch = next(iter(CellBatches(model.to_grid(cells), batch_size=5, shuffle=False)))
     with torch.no_grad():
         attn = model.network.eval().last_attention(batch)
