@@ -396,6 +396,6 @@ def check_genes(meta: dict, genes) -> None:
     have = set(map(str, genes))
     missing = [g for g in needed if g not in have]
     if missing:
-        raise CheckpointError(f"{len(missing)} of the {len(needed)} genes the model was trained on are missing from "
-                              f"the data (e.g. {missing[:5]}); fix: use data measured on the same genes with the same "
+        raise CheckpointError(f"{len(missing)} of the {len(needed)} genes on the model's grid (its input) are missing "
+                              f"from the data (e.g. {missing[:5]}); fix: use data measured on the same genes with the same "
                               "gene naming (e.g. symbols vs Ensembl ids), or retrain the model on this data.")

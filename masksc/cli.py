@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from masksc.cluster import LEIDEN_RESOLUTION
+from masksc.cluster import LEIDEN_RESOLUTION, N_NEIGHBORS
 from masksc.data.io import FORMATS
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import out_of_space
@@ -97,7 +97,7 @@ def _source(args):
     path, fmt = _input_format(args)
     if args.genome is not None:
         log.info("%s: reading genome %s into memory", path, args.genome)
-        return read(path, format=fmt, genome=args.genome)
+        return read(path, format=fmt, transpose=args.transpose, genome=args.genome)
     if fmt in ("h5ad", "10x_h5") and not args.transpose and (args.format is None or _detects_as(path, fmt)):
         return path
     log.info("%s: a %s file cannot be streamed by cells; reading it into memory (--chunk-size and "
@@ -173,19 +173,19 @@ def cmd_fit(args) -> int:
     """Train from a file, streamed from disk (.h5ad / 10x .h5; other formats are read into memory),
     on one process or, under torchrun, with DDP over all ranks."""
     from masksc import checkpoint, distributed, pipeline
-    overrides = _overrides(args)
+    settings = dict(model_dir=args.output, epochs=args.epochs, seed=args.seed, device=args.device, resume=args.resume,
+                    checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
+                    teacher_cells=args.teacher_cells or None, teacher_overrides=dict(args.teacher_set or []),
+                    **_overrides(args))
     _device(args.device)
     checkpoint.check_run_dir(args.output, resume=args.resume)
-    ctx = distributed.init_from_env(args.device)
-    try:
-        model, result = pipeline.fit(_source(args), args.preset, model_dir=args.output, epochs=args.epochs,
-                                     seed=args.seed, device=args.device, resume=args.resume,
-                                     checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
-                                     teacher_cells=args.teacher_cells or None,
-                                     teacher_overrides=dict(args.teacher_set or []),
-                                     min_cells=args.min_cells, dist=ctx, layer=args.layer, use_raw=args.use_raw,
-                                     **overrides)
-    except ValueError as exc:  # config values out of range (MaskSCConfig / TrainConfig / teacher checks)
+    try:  # config values out of range (MaskSCConfig / TrainConfig / teacher checks), before reading the data
+        pipeline.fit_configs(args.preset, **settings)
+        source = _source(args)
+        ctx = distributed.init_from_env(args.device)
+        model, result = pipeline.fit(source, args.preset, min_cells=args.min_cells, dist=ctx, layer=args.layer,
+                                     use_raw=args.use_raw, **settings)
+    except ValueError as exc:
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
         print(f"model written to {args.output} (last checkpoint {Path(model.path).name}, final loss "
@@ -199,9 +199,10 @@ def cmd_embed(args) -> int:
     _source); the output records the input file as its source."""
     from masksc import distributed
     from masksc.io_utils import check_output
+    from masksc.outofcore import EMBED_SUFFIXES
     from masksc.pipeline import MaskSCModel
     device = _device(args.device)
-    check_output(args.output, args.data)
+    check_output(args.output, args.data, suffixes=EMBED_SUFFIXES)
     ctx = distributed.init_from_env(args.device)
     if ctx.distributed:
         device = ctx.device
@@ -236,17 +237,15 @@ def _read_h5ad(path):
 def cmd_cluster(args) -> int:
     from masksc import tl
     from masksc.io_utils import check_output
-    if Path(args.output).suffix.lower() != ".h5ad":
-        raise MaskscError(f"output {args.output} must end in .h5ad (the clustered AnnData); fix: e.g. "
-                          f"-o {Path(args.output).with_suffix('.h5ad')}.")
-    output = check_output(args.output, args.data)
+    output = check_output(args.output, args.data, suffixes=(".h5ad",))
     adata = _read_h5ad(args.data)
-    leiden = {name: value for name, value in (("n_neighbors", args.n_neighbors), ("resolution", args.resolution))
-              if value is not None}
-    if args.k is not None and leiden:
-        flags = " and ".join("--" + name.replace("_", "-") for name in leiden)
-        raise MaskscError(f"{flags} set Leiden's graph and clusters, but -k {args.k} clusters with k-means; fix: "
-                          "drop them, or drop -k to cluster with Leiden.")
+    given = [flag for flag, value in (("--n-neighbors", args.n_neighbors), ("--resolution", args.resolution))
+             if value is not None]
+    if args.k is not None and given:
+        raise MaskscError(f"{' and '.join(given)} set Leiden's graph and clusters, but -k {args.k} clusters with "
+                          "k-means; fix: drop them, or drop -k to cluster with Leiden.")
+    leiden = {} if args.k is not None else {
+        "n_neighbors": args.n_neighbors or N_NEIGHBORS, "resolution": args.resolution or LEIDEN_RESOLUTION}
     tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)
     n = adata.obs[args.key_added].nunique()
     print(f"{n} clusters written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
@@ -304,10 +303,7 @@ def cmd_plot(args) -> int:
     grid for one cell per label (paper Fig. 6)."""
     from masksc import pl
     from masksc.io_utils import check_output
-    if Path(args.output).suffix.lower() != ".png":
-        raise MaskscError(f"output {args.output} must end in .png; fix: e.g. "
-                          f"-o {Path(args.output).with_suffix('.png')}.")
-    output = check_output(args.output, args.data)
+    output = check_output(args.output, args.data, suffixes=(".png",))
     if args.kind == "embedding":
         out = pl.embedding(_read_h5ad(args.data), args.color, output, method=args.method, basis=args.use_rep,
                            seed=args.seed, max_cells=args.max_cells)
@@ -401,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (the input is never modified)")
     sp.add_argument("--seed", type=_seed, default=0, help="seed of k-means / Leiden (default 0)")
     sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=None,
-                    help="Leiden (no -k): neighbours per cell in the kNN graph (default 15)")
+                    help=f"Leiden (no -k): neighbours per cell in the kNN graph (default {N_NEIGHBORS})")
     sp.add_argument("--resolution", type=_positive_float, default=None,
                     help=f"Leiden (no -k): higher gives more, smaller clusters (default {LEIDEN_RESOLUTION})")
     sp.add_argument("--use-rep", dest="use_rep", default="X_masksc", help="obsm key to cluster (default X_masksc)")

@@ -329,7 +329,10 @@ def _tune_nprobe(idx, X: np.ndarray, k: int, target_recall: float, faiss_metric,
                 recall, target_recall)
 
 
-def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str = "auto",
+N_NEIGHBORS = 15  # neighbours per cell of a kNN graph when not given (scanpy's pp.neighbors default)
+
+
+def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", index: str = "auto",
                nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.95,
                use_gpu: bool | None = None, ngpu: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of every cell among all cells, through FAISS.
@@ -362,7 +365,7 @@ def knn_search(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str =
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}.")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or not 2 <= n_neighbors <= n:
-        fix = (f"pass n_neighbors= an integer in that range (e.g. n_neighbors={min(n, 15)}; tl.cluster, "
+        fix = (f"pass n_neighbors= an integer in that range (e.g. n_neighbors={min(n, N_NEIGHBORS)}; tl.cluster, "
                "cluster_embedding and `masksc cluster --n-neighbors` take it too)" if n >= 2
                else "pass at least 2 cells (a kNN graph needs them)")
         raise DataError(f"n_neighbors (including the cell itself) must be an integer in [2, n_cells={n}], "
@@ -487,7 +490,7 @@ def knn_distances(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((distances.ravel()[keep].astype(np.float32), (rows[keep], cols[keep])), shape=(n, n))
 
 
-def knn_graph(Z, n_neighbors: int = 15, metric: str = "euclidean", index: str = "auto",
+def knn_graph(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", index: str = "auto",
               nlist: int | None = None, nprobe: int | None = None, target_recall: float = 0.95,
               use_gpu: bool | None = None, ngpu: int | None = None, seed: int = 0) -> sp.csr_matrix:
     """kNN graph of the cells with UMAP-style fuzzy connectivities (scanpy's default graph).
@@ -652,7 +655,7 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
         method: "auto" (k-means if k else Leiden), "kmeans" (needs k), or "leiden" (with k, the
             resolution is searched for k clusters via :func:`leiden_for_k`; without, ``resolution``).
         seed: seeds k-means, the kNN search and Leiden.
-        n_neighbors, metric: the kNN graph Leiden builds from ``Z`` (default 15, "euclidean").
+        n_neighbors, metric: the kNN graph Leiden builds from ``Z`` (default ``N_NEIGHBORS``, "euclidean").
         resolution: Leiden's when k is None (default ``LEIDEN_RESOLUTION``); with k it is searched,
             so passing one is a TypeError. use_gpu: as in :func:`kmeans`.
         graph: a kNN graph of these cells already built (e.g. :func:`knn_graph`, or a stored
@@ -677,12 +680,12 @@ def cluster_embedding(Z, k: int | None = None, method: str = "auto", seed: int =
         leiden_only = [name for name, value in (("n_neighbors", n_neighbors), ("resolution", resolution),
                                                 ("metric", metric)) if value is not None]
         if leiden_only:
-            raise TypeError(f"{leiden_only} set Leiden's graph, but k-means clusters here (k={k}), which would "
+            raise TypeError(f"{leiden_only} are Leiden's settings, but k-means clusters here (k={k}), which would "
                             "ignore them; fix: drop them, or pass method='leiden' to cluster a graph.")
         return kmeans(Z, k, seed=seed, use_gpu=use_gpu, **kmeans_kw)
-    _refuse_ignored_by_leiden(k, resolution, kmeans_kw)
+    check_leiden_settings(k, resolution, kmeans_kw)
     if graph is None:
-        graph = knn_graph(Z, n_neighbors=15 if n_neighbors is None else n_neighbors,
+        graph = knn_graph(Z, n_neighbors=N_NEIGHBORS if n_neighbors is None else n_neighbors,
                           metric="euclidean" if metric is None else metric, use_gpu=use_gpu, seed=seed)
     else:
         given = [name for name, value in (("n_neighbors", n_neighbors), ("metric", metric)) if value is not None]
@@ -700,14 +703,17 @@ def cluster_graph(graph, k: int | None = None, seed: int = 0, resolution: float 
     when ``k`` is None, else at the resolution :func:`leiden_for_k` finds for k clusters.
     ``kmeans_kw`` and a resolution given with k are refused (TypeError), as Leiden would ignore
     them. graph: square scipy.sparse [n, n]. Returns (labels np.int64 [n], resolution used)."""
-    _refuse_ignored_by_leiden(k, resolution, kmeans_kw)
+    check_settings(kmeans_kw)  # an unknown name is a typo, not "a k-means argument"
+    check_leiden_settings(k, resolution, kmeans_kw)
     if k is None:
         resolution = LEIDEN_RESOLUTION if resolution is None else resolution
         return leiden(graph, resolution=resolution, seed=seed), resolution
     return leiden_for_k(graph, k, seed=seed)
 
 
-def _refuse_ignored_by_leiden(k, resolution, kmeans_kw) -> None:
+def check_leiden_settings(k: int | None, resolution: float | None, kmeans_kw: dict) -> None:
+    """Refuse (TypeError) what Leiden would ignore: a ``resolution`` beside ``k`` (searched
+    instead) and k-means settings ``kmeans_kw``; called before any graph is built."""
     if k is not None and resolution is not None:
         raise TypeError(f"resolution={resolution} would be ignored: with k={k} Leiden searches the resolution that "
                         "gives k clusters; fix: drop resolution, or drop k to cluster at that resolution.")

@@ -51,13 +51,17 @@ def _unwritable(path: Path, folder: Path, exc: OSError) -> MaskscError:
                        "output in a folder you can write to.")
 
 
-def check_output(path: str | os.PathLike, source: str | os.PathLike | None = None, *, folder: bool = False) -> Path:
-    """Refuse, before any work, an output that would fail or do harm: ``path`` is the input file
-    ``source``, is a folder where a file goes (a file where a folder goes when ``folder``), lies
-    under a file, or lies in a folder this process cannot write. Creates nothing (the check
-    makes and removes a hidden probe directory). Raises MaskscError naming ``path`` and the
-    fix; returns ``path``."""
+def check_output(path: str | os.PathLike, source: str | os.PathLike | None = None, *, folder: bool = False,
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse, before any work, an output that would fail or do harm: ``path`` does not end in
+    one of ``suffixes`` (when given; e.g. ``(".h5ad",)``), is the input file ``source``, is a
+    folder where a file goes (a file where a folder goes when ``folder``), lies under a file, or
+    lies in a folder this process cannot write. Creates nothing (the check makes and removes a
+    hidden probe directory). Raises MaskscError naming ``path`` and the fix; returns ``path``."""
     path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise MaskscError(f"output {path} must end in {' or '.join(suffixes)}; fix: e.g. "
+                          f"-o {path.with_suffix(suffixes[0])}.")
     if source is not None and _same_file(path, Path(source)):
         raise MaskscError(f"output {path} is the input file; fix: write to a new file (the input is never "
                           "modified).")

@@ -45,6 +45,7 @@ from masksc.progress import progress_bar
 log = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "X_masksc"
+EMBED_SUFFIXES = (".h5ad", ".npy")  # what embed_file writes: obs + obsm, or the bare float32 matrix
 
 
 class RowReader:
@@ -394,16 +395,19 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
 
     ctx = dist or distributed.context()
     output = Path(output)
-    if output.suffix.lower() not in (".npy", ".h5ad"):
-        raise MaskscError(f"output {output} must end in .npy or .h5ad; fix: pass -o NAME.h5ad or -o NAME.npy.")
-    reader = RowReader(source, layer, use_raw)
+    if output.suffix.lower() not in EMBED_SUFFIXES:
+        raise MaskscError(f"output {output} must end in {' or '.join(EMBED_SUFFIXES)}; fix: e.g. "
+                          f"-o {output.with_suffix(EMBED_SUFFIXES[0])}.")
+    with model.noting_fitted_input(layer, use_raw):
+        reader = RowReader(source, layer, use_raw)
     if source_path is not None and reader.path is not None and \
             Path(source_path).resolve() != Path(reader.path).resolve():
         raise MaskscError(f"source_path={str(source_path)!r} names the file an in-memory source was read from, but "
                           f"the source is the file {reader.path} itself; fix: drop source_path.")
     origin = Path(source_path) if source_path is not None else reader.path
     check_output(output, origin)
-    ckpt.check_genes(model.grid.to_dict(), reader.var_names)
+    with model.noting_fitted_input(layer, use_raw):
+        ckpt.check_genes(model.grid.to_dict(), reader.var_names)
     n, dim = reader.n_obs, model.network.cfg.embedding_dim
     if n == 0:
         raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")
@@ -424,9 +428,10 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         with ctx.together():  # bad cells in one rank's shard (or no shared folder) stop every rank with a message
             Z = np.lib.format.open_memmap(tmp, mode="r+")
             a, b = distributed.shard_range(n, ctx.rank, ctx.world_size)
-            embed_rows(model.network, reader, model.preprocessor, model.grid, Z, a, b, batch_size=batch_size,
-                       chunk_size=chunk_size, device=device if device is not None else ctx.device, amp=amp,
-                       progress=progress and ctx.is_main)
+            with model.noting_fitted_input(layer, use_raw):
+                embed_rows(model.network, reader, model.preprocessor, model.grid, Z, a, b, batch_size=batch_size,
+                           chunk_size=chunk_size, device=device if device is not None else ctx.device, amp=amp,
+                           progress=progress and ctx.is_main)
             Z.flush()
             del Z
         if not ctx.is_main:

@@ -108,25 +108,30 @@ class MaskSCModel:
         return meta
 
     @contextlib.contextmanager
-    def _naming_fitted_input(self, layer: str | None, use_raw: bool):
-        """Add to a DataError about the data read (from ``layer`` / ``use_raw``) which matrix this
-        model was fitted on, when it was another: reading another one is the likely cause."""
-        from masksc.errors import DataError
+    def noting_fitted_input(self, layer: str | None, use_raw: bool):
+        """Wrap the reading of new data (from ``layer`` / ``use_raw``): a DataError or
+        CheckpointError (missing genes) raised inside gets a note naming the matrix this model was
+        fitted on, when that was another one, since reading another is the likely cause."""
+        from masksc.errors import CheckpointError, DataError
         try:
             yield
-        except DataError as exc:
+        except (DataError, CheckpointError) as exc:
             fitted = self.fitted_input
             if fitted is None or (fitted["layer"], fitted["use_raw"]) == (layer, bool(use_raw)):
                 raise
-            raise DataError(f"{exc} Note: this model was fitted on {_describe_input(**fitted)}, and "
+            kind = {"counts": "raw counts", "log": "log-normalised values"}.get(self.preprocessor.input_kind_, "")
+            held = f" ({kind})" if kind else ""
+            others = (f" for an AnnData or .h5ad; other files hold only X, which must then hold {kind or 'them'}"
+                      if fitted["layer"] is not None or fitted["use_raw"] else "")
+            raise type(exc)(f"{exc} Note: this model was fitted on {_describe_input(**fitted)}{held}, and "
                             f"{_describe_input(layer, use_raw)} was read here; to read the same, "
-                            f"{_input_arguments(**fitted)}.") from exc
+                            f"{_input_arguments(**fitted)}{others}.") from exc
 
     def to_grid(self, adata, layer: str | None = None, use_raw: bool = False):
         """Preprocess ``adata`` (its ``X``, ``adata.layers[layer]``, or with ``use_raw`` its
         ``.raw``) with the saved transform and lay it on the grid: CSR float32 [n_cells, g*s].
         Raises CheckpointError when that matrix lacks genes the model needs."""
-        with self._naming_fitted_input(layer, use_raw):
+        with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
             ckpt.check_genes(self.grid.to_dict(), expression.var_names)
             return self.grid.to_grid(self.preprocessor.transform(expression))
@@ -173,10 +178,9 @@ class MaskSCModel:
         ``source_path``: the file an in-memory ``source`` was read from, recorded as the source.
         See ``masksc.outofcore.embed_file``."""
         from masksc.outofcore import embed_file
-        with self._naming_fitted_input(layer, use_raw):
-            return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
-                              device=_run_device(device), amp=amp, dist=dist, progress=progress, layer=layer,
-                              use_raw=use_raw, source_path=source_path)
+        return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
+                          device=_run_device(device), amp=amp, dist=dist, progress=progress, layer=layer,
+                          use_raw=use_raw, source_path=source_path)
 
 
 def _describe_input(layer: str | None, use_raw: bool) -> str:
@@ -239,22 +243,15 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     Returns (MaskSCModel, TrainResult); on ranks other than 0 the model's ``path`` is None.
     """
     from masksc import distributed
-    from masksc.errors import DataError
     from masksc.outofcore import RowReader
-    from masksc.train import check_resumable, resolve_device
+    from masksc.train import check_resumable
 
     ctx = dist or distributed.context()
     teacher_overrides = dict(teacher_overrides or {})
     # bad settings and an unusable model_dir fail here, before any preprocessing or training
-    resolve_device(device)
-    cfg = get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs}))
-    train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
-                              checkpoint_every=checkpoint_every)
-    if chunk_size < 1:
-        raise DataError(f"chunk_size={chunk_size} must be >= 1; fix: pass a positive number of cells.")
-    if teacher_cells is not None and teacher_cells < 1:
-        raise DataError(f"teacher_cells={teacher_cells} must be >= 1; fix: pass a positive number of cells, or "
-                        "None for all cells (0 on the command line).")
+    cfg, train_cfg = fit_configs(preset, epochs=epochs, seed=seed, model_dir=model_dir, resume=resume, device=device,
+                                 progress=progress, checkpoint_every=checkpoint_every, chunk_size=chunk_size,
+                                 teacher_cells=teacher_cells, teacher_overrides=teacher_overrides, **overrides)
     if model_dir is not None:
         ckpt.check_run_dir(model_dir, resume)
     resume_from = None  # the run to continue: its transform, layout and teacher come back from it
@@ -278,6 +275,30 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                        fitted_input=fitted_input)
 
 
+def fit_configs(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
+                model_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
+                progress: bool = True, checkpoint_every: int | None = None, chunk_size: int = 4096,
+                teacher_cells: int | None = 50_000, teacher_overrides: dict | None = None, **overrides):
+    """The configs ``fit`` trains with for these settings (its arguments of the same names):
+    (MaskSCConfig, TrainConfig), every setting checked without reading any data. Raises
+    ValueError (or DataError) naming a bad one, so a caller about to read a large file can
+    check first."""
+    from masksc.errors import DataError
+    from masksc.train import resolve_device
+
+    resolve_device(device)
+    cfg = get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs}))
+    train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
+                              checkpoint_every=checkpoint_every)
+    _teacher_config(cfg, seed, None, dict(teacher_overrides or {}))  # names and values; the dropout needs the data
+    if chunk_size < 1:
+        raise DataError(f"chunk_size={chunk_size} must be >= 1; fix: pass a positive number of cells.")
+    if teacher_cells is not None and teacher_cells < 1:
+        raise DataError(f"teacher_cells={teacher_cells} must be >= 1; fix: pass a positive number of cells, or "
+                        "None for all cells (0 on the command line).")
+    return cfg, train_cfg
+
+
 def _check_enough_cells(n: int) -> None:
     from masksc.errors import DataError
     if n < MIN_FIT_CELLS:
@@ -292,7 +313,7 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
     if resume_from is not None:
         # the saved transform, not one refitted on this data: it continues the run exactly and
         # refuses data from another gene set, as a resumed streamed run does
-        bundle_meta = _saved_transform(resume_from)
+        bundle_meta = {"input": fitted_input, **_saved_transform(resume_from)}  # saved before it was recorded: now
         preprocessor = Preprocessor.from_dict(bundle_meta["preprocessor"])
         grid = GridLayout.from_dict(bundle_meta["grid"])
         X_grid = grid.to_grid(preprocessor.transform(adata).X)
@@ -386,7 +407,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
     if resume_from is not None:
         # transform, layout and teacher come back with the checkpoint (the teacher's weights with
         # the model's), so a resumed run continues exactly where it stopped
-        meta = _saved_transform(resume_from)
+        meta = {"input": fitted_input, **_saved_transform(resume_from)}  # saved before it was recorded: now
         if cfg.med:
             teacher = ckpt.build_model(ckpt.read_config(resume_from)).teacher
     else:

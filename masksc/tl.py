@@ -175,9 +175,9 @@ def _foreign_graph(adata, key: str) -> str | None:
     return " and ".join(held) or None
 
 
-def neighbors(adata, n_neighbors: int = 15, *, use_rep: str = EMBEDDING_KEY, metric: str = "euclidean",
-              key_added: str = NEIGHBORS_KEY, seed: int = 0, use_gpu: bool | None = None, copy: bool = False,
-              **search_kw):
+def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = EMBEDDING_KEY,
+              metric: str = "euclidean", key_added: str = NEIGHBORS_KEY, seed: int = 0, use_gpu: bool | None = None,
+              copy: bool = False, **search_kw):
     """kNN graph of the embedding ``adata.obsm[use_rep]`` (FAISS, see ``masksc.cluster.knn_search``),
     stored as scanpy's ``pp.neighbors(key_added=...)`` stores one, so scanpy's tools read it
     (``sc.tl.umap(adata, neighbors_key="masksc_neighbors")``, ``sc.tl.leiden``, ``sc.tl.paga``):
@@ -256,7 +256,7 @@ def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
         warn(f"replacing the graph in adata.uns[{NEIGHBORS_KEY!r}], built from adata.obsm[{params.get('use_rep')!r}], "
              f"with one of adata.obsm[{use_rep!r}]; to keep both, build one with masksc.tl.neighbors(adata, "
              "key_added=...) and pass it as neighbors_key")
-    conn_key = _store_graph(adata, NEIGHBORS_KEY, Z, digest, use_rep, asked.get("n_neighbors", 15),
+    conn_key = _store_graph(adata, NEIGHBORS_KEY, Z, digest, use_rep, asked.get("n_neighbors", _cluster.N_NEIGHBORS),
                             asked.get("metric", "euclidean"), seed, kwargs.get("use_gpu"), {})
     return adata.obsp[conn_key]
 
@@ -273,9 +273,11 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     :func:`neighbors` is the one clustered), else built by :func:`neighbors` and stored there
     (``sc.tl.umap(adata, neighbors_key="masksc_neighbors")`` can then draw it).
 
-    ``seed``: seeds k-means / Leiden. ``kwargs`` go to ``masksc.cluster.cluster_embedding``
-    (``method``, ``n_neighbors``, ``resolution``, ``metric``, ``use_gpu``, and k-means settings
-    such as ``n_init``). ``copy``: return a copy of ``adata`` with the clusters and leave ``adata``
+    ``seed``: seeds k-means / Leiden. ``kwargs``: ``method``, ``n_neighbors``, ``resolution``,
+    ``metric``, ``use_gpu`` and k-means settings such as ``n_init``, as
+    ``masksc.cluster.cluster_embedding`` takes them (Leiden's graph is built by :func:`neighbors`
+    and clustered by ``masksc.cluster.cluster_graph``); settings the method would ignore are
+    refused before any work. ``copy``: return a copy of ``adata`` with the clusters and leave ``adata``
     as it is (else None is returned)."""
     _check_adata(adata, "cluster", needs_x=False)
     _cluster.check_settings(kwargs, allowed=[name for name in _cluster.CLUSTER_SETTINGS + _cluster.KMEANS_SETTINGS
@@ -289,6 +291,9 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     if neighbors_key is not None and not leiden:
         raise TypeError(f"neighbors_key= names Leiden's graph, but k-means clusters here (k={k}); fix: drop "
                         "neighbors_key, or pass method='leiden' to search the graph's resolution for k clusters.")
+    if leiden:  # before a graph is built
+        _cluster.check_leiden_settings(k, kwargs.get("resolution"), {name: value for name, value in kwargs.items()
+                                                                    if name in _cluster.KMEANS_SETTINGS})
     adata = _target(adata, copy)
     if not leiden:
         labels = _cluster.cluster_embedding(_embedding(adata, use_rep), k=k, seed=seed, **kwargs)

@@ -252,7 +252,8 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
             start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result, steps_per_epoch)
             if _is_main():  # a finished run writes nothing more: its model is the last checkpoint
                 result.checkpoint = str(run_dir / (run_dir / "last").resolve().name)
-            log.info("resumed from %s at epoch %d (step %d)", run_dir / "last", start_epoch, step)
+            log.info("resumed from %s at epoch %d (step %d)", run_dir / (run_dir / "last").resolve().name,
+                     start_epoch, step)
         else:
             log.info("resume=True but %s has no checkpoint yet; starting from scratch", run_dir)
     if start_epoch == 0:

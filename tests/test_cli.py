@@ -186,7 +186,7 @@ def test_unwritable_outputs_are_one_line_errors_before_any_work(trained, embedde
              (["evaluate", str(embedded), "--json", str(afile / "s.json")], "is a file, not a folder; fix: "),
              (["demo", "-o", str(afile)], "notes.py is a file, not a folder; fix: ")]
     cases.append((["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "c.npy")],
-                  "c.npy must end in .h5ad (the clustered AnnData); fix: e.g. -o "))
+                  "c.npy must end in .h5ad; fix: e.g. -o "))
     if os.path.isdir("/proc/self"):   # a folder where nothing can be created, even by root
         cases.append((["cluster", str(embedded), "-k", "3", "-o", "/proc/c.h5ad"],
                       "cannot write /proc/c.h5ad: cannot write in /proc"))
@@ -308,9 +308,35 @@ def test_genome_reads_one_genome_of_a_mixed_species_10x_file(trained, tmp_path, 
     assert "holds 2 genomes ['hg19', 'mm10']" in capsys.readouterr().err and not (tmp_path / "none.npy").exists()
     assert main(["plot", "attention", str(tmp_path / "mixed.h5"), "--model", str(model), "-o",
                  str(tmp_path / "a.png"), "--genome", "mm10", "--cells", "2"]) == 0
+    assert main([*embed, str(tmp_path / "t.npy"), "--genome", "mm10", "--transpose"]) == 2
+    assert "transpose=True (--transpose) applies to csv/tsv tables only" in capsys.readouterr().err
     assert main(["embed", str(data), "--model", str(model), "-o", str(tmp_path / "g.npy"), "--genome", "mm10"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"--genome reads a part of a 10x .h5, and {data} is a h5ad "
                                                     "file, which has none; fix: drop --genome.")
+
+
+def test_fit_and_embed_check_settings_and_output_before_reading_a_file_into_memory(trained, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A csv is read whole before training: a bad setting or output name is refused first, not
+    after minutes of reading."""
+    import masksc.data
+    data, _, model = trained
+    table = tmp_path / "cells.csv"
+    ad.read_h5ad(data).to_df().to_csv(table)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the file was read before the settings were checked")
+    monkeypatch.setattr(masksc.data, "read", no_read)
+    fit = ["fit", str(table), "-o", str(tmp_path / "m")]
+    for argv, message in (([*fit, "--mask-ratio", "0"], "mask_ratio=0.0 must be a number in (0, 1)"),
+                          ([*fit, "--grid", "47x48"], "grid (47, 48) is not divisible by patch 4"),
+                          ([*fit, "--set", "embed_dim=-3"], "embed_dim=-3 must be an integer >= 1"),
+                          ([*fit, "--teacher-set", "bogus=1"], "teacher setting(s) ['bogus'] cannot be set"),
+                          (["embed", str(table), "--model", str(model), "-o", str(tmp_path / "e.txt")],
+                           "e.txt must end in .h5ad or .npy; fix: e.g. -o ")):
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_file_that_is_not_an_h5ad_or_a_folder_is_refused_in_one_line(tmp_path, capsys):
@@ -472,6 +498,21 @@ def test_cluster_leiden_options_reach_leiden(embedded, tmp_path):
         np.testing.assert_array_equal(got, ref.obs["masksc_cluster"].astype(str).to_numpy())
 
 
+def test_cluster_without_options_builds_the_default_graph_over_a_stored_other_one(embedded, tmp_path):
+    """Without --n-neighbors, Leiden clusters a graph of N_NEIGHBORS neighbours, as --help says,
+    even where the file holds a masksc graph of another size (which tl.cluster would reuse)."""
+    from masksc import cluster, tl
+    five = ad.read_h5ad(embedded)
+    tl.neighbors(five, n_neighbors=5)
+    five.write_h5ad(tmp_path / "five.h5ad")
+    assert main(["cluster", str(tmp_path / "five.h5ad"), "-o", str(tmp_path / "c.h5ad")]) == 0
+    ref = ad.read_h5ad(embedded)
+    tl.cluster(ref, n_neighbors=cluster.N_NEIGHBORS)
+    got = ad.read_h5ad(tmp_path / "c.h5ad")
+    np.testing.assert_array_equal(got.obs["masksc_cluster"].astype(str), ref.obs["masksc_cluster"].astype(str))
+    assert got.uns["masksc_neighbors"]["params"]["n_neighbors"] == cluster.N_NEIGHBORS
+
+
 def test_cluster_refuses_leiden_options_beside_k(embedded, tmp_path, capsys):
     """--resolution / --n-neighbors with -k would be ignored by k-means: refused, nothing written."""
     out = tmp_path / "c.h5ad"
@@ -524,7 +565,7 @@ def test_layer_option_streams_that_layer(trained, tmp_path, capsys):
     # the model records its layer: reading X instead is refused naming it, and so is resuming on X
     assert main(["embed", str(tmp_path / "layered.h5ad"), "--model", str(tmp_path / "m"), "-o",
                  str(tmp_path / "x.npy")]) == 2
-    assert ("this model was fitted on the layer 'counts', and X was read here; to read the same, pass "
+    assert ("this model was fitted on the layer 'counts' (raw counts), and X was read here; to read the same, pass "
             "layer='counts' (--layer counts)") in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
     assert main(["fit", str(tmp_path / "layered.h5ad"), "-o", str(tmp_path / "m"), *TINY, "--resume"]) == 2
     assert "was fitted on the layer 'counts', not X; to resume, pass layer='counts' (--layer counts)" in \

@@ -80,7 +80,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     resumed = _fit(data, run, "--resume")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
-    assert f"resumed from {run / 'last'} at epoch {saved}" in err
+    assert f"resumed from {run / f'epoch-{saved:06d}'} at epoch {saved}" in err
     out, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
 

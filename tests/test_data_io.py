@@ -306,6 +306,13 @@ def test_10x_h5_genome_picks_one_genome_of_a_mixed_species_file(tmp_path, counts
     _check(read(tmp_path / "v3.h5", genome="mm10"), mouse, cells, genes[7:])
     with pytest.raises(DataError, match=r"genome='mm9' \(--genome\): .* holds the genomes \['hg19', 'mm10'\]"):
         read(tmp_path / "v3.h5", genome="mm9")
+    # CITE-seq: antibody features carry no genome; genome= and the Gene Expression filter apply together
+    write_10x_h5(tmp_path / "ab.h5", X, cells, genes, feature_types=["Gene Expression"] * 10 + ["Antibody Capture"] * 2,
+                 genomes=["hg19"] * 7 + ["mm10"] * 3 + [""] * 2)
+    _check(read(tmp_path / "ab.h5", genome="mm10"), X[:, 7:10], cells, genes[7:10])
+    assert (read(tmp_path / "ab.h5", genome="mm10").X != sc.read_10x_h5(tmp_path / "ab.h5", genome="mm10").X).nnz == 0
+    with pytest.raises(DataError, match=r"holds the genomes \['hg19', 'mm10'\]; fix"):
+        read(tmp_path / "ab.h5", genome="GRCh38")
     pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "t.csv")
     with pytest.raises(DataError, match=r"genome='hg19' \(--genome\) picks a genome of a 10x .h5 file, not of "
                                         r"format 'csv'; fix: drop it"):

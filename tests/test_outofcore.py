@@ -208,7 +208,7 @@ def test_embed_file_refuses_wrong_genes_and_bad_suffix(tmp_path, fitted):
     other.write_h5ad(tmp_path / "o.h5ad")
     with pytest.raises(CheckpointError, match="missing"):
         model.embed_file(tmp_path / "o.h5ad", tmp_path / "e.npy", progress=False)
-    with pytest.raises(MaskscError, match=r"\.npy or \.h5ad"):
+    with pytest.raises(MaskscError, match=r"must end in \.h5ad or \.npy"):
         model.embed_file(adata, tmp_path / "e.csv", progress=False)
 
 

@@ -253,8 +253,15 @@ def test_leiden_with_k_records_the_resolution_its_search_found():
     assert len(np.unique(again)) == 4
     with pytest.raises(TypeError, match=r"resolution=0.5 would be ignored: with k=4 Leiden searches"):
         tl.cluster(ad, k=4, method="leiden", resolution=0.5)
-    with pytest.raises(TypeError, match=r"\['n_neighbors', 'resolution'\] set Leiden's graph, but k-means"):
+    with pytest.raises(TypeError, match=r"\['n_neighbors', 'resolution'\] are Leiden's settings, but k-means"):
         tl.cluster(ad, k=4, n_neighbors=5, resolution=0.5)
+    del ad.uns["masksc_neighbors"]
+    for bad in ({"resolution": 0.5}, {"n_init": 3}):  # refused before a graph is built and stored
+        with pytest.raises(TypeError):
+            tl.cluster(ad, k=4, method="leiden", **bad)
+        assert "masksc_neighbors" not in ad.uns
+    with pytest.raises(TypeError, match="did you mean 'resolution'"):
+        cluster.cluster_graph(graph, resolutoin=2)
 
 
 def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
@@ -274,8 +281,13 @@ def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
     np.testing.assert_allclose(layered.obsm["X_masksc"], from_x.embed(counts, progress=False), rtol=1e-5, atol=1e-6)
     with pytest.raises(DataError, match="non-integer .* layer='counts'") as exc:
         tl.embed(layered, from_layer, progress=False)  # X holds log values, the model wants counts
-    assert str(exc.value).endswith("Note: this model was fitted on the layer 'counts', and X was read here; to read "
-                                   "the same, pass layer='counts' (--layer counts).")
+    assert str(exc.value).endswith("Note: this model was fitted on the layer 'counts' (raw counts), and X was read "
+                                   "here; to read the same, pass layer='counts' (--layer counts) for an AnnData or "
+                                   ".h5ad; other files hold only X, which must then hold raw counts.")
+    with pytest.raises(CheckpointError, match="missing from the data.* Note: this model was fitted on the layer"):
+        tl.embed(layered[:, 10:], from_layer, progress=False)  # missing genes: the same note
+    with pytest.raises(DataError, match="holds no cells; fix: pass a dataset with cells.$"):
+        from_layer.embed_file(layered[:0], tmp_path / "none.npy", progress=False)  # not about the matrix: no note
     saved = MaskSCModel.load(from_layer.save(tmp_path / "layer_model"))
     assert saved.fitted_input == from_layer.fitted_input == {"layer": "counts", "use_raw": False}
     assert from_x.fitted_input == {"layer": None, "use_raw": False}

@@ -244,16 +244,18 @@ def _read_10x_h5(path, where, genome=None, **_):
         ftype = _decode(feats["feature_type"][()]) if "feature_type" in feats else None
         genomes = _decode(feats["genome"][()]) if "genome" in feats else None
         obs = pd.DataFrame(index=pd.Index(_decode(m["barcodes"][()])))
-    adata = ad.AnnData(X=X, obs=obs, var=var)
+    keep = np.ones(len(names), dtype=bool)
     if genome is not None:
-        _check_genome(path, genome, [] if genomes is None else list(dict.fromkeys(genomes.tolist())), needed=False)
-        adata = adata[:, genomes == genome].copy()
+        held = [] if genomes is None else [g for g in dict.fromkeys(genomes.tolist()) if g]  # antibodies: ""
+        _check_genome(path, genome, held, needed=False)
+        keep &= genomes == genome
     if ftype is not None:
-        var_keep = ftype == "Gene Expression"
-        if var_keep.any() and not var_keep.all():
-            log.info("keeping %d 'Gene Expression' features of %d", var_keep.sum(), len(var_keep))
-            adata = adata[:, var_keep].copy()
-    return _finish(_unique_genes(adata, path), where)
+        gex = ftype == "Gene Expression"
+        if gex.any() and not gex.all():
+            keep &= gex
+            log.info("keeping %d 'Gene Expression' features of %d", keep.sum(), len(keep))
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    return _finish(_unique_genes(adata if keep.all() else adata[:, keep].copy(), path), where)
 
 
 def _check_genome(path, genome: str | None, genomes: list[str], needed: bool) -> None:

@@ -284,8 +284,8 @@ class Preprocessor:
         cols = pd.Index(var_names).get_indexer(self.input_genes_)
         n_missing = int((cols < 0).sum())
         if n_missing:
-            warn(f"{n_missing} of the {len(cols)} genes the model was trained on are missing from the data; "
-                 "library sizes are summed over the rest, so cells normalise differently than in training "
+            warn(f"{n_missing} of the {len(cols)} genes of the training data are missing from the data (none on the "
+                 "model's grid); library sizes are summed over the rest, so cells normalise differently than in training "
                  "and their embedding shifts; fix: pass every gene of the training data (a gene not "
                  "measured can be a zero column)")
         return np.sort(cols[cols >= 0])
@@ -323,8 +323,9 @@ class Preprocessor:
             raise DataError(f"the data's genes have no names (gene_0000.. were made up when it was read), so they are "
                             f"matched to the model's by column position, and these columns are not the genes it was "
                             f"trained on: their per-gene detection rates{where} correlate with the training data's "
-                            f"at Spearman r = {r:.2f} (the same genes give r above 0.8); fix: embed cells "
-                            "measured on the training file's genes in its column order, or retrain on this data.")
+                            f"at Spearman r = {r:.2f} (the same genes give r above 0.8); fix: pass cells "
+                            "measured on the training file's genes in its column order, or train a new model on this "
+                            "data.")
 
     def transform_chunks(self, data, chunk_size: int | None = None) -> Iterator[tuple[int, np.ndarray, sp.csr_matrix]]:
         """Stream the transform: yield ``(start, keep, X)`` per chunk, ``keep`` bool [chunk cells]
