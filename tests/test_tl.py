@@ -1,4 +1,5 @@
 """AnnData-level API: fit -> embed -> cluster -> evaluate, storage conventions, model reuse."""
+import json
 import os
 import shutil
 
@@ -68,8 +69,13 @@ def test_resumed_fit_reuses_the_saved_transform_and_refuses_other_genes(tmp_path
         tl.fit(other, "demo", model_dir=run, resume=True, **settings)
     with pytest.raises(CheckpointError, match=r"grid_shape: saved \[16, 16\], requested \[8, 8\].* -o on the command"):
         tl.fit(adata.copy(), "demo", model_dir=run, resume=True, **{**settings, "grid_shape": (8, 8)})
+    config = json.loads((run / "epoch-000001" / "config.json").read_text())
+    del config["meta"]["input"]  # as an earlier release saved it
+    (run / "epoch-000001" / "config.json").write_text(json.dumps(config))
     resumed = adata.copy()
     model = tl.fit(resumed, "demo", model_dir=run, resume=True, **settings)
+    assert model.fitted_input == {"layer": None, "use_raw": False}  # recorded from now on
+    assert MaskSCModel.load(run).fitted_input == model.fitted_input
     assert list(model.genes) == list(ref.genes)
     assert resumed.uns["masksc"]["fit"]["losses"] == pytest.approx(full.uns["masksc"]["fit"]["losses"], abs=1e-6)
     np.testing.assert_allclose(model.embed(adata, progress=False), ref.embed(adata, progress=False), atol=1e-5)
