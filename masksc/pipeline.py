@@ -119,6 +119,8 @@ class MaskSCModel:
             fitted = self.fitted_input
             if fitted is None or (fitted["layer"], fitted["use_raw"]) == (layer, bool(use_raw)):
                 raise
+            if isinstance(exc, CheckpointError) and fitted["use_raw"] == bool(use_raw):
+                raise  # missing genes: a layer has X's genes, so reading another layer is not the cause
             kind = {"counts": "raw counts", "log": "log-normalised values"}.get(self.preprocessor.input_kind_, "")
             held = f" ({kind})" if kind else ""
             others = (f" for an AnnData or .h5ad; other files hold only X, which must then hold {kind or 'them'}"
@@ -131,9 +133,18 @@ class MaskSCModel:
         """Preprocess ``adata`` (its ``X``, ``adata.layers[layer]``, or with ``use_raw`` its
         ``.raw``) with the saved transform and lay it on the grid: CSR float32 [n_cells, g*s].
         Raises CheckpointError when that matrix lacks genes the model needs."""
+        from masksc.errors import CheckpointError
         with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
-            ckpt.check_genes(self.grid.to_dict(), expression.var_names)
+            try:
+                ckpt.check_genes(self.grid.to_dict(), expression.var_names)
+            except CheckpointError as exc:
+                column = _column_naming(expression.var, self.genes)
+                if column is None:
+                    raise
+                raise CheckpointError(f"{exc} The column var[{column!r}] holds the model's genes: to match by it, "
+                                      f"adata.var_names = adata.var[{column!r}].astype(str) (then "
+                                      "adata.var_names_make_unique() if names repeat).") from exc
             return self.grid.to_grid(self.preprocessor.transform(expression))
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
@@ -181,6 +192,20 @@ class MaskSCModel:
         return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
                           device=_run_device(device), amp=amp, dist=dist, progress=progress, layer=layer,
                           use_raw=use_raw, source_path=source_path)
+
+
+def _column_naming(var, genes: list[str]) -> str | None:
+    """The column of ``var`` (a DataFrame of gene annotations) whose values name most of ``genes``
+    (e.g. symbols beside Ensembl IDs as var_names), or None."""
+    wanted = set(genes)
+    best, best_hits = None, len(wanted) // 2
+    for column in var.columns:
+        if var[column].dtype.kind in "biufcmM":
+            continue
+        hits = len(wanted & set(var[column].astype(str)))
+        if hits > best_hits:
+            best, best_hits = column, hits
+    return best
 
 
 def _describe_input(layer: str | None, use_raw: bool) -> str:

@@ -102,8 +102,11 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
     return tsne.fit_transform(Z).astype(np.float32), "tsne"
 
 
-def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(Z, {panel name: labels}) from an array or an AnnData plus ``color_by``."""
+def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list]]:
+    """(Z, {panel name: labels}, {panel name: colours per category}) from an array or an AnnData
+    plus ``color_by``; a categorical column stays a ``pd.Categorical`` (its categories' order is
+    the legend's) and brings scanpy's ``uns[f"{column}_colors"]`` when that has one per category."""
+    palettes = {}
     if hasattr(data, "obsm") and hasattr(data, "obs"):
         if basis not in data.obsm and f"X_{basis}" in data.obsm:  # scanpy's basis="umap" for obsm["X_umap"]
             basis = f"X_{basis}"
@@ -119,8 +122,12 @@ def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.nd
             missing = [c for c in color_by if c not in data.obs]
             if missing:
                 raise DataError(f"adata.obs has no column(s) {missing}; available: {list(data.obs.columns)}.")
-            # a categorical column stays categories whatever they are (its to_numpy() of int categories is ints)
-            color_by = {c: data.obs[c].astype(object).to_numpy() if isinstance(data.obs[c].dtype, pd.CategoricalDtype)
+            for c in color_by:
+                stored = data.uns.get(f"{c}_colors")
+                if isinstance(data.obs[c].dtype, pd.CategoricalDtype) and stored is not None and \
+                        len(stored) == len(data.obs[c].cat.categories):
+                    palettes[c] = list(stored)
+            color_by = {c: data.obs[c].array if isinstance(data.obs[c].dtype, pd.CategoricalDtype)
                         else data.obs[c].to_numpy() for c in color_by}
     else:
         Z = _to_numpy(data)
@@ -133,12 +140,12 @@ def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.nd
         raise DataError("color_by must be a dict {panel title: labels per cell} (or, for AnnData, obs column names).")
     out = {}
     for name, labels in color_by.items():
-        labels = _to_numpy(labels)
+        labels = labels if isinstance(labels, pd.Categorical) else _to_numpy(labels)
         if labels.ndim != 1 or labels.shape[0] != Z.shape[0]:
             raise DataError(f"color_by[{name!r}] must have one label per cell ({Z.shape[0]}), "
                             f"got shape {labels.shape}.")
         out[str(name)] = labels
-    return Z, out
+    return Z, out, {str(name): colors for name, colors in palettes.items()}
 
 
 def _category_colors(n: int) -> list:
@@ -156,8 +163,11 @@ def _natural_key(text: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
 
 
-def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float) -> None:
-    numeric_many = labels.dtype.kind in "fiu" and len(np.unique(labels)) > MAX_LEGEND
+def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: list | None = None) -> None:
+    """One scatter of ``xy`` coloured by ``labels`` (an array, or a pd.Categorical whose categories
+    give the legend's order and ``palette`` its colours, one per category)."""
+    categorical = isinstance(labels, pd.Categorical)
+    numeric_many = not categorical and labels.dtype.kind in "fiu" and len(np.unique(labels)) > MAX_LEGEND
     if numeric_many:  # a continuous value (a score, a count per cell): colour map and colour bar
         missing = np.isnan(labels) if labels.dtype.kind == "f" else np.zeros(len(labels), dtype=bool)
         if missing.any():  # NaN: grey underneath, as unlabelled cells are drawn (matplotlib would drop them)
@@ -169,9 +179,16 @@ def _draw_panel(ax, xy: np.ndarray, labels: np.ndarray, title: str, size: float)
         ax.figure.colorbar(sc, ax=ax, shrink=0.8)
     else:
         missing = np.asarray(pd.isna(labels), dtype=bool)
-        str_labels = labels.astype(str)
-        cats = sorted(np.unique(str_labels[~missing]), key=_natural_key)
-        colors = _category_colors(len(cats))
+        str_labels = np.asarray(labels, dtype=object).astype(str)
+        present = set(str_labels[~missing])
+        if categorical:  # the column's own order and colours, kept when a sample lacks a category
+            order = [str(c) for c in labels.categories]
+            every = palette if palette is not None else _category_colors(len(order))
+            cats = [c for c in order if c in present]
+            colors = [every[order.index(c)] for c in cats]
+        else:
+            cats = sorted(present, key=_natural_key)
+            colors = _category_colors(len(cats))
         if missing.any():  # unlabelled cells: grey, underneath the labelled ones
             ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True,
                        label=f"NA ({int(missing.sum())})")
@@ -198,9 +215,10 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
         data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
         color_by: dict {panel title: labels [n]} (categories, missing ones drawn grey as "NA",
             or, for numbers with more than 30 distinct values, e.g. counts per cell, a continuous
-            colour, NaN drawn grey); for AnnData also an obs
-            column name or a list of them, or None for the clusters of the last ``tl.cluster``
-            and the ``label`` column, those that exist.
+            colour, NaN drawn grey; a ``pd.Categorical`` is drawn in its categories' order); for
+            AnnData also an obs column name or a list of them (a categorical column keeps its
+            order and takes scanpy's ``uns[f"{column}_colors"]``), or None for the clusters of the
+            last ``tl.cluster`` and the ``label`` column, those that exist.
         path: output .png path (written atomically; parent folders created); None returns the
             Figure instead.
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
@@ -223,7 +241,7 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
                                   or max_cells < 2):
         raise DataError(f"max_cells must be an integer >= 2 (a map needs two cells) or None for all cells, got "
                         f"{max_cells!r}.")
-    Z, colorings = _color_sets(data, color_by, basis)
+    Z, colorings, palettes = _color_sets(data, color_by, basis)
     fig, axes = _panels(ax, path, len(colorings), 6.5, 5.0)  # before the map: a bad ax= fails at once
     if Z.shape[1] == 2:  # already a map (e.g. scanpy's X_umap): mapping it again would distort it
         method = "precomputed"
@@ -235,7 +253,7 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
     xy, method = _coords_2d(Z[idx], method, seed)
     size = point_size if point_size is not None else float(np.clip(3000.0 / len(idx), 0.5, 30.0))
     for panel, (name, labels) in zip(axes, colorings.items()):
-        _draw_panel(panel, xy, labels[idx], name, size)
+        _draw_panel(panel, xy, labels[idx], name, size, palettes.get(name))
         panel.set_xlabel(f"{method.upper()} 1" if method != "precomputed" else "")
         panel.set_ylabel(f"{method.upper()} 2" if method != "precomputed" else "")
     if ax is not None:

@@ -335,6 +335,11 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
         raise DataError(f"label_key and cluster_key are both {label_key!r}: the clusters would be scored against "
                         "themselves; fix: pass the column of true labels as label_key (--label-key).")
     Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
+    unclustered = int(adata.obs[cluster_key].isna().sum())
+    if unclustered:
+        raise DataError(f"{unclustered} of {adata.n_obs} cells have no cluster in adata.obs[{cluster_key!r}] (e.g. "
+                        "cells joined by ad.concat after clustering); fix: run masksc.tl.cluster on this object, or "
+                        f"evaluate the clustered cells: adata[adata.obs[{cluster_key!r}].notna()].copy().")
     n_labelled, agreement = None, {}
     if label_key is not None:
         if label_key not in adata.obs:

@@ -183,6 +183,31 @@ def test_a_categorical_column_of_many_integer_categories_stays_categorical():
     assert len(panels["clusters (40 categories, no legend)"].collections) == 40
 
 
+def test_a_categorical_column_keeps_its_order_and_scanpys_stored_colours():
+    """The legend follows the categories' order, and uns["<column>_colors"] (as scanpy stores them)
+    colour them, so a map here matches sc.pl.umap's; without stored colours a category keeps its
+    colour when a sample lacks another one."""
+    import anndata as ad
+    from matplotlib.colors import to_rgba
+    rng = np.random.default_rng(5)
+    order = ["type_3", "type_2", "type_1", "type_0"]
+    cells = ad.AnnData(obs=pd.DataFrame({"t": pd.Categorical(rng.choice(order, 200), categories=order)},
+                                        index=[f"c{i}" for i in range(200)]),
+                       obsm={"X_umap": rng.normal(size=(200, 2)).astype(np.float32)})
+    cells.uns["t_colors"] = ["#ff0000", "#00ff00", "#0000ff", "#000000"]
+    fig = pl.embedding(cells, "t", basis="umap")
+    legend = [text.get_text().split(" (")[0] for text in fig.axes[0].get_legend().get_texts()]
+    assert legend == order
+    drawn = [tuple(c.get_facecolor()[0]) for c in fig.axes[0].collections]
+    assert drawn == [to_rgba(c) for c in cells.uns["t_colors"]]
+    del cells.uns["t_colors"]
+    whole = [tuple(c.get_facecolor()[0]) for c in pl.embedding(cells, "t", basis="umap").axes[0].collections]
+    values = cells.obs["t"].to_numpy()
+    no_type_2 = pd.Categorical(np.where(values == "type_2", "type_3", values), categories=order)  # unused category
+    fig = pl.embedding(cells.obsm["X_umap"], {"t": no_type_2})
+    assert [tuple(c.get_facecolor()[0]) for c in fig.axes[0].collections] == [whole[0], whole[2], whole[3]]
+
+
 def test_attention_grid_takes_a_colormap_object_as_matplotlib_does():
     from matplotlib import colormaps
     fig = pl.attention_grid(np.random.default_rng(0).random((1, 4, 4)), cmap=colormaps["viridis"])

@@ -4,6 +4,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
@@ -290,8 +291,9 @@ def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
     assert str(exc.value).endswith("Note: this model was fitted on the layer 'counts' (raw counts), and X was read "
                                    "here; to read the same, pass layer='counts' (--layer counts) for an AnnData or "
                                    ".h5ad; other files hold only X, which must then hold raw counts.")
-    with pytest.raises(CheckpointError, match="missing from the data.* Note: this model was fitted on the layer"):
-        tl.embed(layered[:, 10:], from_layer, progress=False)  # missing genes: the same note
+    with pytest.raises(CheckpointError, match="missing from the data") as exc:
+        tl.embed(layered[:, 10:], from_layer, progress=False)
+    assert "Note" not in str(exc.value)  # a layer has X's genes: reading it would not bring the missing ones
     with pytest.raises(DataError, match="holds no cells; fix: pass a dataset with cells.$"):
         from_layer.embed_file(layered[:0], tmp_path / "none.npy", progress=False)  # not about the matrix: no note
     saved = MaskSCModel.load(from_layer.save(tmp_path / "layer_model"))
@@ -299,6 +301,41 @@ def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
     assert from_x.fitted_input == {"layer": None, "use_raw": False}
     with pytest.raises(DataError, match=r"no layer 'raw'; fix: pass one of \['counts'\]"):
         tl.fit(layered, "demo", layer="raw", progress=False, **TINY)
+
+
+def test_genes_named_otherwise_point_to_the_var_column_that_names_them(tmp_path):
+    """Ensembl IDs as var_names with the model's symbols in a var column: the refusal names that
+    column and code that matches by it, and following it embeds as the symbol-named data does."""
+    data = synthetic(240, n_genes=300, n_types=3, seed=1)
+    data.var_names = [f"SYM{i}" for i in range(data.n_vars)]
+    model = tl.fit(data, "demo", epochs=1, progress=False, **TINY)
+    ens = data.copy()
+    ens.var["gene_symbols"] = pd.Categorical(ens.var_names)
+    ens.var["n_cells"] = 1
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    with pytest.raises(CheckpointError, match=r"missing from the data.*The column var\['gene_symbols'\] holds the "
+                                              r"model's genes: to match by it, adata.var_names = adata.var\["
+                                              r"'gene_symbols'\].astype\(str\)"):
+        tl.embed(ens, model, progress=False)
+    ens.var_names = ens.var["gene_symbols"].astype(str)
+    tl.embed(ens, model, progress=False)
+    np.testing.assert_allclose(ens.obsm["X_masksc"], model.embed(data, progress=False), rtol=1e-6)
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    with pytest.raises(CheckpointError) as exc:
+        tl.embed(ens[:, :0].copy(), model, progress=False)
+    assert "The column" not in str(exc.value)  # no column names the genes: no pointer
+
+
+def test_evaluate_names_cells_without_a_cluster():
+    ad = synthetic(60, n_genes=20, n_types=2, seed=4)
+    ad.obsm["X_masksc"] = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
+    tl.cluster(ad, k=2)
+    ad.obs.loc[ad.obs_names[:5], "masksc_cluster"] = np.nan  # as ad.concat leaves unclustered cells
+    with pytest.raises(DataError, match=r"5 of 60 cells have no cluster in adata.obs\['masksc_cluster'\].*fix: run "
+                                        r"masksc.tl.cluster on this object"):
+        tl.evaluate(ad, "label")
+    scores = tl.evaluate(ad[ad.obs["masksc_cluster"].notna()].copy(), "label")  # the fix it names works
+    assert 0 <= scores["nmi"] <= 1
 
 
 def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):

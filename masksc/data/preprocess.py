@@ -284,9 +284,9 @@ class Preprocessor:
         cols = pd.Index(var_names).get_indexer(self.input_genes_)
         n_missing = int((cols < 0).sum())
         if n_missing:
-            warn(f"{n_missing} of the {len(cols)} genes of the training data are missing from the data (none on the "
-                 "model's grid); library sizes are summed over the rest, so cells normalise differently than in training "
-                 "and their embedding shifts; fix: pass every gene of the training data (a gene not "
+            warn(f"{n_missing} of the {len(cols)} genes of the training data are missing from the data (none on "
+                 "the model's grid); library sizes are summed over the rest, so cells normalise differently than "
+                 "in training and their embedding shifts; fix: pass every gene of the training data (a gene not "
                  "measured can be a zero column)")
         return np.sort(cols[cols >= 0])
 
@@ -320,10 +320,11 @@ class Preprocessor:
         detection = np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) / X.shape[0]
         r = float(spearmanr(detection, self.detection_)[0])
         if not r >= PROFILE_MIN_SPEARMAN:  # also catches NaN (a constant profile)
-            raise DataError(f"the data's genes have no names (gene_0000.. were made up when it was read), so they are "
-                            f"matched to the model's by column position, and these columns are not the genes it was "
-                            f"trained on: their per-gene detection rates{where} correlate with the training data's "
-                            f"at Spearman r = {r:.2f} (the same genes give r above 0.8); fix: pass cells "
+            raise DataError(f"the data's genes are named gene_0000.. (the names masksc.read gives a file without "
+                            f"gene names), so they are matched to the model's by column position, and these columns "
+                            f"are not the genes it was trained on: their per-gene detection rates{where} correlate "
+                            f"with the training data's at Spearman r = {r:.2f} (the same genes give r above 0.8); "
+                            "fix: pass cells "
                             "measured on the training file's genes in its column order, or train a new model on this "
                             "data.")
 
