@@ -172,15 +172,14 @@ def _overrides(args) -> dict:
 def cmd_fit(args) -> int:
     """Train from a file, streamed from disk (.h5ad / 10x .h5; other formats are read into memory),
     on one process or, under torchrun, with DDP over all ranks."""
-    from masksc import checkpoint, distributed, pipeline
+    from masksc import distributed, pipeline
     settings = dict(model_dir=args.output, epochs=args.epochs, seed=args.seed, device=args.device, resume=args.resume,
                     checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
                     teacher_cells=args.teacher_cells or None, teacher_overrides=dict(args.teacher_set or []),
                     **_overrides(args))
     _device(args.device)
-    checkpoint.check_run_dir(args.output, resume=args.resume)
-    try:  # config values out of range (MaskSCConfig / TrainConfig / teacher checks), before reading the data
-        pipeline.fit_configs(args.preset, **settings)
+    try:  # settings out of range, or a run that cannot resume with them, are refused before reading the data
+        pipeline.check_fit(args.preset, layer=args.layer, use_raw=args.use_raw, **settings)
         source = _source(args)
         ctx = distributed.init_from_env(args.device)
         model, result = pipeline.fit(source, args.preset, min_cells=args.min_cells, dist=ctx, layer=args.layer,
@@ -244,8 +243,9 @@ def cmd_cluster(args) -> int:
     if args.k is not None and given:
         raise MaskscError(f"{' and '.join(given)} set Leiden's graph and clusters, but -k {args.k} clusters with "
                           "k-means; fix: drop them, or drop -k to cluster with Leiden.")
-    leiden = {} if args.k is not None else {
-        "n_neighbors": args.n_neighbors or N_NEIGHBORS, "resolution": args.resolution or LEIDEN_RESOLUTION}
+    leiden = {} if args.k is not None else {  # the graph --help describes, not one stored of another kind
+        "n_neighbors": args.n_neighbors or N_NEIGHBORS, "metric": "euclidean",
+        "resolution": args.resolution or LEIDEN_RESOLUTION}
     tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)
     n = adata.obs[args.key_added].nunique()
     print(f"{n} clusters written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")

@@ -139,7 +139,7 @@ class MaskSCModel:
             try:
                 ckpt.check_genes(self.grid.to_dict(), expression.var_names)
             except CheckpointError as exc:
-                column = _column_naming(expression.var, self.genes)
+                column = None if use_raw else _column_naming(expression.var, self.genes)
                 if column is None:
                     raise
                 raise CheckpointError(f"{exc} The column var[{column!r}] holds the model's genes: to match by it, "
@@ -196,9 +196,9 @@ class MaskSCModel:
 
 def _column_naming(var, genes: list[str]) -> str | None:
     """The column of ``var`` (a DataFrame of gene annotations) whose values name most of ``genes``
-    (e.g. symbols beside Ensembl IDs as var_names), or None."""
+    and more of them than ``var``'s index does (e.g. symbols beside Ensembl IDs as var_names), or None."""
     wanted = set(genes)
-    best, best_hits = None, len(wanted) // 2
+    best, best_hits = None, max(len(wanted) // 2, len(wanted & set(var.index.astype(str))))
     for column in var.columns:
         if var[column].dtype.kind in "biufcmM":
             continue
@@ -269,22 +269,15 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     """
     from masksc import distributed
     from masksc.outofcore import RowReader
-    from masksc.train import check_resumable
 
     ctx = dist or distributed.context()
     teacher_overrides = dict(teacher_overrides or {})
-    # bad settings and an unusable model_dir fail here, before any preprocessing or training
-    cfg, train_cfg = fit_configs(preset, epochs=epochs, seed=seed, model_dir=model_dir, resume=resume, device=device,
-                                 progress=progress, checkpoint_every=checkpoint_every, chunk_size=chunk_size,
-                                 teacher_cells=teacher_cells, teacher_overrides=teacher_overrides, **overrides)
-    if model_dir is not None:
-        ckpt.check_run_dir(model_dir, resume)
-    resume_from = None  # the run to continue: its transform, layout and teacher come back from it
-    if resume and model_dir is not None and (Path(model_dir) / "last").exists():
-        resume_from = Path(model_dir)
-        _check_resumed_teacher(resume_from, teacher_overrides)
-        _check_resumed_input(resume_from, layer, use_raw)
-        check_resumable(resume_from, cfg, train_cfg)
+    # bad settings, an unusable model_dir and a run that cannot resume fail here, before any reading or training
+    cfg, train_cfg, resume_from = check_fit(preset, epochs=epochs, seed=seed, model_dir=model_dir, resume=resume,
+                                            device=device, progress=progress, checkpoint_every=checkpoint_every,
+                                            chunk_size=chunk_size, teacher_cells=teacher_cells,
+                                            teacher_overrides=teacher_overrides, layer=layer, use_raw=use_raw,
+                                            **overrides)
     fitted_input = {"layer": layer, "use_raw": bool(use_raw)}
     if _streamed(adata) or ctx.distributed:
         reader = RowReader(adata, layer, use_raw)
@@ -300,16 +293,18 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                        fitted_input=fitted_input)
 
 
-def fit_configs(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
-                model_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
-                progress: bool = True, checkpoint_every: int | None = None, chunk_size: int = 4096,
-                teacher_cells: int | None = 50_000, teacher_overrides: dict | None = None, **overrides):
-    """The configs ``fit`` trains with for these settings (its arguments of the same names):
-    (MaskSCConfig, TrainConfig), every setting checked without reading any data. Raises
-    ValueError (or DataError) naming a bad one, so a caller about to read a large file can
-    check first."""
+def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
+              model_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
+              progress: bool = True, checkpoint_every: int | None = None, chunk_size: int = 4096,
+              teacher_cells: int | None = 50_000, teacher_overrides: dict | None = None, layer: str | None = None,
+              use_raw: bool = False, **overrides):
+    """What ``fit`` checks before reading any data, for its arguments of the same names: every
+    setting, ``model_dir``, and with ``resume`` that the run there can continue with them.
+    Returns (MaskSCConfig, TrainConfig, the run directory to resume from or None). Raises
+    ValueError, DataError or CheckpointError naming the problem, so a caller about to read a
+    large file can check first."""
     from masksc.errors import DataError
-    from masksc.train import resolve_device
+    from masksc.train import check_resumable, resolve_device
 
     resolve_device(device)
     cfg = get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs}))
@@ -321,7 +316,15 @@ def fit_configs(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0
     if teacher_cells is not None and teacher_cells < 1:
         raise DataError(f"teacher_cells={teacher_cells} must be >= 1; fix: pass a positive number of cells, or "
                         "None for all cells (0 on the command line).")
-    return cfg, train_cfg
+    if model_dir is not None:
+        ckpt.check_run_dir(model_dir, resume)
+    resume_from = None  # the run to continue: its transform, layout and teacher come back from it
+    if resume and model_dir is not None and (Path(model_dir) / "last").exists():
+        resume_from = Path(model_dir)
+        _check_resumed_teacher(resume_from, dict(teacher_overrides or {}))
+        _check_resumed_input(resume_from, layer, use_raw)
+        check_resumable(resume_from, cfg, train_cfg)
+    return cfg, train_cfg, resume_from
 
 
 def _check_enough_cells(n: int) -> None:

@@ -140,6 +140,8 @@ def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.nd
         raise DataError("color_by must be a dict {panel title: labels per cell} (or, for AnnData, obs column names).")
     out = {}
     for name, labels in color_by.items():
+        if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype):
+            labels = labels.array  # an obs column passed as a Series: its categories too
         labels = labels if isinstance(labels, pd.Categorical) else _to_numpy(labels)
         if labels.ndim != 1 or labels.shape[0] != Z.shape[0]:
             raise DataError(f"color_by[{name!r}] must have one label per cell ({Z.shape[0]}), "
@@ -179,7 +181,11 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
         ax.figure.colorbar(sc, ax=ax, shrink=0.8)
     else:
         missing = np.asarray(pd.isna(labels), dtype=bool)
-        str_labels = np.asarray(labels, dtype=object).astype(str)
+        if categorical:  # from the codes: int categories beside NaN would come out of the values as floats
+            str_labels = np.full(len(labels), "", dtype=object)
+            str_labels[~missing] = np.asarray(labels.categories.astype(str), dtype=object)[labels.codes[~missing]]
+        else:
+            str_labels = labels.astype(str)
         present = set(str_labels[~missing])
         if categorical:  # the column's own order and colours, kept when a sample lacks a category
             order = [str(c) for c in labels.categories]

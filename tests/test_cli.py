@@ -328,12 +328,15 @@ def test_fit_and_embed_check_settings_and_output_before_reading_a_file_into_memo
         raise AssertionError("the file was read before the settings were checked")
     monkeypatch.setattr(masksc.data, "read", no_read)
     fit = ["fit", str(table), "-o", str(tmp_path / "m")]
+    shutil.copytree(model, tmp_path / "run", symlinks=True)  # a finished run, resumed with other epochs
     for argv, message in (([*fit, "--mask-ratio", "0"], "mask_ratio=0.0 must be a number in (0, 1)"),
                           ([*fit, "--grid", "47x48"], "grid (47, 48) is not divisible by patch 4"),
                           ([*fit, "--set", "embed_dim=-3"], "embed_dim=-3 must be an integer >= 1"),
                           ([*fit, "--teacher-set", "bogus=1"], "teacher setting(s) ['bogus'] cannot be set"),
                           (["embed", str(table), "--model", str(model), "-o", str(tmp_path / "e.txt")],
-                           "e.txt must end in .h5ad or .npy; fix: e.g. -o ")):
+                           "e.txt must end in .h5ad or .npy; fix: e.g. -o "),
+                          (["fit", str(table), "-o", str(tmp_path / "run"), *TINY, "--resume", "--epochs", "3"],
+                           "resume with the same preset/options")):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
@@ -503,7 +506,7 @@ def test_cluster_without_options_builds_the_default_graph_over_a_stored_other_on
     even where the file holds a masksc graph of another size (which tl.cluster would reuse)."""
     from masksc import cluster, tl
     five = ad.read_h5ad(embedded)
-    tl.neighbors(five, n_neighbors=5)
+    tl.neighbors(five, n_neighbors=5, metric="cosine")
     five.write_h5ad(tmp_path / "five.h5ad")
     assert main(["cluster", str(tmp_path / "five.h5ad"), "-o", str(tmp_path / "c.h5ad")]) == 0
     ref = ad.read_h5ad(embedded)
@@ -511,6 +514,7 @@ def test_cluster_without_options_builds_the_default_graph_over_a_stored_other_on
     got = ad.read_h5ad(tmp_path / "c.h5ad")
     np.testing.assert_array_equal(got.obs["masksc_cluster"].astype(str), ref.obs["masksc_cluster"].astype(str))
     assert got.uns["masksc_neighbors"]["params"]["n_neighbors"] == cluster.N_NEIGHBORS
+    assert got.uns["masksc_neighbors"]["params"]["metric"] == "euclidean"
 
 
 def test_cluster_refuses_leiden_options_beside_k(embedded, tmp_path, capsys):

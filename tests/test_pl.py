@@ -208,6 +208,19 @@ def test_a_categorical_column_keeps_its_order_and_scanpys_stored_colours():
     assert [tuple(c.get_facecolor()[0]) for c in fig.axes[0].collections] == [whole[0], whole[2], whole[3]]
 
 
+def test_integer_categories_beside_missing_cells_are_drawn_and_a_series_keeps_its_categories():
+    """Categories 10, 2, 1 with NaN cells: every labelled cell is drawn under its category (the
+    object values of such a column are floats, 1.0, which named no category), and an obs column
+    passed as a Series keeps its categories' order."""
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(200, 2)).astype(np.float32)
+    f = pd.Series(pd.Categorical([1, 2, 10] * 66 + [np.nan, np.nan], categories=[10, 2, 1]))
+    ax = pl.embedding(Z, {"f": f}).axes[0]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == ["NA (2)", "10 (66)", "2 (66)", "1 (66)"]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 200
+
+
 def test_attention_grid_takes_a_colormap_object_as_matplotlib_does():
     from matplotlib import colormaps
     fig = pl.attention_grid(np.random.default_rng(0).random((1, 4, 4)), cmap=colormaps["viridis"])

@@ -324,6 +324,11 @@ def test_genes_named_otherwise_point_to_the_var_column_that_names_them(tmp_path)
     with pytest.raises(CheckpointError) as exc:
         tl.embed(ens[:, :0].copy(), model, progress=False)
     assert "The column" not in str(exc.value)  # no column names the genes: no pointer
+    fewer = data[:, 120:].copy()
+    fewer.var["same"] = fewer.var_names  # names no more genes than var_names do: no pointer either
+    with pytest.raises(CheckpointError) as exc:
+        tl.embed(fewer, model, progress=False)
+    assert "The column" not in str(exc.value)
 
 
 def test_evaluate_names_cells_without_a_cluster():
