@@ -2,6 +2,7 @@
 import logging
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -152,3 +153,109 @@ def test_a_view_of_a_backed_anndata_is_refused(tmp_path):
         with pytest.raises(DataError, match=r"view \(20 cells x 30 genes\)|view \(60 cells x 10 genes\)"):
             make()
     assert open_source(backed[:20].to_memory()).n_obs == 20
+
+
+def _damage(f, key, name):
+    """Damage the sparse matrix group ``f[key]`` as a faulty exporter or a cut-short copy would."""
+    g = f[key]
+    if name == "short indptr":
+        ip = g["indptr"][()]
+        del g["indptr"]
+        g["indptr"] = ip[: len(ip) * 2 // 3]
+    elif name == "decreasing indptr":
+        ip = g["indptr"][()]
+        ip[10], ip[11] = ip[11] + 1, ip[10]
+        g["indptr"][...] = ip
+    elif name in ("index too large", "negative index"):
+        i = g["indices"][()]
+        i[5] = 10_000 if name == "index too large" else -3
+        g["indices"][...] = i
+    elif name == "short data":
+        d = g["data"][()]
+        del g["data"]
+        g["data"] = d[:-5]
+    elif name == "no indices":
+        del g["indices"]
+
+
+DAMAGE = {"short indptr": r"row pointers \(indptr\) for \d+ (rows|cells|columns), not \d+",
+          "decreasing indptr": r"pointers \(indptr\) decrease",
+          "index too large": r"gene indices from 0 to 10000, outside 0\.\.29 for its 30 genes",
+          "negative index": r"gene indices from -3 to 29, outside 0\.\.29",
+          "short data": r"stores \d+ values (and|but) \d+ indices",
+          "no indices": r"lacks a 1-D indices array|'indices' doesn't exist"}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_corrupt_sparse_matrix_is_named_before_scipy_touches_it(tmp_path, damage):
+    """scipy's conversions trust a sparse matrix's arrays: a cut-short indptr crashed the process
+    (SIGSEGV), an out-of-range gene index read out of bounds or went into an embedding. Reading the
+    file, streaming it and converting the matrix in memory each name the fault."""
+    from masksc.data.io import to_csr32
+    a = synthetic(60, n_genes=30, n_types=2, seed=0)
+    a.write_h5ad(tmp_path / "d.h5ad")
+    with h5py.File(tmp_path / "d.h5ad", "r+") as f:
+        _damage(f, "X", damage)
+    pattern = r"X is a corrupt sparse matrix in (d\.h5ad|cells 0\.\.59): .*" + DAMAGE[damage] + "|" + DAMAGE[damage]
+    with pytest.raises(DataError, match=pattern):
+        read(tmp_path / "d.h5ad")
+    with pytest.raises(DataError, match=pattern):
+        list(iter_chunks(tmp_path / "d.h5ad", chunk_size=25))
+    if damage != "no indices":  # scipy cannot hold that one in memory
+        with h5py.File(tmp_path / "d.h5ad", "r") as f:
+            g = f["X"]
+            X = sp.csr_matrix((60, 30), dtype=np.float32)  # arrays set as anndata sets them, unchecked
+            X.data, X.indices, X.indptr = g["data"][()], g["indices"][()], g["indptr"][()]
+        with pytest.raises(DataError, match=r"X is a corrupt sparse matrix: .*" + DAMAGE[damage]):
+            to_csr32(X)
+        Y = sp.csc_matrix((30, 60), dtype=np.float32)  # the same arrays as a CSC matrix of 30 cells x 60 genes
+        Y.data, Y.indices, Y.indptr = X.data, X.indices, X.indptr
+        with pytest.raises(DataError, match=r"X is a corrupt sparse matrix: "):
+            to_csr32(Y)
+
+
+def test_a_stored_shape_that_disagrees_with_the_cells_is_refused_before_streaming(tmp_path):
+    """Streaming read as many cells as the stored shape said and wrote the rest off: a file whose
+    shape, cell list or row pointers disagree is refused, as reading it whole refuses it."""
+    a = synthetic(60, n_genes=30, n_types=2, seed=0)
+    a.write_h5ad(tmp_path / "rows.h5ad")
+    with h5py.File(tmp_path / "rows.h5ad", "r+") as f:
+        f["X"].attrs["shape"] = np.array([50, 30])
+    with pytest.raises(DataError, match=r"X is 50 x 30 in rows\.h5ad but the file names 60 cells \(obs\) and 30 "
+                                        r"genes \(var\); fix: write the matrix again"):
+        open_source(tmp_path / "rows.h5ad")
+    with pytest.raises(DataError, match="rows.h5ad"):
+        read(tmp_path / "rows.h5ad")
+    dense = ad.AnnData(X=np.zeros(30, dtype=np.float32)[None].repeat(2, 0))  # written, then flattened to 1-D
+    dense.write_h5ad(tmp_path / "flat.h5ad")
+    with h5py.File(tmp_path / "flat.h5ad", "r+") as f:
+        del f["X"]
+        f["X"] = np.zeros(30, dtype=np.float32)
+    with pytest.raises(DataError, match=r"X has shape \(30,\) in flat\.h5ad, not a 2-D cells x genes matrix"):
+        open_source(tmp_path / "flat.h5ad")
+    cells, genes = list(a.obs_names), list(a.var_names)
+    for name, kw in {"few_barcodes": dict(cells=cells[:50]), "few_features": dict(genes=genes[:25])}.items():
+        write_10x_h5(tmp_path / f"{name}.h5", a.X.toarray(), kw.get("cells", cells), kw.get("genes", genes))
+        with pytest.raises(DataError, match=rf"the matrix is 30 genes x 60 cells in {name}\.h5 but the file names "
+                                            rf"{len(kw.get('genes', genes))} features and "
+                                            rf"{len(kw.get('cells', cells))} barcodes"):
+            open_source(tmp_path / f"{name}.h5")
+    write_10x_h5(tmp_path / "short.h5", a.X.toarray(), cells, genes)
+    with h5py.File(tmp_path / "short.h5", "r+") as f:
+        _damage(f, "matrix", "short indptr")
+    with pytest.raises(DataError, match=r"corrupt sparse matrix in short\.h5: it has 40 row pointers \(indptr\) for "
+                                        r"60 cells, not 61"):
+        open_source(tmp_path / "short.h5")
+
+
+@pytest.mark.filterwarnings("ignore:Element .* was written without encoding metadata")
+def test_a_file_read_as_the_wrong_format_is_named(tmp_path):
+    """--format scdeepcluster on an .h5ad and --format h5ad on a 10x .h5 raised AttributeError /
+    TypeError from deep inside the reader."""
+    a = synthetic(40, n_genes=30, n_types=2, seed=0)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(DataError, match=r"X is an HDF5 group, not scDeepCluster's dense dataset .*fix: drop format="):
+        read(tmp_path / "a.h5ad", format="scdeepcluster")
+    write_10x_h5(tmp_path / "m.h5", a.X.toarray(), list(a.obs_names), list(a.var_names))
+    with pytest.raises(DataError, match=r"cannot read .*m\.h5 as h5ad \(TypeError: .*\); fix: check the file"):
+        read(tmp_path / "m.h5", format="h5ad")

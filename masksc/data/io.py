@@ -138,7 +138,8 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
         adata = reader(path, fmt=fmt, transpose=transpose, backed=backed, where=where, genome=genome)
     except DataError:
         raise
-    except (OSError, EOFError, zlib.error, KeyError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+    except (OSError, EOFError, zlib.error, KeyError, ValueError, TypeError, AttributeError, RuntimeError,
+            UnicodeDecodeError, pd.errors.ParserError) as exc:  # what a damaged or misnamed file raises
         raise DataError(f"cannot read {path} as {fmt} ({type(exc).__name__}: {exc}); fix: check the file "
                         "is complete and in that format, or pass the right format=.") from exc
     if not backed:
@@ -157,18 +158,68 @@ def as_float32(a, where: str = "") -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
+_CORRUPT_FIX = "fix: write the matrix again from its source (a file may be cut short or written by a faulty exporter)."
+
+
+def check_compressed(data, indices, indptr, shape: tuple[int, int], rows: bool = True, where: str = "") -> None:
+    """Raise DataError unless ``data``, ``indices`` and ``indptr`` (arrays) form a valid CSR matrix of
+    ``shape`` (``rows=False``: CSC, ``indptr`` over columns): one pointer per row plus one,
+    starting at 0 and never decreasing, as many values as indices, the last pointer within them,
+    every index inside the matrix. scipy's conversions assume all of it and read out of bounds,
+    or crash the process, on a matrix that breaks it."""
+    n_major, n_minor = shape if rows else shape[::-1]
+    axis, other = ("rows", "genes") if rows else ("columns", "cells")
+    indptr, indices = np.asarray(indptr), np.asarray(indices)
+    problem = None
+    if indptr.ndim != 1 or indices.ndim != 1 or np.ndim(data) != 1:
+        problem = "its data, indices and indptr arrays are not all 1-D"
+    elif indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        problem = f"its indptr / indices are of dtype {indptr.dtype} / {indices.dtype}, not integers"
+    elif len(indptr) != n_major + 1:
+        problem = f"it has {len(indptr)} row pointers (indptr) for {n_major} {axis}, not {n_major + 1}"
+    elif len(data) != len(indices):
+        problem = f"it stores {len(data)} values but {len(indices)} indices"
+    elif indptr[0] != 0 or indptr[-1] > len(indices):
+        problem = f"its pointers (indptr) run from {indptr[0]} to {indptr[-1]}, not from 0 to at most {len(indices)}"
+    elif n_major and np.diff(indptr).min() < 0:
+        problem = "its pointers (indptr) decrease"
+    elif len(indices) and (indices.min() < 0 or indices.max() >= n_minor):
+        problem = (f"it holds {other[:-1]} indices from {indices.min()} to {indices.max()}, outside 0..{n_minor - 1} "
+                   f"for its {n_minor} {other}")
+    if problem is not None:
+        raise DataError(f"X is a corrupt sparse matrix{where}: {problem}; {_CORRUPT_FIX}")
+
+
+def check_sparse_structure(X, where: str = "") -> None:
+    """:func:`check_compressed` for a scipy CSR or CSC matrix, the same bounds for COO (other
+    formats keep their entries in Python structures that cannot disagree)."""
+    if X.format in ("csr", "csc"):
+        check_compressed(X.data, X.indices, X.indptr, X.shape, rows=X.format == "csr", where=where)
+    elif X.format == "coo":
+        row, col = np.asarray(X.row), np.asarray(X.col)
+        if not len(row) == len(col) == len(X.data):
+            raise DataError(f"X is a corrupt sparse matrix{where}: {len(X.data)} values, {len(row)} rows and "
+                            f"{len(col)} columns; {_CORRUPT_FIX}")
+        if len(row) and (min(row.min(), col.min()) < 0 or row.max() >= X.shape[0] or col.max() >= X.shape[1]):
+            raise DataError(f"X is a corrupt sparse matrix{where}: an entry lies outside its {X.shape[0]} x "
+                            f"{X.shape[1]} shape; {_CORRUPT_FIX}")
+
+
 def to_csr32(X, copy: bool = True, where: str = "") -> sp.csr_matrix:
     """``X`` as CSR float32 in canonical form: one entry per (cell, gene), the values a matrix
     stores more than once for the same position summed (scipy's meaning of such a matrix, which
     per-entry arithmetic would otherwise get wrong), sorted indices, no explicit zeros. With ``copy`` (default)
     the result is a new matrix and the input is never modified; ``copy=False`` is for matrices
     the caller owns (it may tidy them in place instead of copying). A DataError names values too
-    large for float32 (``where`` as in :func:`as_float32`)."""
+    large for float32 (``where`` as in :func:`as_float32`), and a sparse matrix whose structure is
+    corrupt (:func:`check_sparse_structure`)."""
     if not sp.issparse(X):
         X = np.asarray(X)
         if X.dtype.kind not in "biuf":
             raise DataError(f"X has dtype {X.dtype}, not numbers; fix: convert the expression values to numbers.")
         X = sp.csr_matrix(as_float32(X, where))  # scipy has no float16 matrices
+    else:
+        check_sparse_structure(X, where)
     X = X.tocsr(copy=False)
     check_float32_range(X, where)
     X = X.astype(np.float32, copy=copy)
@@ -407,6 +458,9 @@ def _read_scdeepcluster(path, where, **_):
     no gene names are stored, so they are synthesised (``gene_0000`` ..)."""
     with h5py.File(path, "r") as f:
         ds = f["X"]
+        if not isinstance(ds, h5py.Dataset):
+            raise DataError(f"{path}: X is an HDF5 group, not scDeepCluster's dense dataset (an .h5ad's sparse X?); "
+                            "fix: drop format= (--format) to detect the format, or pass the right one.")
         if ds.ndim != 2:
             raise DataError(f"{path}: dataset X has shape {ds.shape}, expected cells x genes; "
                             "fix: store a 2-D matrix.")

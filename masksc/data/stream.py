@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.data.io import _decode, as_float32, detect_format, read, set_labels, to_csr32
+from masksc.data.io import _CORRUPT_FIX, _decode, as_float32, check_compressed, detect_format, read, set_labels, to_csr32
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,44 @@ def _csr_block(grp, a, b, n_cols) -> sp.csr_matrix:
     lo, hi = int(indptr[0]), int(indptr[-1])
     data = as_float32(grp["data"][lo:hi], _cells(a, b))
     indices = np.asarray(grp["indices"][lo:hi])
+    check_compressed(data, indices, indptr - lo, (b - a, n_cols), where=_cells(a, b))
     return to_csr32(sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, n_cols)), copy=False)
+
+
+def _check_stored_compressed(grp, n_major: int, where: str) -> None:
+    """Raise DataError unless the HDF5 group ``grp`` holds a compressed sparse matrix of ``n_major``
+    rows (CSR) or columns (CSC) whose arrays agree in length: what streaming it by rows relies on,
+    checked before the first row is read (each block's own structure is checked as it is read)."""
+    arrays = [k for k in ("data", "indices", "indptr") if isinstance(grp.get(k), h5py.Dataset) and grp[k].ndim == 1]
+    if len(arrays) < 3:
+        missing = "/".join(k for k in ("data", "indices", "indptr") if k not in arrays)
+        raise DataError(f"X is a corrupt sparse matrix{where}: it lacks a 1-D {missing} array; {_CORRUPT_FIX}")
+    indptr, n_values, n_indices = grp["indptr"], len(grp["data"]), len(grp["indices"])
+    if len(indptr) != n_major + 1:
+        raise DataError(f"X is a corrupt sparse matrix{where}: it has {len(indptr)} row pointers (indptr) for "
+                        f"{n_major} cells, not {n_major + 1}; {_CORRUPT_FIX}")
+    if n_values != n_indices or int(indptr[0]) != 0 or int(indptr[-1]) > n_indices:
+        raise DataError(f"X is a corrupt sparse matrix{where}: it stores {n_values} values and {n_indices} "
+                        f"indices, its pointers (indptr) running from {int(indptr[0])} to {int(indptr[-1])}; "
+                        f"{_CORRUPT_FIX}")
+
+
+def _stored_shape(X, kind: str, n_obs: int, n_vars: int, where: str) -> tuple[int, int]:
+    """The (cells, genes) shape of an ``.h5ad``'s matrix ``X`` (HDF5 group or dataset of encoding
+    ``kind``), after checking that it is 2-D, agrees with the file's ``n_obs`` cells and ``n_vars``
+    genes and, when sparse, that its arrays can be streamed (:func:`_check_stored_compressed`): a
+    file that breaks this would lose cells, or write an unreadable output, without a word."""
+    stored = X.attrs.get("shape") if isinstance(X, h5py.Group) else X.shape
+    if stored is None or len(stored) != 2:
+        what = "no shape attribute" if stored is None else f"shape {tuple(stored)}"
+        raise DataError(f"X has {what}{where}, not a 2-D cells x genes matrix; {_CORRUPT_FIX}")
+    shape = (int(stored[0]), int(stored[1]))
+    if shape != (n_obs, n_vars):
+        raise DataError(f"X is {shape[0]} x {shape[1]}{where} but the file names {n_obs} cells (obs) and {n_vars} "
+                        f"genes (var); {_CORRUPT_FIX}")
+    if kind != "array":
+        _check_stored_compressed(X, shape[0] if kind == "csr_matrix" else shape[1], where)
+    return shape
 
 
 def _h5ad_rows(key: str, dense: bool, n_vars: int, f, a, b) -> sp.csr_matrix:
@@ -201,10 +238,10 @@ def _h5ad_source(path: Path, layer: str | None = None, use_raw: bool = False) ->
                             "fix: pass the file that holds the expression counts.")
         X = f[key]
         kind = X.attrs.get("encoding-type", "array") if isinstance(X, h5py.Group) else "array"
-        shape = tuple(int(v) for v in (X.attrs["shape"] if isinstance(X, h5py.Group) else X.shape))
         if kind not in ("csr_matrix", "csc_matrix", "array"):
             raise DataError(f"{path}: {key} has unsupported encoding {kind!r}; fix: store it as CSR or a dense "
                             "array.")
+        shape = _stored_shape(X, kind, len(obs), len(var_names), f" in {path.name}")
         if kind == "csc_matrix":
             log.info("%s: %s is stored CSC, whose cells cannot be streamed (each is scattered over the file): "
                      "reading it into memory as CSR; to stream it, rewrite it as CSR (adata.X = adata.X.tocsr(); "
@@ -240,6 +277,11 @@ def _10x_h5_source(path: Path) -> ChunkSource | None:
         names = _decode(feats["name"][()] if "name" in feats else feats["id"][()])
         ftype = _decode(feats["feature_type"][()]) if "feature_type" in feats else None
         barcodes = _decode(m["barcodes"][()])
+        where = f" in {path.name}"
+        if (len(names), len(barcodes)) != (n_genes, n_cells):
+            raise DataError(f"the matrix is {n_genes} genes x {n_cells} cells{where} but the file names "
+                            f"{len(names)} features and {len(barcodes)} barcodes; {_CORRUPT_FIX}")
+        _check_stored_compressed(m, n_cells, where)
     keep = None
     if ftype is not None:
         gex = ftype == "Gene Expression"
