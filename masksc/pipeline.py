@@ -277,7 +277,7 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                                             device=device, progress=progress, checkpoint_every=checkpoint_every,
                                             chunk_size=chunk_size, teacher_cells=teacher_cells,
                                             teacher_overrides=teacher_overrides, layer=layer, use_raw=use_raw,
-                                            **overrides)
+                                            streamed=_streamed(adata) or ctx.distributed, **overrides)
     fitted_input = {"layer": layer, "use_raw": bool(use_raw)}
     if _streamed(adata) or ctx.distributed:
         reader = RowReader(adata, layer, use_raw)
@@ -297,9 +297,11 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
               model_dir: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
               progress: bool = True, checkpoint_every: int | None = None, chunk_size: int = 4096,
               teacher_cells: int | None = 50_000, teacher_overrides: dict | None = None, layer: str | None = None,
-              use_raw: bool = False, **overrides):
+              use_raw: bool = False, streamed: bool | None = None, **overrides):
     """What ``fit`` checks before reading any data, for its arguments of the same names: every
-    setting, ``model_dir``, and with ``resume`` that the run there can continue with them.
+    setting, ``model_dir``, and with ``resume`` that the run there can continue with them
+    (``streamed``: whether the data will be streamed, when known, which a resumed run must share,
+    with its ``chunk_size``).
     Returns (MaskSCConfig, TrainConfig, the run directory to resume from or None). Raises
     ValueError, DataError or CheckpointError naming the problem, so a caller about to read a
     large file can check first."""
@@ -323,6 +325,8 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
         resume_from = Path(model_dir)
         _check_resumed_teacher(resume_from, dict(teacher_overrides or {}))
         _check_resumed_input(resume_from, layer, use_raw)
+        if streamed is not None:
+            _check_resumed_streaming(resume_from, streamed, chunk_size)
         check_resumable(resume_from, cfg, train_cfg)
     return cfg, train_cfg, resume_from
 
@@ -400,6 +404,27 @@ def _check_resumed_input(run_dir: Path, layer: str | None, use_raw: bool) -> Non
         raise CheckpointError(f"cannot resume: the run in {run_dir} was fitted on {_describe_input(**saved)}, not "
                               f"{_describe_input(layer, use_raw)}; to resume, {_input_arguments(**saved)}, or use a "
                               "new model_dir.")
+
+
+def _check_resumed_streaming(run_dir: Path, streamed: bool, chunk_size: int) -> None:
+    """A resumed run draws its batches as the run did: streamed in chunks of the same size, or
+    from memory; refuse another way, which would continue on another order of cells."""
+    from masksc.errors import CheckpointError
+
+    saved = (ckpt.read_config(run_dir).get("meta") or {}).get("streamed")
+    if saved is None and streamed:
+        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on an AnnData in memory and this one "
+                              "would stream a file, drawing other batches; resume with the in-memory AnnData it was "
+                              "fitted on (anndata.read_h5ad(path) without backed=), or use a new model_dir.")
+    if saved is not None and not streamed:
+        raise CheckpointError(f"cannot resume: the run in {run_dir} was streamed from a file and this one would train "
+                              "on an AnnData in memory, drawing other batches; resume with the file (its path, or "
+                              "anndata.read_h5ad(path, backed='r')), or use a new model_dir.")
+    if saved is not None and saved.get("chunk_size", chunk_size) != chunk_size:
+        raise CheckpointError(f"cannot resume: the run in {run_dir} streamed chunks of {saved['chunk_size']} cells, "
+                              f"which set the order of its batches, and {chunk_size} are asked for now; resume with "
+                              f"--chunk-size {saved['chunk_size']} (chunk_size= in Python), or use a new model "
+                              "directory.")
 
 
 def _saved_transform(run_dir: Path) -> dict:

@@ -27,6 +27,13 @@ def fitted(tmp_path_factory):
     return adata, before, model, model_dir
 
 
+def _stop_after_epoch_1(run):
+    """Leave the run in ``run`` as if stopped after its first epoch."""
+    shutil.rmtree(run / "epoch-000002")
+    (run / "last").unlink()
+    os.symlink("epoch-000001", run / "last")
+
+
 def test_fit_records_run_and_leaves_input_unchanged(fitted):
     adata, before, model, _ = fitted
     assert (adata.X != before).nnz == 0
@@ -60,9 +67,7 @@ def test_resumed_fit_reuses_the_saved_transform_and_refuses_other_genes(tmp_path
     ref = tl.fit(full, "demo", model_dir=tmp_path / "full", **settings)
     run = tmp_path / "run"
     tl.fit(adata.copy(), "demo", model_dir=run, **settings)
-    shutil.rmtree(run / "epoch-000002")  # as if stopped after epoch 1
-    (run / "last").unlink()
-    os.symlink("epoch-000001", run / "last")
+    _stop_after_epoch_1(run)
 
     other = synthetic(240, n_genes=300, n_types=3, seed=2)
     other.var_names = [f"other_{i}" for i in range(other.n_vars)]
@@ -80,6 +85,34 @@ def test_resumed_fit_reuses_the_saved_transform_and_refuses_other_genes(tmp_path
     assert list(model.genes) == list(ref.genes)
     assert resumed.uns["masksc"]["fit"]["losses"] == pytest.approx(full.uns["masksc"]["fit"]["losses"], abs=1e-6)
     np.testing.assert_allclose(model.embed(adata, progress=False), ref.embed(adata, progress=False), atol=1e-5)
+
+
+def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
+    """The chunk size sets the order of a streamed run's batches: resumed with another, the run
+    ended on other weights without a word. It, and a switch between a file and an in-memory
+    AnnData, are refused; the same chunk size ends where the uninterrupted run does."""
+    from masksc import pipeline
+    adata = synthetic(240, n_genes=300, n_types=3, seed=1)
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    settings = dict(epochs=2, checkpoint_every=1, progress=False, chunk_size=100, **TINY)
+    ref, _ = pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=tmp_path / "full", **settings)
+    run = tmp_path / "run"
+    pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, **settings)
+    _stop_after_epoch_1(run)
+    with pytest.raises(CheckpointError, match=r"streamed chunks of 100 cells, .* and 60 are asked for now; resume "
+                                              r"with --chunk-size 100 \(chunk_size= in Python\)"):
+        pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **{**settings, "chunk_size": 60})
+    with pytest.raises(CheckpointError, match="was streamed from a file and this one would train on an AnnData in "
+                                              "memory"):
+        pipeline.fit(adata, "demo", model_dir=run, resume=True, **settings)
+    model, _ = pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
+    np.testing.assert_array_equal(model.embed(adata, progress=False), ref.embed(adata, progress=False))
+
+    memory = tmp_path / "memory"
+    pipeline.fit(adata, "demo", model_dir=memory, **settings)
+    _stop_after_epoch_1(memory)
+    with pytest.raises(CheckpointError, match="was trained on an AnnData in memory and this one would stream a file"):
+        pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=memory, resume=True, **settings)
 
 
 def test_leiden_when_k_unknown():
