@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from masksc import cluster as _cluster
-from masksc.data.stream import SCALED_SAMPLE_CELLS, check_not_scaled_beside_raw, with_layer
+from masksc.data.stream import SCALED_SAMPLE_CELLS, check_not_backed_view, check_not_scaled_beside_raw, with_layer
 from masksc.data.validate import _as_matrix
 from masksc.errors import DataError, warn
 from masksc.pipeline import MaskSCModel
@@ -66,22 +66,26 @@ def _target(adata, copy: bool):
     return adata.copy()
 
 
-def _check_adata(adata, step: str, layer: str | None = None, needs_x: bool = True) -> None:
-    """Raise DataError unless ``adata`` is an AnnData (with an expression matrix, ``X`` or the
-    layer ``layer``, when ``needs_x``): the tl functions store their results on it, so a path or a
-    bare matrix cannot be used. Scaled values in ``X`` with ``adata.raw`` set get the fix
-    ``use_raw=True``."""
+def _check_adata(adata, step: str) -> None:
+    """Raise DataError unless ``adata`` is an AnnData the tl functions can store their results on
+    (a path or a bare matrix cannot be used) and, when backed, not a view: its cells would be
+    streamed from the whole file."""
     if isinstance(adata, (str, os.PathLike)):
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got the path "
                         f"{os.fspath(adata)!r}; fix: adata = masksc.read(path) first, or {_FIXES[step][0]}.")
     if not isinstance(adata, ad.AnnData):
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got a "
                         f"{type(adata).__name__}; fix: {_FIXES[step][1]}.")
-    if needs_x:
-        # backed: the first cells stand for the file (scaled values are negative in almost every cell)
-        X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
-        if layer is None and adata.raw is not None:
-            check_not_scaled_beside_raw(X, f"masksc.tl.{step}(..., use_raw=True), or layer= a counts layer")
+    check_not_backed_view(adata)
+
+
+def _check_expression(adata, step: str, layer: str | None) -> None:
+    """Raise DataError unless ``adata`` has the expression matrix to read, ``X`` or the layer
+    ``layer``; scaled values in ``X`` with ``adata.raw`` set get the fix ``use_raw=True``."""
+    # backed: the first cells stand for the file (scaled values are negative in almost every cell)
+    X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
+    if layer is None and adata.raw is not None:
+        check_not_scaled_beside_raw(X, f"masksc.tl.{step}(..., use_raw=True), or layer= a counts layer")
 
 
 def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool = False, **kwargs) -> MaskSCModel:
@@ -91,7 +95,9 @@ def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool =
     ``model_dir``, ``epochs``, ``seed``, ``device``, ``resume``, config overrides. Records the
     preset, matrix read and per-epoch losses in ``adata.uns["masksc"]``; returns the model.
     Raises DataError when ``adata`` is a path or a bare matrix, before any work."""
-    _check_adata(adata, "fit", layer, needs_x=not use_raw)
+    _check_adata(adata, "fit")
+    if not use_raw:
+        _check_expression(adata, "fit", layer)
     model, result = _fit(adata, preset, layer=layer, use_raw=use_raw, **kwargs)  # streamed when backed
     model_dir = kwargs.get("model_dir")
     _record(adata, "fit", {"preset": preset, "layer": layer, "use_raw": use_raw, "epochs": result.epochs,
@@ -114,12 +120,15 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
     (as ``masksc embed`` and ``tl.fit`` do). ``progress``: show a progress bar. ``copy``: return a
     copy of ``adata`` with the embedding and leave ``adata`` as it is (else None is returned)."""
     from masksc.train import resolve_device
-    _check_adata(adata, "embed", layer, needs_x=not use_raw)
+    _check_adata(adata, "embed")
     if not isinstance(model, (MaskSCModel, str, os.PathLike)):
         raise DataError(f"model must be a MaskSCModel or the directory `fit` wrote it to, got a {type(model).__name__}; "
                         "fix: pass tl.fit's return value or its model_dir.")
     if not isinstance(model, MaskSCModel):
         model = MaskSCModel.load(model, device=resolve_device(device))
+    if not use_raw:
+        with model.noting_fitted_input(layer, use_raw):  # another matrix than the model's is the likely cause
+            _check_expression(adata, "embed", layer)
     adata = _target(adata, copy)
     adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress, layer=layer,
                                         use_raw=use_raw)
@@ -194,7 +203,7 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
     graph) and are recorded with the settings. A graph there that masksc did not compute (e.g.
     scanpy's) is not replaced: a DataError names the fix. ``copy``: return a copy of ``adata``
     with the graph and leave ``adata`` as it is (else None is returned)."""
-    _check_adata(adata, "neighbors", needs_x=False)
+    _check_adata(adata, "neighbors")
     foreign = _foreign_graph(adata, key_added)
     if foreign:
         raise DataError(f"{foreign} hold a graph masksc did not compute (e.g. scanpy's pp.neighbors); fix: "
@@ -279,7 +288,7 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     and clustered by ``masksc.cluster.cluster_graph``); settings the method would ignore are
     refused before any work. ``copy``: return a copy of ``adata`` with the clusters and leave ``adata``
     as it is (else None is returned)."""
-    _check_adata(adata, "cluster", needs_x=False)
+    _check_adata(adata, "cluster")
     _cluster.check_settings(kwargs, allowed=[name for name in _cluster.CLUSTER_SETTINGS + _cluster.KMEANS_SETTINGS
                                              if name not in ("seed", "graph")])
     written = adata.uns.get("masksc", {}).get("cluster", {}).get("keys_written", [])
@@ -327,7 +336,7 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
     (None: all cells). Cells without a label (NaN) are left out of ARI / NMI, with a warning.
     Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette, n_clusters), also stored
     in ``adata.uns["masksc"]["metrics"]`` with the keys it was computed from."""
-    _check_adata(adata, "evaluate", needs_x=False)
+    _check_adata(adata, "evaluate")
     if cluster_key not in adata.obs:
         raise DataError(f"adata.obs has no {cluster_key!r}; fix: run masksc.tl.cluster(adata) first "
                         "(`masksc cluster` on the command line).")

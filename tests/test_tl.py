@@ -405,6 +405,12 @@ def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
     with pytest.raises(DataError, match=r"negative \(scaled\) values and \.raw is set.*"
                                         r"tl\.(fit|embed)\(\.\.\., use_raw=True\)"):
         tl.embed(backed, from_raw, progress=False)
+    with pytest.raises(DataError, match=r"negative \(scaled\) values .* Note: this model was fitted on adata\.raw "):
+        tl.embed(counts, from_raw, progress=False)  # the model's own matrix named, as model.embed names it
+    for step in (lambda: tl.embed(backed[:20], from_raw, use_raw=True, progress=False),
+                 lambda: tl.fit(backed[:20], "demo", use_raw=True, epochs=1, progress=False, **TINY)):
+        with pytest.raises(DataError, match=r"this is a view \(20 cells x 300 genes\) of the backed file"):
+            step()  # not anndata's "cannot index repeatedly into a backed AnnData"
     tl.embed(backed, from_raw, use_raw=True, progress=False)
     np.testing.assert_allclose(backed.obsm["X_masksc"], counts.obsm["X_masksc"], rtol=1e-5, atol=1e-6)
 
