@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -105,31 +106,30 @@ class RowReader:
         return self._src.rows(a, b, self._file)
 
 
-def _transform_block(preprocessor: Preprocessor, X: sp.csr_matrix, var_names,
-                    cells: str) -> tuple[np.ndarray, sp.csr_matrix]:
+def _transform_block(preprocessor: Preprocessor, X: sp.csr_matrix, var_names, obs_names,
+                     rows: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
     """``preprocessor.transform_chunks`` on a block of raw cells read from a dataset, as one chunk.
 
-    X: CSR [m, n_genes] over ``var_names``. ``cells`` says where the block lies in the dataset
-    (e.g. " in cells 3000..3999"); it replaces the block-local range (" in cells 0..m-1") in a
-    DataError, so errors name the dataset's cells. Returns (keep bool [m] — False for cells the
+    X: CSR [m, n_genes] over ``var_names``; ``obs_names``, ``rows`` (int [m]): the cells' names and
+    rows in the dataset, which a DataError names. Returns (keep bool [m] — False for cells the
     preprocessor drops (``min_counts``) — and CSR float32 [kept, len(preprocessor.genes_)])."""
-    block = ad.AnnData(X=X, var=pd.DataFrame(index=pd.Index(var_names)))
-    try:
-        (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]))
-    except DataError as exc:
-        exc.args = (str(exc).replace(f" in cells 0..{X.shape[0] - 1}", cells),)
-        raise
+    with warnings.catch_warnings():  # a file's repeated cell names are the user's to keep
+        warnings.filterwarnings("ignore", "Observation names are not unique", UserWarning)
+        block = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(obs_names, dtype=str)),
+                           var=pd.DataFrame(index=pd.Index(var_names)))
+    (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]), rows=rows)
     return keep, L
 
 
-def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, var_names,
+def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, reader: RowReader,
               start: int = 0) -> tuple[np.ndarray, sp.csr_matrix]:
-    """Preprocess a block of raw cells, cells ``start .. start+m-1`` of the dataset, and lay it on the grid.
+    """Preprocess a block of raw cells of ``reader``, cells ``start .. start+m-1``, and lay it on the grid.
 
-    X: CSR [m, n_genes] over ``var_names``. Returns (keep bool [m] — False for cells the
+    X: CSR [m, reader.n_vars]. Returns (keep bool [m] — False for cells the
     preprocessor drops (``min_counts``) — and CSR float32 [kept, g*s] in grid order). A DataError
-    names the bad cells by their dataset rows."""
-    keep, L = _transform_block(preprocessor, X, var_names, f" in cells {start}..{start + X.shape[0] - 1}")
+    names the bad cells by their dataset rows and names."""
+    stop = start + X.shape[0]
+    keep, L = _transform_block(preprocessor, X, reader.var_names, reader.obs.index[start:stop], np.arange(start, stop))
     return keep, grid.to_grid(L)
 
 
@@ -207,7 +207,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
     def _load(self, c: int) -> tuple[sp.csr_matrix, np.ndarray]:
         a, b = self.bounds[c]
-        keep, X = grid_rows(self.preprocessor, self.grid, self.reader.rows(a, b), self.reader.var_names, a)
+        keep, X = grid_rows(self.preprocessor, self.grid, self.reader.rows(a, b), self.reader, a)
         return X, np.arange(a, b, dtype=np.int64)[keep]
 
     def _buffers(self, rng):
@@ -281,7 +281,7 @@ def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_0
             if hi == lo:
                 continue
             X = reader.rows(a, b)[rows[lo:hi] - a]
-            keep, L = _transform_block(preprocessor, X, reader.var_names, f" in cells sampled from {a}..{b - 1}")
+            keep, L = _transform_block(preprocessor, X, reader.var_names, reader.obs.index[rows[lo:hi]], rows[lo:hi])
             blocks.append(L)
             kept.append(rows[lo:hi][keep])
     finally:
@@ -305,7 +305,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     from masksc.embed import embed_matrix
 
     def load(a, b):
-        return grid_rows(preprocessor, grid, reader.rows(a, b), reader.var_names, a)
+        return grid_rows(preprocessor, grid, reader.rows(a, b), reader, a)
 
     bounds = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
     bar = progress_bar(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)

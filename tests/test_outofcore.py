@@ -201,6 +201,26 @@ def test_embed_file_failure_leaves_no_output(tmp_path, h5ad, fitted, monkeypatch
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("runs")]  # folders it made: gone
 
 
+def test_a_bad_cell_past_the_first_block_is_named_by_its_row_and_name_in_the_file(tmp_path, fitted):
+    """Streamed, each block was transformed as cells 0..: a zero-count cell at row 250 was
+    "row 50 (50)" with 100-cell chunks. Embedding the file and subsampling it now name it as the
+    in-memory transform does."""
+    adata, pre, grid, _ = fitted
+    bad = adata[:300].copy()
+    X = bad.X.toarray()
+    X[250] = 0
+    bad.X = sp.csr_matrix(X)
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    name = f"row 250 \\({bad.obs_names[250]}\\)"
+    with pytest.raises(DataError, match=rf"^1 cell \({name}\) has zero counts") as in_memory:
+        pre.transform(bad)
+    with pytest.raises(DataError, match=rf"^1 cell \({name}\) has zero counts") as streamed:
+        _model(pre, grid).embed_file(tmp_path / "bad.h5ad", tmp_path / "e.npy", chunk_size=100, progress=False)
+    assert str(streamed.value) == str(in_memory.value)
+    with pytest.raises(DataError, match=rf"^1 cell \({name}\) has zero counts"):
+        subsample_genes(tmp_path / "bad.h5ad", pre, n_max=None, chunk_size=100)
+
+
 def test_embed_file_refuses_wrong_genes_and_bad_suffix(tmp_path, fitted):
     adata, pre, grid, _ = fitted
     model = _model(pre, grid)
@@ -255,7 +275,7 @@ def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):
     ad.AnnData(X=X, obs=adata.obs.copy(), var=adata.var.copy()).write_h5ad(path)
     with pytest.raises(DataError, match=r"1 NaN .* in cells 200\.\.299;"):  # not the chunk-local 0..99
         _model(pre, grid).embed_file(path, tmp_path / "e.npy", chunk_size=100, progress=False)
-    with pytest.raises(DataError, match=r"1 NaN .* in cells sampled from 200\.\.299;"):
+    with pytest.raises(DataError, match=r"1 NaN .* in cells 200\.\.299;"):
         subsample_genes(path, pre, n_max=None, chunk_size=100)
 
 

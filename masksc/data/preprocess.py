@@ -328,9 +328,12 @@ class Preprocessor:
                             "measured on the training file's genes in its column order, or train a new model on this "
                             "data.")
 
-    def transform_chunks(self, data, chunk_size: int | None = None) -> Iterator[tuple[int, np.ndarray, sp.csr_matrix]]:
+    def transform_chunks(self, data, chunk_size: int | None = None,
+                         rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, sp.csr_matrix]]:
         """Stream the transform: yield ``(start, keep, X)`` per chunk, ``keep`` bool [chunk cells]
         (cells dropped by ``min_counts`` are False) and ``X`` CSR float32 [kept cells, len(genes_)].
+        ``rows``: int [n_cells], the rows of a larger dataset that ``data``'s cells are, named
+        in errors (default: 0 ..), for a block of cells read from a file.
 
         Library sizes are summed over ``input_genes_`` (see ``_library_columns``). Genes without
         names (``gene_0000``.., as :func:`masksc.data.read` names an scDeepCluster file's) are
@@ -345,9 +348,10 @@ class Preprocessor:
         library_cols = self._library_columns(src.var_names)
         check_profile = self.needs_profile_check()
         gathered, n_gathered, end = [], 0, 0
+        row = (lambda i: i) if rows is None else (lambda i: int(rows[i]))
         for a, X in src.chunks(chunk_size or self.chunk_size):
             end = a + X.shape[0]
-            where = f" in cells {a}..{end - 1}"
+            where = f" in cells {row(a)}..{row(end - 1)}"
             sums, keep = self._keep_cells(X, self.input_kind_, where, library_cols)
             if check_profile:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
@@ -356,18 +360,20 @@ class Preprocessor:
             if check_profile and (end >= PROFILE_SAMPLE_CELLS or end == src.n_obs):
                 if n_gathered >= PROFILE_MIN_CELLS:
                     self._check_profile(sp.vstack(gathered, format="csr"),
-                                        f" in cells 0..{min(end, PROFILE_SAMPLE_CELLS) - 1}")
+                                        f" in cells {row(0)}..{row(min(end, PROFILE_SAMPLE_CELLS) - 1)}")
                 check_profile, gathered = False, []
             if not self.min_counts and (sums == 0).any():
-                raise DataError(self._zero_library_message(X, sums, src, a, library_cols))
+                raise DataError(self._zero_library_message(X, sums, src.obs.index[a:end], [row(i) for i in range(a, end)],
+                                                           library_cols))
             L = self._lognorm(X[keep], sums[keep], self.input_kind_)[:, idx]
             yield a, keep, self._scale(L)
 
-    def _zero_library_message(self, X: sp.csr_matrix, sums: np.ndarray, src: ChunkSource, start: int,
+    def _zero_library_message(self, X: sp.csr_matrix, sums: np.ndarray, names: pd.Index, row_numbers: list[int],
                               library_cols: np.ndarray | None) -> str:
-        """Why cells of a chunk (rows ``start``..) with library size 0 cannot be transformed, naming them."""
+        """Why cells of a chunk (of cell ``names``, dataset rows ``row_numbers``) with library size 0
+        cannot be transformed, naming them."""
         rows = np.flatnonzero(sums == 0)
-        shown = ", ".join(f"{start + r} ({src.obs.index[start + r]})" for r in rows[:5])
+        shown = ", ".join(f"{row_numbers[r]} ({names[r]})" for r in rows[:5])
         cells = (f"{rows.size} cells (rows {shown}{', ...' if rows.size > 5 else ''}) have" if rows.size > 1
                  else f"1 cell (row {shown}) has")
         if library_cols is not None and X[rows].nnz:
