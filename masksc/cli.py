@@ -266,15 +266,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _cells_to_draw(args):
+def _cells_to_draw(args, preprocessor):
     """The few cells ``plot attention`` draws, in memory: one per label of ``--label-key`` when the
     data has that column, else ``--cells`` random ones; an .h5ad is opened backed, so only they
-    are read. Returns (AnnData of those cells, panel titles)."""
+    are read. Genes without names are checked against the model's ``preprocessor`` on the first
+    cells, as ``embed`` checks them (the few drawn are too few to tell). Returns (AnnData of
+    those cells, panel titles)."""
     import anndata as ad
     import h5py
     import numpy as np
 
     from masksc.data import read
+    from masksc.outofcore import RowReader, check_first_cells
     from masksc.pl import one_cell_per_label
     path, fmt = _input_format(args)
     if fmt == "h5ad":
@@ -285,6 +288,8 @@ def _cells_to_draw(args):
         adata = ad.read_h5ad(path, backed="r")
     else:
         adata = read(path, format=fmt, transpose=args.transpose, genome=args.genome)
+    reader = RowReader(adata, args.layer, args.use_raw)
+    check_first_cells(preprocessor, reader, 0, reader.n_obs)
     if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
         labels = adata.obs[args.label_key]
         picks = one_cell_per_label(labels, args.seed, n=args.cells)
@@ -313,7 +318,7 @@ def cmd_plot(args) -> int:
         from masksc.pipeline import MaskSCModel
         device = _device(args.device)
         model = MaskSCModel.load(args.model, device=device)
-        cells, titles = _cells_to_draw(args)
+        cells, titles = _cells_to_draw(args, model.preprocessor)
         out = pl.attention_grid(model.attention_maps(cells, layer=args.layer, use_raw=args.use_raw), titles, output)
     print(f"wrote {out}")
     return 0

@@ -111,13 +111,14 @@ def _transform_block(preprocessor: Preprocessor, X: sp.csr_matrix, var_names, ob
     """``preprocessor.transform_chunks`` on a block of raw cells read from a dataset, as one chunk.
 
     X: CSR [m, n_genes] over ``var_names``; ``obs_names``, ``rows`` (int [m]): the cells' names and
-    rows in the dataset, which a DataError names. Returns (keep bool [m] — False for cells the
+    rows in the dataset, which a DataError names. The dataset's gene profile is checked once, on its
+    first cells (:func:`check_first_cells`), not per block. Returns (keep bool [m] — False for cells the
     preprocessor drops (``min_counts``) — and CSR float32 [kept, len(preprocessor.genes_)])."""
     with warnings.catch_warnings():  # a file's repeated cell names are the user's to keep
         warnings.filterwarnings("ignore", "Observation names are not unique", UserWarning)
         block = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(obs_names, dtype=str)),
                            var=pd.DataFrame(index=pd.Index(var_names)))
-    (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]), rows=rows)
+    (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]), rows=rows, check_profile=False)
     return keep, L
 
 
@@ -133,10 +134,11 @@ def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, re
     return keep, grid.to_grid(L)
 
 
-def _check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
-    """Blocks are transformed one at a time, each too small for the gene-profile check when the
-    chunk size is small; check the first ``PROFILE_SAMPLE_CELLS`` cells of ``start .. stop-1`` at
-    once. Reads nothing for named genes; leaves no file handle open (readers fork into workers)."""
+def check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
+    """Blocks are transformed one at a time, without the gene-profile check (each may be too
+    small for it); check the first ``PROFILE_SAMPLE_CELLS`` cells of ``start .. stop-1`` at once,
+    before them. Reads nothing for named genes; leaves no file handle open (readers fork into
+    workers)."""
     b = min(stop, start + PROFILE_SAMPLE_CELLS)
     if b > start and preprocessor.needs_profile_check():
         try:
@@ -181,7 +183,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.reader = RowReader(source)
         self.preprocessor, self.grid = preprocessor, grid
-        _check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs)
+        check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs)
         self.batch_size, self.buffer_chunks, self.seed = batch_size, buffer_chunks, seed
         self.rank, self.world_size = rank, world_size
         n = self.reader.n_obs
@@ -310,7 +312,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     bounds = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
     bar = progress_bar(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
     try:
-        _check_first_cells(preprocessor, reader, start, stop)
+        check_first_cells(preprocessor, reader, start, stop)
         with ThreadPoolExecutor(max_workers=1) as pool:
             nxt = pool.submit(load, *bounds[0]) if bounds else None
             for i, (a, b) in enumerate(bounds):

@@ -251,6 +251,26 @@ def test_blockwise_passes_check_unnamed_genes_whatever_the_chunk_size(tmp_path, 
     StreamBatches(adata, pre, grid, chunk_size=10)  # the fitted cells pass
 
 
+def test_plot_attention_checks_unnamed_genes_on_the_files_cells_and_few_cells_are_flagged(tmp_path, fitted, capsys):
+    """`masksc plot attention` draws a handful of cells, too few for the gene-profile check: it
+    drew other genes through the model without a word. It checks the file's first cells, as
+    embed does; cells too few to check are used with a warning, not silently."""
+    from masksc.cli import main
+    adata, pre, grid, _ = fitted
+    _model(pre, grid).save(tmp_path / "model")
+    other = ad.AnnData(X=sp.csr_matrix(adata.X)[:, np.random.default_rng(0).permutation(adata.n_vars)],
+                       obs=adata.obs.copy(), var=adata.var.copy())
+    other.write_h5ad(tmp_path / "other.h5ad")
+    adata.write_h5ad(tmp_path / "same.h5ad")
+    plot = ["plot", "attention", "--model", str(tmp_path / "model"), "--device", "cpu", "-o"]
+    assert main([*plot, str(tmp_path / "o.png"), str(tmp_path / "other.h5ad")]) == 2
+    assert "named gene_0000.. " in capsys.readouterr().err and not (tmp_path / "o.png").exists()
+    assert main([*plot, str(tmp_path / "s.png"), str(tmp_path / "same.h5ad")]) == 0
+    with pytest.warns(UserWarning, match=r"and 10 cells are too few to check that these columns are the genes it was "
+                                         r"trained on \(it takes 50\); they are used unchecked"):
+        pre.transform(other[:10])
+
+
 def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, fitted):
     """Text columns with missing values or mixed types (which h5py cannot write as they are)
     come out as categoricals, missing values missing; a dataset without cells is refused."""

@@ -298,8 +298,8 @@ class Preprocessor:
         """The check :meth:`transform_chunks` makes, on one block of raw cells (CSR [m,
         len(var_names)]) for callers that transform a dataset block by block: when the fitted
         genes have no names (``gene_0000``..), the block's per-gene detection rates must
-        correlate with the fitted data's, else a DataError; a no-op for named genes or fewer
-        than ``PROFILE_MIN_CELLS`` kept cells. ``where`` names the cells in the error. Values are
+        correlate with the fitted data's, else a DataError; a no-op for named genes, a warning
+        for fewer than ``PROFILE_MIN_CELLS`` kept cells. ``where`` names the cells in the error. Values are
         not validated here: the transform of each block does that and names the bad cells."""
         self._check_fitted()
         if not self.needs_profile_check():
@@ -309,14 +309,20 @@ class Preprocessor:
             warnings.simplefilter("ignore", UserWarning)
             library_cols = self._library_columns(pd.Index(var_names))
         _, keep = self._library_sizes(X, self.input_kind_, library_cols)
-        if keep.sum() >= PROFILE_MIN_CELLS:
-            self._check_profile(X[keep][:, idx], where)
+        self._check_profile(X[keep][:, idx], where)
 
     def _check_profile(self, X: sp.csr_matrix, where: str) -> None:
         """Refuse cells (CSR [n, len(genes_)], raw values in ``genes_`` order) whose per-gene
         detection rates do not resemble the fitted data's: with synthesised gene names, columns
-        are matched by position and this is the only sign that they are other genes."""
+        are matched by position and this is the only sign that they are other genes. Fewer than
+        ``PROFILE_MIN_CELLS`` cells are too few to tell: a warning says they go unchecked."""
         from scipy.stats import spearmanr
+        if X.shape[0] < PROFILE_MIN_CELLS:
+            warn(f"the data's genes are named gene_0000.. (a file without gene names), so they are matched to the "
+                 f"model's by column position, and {X.shape[0]} cells are too few to check that these columns are the "
+                 f"genes it was trained on (it takes {PROFILE_MIN_CELLS}); they are used unchecked: pass cells "
+                 "measured on the training file's genes in its column order.")
+            return
         detection = np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) / X.shape[0]
         r = float(spearmanr(detection, self.detection_)[0])
         if not r >= PROFILE_MIN_SPEARMAN:  # also catches NaN (a constant profile)
@@ -328,26 +334,28 @@ class Preprocessor:
                             "measured on the training file's genes in its column order, or train a new model on this "
                             "data.")
 
-    def transform_chunks(self, data, chunk_size: int | None = None,
-                         rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, sp.csr_matrix]]:
+    def transform_chunks(self, data, chunk_size: int | None = None, rows: np.ndarray | None = None,
+                         check_profile: bool = True) -> Iterator[tuple[int, np.ndarray, sp.csr_matrix]]:
         """Stream the transform: yield ``(start, keep, X)`` per chunk, ``keep`` bool [chunk cells]
         (cells dropped by ``min_counts`` are False) and ``X`` CSR float32 [kept cells, len(genes_)].
         ``rows``: int [n_cells], the rows of a larger dataset that ``data``'s cells are, named
-        in errors (default: 0 ..), for a block of cells read from a file.
+        in errors (default: 0 ..), for a block of cells read from a file; ``check_profile=False``
+        leaves out the detection-profile check below, for such a block of a dataset whose first
+        cells :meth:`check_gene_profile` has checked.
 
         Library sizes are summed over ``input_genes_`` (see ``_library_columns``). Genes without
         names (``gene_0000``.., as :func:`masksc.data.read` names an scDeepCluster file's) are
         matched by position, so the per-gene detection rates of the first chunk with at least
         ``PROFILE_MIN_CELLS`` cells must correlate with ``detection_`` (Spearman r >= 0.5 over
-        ``genes_``), else a DataError; fewer cells than that are not checked. The first chunks are
+        ``genes_``), else a DataError; fewer cells than that are used with a warning. The first chunks are
         gathered up to ``PROFILE_SAMPLE_CELLS`` cells (or all there are), so small chunks do not skip
         the check and every path checks the same sample."""
         self._check_fitted()
         src = open_source(data)
         idx = self._gene_index(src.var_names)
         library_cols = self._library_columns(src.var_names)
-        check_profile = self.needs_profile_check()
-        gathered, n_gathered, end = [], 0, 0
+        check_profile = check_profile and self.needs_profile_check()
+        gathered, end = [], 0
         row = (lambda i: i) if rows is None else (lambda i: int(rows[i]))
         for a, X in src.chunks(chunk_size or self.chunk_size):
             end = a + X.shape[0]
@@ -356,11 +364,9 @@ class Preprocessor:
             if check_profile:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
                 gathered.append(X[:take][keep[:take]][:, idx])
-                n_gathered += int(keep[:take].sum())
             if check_profile and (end >= PROFILE_SAMPLE_CELLS or end == src.n_obs):
-                if n_gathered >= PROFILE_MIN_CELLS:
-                    self._check_profile(sp.vstack(gathered, format="csr"),
-                                        f" in cells {row(0)}..{row(min(end, PROFILE_SAMPLE_CELLS) - 1)}")
+                self._check_profile(sp.vstack(gathered, format="csr"),
+                                    f" in cells {row(0)}..{row(min(end, PROFILE_SAMPLE_CELLS) - 1)}")
                 check_profile, gathered = False, []
             if not self.min_counts and (sums == 0).any():
                 raise DataError(self._zero_library_message(X, sums, src.obs.index[a:end], [row(i) for i in range(a, end)],
