@@ -75,14 +75,14 @@ class MaskSCModel:
         """Load the model saved in ``path`` (a checkpoint directory or a training run directory,
         whose ``last`` checkpoint is used) onto ``device``. Raises CheckpointError when it is
         missing or broken, ValueError for a device this machine lacks, before reading anything."""
+        from masksc.errors import CheckpointError
         network, config = ckpt.load_model(path, device=_weights_device(device))
         meta = config.get("meta") or {}
         if "preprocessor" not in meta or "grid" not in meta:
-            from masksc.errors import CheckpointError
             raise CheckpointError(f"{config['path']} has no saved preprocessing/grid, so it cannot embed new data; "
                                   "save it with masksc.tl.fit / `masksc fit`.")
-        return cls(network, Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"]),
-                   path=config["path"], fitted_input=meta.get("input"))
+        preprocessor, grid, fitted_input = _transform_from_meta(meta, config["path"])
+        return cls(network, preprocessor, grid, path=config["path"], fitted_input=fitted_input)
 
     def to(self, device: str | torch.device) -> "MaskSCModel":
         """Move the network (with its teacher) to ``device`` and return this model, as
@@ -192,6 +192,25 @@ class MaskSCModel:
         return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
                           device=_run_device(device), amp=amp, dist=dist, progress=progress, layer=layer,
                           use_raw=use_raw, source_path=source_path)
+
+
+def _transform_from_meta(meta: dict, path) -> tuple[Preprocessor, GridLayout, dict | None]:
+    """The Preprocessor, GridLayout and fitted input (None when not recorded) saved in the metadata
+    ``meta`` of the checkpoint ``path``; a CheckpointError naming the damage when they cannot be
+    rebuilt (a hand-edited or corrupted config.json)."""
+    from masksc.errors import CheckpointError, DataError
+    try:
+        preprocessor, grid = Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"])
+        fitted_input = meta.get("input")
+        if fitted_input is not None and not (isinstance(fitted_input, dict)
+                                             and {"layer", "use_raw"} <= fitted_input.keys()):
+            raise DataError(f"input is {fitted_input!r}, not a dict of layer and use_raw")
+    except DataError as exc:
+        cause = exc.__cause__ or exc
+        detail = f"missing {cause}" if isinstance(cause, KeyError) else str(cause).split("; fix:")[0]
+        raise CheckpointError(f"the transform saved in {path}/config.json is damaged ({detail}); fix: restore the "
+                              "checkpoint from a copy, or fit the model again.") from exc
+    return preprocessor, grid, fitted_input
 
 
 def _column_naming(var, genes: list[str]) -> str | None:
@@ -346,8 +365,7 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
         # the saved transform, not one refitted on this data: it continues the run exactly and
         # refuses data from another gene set, as a resumed streamed run does
         bundle_meta = {"input": fitted_input, **_saved_transform(resume_from)}  # saved before it was recorded: now
-        preprocessor = Preprocessor.from_dict(bundle_meta["preprocessor"])
-        grid = GridLayout.from_dict(bundle_meta["grid"])
+        preprocessor, grid, _ = _transform_from_meta(bundle_meta, ckpt.resolve(resume_from))
         X_grid = grid.to_grid(preprocessor.transform(adata).X)
     else:
         preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
@@ -481,7 +499,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
                                      "chunk_size": chunk_size}}
                 del X_sub
     meta = ctx.broadcast_object(meta)
-    preprocessor, grid = Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"])
+    preprocessor, grid, _ = _transform_from_meta(meta, resume_from and ckpt.resolve(resume_from))
     if cfg.med and teacher is None:  # other ranks: same architecture; DDP copies rank 0's weights into it
         teacher = ContrastiveSC(teacher_cfg)
     seed_everything(seed)

@@ -1,4 +1,4 @@
-"""MaskSCModel: moving a model between devices, its attention maps."""
+"""MaskSCModel: moving a model between devices, its attention maps, loading a damaged one."""
 import numpy as np
 import pytest
 import torch
@@ -155,3 +155,26 @@ def test_submodules_are_attributes_after_a_plain_import():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert "module 'masksc' has no attribute 'no_such_module'" in out.stdout
+
+
+@pytest.mark.parametrize("damage, detail", [
+    (lambda m: m.update(grid=None), r"'NoneType' object is not subscriptable"),
+    (lambda m: m["preprocessor"].update(detection=[0.1, 0.2]), r"detection holds 2 values for \d+ genes"),
+    (lambda m: m["preprocessor"].pop("genes"), r"missing 'genes'"),
+    (lambda m: m["grid"].pop("order"), r"missing 'order'"),
+    (lambda m: m.update(input="counts"), r"input is 'counts', not a dict of layer and use_raw"),
+])
+def test_a_damaged_saved_transform_is_named_as_a_damaged_checkpoint(tiny, tmp_path, damage, detail):
+    """A config.json edited by hand or corrupted, but still JSON: loading it gave a TypeError or, at
+    the first embed, a ValueError from deep inside; or told the user to pass Preprocessor.to_dict()."""
+    import json
+
+    from masksc.errors import CheckpointError
+    model, adata = tiny
+    path = model.save(tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    damage(config["meta"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"^the transform saved in {path}/config\.json is damaged \({detail}\); "
+                                              r"fix: restore the checkpoint from a copy, or fit the model again\.$"):
+        MaskSCModel.load(path)

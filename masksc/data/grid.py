@@ -172,5 +172,6 @@ class GridLayout:
         """Rebuild from :meth:`to_dict` output."""
         try:
             return cls(d["shape"], d["patch"], d["order"], d["genes"], d["source_genes"])
-        except KeyError as exc:
-            raise DataError(f"not a GridLayout dict (missing {exc}); fix: pass GridLayout.to_dict() output.") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"not a GridLayout dict ({type(exc).__name__}: {exc}); fix: pass GridLayout.to_dict() "
+                            "output.") from exc

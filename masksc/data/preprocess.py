@@ -444,7 +444,11 @@ class Preprocessor:
             if p.scale:
                 p.scale_mean_ = np.asarray(d["scale_mean"], dtype=np.float64)
                 p.scale_std_ = np.asarray(d["scale_std"], dtype=np.float64)
-        except (KeyError, TypeError) as exc:
+            for name in ("detection_", "scale_mean_", "scale_std_"):
+                values = getattr(p, name)
+                if values is not None and values.shape != (len(p.genes_),):
+                    raise ValueError(f"{name.rstrip('_')} holds {values.size} values for {len(p.genes_)} genes")
+        except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"not a Preprocessor dict ({exc}); fix: pass the output of Preprocessor.to_dict().") from exc
         return p
 
