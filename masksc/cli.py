@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cells read from disk at a time (memory bound; default 4096); .h5ad and 10x .h5 only "
                          "(csv, mtx and scDeepCluster .h5 are read into memory)")
     sp.add_argument("--teacher-cells", dest="teacher_cells", type=_at_least(0), default=50_000,
-                    help="seeded subsample the teacher and grid layout are fitted on (0 = all cells; default 50000); "
-                         ".h5ad and 10x .h5 only (other formats use all cells)")
+                    help="seeded subsample the teacher and grid layout are fitted on (0 = all cells, else at least 20; "
+                         "default 50000); .h5ad and 10x .h5 only (other formats use all cells)")
     sp.add_argument("--teacher-set", dest="teacher_set", action="append", type=_override, metavar="KEY=VALUE",
                     help="override a contrastive-sc teacher setting (its authors' by default), e.g. "
                          "--teacher-set epochs=5 --teacher-set temperature=0.5 (repeatable)")

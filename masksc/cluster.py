@@ -552,8 +552,7 @@ def leiden(graph, resolution: float = LEIDEN_RESOLUTION, seed: int = 0, n_iterat
     import igraph as ig
 
     G = _check_graph(graph)
-    if not resolution > 0:
-        raise ValueError(f"resolution must be > 0, got {resolution}.")
+    _check_resolution(resolution)
     if flavor not in LEIDEN_FLAVORS:
         raise ValueError(f"flavor must be one of {LEIDEN_FLAVORS}, got {flavor!r}.")
     seed = check_seed(seed)
@@ -711,9 +710,18 @@ def cluster_graph(graph, k: int | None = None, seed: int = 0, resolution: float 
     return leiden_for_k(graph, k, seed=seed)
 
 
+def _check_resolution(resolution: float) -> None:
+    if not 0 < resolution < np.inf:  # also NaN
+        raise ValueError(f"resolution must be a finite number > 0, got {resolution}; fix: e.g. 0.5 for fewer, larger "
+                         "clusters or 2 for more, smaller ones.")
+
+
 def check_leiden_settings(k: int | None, resolution: float | None, kmeans_kw: dict) -> None:
     """Refuse (TypeError) what Leiden would ignore: a ``resolution`` beside ``k`` (searched
-    instead) and k-means settings ``kmeans_kw``; called before any graph is built."""
+    instead) and k-means settings ``kmeans_kw``, and (ValueError) a resolution that is not a
+    finite number > 0; called before any graph is built."""
+    if resolution is not None:
+        _check_resolution(resolution)
     if k is not None and resolution is not None:
         raise TypeError(f"resolution={resolution} would be ignored: with k={k} Leiden searches the resolution that "
                         "gives k clusters; fix: drop resolution, or drop k to cluster at that resolution.")

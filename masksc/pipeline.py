@@ -334,9 +334,10 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     _teacher_config(cfg, seed, None, dict(teacher_overrides or {}))  # names and values; the dropout needs the data
     if chunk_size < 1:
         raise DataError(f"chunk_size={chunk_size} must be >= 1; fix: pass a positive number of cells.")
-    if teacher_cells is not None and teacher_cells < 1:
-        raise DataError(f"teacher_cells={teacher_cells} must be >= 1; fix: pass a positive number of cells, or "
-                        "None for all cells (0 on the command line).")
+    if teacher_cells is not None and teacher_cells < MIN_FIT_CELLS:
+        raise DataError(f"teacher_cells={teacher_cells} are too few to fit the teacher and the gene layout on (at least "
+                        f"{MIN_FIT_CELLS}, thousands in practice); fix: pass more (default 50,000), or None for all "
+                        "cells (0 on the command line).")
     if model_dir is not None:
         ckpt.check_run_dir(model_dir, resume)
     resume_from = None  # the run to continue: its transform, layout and teacher come back from it

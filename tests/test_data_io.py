@@ -261,6 +261,25 @@ def test_non_numeric_csv(tmp_path, counts):
         read(tmp_path / "a.csv")
 
 
+def test_a_table_cut_short_is_named_as_such_not_as_nan_to_clean(tmp_path, counts):
+    """A csv cut off mid-row was reported as NaN values, with np.nan_to_num as the fix: that would
+    fill the lost values with zeros. A missing value inside a complete line is still a NaN."""
+    X, cells, genes = counts
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "a.csv")
+    text = (tmp_path / "a.csv").read_text()
+    cut = text[:text.rstrip("\n").rindex(",", 0, len(text) - 10)]  # the last line loses its last values
+    kept = cut.splitlines()[-1].count(",")
+    (tmp_path / "cut.csv").write_text(cut)
+    with pytest.raises(DataError, match=rf"cut\.csv: its last line stops after {kept} of 12 values: the file looks "
+                                        r"cut short .*; fix: copy or write it again whole\.$"):
+        read(tmp_path / "cut.csv")
+    holed = text.splitlines()
+    holed[-1] = ",".join(v if j != 3 else "" for j, v in enumerate(holed[-1].split(",")))
+    (tmp_path / "holed.csv").write_text("\n".join(holed) + "\n")
+    with pytest.raises(DataError, match=r"X contains 1 NaN and 0 infinite values"):
+        read(tmp_path / "holed.csv")
+
+
 def write_10x_v2_h5(path, genomes: dict, cells):
     """Cell Ranger v2 layout: one group per genome, each a CSC genes x cells matrix;
     ``genomes``: {name: (X cells x genes, genes)}."""

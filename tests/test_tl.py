@@ -302,6 +302,12 @@ def test_leiden_with_k_records_the_resolution_its_search_found():
         assert "masksc_neighbors" not in ad.uns
     with pytest.raises(TypeError, match="did you mean 'resolution'"):
         cluster.cluster_graph(graph, resolutoin=2)
+    for resolution in (np.inf, np.nan, 0.0, -1.0):  # inf put every cell in a cluster of its own
+        with pytest.raises(ValueError, match=rf"resolution must be a finite number > 0, got {resolution}; fix: e\.g\."):
+            tl.cluster(ad, resolution=resolution)
+        assert "masksc_neighbors" not in ad.uns
+        with pytest.raises(ValueError, match="resolution must be a finite number > 0"):
+            cluster.leiden(graph, resolution=resolution)
 
 
 def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):

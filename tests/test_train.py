@@ -549,8 +549,10 @@ def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monke
         tl.fit(adata, "demo", epochs=1, **{**tiny, "device": "cuda:99"})
     with pytest.raises(DataError, match="chunk_size=0 must be >= 1"):
         tl.fit(adata, "demo", epochs=1, chunk_size=0, **tiny)
-    with pytest.raises(DataError, match=r"teacher_cells=0 must be >= 1; fix: .* or None for all cells"):
-        tl.fit(adata, "demo", epochs=1, teacher_cells=0, **tiny)
+    for teacher_cells in (0, 1, 19):  # one cell trained a teacher to loss 0 and fitted the layout on it
+        with pytest.raises(DataError, match=rf"teacher_cells={teacher_cells} are too few to fit the teacher and the "
+                                            r"gene layout on \(at least 20, .* or None for all cells"):
+            tl.fit(adata, "demo", epochs=1, teacher_cells=teacher_cells, **tiny)
     with pytest.raises(DataError, match=r"^3 cells are too few to train on \(at least 20"):
         tl.fit(adata[:3].copy(), "demo", epochs=1, **tiny)
     adata[:3].copy().write_h5ad(tmp_path / "three.h5ad")

@@ -421,6 +421,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")
     df = body if unnamed else body.iloc[:, 1:]
+    _check_last_line_complete(path, df)
     df.index = pd.Index([str(i) for i in range(len(body))]) if unnamed else names(skiprows=1, usecols=[0])
     df.columns = header[len(header) - n_values:]
     if transpose:
@@ -440,6 +441,19 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                        obs=pd.DataFrame(index=df.index.astype(str)),
                        var=pd.DataFrame(index=df.columns.astype(str)))
     return _finish(_unique_genes(adata, path), where)
+
+
+def _check_last_line_complete(path, values: pd.DataFrame) -> None:
+    """Raise DataError when the last row of a table's ``values`` ends in missing fields: a file cut
+    short (an interrupted download or copy), which pandas pads with NaN, not data to be cleaned."""
+    if not len(values) or not values.shape[1]:
+        return
+    missing = values.iloc[-1].isna().to_numpy()
+    if missing[-1]:
+        kept = int(np.flatnonzero(~missing)[-1]) + 1 if (~missing).any() else 0
+        if not missing[:kept].any():
+            raise DataError(f"{path}: its last line stops after {kept} of {len(missing)} values: the file looks cut "
+                            "short (an interrupted download or copy); fix: copy or write it again whole.")
 
 
 # 10x's AAACCTGAGAAACCAT-1, optionally prefixed by a sample, with R make.names' ".1" or a "_1" suffix
