@@ -22,6 +22,7 @@ block by block, and never holds more than a few blocks: peak memory is bounded b
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -358,6 +359,20 @@ def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict
             ds[a:a + block] = np.asarray(Z[a:a + block], dtype=np.float32)
 
 
+def check_obs_writable(obs: pd.DataFrame) -> None:
+    """Raise DataError, naming what anndata refused, when ``obs`` cannot be written to an
+    ``.h5ad`` as :func:`write_embedding_h5ad` writes it (a datetime column, a column name that is
+    not text, an index named like a column): tried in memory, before any cell is embedded."""
+    try:
+        with h5py.File(io.BytesIO(), "w") as f:
+            ad.io.write_elem(f, "obs", _writable_obs(obs))
+    except Exception as exc:  # anndata raises several types (IORegistryError, TypeError, ValueError) for these
+        raise DataError(f"obs cannot be written to an .h5ad ({type(exc).__name__}: {str(exc).splitlines()[0]}); fix: "
+                        "convert or drop the column anndata cannot store (e.g. adata.obs[name] = "
+                        "adata.obs[name].astype(str), adata.obs.columns = adata.obs.columns.astype(str)), or write the "
+                        "embedding to a .npy.") from exc
+
+
 def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
     """``obs`` as ``AnnData.write_h5ad`` stores it: object columns (text, with missing values or
     mixed types, which h5py cannot write as they are) become categoricals of their text, missing
@@ -413,6 +428,8 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     n, dim = reader.n_obs, model.network.cfg.embedding_dim
     if n == 0:
         raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")
+    if output.suffix.lower() == ".h5ad":
+        check_obs_writable(reader.obs)
     created, tmp, done = [], None, False
     if ctx.is_main:
         created = make_folders(output.parent)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -269,6 +270,27 @@ def test_plot_attention_checks_unnamed_genes_on_the_files_cells_and_few_cells_ar
     with pytest.warns(UserWarning, match=r"and 10 cells are too few to check that these columns are the genes it was "
                                          r"trained on \(it takes 50\); they are used unchecked"):
         pre.transform(other[:10])
+
+
+@pytest.mark.parametrize("spoil, refusal", [
+    (lambda obs: obs.insert(0, "collected", pd.date_range("2020-01-01", periods=len(obs))), "IORegistryError"),
+    (lambda obs: obs.insert(0, 0, 1), "TypeError: 0 of type <class 'int'> is an invalid key"),
+])
+def test_obs_anndata_cannot_write_is_refused_before_any_cell_is_embedded(tmp_path, fitted, monkeypatch, spoil,
+                                                                          refusal):
+    """embed_file to .h5ad embedded every cell, then failed on anndata's own error; a .npy needs no obs."""
+    import masksc.outofcore as outofcore
+    adata, pre, grid, _ = fitted
+    cells = adata[:40].copy()
+    spoil(cells.obs)
+    calls = []
+    monkeypatch.setattr(outofcore, "embed_rows", lambda *a, **k: calls.append(1))
+    with pytest.raises(DataError, match=rf"^obs cannot be written to an \.h5ad \({refusal}.*\); fix: convert or drop "
+                                        r"the column .* or write the embedding to a \.npy\.$"):
+        _model(pre, grid).embed_file(cells, tmp_path / "e.h5ad", progress=False)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+    _model(pre, grid).embed_file(cells, tmp_path / "e.npy", progress=False)
+    assert calls == [1]
 
 
 def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, fitted):
