@@ -38,6 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
+from masksc.data.io import detect_format
 from masksc.data.preprocess import PROFILE_SAMPLE_CELLS
 from masksc.data.stream import check_not_backed_view
 from masksc.errors import DataError, MaskscError
@@ -359,6 +360,19 @@ def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict
             ds[a:a + block] = np.asarray(Z[a:a + block], dtype=np.float32)
 
 
+def _obs_colours(source, reader: RowReader) -> dict:
+    """scanpy's colours of the source's obs columns (``uns["<column>_colors"]`` of an AnnData or
+    ``.h5ad``), which the embedding's ``.h5ad`` keeps so its maps are drawn in the same colours."""
+    wanted = {f"{name}_colors" for name in reader.obs.columns}
+    if isinstance(source, ad.AnnData):
+        return {key: np.asarray(source.uns[key]) for key in wanted if key in source.uns}
+    if reader.path is None or detect_format(reader.path) != "h5ad":
+        return {}
+    with h5py.File(reader.path, "r") as f:
+        uns = f.get("uns")
+        return {key: np.asarray(ad.io.read_elem(uns[key])) for key in wanted if uns is not None and key in uns}
+
+
 def check_obs_writable(obs: pd.DataFrame) -> None:
     """Raise DataError, naming what anndata refused, when ``obs`` cannot be written to an
     ``.h5ad`` as :func:`write_embedding_h5ad` writes it (a datetime column, a column name that is
@@ -460,7 +474,8 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             os.replace(tmp, output)
         else:
             from masksc.io_utils import atomic_write
-            uns = {"masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
+            uns = {**_obs_colours(source, reader),
+                   "masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
                                         "source": str(origin or "AnnData"), "n_cells": int(n),
                                         "layer": layer, "use_raw": use_raw, "config": model.config.to_dict()}}}
             Z = np.lib.format.open_memmap(tmp, mode="r")

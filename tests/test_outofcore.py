@@ -293,6 +293,21 @@ def test_obs_anndata_cannot_write_is_refused_before_any_cell_is_embedded(tmp_pat
     assert calls == [1]
 
 
+def test_the_embedding_keeps_scanpys_colours_of_its_obs_columns(tmp_path, fitted):
+    """`masksc plot embedding` on embed's output drew labels in the default palette where the
+    input's uns['label_colors'] (sc.pl.umap's) named others: the colours come along now."""
+    adata, pre, grid, _ = fitted
+    cells = adata[:60].copy()
+    n = cells.obs["label"].nunique()
+    cells.uns["label_colors"] = np.array(["#123456", "#abcdef", "#fedcba", "#000000"][:n], dtype=object)
+    cells.uns["gone_colors"] = np.array(["#111111"], dtype=object)  # no such column: not copied
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    for source in (cells, tmp_path / "cells.h5ad"):
+        out = _model(pre, grid).embed_file(source, tmp_path / "e.h5ad", progress=False)
+        uns = ad.read_h5ad(out).uns
+        assert list(uns["label_colors"]) == list(cells.uns["label_colors"]) and "gone_colors" not in uns
+
+
 def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, fitted):
     """Text columns with missing values or mixed types (which h5py cannot write as they are)
     come out as categoricals, missing values missing; a dataset without cells is refused."""
