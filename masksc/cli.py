@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from masksc.cluster import LEIDEN_RESOLUTION, N_NEIGHBORS
 from masksc.data.io import FORMATS
-from masksc.errors import DataError, MaskscError
+from masksc.errors import DataError, MaskscError, UncheckedGenesWarning
 from masksc.io_utils import out_of_space
 from masksc.models import PRESETS
 from masksc.models.masksc_model import POOLS
@@ -266,12 +266,12 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _cells_to_draw(args, preprocessor):
+def _cells_to_draw(args, model):
     """The few cells ``plot attention`` draws, in memory: one per label of ``--label-key`` when the
     data has that column, else ``--cells`` random ones; an .h5ad is opened backed, so only they
-    are read. Genes without names are checked against the model's ``preprocessor`` on the first
-    cells, as ``embed`` checks them (the few drawn are too few to tell). Returns (AnnData of
-    those cells, panel titles)."""
+    (and, for genes without names, the first cells, which ``model`` checks them on as ``embed``
+    does: the few drawn are too few to tell) are read. Returns (AnnData of those cells, panel
+    titles)."""
     import anndata as ad
     import h5py
     import numpy as np
@@ -288,8 +288,10 @@ def _cells_to_draw(args, preprocessor):
         adata = ad.read_h5ad(path, backed="r")
     else:
         adata = read(path, format=fmt, transpose=args.transpose, genome=args.genome)
-    reader = RowReader(adata, args.layer, args.use_raw)
-    check_first_cells(preprocessor, reader, 0, reader.n_obs)
+    if model.preprocessor.needs_profile_check():
+        with model.noting_fitted_input(args.layer, args.use_raw):
+            reader = RowReader(adata, args.layer, args.use_raw)
+            check_first_cells(model.preprocessor, reader, 0, reader.n_obs)
     if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
         labels = adata.obs[args.label_key]
         picks = one_cell_per_label(labels, args.seed, n=args.cells)
@@ -318,8 +320,11 @@ def cmd_plot(args) -> int:
         from masksc.pipeline import MaskSCModel
         device = _device(args.device)
         model = MaskSCModel.load(args.model, device=device)
-        cells, titles = _cells_to_draw(args, model.preprocessor)
-        out = pl.attention_grid(model.attention_maps(cells, layer=args.layer, use_raw=args.use_raw), titles, output)
+        cells, titles = _cells_to_draw(args, model)
+        with warnings.catch_warnings():  # the file's first cells were checked (or their too few flagged)
+            warnings.simplefilter("ignore", UncheckedGenesWarning)
+            maps = model.attention_maps(cells, layer=args.layer, use_raw=args.use_raw)
+        out = pl.attention_grid(maps, titles, output)
     print(f"wrote {out}")
     return 0
 

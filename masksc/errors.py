@@ -17,6 +17,11 @@ class CheckpointError(MaskscError, ValueError):
     """A saved model is missing, corrupt, or does not fit the data it is applied to."""
 
 
+class UncheckedGenesWarning(UserWarning):
+    """Genes without names, matched to a model's by column position, in too few cells to check
+    that they are the model's genes."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside masksc, so that the warning
     names the user's line (``tl.fit(...)``), not whichever masksc function noticed the problem."""

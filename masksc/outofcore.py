@@ -276,6 +276,7 @@ def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_0
     Returns (CSR float32 [m, len(preprocessor.genes_)] over the selected genes, int64 [m] rows
     of those cells in the dataset). Memory: the subsample plus one chunk."""
     reader = RowReader(source)
+    check_first_cells(preprocessor, reader, 0, reader.n_obs)
     rows = subsample_rows(reader.n_obs, n_max, seed)
     blocks, kept = [], []
     try:
@@ -361,16 +362,30 @@ def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict
 
 
 def _obs_colours(source, reader: RowReader) -> dict:
-    """scanpy's colours of the source's obs columns (``uns["<column>_colors"]`` of an AnnData or
-    ``.h5ad``), which the embedding's ``.h5ad`` keeps so its maps are drawn in the same colours."""
-    wanted = {f"{name}_colors" for name in reader.obs.columns}
+    """scanpy's colours of the source's categorical obs columns (``uns["<column>_colors"]`` of an
+    AnnData or ``.h5ad``, one per category in the source's order), each given to its category in
+    the order of ``reader.obs``, which the embedding's ``.h5ad`` stores (a ``label`` column's
+    categories are sorted there), so its maps are drawn in the same colours."""
     if isinstance(source, ad.AnnData):
-        return {key: np.asarray(source.uns[key]) for key in wanted if key in source.uns}
-    if reader.path is None or detect_format(reader.path) != "h5ad":
+        obs, uns = source.obs, source.uns
+    elif reader.path is not None and detect_format(reader.path) == "h5ad":
+        with h5py.File(reader.path, "r") as f:
+            if "uns" not in f:
+                return {}
+            obs = ad.io.read_elem(f["obs"])
+            uns = {key: ad.io.read_elem(f["uns"][key]) for key in f["uns"] if key.endswith("_colors")}
+    else:
         return {}
-    with h5py.File(reader.path, "r") as f:
-        uns = f.get("uns")
-        return {key: np.asarray(ad.io.read_elem(uns[key])) for key in wanted if uns is not None and key in uns}
+    colours = {}
+    for name, column in reader.obs.items():
+        key = f"{name}_colors"
+        if key not in uns or name not in obs or not isinstance(obs[name].dtype, pd.CategoricalDtype):
+            continue
+        given = dict(zip(obs[name].cat.categories.astype(str), np.asarray(uns[key])))
+        wanted = column.cat.categories.astype(str) if isinstance(column.dtype, pd.CategoricalDtype) else []
+        if len(given) == len(obs[name].cat.categories) and len(wanted) and all(c in given for c in wanted):
+            colours[key] = np.array([given[c] for c in wanted], dtype=object)
+    return colours
 
 
 def check_obs_writable(obs: pd.DataFrame) -> None:
@@ -411,7 +426,8 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     ``output`` may not be it.
 
     ``output`` ends in ``.npy`` (float32 [n_cells, D] in row order) or ``.h5ad`` (``obs`` of the
-    input + ``obsm["X_masksc"]`` + ``uns["masksc"]``; no ``X``). Rows are written chunk by chunk
+    input + ``obsm["X_masksc"]`` + ``uns["masksc"]``, with scanpy's ``uns["<column>_colors"]`` of
+    the input; no ``X``). Rows are written chunk by chunk
     into a hidden ``.npy`` memmap beside ``output``; in a distributed run (``dist``, default:
     the current process group, see :mod:`masksc.distributed`) rank ``r`` fills its contiguous
     shard of rows and rank 0 publishes the file (across nodes, ``output``'s folder must be on a

@@ -196,15 +196,17 @@ class MaskSCModel:
 
 def _transform_from_meta(meta: dict, path) -> tuple[Preprocessor, GridLayout, dict | None]:
     """The Preprocessor, GridLayout and fitted input (None when not recorded) saved in the metadata
-    ``meta`` of the checkpoint ``path``; a CheckpointError naming the damage when they cannot be
-    rebuilt (a hand-edited or corrupted config.json)."""
+    ``meta`` of the checkpoint ``path``; a CheckpointError naming the damage when they, or the
+    ``streamed`` record, cannot be read back (a hand-edited or corrupted config.json)."""
     from masksc.errors import CheckpointError, DataError
     try:
         preprocessor, grid = Preprocessor.from_dict(meta["preprocessor"]), GridLayout.from_dict(meta["grid"])
-        fitted_input = meta.get("input")
+        fitted_input, streamed = meta.get("input"), meta.get("streamed")
         if fitted_input is not None and not (isinstance(fitted_input, dict)
                                              and {"layer", "use_raw"} <= fitted_input.keys()):
             raise DataError(f"input is {fitted_input!r}, not a dict of layer and use_raw")
+        if streamed is not None and not (isinstance(streamed, dict) and isinstance(streamed.get("chunk_size", 1), int)):
+            raise DataError(f"streamed is {streamed!r}, not a dict of n_cells, teacher_cells and chunk_size")
     except DataError as exc:
         cause = exc.__cause__ or exc
         detail = f"missing {cause}" if isinstance(cause, KeyError) else str(cause).split("; fix:")[0]
@@ -343,6 +345,7 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     resume_from = None  # the run to continue: its transform, layout and teacher come back from it
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
         resume_from = Path(model_dir)
+        _transform_from_meta(_saved_transform(resume_from), ckpt.resolve(resume_from))  # not damaged
         _check_resumed_teacher(resume_from, dict(teacher_overrides or {}))
         _check_resumed_input(resume_from, layer, use_raw)
         if streamed is not None:
@@ -386,7 +389,7 @@ def preprocess_to_grid(adata, cfg, *, seed: int, min_cells: int = 3):
     ``cfg.layout`` (seeded) and the cells on it.
     Returns (Preprocessor, GridLayout, X_grid: CSR float32 [n_cells, g*s])."""
     preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells).fit(adata)
-    X = preprocessor.transform(adata).X
+    X = preprocessor.transform(adata, check_profile=False).X  # the cells it was fitted on
     grid = GridLayout.fit(X, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
                           seed=seed)
     return preprocessor, grid, grid.to_grid(X)
@@ -425,20 +428,22 @@ def _check_resumed_input(run_dir: Path, layer: str | None, use_raw: bool) -> Non
                               "new model_dir.")
 
 
+_STREAMED = ("streamed its cells from a file (a path or backed AnnData in Python, an .h5ad or 10x .h5 on the command "
+             "line, any run under torchrun)")
+_IN_MEMORY = "trained on cells held in memory (an AnnData in Python, a csv, mtx or scDeepCluster file on the command line)"
+
+
 def _check_resumed_streaming(run_dir: Path, streamed: bool, chunk_size: int) -> None:
     """A resumed run draws its batches as the run did: streamed in chunks of the same size, or
     from memory; refuse another way, which would continue on another order of cells."""
     from masksc.errors import CheckpointError
 
     saved = (ckpt.read_config(run_dir).get("meta") or {}).get("streamed")
-    if saved is None and streamed:
-        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on an AnnData in memory and this one "
-                              "would stream a file, drawing other batches; resume with the in-memory AnnData it was "
-                              "fitted on (anndata.read_h5ad(path) without backed=), or use a new model_dir.")
-    if saved is not None and not streamed:
-        raise CheckpointError(f"cannot resume: the run in {run_dir} was streamed from a file and this one would train "
-                              "on an AnnData in memory, drawing other batches; resume with the file (its path, or "
-                              "anndata.read_h5ad(path, backed='r')), or use a new model_dir.")
+    if (saved is not None) != streamed:
+        was, now = (_STREAMED, _IN_MEMORY) if saved is not None else (_IN_MEMORY, _STREAMED)
+        raise CheckpointError(f"cannot resume: the run in {run_dir} {was} and this one {now}, which draws other "
+                              "batches; resume it as it started, or use a new model directory (model_dir= in Python, "
+                              "-o on the command line).")
     if saved is not None and saved.get("chunk_size", chunk_size) != chunk_size:
         raise CheckpointError(f"cannot resume: the run in {run_dir} streamed chunks of {saved['chunk_size']} cells, "
                               f"which set the order of its batches, and {chunk_size} are asked for now; resume with "

@@ -270,14 +270,18 @@ def test_a_table_cut_short_is_named_as_such_not_as_nan_to_clean(tmp_path, counts
     cut = text[:text.rstrip("\n").rindex(",", 0, len(text) - 10)]  # the last line loses its last values
     kept = cut.splitlines()[-1].count(",")
     (tmp_path / "cut.csv").write_text(cut)
-    with pytest.raises(DataError, match=rf"cut\.csv: its last line stops after {kept} of 12 values: the file looks "
-                                        r"cut short .*; fix: copy or write it again whole\.$"):
+    with pytest.raises(DataError, match=rf"cut\.csv: its last line holds {kept + 1} of the 13 fields of the lines "
+                                        r"before it: the file looks cut short .*; fix: copy or write it again whole\.$"):
         read(tmp_path / "cut.csv")
-    holed = text.splitlines()
-    holed[-1] = ",".join(v if j != 3 else "" for j, v in enumerate(holed[-1].split(",")))
-    (tmp_path / "holed.csv").write_text("\n".join(holed) + "\n")
-    with pytest.raises(DataError, match=r"X contains 1 NaN and 0 infinite values"):
-        read(tmp_path / "holed.csv")
+    lines = text.splitlines()
+    for name, last in {"holed": 3, "empty_last": 12}.items():  # an empty field inside or at the end of a whole line
+        holed = lines[:-1] + [",".join(v if j != last else "" for j, v in enumerate(lines[-1].split(",")))]
+        (tmp_path / f"{name}.csv").write_text("\n".join(holed) + "\n")
+        with pytest.raises(DataError, match=r"X contains 1 NaN and 0 infinite values"):
+            read(tmp_path / f"{name}.csv")
+    (tmp_path / "trailing.csv").write_text("\n".join(line + "," for line in lines) + "\n")  # every line ends in ","
+    with pytest.raises(DataError, match=r"X contains 30 NaN"):  # an empty last column, not a file cut short
+        read(tmp_path / "trailing.csv")
 
 
 def write_10x_v2_h5(path, genomes: dict, cells):

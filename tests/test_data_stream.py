@@ -178,7 +178,7 @@ def _damage(f, key, name):
         del g["indices"]
 
 
-DAMAGE = {"short indptr": r"row pointers \(indptr\) for \d+ (rows|cells|columns), not \d+",
+DAMAGE = {"short indptr": r"pointers \(indptr\) for \d+ (rows \(cells\)|cells), not \d+",
           "decreasing indptr": r"pointers \(indptr\) decrease",
           "index too large": r"gene indices from 0 to 10000, outside 0\.\.29 for its 30 genes",
           "negative index": r"gene indices from -3 to 29, outside 0\.\.29",
@@ -243,9 +243,18 @@ def test_a_stored_shape_that_disagrees_with_the_cells_is_refused_before_streamin
     write_10x_h5(tmp_path / "short.h5", a.X.toarray(), cells, genes)
     with h5py.File(tmp_path / "short.h5", "r+") as f:
         _damage(f, "matrix", "short indptr")
-    with pytest.raises(DataError, match=r"corrupt sparse matrix in short\.h5: it has 40 row pointers \(indptr\) for "
-                                        r"60 cells, not 61"):
+    with pytest.raises(DataError, match=r"corrupt sparse matrix in short\.h5: it has 40 pointers \(indptr\) for 60 "
+                                        r"cells, not 61"):
         open_source(tmp_path / "short.h5")
+    csc = a.copy()
+    csc.X = csc.X.tocsc()
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    with h5py.File(tmp_path / "csc.h5ad", "r+") as f:
+        _damage(f, "X", "short indptr")
+    for read_it in (open_source, read):  # a CSC matrix's pointers run over its genes
+        with pytest.raises(DataError, match=r"corrupt sparse matrix in csc\.h5ad: it has 20 pointers \(indptr\) for "
+                                            r"30 (genes|columns \(genes\)), not 31"):
+            read_it(tmp_path / "csc.h5ad")
 
 
 @pytest.mark.filterwarnings("ignore:Element .* was written without encoding metadata")

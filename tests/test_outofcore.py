@@ -1,6 +1,7 @@
 """Out-of-core path: row blocks from disk, streamed training batches, streamed/atomic embedding."""
 import hashlib
 import pickle
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -11,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from masksc.data import GridLayout, Preprocessor, read, write_synthetic_h5ad
-from masksc.errors import CheckpointError, DataError, MaskscError
+from masksc.errors import CheckpointError, DataError, MaskscError, UncheckedGenesWarning
 from masksc.models import MaskSC, MaskSCConfig
 from masksc.outofcore import RowReader, StreamBatches, subsample_genes, subsample_rows
 from masksc.pipeline import MaskSCModel
@@ -248,6 +249,8 @@ def test_blockwise_passes_check_unnamed_genes_whatever_the_chunk_size(tmp_path, 
                                          progress=False)
         with pytest.raises(DataError, match="named gene_0000"):
             StreamBatches(tmp_path / "other.h5ad", pre, grid, chunk_size=chunk_size)
+        with pytest.raises(DataError, match="named gene_0000"):
+            subsample_genes(tmp_path / "other.h5ad", pre, n_max=100, chunk_size=chunk_size)
     assert not (tmp_path / "e.npy").exists()
     StreamBatches(adata, pre, grid, chunk_size=10)  # the fitted cells pass
 
@@ -266,8 +269,10 @@ def test_plot_attention_checks_unnamed_genes_on_the_files_cells_and_few_cells_ar
     plot = ["plot", "attention", "--model", str(tmp_path / "model"), "--device", "cpu", "-o"]
     assert main([*plot, str(tmp_path / "o.png"), str(tmp_path / "other.h5ad")]) == 2
     assert "named gene_0000.. " in capsys.readouterr().err and not (tmp_path / "o.png").exists()
-    assert main([*plot, str(tmp_path / "s.png"), str(tmp_path / "same.h5ad")]) == 0
-    with pytest.warns(UserWarning, match=r"and 10 cells are too few to check that these columns are the genes it was "
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncheckedGenesWarning)  # the file passed: the few cells drawn are not flagged
+        assert main([*plot, str(tmp_path / "s.png"), str(tmp_path / "same.h5ad")]) == 0
+    with pytest.warns(UncheckedGenesWarning, match=r"and 10 cells are too few to check that these columns are the genes it was "
                                          r"trained on \(it takes 50\); they are used unchecked"):
         pre.transform(other[:10])
 
@@ -298,14 +303,16 @@ def test_the_embedding_keeps_scanpys_colours_of_its_obs_columns(tmp_path, fitted
     input's uns['label_colors'] (sc.pl.umap's) named others: the colours come along now."""
     adata, pre, grid, _ = fitted
     cells = adata[:60].copy()
-    n = cells.obs["label"].nunique()
-    cells.uns["label_colors"] = np.array(["#123456", "#abcdef", "#fedcba", "#000000"][:n], dtype=object)
+    labels = cells.obs["label"].cat.categories
+    cells.obs["label"] = cells.obs["label"].cat.reorder_categories(labels[::-1])  # an order set for plotting
+    cells.uns["label_colors"] = np.array(["#123456", "#abcdef", "#fedcba", "#000000"][:len(labels)], dtype=object)
     cells.uns["gone_colors"] = np.array(["#111111"], dtype=object)  # no such column: not copied
     cells.write_h5ad(tmp_path / "cells.h5ad")
-    for source in (cells, tmp_path / "cells.h5ad"):
-        out = _model(pre, grid).embed_file(source, tmp_path / "e.h5ad", progress=False)
-        uns = ad.read_h5ad(out).uns
-        assert list(uns["label_colors"]) == list(cells.uns["label_colors"]) and "gone_colors" not in uns
+    wanted = dict(zip(cells.obs["label"].cat.categories, cells.uns["label_colors"]))
+    for source in (cells, tmp_path / "cells.h5ad", ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")):
+        out = ad.read_h5ad(_model(pre, grid).embed_file(source, tmp_path / "e.h5ad", progress=False))
+        assert dict(zip(out.obs["label"].cat.categories, out.uns["label_colors"])) == wanted  # each label its colour
+        assert "gone_colors" not in out.uns
 
 
 def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, fitted):

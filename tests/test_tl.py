@@ -102,8 +102,8 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
     with pytest.raises(CheckpointError, match=r"streamed chunks of 100 cells, .* and 60 are asked for now; resume "
                                               r"with --chunk-size 100 \(chunk_size= in Python\)"):
         pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **{**settings, "chunk_size": 60})
-    with pytest.raises(CheckpointError, match="was streamed from a file and this one would train on an AnnData in "
-                                              "memory"):
+    with pytest.raises(CheckpointError, match=r"streamed its cells from a file \(.*\) and this one trained on cells "
+                                              r"held in memory \(.*\), which draws other batches; resume it as it"):
         pipeline.fit(adata, "demo", model_dir=run, resume=True, **settings)
     model, _ = pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
     np.testing.assert_array_equal(model.embed(adata, progress=False), ref.embed(adata, progress=False))
@@ -111,8 +111,32 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
     memory = tmp_path / "memory"
     pipeline.fit(adata, "demo", model_dir=memory, **settings)
     _stop_after_epoch_1(memory)
-    with pytest.raises(CheckpointError, match="was trained on an AnnData in memory and this one would stream a file"):
+    with pytest.raises(CheckpointError, match=r"trained on cells held in memory \(.*\) and this one streamed its "
+                                              r"cells from a file"):
         pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=memory, resume=True, **settings)
+
+
+def test_a_run_whose_saved_input_or_stream_record_is_damaged_is_refused_on_resume(tmp_path):
+    """Resume read meta['input'] and meta['streamed'] before anything checked them: a TypeError,
+    KeyError or AttributeError traceback where load named the damage."""
+    from masksc import pipeline
+    adata = synthetic(240, n_genes=300, n_types=3, seed=1)
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    settings = dict(epochs=2, checkpoint_every=1, progress=False, chunk_size=100, **TINY)
+    run = tmp_path / "run"
+    pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, **settings)
+    _stop_after_epoch_1(run)
+    config_path = run / "epoch-000001" / "config.json"
+    saved = config_path.read_text()
+    for key, value, detail in (("input", {"layer": None}, r"input is \{'layer': None\}, not a dict of layer and use_raw"),
+                               ("input", ["x"], r"input is \['x'\]"),
+                               ("streamed", 4096, r"streamed is 4096, not a dict")):
+        config = json.loads(saved)
+        config["meta"][key] = value
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=rf"the transform saved in .*epoch-000001/config\.json is damaged "
+                                                  rf"\({detail}"):
+            pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
 
 
 def test_leiden_when_k_unknown():

@@ -5,6 +5,7 @@ file holds labels, ``obs["label"]`` as a categorical of strings. Files are opene
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import logging
 import re
@@ -168,7 +169,7 @@ def check_compressed(data, indices, indptr, shape: tuple[int, int], rows: bool =
     every index inside the matrix. scipy's conversions assume all of it and read out of bounds,
     or crash the process, on a matrix that breaks it."""
     n_major, n_minor = shape if rows else shape[::-1]
-    axis, other = ("rows", "genes") if rows else ("columns", "cells")
+    axis, other = ("rows (cells)", "genes") if rows else ("columns (genes)", "cells")
     indptr, indices = np.asarray(indptr), np.asarray(indices)
     problem = None
     if indptr.ndim != 1 or indices.ndim != 1 or np.ndim(data) != 1:
@@ -176,7 +177,7 @@ def check_compressed(data, indices, indptr, shape: tuple[int, int], rows: bool =
     elif indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
         problem = f"its indptr / indices are of dtype {indptr.dtype} / {indices.dtype}, not integers"
     elif len(indptr) != n_major + 1:
-        problem = f"it has {len(indptr)} row pointers (indptr) for {n_major} {axis}, not {n_major + 1}"
+        problem = f"it has {len(indptr)} pointers (indptr) for {n_major} {axis}, not {n_major + 1}"
     elif len(data) != len(indices):
         problem = f"it stores {len(data)} values but {len(indices)} indices"
     elif indptr[0] != 0 or indptr[-1] > len(indices):
@@ -420,8 +421,8 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")
+    _check_last_line_complete(path, sep, body.shape[1])
     df = body if unnamed else body.iloc[:, 1:]
-    _check_last_line_complete(path, df)
     df.index = pd.Index([str(i) for i in range(len(body))]) if unnamed else names(skiprows=1, usecols=[0])
     df.columns = header[len(header) - n_values:]
     if transpose:
@@ -443,17 +444,19 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     return _finish(_unique_genes(adata, path), where)
 
 
-def _check_last_line_complete(path, values: pd.DataFrame) -> None:
-    """Raise DataError when the last row of a table's ``values`` ends in missing fields: a file cut
-    short (an interrupted download or copy), which pandas pads with NaN, not data to be cleaned."""
-    if not len(values) or not values.shape[1]:
-        return
-    missing = values.iloc[-1].isna().to_numpy()
-    if missing[-1]:
-        kept = int(np.flatnonzero(~missing)[-1]) + 1 if (~missing).any() else 0
-        if not missing[:kept].any():
-            raise DataError(f"{path}: its last line stops after {kept} of {len(missing)} values: the file looks cut "
-                            "short (an interrupted download or copy); fix: copy or write it again whole.")
+def _check_last_line_complete(path: Path, sep: str, n_fields: int) -> None:
+    """Raise DataError when the table's last line holds fewer fields than its rows (``n_fields``):
+    a file cut short (an interrupted download or copy), which pandas pads with NaN, not missing
+    values to be cleaned. Empty fields (``1,,2`` or a trailing ``,``) still count as fields."""
+    last = ""
+    with _open_text(Path(path)) as fh:
+        for line in fh:
+            if line.strip():
+                last = line
+    fields = len(next(csv.reader([last], delimiter=sep), []))
+    if 0 < fields < n_fields:
+        raise DataError(f"{path}: its last line holds {fields} of the {n_fields} fields of the lines before it: the "
+                        "file looks cut short (an interrupted download or copy); fix: copy or write it again whole.")
 
 
 # 10x's AAACCTGAGAAACCAT-1, optionally prefixed by a sample, with R make.names' ".1" or a "_1" suffix

@@ -33,7 +33,7 @@ from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
 from masksc.data.validate import check_unique_genes, check_values
-from masksc.errors import DataError, warn
+from masksc.errors import DataError, UncheckedGenesWarning, warn
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class Preprocessor:
             warn(f"the data's genes are named gene_0000.. (a file without gene names), so they are matched to the "
                  f"model's by column position, and {X.shape[0]} cells are too few to check that these columns are the "
                  f"genes it was trained on (it takes {PROFILE_MIN_CELLS}); they are used unchecked: pass cells "
-                 "measured on the training file's genes in its column order.")
+                 "measured on the training file's genes in its column order.", UncheckedGenesWarning)
             return
         detection = np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) / X.shape[0]
         r = float(spearmanr(detection, self.detection_)[0])
@@ -401,15 +401,17 @@ class Preprocessor:
         out = sp.csr_matrix(D.astype(np.float32))
         return out
 
-    def transform(self, data) -> ad.AnnData:
+    def transform(self, data, check_profile: bool = True) -> ad.AnnData:
         """Apply the fitted transform: AnnData [kept cells, len(genes_)], ``X`` CSR float32 with
         columns in ``genes_`` order (the data's genes are matched by name), ``obs`` copied.
         Raises DataError if genes are missing, values are invalid or zero-count cells are present
-        without ``min_counts``. Never modifies the input."""
+        without ``min_counts``. Never modifies the input. ``check_profile``: as in
+        :meth:`transform_chunks` (False for the cells the transform was fitted on, or cells of a
+        dataset already checked)."""
         self._check_fitted()
         src = open_source(data)
         blocks, keeps = [], []
-        for _, keep, X in self.transform_chunks(src):
+        for _, keep, X in self.transform_chunks(src, check_profile=check_profile):
             blocks.append(X)
             keeps.append(keep)
         keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)

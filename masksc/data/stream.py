@@ -159,18 +159,19 @@ def _csr_block(grp, a, b, n_cols) -> sp.csr_matrix:
     return to_csr32(sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, n_cols)), copy=False)
 
 
-def _check_stored_compressed(grp, n_major: int, where: str) -> None:
+def _check_stored_compressed(grp, n_major: int, where: str, major: str = "cells") -> None:
     """Raise DataError unless the HDF5 group ``grp`` holds a compressed sparse matrix of ``n_major``
-    rows (CSR) or columns (CSC) whose arrays agree in length: what streaming it by rows relies on,
-    checked before the first row is read (each block's own structure is checked as it is read)."""
+    ``major`` (its pointers' axis: cells for CSR, genes for CSC) whose arrays agree in length: what
+    streaming it by rows relies on, checked before the first row is read (each block's own
+    structure is checked as it is read)."""
     arrays = [k for k in ("data", "indices", "indptr") if isinstance(grp.get(k), h5py.Dataset) and grp[k].ndim == 1]
     if len(arrays) < 3:
         missing = "/".join(k for k in ("data", "indices", "indptr") if k not in arrays)
         raise DataError(f"X is a corrupt sparse matrix{where}: it lacks a 1-D {missing} array; {_CORRUPT_FIX}")
     indptr, n_values, n_indices = grp["indptr"], len(grp["data"]), len(grp["indices"])
     if len(indptr) != n_major + 1:
-        raise DataError(f"X is a corrupt sparse matrix{where}: it has {len(indptr)} row pointers (indptr) for "
-                        f"{n_major} cells, not {n_major + 1}; {_CORRUPT_FIX}")
+        raise DataError(f"X is a corrupt sparse matrix{where}: it has {len(indptr)} pointers (indptr) for "
+                        f"{n_major} {major}, not {n_major + 1}; {_CORRUPT_FIX}")
     if n_values != n_indices or int(indptr[0]) != 0 or int(indptr[-1]) > n_indices:
         raise DataError(f"X is a corrupt sparse matrix{where}: it stores {n_values} values and {n_indices} "
                         f"indices, its pointers (indptr) running from {int(indptr[0])} to {int(indptr[-1])}; "
@@ -191,7 +192,8 @@ def _stored_shape(X, kind: str, n_obs: int, n_vars: int, where: str) -> tuple[in
         raise DataError(f"X is {shape[0]} x {shape[1]}{where} but the file names {n_obs} cells (obs) and {n_vars} "
                         f"genes (var); {_CORRUPT_FIX}")
     if kind != "array":
-        _check_stored_compressed(X, shape[0] if kind == "csr_matrix" else shape[1], where)
+        csr = kind == "csr_matrix"
+        _check_stored_compressed(X, shape[0] if csr else shape[1], where, "cells" if csr else "genes")
     return shape
 
 
