@@ -183,8 +183,8 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
         init: "k-means++" (greedy, sklearn's default) or "random" (k distinct random cells).
         max_points_per_centroid: centroids are trained on a uniform sample of at most
             ``k * max_points_per_centroid`` cells (FAISS's scheme); ``None`` trains on all cells.
-            The default (1024) trains on every cell of a dataset below ~10^4 cells and keeps
-            10^6-cell runs fast.
+            The default (1024) trains on every cell of a dataset of at most k * 1024 cells
+            (8192 at PBMC's k = 8) and keeps 10^6-cell runs fast.
         use_gpu: None = GPU when FAISS has GPU support and sees a GPU; False = CPU; True = GPU or error.
         ngpu: GPUs to use when on GPU (None = all visible); search work is split over them.
 
@@ -523,6 +523,19 @@ LEIDEN_FLAVORS = ("igraph", "leidenalg")
 LEIDEN_RESOLUTION = 1.0  # Leiden's resolution when k is not given (scanpy's default)
 
 
+def _undirected_graph(G: sp.csr_matrix):
+    """(igraph.Graph, float64 weights [edges]) of ``G`` [n, n] as an undirected graph with each
+    edge once. G + G.T keeps a non-symmetric graph's weight in both directions and, for a
+    symmetric one, doubles every weight, which leaves modularity as is, as scanpy's graph of both
+    directions does; a self-loop, stored once, is kept once (doubling it would weigh it twice
+    against the other edges)."""
+    import igraph as ig
+    U = (sp.triu(G + G.T, k=1) + sp.diags(G.diagonal())).tocoo()
+    U.eliminate_zeros()
+    g = ig.Graph(n=G.shape[0], edges=np.column_stack([U.row, U.col]).astype(np.int64), directed=False)
+    return g, U.data.astype(np.float64)
+
+
 def leiden(graph, resolution: float = LEIDEN_RESOLUTION, seed: int = 0, n_iterations: int | None = None,
            flavor: str = "igraph", directed: bool = True) -> np.ndarray:
     """Leiden communities of a weighted graph (modularity with a resolution parameter).
@@ -557,13 +570,10 @@ def leiden(graph, resolution: float = LEIDEN_RESOLUTION, seed: int = 0, n_iterat
         raise ValueError(f"flavor must be one of {LEIDEN_FLAVORS}, got {flavor!r}.")
     seed = check_seed(seed)
     if flavor == "igraph":
-        # Each undirected edge once; G + G.T keeps a non-symmetric graph's weight in both
-        # directions and, for a symmetric one, doubles every weight, which leaves modularity as is.
-        U = sp.triu(G + G.T).tocoo()
-        g = ig.Graph(n=G.shape[0], edges=np.column_stack([U.row, U.col]).astype(np.int64), directed=False)
+        g, weights = _undirected_graph(G)
         ig.set_random_number_generator(random.Random(seed))
         try:
-            part = g.community_leiden(objective_function="modularity", weights=U.data.astype(np.float64),
+            part = g.community_leiden(objective_function="modularity", weights=weights,
                                       resolution=float(resolution), n_iterations=2 if n_iterations is None
                                       else n_iterations)
         finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from masksc.cluster import check_embedding
 from masksc.errors import DataError, warn
@@ -71,6 +72,8 @@ def _save(fig, path):
 def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().float().cpu().numpy()
+    if sp.issparse(x):  # an obsm entry may be sparse, as the tl functions accept
+        x = x.toarray()
     return np.asarray(x)
 
 
@@ -80,6 +83,10 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
         if Z.shape[1] != 2:
             raise DataError(f"method='precomputed' needs 2-D coordinates [n, 2], got shape {Z.shape}.")
         return Z.astype(np.float32), method
+    if Z.shape[0] > 1 and not np.ptp(Z, axis=0).any():  # t-SNE starts from NaN there and crashes the process
+        raise DataError(f"every one of the {Z.shape[0]} cells has the same embedding, so there is no map to draw; "
+                        "fix: check the model (an untrained or collapsed one embeds every cell alike) or the "
+                        "embedding passed.")
     if method == "umap" and Z.shape[0] < UMAP_MIN_CELLS:
         warn(f"{Z.shape[0]} cells are too few for UMAP's spectral layout (it needs {UMAP_MIN_CELLS}); drawing them "
              "with t-SNE")
@@ -98,7 +105,8 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(1.0, (Z.shape[0] - 1) / 3)))
-    tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed)
+    init = "pca" if Z.shape[1] >= 2 else "random"  # PCA to 2-D needs 2 dimensions
+    tsne = TSNE(n_components=2, init=init, perplexity=perplexity, random_state=seed)
     return tsne.fit_transform(Z).astype(np.float32), "tsne"
 
 

@@ -255,7 +255,24 @@ def test_embedding_rejects_bad_input(tmp_path):
         pl.embedding(Z[:, :2], {"c": y}, tmp_path / "x.jpg", method="precomputed")
     with pytest.raises(DataError, match="2-D coordinates"):
         pl.embedding(Z, {"c": y}, tmp_path / "x.png", method="precomputed")
+    for method in ("tsne", "umap"):  # t-SNE on identical points crashed the process (SIGSEGV)
+        with pytest.raises(DataError, match=r"every one of the 50 cells has the same embedding, .* fix: check the "
+                                            r"model"):
+            pl.embedding(np.ones_like(Z), {"c": y}, tmp_path / "x.png", method=method)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sparse_or_one_column_embedding_is_drawn_as_its_dense_values(tmp_path):
+    """The tl functions take a sparse obsm entry: pl.embedding called it 'shape ()'; t-SNE's PCA
+    start needs two columns, so one column raised sklearn's error."""
+    import anndata as ad
+    import scipy.sparse as sp
+    Z, y = _data(n=60)
+    a = ad.AnnData(obs=pd.DataFrame({"c": pd.Categorical(y.astype(str))}, index=[f"c{i}" for i in range(60)]))
+    a.obsm["dense"], a.obsm["sparse"], a.obsm["one"] = Z, sp.csr_matrix(Z), Z[:, :1]
+    for basis in ("dense", "sparse", "one"):
+        _png(pl.embedding(a, "c", tmp_path / f"{basis}.png", method="tsne", basis=basis))
+    np.testing.assert_array_equal(imread(str(tmp_path / "sparse.png")), imread(str(tmp_path / "dense.png")))
 
 
 def test_attention_to_grid_gives_each_gene_its_patchs_weight():
