@@ -47,7 +47,8 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.attention import attention_reference, flash_attention  # noqa: E402
+from kernels.attention import flash_attention  # noqa: E402
+from kernels.attention_ref import attention_reference  # noqa: E402
 
 
 def eager(q, k, v):

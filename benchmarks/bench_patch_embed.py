@@ -53,7 +53,8 @@ interpret_triton_without_cuda(ARGS is not None and ARGS.smoke)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.patch_embed import _patch_coords, _row_ids, patch_embed_csr, patch_embed_torch  # noqa: E402
+from kernels.patch_embed import patch_embed_csr  # noqa: E402
+from kernels.patch_embed_ref import _patch_coords, _row_ids, patch_embed_torch  # noqa: E402
 
 
 # --- candidate torch paths ------------------------------------------------------------------

@@ -272,6 +272,9 @@ std::tuple<at::Tensor, at::Tensor> unmask_backward_cuda(const at::Tensor& grad_i
     if (B * G > 0 && D > 0) {
       const at::Tensor source = source_map(ids, B, U, G);
       const int64_t row_blocks = std::min<int64_t>((B * G + 63) / 64, 1024);
+      if (row_blocks > 1) {  // the row blocks' partial sums meet in atomicAdd, in no fixed order
+        at::globalContext().alertNotDeterministic("masksc::unmask_backward (CUDA): the mask token's gradient");
+      }
       const dim3 grid(static_cast<unsigned>((D + 31) / 32), static_cast<unsigned>(row_blocks));
       masked_sum_kernel<scalar_t, acc_t><<<grid, dim3(32, 8), 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad.data_ptr<scalar_t>(), source.data_ptr<int32_t>(), B * G, D, acc.data_ptr<acc_t>());

@@ -6,8 +6,9 @@ Three implementations of ``softmax(Q K^T / sqrt(Dh)) V`` with an optional key-pa
   blocks through an online softmax and saves the per-row log-sum-exp; the backward pass
   recomputes the probabilities from it (one kernel for dK/dV, one for dQ, no atomics) after a
   small kernel computes ``delta = rowsum(dO * O)``.
-- ``attention_torch``: ``torch.nn.functional.scaled_dot_product_attention`` (the torch path).
-- ``attention_reference``: eager math, the test oracle.
+- ``attention_torch``: ``torch.nn.functional.scaled_dot_product_attention`` (the torch path), and
+- ``attention_reference``: eager math, the test oracle, both in ``attention_ref.py``, which
+  imports without Triton.
 
 Fully padded rows. When every key of a sample is padding, softmax over the empty set is
 undefined; all three implementations define the output of such a sample as 0 (and its
@@ -19,78 +20,16 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from masksc.errors import MaskscError
+from masksc.kernels.attention_ref import _check_inputs
 
 _LOG2E = 1.4426950408889634
+MAX_GRID_Y = 65_535  # CUDA's limit on a launch grid's second axis, which runs over B * H
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ---------------------------------------------------------------------------------------
-# torch paths
-# ---------------------------------------------------------------------------------------
-
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  key_padding_mask: torch.Tensor | None) -> None:
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise MaskscError(f"attention expects q, k, v of one shape [B, H, L, Dh]; got {tuple(q.shape)}, "
-                          f"{tuple(k.shape)}, {tuple(v.shape)}. Reshape them to [B, H, L, Dh].")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise MaskscError(f"attention expects q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}. "
-                          "Cast them to a common dtype.")
-    devices = {t.device for t in (q, k, v, key_padding_mask) if t is not None}
-    if len(devices) > 1:
-        raise MaskscError("attention: q, k, v and key_padding_mask must be on one device, got "
-                          f"{sorted(map(str, devices))}; fix: move them with .to(q.device).")
-    if key_padding_mask is not None:
-        B, _, L, _ = q.shape
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, L):
-            raise MaskscError(f"key_padding_mask must be bool [B, L] = [{B}, {L}]; got "
-                              f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}. "
-                              "Pass a bool tensor, True where a key is padding.")
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Eager ``softmax(Q K^T / sqrt(Dh)) V`` computed in float32 (float64 for float64 input);
-    the oracle of the tests.
-
-    q, k, v: [B, H, L, Dh], one floating dtype. key_padding_mask: bool [B, L], True where a key
-    is ignored. Returns [B, H, L, Dh] in the input dtype; 0 for a sample whose keys are all padding.
-    """
-    _check_inputs(q, k, v, key_padding_mask)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    empty = None
-    if key_padding_mask is not None:
-        empty = key_padding_mask.all(dim=1)
-        # An all-padding row would be softmax over nothing (NaN); unmask it, then zero its output.
-        ignore = key_padding_mask & ~empty[:, None]
-        scores = scores.masked_fill(ignore[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v.to(work)
-    if empty is not None:
-        out = out.masked_fill(empty[:, None, None, None], 0.0)
-    return out.to(q.dtype)
-
-
-def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention through ``F.scaled_dot_product_attention`` (the torch path of ``masksc.ops``).
-
-    q, k, v: [B, H, L, Dh]; key_padding_mask: bool [B, L], True = ignore the key; it becomes a
-    boolean ``attn_mask`` [B, 1, 1, L] (True = attend). Returns [B, H, L, Dh] in the input dtype;
-    0 for a sample whose keys are all padding.
-    """
-    _check_inputs(q, k, v, key_padding_mask)
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    empty = key_padding_mask.all(dim=1)
-    attend = ~(key_padding_mask & ~empty[:, None])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
-    return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,6 +281,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable: refuse double backward, never drop it
     def backward(ctx, do):
         q, k, v, o, lse, pad = ctx.saved_tensors
         B, H, L, Dh = q.shape
@@ -394,8 +334,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def kernel_refusal(q: torch.Tensor) -> str | None:
-    """Why the kernel cannot run queries ``q`` [B, H, L, Dh] here (shape, device, float64 on a
-    GPU), naming the fix; None when it can. ``masksc.ops`` sends what it refuses to torch."""
+    """Why the kernel cannot run queries ``q`` [B, H, L, Dh] here (shape, device, more than
+    ``MAX_GRID_Y`` samples x heads, float64 on a GPU), naming the fix; None when it can. ``masksc.ops`` sends what it refuses to torch."""
     if not 1 <= q.shape[-1] <= 128 or q.shape[2] == 0:
         return (f"flash_attention needs 1 <= L and 1 <= Dh <= 128; got shape {tuple(q.shape)}. "
                 "Use attention_torch for other shapes.")
@@ -403,6 +343,9 @@ def kernel_refusal(q: torch.Tensor) -> str | None:
     if q.device.type != "cuda" and not interpreted:
         return ("flash_attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
                 f"got a {q.device.type} tensor. Use attention_torch on CPU.")
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        return (f"flash_attention launches one program row per (sample, head): B * H = {q.shape[0] * q.shape[1]} "
+                f"exceeds CUDA's {MAX_GRID_Y} on that grid axis; use smaller batches, or attention_torch.")
     if q.dtype == torch.float64 and not interpreted:
         # Triton 3.6 fails to lower float64 dots for sm_90 (seen on an H200); float64 is for gradcheck.
         return ("flash_attention takes float64 only under TRITON_INTERPRET=1 (gradcheck); on a GPU "

@@ -93,15 +93,15 @@ def _check_masking(tokens: torch.Tensor, n_keep: int) -> None:
                         f"got G = {G}; use larger patches.")
 
 
-def _count(name: str, value) -> int:
-    """``value`` as an int; DataError for a bool or a fractional number rather than truncating it."""
+def _count(name: str, value, example: str = "") -> int:
+    """``value`` as an int; DataError for a bool or a fractional number rather than truncating it
+    (``example``: how to make one, for the fix)."""
     try:
         if isinstance(value, bool):
             raise TypeError
         return operator.index(value)
     except TypeError:
-        raise DataError(f"{name} must be an integer, got {value!r}; fix: pass an int, e.g. round(G * (1 - "
-                        "mask_ratio)).") from None
+        raise DataError(f"{name} must be an integer, got {value!r}; fix: pass an int{example}.") from None
 
 
 def _check_unmask(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -137,14 +137,14 @@ def random_masking_torch(tokens: torch.Tensor, n_keep: int, seed: int):
     ascending, ids_restore int64 [B, G], mask bool [B, G] True where masked), U = n_keep;
     ``ids_restore = argsort(cat(ids_keep, masked ids ascending))``. Differentiable w.r.t. tokens.
     """
-    n_keep = _count("n_keep", n_keep)
+    n_keep, seed = _count("n_keep", n_keep, ", e.g. round(G * (1 - mask_ratio))"), _count("seed", seed)
     _check_masking(tokens, n_keep)
     B, G, D = tokens.shape
     dev = tokens.device
     if n_keep in (0, G):
         keep = torch.full((B, G), n_keep == G, dtype=torch.bool, device=dev)
     else:
-        keys = token_keys(B, G, int(seed), dev)
+        keys = token_keys(B, G, seed, dev)
         keep = keys <= keys.kthvalue(n_keep, dim=1, keepdim=True).values
     kept_before = keep.cumsum(1)  # kept tokens at or before j
     positions = torch.arange(G, device=dev)
@@ -250,9 +250,9 @@ def random_masking_cpp(tokens: torch.Tensor, n_keep: int, seed: int):
     ``seed`` is any Python int (taken mod 2**64). Differentiable w.r.t. tokens.
     """
     load_extension()
-    n_keep = _count("n_keep", n_keep)
+    n_keep = _count("n_keep", n_keep, ", e.g. round(G * (1 - mask_ratio))")
     _check_masking(tokens, n_keep)
-    return torch.ops.masksc.random_masking(tokens, n_keep, _s64(int(seed)))
+    return torch.ops.masksc.random_masking(tokens, n_keep, _s64(_count("seed", seed)))
 
 
 def unmask_cpp(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Tensor, n_tokens: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ alternative on that device; the table of defaults is ``AUTO_DEFAULTS`` below.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
@@ -23,6 +25,9 @@ AUTO_DEFAULTS: dict[str, dict[str, str]] = {
     # (H200, bf16, B=256; end_to_end_gpu.json), where SDPA gets the key-padding mask and cannot
     # take its flash kernel; the patch embedding, also Triton there, times equal to torch at B=256.
     "attention": {"cpu": "torch", "cuda": "triton"},
+    # Without a key-padding mask SDPA takes its flash kernel, and Triton is 0.19-0.82x the best
+    # SDPA backend at L = 65-1024 (attention_gpu.json): torch.
+    "attention_unmasked": {"cpu": "torch", "cuda": "torch"},
     # Triton on CUDA: no faster than patch_embed_torch at B=256, 2-2.5x slower at B=4096
     # (patch_embed_gpu.json).
     "patch_embed": {"cpu": "torch", "cuda": "torch"},
@@ -31,7 +36,21 @@ AUTO_DEFAULTS: dict[str, dict[str, str]] = {
     # (masking) and 1.0-2.3x (unmask, D >= 128) the torch reference fwd+bwd (masking_cuda.json).
     "random_masking": {"cpu": "cpp", "cuda": "cpp"},
     "unmask": {"cpu": "cpp", "cuda": "cpp"},
+    # Below D = 128 on CUDA the C++ op was 0.58-0.96x the reference at D = 1 and not measured
+    # between: torch. On CPU it measured 3.1x at D = 128 and faster still at D = 1.
+    "unmask_narrow": {"cpu": "cpp", "cuda": "torch"},
 }
+UNMASK_WIDE = 128  # the feature size from which unmask counts as "unmask" rather than "unmask_narrow"
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """Whether Triton imports (it is installed on Linux only); without it the torch paths run."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
 
 
 def _cpp_available(device: torch.device) -> bool:
@@ -47,33 +66,38 @@ def _cpp_available(device: torch.device) -> bool:
 
 
 def backend_for(op: str, device: torch.device) -> str:
-    """Resolve the backend for ``op`` on ``device`` under ``MASKSC_BACKEND``."""
+    """Resolve the backend for ``op`` (a key of ``AUTO_DEFAULTS``) on ``device`` under
+    ``MASKSC_BACKEND``. A backend chosen for the user that cannot run here falls back to torch:
+    ``auto``'s C++ op without a built ``masksc._C`` (or its kernels for ``device``), Triton
+    without Triton installed or, outside its interpreter, without a GPU, and the C++ op that
+    stands in for Triton's missing masking kernels; ``cpp`` forced is run as asked."""
     forced = (os.environ.get("MASKSC_BACKEND") or "auto").lower()  # set but empty: as unset
     if forced not in BACKENDS:
         raise ValueError(f"MASKSC_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those.")
-    if forced == "auto":
-        choice = AUTO_DEFAULTS[op].get(device.type, "torch")
-        return "torch" if choice == "cpp" and not _cpp_available(device) else choice
-    if forced == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton needs a GPU, or the interpreter for tests; fall back rather than crash.
+    masking_op = op in ("random_masking", "unmask", "unmask_narrow")
+    if forced == "cpp":
+        return "cpp" if masking_op else "torch"  # no C++ attention or patch embedding
+    choice = AUTO_DEFAULTS[op].get(device.type, "torch") if forced == "auto" else forced
+    if choice == "triton" and masking_op:  # no Triton masking kernel: the C++ op is the nearest
+        choice = "cpp"
+    if choice == "cpp" and not _cpp_available(device):
         return "torch"
-    if forced == "cpp" and op in ("attention", "patch_embed"):
-        return "torch"
-    if forced == "triton" and op in ("random_masking", "unmask"):
-        return "cpp"
-    return forced
+    if choice == "triton" and (not _triton_available() or (
+            device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1")):
+        return "torch"  # Triton needs a GPU, or the interpreter for tests
+    return choice
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention. q, k, v: [B, H, L, Dh] (fp32/fp16/bf16); key_padding_mask: bool
     [B, L], True where a key is padding and must be ignored. Returns [B, H, L, Dh]."""
-    backend = backend_for("attention", q.device)
+    backend = backend_for("attention" if key_padding_mask is not None else "attention_unmasked", q.device)
     if backend == "triton":
         from masksc.kernels.attention import flash_attention, kernel_refusal
         if kernel_refusal(q) is None:  # e.g. head dims > 128 and float64 on a GPU take torch
             return flash_attention(q, k, v, key_padding_mask)
-    from masksc.kernels.attention import attention_torch
+    from masksc.kernels.attention_ref import attention_torch
     return attention_torch(q, k, v, key_padding_mask)
 
 
@@ -83,15 +107,18 @@ def patch_embed(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: t
     """Embed the P x P patches of a CSR batch of cells laid out on a g x s grid.
 
     crow_indices int64 [B+1], col_indices int64 [nnz] (row-major grid position
-    r * s + c), values [nnz]; weight [D, P*P] (a Conv2d(1, D, P, P) kernel flattened
-    row-major), bias [D]. Returns tokens [B, G, D] with G = (g/P) * (s/P), patches in
-    row-major order. Equal to Conv2d(kernel=P, stride=P) on the densified grid.
+    r * s + c), values [nnz] (any floating dtype, cast to weight's); weight [D, P*P] (a
+    Conv2d(1, D, P, P) kernel flattened row-major) and bias [D], one floating dtype. Returns
+    tokens [B, G, D] in weight's dtype with G = (g/P) * (s/P), patches in row-major order. Equal
+    to Conv2d(kernel=P, stride=P) on the densified grid. Differentiable in weight and bias, and
+    in values on the torch path (the Triton kernel treats them as data and refuses
+    ``values.requires_grad``).
     """
     backend = backend_for("patch_embed", values.device)
     if backend == "triton":
         from masksc.kernels.patch_embed import patch_embed_csr
         return patch_embed_csr(crow_indices, col_indices, values, weight, bias, grid_shape, patch)
-    from masksc.kernels.patch_embed import patch_embed_torch
+    from masksc.kernels.patch_embed_ref import patch_embed_torch
     return patch_embed_torch(crow_indices, col_indices, values, weight, bias, grid_shape, patch)
 
 
@@ -99,8 +126,9 @@ def random_masking(tokens: torch.Tensor, n_keep: int, seed: int):
     """MAE-style random masking: per sample keep a uniformly random subset of ``n_keep``
     of the G tokens, reproducibly from ``seed`` and independently across samples.
 
-    tokens [B, G, D]. Returns (kept [B, U, D], ids_keep int64 [B, U] ascending,
-    ids_restore int64 [B, G], mask bool [B, G] True where a token was masked).
+    tokens [B, G, D] (float32 / float16 / bfloat16 / float64); ``n_keep`` and ``seed`` ints.
+    Returns (kept [B, U, D] in tokens' dtype, ids_keep int64 [B, U] ascending, ids_restore
+    int64 [B, G], mask bool [B, G] True where a token was masked). Differentiable in tokens.
     """
     from masksc import masking
     if backend_for("random_masking", tokens.device) == "cpp":
@@ -110,11 +138,12 @@ def random_masking(tokens: torch.Tensor, n_keep: int, seed: int):
 
 def unmask(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Tensor,
            n_tokens: int) -> torch.Tensor:
-    """Inverse of ``random_masking``'s gather: kept [B, U, D] scattered to their positions
-    ``ids_keep`` [B, U] in a [B, n_tokens, D] sequence, ``mask_token`` [D] elsewhere. Each row
-    of ``ids_keep`` must hold distinct positions in [0, n_tokens), as ``random_masking`` returns
-    them (not checked, which would cost a device sync per call)."""
+    """Inverse of ``random_masking``'s gather: kept [B, U, D] (a floating dtype) scattered to
+    their positions ``ids_keep`` (int64 [B, U]) in a [B, n_tokens, D] sequence of kept's dtype,
+    ``mask_token`` [D] elsewhere. Each row of ``ids_keep`` must hold distinct positions in
+    [0, n_tokens), as ``random_masking`` returns them (not checked, which would cost a device
+    sync per call). Differentiable in kept and mask_token."""
     from masksc import masking
-    if backend_for("unmask", kept.device) == "cpp":
+    if backend_for("unmask" if kept.shape[-1] >= UNMASK_WIDE else "unmask_narrow", kept.device) == "cpp":
         return masking.unmask_cpp(kept, mask_token, ids_keep, n_tokens)
     return masking.unmask_torch(kept, mask_token, ids_keep, n_tokens)

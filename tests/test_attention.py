@@ -7,7 +7,8 @@ import torch  # noqa: E402
 from masksc import ops  # noqa: E402
 from masksc.errors import MaskscError  # noqa: E402
 from masksc.kernels import attention as attn  # noqa: E402
-from masksc.kernels.attention import attention_reference, attention_torch, flash_attention  # noqa: E402
+from masksc.kernels.attention import flash_attention  # noqa: E402
+from masksc.kernels.attention_ref import attention_reference, attention_torch  # noqa: E402
 from conftest import compile_for_sm90  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -92,6 +93,23 @@ def test_gradcheck_float64():
     mask = torch.tensor([[False, True, False, False, True]], device=DEVICE)
     assert torch.autograd.gradcheck(lambda a, b, c: flash_attention(a, b, c, mask), (q, k, v), fast_mode=True)
     assert torch.autograd.gradcheck(lambda a, b, c: flash_attention(a, b, c), (q, k, v), fast_mode=True)
+
+
+def test_a_second_derivative_is_refused_not_dropped():
+    """The backward kernels are not differentiable: a Hessian-vector product through them lost the
+    attention's second-order term without a word (off by 359 against a magnitude of 570)."""
+    q, k, v = _qkv(1, 2, 5, 8)
+    (gq,) = torch.autograd.grad(flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
+
+
+def test_more_samples_times_heads_than_a_cuda_grid_axis_holds_go_to_torch(monkeypatch):
+    """B * H runs over the launch grid's second axis, which CUDA caps at 65,535 (an embed batch of
+    8192 cells with 12 heads failed to launch)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attn.kernel_refusal(torch.zeros(5461, 12, 1, 8)) is None  # 65,532
+    assert "B * H = 65544 exceeds CUDA's 65535" in attn.kernel_refusal(torch.zeros(5462, 12, 1, 8))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter takes float64 (gradcheck above)")

@@ -197,6 +197,9 @@ def test_bad_masking_inputs(impl):
     for n_keep in (2.9, True, "2"):  # never truncated or read as a number
         with pytest.raises(DataError, match=r"n_keep must be an integer, got"):
             IMPLS[impl](torch.randn(2, 5, 3), n_keep, 0)
+    for n_keep in (0, 2, 5):  # seed 1.9 gave seed 1's masks
+        with pytest.raises(DataError, match=r"seed must be an integer, got 1\.9; fix: pass an int\.$"):
+            IMPLS[impl](torch.randn(2, 5, 3), n_keep, 1.9)
 
 
 @pytest.mark.parametrize("unmask", [unmask_torch, masking.unmask_cpp])

@@ -8,8 +8,8 @@ import torch
 from masksc import masking, ops
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-MASKING_OPS = ("random_masking", "unmask")
-KERNEL_OPS = ("attention", "patch_embed")
+MASKING_OPS = ("random_masking", "unmask", "unmask_narrow")
+KERNEL_OPS = ("attention", "attention_unmasked", "patch_embed")
 
 
 @pytest.fixture
@@ -24,11 +24,14 @@ def test_auto_follows_the_table_and_runs_masking_in_cpp(auto):
     cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("masksc::random_masking", "CUDA")
     for op in MASKING_OPS:
         assert ops.backend_for(op, CPU) == "cpp"
+    for op in ("random_masking", "unmask"):
         # the CUDA kernels of masksc._C where they were built (nvcc), else the torch reference
         assert ops.backend_for(op, CUDA) == ("cpp" if cuda_kernels else "torch")
+    assert ops.backend_for("unmask_narrow", CUDA) == "torch"  # measured slower below D = 128 on a GPU
     for op in KERNEL_OPS:
         assert ops.backend_for(op, CPU) == "torch"
     assert ops.backend_for("attention", CUDA) == "triton"
+    assert ops.backend_for("attention_unmasked", CUDA) == "torch"  # SDPA's flash kernel is faster without a mask
     assert ops.backend_for("patch_embed", CUDA) == "torch"
     auto.setenv("MASKSC_BACKEND", "Auto")  # case does not matter
     assert ops.backend_for("random_masking", CPU) == "cpp"
@@ -89,22 +92,65 @@ def test_forced_triton(auto):
             auto.setenv("TRITON_INTERPRET", interpret)
         for op in KERNEL_OPS:
             assert ops.backend_for(op, device) == "triton", (op, device, interpret)
-        for op in MASKING_OPS:  # no Triton masking kernel: the C++ op
-            assert ops.backend_for(op, device) == "cpp", (op, device, interpret)
+        for op in MASKING_OPS:  # no Triton masking kernel: the C++ op where it has kernels for the device
+            assert ops.backend_for(op, device) == ("cpp" if ops._cpp_available(device) else "torch"), (op, device)
     for interpret in (None, "0"):  # on the CPU without the interpreter Triton cannot run: torch
         if interpret is None:
             auto.delenv("TRITON_INTERPRET", raising=False)
         else:
             auto.setenv("TRITON_INTERPRET", interpret)
-        for op in MASKING_OPS + KERNEL_OPS:
+        for op in KERNEL_OPS:
             assert ops.backend_for(op, CPU) == "torch", (op, interpret)
+        for op in MASKING_OPS:  # the C++ op stands in for Triton there too
+            assert ops.backend_for(op, CPU) == "cpp", (op, interpret)
+
+
+def test_without_triton_or_the_extension_every_op_runs_in_torch(auto):
+    """Where Triton is not installed (it is Linux-only), attention and patch embedding ran into its
+    import even on their torch path, and MASKSC_BACKEND=triton's stand-in C++ op was used
+    without being built."""
+    import builtins
+    import sys
+    auto.setattr(ops, "_cpp_available", lambda device: False)
+    ops._triton_available.cache_clear()
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    for name in [m for m in sys.modules if m == "triton" or m.startswith(("triton.", "masksc.kernels"))]:
+        auto.delitem(sys.modules, name)
+    auto.setattr(builtins, "__import__", no_triton)
+    auto.setattr("importlib.import_module", lambda name, *a: no_triton(name))
+    try:
+        for forced in ("auto", "triton"):
+            auto.setenv("MASKSC_BACKEND", forced)
+            for op in MASKING_OPS + KERNEL_OPS:
+                assert ops.backend_for(op, CUDA) == ops.backend_for(op, CPU) == "torch", (forced, op)
+        q = torch.randn(2, 2, 5, 8)
+        pad = torch.zeros(2, 5, dtype=torch.bool)
+        pad[0, 3:] = True
+        out = ops.attention(q, q, q, pad)
+        csr = (torch.tensor([0, 1, 3]), torch.tensor([0, 5, 15]), torch.tensor([1.0, 2.0, 3.0]))
+        weight, bias = torch.randn(6, 4), torch.randn(6)
+        tokens = ops.patch_embed(*csr, weight, bias, (4, 4), 2)
+        from masksc.kernels.patch_embed_ref import patch_embed_reference  # imports without Triton
+        expected = patch_embed_reference(*csr, weight, bias, (4, 4), 2)
+    finally:
+        ops._triton_available.cache_clear()
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
+        q, q, q, attn_mask=~pad[:, None, None, :]))
+    torch.testing.assert_close(tokens, expected)
 
 
 def test_attention_shapes_the_kernel_does_not_take_go_to_torch(auto):
     from masksc.kernels import attention as kernels
+    from masksc.kernels import attention_ref
     calls = []
     auto.setattr(kernels, "flash_attention", lambda *a: calls.append("triton"))
-    auto.setattr(kernels, "attention_torch", lambda *a: calls.append("torch"))
+    auto.setattr(attention_ref, "attention_torch", lambda *a: calls.append("torch"))
     auto.setenv("MASKSC_BACKEND", "triton")
     auto.setenv("TRITON_INTERPRET", "1")
     for dh, dtype in ((64, torch.float32), (129, torch.float32), (64, torch.float64), (0, torch.float32)):

@@ -8,7 +8,8 @@ import torch.nn.functional as F  # noqa: E402
 from masksc import ops  # noqa: E402
 from masksc.errors import MaskscError  # noqa: E402
 from masksc.kernels import patch_embed as pe  # noqa: E402
-from masksc.kernels.patch_embed import patch_embed_csr, patch_embed_reference, patch_embed_torch  # noqa: E402
+from masksc.kernels.patch_embed import patch_embed_csr  # noqa: E402
+from masksc.kernels.patch_embed_ref import patch_embed_reference, patch_embed_torch  # noqa: E402
 from conftest import compile_for_sm90  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -155,6 +156,18 @@ def test_triton_gradcheck_float64():
 
 
 @triton_ok
+def test_triton_second_derivative_is_refused_not_dropped():
+    """The weight-gradient kernel is not differentiable: double backward raises rather than
+    silently treating the gradient as a constant."""
+    g, s, P, D = 6, 6, 3, 5
+    crow, col, val, _ = _batch(2, g, s, 0.5)
+    w, b = _params(D, P)
+    (gw,) = torch.autograd.grad(patch_embed_csr(crow, col, val, w, b, (g, s), P).square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gw.sum().backward()
+
+
+@triton_ok
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
 def test_triton_half_precision(dtype, tol):
     g = s = 8
@@ -184,6 +197,9 @@ def test_bad_inputs_raise():
         patch_embed_torch(crow, col, val, w[:, :9], b, (8, 8), 4)
     with pytest.raises(MaskscError, match="patch"):
         patch_embed_reference(crow, col, val, w, b, (8, 8), 16)
+    for grid, patch in (((8, 8), 4.5), ((8.5, 8), 4)):  # never truncated
+        with pytest.raises(MaskscError, match=r"whole numbers for the grid and patch sizes; got (patch 4\.5|grid rows 8\.5)"):
+            patch_embed_torch(crow, col, val, w, b, grid, patch)
     with pytest.raises(MaskscError, match="no gradient"):
         patch_embed_csr(crow, col, val.clone().requires_grad_(), w, b, (8, 8), 4)
     with pytest.raises(MaskscError, match="int64"):
