@@ -396,7 +396,7 @@ def test_config_replace_names_unknown_fields_and_valid_ones():
     assert TINY.replace(embed_dim=32).embed_dim == 32 and TINY.embed_dim == 16
 
 
-@pytest.mark.parametrize("field, value", [("embed_dim", -5), ("num_heads", 0), ("patch", 0), ("depth", -1),
+@pytest.mark.parametrize("field, value", [("embed_dim", -5), ("num_heads", 0), ("patch", 0), ("depth", -1), ("depth", 0),
                                           ("decoder_heads", 0), ("batch_size", 0), ("embed_dim", 16.0)])
 def test_config_sizes_must_be_positive_before_divisibility(field, value):
     # num_heads=0 and patch=0 were ZeroDivisionErrors; embed_dim=-5 a divisibility complaint
@@ -470,6 +470,11 @@ def test_config_refuses_what_would_fail_or_learn_nothing_later():
     assert TINY.replace(mask_ratio=1 / 16).n_keep == 15  # the value the message names works
     with pytest.raises(ValueError, match="layout='bogus'"):
         TINY.replace(layout="bogus")
+    # 1-D tokens are runs of a grid row: on the correlation layout each took a row of P modules
+    with pytest.raises(ValueError, match=r"layout='correlation' groups co-expressed genes into P x P patches, .* fix: "
+                                         r"ime=True, or layout='hvg' for 1-D tokens"):
+        TINY.replace(ime=False, layout="correlation")
+    assert TINY.replace(ime=True, layout="correlation").layout == "correlation"
     with pytest.raises(ValueError, match="mlp_ratio=-1"):
         TINY.replace(mlp_ratio=-1)
     assert TINY.replace(grid_shape=[8, 8]).grid_shape == (8, 8)  # a list (from JSON) is the tuple

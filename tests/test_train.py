@@ -78,6 +78,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
 
 
+def test_a_warmup_as_long_as_the_run_is_named(caplog):
+    """With epochs cut to the warm-up or below (demo --epochs 2: the factor ended at 1.0) the rate
+    never decays; a run says so rather than passing for a full schedule."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="masksc.train"):
+        train(make(), structured_grid(), tcfg(epochs=2, warmup_epochs=2))
+    assert "warmup_epochs=2 covers all 2 epochs: the learning rate rises the whole run and never decays" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="masksc.train"):
+        train(make(), structured_grid(), tcfg(epochs=3, warmup_epochs=2))
+    assert "covers all" not in caplog.text
+
+
 def test_mask_seed_is_deterministic_and_distinct():
     seeds = {mask_seed(s, e, t) for s in range(3) for e in range(5) for t in range(7)}
     assert len(seeds) == 3 * 5 * 7

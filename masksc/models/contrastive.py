@@ -6,7 +6,7 @@ input = 500 HVG, library-size normalised, log1p, scaled; ``Dropout(0.9)`` on the
 Linear-BatchNorm-ReLU, Linear-BatchNorm-ReLU, Linear (layers 200-40-60), output L2-normalised;
 the unsupervised SupCon loss (= NT-Xent over the 2B views, temperature 0.07); Adam at lr 0.4
 with their cosine schedule computed against a 500-epoch horizon (so over 30 epochs the rate
-only falls from 0.4 to ~0.39), batch 200, 30 epochs; the embedding is the eval-mode output.
+only falls from 0.4 to ~0.397), batch 200, 30 epochs; the embedding is the eval-mode output.
 
 The same network is mask-sc's teacher: trained on expression *fragments* of the grid genes
 (see ``masksc.models.targets``) and frozen. For that use the input is the grid vector

@@ -31,7 +31,7 @@ from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 CONFIG_VERSION = 1
 POOLS = ("mean", "cls", "target")
 # Integer size fields and their smallest value, checked before the divisibility rules that use them.
-_SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 0, "num_heads": 1, "decoder_dim": 1, "decoder_depth": 0,
+_SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 1, "num_heads": 1, "decoder_dim": 1, "decoder_depth": 0,
                 "decoder_heads": 1, "target_dim": 1, "epochs": 1, "batch_size": 1}
 
 
@@ -152,6 +152,11 @@ class MaskSCConfig:
                              f"predict; fix: mask_ratio >= {1 / self.n_patches:.3g} (one patch in {self.n_patches}).")
         if self.layout not in ORDERS:
             raise ValueError(f"layout={self.layout!r}; choose one of {ORDERS}.")
+        if self.layout == "correlation" and not self.ime:
+            # the layout fills P x P patches with co-expression modules; 1-D tokens are runs of a
+            # grid row, so each would take a row from P modules rather than one module
+            raise ValueError("layout='correlation' groups co-expressed genes into P x P patches, which only 2-D "
+                             "patch tokens keep together; fix: ime=True, or layout='hvg' for 1-D tokens.")
         if not (is_number(self.target_scale) and self.target_scale >= 0):
             raise ValueError(f"target_scale={self.target_scale!r} must be a number >= 0 (0: sqrt(target_dim)).")
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)

@@ -15,7 +15,8 @@
   mask ratio 0.5 rather than the paper's 0.75: scRNA-seq grids are 90-99% zeros, and at 0.75
   a worm-neuron cell shows the encoder only ~6 of its ~25 detected grid genes. Seed 0, 20
   epochs: worm (all genes) ARI 0.568 vs 0.503, PBMC 0.782 vs 0.766 (3-seed mean at 0.75);
-  an epoch costs ~1.5x as much (twice the visible tokens). 4 x 4 grid patches (IME on, the
+  a run costs 1.3x (PBMC, 461 vs 367 s) to 1.6x (worm, 460 vs 287 s) as much (twice the
+  visible tokens). 4 x 4 grid patches (IME on, the
   paper's tokens) rather than 1-D tokens of 16 consecutive HVG-ranked genes: 3 seeds at this
   preset's 40 epochs and lr 5e-4, PBMC ARI / NMI 0.789 / 0.783 vs 0.783 / 0.781, worm
   0.628 +- 0.015 / 0.731 vs 0.586 +- 0.075 / 0.727 (1-D tokens had led at 20 epochs and
