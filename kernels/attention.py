@@ -335,19 +335,22 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def kernel_refusal(q: torch.Tensor) -> str | None:
     """Why the kernel cannot run queries ``q`` [B, H, L, Dh] here (shape, device, more than
-    ``MAX_GRID_Y`` samples x heads, float64 on a GPU), naming the fix; None when it can. ``masksc.ops`` sends what it refuses to torch."""
+    ``MAX_GRID_Y`` samples x heads, float64 on a GPU), naming the fix; None when it can.
+    ``masksc.ops`` sends what it refuses to torch."""
     if not 1 <= q.shape[-1] <= 128 or q.shape[2] == 0:
         return (f"flash_attention needs 1 <= L and 1 <= Dh <= 128; got shape {tuple(q.shape)}. "
-                "Use attention_torch for other shapes.")
+                "Use masksc.kernels.attention_ref.attention_torch for other shapes.")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not interpreted:
         return ("flash_attention runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
-                f"got a {q.device.type} tensor. Use attention_torch on CPU.")
+                f"got a {q.device.type} tensor. Use masksc.kernels.attention_ref.attention_torch on CPU.")
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         return (f"flash_attention launches one program row per (sample, head): B * H = {q.shape[0] * q.shape[1]} "
-                f"exceeds CUDA's {MAX_GRID_Y} on that grid axis; use smaller batches, or attention_torch.")
+                f"exceeds CUDA's {MAX_GRID_Y} on that grid axis; use smaller batches, or "
+                "masksc.kernels.attention_ref.attention_torch.")
     if q.dtype == torch.float64 and not interpreted:
         # Triton 3.6 fails to lower float64 dots for sm_90 (seen on an H200); float64 is for gradcheck.
         return ("flash_attention takes float64 only under TRITON_INTERPRET=1 (gradcheck); on a GPU "
-                "cast q, k, v to float32 / bfloat16 / float16, or use attention_torch.")
+                "cast q, k, v to float32 / bfloat16 / float16, or use "
+                "masksc.kernels.attention_ref.attention_torch.")
     return None

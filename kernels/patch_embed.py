@@ -186,10 +186,12 @@ def patch_embed_csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, we
     B, g, s, P, D = _check(crow, col, val, weight, bias, grid_shape, patch)
     if val.requires_grad:
         raise MaskscError("patch_embed_csr treats the CSR values as data and gives them no gradient; "
-                          "pass values.detach(), or use patch_embed_torch if you need d(out)/d(values).")
+                          "pass values.detach(), or use masksc.kernels.patch_embed_ref.patch_embed_torch if you "
+                          "need d(out)/d(values).")
     if weight.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise MaskscError("patch_embed_csr runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
-                          f"got a {weight.device.type} tensor. Use patch_embed_torch on CPU.")
+                          f"got a {weight.device.type} tensor. Use "
+                          "masksc.kernels.patch_embed_ref.patch_embed_torch on CPU.")
     if crow.dtype != torch.int64 or col.dtype != torch.int64:
         raise MaskscError(f"crow and col must be int64; got {crow.dtype}, {col.dtype}. Cast them with .long().")
     return _PatchEmbedCSR.apply(crow, col, val, weight, bias, g, s, P)

@@ -37,7 +37,8 @@ AUTO_DEFAULTS: dict[str, dict[str, str]] = {
     "random_masking": {"cpu": "cpp", "cuda": "cpp"},
     "unmask": {"cpu": "cpp", "cuda": "cpp"},
     # Below D = 128 on CUDA the C++ op was 0.58-0.96x the reference at D = 1 and not measured
-    # between: torch. On CPU it measured 3.1x at D = 128 and faster still at D = 1.
+    # between: torch. On CPU it is 0.54-0.79x at D = 1 but 3.1x at D = 128 (masking_cpu.json),
+    # and a review measured 2.2-2.4x from D = 16 (not committed): the models' widths are 32 and up.
     "unmask_narrow": {"cpu": "cpp", "cuda": "torch"},
 }
 UNMASK_WIDE = 128  # the feature size from which unmask counts as "unmask" rather than "unmask_narrow"
@@ -61,8 +62,12 @@ def _cpp_available(device: torch.device) -> bool:
         masking.load_extension()
     except ImportError:
         return False
-    return device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key(
-        "masksc::random_masking", device.type.upper())
+    if device.type in ("cpu", "meta"):  # meta: the fake kernels registered with the op
+        return True
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("masksc::random_masking", device.type.upper())
+    except RuntimeError:  # a device type with no dispatch key of that name
+        return False
 
 
 def backend_for(op: str, device: torch.device) -> str:
@@ -144,6 +149,7 @@ def unmask(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Tensor,
     [0, n_tokens), as ``random_masking`` returns them (not checked, which would cost a device
     sync per call). Differentiable in kept and mask_token."""
     from masksc import masking
-    if backend_for("unmask" if kept.shape[-1] >= UNMASK_WIDE else "unmask_narrow", kept.device) == "cpp":
+    wide = kept.dim() > 0 and kept.shape[-1] >= UNMASK_WIDE  # a 0-d kept is refused by either path's checks
+    if backend_for("unmask" if wide else "unmask_narrow", kept.device) == "cpp":
         return masking.unmask_cpp(kept, mask_token, ids_keep, n_tokens)
     return masking.unmask_torch(kept, mask_token, ids_keep, n_tokens)

@@ -236,8 +236,9 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
         path: output .png path (written atomically; parent folders created); None returns the
             Figure instead.
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
-            imported or for fewer than 16 cells), "tsne" (sklearn, PCA init) or "precomputed"
-            (data already [n, 2]).
+            imported or for fewer than 16 cells), "tsne" (sklearn; PCA init, random for a
+            one-column embedding) or "precomputed" (data already [n, 2]). An embedding where
+            every cell is alike has no map: a DataError.
         basis: the ``obsm`` key of an AnnData's embedding (``"umap"`` finds ``X_umap`` as in
             scanpy); a 2-D one is drawn as it is, whatever ``method``.
         max_cells: above this many cells (>= 2) a uniform random sample (``seed``) is mapped

@@ -99,9 +99,10 @@ def test_a_second_derivative_is_refused_not_dropped():
     """The backward kernels are not differentiable: a Hessian-vector product through them lost the
     attention's second-order term without a word (off by 359 against a magnitude of 570)."""
     q, k, v = _qkv(1, 2, 5, 8)
-    (gq,) = torch.autograd.grad(flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    loss = flash_attention(q, k, v).square().sum() + q.pow(3).sum()  # another path keeps gq in the graph
+    (gq,) = torch.autograd.grad(loss, q, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
-        gq.sum().backward()
+        gq.sum().backward()  # before: ran, with only q**3's second derivative
 
 
 def test_more_samples_times_heads_than_a_cuda_grid_axis_holds_go_to_torch(monkeypatch):

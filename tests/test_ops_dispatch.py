@@ -105,6 +105,34 @@ def test_forced_triton(auto):
             assert ops.backend_for(op, CPU) == "cpp", (op, interpret)
 
 
+def test_each_call_asks_for_the_key_of_its_case(auto):
+    """attention with and without a key-padding mask, and unmask below and from D = 128, are
+    separate rows of AUTO_DEFAULTS; a 0-d kept reaches the checks' DataError, not an IndexError."""
+    from masksc.errors import DataError
+    asked = []
+    real = ops.backend_for
+    auto.setattr(ops, "backend_for", lambda op, device: asked.append(op) or real(op, device))
+    q = torch.zeros(1, 1, 3, 8)
+    ops.attention(q, q, q)
+    ops.attention(q, q, q, torch.zeros(1, 3, dtype=torch.bool))
+    ids_keep = torch.arange(2)[None]
+    for width in (8, 128):
+        ops.unmask(torch.zeros(1, 2, width), torch.zeros(width), ids_keep, 4)
+    assert asked == ["attention_unmasked", "attention", "unmask_narrow", "unmask"]
+    with pytest.raises(DataError, match="kept must be 3-D"):
+        ops.unmask(torch.tensor(1.0), torch.zeros(1), ids_keep, 4)
+
+
+def test_forced_triton_resolves_meta_tensors(auto):
+    """The stand-in C++ op's availability was asked of a dispatch key 'META', which does not exist."""
+    auto.setenv("MASKSC_BACKEND", "triton")
+    meta = torch.device("meta")
+    for op in MASKING_OPS:
+        assert ops.backend_for(op, meta) == "cpp"  # the op's fake kernels serve meta tensors
+    kept, ids, _, mask = ops.random_masking(torch.zeros(2, 8, 4, device="meta"), 3, 0)
+    assert kept.shape == (2, 3, 4) and mask.shape == (2, 8)
+
+
 def test_without_triton_or_the_extension_every_op_runs_in_torch(auto):
     """Where Triton is not installed (it is Linux-only), attention and patch embedding ran into its
     import even on their torch path, and MASKSC_BACKEND=triton's stand-in C++ op was used

@@ -162,9 +162,10 @@ def test_triton_second_derivative_is_refused_not_dropped():
     g, s, P, D = 6, 6, 3, 5
     crow, col, val, _ = _batch(2, g, s, 0.5)
     w, b = _params(D, P)
-    (gw,) = torch.autograd.grad(patch_embed_csr(crow, col, val, w, b, (g, s), P).square().sum(), w, create_graph=True)
+    loss = patch_embed_csr(crow, col, val, w, b, (g, s), P).square().sum() + w.pow(3).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
-        gw.sum().backward()
+        (gw.sum() + gb.sum()).backward()  # before: ran, with only w**3's second derivative
 
 
 @triton_ok

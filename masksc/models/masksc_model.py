@@ -452,7 +452,7 @@ class MaskSC(nn.Module):
     def training_loss(self, batch, seed: int) -> torch.Tensor:
         """Masked-prediction loss of a CSR batch (masking drawn from ``seed``): scalar tensor."""
         tokens = self.tokenize(batch)
-        kept, ids_keep, _, mask = ops.random_masking(tokens, self.cfg.n_keep, int(seed))
+        kept, ids_keep, _, mask = ops.random_masking(tokens, self.cfg.n_keep, seed)
         pad = self.pad_tokens
         latent = self.encode(kept, pad[ids_keep])
         pred = self.decode(latent, ids_keep)
