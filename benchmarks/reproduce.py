@@ -138,7 +138,9 @@ def run_leiden(adata, k, seed, args):
 def _contrastive_sc(adata, k: int, n_genes: int | None, seed: int) -> tuple[dict, dict]:
     """contrastive-sc as its authors ran it (their preprocessing, network, optimiser, 30 epochs)
     on their ``n_genes`` most variable genes (every gene left after filtering if None or if
-    fewer are left)."""
+    fewer are left). The gene filter is their utils.normalize's first one (3 counts or more);
+    its last version in their repository keeps genes with 1 count or more, which the table's
+    rows were not rerun with."""
     import scanpy as sc
     from masksc.models.contrastive import ContrastiveConfig, embed_dense, train_contrastive_dense
     a = adata.copy()
