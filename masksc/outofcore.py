@@ -366,25 +366,26 @@ def _obs_colours(source, reader: RowReader) -> dict:
     AnnData or ``.h5ad``, one per category in the source's order), each given to its category in
     the order of ``reader.obs``, which the embedding's ``.h5ad`` stores (a ``label`` column's
     categories are sorted there), so its maps are drawn in the same colours."""
+    wanted = [name for name in reader.obs.columns if isinstance(name, str)]
     if isinstance(source, ad.AnnData):
-        obs, uns = source.obs, source.uns
+        given = {name: (source.obs[name], source.uns[f"{name}_colors"]) for name in wanted
+                 if f"{name}_colors" in source.uns and name in source.obs}
     elif reader.path is not None and detect_format(reader.path) == "h5ad":
-        with h5py.File(reader.path, "r") as f:
-            if "uns" not in f:
-                return {}
-            obs = ad.io.read_elem(f["obs"])
-            uns = {key: ad.io.read_elem(f["uns"][key]) for key in f["uns"] if key.endswith("_colors")}
+        with h5py.File(reader.path, "r") as f:  # the coloured columns alone, not the whole obs again
+            uns = f.get("uns", {})
+            given = {name: (pd.Series(ad.io.read_elem(f["obs"][name])), ad.io.read_elem(uns[f"{name}_colors"]))
+                     for name in wanted if f"{name}_colors" in uns and name in f["obs"]}
     else:
         return {}
     colours = {}
-    for name, column in reader.obs.items():
-        key = f"{name}_colors"
-        if key not in uns or name not in obs or not isinstance(obs[name].dtype, pd.CategoricalDtype):
+    for name, (stored, palette) in given.items():
+        column = reader.obs[name]
+        if not isinstance(stored.dtype, pd.CategoricalDtype) or not isinstance(column.dtype, pd.CategoricalDtype):
             continue
-        given = dict(zip(obs[name].cat.categories.astype(str), np.asarray(uns[key])))
-        wanted = column.cat.categories.astype(str) if isinstance(column.dtype, pd.CategoricalDtype) else []
-        if len(given) == len(obs[name].cat.categories) and len(wanted) and all(c in given for c in wanted):
-            colours[key] = np.array([given[c] for c in wanted], dtype=object)
+        by_category = dict(zip(stored.cat.categories.astype(str), np.asarray(palette)))
+        order = column.cat.categories.astype(str)
+        if len(by_category) == len(stored.cat.categories) and len(order) and all(c in by_category for c in order):
+            colours[f"{name}_colors"] = np.array([by_category[c] for c in order], dtype=object)
     return colours
 
 

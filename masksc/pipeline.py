@@ -345,11 +345,12 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     resume_from = None  # the run to continue: its transform, layout and teacher come back from it
     if resume and model_dir is not None and (Path(model_dir) / "last").exists():
         resume_from = Path(model_dir)
-        _transform_from_meta(_saved_transform(resume_from), ckpt.resolve(resume_from))  # not damaged
+        saved = _saved_transform(resume_from)
+        _transform_from_meta(saved, ckpt.resolve(resume_from))  # not damaged
         _check_resumed_teacher(resume_from, dict(teacher_overrides or {}))
-        _check_resumed_input(resume_from, layer, use_raw)
+        _check_resumed_input(resume_from, saved, layer, use_raw)
         if streamed is not None:
-            _check_resumed_streaming(resume_from, streamed, chunk_size)
+            _check_resumed_streaming(resume_from, saved, streamed, chunk_size)
         check_resumable(resume_from, cfg, train_cfg)
     return cfg, train_cfg, resume_from
 
@@ -417,10 +418,10 @@ def _check_resumed_teacher(run_dir: Path, teacher_overrides: dict) -> None:
                                   f"not {value!r}; resume with the same teacher settings or use a new model_dir.")
 
 
-def _check_resumed_input(run_dir: Path, layer: str | None, use_raw: bool) -> None:
-    """A resumed run reads the matrix it started on; refuse another (a run saved before the input
-    was recorded is not checked)."""
-    saved = (ckpt.read_config(run_dir).get("meta") or {}).get("input")
+def _check_resumed_input(run_dir: Path, meta: dict, layer: str | None, use_raw: bool) -> None:
+    """A resumed run reads the matrix it started on (``meta``: the run's saved metadata); refuse
+    another (a run saved before the input was recorded is not checked)."""
+    saved = meta.get("input")
     if saved is not None and (saved["layer"], saved["use_raw"]) != (layer, bool(use_raw)):
         from masksc.errors import CheckpointError
         raise CheckpointError(f"cannot resume: the run in {run_dir} was fitted on {_describe_input(**saved)}, not "
@@ -433,12 +434,13 @@ _STREAMED = ("streamed its cells from a file (a path or backed AnnData in Python
 _IN_MEMORY = "trained on cells held in memory (an AnnData in Python, a csv, mtx or scDeepCluster file on the command line)"
 
 
-def _check_resumed_streaming(run_dir: Path, streamed: bool, chunk_size: int) -> None:
-    """A resumed run draws its batches as the run did: streamed in chunks of the same size, or
-    from memory; refuse another way, which would continue on another order of cells."""
+def _check_resumed_streaming(run_dir: Path, meta: dict, streamed: bool, chunk_size: int) -> None:
+    """A resumed run draws its batches as the run did (``meta``: its saved metadata): streamed in
+    chunks of the same size, or from memory; refuse another way, which would continue on another
+    order of cells."""
     from masksc.errors import CheckpointError
 
-    saved = (ckpt.read_config(run_dir).get("meta") or {}).get("streamed")
+    saved = meta.get("streamed")
     if (saved is not None) != streamed:
         was, now = (_STREAMED, _IN_MEMORY) if saved is not None else (_IN_MEMORY, _STREAMED)
         raise CheckpointError(f"cannot resume: the run in {run_dir} {was} and this one {now}, which draws other "

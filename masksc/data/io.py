@@ -221,6 +221,12 @@ def to_csr32(X, copy: bool = True, where: str = "") -> sp.csr_matrix:
         X = sp.csr_matrix(as_float32(X, where))  # scipy has no float16 matrices
     else:
         check_sparse_structure(X, where)
+    return canonical_csr32(X, copy, where)
+
+
+def canonical_csr32(X, copy: bool = True, where: str = "") -> sp.csr_matrix:
+    """:func:`to_csr32` of a scipy sparse matrix whose structure is already checked (a block whose
+    arrays :func:`check_compressed` passed), without checking it again."""
     X = X.tocsr(copy=False)
     check_float32_range(X, where)
     X = X.astype(np.float32, copy=copy)

@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.data.io import _CORRUPT_FIX, _decode, as_float32, check_compressed, detect_format, read, set_labels, to_csr32
+from masksc.data.io import (_CORRUPT_FIX, _decode, as_float32, canonical_csr32, check_compressed, detect_format, read,
+                             set_labels, to_csr32)
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _csr_block(grp, a, b, n_cols) -> sp.csr_matrix:
     data = as_float32(grp["data"][lo:hi], _cells(a, b))
     indices = np.asarray(grp["indices"][lo:hi])
     check_compressed(data, indices, indptr - lo, (b - a, n_cols), where=_cells(a, b))
-    return to_csr32(sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, n_cols)), copy=False)
+    return canonical_csr32(sp.csr_matrix((data, indices, indptr - lo), shape=(b - a, n_cols)), copy=False)
 
 
 def _check_stored_compressed(grp, n_major: int, where: str, major: str = "cells") -> None:
