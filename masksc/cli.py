@@ -271,7 +271,7 @@ def _cells_to_draw(args, model):
     data has that column, else ``--cells`` random ones; an .h5ad is opened backed, so only they
     (and, for genes without names, the first cells, which ``model`` checks them on as ``embed``
     does: the few drawn are too few to tell) are read. Returns (AnnData of those cells, panel
-    titles)."""
+    titles, their int64 rows in the file, which errors name)."""
     import anndata as ad
     import h5py
     import numpy as np
@@ -301,7 +301,7 @@ def _cells_to_draw(args, model):
                                                                  replace=False))
         titles = [f"cell {name}" for name in adata.obs_names[picks]]
     cells = adata[picks]
-    return (cells.to_memory() if adata.isbacked else cells.copy()), titles
+    return (cells.to_memory() if adata.isbacked else cells.copy()), titles, picks
 
 
 def cmd_plot(args) -> int:
@@ -313,17 +313,17 @@ def cmd_plot(args) -> int:
     output = check_output(args.output, args.data, suffixes=(".png",))
     if args.kind == "embedding":
         out = pl.embedding(_read_h5ad(args.data), args.color, output, method=args.method, basis=args.use_rep,
-                           seed=args.seed, max_cells=args.max_cells)
+                           seed=args.seed, max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw)
     elif args.kind == "loss":
         out = pl.loss_curve(args.data, output)
     else:
         from masksc.pipeline import MaskSCModel
         device = _device(args.device)
         model = MaskSCModel.load(args.model, device=device)
-        cells, titles = _cells_to_draw(args, model)
+        cells, titles, rows = _cells_to_draw(args, model)
         with warnings.catch_warnings():  # the file's first cells were checked (or their too few flagged)
             warnings.simplefilter("ignore", UncheckedGenesWarning)
-            maps = model.attention_maps(cells, layer=args.layer, use_raw=args.use_raw)
+            maps = model.attention_maps(cells, layer=args.layer, use_raw=args.use_raw, rows=rows)
         out = pl.attention_grid(maps, titles, output)
     print(f"wrote {out}")
     return 0
@@ -432,15 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plot", help="draw a PNG: an embedding's map, a fit's loss, or attention over the gene grid")
     kinds = sp.add_subparsers(dest="kind", required=True, metavar="KIND")
     kp = kinds.add_parser("embedding", help="UMAP / t-SNE of an embedded .h5ad, one panel per colouring")
-    kp.add_argument("data", help=".h5ad written by `masksc embed` or `masksc cluster`")
-    kp.add_argument("--color", action="append", default=None, metavar="COLUMN",
-                    help="obs column to colour by (repeatable; default: the clusters and the label column)")
+    kp.add_argument("data", help=".h5ad written by `masksc embed` or `masksc cluster` (or any .h5ad with the "
+                                 "embedding in obsm)")
+    kp.add_argument("--color", action="append", default=None, metavar="KEY",
+                    help="obs column, or gene of an .h5ad that holds expression, to colour by (repeatable; "
+                         "default: the clusters and the label column)")
     kp.add_argument("--method", choices=("umap", "tsne"), default="umap", help="2-D map (default umap)")
     kp.add_argument("--use-rep", dest="use_rep", default="X_masksc",
                     help="obsm key to map (default X_masksc; a 2-D one such as X_umap is drawn as it is)")
     kp.add_argument("--max-cells", dest="max_cells", type=_at_least(2), default=50_000,
                     help="map a random sample of this many cells when there are more (default 50000)")
     kp.add_argument("--seed", type=_seed, default=0, help="seed of the map and the sample (default 0)")
+    kp.add_argument("--layer", default=None, help="read --color genes from this layer (default X)")
+    kp.add_argument("--use-raw", dest="use_raw", action="store_true", help="read --color genes from .raw")
     kp = kinds.add_parser("loss", help="training loss per epoch of a fit")
     kp.add_argument("data", metavar="MODEL_DIR", help="the directory `masksc fit -o` wrote (or one of its checkpoints)")
     kp = kinds.add_parser("attention", help="last-layer attention of the global token over the gene grid, "

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from masksc import checkpoint as ckpt
-from masksc.data import GridLayout, Preprocessor, with_layer
+from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
 from masksc.embed import embed_matrix
 from masksc.models import MaskSC
 from masksc.models.presets import get_preset
@@ -111,10 +111,12 @@ class MaskSCModel:
     def noting_fitted_input(self, layer: str | None, use_raw: bool):
         """Wrap the reading of new data (from ``layer`` / ``use_raw``): a DataError or
         CheckpointError (missing genes) raised inside gets a note naming the matrix this model was
-        fitted on, when that was another one, since reading another is the likely cause."""
+        fitted on, when that was another one, since reading another is the likely cause; one about
+        "X" names the layer or ``.raw`` read (``naming_matrix``)."""
         from masksc.errors import CheckpointError, DataError
         try:
-            yield
+            with naming_matrix(layer, use_raw):
+                yield
         except (DataError, CheckpointError) as exc:
             fitted = self.fitted_input
             if fitted is None or (fitted["layer"], fitted["use_raw"]) == (layer, bool(use_raw)):
@@ -129,10 +131,12 @@ class MaskSCModel:
                             f"{_describe_input(layer, use_raw)} was read here; to read the same, "
                             f"{_input_arguments(**fitted)}{others}.") from exc
 
-    def to_grid(self, adata, layer: str | None = None, use_raw: bool = False):
+    def to_grid(self, adata, layer: str | None = None, use_raw: bool = False, rows: np.ndarray | None = None):
         """Preprocess ``adata`` (its ``X``, ``adata.layers[layer]``, or with ``use_raw`` its
         ``.raw``) with the saved transform and lay it on the grid: CSR float32 [n_cells, g*s].
-        Raises CheckpointError when that matrix lacks genes the model needs."""
+        Raises CheckpointError when that matrix lacks genes the model needs. ``rows``: int
+        [n_cells], the rows of a larger dataset that ``adata``'s cells are, which errors name
+        (default 0 ..)."""
         from masksc.errors import CheckpointError
         with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
@@ -145,7 +149,7 @@ class MaskSCModel:
                 raise CheckpointError(f"{exc} The column var[{column!r}] holds the model's genes: to match by it, "
                                       f"adata.var_names = adata.var[{column!r}].astype(str) (then "
                                       "adata.var_names_make_unique() if names repeat).") from exc
-            return self.grid.to_grid(self.preprocessor.transform(expression))
+            return self.grid.to_grid(self.preprocessor.transform(expression, rows=rows))
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True, layer: str | None = None, use_raw: bool = False) -> np.ndarray:
@@ -159,19 +163,20 @@ class MaskSCModel:
                             progress=progress)
 
     def attention_maps(self, adata, layer: str | None = None, device: str | torch.device | None = None,
-                       use_raw: bool = False) -> np.ndarray:
+                       use_raw: bool = False, rows: np.ndarray | None = None) -> np.ndarray:
         """The global token's last-layer encoder attention over the gene grid (paper Fig. 6) for
         each cell of ``adata`` (its ``X``, ``adata.layers[layer]`` or, with ``use_raw``, its
         ``.raw``, as in ``embed``; meant for a few cells: they
         go through in one batch), averaged over heads: float32 [n_cells, g, s], each gene weighted
         by its token's share, NaN at grid positions that hold no gene (padding; ``pl.attention_grid``
         draws them grey). ``device``: as in ``embed`` (None: where the weights are; another
-        device moves the weights there, as ``embed`` does)."""
+        device moves the weights there, as ``embed`` does). ``rows``: as in :meth:`to_grid`, the
+        dataset rows of the cells, which errors name."""
         from masksc.data import CellBatches
         from masksc.embed import evaluating
         from masksc.pl import attention_to_grid
         device = _run_device(device)  # checked before any work
-        X = self.to_grid(adata, layer, use_raw)
+        X = self.to_grid(adata, layer, use_raw, rows=rows)
         batch = next(iter(CellBatches(X, batch_size=max(1, X.shape[0]), shuffle=False)))
         with evaluating(self.network, device) as (net, device):
             attn = net.last_attention(batch.to(device)).float().cpu()
@@ -300,18 +305,19 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                                             teacher_overrides=teacher_overrides, layer=layer, use_raw=use_raw,
                                             streamed=_streamed(adata) or ctx.distributed, **overrides)
     fitted_input = {"layer": layer, "use_raw": bool(use_raw)}
-    if _streamed(adata) or ctx.distributed:
-        reader = RowReader(adata, layer, use_raw)
-        _check_enough_cells(reader.n_obs)
-        return _fit_streaming(reader, preset, cfg, model_dir=model_dir, resume_from=resume_from, seed=seed,
-                              device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
-                              chunk_size=chunk_size, teacher_cells=teacher_cells,
-                              teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx,
-                              fitted_input=fitted_input)
-    _check_enough_cells(adata.n_obs)
-    return _fit_memory(with_layer(adata, layer, use_raw), preset, cfg, train_cfg, resume_from=resume_from, seed=seed,
-                       progress=progress, teacher_overrides=teacher_overrides, min_cells=min_cells,
-                       fitted_input=fitted_input)
+    with naming_matrix(layer, use_raw):
+        if _streamed(adata) or ctx.distributed:
+            reader = RowReader(adata, layer, use_raw)
+            _check_enough_cells(reader.n_obs)
+            return _fit_streaming(reader, preset, cfg, model_dir=model_dir, resume_from=resume_from, seed=seed,
+                                  device=device, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+                                  chunk_size=chunk_size, teacher_cells=teacher_cells,
+                                  teacher_overrides=teacher_overrides, min_cells=min_cells, ctx=ctx,
+                                  fitted_input=fitted_input)
+        _check_enough_cells(adata.n_obs)
+        return _fit_memory(with_layer(adata, layer, use_raw), preset, cfg, train_cfg, resume_from=resume_from,
+                           seed=seed, progress=progress, teacher_overrides=teacher_overrides, min_cells=min_cells,
+                           fitted_input=fitted_input)
 
 
 def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,

@@ -54,7 +54,7 @@ def _panels(ax, path, n: int, width: float, height: float):
     if path is not None:
         raise ValueError("ax= draws into your own figure, which you save; pass path=None with it.")
     if n != 1:
-        raise ValueError(f"ax= takes one panel, but there are {n} colourings; pass a single color_by, or no ax "
+        raise ValueError(f"ax= takes one panel, but there are {n} colourings; pass a single color, or no ax "
                          "for a figure of one panel per colouring.")
     return ax.figure, [ax]
 
@@ -110,52 +110,95 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
     return tsne.fit_transform(Z).astype(np.float32), "tsne"
 
 
-def _color_sets(data, color_by, basis: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list]]:
-    """(Z, {panel name: labels}, {panel name: colours per category}) from an array or an AnnData
-    plus ``color_by``; a categorical column stays a ``pd.Categorical`` (its categories' order is
-    the legend's) and brings scanpy's ``uns[f"{column}_colors"]`` when that has one per category."""
-    palettes = {}
+def _gene_values(expression, gene: str) -> np.ndarray:
+    """float64 [n_cells]: the values of ``gene`` in ``expression.X`` (an AnnData from
+    ``with_layer``), NaN kept; a DataError naming the fix when there is no matrix or the name
+    repeats."""
+    if expression.X is None:
+        raise DataError(f"{gene!r} is a gene, but this AnnData holds no expression matrix (a `masksc embed` output "
+                        "stores only obs and the embedding); fix: colour by obs columns, or pass an AnnData with "
+                        "the expression (e.g. copy obsm['X_masksc'] into the counts' AnnData).")
+    where = np.flatnonzero(expression.var_names == gene)
+    if where.size > 1:
+        raise DataError(f"gene {gene!r} names {where.size} columns of var_names, so its colour is ambiguous; fix: "
+                        "adata.var_names_make_unique() first.")
+    column = expression.X[:, int(where[0])]
+    column = column.toarray() if sp.issparse(column) else np.asarray(column)
+    return column.ravel().astype(np.float64)
+
+
+def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool = False
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list], set[str]]:
+    """(Z, {panel name: labels}, {panel name: colours per category}, names of the panels drawn
+    as continuous values) from an array or an AnnData plus ``color``; a categorical column stays a
+    ``pd.Categorical`` (its categories' order is the legend's) and brings scanpy's
+    ``uns[f"{column}_colors"]`` when that has one per category; a gene's panel holds its values."""
+    palettes, continuous = {}, set()
     if hasattr(data, "obsm") and hasattr(data, "obs"):
         if basis not in data.obsm and f"X_{basis}" in data.obsm:  # scanpy's basis="umap" for obsm["X_umap"]
             basis = f"X_{basis}"
         if basis not in data.obsm:
             raise DataError(f"adata.obsm has no {basis!r} (has {list(data.obsm)}); embed first or pass basis=.")
         Z = _to_numpy(data.obsm[basis])
-        if color_by is None:
+        if color is None:
             cluster_key = data.uns.get("masksc", {}).get("cluster", {}).get("key", "masksc_cluster")
-            color_by = [c for c in (cluster_key, "label") if c in data.obs]
-        if isinstance(color_by, str):
-            color_by = [color_by]
-        if isinstance(color_by, (list, tuple)):
-            missing = [c for c in color_by if c not in data.obs]
+            color = [c for c in (cluster_key, "label") if c in data.obs]
+        if isinstance(color, str):
+            color = [color]
+        if isinstance(color, (list, tuple)):
+            from masksc.data import with_layer
+            expression = with_layer(data, layer, use_raw)  # a bad layer= or use_raw= is refused here
+            genes = expression.var_names
+            both = [c for c in color if c in data.obs and c in genes]
+            if both:  # as scanpy: neither is the obvious reading
+                raise DataError(f"{both} name both an obs column and a gene, so the colour is ambiguous; fix: "
+                                "rename the obs column (adata.obs.rename(columns=...)).")
+            missing = [c for c in color if c not in data.obs and c not in genes]
             if missing:
-                raise DataError(f"adata.obs has no column(s) {missing}; available: {list(data.obs.columns)}.")
-            for c in color_by:
+                no_genes = " (it has no genes: a `masksc embed` output stores only obs and the embedding)" \
+                    if len(genes) == 0 else ""
+                raise DataError(f"{missing} are neither obs columns nor genes of "
+                                f"{'adata.raw' if use_raw else 'var_names'}{no_genes}; obs columns: "
+                                f"{list(data.obs.columns)}.")
+            colorings = {}
+            for c in color:
+                if c not in data.obs:
+                    name = c if layer is None and not use_raw else f"{c} ({'raw' if use_raw else layer})"
+                    colorings[name] = _gene_values(expression, c)
+                    continuous.add(name)
+                    continue
                 stored = data.uns.get(f"{c}_colors")
-                if isinstance(data.obs[c].dtype, pd.CategoricalDtype) and stored is not None and \
-                        len(stored) == len(data.obs[c].cat.categories):
+                categorical = isinstance(data.obs[c].dtype, pd.CategoricalDtype)
+                if categorical and stored is not None and len(stored) == len(data.obs[c].cat.categories):
                     palettes[c] = list(stored)
-            color_by = {c: data.obs[c].array if isinstance(data.obs[c].dtype, pd.CategoricalDtype)
-                        else data.obs[c].to_numpy() for c in color_by}
+                colorings[c] = data.obs[c].array if categorical else data.obs[c].to_numpy()
+            color = colorings
+        elif layer is not None or use_raw:
+            raise ValueError("layer= and use_raw= say where the genes named in color are read; a dict of labels "
+                             "reads none, so drop them.")
     else:
+        if layer is not None or use_raw:
+            raise ValueError("layer= and use_raw= read genes of an AnnData; with an array, drop them and pass "
+                             "color={title: values per cell}.")
         Z = _to_numpy(data)
     if Z.ndim != 2 or Z.shape[0] < 2:
         raise DataError(f"embedding must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
     Z = check_embedding(Z, "embedding")  # NaN / inf, and values float32 cannot hold, named apart
-    if not color_by:
-        color_by = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
-    if not isinstance(color_by, dict):
-        raise DataError("color_by must be a dict {panel title: labels per cell} (or, for AnnData, obs column names).")
+    if not color:
+        color = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
+    if not isinstance(color, dict):
+        raise DataError("color must be a dict {panel title: labels per cell} (or, for AnnData, obs column or gene "
+                        "names).")
     out = {}
-    for name, labels in color_by.items():
+    for name, labels in color.items():
         if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype):
             labels = labels.array  # an obs column passed as a Series: its categories too
         labels = labels if isinstance(labels, pd.Categorical) else _to_numpy(labels)
         if labels.ndim != 1 or labels.shape[0] != Z.shape[0]:
-            raise DataError(f"color_by[{name!r}] must have one label per cell ({Z.shape[0]}), "
+            raise DataError(f"color[{name!r}] must have one label per cell ({Z.shape[0]}), "
                             f"got shape {labels.shape}.")
         out[str(name)] = labels
-    return Z, out, {str(name): colors for name, colors in palettes.items()}
+    return Z, out, {str(name): colors for name, colors in palettes.items()}, {str(name) for name in continuous}
 
 
 def _category_colors(n: int) -> list:
@@ -173,12 +216,14 @@ def _natural_key(text: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
 
 
-def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: list | None = None) -> None:
+def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: list | None = None,
+                continuous: bool = False) -> None:
     """One scatter of ``xy`` coloured by ``labels`` (an array, or a pd.Categorical whose categories
-    give the legend's order and ``palette`` its colours, one per category)."""
+    give the legend's order and ``palette`` its colours, one per category); ``continuous`` draws
+    numbers on a colour map whatever their count (a gene's values)."""
     categorical = isinstance(labels, pd.Categorical)
     numeric_many = not categorical and labels.dtype.kind in "fiu" and len(np.unique(labels)) > MAX_LEGEND
-    if numeric_many:  # a continuous value (a score, a count per cell): colour map and colour bar
+    if continuous or numeric_many:  # a continuous value (a gene, a count per cell): colour map and colour bar
         missing = np.isnan(labels) if labels.dtype.kind == "f" else np.zeros(len(labels), dtype=bool)
         if missing.any():  # NaN: grey underneath, as unlabelled cells are drawn (matplotlib would drop them)
             ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True,
@@ -220,19 +265,21 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
     ax.set_yticks([])
 
 
-def embedding(data, color_by=None, path: str | os.PathLike | None = None, method: str = "umap",
+def embedding(data, color=None, path: str | os.PathLike | None = None, method: str = "umap",
               basis: str = "X_masksc", seed: int = 0, max_cells: int | None = 50_000,
-              point_size: float | None = None, ax=None):
+              point_size: float | None = None, ax=None, layer: str | None = None, use_raw: bool = False):
     """2-D map (UMAP or t-SNE) of a cell embedding, one panel per colouring (paper Fig. 4).
 
     Args:
         data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
-        color_by: dict {panel title: labels [n]} (categories, missing ones drawn grey as "NA",
+        color: dict {panel title: labels [n]} (categories, missing ones drawn grey as "NA",
             or, for numbers with more than 30 distinct values, e.g. counts per cell, a continuous
             colour, NaN drawn grey; a ``pd.Categorical`` is drawn in its categories' order); for
-            AnnData also an obs column name or a list of them (a categorical column keeps its
-            order and takes scanpy's ``uns[f"{column}_colors"]``), or None for the clusters of the
-            last ``tl.cluster`` and the ``label`` column, those that exist.
+            AnnData also, as in scanpy, an obs column or gene name or a list of them (a
+            categorical column keeps its order and takes scanpy's ``uns[f"{column}_colors"]``; a
+            gene is drawn by its values in X, ``layers[layer]`` or, with ``use_raw``, ``.raw``, on a
+            continuous colour), or None for the clusters of the last ``tl.cluster`` and the
+            ``label`` column, those that exist. A name that is both a column and a gene is refused.
         path: output .png path (written atomically; parent folders created); None returns the
             Figure instead.
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
@@ -246,6 +293,7 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
         point_size: marker area; default scales with the number of cells.
         ax: a matplotlib Axes to draw one colouring into (with ``path=None``); the legend sits
             right of the panel, so save that figure with ``bbox_inches="tight"``.
+        layer, use_raw: the matrix genes in ``color`` are read from (default X), as in ``tl.embed``.
 
     Returns: the path written; with no path the ``matplotlib.figure.Figure``, or ``ax`` when given.
     """
@@ -256,7 +304,7 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
                                   or max_cells < 2):
         raise DataError(f"max_cells must be an integer >= 2 (a map needs two cells) or None for all cells, got "
                         f"{max_cells!r}.")
-    Z, colorings, palettes = _color_sets(data, color_by, basis)
+    Z, colorings, palettes, continuous = _color_sets(data, color, basis, layer, use_raw)
     fig, axes = _panels(ax, path, len(colorings), 6.5, 5.0)  # before the map: a bad ax= fails at once
     if Z.shape[1] == 2:  # already a map (e.g. scanpy's X_umap): mapping it again would distort it
         method = "precomputed"
@@ -268,7 +316,7 @@ def embedding(data, color_by=None, path: str | os.PathLike | None = None, method
     xy, method = _coords_2d(Z[idx], method, seed)
     size = point_size if point_size is not None else float(np.clip(3000.0 / len(idx), 0.5, 30.0))
     for panel, (name, labels) in zip(axes, colorings.items()):
-        _draw_panel(panel, xy, labels[idx], name, size, palettes.get(name))
+        _draw_panel(panel, xy, labels[idx], name, size, palettes.get(name), name in continuous)
         panel.set_xlabel(f"{method.upper()} 1" if method != "precomputed" else "")
         panel.set_ylabel(f"{method.upper()} 2" if method != "precomputed" else "")
     if ax is not None:

@@ -674,6 +674,28 @@ def test_plot_embedding_draws_what_pl_embedding_draws(embedded, tmp_path, capsys
     assert "must end in .png" in capsys.readouterr().err
 
 
+def test_plot_embedding_colours_by_a_gene_of_a_layer(tmp_path, capsys):
+    """--color takes a gene of an .h5ad holding expression, read from --layer, and draws what
+    pl.embedding draws; on an embed output (no genes) it names why."""
+    from masksc import pl
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, size=(60, 4)).astype(np.float32)
+    adata = ad.AnnData(counts, var=pd.DataFrame(index=["A", "B", "C", "D"]))
+    adata.layers["log"] = np.log1p(counts)
+    adata.obsm["X_masksc"] = rng.normal(size=(60, 2)).astype(np.float32)
+    path = tmp_path / "genes.h5ad"
+    adata.write_h5ad(path)
+    assert main(["plot", "embedding", str(path), "--color", "C", "--layer", "log", "-o", str(tmp_path / "cli.png")]) == 0
+    pl.embedding(adata, "C", tmp_path / "api.png", layer="log")
+    np.testing.assert_array_equal(_pixels(tmp_path / "cli.png"), _pixels(tmp_path / "api.png"))
+    assert not np.array_equal(_pixels(tmp_path / "cli.png"),
+                              _pixels(pl.embedding(adata, "C", tmp_path / "x.png")))  # X's counts, not the layer
+    ad.AnnData(obs=adata.obs, obsm=dict(adata.obsm)).write_h5ad(tmp_path / "embedded.h5ad")
+    assert main(["plot", "embedding", str(tmp_path / "embedded.h5ad"), "--color", "C",
+                 "-o", str(tmp_path / "y.png")]) == 2
+    assert "it has no genes: a `masksc embed` output" in capsys.readouterr().err
+
+
 def test_plot_loss_draws_the_fits_recorded_losses(trained, tmp_path, capsys):
     from masksc import checkpoint, pl
     from masksc.pipeline import MaskSCModel
@@ -686,6 +708,29 @@ def test_plot_loss_draws_the_fits_recorded_losses(trained, tmp_path, capsys):
     MaskSCModel.load(model_dir).save(tmp_path / "saved")
     assert main(["plot", "loss", str(tmp_path / "saved"), "-o", str(tmp_path / "x.png")]) == 2
     assert "holds no training record" in capsys.readouterr().err
+
+
+def test_plot_attention_errors_name_the_files_rows_of_the_drawn_cells(trained, tmp_path, capsys):
+    """A drawn cell with zero counts, or a negative value among the drawn, is named by its row in
+    the file, not by its place among the few cells drawn."""
+    from masksc import pl
+    data, _, model_dir = trained
+    cells = ad.read_h5ad(data)
+    picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), 0)
+    X = cells.X.toarray() if hasattr(cells.X, "toarray") else np.array(cells.X)
+    last = int(picks[-1])
+    X[last] = 0
+    cells.X = X
+    cells.write_h5ad(tmp_path / "empty_cell.h5ad")
+    assert main(["plot", "attention", str(tmp_path / "empty_cell.h5ad"), "--model", str(model_dir),
+                 "--device", "cpu", "-o", str(tmp_path / "a.png")]) == 2
+    assert f"1 cell (row {last} ({cells.obs_names[last]})) has zero counts" in capsys.readouterr().err
+    X[last, 0] = -2
+    cells.X = X
+    cells.write_h5ad(tmp_path / "negative.h5ad")
+    assert main(["plot", "attention", str(tmp_path / "negative.h5ad"), "--model", str(model_dir),
+                 "--device", "cpu", "-o", str(tmp_path / "a.png")]) == 2
+    assert f"in cells {', '.join(map(str, picks))};" in capsys.readouterr().err
 
 
 def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):

@@ -443,3 +443,91 @@ def test_one_cell_per_label_edge_cases():
         pl.one_cell_per_label([1, 2], 0, n=-1)
     with pytest.raises(DataError, match=r"labels must be 1-D .*got shape \(2, 2\)"):
         pl.one_cell_per_label(np.ones((2, 2)), 0)
+
+
+def _gene_adata():
+    """120 cells on a precomputed 2-D map, 3 genes of counts in X (7 distinct values: few enough
+    that an obs column of them would be categories), log values in a layer and a .raw of 4 genes."""
+    import anndata
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(1.5, size=(120, 3)).clip(0, 6).astype(np.float32)
+    ad = anndata.AnnData(sp.csr_matrix(counts), var=pd.DataFrame(index=["CD3E", "MS4A1", "LYZ"]))
+    ad.obs_names = [f"c{i}" for i in range(120)]
+    ad.layers["log"] = np.log1p(counts)
+    raw = anndata.AnnData(counts[:, [2, 0, 1, 2]] * 10, var=pd.DataFrame(index=["LYZ", "CD3E", "MS4A1", "NKG7"]))
+    ad.raw = raw
+    ad.obsm["X_umap"] = rng.normal(size=(120, 2)).astype(np.float32)
+    ad.obs["label"] = pd.Categorical(rng.choice(["T", "B"], 120))
+    return ad, counts
+
+
+def _drawn_values(ax) -> np.ndarray:
+    """The colour values of the one colour-mapped scatter in ``ax``."""
+    (mapped,) = [c for c in ax.collections if c.get_array() is not None]
+    return np.asarray(mapped.get_array())
+
+
+def test_a_gene_is_drawn_by_its_values_from_x_a_layer_or_raw():
+    """As scanpy's color=: a gene name draws that gene's values on a colour map (with a colour
+    bar) even when it has few distinct values, read from X, layers[layer] or .raw; the panel's
+    title names where from; obs columns beside it stay categories."""
+    from matplotlib.figure import Figure
+
+    ad, counts = _gene_adata()
+    for kwargs, expected, title in [({}, counts[:, 1], "MS4A1"),
+                                    ({"layer": "log"}, np.log1p(counts[:, 1]), "MS4A1 (log)"),
+                                    ({"use_raw": True}, counts[:, 1] * 10, "MS4A1 (raw)")]:
+        fig = Figure()
+        ax = fig.add_subplot()
+        assert pl.embedding(ad, "MS4A1", basis="umap", ax=ax, **kwargs) is ax
+        np.testing.assert_allclose(_drawn_values(ax), expected, rtol=1e-6)
+        assert ax.get_title() == title and len(fig.axes) == 2  # the panel and its colour bar
+    fig = pl.embedding(ad, ["label", "NKG7"], basis="umap", use_raw=True)
+    label_ax, gene_ax = fig.axes[:2]
+    assert [t.get_text() for t in label_ax.get_legend().get_texts()] == [
+        f"{c} ({int((ad.obs['label'] == c).sum())})" for c in ad.obs["label"].cat.categories]
+    np.testing.assert_allclose(_drawn_values(gene_ax), counts[:, 2] * 10)
+    assert ad.X.nnz == np.count_nonzero(counts)  # nothing the caller gave was changed
+
+
+def test_a_gene_of_a_backed_file_is_read_from_disk(tmp_path):
+    import anndata
+
+    ad, counts = _gene_adata()
+    ad.write_h5ad(tmp_path / "g.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "g.h5ad", backed="r")
+    from matplotlib.figure import Figure
+    ax = Figure().add_subplot()
+    pl.embedding(backed, "LYZ", basis="umap", ax=ax)
+    np.testing.assert_allclose(_drawn_values(ax), counts[:, 2])
+    backed.file.close()
+
+
+def test_gene_colours_refuse_what_they_cannot_read_naming_the_fix():
+    import anndata
+
+    ad, _ = _gene_adata()
+    with pytest.raises(DataError, match=r"\['GAPDH'\] are neither obs columns nor genes of var_names; obs columns: "
+                                        r"\['label'\]"):
+        pl.embedding(ad, ["label", "GAPDH"], basis="umap")
+    with pytest.raises(DataError, match=r"genes of adata\.raw"):
+        pl.embedding(ad, "GAPDH", basis="umap", use_raw=True)
+    clash = ad.copy()
+    clash.obs["LYZ"] = 1.0
+    with pytest.raises(DataError, match=r"\['LYZ'\] name both an obs column and a gene.*rename the obs column"):
+        pl.embedding(clash, "LYZ", basis="umap")
+    twice = ad.copy()
+    twice.var_names = ["CD3E", "LYZ", "LYZ"]
+    with pytest.raises(DataError, match=r"gene 'LYZ' names 2 columns.*var_names_make_unique"):
+        pl.embedding(twice, "LYZ", basis="umap")
+    with pytest.raises(DataError, match=r"no layer 'counts'; fix: pass one of \['log'\]"):
+        pl.embedding(ad, "LYZ", basis="umap", layer="counts")
+    embedded = anndata.AnnData(obs=ad.obs[["label"]], obsm={"X_masksc": ad.obsm["X_umap"]})
+    with pytest.raises(DataError, match=r"it has no genes: a `masksc embed` output stores only obs"):
+        pl.embedding(embedded, "LYZ")
+    with pytest.raises(ValueError, match="a dict of labels reads none"):
+        pl.embedding(ad, {"x": np.zeros(120)}, basis="umap", layer="log")
+    with pytest.raises(ValueError, match="with an array, drop them"):
+        pl.embedding(ad.obsm["X_umap"], use_raw=True)

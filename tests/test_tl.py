@@ -406,6 +406,34 @@ def test_evaluate_names_cells_without_a_cluster():
     assert 0 <= scores["nmi"] <= 1
 
 
+def test_errors_name_the_layer_or_raw_that_was_read_not_x(fitted, tmp_path):
+    """A bad value in layers['counts'] or .raw is reported against that matrix, in memory and
+    streamed from an .h5ad, in fit and embed; X's own errors still say X."""
+    import anndata as ad
+    _, _, model, _ = fitted
+    cells = synthetic(240, n_genes=300, n_types=3, seed=1)
+    layered = ad.AnnData(np.log1p(cells.X.toarray()), obs=cells.obs, var=cells.var)
+    bad = cells.X.toarray()
+    bad[7, 3] = np.nan
+    layered.layers["counts"] = bad
+    with pytest.raises(DataError, match=r"^adata\.layers\['counts'\] contains 1 NaN"):
+        tl.fit(layered, "demo", layer="counts", epochs=1, progress=False, **TINY)
+    with pytest.raises(DataError, match=r"^adata\.layers\['counts'\] contains 1 NaN"):
+        tl.embed(layered, model, layer="counts", progress=False)
+    bad[7, 3] = -1
+    layered.layers["counts"] = bad
+    layered.write_h5ad(tmp_path / "layered.h5ad")
+    with pytest.raises(DataError, match=r"^adata\.layers\['counts'\] contains 1 negative values .* in cells 0\.\.239"):
+        model.embed_file(tmp_path / "layered.h5ad", tmp_path / "z.npy", layer="counts", progress=False)
+    with_raw = ad.AnnData(cells.X.toarray(), obs=cells.obs, var=cells.var)
+    with_raw.raw = ad.AnnData(bad, var=cells.var)
+    with pytest.raises(DataError, match=r"^adata\.raw\.X contains 1 negative values"):
+        tl.embed(with_raw, model, use_raw=True, progress=False)
+    with_raw.X[7, 3] = np.inf
+    with pytest.raises(DataError, match=r"^X contains 0 NaN and 1 infinite values"):
+        tl.embed(with_raw, model, progress=False)
+
+
 def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
     """scanpy's usual layout (log values in .raw, scaled X): use_raw=True trains and embeds on
     .raw; scaled X alone is refused with that fix."""

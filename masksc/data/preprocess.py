@@ -61,6 +61,17 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
     return bool(X.nnz) and float(np.mean(X.data == np.round(X.data))) > COUNTS_WHOLE_FRACTION
 
 
+def _cells_named(a: int, b: int, rows: np.ndarray | None) -> str:
+    """" in cells a..b-1" for cells ``a..b-1`` of the data, by their dataset ``rows`` when given:
+    a range when those are consecutive, else the rows themselves (the first 8)."""
+    if rows is None:
+        return f" in cells {a}..{b - 1}"
+    picked = [int(r) for r in rows[a:b]]
+    if picked == list(range(picked[0], picked[0] + len(picked))):
+        return f" in cells {picked[0]}..{picked[-1]}"
+    return f" in cells {', '.join(map(str, picked[:8]))}{', ...' if len(picked) > 8 else ''}"
+
+
 class Preprocessor:
     """Fitted preprocessing transform (scanpy conventions).
 
@@ -359,14 +370,14 @@ class Preprocessor:
         row = (lambda i: i) if rows is None else (lambda i: int(rows[i]))
         for a, X in src.chunks(chunk_size or self.chunk_size):
             end = a + X.shape[0]
-            where = f" in cells {row(a)}..{row(end - 1)}"
+            where = _cells_named(a, end, rows)
             sums, keep = self._keep_cells(X, self.input_kind_, where, library_cols)
             if check_profile:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
                 gathered.append(X[:take][keep[:take]][:, idx])
             if check_profile and (end >= PROFILE_SAMPLE_CELLS or end == src.n_obs):
                 self._check_profile(sp.vstack(gathered, format="csr"),
-                                    f" in cells {row(0)}..{row(min(end, PROFILE_SAMPLE_CELLS) - 1)}")
+                                    _cells_named(0, min(end, PROFILE_SAMPLE_CELLS), rows))
                 check_profile, gathered = False, []
             if not self.min_counts and (sums == 0).any():
                 raise DataError(self._zero_library_message(X, sums, src.obs.index[a:end], [row(i) for i in range(a, end)],
@@ -401,17 +412,17 @@ class Preprocessor:
         out = sp.csr_matrix(D.astype(np.float32))
         return out
 
-    def transform(self, data, check_profile: bool = True) -> ad.AnnData:
+    def transform(self, data, check_profile: bool = True, rows: np.ndarray | None = None) -> ad.AnnData:
         """Apply the fitted transform: AnnData [kept cells, len(genes_)], ``X`` CSR float32 with
         columns in ``genes_`` order (the data's genes are matched by name), ``obs`` copied.
         Raises DataError if genes are missing, values are invalid or zero-count cells are present
         without ``min_counts``. Never modifies the input. ``check_profile``: as in
         :meth:`transform_chunks` (False for the cells the transform was fitted on, or cells of a
-        dataset already checked)."""
+        dataset already checked); ``rows``: as there, the dataset rows errors name."""
         self._check_fitted()
         src = open_source(data)
         blocks, keeps = [], []
-        for _, keep, X in self.transform_chunks(src, check_profile=check_profile):
+        for _, keep, X in self.transform_chunks(src, check_profile=check_profile, rows=rows):
             blocks.append(X)
             keeps.append(keep)
         keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)

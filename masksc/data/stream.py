@@ -125,6 +125,20 @@ def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> a
     return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var)
 
 
+@contextlib.contextmanager
+def naming_matrix(layer: str | None, use_raw: bool = False):
+    """Wrap the reading of ``layers[layer]`` (or, with ``use_raw``, ``.raw``): a DataError about
+    "X" raised inside names that matrix instead (the checks see whichever matrix they get as X)."""
+    try:
+        yield
+    except DataError as exc:
+        message = str(exc)
+        if (layer is None and not use_raw) or not message.startswith("X "):
+            raise
+        name = "adata.raw.X" if use_raw else f"adata.layers[{layer!r}]"
+        raise type(exc)(name + message[1:]) from exc
+
+
 SCALED_SAMPLE_CELLS = 1000  # cells read to tell a scaled X beside .raw (negative in almost every cell) at once
 
 
