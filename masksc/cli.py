@@ -218,8 +218,9 @@ def cmd_embed(args) -> int:
     return 0
 
 
-def _read_h5ad(path):
-    """An embedded .h5ad (from `masksc embed`, which stores obs + obsm but no X)."""
+def _read_h5ad(path, backed: bool = False):
+    """An embedded .h5ad (from `masksc embed`, which stores obs + obsm but no X); ``backed``: its
+    expression left on disk (the caller closes ``adata.file``)."""
     import anndata as ad
     path = Path(path)
     if path.is_dir():
@@ -227,7 +228,7 @@ def _read_h5ad(path):
     if not path.is_file():
         raise MaskscError(f"file not found: {path}; fix: pass the .h5ad written by `masksc embed`.")
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # noqa: BLE001 - h5py and anndata fail on a foreign file in many ways
         raise MaskscError(f"cannot read {path} as .h5ad ({type(exc).__name__}: {exc}); fix: pass the .h5ad file "
                           "`masksc embed` wrote (a counts file goes to `masksc embed` first).") from exc
@@ -312,8 +313,12 @@ def cmd_plot(args) -> int:
     from masksc.io_utils import check_output
     output = check_output(args.output, args.data, suffixes=(".png",))
     if args.kind == "embedding":
-        out = pl.embedding(_read_h5ad(args.data), args.color, output, method=args.method, basis=args.use_rep,
-                           seed=args.seed, max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw)
+        adata = _read_h5ad(args.data, backed=True)  # a gene's column is all that is read of the expression
+        try:
+            out = pl.embedding(adata, args.color, output, method=args.method, basis=args.use_rep, seed=args.seed,
+                               max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw)
+        finally:
+            adata.file.close()
     elif args.kind == "loss":
         out = pl.loss_curve(args.data, output)
     else:
@@ -444,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="map a random sample of this many cells when there are more (default 50000)")
     kp.add_argument("--seed", type=_seed, default=0, help="seed of the map and the sample (default 0)")
     kp.add_argument("--layer", default=None, help="read --color genes from this layer (default X)")
-    kp.add_argument("--use-raw", dest="use_raw", action="store_true", help="read --color genes from .raw")
+    kp.add_argument("--use-raw", dest="use_raw", action=argparse.BooleanOptionalAction, default=None,
+                    help="read --color genes from .raw, or with --no-use-raw from X (default: .raw when the file "
+                         "has one and no --layer is given, as scanpy does)")
     kp = kinds.add_parser("loss", help="training loss per epoch of a fit")
     kp.add_argument("data", metavar="MODEL_DIR", help="the directory `masksc fit -o` wrote (or one of its checkpoints)")
     kp = kinds.add_parser("attention", help="last-layer attention of the global token over the gene grid, "

@@ -127,7 +127,7 @@ def _gene_values(expression, gene: str) -> np.ndarray:
     return column.ravel().astype(np.float64)
 
 
-def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool = False
+def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool | None = None
                 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list], set[str]]:
     """(Z, {panel name: labels}, {panel name: colours per category}, names of the panels drawn
     as continuous values) from an array or an AnnData plus ``color``; a categorical column stays a
@@ -145,8 +145,12 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
             color = [c for c in (cluster_key, "label") if c in data.obs]
         if isinstance(color, str):
             color = [color]
+        if isinstance(color, (np.ndarray, pd.Index)):  # e.g. adata.var_names[:4]
+            color = color.tolist()
         if isinstance(color, (list, tuple)):
             from masksc.data import with_layer
+            if use_raw is None:  # scanpy's rule: genes from .raw when there is one and no layer is named
+                use_raw = layer is None and data.raw is not None
             expression = with_layer(data, layer, use_raw)  # a bad layer= or use_raw= is refused here
             genes = expression.var_names
             both = [c for c in color if c in data.obs and c in genes]
@@ -229,7 +233,9 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
             ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True,
                        label=f"NA ({int(missing.sum())})")
             ax.legend(loc="upper left", frameon=False, fontsize=8, markerscale=max(1.0, 6.0 / math.sqrt(size)))
-        sc = ax.scatter(xy[~missing, 0], xy[~missing, 1], c=labels[~missing], s=size, cmap="viridis", linewidths=0,
+        shown = np.flatnonzero(~missing)
+        shown = shown[np.argsort(labels[shown], kind="stable")]  # high values on top, as scanpy draws them
+        sc = ax.scatter(xy[shown, 0], xy[shown, 1], c=labels[shown], s=size, cmap="viridis", linewidths=0,
                         rasterized=True)
         ax.figure.colorbar(sc, ax=ax, shrink=0.8)
     else:
@@ -267,18 +273,18 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
 
 def embedding(data, color=None, path: str | os.PathLike | None = None, method: str = "umap",
               basis: str = "X_masksc", seed: int = 0, max_cells: int | None = 50_000,
-              point_size: float | None = None, ax=None, layer: str | None = None, use_raw: bool = False):
+              point_size: float | None = None, ax=None, layer: str | None = None, use_raw: bool | None = None):
     """2-D map (UMAP or t-SNE) of a cell embedding, one panel per colouring (paper Fig. 4).
 
     Args:
         data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
         color: dict {panel title: labels [n]} (categories, missing ones drawn grey as "NA",
             or, for numbers with more than 30 distinct values, e.g. counts per cell, a continuous
-            colour, NaN drawn grey; a ``pd.Categorical`` is drawn in its categories' order); for
+            colour, highest values drawn on top, NaN grey underneath; a ``pd.Categorical`` is drawn in its categories' order); for
             AnnData also, as in scanpy, an obs column or gene name or a list of them (a
             categorical column keeps its order and takes scanpy's ``uns[f"{column}_colors"]``; a
-            gene is drawn by its values in X, ``layers[layer]`` or, with ``use_raw``, ``.raw``, on a
-            continuous colour), or None for the clusters of the last ``tl.cluster`` and the
+            gene is drawn by its values (see ``layer``, ``use_raw``) on a continuous colour, titled
+            with the layer or "raw" it came from), or None for the clusters of the last ``tl.cluster`` and the
             ``label`` column, those that exist. A name that is both a column and a gene is refused.
         path: output .png path (written atomically; parent folders created); None returns the
             Figure instead.
@@ -293,7 +299,9 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
         point_size: marker area; default scales with the number of cells.
         ax: a matplotlib Axes to draw one colouring into (with ``path=None``); the legend sits
             right of the panel, so save that figure with ``bbox_inches="tight"``.
-        layer, use_raw: the matrix genes in ``color`` are read from (default X), as in ``tl.embed``.
+        layer, use_raw: the matrix genes in ``color`` are read from: ``layers[layer]``, ``.raw``
+            (``use_raw=True``) or X; ``use_raw=None`` is scanpy's rule, ``.raw`` when the AnnData
+            has one and no layer is named, else X.
 
     Returns: the path written; with no path the ``matplotlib.figure.Figure``, or ``ax`` when given.
     """

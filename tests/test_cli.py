@@ -712,7 +712,7 @@ def test_plot_loss_draws_the_fits_recorded_losses(trained, tmp_path, capsys):
 
 def test_plot_attention_errors_name_the_files_rows_of_the_drawn_cells(trained, tmp_path, capsys):
     """A drawn cell with zero counts, or a negative value among the drawn, is named by its row in
-    the file, not by its place among the few cells drawn."""
+    the file, not by its place among the few cells drawn; the drawn cells are listed as such."""
     from masksc import pl
     data, _, model_dir = trained
     cells = ad.read_h5ad(data)
@@ -730,7 +730,8 @@ def test_plot_attention_errors_name_the_files_rows_of_the_drawn_cells(trained, t
     cells.write_h5ad(tmp_path / "negative.h5ad")
     assert main(["plot", "attention", str(tmp_path / "negative.h5ad"), "--model", str(model_dir),
                  "--device", "cpu", "-o", str(tmp_path / "a.png")]) == 2
-    assert f"in cells {', '.join(map(str, picks))};" in capsys.readouterr().err
+    assert (f"in {len(picks)} cells (rows {', '.join(map(str, picks))}), the first in cell {last} "
+            f"({cells.obs_names[last]});") in capsys.readouterr().err
 
 
 def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):

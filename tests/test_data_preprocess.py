@@ -1,5 +1,6 @@
 """Preprocessor against scanpy, its serialisation, new-data handling and streaming fit."""
 import json
+import re
 import types
 import warnings
 
@@ -155,6 +156,44 @@ def test_negative_and_nan_refused(counts):
     b.X.data[0] = np.nan
     with pytest.raises(DataError, match="NaN"):
         Preprocessor(n_top_genes=50).fit(b)
+
+
+def test_bad_values_name_the_first_cell_holding_one(counts, tmp_path):
+    """NaN, negative and fractional counts are named by the first cell holding one (its dataset row
+    and name), in fit, in transform, in a later chunk, streamed from a file and, with rows=, by the
+    rows of a larger dataset; a dense matrix alike. Every bad cell after it is counted, not named."""
+    p = Preprocessor(n_top_genes=50, chunk_size=500).fit(counts)
+    for value, what in [(np.nan, "1 NaN and 0 infinite values"), (-1.0, "2 negative values"),
+                        (0.5, "non-integer values (2 entries")]:
+        b = ad.AnnData(counts.X.toarray(), obs=counts.obs.copy(), var=counts.var.copy())
+        b.X[[700, 900], 3] = value
+        if value != value:
+            b.X[900, 3] = 0.0  # one NaN
+        expected = rf"{re.escape(what)}.* in cells 500\.\.999, the first in cell 700 \({b.obs_names[700]}\)"
+        for data in (b, ad.AnnData(sp.csr_matrix(b.X), obs=b.obs, var=b.var)):
+            with pytest.raises(DataError, match=expected):
+                p.transform(data)
+            with pytest.raises(DataError, match=expected):
+                Preprocessor(n_top_genes=50, chunk_size=500).fit(data)
+        ad.AnnData(sp.csr_matrix(b.X), obs=b.obs, var=b.var).write_h5ad(tmp_path / "bad.h5ad")
+        with pytest.raises(DataError, match=expected):
+            p.transform(tmp_path / "bad.h5ad")
+        cells = b[[5, 700, 12]].copy()
+        with pytest.raises(DataError, match=rf"in 3 cells \(rows 40, 7000, 9\), the first in cell 7000 "
+                                            rf"\({b.obs_names[700]}\)"):
+            p.transform(cells, rows=np.array([40, 7000, 9]))
+    with pytest.raises(DataError, match=r"the first in cell 0 \(cell_0000\)"):  # fit's first chunk, its detection
+        bad = counts.X.toarray()
+        bad[0, 1] = np.inf
+        Preprocessor(n_top_genes=50).fit(ad.AnnData(bad, obs=counts.obs, var=counts.var))
+
+
+@pytest.mark.parametrize("rows", [np.arange(3), np.zeros((4, 1), dtype=int), np.arange(4) + 0.5])
+def test_rows_must_be_one_integer_row_per_cell(counts, rows):
+    p = Preprocessor(n_top_genes=50).fit(counts)
+    with pytest.raises(DataError, match=r"rows must be the 4 cells' integer rows in their dataset \(1-D, one per "
+                                        r"cell\), got"):
+        p.transform(counts[:4], rows=rows)
 
 
 def test_duplicate_genes_refused(counts):
@@ -368,7 +407,12 @@ def test_normalised_unlogged_input_names_fixes_the_pipeline_accepts():
     from masksc import tl
     cells = synthetic(300, n_genes=500, seed=0)
     sc.pp.normalize_total(cells, target_sum=1e4)
-    with pytest.raises(DataError, match=r"e\.g\. normalised without log1p; fix: pass raw counts \(layer='counts'.*"
-                                        r"sc\.pp\.log1p") as exc:
+    with pytest.raises(DataError, match=r"e\.g\. normalised without log1p; fix: pass raw counts \(scanpy keeps them in "
+                                        r"a layer: layer='counts'.*sc\.pp\.log1p") as exc:
         tl.fit(cells, "demo", epochs=1, progress=False)
     assert "set input=" not in str(exc.value)
+    cells.layers["counts"] = cells.X.copy()  # read from that layer, the hint to read it is dropped
+    with pytest.raises(DataError, match=r"^adata\.layers\['counts'\] is neither raw counts .* fix: pass raw counts, "
+                                        r"or log1p") as exc:
+        tl.fit(cells, "demo", layer="counts", epochs=1, progress=False)
+    assert "layer='counts'" not in str(exc.value)

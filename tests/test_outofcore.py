@@ -337,9 +337,10 @@ def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):
     X[234, X[234].indices[0]] = np.nan
     path = tmp_path / "nan234.h5ad"
     ad.AnnData(X=X, obs=adata.obs.copy(), var=adata.var.copy()).write_h5ad(path)
-    with pytest.raises(DataError, match=r"1 NaN .* in cells 200\.\.299;"):  # not the chunk-local 0..99
+    named = rf"1 NaN .* in cells 200\.\.299, the first in cell 234 \({adata.obs_names[234]}\);"  # not chunk-local
+    with pytest.raises(DataError, match=named):
         _model(pre, grid).embed_file(path, tmp_path / "e.npy", chunk_size=100, progress=False)
-    with pytest.raises(DataError, match=r"1 NaN .* in cells 200\.\.299;"):
+    with pytest.raises(DataError, match=named):
         subsample_genes(path, pre, n_max=None, chunk_size=100)
 
 

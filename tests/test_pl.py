@@ -463,32 +463,44 @@ def _gene_adata():
     return ad, counts
 
 
-def _drawn_values(ax) -> np.ndarray:
-    """The colour values of the one colour-mapped scatter in ``ax``."""
+def _drawn_values(ax, xy: np.ndarray) -> np.ndarray:
+    """The colour values of the one colour-mapped scatter in ``ax``, in the row order of the cells
+    at ``xy`` [n, 2]; the points are drawn in increasing value (the highest on top)."""
     (mapped,) = [c for c in ax.collections if c.get_array() is not None]
-    return np.asarray(mapped.get_array())
+    values, points = np.asarray(mapped.get_array()), mapped.get_offsets()
+    assert (np.diff(values) >= 0).all()
+    rows = [int(np.flatnonzero((xy == p).all(axis=1))[0]) for p in points]
+    assert sorted(rows) == list(range(len(xy)))
+    return values[np.argsort(rows)]
 
 
 def test_a_gene_is_drawn_by_its_values_from_x_a_layer_or_raw():
     """As scanpy's color=: a gene name draws that gene's values on a colour map (with a colour
-    bar) even when it has few distinct values, read from X, layers[layer] or .raw; the panel's
-    title names where from; obs columns beside it stay categories."""
+    bar) even when it has few distinct values, read from X, layers[layer] or .raw (by default .raw
+    when there is one and no layer, scanpy's rule); the panel's title names where from; obs
+    columns beside it stay categories; names may come as a pd.Index or an array."""
     from matplotlib.figure import Figure
 
     ad, counts = _gene_adata()
-    for kwargs, expected, title in [({}, counts[:, 1], "MS4A1"),
-                                    ({"layer": "log"}, np.log1p(counts[:, 1]), "MS4A1 (log)"),
-                                    ({"use_raw": True}, counts[:, 1] * 10, "MS4A1 (raw)")]:
+    without_raw = ad.copy()
+    del without_raw.raw
+    for adata, kwargs, expected, title in [(ad, {"use_raw": False}, counts[:, 1], "MS4A1"),
+                                           (ad, {"layer": "log"}, np.log1p(counts[:, 1]), "MS4A1 (log)"),
+                                           (ad, {"use_raw": True}, counts[:, 1] * 10, "MS4A1 (raw)"),
+                                           (ad, {}, counts[:, 1] * 10, "MS4A1 (raw)"),
+                                           (without_raw, {}, counts[:, 1], "MS4A1")]:
         fig = Figure()
         ax = fig.add_subplot()
-        assert pl.embedding(ad, "MS4A1", basis="umap", ax=ax, **kwargs) is ax
-        np.testing.assert_allclose(_drawn_values(ax), expected, rtol=1e-6)
+        assert pl.embedding(adata, "MS4A1", basis="umap", ax=ax, **kwargs) is ax
+        np.testing.assert_allclose(_drawn_values(ax, ad.obsm["X_umap"]), expected, rtol=1e-6)
         assert ax.get_title() == title and len(fig.axes) == 2  # the panel and its colour bar
     fig = pl.embedding(ad, ["label", "NKG7"], basis="umap", use_raw=True)
     label_ax, gene_ax = fig.axes[:2]
+    for names in (pd.Index(["CD3E", "LYZ"]), np.array(["CD3E", "LYZ"])):
+        assert [a.get_title() for a in pl.embedding(ad, names, basis="umap", use_raw=False).axes[:2]] == ["CD3E", "LYZ"]
     assert [t.get_text() for t in label_ax.get_legend().get_texts()] == [
         f"{c} ({int((ad.obs['label'] == c).sum())})" for c in ad.obs["label"].cat.categories]
-    np.testing.assert_allclose(_drawn_values(gene_ax), counts[:, 2] * 10)
+    np.testing.assert_allclose(_drawn_values(gene_ax, ad.obsm["X_umap"]), counts[:, 2] * 10)
     assert ad.X.nnz == np.count_nonzero(counts)  # nothing the caller gave was changed
 
 
@@ -500,8 +512,11 @@ def test_a_gene_of_a_backed_file_is_read_from_disk(tmp_path):
     backed = anndata.read_h5ad(tmp_path / "g.h5ad", backed="r")
     from matplotlib.figure import Figure
     ax = Figure().add_subplot()
-    pl.embedding(backed, "LYZ", basis="umap", ax=ax)
-    np.testing.assert_allclose(_drawn_values(ax), counts[:, 2])
+    pl.embedding(backed, "LYZ", basis="umap", ax=ax, use_raw=False)
+    np.testing.assert_allclose(_drawn_values(ax, ad.obsm["X_umap"]), counts[:, 2])
+    ax = Figure().add_subplot()
+    pl.embedding(backed, "LYZ", basis="umap", ax=ax)  # its .raw, by scanpy's rule
+    np.testing.assert_allclose(_drawn_values(ax, ad.obsm["X_umap"]), counts[:, 2] * 10)
     backed.file.close()
 
 
@@ -511,9 +526,9 @@ def test_gene_colours_refuse_what_they_cannot_read_naming_the_fix():
     ad, _ = _gene_adata()
     with pytest.raises(DataError, match=r"\['GAPDH'\] are neither obs columns nor genes of var_names; obs columns: "
                                         r"\['label'\]"):
-        pl.embedding(ad, ["label", "GAPDH"], basis="umap")
+        pl.embedding(ad, ["label", "GAPDH"], basis="umap", use_raw=False)
     with pytest.raises(DataError, match=r"genes of adata\.raw"):
-        pl.embedding(ad, "GAPDH", basis="umap", use_raw=True)
+        pl.embedding(ad, "GAPDH", basis="umap")
     clash = ad.copy()
     clash.obs["LYZ"] = 1.0
     with pytest.raises(DataError, match=r"\['LYZ'\] name both an obs column and a gene.*rename the obs column"):
@@ -521,7 +536,7 @@ def test_gene_colours_refuse_what_they_cannot_read_naming_the_fix():
     twice = ad.copy()
     twice.var_names = ["CD3E", "LYZ", "LYZ"]
     with pytest.raises(DataError, match=r"gene 'LYZ' names 2 columns.*var_names_make_unique"):
-        pl.embedding(twice, "LYZ", basis="umap")
+        pl.embedding(twice, "LYZ", basis="umap", use_raw=False)
     with pytest.raises(DataError, match=r"no layer 'counts'; fix: pass one of \['log'\]"):
         pl.embedding(ad, "LYZ", basis="umap", layer="counts")
     embedded = anndata.AnnData(obs=ad.obs[["label"]], obsm={"X_masksc": ad.obsm["X_umap"]})

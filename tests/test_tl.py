@@ -425,6 +425,11 @@ def test_errors_name_the_layer_or_raw_that_was_read_not_x(fitted, tmp_path):
     layered.write_h5ad(tmp_path / "layered.h5ad")
     with pytest.raises(DataError, match=r"^adata\.layers\['counts'\] contains 1 negative values .* in cells 0\.\.239"):
         model.embed_file(tmp_path / "layered.h5ad", tmp_path / "z.npy", layer="counts", progress=False)
+    layered.layers["counts"] = cells.X.toarray() * 0.5
+    with pytest.raises(DataError, match=r"^adata\.layers\['counts'\] holds non-integer values .*, the first in cell "
+                                        r"0 \(cell_0000\) where raw counts are required; fix: pass the raw count "
+                                        r"matrix; log-normalised"):
+        tl.embed(layered, model, layer="counts", progress=False)  # a model of counts
     with_raw = ad.AnnData(cells.X.toarray(), obs=cells.obs, var=cells.var)
     with_raw.raw = ad.AnnData(bad, var=cells.var)
     with pytest.raises(DataError, match=r"^adata\.raw\.X contains 1 negative values"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import anndata as ad
 import numpy as np
@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
-from masksc.data.validate import check_unique_genes, check_values
+from masksc.data.validate import COUNTS_LAYER_HINT, check_unique_genes, check_values
 from masksc.errors import DataError, UncheckedGenesWarning, warn
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,28 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
 
 def _cells_named(a: int, b: int, rows: np.ndarray | None) -> str:
     """" in cells a..b-1" for cells ``a..b-1`` of the data, by their dataset ``rows`` when given:
-    a range when those are consecutive, else the rows themselves (the first 8)."""
+    a range when those are consecutive, else how many and their rows (the first 8)."""
     if rows is None:
         return f" in cells {a}..{b - 1}"
     picked = [int(r) for r in rows[a:b]]
     if picked == list(range(picked[0], picked[0] + len(picked))):
         return f" in cells {picked[0]}..{picked[-1]}"
-    return f" in cells {', '.join(map(str, picked[:8]))}{', ...' if len(picked) > 8 else ''}"
+    return f" in {len(picked)} cells (rows {', '.join(map(str, picked[:8]))}{', ...' if len(picked) > 8 else ''})"
+
+
+def _cell_namer(src: ChunkSource, a: int, rows: np.ndarray | None = None) -> Callable[[int], str]:
+    """Names row i of the chunk of ``src`` starting at cell ``a``: its row in the dataset
+    (``rows[a + i]``, default ``a + i``) and its obs name, as errors give it."""
+    return lambda i: f"{a + i if rows is None else int(rows[a + i])} ({src.obs.index[a + i]})"
+
+
+def _check_rows(rows, n_obs: int) -> np.ndarray:
+    """``rows`` (the dataset rows of ``n_obs`` cells, named in errors) as int64, or a DataError."""
+    rows = np.asarray(rows)
+    if rows.shape != (n_obs,) or (rows.size and rows.dtype.kind not in "iu"):
+        raise DataError(f"rows must be the {n_obs} cells' integer rows in their dataset (1-D, one per cell), got "
+                        f"{rows.dtype} of shape {rows.shape}.")
+    return rows.astype(np.int64, copy=False)
 
 
 class Preprocessor:
@@ -114,8 +129,8 @@ class Preprocessor:
         self.detection_: np.ndarray | None = None
 
     # ---------------------------------------------------------------- helpers
-    def _detect(self, X: sp.csr_matrix) -> str:
-        integer = check_values(X, require_integer=False, where=" in the first chunk")
+    def _detect(self, X: sp.csr_matrix, cell: Callable[[int], str]) -> str:
+        integer = check_values(X, require_integer=False, where=" in the first chunk", cell=cell)
         if self.input != "auto":
             return self.input
         if integer:
@@ -133,15 +148,16 @@ class Preprocessor:
             log.info("input looks log-normalised (non-integer, max %.3g; expm1 row-sum CV %.3g)", vmax, cv)
             return "log"
         raise DataError(f"X is neither raw counts (non-integer values) nor log-normalised (max {vmax:g} > "
-                        f"{LOG_MAX:g}), e.g. normalised without log1p; fix: pass raw counts (layer='counts' / --layer "
-                        "counts if they are kept in a layer), or log1p the data first (sc.pp.log1p); a Preprocessor "
-                        "of your own also takes input='counts' or 'log'.")
+                        f"{LOG_MAX:g}), e.g. normalised without log1p; fix: pass raw counts{COUNTS_LAYER_HINT}, or log1p "
+                        "the data first (sc.pp.log1p); a Preprocessor of your own also takes input='counts' or "
+                        "'log'.")
 
-    def _keep_cells(self, X: sp.csr_matrix, kind: str, where: str, library_cols: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """(library sizes float64 [n], keep mask [n]) after validation of the chunk; library sizes sum
-        the columns ``library_cols`` (default all)."""
-        check_values(X, require_integer=kind == "counts", where=where)
+    def _keep_cells(self, X: sp.csr_matrix, kind: str, where: str, cell: Callable[[int], str],
+                    library_cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(library sizes float64 [n], keep mask [n]) after validation of the chunk (``where`` and
+        ``cell`` name its cells in errors, as in ``check_values``); library sizes sum the columns
+        ``library_cols`` (default all)."""
+        check_values(X, require_integer=kind == "counts", where=where, cell=cell)
         if kind == "log" and X.nnz:
             looks_like = None
             if X.data.max() > LOG_MAX:
@@ -191,7 +207,7 @@ class Preprocessor:
         first = next(src.chunks(min(self.chunk_size, 2000)), None)
         if first is None or src.n_vars == 0:
             raise DataError(f"empty matrix: {src.n_obs} cells x {src.n_vars} genes; fix: check the input.")
-        kind = self._detect(first[1])
+        kind = self._detect(first[1], _cell_namer(src, 0))
         flavor = self.hvg_flavor if self.hvg_flavor != "auto" else ("seurat_v3" if kind == "counts" else "dispersion")
         if flavor == "seurat_v3" and kind == "log":
             raise DataError("hvg_flavor='seurat_v3' needs raw counts but the input is log-normalised; "
@@ -200,7 +216,7 @@ class Preprocessor:
         acc = {k: np.zeros(G) for k in ("raw_s", "raw_ss", "norm_s", "norm_ss", "log_s", "log_ss", "detected")}
         n, n_zero, n_drop = 0, 0, 0
         for a, X in src.chunks(self.chunk_size):
-            sums, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}")
+            sums, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}", _cell_namer(src, a))
             n_zero += int((sums == 0).sum())
             n_drop += int((~keep).sum())
             X, sums = X[keep], sums[keep]
@@ -262,7 +278,7 @@ class Preprocessor:
         full_clip[cand] = clip
         acc = {"c_s": np.zeros(G), "c_ss": np.zeros(G)}
         for a, X in src.chunks(self.chunk_size):
-            _, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}")
+            _, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}", _cell_namer(src, a))
             X = X[keep]
             _add(acc, "c", X.indices, np.minimum(X.data.astype(np.float64), full_clip[X.indices]), G)
         return acc["c_s"][cand], acc["c_ss"][cand]
@@ -366,12 +382,13 @@ class Preprocessor:
         idx = self._gene_index(src.var_names)
         library_cols = self._library_columns(src.var_names)
         check_profile = check_profile and self.needs_profile_check()
+        rows = None if rows is None else _check_rows(rows, src.n_obs)
         gathered, end = [], 0
         row = (lambda i: i) if rows is None else (lambda i: int(rows[i]))
         for a, X in src.chunks(chunk_size or self.chunk_size):
             end = a + X.shape[0]
             where = _cells_named(a, end, rows)
-            sums, keep = self._keep_cells(X, self.input_kind_, where, library_cols)
+            sums, keep = self._keep_cells(X, self.input_kind_, where, _cell_namer(src, a, rows), library_cols)
             if check_profile:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
                 gathered.append(X[:take][keep[:take]][:, idx])

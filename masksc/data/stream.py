@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from masksc.data.io import (_CORRUPT_FIX, _decode, as_float32, canonical_csr32, check_compressed, detect_format, read,
                              set_labels, to_csr32)
+from masksc.data.validate import COUNTS_LAYER_HINT
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> a
 @contextlib.contextmanager
 def naming_matrix(layer: str | None, use_raw: bool = False):
     """Wrap the reading of ``layers[layer]`` (or, with ``use_raw``, ``.raw``): a DataError about
-    "X" raised inside names that matrix instead (the checks see whichever matrix they get as X)."""
+    "X" raised inside names that matrix instead (the checks see whichever matrix they get as X),
+    without the hint that raw counts may be kept in a layer."""
     try:
         yield
     except DataError as exc:
@@ -136,7 +138,7 @@ def naming_matrix(layer: str | None, use_raw: bool = False):
         if (layer is None and not use_raw) or not message.startswith("X "):
             raise
         name = "adata.raw.X" if use_raw else f"adata.layers[{layer!r}]"
-        raise type(exc)(name + message[1:]) from exc
+        raise DataError(name + message[1:].replace(COUNTS_LAYER_HINT, "")) from exc
 
 
 SCALED_SAMPLE_CELLS = 1000  # cells read to tell a scaled X beside .raw (negative in almost every cell) at once

@@ -5,6 +5,7 @@ Nothing here modifies its input.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -87,12 +88,28 @@ def check_float32_range(X, where: str = "") -> None:
                         "float32's range.")
 
 
-def check_values(X, require_integer: bool = False, where: str = "") -> bool:
+COUNTS_LAYER_HINT = " (scanpy keeps them in a layer: layer='counts' in masksc.tl, --layer counts on the command line)"
+"""Where raw counts usually are, told in messages about X; ``naming_matrix`` drops it when a layer or
+``.raw`` was read instead."""
+
+
+def _first_in(X, flagged: np.ndarray, cell: Callable[[int], str] | None) -> str:
+    """", the first in cell ..." naming (by ``cell``, given a row of ``X``) the row holding the first
+    stored value ``flagged`` (a mask over ``_values(X)``); "" without ``cell``."""
+    if cell is None:
+        return ""
+    i = int(np.argmax(flagged))
+    row = int(X.tocoo().row[i]) if sp.issparse(X) else i // max(1, np.asarray(X).shape[-1])
+    return f", the first in cell {cell(row)}"
+
+
+def check_values(X, require_integer: bool = False, where: str = "", cell: Callable[[int], str] | None = None) -> bool:
     """Raise DataError on NaN/inf, finite values too large for float32, negative values, or
     (``require_integer``) non-integer values.
 
     Returns True when every value is a whole number (useful for detecting raw counts).
-    ``where`` is appended to messages (e.g. " in cells 1000..1999").
+    ``where`` is appended to messages (e.g. " in cells 1000..1999"); ``cell``, given a row of
+    ``X``, names that cell (e.g. "1042 (AAACCTG-1)"), and the message names the first bad one.
     """
     v = _values(X)
     if v.dtype.kind not in "biuf":
@@ -101,19 +118,22 @@ def check_values(X, require_integer: bool = False, where: str = "") -> bool:
         bad = ~np.isfinite(v)
         if bad.any():
             n_nan = int(np.isnan(v).sum())
-            raise DataError(f"X contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values{where}; "
-                            "fix: replace or remove them (e.g. np.nan_to_num) before using masksc.")
+            raise DataError(f"X contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values{where}"
+                            f"{_first_in(X, bad, cell)}; fix: replace or remove them (e.g. np.nan_to_num) before "
+                            "using masksc.")
         check_float32_range(v, where)
     if v.size and v.min() < 0:
-        raise DataError(f"X contains {int((v < 0).sum())} negative values (min {v.min():g}){where}; "
-                        "fix: pass raw counts or log-normalised expression, not scaled/centred data.")
-    integer = v.dtype.kind in "biu" or bool(np.all(v == np.round(v)))
+        raise DataError(f"X contains {int((v < 0).sum())} negative values (min {v.min():g}){where}"
+                        f"{_first_in(X, v < 0, cell)}; fix: pass raw counts or log-normalised expression, not "
+                        "scaled/centred data.")
+    fractional = v != np.round(v) if v.dtype.kind == "f" else np.zeros(v.shape, dtype=bool)
+    integer = not fractional.any()
     if require_integer and not integer:
-        frac = v[v != np.round(v)]
-        raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {frac[0]:g}){where} where raw "
-                        "counts are required; fix: pass the raw count matrix (a 'counts' layer: layer='counts' "
-                        "in masksc.tl, --layer counts on the command line); log-normalised data needs a model "
-                        "fitted on log-normalised data.")
+        frac = v[fractional]
+        raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {frac[0]:g}){where}"
+                        f"{_first_in(X, fractional, cell)} where raw counts are required; fix: pass the raw count "
+                        f"matrix{COUNTS_LAYER_HINT}; log-normalised data needs a model fitted on log-normalised "
+                        "data.")
     return integer
 
 
