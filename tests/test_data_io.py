@@ -477,6 +477,27 @@ def test_mtx_stored_cells_by_genes_geo_prefixes_and_header_lines(tmp_path, count
         read(tmp_path / "header")
 
 
+def test_the_names_files_beside_a_10x_matrix_point_to_the_matrix(tmp_path, counts):
+    """A path to barcodes.tsv / features.tsv (GEO-prefixed too) names the matrix beside it, where
+    it was read as a table (one column, or text columns); a tsv of that name with no matrix beside
+    it is still a table, and format='tsv' reads it as one."""
+    X, cells, genes = counts
+    _mtx_folder(tmp_path / "mtx", X, cells, genes)
+    for name in ("barcodes.tsv", "features.tsv"):
+        with pytest.raises(DataError, match=rf"mtx/{name} is the .* file of a 10x matrix, not a matrix; fix: pass "
+                                            rf".*mtx/matrix\.mtx or its folder .*mtx \(masksc reads"):
+            read(tmp_path / "mtx" / name)
+    _mtx_folder(tmp_path / "geo", X, cells, genes, prefix="GSM9_")
+    with pytest.raises(DataError, match=r"GSM9_barcodes\.tsv is the barcodes \(cell names\) file of a 10x matrix, "
+                                        r"not a matrix; fix: pass .*geo/GSM9_matrix\.mtx \(masksc"):
+        read(tmp_path / "geo" / "GSM9_barcodes.tsv")
+    table = pd.DataFrame(X, index=cells, columns=genes)
+    table.to_csv(tmp_path / "genes.tsv", sep="\t")
+    _check(read(tmp_path / "genes.tsv"), X, cells, genes)
+    table.to_csv(tmp_path / "mtx" / "genes.tsv", sep="\t")  # beside a matrix, but named as a table on purpose
+    _check(read(tmp_path / "mtx" / "genes.tsv", format="tsv"), X, cells, genes)
+
+
 def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
     """Scaled X beside .raw reads, and reading its X as the data names --use-raw (streamed, as fit /
     embed read it); a file with layers but no X names them and --layer; a file of anndata < 0.7

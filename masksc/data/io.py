@@ -60,6 +60,24 @@ def set_labels(adata: ad.AnnData, labels) -> None:
     adata.obs["label"] = pd.Categorical(text)
 
 
+_10X_COMPANIONS = {"barcodes.tsv": "barcodes (cell names)", "features.tsv": "features (gene names)",
+                   "genes.tsv": "genes (gene names)"}
+
+
+def _refuse_10x_companion(path: Path, stem: str) -> None:
+    """DataError when ``path`` (lower-case name without .gz: ``stem``) is the barcodes or features
+    file beside a 10x ``[prefix]matrix.mtx[.gz]``: the matrix is what to pass, not a table of names."""
+    for companion, holds in _10X_COMPANIONS.items():
+        if stem.endswith(companion):
+            prefix = path.name[:len(stem) - len(companion)]
+            matrix = [m for m in (path.parent / f"{prefix}matrix.mtx", path.parent / f"{prefix}matrix.mtx.gz")
+                      if m.exists()]
+            if matrix:
+                raise DataError(f"{path} is the {holds} file of a 10x matrix, not a matrix; fix: pass "
+                                f"{matrix[0]}" + (f" or its folder {path.parent}" if not prefix else "")
+                                + " (masksc reads the names beside it).")
+
+
 def detect_format(path: Path) -> str:
     """Return one of :data:`FORMATS` for ``path`` or raise DataError."""
     if path.is_dir():
@@ -72,6 +90,7 @@ def detect_format(path: Path) -> str:
                            if prefixed else "."))
     name = path.name.lower()
     stem = name[:-3] if name.endswith(".gz") else name
+    _refuse_10x_companion(path, stem)
     if stem.endswith(".h5ad"):
         return "h5ad"
     if stem.endswith(".csv"):

@@ -35,7 +35,6 @@ import scipy.sparse as sp
 
 from masksc.data.io import (_CORRUPT_FIX, _decode, as_float32, canonical_csr32, check_compressed, detect_format, read,
                              set_labels, to_csr32)
-from masksc.data.validate import COUNTS_LAYER_HINT
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -124,21 +123,6 @@ def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> a
         raise DataError(f"the AnnData has no layer {layer!r}; fix: pass one of {list(adata.layers)}, or "
                         "layer=None (no --layer) for adata.X.")
     return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var)
-
-
-@contextlib.contextmanager
-def naming_matrix(layer: str | None, use_raw: bool = False):
-    """Wrap the reading of ``layers[layer]`` (or, with ``use_raw``, ``.raw``): a DataError about
-    "X" raised inside names that matrix instead (the checks see whichever matrix they get as X),
-    without the hint that raw counts may be kept in a layer."""
-    try:
-        yield
-    except DataError as exc:
-        message = str(exc)
-        if (layer is None and not use_raw) or not message.startswith("X "):
-            raise
-        name = "adata.raw.X" if use_raw else f"adata.layers[{layer!r}]"
-        raise DataError(name + message[1:].replace(COUNTS_LAYER_HINT, "")) from exc
 
 
 SCALED_SAMPLE_CELLS = 1000  # cells read to tell a scaled X beside .raw (negative in almost every cell) at once

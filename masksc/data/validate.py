@@ -4,6 +4,7 @@ Nothing here modifies its input.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 
@@ -200,3 +201,18 @@ def validate_counts(adata_or_X, require_integer: bool = True, allow_zero_cells: 
     v = _values(X)
     return {"n_cells": int(X.shape[0]), "n_genes": int(X.shape[1]), "integer": integer,
             "max": float(v.max()) if v.size else 0.0, "n_zero_cells": int(zero.sum())}
+
+
+@contextlib.contextmanager
+def naming_matrix(layer: str | None, use_raw: bool = False):
+    """Wrap the reading of ``layers[layer]`` (or, with ``use_raw``, ``.raw``): a DataError about
+    "X" raised inside names that matrix instead (the checks see whichever matrix they get as X),
+    without the hint that raw counts may be kept in a layer."""
+    try:
+        yield
+    except DataError as exc:
+        message = str(exc)
+        if (layer is None and not use_raw) or not message.startswith("X "):
+            raise
+        name = "adata.raw.X" if use_raw else f"adata.layers[{layer!r}]"
+        raise DataError(name + message[1:].replace(COUNTS_LAYER_HINT, "")) from exc
