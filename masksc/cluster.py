@@ -630,7 +630,7 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     labels, r, found = best
     n_comp = sp.csgraph.connected_components(G, directed=False)[0]
     why = (f" The graph has {n_comp} connected components and Leiden never joins them."
-           if n_comp > k else " Widen resolution_range.")
+           if n_comp > k else " A wider resolution_range of masksc.cluster.leiden_for_k may find it.")
     warn(f"leiden_for_k: no resolution in {resolution_range} gave {k} clusters; returning {found} "
          f"(resolution {r:.4g}).{why} Use k-means for an exact k.")
     return labels, r

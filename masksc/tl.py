@@ -68,15 +68,20 @@ def _target(adata, copy: bool):
 
 def _check_adata(adata, step: str) -> None:
     """Raise DataError unless ``adata`` is an AnnData the tl functions can store their results on
-    (a path or a bare matrix cannot be used) and, when backed, not a view: its cells would be
-    streamed from the whole file."""
+    (a path or a bare matrix cannot be used) and, when backed, not a view: ``fit`` and ``embed``
+    would stream the cells of the whole file, and anndata cannot store a result on such a view."""
     if isinstance(adata, (str, os.PathLike)):
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got the path "
                         f"{os.fspath(adata)!r}; fix: adata = masksc.read(path) first, or {_FIXES[step][0]}.")
     if not isinstance(adata, ad.AnnData):
         raise DataError(f"masksc.tl.{step} takes an AnnData (its results are stored on it), got a "
                         f"{type(adata).__name__}; fix: {_FIXES[step][1]}.")
-    check_not_backed_view(adata)
+    if step in ("fit", "embed"):
+        check_not_backed_view(adata)
+    elif adata.isbacked and adata.is_view:
+        raise DataError(f"this is a view ({adata.n_obs} cells) of the backed file {adata.filename}, and anndata "
+                        f"cannot store masksc.tl.{step}'s result on it (it would have to copy the backed selection); "
+                        "fix: adata[mask].to_memory() first, or run it on the whole backed object.")
 
 
 def _check_expression(adata, step: str, layer: str | None) -> None:
@@ -204,6 +209,7 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
     scanpy's) is not replaced: a DataError names the fix. ``copy``: return a copy of ``adata``
     with the graph and leave ``adata`` as it is (else None is returned)."""
     _check_adata(adata, "neighbors")
+    _check_search_settings(search_kw)
     foreign = _foreign_graph(adata, key_added)
     if foreign:
         raise DataError(f"{foreign} hold a graph masksc did not compute (e.g. scanpy's pp.neighbors); fix: "
@@ -212,6 +218,29 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
     adata = _target(adata, copy)  # before the search, which can take minutes
     _store_graph(adata, key_added, Z, _digest(Z), use_rep, n_neighbors, metric, seed, use_gpu, search_kw)
     return adata if copy else None
+
+
+SEARCH_SETTINGS = ("index", "nlist", "nprobe", "target_recall", "ngpu")  # knn_search's, beside neighbors' own
+_SCANPY_NEIGHBORS = {"random_state": "seed= seeds masksc's index",
+                     "method": "masksc's connectivities are always UMAP's ('umap')",
+                     "n_pcs": "use_rep's embedding is used whole: store the components you want in obsm and pass "
+                              "that key as use_rep",
+                     "knn": "the graph is always a kNN graph", "transformer": "the search is FAISS's"}
+
+
+def _check_search_settings(search_kw: dict) -> None:
+    """TypeError, before any work, for a keyword ``tl.neighbors`` does not take, saying what
+    masksc does instead for scanpy's ``pp.neighbors`` arguments and naming a close match else."""
+    import difflib
+    unknown = sorted(set(search_kw) - set(SEARCH_SETTINGS))
+    if unknown:
+        why = [f"{name}: {_SCANPY_NEIGHBORS[name]}" if name in _SCANPY_NEIGHBORS else
+               f"{name}: did you mean {match[0]!r}?" if (match := difflib.get_close_matches(
+                   name, ["n_neighbors", "use_rep", "metric", "key_added", "seed", "use_gpu", "copy",
+                          *SEARCH_SETTINGS], n=1)) else name for name in unknown]
+        raise TypeError(f"masksc.tl.neighbors got unexpected keyword argument(s) {unknown} ({'; '.join(why)}); it "
+                        "takes n_neighbors, use_rep, metric, key_added, seed, use_gpu, copy and, for the FAISS "
+                        f"search, {list(SEARCH_SETTINGS)}.")
 
 
 def _store_graph(adata, key: str, Z: np.ndarray, digest: str, use_rep: str, n_neighbors: int, metric: str,
@@ -258,9 +287,10 @@ def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
     digest = _digest(Z)
     asked = {name: kwargs[name] for name in ("n_neighbors", "metric") if name in kwargs}
     params = _own_params(adata, NEIGHBORS_KEY)
+    stored = _graph_keys(adata, NEIGHBORS_KEY)[0] if params is not None else None
     if params is not None and params.get("use_rep") == use_rep and params.get("embedding_digest") == digest \
-            and all(params.get(name) == value for name, value in asked.items()):
-        return adata.obsp[_graph_keys(adata, NEIGHBORS_KEY)[0]]
+            and all(params.get(name) == value for name, value in asked.items()) and stored in adata.obsp:
+        return adata.obsp[stored]
     if params is not None and params.get("use_rep") != use_rep:
         warn(f"replacing the graph in adata.uns[{NEIGHBORS_KEY!r}], built from adata.obsm[{params.get('use_rep')!r}], "
              f"with one of adata.obsm[{use_rep!r}]; to keep both, build one with masksc.tl.neighbors(adata, "

@@ -635,6 +635,49 @@ def test_leiden_reuses_the_graph_of_this_embedding_and_rebuilds_a_stale_one(monk
     assert len(searches) == 4 and a.uns["masksc_neighbors"]["params"]["use_rep"] == "X_other"
 
 
+def test_leiden_rebuilds_its_graph_when_the_record_outlived_the_matrices():
+    """uns["masksc_neighbors"] kept while obsp lost its matrices (an AnnData rebuilt without obsp,
+    or a graph deleted): tl.cluster builds the graph again, the same one, not a KeyError."""
+    import anndata
+    a = _blob_adata()
+    tl.cluster(a, seed=1)
+    first = a.obs["masksc_cluster"].to_numpy()
+    rebuilt = anndata.AnnData(a.X, obs=a.obs.drop(columns="masksc_cluster"), obsm=dict(a.obsm), uns=dict(a.uns))
+    tl.cluster(rebuilt, seed=1)
+    np.testing.assert_array_equal(rebuilt.obs["masksc_cluster"].to_numpy(), first)
+    del a.obsp["masksc_neighbors_connectivities"]
+    tl.cluster(a, seed=1)
+    np.testing.assert_array_equal(a.obs["masksc_cluster"].to_numpy(), first)
+    assert "masksc_neighbors_connectivities" in a.obsp
+
+
+def test_neighbors_names_what_it_does_for_scanpys_arguments_and_typos():
+    a = _blob_adata()
+    for given, match in [({"random_state": 1}, r"\['random_state'\] \(random_state: seed= seeds masksc's index\)"),
+                         ({"n_pcs": 10}, r"n_pcs: use_rep's embedding is used whole"),
+                         ({"nprob": 4}, r"nprob: did you mean 'nprobe'\?"),
+                         ({"method": "umap"}, r"method: masksc's connectivities are always UMAP's")]:
+        with pytest.raises(TypeError, match=match):
+            tl.neighbors(a, **given)
+    assert "masksc_neighbors" not in a.uns
+
+
+def test_steps_that_store_on_a_backed_view_say_anndata_cannot(tmp_path):
+    """cluster / neighbors / evaluate on a view of a backed AnnData: anndata cannot store a result
+    there; the refusal says so, not that cells are streamed (that is fit's and embed's reason)."""
+    import anndata
+    blobs = _blob_adata()
+    blobs = anndata.AnnData(np.zeros((blobs.n_obs, 2), np.float32), obs=blobs.obs, obsm=dict(blobs.obsm))
+    blobs.write_h5ad(tmp_path / "blobs.h5ad")  # with an X: a backed file without one cannot be sliced at all
+    backed = anndata.read_h5ad(tmp_path / "blobs.h5ad", backed="r")
+    for step in (lambda v: tl.cluster(v, k=3), tl.neighbors, tl.evaluate):
+        with pytest.raises(DataError, match=r"this is a view \(100 cells\) of the backed file .*anndata cannot store "
+                                            r"masksc\.tl\.\w+'s result on it .*to_memory\(\) first"):
+            step(backed[:100])
+    tl.cluster(backed[:100].to_memory(), k=3)
+    backed.file.close()
+
+
 def test_cluster_on_a_named_graph_uses_it_as_stored():
     """neighbors_key= makes Leiden cluster that stored graph (here scanpy's), whose labels are
     cluster.leiden's on it; settings that would build a graph, or k-means, are refused."""
