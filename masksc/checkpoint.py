@@ -42,6 +42,7 @@ from masksc.models.masksc_model import MaskSC, MaskSCConfig
 FORMAT = "masksc-checkpoint"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, OPTIMIZER, STATE = "config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"
+TRAINER_STATE_KEYS = ("epoch", "step", "losses", "rng")  # what a resumed run reads from STATE
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 _ASIDE = "x"  # a checkpoint moved aside is .old-<name>-*/x
 # renameat2 errors meaning "no exchange here" (old kernel or C library, a filesystem without it)
@@ -88,10 +89,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
     """
     model = _unwrap(model)
     path = check_output(path, folder=True)
-    if path.is_symlink() or (path.exists() and any(path.iterdir()) and not _is_checkpoint(path)):
-        what = "a symlink" if path.is_symlink() else "a folder that is not a masksc checkpoint"
-        raise CheckpointError(f"{path} is {what}, and saving there would delete what it holds; fix: save to a new "
-                              "directory (or to an existing checkpoint, which is replaced).")
+    _check_replaceable(path, training=optimizer is not None or trainer_state is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
@@ -128,6 +126,29 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
                                   f"checkpoints saved before are intact); fix: free space there{again}.") from exc
         raise
     return path
+
+
+def _check_replaceable(path: Path, training: bool) -> None:
+    """Refuse (CheckpointError) to save at ``path`` when replacing what is there would lose
+    something: a symlink, a folder that is not a masksc checkpoint, a checkpoint holding other
+    files beside its own, or (``training`` off: a saved model, not a training checkpoint) a
+    training checkpoint, whose optimiser state and training record the model would not keep."""
+    if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink() and not any(path.iterdir())):
+        return
+    if path.is_symlink() or not _is_checkpoint(path):
+        what = "a symlink" if path.is_symlink() else "a folder that is not a masksc checkpoint"
+        raise CheckpointError(f"{path} is {what}, and saving there would delete what it holds; fix: save to a new "
+                              "directory (or to an existing checkpoint, which is replaced).")
+    others = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG, WEIGHTS, OPTIMIZER, STATE))
+    if others:
+        raise CheckpointError(f"{path} is a checkpoint that also holds {others[:5]}{' ...' if len(others) > 5 else ''}, "
+                              "which replacing it would delete; fix: save to a new directory, or move those out "
+                              "first.")
+    if not training and ((path / OPTIMIZER).exists() or (path / STATE).exists()):
+        raise CheckpointError(f"{path} is a checkpoint of a training run; saving a model over it would drop its "
+                              f"optimiser state and training record ({OPTIMIZER}, {STATE}), so the run could no "
+                              "longer resume and `masksc plot loss` would find no losses; fix: save to a new "
+                              "directory.")
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -203,14 +224,15 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
 
 def remove_leftovers(run_dir: str | os.PathLike) -> None:
     """Delete what an interrupted save_checkpoint, remove_checkpoint or point_last left in
-    ``run_dir`` (their ``.tmp-*`` / ``.old-*`` directories and ``.last-*.tmp`` links). Call it only
-    while no checkpoint is being written there."""
+    ``run_dir`` (their ``.tmp-epoch-*`` / ``.old-epoch-*`` / ``.old-last-*`` directories and
+    ``.last-*.tmp`` links; a user's own hidden folders there are left alone). Call it only while
+    no checkpoint is being written there."""
     for p in Path(run_dir).iterdir():
         if p.is_symlink():
             if re.fullmatch(r"\.last-\d+\.tmp", p.name):
                 p.unlink()
-        elif p.is_dir() and re.fullmatch(r"\.(tmp|old)-.+-[a-z0-9_]{8}", p.name):  # tempfile.mkdtemp's suffix
-            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_dir() and re.fullmatch(r"\.(tmp|old)-(epoch-\d{6}|last)-[a-z0-9_]{8}", p.name):
+            shutil.rmtree(p, ignore_errors=True)  # only what saving the run's own names leaves (mkdtemp's suffix)
 
 
 def epoch_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -243,6 +265,47 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
             warn(f"{path}/last {how}; resuming from the newest checkpoint there, {saved[-1].name}")
             point_last(path, saved[-1].name)
     return path
+
+
+_LOCKED: dict[str, int] = {}  # run directories this process holds, with how many run_lock calls hold each
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold the training run directory ``run_dir`` (created if missing) for this process while a
+    fit writes into it: an exclusive ``flock`` on the directory itself (no lock file is left), so a
+    second fit into it fails at once with a CheckpointError instead of the two overwriting each
+    other's checkpoints. Re-entrant within a process; a no-op where there is no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    run_dir = check_output(run_dir, folder=True)  # a path that cannot be a folder is named, not an OSError
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if key in _LOCKED:
+        _LOCKED[key] += 1
+        try:
+            yield
+        finally:
+            _LOCKED[key] -= 1
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise CheckpointError(f"{run_dir} is in use: another fit is writing its run there; fix: wait for it to "
+                                  "finish (if it stops early, --resume continues it), or choose another directory.") \
+                from exc
+        _LOCKED[key] = 1
+        try:
+            yield
+        finally:
+            del _LOCKED[key]
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def point_last(run_dir: str | os.PathLike, target_name: str) -> None:
@@ -278,6 +341,12 @@ def resolve(path: str | os.PathLike) -> Path:
         return path
     if (path / "last" / CONFIG).is_file():
         return (path / "last").resolve()
+    saved = [p for p in epoch_dirs(path) if _is_checkpoint(p)] if path.is_dir() else []
+    if saved:  # a training run whose last link is missing or names a deleted checkpoint
+        how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
+        raise CheckpointError(f"{path} is a training run, but its last link {how}; the newest complete checkpoint "
+                              f"there is {saved[-1].name}; fix: pass {shlex.quote(str(saved[-1]))} (`masksc fit "
+                              "--resume` on the run points last at it again).")
     raise CheckpointError(f"{path} is not a masksc checkpoint (no {CONFIG}, no last/{CONFIG}); pass a checkpoint "
                           "directory or a training run directory.")
 
@@ -374,12 +443,37 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict, dict]:
         opt = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=False)
         state = json.loads((ckpt / STATE).read_text())
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{exc.filename} is missing: {ckpt} is not a resumable training checkpoint; start "
-                              "without resume or point at a run directory.") from exc
+        raise CheckpointError(f"{exc.filename} is missing, so the run cannot resume from {ckpt}; fix: restore it "
+                              "from a copy, or start the run again in a new directory (its model can still be "
+                              "loaded and embed).") from exc
     except Exception as exc:  # torch.load raises many types on a damaged file
-        raise CheckpointError(f"the training state in {ckpt} is corrupt ({exc}); delete it to restart or "
-                              "restore it from a copy.") from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"the training state ({OPTIMIZER}, {STATE}) in {ckpt} is damaged ({first}); fix: "
+                              "restore those files from a copy, or start the run again in a new directory.") from exc
+    damage = _training_state_damage(opt, state)
+    if damage:
+        raise CheckpointError(f"the training state in {ckpt} is damaged ({damage}); fix: restore it from a copy, or "
+                              "start the run again in a new directory.")
     return opt, state
+
+
+def _training_state_damage(opt, state) -> str | None:
+    """What is wrong with a training checkpoint's optimiser state ``opt`` and ``trainer_state``
+    ``state`` as read back, or None when a resumed run can use them."""
+    if not isinstance(opt, dict) or "optimizer" not in opt:
+        return f"{OPTIMIZER} holds no optimizer state"
+    if not isinstance(state, dict):
+        return f"{STATE} holds a {type(state).__name__}, not a record"
+    missing = [key for key in TRAINER_STATE_KEYS if key not in state]
+    if missing:
+        return f"{STATE} lacks {missing}"
+    bad = [key for key in ("epoch", "step") if isinstance(state[key], bool) or not isinstance(state[key], int)
+           or state[key] < 0]
+    if bad:
+        return f"{STATE} has {', '.join(f'{key}={state[key]!r}' for key in bad)}, not a count"
+    if not isinstance(state["losses"], list):
+        return f"{STATE} has losses={state['losses']!r}, not a list"
+    return None
 
 
 def check_genes(meta: dict, genes) -> None:

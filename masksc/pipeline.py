@@ -21,6 +21,7 @@ Two paths, one recipe:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -305,7 +306,8 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                                             teacher_overrides=teacher_overrides, layer=layer, use_raw=use_raw,
                                             streamed=_streamed(adata) or ctx.distributed, **overrides)
     fitted_input = {"layer": layer, "use_raw": bool(use_raw)}
-    with naming_matrix(layer, use_raw):
+    held = ckpt.run_lock(model_dir) if model_dir is not None and ctx.is_main else contextlib.nullcontext()
+    with held, naming_matrix(layer, use_raw):  # held from before the data is read: a second fit there stops at once
         if _streamed(adata) or ctx.distributed:
             reader = RowReader(adata, layer, use_raw)
             _check_enough_cells(reader.n_obs)
@@ -376,11 +378,13 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
         # the saved transform, not one refitted on this data: it continues the run exactly and
         # refuses data from another gene set, as a resumed streamed run does
         bundle_meta = {"input": fitted_input, **_saved_transform(resume_from)}  # saved before it was recorded: now
+        _check_resumed_cells(resume_from, bundle_meta, adata.obs_names)
         preprocessor, grid, _ = _transform_from_meta(bundle_meta, ckpt.resolve(resume_from))
         X_grid = grid.to_grid(preprocessor.transform(adata).X)
     else:
         preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
-        bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input}
+        bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
+                       "cells": _cells_record(adata.obs_names)}
     teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
@@ -440,6 +444,33 @@ _STREAMED = ("streamed its cells from a file (a path or backed AnnData in Python
 _IN_MEMORY = "trained on cells held in memory (an AnnData in Python, a csv, mtx or scDeepCluster file on the command line)"
 
 
+def _cells_record(names) -> dict:
+    """What a run records of the cells it trains on (``names``: their obs names, in order): their
+    number and a digest of the names in that order."""
+    names = "\n".join(map(str, names))
+    return {"n": names.count("\n") + 1 if names else 0, "digest": hashlib.sha256(names.encode()).hexdigest()[:16]}
+
+
+def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
+    """A resumed run sees the cells it stopped on, in the same order (``meta``: its saved
+    metadata, whose ``cells`` record runs saved before it was kept lack; ``names``: this data's
+    obs names), so its batches and masks continue the run; else a CheckpointError."""
+    from masksc.errors import CheckpointError
+    saved = meta.get("cells")
+    if saved is None:
+        return
+    if not (isinstance(saved, dict) and isinstance(saved.get("n"), int) and isinstance(saved.get("digest"), str)):
+        raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
+                              "config.json from a copy, or start the run again in a new directory.")
+    now = _cells_record(names)
+    if now != saved:
+        what = (f"{saved['n']} cells, and this data has {now['n']}" if now["n"] != saved["n"] else
+                f"{saved['n']} cells with other names or in another order than this data's")
+        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on {what}; a resumed run must see the "
+                              "cells it stopped on, in the same order, to continue as it would have; fix: pass the "
+                              "data the run started on, or start a new run in another directory (-o, model_dir=).")
+
+
 def _check_resumed_streaming(run_dir: Path, meta: dict, streamed: bool, chunk_size: int) -> None:
     """A resumed run draws its batches as the run did (``meta``: its saved metadata): streamed in
     chunks of the same size, or from memory; refuse another way, which would continue on another
@@ -493,6 +524,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
         # transform, layout and teacher come back with the checkpoint (the teacher's weights with
         # the model's), so a resumed run continues exactly where it stopped
         meta = {"input": fitted_input, **_saved_transform(resume_from)}  # saved before it was recorded: now
+        _check_resumed_cells(resume_from, meta, reader.obs.index)
         if cfg.med:
             teacher = ckpt.build_model(ckpt.read_config(resume_from)).teacher
     else:
@@ -510,7 +542,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
                                           is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
                 meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
                         "streamed": {"n_cells": reader.n_obs, "teacher_cells": int(len(rows)),
-                                     "chunk_size": chunk_size}}
+                                     "chunk_size": chunk_size}, "cells": _cells_record(reader.obs.index)}
                 del X_sub
     meta = ctx.broadcast_object(meta)
     preprocessor, grid, _ = _transform_from_meta(meta, resume_from and ckpt.resolve(resume_from))

@@ -13,6 +13,7 @@ checkpoints.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import logging
@@ -218,8 +219,17 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
     None when ``batches`` is given. extra_state: JSON-able meta saved in every checkpoint
     (``preprocessor``, ``grid`` dicts, ...). batches: optional iterable of CSRBatch with
     ``set_epoch`` and ``len`` (default ``CellBatches(X, batch_size, shuffle=True, seed)``).
-    callback(epoch, mean_loss) is called after each epoch. Returns a TrainResult.
+    callback(epoch, mean_loss) is called after each epoch. The main process holds
+    ``cfg.checkpoint_dir`` while it trains (``checkpoint.run_lock``). Returns a TrainResult.
     """
+    held = ckpt.run_lock(cfg.checkpoint_dir) if cfg.checkpoint_dir and _is_main() else contextlib.nullcontext()
+    with held:
+        return _train(model, X_grid_csr, cfg, extra_state, batches, callback)
+
+
+def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dict | None, batches,
+           callback) -> TrainResult:
+    """``train``'s work, in the run directory it holds."""
     core: MaskSC = getattr(model, "module", model)
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None

@@ -312,8 +312,113 @@ def test_gene_mismatch_refused_with_count_and_fix(tmp_path):
 def test_training_state_missing_is_clear(tmp_path):
     model, _, _ = setup()
     save_checkpoint(tmp_path / "m", model)
-    with pytest.raises(CheckpointError, match="not a resumable training checkpoint"):
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt is missing, so the run cannot resume from .*; fix: "
+                                              r"restore it from a copy, or start the run again in a new directory"):
         ckpt.load_training_state(tmp_path / "m")
+
+
+def _training_checkpoint(path, model, state=None):
+    opt = torch.optim.AdamW(model.parameters())
+    return save_checkpoint(path, model, optimizer=opt, trainer_state=state if state is not None else
+                           {"epoch": 1, "step": 3, "losses": [0.5], "rng": {}})
+
+
+@pytest.mark.parametrize("state, damage", [({}, r"trainer_state\.json lacks \['epoch', 'step', 'losses', 'rng'\]"),
+                                           ({"epoch": "one", "step": 3, "losses": [], "rng": {}},
+                                            r"trainer_state\.json has epoch='one', not a count"),
+                                           ({"epoch": 1, "step": 3, "losses": 0.5, "rng": {}},
+                                            r"trainer_state\.json has losses=0\.5, not a list"),
+                                           ([1, 2], r"trainer_state\.json holds a list, not a record")])
+def test_a_damaged_training_record_is_named_not_a_traceback(tmp_path, state, damage):
+    model, _, _ = setup()
+    _training_checkpoint(tmp_path / "m", model, state)
+    with pytest.raises(CheckpointError, match=rf"the training state in .* is damaged \({damage}\); fix: restore"):
+        ckpt.load_training_state(tmp_path / "m")
+    torch.save({"scheduler": None}, tmp_path / "m" / "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt holds no optimizer state"):
+        ckpt.load_training_state(tmp_path / "m")
+    (tmp_path / "m" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError, match=r"is damaged \([^\n]*\); fix: restore those files") as exc:
+        ckpt.load_training_state(tmp_path / "m")
+    assert "\n" not in str(exc.value)  # torch's paragraph cut to its first line
+
+
+def test_saving_a_model_never_drops_a_runs_training_state_or_other_files(tmp_path):
+    """MaskSCModel.save over a training checkpoint (load(...).save(m.path)) would drop its optimiser
+    state and losses; over a checkpoint holding other files it would delete them: both refused,
+    both kept. A saved model is still replaced, and training replaces its own checkpoints."""
+    model, _, _ = setup()
+    other, _, _ = setup(seed=1)
+    _training_checkpoint(tmp_path / "run" / "epoch-000001", model)
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of a training run; saving a model over it would drop "
+                                              r"its optimiser state and training record"):
+        save_checkpoint(tmp_path / "run" / "epoch-000001", other)
+    assert (tmp_path / "run" / "epoch-000001" / "optimizer.pt").exists()
+    _training_checkpoint(tmp_path / "run" / "epoch-000001", other)  # a resumed run re-saving its epoch
+    save_checkpoint(tmp_path / "m", model)
+    (tmp_path / "m" / "NOTES.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"is a checkpoint that also holds \['NOTES\.txt'\], which replacing it "
+                                              r"would delete; fix"):
+        save_checkpoint(tmp_path / "m", other)
+    assert (tmp_path / "m" / "NOTES.txt").read_text() == "mine"
+    (tmp_path / "m" / "NOTES.txt").unlink()
+    save_checkpoint(tmp_path / "m", other)
+    assert torch.equal(load_model(tmp_path / "m")[0].state_dict()["patch_weight"], other.state_dict()["patch_weight"])
+
+
+def test_leftover_cleanup_removes_only_what_saving_leaves(tmp_path):
+    """remove_leftovers deletes interrupted saves' .tmp-epoch-* / .old-epoch-* / .old-last-* folders
+    and .last-*.tmp links, never a user's hidden folders that merely look alike."""
+    keep = [".old-photos-20240101", ".tmp-cache-abc_1234", ".tmp-epoch-1-abcdefgh", ".cache"]
+    gone = [".tmp-epoch-000003-ab_cd123", ".old-epoch-000002-xyz12345", ".old-last-q1w2e3r4"]
+    for name in keep + gone:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    os.symlink("epoch-000001", tmp_path / ".last-123.tmp")
+    ckpt.remove_leftovers(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+def test_a_run_whose_last_link_is_broken_names_its_newest_checkpoint(tmp_path):
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "epoch-000001", model)
+    save_checkpoint(tmp_path / "epoch-000002", model)
+    ckpt.point_last(tmp_path, "epoch-000003")  # a deleted checkpoint
+    with pytest.raises(CheckpointError, match=r"is a training run, but its last link names no checkpoint; the newest "
+                                              r"complete checkpoint there is epoch-000002; fix: pass .*epoch-000002"):
+        load_model(tmp_path)
+    os.unlink(tmp_path / "last")
+    with pytest.raises(CheckpointError, match=r"its last link is missing"):
+        load_model(tmp_path)
+
+
+def test_a_run_directory_is_held_by_one_fit_at_a_time(tmp_path):
+    """run_lock: a directory another process holds is refused at once; within a process the lock
+    is re-entrant (pipeline.fit holds it, and train() inside takes it again)."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(tmp_path)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=r"is in use: another fit is writing its run there; fix: wait"):
+            with ckpt.run_lock(tmp_path):
+                pass
+        from masksc.data import synthetic
+        from masksc.pipeline import fit
+        with pytest.raises(CheckpointError, match=r"is in use"):  # before any preprocessing or teacher training
+            fit(synthetic(60, n_genes=80, seed=0), "demo", model_dir=tmp_path, epochs=1, progress=False)
+        assert os.listdir(tmp_path) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    with ckpt.run_lock(tmp_path / "new"):
+        with ckpt.run_lock(tmp_path / "new"):
+            pass
+        assert (tmp_path / "new").is_dir()
+    with ckpt.run_lock(tmp_path / "new"):  # released: free again
+        pass
 
 
 def test_checkpoint_directories_get_the_umask_mode(tmp_path):

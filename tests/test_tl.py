@@ -75,8 +75,15 @@ def test_resumed_fit_reuses_the_saved_transform_and_refuses_other_genes(tmp_path
         tl.fit(other, "demo", model_dir=run, resume=True, **settings)
     with pytest.raises(CheckpointError, match=r"grid_shape: saved \[16, 16\], requested \[8, 8\].* -o on the command"):
         tl.fit(adata.copy(), "demo", model_dir=run, resume=True, **{**settings, "grid_shape": (8, 8)})
+    # other cells (the same number of batches, so the step count let them through) are refused
+    with pytest.raises(CheckpointError, match=r"cannot resume: the run in .* was trained on 240 cells, and this data "
+                                              r"has 230; .*fix: pass the data the run started on"):
+        tl.fit(adata[:230].copy(), "demo", model_dir=run, resume=True, **settings)
+    with pytest.raises(CheckpointError, match=r"trained on 240 cells with other names or in another order than this "
+                                              r"data's"):
+        tl.fit(adata[::-1].copy(), "demo", model_dir=run, resume=True, **settings)
     config = json.loads((run / "epoch-000001" / "config.json").read_text())
-    del config["meta"]["input"]  # as an earlier release saved it
+    del config["meta"]["input"], config["meta"]["cells"]  # as an earlier release saved it
     (run / "epoch-000001" / "config.json").write_text(json.dumps(config))
     resumed = adata.copy()
     model = tl.fit(resumed, "demo", model_dir=run, resume=True, **settings)
@@ -105,6 +112,9 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
     with pytest.raises(CheckpointError, match=r"streamed its cells from a file \(.*\) and this one trained on cells "
                                               r"held in memory \(.*\), which draws other batches; resume it as it"):
         pipeline.fit(adata, "demo", model_dir=run, resume=True, **settings)
+    adata[::-1].copy().write_h5ad(tmp_path / "reversed.h5ad")
+    with pytest.raises(CheckpointError, match=r"trained on 240 cells with other names or in another order"):
+        pipeline.fit(tmp_path / "reversed.h5ad", "demo", model_dir=run, resume=True, **settings)
     model, _ = pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
     np.testing.assert_array_equal(model.embed(adata, progress=False), ref.embed(adata, progress=False))
 
