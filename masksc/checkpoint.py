@@ -22,6 +22,7 @@ import ctypes
 import errno
 import functools
 import json
+import logging
 import os
 import re
 import shlex
@@ -38,6 +39,8 @@ from masksc.errors import CheckpointError, warn
 from masksc.io_utils import check_output, default_mode, out_of_space
 from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
 from masksc.models.masksc_model import MaskSC, MaskSCConfig
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "masksc-checkpoint"
 FORMAT_VERSION = 1
@@ -299,6 +302,8 @@ def run_lock(run_dir: str | os.PathLike):
             raise CheckpointError(f"{run_dir} is in use: another fit is writing its run there; fix: wait for it to "
                                   "finish (if it stops early, --resume continues it), or choose another directory.") \
                 from exc
+        except OSError as exc:  # e.g. NFS, which locks only files opened for writing: train unguarded
+            logger.info("cannot lock %s (%s); a second fit into it would not be stopped", run_dir, exc)
         _LOCKED[key] = 1
         try:
             yield

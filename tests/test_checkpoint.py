@@ -421,6 +421,20 @@ def test_a_run_directory_is_held_by_one_fit_at_a_time(tmp_path):
         pass
 
 
+def test_a_filesystem_that_cannot_lock_a_folder_still_trains(tmp_path, monkeypatch, caplog):
+    """NFS locks only files opened for writing (EBADF on a folder): the fit goes on, unguarded."""
+    import fcntl
+    import logging
+
+    def no_locks(fd, op):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.INFO, logger="masksc.checkpoint"), ckpt.run_lock(tmp_path / "nfs"):
+        model, _, _ = setup()
+        _training_checkpoint(tmp_path / "nfs" / "epoch-000001", model)
+    assert "cannot lock" in caplog.text and (tmp_path / "nfs" / "epoch-000001").is_dir()
+
+
 def test_checkpoint_directories_get_the_umask_mode(tmp_path):
     """A checkpoint directory gets the mode ``mkdir`` would give (mkdtemp's 0700 would hide it
     from the group), like its files."""
