@@ -250,9 +250,13 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
     is one checkpoint of a run rather than the run (CheckpointError). With ``resume``, a ``last``
     link that is missing or names no checkpoint while epoch checkpoints are there (a crash
     before the link was written, a deleted folder) is pointed at the newest of them, with a
-    warning; nothing else is created. Returns ``path``."""
+    warning; nothing else is created. ``resume`` on a directory that does not exist (a typo?)
+    starts a run there, with a warning. Returns ``path``."""
     path = check_output(path, folder=True)
     if not path.is_dir():
+        if resume:  # a typo would otherwise start a new run in silence
+            warn(f"resume=True (--resume), but there is no run directory {path}; starting a new run there (check the "
+                 "path if you meant to continue one)")
         return path
     if not resume and (os.path.lexists(path / "last") or (path / CONFIG).exists() or epoch_dirs(path)):
         raise CheckpointError(f"{path} already holds a training run or a saved model; fix: pass --resume "

@@ -505,6 +505,10 @@ def test_check_run_dir_refuses_a_directory_holding_a_run_unless_resuming(tmp_pat
     save_checkpoint(tmp_path / "saved", model)          # a saved model (model.save) is not a place to train
     with pytest.raises(CheckpointError, match="saved model"):
         ckpt.check_run_dir(tmp_path / "saved")
+    with pytest.warns(UserWarning, match=r"resume=True \(--resume\), but there is no run directory .*runn; starting "
+                                         r"a new run there \(check the path"):
+        ckpt.check_run_dir(tmp_path / "runn", resume=True)  # a typo: nothing to continue
+    assert not (tmp_path / "runn").exists()
 
 
 def test_a_model_saved_on_a_full_disk_is_told_to_save_elsewhere_not_to_resume(tmp_path, monkeypatch):
