@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -274,47 +275,70 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
     return path
 
 
-_LOCKED: dict[str, int] = {}  # run directories this process holds, with how many run_lock calls hold each
+_LOCKED: dict[str, list] = {}  # run directory -> [holding thread, depth] for the directories this process holds
+_LOCKED_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike):
-    """Hold the training run directory ``run_dir`` (created if missing) for this process while a
-    fit writes into it: an exclusive ``flock`` on the directory itself (no lock file is left), so a
-    second fit into it fails at once with a CheckpointError instead of the two overwriting each
-    other's checkpoints. Re-entrant within a process; a no-op where there is no ``fcntl``."""
+    """Hold the training run directory ``run_dir`` (created if missing, and removed again if the fit
+    left it empty) while a fit writes into it:
+    an exclusive ``flock`` on the directory itself (no lock file is left), so a second fit into
+    it, in another process or another thread, fails at once with a CheckpointError instead of
+    the two overwriting each other's checkpoints. Re-entrant in the thread that holds it. Where
+    the filesystem cannot lock a folder (NFS) or there is no ``fcntl`` (Windows), the fit goes on
+    unguarded."""
     try:
         import fcntl
     except ImportError:  # Windows
         yield
         return
     run_dir = check_output(run_dir, folder=True)  # a path that cannot be a folder is named, not an OSError
-    run_dir.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(run_dir)
-    if key in _LOCKED:
-        _LOCKED[key] += 1
+    key, me = os.path.realpath(run_dir), threading.get_ident()
+    with _LOCKED_GUARD:
+        held = _LOCKED.get(key)
+        if held is not None and held[0] != me:
+            raise _in_use(run_dir)
+        if held is not None:
+            held[1] += 1
+    if held is not None:
         try:
             yield
         finally:
-            _LOCKED[key] -= 1
+            with _LOCKED_GUARD:
+                held[1] -= 1
         return
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+    run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise CheckpointError(f"{run_dir} is in use: another fit is writing its run there; fix: wait for it to "
-                                  "finish (if it stops early, --resume continues it), or choose another directory.") \
-                from exc
+            raise _in_use(run_dir) from exc
         except OSError as exc:  # e.g. NFS, which locks only files opened for writing: train unguarded
             logger.info("cannot lock %s (%s); a second fit into it would not be stopped", run_dir, exc)
-        _LOCKED[key] = 1
+        with _LOCKED_GUARD:
+            if key in _LOCKED:  # another thread took it meanwhile (flock does not tell threads apart)
+                raise _in_use(run_dir)
+            _LOCKED[key] = [me, 1]
         try:
             yield
         finally:
-            del _LOCKED[key]
+            with _LOCKED_GUARD:
+                del _LOCKED[key]
+            for folder in created:  # a fit that wrote nothing (bad input, Ctrl-C early) leaves no empty folder
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: a run is there
+                    break
     finally:
         os.close(fd)  # releases the flock
+
+
+def _in_use(run_dir: Path) -> CheckpointError:
+    return CheckpointError(f"{run_dir} is in use: another fit is writing its run there; fix: wait for it to finish "
+                           "(if it stops early, --resume continues it), or choose another directory.")
 
 
 def point_last(run_dir: str | os.PathLike, target_name: str) -> None:

@@ -180,10 +180,12 @@ def cmd_fit(args) -> int:
     _device(args.device)
     try:  # settings out of range, or a run that cannot resume with them, are refused before reading the data
         pipeline.check_fit(args.preset, layer=args.layer, use_raw=args.use_raw, **settings)
-        source = _source(args)
         ctx = distributed.init_from_env(args.device)
-        model, result = pipeline.fit(source, args.preset, min_cells=args.min_cells, dist=ctx, layer=args.layer,
-                                     use_raw=args.use_raw, **settings)
+        with pipeline.holding_run_dir(args.output, ctx):  # before a csv or mtx is read into memory
+            with ctx.together():  # a file one rank cannot read stops them all
+                source = _source(args)
+            model, result = pipeline.fit(source, args.preset, min_cells=args.min_cells, dist=ctx, layer=args.layer,
+                                         use_raw=args.use_raw, **settings)
     except ValueError as exc:
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
@@ -313,7 +315,7 @@ def cmd_plot(args) -> int:
     from masksc.io_utils import check_output
     output = check_output(args.output, args.data, suffixes=(".png",))
     if args.kind == "embedding":
-        adata = _read_h5ad(args.data, backed=True)  # a gene's column is all that is read of the expression
+        adata = _read_h5ad(args.data, backed=True)  # the expression stays on disk unless a gene is coloured
         try:
             out = pl.embedding(adata, args.color, output, method=args.method, basis=args.use_rep, seed=args.seed,
                                max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw)
@@ -448,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--max-cells", dest="max_cells", type=_at_least(2), default=50_000,
                     help="map a random sample of this many cells when there are more (default 50000)")
     kp.add_argument("--seed", type=_seed, default=0, help="seed of the map and the sample (default 0)")
-    kp.add_argument("--layer", default=None, help="read --color genes from this layer (default X)")
+    kp.add_argument("--layer", default=None,
+                    help="read --color genes from this layer (default: .raw when the file has one, else X)")
     kp.add_argument("--use-raw", dest="use_raw", action=argparse.BooleanOptionalAction, default=None,
                     help="read --color genes from .raw, or with --no-use-raw from X (default: .raw when the file "
                          "has one and no --layer is given, as scanpy does)")

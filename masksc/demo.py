@@ -19,10 +19,9 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     ``pbmc68k_masksc.h5ad`` (embedding + clusters), ``embedding_umap.png`` (coloured by cluster
     and by label, paper Fig. 4), ``attention.png`` (paper Fig. 6), ``loss.png``, ``metrics.json``.
     A rerun into the same ``out_dir`` replaces the earlier demo's files. Returns the metrics."""
-    from masksc import checkpoint, pl
-    from masksc.data import load_demo
-    from masksc.errors import CheckpointError, MaskscError
-    from masksc.io_utils import atomic_write, check_output
+    from masksc import checkpoint
+    from masksc.errors import MaskscError
+    from masksc.io_utils import check_output
 
     out = check_output(out_dir, folder=True)
     replaced = [name for name in OUTPUTS if (out / name).exists()]
@@ -30,14 +29,27 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
         raise MaskscError(f"{out} holds {', '.join(replaced)}, which the demo would replace, and no earlier demo's "
                           "model (no model/ of this release's demo preset: another fit's, or an earlier release's "
                           "demo); fix: -o a new folder, or delete those yourself if they are an earlier demo's.")
+    with checkpoint.run_lock(out / "model"):  # a demo still running there is not deleted under it
+        return _run_demo(out, epochs, seed, device)
+
+
+def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> dict:
+    """``run_demo``'s work, holding ``out / "model"``."""
+    from masksc import checkpoint, pl
+    from masksc.data import load_demo
+    from masksc.errors import CheckpointError
+    from masksc.io_utils import atomic_write
     try:
         checkpoint.check_run_dir(out / "model")
     except CheckpointError:  # an earlier demo's model: the demo is rerun from scratch, not resumed
         print(f"[demo] replacing the earlier demo in {out}")
         for name in OUTPUTS[1:]:  # its outputs first, so that no output outlives its model (OUTPUTS[0])
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "model")
-    out.mkdir(parents=True, exist_ok=True)
+        for entry in (out / "model").iterdir():  # its contents: the folder itself is what the lock holds
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     t0 = time.time()
     adata = load_demo()
     print(f"[demo] pbmc68k_reduced: {adata.n_obs} cells x {adata.n_vars} genes, "

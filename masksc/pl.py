@@ -161,9 +161,11 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
             if missing:
                 no_genes = " (it has no genes: a `masksc embed` output stores only obs and the embedding)" \
                     if len(genes) == 0 else ""
-                raise DataError(f"{missing} are neither obs columns nor genes of "
-                                f"{'adata.raw' if use_raw else 'var_names'}{no_genes}; obs columns: "
-                                f"{list(data.obs.columns)}.")
+                per_cell = (f"; color looks like one value per cell ({len(color)} of them): pass it as "
+                            "color={'title': values}" if len(color) == data.n_obs and len(missing) > 5 else "")
+                raise DataError(f"{missing[:5]}{f' and {len(missing) - 5} more' if len(missing) > 5 else ''} are "
+                                f"neither obs columns nor genes of {'adata.raw' if use_raw else 'var_names'}"
+                                f"{no_genes}{per_cell}; obs columns: {list(data.obs.columns)[:20]}.")
             colorings = {}
             for c in color:
                 if c not in data.obs:
@@ -273,7 +275,8 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
 
 def embedding(data, color=None, path: str | os.PathLike | None = None, method: str = "umap",
               basis: str = "X_masksc", seed: int = 0, max_cells: int | None = 50_000,
-              point_size: float | None = None, ax=None, layer: str | None = None, use_raw: bool | None = None):
+              point_size: float | None = None, ax=None, layer: str | None = None, use_raw: bool | None = None, *,
+              color_by=None):
     """2-D map (UMAP or t-SNE) of a cell embedding, one panel per colouring (paper Fig. 4).
 
     Args:
@@ -302,9 +305,15 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
         layer, use_raw: the matrix genes in ``color`` are read from: ``layers[layer]``, ``.raw``
             (``use_raw=True``) or X; ``use_raw=None`` is scanpy's rule, ``.raw`` when the AnnData
             has one and no layer is named, else X.
+        color_by: the earlier name of ``color``; still taken, with a FutureWarning.
 
     Returns: the path written; with no path the ``matplotlib.figure.Figure``, or ``ax`` when given.
     """
+    if color_by is not None:
+        if color is not None:
+            raise TypeError("pass color= alone (color_by= is its earlier name).")
+        warn("pl.embedding's color_by= is now color=, scanpy's name; color_by= will be removed", FutureWarning)
+        color = color_by
     _check_png(path)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")

@@ -287,10 +287,16 @@ def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
     digest = _digest(Z)
     asked = {name: kwargs[name] for name in ("n_neighbors", "metric") if name in kwargs}
     params = _own_params(adata, NEIGHBORS_KEY)
-    stored = _graph_keys(adata, NEIGHBORS_KEY)[0] if params is not None else None
     if params is not None and params.get("use_rep") == use_rep and params.get("embedding_digest") == digest \
-            and all(params.get(name) == value for name, value in asked.items()) and stored in adata.obsp:
-        return adata.obsp[stored]
+            and all(params.get(name) == value for name, value in asked.items()):
+        stored = _graph_keys(adata, NEIGHBORS_KEY)[0]
+        if stored in adata.obsp:
+            return adata.obsp[stored]
+        # the record outlived its matrices (an AnnData rebuilt without obsp): the same graph again
+        conn_key = _store_graph(adata, NEIGHBORS_KEY, Z, digest, use_rep, int(params["n_neighbors"]),
+                                str(params["metric"]), int(params.get("random_state", seed)), kwargs.get("use_gpu"),
+                                dict(params.get("search") or {}))
+        return adata.obsp[conn_key]
     if params is not None and params.get("use_rep") != use_rep:
         warn(f"replacing the graph in adata.uns[{NEIGHBORS_KEY!r}], built from adata.obsm[{params.get('use_rep')!r}], "
              f"with one of adata.obsm[{use_rep!r}]; to keep both, build one with masksc.tl.neighbors(adata, "

@@ -421,6 +421,31 @@ def test_a_run_directory_is_held_by_one_fit_at_a_time(tmp_path):
         pass
 
 
+def test_a_run_directory_is_held_by_one_thread_at_a_time(tmp_path):
+    """Two threads of one process fitting into one directory: the second is refused (re-entry is
+    the holding thread's alone), and the first is unharmed."""
+    import threading
+    entered, release = threading.Event(), threading.Event()
+
+    def first():
+        with ckpt.run_lock(tmp_path / "run"):
+            entered.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(CheckpointError, match="is in use"):
+            with ckpt.run_lock(tmp_path / "run"):
+                pass
+    finally:
+        release.set()
+        thread.join()
+    with ckpt.run_lock(tmp_path / "run"):  # free once the first thread let go
+        pass
+
+
 def test_a_filesystem_that_cannot_lock_a_folder_still_trains(tmp_path, monkeypatch, caplog):
     """NFS locks only files opened for writing (EBADF on a folder): the fit goes on, unguarded."""
     import fcntl

@@ -269,10 +269,30 @@ def test_a_demo_rerun_stopped_before_its_first_checkpoint_leaves_a_folder_the_de
         raise KeyboardInterrupt
     monkeypatch.setattr(masksc.demo, "fit_and_score", stopped)
     assert main(["demo", "-o", str(out), "--epochs", "1"]) == 130
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["model", "notes.txt"] and not any((out / "model").iterdir())
     capsys.readouterr()
     assert main(["demo", "-o", str(out), "--epochs", "1"]) == 130  # accepted: it got as far as training again
     assert "no earlier demo's model" not in capsys.readouterr().err
+
+
+def test_a_demo_never_deletes_a_demo_still_running_in_its_folder(tmp_path, capsys):
+    """A second `masksc demo -o DIR` while one trains there (it holds DIR/model) stops before
+    deleting anything, instead of removing the running demo's model under it."""
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--epochs", "1"]) == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time\n"
+                               f"fd = os.open({str(out / 'model')!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(["demo", "-o", str(out), "--epochs", "1"]) == 2
+        assert "model is in use: another fit is writing its run there" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
 @pytest.mark.parametrize("flag", [["--layer", "counts"], ["--use-raw"]])

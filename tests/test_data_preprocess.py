@@ -188,6 +188,15 @@ def test_bad_values_name_the_first_cell_holding_one(counts, tmp_path):
         Preprocessor(n_top_genes=50).fit(ad.AnnData(bad, obs=counts.obs, var=counts.var))
 
 
+def test_counts_with_a_stray_fraction_name_its_cell_when_the_input_kind_is_detected(counts):
+    """The detection step's "looks like raw counts, but ... not whole numbers" names the first cell."""
+    b = counts.copy()
+    b.X = b.X.toarray()
+    b.X[7, np.flatnonzero(b.X[7])[0]] = 0.5
+    with pytest.raises(DataError, match=rf"not whole numbers \(e\.g\. 0\.5, the first in cell 7 \({b.obs_names[7]}\)\)"):
+        Preprocessor(n_top_genes=50).fit(b)
+
+
 @pytest.mark.parametrize("rows", [np.arange(3), np.zeros((4, 1), dtype=int), np.arange(4) + 0.5])
 def test_rows_must_be_one_integer_row_per_cell(counts, rows):
     p = Preprocessor(n_top_genes=50).fit(counts)
@@ -329,7 +338,8 @@ def test_counts_with_stray_non_integer_values_refused(counts):
     b.X = b.X.copy()
     b.X.data[[5, 9]] = 2.5  # corrected counts left unrounded: everything else is whole
     with pytest.raises(DataError,
-                       match=r"raw counts, but 2 of its \d+ non-zero values .* not whole numbers \(e\.g\. 2\.5\)"):
+                       match=r"raw counts, but 2 of its \d+ non-zero values .* not whole numbers \(e\.g\. 2\.5, the "
+                             r"first in cell 0 \(cell_0000\)\)"):
         Preprocessor(n_top_genes=50).fit(b)
     assert Preprocessor(n_top_genes=50).fit(_lognorm(counts)).input_kind_ == "log"  # log data: no whole values
 

@@ -123,3 +123,16 @@ def test_float32_range_checks_allocate_nothing_the_size_of_the_data():
     np.testing.assert_array_equal(np.flatnonzero(beyond_float32(X)), [5 * 1000 + 5])
     with pytest.raises(DataError, match="X holds 1 values too large for float32"):
         check_float32_range(X)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "dense", "fortran"])
+def test_the_first_bad_cell_is_named_whatever_the_storage_order(fmt):
+    """check_values(cell=) names the lowest row holding a bad value, also where values are stored
+    column by column (CSC, a COO built so, a Fortran-ordered array)."""
+    from masksc.data.validate import check_values
+    X = _X()
+    X[5, 0], X[2, 6] = np.nan, np.nan  # row 5 comes first in column order, row 2 in row order
+    matrix = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "coo": lambda a: sp.csc_matrix(a).tocoo(),
+              "dense": np.ascontiguousarray, "fortran": np.asfortranarray}[fmt](X)
+    with pytest.raises(DataError, match=r"2 NaN and 0 infinite values, the first in cell row-2;"):
+        check_values(matrix, cell=lambda i: f"row-{i}")

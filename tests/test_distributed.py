@@ -74,6 +74,24 @@ for name, step in steps.items():
 distributed.shutdown()
 """
 
+LOCKED_WORKER = """
+import fcntl, os, sys
+from masksc import distributed, pipeline
+from masksc.errors import MaskscError
+data, out = sys.argv[1], sys.argv[2]
+ctx = distributed.init_from_env("cpu")
+if ctx.rank == 0:  # another fit holds the run directory (an flock of another open file stands in for it)
+    os.makedirs(f"{out}/held")
+    other = os.open(f"{out}/held", os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+ctx.barrier()
+try:
+    pipeline.fit(data, "demo", model_dir=f"{out}/held", epochs=1, progress=False, dist=ctx)
+except MaskscError as exc:
+    open(f"{out}/held{ctx.rank}.txt", "w").write(f"{type(exc).__name__}: {exc}")
+distributed.shutdown()
+"""
+
 
 def _two_gloo_processes(worker: str, n_cells: int, tmp_path: Path) -> Path:
     """Write a synthetic dataset of ``n_cells`` and run ``worker`` (argv: data, tmp_path) on 2
@@ -162,3 +180,12 @@ def test_an_input_error_on_one_rank_stops_every_rank_with_a_message(tmp_path):
     assert embed[0].startswith("MaskscError: rank 1 stopped with an error")
     assert embed[1].startswith("DataError: X contains 1 negative values") and "in cells 150.." in embed[1]
     assert not (tmp_path / "e.npy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_directory_in_use_stops_every_rank(tmp_path):
+    """The main rank holds the run directory; when another fit holds it, every rank stops with a
+    message (the others used to wait for rank 0 in the next collective, for ever)."""
+    _two_gloo_processes(LOCKED_WORKER, 100, tmp_path)
+    held = [(tmp_path / f"held{r}.txt").read_text() for r in (0, 1)]
+    assert held[0].startswith("CheckpointError: ") and "is in use: another fit is writing its run there" in held[0]
+    assert held[1].startswith("MaskscError: rank 0 stopped with an error")

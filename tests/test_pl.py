@@ -546,3 +546,18 @@ def test_gene_colours_refuse_what_they_cannot_read_naming_the_fix():
         pl.embedding(ad, {"x": np.zeros(120)}, basis="umap", layer="log")
     with pytest.raises(ValueError, match="with an array, drop them"):
         pl.embedding(ad.obsm["X_umap"], use_raw=True)
+    with pytest.raises(DataError, match=r"and 115 more are neither .*color looks like one value per cell \(120 of "
+                                        r"them\): pass it as color=\{'title': values\}") as exc:
+        pl.embedding(ad, ad.obs["label"].to_numpy(), basis="umap")  # values, not names
+    assert len(str(exc.value)) < 400
+
+
+def test_the_earlier_color_by_name_still_works_with_a_future_warning(tmp_path):
+    from matplotlib.figure import Figure
+    ad, _ = _gene_adata()
+    ax = Figure().add_subplot()
+    with pytest.warns(FutureWarning, match=r"color_by= is now color="):
+        pl.embedding(ad, basis="umap", ax=ax, color_by="label")
+    assert ax.get_title() == "label"
+    with pytest.raises(TypeError, match="pass color= alone"):
+        pl.embedding(ad, "label", basis="umap", color_by="label")

@@ -659,6 +659,12 @@ def test_leiden_rebuilds_its_graph_when_the_record_outlived_the_matrices():
     tl.cluster(a, seed=1)
     np.testing.assert_array_equal(a.obs["masksc_cluster"].to_numpy(), first)
     assert "masksc_neighbors_connectivities" in a.obsp
+    tl.neighbors(a, n_neighbors=30, metric="cosine", index="flat")  # a graph of the user's settings
+    graph = a.obsp["masksc_neighbors_connectivities"].copy()
+    del a.obsp["masksc_neighbors_connectivities"], a.obsp["masksc_neighbors_distances"]
+    tl.cluster(a, seed=1)  # rebuilt as recorded, not with the defaults
+    assert (a.obsp["masksc_neighbors_connectivities"] != graph).nnz == 0
+    assert a.uns["masksc_neighbors"]["params"]["n_neighbors"] == 30
 
 
 def test_neighbors_names_what_it_does_for_scanpys_arguments_and_typos():

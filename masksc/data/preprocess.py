@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
-from masksc.data.validate import COUNTS_LAYER_HINT, check_unique_genes, check_values
+from masksc.data.validate import COUNTS_LAYER_HINT, check_unique_genes, check_values, first_flagged_cell
 from masksc.errors import DataError, UncheckedGenesWarning, warn
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,11 @@ class Preprocessor:
         if integer:
             return "counts"
         if _mostly_whole(X):
-            odd = X.data[X.data != np.round(X.data)]
+            fractional = X.data != np.round(X.data)
+            odd = X.data[fractional]
             raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values in the first "
-                            f"chunk are not whole numbers (e.g. {odd[0]:g}); fix: pass integer raw counts "
+                            f"chunk are not whole numbers (e.g. {odd[0]:g}{first_flagged_cell(X, fractional, cell)}); "
+                            "fix: pass integer raw counts "
                             "(round corrected counts, e.g. after ambient-RNA removal); for log-normalised data "
                             "whose whole-number values are real, a Preprocessor(input='log') of your own.")
         vmax = float(X.data.max()) if X.nnz else 0.0

@@ -94,13 +94,16 @@ COUNTS_LAYER_HINT = " (scanpy keeps them in a layer: layer='counts' in masksc.tl
 ``.raw`` was read instead."""
 
 
-def _first_in(X, flagged: np.ndarray, cell: Callable[[int], str] | None) -> str:
-    """", the first in cell ..." naming (by ``cell``, given a row of ``X``) the row holding the first
-    stored value ``flagged`` (a mask over ``_values(X)``); "" without ``cell``."""
+def first_flagged_cell(X, flagged: np.ndarray, cell: Callable[[int], str] | None) -> str:
+    """", the first in cell ..." naming (by ``cell``, given a row of ``X``) the first row holding a
+    stored value ``flagged`` (a bool mask over the stored values: a sparse matrix's ``data``, a
+    dense one's entries in C order); "" without ``cell``."""
     if cell is None:
         return ""
-    i = int(np.argmax(flagged))
-    row = int(X.tocoo().row[i]) if sp.issparse(X) else i // max(1, np.asarray(X).shape[-1])
+    if sp.issparse(X):  # stored in row order only when CSR
+        row = int(X.tocoo().row[flagged].min())
+    else:
+        row = int(np.argmax(flagged)) // max(1, np.asarray(X).shape[-1])
     return f", the first in cell {cell(row)}"
 
 
@@ -120,21 +123,21 @@ def check_values(X, require_integer: bool = False, where: str = "", cell: Callab
         if bad.any():
             n_nan = int(np.isnan(v).sum())
             raise DataError(f"X contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values{where}"
-                            f"{_first_in(X, bad, cell)}; fix: replace or remove them (e.g. np.nan_to_num) before "
-                            "using masksc.")
+                            f"{first_flagged_cell(X, bad, cell)}; fix: replace or remove them (e.g. np.nan_to_num) "
+                            "before using masksc.")
         check_float32_range(v, where)
     if v.size and v.min() < 0:
         raise DataError(f"X contains {int((v < 0).sum())} negative values (min {v.min():g}){where}"
-                        f"{_first_in(X, v < 0, cell)}; fix: pass raw counts or log-normalised expression, not "
-                        "scaled/centred data.")
+                        f"{first_flagged_cell(X, v < 0, cell)}; fix: pass raw counts or log-normalised expression, "
+                        "not scaled/centred data.")
     fractional = v != np.round(v) if v.dtype.kind == "f" else np.zeros(v.shape, dtype=bool)
     integer = not fractional.any()
     if require_integer and not integer:
         frac = v[fractional]
         raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {frac[0]:g}){where}"
-                        f"{_first_in(X, fractional, cell)} where raw counts are required; fix: pass the raw count "
-                        f"matrix{COUNTS_LAYER_HINT}; log-normalised data needs a model fitted on log-normalised "
-                        "data.")
+                        f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; fix: pass the raw "
+                        f"count matrix{COUNTS_LAYER_HINT}; log-normalised data needs a model fitted on "
+                        "log-normalised data.")
     return integer
 
 
