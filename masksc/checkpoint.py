@@ -308,8 +308,9 @@ def run_lock(run_dir: str | os.PathLike):
             with _LOCKED_GUARD:
                 held[1] -= 1
         return
-    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
-    run_dir.mkdir(parents=True, exist_ok=True)
+    real = Path(key)  # "missing/../kept" is kept: what is removed is judged on the real path
+    created = [p for p in (real, *real.parents) if not p.exists()]  # deepest first
+    run_dir.mkdir(parents=True, exist_ok=True)  # as typed, so that the fit's own paths exist
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         try:

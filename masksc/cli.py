@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -513,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"masksc {args.command}: error: {exc}; fix: {fix}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = (f"; continue with the same command and --resume (checkpoints are in {args.output})"
-                 if args.command == "fit" else "")
+        saved = args.command == "fit" and os.path.lexists(Path(args.output) / "last")
+        again = f"; continue with the same command and --resume (checkpoints are in {args.output})" if saved else ""
         print(f"masksc {args.command}: interrupted{again}.", file=sys.stderr)
         return 130
     finally:

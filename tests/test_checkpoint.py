@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,6 +420,20 @@ def test_a_run_directory_is_held_by_one_fit_at_a_time(tmp_path):
         assert (tmp_path / "new").is_dir()
     with ckpt.run_lock(tmp_path / "new"):  # released: free again
         pass
+
+
+def test_the_lock_removes_only_the_folders_it_created_and_left_empty(tmp_path, monkeypatch):
+    """A folder made for a run that wrote nothing goes again, parents too; one that existed stays,
+    also when the path reaches it through a folder that does not exist ("missing/../kept")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    for path in ("missing/../kept", "kept", "new/sub/run", "missing/../new"):
+        with ckpt.run_lock(path):
+            assert Path(path).is_dir()
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "new").exists()
+    with ckpt.run_lock("new/run"):
+        (tmp_path / "new" / "run" / "epoch-000001").mkdir()
+    assert (tmp_path / "new" / "run" / "epoch-000001").is_dir()  # a run was written: kept, parents too
 
 
 def test_a_run_directory_is_held_by_one_thread_at_a_time(tmp_path):

@@ -428,17 +428,24 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one_and_names_the_
     assert os.readlink(run / "last") == "epoch-000001"
 
 
-def test_ctrl_c_during_fit_is_one_line_naming_resume(trained, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_during_fit_is_one_line_naming_resume_once_there_is_a_checkpoint(trained, tmp_path, capsys,
+                                                                                monkeypatch):
+    """Ctrl-C after a checkpoint names --resume; before one there is nothing to resume (and the
+    folder the fit made for its run is gone), so it does not."""
     import masksc.pipeline
     data, _, _ = trained
+    run = tmp_path / "run"
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args, checkpointed, **kwargs):
+        if checkpointed:
+            os.symlink("epoch-000001", run / "last")
         raise KeyboardInterrupt
-    monkeypatch.setattr(masksc.pipeline, "fit", interrupted)
-    assert main(["fit", str(data), "-o", str(tmp_path / "run"), *TINY]) == 130
-    err = capsys.readouterr().err
-    assert err.strip() == (f"masksc fit: interrupted; continue with the same command and --resume (checkpoints are "
-                           f"in {tmp_path / 'run'}).")
+    for checkpointed in (False, True):
+        monkeypatch.setattr(masksc.pipeline, "fit", lambda *a, **k: interrupted(*a, checkpointed=checkpointed, **k))
+        assert main(["fit", str(data), "-o", str(run), *TINY]) == 130
+        hint = f"; continue with the same command and --resume (checkpoints are in {run})" if checkpointed else ""
+        assert capsys.readouterr().err.strip() == f"masksc fit: interrupted{hint}."
+        assert run.exists() == checkpointed
 
 
 @pytest.mark.parametrize("argv, message", [
