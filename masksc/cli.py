@@ -174,6 +174,7 @@ def cmd_fit(args) -> int:
     """Train from a file, streamed from disk (.h5ad / 10x .h5; other formats are read into memory),
     on one process or, under torchrun, with DDP over all ranks."""
     from masksc import distributed, pipeline
+    from masksc.train import holding_run_dir
     settings = dict(model_dir=args.output, epochs=args.epochs, seed=args.seed, device=args.device, resume=args.resume,
                     checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
                     teacher_cells=args.teacher_cells or None, teacher_overrides=dict(args.teacher_set or []),
@@ -182,7 +183,7 @@ def cmd_fit(args) -> int:
     try:  # settings out of range, or a run that cannot resume with them, are refused before reading the data
         pipeline.check_fit(args.preset, layer=args.layer, use_raw=args.use_raw, **settings)
         ctx = distributed.init_from_env(args.device)
-        with pipeline.holding_run_dir(args.output, ctx):  # before a csv or mtx is read into memory
+        with holding_run_dir(args.output, ctx):  # before a csv or mtx is read into memory
             with ctx.together():  # a file one rank cannot read stops them all
                 source = _source(args)
             model, result = pipeline.fit(source, args.preset, min_cells=args.min_cells, dist=ctx, layer=args.layer,

@@ -306,6 +306,7 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                                             teacher_overrides=teacher_overrides, layer=layer, use_raw=use_raw,
                                             streamed=_streamed(adata) or ctx.distributed, **overrides)
     fitted_input = {"layer": layer, "use_raw": bool(use_raw)}
+    from masksc.train import holding_run_dir
     with holding_run_dir(model_dir, ctx), naming_matrix(layer, use_raw):  # before the data is read
         if _streamed(adata) or ctx.distributed:
             reader = RowReader(adata, layer, use_raw)
@@ -319,19 +320,6 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
         return _fit_memory(with_layer(adata, layer, use_raw), preset, cfg, train_cfg, resume_from=resume_from,
                            seed=seed, progress=progress, teacher_overrides=teacher_overrides, min_cells=min_cells,
                            fitted_input=fitted_input)
-
-
-@contextlib.contextmanager
-def holding_run_dir(model_dir: str | os.PathLike | None, ctx):
-    """Hold the run directory ``model_dir`` (``checkpoint.run_lock``, on the main rank of the
-    ``DistContext`` ``ctx``) for the block, so that a second fit into it stops at once; one in use
-    stops every rank. No-op for ``model_dir=None``."""
-    with contextlib.ExitStack() as stack:
-        if model_dir is not None:
-            with ctx.together():  # the others would wait for rank 0 in the next collective
-                if ctx.is_main:
-                    stack.enter_context(ckpt.run_lock(model_dir))
-        yield
 
 
 def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,

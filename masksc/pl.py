@@ -283,12 +283,13 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
         data: embedding array [n, d] (numpy or torch) or an AnnData whose ``obsm[basis]`` holds it.
         color: dict {panel title: labels [n]} (categories, missing ones drawn grey as "NA",
             or, for numbers with more than 30 distinct values, e.g. counts per cell, a continuous
-            colour, highest values drawn on top, NaN grey underneath; a ``pd.Categorical`` is drawn in its categories' order); for
-            AnnData also, as in scanpy, an obs column or gene name or a list of them (a
-            categorical column keeps its order and takes scanpy's ``uns[f"{column}_colors"]``; a
-            gene is drawn by its values (see ``layer``, ``use_raw``) on a continuous colour, titled
-            with the layer or "raw" it came from), or None for the clusters of the last ``tl.cluster`` and the
-            ``label`` column, those that exist. A name that is both a column and a gene is refused.
+            colour, highest values drawn on top, NaN grey underneath; a ``pd.Categorical`` is
+            drawn in its categories' order); for AnnData also, as in scanpy, an obs column or gene
+            name or a list of them (a categorical column keeps its order and takes scanpy's
+            ``uns[f"{column}_colors"]``; a gene is drawn by its values (see ``layer``,
+            ``use_raw``) on a continuous colour, titled with the layer or "raw" it came from), or
+            None for the clusters of the last ``tl.cluster`` and the ``label`` column, those that
+            exist. A name that is both a column and a gene is refused.
         path: output .png path (written atomically; parent folders created); None returns the
             Figure instead.
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be

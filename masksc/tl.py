@@ -228,19 +228,23 @@ _SCANPY_NEIGHBORS = {"random_state": "seed= seeds masksc's index",
                      "knn": "the graph is always a kNN graph", "transformer": "the search is FAISS's"}
 
 
+_NEIGHBORS_ARGS = ("n_neighbors", "use_rep", "metric", "key_added", "seed", "use_gpu", "copy")  # neighbors' own
+
+
 def _check_search_settings(search_kw: dict) -> None:
     """TypeError, before any work, for a keyword ``tl.neighbors`` does not take, saying what
     masksc does instead for scanpy's ``pp.neighbors`` arguments and naming a close match else."""
     import difflib
     unknown = sorted(set(search_kw) - set(SEARCH_SETTINGS))
-    if unknown:
-        why = [f"{name}: {_SCANPY_NEIGHBORS[name]}" if name in _SCANPY_NEIGHBORS else
-               f"{name}: did you mean {match[0]!r}?" if (match := difflib.get_close_matches(
-                   name, ["n_neighbors", "use_rep", "metric", "key_added", "seed", "use_gpu", "copy",
-                          *SEARCH_SETTINGS], n=1)) else name for name in unknown]
-        raise TypeError(f"masksc.tl.neighbors got unexpected keyword argument(s) {unknown} ({'; '.join(why)}); it "
-                        "takes n_neighbors, use_rep, metric, key_added, seed, use_gpu, copy and, for the FAISS "
-                        f"search, {list(SEARCH_SETTINGS)}.")
+    if not unknown:
+        return
+    why = []
+    for name in unknown:
+        match = difflib.get_close_matches(name, [*_NEIGHBORS_ARGS, *SEARCH_SETTINGS], n=1)
+        why.append(f"{name}: {_SCANPY_NEIGHBORS[name]}" if name in _SCANPY_NEIGHBORS else
+                   f"{name}: did you mean {match[0]!r}?" if match else name)
+    raise TypeError(f"masksc.tl.neighbors got unexpected keyword argument(s) {unknown} ({'; '.join(why)}); it takes "
+                    f"{', '.join(_NEIGHBORS_ARGS)} and, for the FAISS search, {list(SEARCH_SETTINGS)}.")
 
 
 def _store_graph(adata, key: str, Z: np.ndarray, digest: str, use_rep: str, n_neighbors: int, metric: str,

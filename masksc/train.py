@@ -220,11 +220,25 @@ def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dic
     (``preprocessor``, ``grid`` dicts, ...). batches: optional iterable of CSRBatch with
     ``set_epoch`` and ``len`` (default ``CellBatches(X, batch_size, shuffle=True, seed)``).
     callback(epoch, mean_loss) is called after each epoch. The main process holds
-    ``cfg.checkpoint_dir`` while it trains (``checkpoint.run_lock``). Returns a TrainResult.
+    ``cfg.checkpoint_dir`` while it trains (``holding_run_dir``). Returns a TrainResult.
     """
-    held = ckpt.run_lock(cfg.checkpoint_dir) if cfg.checkpoint_dir and _is_main() else contextlib.nullcontext()
-    with held:
+    with holding_run_dir(cfg.checkpoint_dir):
         return _train(model, X_grid_csr, cfg, extra_state, batches, callback)
+
+
+@contextlib.contextmanager
+def holding_run_dir(run_dir: str | os.PathLike | None, ctx=None):
+    """Hold the run directory ``run_dir`` (``checkpoint.run_lock``, on the main rank of the
+    ``DistContext`` ``ctx``, default the current process's) for the block, so that a second fit
+    into it stops at once; one in use stops every rank. No-op for ``run_dir=None``."""
+    from masksc import distributed
+    ctx = ctx or distributed.context()
+    with contextlib.ExitStack() as stack:
+        if run_dir is not None:
+            with ctx.together():  # the others would wait for rank 0 in the next collective
+                if ctx.is_main:
+                    stack.enter_context(ckpt.run_lock(run_dir))
+        yield
 
 
 def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dict | None, batches,

@@ -218,7 +218,7 @@ class Preprocessor:
         acc = {k: np.zeros(G) for k in ("raw_s", "raw_ss", "norm_s", "norm_ss", "log_s", "log_ss", "detected")}
         n, n_zero, n_drop = 0, 0, 0
         for a, X in src.chunks(self.chunk_size):
-            sums, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}", _cell_namer(src, a))
+            sums, keep = self._keep_cells(X, kind, _cells_named(a, a + X.shape[0], None), _cell_namer(src, a))
             n_zero += int((sums == 0).sum())
             n_drop += int((~keep).sum())
             X, sums = X[keep], sums[keep]
@@ -280,7 +280,7 @@ class Preprocessor:
         full_clip[cand] = clip
         acc = {"c_s": np.zeros(G), "c_ss": np.zeros(G)}
         for a, X in src.chunks(self.chunk_size):
-            _, keep = self._keep_cells(X, kind, f" in cells {a}..{a + X.shape[0] - 1}", _cell_namer(src, a))
+            _, keep = self._keep_cells(X, kind, _cells_named(a, a + X.shape[0], None), _cell_namer(src, a))
             X = X[keep]
             _add(acc, "c", X.indices, np.minimum(X.data.astype(np.float64), full_clip[X.indices]), G)
         return acc["c_s"][cand], acc["c_ss"][cand]
@@ -386,11 +386,10 @@ class Preprocessor:
         check_profile = check_profile and self.needs_profile_check()
         rows = None if rows is None else _check_rows(rows, src.n_obs)
         gathered, end = [], 0
-        row = (lambda i: i) if rows is None else (lambda i: int(rows[i]))
         for a, X in src.chunks(chunk_size or self.chunk_size):
             end = a + X.shape[0]
-            where = _cells_named(a, end, rows)
-            sums, keep = self._keep_cells(X, self.input_kind_, where, _cell_namer(src, a, rows), library_cols)
+            cell = _cell_namer(src, a, rows)
+            sums, keep = self._keep_cells(X, self.input_kind_, _cells_named(a, end, rows), cell, library_cols)
             if check_profile:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
                 gathered.append(X[:take][keep[:take]][:, idx])
@@ -399,17 +398,16 @@ class Preprocessor:
                                     _cells_named(0, min(end, PROFILE_SAMPLE_CELLS), rows))
                 check_profile, gathered = False, []
             if not self.min_counts and (sums == 0).any():
-                raise DataError(self._zero_library_message(X, sums, src.obs.index[a:end], [row(i) for i in range(a, end)],
-                                                           library_cols))
+                raise DataError(self._zero_library_message(X, sums, cell, library_cols))
             L = self._lognorm(X[keep], sums[keep], self.input_kind_)[:, idx]
             yield a, keep, self._scale(L)
 
-    def _zero_library_message(self, X: sp.csr_matrix, sums: np.ndarray, names: pd.Index, row_numbers: list[int],
+    def _zero_library_message(self, X: sp.csr_matrix, sums: np.ndarray, cell: Callable[[int], str],
                               library_cols: np.ndarray | None) -> str:
-        """Why cells of a chunk (of cell ``names``, dataset rows ``row_numbers``) with library size 0
-        cannot be transformed, naming them."""
+        """Why cells of a chunk with library size 0 cannot be transformed, naming them (``cell``:
+        as in ``check_values``)."""
         rows = np.flatnonzero(sums == 0)
-        shown = ", ".join(f"{row_numbers[r]} ({names[r]})" for r in rows[:5])
+        shown = ", ".join(cell(r) for r in rows[:5])
         cells = (f"{rows.size} cells (rows {shown}{', ...' if rows.size > 5 else ''}) have" if rows.size > 1
                  else f"1 cell (row {shown}) has")
         if library_cols is not None and X[rows].nnz:
