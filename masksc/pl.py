@@ -110,6 +110,9 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
     return tsne.fit_transform(Z).astype(np.float32), "tsne"
 
 
+GENE_READ_ROWS = 65_536  # cells of a backed CSR matrix read at once for one gene's column (anndata reads it whole)
+
+
 def _gene_values(expression, gene: str) -> np.ndarray:
     """float64 [n_cells]: the values of ``gene`` in ``expression.X`` (an AnnData from
     ``with_layer``), NaN kept; a DataError naming the fix when there is no matrix or the name
@@ -122,7 +125,11 @@ def _gene_values(expression, gene: str) -> np.ndarray:
     if where.size > 1:
         raise DataError(f"gene {gene!r} names {where.size} columns of var_names, so its colour is ambiguous; fix: "
                         "adata.var_names_make_unique() first.")
-    column = expression.X[:, int(where[0])]
+    X, j = expression.X, int(where[0])
+    if getattr(X, "format", None) == "csr" and not sp.issparse(X):  # a backed CSR: a column is read by row blocks
+        blocks = (X[start:start + GENE_READ_ROWS][:, j] for start in range(0, X.shape[0], GENE_READ_ROWS))
+        return np.concatenate([block.toarray().ravel() for block in blocks]).astype(np.float64)
+    column = X[:, j]
     column = column.toarray() if sp.issparse(column) else np.asarray(column)
     return column.ravel().astype(np.float64)
 

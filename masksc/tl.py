@@ -202,7 +202,8 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
     - ``adata.uns[key_added]``: the two keys and the settings (``params``).
 
     ``key_added="neighbors"`` writes scanpy's default keys (``connectivities``, ``distances``).
-    ``n_neighbors`` counts the cell itself, as scanpy's does. ``seed`` seeds an approximate (IVF)
+    ``n_neighbors`` counts the cell itself, as scanpy's does; more than there are cells becomes
+    scanpy's ``1 + n_cells // 2``, with a warning. ``seed`` seeds an approximate (IVF)
     index, used above 100k cells. ``search_kw`` go to ``masksc.cluster.knn_search`` (``index``,
     ``nlist``, ``nprobe``, ``target_recall``: e.g. ``target_recall=0.8`` for a faster, rougher
     graph) and are recorded with the settings. A graph there that masksc did not compute (e.g.
@@ -215,9 +216,21 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
         raise DataError(f"{foreign} hold a graph masksc did not compute (e.g. scanpy's pp.neighbors); fix: "
                         f"key_added= another name (default {NEIGHBORS_KEY!r}), or delete that graph first.")
     Z = _embedding(adata, use_rep)
+    n_neighbors = _fewer_for_few_cells(n_neighbors, Z.shape[0])
     adata = _target(adata, copy)  # before the search, which can take minutes
     _store_graph(adata, key_added, Z, _digest(Z), use_rep, n_neighbors, metric, seed, use_gpu, search_kw)
     return adata if copy else None
+
+
+def _fewer_for_few_cells(n_neighbors, n_cells: int):
+    """``n_neighbors``, or scanpy's ``1 + n_cells // 2`` with a warning when it exceeds the
+    ``n_cells`` there are (a bad value is left for ``knn_search`` to refuse)."""
+    if isinstance(n_neighbors, (int, np.integer)) and not isinstance(n_neighbors, bool) and n_neighbors > n_cells:
+        lowered = 1 + n_cells // 2
+        warn(f"n_neighbors={n_neighbors} is more than the {n_cells} cells; lowered to {lowered}, as scanpy's "
+             "pp.neighbors does (pass n_neighbors= at most the number of cells to choose it)")
+        return lowered
+    return n_neighbors
 
 
 SEARCH_SETTINGS = ("index", "nlist", "nprobe", "target_recall", "ngpu")  # knn_search's, beside neighbors' own
@@ -290,6 +303,8 @@ def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
     Z = _embedding(adata, use_rep)
     digest = _digest(Z)
     asked = {name: kwargs[name] for name in ("n_neighbors", "metric") if name in kwargs}
+    if "n_neighbors" in asked:
+        asked["n_neighbors"] = _fewer_for_few_cells(asked["n_neighbors"], Z.shape[0])
     params = _own_params(adata, NEIGHBORS_KEY)
     if params is not None and params.get("use_rep") == use_rep and params.get("embedding_digest") == digest \
             and all(params.get(name) == value for name, value in asked.items()):
@@ -305,8 +320,10 @@ def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
         warn(f"replacing the graph in adata.uns[{NEIGHBORS_KEY!r}], built from adata.obsm[{params.get('use_rep')!r}], "
              f"with one of adata.obsm[{use_rep!r}]; to keep both, build one with masksc.tl.neighbors(adata, "
              "key_added=...) and pass it as neighbors_key")
-    conn_key = _store_graph(adata, NEIGHBORS_KEY, Z, digest, use_rep, asked.get("n_neighbors", _cluster.N_NEIGHBORS),
-                            asked.get("metric", "euclidean"), seed, kwargs.get("use_gpu"), {})
+    n_neighbors = asked["n_neighbors"] if "n_neighbors" in asked else \
+        _fewer_for_few_cells(_cluster.N_NEIGHBORS, Z.shape[0])
+    conn_key = _store_graph(adata, NEIGHBORS_KEY, Z, digest, use_rep, n_neighbors, asked.get("metric", "euclidean"),
+                            seed, kwargs.get("use_gpu"), {})
     return adata.obsp[conn_key]
 
 

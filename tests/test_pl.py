@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 from matplotlib.image import imread
 from threadpoolctl import threadpool_limits
@@ -504,9 +505,10 @@ def test_a_gene_is_drawn_by_its_values_from_x_a_layer_or_raw():
     assert ad.X.nnz == np.count_nonzero(counts)  # nothing the caller gave was changed
 
 
-def test_a_gene_of_a_backed_file_is_read_from_disk(tmp_path):
+def test_a_gene_of_a_backed_file_is_read_from_disk(tmp_path, monkeypatch):
     import anndata
 
+    monkeypatch.setattr(pl, "GENE_READ_ROWS", 7)  # blocks of rows, the last one short
     ad, counts = _gene_adata()
     ad.write_h5ad(tmp_path / "g.h5ad")
     backed = anndata.read_h5ad(tmp_path / "g.h5ad", backed="r")
@@ -518,6 +520,25 @@ def test_a_gene_of_a_backed_file_is_read_from_disk(tmp_path):
     pl.embedding(backed, "LYZ", basis="umap", ax=ax)  # its .raw, by scanpy's rule
     np.testing.assert_allclose(_drawn_values(ax, ad.obsm["X_umap"]), counts[:, 2] * 10)
     backed.file.close()
+
+
+def test_a_gene_of_a_backed_csr_file_is_read_in_blocks_of_rows(tmp_path, monkeypatch):
+    """One gene's column of a backed CSR matrix is its in-memory column, read holding a block of
+    rows at a time, not the whole matrix (anndata's column indexing reads it all)."""
+    import tracemalloc
+
+    import anndata
+    X = sp.random(20_000, 400, density=0.1, format="csr", dtype=np.float32, random_state=0)
+    anndata.AnnData(X, var=pd.DataFrame(index=[f"g{j}" for j in range(400)])).write_h5ad(tmp_path / "big.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "big.h5ad", backed="r")
+    monkeypatch.setattr(pl, "GENE_READ_ROWS", 1000)
+    tracemalloc.start()
+    values = pl._gene_values(backed, "g123")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    backed.file.close()
+    np.testing.assert_array_equal(values, X[:, 123].toarray().ravel())
+    assert peak < (X.data.nbytes + X.indices.nbytes) / 4, peak
 
 
 def test_gene_colours_refuse_what_they_cannot_read_naming_the_fix():

@@ -276,13 +276,26 @@ def test_fit_names_unknown_config_fields(tmp_path):
     assert not (tmp_path / "m").exists() and "masksc" not in adata.uns
 
 
-def test_leiden_on_few_cells_names_the_n_neighbors_fix():
+def test_fewer_cells_than_n_neighbors_lower_it_as_scanpy_does():
+    """On 10 cells the default 15 neighbours (or any number over 10) become scanpy's 1 + 10 // 2
+    with a warning, and the graph is the one sc.pp.neighbors builds there; a value below 2 is
+    still refused."""
+    import scanpy as sc
     ad = synthetic(10, n_genes=20, n_types=2, seed=4)
     ad.obsm["X_masksc"] = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
-    with pytest.raises(DataError, match=r"n_cells=10\], got 15; fix: pass n_neighbors=.*n_neighbors=10"):
+    with pytest.warns(UserWarning, match=r"n_neighbors=15 is more than the 10 cells; lowered to 6"):
         tl.cluster(ad)
-    tl.cluster(ad, n_neighbors=5)
     assert ad.obs["masksc_cluster"].nunique() == ad.uns["masksc"]["cluster"]["n_clusters"]
+    ref = ad.copy()
+    sc.pp.neighbors(ref, n_neighbors=15, use_rep="X_masksc")
+    assert ad.uns["masksc_neighbors"]["params"]["n_neighbors"] == ref.uns["neighbors"]["params"]["n_neighbors"] == 6
+    np.testing.assert_allclose(ad.obsp["masksc_neighbors_connectivities"].toarray(),
+                               ref.obsp["connectivities"].toarray(), atol=1e-4)
+    with pytest.warns(UserWarning, match=r"n_neighbors=40 .* lowered to 6"):
+        tl.neighbors(ad, n_neighbors=40, key_added="wide")
+    assert ad.uns["wide"]["params"]["n_neighbors"] == 6
+    with pytest.raises(DataError, match=r"must be an integer in \[2, n_cells=10\], got 1"):
+        tl.neighbors(ad, n_neighbors=1, key_added="one")
 
 
 def test_cluster_refuses_kmeans_arguments_under_leiden(fitted):
