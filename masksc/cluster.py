@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 # Above this many cells knn_graph(index="auto") uses an IVF index instead of exact search.
 IVF_MIN_CELLS = 100_000
 _SEARCH_CHUNK = 65_536
+_DISTANCE_CHUNK = 4096  # cells whose neighbours' vectors are gathered at once ([4096, k, d] float32)
 _SMALL_WORK = 5e7  # below this many multiply-adds per pass FAISS runs on one thread
-_MAX_SEED = 2**63 - 1  # leidenalg takes seeds up to a C ssize_t
+_MAX_SEED = 2**63 - 1  # leidenalg takes seeds up to a C ssize_t (and uses them modulo 2**32)
 
 
 def _faiss():
@@ -94,12 +95,22 @@ def check_embedding(Z, name: str = "Z") -> np.ndarray:
                         f"{np.abs(Z[big]).max():.3g}) in {int(big.any(axis=1).sum())} row(s); fix: rescale it, "
                         "e.g. divide it by its largest magnitude (all distances shrink alike, so the clusters "
                         "stay), or drop those cells.")
-    return np.ascontiguousarray(Z, dtype=np.float32)
+    Z = np.ascontiguousarray(Z, dtype=np.float32)
+    # FAISS, sklearn and the UMAP weights square distances in float32: 16x headroom below overflow
+    limit = np.sqrt(np.finfo(np.float32).max / (64.0 * Z.shape[1]))
+    largest = float(np.abs(Z).max())
+    if largest > limit:
+        raise DataError(f"{name} has values up to {largest:.3g} in magnitude, too large for squared distances in "
+                        f"float32 at {Z.shape[1]} dimensions (at most {limit:.3g}); fix: rescale it, e.g. divide it "
+                        "by its largest magnitude (all distances shrink alike, so the clusters stay).")
+    return Z
 
 
 def check_seed(seed) -> int:
     """``seed`` as an int; DataError unless it is an integer in [0, 2**63 - 1] (what numpy's,
-    FAISS's and leidenalg's generators all take)."""
+    torch's and leidenalg's generators all take). leidenalg uses it modulo 2**32 and the IVF
+    index's training modulo 2**31, so seeds that differ by a multiple of 2**32 give the same
+    partition and graph."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
         raise DataError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}; fix: pass a non-negative "
                         "integer, e.g. seed=0.")
@@ -206,6 +217,9 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
     k = int(k)
     if k == 1:
         return np.zeros(n, dtype=np.int64)
+    # centred, as sklearn does: the ||x||^2 + ||c||^2 - 2 x.c distances lose every digit of a
+    # small spread around a large offset (ARI 0.62 instead of 1.0 at an offset of 1e6)
+    X = X - X.mean(axis=0, dtype=np.float64).astype(np.float32)
     gpus = _resolve_gpus(use_gpu, ngpu)
     rng = np.random.default_rng(seed)
     train = X
@@ -306,14 +320,15 @@ def _tune_nprobe(idx, X: np.ndarray, k: int, target_recall: float, faiss_metric,
     ``n_queries`` sampled cells reaches ``target_recall`` against exact search. A returned
     neighbour counts as found when exact search returned it too or when it is no farther than
     the exact k-th neighbour (ties among identical cells; the two searches round distances
-    differently, hence the 1e-3 relative slack)."""
+    differently, hence the 1e-3 relative slack, on the cosine distance 1 - similarity for the
+    inner product: similarities near 1 would make a slack on them wider than the distances)."""
     faiss = _faiss()
     n = X.shape[0]
     q = X[np.random.default_rng(seed).choice(n, size=min(n, n_queries), replace=False)]
     exact_d, exact_i = faiss.knn(q, X, k, metric=faiss_metric)
     kth = exact_d[:, -1:]
-    if faiss_metric == faiss.METRIC_INNER_PRODUCT:  # similarities: at least the k-th's
-        tied = lambda d: d >= kth - 1e-3 * np.abs(kth)
+    if faiss_metric == faiss.METRIC_INNER_PRODUCT:  # similarities of unit vectors: at least the k-th's
+        tied = lambda d: 1.0 - d <= (1.0 - kth) * (1 + 1e-3) + 1e-6
     else:
         tied = lambda d: d <= kth * (1 + 1e-3)
     found = lambda d, i: (i >= 0) & (tied(d) | (i[:, :, None] == exact_i[:, None, :]).any(2))
@@ -364,6 +379,9 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
         raise ValueError(f"index must be 'auto', 'flat' or 'ivf', got {index!r}.")
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}.")
+    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 or None (chosen for you), got {value!r}.")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or not 2 <= n_neighbors <= n:
         fix = (f"pass n_neighbors= an integer in that range (e.g. n_neighbors={min(n, N_NEIGHBORS)}; tl.cluster, "
                "cluster_embedding and `masksc cluster --n-neighbors` take it too)" if n >= 2
@@ -388,14 +406,27 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
         idx = _build_index(X, metric, index, nlist, nprobe, gpus, seed, k, target_recall)
         for s in progress_bar(starts, desc=f"kNN ({index})", disable=len(starts) < 4, leave=False):
             D[s:s + _SEARCH_CHUNK], I[s:s + _SEARCH_CHUNK] = idx.search(X[s:s + _SEARCH_CHUNK], k)
-    missing = I < 0
-    if metric == "cosine":
-        D = np.clip(1.0 - D, 0.0, None)
-    else:
-        D = np.sqrt(np.clip(D, 0.0, None))
-    D[missing] = np.inf
+    for s in range(0, n, _DISTANCE_CHUNK):
+        _exact_distances(X, I[s:s + _DISTANCE_CHUNK], D[s:s + _DISTANCE_CHUNK], s, metric)
     _put_self_first(I, D)
     return I, D
+
+
+def _exact_distances(X: np.ndarray, I: np.ndarray, D: np.ndarray, start: int, metric: str) -> None:
+    """Recompute, in place, the distances of rows ``start``.. (``I`` int64 / ``D`` float32 [m, k])
+    from the vectors ``X`` [n, d] and re-sort each row by them. FAISS's ``|x|^2 + |y|^2 - 2 x.y``
+    (or ``1 - x.y``) loses the digits of small distances: duplicate cells came out 2e-7 apart
+    under cosine, which became UMAP's rho and distorted every weight of the row. A neighbour
+    the index did not return (-1) gets +inf."""
+    missing = I < 0
+    rows = X[start:start + I.shape[0], None, :]
+    diff = X[np.where(missing, 0, I)] - rows
+    sq = np.einsum("mkd,mkd->mk", diff, diff, dtype=np.float64)
+    dist = sq / 2.0 if metric == "cosine" else np.sqrt(sq)  # unit vectors: 1 - cos = |x - y|^2 / 2
+    dist[missing] = np.inf
+    order = np.argsort(dist, axis=1, kind="stable")
+    I[:] = np.take_along_axis(I, order, 1)
+    D[:] = np.take_along_axis(dist, order, 1)
 
 
 def _put_self_first(I: np.ndarray, D: np.ndarray) -> None:
@@ -465,9 +496,9 @@ def fuzzy_connectivities(indices: np.ndarray, distances: np.ndarray) -> sp.csr_m
     W = sp.csr_matrix((w.ravel()[keep], (rows[keep], indices.ravel()[keep])), shape=(n, n))
     W.eliminate_zeros()
     Wt = W.T.tocsr()
-    G = (W + Wt - W.multiply(Wt)).tocsr()
-    G.eliminate_zeros()
-    return G.astype(np.float32)
+    G = (W + Wt - W.multiply(Wt)).tocsr().astype(np.float32)
+    G.eliminate_zeros()  # after the cast, which makes weights below float32's range 0
+    return G
 
 
 def knn_distances(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
@@ -612,8 +643,12 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         raise DataError(f"k must be an integer in [1, n_cells={G.shape[0]}], got {k!r}.")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (Leiden runs), got {max_steps}.")
-    lo, hi = np.log(resolution_range[0]), np.log(resolution_range[1])
-    best = None
+    low, high = (float(r) for r in resolution_range)
+    if not 0 < low < high < np.inf:
+        raise ValueError(f"resolution_range must be (lowest, highest) with 0 < lowest < highest, finite, got "
+                         f"{tuple(resolution_range)}; fix: e.g. the default (0.001, 20.0).")
+    lo, hi = np.log(low), np.log(high)
+    best, below, above = None, None, None  # the best try, and the tries nearest k from below and above
     for _ in range(max_steps):
         r = float(np.exp((lo + hi) / 2))
         labels = leiden(G, resolution=r, seed=seed, **leiden_kw)
@@ -624,13 +659,18 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         if found == k:
             return labels, r
         if found < k:
-            lo = np.log(r)
+            lo, below = np.log(r), (r, found)
         else:
-            hi = np.log(r)
+            hi, above = np.log(r), (r, found)
     labels, r, found = best
     n_comp = sp.csgraph.connected_components(G, directed=False)[0]
-    why = (f" The graph has {n_comp} connected components and Leiden never joins them."
-           if n_comp > k else " A wider resolution_range of masksc.cluster.leiden_for_k may find it.")
+    if n_comp > k:
+        why = f" The graph has {n_comp} connected components and Leiden never joins them."
+    elif below is not None and above is not None:
+        why = (f" The count jumps past {k} between resolution {below[0]:.6g} ({below[1]} clusters) and "
+               f"{above[0]:.6g} ({above[1]}); another seed may hit it.")
+    else:
+        why = " A wider resolution_range of masksc.cluster.leiden_for_k may find it."
     warn(f"leiden_for_k: no resolution in {resolution_range} gave {k} clusters; returning {found} "
          f"(resolution {r:.4g}).{why} Use k-means for an exact k.")
     return labels, r
@@ -750,9 +790,18 @@ def _as_labels(labels, n: int, name: str) -> np.ndarray:
     if labels.dtype == object:
         if pd.isna(labels).any():  # None, NaN, pd.NA
             raise DataError(f"{name} contains missing values; remove unlabelled cells before evaluating.")
-        if len({type(v) for v in labels}) > 1:
-            labels = labels.astype(str)  # e.g. 1 and "1" mixed: compared as text
+        if len({type(v) for v in labels}) > 1:  # e.g. 1 and "1" mixed: compared as text, 1.0 and True as 1
+            labels = np.array([_label_text(v) for v in labels])
     return labels
+
+
+def _label_text(value) -> str:
+    """A label as text, numbers equal in Python written alike (1, 1.0, np.int64(1) and True as "1")."""
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def agreement(truth, pred) -> dict:

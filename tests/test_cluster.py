@@ -464,3 +464,92 @@ def test_embedding_values_beyond_float32_are_named_apart_from_nan_and_inf():
     Z[3, 1] = np.inf
     with pytest.raises(DataError, match=r"NaN or infinite values in 1 row\(s\)"):
         kmeans(Z, 2)
+
+
+# ---------------------------------------------------------------- numerics of large values, duplicates, labels
+def test_kmeans_finds_a_small_spread_far_from_the_origin_as_sklearn_does():
+    """Two clusters 4 apart around an offset of 1e6 (float32 keeps their spread): k-means works on
+    the centred cells, as sklearn does; uncentred, FAISS's distances lost the spread (ARI 0.62)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 32))
+    X[:1500, :3] += 4
+    y = np.r_[np.zeros(1500), np.ones(1500)]
+    for offset in (1e6, 3e6):
+        shifted = (X + offset).astype(np.float32)
+        ref = KMeans(2, n_init=3, random_state=0).fit(shifted).labels_
+        assert adjusted_rand_score(kmeans(shifted, 2, n_init=3), ref) == 1.0 == adjusted_rand_score(ref, y)
+
+
+def test_values_too_large_for_float32_distances_are_refused_and_below_that_clustered_right():
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(200, 8))
+    Z[:100] += 10
+    y = np.r_[np.zeros(100), np.ones(100)]
+    for step in (lambda Z: kmeans(Z, 2), lambda Z: knn_search(Z, 5), lambda Z: evaluate(Z, y)):
+        with pytest.raises(DataError, match=r"values up to 1\.\d+e\+19 in magnitude, too large for squared distances "
+                                            r"in float32 at 8 dimensions .*fix: rescale it"):
+            step(Z * 1e18)  # these were NaN / -1 neighbours, 118 Leiden clusters, or a FAISS abort
+    big = Z * 1e16
+    assert adjusted_rand_score(kmeans(big, 2), y) == 1.0
+    assert evaluate(big, y)["silhouette"] == pytest.approx(silhouette_score(big, y), abs=1e-5)
+    np.testing.assert_array_equal(knn_search(big, 5)[0][:, 1:], knn_search(Z, 5)[0][:, 1:])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_distances_are_exact_for_duplicates_and_brute_force(metric):
+    """Duplicate cells are 0 apart (cosine's 1 - x.y gave up to 2.4e-7, which became UMAP's rho),
+    and every distance is brute force's in float64."""
+    from sklearn.metrics import pairwise_distances
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(250, 16)).astype(np.float32)
+    I, D = knn_search(np.vstack([Z, Z]), 5, metric=metric)
+    assert (I[:, 0] == np.arange(500)).all() and (D[:, 1] == 0).all()
+    assert ((I[:, 1] - np.arange(500)) % 250 == 0).all()  # each cell's twin
+    X = rng.normal(size=(1500, 8)).astype(np.float32)
+    I, D = knn_search(X, 10, metric=metric)
+    P = pairwise_distances(X.astype(np.float64), metric=metric)
+    expected = np.argsort(P, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(I, expected)
+    np.testing.assert_allclose(D, np.take_along_axis(P, expected, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_ivf_tunes_nprobe_to_the_recall_asked():
+    """Cells far from the origin have cosine similarities near 1: a slack of 1e-3 on similarity
+    counted every neighbour as found (sampled recall 1.0 at nprobe 8, true recall 0.77)."""
+    X, _ = make_blobs(n_samples=20_000, n_features=32, centers=20, random_state=0)
+    X = (X + 30).astype(np.float32)
+    I, _ = knn_search(X, 15, metric="cosine", index="ivf", seed=0)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    exact = NearestNeighbors(n_neighbors=15).fit(Xn).kneighbors(Xn[:2000], return_distance=False)
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(I[:2000], exact)])
+    assert recall >= 0.9, recall
+
+
+def test_connectivities_store_no_zero_weights():
+    """Weights that underflow float32 are dropped, not stored as 0 (the docstring's (0, 1])."""
+    rng = np.random.default_rng(2)
+    G = knn_graph(np.vstack([rng.normal(size=(500, 8)).astype(np.float32)] * 3), 15)
+    assert G.nnz and (G.data > 0).all() and (G.data <= 1).all()
+
+
+def test_labels_equal_in_python_are_one_label():
+    """1, 1.0 and True (and "1", as text) are the same label; 2 and 2.0 too."""
+    truth = np.array([1, 1.0, True, "1", 2, 2.0] * 50, dtype=object)
+    pred = np.array([0, 0, 0, 0, 1, 1] * 50)
+    assert cluster.agreement(truth, pred)["ari"] == 1.0
+    assert adjusted_rand_score(np.array([1, 1, 1, 1, 2, 2] * 50), pred) == 1.0
+
+
+def test_leiden_for_k_checks_its_range_and_says_when_the_count_skips_k():
+    G = knn_graph(_blobs(300, k=3)[0], 15)
+    for bad in [(0, 20), (-1, 2), (20, 0.001), (1, np.inf)]:
+        with pytest.raises(ValueError, match=r"resolution_range must be \(lowest, highest\) with 0 < lowest < "):
+            leiden_for_k(G, 3, resolution_range=bad)
+    with pytest.raises(ValueError, match=r"nprobe must be an integer >= 1 or None .*got 0"):
+        knn_search(_blobs(300)[0], 5, index="ivf", nprobe=0)
+    graph = knn_graph(_blobs(1000, k=10, std=3.0, seed=3)[0], 15)
+    with pytest.warns(UserWarning, match=r"gave 60 clusters; returning 59 .* The count jumps past 60 between "
+                                         r"resolution [\d.]+ \(59 clusters\) and [\d.]+ \(61\); another seed"):
+        leiden_for_k(graph, 60)  # settled inside the range: a wider one would not help
+    with pytest.warns(UserWarning, match=r"A wider resolution_range of masksc.cluster.leiden_for_k may find it"):
+        leiden_for_k(graph, 100, resolution_range=(1e-3, 0.01), max_steps=3)
