@@ -101,8 +101,9 @@ def _source(args):
         return read(path, format=fmt, transpose=args.transpose, genome=args.genome)
     if fmt in ("h5ad", "10x_h5") and not args.transpose and (args.format is None or _detects_as(path, fmt)):
         return path
-    log.info("%s: a %s file cannot be streamed by cells; reading it into memory (--chunk-size and "
-             "--teacher-cells do not apply; an .h5ad or 10x .h5 copy would stream)", path, fmt)
+    unused = "--chunk-size and --teacher-cells do not apply" if args.command == "fit" else "--chunk-size does not apply"
+    log.info("%s: a %s file cannot be streamed by cells; reading it into memory (%s; an .h5ad or 10x .h5 copy "
+             "would stream)", path, fmt, unused)
     return read(path, format=fmt, transpose=args.transpose)
 
 
@@ -318,6 +319,10 @@ def cmd_plot(args) -> int:
     output = check_output(args.output, args.data, suffixes=(".png",))
     if args.kind == "embedding":
         adata = _read_h5ad(args.data, backed=True)  # the expression stays on disk unless a gene is coloured
+        if args.use_rep not in adata.obsm and f"X_{args.use_rep}" not in adata.obsm:
+            adata.file.close()
+            raise MaskscError(f"{args.data} has no obsm[{args.use_rep!r}] (its obsm: {list(adata.obsm)}); fix: "
+                              "`masksc embed` the counts first, or pass --use-rep one of those.")
         try:
             out = pl.embedding(adata, args.color, output, method=args.method, basis=args.use_rep, seed=args.seed,
                                max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw)
@@ -484,12 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=_seed, default=0, help="seed of training and clustering (default 0)")
     sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     sp.set_defaults(func=cmd_demo)
+    for name, command in sub.choices.items():  # each command's own parser reports its stray arguments
+        for leaf in (kinds.choices.values() if name == "plot" else [command]):
+            leaf.set_defaults(command_parser=leaf)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``masksc`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args, stray = build_parser().parse_known_args(argv)
+    if stray:  # with the command's usage (e.g. `--color KEY`, one value a flag), not the top-level one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every SIMD build it tried

@@ -123,7 +123,8 @@ def _resolve_gpus(use_gpu: bool | None, ngpu: int | None) -> int:
     if use_gpu is False:
         return 0
     if use_gpu and available == 0:
-        raise MaskscError("use_gpu=True but FAISS sees no GPU: install faiss-gpu (pip install 'masksc[gpu]') "
+        raise MaskscError("use_gpu=True but FAISS sees no GPU: install the GPU build in place of the CPU one "
+                          "(pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12) "
                           "on a machine with CUDA, or pass use_gpu=None to fall back to the CPU.")
     if available == 0:
         return 0

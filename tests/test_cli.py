@@ -480,6 +480,20 @@ def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, usage, stray", [
+    (["plot", "embedding", "E.h5ad", "--color", "label", "masksc_cluster", "-o", "p.png"],
+     "usage: masksc plot embedding [-h] [--color KEY]", "masksc_cluster"),
+    (["fit", "DATA", "-o", "M", "--set", "embed_dim=32", "depth=1"], "usage: masksc fit [-h]", "depth=1"),
+    (["cluster", "E.h5ad", "-o", "C.h5ad", "--bogus"], "usage: masksc cluster [-h]", "--bogus"),
+])
+def test_stray_arguments_are_reported_with_the_commands_usage(argv, usage, stray, capsys):
+    """`--color a b` (one value a flag) shows the command's usage, which says so, not the top-level one."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and usage in err and f"error: unrecognized arguments: {stray}" in err
+
+
 def test_fit_refuses_a_seed_beyond_2_63_before_any_work(trained, tmp_path, capsys, monkeypatch):
     """It used to preprocess the data, then fail in torch with "Overflow when unpacking long long"."""
     from masksc import pipeline
@@ -671,7 +685,8 @@ def test_embed_records_the_file_it_read_into_memory_as_its_source(trained, embed
         assert main(["embed", str(table), "--model", str(model), "-o", str(out), *extra]) == 0
         got = ad.read_h5ad(out)
         assert got.uns["masksc"]["embed"]["source"] == str(table)
-        assert f"{table}: a {name[-3:]} file cannot be streamed by cells; reading it into memory" in caplog.text
+        assert f"{table}: a {name[-3:]} file cannot be streamed by cells; reading it into memory " \
+               "(--chunk-size does not apply;" in caplog.text  # --teacher-cells is fit's
         np.testing.assert_array_equal(got.obsm["X_masksc"], ad.read_h5ad(embedded).obsm["X_masksc"])
     assert ad.read_h5ad(embedded).uns["masksc"]["embed"]["source"] == str(data)
 
@@ -699,6 +714,9 @@ def test_plot_embedding_draws_what_pl_embedding_draws(embedded, tmp_path, capsys
     assert _sha(clustered) == before
     assert main(["plot", "embedding", str(clustered), "-o", str(tmp_path / "map.pdf")]) == 2
     assert "must end in .png" in capsys.readouterr().err
+    assert main(["plot", "embedding", str(clustered), "--use-rep", "X_pca", "-o", str(tmp_path / "p.png")]) == 2
+    assert f"{clustered} has no obsm['X_pca'] (its obsm: ['X_masksc']); fix: `masksc embed` the counts first, " \
+           "or pass --use-rep one of those." in capsys.readouterr().err
 
 
 def test_plot_embedding_colours_by_a_gene_of_a_layer(tmp_path, capsys):
