@@ -6,6 +6,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
@@ -426,3 +427,78 @@ def test_normalised_unlogged_input_names_fixes_the_pipeline_accepts():
                                         r"or log1p") as exc:
         tl.fit(cells, "demo", layer="counts", epochs=1, progress=False)
     assert "layer='counts'" not in str(exc.value)
+
+
+# ---------------------------------------------------------------- settings and names refused, log input
+def test_gene_names_that_are_not_strings_are_refused_naming_the_fix():
+    """Integer names were fitted as text and then not found in the same data; 1 and "1" became one
+    name twice. Both are refused, by fit and by transform, with the astype(str) fix."""
+    a = synthetic(200, 300, n_types=2, seed=0)
+    ints = a.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata's own note on a non-string index
+        ints.var_names = pd.Index(np.arange(300))
+    mixed = a[:, :60].copy()
+    mixed.var_names = pd.Index([1, "1"] + [f"x{i}" for i in range(58)], dtype=object)
+    fix = r"fix: adata.var_names = adata.var_names.astype\(str\) first"
+    for data, shown in ((ints, r"300 gene names are not strings \(e\.g\. \[0, 1, 2, 3, 4\], of type int\)"),
+                        (mixed, r"1 gene names are not strings \(e\.g\. \[1\], of type int\)")):
+        with pytest.raises(DataError, match=shown + "; " + fix):
+            Preprocessor(n_top_genes=50).fit(data)
+    fitted = Preprocessor(n_top_genes=50).fit(a)
+    with pytest.raises(DataError, match=fix):
+        fitted.transform(ints)
+    named = ints.copy()
+    named.var_names = named.var_names.astype(str)
+    assert Preprocessor(n_top_genes=50).fit_transform(named).shape == (200, 50)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"n_top_genes": -1}, r"n_top_genes=-1; fix: pass an integer >= 1 or None \(all genes\)"),
+    ({"n_top_genes": 0}, r"n_top_genes=0; fix"),
+    ({"n_top_genes": 100.0}, r"n_top_genes=100\.0; fix: pass an integer"),
+    ({"target_sum": -1e4}, r"target_sum=-10000\.0; fix: pass a finite number > 0\."),
+    ({"target_sum": None}, r"target_sum=None; fix: pass a finite number > 0\."),
+    ({"scale": True, "n_top_genes": 50, "max_value": -1}, r"max_value=-1; fix: pass a finite number > 0 or None"),
+    ({"min_counts": -1}, r"min_counts=-1; fix: pass a finite number >= 0 or None"),
+    ({"min_cells": 1.5}, r"min_cells=1\.5; fix: pass an integer >= 0"),
+    ({"span": 0}, r"span=0; fix: pass a number in \(0, 1\]"),
+    ({"chunk_size": 0}, r"chunk_size=0; fix: pass an integer >= 1"),
+])
+def test_settings_out_of_range_are_refused_when_the_preprocessor_is_made(settings, message):
+    """A negative n_top_genes kept every gene but the last, a negative target_sum made every value
+    NaN and a negative max_value every scaled value -1; they are refused before any data is read."""
+    with pytest.raises(DataError, match=message):
+        Preprocessor(**settings)
+
+
+def test_counts_among_log_values_while_fitting_say_what_was_given():
+    lognorm = _lognorm(synthetic(200, 300, n_types=2, seed=0))
+    values = lognorm.X.toarray()
+    values[150, 3] = 40.5
+    lognorm.X = sp.csr_matrix(values)
+    with pytest.raises(DataError, match=r"values up to 40\.5 in cells .* look like raw counts, but input='log' was "
+                                        r"given; fix: pass one kind of values for every cell"):
+        Preprocessor(n_top_genes=50, input="log").fit(lognorm)
+    with pytest.raises(DataError, match=r"look like raw counts, but the first cells are log-normalised; fix"):
+        Preprocessor(n_top_genes=50, chunk_size=100).fit(lognorm)
+
+
+def test_log_input_sums_no_library_and_min_counts_drops_only_empty_cells():
+    """Log values are not normalised: a transform missing some of the fitted genes gives the same
+    values without the library-size warning counts get, and min_counts drops only cells without
+    values, saying so."""
+    lognorm = _lognorm(synthetic(300, 400, n_types=3, seed=2))
+    p = Preprocessor(n_top_genes=50).fit(lognorm)
+    kept = [g for g in lognorm.var_names if g in p.genes_ or g not in lognorm.var_names[:40]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fewer = p.transform(lognorm[:, kept].copy())
+    assert (fewer.X != p.transform(lognorm).X).nnz == 0
+    empty = lognorm.copy()
+    values = empty.X.toarray()
+    values[7] = 0
+    empty.X = sp.csr_matrix(values)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 300 cells with no values \(log-normalised input: min_counts "
+                                         r"drops only those\)"):
+        assert Preprocessor(n_top_genes=50, min_counts=500).fit(empty).n_cells_fit_ == 299

@@ -13,10 +13,12 @@ in-memory AnnData, a backed ``.h5ad`` or a 10x HDF5 file with memory bounded by 
 Choices, documented because they matter for new data: the library size of a cell is its sum
 over *all* genes of the input (before gene selection), computed the same way at transform
 time; ``min_cells`` restricts HVG candidates only; ``min_counts`` drops cells (with a warning)
-at fit and at transform. Input that is already log-normalised (non-integer values, max <=
+at fit and at transform (for log-normalised input, whose counts are not known, any
+``min_counts`` drops the cells without values). Input that is already log-normalised (non-integer values, max <=
 ``LOG_MAX``) skips normalise/log1p and uses the dispersion flavour. Scaling centres the data,
 which densifies it: it is allowed only for at most ``SCALE_MAX_GENES`` genes (e.g. the 500
-genes contrastive-sc uses) and the output CSR then stores every entry.
+genes contrastive-sc uses) and the output CSR then stores every non-zero entry, nearly all of
+them (a value at its gene's mean, or a gene without variance, is 0).
 """
 from __future__ import annotations
 
@@ -113,6 +115,8 @@ class Preprocessor:
             raise DataError(f"hvg_flavor={hvg_flavor!r}; fix: use 'auto', 'seurat_v3' or 'dispersion'.")
         if input not in ("auto", "counts", "log"):
             raise DataError(f"input={input!r}; fix: use 'auto', 'counts' or 'log'.")
+        _check_params(n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, min_counts=min_counts,
+                      min_cells=min_cells, span=span, n_bins=n_bins, chunk_size=chunk_size)
         if scale and (n_top_genes is None or n_top_genes > SCALE_MAX_GENES):
             raise DataError(f"scale=True densifies the data and is allowed for at most {SCALE_MAX_GENES} genes "
                             f"(n_top_genes={n_top_genes}); fix: lower n_top_genes or use scale=False.")
@@ -167,6 +171,10 @@ class Preprocessor:
             elif self.input == "auto" and _mostly_whole(X):
                 # shallow counts stay under LOG_MAX; log1p of normalised counts is almost never whole
                 looks_like = "whole-number values"
+            if looks_like and self.genes_ is None:  # fitting
+                given = "input='log' was given" if self.input == "log" else "the first cells are log-normalised"
+                raise DataError(f"{looks_like}{where} look like raw counts, but {given}; fix: pass one kind of values "
+                                "for every cell: raw counts (input='auto' or 'counts') or log-normalised values.")
             if looks_like:
                 raise DataError(f"{looks_like}{where} look like raw counts, but the preprocessor was fitted on "
                                 "log-normalised data; fix: pass log-normalised values, as in fitting (the same "
@@ -194,11 +202,13 @@ class Preprocessor:
             np.log1p(out.data, out=out.data)
         return out
 
-    def _check_zero(self, n_zero: int, n_drop: int, n_total: int) -> None:
+    def _check_zero(self, n_zero: int, n_drop: int, n_total: int, kind: str) -> None:
         if n_zero and not self.min_counts:
             raise DataError(f"{n_zero} of {n_total} cells have zero counts; {ZERO_CELLS_FIX}")
         if n_drop:
-            warn(f"dropped {n_drop} of {n_total} cells with fewer than {self.min_counts} counts")
+            why = f"fewer than {self.min_counts} counts" if kind == "counts" else \
+                "no values (log-normalised input: min_counts drops only those)"
+            warn(f"dropped {n_drop} of {n_total} cells with {why}")
 
     # ---------------------------------------------------------------- fit
     def fit(self, data) -> Preprocessor:
@@ -231,7 +241,7 @@ class Preprocessor:
             if flavor == "dispersion":
                 norm = np.expm1(L.data) if (kind == "log" or self.log1p) else L.data
                 _add(acc, "norm", L.indices, norm.astype(np.float64), G)
-        self._check_zero(n_zero, n_drop, src.n_obs)
+        self._check_zero(n_zero, n_drop, src.n_obs, kind)
         if n < 2:
             raise DataError(f"{n} cells left after filtering; fix: lower min_counts or pass more cells.")
         cand = np.flatnonzero(acc["detected"] >= (self.min_cells or 0))
@@ -307,8 +317,9 @@ class Preprocessor:
     def _library_columns(self, var_names: pd.Index) -> np.ndarray | None:
         """Columns of data with genes ``var_names`` whose sum is a cell's library size: None (all)
         when they are the fitted data's genes, else those of ``input_genes_`` present, with a
-        warning when some are missing (library sizes, and so the embedding, then shift)."""
-        if self.input_genes_ is None or set(map(str, var_names)) == set(self.input_genes_):
+        warning when some are missing (library sizes, and so the embedding, then shift). Log-
+        normalised input is not normalised: its sums only tell empty cells, over every column."""
+        if self.input_genes_ is None or self.input_kind_ == "log" or set(var_names) == set(self.input_genes_):
             return None
         cols = pd.Index(var_names).get_indexer(self.input_genes_)
         n_missing = int((cols < 0).sum())
@@ -443,7 +454,7 @@ class Preprocessor:
             blocks.append(X)
             keeps.append(keep)
         keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
-        self._check_zero(0, int((~keep).sum()), src.n_obs)
+        self._check_zero(0, int((~keep).sum()), src.n_obs, self.input_kind_)
         X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes_)), dtype=np.float32)
         return ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
 
@@ -481,6 +492,30 @@ class Preprocessor:
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"not a Preprocessor dict ({exc}); fix: pass the output of Preprocessor.to_dict().") from exc
         return p
+
+
+def _check_params(**params) -> None:
+    """DataError naming the parameter and the fix for a Preprocessor setting out of its range
+    (a negative n_top_genes kept all genes but the last, a negative target_sum made every value
+    NaN, a negative max_value every scaled value -1)."""
+    whole = {"n_top_genes": 1, "min_cells": 0, "n_bins": 1, "chunk_size": 1}  # integers, with their least value
+    for name, value in params.items():
+        if value is None and name in ("n_top_genes", "max_value", "min_counts", "min_cells"):
+            continue
+        if name in whole:
+            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= whole[name]
+            need = f"an integer >= {whole[name]}"
+        elif name == "span":
+            ok = isinstance(value, (int, float, np.number)) and 0 < value <= 1
+            need = "a number in (0, 1]"
+        else:
+            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value) \
+                and (value >= 0 if name == "min_counts" else value > 0)
+            need = "a finite number >= 0" if name == "min_counts" else "a finite number > 0"
+        if not ok:
+            default = {"n_top_genes": "None (all genes)", "max_value": "None (no clipping)",
+                       "min_counts": "None", "min_cells": "None"}.get(name)
+            raise DataError(f"{name}={value!r}; fix: pass {need}{f' or {default}' if default else ''}.")
 
 
 def _add(acc: dict, key: str, indices: np.ndarray, values: np.ndarray, G: int) -> None:

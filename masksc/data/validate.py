@@ -159,8 +159,14 @@ def check_zero_cells(X, where: str = "") -> None:
 
 
 def check_unique_genes(var_names) -> None:
-    """Raise DataError listing duplicated gene names."""
+    """Raise DataError for gene names that are not strings (an integer 1 and the text "1" would
+    be one gene once written to a file) or that are duplicated, listing them."""
     names = pd.Index(var_names)
+    other = [g for g in names if not isinstance(g, str)]
+    if other:
+        raise DataError(f"{len(other)} gene names are not strings (e.g. {other[:5]}, of type "
+                        f"{type(other[0]).__name__}); fix: adata.var_names = adata.var_names.astype(str) first "
+                        "(then check they are unique).")
     if not names.is_unique:
         dups = [g for g, c in Counter(names).items() if c > 1]
         raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}); "
