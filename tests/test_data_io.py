@@ -447,8 +447,13 @@ def test_a_table_with_another_separator_names_it(tmp_path, counts):
     df = pd.DataFrame(X, index=cells, columns=genes)
     df.to_csv(tmp_path / "excel.csv", sep=";")
     with pytest.raises(DataError, match=r"one column: no comma separates its values \(a semicolon does\); fix: write "
-                                        "the table with a comma between values"):
+                                        r"the table again with a comma between values, e\.g\. pandas\.read_csv\(path, "
+                                        r"sep=';', index_col=0\)\.to_csv\(new_path, sep=','\)"):
         read(tmp_path / "excel.csv")
+    df.to_csv(tmp_path / "spaced.txt", sep=" ")
+    with pytest.raises(DataError, match=r"no tab separates its values \(a space does\); fix: write the table again "
+                                        r"with a tab"):
+        read(tmp_path / "spaced.txt")
     df.to_csv(tmp_path / "comma.txt")
     with pytest.raises(DataError, match=r"no tab separates its values \(a comma does\); fix: format='csv'"):
         read(tmp_path / "comma.txt")
@@ -555,3 +560,103 @@ def test_a_layer_and_raw_named_together_are_refused_alike_for_files_and_anndata(
                  lambda: open_source(tmp_path / "a.h5ad", "counts", use_raw=True)):
         with pytest.raises(DataError, match=message):
             call()
+
+
+def test_small_tables_without_cell_names_read_as_scanpy_reads_them(tmp_path):
+    """A first column of distinct whole numbers under a gene's name is that gene (one cell's counts
+    became its name, and the gene was lost); cell IDs are still told by their column's title or
+    by numbering the rows 0.. / 1..; a one-gene table is a table."""
+    import scanpy as sc
+    for name, text in {"one.csv": "A,B,C\n5,1,2\n", "three.csv": "A,B\n0,1\n5,2\n2,2\n"}.items():
+        (tmp_path / name).write_text(text)
+        got, ref = read(tmp_path / name), sc.read_csv(tmp_path / name)
+        np.testing.assert_array_equal(got.X.toarray(), np.asarray(ref.X))
+        assert list(got.var_names) == list(ref.var_names) and list(got.obs_names) == list(ref.obs_names)
+    (tmp_path / "gene.csv").write_text("A\n1\n2\n3\n")  # scanpy's read_csv finds no ',' and stops
+    _check(read(tmp_path / "gene.csv"), np.array([[1], [2], [3]], dtype=np.float32), ["0", "1", "2"], ["A"])
+    for name, text, cells in (("titled.csv", "cell_id,A,B\n7,1,2\n9,2,3\n", ["7", "9"]),
+                              ("numbered.csv", "n,A,B\n1,1,2\n2,2,3\n3,0,1\n", ["1", "2", "3"])):
+        (tmp_path / name).write_text(text)
+        got = read(tmp_path / name)
+        assert list(got.obs_names) == cells and list(got.var_names) == ["A", "B"]
+
+
+def test_a_malformed_line_is_named_not_taken_for_a_file_cut_short(tmp_path):
+    (tmp_path / "odd.csv").write_text(",A,B\nc0,1,2,7\nc1,2,3\nc2,4,5\n")
+    with pytest.raises(DataError, match=r"odd\.csv: line 2 holds 4 fields where the other rows hold 3; fix: correct "
+                                        r"that line \(a stray separator or value\?\)"):
+        read(tmp_path / "odd.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv is empty; fix"):
+        read(tmp_path / "empty.csv")
+
+
+def test_upper_case_gz_tables_are_read(tmp_path, counts):
+    X, cells, genes = counts
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "UP.CSV.GZ", compression="gzip")
+    _check(read(tmp_path / "UP.CSV.GZ"), X, cells, genes)
+
+
+def test_a_named_matrix_file_is_the_one_read(tmp_path, counts):
+    """A path to a matrix file reads that file: not a matrix.mtx beside another name, not a
+    matrix.mtx.gz beside the plain file; a name that cannot name its siblings is refused."""
+    X, cells, genes = counts
+    _mtx_folder(tmp_path / "d", X, cells, genes)
+    scipy.io.mmwrite(str(tmp_path / "d" / "other.mtx"), sp.coo_matrix(X.T * 100))
+    scipy.io.mmwrite(str(tmp_path / "gz.mtx"), sp.coo_matrix(X.T * 10))
+    with open(tmp_path / "gz.mtx", "rb") as src, gzip.open(tmp_path / "d" / "matrix.mtx.gz", "wb") as dst:
+        dst.write(src.read())
+    _check(read(tmp_path / "d" / "matrix.mtx"), X, cells, genes)
+    _check(read(tmp_path / "d" / "matrix.mtx.gz"), X * 10, cells, genes)
+    with pytest.raises(DataError, match=r"other\.mtx: a 10x matrix file's name ends in matrix\.mtx\[\.gz\]"):
+        read(tmp_path / "d" / "other.mtx")
+
+
+def test_a_damaged_file_of_an_mtx_folder_is_named(tmp_path, counts):
+    X, cells, genes = counts
+    _mtx_folder(tmp_path / "d", X, cells, genes)
+    (tmp_path / "d" / "barcodes.tsv").write_text("")
+    with pytest.raises(DataError, match=r"d/barcodes\.tsv is empty; fix: copy it again"):
+        read(tmp_path / "d")
+    _mtx_folder(tmp_path / "e", X, cells, genes)
+    whole = gzip.compress((tmp_path / "e" / "matrix.mtx").read_bytes())
+    (tmp_path / "e" / "matrix.mtx").unlink()
+    (tmp_path / "e" / "matrix.mtx.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cannot read .*e/matrix\.mtx\.gz \(EOFError"):
+        read(tmp_path / "e")
+
+
+def test_10x_features_keep_their_types_and_genome_as_scanpy_does(tmp_path, counts):
+    """var holds gene_ids, feature_types (and genome for an .h5) as scanpy's readers give them; a
+    file with no Gene Expression features is read whole with a warning (scanpy gives no genes);
+    UTF-8 names are decoded."""
+    import scanpy as sc
+    X, cells, genes = counts
+    types = ["Gene Expression"] * 10 + ["Antibody Capture"] * 2
+    write_10x_h5(tmp_path / "m.h5", X, cells, genes, feature_types=types)
+    got, ref = read(tmp_path / "m.h5"), sc.read_10x_h5(tmp_path / "m.h5")
+    assert list(got.var_names) == list(ref.var_names) == genes[:10]
+    for column in ("gene_ids", "feature_types", "genome"):
+        assert list(got.var[column]) == list(ref.var[column])
+    write_10x_h5(tmp_path / "adt.h5", X, cells, genes, feature_types=["Antibody Capture"] * 12)
+    with pytest.warns(UserWarning, match=r"holds no 'Gene Expression' features \(only \['Antibody Capture'\]\); "
+                                         r"reading all 12"):
+        assert read(tmp_path / "adt.h5").shape == (30, 12)
+    _mtx_folder(tmp_path / "d", X, cells, genes)
+    assert list(read(tmp_path / "d").var["feature_types"]) == ["Gene Expression"] * 12
+    accented = [f"gène{j}" for j in range(12)]
+    write_10x_h5(tmp_path / "u.h5", X, cells, [g.encode() for g in accented])
+    assert list(read(tmp_path / "u.h5").var_names) == accented
+
+
+def test_a_format_the_file_contradicts_names_the_one_it_holds(tmp_path, counts):
+    X, cells, genes = counts
+    ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(
+        tmp_path / "a.h5ad")
+    with pytest.raises(DataError, match=r"format='10x_h5' \(--format\), but .*a\.h5ad holds an AnnData; fix: "
+                                        r"format='h5ad' \(--format h5ad\), or drop format="):
+        read(tmp_path / "a.h5ad", format="10x_h5")
+    write_10x_h5(tmp_path / "renamed.h5ad", X, cells, genes)  # a Cell Ranger file named .h5ad
+    _check(read(tmp_path / "renamed.h5ad"), X, cells, genes)
+    with pytest.raises(DataError, match=r"format='h5ad' \(--format\), but .*holds a 10x Cell Ranger matrix"):
+        read(tmp_path / "renamed.h5ad", format="h5ad")

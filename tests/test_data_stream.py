@@ -266,5 +266,6 @@ def test_a_file_read_as_the_wrong_format_is_named(tmp_path):
     with pytest.raises(DataError, match=r"X is an HDF5 group, not scDeepCluster's dense dataset .*fix: drop format="):
         read(tmp_path / "a.h5ad", format="scdeepcluster")
     write_10x_h5(tmp_path / "m.h5", a.X.toarray(), list(a.obs_names), list(a.var_names))
-    with pytest.raises(DataError, match=r"cannot read .*m\.h5 as h5ad \(TypeError: .*\); fix: check the file"):
+    with pytest.raises(DataError, match=r"format='h5ad' \(--format\), but .*m\.h5 holds a 10x Cell Ranger matrix; "
+                                        r"fix: format='10x_h5' \(--format 10x_h5\), or drop format="):
         read(tmp_path / "m.h5", format="h5ad")

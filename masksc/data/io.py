@@ -10,6 +10,7 @@ import gzip
 import logging
 import re
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import anndata as ad
@@ -20,7 +21,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from masksc.data.validate import check_float32_range, check_labels, check_not_empty, check_values
-from masksc.errors import DataError
+from masksc.errors import DataError, warn
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,13 @@ def detect_format(path: Path) -> str:
     stem = name[:-3] if name.endswith(".gz") else name
     _refuse_10x_companion(path, stem)
     if stem.endswith(".h5ad"):
+        try:
+            renamed_10x = _hdf5_layout(path) == "10x_h5"
+        except OSError:  # not HDF5: the reader says what is wrong with it
+            renamed_10x = False
+        if renamed_10x:  # a Cell Ranger file renamed: anndata would fail on its 'matrix'
+            log.info("%s: named .h5ad, but it holds a 10x Cell Ranger matrix; reading it as one", path)
+            return "10x_h5"
         return "h5ad"
     if stem.endswith(".csv"):
         return "csv"
@@ -101,16 +109,10 @@ def detect_format(path: Path) -> str:
         return "10x_mtx"
     if stem.endswith((".h5", ".hdf5", ".hdf")):
         try:
+            layout = _hdf5_layout(path)
+            if layout is not None:
+                return layout
             with h5py.File(path, "r") as f:
-                if "matrix" in f and isinstance(f["matrix"], h5py.Group):
-                    return "10x_h5"
-                if f.attrs.get("encoding-type") == "anndata" or isinstance(f.get("X"), h5py.Group):
-                    return "h5ad"
-                if isinstance(f.get("X"), h5py.Dataset):
-                    return "scdeepcluster"
-                groups = [k for k in f if isinstance(f[k], h5py.Group)]
-                if groups and all({"data", "indices", "indptr", "shape"} <= set(f[g]) for g in groups):
-                    return "10x_h5"  # Cell Ranger v2: one group per genome
                 keys = list(f)
         except OSError as exc:
             raise DataError(f"cannot open {path} as HDF5 ({exc}); fix: check the file is complete "
@@ -119,6 +121,39 @@ def detect_format(path: Path) -> str:
                         "AnnData, or scDeepCluster 'X'/'Y'); fix: pass format= explicitly or convert to .h5ad.")
     raise DataError(f"unknown format for {path}; fix: use one of .h5ad, .h5 (10x or scDeepCluster), a 10x "
                     f"mtx folder, .csv or .tsv, or pass format= one of {FORMATS}.")
+
+
+def _hdf5_layout(path: Path) -> str | None:
+    """The format an HDF5 file's layout says it is ("10x_h5", "h5ad", "scdeepcluster"), None for
+    another layout; OSError when it is not HDF5. An anndata < 0.7 file (X a dataset) reads as
+    "scdeepcluster": only a 10x layout is unambiguous."""
+    with h5py.File(path, "r") as f:
+        if "matrix" in f and isinstance(f["matrix"], h5py.Group):
+            return "10x_h5"
+        if f.attrs.get("encoding-type") == "anndata" or isinstance(f.get("X"), h5py.Group):
+            return "h5ad"
+        if isinstance(f.get("X"), h5py.Dataset):
+            return "scdeepcluster"
+        groups = [k for k in f if isinstance(f[k], h5py.Group)]
+        if groups and all({"data", "indices", "indptr", "shape"} <= set(f[g]) for g in groups):
+            return "10x_h5"  # Cell Ranger v2: one group per genome
+    return None
+
+
+def _check_given_format(path: Path, fmt: str) -> None:
+    """Refuse a ``format=`` that a 10x .h5 file's layout contradicts (either way: a 10x file read
+    as another HDF5 format, or another file read as 10x), naming the format it holds."""
+    if fmt not in ("h5ad", "10x_h5", "scdeepcluster") or path.is_dir():
+        return
+    try:
+        layout = _hdf5_layout(path)
+    except OSError:
+        return  # not HDF5: the reader says so
+    if layout != fmt and "10x_h5" in (layout, fmt):
+        holds = {"10x_h5": "a 10x Cell Ranger matrix", "h5ad": "an AnnData", "scdeepcluster": "an scDeepCluster "
+                 "X / Y pair (or an AnnData written before anndata 0.7)", None: "no layout masksc reads"}[layout]
+        fix = f"format={layout!r} (--format {layout}), or drop format=" if layout else "check the file"
+        raise DataError(f"format={fmt!r} (--format), but {path} holds {holds}; fix: {fix}.")
 
 
 def read(path, format: str | None = None, transpose: bool = False, backed: bool = False,
@@ -142,6 +177,8 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; fix: use one of {FORMATS} or format=None to auto-detect.")
+    if format is not None:
+        _check_given_format(path, fmt)
     if transpose and fmt not in ("csv", "tsv"):
         raise DataError(f"transpose=True (--transpose) applies to csv/tsv tables only, not format {fmt!r}, whose "
                         "cells x genes orientation is part of the format; fix: drop it.")
@@ -294,14 +331,21 @@ def _read_h5ad(path, where, backed=False, **_):
 
 
 def _decode(a) -> np.ndarray:
+    """Names stored in HDF5 as text (UTF-8 bytes, as Cell Ranger writes them)."""
     a = np.asarray(a)
-    return a.astype(str) if a.dtype.kind in "SO" else a
+    if a.dtype.kind == "S":
+        return np.char.decode(a, "utf-8")
+    if a.dtype.kind == "O":
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in a], dtype=str)
+    return a
 
 
 def _read_10x_h5(path, where, genome=None, **_):
     """Cell Ranger HDF5. v3: group ``matrix`` holding a CSC genes x cells matrix, i.e. a CSR
     cells x genes matrix (indptr over cells), plus ``features``/``barcodes`` (``genome``: keep the
-    features of that genome); v2 (one group per genome, which ``genome`` picks; needed when
+    features of that genome); its "Gene Expression" features are kept (see
+    :func:`_gene_expression`), with ``var`` columns ``gene_ids``, ``feature_types`` and
+    ``genome`` as scanpy's; v2 (one group per genome, which ``genome`` picks; needed when
     there are several) goes through scanpy's reader."""
     with h5py.File(path, "r") as f:
         if "matrix" not in f:
@@ -327,12 +371,27 @@ def _read_10x_h5(path, where, genome=None, **_):
         _check_genome(path, genome, held, needed=False)
         keep &= genomes == genome
     if ftype is not None:
-        gex = ftype == "Gene Expression"
-        if gex.any() and not gex.all():
-            keep &= gex
-            log.info("keeping %d 'Gene Expression' features of %d", keep.sum(), len(keep))
+        var["feature_types"] = ftype
+        keep &= _gene_expression(ftype, path)
+    if genomes is not None:
+        var["genome"] = genomes
     adata = ad.AnnData(X=X, obs=obs, var=var)
     return _finish(_unique_genes(adata if keep.all() else adata[:, keep].copy(), path), where)
+
+
+def _gene_expression(feature_types: np.ndarray, path) -> np.ndarray:
+    """Which features of a 10x file to keep (bool [features]): its "Gene Expression" ones, as
+    scanpy's ``gex_only``; every feature, with a warning, when it holds none of them (scanpy
+    would return no genes)."""
+    gex = np.asarray(feature_types) == "Gene Expression"
+    if not gex.any():
+        kinds = sorted(set(np.asarray(feature_types).tolist()))
+        warn(f"{path} holds no 'Gene Expression' features (only {kinds}); reading all {gex.size} of them, though "
+             "masksc models gene expression")
+        return np.ones(gex.size, dtype=bool)
+    if not gex.all():
+        log.info("%s: keeping %d 'Gene Expression' features of %d", path, gex.sum(), gex.size)
+    return gex
 
 
 def _check_genome(path, genome: str | None, genomes: list[str], needed: bool) -> None:
@@ -361,7 +420,19 @@ def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
 
 
 def _open_text(p: Path):
-    return gzip.open(p, "rt") if p.suffix == ".gz" else open(p)
+    return gzip.open(p, "rt") if p.suffix.lower() == ".gz" else open(p)
+
+
+def _read_part(part: Path, read):
+    """``read(part)`` for one file of a 10x mtx folder; a DataError naming that file when it is
+    empty or damaged (the folder alone would leave the user to guess which of three)."""
+    try:
+        return read(part)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{part} is empty; fix: copy it again from the 10x output folder.") from None
+    except (OSError, EOFError, zlib.error, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read {part} ({type(exc).__name__}: {exc}); fix: check the file is complete (copy "
+                        "or download it again).") from exc
 
 
 def _first(folder: Path, names) -> Path:
@@ -375,21 +446,31 @@ def _first(folder: Path, names) -> Path:
 
 def _read_10x_mtx(path, where, **_):
     """10x mtx folder: the Matrix Market file is genes x cells; features/genes.tsv columns are
-    id, name[, type]; var_names are the names (made unique), ids in ``var["gene_ids"]``."""
+    id, name[, type]; var_names are the names (made unique), ids in ``var["gene_ids"]``, types in
+    ``var["feature_types"]``, of which "Gene Expression" is kept (see :func:`_gene_expression`).
+    A path to the matrix file reads that file, its name ``PREFIXmatrix.mtx[.gz]`` naming its
+    siblings ``PREFIXfeatures.tsv[.gz]`` (or ``genes.tsv``) and ``PREFIXbarcodes.tsv[.gz]``."""
     folder = path if path.is_dir() else path.parent
     # GEO names a sample's three files with a common prefix (GSM123_sample_matrix.mtx.gz, ...): a path to
     # such a matrix file names the prefix of its two siblings
-    named = None if path.is_dir() else re.fullmatch(r"(.*)matrix\.mtx(?:\.gz)?", path.name)
+    named = None if path.is_dir() else re.fullmatch(r"(.*)matrix\.mtx(?:\.gz)?", path.name, flags=re.IGNORECASE)
+    if not path.is_dir() and named is None:
+        raise DataError(f"{path}: a 10x matrix file's name ends in matrix.mtx[.gz], which names its features and "
+                        "barcodes files (PREFIXmatrix.mtx.gz beside PREFIXfeatures.tsv.gz and PREFIXbarcodes.tsv.gz); "
+                        "fix: rename the three files so, or read the matrix with scipy.io.mmread and build the "
+                        "AnnData yourself.")
     prefix = named.group(1) if named else ""
-    mtx = _first(folder, [f"{prefix}matrix.mtx.gz", f"{prefix}matrix.mtx"])
+    mtx = path if named else _first(folder, ["matrix.mtx.gz", "matrix.mtx"])
     feats = _first(folder, [f"{prefix}{n}" for n in ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv")])
     barcodes = _first(folder, [f"{prefix}barcodes.tsv.gz", f"{prefix}barcodes.tsv"])
-    M = scipy.io.mmread(str(mtx))  # handles .gz itself
-    X = sp.csr_matrix(M).T.tocsr()
-    with _open_text(feats) as fh:  # names as written: a gene called "NA" is not a missing value
-        ftab = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)
-    with _open_text(barcodes) as fh:
-        bc = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)[0].to_numpy()
+    X = sp.csr_matrix(_read_part(mtx, lambda p: scipy.io.mmread(str(p)))).T.tocsr()  # mmread opens .gz itself
+
+    def names_table(part: Path) -> pd.DataFrame:
+        with _open_text(part) as fh:  # names as written: a gene called "NA" is not a missing value
+            return pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False)
+
+    ftab = _read_part(feats, names_table)
+    bc = _read_part(barcodes, names_table)[0].to_numpy()
     if X.shape == (len(ftab), len(bc)) and len(bc) != len(ftab):  # written cells x genes, not 10x's genes x cells
         log.info("%s: the matrix is stored cells x genes (10x writes genes x cells); reading it as stored", mtx)
         X = X.T.tocsr()
@@ -405,8 +486,9 @@ def _read_10x_mtx(path, where, **_):
     adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(bc)),
                        var=pd.DataFrame({"gene_ids": ftab[0].to_numpy()}, index=pd.Index(names.to_numpy())))
     if ftab.shape[1] > 2:
-        keep = (ftab[2] == "Gene Expression").to_numpy()
-        if keep.any() and not keep.all():
+        adata.var["feature_types"] = ftab[2].to_numpy()
+        keep = _gene_expression(ftab[2].to_numpy(), folder)
+        if not keep.all():
             adata = adata[:, keep].copy()
     return _finish(_unique_genes(adata, folder), where)
 
@@ -420,33 +502,37 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     def names(**kw) -> np.ndarray:
         return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, **kw).iloc[:, 0].to_numpy()
 
-    header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].to_numpy()
-    if len(header) == 1:
-        marks = {",": "comma", "\t": "tab", ";": "semicolon"}
-        seen = [name for mark, name in marks.items() if mark != sep and mark in header[0]]
-        fix = {"comma": "format='csv' (--format csv)", "tab": "format='tsv' (--format tsv)"}.get(
-            seen[0] if seen else "", f"write the table with a {marks[sep]} between values")
-        raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values"
-                        f"{f' (a {seen[0]} does)' if seen else ''}; fix: {fix}.")
+    try:
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].to_numpy()
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty; fix: check the path, or write the table again.") from None
+    marks = {",": "comma", "\t": "tab", ";": "semicolon", " ": "space"}
+    seen = [mark for mark in marks if mark != sep and mark in header[0].strip()]
+    if len(header) == 1 and seen:  # one column of one gene is a table too; one holding another separator is not
+        fix = {",": "format='csv' (--format csv)", "\t": "format='tsv' (--format tsv)"}.get(
+            seen[0], f"write the table again with a {marks[sep]} between values, e.g. pandas.read_csv(path, "
+                     f"sep={seen[0]!r}, index_col=0).to_csv(new_path, sep={sep!r})")
+        raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values (a "
+                        f"{marks[seen[0]]} does); fix: {fix}.")
+    _check_line_lengths(path, sep)
     try:
         body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
     except pd.errors.EmptyDataError:  # a header and no rows
         body = pd.DataFrame()
-    check_not_empty(np.broadcast_to(np.float32(0), (len(body), max(body.shape[1] - 1, 0))))  # shape only
     first = body.iloc[:, 0] if body.shape[1] else pd.Series(dtype=float)
-    # a numeric first column that is not an ID sequence (unique integers) is the first gene's counts:
-    # the table was written without cell names (pandas' index=False, R's row.names=FALSE)
-    unnamed = len(header) == body.shape[1] and header[0] != "" and pd.api.types.is_numeric_dtype(first) and not (
-        first.is_unique and np.all(np.mod(first.to_numpy(dtype=np.float64), 1) == 0))
+    # a numeric first column under a gene's name is the first gene's counts: the table was written
+    # without cell names (pandas' index=False, R's row.names=FALSE), unless it holds cell IDs
+    unnamed = len(header) == body.shape[1] and header[0] != "" and pd.api.types.is_numeric_dtype(first) and (
+        body.shape[1] == 1 or not _holds_cell_ids(header[0], first))
     if unnamed:  # a blank first header cell (pandas, R's write.csv) always marks a name column
         log.info("%s: its first column holds numbers, not cell names (header %r): read as the first gene, the "
                  "cells named 0..%d", path, header[0], len(body) - 1)
-    n_values = body.shape[1] - (0 if unnamed else 1)
+    n_values = max(body.shape[1] - (0 if unnamed else 1), 0)
+    check_not_empty(np.broadcast_to(np.float32(0), (len(body), n_values)))  # shape only
     if len(header) not in (n_values, n_values + 1):
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")
-    _check_last_line_complete(path, sep, body.shape[1])
     df = body if unnamed else body.iloc[:, 1:]
     df.index = pd.Index([str(i) for i in range(len(body))]) if unnamed else names(skiprows=1, usecols=[0])
     df.columns = header[len(header) - n_values:]
@@ -469,19 +555,42 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     return _finish(_unique_genes(adata, path), where)
 
 
-def _check_last_line_complete(path: Path, sep: str, n_fields: int) -> None:
-    """Raise DataError when the table's last line holds fewer fields than its rows (``n_fields``):
-    a file cut short (an interrupted download or copy), which pandas pads with NaN, not missing
-    values to be cleaned. Empty fields (``1,,2`` or a trailing ``,``) still count as fields."""
-    last = ""
+_ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?)?[ _.]?(ids?|index|names?|barcodes?)?")
+
+
+def _holds_cell_ids(title: str, column: pd.Series) -> bool:
+    """Whether a table's numeric first column, headed ``title``, holds cell IDs rather than the
+    first gene's counts: distinct whole numbers under an ID column's title (``cell_id``,
+    ``index``, ``barcode``, ...) or numbering three or more rows 0.. or 1.. in order."""
+    values = column.to_numpy(dtype=np.float64)
+    if not (column.is_unique and np.all(np.mod(values, 1) == 0)):
+        return False
+    if _ID_TITLE.fullmatch(title.strip()):
+        return True
+    n = len(values)
+    return n >= 3 and (np.array_equal(values, np.arange(n)) or np.array_equal(values, np.arange(1, n + 1)))
+
+
+def _check_line_lengths(path: Path, sep: str) -> None:
+    """Raise DataError when the table's rows (after the header) do not all hold the same number
+    of fields: a last line short of them is a file cut short (an interrupted download or copy),
+    which pandas would pad with NaN, not missing values to be cleaned; any other odd line is named
+    with its number. Empty fields (``1,,2`` or a trailing ``,``) still count as fields."""
     with _open_text(Path(path)) as fh:
-        for line in fh:
-            if line.strip():
-                last = line
-    fields = len(next(csv.reader([last], delimiter=sep), []))
-    if 0 < fields < n_fields:
-        raise DataError(f"{path}: its last line holds {fields} of the {n_fields} fields of the lines before it: the "
+        counts = [(number, len(fields)) for number, fields in enumerate(csv.reader(fh, delimiter=sep), 1)
+                  if number > 1 and any(field.strip() for field in fields)]
+    if not counts:
+        return
+    usual = Counter(n for _, n in counts).most_common(1)[0][0]
+    odd = [(number, n) for number, n in counts if n != usual]
+    if odd == [counts[-1]] and odd[0][1] < usual:
+        raise DataError(f"{path}: its last line holds {odd[0][1]} of the {usual} fields of the lines before it: the "
                         "file looks cut short (an interrupted download or copy); fix: copy or write it again whole.")
+    if odd:
+        number, n = odd[0]
+        raise DataError(f"{path}: line {number} holds {n} fields where the other rows hold {usual}"
+                        f"{f' ({len(odd)} lines differ)' if len(odd) > 1 else ''}; fix: correct that line (a "
+                        f"{'missing' if n < usual else 'stray'} separator or value?) and read it again.")
 
 
 # 10x's AAACCTGAGAAACCAT-1, optionally prefixed by a sample, with R make.names' ".1" or a "_1" suffix
