@@ -39,7 +39,7 @@ import torch
 
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.data.io import detect_format
-from masksc.data.preprocess import PROFILE_SAMPLE_CELLS
+from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
 from masksc.data.stream import check_not_backed_view
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders, reserve
@@ -118,9 +118,12 @@ def _transform_block(preprocessor: Preprocessor, X: sp.csr_matrix, var_names, ob
     preprocessor drops (``min_counts``) — and CSR float32 [kept, len(preprocessor.genes_)])."""
     with warnings.catch_warnings():  # a file's repeated cell names are the user's to keep
         warnings.filterwarnings("ignore", "Observation names are not unique", UserWarning)
+        # said once for the file by check_first_cells, not once a block
+        warnings.filterwarnings("ignore", f".*{LIBRARY_GENES_MISSING}", UserWarning)
         block = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(obs_names, dtype=str)),
                            var=pd.DataFrame(index=pd.Index(var_names)))
-    (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]), rows=rows, check_profile=False)
+        (_, keep, L), = preprocessor.transform_chunks(block, chunk_size=max(1, X.shape[0]), rows=rows,
+                                                      check_profile=False)
     return keep, L
 
 
@@ -139,8 +142,10 @@ def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, re
 def check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
     """Blocks are transformed one at a time, without the gene-profile check (each may be too
     small for it); check the first ``PROFILE_SAMPLE_CELLS`` cells of ``start .. stop-1`` at once,
-    before them. Reads nothing for named genes; leaves no file handle open (readers fork into
+    before them, and warn once when the data lacks genes of the training data (the blocks do
+    not repeat it). Reads nothing for named genes; leaves no file handle open (readers fork into
     workers)."""
+    preprocessor.library_columns(reader.var_names)
     b = min(stop, start + PROFILE_SAMPLE_CELLS)
     if b > start and preprocessor.needs_profile_check():
         try:
@@ -312,7 +317,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     def load(a, b):
         return grid_rows(preprocessor, grid, reader.rows(a, b), reader, a)
 
-    bounds = [(a, min(a + chunk_size, stop)) for a in range(start, stop, chunk_size)]
+    bounds = [(start + a, start + b) for a, b in chunk_bounds(stop - start, chunk_size)]
     bar = progress_bar(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
     try:
         check_first_cells(preprocessor, reader, start, stop)
@@ -372,9 +377,19 @@ def _obs_colours(source, reader: RowReader) -> dict:
                  if f"{name}_colors" in source.uns and name in source.obs}
     elif reader.path is not None and detect_format(reader.path) == "h5ad":
         with h5py.File(reader.path, "r") as f:  # the coloured columns alone, not the whole obs again
-            uns = f.get("uns", {})
-            given = {name: (pd.Series(ad.io.read_elem(f["obs"][name])), ad.io.read_elem(uns[f"{name}_colors"]))
-                     for name in wanted if f"{name}_colors" in uns and name in f["obs"]}
+            uns, obs = f.get("uns", {}), f.get("obs")
+            coloured = [name for name in wanted if f"{name}_colors" in uns]
+            # anndata >= 0.8 stores a categorical column as a group; older layouts are left to anndata
+            current = isinstance(obs, h5py.Group) and all(isinstance(obs.get(name), h5py.Group) for name in coloured)
+            if current:
+                given = {name: (pd.Series(ad.io.read_elem(obs[name])), ad.io.read_elem(uns[f"{name}_colors"]))
+                         for name in coloured}
+        if not current:
+            old = ad.read_h5ad(reader.path, backed="r")
+            try:
+                given = {name: (old.obs[name], old.uns[f"{name}_colors"]) for name in coloured if name in old.obs}
+            finally:
+                old.file.close()
     else:
         return {}
     colours = {}
@@ -404,13 +419,13 @@ def check_obs_writable(obs: pd.DataFrame) -> None:
 
 
 def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
-    """``obs`` as ``AnnData.write_h5ad`` stores it: object columns (text, with missing values or
-    mixed types, which h5py cannot write as they are) become categoricals of their text, missing
-    values staying missing."""
+    """``obs`` as an ``.h5ad`` can store it: text columns stay text, as ``AnnData.write_h5ad``
+    keeps them; object columns h5py cannot write as they are (missing values, mixed types)
+    become categoricals of their text, missing values staying missing."""
     out = obs.copy()
     for name in out.columns:
-        if out[name].dtype == object:
-            col = out[name]
+        col = out[name]
+        if col.dtype == object and not all(isinstance(v, str) for v in col):
             out[name] = pd.Categorical(col.astype(str).where(col.notna()))
     return out
 
@@ -441,6 +456,9 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     from masksc import checkpoint as ckpt
     from masksc import distributed
 
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DataError(f"{name}={value!r}; fix: pass a positive number of cells.")
     ctx = dist or distributed.context()
     output = Path(output)
     if output.suffix.lower() not in EMBED_SUFFIXES:

@@ -153,15 +153,17 @@ class MaskSCModel:
             return self.grid.to_grid(self.preprocessor.transform(expression, rows=rows))
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
-              progress: bool = True, layer: str | None = None, use_raw: bool = False) -> np.ndarray:
+              progress: bool = True, layer: str | None = None, use_raw: bool = False,
+              amp: bool = True) -> np.ndarray:
         """Embeddings of the cells of ``adata`` (its ``X``, ``adata.layers[layer]``, or with
         ``use_raw`` its ``.raw``: what the model was fitted on): float32
         [n_cells, config.embedding_dim], in row order. ``device``: where to run (None: where the
-        weights are; another device moves the weights there). Raises ValueError, naming the fix,
-        for a device this machine lacks or ``meta``, before any work."""
+        weights are; another device moves the weights there). ``amp``: bf16 autocast on CUDA,
+        as :meth:`embed_file` (False: float32 there too; the CPU always runs float32). Raises
+        ValueError, naming the fix, for a device this machine lacks or ``meta``, before any work."""
         device = _run_device(device)
         return embed_matrix(self.network, self.to_grid(adata, layer, use_raw), batch_size=batch_size, device=device,
-                            progress=progress)
+                            progress=progress, amp=amp)
 
     def attention_maps(self, adata, layer: str | None = None, device: str | torch.device | None = None,
                        use_raw: bool = False, rows: np.ndarray | None = None) -> np.ndarray:
@@ -531,8 +533,9 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
         with ctx.together():  # rank 0 alone prepares; an error there stops the ranks waiting for it
             if ctx.is_main:
                 preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells,
-                                            chunk_size=max(chunk_size, 10_000)).fit(reader.chunks)
-                X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, progress=progress)
+                                            chunk_size=chunk_size).fit(reader.chunks)
+                X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, chunk_size=chunk_size,
+                                              progress=progress)
                 grid = GridLayout.fit(X_sub, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch,
                                       order=cfg.layout, seed=seed)
                 if cfg.med:

@@ -114,7 +114,7 @@ def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool =
 
 def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = None, use_raw: bool = False,
           key_added: str = EMBEDDING_KEY, batch_size: int = 1024, device: str | None = None,
-          progress: bool = True, copy: bool = False):
+          progress: bool = True, amp: bool = True, copy: bool = False):
     """Embed every cell of ``adata`` (an AnnData; its ``X``, ``adata.layers[layer]`` or, with
     ``use_raw``, ``adata.raw``: read what the model was fitted on) with ``model`` (a
     MaskSCModel or its directory) into ``adata.obsm[key_added]`` (float32 [n_cells,
@@ -122,7 +122,8 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
 
     ``batch_size``: cells per forward pass. ``device``: where to run; None runs a MaskSCModel
     where its weights are, and loads a directory onto CUDA when there is a GPU, else the CPU
-    (as ``masksc embed`` and ``tl.fit`` do). ``progress``: show a progress bar. ``copy``: return a
+    (as ``masksc embed`` and ``tl.fit`` do). ``progress``: show a progress bar. ``amp``: bf16
+    autocast on CUDA, as ``masksc embed`` runs (False: float32 there too). ``copy``: return a
     copy of ``adata`` with the embedding and leave ``adata`` as it is (else None is returned)."""
     from masksc.train import resolve_device
     _check_adata(adata, "embed")
@@ -136,7 +137,7 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
             _check_expression(adata, "embed", layer)
     adata = _target(adata, copy)
     adata.obsm[key_added] = model.embed(adata, batch_size=batch_size, device=device, progress=progress, layer=layer,
-                                        use_raw=use_raw)
+                                        use_raw=use_raw, amp=amp)
     _record(adata, "embed", {"model": model.path, "layer": layer, "use_raw": use_raw, "key": key_added,
                              "config": model.config.to_dict()})
     return adata if copy else None

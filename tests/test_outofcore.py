@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -329,6 +330,60 @@ def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, f
     with pytest.raises(DataError, match="holds no cells"):
         _model(pre, grid).embed_file(adata[:0].copy(), tmp_path / "z.h5ad", progress=False)
     assert not (tmp_path / "z.h5ad").exists()
+    cells.obs["barcode"] = [f"AAAC{i:04d}" for i in range(40)]  # text without gaps stays text, as anndata keeps it
+    ad.AnnData(obs=cells.obs[["barcode"]]).write_h5ad(tmp_path / "ref.h5ad")
+    out = ad.read_h5ad(_model(pre, grid).embed_file(cells, tmp_path / "t.h5ad", progress=False)).obs
+    assert out["barcode"].dtype == ad.read_h5ad(tmp_path / "ref.h5ad").obs["barcode"].dtype
+    assert not isinstance(out["barcode"].dtype, pd.CategoricalDtype)
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5])
+def test_embed_file_refuses_a_chunk_or_batch_size_below_one_before_any_work(tmp_path, fitted, size):
+    """chunk_size=-1 wrote an all-zero embedding (no chunk was embedded) and 0 gave range()'s error."""
+    adata, pre, grid, _ = fitted
+    for name in ("chunk_size", "batch_size"):
+        with pytest.raises(DataError, match=rf"{name}={size!r}; fix: pass a positive number of cells"):
+            _model(pre, grid).embed_file(adata[:30].copy(), tmp_path / "e.npy", progress=False, **{name: size})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_training_genes_are_warned_about_once_a_file_not_once_a_chunk(tmp_path, fitted):
+    adata, pre, grid, _ = fitted
+    model = _model(pre, grid)
+    unused = [g for g in adata.var_names if g not in pre.genes_][:5]
+    cells = adata[:100, [g for g in adata.var_names if g not in unused]].copy()
+    with pytest.warns(UserWarning) as caught:
+        model.embed_file(cells, tmp_path / "e.npy", chunk_size=10, progress=False)
+    assert [str(w.message) for w in caught if "genes of the training data are missing" in str(w.message)] == [
+        f"5 of the {GENES} genes of the training data are missing from the data (none on the model's grid); library "
+        "sizes are summed over the rest, so cells normalise differently than in training and their embedding shifts; "
+        "fix: pass every gene of the training data (a gene not measured can be a zero column)"]
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), model.embed(cells, progress=False), rtol=1e-5, atol=1e-6)
+
+
+def test_colours_of_an_h5ad_written_by_anndata_before_0_8_come_along(tmp_path, fitted):
+    """An obs stored as a compound dataset (anndata < 0.7), its categories in uns, crashed the
+    .h5ad output after every cell was embedded; its colours now come as anndata reads them."""
+    adata, pre, grid, _ = fitted
+    cells = adata[:50]
+    M = sp.csr_matrix(cells.X)
+    codes = np.arange(50) % 3
+    with h5py.File(tmp_path / "old.h5ad", "w") as f:
+        g = f.create_group("X")
+        g["data"], g["indices"], g["indptr"] = M.data, M.indices, M.indptr
+        g.attrs["h5sparse_format"], g.attrs["h5sparse_shape"] = "csr", np.array(M.shape)
+        f["obs"] = np.array([(c.encode(), k) for c, k in zip(cells.obs_names, codes)],
+                            dtype=[("index", "S20"), ("ct", "i1")])
+        f["var"] = np.array([(g_.encode(),) for g_ in cells.var_names], dtype=[("index", "S20")])
+        uns = f.create_group("uns")
+        uns["ct_categories"] = np.array([b"NK", b"T", b"B"])
+        uns["ct_colors"] = np.array([b"#ff0000", b"#00ff00", b"#0000ff"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notes on the old layout
+        out = ad.read_h5ad(_model(pre, grid).embed_file(tmp_path / "old.h5ad", tmp_path / "e.h5ad", progress=False))
+    assert dict(zip(out.obs["ct"].cat.categories, out.uns["ct_colors"])) == {
+        "NK": "#ff0000", "T": "#00ff00", "B": "#0000ff"}
+    assert list(out.obs["ct"]) == [["NK", "T", "B"][k] for k in codes]
 
 
 def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):
@@ -361,3 +416,46 @@ def test_source_path_names_an_in_memory_sources_file_and_never_hides_the_input(t
     with pytest.raises(MaskscError, match=r"the source is the file .*victim.h5ad itself; fix: drop source_path"):
         model.embed_file(victim, victim, source_path=tmp_path / "small.csv", progress=False)
     assert _sha(victim) == before
+
+
+def test_a_streamed_fit_reads_no_block_larger_than_its_chunk_size(tmp_path, h5ad, monkeypatch):
+    """The preprocessor was fitted on blocks of at least 10,000 cells and the teacher's subsample
+    read blocks of 16,384 whatever chunk_size said: memory is bounded by chunk_size now."""
+    from masksc import pipeline
+    from masksc.data.stream import ChunkSource
+    widest = []
+    real_rows = ChunkSource.rows
+
+    def rows(self, a, b, *args):
+        widest.append(b - a)
+        return real_rows(self, a, b, *args)
+
+    named = read(h5ad)  # named genes: the profile check of unnamed ones reads its fixed 1000-cell sample
+    named.var_names = [f"g{j}" for j in range(named.n_vars)]
+    named.write_h5ad(tmp_path / "named.h5ad")
+    monkeypatch.setattr(ChunkSource, "rows", rows)
+    pipeline.fit(tmp_path / "named.h5ad", "demo", model_dir=tmp_path / "run", epochs=1, progress=False, chunk_size=64,
+                 teacher_cells=200, teacher_overrides={"epochs": 1}, grid_shape=(16, 16), batch_size=40,
+                 embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    assert widest and max(widest) <= 64, max(widest)
+
+
+def test_in_memory_and_streamed_embedding_ask_for_the_same_precision(tmp_path, fitted, monkeypatch):
+    """embed_file ran bf16 on a GPU where MaskSCModel.embed / tl.embed ran float32, so the same
+    cells embedded differently by path; both now take amp=True (bf16 on CUDA) unless told."""
+    from masksc import embed, pipeline, tl
+    adata, pre, grid, _ = fitted
+    asked, real = [], embed.embed_matrix
+
+    def spy(*args, amp=False, **kwargs):
+        asked.append(amp)
+        return real(*args, amp=amp, **kwargs)
+
+    monkeypatch.setattr(embed, "embed_matrix", spy)
+    monkeypatch.setattr(pipeline, "embed_matrix", spy)
+    model, cells = _model(pre, grid), adata[:60].copy()
+    model.embed(cells, progress=False)
+    model.embed_file(cells, tmp_path / "e.npy", progress=False)
+    tl.embed(cells, model, progress=False)
+    tl.embed(cells, model, progress=False, amp=False)
+    assert asked == [True, True, True, False]

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LOG_MAX = 30.0  # log1p of 1e13: larger non-integer values cannot be log-normalised expression
 SCALE_MAX_GENES = 2048
+LIBRARY_GENES_MISSING = "genes of the training data are missing from the data"  # a warning's words, filtered by them
 # Above this fraction of whole non-zero values, non-integer input is counts with stray values, not
 # log-normalised data (log1p of normalised counts is almost never a whole number).
 COUNTS_WHOLE_FRACTION = 0.5
@@ -314,7 +315,7 @@ class Preprocessor:
                             "genes with the same gene names (or add them as zero columns).")
         return idx
 
-    def _library_columns(self, var_names: pd.Index) -> np.ndarray | None:
+    def library_columns(self, var_names: pd.Index) -> np.ndarray | None:
         """Columns of data with genes ``var_names`` whose sum is a cell's library size: None (all)
         when they are the fitted data's genes, else those of ``input_genes_`` present, with a
         warning when some are missing (library sizes, and so the embedding, then shift). Log-
@@ -324,7 +325,7 @@ class Preprocessor:
         cols = pd.Index(var_names).get_indexer(self.input_genes_)
         n_missing = int((cols < 0).sum())
         if n_missing:
-            warn(f"{n_missing} of the {len(cols)} genes of the training data are missing from the data (none on "
+            warn(f"{n_missing} of the {len(cols)} {LIBRARY_GENES_MISSING} (none on "
                  "the model's grid); library sizes are summed over the rest, so cells normalise differently than "
                  "in training and their embedding shifts; fix: pass every gene of the training data (a gene not "
                  "measured can be a zero column)")
@@ -347,7 +348,7 @@ class Preprocessor:
         idx = self._gene_index(pd.Index(var_names))
         with warnings.catch_warnings():  # missing library genes: the transform that follows warns once
             warnings.simplefilter("ignore", UserWarning)
-            library_cols = self._library_columns(pd.Index(var_names))
+            library_cols = self.library_columns(pd.Index(var_names))
         _, keep = self._library_sizes(X, self.input_kind_, library_cols)
         self._check_profile(X[keep][:, idx], where)
 
@@ -383,7 +384,7 @@ class Preprocessor:
         leaves out the detection-profile check below, for such a block of a dataset whose first
         cells :meth:`check_gene_profile` has checked.
 
-        Library sizes are summed over ``input_genes_`` (see ``_library_columns``). Genes without
+        Library sizes are summed over ``input_genes_`` (see ``library_columns``). Genes without
         names (``gene_0000``.., as :func:`masksc.data.read` names an scDeepCluster file's) are
         matched by position, so the per-gene detection rates of the first chunk with at least
         ``PROFILE_MIN_CELLS`` cells must correlate with ``detection_`` (Spearman r >= 0.5 over
@@ -393,7 +394,7 @@ class Preprocessor:
         self._check_fitted()
         src = open_source(data)
         idx = self._gene_index(src.var_names)
-        library_cols = self._library_columns(src.var_names)
+        library_cols = self.library_columns(src.var_names)
         check_profile = check_profile and self.needs_profile_check()
         rows = None if rows is None else _check_rows(rows, src.n_obs)
         gathered, end = [], 0
