@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Above this many cells knn_graph(index="auto") uses an IVF index instead of exact search.
 IVF_MIN_CELLS = 100_000
 _SEARCH_CHUNK = 65_536
-_DISTANCE_CHUNK = 4096  # cells whose neighbours' vectors are gathered at once ([4096, k, d] float32)
+_DISTANCE_BUDGET = 1 << 23  # floats in a block of cells' neighbour vectors (and their differences): 2 x 32 MB
 _SMALL_WORK = 5e7  # below this many multiply-adds per pass FAISS runs on one thread
 _MAX_SEED = 2**63 - 1  # leidenalg takes seeds up to a C ssize_t (and uses them modulo 2**32)
 
@@ -71,10 +71,11 @@ def _faiss_threads(work: float):
         faiss.omp_set_num_threads(before)
 
 
-def check_embedding(Z, name: str = "Z") -> np.ndarray:
+def check_embedding(Z, name: str = "Z", distances: bool = True) -> np.ndarray:
     """Return ``Z`` as a C-contiguous float32 [n, d] array (a copy only when needed); a DataError
     naming the problem and fix when it is sparse, not 2-D, empty, not real-valued, NaN or
-    infinite, or holds values float32 cannot (``name`` is what the message calls it)."""
+    infinite, or holds values float32 cannot, or (``distances``) values whose squared distances
+    float32 cannot (``name`` is what the message calls it)."""
     if sp.issparse(Z):
         raise DataError(f"{name} is a sparse matrix; pass a dense embedding (e.g. adata.obsm['X_masksc']).")
     Z = np.asarray(Z)
@@ -96,9 +97,11 @@ def check_embedding(Z, name: str = "Z") -> np.ndarray:
                         "e.g. divide it by its largest magnitude (all distances shrink alike, so the clusters "
                         "stay), or drop those cells.")
     Z = np.ascontiguousarray(Z, dtype=np.float32)
+    if not distances:
+        return Z
     # FAISS, sklearn and the UMAP weights square distances in float32: 16x headroom below overflow
     limit = np.sqrt(np.finfo(np.float32).max / (64.0 * Z.shape[1]))
-    largest = float(np.abs(Z).max())
+    largest = max(abs(float(Z.max())), abs(float(Z.min())))  # without an |Z| copy
     if largest > limit:
         raise DataError(f"{name} has values up to {largest:.3g} in magnitude, too large for squared distances in "
                         f"float32 at {Z.shape[1]} dimensions (at most {limit:.3g}); fix: rescale it, e.g. divide it "
@@ -108,9 +111,10 @@ def check_embedding(Z, name: str = "Z") -> np.ndarray:
 
 def check_seed(seed) -> int:
     """``seed`` as an int; DataError unless it is an integer in [0, 2**63 - 1] (what numpy's,
-    torch's and leidenalg's generators all take). leidenalg uses it modulo 2**32 and the IVF
-    index's training modulo 2**31, so seeds that differ by a multiple of 2**32 give the same
-    partition and graph."""
+    torch's and leidenalg's generators all take). Leiden's ``flavor="leidenalg"`` uses it modulo
+    2**32 and the IVF index trains its lists with it modulo 2**31 (its sampled recall check
+    with all of it), so seeds that differ by a multiple of 2**32 can give the same partition
+    or graph there."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
         raise DataError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}; fix: pass a non-negative "
                         "integer, e.g. seed=0.")
@@ -219,13 +223,16 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     # centred, as sklearn does: the ||x||^2 + ||c||^2 - 2 x.c distances lose every digit of a
-    # small spread around a large offset (ARI 0.62 instead of 1.0 at an offset of 1e6)
-    X = X - X.mean(axis=0, dtype=np.float64).astype(np.float32)
+    # small spread around a large offset (ARI 0.62 instead of 1.0 at an offset of 1e6); the
+    # training cells and each search block are centred copies, never the whole embedding again
+    mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
     gpus = _resolve_gpus(use_gpu, ngpu)
     rng = np.random.default_rng(seed)
-    train = X
     if max_points_per_centroid is not None and n > k * max_points_per_centroid:
         train = X[np.sort(rng.choice(n, size=k * max_points_per_centroid, replace=False))]
+        train -= mean
+    else:
+        train = X - mean
     index = faiss.IndexFlatL2(d)
     if gpus:
         index = faiss.index_cpu_to_all_gpus(index, ngpu=gpus)  # replicas: queries split across GPUs
@@ -239,8 +246,9 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
     index.add(best_centroids)
     labels = np.empty(n, dtype=np.int64)
     with _faiss_threads(float(n) * k * d):
-        for s in range(0, n, _SEARCH_CHUNK * 4):
-            labels[s:s + _SEARCH_CHUNK * 4] = index.search(X[s:s + _SEARCH_CHUNK * 4], 1)[1][:, 0]
+        step = max(1, min(_SEARCH_CHUNK * 4, _DISTANCE_BUDGET // d))  # a centred block of at most 32 MB
+        for s in range(0, n, step):
+            labels[s:s + step] = index.search(X[s:s + step] - mean, 1)[1][:, 0]
     logger.debug("faiss k-means n=%d d=%d k=%d objective %.6g on %s", n, d, k, best_obj,
                  f"{gpus} GPU(s)" if gpus else "CPU")
     found = len(np.unique(labels))
@@ -372,12 +380,12 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
         distance with the cell itself in column 0 (distance 0). A neighbour an approximate
         index failed to return is index -1 with distance +inf.
     """
-    X = check_embedding(Z)
-    n = X.shape[0]
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
     if index not in ("auto", "flat", "ivf"):
         raise ValueError(f"index must be 'auto', 'flat' or 'ivf', got {index!r}.")
+    X = check_embedding(Z, distances=metric == "euclidean")  # cosine: of the unit rows, whatever the scale
+    n = X.shape[0]
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}.")
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
@@ -391,11 +399,12 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
                         f"got {n_neighbors!r}; fix: {fix}.")
     seed = check_seed(seed)
     if metric == "cosine":
-        norms = np.linalg.norm(X, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise DataError(f"{int((norms == 0).sum())} row(s) of Z are all zeros, so cosine distance is undefined; "
+        peak = np.abs(X).max(axis=1, keepdims=True)  # scaled first, so squaring large values cannot overflow
+        if (peak == 0).any():
+            raise DataError(f"{int((peak == 0).sum())} row(s) of Z are all zeros, so cosine distance is undefined; "
                             "drop them or use metric='euclidean'.")
-        X = X / norms
+        X = X / peak
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
     if index == "auto":
         index = "flat" if n < IVF_MIN_CELLS else "ivf"
     gpus = _resolve_gpus(use_gpu, ngpu)
@@ -407,8 +416,9 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
         idx = _build_index(X, metric, index, nlist, nprobe, gpus, seed, k, target_recall)
         for s in progress_bar(starts, desc=f"kNN ({index})", disable=len(starts) < 4, leave=False):
             D[s:s + _SEARCH_CHUNK], I[s:s + _SEARCH_CHUNK] = idx.search(X[s:s + _SEARCH_CHUNK], k)
-    for s in range(0, n, _DISTANCE_CHUNK):
-        _exact_distances(X, I[s:s + _DISTANCE_CHUNK], D[s:s + _DISTANCE_CHUNK], s, metric)
+    step = max(1, _DISTANCE_BUDGET // (k * X.shape[1]))
+    for s in range(0, n, step):
+        _exact_distances(X, I[s:s + step], D[s:s + step], s, metric)
     _put_self_first(I, D)
     return I, D
 

@@ -419,13 +419,21 @@ def check_obs_writable(obs: pd.DataFrame) -> None:
 
 
 def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
-    """``obs`` as an ``.h5ad`` can store it: text columns stay text, as ``AnnData.write_h5ad``
-    keeps them; object columns h5py cannot write as they are (missing values, mixed types)
-    become categoricals of their text, missing values staying missing."""
+    """``obs`` as ``AnnData.write_h5ad`` stores it: a text column whose values repeat becomes a
+    categorical (its categories in natural order), one of distinct values stays text; object
+    columns anndata cannot write (mixed types) become categoricals of their text, missing
+    values staying missing."""
+    from natsort import natsorted  # anndata's own dependency, and its order
     out = obs.copy()
     for name in out.columns:
         col = out[name]
-        if col.dtype == object and not all(isinstance(v, str) for v in col):
+        if col.dtype != object:
+            continue
+        if pd.api.types.infer_dtype(col) == "string":
+            categories = pd.Categorical(col)
+            if len(categories.categories) < len(categories):
+                out[name] = categories.reorder_categories(natsorted(categories.categories))
+        else:
             out[name] = pd.Categorical(col.astype(str).where(col.notna()))
     return out
 
@@ -459,6 +467,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise DataError(f"{name}={value!r}; fix: pass a positive number of cells.")
+    chunk_size, batch_size = int(chunk_size), int(batch_size)
     ctx = dist or distributed.context()
     output = Path(output)
     if output.suffix.lower() not in EMBED_SUFFIXES:

@@ -553,3 +553,36 @@ def test_leiden_for_k_checks_its_range_and_says_when_the_count_skips_k():
         leiden_for_k(graph, 60)  # settled inside the range: a wider one would not help
     with pytest.warns(UserWarning, match=r"A wider resolution_range of masksc.cluster.leiden_for_k may find it"):
         leiden_for_k(graph, 100, resolution_range=(1e-3, 0.01), max_steps=3)
+
+
+def test_kmeans_and_knn_hold_blocks_not_copies_of_the_embedding(monkeypatch):
+    """Centring for k-means copied the whole embedding, and the exact kNN distances gathered
+    4096 cells' neighbour vectors whatever k and d (839 MB at k=50, d=512): both now work in
+    blocks of _DISTANCE_BUDGET floats, with the same results."""
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100_000, 64)).astype(np.float32)
+    X[:50_000, 0] += 6
+    expected_labels = kmeans(X, 2, n_init=1)
+    expected_I, expected_D = knn_search(X[:20_000], 50)
+    monkeypatch.setattr(cluster, "_DISTANCE_BUDGET", 1 << 16)
+    tracemalloc.start()
+    labels = kmeans(X, 2, n_init=1)
+    kmeans_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    I, D = knn_search(X[:20_000], 50)
+    knn_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(labels, expected_labels)
+    np.testing.assert_array_equal(I, expected_I)
+    np.testing.assert_array_equal(D, expected_D)
+    assert kmeans_peak < X.nbytes / 2, kmeans_peak
+    assert knn_peak < 4 * I.nbytes, knn_peak  # the search and its result, not [4096, 50, 64] gathers
+
+
+def test_cosine_neighbours_ignore_the_scale_of_the_embedding():
+    Z = np.random.default_rng(3).normal(size=(500, 32))
+    I, _ = knn_search(Z, 15, metric="cosine")
+    np.testing.assert_array_equal(knn_search(Z * 1e18, 15, metric="cosine")[0], I)
+    with pytest.raises(DataError, match="too large for squared distances"):
+        knn_search(Z * 1e18, 15)  # euclidean squares them

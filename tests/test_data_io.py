@@ -1,5 +1,6 @@
 """Readers: round trips on files the tests write, format detection, read errors."""
 import gzip
+import warnings
 
 import anndata as ad
 import h5py
@@ -9,7 +10,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from masksc.data import read
+from masksc.data import open_source, read
 from masksc.errors import DataError
 
 
@@ -302,7 +303,7 @@ def test_10x_h5_v2_legacy(tmp_path, counts):
     X, cells, genes = counts
     write_10x_v2_h5(tmp_path / "v2.h5", {"GRCh38": (X, genes)}, cells)
     _check(read(tmp_path / "v2.h5"), X, cells, genes)
-    from masksc.data import open_source  # stored genes x cells, so not streamed: read in memory instead
+    # stored genes x cells, so not streamed: read in memory instead
     src = open_source(tmp_path / "v2.h5")
     assert src.path is None and list(src.var_names) == genes
     np.testing.assert_array_equal(sp.vstack([c for _, c in src.chunks(7)]).toarray(), X)
@@ -507,7 +508,6 @@ def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
     """Scaled X beside .raw reads, and reading its X as the data names --use-raw (streamed, as fit /
     embed read it); a file with layers but no X names them and --layer; a file of anndata < 0.7
     streams as it reads, its .raw too."""
-    from masksc.data import open_source
     X, cells, genes = counts
     a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes))
     a.raw = a.copy()
@@ -549,7 +549,7 @@ def test_h5ad_layouts_scanpy_and_old_anndata_write(tmp_path, counts):
 
 
 def test_a_layer_and_raw_named_together_are_refused_alike_for_files_and_anndata(tmp_path, counts):
-    from masksc.data import open_source, with_layer
+    from masksc.data import with_layer
     X, cells, genes = counts
     a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes),
                    layers={"counts": sp.csr_matrix(X)})
@@ -563,22 +563,31 @@ def test_a_layer_and_raw_named_together_are_refused_alike_for_files_and_anndata(
 
 
 def test_small_tables_without_cell_names_read_as_scanpy_reads_them(tmp_path):
-    """A first column of distinct whole numbers under a gene's name is that gene (one cell's counts
-    became its name, and the gene was lost); cell IDs are still told by their column's title or
-    by numbering the rows 0.. / 1..; a one-gene table is a table."""
+    """A one- or two-row table's first column of distinct whole numbers under a gene's name is
+    that gene, as scanpy reads it (its counts became the cell names); from three rows such a
+    column is cell IDs, as R writes them after subsetting (title "X") or a title says so, with a
+    warning when only the rows decide; a one-gene table is a table."""
     import scanpy as sc
-    for name, text in {"one.csv": "A,B,C\n5,1,2\n", "three.csv": "A,B\n0,1\n5,2\n2,2\n"}.items():
-        (tmp_path / name).write_text(text)
-        got, ref = read(tmp_path / name), sc.read_csv(tmp_path / name)
-        np.testing.assert_array_equal(got.X.toarray(), np.asarray(ref.X))
-        assert list(got.var_names) == list(ref.var_names) and list(got.obs_names) == list(ref.obs_names)
+    (tmp_path / "one.csv").write_text("A,B,C\n5,1,2\n")
+    with pytest.warns(UserWarning, match=r"first column 'A' holds distinct whole numbers, read as the first gene; "
+                                         r"if they are cell IDs, title that column cell_id"):
+        got = read(tmp_path / "one.csv")
+    ref = sc.read_csv(tmp_path / "one.csv")
+    np.testing.assert_array_equal(got.X.toarray(), np.asarray(ref.X))
+    assert list(got.var_names) == list(ref.var_names) and list(got.obs_names) == list(ref.obs_names)
     (tmp_path / "gene.csv").write_text("A\n1\n2\n3\n")  # scanpy's read_csv finds no ',' and stops
     _check(read(tmp_path / "gene.csv"), np.array([[1], [2], [3]], dtype=np.float32), ["0", "1", "2"], ["A"])
-    for name, text, cells in (("titled.csv", "cell_id,A,B\n7,1,2\n9,2,3\n", ["7", "9"]),
-                              ("numbered.csv", "n,A,B\n1,1,2\n2,2,3\n3,0,1\n", ["1", "2", "3"])):
-        (tmp_path / name).write_text(text)
-        got = read(tmp_path / name)
-        assert list(got.obs_names) == cells and list(got.var_names) == ["A", "B"]
+    counts = np.array([[1, 0, 2], [0, 5, 1], [2, 2, 0], [4, 0, 1]], dtype=np.float32)
+    for title in ("X", "cell_idx", "Unnamed: 0", "cell_id"):
+        (tmp_path / "r.csv").write_text(f"{title},GeneA,GeneB,GeneC\n" + "".join(
+            f"{cell},{','.join(str(int(v)) for v in row)}\n" for cell, row in zip((3, 7, 12, 15), counts)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the title settles it
+            _check(read(tmp_path / "r.csv"), counts, ["3", "7", "12", "15"], ["GeneA", "GeneB", "GeneC"])
+    (tmp_path / "ids.csv").write_text("A,B\n0,1\n5,2\n2,2\n")
+    with pytest.warns(UserWarning, match=r"'A' holds distinct whole numbers, read as cell IDs; if they are the first "
+                                         r"gene's counts, write the table with a column of cell names first"):
+        _check(read(tmp_path / "ids.csv"), np.array([[1], [2], [2]], dtype=np.float32), ["0", "5", "2"], ["B"])
 
 
 def test_a_malformed_line_is_named_not_taken_for_a_file_cut_short(tmp_path):
@@ -586,6 +595,10 @@ def test_a_malformed_line_is_named_not_taken_for_a_file_cut_short(tmp_path):
     with pytest.raises(DataError, match=r"odd\.csv: line 2 holds 4 fields where the other rows hold 3; fix: correct "
                                         r"that line \(a stray separator or value\?\)"):
         read(tmp_path / "odd.csv")
+    (tmp_path / "tie.csv").write_text(",GeneA,GeneB\nc1,1\nc2,0,5\n")  # a tie: the header says 3 fields a row
+    with pytest.raises(DataError, match=r"tie\.csv: line 2 holds 2 fields where the other rows hold 3; fix: correct "
+                                        r"that line \(a missing separator"):
+        read(tmp_path / "tie.csv")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match=r"empty\.csv is empty; fix"):
         read(tmp_path / "empty.csv")
@@ -646,7 +659,12 @@ def test_10x_features_keep_their_types_and_genome_as_scanpy_does(tmp_path, count
     assert list(read(tmp_path / "d").var["feature_types"]) == ["Gene Expression"] * 12
     accented = [f"gène{j}" for j in range(12)]
     write_10x_h5(tmp_path / "u.h5", X, cells, [g.encode() for g in accented])
-    assert list(read(tmp_path / "u.h5").var_names) == accented
+    write_10x_h5(tmp_path / "latin.h5", X, cells, [g.encode("latin-1") for g in accented])
+    for name in ("u.h5", "latin.h5"):
+        assert list(read(tmp_path / name).var_names) == accented
+        assert list(open_source(tmp_path / name).var_names) == accented  # streamed alike
+    with pytest.warns(UserWarning, match=r"holds no 'Gene Expression' features"):
+        assert open_source(tmp_path / "adt.h5").n_vars == 12
 
 
 def test_a_format_the_file_contradicts_names_the_one_it_holds(tmp_path, counts):

@@ -463,6 +463,7 @@ def test_gene_names_that_are_not_strings_are_refused_naming_the_fix():
     ({"min_counts": -1}, r"min_counts=-1; fix: pass a finite number >= 0 or None"),
     ({"min_cells": 1.5}, r"min_cells=1\.5; fix: pass an integer >= 0"),
     ({"span": 0}, r"span=0; fix: pass a number in \(0, 1\]"),
+    ({"span": True}, r"span=True; fix: pass a number in \(0, 1\]"),
     ({"chunk_size": 0}, r"chunk_size=0; fix: pass an integer >= 1"),
 ])
 def test_settings_out_of_range_are_refused_when_the_preprocessor_is_made(settings, message):
@@ -470,6 +471,14 @@ def test_settings_out_of_range_are_refused_when_the_preprocessor_is_made(setting
     NaN and a negative max_value every scaled value -1; they are refused before any data is read."""
     with pytest.raises(DataError, match=message):
         Preprocessor(**settings)
+
+
+def test_numpy_integer_settings_are_kept_as_python_integers():
+    """np.int16(20000) passed the checks and then overflowed in chunk arithmetic (40000)."""
+    p = Preprocessor(n_top_genes=np.int64(50), chunk_size=np.int16(20_000), min_cells=np.int8(3))
+    assert (p.n_top_genes, p.chunk_size, p.min_cells) == (50, 20_000, 3)
+    assert all(type(v) is int for v in (p.n_top_genes, p.chunk_size, p.min_cells))
+    assert p.fit(synthetic(100, 200, n_types=2, seed=0)).transform(synthetic(100, 200, n_types=2, seed=0)).n_vars == 50
 
 
 def test_counts_among_log_values_while_fitting_say_what_was_given():

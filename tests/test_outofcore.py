@@ -330,11 +330,15 @@ def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, f
     with pytest.raises(DataError, match="holds no cells"):
         _model(pre, grid).embed_file(adata[:0].copy(), tmp_path / "z.h5ad", progress=False)
     assert not (tmp_path / "z.h5ad").exists()
-    cells.obs["barcode"] = [f"AAAC{i:04d}" for i in range(40)]  # text without gaps stays text, as anndata keeps it
-    ad.AnnData(obs=cells.obs[["barcode"]]).write_h5ad(tmp_path / "ref.h5ad")
-    out = ad.read_h5ad(_model(pre, grid).embed_file(cells, tmp_path / "t.h5ad", progress=False)).obs
-    assert out["barcode"].dtype == ad.read_h5ad(tmp_path / "ref.h5ad").obs["barcode"].dtype
-    assert not isinstance(out["barcode"].dtype, pd.CategoricalDtype)
+    # as anndata writes text: distinct values stay text, repeated ones become categories in natural order
+    cells.obs["barcode"] = [f"AAAC{i:04d}" for i in range(40)]
+    cells.obs["celltype"] = ["T10", "B", "T2", "NK"] * 10
+    ad.AnnData(obs=cells.obs[["barcode", "celltype"]]).write_h5ad(tmp_path / "ref.h5ad")
+    ref = ad.read_h5ad(tmp_path / "ref.h5ad").obs
+    out = ad.read_h5ad(_model(pre, grid).embed_file(cells, tmp_path / "t.h5ad", progress=False,
+                                                    chunk_size=np.int16(20_000))).obs
+    assert out["barcode"].dtype == ref["barcode"].dtype and not isinstance(out["barcode"].dtype, pd.CategoricalDtype)
+    assert list(out["celltype"].cat.categories) == list(ref["celltype"].cat.categories) == ["B", "NK", "T2", "T10"]
 
 
 @pytest.mark.parametrize("size", [0, -1, 2.5])

@@ -331,13 +331,15 @@ def _read_h5ad(path, where, backed=False, **_):
 
 
 def _decode(a) -> np.ndarray:
-    """Names stored in HDF5 as text (UTF-8 bytes, as Cell Ranger writes them)."""
+    """Names stored in HDF5 as text: UTF-8 bytes, as Cell Ranger writes them, or, where they are
+    not UTF-8, Latin-1 (which any bytes are)."""
     a = np.asarray(a)
-    if a.dtype.kind == "S":
-        return np.char.decode(a, "utf-8")
-    if a.dtype.kind == "O":
-        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in a], dtype=str)
-    return a
+    if a.dtype.kind not in "SO":
+        return a
+    try:
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in a.ravel()], dtype=str)
+    except UnicodeDecodeError:
+        return np.array([v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in a.ravel()], dtype=str)
 
 
 def _read_10x_h5(path, where, genome=None, **_):
@@ -514,7 +516,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                      f"sep={seen[0]!r}, index_col=0).to_csv(new_path, sep={sep!r})")
         raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values (a "
                         f"{marks[seen[0]]} does); fix: {fix}.")
-    _check_line_lengths(path, sep)
+    _check_line_lengths(path, sep, len(header))
     try:
         body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
     except pd.errors.EmptyDataError:  # a header and no rows
@@ -523,7 +525,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     # a numeric first column under a gene's name is the first gene's counts: the table was written
     # without cell names (pandas' index=False, R's row.names=FALSE), unless it holds cell IDs
     unnamed = len(header) == body.shape[1] and header[0] != "" and pd.api.types.is_numeric_dtype(first) and (
-        body.shape[1] == 1 or not _holds_cell_ids(header[0], first))
+        body.shape[1] == 1 or not _holds_cell_ids(path, header[0], first))
     if unnamed:  # a blank first header cell (pandas, R's write.csv) always marks a name column
         log.info("%s: its first column holds numbers, not cell names (header %r): read as the first gene, the "
                  "cells named 0..%d", path, header[0], len(body) - 1)
@@ -555,23 +557,30 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     return _finish(_unique_genes(adata, path), where)
 
 
-_ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?)?[ _.]?(ids?|index|names?|barcodes?)?")
+# a name column's title: cell_id, index, barcode, ..., R's "X" (read.csv's name for a blank one), pandas' "Unnamed: 0"
+_ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?)?[ _.]?(ids?|idx|index|names?|barcodes?)?|x|"
+                       r"unnamed: ?\d+")
 
 
-def _holds_cell_ids(title: str, column: pd.Series) -> bool:
+def _holds_cell_ids(path, title: str, column: pd.Series) -> bool:
     """Whether a table's numeric first column, headed ``title``, holds cell IDs rather than the
-    first gene's counts: distinct whole numbers under an ID column's title (``cell_id``,
-    ``index``, ``barcode``, ...) or numbering three or more rows 0.. or 1.. in order."""
+    first gene's counts: distinct whole numbers, under an ID column's title (``cell_id``,
+    ``index``, ``X``, ...) or in three or more rows (a gene's counts repeat; a warning says how
+    it was read when the title does not settle it)."""
     values = column.to_numpy(dtype=np.float64)
     if not (column.is_unique and np.all(np.mod(values, 1) == 0)):
         return False
     if _ID_TITLE.fullmatch(title.strip()):
         return True
-    n = len(values)
-    return n >= 3 and (np.array_equal(values, np.arange(n)) or np.array_equal(values, np.arange(1, n + 1)))
+    ids = len(values) >= 3
+    other = ("the first gene's counts, write the table with a column of cell names first" if ids else
+             "cell IDs, title that column cell_id")
+    warn(f"{path}: its first column {title!r} holds distinct whole numbers, read as "
+         f"{'cell IDs' if ids else 'the first gene'}; if they are {other}")
+    return ids
 
 
-def _check_line_lengths(path: Path, sep: str) -> None:
+def _check_line_lengths(path: Path, sep: str, header_fields: int) -> None:
     """Raise DataError when the table's rows (after the header) do not all hold the same number
     of fields: a last line short of them is a file cut short (an interrupted download or copy),
     which pandas would pad with NaN, not missing values to be cleaned; any other odd line is named
@@ -581,7 +590,11 @@ def _check_line_lengths(path: Path, sep: str) -> None:
                   if number > 1 and any(field.strip() for field in fields)]
     if not counts:
         return
-    usual = Counter(n for _, n in counts).most_common(1)[0][0]
+    tally = Counter(n for _, n in counts)
+    top = max(tally.values())
+    # rows hold as many fields as the header, or one more (a name column it leaves untitled): on a tie, those
+    usual = min((n for n, c in tally.items() if c == top),
+                key=lambda n: (n not in (header_fields, header_fields + 1), n))
     odd = [(number, n) for number, n in counts if n != usual]
     if odd == [counts[-1]] and odd[0][1] < usual:
         raise DataError(f"{path}: its last line holds {odd[0][1]} of the {usual} fields of the lines before it: the "

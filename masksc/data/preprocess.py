@@ -121,6 +121,8 @@ class Preprocessor:
         if scale and (n_top_genes is None or n_top_genes > SCALE_MAX_GENES):
             raise DataError(f"scale=True densifies the data and is allowed for at most {SCALE_MAX_GENES} genes "
                             f"(n_top_genes={n_top_genes}); fix: lower n_top_genes or use scale=False.")
+        n_top_genes, min_cells, n_bins, chunk_size = (None if v is None else int(v)
+                                                      for v in (n_top_genes, min_cells, n_bins, chunk_size))
         self.n_top_genes, self.target_sum, self.log1p, self.scale = n_top_genes, target_sum, log1p, scale
         self.max_value, self.hvg_flavor, self.min_counts, self.min_cells = max_value, hvg_flavor, min_counts, min_cells
         self.input, self.span, self.n_bins, self.chunk_size = input, span, n_bins, chunk_size
@@ -507,7 +509,7 @@ def _check_params(**params) -> None:
             ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= whole[name]
             need = f"an integer >= {whole[name]}"
         elif name == "span":
-            ok = isinstance(value, (int, float, np.number)) and 0 < value <= 1
+            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and 0 < value <= 1
             need = "a number in (0, 1]"
         else:
             ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value) \

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.data.io import (_CORRUPT_FIX, _decode, as_float32, canonical_csr32, check_compressed, detect_format, read,
+from masksc.data.io import (_CORRUPT_FIX, _decode, _gene_expression, as_float32, canonical_csr32, check_compressed, detect_format, read,
                              set_labels, to_csr32)
 from masksc.errors import DataError
 
@@ -287,8 +287,8 @@ def _10x_h5_source(path: Path) -> ChunkSource | None:
         _check_stored_compressed(m, n_cells, where)
     keep = None
     if ftype is not None:
-        gex = ftype == "Gene Expression"
-        if gex.any() and not gex.all():
+        gex = _gene_expression(ftype, path)
+        if not gex.all():
             keep = np.flatnonzero(gex)
             names = names[keep]
     var_names = ad.utils.make_index_unique(pd.Index(names))

@@ -7,7 +7,8 @@ define three fragments on the ``g x s`` gene grid (patch = ``P x P`` block, patc
 row-major over the ``(g/P) x (s/P)`` patch grid):
 
 - ``"patch"``: the patch's own ``P*P`` genes. Most local; with ~90-99% zeros most patches
-  are empty and all empty patches share one target.
+  are empty, and an empty patch's target carries nothing of the cell: it depends only on the
+  patch's place (the teacher's standardised zeros and its first layer's columns there).
 - ``"row"``: the band of ``P`` grid rows that holds the patch, i.e. ``P*s`` genes. In HVG
   layout this is a contiguous run of HVG ranks — the "sequence" of genes the patch is part
   of — so the target carries context a 16-gene patch cannot, while still differing between
