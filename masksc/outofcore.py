@@ -419,21 +419,20 @@ def check_obs_writable(obs: pd.DataFrame) -> None:
 
 
 def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
-    """``obs`` as ``AnnData.write_h5ad`` stores it: a text column whose values repeat becomes a
-    categorical (its categories in natural order), one of distinct values stays text; object
-    columns anndata cannot write (mixed types) become categoricals of their text, missing
-    values staying missing."""
+    """``obs`` as ``AnnData.write_h5ad`` stores it (its ``strings_to_categoricals`` rule): a text
+    column whose values repeat becomes a categorical, its categories in natural order, and one
+    of distinct values stays as it is; beyond anndata, other object columns, which it may not
+    write (mixed types), become categoricals of their text, missing values staying missing."""
     from natsort import natsorted  # anndata's own dependency, and its order
     out = obs.copy()
     for name in out.columns:
         col = out[name]
-        if col.dtype != object:
-            continue
-        if pd.api.types.infer_dtype(col) == "string":
+        kind = pd.api.types.infer_dtype(col)
+        if kind == "string" and not isinstance(col.dtype, pd.CategoricalDtype):
             categories = pd.Categorical(col)
             if len(categories.categories) < len(categories):
                 out[name] = categories.reorder_categories(natsorted(categories.categories))
-        else:
+        elif col.dtype == object and kind not in ("string", "bytes", "empty"):
             out[name] = pd.Categorical(col.astype(str).where(col.notna()))
     return out
 

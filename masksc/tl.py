@@ -143,13 +143,15 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
     return adata if copy else None
 
 
-def _embedding(adata, use_rep: str) -> np.ndarray:
+def _embedding(adata, use_rep: str, distances: bool = True) -> np.ndarray:
+    """``adata.obsm[use_rep]`` checked as ``masksc.cluster.check_embedding`` checks it (``distances``:
+    also for squared euclidean distances; a cosine graph takes any scale)."""
     if use_rep not in adata.obsm:
         raise DataError(f"adata.obsm has no {use_rep!r}; fix: run masksc.tl.embed(adata, model) first, or "
                         "`masksc embed DATA --model DIR -o OUT.h5ad` on the command line "
                         f"(or pass use_rep= one of {list(adata.obsm)}).")
     Z = adata.obsm[use_rep]
-    return _cluster.check_embedding(Z.toarray() if sp.issparse(Z) else Z, f"adata.obsm[{use_rep!r}]")
+    return _cluster.check_embedding(Z.toarray() if sp.issparse(Z) else Z, f"adata.obsm[{use_rep!r}]", distances)
 
 
 def _graph_keys(adata, key: str) -> tuple[str, str]:
@@ -216,7 +218,7 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
     if foreign:
         raise DataError(f"{foreign} hold a graph masksc did not compute (e.g. scanpy's pp.neighbors); fix: "
                         f"key_added= another name (default {NEIGHBORS_KEY!r}), or delete that graph first.")
-    Z = _embedding(adata, use_rep)
+    Z = _embedding(adata, use_rep, distances=metric != "cosine")
     n_neighbors = _fewer_for_few_cells(n_neighbors, Z.shape[0])
     adata = _target(adata, copy)  # before the search, which can take minutes
     _store_graph(adata, key_added, Z, _digest(Z), use_rep, n_neighbors, metric, seed, use_gpu, search_kw)
@@ -301,7 +303,7 @@ def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
     if foreign:
         raise DataError(f"{foreign} hold a graph masksc did not compute, where tl.cluster keeps its own; fix: "
                         f"neighbors_key={NEIGHBORS_KEY!r} to cluster that graph, or delete it first.")
-    Z = _embedding(adata, use_rep)
+    Z = _embedding(adata, use_rep, distances=kwargs.get("metric", "euclidean") != "cosine")
     digest = _digest(Z)
     asked = {name: kwargs[name] for name in ("n_neighbors", "metric") if name in kwargs}
     if "n_neighbors" in asked:

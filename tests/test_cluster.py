@@ -586,3 +586,8 @@ def test_cosine_neighbours_ignore_the_scale_of_the_embedding():
     np.testing.assert_array_equal(knn_search(Z * 1e18, 15, metric="cosine")[0], I)
     with pytest.raises(DataError, match="too large for squared distances"):
         knn_search(Z * 1e18, 15)  # euclidean squares them
+    import anndata
+    from masksc import tl
+    a = anndata.AnnData(obsm={"X_masksc": (Z * 1e30).astype(np.float32)})
+    tl.neighbors(a, 15, metric="cosine")
+    np.testing.assert_array_equal(np.sort(a.obsp["masksc_neighbors_distances"][0].indices), np.sort(I[0, 1:]))

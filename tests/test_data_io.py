@@ -563,31 +563,38 @@ def test_a_layer_and_raw_named_together_are_refused_alike_for_files_and_anndata(
 
 
 def test_small_tables_without_cell_names_read_as_scanpy_reads_them(tmp_path):
-    """A one- or two-row table's first column of distinct whole numbers under a gene's name is
-    that gene, as scanpy reads it (its counts became the cell names); from three rows such a
-    column is cell IDs, as R writes them after subsetting (title "X") or a title says so, with a
-    warning when only the rows decide; a one-gene table is a table."""
+    """A first column of distinct whole numbers under a gene's name is that gene, as scanpy reads
+    it (one cell's counts became its name, and the gene was lost), with a warning from three rows;
+    cell IDs are told by their column's title (R's "X" after subsetting, cell_id, Unnamed: 0) or
+    by numbering the rows 0.. / 1..; transposed, a cell's title heads that cell's counts; a
+    one-gene table is a table."""
     import scanpy as sc
-    (tmp_path / "one.csv").write_text("A,B,C\n5,1,2\n")
-    with pytest.warns(UserWarning, match=r"first column 'A' holds distinct whole numbers, read as the first gene; "
-                                         r"if they are cell IDs, title that column cell_id"):
-        got = read(tmp_path / "one.csv")
-    ref = sc.read_csv(tmp_path / "one.csv")
-    np.testing.assert_array_equal(got.X.toarray(), np.asarray(ref.X))
-    assert list(got.var_names) == list(ref.var_names) and list(got.obs_names) == list(ref.obs_names)
+    tables = {"one.csv": "A,B,C\n5,1,2\n", "gapdh.csv": "GAPDH,ACTB,CD3E\n5,1,0\n12,0,1\n7,3,0\n"}
+    for name, text in tables.items():
+        (tmp_path / name).write_text(text)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = read(tmp_path / name)
+        ref = sc.read_csv(tmp_path / name)
+        np.testing.assert_array_equal(got.X.toarray(), np.asarray(ref.X))
+        assert list(got.var_names) == list(ref.var_names) and list(got.obs_names) == list(ref.obs_names)
+        assert [str(w.message) for w in caught] == ([] if name == "one.csv" else [
+            f"{tmp_path / name}: its first column 'GAPDH' holds distinct whole numbers, read as the first gene's "
+            "counts; if they are cell IDs, title that column cell_id"])
     (tmp_path / "gene.csv").write_text("A\n1\n2\n3\n")  # scanpy's read_csv finds no ',' and stops
     _check(read(tmp_path / "gene.csv"), np.array([[1], [2], [3]], dtype=np.float32), ["0", "1", "2"], ["A"])
     counts = np.array([[1, 0, 2], [0, 5, 1], [2, 2, 0], [4, 0, 1]], dtype=np.float32)
-    for title in ("X", "cell_idx", "Unnamed: 0", "cell_id"):
+    for title, cells in (("X", (3, 7, 12, 15)), ("cell_idx", (3, 7, 12, 15)), ("Unnamed: 0", (3, 7, 12, 15)),
+                         ("cell_id", (3, 7, 12, 15)), ("n", (1, 2, 3, 4))):
         (tmp_path / "r.csv").write_text(f"{title},GeneA,GeneB,GeneC\n" + "".join(
-            f"{cell},{','.join(str(int(v)) for v in row)}\n" for cell, row in zip((3, 7, 12, 15), counts)))
+            f"{cell},{','.join(str(int(v)) for v in row)}\n" for cell, row in zip(cells, counts)))
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the title settles it
-            _check(read(tmp_path / "r.csv"), counts, ["3", "7", "12", "15"], ["GeneA", "GeneB", "GeneC"])
-    (tmp_path / "ids.csv").write_text("A,B\n0,1\n5,2\n2,2\n")
-    with pytest.warns(UserWarning, match=r"'A' holds distinct whole numbers, read as cell IDs; if they are the first "
-                                         r"gene's counts, write the table with a column of cell names first"):
-        _check(read(tmp_path / "ids.csv"), np.array([[1], [2], [2]], dtype=np.float32), ["0", "5", "2"], ["B"])
+            warnings.simplefilter("error")  # the title or the numbering settles it
+            _check(read(tmp_path / "r.csv"), counts, [str(c) for c in cells], ["GeneA", "GeneB", "GeneC"])
+    barcodes = ["AAACCTGAGAAACCAT-1", "AAACCTGAGAAACCGC-1", "AAACCTGAGAAACGAG-1"]
+    (tmp_path / "t.csv").write_text(",".join(barcodes) + "\n5,1,0\n12,0,1\n7,3,0\n")
+    _check(read(tmp_path / "t.csv", transpose=True), np.array([[5, 12, 7], [1, 0, 3], [0, 1, 0]], dtype=np.float32),
+           barcodes, ["0", "1", "2"])
 
 
 def test_a_malformed_line_is_named_not_taken_for_a_file_cut_short(tmp_path):
@@ -599,6 +606,9 @@ def test_a_malformed_line_is_named_not_taken_for_a_file_cut_short(tmp_path):
     with pytest.raises(DataError, match=r"tie\.csv: line 2 holds 2 fields where the other rows hold 3; fix: correct "
                                         r"that line \(a missing separator"):
         read(tmp_path / "tie.csv")
+    (tmp_path / "cut2.csv").write_text("G1,G2,G3\nc1,1,2,3\nc2,4,5\n")  # a tie between the header's two widths
+    with pytest.raises(DataError, match=r"cut2\.csv: its last line holds 3 of the 4 fields .* looks cut short"):
+        read(tmp_path / "cut2.csv")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match=r"empty\.csv is empty; fix"):
         read(tmp_path / "empty.csv")
@@ -631,6 +641,11 @@ def test_a_damaged_file_of_an_mtx_folder_is_named(tmp_path, counts):
     (tmp_path / "d" / "barcodes.tsv").write_text("")
     with pytest.raises(DataError, match=r"d/barcodes\.tsv is empty; fix: copy it again"):
         read(tmp_path / "d")
+    _mtx_folder(tmp_path / "latin", X, cells, genes)
+    (tmp_path / "latin" / "features.tsv").write_bytes("".join(f"ENSG{j}\tgène{j}\tGene Expression\n"
+                                                             for j in range(12)).encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin/features\.tsv is not UTF-8 text .*; fix: save it as UTF-8"):
+        read(tmp_path / "latin")
     _mtx_folder(tmp_path / "e", X, cells, genes)
     whole = gzip.compress((tmp_path / "e" / "matrix.mtx").read_bytes())
     (tmp_path / "e" / "matrix.mtx").unlink()
@@ -660,9 +675,13 @@ def test_10x_features_keep_their_types_and_genome_as_scanpy_does(tmp_path, count
     accented = [f"gène{j}" for j in range(12)]
     write_10x_h5(tmp_path / "u.h5", X, cells, [g.encode() for g in accented])
     write_10x_h5(tmp_path / "latin.h5", X, cells, [g.encode("latin-1") for g in accented])
-    for name in ("u.h5", "latin.h5"):
-        assert list(read(tmp_path / name).var_names) == accented
-        assert list(open_source(tmp_path / name).var_names) == accented  # streamed alike
+    assert list(read(tmp_path / "u.h5").var_names) == list(open_source(tmp_path / "u.h5").var_names) == accented
+    names = [g.encode() for g in accented]
+    names[3] = "gène3".encode("latin-1")  # one name written in another encoding: that one is read as Latin-1
+    write_10x_h5(tmp_path / "latin.h5", X, cells, names)
+    for reader in (read, open_source):
+        with pytest.warns(UserWarning, match=r"1 names are not UTF-8 text, read as Latin-1 \(e\.g\. 'gène3'\)"):
+            assert list(reader(tmp_path / "latin.h5").var_names) == accented  # the others stay UTF-8
     with pytest.warns(UserWarning, match=r"holds no 'Gene Expression' features"):
         assert open_source(tmp_path / "adt.h5").n_vars == 12
 

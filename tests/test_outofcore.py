@@ -339,6 +339,9 @@ def test_embed_file_writes_obs_as_anndata_would_and_refuses_no_cells(tmp_path, f
                                                     chunk_size=np.int16(20_000))).obs
     assert out["barcode"].dtype == ref["barcode"].dtype and not isinstance(out["barcode"].dtype, pd.CategoricalDtype)
     assert list(out["celltype"].cat.categories) == list(ref["celltype"].cat.categories) == ["B", "NK", "T2", "T10"]
+    from masksc.outofcore import _writable_obs  # pandas' string dtype with repeats: a categorical, as anndata's
+    typed = _writable_obs(pd.DataFrame({"s": pd.array(["a", "b", "a"], dtype="string")}, index=["x", "y", "z"]))
+    assert list(typed["s"].cat.categories) == ["a", "b"]
 
 
 @pytest.mark.parametrize("size", [0, -1, 2.5])

@@ -195,8 +195,12 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
         adata = reader(path, fmt=fmt, transpose=transpose, backed=backed, where=where, genome=genome)
     except DataError:
         raise
+    except UnicodeDecodeError as exc:  # names in an encoding the reader does not take: the file itself is whole
+        raise DataError(f"cannot read {path} as {fmt}: its names are not text the reader decodes ({exc}); fix: write "
+                        "the file again with UTF-8 (for a Cell Ranger v2 .h5, ASCII) names, or read it yourself "
+                        "and pass the AnnData.") from exc
     except (OSError, EOFError, zlib.error, KeyError, ValueError, TypeError, AttributeError, RuntimeError,
-            UnicodeDecodeError, pd.errors.ParserError) as exc:  # what a damaged or misnamed file raises
+            pd.errors.ParserError) as exc:  # what a damaged or misnamed file raises
         raise DataError(f"cannot read {path} as {fmt} ({type(exc).__name__}: {exc}); fix: check the file "
                         "is complete and in that format, or pass the right format=.") from exc
     if not backed:
@@ -331,15 +335,27 @@ def _read_h5ad(path, where, backed=False, **_):
 
 
 def _decode(a) -> np.ndarray:
-    """Names stored in HDF5 as text: UTF-8 bytes, as Cell Ranger writes them, or, where they are
-    not UTF-8, Latin-1 (which any bytes are)."""
+    """Names stored in HDF5 as text: UTF-8 bytes, as Cell Ranger writes them; a name that is not
+    UTF-8 is read as Latin-1 (which any bytes are), with a warning naming it."""
     a = np.asarray(a)
     if a.dtype.kind not in "SO":
         return a
-    try:
-        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in a.ravel()], dtype=str)
-    except UnicodeDecodeError:
-        return np.array([v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in a.ravel()], dtype=str)
+    latin = []
+
+    def text(v) -> str:
+        if not isinstance(v, bytes):
+            return str(v)
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            latin.append(v.decode("latin-1"))
+            return latin[-1]
+
+    out = np.array([text(v) for v in a.ravel()], dtype=str)
+    if latin:
+        warn(f"{len(latin)} names are not UTF-8 text, read as Latin-1 (e.g. {latin[0]!r}); if they read wrong, "
+             "write the file again with UTF-8 names")
+    return out
 
 
 def _read_10x_h5(path, where, genome=None, **_):
@@ -432,6 +448,9 @@ def _read_part(part: Path, read):
         return read(part)
     except pd.errors.EmptyDataError:
         raise DataError(f"{part} is empty; fix: copy it again from the 10x output folder.") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{part} is not UTF-8 text ({exc}); fix: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 "
+                        "FILE > NEW, gzip-compressed again if it was).") from exc
     except (OSError, EOFError, zlib.error, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot read {part} ({type(exc).__name__}: {exc}); fix: check the file is complete (copy "
                         "or download it again).") from exc
@@ -523,9 +542,9 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
         body = pd.DataFrame()
     first = body.iloc[:, 0] if body.shape[1] else pd.Series(dtype=float)
     # a numeric first column under a gene's name is the first gene's counts: the table was written
-    # without cell names (pandas' index=False, R's row.names=FALSE), unless it holds cell IDs
+    # without cell names (pandas' index=False, R's row.names=FALSE), unless it holds names
     unnamed = len(header) == body.shape[1] and header[0] != "" and pd.api.types.is_numeric_dtype(first) and (
-        body.shape[1] == 1 or not _holds_cell_ids(path, header[0], first))
+        body.shape[1] == 1 or not _holds_names(path, header[0], first, transpose))
     if unnamed:  # a blank first header cell (pandas, R's write.csv) always marks a name column
         log.info("%s: its first column holds numbers, not cell names (header %r): read as the first gene, the "
                  "cells named 0..%d", path, header[0], len(body) - 1)
@@ -557,27 +576,29 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     return _finish(_unique_genes(adata, path), where)
 
 
-# a name column's title: cell_id, index, barcode, ..., R's "X" (read.csv's name for a blank one), pandas' "Unnamed: 0"
-_ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?)?[ _.]?(ids?|idx|index|names?|barcodes?)?|x|"
-                       r"unnamed: ?\d+")
+# a name column's title: cell_id, index, barcode, gene_id, ..., R's "X" (read.csv's name for a blank one),
+# pandas' "Unnamed: 0"
+_ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?|genes?|features?)?[ _.]?"
+                       r"(ids?|idx|index|names?|barcodes?|symbols?)?|x|unnamed: ?\d+")
 
 
-def _holds_cell_ids(path, title: str, column: pd.Series) -> bool:
-    """Whether a table's numeric first column, headed ``title``, holds cell IDs rather than the
-    first gene's counts: distinct whole numbers, under an ID column's title (``cell_id``,
-    ``index``, ``X``, ...) or in three or more rows (a gene's counts repeat; a warning says how
-    it was read when the title does not settle it)."""
-    values = column.to_numpy(dtype=np.float64)
-    if not (column.is_unique and np.all(np.mod(values, 1) == 0)):
-        return False
+def _holds_names(path, title: str, column: pd.Series, transpose: bool) -> bool:
+    """Whether a table's numeric first column, headed ``title``, holds the rows' names (cell IDs;
+    gene IDs when ``transpose``) rather than the first column of values: under a name column's
+    title (``cell_id``, ``index``, ``X``, ...), or numbering three or more cells 0.. or 1.. in
+    order. Distinct whole numbers under any other title are read as values, with a warning."""
     if _ID_TITLE.fullmatch(title.strip()):
         return True
-    ids = len(values) >= 3
-    other = ("the first gene's counts, write the table with a column of cell names first" if ids else
-             "cell IDs, title that column cell_id")
-    warn(f"{path}: its first column {title!r} holds distinct whole numbers, read as "
-         f"{'cell IDs' if ids else 'the first gene'}; if they are {other}")
-    return ids
+    if transpose:  # the title is a cell: its column holds that cell's counts
+        return False
+    values = column.to_numpy(dtype=np.float64)
+    n = len(values)
+    if n >= 3 and (np.array_equal(values, np.arange(n)) or np.array_equal(values, np.arange(1, n + 1))):
+        return True
+    if n >= 3 and column.is_unique and np.all(np.mod(values, 1) == 0):
+        warn(f"{path}: its first column {title!r} holds distinct whole numbers, read as the first gene's counts; if "
+             "they are cell IDs, title that column cell_id")
+    return False
 
 
 def _check_line_lengths(path: Path, sep: str, header_fields: int) -> None:
@@ -592,9 +613,10 @@ def _check_line_lengths(path: Path, sep: str, header_fields: int) -> None:
         return
     tally = Counter(n for _, n in counts)
     top = max(tally.values())
-    # rows hold as many fields as the header, or one more (a name column it leaves untitled): on a tie, those
+    # rows hold as many fields as the header, or one more (a name column it leaves untitled): on a tie, those,
+    # and the longer (a line cut short is likelier than a stray separator)
     usual = min((n for n, c in tally.items() if c == top),
-                key=lambda n: (n not in (header_fields, header_fields + 1), n))
+                key=lambda n: (n not in (header_fields, header_fields + 1), -n))
     odd = [(number, n) for number, n in counts if n != usual]
     if odd == [counts[-1]] and odd[0][1] < usual:
         raise DataError(f"{path}: its last line holds {odd[0][1]} of the {usual} fields of the lines before it: the "
