@@ -26,6 +26,7 @@ from masksc.io_utils import atomic_write
 logger = logging.getLogger(__name__)
 
 MAX_LEGEND = 30  # categories beyond this are drawn without a legend entry each
+PANELS_PER_ROW = 4
 UMAP_MIN_CELLS = 16  # below this umap-learn's spectral initialisation fails (and a map says little)
 
 
@@ -39,18 +40,26 @@ def _figure(width: float, height: float):
 
 
 def _check_png(path) -> None:
-    """Refuse a path that is not a .png before any work (a UMAP can take minutes)."""
+    """Refuse a path that is not a .png, or one that cannot be written, before any work (a UMAP
+    can take minutes)."""
     if path is not None and Path(path).suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; give a path ending in .png (or None for the Figure), "
                          f"got {str(path)!r}.")
+    if path is not None:
+        from masksc.io_utils import check_output
+        check_output(path, None, suffixes=(".png",))
 
 
 def _panels(ax, path, n: int, width: float, height: float):
     """(figure, [n axes]) to draw into: a new figure of n panels side by side, or the caller's
     ``ax`` for a single panel (the caller then owns saving, so no path)."""
-    if ax is None:
-        fig = _figure(width * n, height)
-        return fig, list(fig.subplots(1, n, squeeze=False)[0])
+    if ax is None:  # at most PANELS_PER_ROW a row, as scanpy wraps its panels
+        cols, rows = min(n, PANELS_PER_ROW), -(-n // PANELS_PER_ROW)
+        fig = _figure(width * cols, height * rows)
+        axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+        for spare in axes[n:]:
+            spare.remove()
+        return fig, axes[:n]
     if path is not None:
         raise ValueError("ax= draws into your own figure, which you save; pass path=None with it.")
     if n != 1:
@@ -183,7 +192,13 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
                 stored = data.uns.get(f"{c}_colors")
                 categorical = isinstance(data.obs[c].dtype, pd.CategoricalDtype)
                 if categorical and stored is not None and len(stored) == len(data.obs[c].cat.categories):
-                    palettes[c] = list(stored)
+                    from matplotlib.colors import is_color_like
+                    if all(is_color_like(colour) for colour in stored):
+                        palettes[c] = list(stored)
+                    else:  # as scanpy: its own palette instead
+                        warn(f"uns[{c + '_colors'!r}] holds values that are not colours (e.g. "
+                             f"{next(colour for colour in stored if not is_color_like(colour))!r}); drawing {c!r} "
+                             "in the default palette")
                 colorings[c] = data.obs[c].array if categorical else data.obs[c].to_numpy()
             color = colorings
         elif layer is not None or use_raw:
@@ -215,18 +230,40 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
 
 
 def _category_colors(n: int) -> list:
+    """scanpy's default palettes for n categories (tab10's up to 10, its default_20 and
+    default_102 beyond, which keep neighbouring categories apart), then gist_ncar."""
     from matplotlib import colormaps
+    from scanpy.plotting.palettes import default_20, default_102
 
     if n <= 10:
         return [colormaps["tab10"](i) for i in range(n)]
     if n <= 20:
-        return [colormaps["tab20"](i) for i in range(n)]
+        return list(default_20[:n])
+    if n <= 102:
+        return list(default_102[:n])
     return [colormaps["gist_ncar"](x) for x in np.linspace(0.02, 0.95, n)]
 
 
 def _natural_key(text: str) -> list:
     """Sort key putting "type_2" before "type_10" and "2" before "10"."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+
+
+def _label_text(value) -> str:
+    """A label as the legend writes it: a whole float as an integer (an Int64 column read as
+    1.0 beside NA is label 1)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _label_order(values: np.ndarray) -> list[str]:
+    """The texts of ``values`` (labels, no missing ones) in legend order: numbers by value (-2
+    before 0.05 before 0.5), anything else naturally ("type_2" before "type_10")."""
+    unique = pd.unique(values)
+    if all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) for v in unique):
+        return list(dict.fromkeys(_label_text(v) for v in sorted(unique)))
+    return sorted({_label_text(v) for v in unique}, key=_natural_key)
 
 
 def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: list | None = None,
@@ -246,14 +283,17 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
         shown = shown[np.argsort(labels[shown], kind="stable")]  # high values on top, as scanpy draws them
         sc = ax.scatter(xy[shown, 0], xy[shown, 1], c=labels[shown], s=size, cmap="viridis", linewidths=0,
                         rasterized=True)
-        ax.figure.colorbar(sc, ax=ax, shrink=0.8)
+        if shown.size:  # a colour bar of no values would show 0..1
+            ax.figure.colorbar(sc, ax=ax, shrink=0.8)
     else:
         missing = np.asarray(pd.isna(labels), dtype=bool)
+        from matplotlib.colors import to_rgba
+        from matplotlib.lines import Line2D
         if categorical:  # from the codes: int categories beside NaN would come out of the values as floats
             str_labels = np.full(len(labels), "", dtype=object)
             str_labels[~missing] = np.asarray(labels.categories.astype(str), dtype=object)[labels.codes[~missing]]
         else:
-            str_labels = labels.astype(str)
+            str_labels = np.array([_label_text(v) for v in labels], dtype=object)
         present = set(str_labels[~missing])
         if categorical:  # the column's own order and colours, kept when a sample lacks a category
             order = [str(c) for c in labels.categories]
@@ -261,19 +301,24 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
             cats = [c for c in order if c in present]
             colors = [every[order.index(c)] for c in cats]
         else:
-            cats = sorted(present, key=_natural_key)
+            cats = _label_order(labels[~missing])
             colors = _category_colors(len(cats))
+        handles = []
         if missing.any():  # unlabelled cells: grey, underneath the labelled ones
-            ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True,
-                       label=f"NA ({int(missing.sum())})")
-        for cat, color in zip(cats, colors):
-            sel = (str_labels == cat) & ~missing
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=color, linewidths=0, rasterized=True,
-                       label=f"{cat} ({int(sel.sum())})")
-        if 1 < len(cats) + missing.any() <= MAX_LEGEND:
-            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8,
-                      markerscale=max(1.0, 6.0 / math.sqrt(size)), ncol=1 if len(cats) <= 15 else 2)
-        elif len(cats) + missing.any() > MAX_LEGEND:
+            ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True)
+            handles.append(("lightgrey", f"NA ({int(missing.sum())})"))
+        # every labelled cell in one scatter, in data order as scanpy draws them: one scatter per
+        # category would lay the last ones over the first
+        codes = pd.Categorical(str_labels[~missing], categories=cats).codes
+        rgba = np.array([to_rgba(c) for c in colors]).reshape(-1, 4)
+        ax.scatter(xy[~missing, 0], xy[~missing, 1], s=size, c=rgba[codes], linewidths=0, rasterized=True)
+        handles += [(color, f"{cat} ({int((codes == k).sum())})") for k, (cat, color) in enumerate(zip(cats, colors))]
+        if len(handles) <= MAX_LEGEND:
+            marker = math.sqrt(size) * max(1.0, 6.0 / math.sqrt(size))
+            ax.legend([Line2D([], [], linestyle="", marker="o", markersize=marker, markeredgewidth=0, color=color)
+                       for color, _ in handles], [text for _, text in handles], loc="center left",
+                      bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, ncol=1 if len(cats) <= 15 else 2)
+        else:
             title = f"{title} ({len(cats)} categories, no legend)"
     ax.set_title(title)
     ax.set_xticks([])
@@ -325,6 +370,9 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
     _check_png(path)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= 2**32 - 1:
+        raise DataError(f"seed must be an integer in [0, 2**32 - 1] (what UMAP and t-SNE take), got {seed!r}; fix: "
+                        "e.g. seed=0.")
     if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer))
                                   or max_cells < 2):
         raise DataError(f"max_cells must be an integer >= 2 (a map needs two cells) or None for all cells, got "
@@ -344,6 +392,12 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
         _draw_panel(panel, xy, labels[idx], name, size, palettes.get(name), name in continuous)
         panel.set_xlabel(f"{method.upper()} 1" if method != "precomputed" else "")
         panel.set_ylabel(f"{method.upper()} 2" if method != "precomputed" else "")
+    if len(idx) < n:  # the legend's counts are the sample's: say so on the figure
+        sample = f"a random sample of {len(idx)} of {n} cells (seed {seed})"
+        if ax is not None:
+            ax.set_title(f"{ax.get_title()}\n{sample}")
+        else:
+            fig.suptitle(sample)
     if ax is not None:
         return ax
     fig.tight_layout()
@@ -495,8 +549,11 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
     if logy is None:
         logy = bool((finite > 0).all() and finite.max() / finite.min() > 100)
     fig, (panel,) = _panels(ax, path, 1, 6.0, 4.0)
+    from matplotlib.ticker import MaxNLocator
     for name, v in arrays.items():
-        panel.plot(np.arange(1, v.size + 1), v, marker="o" if v.size <= 30 else None, markersize=3, label=name)
+        at = np.flatnonzero(np.isfinite(v))  # NaN skipped, not breaking the line (a curve of gaps drew nothing)
+        panel.plot(at + 1, v[at], marker="o" if at.size <= 30 else None, markersize=3, label=name)
+    panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs or steps: no 1.5
     if logy:
         panel.set_yscale("log")
     panel.set_xlabel(xlabel)

@@ -10,7 +10,7 @@ from matplotlib.image import imread
 from threadpoolctl import threadpool_limits
 
 from masksc import pl
-from masksc.errors import DataError
+from masksc.errors import DataError, MaskscError
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +119,7 @@ def test_single_panels_draw_into_the_callers_axes(tmp_path):
     Z, y = _data(n=60)
     assert pl.embedding(Z, {"cluster": y}, method="tsne", ax=left) is left
     assert pl.loss_curve([3.0, 2.0, 1.5], ax=right) is right
-    assert left.get_title() == "cluster" and len(left.collections) == 3 and right.get_ylabel() == "loss"
+    assert left.get_title() == "cluster" and len(left.get_legend().get_texts()) == 3 and right.get_ylabel() == "loss"
     fig.savefig(tmp_path / "mine.png")
     _png(tmp_path / "mine.png", min_w=600)
     with pytest.raises(ValueError, match="ax= takes one panel, but there are 2 colourings"):
@@ -181,7 +181,8 @@ def test_a_categorical_column_of_many_integer_categories_stays_categorical():
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert set(panels) == {"clusters (40 categories, no legend)", "n_genes"}
     assert len(fig.axes) == 3  # one colour bar: the counts'
-    assert len(panels["clusters (40 categories, no legend)"].collections) == 40
+    (drawn,) = panels["clusters (40 categories, no legend)"].collections
+    assert len(drawn.get_offsets()) == 300 and len(np.unique(drawn.get_facecolors(), axis=0)) == 40
 
 
 def test_a_categorical_column_keeps_its_order_and_scanpys_stored_colours():
@@ -199,14 +200,22 @@ def test_a_categorical_column_keeps_its_order_and_scanpys_stored_colours():
     fig = pl.embedding(cells, "t", basis="umap")
     legend = [text.get_text().split(" (")[0] for text in fig.axes[0].get_legend().get_texts()]
     assert legend == order
-    drawn = [tuple(c.get_facecolor()[0]) for c in fig.axes[0].collections]
-    assert drawn == [to_rgba(c) for c in cells.uns["t_colors"]]
+    assert _legend_colors(fig.axes[0]) == [to_rgba(c) for c in cells.uns["t_colors"]]
+    (drawn,) = fig.axes[0].collections  # each cell in its category's colour, in data order
+    assert [tuple(c) for c in drawn.get_facecolors()] == [
+        to_rgba(cells.uns["t_colors"][order.index(t)]) for t in cells.obs["t"]]
     del cells.uns["t_colors"]
-    whole = [tuple(c.get_facecolor()[0]) for c in pl.embedding(cells, "t", basis="umap").axes[0].collections]
+    whole = _legend_colors(pl.embedding(cells, "t", basis="umap").axes[0])
     values = cells.obs["t"].to_numpy()
     no_type_2 = pd.Categorical(np.where(values == "type_2", "type_3", values), categories=order)  # unused category
     fig = pl.embedding(cells.obsm["X_umap"], {"t": no_type_2})
-    assert [tuple(c.get_facecolor()[0]) for c in fig.axes[0].collections] == [whole[0], whole[2], whole[3]]
+    assert _legend_colors(fig.axes[0]) == [whole[0], whole[2], whole[3]]
+
+
+def _legend_colors(ax) -> list:
+    """The RGBA colour of each legend entry of ``ax``, in order."""
+    from matplotlib.colors import to_rgba
+    return [to_rgba(handle.get_color()) for handle in ax.get_legend().legend_handles]
 
 
 def test_integer_categories_beside_missing_cells_are_drawn_and_a_series_keeps_its_categories():
@@ -582,3 +591,68 @@ def test_the_earlier_color_by_name_still_works_with_a_future_warning(tmp_path):
     assert ax.get_title() == "label"
     with pytest.raises(TypeError, match="pass color= alone"):
         pl.embedding(ad, "label", basis="umap", color_by="label")
+
+
+def test_loss_curves_skip_gaps_and_count_epochs_in_whole_numbers():
+    """A curve with NaN every other point drew nothing past 30 points (each NaN broke the line
+    and no markers were drawn); the epoch axis showed 1.2, 1.4, ..."""
+    val = np.full(60, np.nan)
+    val[::2] = np.linspace(2, 1, 30)
+    ax = pl.loss_curve({"train": np.linspace(3, 1, 60), "val": val}).axes[0]
+    drawn = ax.get_lines()[1].get_xydata()
+    np.testing.assert_array_equal(drawn, np.column_stack([np.arange(1, 61, 2), val[::2]]))
+    ax = pl.loss_curve([2.0, 1.5]).axes[0]
+    assert all(float(t).is_integer() for t in ax.xaxis.get_majorticklocs())
+
+
+def test_number_labels_are_ordered_by_value_and_named_as_whole_numbers():
+    Z, _ = _data(n=60)
+    for values, expected in (
+            (np.repeat([2, -1, 0, 1, -2], 12), ["-2", "-1", "0", "1", "2"]),
+            (np.repeat([0.5, 0.05, 1.0, 0.25, 0.75], 12), ["0.05", "0.25", "0.5", "0.75", "1"]),
+            (pd.array([1, 2, None] * 20, dtype="Int64"), ["NA", "1", "2"])):
+        legend = pl.embedding(Z, {"v": values}, method="tsne").axes[0]
+        assert [t.get_text().split(" (")[0] for t in legend.get_legend().get_texts()] == expected
+
+
+def test_panels_wrap_at_four_a_row_and_a_sample_is_named_on_the_figure():
+    Z, y = _data(n=60)
+    fig = pl.embedding(Z, {f"c{i}": y for i in range(6)}, method="tsne", max_cells=40, seed=3)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 6 and len({round(ax.get_position().y0, 3) for ax in panels}) == 2
+    assert fig.get_suptitle() == "a random sample of 40 of 60 cells (seed 3)"
+    assert sum(len(c.get_offsets()) for c in panels[0].collections) == 40
+
+
+def test_small_and_empty_colourings_stay_readable():
+    """One category still gets its legend, an all-NaN gene no 0..1 colour bar, 11-20 categories
+    scanpy's default_20 (tab20 put dark and light shades of one hue side by side)."""
+    from matplotlib.colors import to_rgba
+    from scanpy.plotting.palettes import default_20
+    Z, _ = _data(n=60)
+    ax = pl.embedding(Z, {"one": np.array(["only"] * 60)}, method="tsne").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["only (60)"]
+    fig = pl.embedding(Z, {"gene": np.full(60, np.nan)}, method="tsne")
+    assert len(fig.axes) == 1  # no colour bar
+    ax = pl.embedding(Z, {"many": np.arange(60) % 15}, method="tsne").axes[0]
+    assert _legend_colors(ax) == [to_rgba(c) for c in default_20[:15]]
+
+
+def test_bad_seed_palette_and_path_are_caught_before_the_map(tmp_path, monkeypatch):
+    import anndata as ad
+    Z, y = _data(n=60)
+    monkeypatch.setattr(pl, "_coords_2d", lambda *a: pytest.fail("mapped before the check"))
+    with pytest.raises(DataError, match=r"seed must be an integer in \[0, 2\*\*32 - 1\] \(what UMAP and t-SNE take\)"):
+        pl.embedding(Z, {"c": y}, method="tsne", seed=5_000_000_000)
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(MaskscError, match=r"file\.txt"):
+        pl.embedding(Z, {"c": y}, tmp_path / "file.txt" / "x.png", method="tsne")
+    monkeypatch.undo()
+    cells = ad.AnnData(obs=pd.DataFrame({"ph": pd.Categorical(np.array(["a", "b", "c"])[np.arange(60) % 3])},
+                                        index=[f"c{i}" for i in range(60)]),
+                       obsm={"X_umap": Z[:, :2].astype(np.float32)})
+    cells.uns["ph_colors"] = ["notacolor", "#ff0000", "#00ff00"]
+    with pytest.warns(UserWarning, match=r"uns\['ph_colors'\] holds values that are not colours \(e\.g\. "
+                                         r"'notacolor'\); drawing 'ph' in the default palette"):
+        ax = pl.embedding(cells, "ph", basis="umap").axes[0]
+    assert len(_legend_colors(ax)) == 3
