@@ -144,9 +144,10 @@ def _gene_values(expression, gene: str) -> np.ndarray:
 
 
 def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool | None = None
-                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list], set[str]]:
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, list], set[str], bool]:
     """(Z, {panel name: labels}, {panel name: colours per category}, names of the panels drawn
-    as continuous values) from an array or an AnnData plus ``color``; a categorical column stays a
+    as continuous values, whether nothing colours the cells: one uniform panel without a
+    legend) from an array or an AnnData plus ``color``; a categorical column stays a
     ``pd.Categorical`` (its categories' order is the legend's) and brings scanpy's
     ``uns[f"{column}_colors"]`` when that has one per category; a gene's panel holds its values."""
     palettes, continuous = {}, set()
@@ -197,7 +198,8 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
                         palettes[c] = list(stored)
                     else:  # as scanpy: its own palette instead
                         warn(f"uns[{c + '_colors'!r}] holds values that are not colours (e.g. "
-                             f"{next(colour for colour in stored if not is_color_like(colour))!r}); drawing {c!r} "
+                             f"{str(next(colour for colour in stored if not is_color_like(colour)))!r}); drawing "
+                             f"{c!r} "
                              "in the default palette")
                 colorings[c] = data.obs[c].array if categorical else data.obs[c].to_numpy()
             color = colorings
@@ -212,7 +214,8 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
     if Z.ndim != 2 or Z.shape[0] < 2:
         raise DataError(f"embedding must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
     Z = check_embedding(Z, "embedding")  # NaN / inf, and values float32 cannot hold, named apart
-    if not color:
+    uncoloured = not color
+    if uncoloured:
         color = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
     if not isinstance(color, dict):
         raise DataError("color must be a dict {panel title: labels per cell} (or, for AnnData, obs column or gene "
@@ -226,7 +229,8 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
             raise DataError(f"color[{name!r}] must have one label per cell ({Z.shape[0]}), "
                             f"got shape {labels.shape}.")
         out[str(name)] = labels
-    return Z, out, {str(name): colors for name, colors in palettes.items()}, {str(name) for name in continuous}
+    return (Z, out, {str(name): colors for name, colors in palettes.items()}, {str(name) for name in continuous},
+            uncoloured)
 
 
 def _category_colors(n: int) -> list:
@@ -250,27 +254,29 @@ def _natural_key(text: str) -> list:
 
 
 def _label_text(value) -> str:
-    """A label as the legend writes it: a whole float as an integer (an Int64 column read as
-    1.0 beside NA is label 1)."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    """A label as the legend writes it: a whole float of ordinary size as an integer (an Int64
+    column read as 1.0 beside NA is label 1; 1e300 stays 1e+300)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer() and abs(value) < 1e15:
         return str(int(value))
     return str(value)
 
 
-def _label_order(values: np.ndarray) -> list[str]:
-    """The texts of ``values`` (labels, no missing ones) in legend order: numbers by value (-2
-    before 0.05 before 0.5), anything else naturally ("type_2" before "type_10")."""
-    unique = pd.unique(values)
-    if all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)) for v in unique):
-        return list(dict.fromkeys(_label_text(v) for v in sorted(unique)))
-    return sorted({_label_text(v) for v in unique}, key=_natural_key)
+def _label_order(texts) -> list[str]:
+    """Label texts in legend order: numbers by value (-2 before 0.05 before 0.5) when every one
+    reads as a number, else naturally ("type_2" before "type_10")."""
+    texts = set(texts)
+    try:
+        return sorted(texts, key=float)
+    except ValueError:
+        return sorted(texts, key=_natural_key)
 
 
 def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: list | None = None,
-                continuous: bool = False) -> None:
+                continuous: bool = False, legend: bool = True) -> None:
     """One scatter of ``xy`` coloured by ``labels`` (an array, or a pd.Categorical whose categories
     give the legend's order and ``palette`` its colours, one per category); ``continuous`` draws
-    numbers on a colour map whatever their count (a gene's values)."""
+    numbers on a colour map whatever their count (a gene's values); ``legend=False`` leaves
+    the categories' legend out."""
     categorical = isinstance(labels, pd.Categorical)
     numeric_many = not categorical and labels.dtype.kind in "fiu" and len(np.unique(labels)) > MAX_LEGEND
     if continuous or numeric_many:  # a continuous value (a gene, a count per cell): colour map and colour bar
@@ -290,18 +296,19 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
         from matplotlib.colors import to_rgba
         from matplotlib.lines import Line2D
         if categorical:  # from the codes: int categories beside NaN would come out of the values as floats
+            named = np.array([_label_text(c) for c in labels.categories], dtype=object)
             str_labels = np.full(len(labels), "", dtype=object)
-            str_labels[~missing] = np.asarray(labels.categories.astype(str), dtype=object)[labels.codes[~missing]]
+            str_labels[~missing] = named[labels.codes[~missing]]
         else:
             str_labels = np.array([_label_text(v) for v in labels], dtype=object)
         present = set(str_labels[~missing])
         if categorical:  # the column's own order and colours, kept when a sample lacks a category
-            order = [str(c) for c in labels.categories]
-            every = palette if palette is not None else _category_colors(len(order))
+            order = list(dict.fromkeys(named))  # categories 1 and "1" write alike: one entry
+            every = palette if palette is not None else _category_colors(len(named))
             cats = [c for c in order if c in present]
-            colors = [every[order.index(c)] for c in cats]
+            colors = [every[list(named).index(c)] for c in cats]
         else:
-            cats = _label_order(labels[~missing])
+            cats = _label_order(present)
             colors = _category_colors(len(cats))
         handles = []
         if missing.any():  # unlabelled cells: grey, underneath the labelled ones
@@ -313,12 +320,12 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
         rgba = np.array([to_rgba(c) for c in colors]).reshape(-1, 4)
         ax.scatter(xy[~missing, 0], xy[~missing, 1], s=size, c=rgba[codes], linewidths=0, rasterized=True)
         handles += [(color, f"{cat} ({int((codes == k).sum())})") for k, (cat, color) in enumerate(zip(cats, colors))]
-        if len(handles) <= MAX_LEGEND:
+        if legend and len(handles) <= MAX_LEGEND:
             marker = math.sqrt(size) * max(1.0, 6.0 / math.sqrt(size))
             ax.legend([Line2D([], [], linestyle="", marker="o", markersize=marker, markeredgewidth=0, color=color)
                        for color, _ in handles], [text for _, text in handles], loc="center left",
                       bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, ncol=1 if len(cats) <= 15 else 2)
-        else:
+        elif legend:
             title = f"{title} ({len(cats)} categories, no legend)"
     ax.set_title(title)
     ax.set_xticks([])
@@ -370,6 +377,8 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
     _check_png(path)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
+    if point_size is not None and not point_size > 0:
+        raise ValueError(f"point_size is a marker area and must be > 0, got {point_size!r}.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= 2**32 - 1:
         raise DataError(f"seed must be an integer in [0, 2**32 - 1] (what UMAP and t-SNE take), got {seed!r}; fix: "
                         "e.g. seed=0.")
@@ -377,7 +386,7 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
                                   or max_cells < 2):
         raise DataError(f"max_cells must be an integer >= 2 (a map needs two cells) or None for all cells, got "
                         f"{max_cells!r}.")
-    Z, colorings, palettes, continuous = _color_sets(data, color, basis, layer, use_raw)
+    Z, colorings, palettes, continuous, uncoloured = _color_sets(data, color, basis, layer, use_raw)
     fig, axes = _panels(ax, path, len(colorings), 6.5, 5.0)  # before the map: a bad ax= fails at once
     if Z.shape[1] == 2:  # already a map (e.g. scanpy's X_umap): mapping it again would distort it
         method = "precomputed"
@@ -389,7 +398,8 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
     xy, method = _coords_2d(Z[idx], method, seed)
     size = point_size if point_size is not None else float(np.clip(3000.0 / len(idx), 0.5, 30.0))
     for panel, (name, labels) in zip(axes, colorings.items()):
-        _draw_panel(panel, xy, labels[idx], name, size, palettes.get(name), name in continuous)
+        _draw_panel(panel, xy, labels[idx], name, size, palettes.get(name), name in continuous,
+                    legend=not uncoloured)
         panel.set_xlabel(f"{method.upper()} 1" if method != "precomputed" else "")
         panel.set_ylabel(f"{method.upper()} 2" if method != "precomputed" else "")
     if len(idx) < n:  # the legend's counts are the sample's: say so on the figure

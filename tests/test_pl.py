@@ -656,3 +656,21 @@ def test_bad_seed_palette_and_path_are_caught_before_the_map(tmp_path, monkeypat
                                          r"'notacolor'\); drawing 'ph' in the default palette"):
         ax = pl.embedding(cells, "ph", basis="umap").axes[0]
     assert len(_legend_colors(ax)) == 3
+
+
+def test_labels_whose_texts_collide_are_each_counted_and_coloured():
+    """Categories 1 and "1" crashed the single scatter; object labels True and 1 lost the 1s from
+    the legend (pandas treats them as one value) and painted them another label's colour; an
+    uncoloured map has no "0" legend; 1e300 is not written out in 301 digits."""
+    Z, _ = _data(n=200)
+    ax = pl.embedding(Z, {"c": pd.Categorical([1, "1"] * 100)}, method="tsne").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1 (200)"]
+    ax = pl.embedding(Z, {"c": np.array([True, 1, 2, False] * 50, dtype=object)}, method="tsne").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1 (50)", "2 (50)", "False (50)", "True (50)"]
+    (drawn,) = ax.collections
+    assert len(np.unique(drawn.get_facecolors(), axis=0)) == 4
+    assert pl.embedding(Z, method="tsne").axes[0].get_legend() is None
+    ax = pl.embedding(Z, {"c": np.array([1e300, 2.0] * 100)}, method="tsne").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["2 (100)", "1e+300 (100)"]
+    with pytest.raises(ValueError, match=r"point_size is a marker area and must be > 0, got 0"):
+        pl.embedding(Z, method="tsne", point_size=0)
