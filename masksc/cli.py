@@ -301,7 +301,12 @@ def _cells_to_draw(args, model):
     if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
         labels = adata.obs[args.label_key]
         picks = one_cell_per_label(labels, args.seed, n=args.cells)
-        titles = [str(v) for v in labels.iloc[picks]]  # not to_numpy(): NaN makes integer categories 2.0
+        n_labels = labels.nunique()
+        if n_labels > args.cells:
+            warnings.warn(f"{args.label_key!r} holds {n_labels} labels; drawing a cell of each of the first "
+                          f"{args.cells} in sorted order (--cells {n_labels} draws them all)", stacklevel=2)
+        # the label and the cell drawn; not to_numpy(): NaN makes integer categories 2.0
+        titles = [f"{label}\n{name}" for label, name in zip(labels.iloc[picks], adata.obs_names[picks])]
     else:
         picks = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, min(args.cells, adata.n_obs),
                                                                  replace=False))

@@ -781,7 +781,8 @@ def test_plot_attention_errors_name_the_files_rows_of_the_drawn_cells(trained, t
 
 def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
     """`masksc plot attention` draws model.attention_maps of one seeded cell per label, titled by
-    label; without the label column it draws --cells random cells titled by name."""
+    label and cell name, saying when --cells leaves labels out; without the label column it draws
+    --cells random cells titled by name."""
     from masksc import pl
     from masksc.pipeline import MaskSCModel
     data, before, model_dir = trained
@@ -790,9 +791,14 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
     cells = ad.read_h5ad(data)
     picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), 0)
     model = MaskSCModel.load(model_dir)
-    pl.attention_grid(model.attention_maps(cells[picks]), [str(v) for v in cells.obs["label"].to_numpy()[picks]],
-                      tmp_path / "api.png")
+    pl.attention_grid(model.attention_maps(cells[picks]), [f"{label}\n{name}" for label, name in zip(
+        cells.obs["label"].to_numpy()[picks], cells.obs_names[picks])], tmp_path / "api.png")
     np.testing.assert_array_equal(_pixels(tmp_path / "cli.png"), _pixels(tmp_path / "api.png"))
+    n_labels = cells.obs["label"].nunique()
+    assert main(["plot", "attention", str(data), "--model", str(model_dir), "--device", "cpu", "--cells", "1",
+                 "-o", str(tmp_path / "one.png")]) == 0
+    assert f"warning: 'label' holds {n_labels} labels; drawing a cell of each of the first 1 in sorted order " \
+           f"(--cells {n_labels} draws them all)" in capsys.readouterr().err
     assert main(["plot", "attention", str(data), "--model", str(model_dir), "--label-key", "none", "--cells", "2",
                  "--seed", "5", "-o", str(tmp_path / "two.png")]) == 0
     rng_picks = np.sort(np.random.default_rng(5).choice(cells.n_obs, 2, replace=False))
@@ -832,7 +838,8 @@ def test_plot_attention_never_draws_a_cell_without_a_label(trained, tmp_path, ca
         picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), seed)
         assert list(cells.obs["label"].to_numpy()[picks]) == [2, 10]
         model = MaskSCModel.load(model_dir)
-        pl.attention_grid(model.attention_maps(cells[picks]), ["2", "10"], tmp_path / "api.png")
+        pl.attention_grid(model.attention_maps(cells[picks]), [f"{label}\n{name}" for label, name in zip(
+            ["2", "10"], cells.obs_names[picks])], tmp_path / "api.png")
         np.testing.assert_array_equal(_pixels(out), _pixels(tmp_path / "api.png"))
 
 
