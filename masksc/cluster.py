@@ -802,11 +802,11 @@ def _as_labels(labels, n: int, name: str) -> np.ndarray:
         if pd.isna(labels).any():  # None, NaN, pd.NA
             raise DataError(f"{name} contains missing values; remove unlabelled cells before evaluating.")
         if len({type(v) for v in labels}) > 1:  # e.g. 1 and "1" mixed: compared as text, 1.0 and True as 1
-            labels = np.array([_label_text(v) for v in labels])
+            labels = np.array([_comparable_label(v) for v in labels])
     return labels
 
 
-def _label_text(value) -> str:
+def _comparable_label(value) -> str:
     """A label as text, numbers equal in Python written alike (1, 1.0, np.int64(1) and True as "1")."""
     if isinstance(value, (bool, np.bool_, int, np.integer)):
         return str(int(value))

@@ -47,7 +47,7 @@ def _check_png(path) -> None:
                          f"got {str(path)!r}.")
     if path is not None:
         from masksc.io_utils import check_output
-        check_output(path, None, suffixes=(".png",))
+        check_output(path)
 
 
 def _panels(ax, path, n: int, width: float, height: float):

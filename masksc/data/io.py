@@ -451,7 +451,7 @@ def _read_part(part: Path, read):
     except UnicodeDecodeError as exc:
         raise DataError(f"{part} is not UTF-8 text ({exc}); fix: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 "
                         "FILE > NEW, gzip-compressed again if it was).") from exc
-    except (OSError, EOFError, zlib.error, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+    except (OSError, EOFError, zlib.error, ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"cannot read {part} ({type(exc).__name__}: {exc}); fix: check the file is complete (copy "
                         "or download it again).") from exc
 

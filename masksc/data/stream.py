@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.data.io import (_CORRUPT_FIX, _decode, _gene_expression, as_float32, canonical_csr32, check_compressed, detect_format, read,
-                             set_labels, to_csr32)
+from masksc.data.io import (_CORRUPT_FIX, _decode, _gene_expression, as_float32, canonical_csr32, check_compressed,
+                             detect_format, read, set_labels, to_csr32)
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
