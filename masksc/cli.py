@@ -304,7 +304,7 @@ def _cells_to_draw(args, model):
         n_labels = labels.nunique()
         if n_labels > args.cells:
             warnings.warn(f"{args.label_key!r} holds {n_labels} labels; drawing a cell of each of the first "
-                          f"{args.cells} in sorted order (--cells {n_labels} draws them all)", stacklevel=2)
+                          f"{args.cells} in the legend's order (--cells {n_labels} draws them all)", stacklevel=2)
         # the label and the cell drawn; not to_numpy(): NaN makes integer categories 2.0
         titles = [f"{label}\n{name}" for label, name in zip(labels.iloc[picks], adata.obs_names[picks])]
     else:

@@ -41,6 +41,7 @@ from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_so
 from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
 from masksc.data.stream import check_not_backed_view
+from masksc.data.validate import check_count
 from masksc.errors import DataError, MaskscError
 from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders, reserve
 from masksc.progress import progress_bar
@@ -156,8 +157,7 @@ def check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int,
 
 def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, stop)] row ranges of ``chunk_size`` cells covering ``0..n``."""
-    if chunk_size < 1:
-        raise DataError(f"chunk_size={chunk_size}; fix: pass a positive number of cells.")
+    chunk_size = check_count("chunk_size", chunk_size)
     return [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
 
 
@@ -184,8 +184,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, source, preprocessor: Preprocessor, grid: GridLayout, batch_size: int = 256,
                  chunk_size: int = 4096, buffer_chunks: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if batch_size < 1 or buffer_chunks < 1:
-            raise DataError(f"batch_size={batch_size}, buffer_chunks={buffer_chunks}; fix: both must be >= 1.")
+        batch_size, chunk_size = check_count("batch_size", batch_size), check_count("chunk_size", chunk_size)
+        buffer_chunks = check_count("buffer_chunks", buffer_chunks, "chunks")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.reader = RowReader(source)
@@ -306,7 +306,8 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
                out: np.ndarray, start: int, stop: int, batch_size: int = 1024, chunk_size: int = 16_384,
                device: str | torch.device | None = None, amp: bool = True, progress: bool = True) -> None:
     """Embed cells ``start .. stop-1`` of ``reader`` into ``out[start:stop]`` (float32 [n, D],
-    e.g. a memmap), chunk by chunk; cells dropped by the preprocessor (``min_counts``) get NaN.
+    e.g. a memmap), chunk by chunk; cells dropped by the preprocessor (``min_counts``) get NaN,
+    with one warning counting them.
     The next chunk is read and preprocessed in a background thread while the model embeds the
     current one (h5py, scipy and torch release the GIL for their heavy work). ``amp``: bf16
     autocast on CUDA (ignored on CPU)."""
@@ -319,6 +320,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
 
     bounds = [(start + a, start + b) for a, b in chunk_bounds(stop - start, chunk_size)]
     bar = progress_bar(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
+    n_dropped = 0
     try:
         check_first_cells(preprocessor, reader, start, stop)
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -331,6 +333,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
                 if keep.all():
                     out[a:b] = Z
                 else:
+                    n_dropped += int((~keep).sum())
                     block = np.full((b - a, out.shape[1]), np.nan, dtype=np.float32)
                     if Z is not None:
                         block[keep] = Z
@@ -339,6 +342,9 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     finally:
         bar.close()
         reader.close()
+    if n_dropped:
+        warnings.warn(f"{n_dropped} of {stop - start} cells have NaN embeddings: the model's preprocessor drops them "
+                      f"(min_counts={preprocessor.min_counts})", UserWarning, stacklevel=2)
 
 
 def _fsync(path: Path) -> None:
@@ -463,10 +469,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     from masksc import checkpoint as ckpt
     from masksc import distributed
 
-    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise DataError(f"{name}={value!r}; fix: pass a positive number of cells.")
-    chunk_size, batch_size = int(chunk_size), int(batch_size)
+    chunk_size, batch_size = check_count("chunk_size", chunk_size), check_count("batch_size", batch_size)
     ctx = dist or distributed.context()
     output = Path(output)
     if output.suffix.lower() not in EMBED_SUFFIXES:

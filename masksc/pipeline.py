@@ -31,8 +31,10 @@ import torch
 
 from masksc import checkpoint as ckpt
 from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
+from masksc.data.validate import check_count
 from masksc.embed import embed_matrix
 from masksc.models import MaskSC
+from masksc.models.masksc_model import is_integer
 from masksc.models.presets import get_preset
 from masksc.models.targets import teacher_config
 
@@ -134,10 +136,15 @@ class MaskSCModel:
 
     def to_grid(self, adata, layer: str | None = None, use_raw: bool = False, rows: np.ndarray | None = None):
         """Preprocess ``adata`` (its ``X``, ``adata.layers[layer]``, or with ``use_raw`` its
-        ``.raw``) with the saved transform and lay it on the grid: CSR float32 [n_cells, g*s].
-        Raises CheckpointError when that matrix lacks genes the model needs. ``rows``: int
-        [n_cells], the rows of a larger dataset that ``adata``'s cells are, which errors name
-        (default 0 ..)."""
+        ``.raw``) with the saved transform and lay it on the grid: CSR float32 [kept cells, g*s]
+        (every cell unless the preprocessor's ``min_counts`` drops some; :meth:`embed` gives
+        those NaN rows). Raises CheckpointError when that matrix lacks genes the model needs.
+        ``rows``: int [n_cells], the rows of a larger dataset that ``adata``'s cells are, which
+        errors name (default 0 ..)."""
+        return self._kept_on_grid(adata, layer, use_raw, rows)[0]
+
+    def _kept_on_grid(self, adata, layer, use_raw, rows=None) -> tuple:
+        """(:meth:`to_grid`'s CSR matrix, bool [n_cells]: False for the cells it leaves out)."""
         from masksc.errors import CheckpointError
         with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
@@ -150,20 +157,27 @@ class MaskSCModel:
                 raise CheckpointError(f"{exc} The column var[{column!r}] holds the model's genes: to match by it, "
                                       f"adata.var_names = adata.var[{column!r}].astype(str) (then "
                                       "adata.var_names_make_unique() if names repeat).") from exc
-            return self.grid.to_grid(self.preprocessor.transform(expression, rows=rows))
+            kept, keep = self.preprocessor.transform(expression, rows=rows, return_kept=True)
+            return self.grid.to_grid(kept), keep
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True, layer: str | None = None, use_raw: bool = False,
               amp: bool = True) -> np.ndarray:
         """Embeddings of the cells of ``adata`` (its ``X``, ``adata.layers[layer]``, or with
         ``use_raw`` its ``.raw``: what the model was fitted on): float32
-        [n_cells, config.embedding_dim], in row order. ``device``: where to run (None: where the
+        [n_cells, config.embedding_dim], in row order; NaN rows for cells the preprocessor's
+        ``min_counts`` drops, as :meth:`embed_file` writes them. ``device``: where to run (None: where the
         weights are; another device moves the weights there). ``amp``: bf16 autocast on CUDA,
         as :meth:`embed_file` (False: float32 there too; the CPU always runs float32). Raises
         ValueError, naming the fix, for a device this machine lacks or ``meta``, before any work."""
         device = _run_device(device)
-        return embed_matrix(self.network, self.to_grid(adata, layer, use_raw), batch_size=batch_size, device=device,
-                            progress=progress, amp=amp)
+        X, keep = self._kept_on_grid(adata, layer, use_raw)
+        Z = embed_matrix(self.network, X, batch_size=batch_size, device=device, progress=progress, amp=amp)
+        if keep.all():
+            return Z
+        out = np.full((keep.size, Z.shape[1]), np.nan, dtype=np.float32)
+        out[keep] = Z
+        return out
 
     def attention_maps(self, adata, layer: str | None = None, device: str | torch.device | None = None,
                        use_raw: bool = False, rows: np.ndarray | None = None) -> np.ndarray:
@@ -344,8 +358,10 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
                               checkpoint_every=checkpoint_every)
     _teacher_config(cfg, seed, None, dict(teacher_overrides or {}))  # names and values; the dropout needs the data
-    if chunk_size < 1:
-        raise DataError(f"chunk_size={chunk_size} must be >= 1; fix: pass a positive number of cells.")
+    check_count("chunk_size", chunk_size)
+    if teacher_cells is not None and not is_integer(teacher_cells):
+        raise DataError(f"teacher_cells={teacher_cells!r}; fix: pass a whole number of cells (default 50,000), or "
+                        "None for all cells.")
     if teacher_cells is not None and teacher_cells < MIN_FIT_CELLS:
         raise DataError(f"teacher_cells={teacher_cells} are too few to fit the teacher and the gene layout on (at least "
                         f"{MIN_FIT_CELLS}, thousands in practice); fix: pass more (default 50,000), or None for all "

@@ -761,7 +761,7 @@ def test_plot_attention_errors_name_the_files_rows_of_the_drawn_cells(trained, t
     from masksc import pl
     data, _, model_dir = trained
     cells = ad.read_h5ad(data)
-    picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), 0)
+    picks = pl.one_cell_per_label(cells.obs["label"], 0)
     X = cells.X.toarray() if hasattr(cells.X, "toarray") else np.array(cells.X)
     last = int(picks[-1])
     X[last] = 0
@@ -789,7 +789,7 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
     assert main(["plot", "attention", str(data), "--model", str(model_dir), "--device", "cpu",
                  "-o", str(tmp_path / "cli.png")]) == 0
     cells = ad.read_h5ad(data)
-    picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), 0)
+    picks = pl.one_cell_per_label(cells.obs["label"], 0)
     model = MaskSCModel.load(model_dir)
     pl.attention_grid(model.attention_maps(cells[picks]), [f"{label}\n{name}" for label, name in zip(
         cells.obs["label"].to_numpy()[picks], cells.obs_names[picks])], tmp_path / "api.png")
@@ -797,7 +797,7 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
     n_labels = cells.obs["label"].nunique()
     assert main(["plot", "attention", str(data), "--model", str(model_dir), "--device", "cpu", "--cells", "1",
                  "-o", str(tmp_path / "one.png")]) == 0
-    assert f"warning: 'label' holds {n_labels} labels; drawing a cell of each of the first 1 in sorted order " \
+    assert f"warning: 'label' holds {n_labels} labels; drawing a cell of each of the first 1 in the legend's order " \
            f"(--cells {n_labels} draws them all)" in capsys.readouterr().err
     assert main(["plot", "attention", str(data), "--model", str(model_dir), "--label-key", "none", "--cells", "2",
                  "--seed", "5", "-o", str(tmp_path / "two.png")]) == 0
@@ -835,7 +835,7 @@ def test_plot_attention_never_draws_a_cell_without_a_label(trained, tmp_path, ca
         out = tmp_path / f"cli{seed}.png"
         assert main(["plot", "attention", str(tmp_path / "nan.h5ad"), "--model", str(model_dir), "--device", "cpu",
                      "--seed", str(seed), "-o", str(out)]) == 0
-        picks = pl.one_cell_per_label(cells.obs["label"].to_numpy(), seed)
+        picks = pl.one_cell_per_label(cells.obs["label"], seed)
         assert list(cells.obs["label"].to_numpy()[picks]) == [2, 10]
         model = MaskSCModel.load(model_dir)
         pl.attention_grid(model.attention_maps(cells[picks]), [f"{label}\n{name}" for label, name in zip(

@@ -68,8 +68,10 @@ def test_csrbatch_to_and_from_csr(X):
 def test_bad_inputs(X):
     with pytest.raises(DataError, match="sparse"):
         CellBatches(X.toarray())
-    with pytest.raises(DataError, match="batch_size"):
-        CellBatches(X, batch_size=0)
+    for bad in (0, 2.5, None):  # 2.5 and None failed later, as TypeErrors of their own
+        with pytest.raises(DataError, match=rf"^batch_size={bad!r}; fix: pass a positive whole number of cells"):
+            CellBatches(X, batch_size=bad)
+    assert len(CellBatches(X, batch_size=np.int16(7), shuffle=False)) == -(-X.shape[0] // 7)  # numpy ints are taken
 
 
 def test_input_not_modified():

@@ -78,8 +78,9 @@ def test_streamed_values_beyond_float32_are_named_with_their_cells(tmp_path, dat
 
 
 def test_chunk_size_must_be_positive(data):
-    with pytest.raises(DataError, match="chunk_size"):
-        list(iter_chunks(data, chunk_size=0))
+    for bad in (0, 1e4):
+        with pytest.raises(DataError, match=rf"^chunk_size={bad!r}; fix: pass a positive whole number of cells"):
+            list(iter_chunks(data, chunk_size=bad))
 
 
 def test_rows_equal_slices_of_the_in_memory_matrix(tmp_path, data):

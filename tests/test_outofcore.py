@@ -99,6 +99,14 @@ def test_stream_batches_cover_every_cell_once_with_the_in_memory_values(h5ad, fi
     assert not np.array_equal(idx, other) and sorted(other.tolist()) == list(range(N))
 
 
+@pytest.mark.parametrize("name, bad, unit", [("batch_size", 0, "cells"), ("chunk_size", "70", "cells"),
+                                             ("buffer_chunks", 1.5, "chunks")])
+def test_stream_batches_refuse_a_size_that_is_not_a_positive_whole_number(h5ad, fitted, name, bad, unit):
+    _, pre, grid, _ = fitted
+    with pytest.raises(DataError, match=rf"^{name}={bad!r}; fix: pass a positive whole number of {unit}\.$"):
+        StreamBatches(h5ad, pre, grid, **{name: bad})
+
+
 def test_stream_batches_through_dataloader_workers_equal_one_process(h5ad, fitted):
     _, pre, grid, _ = fitted
     sb = StreamBatches(h5ad, pre, grid, batch_size=64, chunk_size=70, buffer_chunks=2, seed=3)
@@ -349,7 +357,7 @@ def test_embed_file_refuses_a_chunk_or_batch_size_below_one_before_any_work(tmp_
     """chunk_size=-1 wrote an all-zero embedding (no chunk was embedded) and 0 gave range()'s error."""
     adata, pre, grid, _ = fitted
     for name in ("chunk_size", "batch_size"):
-        with pytest.raises(DataError, match=rf"{name}={size!r}; fix: pass a positive number of cells"):
+        with pytest.raises(DataError, match=rf"{name}={size!r}; fix: pass a positive whole number of cells"):
             _model(pre, grid).embed_file(adata[:30].copy(), tmp_path / "e.npy", progress=False, **{name: size})
     assert list(tmp_path.iterdir()) == []
 

@@ -178,3 +178,25 @@ def test_a_damaged_saved_transform_is_named_as_a_damaged_checkpoint(tiny, tmp_pa
     with pytest.raises(CheckpointError, match=rf"^the transform saved in {path}/config\.json is damaged \({detail}\); "
                                               r"fix: restore the checkpoint from a copy, or fit the model again\.$"):
         MaskSCModel.load(path)
+
+
+def test_embed_gives_nan_rows_for_cells_min_counts_drops_as_embed_file_does(tiny, tmp_path):
+    """A preprocessor with ``min_counts`` (set by hand: fit never sets it) drops cells; the in-memory
+    embedding keeps one row a cell, NaN for those, so tl.embed can store it, as the streamed one does."""
+    import copy
+
+    import anndata as ad
+    model, adata = tiny
+    model = copy.deepcopy(model)
+    sums = np.asarray(adata.X.sum(axis=1)).ravel()
+    model.preprocessor.min_counts = float(np.sort(sums)[3])  # the smallest libraries fall below it
+    dropped = sums < model.preprocessor.min_counts
+    assert 0 < dropped.sum() <= 3
+    with pytest.warns(UserWarning, match=rf"dropped {dropped.sum()} of 120 cells"):
+        Z = model.embed(adata, progress=False)
+    assert Z.shape == (adata.n_obs, CFG.embedding_dim)
+    assert np.isnan(Z[dropped]).all() and np.isfinite(Z[~dropped]).all()
+    np.testing.assert_allclose(Z[~dropped], model.embed(adata[~dropped], progress=False), rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=rf"{dropped.sum()} of 120 cells have NaN embeddings.*min_counts="):
+        model.embed_file(adata, tmp_path / "z.h5ad", progress=False)
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "z.h5ad").obsm["X_masksc"], Z, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """masksc.pl writes real, non-blank PNGs and validates its inputs."""
+import re
 import sys
 
 import numpy as np
@@ -404,19 +405,27 @@ def test_loss_curve_reads_a_run_directory_and_names_the_fix_for_other_objects(tm
 
 
 def _one_per_label_oracle(labels):
-    """The distinct non-missing labels in sorted order: brute force, one Python pass."""
-    return sorted({v for v in labels if not pd.isna(v)})
+    """The distinct non-missing labels in the legend's order: a categorical's categories that
+    occur, else numbers by value and text by its runs of letters and digits. Brute force."""
+    if isinstance(getattr(labels, "dtype", None), pd.CategoricalDtype):
+        return [c for c in labels.cat.categories if (labels == c).any()]
+    present = {v for v in labels if not pd.isna(v)}
+    if all(isinstance(v, str) for v in present):
+        return sorted(present, key=lambda t: [int(p) if p.isdigit() else p for p in re.findall(r"\d+|\D+", t)])
+    return sorted(present)
 
 
 @pytest.mark.parametrize("labels", [
     np.array([10, 2, np.nan, 2, 10, 33, 2, np.nan, 10, 10]),                 # numbers: 2 before 10
     np.array(["b", None, "a", "c", "a", np.nan, "b", "b"], dtype=object),    # text; None and NaN missing
+    np.array(["t10", "t2", "t10", "t1"]),                                    # text naturally: t2 before t10
     pd.Series(pd.Categorical([10, 2, None, 2, 10, 2], categories=[2, 10])),  # an obs column
+    pd.Series(pd.Categorical(["NK", "B", "T", "B"], categories=["T", "x", "NK", "B"])),  # its own order
     [3, 1, 2, 1, 3],                                                         # a plain list
 ])
 def test_one_cell_per_label_matches_a_brute_force_oracle(labels):
     values = np.asarray(labels, dtype=object)
-    expected = _one_per_label_oracle(values)
+    expected = _one_per_label_oracle(labels)
     drawn = {label: set() for label in expected}
     for seed in range(40):
         picks = pl.one_cell_per_label(labels, seed)

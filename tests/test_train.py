@@ -560,8 +560,12 @@ def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monke
         tl.fit(adata, "demo", epochs=0, **tiny)
     with pytest.raises(ValueError, match=r"device 'cuda:99'.*fix: pass"):
         tl.fit(adata, "demo", epochs=1, **{**tiny, "device": "cuda:99"})
-    with pytest.raises(DataError, match="chunk_size=0 must be >= 1"):
-        tl.fit(adata, "demo", epochs=1, chunk_size=0, **tiny)
+    for bad in (0, 1e5, "4096", True):  # 1e5 passed a `< 1` check and failed inside range()
+        with pytest.raises(DataError, match=rf"chunk_size={bad!r}; fix: pass a positive whole number of cells"):
+            tl.fit(adata, "demo", epochs=1, chunk_size=bad, **tiny)
+    with pytest.raises(DataError, match=r"teacher_cells='500'; fix: pass a whole number of cells \(default 50,000\), or "
+                                        r"None for all cells\.$"):
+        tl.fit(adata, "demo", epochs=1, teacher_cells="500", **tiny)  # was a TypeError from `<`
     for teacher_cells in (0, 1, 19):  # one cell trained a teacher to loss 0 and fitted the layout on it
         with pytest.raises(DataError, match=rf"teacher_cells={teacher_cells} are too few to fit the teacher and the "
                                             r"gene layout on \(at least 20, .* or None for all cells"):

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from masksc.data.validate import check_count
 from masksc.errors import DataError
 
 
@@ -77,8 +78,7 @@ class CellBatches(torch.utils.data.IterableDataset):
         if not sp.issparse(X_grid_csr):
             raise DataError(f"CellBatches needs a scipy sparse matrix, got {type(X_grid_csr).__name__}; "
                             "fix: pass GridLayout.to_grid(...) output.")
-        if batch_size < 1:
-            raise DataError(f"batch_size={batch_size}; fix: use a positive batch size.")
+        batch_size = check_count("batch_size", batch_size)
         X = X_grid_csr.tocsr()
         if X.dtype != np.float32 or not X.has_sorted_indices:
             X = X.astype(np.float32)  # a copy: the caller's matrix is left as it is

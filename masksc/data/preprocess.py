@@ -443,13 +443,15 @@ class Preprocessor:
         out = sp.csr_matrix(D.astype(np.float32))
         return out
 
-    def transform(self, data, check_profile: bool = True, rows: np.ndarray | None = None) -> ad.AnnData:
+    def transform(self, data, check_profile: bool = True, rows: np.ndarray | None = None,
+                  return_kept: bool = False) -> ad.AnnData | tuple[ad.AnnData, np.ndarray]:
         """Apply the fitted transform: AnnData [kept cells, len(genes_)], ``X`` CSR float32 with
         columns in ``genes_`` order (the data's genes are matched by name), ``obs`` copied.
         Raises DataError if genes are missing, values are invalid or zero-count cells are present
         without ``min_counts``. Never modifies the input. ``check_profile``: as in
         :meth:`transform_chunks` (False for the cells the transform was fitted on, or cells of a
-        dataset already checked); ``rows``: as there, the dataset rows errors name."""
+        dataset already checked); ``rows``: as there, the dataset rows errors name.
+        ``return_kept``: also return bool [n_cells], False for the cells ``min_counts`` dropped."""
         self._check_fitted()
         src = open_source(data)
         blocks, keeps = [], []
@@ -459,7 +461,8 @@ class Preprocessor:
         keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
         self._check_zero(0, int((~keep).sum()), src.n_obs, self.input_kind_)
         X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes_)), dtype=np.float32)
-        return ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
+        out = ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
+        return (out, keep) if return_kept else out
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:

@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from masksc.data.io import (_CORRUPT_FIX, _decode, _gene_expression, as_float32, canonical_csr32, check_compressed,
                              detect_format, read, set_labels, to_csr32)
+from masksc.data.validate import check_count
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,7 @@ class ChunkSource:
     def chunks(self, chunk_size: int = 10_000) -> Iterator[tuple[int, sp.csr_matrix]]:
         """Yield ``(start, X_chunk)``: CSR float32 [<=chunk_size, n_vars] for cells start..,
         reading through one file handle for the whole pass."""
-        if chunk_size < 1:
-            raise DataError(f"chunk_size must be >= 1, got {chunk_size}; fix: pass a positive number of cells.")
-        return self._chunks(chunk_size)
+        return self._chunks(check_count("chunk_size", chunk_size))
 
     def _chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         with self._open() as f:

@@ -5,6 +5,7 @@ Nothing here modifies its input.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections import Counter
 from collections.abc import Callable
 
@@ -156,6 +157,15 @@ def check_zero_cells(X, where: str = "") -> None:
     if n:
         raise DataError(f"{n} cells have zero counts{where}; fix: filter them, e.g. Preprocessor(min_counts=1) "
                         "drops them with a warning, or sc.pp.filter_cells(adata, min_counts=1).")
+
+
+def check_count(name: str, value, unit: str = "cells") -> int:
+    """``value`` as an int when it is a whole number >= 1 of any Python or numpy integer type
+    (a bool is not one), else a DataError naming ``name`` and the fix: sizes such as
+    ``chunk_size`` and ``batch_size`` (2.5 or 1e5 would fail later, inside range())."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise DataError(f"{name}={value!r}; fix: pass a positive whole number of {unit}.")
+    return int(value)
 
 
 def check_unique_genes(var_names) -> None:
