@@ -502,9 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``masksc`` command; returns the exit status."""
-    args, stray = build_parser().parse_known_args(argv)
-    if stray:  # with the command's usage (e.g. `--color KEY`, one value a flag), not the top-level one
-        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, stray = parser.parse_known_args(argv)
+    if stray:  # with the usage of the command they follow (e.g. `--color KEY`, one value a flag)
+        before_command = argv.index(stray[0]) < argv.index(args.command)
+        (parser if before_command else args.command_parser).error(f"unrecognized arguments: {' '.join(stray)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every SIMD build it tried

@@ -485,9 +485,11 @@ def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
      "usage: masksc plot embedding [-h] [--color KEY]", "masksc_cluster"),
     (["fit", "DATA", "-o", "M", "--set", "embed_dim=32", "depth=1"], "usage: masksc fit [-h]", "depth=1"),
     (["cluster", "E.h5ad", "-o", "C.h5ad", "--bogus"], "usage: masksc cluster [-h]", "--bogus"),
+    (["--bogus", "cluster", "E.h5ad", "-o", "C.h5ad"], "usage: masksc [-h] [-v] COMMAND", "--bogus"),
 ])
 def test_stray_arguments_are_reported_with_the_commands_usage(argv, usage, stray, capsys):
-    """`--color a b` (one value a flag) shows the command's usage, which says so, not the top-level one."""
+    """`--color a b` (one value a flag) shows the command's usage, which says so, not the top-level one;
+    a stray flag before the command, the top-level usage."""
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
