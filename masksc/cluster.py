@@ -88,8 +88,12 @@ def check_embedding(Z, name: str = "Z", distances: bool = True) -> np.ndarray:
         raise DataError(f"{name} must hold real numbers, got dtype {Z.dtype}.")
     # checked before the cast, which would turn a finite value beyond float32's range into inf
     if not np.isfinite(Z).all():
-        bad = int((~np.isfinite(Z)).any(axis=1).sum())
-        raise DataError(f"{name} has NaN or infinite values in {bad} row(s); drop or impute those cells first.")
+        bad = (~np.isfinite(Z)).any(axis=1)
+        keep = (f"adata = adata[np.isfinite({name}).all(axis=1)].copy()" if name.startswith("adata.obsm[")
+                else f"keep the rows where np.isfinite({name}).all(axis=1)")
+        raise DataError(f"{name} has NaN or infinite values in {int(bad.sum())} row(s), the first row "
+                        f"{int(np.argmax(bad))}; fix: leave those cells out ({keep}). A masksc model whose "
+                        "preprocessor drops cells (min_counts) embeds them as NaN rows.")
     big = beyond_float32(Z)
     if big.any():
         raise DataError(f"{name} has values too large for float32 (max 3.4e38; largest magnitude "

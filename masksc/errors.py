@@ -24,9 +24,11 @@ class UncheckedGenesWarning(UserWarning):
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside masksc, so that the warning
-    names the user's line (``tl.fit(...)``), not whichever masksc function noticed the problem."""
+    names the user's line (``tl.fit(...)``), not whichever masksc function noticed the problem
+    (nor the wrapper of a masksc function decorated with ``torch.no_grad()`` and the like)."""
     level, frame = 2, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename.endswith("contextlib.py")):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

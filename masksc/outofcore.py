@@ -42,7 +42,7 @@ from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
 from masksc.data.stream import check_not_backed_view
 from masksc.data.validate import check_count
-from masksc.errors import DataError, MaskscError
+from masksc.errors import DataError, MaskscError, warn
 from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders, reserve
 from masksc.progress import progress_bar
 
@@ -342,9 +342,16 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     finally:
         bar.close()
         reader.close()
+    warn_nan_rows(n_dropped, stop - start, preprocessor.min_counts)
+
+
+def warn_nan_rows(n_dropped: int, n_cells: int, min_counts) -> None:
+    """Warn, when ``n_dropped`` > 0, that that many of ``n_cells`` embedding rows are NaN because
+    the model's preprocessor drops those cells (``min_counts``), and how to leave them out."""
     if n_dropped:
-        warnings.warn(f"{n_dropped} of {stop - start} cells have NaN embeddings: the model's preprocessor drops them "
-                      f"(min_counts={preprocessor.min_counts})", UserWarning, stacklevel=2)
+        warn(f"{n_dropped} of {n_cells} cells have NaN embeddings: the model's preprocessor drops them (min_counts="
+             f"{min_counts}); fix: leave those rows out before clustering, e.g. adata = "
+             "adata[np.isfinite(adata.obsm['X_masksc']).all(axis=1)].copy()")
 
 
 def _fsync(path: Path) -> None:

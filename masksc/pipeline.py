@@ -26,7 +26,10 @@ import logging
 import os
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from masksc import checkpoint as ckpt
@@ -34,7 +37,7 @@ from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
 from masksc.data.validate import check_count
 from masksc.embed import embed_matrix
 from masksc.models import MaskSC
-from masksc.models.masksc_model import is_integer
+from masksc.models.checks import is_integer
 from masksc.models.presets import get_preset
 from masksc.models.targets import teacher_config
 
@@ -157,8 +160,14 @@ class MaskSCModel:
                 raise CheckpointError(f"{exc} The column var[{column!r}] holds the model's genes: to match by it, "
                                       f"adata.var_names = adata.var[{column!r}].astype(str) (then "
                                       "adata.var_names_make_unique() if names repeat).") from exc
-            kept, keep = self.preprocessor.transform(expression, rows=rows, return_kept=True)
-            return self.grid.to_grid(kept), keep
+            blocks, keeps = [], []
+            for _, keep, X in self.preprocessor.transform_chunks(expression, rows=rows):
+                blocks.append(X)
+                keeps.append(keep)
+        genes = pd.Index(self.preprocessor.genes_)  # the columns of the blocks, which the grid matches by name
+        X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(genes)), dtype=np.float32)
+        keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
+        return self.grid.to_grid(ad.AnnData(X=X, var=pd.DataFrame(index=genes))), keep
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True, layer: str | None = None, use_raw: bool = False,
@@ -170,13 +179,16 @@ class MaskSCModel:
         weights are; another device moves the weights there). ``amp``: bf16 autocast on CUDA,
         as :meth:`embed_file` (False: float32 there too; the CPU always runs float32). Raises
         ValueError, naming the fix, for a device this machine lacks or ``meta``, before any work."""
+        from masksc.outofcore import warn_nan_rows
         device = _run_device(device)
+        check_count("batch_size", batch_size)  # before the preprocessing
         X, keep = self._kept_on_grid(adata, layer, use_raw)
-        Z = embed_matrix(self.network, X, batch_size=batch_size, device=device, progress=progress, amp=amp)
         if keep.all():
-            return Z
-        out = np.full((keep.size, Z.shape[1]), np.nan, dtype=np.float32)
-        out[keep] = Z
+            return embed_matrix(self.network, X, batch_size=batch_size, device=device, progress=progress, amp=amp)
+        out = np.full((keep.size, self.config.embedding_dim), np.nan, dtype=np.float32)
+        if X.shape[0]:
+            out[keep] = embed_matrix(self.network, X, batch_size=batch_size, device=device, progress=progress, amp=amp)
+        warn_nan_rows(int((~keep).sum()), keep.size, self.preprocessor.min_counts)
         return out
 
     def attention_maps(self, adata, layer: str | None = None, device: str | torch.device | None = None,
@@ -188,12 +200,21 @@ class MaskSCModel:
         by its token's share, NaN at grid positions that hold no gene (padding; ``pl.attention_grid``
         draws them grey). ``device``: as in ``embed`` (None: where the weights are; another
         device moves the weights there, as ``embed`` does). ``rows``: as in :meth:`to_grid`, the
-        dataset rows of the cells, which errors name."""
+        dataset rows of the cells, which errors name. A cell the preprocessor's ``min_counts``
+        drops has no map: a DataError names it."""
         from masksc.data import CellBatches
         from masksc.embed import evaluating
+        from masksc.errors import DataError
         from masksc.pl import attention_to_grid
         device = _run_device(device)  # checked before any work
-        X = self.to_grid(adata, layer, use_raw, rows=rows)
+        X, keep = self._kept_on_grid(adata, layer, use_raw, rows=rows)
+        if not keep.all():
+            dropped = np.flatnonzero(~keep)
+            where = (np.arange(keep.size) if rows is None else np.asarray(rows))[dropped]
+            names = ", ".join(f"row {r} ({n})" for r, n in zip(where[:5], adata.obs_names[dropped[:5]]))
+            raise DataError(f"{dropped.size} of the cells ({names}{', ...' if dropped.size > 5 else ''}) have no "
+                            f"attention map: the model's preprocessor drops them (min_counts="
+                            f"{self.preprocessor.min_counts}); fix: pass other cells.")
         batch = next(iter(CellBatches(X, batch_size=max(1, X.shape[0]), shuffle=False)))
         with evaluating(self.network, device) as (net, device):
             attn = net.last_attention(batch.to(device)).float().cpu()
@@ -321,6 +342,8 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
                                             chunk_size=chunk_size, teacher_cells=teacher_cells,
                                             teacher_overrides=teacher_overrides, layer=layer, use_raw=use_raw,
                                             streamed=_streamed(adata) or ctx.distributed, **overrides)
+    # plain ints (an np.int64 is checked above but would be saved as one, which JSON cannot hold)
+    chunk_size, teacher_cells = int(chunk_size), None if teacher_cells is None else int(teacher_cells)
     fitted_input = {"layer": layer, "use_raw": bool(use_raw)}
     from masksc.train import holding_run_dir
     with holding_run_dir(model_dir, ctx), naming_matrix(layer, use_raw):  # before the data is read

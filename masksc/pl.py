@@ -250,7 +250,7 @@ def _category_colors(n: int) -> list:
 
 def _natural_key(text: str) -> list:
     """Sort key putting "type_2" before "type_10" and "2" before "10"."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
+    return [(0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
 
 
 def _label_text(value) -> str:
@@ -431,17 +431,26 @@ def one_cell_per_label(labels, seed: int = 0, n: int | None = None) -> np.ndarra
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
         raise ValueError(f"n must be a non-negative integer or None (all labels), got {n!r}.")
     if isinstance(getattr(labels, "dtype", None), pd.CategoricalDtype):
-        codes = np.asarray(pd.Categorical(labels).codes)  # code k = k-th category; missing -> -1
+        categorical = pd.Categorical(labels)
+        codes, texts = categorical.codes, [_label_text(c) for c in categorical.categories]
+        legend = list(dict.fromkeys(texts))  # the categories' own order
     else:
         values = np.asarray(labels)
         if values.ndim != 1:
             raise DataError(f"labels must be 1-D (one label per cell), got shape {values.shape}; fix: pass a "
                             "column such as adata.obs['label'].")
-        codes, uniques = pd.factorize(values, sort=True)  # code k = k-th label in sorted order; missing -> -1
-        if len(uniques) and all(isinstance(u, str) for u in uniques):
-            rank = np.empty(len(uniques), dtype=np.int64)
-            rank[sorted(range(len(uniques)), key=lambda i: _natural_key(uniques[i]))] = np.arange(len(uniques))
-            codes = np.where(codes >= 0, rank[codes], -1)
+        if values.dtype == object:  # by their texts: pandas takes True and 1 for one value, the legend does not
+            missing = np.asarray(pd.isna(values), dtype=bool)
+            values = values.copy()
+            values[~missing] = [_label_text(v) for v in values[~missing]]
+            values[missing] = None
+        codes, uniques = pd.factorize(values)  # missing -> -1
+        texts = [_label_text(u) for u in uniques]
+        legend = _label_order(texts)
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    rank = {text: i for i, text in enumerate(legend)}  # labels written alike (1 and "1") are one, as in the legend
+    codes = np.where(codes >= 0, np.array([rank[t] for t in texts], dtype=np.int64)[codes], -1)
     order = np.random.default_rng(seed).permutation(codes.size)
     present, first = np.unique(codes[order], return_index=True)
     return order[first[present >= 0]][:n].astype(np.int64)

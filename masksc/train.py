@@ -31,7 +31,8 @@ from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.cluster import check_seed
 from masksc.errors import CheckpointError
-from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe, is_integer, is_number, plain_numbers
+from masksc.models.checks import is_integer, is_number, plain_numbers
+from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)

@@ -511,3 +511,13 @@ def test_log_input_sums_no_library_and_min_counts_drops_only_empty_cells():
     with pytest.warns(UserWarning, match=r"dropped 1 of 300 cells with no values \(log-normalised input: min_counts "
                                          r"drops only those\)"):
         assert Preprocessor(n_top_genes=50, min_counts=500).fit(empty).n_cells_fit_ == 299
+
+
+def test_transform_chunks_refuses_a_chunk_size_that_is_not_a_positive_whole_number(counts):
+    """chunk_size=0 silently meant the default chunk size."""
+    p = Preprocessor(n_top_genes=50).fit(counts)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(DataError, match=rf"^chunk_size={bad!r}; fix: pass a positive whole number of cells"):
+            next(p.transform_chunks(counts, chunk_size=bad))
+    starts = [a for a, _, _ in p.transform_chunks(counts, chunk_size=np.int64(150))]
+    assert starts == list(range(0, counts.n_obs, 150))

@@ -60,3 +60,19 @@ def test_iter_chunks_sources_agree(tmp_path):
         assert [s for s, _ in chunks] == [0, 300, 600, 900]
         assert all(c.format == "csr" and c.dtype == np.float32 for _, c in chunks)
         np.testing.assert_array_equal(np.vstack([c.toarray() for _, c in chunks]), mem.X.toarray())
+
+
+def test_sizes_that_are_not_positive_whole_numbers_are_refused_by_name(tmp_path):
+    """chunk_size 0 or 2.5 was taken silently (rounded up to a block) and 1e5 failed in range()."""
+    import pytest
+
+    from masksc.errors import DataError
+    for kwargs, name in (({"chunk_size": 0}, "chunk_size"), ({"chunk_size": 2.5}, "chunk_size"),
+                         ({"chunk_size": 1e5}, "chunk_size"), ({"n_genes": "10"}, "n_genes")):
+        with pytest.raises(DataError, match=rf"^{name}={kwargs[name]!r}; fix: pass a positive whole number of"):
+            write_synthetic_h5ad(tmp_path / "s.h5ad", 30, **{"n_genes": 10, **kwargs})
+    with pytest.raises(DataError, match=r"^n_cells=0; fix: pass a positive whole number of cells\.$"):
+        synthetic(0)
+    assert not list(tmp_path.iterdir())
+    write_synthetic_h5ad(tmp_path / "s.h5ad", np.int64(30), n_genes=np.int16(10), chunk_size=np.int32(8))
+    assert read(tmp_path / "s.h5ad").shape == (30, 10)

@@ -390,6 +390,19 @@ def test_config_round_trip_and_version_check():
     assert ContrastiveConfig.from_dict(c.to_dict()) == c
 
 
+@pytest.mark.parametrize("field, value, need", [("batch_size", 2.5, "an integer"), ("batch_size", "200", "an integer"),
+                                                ("epochs", True, "an integer"), ("lr", "0.4", "a number"),
+                                                ("layers", (200.5, 40, 60), "a tuple of integers"),
+                                                ("standardize", 1, "True or False")])
+def test_contrastive_config_refuses_values_of_the_wrong_type_by_name(field, value, need):
+    """A teacher setting of the wrong type (teacher_overrides, --teacher-set) is named here, before
+    any work; batch_size=2.5 passed the `< 2` check and failed deep in training with a TypeError."""
+    with pytest.raises(ValueError, match=rf"^contrastive-sc config: {field}={re.escape(repr(value))} must be {need}\.$"):
+        ContrastiveConfig(**{field: value})
+    typed = ContrastiveConfig(epochs=np.int16(3), lr=np.float32(0.5), layers=(np.int64(8), 6))
+    assert (type(typed.epochs), type(typed.lr), type(typed.layers[0])) == (int, float, int)  # stored as plain numbers
+
+
 def test_config_replace_names_unknown_fields_and_valid_ones():
     with pytest.raises(ValueError, match=r"unknown MaskSCConfig field\(s\) \['bogus'\]; fix: use one of .*'embed_dim'"):
         TINY.replace(bogus=1, embed_dim=32)

@@ -435,7 +435,9 @@ def test_source_path_names_an_in_memory_sources_file_and_never_hides_the_input(t
 
 def test_a_streamed_fit_reads_no_block_larger_than_its_chunk_size(tmp_path, h5ad, monkeypatch):
     """The preprocessor was fitted on blocks of at least 10,000 cells and the teacher's subsample
-    read blocks of 16,384 whatever chunk_size said: memory is bounded by chunk_size now."""
+    read blocks of 16,384 whatever chunk_size said: memory is bounded by chunk_size now. Sizes
+    given as numpy integers are saved as ints (an np.int64 chunk_size made the run's own record
+    unreadable at the end of the fit)."""
     from masksc import pipeline
     from masksc.data.stream import ChunkSource
     widest = []
@@ -449,10 +451,12 @@ def test_a_streamed_fit_reads_no_block_larger_than_its_chunk_size(tmp_path, h5ad
     named.var_names = [f"g{j}" for j in range(named.n_vars)]
     named.write_h5ad(tmp_path / "named.h5ad")
     monkeypatch.setattr(ChunkSource, "rows", rows)
-    pipeline.fit(tmp_path / "named.h5ad", "demo", model_dir=tmp_path / "run", epochs=1, progress=False, chunk_size=64,
-                 teacher_cells=200, teacher_overrides={"epochs": 1}, grid_shape=(16, 16), batch_size=40,
-                 embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    model, _ = pipeline.fit(tmp_path / "named.h5ad", "demo", model_dir=tmp_path / "run", epochs=1, progress=False,
+                            chunk_size=np.int64(64), teacher_cells=np.int32(200), teacher_overrides={"epochs": 1},
+                            grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+                            decoder_depth=1, decoder_heads=2)
     assert widest and max(widest) <= 64, max(widest)
+    assert pipeline.MaskSCModel.load(tmp_path / "run").genes == model.genes
 
 
 def test_in_memory_and_streamed_embedding_ask_for_the_same_precision(tmp_path, fitted, monkeypatch):

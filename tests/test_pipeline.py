@@ -180,6 +180,7 @@ def test_a_damaged_saved_transform_is_named_as_a_damaged_checkpoint(tiny, tmp_pa
         MaskSCModel.load(path)
 
 
+@pytest.mark.filterwarnings("ignore::masksc.errors.UncheckedGenesWarning")  # unnamed synthetic genes, few cells
 def test_embed_gives_nan_rows_for_cells_min_counts_drops_as_embed_file_does(tiny, tmp_path):
     """A preprocessor with ``min_counts`` (set by hand: fit never sets it) drops cells; the in-memory
     embedding keeps one row a cell, NaN for those, so tl.embed can store it, as the streamed one does."""
@@ -192,11 +193,43 @@ def test_embed_gives_nan_rows_for_cells_min_counts_drops_as_embed_file_does(tiny
     model.preprocessor.min_counts = float(np.sort(sums)[3])  # the smallest libraries fall below it
     dropped = sums < model.preprocessor.min_counts
     assert 0 < dropped.sum() <= 3
-    with pytest.warns(UserWarning, match=rf"dropped {dropped.sum()} of 120 cells"):
+    nan_rows = rf"^{dropped.sum()} of 120 cells have NaN embeddings: the model's preprocessor drops them \(min_counts="
+    with pytest.warns(UserWarning, match=nan_rows) as caught:
         Z = model.embed(adata, progress=False)
+    assert len(caught) == 1 and caught[0].filename == __file__  # one warning, naming this line
     assert Z.shape == (adata.n_obs, CFG.embedding_dim)
     assert np.isnan(Z[dropped]).all() and np.isfinite(Z[~dropped]).all()
     np.testing.assert_allclose(Z[~dropped], model.embed(adata[~dropped], progress=False), rtol=1e-5, atol=1e-6)
-    with pytest.warns(UserWarning, match=rf"{dropped.sum()} of 120 cells have NaN embeddings.*min_counts="):
+    with pytest.warns(UserWarning, match=nan_rows) as caught:
         model.embed_file(adata, tmp_path / "z.h5ad", progress=False)
+    assert len(caught) == 1 and caught[0].filename == __file__
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "z.h5ad").obsm["X_masksc"], Z, rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=rf"^{dropped.sum()} of {dropped.sum()} cells have NaN"):  # every cell: NaN
+        assert np.isnan(model.embed(adata[dropped], progress=False)).all()  # was "no cells to batch"
+    from masksc import tl
+    from masksc.errors import DataError
+    cells = adata.copy()
+    with pytest.warns(UserWarning, match=nan_rows):
+        tl.embed(cells, model, progress=False)
+    first = int(np.flatnonzero(dropped)[0])
+    with pytest.raises(DataError, match=rf"adata\.obsm\['X_masksc'\] has NaN or infinite values in {dropped.sum()} "
+                                        rf"row\(s\), the first row {first}; fix: leave those cells out \(adata = "
+                                        r"adata\[np\.isfinite\(adata\.obsm\['X_masksc'\]\)\.all\(axis=1\)\]\.copy\(\)\)"):
+        tl.cluster(cells, k=2)
+    tl.cluster(cells := cells[np.isfinite(cells.obsm["X_masksc"]).all(axis=1)].copy(), k=2)  # the fix works
+    assert cells.n_obs == 120 - dropped.sum()
+    with pytest.raises(DataError, match=rf"^1 of the cells \(row 1 \({adata.obs_names[first]}\)\) have no attention "
+                                        r"map: the model's preprocessor drops them \(min_counts=.*\); fix: pass other"):
+        model.attention_maps(adata[[int(np.flatnonzero(~dropped)[0]), first]])  # it returned fewer maps than cells
+
+
+def test_embed_refuses_a_batch_size_before_preprocessing(tiny, monkeypatch):
+    model, adata = tiny
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("embed preprocessed the cells before checking batch_size")
+
+    monkeypatch.setattr(model.preprocessor, "transform_chunks", no_work)
+    from masksc.errors import DataError
+    with pytest.raises(DataError, match=r"^batch_size=2\.5; fix: pass a positive whole number of cells"):
+        model.embed(adata, batch_size=2.5, progress=False)

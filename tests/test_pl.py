@@ -1,5 +1,4 @@
 """masksc.pl writes real, non-blank PNGs and validates its inputs."""
-import re
 import sys
 
 import numpy as np
@@ -404,39 +403,44 @@ def test_loss_curve_reads_a_run_directory_and_names_the_fix_for_other_objects(tm
         pl.loss_curve(object())
 
 
-def _one_per_label_oracle(labels):
-    """The distinct non-missing labels in the legend's order: a categorical's categories that
-    occur, else numbers by value and text by its runs of letters and digits. Brute force."""
-    if isinstance(getattr(labels, "dtype", None), pd.CategoricalDtype):
-        return [c for c in labels.cat.categories if (labels == c).any()]
-    present = {v for v in labels if not pd.isna(v)}
-    if all(isinstance(v, str) for v in present):
-        return sorted(present, key=lambda t: [int(p) if p.isdigit() else p for p in re.findall(r"\d+|\D+", t)])
-    return sorted(present)
+def _legend_texts(labels) -> list[str]:
+    """The labels as pl.embedding's legend lists them, read off the figure it draws."""
+    xy = np.random.default_rng(0).normal(size=(len(labels), 2))
+    fig = pl.embedding(xy, color={"l": labels}, method="precomputed")
+    texts = [t.get_text().rsplit(" (", 1)[0] for t in fig.axes[0].get_legend().get_texts()]
+    return [t for t in texts if t != "NA"]
 
 
 @pytest.mark.parametrize("labels", [
     np.array([10, 2, np.nan, 2, 10, 33, 2, np.nan, 10, 10]),                 # numbers: 2 before 10
     np.array(["b", None, "a", "c", "a", np.nan, "b", "b"], dtype=object),    # text; None and NaN missing
     np.array(["t10", "t2", "t10", "t1"]),                                    # text naturally: t2 before t10
+    np.array(["10", "2", "-1", "0.5", "2"]),                                 # numbers as text: by value
+    np.array(["1.5", "1.10", "1.2"]),
+    np.array(["1e3", "5", "20", "5"]),
+    np.array(["type_10", 3, "type_2", 3], dtype=object),                     # mixed
+    np.array([1, "2", 10, True, 1], dtype=object),                           # True and 1 apart, as drawn
+    np.array(["²", "a", "²"]),                                               # a digit int() cannot read
     pd.Series(pd.Categorical([10, 2, None, 2, 10, 2], categories=[2, 10])),  # an obs column
     pd.Series(pd.Categorical(["NK", "B", "T", "B"], categories=["T", "x", "NK", "B"])),  # its own order
+    pd.Series(pd.Categorical([1, "1", "a", "a"], categories=[1, "1", "a"])),  # 1 and "1": one legend entry
     [3, 1, 2, 1, 3],                                                         # a plain list
 ])
-def test_one_cell_per_label_matches_a_brute_force_oracle(labels):
+def test_one_cell_per_label_follows_the_legend_and_draws_every_cell_of_a_label(labels):
+    legend = _legend_texts(labels)
     values = np.asarray(labels, dtype=object)
-    expected = _one_per_label_oracle(labels)
-    drawn = {label: set() for label in expected}
+    texts = np.array([None if pd.isna(v) else pl._label_text(v) for v in values], dtype=object)
+    drawn = {text: set() for text in legend}
     for seed in range(40):
         picks = pl.one_cell_per_label(labels, seed)
-        assert picks.dtype == np.int64 and list(values[picks]) == expected  # one per label, the label's own
+        assert picks.dtype == np.int64 and list(texts[picks]) == legend  # one per legend entry, in its order
         np.testing.assert_array_equal(pl.one_cell_per_label(labels, seed), picks)  # the seed decides
-        for n in (0, 1, 2, len(expected) + 5):
+        for n in (0, 1, 2, len(legend) + 5):
             np.testing.assert_array_equal(pl.one_cell_per_label(labels, seed, n=n), picks[:n])
-        for label, i in zip(expected, picks):
-            drawn[label].add(int(i))
-    for label, cells in drawn.items():  # over the seeds, every cell of a label gets drawn
-        assert cells == set(np.flatnonzero(values == label).tolist()), label
+        for text, i in zip(legend, picks):
+            drawn[text].add(int(i))
+    for text, cells in drawn.items():  # over the seeds, every cell of a label gets drawn
+        assert cells == set(np.flatnonzero(texts == text).tolist()), text
 
 
 def test_one_cell_per_label_reads_the_labels_once_not_once_per_label():

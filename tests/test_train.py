@@ -566,6 +566,8 @@ def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monke
     with pytest.raises(DataError, match=r"teacher_cells='500'; fix: pass a whole number of cells \(default 50,000\), or "
                                         r"None for all cells\.$"):
         tl.fit(adata, "demo", epochs=1, teacher_cells="500", **tiny)  # was a TypeError from `<`
+    with pytest.raises(ValueError, match=r"contrastive-sc config: batch_size=2\.5 must be an integer"):
+        tl.fit(adata, "demo", epochs=1, **{**tiny, "teacher_overrides": {"batch_size": 2.5}})  # a TypeError in training
     for teacher_cells in (0, 1, 19):  # one cell trained a teacher to loss 0 and fitted the layout on it
         with pytest.raises(DataError, match=rf"teacher_cells={teacher_cells} are too few to fit the teacher and the "
                                             r"gene layout on \(at least 20, .* or None for all cells"):

@@ -400,7 +400,7 @@ class Preprocessor:
         check_profile = check_profile and self.needs_profile_check()
         rows = None if rows is None else _check_rows(rows, src.n_obs)
         gathered, end = [], 0
-        for a, X in src.chunks(chunk_size or self.chunk_size):
+        for a, X in src.chunks(self.chunk_size if chunk_size is None else chunk_size):
             end = a + X.shape[0]
             cell = _cell_namer(src, a, rows)
             sums, keep = self._keep_cells(X, self.input_kind_, _cells_named(a, end, rows), cell, library_cols)
@@ -443,15 +443,13 @@ class Preprocessor:
         out = sp.csr_matrix(D.astype(np.float32))
         return out
 
-    def transform(self, data, check_profile: bool = True, rows: np.ndarray | None = None,
-                  return_kept: bool = False) -> ad.AnnData | tuple[ad.AnnData, np.ndarray]:
+    def transform(self, data, check_profile: bool = True, rows: np.ndarray | None = None) -> ad.AnnData:
         """Apply the fitted transform: AnnData [kept cells, len(genes_)], ``X`` CSR float32 with
         columns in ``genes_`` order (the data's genes are matched by name), ``obs`` copied.
         Raises DataError if genes are missing, values are invalid or zero-count cells are present
         without ``min_counts``. Never modifies the input. ``check_profile``: as in
         :meth:`transform_chunks` (False for the cells the transform was fitted on, or cells of a
-        dataset already checked); ``rows``: as there, the dataset rows errors name.
-        ``return_kept``: also return bool [n_cells], False for the cells ``min_counts`` dropped."""
+        dataset already checked); ``rows``: as there, the dataset rows errors name."""
         self._check_fitted()
         src = open_source(data)
         blocks, keeps = [], []
@@ -461,8 +459,7 @@ class Preprocessor:
         keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
         self._check_zero(0, int((~keep).sum()), src.n_obs, self.input_kind_)
         X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes_)), dtype=np.float32)
-        out = ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
-        return (out, keep) if return_kept else out
+        return ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:

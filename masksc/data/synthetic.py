@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from masksc.data.io import gene_names
-from masksc.errors import DataError
+from masksc.data.validate import check_count
 from masksc.io_utils import atomic_write
 from masksc.progress import progress_bar
 
@@ -45,8 +45,7 @@ class _Model:
 
 
 def _model(n_genes, n_types, seed, mean_library, library_sigma, dropout) -> _Model:
-    if n_genes < 1 or n_types < 1:
-        raise DataError(f"n_genes={n_genes}, n_types={n_types}; fix: both must be >= 1.")
+    n_genes, n_types = check_count("n_genes", n_genes, "genes"), check_count("n_types", n_types, "cell types")
     rng = np.random.default_rng([seed, 0])
     if mean_library is None:
         mean_library = 900.0 * n_genes / 4096
@@ -93,8 +92,7 @@ def synthetic(n_cells: int, n_genes: int = 4096, n_types: int = 10, seed: int = 
               library_sigma: float = 0.5, dropout: float = 0.3) -> ad.AnnData:
     """Synthetic counts: AnnData [n_cells, n_genes], ``X`` CSR float32 whole numbers,
     ``obs["label"]`` categorical ``type_0..``. Deterministic per ``seed`` (see module doc)."""
-    if n_cells < 1:
-        raise DataError(f"n_cells={n_cells}; fix: ask for at least one cell.")
+    n_cells = check_count("n_cells", n_cells)
     m = _model(n_genes, n_types, seed, mean_library, library_sigma, dropout)
     mats, labels = zip(*_blocks(m, seed, n_cells))
     obs, var = _frames(n_cells, n_genes, np.concatenate(labels))
@@ -111,8 +109,7 @@ def write_synthetic_h5ad(path, n_cells: int, n_genes: int = 4096, n_types: int =
     at the end, so ``path`` is never half-written. Readable by ``anndata.read_h5ad`` (also
     ``backed="r"``) and :func:`masksc.data.iter_chunks`.
     """
-    if n_cells < 1:
-        raise DataError(f"n_cells={n_cells}; fix: ask for at least one cell.")
+    n_cells, chunk_size = check_count("n_cells", n_cells), check_count("chunk_size", chunk_size)
     m = _model(n_genes, n_types, seed, model_kw.get("mean_library"), model_kw.get("library_sigma", 0.5),
                model_kw.get("dropout", 0.3))
     per_chunk = max(1, -(-chunk_size // BLOCK))

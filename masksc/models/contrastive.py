@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from masksc.models.checks import is_integer, is_number, plain_numbers
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,18 @@ class ContrastiveConfig:
     standardize: bool = False  # teacher mode: standardise inputs with fitted per-gene buffers
 
     def __post_init__(self):
+        wrong = [f"{name}={getattr(self, name)!r} must be {'an integer' if check is is_integer else 'a number'}"
+                 for name, check in (("n_input", is_integer), ("dropout", is_number), ("temperature", is_number),
+                                     ("lr", is_number), ("lr_horizon_epochs", is_integer), ("epochs", is_integer),
+                                     ("batch_size", is_integer), ("seed", is_integer))
+                 if not check(getattr(self, name))]
+        if not (isinstance(self.layers, tuple) and all(is_integer(width) for width in self.layers)):
+            wrong.append(f"layers={self.layers!r} must be a tuple of integers")
+        if not isinstance(self.standardize, bool):
+            wrong.append(f"standardize={self.standardize!r} must be True or False")
+        if wrong:  # before the comparisons below, which these would fail with a TypeError
+            raise ValueError("contrastive-sc config: " + "; ".join(wrong) + ".")
+        plain_numbers(self)
         problems = [msg for bad, msg in (
             (self.n_input < 1, f"n_input={self.n_input} must be >= 1"),
             (not self.layers or min(self.layers) < 1, f"layers={self.layers} must be one or more widths >= 1"),

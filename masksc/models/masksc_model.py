@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from masksc import ops
 from masksc.data.grid import ORDERS
+from masksc.models.checks import is_integer, is_number, plain_numbers
 from masksc.models.contrastive import ContrastiveSC
 from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 
@@ -33,34 +33,6 @@ POOLS = ("mean", "cls", "target")
 # Integer size fields and their smallest value, checked before the divisibility rules that use them.
 _SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 1, "num_heads": 1, "decoder_dim": 1, "decoder_depth": 0,
                 "decoder_heads": 1, "target_dim": 1, "epochs": 1, "batch_size": 1}
-
-
-def is_number(value) -> bool:
-    """Whether ``value`` is a real number of any Python or numpy type (``np.float32``, ``np.int64``
-    ...); a bool is not, so ``lr=True`` is refused rather than read as 1."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def is_integer(value) -> bool:
-    """Whether ``value`` is an integer of any Python or numpy type (``np.int32`` ...), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def plain_numbers(config) -> None:
-    """Replace the numbers among the fields of the frozen dataclass ``config`` (also inside tuple
-    fields) by Python ints (any ``numbers.Integral``) and floats (any other ``numbers.Real``:
-    ``np.float32``, ``fractions.Fraction`` ...), and other numpy scalars by their Python values,
-    so what a user passed is stored, compared and written to JSON like an int or a float. Bools
-    stay bools (the checks refuse them)."""
-    def plain(value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return value.item() if isinstance(value, np.generic) else value
-        return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        value = tuple(map(plain, value)) if isinstance(value, tuple) else plain(value)
-        object.__setattr__(config, f.name, value)
 
 
 def check_recipe(lr, weight_decay, betas, warmup_epochs, clip) -> None:

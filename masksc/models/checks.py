@@ -1,0 +1,36 @@
+"""Checks shared by the model and training configs: which values are numbers and integers of
+any Python or numpy type, and storing them as plain Python ints and floats."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number of any Python or numpy type (``np.float32``, ``np.int64``
+    ...); a bool is not, so ``lr=True`` is refused rather than read as 1."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer of any Python or numpy type (``np.int32`` ...), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def plain_numbers(config) -> None:
+    """Replace the numbers among the fields of the frozen dataclass ``config`` (also inside tuple
+    fields) by Python ints (any ``numbers.Integral``) and floats (any other ``numbers.Real``:
+    ``np.float32``, ``fractions.Fraction`` ...), and other numpy scalars by their Python values,
+    so what a user passed is stored, compared and written to JSON like an int or a float. Bools
+    stay bools (the checks refuse them)."""
+    def plain(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return value.item() if isinstance(value, np.generic) else value
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        value = tuple(map(plain, value)) if isinstance(value, tuple) else plain(value)
+        object.__setattr__(config, f.name, value)
