@@ -1,5 +1,6 @@
 """Exceptions masksc raises for problems the user can fix, each message naming the fix, and the
 warnings it gives."""
+import contextlib
 import os
 import sys
 import warnings
@@ -26,9 +27,9 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside masksc, so that the warning
     names the user's line (``tl.fit(...)``), not whichever masksc function noticed the problem
     (nor the wrapper of a masksc function decorated with ``torch.no_grad()`` and the like)."""
+    wrappers = {contextlib.__file__, getattr(sys.modules.get("torch.utils._contextlib"), "__file__", None)}
     level, frame = 2, sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
-                                 or frame.f_code.co_filename.endswith("contextlib.py")):
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE) or frame.f_code.co_filename in wrappers):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

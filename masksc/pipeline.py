@@ -35,6 +35,7 @@ import torch
 from masksc import checkpoint as ckpt
 from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
 from masksc.data.validate import check_count
+from masksc.errors import warn
 from masksc.embed import embed_matrix
 from masksc.models import MaskSC
 from masksc.models.checks import is_integer
@@ -144,7 +145,11 @@ class MaskSCModel:
         those NaN rows). Raises CheckpointError when that matrix lacks genes the model needs.
         ``rows``: int [n_cells], the rows of a larger dataset that ``adata``'s cells are, which
         errors name (default 0 ..)."""
-        return self._kept_on_grid(adata, layer, use_raw, rows)[0]
+        X, keep = self._kept_on_grid(adata, layer, use_raw, rows)
+        if not keep.all():
+            warn(f"to_grid left out {int((~keep).sum())} of {keep.size} cells: the model's preprocessor drops them "
+                 f"(min_counts={self.preprocessor.min_counts})")
+        return X
 
     def _kept_on_grid(self, adata, layer, use_raw, rows=None) -> tuple:
         """(:meth:`to_grid`'s CSR matrix, bool [n_cells]: False for the cells it leaves out)."""
@@ -214,7 +219,8 @@ class MaskSCModel:
             names = ", ".join(f"row {r} ({n})" for r, n in zip(where[:5], adata.obs_names[dropped[:5]]))
             raise DataError(f"{dropped.size} of the cells ({names}{', ...' if dropped.size > 5 else ''}) have no "
                             f"attention map: the model's preprocessor drops them (min_counts="
-                            f"{self.preprocessor.min_counts}); fix: pass other cells.")
+                            f"{self.preprocessor.min_counts}); fix: pass other cells (on the command line, another "
+                            "--seed draws others).")
         batch = next(iter(CellBatches(X, batch_size=max(1, X.shape[0]), shuffle=False)))
         with evaluating(self.network, device) as (net, device):
             attn = net.last_attention(batch.to(device)).float().cpu()

@@ -263,12 +263,15 @@ def _label_text(value) -> str:
 
 def _label_order(texts) -> list[str]:
     """Label texts in legend order: numbers by value (-2 before 0.05 before 0.5) when every one
-    reads as a number, else naturally ("type_2" before "type_10")."""
+    reads as a number, a text reading as NaN ("nan" from ``astype(str)``) last, else naturally
+    ("type_2" before "type_10")."""
     texts = set(texts)
     try:
-        return sorted(texts, key=float)
+        value = {text: float(text) for text in texts}
     except ValueError:
         return sorted(texts, key=_natural_key)
+    return sorted(texts, key=lambda text: (math.isnan(value[text]), 0.0 if math.isnan(value[text]) else value[text],
+                                           text))
 
 
 def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: list | None = None,

@@ -392,7 +392,7 @@ def test_config_round_trip_and_version_check():
 
 @pytest.mark.parametrize("field, value, need", [("batch_size", 2.5, "an integer"), ("batch_size", "200", "an integer"),
                                                 ("epochs", True, "an integer"), ("lr", "0.4", "a number"),
-                                                ("layers", (200.5, 40, 60), "a tuple of integers"),
+                                                ("layers", (200.5, 40, 60), r"integers \(layer widths\)"),
                                                 ("standardize", 1, "True or False")])
 def test_contrastive_config_refuses_values_of_the_wrong_type_by_name(field, value, need):
     """A teacher setting of the wrong type (teacher_overrides, --teacher-set) is named here, before
@@ -401,6 +401,17 @@ def test_contrastive_config_refuses_values_of_the_wrong_type_by_name(field, valu
         ContrastiveConfig(**{field: value})
     typed = ContrastiveConfig(epochs=np.int16(3), lr=np.float32(0.5), layers=(np.int64(8), 6))
     assert (type(typed.epochs), type(typed.lr), type(typed.layers[0])) == (int, float, int)  # stored as plain numbers
+    assert ContrastiveConfig(layers=[10, 6]).layers == ContrastiveConfig(layers=np.array([10, 6])).layers == (10, 6)
+
+
+def test_contrastive_config_from_a_checkpoint_reads_whole_floats_in_integer_fields():
+    """Earlier versions took lr_horizon_epochs=500.0 (its type unchecked) and saved it so; such a
+    model still loads, the field an int."""
+    saved = {**ContrastiveConfig(n_input=12).to_dict(), "lr_horizon_epochs": 500.0}
+    loaded = ContrastiveConfig.from_dict(saved)
+    assert loaded.lr_horizon_epochs == 500 and type(loaded.lr_horizon_epochs) is int
+    with pytest.raises(ValueError, match=r"lr_horizon_epochs=500\.5 must be an integer"):
+        ContrastiveConfig.from_dict({**saved, "lr_horizon_epochs": 500.5})
 
 
 def test_config_replace_names_unknown_fields_and_valid_ones():

@@ -200,6 +200,15 @@ def test_embed_gives_nan_rows_for_cells_min_counts_drops_as_embed_file_does(tiny
     assert Z.shape == (adata.n_obs, CFG.embedding_dim)
     assert np.isnan(Z[dropped]).all() and np.isfinite(Z[~dropped]).all()
     np.testing.assert_allclose(Z[~dropped], model.embed(adata[~dropped], progress=False), rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=rf"^to_grid left out {dropped.sum()} of 120 cells: the model's preprocessor"):
+        assert model.to_grid(adata).shape[0] == 120 - dropped.sum()
+    user_script = tmp_path / "user_contextlib.py"  # a user's file whose name ends like contextlib's
+    code = compile("import warnings\nwith warnings.catch_warnings(record=True) as seen:\n"
+                   "    warnings.simplefilter('always')\n    model.embed(adata, progress=False)\n",
+                   str(user_script), "exec")
+    scope = {"model": model, "adata": adata}
+    exec(code, scope)
+    assert [(w.filename, w.lineno) for w in scope["seen"]] == [(str(user_script), 4)]  # not skipped as a wrapper
     with pytest.warns(UserWarning, match=nan_rows) as caught:
         model.embed_file(adata, tmp_path / "z.h5ad", progress=False)
     assert len(caught) == 1 and caught[0].filename == __file__

@@ -421,6 +421,7 @@ def _legend_texts(labels) -> list[str]:
     np.array(["type_10", 3, "type_2", 3], dtype=object),                     # mixed
     np.array([1, "2", 10, True, 1], dtype=object),                           # True and 1 apart, as drawn
     np.array(["²", "a", "²"]),                                               # a digit int() cannot read
+    np.array(["1", "nan", "2", "10", "nan", "3", "0.5"] * 3, dtype=object),  # astype(str) of NaN: last
     pd.Series(pd.Categorical([10, 2, None, 2, 10, 2], categories=[2, 10])),  # an obs column
     pd.Series(pd.Categorical(["NK", "B", "T", "B"], categories=["T", "x", "NK", "B"])),  # its own order
     pd.Series(pd.Categorical([1, "1", "a", "a"], categories=[1, "1", "a"])),  # 1 and "1": one legend entry
@@ -687,3 +688,10 @@ def test_labels_whose_texts_collide_are_each_counted_and_coloured():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["2 (100)", "1e+300 (100)"]
     with pytest.raises(ValueError, match=r"point_size is a marker area and must be > 0, got 0"):
         pl.embedding(Z, method="tsne", point_size=0)
+
+
+def test_label_order_puts_numbers_by_value_and_texts_reading_as_nan_last_whatever_the_set_order():
+    texts = ["1", "nan", "2", "10", "3", "0.5", "NaN", "01"]
+    expected = ["0.5", "01", "1", "2", "3", "10", "NaN", "nan"]  # equal values by their text
+    for seed in range(20):
+        assert pl._label_order(list(np.random.default_rng(seed).permutation(texts))) == expected

@@ -30,6 +30,8 @@ from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+_INTEGER_FIELDS = ("n_input", "lr_horizon_epochs", "epochs", "batch_size", "seed")
+
 
 @dataclass(frozen=True)
 class ContrastiveConfig:
@@ -47,13 +49,14 @@ class ContrastiveConfig:
     standardize: bool = False  # teacher mode: standardise inputs with fitted per-gene buffers
 
     def __post_init__(self):
+        if isinstance(self.layers, (list, np.ndarray)):  # a list from JSON or a user: as MaskSCConfig's tuples
+            object.__setattr__(self, "layers", tuple(self.layers))
         wrong = [f"{name}={getattr(self, name)!r} must be {'an integer' if check is is_integer else 'a number'}"
-                 for name, check in (("n_input", is_integer), ("dropout", is_number), ("temperature", is_number),
-                                     ("lr", is_number), ("lr_horizon_epochs", is_integer), ("epochs", is_integer),
-                                     ("batch_size", is_integer), ("seed", is_integer))
+                 for name, check in (*((name, is_integer) for name in _INTEGER_FIELDS),
+                                     ("dropout", is_number), ("temperature", is_number), ("lr", is_number))
                  if not check(getattr(self, name))]
         if not (isinstance(self.layers, tuple) and all(is_integer(width) for width in self.layers)):
-            wrong.append(f"layers={self.layers!r} must be a tuple of integers")
+            wrong.append(f"layers={self.layers!r} must be integers (layer widths)")
         if not isinstance(self.standardize, bool):
             wrong.append(f"standardize={self.standardize!r} must be True or False")
         if wrong:  # before the comparisons below, which these would fail with a TypeError
@@ -92,6 +95,9 @@ class ContrastiveConfig:
             raise ValueError(f"unknown ContrastiveConfig fields {sorted(unknown)}; the config comes from "
                              "another masksc version — retrain or upgrade masksc.")
         d = dict(d)
+        for name in _INTEGER_FIELDS:  # a whole float (e.g. lr_horizon_epochs=500.0) was taken before its type was checked
+            if isinstance(d.get(name), float) and d[name].is_integer():
+                d[name] = int(d[name])
         if "layers" in d:
             d["layers"] = tuple(int(x) for x in d["layers"])
         return cls(**d)

@@ -177,8 +177,6 @@ def teacher_config(model_cfg, seed: int = 0, X_grid_csr=None, **overrides) -> Co
     if unknown:
         raise ValueError(f"teacher setting(s) {unknown} cannot be set; choose from {settable} (n_input and "
                          "standardize follow the model's grid).")
-    if isinstance(overrides.get("layers"), list):  # e.g. from JSON
-        overrides["layers"] = tuple(overrides["layers"])
     recipe = {"seed": seed}
     if X_grid_csr is not None:
         recipe["dropout"] = auto_teacher_dropout(X_grid_csr)
