@@ -312,6 +312,7 @@ def _build_index(X: np.ndarray, metric: str, index: str, nlist: int | None, npro
         idx.cp.max_points_per_centroid = 64
         if gpus:
             idx.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(d, faiss_metric), ngpu=gpus)
+        logger.info("training an IVF index of %d lists on %d cells", nlist, n)  # tens of seconds from ~1M cells
         idx.train(X)
         idx.add(X)
         if nprobe:
@@ -769,6 +770,8 @@ def cluster_graph(graph, k: int | None = None, seed: int = 0, resolution: float 
     them. graph: square scipy.sparse [n, n]. Returns (labels np.int64 [n], resolution used)."""
     check_settings(kmeans_kw)  # an unknown name is a typo, not "a k-means argument"
     check_leiden_settings(k, resolution, kmeans_kw)
+    logger.info("Leiden on a graph of %d cells%s", _check_graph(graph).shape[0],
+                "" if k is None else f", resolution searched for {k} clusters")
     if k is None:
         resolution = LEIDEN_RESOLUTION if resolution is None else resolution
         return leiden(graph, resolution=resolution, seed=seed), resolution

@@ -110,12 +110,14 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*n_jobs.*")
                 reducer = umap.UMAP(n_components=2, n_neighbors=min(15, Z.shape[0] - 1), random_state=seed, n_jobs=1)
+                logger.info("UMAP of %d cells (about a minute for 50,000 on 2 cores)", Z.shape[0])
                 return reducer.fit_transform(Z).astype(np.float32), method
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(1.0, (Z.shape[0] - 1) / 3)))
     init = "pca" if Z.shape[1] >= 2 else "random"  # PCA to 2-D needs 2 dimensions
     tsne = TSNE(n_components=2, init=init, perplexity=perplexity, random_state=seed)
+    logger.info("t-SNE of %d cells", Z.shape[0])
     return tsne.fit_transform(Z).astype(np.float32), "tsne"
 
 
