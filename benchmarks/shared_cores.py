@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import device_info, print_table, write_result  # noqa: E402
@@ -65,6 +66,10 @@ print(json.dumps({"threads": torch.get_num_threads(), "train_steps_s": rate(trai
 """
 
 
+CORES = len(os.sched_getaffinity(0))  # the cores this process may use, which the spinners fill
+# a busy core's load: spins until killed, or until its parent is gone (a SIGTERM to the benchmark
+# skips the cleanup below and would leave it spinning)
+SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(100_000))"
 SETTINGS = {"(default)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"}}
 
@@ -73,15 +78,16 @@ def measure(preset: str, seconds: float, setting: dict, busy: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(setting)
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() if busy
-                                                                                             else 0)]
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(CORES if busy else 0)]
     try:
         run = subprocess.run([sys.executable, "-c", MEASURE, preset, str(seconds)], env=env, capture_output=True,
-                             text=True, check=True)
+                             text=True)
     finally:
         for p in spinners:
             p.kill()
             p.wait()
+    if run.returncode:
+        raise SystemExit(f"measuring {preset} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -90,12 +96,16 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["demo", "cpu"])
     ap.add_argument("--seconds", type=float, default=6.0, help="time each rate is measured over")
     args = ap.parse_args()
+    from masksc.models.presets import PRESETS
+    unknown = sorted(set(args.presets) - set(PRESETS))
+    if unknown:
+        ap.error(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
     rows = []
     for preset in args.presets:
         for busy in (False, True):
             for name, setting in SETTINGS.items():
                 r = measure(preset, args.seconds, setting, busy)
-                rows.append({"preset": preset, "cores": f"busy ({os.cpu_count()} spinners)" if busy else "idle",
+                rows.append({"preset": preset, "cores": f"busy ({CORES} spinners)" if busy else "idle",
                              "environment": name, **r})
                 print("  ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in rows[-1].values()))
     print()

@@ -435,8 +435,9 @@ def build_model(config: dict) -> MaskSC:
         if config.get("teacher_config") is not None:
             model.set_teacher(ContrastiveSC(ContrastiveConfig.from_dict(config["teacher_config"])))
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"the checkpoint's model config does not fit this masksc version ({exc}); load it "
-                              "with the masksc version that wrote it or retrain.") from exc
+        raise CheckpointError(f"the checkpoint's model config does not fit this masksc version ({exc}); it was "
+                              "written by another version or edited: load it with the masksc version that wrote it, "
+                              "restore its config.json from a copy, or retrain.") from exc
     return model
 
 

@@ -350,8 +350,8 @@ def warn_nan_rows(n_dropped: int, n_cells: int, min_counts) -> None:
     the model's preprocessor drops those cells (``min_counts``), and how to leave them out."""
     if n_dropped:
         warn(f"{n_dropped} of {n_cells} cells have NaN embeddings: the model's preprocessor drops them (min_counts="
-             f"{min_counts}); leave those cells out before clustering (in Python, the rows of the embedding "
-             "without NaN)")
+             f"{min_counts}); fix: leave those cells out before clustering (the rows where "
+             "np.isfinite(embedding).all(axis=1))")
 
 
 def _fsync(path: Path) -> None:

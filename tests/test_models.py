@@ -412,6 +412,10 @@ def test_contrastive_config_from_a_checkpoint_reads_whole_floats_in_integer_fiel
     assert loaded.lr_horizon_epochs == 500 and type(loaded.lr_horizon_epochs) is int
     with pytest.raises(ValueError, match=r"lr_horizon_epochs=500\.5 must be an integer"):
         ContrastiveConfig.from_dict({**saved, "lr_horizon_epochs": 500.5})
+    assert ContrastiveConfig.from_dict({**saved, "layers": [10.0, 6]}).layers == (10, 6)
+    for layers in ([10.5, 8, 6], ["10", 6], None):  # 10.5 was read as 10 and "10" as 10, silently
+        with pytest.raises(ValueError, match=r"layers=.* must be integers \(layer widths\)"):
+            ContrastiveConfig.from_dict({**saved, "layers": layers})
 
 
 def test_config_replace_names_unknown_fields_and_valid_ones():

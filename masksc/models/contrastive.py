@@ -49,8 +49,8 @@ class ContrastiveConfig:
     standardize: bool = False  # teacher mode: standardise inputs with fitted per-gene buffers
 
     def __post_init__(self):
-        if isinstance(self.layers, (list, np.ndarray)):  # a list from JSON or a user: as MaskSCConfig's tuples
-            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.layers, list) or (isinstance(self.layers, np.ndarray) and self.layers.ndim == 1):
+            object.__setattr__(self, "layers", tuple(self.layers))  # a list from JSON or a user, as MaskSCConfig's
         wrong = [f"{name}={getattr(self, name)!r} must be {'an integer' if check is is_integer else 'a number'}"
                  for name, check in (*((name, is_integer) for name in _INTEGER_FIELDS),
                                      ("dropout", is_number), ("temperature", is_number), ("lr", is_number))
@@ -98,8 +98,8 @@ class ContrastiveConfig:
         for name in _INTEGER_FIELDS:  # a whole float (e.g. lr_horizon_epochs=500.0) was taken before its type was checked
             if isinstance(d.get(name), float) and d[name].is_integer():
                 d[name] = int(d[name])
-        if "layers" in d:
-            d["layers"] = tuple(int(x) for x in d["layers"])
+        if isinstance(d.get("layers"), list):  # JSON's; whole floats as ints, the rest refused by name
+            d["layers"] = tuple(int(x) if isinstance(x, float) and x.is_integer() else x for x in d["layers"])
         return cls(**d)
 
 
