@@ -419,7 +419,7 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
     starts = range(0, n, _SEARCH_CHUNK)
     with _faiss_threads(float(n) * X.shape[1] * (n if index == "flat" else 8 * np.sqrt(n))):
         idx = _build_index(X, metric, index, nlist, nprobe, gpus, seed, k, target_recall)
-        for s in progress_bar(starts, desc=f"kNN ({index})", disable=len(starts) < 4, leave=False):
+        for s in progress_bar(starts, desc=f"kNN ({index})", disable=len(starts) < 2, leave=False):
             D[s:s + _SEARCH_CHUNK], I[s:s + _SEARCH_CHUNK] = idx.search(X[s:s + _SEARCH_CHUNK], k)
     step = max(1, _DISTANCE_BUDGET // (k * X.shape[1]))
     for s in range(0, n, step):

@@ -521,3 +521,17 @@ def test_transform_chunks_refuses_a_chunk_size_that_is_not_a_positive_whole_numb
             next(p.transform_chunks(counts, chunk_size=bad))
     starts = [a for a, _, _ in p.transform_chunks(counts, chunk_size=np.int64(150))]
     assert starts == list(range(0, counts.n_obs, 150))
+
+
+def test_fitting_a_large_dataset_shows_a_bar_per_pass_over_the_cells(counts, monkeypatch, capsys):
+    """Both passes of a seurat_v3 fit (gene statistics, then clipped ones) show their progress in
+    cells from PROGRESS_MIN_CELLS cells on (about 20 s of silence at 1M cells before); fewer show none."""
+    from masksc.data import preprocess
+    Preprocessor(n_top_genes=50, chunk_size=100).fit(counts)
+    assert "gene statistics" not in capsys.readouterr().err
+    monkeypatch.setattr(preprocess, "PROGRESS_MIN_CELLS", counts.n_obs)
+    fitted = Preprocessor(n_top_genes=50, chunk_size=100).fit(counts)
+    err = capsys.readouterr().err
+    assert f"\rgene statistics:   0%|          | 0/{counts.n_obs} [" in err
+    assert f"\rclipped gene statistics:   0%|          | 0/{counts.n_obs} [" in err
+    assert fitted.genes_ == Preprocessor(n_top_genes=50, chunk_size=100).fit(counts).genes_  # the bar changes nothing
