@@ -66,10 +66,11 @@ print(json.dumps({"threads": torch.get_num_threads(), "train_steps_s": rate(trai
 """
 
 
-CORES = len(os.sched_getaffinity(0))  # the cores this process may use, which the spinners fill
-# a busy core's load: spins until killed, or until its parent is gone (a SIGTERM to the benchmark
-# skips the cleanup below and would leave it spinning)
-SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(100_000))"
+# the cores this process may use, which the spinners fill (no affinity call on macOS / Windows)
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+# a busy core's load: spins until killed, or until its parent (whose pid it is given) is gone: a
+# SIGTERM to the benchmark skips the cleanup below and would leave it spinning
+SPIN = "import os, sys\nwhile os.getppid() == int(sys.argv[1]):\n    sum(range(100_000))"
 SETTINGS = {"(default)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"}}
 
@@ -78,7 +79,7 @@ def measure(preset: str, seconds: float, setting: dict, busy: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(setting)
-    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(CORES if busy else 0)]
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid())]) for _ in range(CORES if busy else 0)]
     try:
         run = subprocess.run([sys.executable, "-c", MEASURE, preset, str(seconds)], env=env, capture_output=True,
                              text=True)

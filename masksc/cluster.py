@@ -770,7 +770,7 @@ def cluster_graph(graph, k: int | None = None, seed: int = 0, resolution: float 
     them. graph: square scipy.sparse [n, n]. Returns (labels np.int64 [n], resolution used)."""
     check_settings(kmeans_kw)  # an unknown name is a typo, not "a k-means argument"
     check_leiden_settings(k, resolution, kmeans_kw)
-    logger.info("Leiden on a graph of %s cells%s", getattr(graph, "shape", ("?",))[0],
+    logger.info("Leiden on a graph of %s cells%s", (getattr(graph, "shape", None) or ("?",))[0],
                 "" if k is None else f", resolution searched for {k} clusters")
     if k is None:
         resolution = LEIDEN_RESOLUTION if resolution is None else resolution

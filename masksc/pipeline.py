@@ -429,7 +429,7 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
         preprocessor, grid, _ = _transform_from_meta(bundle_meta, ckpt.resolve(resume_from))
         X_grid = grid.to_grid(preprocessor.transform(adata).X)
     else:
-        preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells)
+        preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells, progress=progress)
         bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
                        "cells": _cells_record(adata.obs_names)}
     teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
@@ -441,12 +441,12 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
     return MaskSCModel(network, preprocessor, grid, path=path, fitted_input=bundle_meta.get("input")), result
 
 
-def preprocess_to_grid(adata, cfg, *, seed: int, min_cells: int = 3):
+def preprocess_to_grid(adata, cfg, *, seed: int, min_cells: int = 3, progress: bool = True):
     """``fit``'s in-memory preparation of ``adata`` for model config ``cfg`` (a MaskSCConfig): preprocessing fitted
     on it (``cfg.n_genes`` HVG among genes detected in ``min_cells`` cells), the grid layout
     ``cfg.layout`` (seeded) and the cells on it.
     Returns (Preprocessor, GridLayout, X_grid: CSR float32 [n_cells, g*s])."""
-    preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells).fit(adata)
+    preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells).fit(adata, progress=progress)
     X = preprocessor.transform(adata, check_profile=False).X  # the cells it was fitted on
     grid = GridLayout.fit(X, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch, order=cfg.layout,
                           seed=seed)
@@ -578,7 +578,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
         with ctx.together():  # rank 0 alone prepares; an error there stops the ranks waiting for it
             if ctx.is_main:
                 preprocessor = Preprocessor(n_top_genes=cfg.n_genes, min_cells=min_cells,
-                                            chunk_size=chunk_size).fit(reader.chunks)
+                                            chunk_size=chunk_size).fit(reader.chunks, progress=progress)
                 X_sub, rows = subsample_genes(reader, preprocessor, teacher_cells, seed=seed, chunk_size=chunk_size,
                                               progress=progress)
                 grid = GridLayout.fit(X_sub, preprocessor.genes_, shape=cfg.grid_shape, patch=cfg.patch,

@@ -591,3 +591,13 @@ def test_cosine_neighbours_ignore_the_scale_of_the_embedding():
     a = anndata.AnnData(obsm={"X_masksc": (Z * 1e30).astype(np.float32)})
     tl.neighbors(a, 15, metric="cosine")
     np.testing.assert_array_equal(np.sort(a.obsp["masksc_neighbors_distances"][0].indices), np.sort(I[0, 1:]))
+
+
+@pytest.mark.parametrize("graph", [np.array(3.0), np.float64(1.0), np.ones((3, 3)), [[0, 1], [1, 0]],
+                                   sp.csr_matrix((2, 3))])
+def test_clustering_a_graph_that_is_not_a_square_sparse_matrix_is_refused_by_name(graph):
+    """The log line naming the graph's size used to index a 0-d shape and raise IndexError first."""
+    from masksc.cluster import cluster_graph
+    for k in (None, 2):
+        with pytest.raises(DataError, match=r"^graph must be a square scipy\.sparse matrix \[n_cells, n_cells\]"):
+            cluster_graph(graph, k)

@@ -535,3 +535,9 @@ def test_fitting_a_large_dataset_shows_a_bar_per_pass_over_the_cells(counts, mon
     assert f"\rgene statistics:   0%|          | 0/{counts.n_obs} [" in err
     assert f"\rclipped gene statistics:   0%|          | 0/{counts.n_obs} [" in err
     assert fitted.genes_ == Preprocessor(n_top_genes=50, chunk_size=100).fit(counts).genes_  # the bar changes nothing
+    capsys.readouterr()
+    Preprocessor(n_top_genes=50, chunk_size=100).fit(counts, progress=False)
+    from masksc.models import get_preset
+    from masksc.pipeline import preprocess_to_grid
+    preprocess_to_grid(counts, get_preset("demo"), seed=0, progress=False)  # what fit(progress=False) runs
+    assert "gene statistics" not in capsys.readouterr().err

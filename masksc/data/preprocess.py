@@ -216,9 +216,10 @@ class Preprocessor:
             warn(f"dropped {n_drop} of {n_total} cells with {why}")
 
     # ---------------------------------------------------------------- fit
-    def fit(self, data) -> Preprocessor:
+    def fit(self, data, progress: bool = True) -> Preprocessor:
         """Fit on an AnnData (in memory or backed), an ``.h5ad``/10x ``.h5`` path (streamed) or
-        any path :func:`masksc.data.read` accepts. Never modifies the input."""
+        any path :func:`masksc.data.read` accepts. Never modifies the input. ``progress``: a bar
+        for each pass over the cells, from ``PROGRESS_MIN_CELLS`` cells (False: none)."""
         src = open_source(data)
         check_unique_genes(src.var_names)
         first = next(src.chunks(min(self.chunk_size, 2000)), None)
@@ -232,7 +233,7 @@ class Preprocessor:
         G = src.n_vars
         acc = {k: np.zeros(G) for k in ("raw_s", "raw_ss", "norm_s", "norm_ss", "log_s", "log_ss", "detected")}
         n, n_zero, n_drop = 0, 0, 0
-        for a, X in self._pass(src, "gene statistics"):
+        for a, X in self._pass(src, "gene statistics", progress):
             sums, keep = self._keep_cells(X, kind, _cells_named(a, a + X.shape[0], None), _cell_namer(src, a))
             n_zero += int((sums == 0).sum())
             n_drop += int((~keep).sum())
@@ -258,7 +259,7 @@ class Preprocessor:
                 reg_std, clip = hvg.seurat_v3_clip(mean, var, n, self.span)
             except hvg.TrendFitError as exc:
                 raise DataError(f"{exc}; fix: {self._trend_fix(exc.n_varying, n, G)}.") from exc
-            cs, css = self._clipped_sums(src, kind, cand, clip)
+            cs, css = self._clipped_sums(src, kind, cand, clip, progress)
             score = hvg.seurat_v3_score(mean, reg_std, cs, css, n)
         else:
             mean, var = hvg.mean_var(acc["norm_s"][cand], acc["norm_ss"][cand], n)
@@ -289,20 +290,20 @@ class Preprocessor:
         fewer = f" or lower min_cells (now {self.min_cells})" if self.min_cells else ""
         return f"pass more cells{fewer}: in {n_cells} cells only {n_varying} of the {n_genes} genes vary"
 
-    def _pass(self, src: ChunkSource, desc: str):
+    def _pass(self, src: ChunkSource, desc: str, progress: bool):
         """``src.chunks(chunk_size)``, with a progress bar (in cells) from ``PROGRESS_MIN_CELLS`` cells."""
-        with progress_bar(total=src.n_obs, desc=desc, unit="cell", disable=src.n_obs < PROGRESS_MIN_CELLS,
-                          leave=False) as bar:
+        with progress_bar(total=src.n_obs, desc=desc, unit="cell", leave=False,
+                          disable=not progress or src.n_obs < PROGRESS_MIN_CELLS) as bar:
             for a, X in src.chunks(self.chunk_size):
                 yield a, X
                 bar.update(X.shape[0])
 
-    def _clipped_sums(self, src: ChunkSource, kind, cand, clip) -> tuple[np.ndarray, np.ndarray]:
+    def _clipped_sums(self, src: ChunkSource, kind, cand, clip, progress: bool) -> tuple[np.ndarray, np.ndarray]:
         G = src.n_vars
         full_clip = np.full(G, np.inf)
         full_clip[cand] = clip
         acc = {"c_s": np.zeros(G), "c_ss": np.zeros(G)}
-        for a, X in self._pass(src, "clipped gene statistics"):
+        for a, X in self._pass(src, "clipped gene statistics", progress):
             _, keep = self._keep_cells(X, kind, _cells_named(a, a + X.shape[0], None), _cell_namer(src, a))
             X = X[keep]
             _add(acc, "c", X.indices, np.minimum(X.data.astype(np.float64), full_clip[X.indices]), G)
