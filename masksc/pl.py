@@ -276,6 +276,38 @@ def _label_order(texts) -> list[str]:
                                            text))
 
 
+def _legend_codes(labels) -> tuple[np.ndarray, list[str]]:
+    """The legend of one label per cell: (int64 [n] each cell's entry, -1 for a missing label;
+    the entries' texts in order, those present only). A categorical keeps its categories' order,
+    other labels follow :func:`_label_order`; labels written alike (categories 1 and "1") are one
+    entry, while object labels True and 1, which pandas takes for one value, stay two."""
+    if isinstance(getattr(labels, "dtype", None), pd.CategoricalDtype):
+        categorical = pd.Categorical(labels)
+        codes, texts = categorical.codes, [_label_text(c) for c in categorical.categories]
+        order = list(dict.fromkeys(texts))
+    else:
+        values = np.asarray(labels)
+        if values.ndim != 1:
+            raise DataError(f"labels must be 1-D (one label per cell), got shape {values.shape}; fix: pass a "
+                            "column such as adata.obs['label'].")
+        if values.dtype == object:  # by their texts, one pass
+            missing = np.asarray(pd.isna(values), dtype=bool)
+            values = values.copy()
+            values[~missing] = [_label_text(v) for v in values[~missing]]
+            values[missing] = None
+        codes, uniques = pd.factorize(values)  # missing -> -1
+        texts = [_label_text(u) for u in uniques]
+        order = _label_order(texts)
+    if not texts:
+        return np.full(len(codes), -1, dtype=np.int64), []
+    rank = {text: i for i, text in enumerate(order)}
+    codes = np.where(codes >= 0, np.array([rank[t] for t in texts], dtype=np.int64)[codes], -1)
+    present = np.unique(codes[codes >= 0])  # the entries drawn: a sample may lack a category
+    compact = np.full(len(order), -1, dtype=np.int64)
+    compact[present] = np.arange(present.size)
+    return np.where(codes >= 0, compact[codes], -1), [order[i] for i in present]
+
+
 def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: list | None = None,
                 continuous: bool = False, legend: bool = True) -> None:
     """One scatter of ``xy`` coloured by ``labels`` (an array, or a pd.Categorical whose categories
@@ -297,23 +329,15 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
         if shown.size:  # a colour bar of no values would show 0..1
             ax.figure.colorbar(sc, ax=ax, shrink=0.8)
     else:
-        missing = np.asarray(pd.isna(labels), dtype=bool)
         from matplotlib.colors import to_rgba
         from matplotlib.lines import Line2D
-        if categorical:  # from the codes: int categories beside NaN would come out of the values as floats
-            named = np.array([_label_text(c) for c in labels.categories], dtype=object)
-            str_labels = np.full(len(labels), "", dtype=object)
-            str_labels[~missing] = named[labels.codes[~missing]]
-        else:
-            str_labels = np.array([_label_text(v) for v in labels], dtype=object)
-        present = set(str_labels[~missing])
-        if categorical:  # the column's own order and colours, kept when a sample lacks a category
-            order = list(dict.fromkeys(named))  # categories 1 and "1" write alike: one entry
+        all_codes, cats = _legend_codes(labels)
+        missing = all_codes < 0
+        if categorical:  # the column's own colours, kept when a sample lacks a category
+            named = [_label_text(c) for c in labels.categories]
             every = palette if palette is not None else _category_colors(len(named))
-            cats = [c for c in order if c in present]
-            colors = [every[list(named).index(c)] for c in cats]
+            colors = [every[named.index(c)] for c in cats]
         else:
-            cats = _label_order(present)
             colors = _category_colors(len(cats))
         handles = []
         if missing.any():  # unlabelled cells: grey, underneath the labelled ones
@@ -321,7 +345,7 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
             handles.append(("lightgrey", f"NA ({int(missing.sum())})"))
         # every labelled cell in one scatter, in data order as scanpy draws them: one scatter per
         # category would lay the last ones over the first
-        codes = pd.Categorical(str_labels[~missing], categories=cats).codes
+        codes = all_codes[~missing]
         rgba = np.array([to_rgba(c) for c in colors]).reshape(-1, 4)
         ax.scatter(xy[~missing, 0], xy[~missing, 1], s=size, c=rgba[codes], linewidths=0, rasterized=True)
         handles += [(color, f"{cat} ({int((codes == k).sum())})") for k, (cat, color) in enumerate(zip(cats, colors))]
@@ -435,27 +459,7 @@ def one_cell_per_label(labels, seed: int = 0, n: int | None = None) -> np.ndarra
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
         raise ValueError(f"n must be a non-negative integer or None (all labels), got {n!r}.")
-    if isinstance(getattr(labels, "dtype", None), pd.CategoricalDtype):
-        categorical = pd.Categorical(labels)
-        codes, texts = categorical.codes, [_label_text(c) for c in categorical.categories]
-        legend = list(dict.fromkeys(texts))  # the categories' own order
-    else:
-        values = np.asarray(labels)
-        if values.ndim != 1:
-            raise DataError(f"labels must be 1-D (one label per cell), got shape {values.shape}; fix: pass a "
-                            "column such as adata.obs['label'].")
-        if values.dtype == object:  # by their texts: pandas takes True and 1 for one value, the legend does not
-            missing = np.asarray(pd.isna(values), dtype=bool)
-            values = values.copy()
-            values[~missing] = [_label_text(v) for v in values[~missing]]
-            values[missing] = None
-        codes, uniques = pd.factorize(values)  # missing -> -1
-        texts = [_label_text(u) for u in uniques]
-        legend = _label_order(texts)
-    if not texts:
-        return np.zeros(0, dtype=np.int64)
-    rank = {text: i for i, text in enumerate(legend)}  # labels written alike (1 and "1") are one, as in the legend
-    codes = np.where(codes >= 0, np.array([rank[t] for t in texts], dtype=np.int64)[codes], -1)
+    codes, _ = _legend_codes(labels)
     order = np.random.default_rng(seed).permutation(codes.size)
     present, first = np.unique(codes[order], return_index=True)
     return order[first[present >= 0]][:n].astype(np.int64)
