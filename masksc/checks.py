@@ -1,5 +1,5 @@
-"""Checks shared by the model and training configs: which values are numbers and integers of
-any Python or numpy type, and storing them as plain Python ints and floats."""
+"""Which values are numbers and integers of any Python or numpy type, and storing them as plain
+Python ints and floats: checks shared by the model and training configs and the data layer's sizes."""
 from __future__ import annotations
 
 import dataclasses

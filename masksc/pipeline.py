@@ -29,16 +29,15 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from masksc import checkpoint as ckpt
+from masksc.checks import is_integer
 from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
 from masksc.data.validate import check_count
-from masksc.errors import warn
 from masksc.embed import embed_matrix
+from masksc.errors import warn
 from masksc.models import MaskSC
-from masksc.models.checks import is_integer
 from masksc.models.presets import get_preset
 from masksc.models.targets import teacher_config
 
@@ -165,14 +164,9 @@ class MaskSCModel:
                 raise CheckpointError(f"{exc} The column var[{column!r}] holds the model's genes: to match by it, "
                                       f"adata.var_names = adata.var[{column!r}].astype(str) (then "
                                       "adata.var_names_make_unique() if names repeat).") from exc
-            blocks, keeps = [], []
-            for _, keep, X in self.preprocessor.transform_chunks(expression, rows=rows):
-                blocks.append(X)
-                keeps.append(keep)
-        genes = pd.Index(self.preprocessor.genes_)  # the columns of the blocks, which the grid matches by name
-        X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(genes)), dtype=np.float32)
-        keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
-        return self.grid.to_grid(ad.AnnData(X=X, var=pd.DataFrame(index=genes))), keep
+            keep, X = self.preprocessor.transform_kept(expression, rows=rows)
+        genes = pd.DataFrame(index=pd.Index(self.preprocessor.genes_))  # X's columns, which the grid matches by name
+        return self.grid.to_grid(ad.AnnData(X=X, var=genes)), keep
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True, layer: str | None = None, use_raw: bool = False,

@@ -463,14 +463,22 @@ class Preprocessor:
         dataset already checked); ``rows``: as there, the dataset rows errors name."""
         self._check_fitted()
         src = open_source(data)
+        keep, X = self.transform_kept(src, check_profile=check_profile, rows=rows)
+        self._check_zero(0, int((~keep).sum()), src.n_obs, self.input_kind_)
+        return ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
+
+    def transform_kept(self, data, check_profile: bool = True,
+                       rows: np.ndarray | None = None) -> tuple[np.ndarray, sp.csr_matrix]:
+        """:meth:`transform`'s matrix, without its warning about dropped cells, for callers that
+        keep a row per cell: (keep bool [n_cells], False for the cells ``min_counts`` drops; X CSR
+        float32 [kept cells, len(genes_)] in ``genes_`` order). Arguments as in :meth:`transform`."""
         blocks, keeps = [], []
-        for _, keep, X in self.transform_chunks(src, check_profile=check_profile, rows=rows):
+        for _, keep, X in self.transform_chunks(data, check_profile=check_profile, rows=rows):
             blocks.append(X)
             keeps.append(keep)
         keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
-        self._check_zero(0, int((~keep).sum()), src.n_obs, self.input_kind_)
         X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes_)), dtype=np.float32)
-        return ad.AnnData(X=X, obs=src.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(self.genes_)))
+        return keep, X
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:

@@ -5,7 +5,6 @@ Nothing here modifies its input.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections import Counter
 from collections.abc import Callable
 
@@ -13,6 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from masksc.checks import is_integer
 from masksc.errors import DataError
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4e38: masksc computes in float32
@@ -163,7 +163,7 @@ def check_count(name: str, value, unit: str = "cells") -> int:
     """``value`` as an int when it is a whole number >= 1 of any Python or numpy integer type
     (a bool is not one), else a DataError naming ``name`` and the fix: sizes such as
     ``chunk_size`` and ``batch_size`` (2.5 or 1e5 would fail later, inside range())."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_integer(value) or value < 1:
         raise DataError(f"{name}={value!r}; fix: pass a positive whole number of {unit}.")
     return int(value)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from masksc.models.checks import is_integer, is_number, plain_numbers
+from masksc.checks import is_integer, is_number, plain_numbers
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from masksc import ops
+from masksc.checks import is_integer, is_number, plain_numbers
 from masksc.data.grid import ORDERS
-from masksc.models.checks import is_integer, is_number, plain_numbers
 from masksc.models.contrastive import ContrastiveSC
 from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 
