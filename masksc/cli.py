@@ -300,8 +300,8 @@ def _cells_to_draw(args, model):
             check_first_cells(model.preprocessor, reader, 0, reader.n_obs)
     if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
         labels = adata.obs[args.label_key]
-        picks = one_cell_per_label(labels, args.seed, n=args.cells)
-        n_labels = labels.nunique()
+        every_label = one_cell_per_label(labels, args.seed)  # counted as the legend counts them
+        n_labels, picks = every_label.size, every_label[:args.cells]
         if n_labels > args.cells:
             warnings.warn(f"{args.label_key!r} holds {n_labels} labels; drawing a cell of each of the first "
                           f"{args.cells} in the legend's order (--cells {n_labels} draws them all)", stacklevel=2)

@@ -1,4 +1,5 @@
 """Preprocessor against scanpy, its serialisation, new-data handling and streaming fit."""
+import fractions
 import json
 import re
 import types
@@ -479,6 +480,22 @@ def test_numpy_integer_settings_are_kept_as_python_integers():
     assert (p.n_top_genes, p.chunk_size, p.min_cells) == (50, 20_000, 3)
     assert all(type(v) is int for v in (p.n_top_genes, p.chunk_size, p.min_cells))
     assert p.fit(synthetic(100, 200, n_types=2, seed=0)).transform(synthetic(100, 200, n_types=2, seed=0)).n_vars == 50
+
+
+def test_numpy_and_fraction_number_settings_are_kept_as_python_numbers():
+    """Number settings are stored as plain Python numbers, so a fitted transform with an np.float32 target_sum is
+    written to JSON like any other; the normalised values are those of the plain float."""
+    data = synthetic(300, 200, n_types=2, seed=0)
+    p = Preprocessor(n_top_genes=50, target_sum=np.float32(1e4), span=fractions.Fraction(3, 10),
+                     min_counts=np.int64(0), max_value=np.float16(10))
+    assert [type(getattr(p, k)) for k in ("target_sum", "span", "min_counts", "max_value")] == [float, float, int,
+                                                                                                  float]
+    assert (p.target_sum, p.span, p.min_counts, p.max_value) == (1e4, 0.3, 0, 10.0)
+    json.dumps(p.fit(data).to_dict())
+    plain = Preprocessor(n_top_genes=50, target_sum=1e4).fit(data)
+    np.testing.assert_array_equal(p.transform(data).X.toarray(), plain.transform(data).X.toarray())
+    with pytest.raises(DataError, match=r"target_sum=1000+; fix: pass a finite number > 0\."):
+        Preprocessor(target_sum=10 ** 400)
 
 
 def test_counts_among_log_values_while_fitting_say_what_was_given():

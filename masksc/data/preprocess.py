@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from masksc.checks import is_integer, is_number
 from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
@@ -118,13 +119,12 @@ class Preprocessor:
             raise DataError(f"hvg_flavor={hvg_flavor!r}; fix: use 'auto', 'seurat_v3' or 'dispersion'.")
         if input not in ("auto", "counts", "log"):
             raise DataError(f"input={input!r}; fix: use 'auto', 'counts' or 'log'.")
-        _check_params(n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, min_counts=min_counts,
-                      min_cells=min_cells, span=span, n_bins=n_bins, chunk_size=chunk_size)
+        n_top_genes, target_sum, max_value, min_counts, min_cells, span, n_bins, chunk_size = _check_params(
+            n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, min_counts=min_counts,
+            min_cells=min_cells, span=span, n_bins=n_bins, chunk_size=chunk_size)
         if scale and (n_top_genes is None or n_top_genes > SCALE_MAX_GENES):
             raise DataError(f"scale=True densifies the data and is allowed for at most {SCALE_MAX_GENES} genes "
                             f"(n_top_genes={n_top_genes}); fix: lower n_top_genes or use scale=False.")
-        n_top_genes, min_cells, n_bins, chunk_size = (None if v is None else int(v)
-                                                      for v in (n_top_genes, min_cells, n_bins, chunk_size))
         self.n_top_genes, self.target_sum, self.log1p, self.scale = n_top_genes, target_sum, log1p, scale
         self.max_value, self.hvg_flavor, self.min_counts, self.min_cells = max_value, hvg_flavor, min_counts, min_cells
         self.input, self.span, self.n_bins, self.chunk_size = input, span, n_bins, chunk_size
@@ -516,28 +516,40 @@ class Preprocessor:
         return p
 
 
-def _check_params(**params) -> None:
-    """DataError naming the parameter and the fix for a Preprocessor setting out of its range
-    (a negative n_top_genes kept all genes but the last, a negative target_sum made every value
-    NaN, a negative max_value every scaled value -1)."""
+def _check_params(**params) -> list:
+    """The Preprocessor settings ``params``, in the order given, as plain Python ints (integers of
+    any type) and floats (other numbers: ``np.float32``, ``Fraction``), None kept where it means
+    "off". DataError naming the parameter and the fix for one out of its range (a negative
+    n_top_genes kept all genes but the last, a negative target_sum made every value NaN, a
+    negative max_value every scaled value -1)."""
     whole = {"n_top_genes": 1, "min_cells": 0, "n_bins": 1, "chunk_size": 1}  # integers, with their least value
+    checked = []
     for name, value in params.items():
         if value is None and name in ("n_top_genes", "max_value", "min_counts", "min_cells"):
+            checked.append(None)
             continue
         if name in whole:
-            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= whole[name]
+            ok = is_integer(value) and value >= whole[name]
             need = f"an integer >= {whole[name]}"
         elif name == "span":
-            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and 0 < value <= 1
+            ok = is_number(value) and 0 < value <= 1
             need = "a number in (0, 1]"
         else:
-            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value) \
-                and (value >= 0 if name == "min_counts" else value > 0)
+            ok = is_number(value) and _finite(value) and (value >= 0 if name == "min_counts" else value > 0)
             need = "a finite number >= 0" if name == "min_counts" else "a finite number > 0"
         if not ok:
             default = {"n_top_genes": "None (all genes)", "max_value": "None (no clipping)",
                        "min_counts": "None", "min_cells": "None"}.get(name)
             raise DataError(f"{name}={value!r}; fix: pass {need}{f' or {default}' if default else ''}.")
+        checked.append(int(value) if is_integer(value) else float(value))
+    return checked
+
+
+def _finite(value) -> bool:
+    try:
+        return bool(np.isfinite(float(value)))
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _add(acc: dict, key: str, indices: np.ndarray, values: np.ndarray, G: int) -> None:
