@@ -508,6 +508,29 @@ def test_config_refuses_what_would_fail_or_learn_nothing_later():
     assert TINY.replace(grid_shape=[8, 8]).grid_shape == (8, 8)  # a list (from JSON) is the tuple
 
 
+def test_config_refuses_settings_that_train_nothing_or_give_a_nan_loss():
+    """Without a decoder block a masked position's prediction never sees the encoder, so the
+    encoder got no gradient at all; norm_pix over patch=1's single value and an infinite
+    target_scale made the loss NaN."""
+    with pytest.raises(ValueError, match=r"^decoder_depth=0 must be an integer >= 1"):
+        TINY.replace(decoder_depth=0)
+    with pytest.raises(ValueError, match=r"target_scale=inf must be a finite number >= 0"):
+        TINY.replace(target_scale=float("inf"))
+    with pytest.raises(ValueError, match=r"norm_pix=True standardises each token's P\*P values, .* fix: "
+                                         r"norm_pix=False, or patch >= 2"):
+        TINY.replace(med=False, norm_pix=True, patch=1)
+    assert TINY.replace(med=False, norm_pix=True, patch=2).patch == 2
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("inf")), ("temperature", float("nan")),
+                                          ("lr", float("inf")), ("lr", float("nan"))])
+def test_teacher_config_refuses_numbers_that_are_not_finite(field, value):
+    """An infinite temperature trained a teacher whose loss never moved (zero gradients); NaN
+    failed only in training, with advice to lower the learning rate."""
+    with pytest.raises(ValueError, match=rf"contrastive-sc config: {field}={value} must be a finite number > 0"):
+        ContrastiveConfig(n_input=12, layers=(8, 4), **{field: value})
+
+
 def test_paper_preset_matches_the_paper():
     p = PRESETS["paper"]
     assert (p.grid_shape, p.patch, p.embed_dim, p.depth, p.num_heads) == ((64, 64), 4, 768, 12, 12)

@@ -31,7 +31,7 @@ from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 CONFIG_VERSION = 1
 POOLS = ("mean", "cls", "target")
 # Integer size fields and their smallest value, checked before the divisibility rules that use them.
-_SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 1, "num_heads": 1, "decoder_dim": 1, "decoder_depth": 0,
+_SIZE_FIELDS = {"patch": 1, "embed_dim": 1, "depth": 1, "num_heads": 1, "decoder_dim": 1, "decoder_depth": 1,
                 "decoder_heads": 1, "target_dim": 1, "epochs": 1, "batch_size": 1}
 
 
@@ -129,8 +129,11 @@ class MaskSCConfig:
             # grid row, so each would take a row from P modules rather than one module
             raise ValueError("layout='correlation' groups co-expressed genes into P x P patches, which only 2-D "
                              "patch tokens keep together; fix: ime=True, or layout='hvg' for 1-D tokens.")
-        if not (is_number(self.target_scale) and self.target_scale >= 0):
-            raise ValueError(f"target_scale={self.target_scale!r} must be a number >= 0 (0: sqrt(target_dim)).")
+        if not (is_number(self.target_scale) and 0 <= self.target_scale < math.inf):
+            raise ValueError(f"target_scale={self.target_scale!r} must be a finite number >= 0 (0: sqrt(target_dim)).")
+        if self.norm_pix and self.patch == 1:
+            raise ValueError("norm_pix=True standardises each token's P*P values, which patch=1 leaves one of (its "
+                             "variance is undefined); fix: norm_pix=False, or patch >= 2.")
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
         if self.target_fragment not in FRAGMENTS:
             raise ValueError(f"target_fragment={self.target_fragment!r}; choose one of {FRAGMENTS}.")
