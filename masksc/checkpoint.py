@@ -475,7 +475,7 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict, dict]:
     """(optimizer.pt contents, trainer_state.json contents) of a training checkpoint."""
     ckpt = resolve(path)
     try:
-        opt = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=False)
+        opt = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)  # no pickled code runs
         state = json.loads((ckpt / STATE).read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"{exc.filename} is missing, so the run cannot resume from {ckpt}; fix: restore it "

@@ -376,6 +376,9 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     from masksc.errors import DataError
     from masksc.train import check_resumable, resolve_device
 
+    if resume and model_dir is None:
+        raise ValueError("resume=True continues the run saved in model_dir, and none is given; fix: pass model_dir= "
+                         "(the run's directory), or drop resume=True.")
     resolve_device(device)
     cfg = get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs}))
     train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
@@ -422,10 +425,11 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
         _check_resumed_cells(resume_from, bundle_meta, adata.obs_names)
         preprocessor, grid, _ = _transform_from_meta(bundle_meta, ckpt.resolve(resume_from))
         X_grid = grid.to_grid(preprocessor.transform(adata).X)
+        _check_resumed_values(resume_from, bundle_meta, X_grid)
     else:
         preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells, progress=progress)
         bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
-                       "cells": _cells_record(adata.obs_names)}
+                       "cells": _cells_record(adata.obs_names, X_grid)}
     teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
@@ -485,11 +489,35 @@ _STREAMED = ("streamed its cells from a file (a path or backed AnnData in Python
 _IN_MEMORY = "trained on cells held in memory (an AnnData in Python, a csv, mtx or scDeepCluster file on the command line)"
 
 
-def _cells_record(names) -> dict:
+def _cells_record(names, X_grid=None) -> dict:
     """What a run records of the cells it trains on (``names``: their obs names, in order): their
-    number and a digest of the names in that order."""
+    number, a digest of the names in that order and, for cells held in memory (``X_grid``, CSR
+    [n, g*s]), a digest of their values on the grid."""
     joined = "\n".join(map(str, names))
-    return {"n": len(names), "digest": hashlib.sha256(joined.encode()).hexdigest()[:16]}
+    record = {"n": len(names), "digest": hashlib.sha256(joined.encode()).hexdigest()[:16]}
+    if X_grid is not None:
+        record["values"] = _values_digest(X_grid)
+    return record
+
+
+def _values_digest(X_grid) -> str:
+    digest = hashlib.sha256()
+    for part in (X_grid.indptr.astype(np.int64), X_grid.indices.astype(np.int64), X_grid.data.astype(np.float32)):
+        digest.update(np.ascontiguousarray(part).data)
+    return digest.hexdigest()[:16]
+
+
+def _check_resumed_values(run_dir: Path, meta: dict, X_grid) -> None:
+    """A resumed in-memory run sees the values it stopped on (``meta``: its saved metadata, whose
+    ``cells`` record runs saved before it was kept lack): other counts under the same cell names
+    would continue the run on other data; else a CheckpointError."""
+    from masksc.errors import CheckpointError
+    saved = (meta.get("cells") or {}).get("values")
+    if saved is not None and saved != _values_digest(X_grid):
+        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on other values for these "
+                              f"{X_grid.shape[0]} cells (the same names in the same order); a resumed run must see the "
+                              "data it stopped on to continue as it would have; fix: pass the data the run started on, "
+                              "or start a new run in another directory (-o, model_dir=).")
 
 
 def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
@@ -504,7 +532,7 @@ def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
         raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
                               "config.json from a copy, or start the run again in a new directory.")
     now = _cells_record(names)
-    if now != saved:
+    if (now["n"], now["digest"]) != (saved["n"], saved["digest"]):
         what = (f"{saved['n']} cells, and this data has {now['n']}" if now["n"] != saved["n"] else
                 f"{saved['n']} cells with other names or in another order than this data's")
         raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on {what}; a resumed run must see the "

@@ -74,6 +74,9 @@ class TrainConfig:
                 raise ValueError(f"{key}={value!r} must be an integer >= {low}; fix: pass {key} >= {low}.")
         check_seed(self.seed)
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True continues the run saved in checkpoint_dir, and none is given; fix: pass "
+                             "checkpoint_dir (the run's directory), or drop resume=True.")
         if not (is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be a number in [0, 1] (the share of lr the "
                              "cosine ends at).")
@@ -155,14 +158,50 @@ def _finite_on_every_rank(finite: bool, device: torch.device) -> bool:
 
 
 def _rng_state() -> dict:
-    buf = io.BytesIO()
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, buf)
-    return {"blob": base64.b64encode(buf.getvalue()).decode("ascii")}
+    """The global RNG states as plain JSON (nothing a resumed run reads can run code): torch's and
+    CUDA's byte states in base64, numpy's and Python's Mersenne Twister states as lists."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": _bytes_text(torch.get_rng_state()),
+            "cuda": [_bytes_text(t) for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def _bytes_text(state: torch.Tensor) -> str:
+    """A uint8 RNG state tensor as base64 text."""
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _text_bytes(text: str) -> torch.Tensor:
+    """The uint8 RNG state tensor ``_bytes_text`` wrote."""
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+
+
+def _legacy_rng_state(blob: str) -> dict:
+    """The states a release before JSON RNG states saved as a base64 ``torch.save`` blob, read with
+    ``weights_only`` (tensors and the numpy array of numpy's state, nothing that can run code)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
+        s = torch.load(io.BytesIO(base64.b64decode(blob, validate=True)), weights_only=True)
+    return {"torch": s["torch"], "cuda": s.get("cuda"), "numpy": tuple(s["numpy"]), "python": s["python"]}
 
 
 def _set_rng_state(state: dict) -> None:
-    s = torch.load(io.BytesIO(base64.b64decode(state["blob"])), weights_only=False)
+    """Restore the global RNG states ``_rng_state`` saved (or a legacy blob). Raises ValueError,
+    TypeError, KeyError ... on a damaged record, for the caller to name."""
+    if "blob" in state:
+        s = _legacy_rng_state(state["blob"])
+    else:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        version, internal, gauss_next = state["python"]
+        s = {"torch": _text_bytes(state["torch"]),
+             "cuda": None if state["cuda"] is None else [_text_bytes(text) for text in state["cuda"]],
+             "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+             "python": (version, tuple(internal), gauss_next)}
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
@@ -275,12 +314,11 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
     result = TrainResult()
     start_epoch, step = 0, 0
     if cfg.resume:
-        if run_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir; pass the run directory to resume from.")
         if (run_dir / "last").exists():
             start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result, steps_per_epoch)
             if _is_main():  # a finished run writes nothing more: its model is the last checkpoint
                 result.checkpoint = str(run_dir / (run_dir / "last").resolve().name)
+                _prune(run_dir, cfg.keep_checkpoints)  # what a run killed while pruning left
             log.info("resumed from %s at epoch %d (step %d)", run_dir / (run_dir / "last").resolve().name,
                      start_epoch, step)
         else:
@@ -380,18 +418,60 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
         raise CheckpointError(f"cannot resume: the run in {run_dir} took {saved_steps} steps per epoch and this data "
                               f"gives {steps_per_epoch}, so the schedule and masking would not continue the run; "
                               f"resume on the cells it was trained on, or use a new model directory {_NEW_DIR}.")
+    where = run_dir / (run_dir / "last").resolve().name
+    damage = _record_damage(state, cfg.epochs, steps_per_epoch)
+    if damage:
+        raise CheckpointError(f"the training record {where / ckpt.STATE} is damaged ({damage}); fix: restore it from "
+                              f"a copy, or start the run again in a new directory {_NEW_DIR}.")
     try:
         core.load_state_dict(ckpt.load_state_dict(run_dir), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"the weights in {run_dir} don't fit the model ({exc}); use a new model directory "
                               f"{_NEW_DIR}.") from exc
-    optimizer.load_state_dict(opt_state["optimizer"])
-    if opt_state.get("scheduler") is not None:
-        scheduler.load_state_dict(opt_state["scheduler"])
-    _set_rng_state(state["rng"])
+    try:
+        optimizer.load_state_dict(opt_state["optimizer"])
+        if opt_state.get("scheduler") is not None:
+            scheduler.load_state_dict(opt_state["scheduler"])
+        damage = _optimizer_damage(optimizer, state["step"])
+        if damage is None:
+            _set_rng_state(state["rng"])
+    except Exception as exc:  # load_state_dict and the RNG setters raise many types on a damaged state
+        damage = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+    if damage:
+        raise CheckpointError(f"the training state ({ckpt.OPTIMIZER}, {ckpt.STATE}) in {where} does not fit this run "
+                              f"({damage}); fix: restore those files from a copy, or start the run again in a new "
+                              f"directory {_NEW_DIR}.")
     result.losses = list(state["losses"])
     result.resumed_from_epoch = int(state["epoch"])
     return int(state["epoch"]), int(state["step"])
+
+
+def _record_damage(state: dict, epochs: int, steps_per_epoch: int) -> str | None:
+    """What in a checkpoint's training record ``state`` (types checked by ``load_training_state``)
+    cannot be where a run of ``epochs`` epochs of ``steps_per_epoch`` steps stopped, or None: a
+    checkpoint is written at the end of an epoch, with one mean loss per epoch so far."""
+    epoch, step, losses = state["epoch"], state["step"], state["losses"]
+    if not 1 <= epoch <= epochs:
+        return f"epoch={epoch} of a run of {epochs} epochs"
+    if step != epoch * steps_per_epoch:
+        return f"step={step}, where epoch {epoch} of {steps_per_epoch} steps ends at {epoch * steps_per_epoch}"
+    if len(losses) != epoch or not all(is_number(v) and math.isfinite(v) for v in losses):
+        return f"{len(losses)} losses for {epoch} epochs, or not all finite numbers"
+    return None
+
+
+def _optimizer_damage(optimizer, step: int) -> str | None:
+    """What in the AdamW state just loaded into ``optimizer`` does not fit its parameters or the
+    record's ``step``, or None (a moment of another shape failed only at the first step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st and tuple(st[key].shape) != tuple(p.shape):
+                    return f"{key} of shape {tuple(st[key].shape)} for a parameter of shape {tuple(p.shape)}"
+            if "step" in st and int(st["step"]) != step:
+                return f"AdamW step {int(st['step'])} where the record says {step}"
+    return None
 
 
 def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = None, *, is_padding=None,

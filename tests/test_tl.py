@@ -82,6 +82,13 @@ def test_resumed_fit_reuses_the_saved_transform_and_refuses_other_genes(tmp_path
     with pytest.raises(CheckpointError, match=r"trained on 240 cells with other names or in another order than this "
                                               r"data's"):
         tl.fit(adata[::-1].copy(), "demo", model_dir=run, resume=True, **settings)
+    recounted = adata.copy()  # the same cells and genes, some counts changed (e.g. QC rerun): resumed silently before
+    recounted.X = recounted.X.copy()
+    recounted.X.data[:40] += 1
+    with pytest.raises(CheckpointError, match=r"cannot resume: the run in .* was trained on other values for these 240 "
+                                              r"cells \(the same names in the same order\);.* fix: pass the data the "
+                                              r"run started on"):
+        tl.fit(recounted, "demo", model_dir=run, resume=True, **settings)
     config = json.loads((run / "epoch-000001" / "config.json").read_text())
     del config["meta"]["input"], config["meta"]["cells"]  # as an earlier release saved it
     (run / "epoch-000001" / "config.json").write_text(json.dumps(config))

@@ -187,6 +187,138 @@ def _crashed_run(run: str, med: bool = False) -> None:
         train(make(med), structured_grid(), tcfg(checkpoint_dir=run), callback=crash_at_epoch_3)
 
 
+class _RunsCode:
+    """Unpickling this runs os.system: what a doctored trainer_state.json could hide."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _edit_state(run, edit):
+    """Apply ``edit`` to the trainer_state.json dict of ``run``'s last checkpoint."""
+    import json
+    path = os.path.join(run, "last", "trainer_state.json")
+    state = json.loads(open(path).read())
+    edit(state)
+    open(path, "w").write(json.dumps(state))
+
+
+def _edit_optimizer(run, edit):
+    path = os.path.join(run, "last", "optimizer.pt")
+    opt = torch.load(path, weights_only=True)
+    edit(opt)
+    torch.save(opt, path)
+
+
+def test_rng_states_are_saved_as_plain_json_and_restored_exactly():
+    import json
+
+    from masksc.train import _rng_state, _set_rng_state
+    seed_everything(5)
+    np.random.standard_normal()  # numpy keeps a cached gaussian: the state records it
+    saved = json.loads(json.dumps(_rng_state()))
+    expected = (torch.rand(3), np.random.standard_normal(3), [__import__("random").random() for _ in range(3)])
+    seed_everything(99)
+    _set_rng_state(saved)
+    torch.testing.assert_close(torch.rand(3), expected[0], rtol=0, atol=0)
+    np.testing.assert_array_equal(np.random.standard_normal(3), expected[1])
+    assert [__import__("random").random() for _ in range(3)] == expected[2]
+
+
+def test_a_run_saved_with_pickled_rng_states_resumes_exactly(tmp_path):
+    """Checkpoints of earlier releases hold the RNG states as a base64 torch.save blob; they are
+    read without unpickling code and continue the run as before."""
+    import base64
+    import io
+    import random
+    X = structured_grid()
+    full = make()
+    train(full, X, tcfg(checkpoint_dir=str(tmp_path / "full")))
+    run = str(tmp_path / "run")
+    _crashed_run(run)
+    buf = io.BytesIO()
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": None}, buf)
+    _edit_state(run, lambda st: st.update(rng={"blob": base64.b64encode(buf.getvalue()).decode()}))
+    resumed = make(seed=123)
+    assert train(resumed, X, tcfg(checkpoint_dir=run, resume=True)).resumed_from_epoch == 2
+    for (k, va), vb in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(va, vb, atol=1e-6, rtol=0, msg=k)
+
+
+def test_a_doctored_training_state_cannot_run_code(tmp_path):
+    """The RNG blob and optimizer.pt were read with torch.load(weights_only=False): a pickled object
+    in either ran its code on resume."""
+    import base64
+    import pickle
+    run = str(tmp_path / "run")
+    _crashed_run(run)
+    marker = tmp_path / "ran"
+    blob = base64.b64encode(pickle.dumps(_RunsCode(marker))).decode()
+    _edit_state(run, lambda st: st.update(rng={"blob": blob}))
+    with pytest.raises(CheckpointError, match=r"the training state \(optimizer.pt, trainer_state.json\) in .* does not "
+                                              r"fit this run \(.*\); fix: restore those files from a copy"):
+        train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True))
+    assert not marker.exists()
+    run2 = str(tmp_path / "run2")
+    _crashed_run(run2)
+    path = os.path.join(run2, "last", "optimizer.pt")
+    torch.save({"optimizer": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"the training state \(optimizer.pt, trainer_state.json\) in .* is "
+                                              r"damaged"):
+        train(make(), structured_grid(), tcfg(checkpoint_dir=run2, resume=True))
+    assert not marker.exists()
+
+
+def _drop_group(opt):
+    opt["optimizer"]["param_groups"].pop()
+
+
+def _reshape_moment(opt):
+    state = opt["optimizer"]["state"]
+    key = next(k for k, v in state.items() if v["exp_avg"].ndim == 2)
+    state[key]["exp_avg"] = state[key]["exp_avg"].reshape(-1)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: _edit_state(run, lambda st: st.update(rng={"blob": "AAAA"})), r"does not fit this run"),
+    (lambda run: _edit_state(run, lambda st: st.update(rng="x")), r"does not fit this run"),
+    (lambda run: _edit_state(run, lambda st: st["rng"].update(torch="!!")), r"does not fit this run"),
+    (lambda run: _edit_state(run, lambda st: st["rng"].update(numpy=[1, 2])), r"does not fit this run"),
+    (lambda run: _edit_optimizer(run, _drop_group), r"does not fit this run \(ValueError: loaded state dict has a "
+                                                    r"different number of parameter groups"),
+    (lambda run: _edit_optimizer(run, _reshape_moment), r"does not fit this run \(exp_avg of shape"),
+    (lambda run: _edit_optimizer(run, lambda opt: opt["scheduler"].pop("lr_lambdas")), r"does not fit this run"),
+    (lambda run: _edit_state(run, lambda st: st.update(epoch=7)), r"is damaged \(epoch=7 of a run of 4 epochs\)"),
+    (lambda run: _edit_state(run, lambda st: st.update(step=5)), r"is damaged \(step=5, where epoch 2 of 3 steps "
+                                                                  r"ends at 6\)"),
+    (lambda run: _edit_state(run, lambda st: st.update(losses=[])), r"is damaged \(0 losses for 2 epochs"),
+    (lambda run: _edit_state(run, lambda st: st.update(losses=[1.0, "a"])), r"is damaged \(2 losses for 2 epochs, or "
+                                                                             r"not all finite numbers\)"),
+])
+def test_a_training_state_that_does_not_fit_the_run_is_refused_by_name(tmp_path, damage, message):
+    """These reached the user as raw torch tracebacks (a reshaped moment only at the first step after
+    resuming), or, for a record past the run's end, resumed and returned epoch 2's weights as done."""
+    run = str(tmp_path / "run")
+    _crashed_run(run)
+    damage(run)
+    with pytest.raises(CheckpointError, match=message + r".*fix: restore"):
+        train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True))
+
+
+def test_resuming_a_finished_run_clears_what_a_kill_while_pruning_left(tmp_path):
+    run = tmp_path / "run"
+    train(make(), structured_grid(), tcfg(epochs=3, checkpoint_every=1, keep_checkpoints=0, checkpoint_dir=str(run)))
+    shutil.copytree(run / "epoch-000003", run / "epoch-000001")  # still there as if the kill came mid-prune
+    shutil.copytree(run / "epoch-000003", run / ".old-epoch-000002-abcd1234")
+    train(make(), structured_grid(), tcfg(epochs=3, checkpoint_every=1, keep_checkpoints=0, checkpoint_dir=str(run),
+                                          resume=True))
+    assert sorted(os.listdir(run)) == ["epoch-000003", "last"]
+
+
 @pytest.mark.parametrize("damage", ["last copied as a folder", "last missing", "last dangling"])
 def test_resume_continues_a_run_whose_last_link_was_copied_lost_or_left_dangling(tmp_path, damage):
     """cp -rL / scp -r make `last` a folder (the next save crashed on it, every time); a crash
@@ -256,9 +388,18 @@ def test_resume_refuses_a_changed_training_setting(tmp_path, key, value):
     assert (tmp_path / "epoch-000001" / "model.safetensors").read_bytes() == weights
 
 
-def test_resume_without_checkpoint_dir_is_refused():
-    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
-        train(make(), structured_grid(), tcfg(resume=True))
+def test_resume_without_a_run_directory_is_refused_before_any_work(monkeypatch):
+    """TrainConfig refuses it when made; pipeline.check_fit names model_dir before any data is read
+    (fit used to preprocess and train the teacher first)."""
+    with pytest.raises(ValueError, match=r"resume=True continues the run saved in checkpoint_dir, and none is given; "
+                                         r"fix: pass checkpoint_dir"):
+        tcfg(resume=True)
+    from masksc import pipeline
+    monkeypatch.setattr(pipeline, "preprocess_to_grid", lambda *a, **k: pytest.fail("data was prepared"))
+    for call in (lambda: pipeline.check_fit("demo", resume=True), lambda: pipeline.fit(None, "demo", resume=True)):
+        with pytest.raises(ValueError, match=r"resume=True continues the run saved in model_dir, and none is given; "
+                                             r"fix: pass model_dir="):
+            call()
 
 
 class PoisonedLoss(torch.nn.Module):
