@@ -19,6 +19,18 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is a number (:func:`is_number`) that stays finite as a float32, the
+    precision the model and the transform compute in (1e39 and an int past float's range are not)."""
+    if not is_number(value):
+        return False
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return False
+    return bool(np.isfinite(as_float) and abs(as_float) <= np.finfo(np.float32).max)
+
+
 def plain_numbers(config) -> None:
     """Replace the numbers among the fields of the frozen dataclass ``config`` (also inside tuple
     fields) by Python ints (any ``numbers.Integral``) and floats (any other ``numbers.Real``:

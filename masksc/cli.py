@@ -9,7 +9,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -206,7 +208,7 @@ def cmd_embed(args) -> int:
     from masksc.outofcore import EMBED_SUFFIXES
     from masksc.pipeline import MaskSCModel
     device = _device(args.device)
-    check_output(args.output, args.data, suffixes=EMBED_SUFFIXES)
+    check_output(args.output, args.data, suffixes=EMBED_SUFFIXES, overwrite=args.overwrite)
     ctx = distributed.init_from_env(args.device)
     if ctx.distributed:
         device = ctx.device
@@ -242,7 +244,7 @@ def _read_h5ad(path, backed: bool = False):
 def cmd_cluster(args) -> int:
     from masksc import tl
     from masksc.io_utils import check_output
-    output = check_output(args.output, args.data, suffixes=(".h5ad",))
+    output = check_output(args.output, args.data, suffixes=(".h5ad",), overwrite=args.overwrite)
     adata = _read_h5ad(args.data)
     given = [flag for flag, value in (("--n-neighbors", args.n_neighbors), ("--resolution", args.resolution))
              if value is not None]
@@ -262,9 +264,10 @@ def cmd_evaluate(args) -> int:
     from masksc import tl
     from masksc.io_utils import atomic_write, check_output
     if args.json:
-        check_output(args.json, args.data)
+        check_output(args.json, args.data, suffixes=(".json",), overwrite=args.overwrite, flag="--json")
     adata = _read_h5ad(args.data)
-    scores = tl.evaluate(adata, label_key=args.label_key, cluster_key=args.cluster_key, use_rep=args.use_rep)
+    scores = tl.evaluate(adata, label_key=args.label_key, cluster_key=args.cluster_key, use_rep=args.use_rep,
+                         silhouette_sample=args.silhouette_cells or None, seed=args.seed)
     _print_metrics(scores)
     if args.json:
         with atomic_write(args.json) as tmp:
@@ -321,7 +324,7 @@ def cmd_plot(args) -> int:
     grid for one cell per label (paper Fig. 6)."""
     from masksc import pl
     from masksc.io_utils import check_output
-    output = check_output(args.output, args.data, suffixes=(".png",))
+    output = check_output(args.output, args.data, suffixes=(".png",), overwrite=args.overwrite)
     if args.kind == "embedding":
         adata = _read_h5ad(args.data, backed=True)  # the expression stays on disk unless a gene is coloured
         if args.use_rep not in adata.obsm and f"X_{args.use_rep}" not in adata.obsm:
@@ -375,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read this genome of a 10x .h5 holding several (read into memory)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
 
+    def overwrite_arg(sp, output="-o"):
+        sp.add_argument("--overwrite", action="store_true",
+                        help=f"replace the {output} file if it exists (refused by default)")
+
     sp = sub.add_parser("fit", help="train a mask-sc model on a dataset (streamed from disk; torchrun for DDP)")
     data_args(sp)
     sp.add_argument("-o", "--output", required=True, help="model directory (checkpoints, config.json)")
@@ -411,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(sp)
     sp.add_argument("--model", required=True, help="model directory written by `masksc fit`")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (obs + obsm['X_masksc'], no X) or .npy")
+    overwrite_arg(sp)
     sp.add_argument("--batch-size", dest="batch_size", type=_at_least(1), default=1024,
                     help="cells per forward pass (default 1024)")
     sp.add_argument("--chunk-size", dest="chunk_size", type=_at_least(1), default=16_384,
@@ -424,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("data", help=".h5ad written by `masksc embed`")
     sp.add_argument("-k", type=_at_least(1), default=None, help="number of clusters (k-means); omit for Leiden")
     sp.add_argument("-o", "--output", required=True, help="output .h5ad (the input is never modified)")
+    overwrite_arg(sp)
     sp.add_argument("--seed", type=_seed, default=0, help="seed of k-means / Leiden (default 0)")
     sp.add_argument("--n-neighbors", dest="n_neighbors", type=_at_least(2), default=None,
                     help=f"Leiden (no -k): neighbours per cell in the kNN graph (default {N_NEIGHBORS})")
@@ -445,7 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="obs column of the clusters scored (default masksc_cluster)")
     sp.add_argument("--use-rep", dest="use_rep", default="X_masksc",
                     help="obsm key the silhouette is computed on (default X_masksc)")
-    sp.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    sp.add_argument("--silhouette-cells", dest="silhouette_cells", type=_at_least(0), default=10_000,
+                    help="the silhouette is computed on a random sample of this many cells when there are more "
+                         "(default 10000; 0 = all cells, quadratic in their number)")
+    sp.add_argument("--seed", type=_seed, default=0, help="seed of the silhouette's sample (default 0)")
+    sp.add_argument("--json", default=None, help="also write the scores to this .json file")
+    overwrite_arg(sp, "--json")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("plot", help="draw a PNG: an embedding's map, a fit's loss, or attention over the gene grid")
@@ -486,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     for kp in kinds.choices.values():
         kp.add_argument("-o", "--output", required=True, help="output .png")
+        overwrite_arg(kp)
     sp.set_defaults(func=cmd_plot)
 
     sp = sub.add_parser("demo", help="train on scanpy's bundled pbmc68k_reduced, cluster, score, plot")
@@ -498,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
         for leaf in (kinds.choices.values() if name == "plot" else [command]):
             leaf.set_defaults(command_parser=leaf)
     return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) raised in the command as Ctrl-C is, so it
+    stops the same way: its partial outputs removed, a fit resumable from its last checkpoint."""
+
+
+def _interrupt(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         # a command's user has no source line to be pointed at: the message alone, as errors are printed
         tqdm.write(f"masksc {args.command}: warning: {message}", file=sys.stderr)
 
+    on_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         # log lines go through tqdm.write, so a running bar is redrawn below them instead of cut in two
         with warnings.catch_warnings(), logging_redirect_tqdm():
@@ -532,17 +558,17 @@ def main(argv: list[str] | None = None) -> int:
                "see the system's message; run with -v for the traceback")
         print(f"masksc {args.command}: error: {exc}; fix: {fix}.", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         saved = args.command == "fit" and os.path.lexists(Path(args.output) / "last")
         again = f"; continue with the same command and --resume (checkpoints are in {args.output})" if saved else ""
-        print(f"masksc {args.command}: interrupted{again}.", file=sys.stderr)
-        return 130
+        stopped = isinstance(exc, Terminated)
+        print(f"masksc {args.command}: {'terminated' if stopped else 'interrupted'}{again}.", file=sys.stderr)
+        return 128 + (signal.SIGTERM if stopped else signal.SIGINT)
     finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         from masksc.distributed import shutdown
         shutdown()
     log.info("%s finished in %.1fs", args.command, time.time() - t0)
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

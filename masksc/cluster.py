@@ -183,6 +183,11 @@ def _kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return centers
 
 
+def _bad_k(k, n: int) -> str:
+    return (f"k must be an integer in [1, n_cells={n}], got {k!r}; fix: ask for at most as many clusters as there "
+            "are cells (e.g. the number of cell types expected), or omit k to let Leiden find them.")
+
+
 def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init: str = "k-means++",
            max_points_per_centroid: int | None = 1024, use_gpu: bool | None = None,
            ngpu: int | None = None) -> np.ndarray:
@@ -215,7 +220,7 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
     X = check_embedding(Z)
     n, d = X.shape
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise DataError(f"k must be an integer in [1, n_cells={n}], got {k!r}.")
+        raise DataError(_bad_k(k, n))
     if n_init < 1 or max_iter < 1:
         raise ValueError(f"n_init and max_iter must be >= 1, got n_init={n_init}, max_iter={max_iter}.")
     if init not in ("k-means++", "random"):
@@ -656,7 +661,7 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     """
     G = _check_graph(graph)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= G.shape[0]:
-        raise DataError(f"k must be an integer in [1, n_cells={G.shape[0]}], got {k!r}.")
+        raise DataError(_bad_k(k, G.shape[0]))
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (Leiden runs), got {max_steps}.")
     low, high = (float(r) for r in resolution_range)

@@ -1,6 +1,6 @@
 """One code path for 1..N processes: torch.distributed set-up from the ``torchrun`` environment.
 
-``torchrun --nproc_per_node N -m masksc.cli fit ...`` (or ``--nnodes``/``--rdzv-endpoint`` for
+``torchrun --nproc_per_node N -m masksc fit ...`` (or ``--nnodes``/``--rdzv-endpoint`` for
 several machines) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address;
 :func:`init_from_env` then joins the process group (NCCL on CUDA, gloo on CPU), pins rank
 ``LOCAL_RANK`` to GPU ``LOCAL_RANK`` and returns a :class:`DistContext`. Without those variables

@@ -52,22 +52,27 @@ def _unwritable(path: Path, folder: Path, exc: OSError) -> MaskscError:
 
 
 def check_output(path: str | os.PathLike, source: str | os.PathLike | None = None, *, folder: bool = False,
-                 suffixes: tuple[str, ...] = ()) -> Path:
+                 suffixes: tuple[str, ...] = (), overwrite: bool = True, flag: str = "-o") -> Path:
     """Refuse, before any work, an output that would fail or do harm: ``path`` does not end in
     one of ``suffixes`` (when given; e.g. ``(".h5ad",)``), is the input file ``source``, is a
-    folder where a file goes (a file where a folder goes when ``folder``), lies under a file, or
-    lies in a folder this process cannot write. Creates nothing (the check makes and removes a
-    hidden probe directory). Raises MaskscError naming ``path`` and the fix; returns ``path``."""
+    folder where a file goes (a file where a folder goes when ``folder``), is an existing file
+    and ``overwrite`` is False (the command line's default: a user's file is not replaced
+    unasked), lies under a file, or lies in a folder this process cannot write. Creates nothing
+    (the check makes and removes a hidden probe directory). Raises MaskscError naming ``path``
+    and the fix (``flag``: the option that names it); returns ``path``."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise MaskscError(f"output {path} must end in {' or '.join(suffixes)}; fix: e.g. "
-                          f"-o {path.with_suffix(suffixes[0])}.")
+                          f"{flag} {path.with_suffix(suffixes[0])}.")
     if source is not None and _same_file(path, Path(source)):
         raise MaskscError(f"output {path} is the input file; fix: write to a new file (the input is never "
                           "modified).")
     if path.exists() and path.is_dir() != folder:
         want, found = ("a folder", "a file") if folder else ("a file", "a folder")
         raise MaskscError(f"output {path} is {found}, not {want}; fix: choose another output path.")
+    if not overwrite and not folder and path.exists():
+        raise MaskscError(f"output {path} exists; fix: pass --overwrite to replace it, or choose a new path "
+                          f"({flag}).")
     existing = path if folder else path.parent
     while not existing.exists():
         existing = existing.parent

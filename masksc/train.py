@@ -29,7 +29,7 @@ import torch
 
 from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
-from masksc.checks import is_integer, is_number, plain_numbers
+from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.cluster import check_seed
 from masksc.errors import CheckpointError
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
@@ -185,7 +185,10 @@ def _legacy_rng_state(blob: str) -> dict:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
-    with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
+    # named as numpy 1.x pickled it, and as numpy 2 does: a blob written under either loads under either
+    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct"),
+               np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
         s = torch.load(io.BytesIO(base64.b64decode(blob, validate=True)), weights_only=True)
     return {"torch": s["torch"], "cuda": s.get("cuda"), "numpy": tuple(s["numpy"]), "python": s["python"]}
 
@@ -318,7 +321,7 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
             start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result, steps_per_epoch)
             if _is_main():  # a finished run writes nothing more: its model is the last checkpoint
                 result.checkpoint = str(run_dir / (run_dir / "last").resolve().name)
-                _prune(run_dir, cfg.keep_checkpoints)  # what a run killed while pruning left
+                ckpt.remove_leftovers(run_dir)  # what a run killed while saving or pruning left
             log.info("resumed from %s at epoch %d (step %d)", run_dir / (run_dir / "last").resolve().name,
                      start_epoch, step)
         else:
@@ -462,15 +465,24 @@ def _record_damage(state: dict, epochs: int, steps_per_epoch: int) -> str | None
 
 def _optimizer_damage(optimizer, step: int) -> str | None:
     """What in the AdamW state just loaded into ``optimizer`` does not fit its parameters or the
-    record's ``step``, or None (a moment of another shape failed only at the first step)."""
+    record's ``step``, or None: every parameter has both moments, of its shape and dtype, and has
+    taken ``step`` steps; the group settings are numbers (a bad one failed only at the first step,
+    or trained on silently)."""
     for group in optimizer.param_groups:
+        for key in ("lr", "weight_decay", "eps"):
+            if not is_finite_number(group.get(key)):
+                return f"the parameter group's {key}={group.get(key)!r}"
         for p in group["params"]:
             st = optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
-                if key in st and tuple(st[key].shape) != tuple(p.shape):
-                    return f"{key} of shape {tuple(st[key].shape)} for a parameter of shape {tuple(p.shape)}"
-            if "step" in st and int(st["step"]) != step:
-                return f"AdamW step {int(st['step'])} where the record says {step}"
+                moment = st.get(key)
+                if not isinstance(moment, torch.Tensor) or moment.shape != p.shape or moment.dtype != p.dtype:
+                    found = (f"of shape {tuple(moment.shape)} and {moment.dtype}" if isinstance(moment, torch.Tensor)
+                             else "missing")
+                    return f"{key} {found} for a parameter of shape {tuple(p.shape)} and {p.dtype}"
+            taken = st.get("step")
+            if not isinstance(taken, torch.Tensor) or taken.numel() != 1 or float(taken) != step:
+                return f"AdamW step {taken!r} where the record says {step}"
     return None
 
 

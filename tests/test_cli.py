@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
 
 def test_help_lists_the_commands():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "masksc.cli", "--help"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "masksc", "--help"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
     for command in ("fit", "embed", "cluster", "evaluate", "plot", "demo"):
@@ -141,7 +141,7 @@ def test_wrong_genes_for_the_model_exit_nonzero(trained, tmp_path, capsys):
     assert main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--teacher-set", "n_input=9"]) != 0
     assert "n_input" in capsys.readouterr().err
     assert main(["fit", str(data), "-o", str(tmp_path / "m"), *TINY, "--teacher-set", "temperature=0"]) != 0
-    assert "temperature=0 must be > 0" in capsys.readouterr().err
+    assert "temperature=0 must be a finite number > 0" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and _sha(data) == before
 
 
@@ -160,13 +160,40 @@ def test_no_command_overwrites_its_input(trained, embedded, tmp_path, capsys):
     os.symlink(embedded, tmp_path / "link.h5ad")
     for argv in (["cluster", str(embedded), "-k", "3", "-o", str(embedded)],
                  ["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "link.h5ad")],
-                 ["evaluate", str(embedded), "--json", str(embedded)],
                  ["embed", str(data), "--model", str(model), "-o", str(data)]):
         capsys.readouterr()
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "is the input file; fix: write to a new file" in err and "Traceback" not in err
+    # --json took any path: it replaced the counts file it was pointed at with the scores
+    assert main(["evaluate", str(embedded), "--json", str(data)]) == 2
+    assert f"output {data} must end in .json; fix: e.g. --json {data.with_suffix('.json')}." in capsys.readouterr().err
     assert _sha(embedded) == emb_hash and _sha(data) == before
+
+
+def test_an_existing_output_file_is_replaced_only_with_overwrite(trained, embedded, tmp_path, capsys):
+    """embed, cluster, evaluate --json and plot silently replaced any file at their output path, a
+    user's counts file included; they now refuse it unless --overwrite is given."""
+    data, before, model = trained
+    mine = {name: tmp_path / name for name in ("counts.h5ad", "counts.npy", "scores.json", "figure.png")}
+    for path in mine.values():
+        shutil.copy(data, path)
+    commands = [["embed", str(data), "--model", str(model), "-o", str(mine["counts.h5ad"])],
+                ["embed", str(data), "--model", str(model), "-o", str(mine["counts.npy"])],
+                ["cluster", str(embedded), "-k", "3", "-o", str(mine["counts.h5ad"])],
+                ["evaluate", str(embedded), "--no-labels", "--cluster-key", "label", "--json", str(mine["scores.json"])],
+                ["plot", "loss", str(model), "-o", str(mine["figure.png"])]]
+    for argv in commands:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        flag = "--json" if "--json" in argv else "-o"
+        assert err.strip().endswith(f"exists; fix: pass --overwrite to replace it, or choose a new path ({flag})."), err
+    assert all(_sha(path) == before for path in mine.values())
+    for argv in commands:
+        assert main([*argv, "--overwrite"]) == 0, argv
+    assert ad.read_h5ad(mine["counts.h5ad"]).obs["masksc_cluster"].nunique() == 3
+    assert json.loads(mine["scores.json"].read_text())["silhouette"] <= 1
 
 
 def test_unwritable_outputs_are_one_line_errors_before_any_work(trained, embedded, tmp_path, capsys, monkeypatch):
@@ -525,7 +552,7 @@ def test_an_unusable_device_is_refused_before_reading_the_data(tmp_path, capsys)
 
 def test_cluster_logs_no_faiss_loader_lines(embedded, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "masksc.cli", "cluster", str(embedded), "-k", "3", "-o",
+    out = subprocess.run([sys.executable, "-m", "masksc", "cluster", str(embedded), "-k", "3", "-o",
                           str(tmp_path / "c.h5ad")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and (tmp_path / "c.h5ad").is_file()
     assert "faiss" not in out.stderr and "ModuleNotFoundError" not in out.stderr, out.stderr
@@ -629,6 +656,26 @@ def test_evaluate_without_labels_scores_silhouette_only(embedded, tmp_path, caps
     assert scores["ari"] is None and scores["nmi"] is None
     assert scores["silhouette"] == pytest.approx(silhouette_score(a.obsm["X_masksc"], a.obs["masksc_cluster"]),
                                                  rel=1e-5)
+
+
+def test_evaluate_samples_the_silhouette_as_asked(embedded, tmp_path, capsys):
+    """--silhouette-cells N scores a seeded sample of N cells, as tl.evaluate(silhouette_sample=N,
+    seed=S) does; 0 scores every cell, as sklearn does."""
+    from sklearn.metrics import silhouette_score
+
+    from masksc import tl
+    out = tmp_path / "c.h5ad"
+    assert main(["cluster", str(embedded), "-k", "3", "-o", str(out)]) == 0
+    a = ad.read_h5ad(out)
+    for flags, expected in ((["--silhouette-cells", "100", "--seed", "3"],
+                             tl.evaluate(a.copy(), silhouette_sample=100, seed=3)["silhouette"]),
+                            (["--silhouette-cells", "0"],
+                             silhouette_score(a.obsm["X_masksc"], a.obs["masksc_cluster"]))):
+        json_path = tmp_path / f"{flags[1]}.json"
+        assert main(["evaluate", str(out), *flags, "--json", str(json_path)]) == 0
+        assert json.loads(json_path.read_text())["silhouette"] == pytest.approx(expected, rel=1e-5)
+    assert json.loads((tmp_path / "100.json").read_text())["silhouette"] != pytest.approx(
+        json.loads((tmp_path / "0.json").read_text())["silhouette"], rel=1e-6)
 
 
 def test_cluster_and_evaluate_keys(embedded, tmp_path):
@@ -808,6 +855,19 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
                       tmp_path / "two_api.png")
     np.testing.assert_array_equal(_pixels(tmp_path / "two.png"), _pixels(tmp_path / "two_api.png"))
     assert _sha(data) == before
+
+
+def test_plot_attention_of_data_missing_genes_gives_the_error_alone(trained, tmp_path, capsys):
+    """With genes named gene_0000.. (matched by position), the missing-library-genes warning came
+    first and said none of the missing genes was on the model's grid, which was false."""
+    data, _, model_dir = trained
+    cells = ad.read_h5ad(data)
+    cells[:, : cells.n_vars // 2].copy().write_h5ad(tmp_path / "half.h5ad")
+    assert main(["plot", "attention", str(tmp_path / "half.h5ad"), "--model", str(model_dir), "--device", "cpu",
+                 "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "genes the preprocessor was fitted on are missing from the data" in err and "warning" not in err, err
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_plot_attention_on_an_embedding_without_x_names_the_file_and_the_fix(trained, embedded, tmp_path, capsys):

@@ -97,6 +97,12 @@ def test_kmeans_rejects_bad_input(bad, k):
         kmeans(bad, k)
 
 
+def test_more_clusters_than_cells_is_refused_with_the_fix():
+    with pytest.raises(DataError, match=r"k must be an integer in \[1, n_cells=5\], got 6; fix: ask for at most as "
+                                        r"many clusters as there are cells"):
+        kmeans(np.ones((5, 2), np.float32), 6)
+
+
 @pytest.mark.skipif(cluster._faiss().get_num_gpus() > 0, reason="a GPU is visible, so use_gpu=True is valid here")
 def test_kmeans_use_gpu_true_without_gpu_is_a_clear_error():
     X, _ = _blobs(n=50)

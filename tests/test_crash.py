@@ -30,7 +30,7 @@ def _env():
 
 
 def _fit(data, out, *extra, **kw):
-    return subprocess.Popen([sys.executable, "-m", "masksc.cli", "fit", str(data), "-o", str(out), *TINY, *extra],
+    return subprocess.Popen([sys.executable, "-m", "masksc", "fit", str(data), "-o", str(out), *TINY, *extra],
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -89,3 +89,23 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # exact resume
     sa, sb = ckpt.load_training_state(run)[1], ckpt.load_training_state(tmp_path / "ref")[1]
     assert sa["epoch"] == sb["epoch"] == EPOCHS and sa["losses"] == sb["losses"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_fit_as_ctrl_c_does(tmp_path):
+    """SIGTERM (kill, timeout, a scheduler) used to end the process where it stood, leaving
+    whatever was being written; it now stops the command as Ctrl-C does: partial writes removed,
+    exit status 143, and the resume hint."""
+    data = tmp_path / "cells.h5ad"
+    write_synthetic_h5ad(data, 600, n_genes=300, n_types=3, seed=9)
+    run = tmp_path / "run"
+    victim = _fit(data, run)
+    _wait_for_last(run, 1, victim)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.rstrip().endswith(f"masksc fit: terminated; continue with the same command and --resume "
+                                 f"(checkpoints are in {run}).")
+    assert all(p.name == "last" or re.fullmatch(r"epoch-\d{6}", p.name) for p in run.iterdir())
+    for d in _epoch_dirs(run):
+        ckpt.load_training_state(d)

@@ -514,16 +514,18 @@ def test_config_refuses_settings_that_train_nothing_or_give_a_nan_loss():
     target_scale made the loss NaN."""
     with pytest.raises(ValueError, match=r"^decoder_depth=0 must be an integer >= 1"):
         TINY.replace(decoder_depth=0)
-    with pytest.raises(ValueError, match=r"target_scale=inf must be a finite number >= 0"):
-        TINY.replace(target_scale=float("inf"))
+    for scale in (float("inf"), 1e39, 10 ** 400):  # 1e39 is infinite in float32; 10**400 overflowed a float
+        with pytest.raises(ValueError, match=rf"target_scale={re.escape(repr(scale))} must be a finite number >= 0"):
+            TINY.replace(target_scale=scale)
     with pytest.raises(ValueError, match=r"norm_pix=True standardises each token's P\*P values, .* fix: "
                                          r"norm_pix=False, or patch >= 2"):
         TINY.replace(med=False, norm_pix=True, patch=1)
     assert TINY.replace(med=False, norm_pix=True, patch=2).patch == 2
+    assert TINY.replace(med=True, norm_pix=True, patch=1).patch == 1  # norm_pix is read only with MED off
 
 
 @pytest.mark.parametrize("field, value", [("temperature", float("inf")), ("temperature", float("nan")),
-                                          ("lr", float("inf")), ("lr", float("nan"))])
+                                          ("temperature", 10 ** 400), ("lr", float("inf")), ("lr", float("nan"))])
 def test_teacher_config_refuses_numbers_that_are_not_finite(field, value):
     """An infinite temperature trained a teacher whose loss never moved (zero gradients); NaN
     failed only in training, with advice to lower the learning rate."""

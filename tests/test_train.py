@@ -228,21 +228,37 @@ def test_rng_states_are_saved_as_plain_json_and_restored_exactly():
     assert [__import__("random").random() for _ in range(3)] == expected[2]
 
 
-def test_a_run_saved_with_pickled_rng_states_resumes_exactly(tmp_path):
-    """Checkpoints of earlier releases hold the RNG states as a base64 torch.save blob; they are
-    read without unpickling code and continue the run as before."""
+def _legacy_blob(numpy1: bool) -> str:
+    """The RNG states as earlier releases saved them: a base64 torch.save blob, whose pickle names
+    numpy's array constructor as numpy 1.x (``numpy.core``) or numpy 2 (``numpy._core``) does."""
     import base64
     import io
     import random
+    import zipfile
+    buf = io.BytesIO()
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": None}, buf)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(out, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if numpy1 and name.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(name, data)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize("numpy1", [False, True])
+def test_a_run_saved_with_pickled_rng_states_resumes_exactly(tmp_path, numpy1):
+    """Checkpoints of earlier releases hold the RNG states as a base64 torch.save blob; they are
+    read without unpickling code (whichever numpy major wrote them) and continue the run as before."""
     X = structured_grid()
     full = make()
     train(full, X, tcfg(checkpoint_dir=str(tmp_path / "full")))
     run = str(tmp_path / "run")
     _crashed_run(run)
-    buf = io.BytesIO()
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": None}, buf)
-    _edit_state(run, lambda st: st.update(rng={"blob": base64.b64encode(buf.getvalue()).decode()}))
+    blob = _legacy_blob(numpy1)
+    _edit_state(run, lambda st: st.update(rng={"blob": blob}))
     resumed = make(seed=123)
     assert train(resumed, X, tcfg(checkpoint_dir=run, resume=True)).resumed_from_epoch == 2
     for (k, va), vb in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -277,10 +293,16 @@ def _drop_group(opt):
     opt["optimizer"]["param_groups"].pop()
 
 
-def _reshape_moment(opt):
+def _edit_moment(edit):
+    def apply(opt):
+        state = opt["optimizer"]["state"]
+        edit(state[next(k for k, v in state.items() if v["exp_avg"].ndim == 2)])
+    return apply
+
+
+def _drop_one_state(opt):
     state = opt["optimizer"]["state"]
-    key = next(k for k, v in state.items() if v["exp_avg"].ndim == 2)
-    state[key]["exp_avg"] = state[key]["exp_avg"].reshape(-1)
+    del state[next(iter(state))]
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -290,7 +312,17 @@ def _reshape_moment(opt):
     (lambda run: _edit_state(run, lambda st: st["rng"].update(numpy=[1, 2])), r"does not fit this run"),
     (lambda run: _edit_optimizer(run, _drop_group), r"does not fit this run \(ValueError: loaded state dict has a "
                                                     r"different number of parameter groups"),
-    (lambda run: _edit_optimizer(run, _reshape_moment), r"does not fit this run \(exp_avg of shape"),
+    (lambda run: _edit_optimizer(run, _edit_moment(lambda st: st.update(exp_avg=st["exp_avg"].reshape(-1)))),
+     r"does not fit this run \(exp_avg of shape"),
+    (lambda run: _edit_optimizer(run, _edit_moment(lambda st: st.pop("exp_avg"))),
+     r"does not fit this run \(exp_avg missing for a parameter"),
+    (lambda run: _edit_optimizer(run, _edit_moment(lambda st: st.update(step=st["step"] + 0.5))),
+     r"does not fit this run \(AdamW step tensor\(6.5000\) where the record says 6\)"),
+    (lambda run: _edit_optimizer(run, _drop_one_state), r"does not fit this run \(exp_avg missing"),
+    (lambda run: _edit_optimizer(run, lambda opt: opt["optimizer"]["param_groups"][0].update(lr="x")),
+     r"does not fit this run \(the parameter group's lr='x'\)"),
+    (lambda run: _edit_state(run, lambda st: st.update(steps_per_epoch="3")),
+     r"is damaged \(trainer_state.json has steps_per_epoch='3', not a count\)"),
     (lambda run: _edit_optimizer(run, lambda opt: opt["scheduler"].pop("lr_lambdas")), r"does not fit this run"),
     (lambda run: _edit_state(run, lambda st: st.update(epoch=7)), r"is damaged \(epoch=7 of a run of 4 epochs\)"),
     (lambda run: _edit_state(run, lambda st: st.update(step=5)), r"is damaged \(step=5, where epoch 2 of 3 steps "
@@ -309,14 +341,16 @@ def test_a_training_state_that_does_not_fit_the_run_is_refused_by_name(tmp_path,
         train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True))
 
 
-def test_resuming_a_finished_run_clears_what_a_kill_while_pruning_left(tmp_path):
+def test_resuming_a_finished_run_clears_what_a_kill_while_pruning_left_and_nothing_else(tmp_path):
+    """A finished run resumed (to get its model) writes nothing; it removes the half-deleted
+    checkpoint a kill while pruning left, and keeps the checkpoints the run kept, whatever
+    keep_checkpoints the resuming call passes."""
     run = tmp_path / "run"
-    train(make(), structured_grid(), tcfg(epochs=3, checkpoint_every=1, keep_checkpoints=0, checkpoint_dir=str(run)))
-    shutil.copytree(run / "epoch-000003", run / "epoch-000001")  # still there as if the kill came mid-prune
+    train(make(), structured_grid(), tcfg(epochs=3, checkpoint_every=1, keep_checkpoints=5, checkpoint_dir=str(run)))
     shutil.copytree(run / "epoch-000003", run / ".old-epoch-000002-abcd1234")
     train(make(), structured_grid(), tcfg(epochs=3, checkpoint_every=1, keep_checkpoints=0, checkpoint_dir=str(run),
                                           resume=True))
-    assert sorted(os.listdir(run)) == ["epoch-000003", "last"]
+    assert sorted(os.listdir(run)) == ["epoch-000001", "epoch-000002", "epoch-000003", "last"]
 
 
 @pytest.mark.parametrize("damage", ["last copied as a folder", "last missing", "last dangling"])

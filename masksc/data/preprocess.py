@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.checks import is_integer, is_number
+from masksc.checks import is_finite_number, is_integer, is_number
 from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
@@ -535,7 +535,7 @@ def _check_params(**params) -> list:
             ok = is_number(value) and 0 < value <= 1
             need = "a number in (0, 1]"
         else:
-            ok = is_number(value) and _finite(value) and (value >= 0 if name == "min_counts" else value > 0)
+            ok = is_finite_number(value) and (value >= 0 if name == "min_counts" else value > 0)
             need = "a finite number >= 0" if name == "min_counts" else "a finite number > 0"
         if not ok:
             default = {"n_top_genes": "None (all genes)", "max_value": "None (no clipping)",
@@ -543,13 +543,6 @@ def _check_params(**params) -> list:
             raise DataError(f"{name}={value!r}; fix: pass {need}{f' or {default}' if default else ''}.")
         checked.append(int(value) if is_integer(value) else float(value))
     return checked
-
-
-def _finite(value) -> bool:
-    try:
-        return bool(np.isfinite(float(value)))
-    except OverflowError:  # an int past float's range
-        return False
 
 
 def _add(acc: dict, key: str, indices: np.ndarray, values: np.ndarray, G: int) -> None:

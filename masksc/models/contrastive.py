@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from masksc.checks import is_integer, is_number, plain_numbers
+from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,9 @@ class ContrastiveConfig:
             (self.n_input < 1, f"n_input={self.n_input} must be >= 1"),
             (not self.layers or min(self.layers) < 1, f"layers={self.layers} must be one or more widths >= 1"),
             (not 0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
-            (not 0 < self.temperature < math.inf, f"temperature={self.temperature} must be a finite number > 0"),
-            (not 0 < self.lr < math.inf, f"lr={self.lr} must be a finite number > 0"),
+            (not (is_finite_number(self.temperature) and self.temperature > 0),
+             f"temperature={self.temperature} must be a finite number > 0"),
+            (not (is_finite_number(self.lr) and self.lr > 0), f"lr={self.lr} must be a finite number > 0"),
             (self.epochs < 1, f"epochs={self.epochs} must be >= 1"),
             (self.batch_size < 2, f"batch_size={self.batch_size} must be >= 2 (NT-Xent contrasts cells in a batch)"),
             (self.lr_horizon_epochs < 1, f"lr_horizon_epochs={self.lr_horizon_epochs} must be >= 1"),

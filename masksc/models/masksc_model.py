@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from masksc import ops
-from masksc.checks import is_integer, is_number, plain_numbers
+from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.data.grid import ORDERS
 from masksc.models.contrastive import ContrastiveSC
 from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
@@ -129,9 +129,9 @@ class MaskSCConfig:
             # grid row, so each would take a row from P modules rather than one module
             raise ValueError("layout='correlation' groups co-expressed genes into P x P patches, which only 2-D "
                              "patch tokens keep together; fix: ime=True, or layout='hvg' for 1-D tokens.")
-        if not (is_number(self.target_scale) and 0 <= self.target_scale < math.inf):
+        if not (is_finite_number(self.target_scale) and self.target_scale >= 0):
             raise ValueError(f"target_scale={self.target_scale!r} must be a finite number >= 0 (0: sqrt(target_dim)).")
-        if self.norm_pix and self.patch == 1:
+        if self.norm_pix and not self.med and self.patch == 1:
             raise ValueError("norm_pix=True standardises each token's P*P values, which patch=1 leaves one of (its "
                              "variance is undefined); fix: norm_pix=False, or patch >= 2.")
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
