@@ -59,7 +59,7 @@ def _stage(name: str, emb: Path, out: Path) -> dict:
     t = time.perf_counter()
     if name == "masksc cluster":
         from masksc.cli import main
-        assert main(["cluster", str(emb), "-o", str(out)]) == 0
+        assert main(["cluster", str(emb), "-o", str(out), "--overwrite"]) == 0  # a rerun replaces its output
         import anndata as ad
         result = ad.read_h5ad(out, backed="r")
         truth, labels = result.obs["label"].to_numpy(), result.obs["masksc_cluster"].to_numpy()
