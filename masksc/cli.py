@@ -42,6 +42,14 @@ def _at_least(low: int):
     return parse
 
 
+def _sample_size(text: str) -> int:
+    """An argparse type: a silhouette sample, 0 (all cells) or at least 2 cells."""
+    value = _at_least(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("must be 0 (all cells) or at least 2 (a silhouette compares cells), got 1")
+    return value
+
+
 def _seed(text: str) -> int:
     """An argparse type: a seed, an integer ``cluster.check_seed`` takes (in [0, 2**63 - 1])."""
     from masksc.cluster import check_seed
@@ -454,9 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="obs column of the clusters scored (default masksc_cluster)")
     sp.add_argument("--use-rep", dest="use_rep", default="X_masksc",
                     help="obsm key the silhouette is computed on (default X_masksc)")
-    sp.add_argument("--silhouette-cells", dest="silhouette_cells", type=_at_least(0), default=10_000,
+    sp.add_argument("--silhouette-cells", dest="silhouette_cells", type=_sample_size, default=10_000,
                     help="the silhouette is computed on a random sample of this many cells when there are more "
-                         "(default 10000; 0 = all cells, quadratic in their number)")
+                         "(default 10000, at least 2 and best far more than the clusters; 0 = all cells, whose "
+                         "cost grows with the square of their number)")
     sp.add_argument("--seed", type=_seed, default=0, help="seed of the silhouette's sample (default 0)")
     sp.add_argument("--json", default=None, help="also write the scores to this .json file")
     overwrite_arg(sp, "--json")
@@ -517,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, ``timeout``, a batch scheduler) raised in the command as Ctrl-C is, so it
-    stops the same way: its partial outputs removed, a fit resumable from its last checkpoint."""
+    stops the same way: its partial outputs removed, a fit resumable from its last checkpoint.
+    A native call (FAISS, Leiden, a torch op) finishes first, as it does for Ctrl-C."""
 
 
 def _interrupt(signum, frame):
@@ -525,8 +535,10 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``masksc`` command; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point of the ``masksc`` command (``argv``: its arguments, default ``sys.argv[1:]``);
+    returns the exit status. Run as the command (no ``argv``), SIGTERM stops it as Ctrl-C does."""
+    argv_given = argv is not None
+    argv = list(argv) if argv_given else sys.argv[1:]
     parser = build_parser()
     args, stray = parser.parse_known_args(argv)
     if stray:  # with the usage of the command they follow (e.g. `--color KEY`, one value a flag)
@@ -541,8 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         # a command's user has no source line to be pointed at: the message alone, as errors are printed
         tqdm.write(f"masksc {args.command}: warning: {message}", file=sys.stderr)
 
-    on_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
-        else None
+    # Only as the command itself: a script calling main() keeps its own SIGTERM, and a rank under torchrun
+    # dies at once as before (a rank stopping cleanly would wait in the shutdown barrier for peers blocked
+    # in a collective, which cannot see their signal until it returns).
+    as_command = argv_given is False and threading.current_thread() is threading.main_thread() \
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    on_term = signal.getsignal(signal.SIGTERM) if as_command else None
+    if as_command:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         # log lines go through tqdm.write, so a running bar is redrawn below them instead of cut in two
         with warnings.catch_warnings(), logging_redirect_tqdm():
@@ -565,10 +583,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"masksc {args.command}: {'terminated' if stopped else 'interrupted'}{again}.", file=sys.stderr)
         return 128 + (signal.SIGTERM if stopped else signal.SIGINT)
     finally:
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
+        if as_command:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         from masksc.distributed import shutdown
         shutdown()
     log.info("%s finished in %.1fs", args.command, time.time() - t0)
     return code
 
+
+if __name__ == "__main__":  # `python -m masksc.cli`, as earlier releases documented it
+    sys.exit(main())

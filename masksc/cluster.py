@@ -185,7 +185,7 @@ def _kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 def _bad_k(k, n: int) -> str:
     return (f"k must be an integer in [1, n_cells={n}], got {k!r}; fix: ask for at most as many clusters as there "
-            "are cells (e.g. the number of cell types expected), or omit k to let Leiden find them.")
+            "are cells (e.g. the number of cell types expected), or cluster with Leiden, which needs no k.")
 
 
 def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init: str = "k-means++",

@@ -431,11 +431,12 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
     except RuntimeError as exc:
         raise CheckpointError(f"the weights in {run_dir} don't fit the model ({exc}); use a new model directory "
                               f"{_NEW_DIR}.") from exc
+    settings = _group_settings(optimizer)  # this run's, which the saved groups must hold
     try:
         optimizer.load_state_dict(opt_state["optimizer"])
         if opt_state.get("scheduler") is not None:
             scheduler.load_state_dict(opt_state["scheduler"])
-        damage = _optimizer_damage(optimizer, state["step"])
+        damage = _optimizer_damage(optimizer, settings, state["step"])
         if damage is None:
             _set_rng_state(state["rng"])
     except Exception as exc:  # load_state_dict and the RNG setters raise many types on a damaged state
@@ -463,15 +464,24 @@ def _record_damage(state: dict, epochs: int, steps_per_epoch: int) -> str | None
     return None
 
 
-def _optimizer_damage(optimizer, step: int) -> str | None:
-    """What in the AdamW state just loaded into ``optimizer`` does not fit its parameters or the
-    record's ``step``, or None: every parameter has both moments, of its shape and dtype, and has
-    taken ``step`` steps; the group settings are numbers (a bad one failed only at the first step,
-    or trained on silently)."""
-    for group in optimizer.param_groups:
-        for key in ("lr", "weight_decay", "eps"):
-            if not is_finite_number(group.get(key)):
-                return f"the parameter group's {key}={group.get(key)!r}"
+def _group_settings(optimizer) -> list[dict]:
+    """Each parameter group's settings but its parameters and its scheduled ``lr``, sequences as
+    tuples (a loaded state may hold a list where the optimiser made a tuple)."""
+    return [{key: tuple(value) if isinstance(value, list) else value for key, value in group.items()
+             if key not in ("params", "lr")} for group in optimizer.param_groups]
+
+
+def _optimizer_damage(optimizer, settings: list[dict], step: int) -> str | None:
+    """What in the AdamW state just loaded into ``optimizer`` does not fit this run, or None:
+    every group holds this run's ``settings`` (betas, weight decay, eps, maximize ...: a bad one
+    failed only at the first step, or trained on silently) and a finite learning rate, and every
+    parameter both moments, of its shape and dtype, after ``step`` steps."""
+    for group, loaded, expected in zip(optimizer.param_groups, _group_settings(optimizer), settings):
+        for key, value in loaded.items():  # a key this torch does not know is one it does not use
+            if key in expected and not value == expected[key]:
+                return f"the parameter group's {key}={value!r} where this run sets {expected[key]!r}"
+        if not is_finite_number(group.get("lr")):
+            return f"the parameter group's lr={group.get('lr')!r}"
         for p in group["params"]:
             st = optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):

@@ -42,13 +42,36 @@ def trained(tmp_path_factory):
     return data, before, d / "model"
 
 
-def test_help_lists_the_commands():
+@pytest.mark.parametrize("module", ["masksc", "masksc.cli"])  # masksc.cli: what earlier releases documented
+def test_help_lists_the_commands(module):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "masksc", "--help"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
     for command in ("fit", "embed", "cluster", "evaluate", "plot", "demo"):
         assert f"    {command} " in out.stdout
+
+
+@pytest.mark.parametrize("as_command, world_size, stops_cleanly", [(True, "1", True), (False, "1", False),
+                                                                   (True, "2", False)])
+def test_sigterm_stops_the_command_cleanly_only_when_run_as_the_command(monkeypatch, as_command, world_size,
+                                                                        stops_cleanly):
+    """Run as `masksc` (no argv), SIGTERM is turned into an interrupt for the duration of the command
+    and the earlier handler comes back after; a script calling main(argv) keeps its own, and so does
+    a rank under torchrun, which would otherwise wait in the shutdown barrier for peers blocked in
+    a collective."""
+    import signal
+
+    from masksc import cli
+    seen = []
+    monkeypatch.setattr(cli, "cmd_cluster", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    argv = ["cluster", "in.h5ad", "-k", "2", "-o", "out.h5ad"]
+    monkeypatch.setattr(sys, "argv", ["masksc", *argv])
+    before = signal.getsignal(signal.SIGTERM)
+    assert (cli.main() if as_command else cli.main(argv)) == 0
+    assert (seen[0] is cli._interrupt) == stops_cleanly
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.fixture
@@ -676,6 +699,13 @@ def test_evaluate_samples_the_silhouette_as_asked(embedded, tmp_path, capsys):
         assert json.loads(json_path.read_text())["silhouette"] == pytest.approx(expected, rel=1e-5)
     assert json.loads((tmp_path / "100.json").read_text())["silhouette"] != pytest.approx(
         json.loads((tmp_path / "0.json").read_text())["silhouette"], rel=1e-6)
+
+
+def test_a_silhouette_sample_of_one_cell_is_refused_by_the_parser(embedded, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", str(embedded), "--silhouette-cells", "1"])
+    assert stop.value.code == 2
+    assert "must be 0 (all cells) or at least 2 (a silhouette compares cells), got 1" in capsys.readouterr().err
 
 
 def test_cluster_and_evaluate_keys(embedded, tmp_path):
