@@ -534,6 +534,15 @@ def _interrupt(signum, frame):
     raise Terminated()
 
 
+def _one_process() -> bool:
+    """Whether this process runs alone rather than as one of several torchrun started (its
+    WORLD_SIZE, read as masksc.distributed reads it: empty is unset)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) <= 1
+    except ValueError:  # not torchrun's value; the commands that launch processes name it
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``masksc`` command (``argv``: its arguments, default ``sys.argv[1:]``);
     returns the exit status. Run as the command (no ``argv``), SIGTERM stops it as Ctrl-C does."""
@@ -556,8 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only as the command itself: a script calling main() keeps its own SIGTERM, and a rank under torchrun
     # dies at once as before (a rank stopping cleanly would wait in the shutdown barrier for peers blocked
     # in a collective, which cannot see their signal until it returns).
-    as_command = argv_given is False and threading.current_thread() is threading.main_thread() \
-        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    as_command = not argv_given and threading.current_thread() is threading.main_thread() and _one_process()
     on_term = signal.getsignal(signal.SIGTERM) if as_command else None
     if as_command:
         signal.signal(signal.SIGTERM, _interrupt)

@@ -53,7 +53,7 @@ def test_help_lists_the_commands(module):
 
 
 @pytest.mark.parametrize("as_command, world_size, stops_cleanly", [(True, "1", True), (False, "1", False),
-                                                                   (True, "2", False)])
+                                                                   (True, "2", False), (True, "", True)])
 def test_sigterm_stops_the_command_cleanly_only_when_run_as_the_command(monkeypatch, as_command, world_size,
                                                                         stops_cleanly):
     """Run as `masksc` (no argv), SIGTERM is turned into an interrupt for the duration of the command
