@@ -28,21 +28,23 @@ def is_finite_number(value) -> bool:
         as_float = float(value)
     except OverflowError:
         return False
-    return bool(np.isfinite(as_float) and abs(as_float) <= np.finfo(np.float32).max)
+    return abs(as_float) <= np.finfo(np.float32).max  # False for inf and NaN too
+
+
+def plain_number(value):
+    """``value`` as a Python int (any ``numbers.Integral``) or float (any other ``numbers.Real``:
+    ``np.float32``, ``fractions.Fraction`` ...), another numpy scalar as its Python value, anything
+    else (a bool included: the checks refuse it) as it is."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value.item() if isinstance(value, np.generic) else value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def plain_numbers(config) -> None:
     """Replace the numbers among the fields of the frozen dataclass ``config`` (also inside tuple
-    fields) by Python ints (any ``numbers.Integral``) and floats (any other ``numbers.Real``:
-    ``np.float32``, ``fractions.Fraction`` ...), and other numpy scalars by their Python values,
-    so what a user passed is stored, compared and written to JSON like an int or a float. Bools
-    stay bools (the checks refuse them)."""
-    def plain(value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return value.item() if isinstance(value, np.generic) else value
-        return int(value) if isinstance(value, numbers.Integral) else float(value)
-
+    fields) by :func:`plain_number`, so what a user passed is stored, compared and written to
+    JSON like an int or a float."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        value = tuple(map(plain, value)) if isinstance(value, tuple) else plain(value)
+        value = tuple(map(plain_number, value)) if isinstance(value, tuple) else plain_number(value)
         object.__setattr__(config, f.name, value)

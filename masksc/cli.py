@@ -535,10 +535,10 @@ def _interrupt(signum, frame):
 
 
 def _one_process() -> bool:
-    """Whether this process runs alone rather than as one of several torchrun started (its
-    WORLD_SIZE, read as masksc.distributed reads it: empty is unset)."""
+    """Whether this process runs alone rather than as one of several torchrun started."""
+    from masksc.distributed import env_int
     try:
-        return int(os.environ.get("WORLD_SIZE") or 1) <= 1
+        return env_int("WORLD_SIZE", 1) <= 1
     except ValueError:  # not torchrun's value; the commands that launch processes name it
         return True
 

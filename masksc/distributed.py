@@ -88,7 +88,9 @@ class DistContext:
         return box[0]
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """The integer torchrun set in the environment variable ``name``; ``default`` when it is unset
+    or empty. Raises ValueError for a value that is not an integer."""
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
 
@@ -96,7 +98,7 @@ def _env_int(name: str, default: int) -> int:
 def context() -> DistContext:
     """The context of the current process: from the initialised process group, else single-process."""
     if dist.is_available() and dist.is_initialized():
-        local = _env_int("LOCAL_RANK", 0)
+        local = env_int("LOCAL_RANK", 0)
         device = torch.device("cuda", local) if dist.get_backend() == "nccl" else torch.device("cpu")
         return DistContext(dist.get_rank(), dist.get_world_size(), local, device)
     return DistContext()
@@ -109,7 +111,7 @@ def init_from_env(device: str | torch.device | None = None,
     Backend: NCCL when CUDA is available and ``device`` is not ``cpu``, otherwise gloo. Each
     rank computes on ``cuda:LOCAL_RANK`` (NCCL) or the CPU. Returns the single-process context
     when ``WORLD_SIZE`` is unset or 1. Idempotent."""
-    world = _env_int("WORLD_SIZE", 1)
+    world = env_int("WORLD_SIZE", 1)
     if world <= 1:
         return DistContext()
     if dist.is_initialized():
@@ -117,7 +119,7 @@ def init_from_env(device: str | torch.device | None = None,
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process.")
     want_cpu = device is not None and torch.device(device).type == "cpu"
-    local = _env_int("LOCAL_RANK", 0)
+    local = env_int("LOCAL_RANK", 0)
     if torch.cuda.is_available() and not want_cpu:
         if local >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible; launch "

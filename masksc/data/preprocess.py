@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.checks import is_finite_number, is_integer, is_number
+from masksc.checks import is_finite_number, is_integer, is_number, plain_number
 from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
@@ -541,7 +541,7 @@ def _check_params(**params) -> list:
             default = {"n_top_genes": "None (all genes)", "max_value": "None (no clipping)",
                        "min_counts": "None", "min_cells": "None"}.get(name)
             raise DataError(f"{name}={value!r}; fix: pass {need}{f' or {default}' if default else ''}.")
-        checked.append(int(value) if is_integer(value) else float(value))
+        checked.append(plain_number(value))
     return checked
 
 
