@@ -359,6 +359,14 @@ def point_last(run_dir: str | os.PathLike, target_name: str) -> None:
         shutil.rmtree(copy, ignore_errors=True)
 
 
+def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``run_dir/last`` points at, as ``run_dir/<its name>``; None when ``last``
+    names nothing."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last"
+    return run_dir / last.resolve().name if last.exists() else None
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """The checkpoint directory for ``path``: itself when it holds config.json, else its ``last``.
     Raises CheckpointError when neither exists."""

@@ -246,9 +246,9 @@ def resolve_device(device: str | torch.device | None, cpu_fix: str = CPU_FIX) ->
 def _prune(run_dir: Path, keep: int) -> None:
     """Delete epoch checkpoints beyond the newest ``keep + 1`` and what interrupted writes left."""
     epochs = ckpt.epoch_dirs(run_dir)
-    last = (run_dir / "last").resolve() if (run_dir / "last").exists() else None
+    last = ckpt.last_checkpoint(run_dir)
     for p in epochs[:-(keep + 1)]:
-        if p.resolve() != last:
+        if p != last:
             ckpt.remove_checkpoint(p)
     ckpt.remove_leftovers(run_dir)
 
@@ -317,13 +317,13 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
     result = TrainResult()
     start_epoch, step = 0, 0
     if cfg.resume:
-        if (run_dir / "last").exists():
+        last = ckpt.last_checkpoint(run_dir)
+        if last is not None:
             start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result, steps_per_epoch)
             if _is_main():  # a finished run writes nothing more: its model is the last checkpoint
-                result.checkpoint = str(run_dir / (run_dir / "last").resolve().name)
+                result.checkpoint = str(last)
                 ckpt.remove_leftovers(run_dir)  # what a run killed while saving or pruning left
-            log.info("resumed from %s at epoch %d (step %d)", run_dir / (run_dir / "last").resolve().name,
-                     start_epoch, step)
+            log.info("resumed from %s at epoch %d (step %d)", last, start_epoch, step)
         else:
             log.info("resume=True but %s has no checkpoint yet; starting from scratch", run_dir)
     if start_epoch == 0:
@@ -421,7 +421,7 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
         raise CheckpointError(f"cannot resume: the run in {run_dir} took {saved_steps} steps per epoch and this data "
                               f"gives {steps_per_epoch}, so the schedule and masking would not continue the run; "
                               f"resume on the cells it was trained on, or use a new model directory {_NEW_DIR}.")
-    where = run_dir / (run_dir / "last").resolve().name
+    where = ckpt.last_checkpoint(run_dir)
     damage = _record_damage(state, cfg.epochs, steps_per_epoch)
     if damage:
         raise CheckpointError(f"the training record {where / ckpt.STATE} is damaged ({damage}); fix: restore it from "
