@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from masksc import __version__
 from masksc.errors import CheckpointError, warn
-from masksc.io_utils import check_output, default_mode, out_of_space
+from masksc.io_utils import check_output, default_mode, fsync_dir, fsync_file, out_of_space
 from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
 from masksc.models.masksc_model import MaskSC, MaskSCConfig
 
@@ -55,14 +55,6 @@ _NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 def _unwrap(model: torch.nn.Module) -> MaskSC:
     return getattr(model, "module", model)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -114,11 +106,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
                 os.fsync(fh.fileno())
         if trainer_state is not None:
             _write_json(tmp / STATE, trainer_state)
-        with open(tmp / WEIGHTS, "rb") as fh:
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_file(tmp / WEIGHTS)
+        fsync_dir(tmp)
         old = _put_in_place(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
@@ -222,7 +213,7 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     prune)."""
     path = Path(path)
     old = _move_aside(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -354,7 +345,7 @@ def point_last(run_dir: str | os.PathLike, target_name: str) -> None:
     os.symlink(target_name, tmp)
     copy = _move_aside(last) if last.is_dir() and not last.is_symlink() else None
     os.replace(tmp, last)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     if copy is not None:
         shutil.rmtree(copy, ignore_errors=True)
 

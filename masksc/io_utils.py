@@ -95,6 +95,21 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush the file ``path``'s data to disk."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush the folder ``path``'s entries (a rename or link made in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically
@@ -114,17 +129,12 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None):
     os.chmod(tmp, default_mode())
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         try:
             os.replace(tmp, path)
         except OSError as exc:
             raise _unwritable(path, path.parent, exc) from exc
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -40,10 +40,10 @@ import torch
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
-from masksc.data.stream import check_not_backed_view
 from masksc.data.validate import check_count
 from masksc.errors import DataError, MaskscError, warn
-from masksc.io_utils import check_output, default_mode, make_folders, remove_empty_folders, reserve
+from masksc.io_utils import (check_output, default_mode, fsync_dir, fsync_file, make_folders, remove_empty_folders,
+                             reserve)
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,9 @@ class RowReader:
             return
         self._file: h5py.File | None = None
         self.path = None
-        if isinstance(source, ad.AnnData):
-            check_not_backed_view(source)
         if not isinstance(source, ad.AnnData) or source.isbacked:
             self.path = Path(source.filename if isinstance(source, ad.AnnData) else source)
-        self.source = source if self.path is None else self.path  # never a backed AnnData's h5py handle
-        self._src = open_source(self.source, layer, use_raw)
+        self._src = open_source(source, layer, use_raw)
         self.n_obs, self.var_names, self.obs = self._src.n_obs, self._src.var_names, self._src.obs
 
     @property
@@ -137,7 +134,8 @@ def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, re
     names the bad cells by their dataset rows and names."""
     stop = start + X.shape[0]
     keep, L = _transform_block(preprocessor, X, reader.var_names, reader.obs.index[start:stop], np.arange(start, stop))
-    return keep, grid.to_grid(L)
+    genes = pd.DataFrame(index=pd.Index(preprocessor.genes_))  # L's columns, which the grid matches by name
+    return keep, grid.to_grid(ad.AnnData(X=L, var=genes))
 
 
 def check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
@@ -355,11 +353,6 @@ def warn_nan_rows(n_dropped: int, n_cells: int, min_counts) -> None:
              "np.isfinite(embedding).all(axis=1))")
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def write_embedding_h5ad(path: Path, Z: np.ndarray, obs: pd.DataFrame, uns: dict | None = None,
                          block: int = 65_536) -> None:
     """Write an ``.h5ad`` holding ``obs``, ``obsm["X_masksc"] = Z`` (copied ``block`` rows at a
@@ -523,9 +516,10 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             del Z
         if not ctx.is_main:
             return None
-        _fsync(tmp)
+        fsync_file(tmp)
         if output.suffix.lower() == ".npy":
             os.replace(tmp, output)
+            fsync_dir(output.parent)
         else:
             from masksc.io_utils import atomic_write
             uns = {**_obs_colours(source, reader),

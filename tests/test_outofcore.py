@@ -478,3 +478,42 @@ def test_in_memory_and_streamed_embedding_ask_for_the_same_precision(tmp_path, f
     tl.embed(cells, model, progress=False)
     tl.embed(cells, model, progress=False, amp=False)
     assert asked == [True, True, True, False]
+
+
+@pytest.fixture(scope="module")
+def named(tmp_path_factory, h5ad):
+    """(.h5ad whose genes have real-looking names, its in-memory AnnData, Preprocessor fitted on it)."""
+    adata = read(h5ad)
+    adata.var_names = [f"GENE{i}A" for i in range(adata.n_vars)]
+    path = tmp_path_factory.mktemp("named") / "named.h5ad"
+    adata.write_h5ad(path)
+    return path, adata, Preprocessor(n_top_genes=256).fit(adata, progress=False)
+
+
+def test_a_backed_anndatas_edited_obs_and_gene_names_are_what_is_embedded(tmp_path, named):
+    path, adata, pre = named
+    X = pre.transform(adata).X
+    model = _model(pre, GridLayout.fit(X, pre.genes_, shape=(16, 16), patch=4))
+    backed = ad.read_h5ad(path, backed="r")
+    backed.var_names = backed.var_names[np.random.default_rng(0).permutation(GENES)]
+    backed.obs["batch"] = pd.Categorical(np.where(np.arange(N) % 2, "b1", "b2"))
+    backed.obs_names = [f"renamed{i}" for i in range(N)]
+    in_memory = backed.to_memory()
+    ref = model.embed(in_memory, progress=False)
+    assert not np.allclose(ref, model.embed(adata, progress=False), atol=1e-3)  # the renaming matters
+    out = tmp_path / "emb.h5ad"
+    model.embed_file(backed, out, chunk_size=90, progress=False)
+    res = ad.read_h5ad(out)
+    np.testing.assert_allclose(res.obsm["X_masksc"], ref, rtol=1e-5, atol=1e-6)
+    assert list(res.obs_names) == list(in_memory.obs_names)
+    assert list(res.obs["batch"]) == list(in_memory.obs["batch"])
+
+
+def test_a_grid_listing_its_genes_in_another_order_than_the_preprocessor_streams_as_in_memory(tmp_path, named):
+    path, adata, pre = named
+    X = pre.transform(adata).X
+    grid = GridLayout.fit(X[:, ::-1], list(pre.genes_)[::-1], shape=(16, 16), patch=4)
+    model = _model(pre, grid)
+    out = tmp_path / "emb.npy"
+    model.embed_file(path, out, chunk_size=90, progress=False)
+    np.testing.assert_allclose(np.load(out), model.embed(adata, progress=False), rtol=1e-5, atol=1e-6)

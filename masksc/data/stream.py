@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -307,7 +307,10 @@ def open_source(source, layer: str | None = None, use_raw: bool = False) -> Chun
     if isinstance(source, ad.AnnData):
         if source.isbacked:
             check_not_backed_view(source)
-            return _h5ad_source(Path(source.filename), layer, use_raw)
+            src = _h5ad_source(Path(source.filename), layer, use_raw)
+            # a backed AnnData holds obs and var in memory, where they may have been edited since it was opened
+            var_names = source.raw.var_names if use_raw and source.raw is not None else source.var_names
+            return replace(src, var_names=var_names.copy(), obs=source.obs.copy())
         return _memory_source(with_layer(source, layer, use_raw))
     path = Path(source)
     if not path.exists():
