@@ -302,15 +302,49 @@ def test_leiden_for_k_finds_the_target_count():
         labels, res = leiden_for_k(G, k, seed=0)
         assert len(np.unique(labels)) == k and res > 0
     assert adjusted_rand_score(y, leiden_for_k(G, 6)[0]) > 0.9
-    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+    with pytest.raises(DataError, match="max_steps=0; fix: pass a positive whole number of Leiden runs"):
         leiden_for_k(G, 6, max_steps=0)
 
 
-def test_leiden_for_k_warns_when_components_outnumber_k():
+def test_leiden_for_k_warns_when_components_outnumber_k_after_one_run(monkeypatch):
     X, _ = _blobs(n=300, d=8, k=3, std=0.5, seed=6)  # three disconnected blobs
-    with pytest.warns(UserWarning, match="3 connected components"):
-        labels, _ = leiden_for_k(knn_graph(X, 15), 2, max_steps=5)
+    runs = []
+    real = cluster.leiden
+    monkeypatch.setattr(cluster, "leiden", lambda G, resolution, **kw: runs.append(resolution) or real(G, resolution,
+                                                                                                        **kw))
+    with pytest.warns(UserWarning, match="3 connected components, more than k=2"):
+        labels, resolution = leiden_for_k(knn_graph(X, 15), 2, max_steps=5)
     assert len(np.unique(labels)) == 3
+    assert runs == [resolution] == [1e-3]  # no search can join components: one run, at the lowest resolution
+
+
+def _counting_leiden(count_at):
+    """A stand-in for cluster.leiden giving ``count_at(resolution)`` clusters, and the resolutions it was asked."""
+    asked = []
+
+    def leiden(G, resolution, **kw):
+        asked.append(resolution)
+        return np.arange(G.shape[0]) % count_at(resolution)
+    return leiden, asked
+
+
+def test_leiden_for_k_tries_resolutions_around_a_jump_in_the_count(monkeypatch):
+    """The count can jump past k (27 -> 29) where bisection settles, with k at resolutions a few
+    per cent away: the steps left after the bracket closes try those instead of repeating one."""
+    G = sp.csr_matrix(np.ones((60, 60)))
+    fake, asked = _counting_leiden(lambda r: 28 if 4.55 <= r <= 4.58 else 27 if r < 4.46 else 29)
+    monkeypatch.setattr(cluster, "leiden", fake)
+    labels, resolution = leiden_for_k(G, 28)
+    assert len(np.unique(labels)) == 28 and 4.55 <= resolution <= 4.58
+    assert len(set(asked)) == len(asked)
+
+    fake, asked = _counting_leiden(lambda r: 27 if r < 4.46 else 29)
+    monkeypatch.setattr(cluster, "leiden", fake)
+    with pytest.warns(UserWarning, match=r"gave 28 clusters; returning 27 .* The count is not monotone in the "
+                                         r"resolution near 28: it passes from 27 clusters at resolution 4\.4\d+ to "
+                                         r"29 at 4\.4\d+, and \d+ resolutions around those missed it"):
+        leiden_for_k(G, 28, max_steps=20)
+    assert len(asked) == 20 and len(set(asked)) == 20
 
 
 def test_leiden_rejects_bad_graphs():
@@ -492,7 +526,8 @@ def test_values_too_large_for_float32_distances_are_refused_and_below_that_clust
     Z[:100] += 10
     y = np.r_[np.zeros(100), np.ones(100)]
     for step in (lambda Z: kmeans(Z, 2), lambda Z: knn_search(Z, 5), lambda Z: evaluate(Z, y)):
-        with pytest.raises(DataError, match=r"values up to 1\.\d+e\+19 in magnitude, too large for squared distances "
+        with pytest.raises(DataError, match=r"values up to \d\.\d+e\+1[89] in magnitude about their column means, "
+                                            r"too large for squared distances "
                                             r"in float32 at 8 dimensions .*fix: rescale it"):
             step(Z * 1e18)  # these were NaN / -1 neighbours, 118 Leiden clusters, or a FAISS abort
     big = Z * 1e16
@@ -554,9 +589,6 @@ def test_leiden_for_k_checks_its_range_and_says_when_the_count_skips_k():
     with pytest.raises(ValueError, match=r"nprobe must be an integer >= 1 or None .*got 0"):
         knn_search(_blobs(300)[0], 5, index="ivf", nprobe=0)
     graph = knn_graph(_blobs(1000, k=10, std=3.0, seed=3)[0], 15)
-    with pytest.warns(UserWarning, match=r"gave 60 clusters; returning 59 .* The count jumps past 60 between "
-                                         r"resolution [\d.]+ \(59 clusters\) and [\d.]+ \(61\); another seed"):
-        leiden_for_k(graph, 60)  # settled inside the range: a wider one would not help
     with pytest.warns(UserWarning, match=r"A wider resolution_range of masksc.cluster.leiden_for_k may find it"):
         leiden_for_k(graph, 100, resolution_range=(1e-3, 0.01), max_steps=3)
 
@@ -607,3 +639,41 @@ def test_clustering_a_graph_that_is_not_a_square_sparse_matrix_is_refused_by_nam
     for k in (None, 2):
         with pytest.raises(DataError, match=r"^graph must be a square scipy\.sparse matrix \[n_cells, n_cells\]"):
             cluster_graph(graph, k)
+
+
+def test_float64_input_keeps_its_digits_at_a_large_offset():
+    """A float64 embedding far from the origin was cast to float32 before centring, losing the
+    spread: the kNN and the silhouette must match sklearn's in float64."""
+    X, y = make_blobs(3000, centers=5, n_features=8, random_state=0, cluster_std=0.5)
+    X = X + 1e6
+    ref = NearestNeighbors(n_neighbors=10).fit(X).kneighbors(X, return_distance=False)
+    I, _ = knn_search(X, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, ref)]) > 0.995
+    assert evaluate(X, y, silhouette_sample=None)["silhouette"] == pytest.approx(silhouette_score(X, y), abs=1e-4)
+    assert adjusted_rand_score(kmeans(X, 5), y) == 1.0
+    cos, _ = knn_search(X, 10, metric="cosine")  # angles are not translation-invariant: never centred
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    cos_ref = NearestNeighbors(n_neighbors=10).fit(unit).kneighbors(unit, return_distance=False)
+    assert np.mean(cos[:, 0] == cos_ref[:, 0]) == 1.0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda X, G: kmeans(X, 3, n_init=2.5), r"n_init=2\.5; fix: pass a positive whole number of restarts"),
+    (lambda X, G: kmeans(X, 3, n_init=None), r"n_init=None; fix"),
+    (lambda X, G: kmeans(X, 3, max_iter=1.5), r"max_iter=1\.5; fix: pass a positive whole number of iterations"),
+    (lambda X, G: evaluate(X, np.arange(300) % 3, silhouette_sample=10.5), r"silhouette_sample=10\.5; fix"),
+    (lambda X, G: evaluate(X, np.arange(300) % 3, silhouette_sample="50"), r"silhouette_sample='50'; fix"),
+    (lambda X, G: leiden(G, resolution="1"), r"resolution must be a finite number > 0, got 1"),
+    (lambda X, G: leiden(G, n_iterations=0), r"n_iterations=0; fix"),
+    (lambda X, G: leiden(G, n_iterations=1.5), r"n_iterations=1\.5; fix"),
+    (lambda X, G: leiden(sp.csr_matrix((0, 0))), r"graph has no cells"),
+    (lambda X, G: cluster.agreement(np.arange(300) % 3, 3), r"pred must be 1-D with one label per cell \(300\)"),
+    (lambda X, G: cluster.agreement(np.r_[np.inf, np.ones(299)], np.arange(300) % 3), r"truth contains NaN or "
+                                                                                         r"infinite values"),
+    (lambda X, G: evaluate(X, np.arange(300) % 3, truth=np.ones(299)), r"truth must be 1-D with one label per cell "
+                                                                        r"\(300\)"),
+])
+def test_clustering_settings_and_labels_of_the_wrong_kind_are_refused_by_name(call, message):
+    X, _ = _blobs(300, k=3)
+    with pytest.raises((DataError, ValueError), match=message):
+        call(X, knn_graph(X, 15))
