@@ -229,15 +229,24 @@ def trained_masksc(adata, dataset: str, seed: int, args, method: str = "masksc")
     read-out embeds with that model instead of training again: training is deterministic (a
     retrain reproduces a row's scores exactly), so it is the network a retrain would give.
     """
-    from masksc.pipeline import MaskSCModel, fit
     cfg = _model_config(method, args)
-    path = Path(args.models) / f"{dataset}_s{seed}_{_training_id(cfg)}" if args.models else None
-    if path is not None and (path / "train.json").is_file():
-        model = MaskSCModel.load(path)
-        model.set_pool(cfg["pool"])
-        if model.config.to_dict() != cfg:
-            raise RuntimeError(f"{path} holds a model of another config; delete it and run again.")
-        return model, json.loads((path / "train.json").read_text())
+    if not args.models:
+        return _train_masksc(adata, seed, args, method, None)
+    path = Path(args.models) / f"{dataset}_s{seed}_{_training_id(cfg)}"
+    with _locked(path):  # another invocation training the same model: wait for it, then use its model
+        if (path / "train.json").is_file():
+            from masksc.pipeline import MaskSCModel
+            model = MaskSCModel.load(path)
+            model.set_pool(cfg["pool"])
+            if model.config.to_dict() != cfg:
+                raise RuntimeError(f"{path} holds a model of another config; delete it and run again.")
+            return model, json.loads((path / "train.json").read_text())
+        return _train_masksc(adata, seed, args, method, path)
+
+
+def _train_masksc(adata, seed: int, args, method: str, path: Path | None):
+    """Train ``method``'s model (saved in ``path`` with its train.json when given); as trained_masksc."""
+    from masksc.pipeline import fit
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # fewer genes than grid positions: padded
@@ -266,8 +275,7 @@ def run_masksc(adata, k, seed, args, method):
     scores = _cluster_and_score(Z, _labels(adata), k, seed)
     extra = {"final_loss": info["final_loss"], "config": model.config.to_dict(), "train_s": info["train_s"],
              "wall_s": info["train_s"] + time.time() - t0}
-    if "device" in info:  # where the model trained (kept models from before this was recorded: unknown)
-        extra["device"] = info["device"]
+    extra["device"] = info.get("device", "unknown")  # kept models from before it was recorded
     return scores, extra
 
 
@@ -426,6 +434,37 @@ def replace_readme_table(readme: str, title: str, table_md: str) -> str:
     return "\n".join(lines[:start] + rows + lines[end:])
 
 
+def _checked_args(p: argparse.ArgumentParser, args) -> tuple[list[str], list[str], list[int]]:
+    """(datasets, methods, seeds) of ``args``; every setting checked before any run (p.error on a bad one),
+    so a typo in the last method does not surface after hours of the others."""
+    datasets, methods = args.datasets.split(","), args.methods.split(",")
+    for names, known, what in ((datasets, DATASETS, "dataset"), (methods, METHODS, "method")):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            p.error(f"unknown {what}(s) {unknown}; choose from {sorted(known)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
+    for bad, rule in ((min(seeds) < 0, f"--seeds {args.seeds}: each must be >= 0"),
+                      (args.threads < 1, f"--threads {args.threads}: must be >= 1"),
+                      (args.epochs < 0, f"--epochs {args.epochs}: must be >= 1, or 0 for the preset's"),
+                      (not 0 <= args.mask_ratio < 1, f"--mask-ratio {args.mask_ratio}: must be in (0, 1), or 0 for "
+                                                     "the preset's")):
+        if bad:
+            p.error(rule)
+    for method in methods:
+        try:
+            _model_config(method, args)
+        except (KeyError, ValueError, TypeError) as exc:
+            p.error(f"{method} with --preset {args.preset!r}: {exc}")
+    if not args.tables_only and args.data is not None:
+        missing = [str(args.data / DATASETS[ds]) for ds in datasets if not (args.data / DATASETS[ds]).is_file()]
+        if missing:
+            p.error(f"--data: {missing} not found; fix: name the folder holding {sorted(set(DATASETS.values()))}")
+    return datasets, methods, seeds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="pbmc,worm")
@@ -439,30 +478,28 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=str(MODELS),
                    help="keep trained mask-sc models here and reuse them for rows that differ only in "
                         "the read-out ('' keeps none)")
-    p.add_argument("--data", type=Path, default=DATA, help="folder holding the datasets (default ../shared/data)")
+    p.add_argument("--data", type=Path, help="folder holding the datasets (default ../shared/data)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--tables-only", action="store_true", help="only rewrite the markdown tables (results/ and README)")
     args = p.parse_args(argv)
+    datasets, methods, seeds = _checked_args(p, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     use_threads(args.threads)
 
     files = {1: RESULTS / "table1.json", 2: RESULTS / "table2.json"}
     if not args.tables_only:
-        if not args.data.is_dir():
-            print(f"skipping: {args.data} is absent (the benchmark datasets live beside the project, see "
+        if args.data is None and not DATA.is_dir():
+            print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project, see "
                   "../shared/data/README.md)")
             return 0
         from masksc.data import read
         cpu = device_info("cpu")["device"]
-        model_device = device_info()["device"]  # mask-sc trains on CUDA where present (fit's default)
-        for ds in args.datasets.split(","):
-            adata = read(args.data / DATASETS[ds])
+        for ds in datasets:
+            adata = read((args.data or DATA) / DATASETS[ds])
             adata.uns["dataset"] = ds
             k = int(adata.obs["label"].nunique())
-            for method in args.methods.split(","):
-                if method not in METHODS:
-                    p.error(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-                for seed in (int(s) for s in args.seeds.split(",")):
+            for method in methods:
+                for seed in seeds:
                     for table in (1, 2):
                         if method not in (TABLE1 if table == 1 else TABLE2):
                             continue
@@ -481,7 +518,7 @@ def main(argv=None) -> int:
                             log.info("run %s", key)
                             t0 = time.time()
                             scores, extra = METHODS[method](adata, k, seed, args)
-                            device = extra.pop("device", model_device) if method in ABLATIONS else cpu
+                            device = extra.pop("device") if method in ABLATIONS else cpu
                             rec = {"dataset": ds, "file": DATASETS[ds], "method": method, "seed": seed,
                                    "preset": key[3], "epochs": key[4], **scores, "wall_s": time.time() - t0,
                                    "device": device, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}

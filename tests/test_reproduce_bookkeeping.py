@@ -1,8 +1,12 @@
 """benchmarks/reproduce.py's resumable bookkeeping: which finished row a run is, and when an
 ablation is the very run the preset already made."""
 import argparse
+import concurrent.futures
 import dataclasses
 import importlib.util
+import re
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -207,3 +211,53 @@ def test_the_readme_holds_the_tables_the_results_give():
     for n, methods, title in reproduce.TABLES:
         doc = reproduce._load(root / "benchmarks" / "results" / f"table{n}.json")
         assert reproduce.replace_readme_table(readme, title, reproduce.markdown(doc, methods, title)) == readme
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--datasets", "pbmc,bogus"], r"unknown dataset\(s\) \['bogus'\]"),
+    (["--methods", "pca-raw,bogus"], r"unknown method\(s\) \['bogus'\]"),
+    (["--seeds", "0,x"], r"--seeds '0,x': give whole numbers"),
+    (["--seeds", "0,-1"], r"--seeds 0,-1: each must be >= 0"),
+    (["--threads", "0"], r"--threads 0: must be >= 1"),
+    (["--epochs", "-1"], r"--epochs -1: must be >= 1, or 0"),
+    (["--mask-ratio", "1.5"], r"--mask-ratio 1.5: must be in \(0, 1\)"),
+    (["--methods", "masksc", "--preset", "nope"], r"masksc with --preset 'nope': unknown preset"),
+    (["--data", "/nonexistent-masksc"], r"--data: .*10X_PBMC_top2000.h5.* not found"),
+])
+def test_every_setting_is_checked_before_any_run(argv, message, monkeypatch, capsys):
+    """A bad setting stops the script at once (exit 2, naming it), not after hours of the runs before it."""
+    monkeypatch.setattr(reproduce, "METHODS", {name: None for name in reproduce.METHODS})  # any run would fail
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(argv)
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_two_invocations_needing_one_model_train_it_once(tmp_path, monkeypatch):
+    """The second waits for the first's model instead of training it again and failing to save over it."""
+    import masksc.pipeline
+
+    cfg = reproduce._model_config("masksc", ARGS)
+    trained = []
+
+    class Model:
+        config = types.SimpleNamespace(to_dict=lambda: dict(cfg))
+
+        def set_pool(self, pool):
+            assert pool == cfg["pool"]
+
+        def save(self, path):
+            Path(path).mkdir()  # as save_checkpoint, which refuses a folder holding another run's files
+
+    def fit(adata, preset, **kw):
+        trained.append(preset)
+        time.sleep(0.5)
+        return Model(), types.SimpleNamespace(losses=[0.25])
+
+    monkeypatch.setattr(masksc.pipeline, "fit", fit)
+    monkeypatch.setattr(masksc.pipeline.MaskSCModel, "load", classmethod(lambda cls, path: Model()))
+    args = argparse.Namespace(**vars(ARGS), models=str(tmp_path), progress=False)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        infos = list(pool.map(lambda _: reproduce.trained_masksc(None, "pbmc", 0, args)[1], range(2)))
+    assert trained == ["cpu"]
+    assert infos[0] == infos[1] and infos[0]["final_loss"] == 0.25
