@@ -158,7 +158,7 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
             basis = f"X_{basis}"
         if basis not in data.obsm:
             raise DataError(f"adata.obsm has no {basis!r} (has {list(data.obsm)}); embed first or pass basis=.")
-        Z = _to_numpy(data.obsm[basis])
+        Z, where = _to_numpy(data.obsm[basis]), f"adata.obsm[{basis!r}]"
         if color is None:
             cluster_key = data.uns.get("masksc", {}).get("cluster", {}).get("key", "masksc_cluster")
             color = [c for c in (cluster_key, "label") if c in data.obs]
@@ -193,17 +193,20 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
                     continuous.add(name)
                     continue
                 stored = data.uns.get(f"{c}_colors")
-                categorical = isinstance(data.obs[c].dtype, pd.CategoricalDtype)
-                if categorical and stored is not None and len(stored) == len(data.obs[c].cat.categories):
+                column = data.obs[c]
+                if stored is not None and (column.dtype == bool or pd.api.types.is_string_dtype(column)):
+                    column = column.astype("category")  # as scanpy, whose colours follow the sorted categories
+                categorical = isinstance(column.dtype, pd.CategoricalDtype)
+                if categorical and stored is not None and len(stored) >= len(column.cat.categories):
                     from matplotlib.colors import is_color_like
                     if all(is_color_like(colour) for colour in stored):
-                        palettes[c] = list(stored)
+                        palettes[c] = list(stored)[:len(column.cat.categories)]  # as scanpy, the first n
                     else:  # as scanpy: its own palette instead
                         warn(f"uns[{c + '_colors'!r}] holds values that are not colours (e.g. "
                              f"{str(next(colour for colour in stored if not is_color_like(colour)))!r}); drawing "
                              f"{c!r} "
                              "in the default palette")
-                colorings[c] = data.obs[c].array if categorical else data.obs[c].to_numpy()
+                colorings[c] = column.array if categorical else column.to_numpy()
             color = colorings
         elif layer is not None or use_raw:
             raise ValueError("layer= and use_raw= say where the genes named in color are read; a dict of labels "
@@ -212,10 +215,10 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
         if layer is not None or use_raw:
             raise ValueError("layer= and use_raw= read genes of an AnnData; with an array, drop them and pass "
                              "color={title: values per cell}.")
-        Z = _to_numpy(data)
+        Z, where = _to_numpy(data), "embedding"
     if Z.ndim != 2 or Z.shape[0] < 2:
-        raise DataError(f"embedding must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
-    Z = check_embedding(Z, "embedding")  # NaN / inf, and values float32 cannot hold, named apart
+        raise DataError(f"{where} must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
+    Z = check_embedding(Z, where)  # NaN / inf, and values float32 cannot hold, named apart
     uncoloured = not color
     if uncoloured:
         color = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
@@ -223,7 +226,16 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
         raise DataError("color must be a dict {panel title: labels per cell} (or, for AnnData, obs column or gene "
                         "names).")
     out = {}
+    obs_names = data.obs_names if hasattr(data, "obs_names") else None
     for name, labels in color.items():
+        if isinstance(labels, pd.Series) and obs_names is not None and not labels.index.equals(obs_names):
+            named = labels.index.isin(obs_names)
+            if named.all() and labels.index.is_unique:  # a column of another AnnData: by cell name, as pandas
+                labels = labels.reindex(obs_names)
+            elif named.any():
+                raise DataError(f"color[{name!r}] is a Series indexed by cell names, {int((~named).sum())} of them "
+                                "not cells of this AnnData (or repeated); fix: pass its values for these cells, "
+                                "e.g. series.reindex(adata.obs_names).")
         if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype):
             labels = labels.array  # an obs column passed as a Series: its categories too
         labels = labels if isinstance(labels, pd.Categorical) else _to_numpy(labels)
@@ -236,15 +248,17 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
 
 
 def _category_colors(n: int) -> list:
-    """scanpy's default palettes for n categories (tab10's up to 10, its default_20 and
-    default_102 beyond, which keep neighbouring categories apart), then gist_ncar."""
+    """scanpy's default palettes for n categories (tab10's up to 10, its default_20, default_28
+    and default_102 beyond, which keep neighbouring categories apart), then gist_ncar."""
     from matplotlib import colormaps
-    from scanpy.plotting.palettes import default_20, default_102
+    from scanpy.plotting.palettes import default_20, default_28, default_102
 
     if n <= 10:
         return [colormaps["tab10"](i) for i in range(n)]
     if n <= 20:
         return list(default_20[:n])
+    if n <= 28:
+        return list(default_28[:n])
     if n <= 102:
         return list(default_102[:n])
     return [colormaps["gist_ncar"](x) for x in np.linspace(0.02, 0.95, n)]
@@ -349,7 +363,7 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
         rgba = np.array([to_rgba(c) for c in colors]).reshape(-1, 4)
         ax.scatter(xy[~missing, 0], xy[~missing, 1], s=size, c=rgba[codes], linewidths=0, rasterized=True)
         handles += [(color, f"{cat} ({int((codes == k).sum())})") for k, (cat, color) in enumerate(zip(cats, colors))]
-        if legend and len(handles) <= MAX_LEGEND:
+        if legend and len(cats) <= MAX_LEGEND:
             marker = math.sqrt(size) * max(1.0, 6.0 / math.sqrt(size))
             ax.legend([Line2D([], [], linestyle="", marker="o", markersize=marker, markeredgewidth=0, color=color)
                        for color, _ in handles], [text for _, text in handles], loc="center left",

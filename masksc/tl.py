@@ -292,6 +292,13 @@ def _stored_graph(adata, key: str, kwargs: dict):
     if conn_key not in adata.obsp:
         raise DataError(f"adata.uns[{key!r}] names connectivities {conn_key!r}, which adata.obsp lacks; fix: recompute "
                         "the graph (masksc.tl.neighbors or sc.pp.neighbors).")
+    own = _own_params(adata, key)
+    if own is not None and own.get("use_rep") in adata.obsm and own.get("embedding_digest") is not None:
+        use_rep = own["use_rep"]
+        if _digest(_embedding(adata, use_rep, distances=False)) != own["embedding_digest"]:
+            raise DataError(f"the graph adata.uns[{key!r}] was built from an earlier adata.obsm[{use_rep!r}] (it has "
+                            f"changed since, e.g. embedded again), so its clusters would not be this embedding's; fix: "
+                            f"masksc.tl.neighbors(adata, use_rep={use_rep!r}, key_added={key!r}) again first.")
     return adata.obsp[conn_key], _params(adata, key).get("use_rep")
 
 

@@ -695,3 +695,60 @@ def test_label_order_puts_numbers_by_value_and_texts_reading_as_nan_last_whateve
     expected = ["0.5", "01", "1", "2", "3", "10", "NaN", "nan"]  # equal values by their text
     for seed in range(20):
         assert pl._label_order(list(np.random.default_rng(seed).permutation(texts))) == expected
+
+
+def test_stored_colours_colour_text_and_bool_columns_and_longer_lists_as_scanpy_does():
+    """scanpy makes a text or bool column categorical (categories sorted) and takes the first n of
+    a stored uns["<column>_colors"] holding at least n; 21-28 categories get its default_28."""
+    import anndata as ad
+    from matplotlib.colors import to_rgba
+    from scanpy.plotting.palettes import default_28
+    rng = np.random.default_rng(2)
+    text = rng.choice(["b", "c", "a"], 90).astype(object)
+    cells = ad.AnnData(obs=pd.DataFrame({"t": text, "flag": text == "a"}, index=[f"c{i}" for i in range(90)]),
+                       obsm={"X_umap": rng.normal(size=(90, 2)).astype(np.float32)})
+    cells.uns["t_colors"] = ["#ff0000", "#00ff00", "#0000ff", "#123456"]  # one more than the categories
+    cells.uns["flag_colors"] = ["#000000", "#ffffff"]
+    ax = pl.embedding(cells, "t", basis="umap").axes[0]
+    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["a", "b", "c"]
+    assert _legend_colors(ax) == [to_rgba(c) for c in cells.uns["t_colors"][:3]]
+    ax = pl.embedding(cells, "flag", basis="umap").axes[0]
+    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["False", "True"]
+    assert _legend_colors(ax) == [to_rgba("#000000"), to_rgba("#ffffff")]
+    ax = pl.embedding(cells.obsm["X_umap"], {"many": np.arange(90) % 25}).axes[0]
+    assert _legend_colors(ax) == [to_rgba(c) for c in default_28[:25]]
+
+
+def test_thirty_categories_beside_unlabelled_cells_keep_their_legend():
+    Z, _ = _data(n=240)
+    labels = (np.arange(240) % 30).astype(str).astype(object)
+    labels[0] = None
+    ax = pl.embedding(Z, {"c30": pd.Categorical(labels)}, method="tsne").axes[0]
+    assert ax.get_title() == "c30" and len(ax.get_legend().get_texts()) == 31  # 30 categories and NA
+
+
+def test_an_anndatas_nan_embedding_is_named_by_its_obsm_key(tmp_path):
+    import anndata as ad
+    Z, _ = _data(n=60)
+    Z[4] = np.nan
+    cells = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(60)]), obsm={"X_masksc": Z})
+    with pytest.raises(DataError, match=r"adata.obsm\['X_masksc'\] has NaN .* fix: leave those cells out \(adata = "
+                                        r"adata\[np.isfinite\(adata.obsm\['X_masksc'\]\).all\(axis=1\)\].copy\(\)\)"):
+        pl.embedding(cells, path=tmp_path / "nan.png", method="tsne")
+
+
+def test_a_series_of_labels_is_matched_to_the_cells_by_name():
+    """A column of another AnnData in another cell order colours each cell by its own label
+    (it was taken by position); a Series naming cells that are not these is refused."""
+    import anndata as ad
+    Z, y = _data(n=60)
+    names = [f"c{i}" for i in range(60)]
+    cells = ad.AnnData(obs=pd.DataFrame({"y": y.astype(str)}, index=names), obsm={"X_umap": Z[:, :2]})
+    reordered = cells.obs["y"].iloc[::-1]
+    by_name = pl.embedding(cells, {"y": reordered}, basis="umap").axes[0].collections[0].get_facecolors()
+    direct = pl.embedding(cells, "y", basis="umap").axes[0].collections[0].get_facecolors()
+    np.testing.assert_array_equal(by_name, direct)
+    other = pd.Series(y.astype(str), index=names[:59] + ["elsewhere"])
+    with pytest.raises(DataError, match=r"color\['y'\] is a Series indexed by cell names, 1 of them not cells of "
+                                        r"this AnnData"):
+        pl.embedding(cells, {"y": other}, basis="umap")

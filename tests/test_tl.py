@@ -714,6 +714,21 @@ def test_steps_that_store_on_a_backed_view_say_anndata_cannot(tmp_path):
     backed.file.close()
 
 
+def test_a_stored_masksc_graph_of_an_earlier_embedding_is_refused_not_clustered():
+    """tl.neighbors records the embedding's digest: clustering its graph by name after the
+    embedding changed (embedded again by another model) names the fix instead of giving the old
+    graph's clusters under the new embedding's name."""
+    a = _blob_adata()
+    tl.neighbors(a, key_added="graph")
+    tl.cluster(a, neighbors_key="graph")  # the embedding it was built from: clustered
+    a.obsm["X_masksc"] = _blob_adata(seed=1).obsm["X_masksc"]
+    with pytest.raises(DataError, match=r"adata.uns\['graph'\] was built from an earlier adata.obsm\['X_masksc'\].*"
+                                        r"fix: masksc.tl.neighbors\(adata, use_rep='X_masksc', key_added='graph'\)"):
+        tl.cluster(a, neighbors_key="graph")
+    tl.neighbors(a, key_added="graph")
+    tl.cluster(a, neighbors_key="graph")
+
+
 def test_cluster_on_a_named_graph_uses_it_as_stored():
     """neighbors_key= makes Leiden cluster that stored graph (here scanpy's), whose labels are
     cluster.leiden's on it; settings that would build a graph, or k-means, are refused."""
