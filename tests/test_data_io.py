@@ -697,3 +697,37 @@ def test_a_format_the_file_contradicts_names_the_one_it_holds(tmp_path, counts):
     _check(read(tmp_path / "renamed.h5ad"), X, cells, genes)
     with pytest.raises(DataError, match=r"format='h5ad' \(--format\), but .*holds a 10x Cell Ranger matrix"):
         read(tmp_path / "renamed.h5ad", format="h5ad")
+    with h5py.File(tmp_path / "old.h5ad", "w") as f:  # anndata < 0.7, dense: laid out as an scDeepCluster pair
+        f["X"] = X
+        f["obs"] = np.array([(c.encode(),) for c in cells], dtype=[("index", "S10")])
+        f["var"] = np.array([(g.encode(),) for g in genes], dtype=[("index", "S10")])
+    _check(read(tmp_path / "old.h5ad", format="h5ad"), X, cells, genes)
+    dense = tmp_path / "dense.h5ad"  # X a dataset, like an scDeepCluster file's: read as one, its names were lost
+    ad.AnnData(X=X, obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(dense)
+    with pytest.raises(DataError, match=r"format='scdeepcluster' \(--format\), but .*dense\.h5ad holds an AnnData"):
+        read(dense, format="scdeepcluster")
+    with pytest.raises(DataError, match=r"format='csv' \(--format\), but .*dense\.h5ad holds an AnnData; fix: "
+                                        r"format='h5ad'"):
+        read(dense, format="csv")
+    with h5py.File(tmp_path / "pair.h5", "w") as f:
+        f["X"], f["Y"] = X, np.arange(30) % 3
+    with pytest.raises(DataError, match=r"format='h5ad' \(--format\), but .*pair\.h5 holds an scDeepCluster X / Y "
+                                        r"pair; fix: format='scdeepcluster'"):
+        read(tmp_path / "pair.h5", format="h5ad")
+
+
+@pytest.mark.parametrize("bad_index", [10**6, -3])
+def test_a_corrupt_10x_h5_with_other_features_is_refused_before_features_are_dropped(tmp_path, counts, bad_index):
+    """Dropping antibody features slices the matrix, which on out-of-range indices lost a count
+    silently (10**6), reported garbage bounds (-3) or crashed the process (far out of range)."""
+    X, cells, genes = counts
+    path = tmp_path / "bad.h5"
+    write_10x_h5(path, X, cells, genes, ["Gene Expression"] * 10 + ["Antibody Capture"] * 2)
+    with h5py.File(path, "r+") as f:
+        indices = f["matrix/indices"][()]
+        indices[5] = bad_index
+        del f["matrix/indices"]
+        f["matrix/indices"] = indices
+    with pytest.raises(DataError, match=rf"X is a corrupt sparse matrix in bad\.h5: it holds gene "
+                                        rf"indices from {min(bad_index, 0)} to {max(bad_index, 11)}, outside 0..11"):
+        read(path)

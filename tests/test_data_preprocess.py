@@ -558,3 +558,19 @@ def test_fitting_a_large_dataset_shows_a_bar_per_pass_over_the_cells(counts, mon
     from masksc.pipeline import preprocess_to_grid
     preprocess_to_grid(counts, get_preset("demo"), seed=0, progress=False)  # what fit(progress=False) runs
     assert "gene statistics" not in capsys.readouterr().err
+
+
+def test_log1p_of_unnormalised_counts_and_unlogged_normalised_values_are_not_taken_for_log_normalised(counts):
+    """Non-integer values under 30 were all called log-normalised: log1p of raw counts (library
+    size never corrected) and normalised proportions (never logged) were used as they were."""
+    logged = sc.pp.log1p(counts.copy(), copy=True)
+    with pytest.raises(DataError, match=r"X looks like log1p of raw counts that were never normalised .* fix: pass "
+                                        r"the raw counts"):
+        Preprocessor(n_top_genes=50).fit(logged, progress=False)
+    assert Preprocessor(n_top_genes=50, input="log").fit(logged, progress=False).input_kind_ == "log"
+    proportions = sc.pp.normalize_total(counts.copy(), target_sum=1, copy=True)
+    with pytest.raises(DataError, match=r"X looks normalised but not log-transformed \(every cell sums to 1\); fix: "
+                                        r"sc.pp.log1p it first"):
+        Preprocessor(n_top_genes=50).fit(proportions, progress=False)
+    lognorm = sc.pp.log1p(sc.pp.normalize_total(counts.copy(), target_sum=1e4, copy=True), copy=True)
+    assert Preprocessor(n_top_genes=50).fit(lognorm, progress=False).input_kind_ == "log"

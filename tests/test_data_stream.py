@@ -264,7 +264,8 @@ def test_a_file_read_as_the_wrong_format_is_named(tmp_path):
     TypeError from deep inside the reader."""
     a = synthetic(40, n_genes=30, n_types=2, seed=0)
     a.write_h5ad(tmp_path / "a.h5ad")
-    with pytest.raises(DataError, match=r"X is an HDF5 group, not scDeepCluster's dense dataset .*fix: drop format="):
+    with pytest.raises(DataError, match=r"format='scdeepcluster' \(--format\), but .*a\.h5ad holds an AnnData; fix: "
+                                        r"format='h5ad' \(--format h5ad\), or drop format="):
         read(tmp_path / "a.h5ad", format="scdeepcluster")
     write_10x_h5(tmp_path / "m.h5", a.X.toarray(), list(a.obs_names), list(a.var_names))
     with pytest.raises(DataError, match=r"format='h5ad' \(--format\), but .*m\.h5 holds a 10x Cell Ranger matrix; "

@@ -1,7 +1,9 @@
 """Highly-variable-gene ranking from per-gene statistics (so it can be fed by a streaming pass).
 
 The formulas follow scanpy's ``highly_variable_genes`` (flavours ``seurat_v3`` and ``seurat``,
-single batch); tests check equality with scanpy on the same data.
+single batch); tests check equality with scanpy on the same data. Genes whose scores tie exactly
+at the cut are taken in gene order (``rank_genes``), where scanpy's sort may take another: on the
+paper's datasets 0-2 of 500-3000 selected genes differ for that reason alone.
 """
 from __future__ import annotations
 

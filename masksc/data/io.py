@@ -141,19 +141,23 @@ def _hdf5_layout(path: Path) -> str | None:
 
 
 def _check_given_format(path: Path, fmt: str) -> None:
-    """Refuse a ``format=`` that a 10x .h5 file's layout contradicts (either way: a 10x file read
-    as another HDF5 format, or another file read as 10x), naming the format it holds."""
-    if fmt not in ("h5ad", "10x_h5", "scdeepcluster") or path.is_dir():
+    """Refuse a ``format=`` that an HDF5 file's layout contradicts, naming the format it holds: a
+    10x or AnnData file read as another format, an scDeepCluster pair read as 10x or AnnData
+    (an AnnData written before anndata 0.7 shares its layout but has ``obs``), or any HDF5 file
+    read as a text format."""
+    if path.is_dir() or not h5py.is_hdf5(path):
+        return  # not HDF5 (or missing): the reader says what is wrong with it
+    layout = _hdf5_layout(path)
+    if layout == fmt:
         return
-    try:
-        layout = _hdf5_layout(path)
-    except OSError:
-        return  # not HDF5: the reader says so
-    if layout != fmt and "10x_h5" in (layout, fmt):
-        holds = {"10x_h5": "a 10x Cell Ranger matrix", "h5ad": "an AnnData", "scdeepcluster": "an scDeepCluster "
-                 "X / Y pair (or an AnnData written before anndata 0.7)", None: "no layout masksc reads"}[layout]
-        fix = f"format={layout!r} (--format {layout}), or drop format=" if layout else "check the file"
-        raise DataError(f"format={fmt!r} (--format), but {path} holds {holds}; fix: {fix}.")
+    if layout == "scdeepcluster" and fmt == "h5ad":
+        with h5py.File(path, "r") as f:
+            if "obs" in f:  # an AnnData written before anndata 0.7
+                return
+    holds = {"10x_h5": "a 10x Cell Ranger matrix", "h5ad": "an AnnData", "scdeepcluster": "an scDeepCluster "
+             "X / Y pair", None: "an HDF5 layout masksc does not read"}[layout]
+    fix = f"format={layout!r} (--format {layout}), or drop format=" if layout else "check the file"
+    raise DataError(f"format={fmt!r} (--format), but {path} holds {holds}; fix: {fix}.")
 
 
 def read(path, format: str | None = None, transpose: bool = False, backed: bool = False,
@@ -378,8 +382,10 @@ def _read_10x_h5(path, where, genome=None, **_):
             return _finish(_unique_genes(sc.read_10x_h5(path, genome=genome), path), where)
         m = f["matrix"]
         n_genes, n_cells = (int(v) for v in m["shape"][()])
-        X = sp.csr_matrix((as_float32(m["data"][()], where), m["indices"][()], m["indptr"][()]),
-                          shape=(n_cells, n_genes))
+        data, indices, indptr = as_float32(m["data"][()], where), m["indices"][()], m["indptr"][()]
+        # before any scipy operation: slicing out features on a corrupt matrix crashed the process
+        check_compressed(data, indices, indptr, (n_cells, n_genes), where=where)
+        X = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
         feats = m["features"]
         names = _decode(feats["name"][()]) if "name" in feats else _decode(feats["id"][()])
         var = pd.DataFrame(index=pd.Index(names, name=None))
@@ -652,10 +658,7 @@ def _read_scdeepcluster(path, where, **_):
     """scDeepCluster HDF5: dataset ``X`` dense counts cells x genes, optional ``Y`` labels;
     no gene names are stored, so they are synthesised (``gene_0000`` ..)."""
     with h5py.File(path, "r") as f:
-        ds = f["X"]
-        if not isinstance(ds, h5py.Dataset):
-            raise DataError(f"{path}: X is an HDF5 group, not scDeepCluster's dense dataset (an .h5ad's sparse X?); "
-                            "fix: drop format= (--format) to detect the format, or pass the right one.")
+        ds = f["X"]  # a dataset: format= of another layout is refused before (_check_given_format)
         if ds.ndim != 2:
             raise DataError(f"{path}: dataset X has shape {ds.shape}, expected cells x genes; "
                             "fix: store a 2-D matrix.")

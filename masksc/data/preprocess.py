@@ -67,6 +67,27 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
     return bool(X.nnz) and float(np.mean(X.data == np.round(X.data))) > COUNTS_WHOLE_FRACTION
 
 
+def _check_log_normalised(X: sp.csr_matrix) -> None:
+    """Raise DataError when non-integer values under LOG_MAX are not log-normalised after all:
+    log1p of raw counts (expm1 gives back whole numbers: the library size was never normalised)
+    or normalised values never logged (every cell sums to the same total). Judged on at least
+    100 values of at least 10 cells, so a handful cannot mislead."""
+    sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    sums = sums[sums > 0]
+    if X.nnz < 100 or sums.size < 10:
+        return
+    values = np.expm1(X.data.astype(np.float64))
+    if np.mean(np.abs(values - np.round(values)) <= 1e-3 + 1e-5 * values) > 0.9:  # log-normalised: ~0.1%
+        raise DataError("X looks like log1p of raw counts that were never normalised (expm1 of its values gives whole "
+                        f"numbers), so cells of larger libraries would look more expressed; fix: pass the raw counts"
+                        f"{COUNTS_LAYER_HINT} (np.expm1 of these values), or sc.pp.normalize_total before "
+                        "sc.pp.log1p; a Preprocessor(input='log') of your own takes them as they are.")
+    if sums.std() <= 1e-3 * sums.mean():
+        raise DataError(f"X looks normalised but not log-transformed (every cell sums to {sums.mean():.6g}); fix: "
+                        f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}; a Preprocessor(input='log') "
+                        "of your own takes the values as they are.")
+
+
 def _cells_named(a: int, b: int, rows: np.ndarray | None) -> str:
     """" in cells a..b-1" for cells ``a..b-1`` of the data, by their dataset ``rows`` when given:
     a range when those are consecutive, else how many and their rows (the first 8)."""
@@ -154,6 +175,7 @@ class Preprocessor:
                             "whose whole-number values are real, a Preprocessor(input='log') of your own.")
         vmax = float(X.data.max()) if X.nnz else 0.0
         if vmax <= LOG_MAX:
+            _check_log_normalised(X)
             sums = np.asarray(X.expm1().sum(axis=1)).ravel()
             cv = float(sums.std() / sums.mean()) if sums.mean() > 0 else float("nan")
             log.info("input looks log-normalised (non-integer, max %.3g; expm1 row-sum CV %.3g)", vmax, cv)
