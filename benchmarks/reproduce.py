@@ -446,7 +446,8 @@ def _checked_args(p: argparse.ArgumentParser, args) -> tuple[list[str], list[str
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
-    for bad, rule in ((min(seeds) < 0, f"--seeds {args.seeds}: each must be >= 0"),
+    for bad, rule in ((not all(0 <= seed < 2**63 for seed in seeds), f"--seeds {args.seeds}: each must be in "
+                                                                        "[0, 2**63 - 1]"),
                       (args.threads < 1, f"--threads {args.threads}: must be >= 1"),
                       (args.epochs < 0, f"--epochs {args.epochs}: must be >= 1, or 0 for the preset's"),
                       (not 0 <= args.mask_ratio < 1, f"--mask-ratio {args.mask_ratio}: must be in (0, 1), or 0 for "
@@ -458,10 +459,11 @@ def _checked_args(p: argparse.ArgumentParser, args) -> tuple[list[str], list[str
             _model_config(method, args)
         except (KeyError, ValueError, TypeError) as exc:
             p.error(f"{method} with --preset {args.preset!r}: {exc}")
-    if not args.tables_only and args.data is not None:
-        missing = [str(args.data / DATASETS[ds]) for ds in datasets if not (args.data / DATASETS[ds]).is_file()]
+    data = args.data if args.data is not None else DATA if DATA.is_dir() else None  # absent by default: skipped
+    if not args.tables_only and data is not None:
+        missing = [str(data / DATASETS[ds]) for ds in datasets if not (data / DATASETS[ds]).is_file()]
         if missing:
-            p.error(f"--data: {missing} not found; fix: name the folder holding {sorted(set(DATASETS.values()))}")
+            p.error(f"{missing} not found; fix: --data the folder holding {sorted(set(DATASETS.values()))}")
     return datasets, methods, seeds
 
 

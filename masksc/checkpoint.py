@@ -351,11 +351,14 @@ def point_last(run_dir: str | os.PathLike, target_name: str) -> None:
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``run_dir/last`` points at, as ``run_dir/<its name>``; None when ``last``
-    names nothing."""
+    """The checkpoint ``run_dir/last`` points at, as ``run_dir/<the name it links to>`` (that
+    entry may itself be a link elsewhere), or ``run_dir/last`` when it is a copied folder; None
+    when ``last`` names nothing."""
     run_dir = Path(run_dir)
     last = run_dir / "last"
-    return run_dir / last.resolve().name if last.exists() else None
+    if not last.exists():
+        return None
+    return run_dir / (Path(os.readlink(last)).name if last.is_symlink() else last.name)
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -655,15 +655,24 @@ def leiden(graph, resolution: float = LEIDEN_RESOLUTION, seed: int = 0, n_iterat
     return _relabel_by_size(np.asarray(part.membership, dtype=np.int64))
 
 
+def _between(j: int) -> float:
+    """The j-th (j >= 1) point of the van der Corput sequence in (0, 1): 1/2, 1/4, 3/4, 1/8, 5/8, ...,
+    each halving the largest gap the points before it left."""
+    point, scale = 0.0, 0.5
+    while j:
+        point, j, scale = point + scale * (j & 1), j >> 1, scale / 2
+    return point
+
+
 def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, float] = (1e-3, 20.0),
                  max_steps: int = 30, **leiden_kw) -> tuple[np.ndarray, float]:
     """Leiden with the resolution searched for exactly ``k`` clusters: bisection on the
-    log-resolution until the bracket is 1% wide, then the steps left try resolutions 0.25%,
-    0.5%, ... on either side of it, since the cluster count is not monotone in the resolution
-    (two resolutions 1% apart can give 29 and 27 clusters while one between gives 28). When no
-    tried resolution gives ``k`` within ``max_steps``, the closest count found is returned with
-    a warning; a graph of more than ``k`` connected components, which Leiden never joins, is
-    clustered once, at the lowest resolution, with a warning.
+    log-resolution until the bracket between a count below ``k`` and one above is 1% wide, then
+    the steps left try resolutions spread through that bracket (its midpoint, quarters, eighths,
+    ...), since the count is not monotone there (29 and 27 clusters at resolutions 1% apart, 28
+    at one between). When no tried resolution gives ``k`` within ``max_steps``, the closest count
+    found is returned with a warning; a graph of more than ``k`` connected components, which
+    Leiden never joins, is clustered once, at the lowest resolution, with a warning.
 
     Args:
         graph: square scipy.sparse [n, n] of non-negative weights (e.g. :func:`knn_graph`).
@@ -692,13 +701,12 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         return labels, low
     lo, hi = np.log(low), np.log(high)
     best, below, above = None, None, None  # the best try, and the tries nearest k from below and above
-    scan = 0  # tries around the collapsed bracket so far
+    spread = 0  # tries spread through the closed bracket so far
     for _ in range(max_steps):
-        if hi - lo > np.log(1.01):
-            r = float(np.exp((lo + hi) / 2))
-        else:
-            scan += 1
-            r = float(np.exp((lo + hi) / 2) * (1 + 0.0025 * ((scan + 1) // 2) * (1 if scan % 2 else -1)))
+        closed = below is not None and above is not None and hi - lo <= np.log(1.01)
+        if closed:
+            spread += 1
+        r = float(np.exp(lo + (hi - lo) * (_between(spread) if closed else 0.5)))
         labels = leiden(G, resolution=r, seed=seed, **leiden_kw)
         found = int(labels.max()) + 1
         logger.debug("leiden resolution %.6g -> %d clusters (target %d)", r, found, k)
@@ -706,7 +714,7 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
             best = (labels, r, found)
         if found == k:
             return labels, r
-        if scan:
+        if closed:
             continue
         if found < k:
             lo, below = np.log(r), (r, found)
@@ -714,9 +722,10 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
             hi, above = np.log(r), (r, found)
     labels, r, found = best
     if below is not None and above is not None:
-        why = (f" The count is not monotone in the resolution near {k}: it passes from {below[1]} clusters at "
-               f"resolution {below[0]:.6g} to {above[1]} at {above[0]:.6g}, and {scan} resolutions around those "
-               "missed it; another seed, or more max_steps, may hit it.")
+        bracket = f"{below[1]} clusters at resolution {below[0]:.6g} and {above[1]} at {above[0]:.6g}"
+        why = (f" The count skips {k} between {bracket}: {spread} resolutions between those missed it; another seed "
+               "may hit it." if spread else f" The search stopped (max_steps={max_steps}) between {bracket}; more "
+               "max_steps may hit it.")
     else:
         why = " A wider resolution_range of masksc.cluster.leiden_for_k may find it."
     warn(f"leiden_for_k: no resolution in {resolution_range} gave {k} clusters; returning {found} "
@@ -861,8 +870,10 @@ def agreement(truth, pred) -> dict:
     ``pred`` [n] against true labels ``truth`` [n] (any hashable dtypes)."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    truth = _as_labels(truth, None, "truth")
-    pred = _as_labels(pred, len(truth), "pred")
+    truth, pred = _as_labels(truth, None, "truth"), _as_labels(pred, None, "pred")
+    if len(truth) != len(pred):
+        raise DataError(f"truth holds {len(truth)} labels but pred {len(pred)}; fix: pass one label per cell in "
+                        "each, for the same cells.")
     return {"ari": float(adjusted_rand_score(truth, pred)), "nmi": float(normalized_mutual_info_score(truth, pred))}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from natsort import natsorted
 
 from masksc.cluster import check_embedding
 from masksc.errors import DataError, warn
@@ -194,8 +195,9 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
                     continue
                 stored = data.uns.get(f"{c}_colors")
                 column = data.obs[c]
-                if stored is not None and (column.dtype == bool or pd.api.types.is_string_dtype(column)):
-                    column = column.astype("category")  # as scanpy, whose colours follow the sorted categories
+                if stored is not None and (column.dtype == bool or pd.api.types.infer_dtype(column) == "string"):
+                    # as anndata makes it categorical for scanpy, whose colours follow these categories
+                    column = column.astype(pd.CategoricalDtype(natsorted(column.dropna().unique())))
                 categorical = isinstance(column.dtype, pd.CategoricalDtype)
                 if categorical and stored is not None and len(stored) >= len(column.cat.categories):
                     from matplotlib.colors import is_color_like
@@ -228,14 +230,15 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
     out = {}
     obs_names = data.obs_names if hasattr(data, "obs_names") else None
     for name, labels in color.items():
-        if isinstance(labels, pd.Series) and obs_names is not None and not labels.index.equals(obs_names):
-            named = labels.index.isin(obs_names)
-            if named.all() and labels.index.is_unique:  # a column of another AnnData: by cell name, as pandas
-                labels = labels.reindex(obs_names)
-            elif named.any():
-                raise DataError(f"color[{name!r}] is a Series indexed by cell names, {int((~named).sum())} of them "
-                                "not cells of this AnnData (or repeated); fix: pass its values for these cells, "
-                                "e.g. series.reindex(adata.obs_names).")
+        if isinstance(labels, pd.Series) and obs_names is not None and not labels.index.equals(obs_names) \
+                and labels.index.isin(obs_names).any():  # a column of another AnnData: matched by cell name
+            held = obs_names.isin(labels.index)
+            if not labels.index.is_unique or not obs_names.is_unique or not held.all():
+                why = (f"{int((~held).sum())} of these cells are not in its index" if not held.all()
+                       else "cell names repeat in its index or in adata.obs_names")
+                raise DataError(f"color[{name!r}] is a Series indexed by cell names, but {why}; fix: pass one value "
+                                "per cell of this AnnData, e.g. series.reindex(adata.obs_names) (NaN is drawn as NA).")
+            labels = labels.reindex(obs_names)
         if isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype):
             labels = labels.array  # an obs column passed as a Series: its categories too
         labels = labels if isinstance(labels, pd.Categorical) else _to_numpy(labels)

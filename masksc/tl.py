@@ -145,13 +145,15 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
 
 def _embedding(adata, use_rep: str, distances: bool = True) -> np.ndarray:
     """``adata.obsm[use_rep]`` checked as ``masksc.cluster.check_embedding`` checks it (``distances``:
-    also for squared euclidean distances; a cosine graph takes any scale)."""
+    for euclidean distances, checked for their squares and centred before a cast to float32; a
+    cosine graph takes any scale and is never centred)."""
     if use_rep not in adata.obsm:
         raise DataError(f"adata.obsm has no {use_rep!r}; fix: run masksc.tl.embed(adata, model) first, or "
                         "`masksc embed DATA --model DIR -o OUT.h5ad` on the command line "
                         f"(or pass use_rep= one of {list(adata.obsm)}).")
     Z = adata.obsm[use_rep]
-    return _cluster.check_embedding(Z.toarray() if sp.issparse(Z) else Z, f"adata.obsm[{use_rep!r}]", distances)
+    return _cluster.check_embedding(Z.toarray() if sp.issparse(Z) else Z, f"adata.obsm[{use_rep!r}]", distances,
+                                    centre=distances)
 
 
 def _graph_keys(adata, key: str) -> tuple[str, str]:
@@ -165,10 +167,13 @@ def _graph_keys(adata, key: str) -> tuple[str, str]:
     return stored.get("connectivities_key", f"{key}_connectivities"), stored.get("distances_key", f"{key}_distances")
 
 
-def _digest(Z: np.ndarray) -> str:
-    """A digest of the embedding's values, so a stored graph is reused only for the embedding it
-    was built from (a re-embedding keeps ``use_rep`` but changes every row)."""
-    return hashlib.blake2b(np.ascontiguousarray(Z).data, digest_size=16).hexdigest()
+def _embedding_digest(adata, use_rep: str) -> str:
+    """A digest of ``adata.obsm[use_rep]``'s values as float32, so a stored graph is reused only
+    for the embedding it was built from (a re-embedding keeps ``use_rep`` but changes every row).
+    Called after :func:`_embedding` has checked them."""
+    Z = adata.obsm[use_rep]
+    Z = np.ascontiguousarray(Z.toarray() if sp.issparse(Z) else Z, dtype=np.float32)
+    return hashlib.blake2b(Z.data, digest_size=16).hexdigest()
 
 
 def _params(adata, key: str) -> Mapping:
@@ -220,8 +225,9 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
                         f"key_added= another name (default {NEIGHBORS_KEY!r}), or delete that graph first.")
     Z = _embedding(adata, use_rep, distances=metric != "cosine")
     n_neighbors = _fewer_for_few_cells(n_neighbors, Z.shape[0])
+    digest = _embedding_digest(adata, use_rep)
     adata = _target(adata, copy)  # before the search, which can take minutes
-    _store_graph(adata, key_added, Z, _digest(Z), use_rep, n_neighbors, metric, seed, use_gpu, search_kw)
+    _store_graph(adata, key_added, Z, digest, use_rep, n_neighbors, metric, seed, use_gpu, search_kw)
     return adata if copy else None
 
 
@@ -295,9 +301,9 @@ def _stored_graph(adata, key: str, kwargs: dict):
     own = _own_params(adata, key)
     if own is not None and own.get("use_rep") in adata.obsm and own.get("embedding_digest") is not None:
         use_rep = own["use_rep"]
-        if _digest(_embedding(adata, use_rep, distances=False)) != own["embedding_digest"]:
+        if _embedding_digest(adata, use_rep) != own["embedding_digest"]:
             raise DataError(f"the graph adata.uns[{key!r}] was built from an earlier adata.obsm[{use_rep!r}] (it has "
-                            f"changed since, e.g. embedded again), so its clusters would not be this embedding's; fix: "
+                            f"changed since: embedded again, or its cells subset or reordered), so its clusters would not be this embedding's; fix: "
                             f"masksc.tl.neighbors(adata, use_rep={use_rep!r}, key_added={key!r}) again first.")
     return adata.obsp[conn_key], _params(adata, key).get("use_rep")
 
@@ -311,7 +317,7 @@ def _own_graph(adata, use_rep: str, seed: int, kwargs: dict):
         raise DataError(f"{foreign} hold a graph masksc did not compute, where tl.cluster keeps its own; fix: "
                         f"neighbors_key={NEIGHBORS_KEY!r} to cluster that graph, or delete it first.")
     Z = _embedding(adata, use_rep, distances=kwargs.get("metric", "euclidean") != "cosine")
-    digest = _digest(Z)
+    digest = _embedding_digest(adata, use_rep)
     asked = {name: kwargs[name] for name in ("n_neighbors", "metric") if name in kwargs}
     if "n_neighbors" in asked:
         asked["n_neighbors"] = _fewer_for_few_cells(asked["n_neighbors"], Z.shape[0])
@@ -343,7 +349,8 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     kNN graph + Leiden otherwise; labels go to ``adata.obs[key_added]`` (categorical).
 
     Leiden's graph: with ``neighbors_key``, the one stored under ``adata.uns[neighbors_key]``
-    (by :func:`neighbors` or scanpy's ``pp.neighbors``; the embedding is then not read); without,
+    (by :func:`neighbors` or scanpy's ``pp.neighbors``; the embedding is then read only to check
+    that a graph :func:`neighbors` built is of it as it is now); without,
     masksc's own graph ``adata.uns["masksc_neighbors"]``, reused when it was built from this
     embedding (with the ``n_neighbors`` / ``metric`` passed, if any; so a graph built with
     :func:`neighbors` is the one clustered), else built by :func:`neighbors` and stored there

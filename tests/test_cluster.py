@@ -328,23 +328,34 @@ def _counting_leiden(count_at):
     return leiden, asked
 
 
-def test_leiden_for_k_tries_resolutions_around_a_jump_in_the_count(monkeypatch):
-    """The count can jump past k (27 -> 29) where bisection settles, with k at resolutions a few
-    per cent away: the steps left after the bracket closes try those instead of repeating one."""
+def test_leiden_for_k_spreads_its_last_tries_through_a_bracket_where_the_count_skips_k(monkeypatch):
+    """The count can jump past k (27 -> 29) where bisection settles, with k at a resolution
+    between: once the bracket is 1% wide the steps left try distinct resolutions spread inside
+    it (they repeated one), and find k there."""
     G = sp.csr_matrix(np.ones((60, 60)))
-    fake, asked = _counting_leiden(lambda r: 28 if 4.55 <= r <= 4.58 else 27 if r < 4.46 else 29)
-    monkeypatch.setattr(cluster, "leiden", fake)
-    labels, resolution = leiden_for_k(G, 28)
-    assert len(np.unique(labels)) == 28 and 4.55 <= resolution <= 4.58
-    assert len(set(asked)) == len(asked)
-
     fake, asked = _counting_leiden(lambda r: 27 if r < 4.46 else 29)
     monkeypatch.setattr(cluster, "leiden", fake)
-    with pytest.warns(UserWarning, match=r"gave 28 clusters; returning 27 .* The count is not monotone in the "
-                                         r"resolution near 28: it passes from 27 clusters at resolution 4\.4\d+ to "
-                                         r"29 at 4\.4\d+, and \d+ resolutions around those missed it"):
+    with pytest.warns(UserWarning, match=r"gave 28 clusters; returning 27 .* The count skips 28 between 27 clusters "
+                                         r"at resolution 4\.4\d+ and 29 at 4\.4\d+: \d+ resolutions between those "
+                                         r"missed it"):
         leiden_for_k(G, 28, max_steps=20)
     assert len(asked) == 20 and len(set(asked)) == 20
+    low, high, closed = 1e-300, np.inf, 0
+    while high / low > 1.01:  # the bisection's tries: the bracket they leave, closed after the first `closed`
+        low, high = (asked[closed], high) if asked[closed] < 4.46 else (low, asked[closed])
+        closed += 1
+    assert closed < 20 and all(low < r < high for r in asked[closed:])
+    target = float(np.exp(np.log(low) + 0.375 * (np.log(high) - np.log(low))))  # the 6th point spread through it
+    fake, asked = _counting_leiden(lambda r: 28 if abs(r / target - 1) < 1e-9 else 27 if r < 4.46 else 29)
+    monkeypatch.setattr(cluster, "leiden", fake)
+    labels, resolution = leiden_for_k(G, 28, max_steps=20)
+    assert len(np.unique(labels)) == 28 and resolution == pytest.approx(target, rel=1e-9)
+
+    fake, asked = _counting_leiden(lambda r: 12 if r < 1.0 else 16)
+    monkeypatch.setattr(cluster, "leiden", fake)
+    with pytest.warns(UserWarning, match=r"The search stopped \(max_steps=4\) between 12 clusters at resolution "
+                                         r"[\d.]+ and 16 at [\d.]+; more max_steps may hit it"):
+        leiden_for_k(G, 13, max_steps=4)
 
 
 def test_leiden_rejects_bad_graphs():
@@ -645,11 +656,12 @@ def test_float64_input_keeps_its_digits_at_a_large_offset():
     """A float64 embedding far from the origin was cast to float32 before centring, losing the
     spread: the kNN and the silhouette must match sklearn's in float64."""
     X, y = make_blobs(3000, centers=5, n_features=8, random_state=0, cluster_std=0.5)
+    exact = X - X.mean(axis=0)  # the oracle: sklearn's |x|^2 + |y|^2 - 2x.y at an offset of 1e6 loses digits too
     X = X + 1e6
-    ref = NearestNeighbors(n_neighbors=10).fit(X).kneighbors(X, return_distance=False)
+    ref = NearestNeighbors(n_neighbors=10).fit(exact).kneighbors(exact, return_distance=False)
     I, _ = knn_search(X, 10)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, ref)]) > 0.995
-    assert evaluate(X, y, silhouette_sample=None)["silhouette"] == pytest.approx(silhouette_score(X, y), abs=1e-4)
+    assert evaluate(X, y, silhouette_sample=None)["silhouette"] == pytest.approx(silhouette_score(exact, y), abs=1e-4)
     assert adjusted_rand_score(kmeans(X, 5), y) == 1.0
     cos, _ = knn_search(X, 10, metric="cosine")  # angles are not translation-invariant: never centred
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
@@ -667,7 +679,8 @@ def test_float64_input_keeps_its_digits_at_a_large_offset():
     (lambda X, G: leiden(G, n_iterations=0), r"n_iterations=0; fix"),
     (lambda X, G: leiden(G, n_iterations=1.5), r"n_iterations=1\.5; fix"),
     (lambda X, G: leiden(sp.csr_matrix((0, 0))), r"graph has no cells"),
-    (lambda X, G: cluster.agreement(np.arange(300) % 3, 3), r"pred must be 1-D with one label per cell \(300\)"),
+    (lambda X, G: cluster.agreement(np.arange(300) % 3, 3), r"pred must be 1-D with one label per cell"),
+    (lambda X, G: cluster.agreement(np.arange(4) % 3, np.arange(300) % 3), r"truth holds 4 labels but pred 300"),
     (lambda X, G: cluster.agreement(np.r_[np.inf, np.ones(299)], np.arange(300) % 3), r"truth contains NaN or "
                                                                                          r"infinite values"),
     (lambda X, G: evaluate(X, np.arange(300) % 3, truth=np.ones(299)), r"truth must be 1-D with one label per cell "

@@ -702,6 +702,9 @@ def test_a_format_the_file_contradicts_names_the_one_it_holds(tmp_path, counts):
         f["obs"] = np.array([(c.encode(),) for c in cells], dtype=[("index", "S10")])
         f["var"] = np.array([(g.encode(),) for g in genes], dtype=[("index", "S10")])
     _check(read(tmp_path / "old.h5ad", format="h5ad"), X, cells, genes)
+    with pytest.raises(DataError, match=r"format='scdeepcluster' \(--format\), but .*old\.h5ad holds an AnnData; "
+                                        r"fix: format='h5ad'"):
+        read(tmp_path / "old.h5ad", format="scdeepcluster")
     dense = tmp_path / "dense.h5ad"  # X a dataset, like an scDeepCluster file's: read as one, its names were lost
     ad.AnnData(X=X, obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)).write_h5ad(dense)
     with pytest.raises(DataError, match=r"format='scdeepcluster' \(--format\), but .*dense\.h5ad holds an AnnData"):

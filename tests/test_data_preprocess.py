@@ -574,3 +574,6 @@ def test_log1p_of_unnormalised_counts_and_unlogged_normalised_values_are_not_tak
         Preprocessor(n_top_genes=50).fit(proportions, progress=False)
     lognorm = sc.pp.log1p(sc.pp.normalize_total(counts.copy(), target_sum=1e4, copy=True), copy=True)
     assert Preprocessor(n_top_genes=50).fit(lognorm, progress=False).input_kind_ == "log"
+    deep = counts[np.asarray(counts.X.sum(axis=1)).ravel() >= 300].copy()
+    sc.pp.downsample_counts(deep, counts_per_cell=300, random_state=0)  # one depth: log1p of it is log-normalised
+    assert Preprocessor(n_top_genes=50).fit(sc.pp.log1p(deep, copy=True), progress=False).input_kind_ == "log"

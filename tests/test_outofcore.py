@@ -517,3 +517,17 @@ def test_a_grid_listing_its_genes_in_another_order_than_the_preprocessor_streams
     out = tmp_path / "emb.npy"
     model.embed_file(path, out, chunk_size=90, progress=False)
     np.testing.assert_allclose(np.load(out), model.embed(adata, progress=False), rtol=1e-5, atol=1e-6)
+
+
+def test_use_raw_on_a_backed_anndata_whose_raw_was_removed_is_refused_as_in_memory(tmp_path, h5ad, fitted):
+    """Its file still holds raw/X: streaming it under X's gene names raised an IndexError (or,
+    with as many genes, embedded the wrong columns)."""
+    adata, pre, grid, _ = fitted
+    with_raw = adata.copy()
+    with_raw.raw = adata[:, :280].copy()
+    with_raw.write_h5ad(tmp_path / "raw.h5ad")
+    backed = ad.read_h5ad(tmp_path / "raw.h5ad", backed="r")
+    backed.raw = None
+    with pytest.raises(DataError, match=r"use_raw=True but adata.raw is None; fix: drop use_raw"):
+        _model(pre, grid).embed_file(backed, tmp_path / "e.npy", use_raw=True, progress=False)
+    assert not (tmp_path / "e.npy").exists()

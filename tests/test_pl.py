@@ -717,6 +717,13 @@ def test_stored_colours_colour_text_and_bool_columns_and_longer_lists_as_scanpy_
     assert _legend_colors(ax) == [to_rgba("#000000"), to_rgba("#ffffff")]
     ax = pl.embedding(cells.obsm["X_umap"], {"many": np.arange(90) % 25}).axes[0]
     assert _legend_colors(ax) == [to_rgba(c) for c in default_28[:25]]
+    numbered = rng.choice(["2", "10", "1"], 90).astype(object)  # natural order, as anndata makes them categories
+    numbered[0] = np.nan  # text with a missing value is still text
+    cells.obs["n"] = numbered
+    cells.uns["n_colors"] = ["#ff0000", "#00ff00", "#0000ff"]
+    ax = pl.embedding(cells, "n", basis="umap").axes[0]
+    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["NA", "1", "2", "10"]
+    assert _legend_colors(ax)[1:] == [to_rgba(c) for c in cells.uns["n_colors"]]
 
 
 def test_thirty_categories_beside_unlabelled_cells_keep_their_legend():
@@ -748,7 +755,11 @@ def test_a_series_of_labels_is_matched_to_the_cells_by_name():
     by_name = pl.embedding(cells, {"y": reordered}, basis="umap").axes[0].collections[0].get_facecolors()
     direct = pl.embedding(cells, "y", basis="umap").axes[0].collections[0].get_facecolors()
     np.testing.assert_array_equal(by_name, direct)
+    subset = cells[10:40].copy()  # the parent's column colours the cells of a subset
+    by_name = pl.embedding(subset, {"y": reordered}, basis="umap").axes[0].collections[0].get_facecolors()
+    np.testing.assert_array_equal(by_name, pl.embedding(subset, "y", basis="umap").axes[0].collections[0]
+                                  .get_facecolors())
     other = pd.Series(y.astype(str), index=names[:59] + ["elsewhere"])
-    with pytest.raises(DataError, match=r"color\['y'\] is a Series indexed by cell names, 1 of them not cells of "
-                                        r"this AnnData"):
+    with pytest.raises(DataError, match=r"color\['y'\] is a Series indexed by cell names, but 1 of these cells are "
+                                        r"not in its index; fix: .*series.reindex\(adata.obs_names\)"):
         pl.embedding(cells, {"y": other}, basis="umap")

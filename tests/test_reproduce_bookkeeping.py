@@ -217,12 +217,14 @@ def test_the_readme_holds_the_tables_the_results_give():
     (["--datasets", "pbmc,bogus"], r"unknown dataset\(s\) \['bogus'\]"),
     (["--methods", "pca-raw,bogus"], r"unknown method\(s\) \['bogus'\]"),
     (["--seeds", "0,x"], r"--seeds '0,x': give whole numbers"),
-    (["--seeds", "0,-1"], r"--seeds 0,-1: each must be >= 0"),
+    (["--seeds", "0,-1"], r"--seeds 0,-1: each must be in \[0, 2\*\*63 - 1\]"),
+    (["--seeds", f"0,{2**64}"], r"--seeds 0,18446744073709551616: each must be in"),
     (["--threads", "0"], r"--threads 0: must be >= 1"),
     (["--epochs", "-1"], r"--epochs -1: must be >= 1, or 0"),
     (["--mask-ratio", "1.5"], r"--mask-ratio 1.5: must be in \(0, 1\)"),
     (["--methods", "masksc", "--preset", "nope"], r"masksc with --preset 'nope': unknown preset"),
-    (["--data", "/nonexistent-masksc"], r"--data: .*10X_PBMC_top2000.h5.* not found"),
+    (["--data", "/nonexistent-masksc"], r"/nonexistent-masksc/10X_PBMC_top2000.h5.* not found; fix: --data the "
+                                        r"folder holding"),
 ])
 def test_every_setting_is_checked_before_any_run(argv, message, monkeypatch, capsys):
     """A bad setting stops the script at once (exit 2, naming it), not after hours of the runs before it."""
@@ -261,3 +263,13 @@ def test_two_invocations_needing_one_model_train_it_once(tmp_path, monkeypatch):
         infos = list(pool.map(lambda _: reproduce.trained_masksc(None, "pbmc", 0, args)[1], range(2)))
     assert trained == ["cpu"]
     assert infos[0] == infos[1] and infos[0]["final_loss"] == 0.25
+
+
+def test_a_dataset_missing_from_the_default_folder_is_named_before_any_run(tmp_path, monkeypatch, capsys):
+    (tmp_path / reproduce.DATASETS["pbmc"]).write_bytes(b"")
+    monkeypatch.setattr(reproduce, "DATA", tmp_path)
+    monkeypatch.setattr(reproduce, "METHODS", {name: None for name in reproduce.METHODS})  # any run would fail
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["--datasets", "pbmc,worm", "--methods", "pca-raw"])
+    assert stop.value.code == 2
+    assert re.search(r"worm_neuron_cell\.h5'\] not found; fix: --data", capsys.readouterr().err)

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -773,3 +774,15 @@ def test_cuda_device_without_cuda_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="device 'cuda'.*fix: pass --device cpu"):
         resolve_device("cuda")
     assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_finished_run_whose_last_checkpoint_was_moved_and_linked_names_the_link(tmp_path):
+    """`last` -> epoch-000002, itself a link to a folder moved elsewhere: the run's checkpoint is
+    run/epoch-000002 (it was named run/<the moved folder's name>, a path that does not exist)."""
+    run = tmp_path / "run"
+    train(make(), structured_grid(), tcfg(epochs=2, checkpoint_every=1, checkpoint_dir=str(run)))
+    shutil.move(run / "epoch-000002", tmp_path / "moved-ckpt")
+    os.symlink(tmp_path / "moved-ckpt", run / "epoch-000002")
+    resumed = train(make(), structured_grid(), tcfg(epochs=2, checkpoint_every=1, checkpoint_dir=str(run),
+                                                    resume=True))
+    assert resumed.checkpoint == str(run / "epoch-000002") and Path(resumed.checkpoint).is_dir()

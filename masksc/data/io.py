@@ -148,12 +148,12 @@ def _check_given_format(path: Path, fmt: str) -> None:
     if path.is_dir() or not h5py.is_hdf5(path):
         return  # not HDF5 (or missing): the reader says what is wrong with it
     layout = _hdf5_layout(path)
-    if layout == fmt:
-        return
-    if layout == "scdeepcluster" and fmt == "h5ad":
+    if layout == "scdeepcluster":
         with h5py.File(path, "r") as f:
             if "obs" in f:  # an AnnData written before anndata 0.7
-                return
+                layout = "h5ad"
+    if layout == fmt:
+        return
     holds = {"10x_h5": "a 10x Cell Ranger matrix", "h5ad": "an AnnData", "scdeepcluster": "an scDeepCluster "
              "X / Y pair", None: "an HDF5 layout masksc does not read"}[layout]
     fix = f"format={layout!r} (--format {layout}), or drop format=" if layout else "check the file"

@@ -100,6 +100,12 @@ def _check_one_matrix(layer: str | None, use_raw: bool) -> None:
                         "of them.")
 
 
+def _check_raw(adata: ad.AnnData) -> None:
+    """Refuse use_raw on an AnnData without ``.raw``."""
+    if adata.raw is None:
+        raise DataError("use_raw=True but adata.raw is None; fix: drop use_raw, or pass layer= the matrix to read.")
+
+
 def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> ad.AnnData:
     """The expression matrix to read as an AnnData: ``adata`` itself when ``layer`` is None, else
     one whose X is ``adata.layers[layer]``, or with ``use_raw`` one of ``adata.raw`` (log values
@@ -108,9 +114,7 @@ def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> a
     for ``use_raw`` without ``.raw`` or beside a layer."""
     _check_one_matrix(layer, use_raw)
     if use_raw:
-        if adata.raw is None:
-            raise DataError("use_raw=True but adata.raw is None; fix: drop use_raw, or pass layer= the matrix to "
-                            "read.")
+        _check_raw(adata)
         return ad.AnnData(X=adata.raw.X, obs=adata.obs, var=adata.raw.var)
     if layer is None:
         return adata
@@ -307,9 +311,11 @@ def open_source(source, layer: str | None = None, use_raw: bool = False) -> Chun
     if isinstance(source, ad.AnnData):
         if source.isbacked:
             check_not_backed_view(source)
+            if use_raw:  # .raw may have been removed since it was opened
+                _check_raw(source)
             src = _h5ad_source(Path(source.filename), layer, use_raw)
             # a backed AnnData holds obs and var in memory, where they may have been edited since it was opened
-            var_names = source.raw.var_names if use_raw and source.raw is not None else source.var_names
+            var_names = source.raw.var_names if use_raw else source.var_names
             return replace(src, var_names=var_names.copy(), obs=source.obs.copy())
         return _memory_source(with_layer(source, layer, use_raw))
     path = Path(source)
