@@ -446,8 +446,9 @@ def _checked_args(p: argparse.ArgumentParser, args) -> tuple[list[str], list[str
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
-    for bad, rule in ((not all(0 <= seed < 2**63 for seed in seeds), f"--seeds {args.seeds}: each must be in "
-                                                                        "[0, 2**63 - 1]"),
+    # sklearn's and scanpy's random_state (PCA, the baselines) take at most 2**32 - 1
+    for bad, rule in ((not all(0 <= seed < 2**32 for seed in seeds), f"--seeds {args.seeds}: each must be in "
+                                                                        "[0, 2**32 - 1]"),
                       (args.threads < 1, f"--threads {args.threads}: must be >= 1"),
                       (args.epochs < 0, f"--epochs {args.epochs}: must be >= 1, or 0 for the preset's"),
                       (not 0 <= args.mask_ratio < 1, f"--mask-ratio {args.mask_ratio}: must be in (0, 1), or 0 for "

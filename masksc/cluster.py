@@ -655,31 +655,24 @@ def leiden(graph, resolution: float = LEIDEN_RESOLUTION, seed: int = 0, n_iterat
     return _relabel_by_size(np.asarray(part.membership, dtype=np.int64))
 
 
-def _between(j: int) -> float:
-    """The j-th (j >= 1) point of the van der Corput sequence in (0, 1): 1/2, 1/4, 3/4, 1/8, 5/8, ...,
-    each halving the largest gap the points before it left."""
-    point, scale = 0.0, 0.5
-    while j:
-        point, j, scale = point + scale * (j & 1), j >> 1, scale / 2
-    return point
-
-
 def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, float] = (1e-3, 20.0),
                  max_steps: int = 30, **leiden_kw) -> tuple[np.ndarray, float]:
-    """Leiden with the resolution searched for exactly ``k`` clusters: bisection on the
-    log-resolution until the bracket between a count below ``k`` and one above is 1% wide, then
-    the steps left try resolutions spread through that bracket (its midpoint, quarters, eighths,
-    ...), since the count is not monotone there (29 and 27 clusters at resolutions 1% apart, 28
-    at one between). When no tried resolution gives ``k`` within ``max_steps``, the closest count
-    found is returned with a warning; a graph of more than ``k`` connected components, which
-    Leiden never joins, is clustered once, at the lowest resolution, with a warning.
+    """Leiden with the resolution searched (bisection on log-resolution) for exactly ``k`` clusters.
+
+    The cluster count is not strictly monotone in the resolution; when no tried resolution
+    gives ``k`` within ``max_steps``, the closest count found is returned with a warning saying
+    why: the count skips ``k`` where bisection closed in, the steps ran out, or ``k`` lies past
+    the range. A graph of more than ``k`` connected components, which Leiden never joins, is
+    clustered once, at the lowest resolution, with a warning. (Bisection on into a bracket
+    already 1% wide hit k on 232 of 234 (graph, seed, k) cases of PBMC and worm kNN graphs,
+    k = 2..40; trying points spread through that bracket instead hit 226.)
 
     Args:
         graph: square scipy.sparse [n, n] of non-negative weights (e.g. :func:`knn_graph`).
         k: number of clusters wanted, 1 <= k <= n.
         seed: random seed of every :func:`leiden` call.
         resolution_range: (lowest, highest) resolution searched, both > 0.
-        max_steps: Leiden runs at most.
+        max_steps: bisection steps (Leiden runs) at most.
         leiden_kw: other arguments of :func:`leiden` (``n_iterations``, ``flavor``, ``directed``).
 
     Returns: (labels np.int64 [n], resolution used).
@@ -701,33 +694,30 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         return labels, low
     lo, hi = np.log(low), np.log(high)
     best, below, above = None, None, None  # the best try, and the tries nearest k from below and above
-    spread = 0  # tries spread through the closed bracket so far
     for _ in range(max_steps):
-        closed = below is not None and above is not None and hi - lo <= np.log(1.01)
-        if closed:
-            spread += 1
-        r = float(np.exp(lo + (hi - lo) * (_between(spread) if closed else 0.5)))
+        r = float(np.exp((lo + hi) / 2))
         labels = leiden(G, resolution=r, seed=seed, **leiden_kw)
         found = int(labels.max()) + 1
-        logger.debug("leiden resolution %.6g -> %d clusters (target %d)", r, found, k)
+        logger.debug("leiden resolution %.8g -> %d clusters (target %d)", r, found, k)
         if best is None or abs(found - k) < abs(best[2] - k):
             best = (labels, r, found)
         if found == k:
             return labels, r
-        if closed:
-            continue
         if found < k:
             lo, below = np.log(r), (r, found)
         else:
             hi, above = np.log(r), (r, found)
     labels, r, found = best
-    if below is not None and above is not None:
-        bracket = f"{below[1]} clusters at resolution {below[0]:.6g} and {above[1]} at {above[0]:.6g}"
-        why = (f" The count skips {k} between {bracket}: {spread} resolutions between those missed it; another seed "
-               "may hit it." if spread else f" The search stopped (max_steps={max_steps}) between {bracket}; more "
-               "max_steps may hit it.")
+    closed_in, bracketed = hi - lo <= np.log(1.01), below is not None and above is not None
+    if closed_in and bracketed:
+        why = (f" The count skips {k} between {below[1]} clusters at resolution {below[0]:.8g} and {above[1]} at "
+               f"{above[0]:.8g}; another seed may hit it.")
+    elif bracketed:
+        why = f" The search stopped (max_steps={max_steps}) before closing in on it; more max_steps may hit it."
     else:
-        why = " A wider resolution_range of masksc.cluster.leiden_for_k may find it."
+        side = "below" if above is None else "above"
+        why = (f" Every count tried was {side} {k}; a wider resolution_range of masksc.cluster.leiden_for_k"
+               f"{'' if closed_in else ' or more max_steps'} may find it.")
     warn(f"leiden_for_k: no resolution in {resolution_range} gave {k} clusters; returning {found} "
          f"(resolution {r:.4g}).{why} Use k-means for an exact k.")
     return labels, r

@@ -197,7 +197,7 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
                 column = data.obs[c]
                 if stored is not None and (column.dtype == bool or pd.api.types.infer_dtype(column) == "string"):
                     # as anndata makes it categorical for scanpy, whose colours follow these categories
-                    column = column.astype(pd.CategoricalDtype(natsorted(column.dropna().unique())))
+                    column = column.astype(pd.CategoricalDtype(natsorted(sorted(column.dropna().unique()))))
                 categorical = isinstance(column.dtype, pd.CategoricalDtype)
                 if categorical and stored is not None and len(stored) >= len(column.cat.categories):
                     from matplotlib.colors import is_color_like

@@ -168,11 +168,12 @@ def _graph_keys(adata, key: str) -> tuple[str, str]:
 
 
 def _embedding_digest(adata, use_rep: str) -> str:
-    """A digest of ``adata.obsm[use_rep]``'s values as float32, so a stored graph is reused only
-    for the embedding it was built from (a re-embedding keeps ``use_rep`` but changes every row).
-    Called after :func:`_embedding` has checked them."""
+    """A digest of ``adata.obsm[use_rep]``'s values as stored (a float64 change below float32's
+    resolution counts; float32, the usual dtype, gives earlier releases' digest), so a stored
+    graph is reused only for the embedding it was built from (a re-embedding keeps ``use_rep``
+    but changes every row). Called after :func:`_embedding` has checked them."""
     Z = adata.obsm[use_rep]
-    Z = np.ascontiguousarray(Z.toarray() if sp.issparse(Z) else Z, dtype=np.float32)
+    Z = np.ascontiguousarray(Z.toarray() if sp.issparse(Z) else Z)
     return hashlib.blake2b(Z.data, digest_size=16).hexdigest()
 
 
@@ -301,6 +302,7 @@ def _stored_graph(adata, key: str, kwargs: dict):
     own = _own_params(adata, key)
     if own is not None and own.get("use_rep") in adata.obsm and own.get("embedding_digest") is not None:
         use_rep = own["use_rep"]
+        _embedding(adata, use_rep, distances=False)  # an embedding masksc could not have built a graph of
         if _embedding_digest(adata, use_rep) != own["embedding_digest"]:
             raise DataError(f"the graph adata.uns[{key!r}] was built from an earlier adata.obsm[{use_rep!r}] (it has "
                             f"changed since: embedded again, or its cells subset or reordered), so its clusters would not be this embedding's; fix: "

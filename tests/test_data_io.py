@@ -734,3 +734,18 @@ def test_a_corrupt_10x_h5_with_other_features_is_refused_before_features_are_dro
     with pytest.raises(DataError, match=rf"X is a corrupt sparse matrix in bad\.h5: it holds gene "
                                         rf"indices from {min(bad_index, 0)} to {max(bad_index, 11)}, outside 0..11"):
         read(path)
+
+
+def test_an_anndata_written_before_0_7_is_read_as_one_whatever_its_suffix(tmp_path, counts):
+    """A dense one's X is a dataset, as an scDeepCluster pair's: as .h5 it was read as one, losing
+    its cell and gene names; a pair with some other group named obs stays a pair."""
+    X, cells, genes = counts
+    with h5py.File(tmp_path / "old.h5", "w") as f:
+        f["X"] = X
+        f["obs"] = np.array([(c.encode(),) for c in cells], dtype=[("index", "S10")])
+        f["var"] = np.array([(g.encode(),) for g in genes], dtype=[("index", "S10")])
+    _check(read(tmp_path / "old.h5"), X, cells, genes)
+    with h5py.File(tmp_path / "pair.h5", "w") as f:
+        f["X"], f["Y"] = X, np.arange(30) % 3
+        f.create_group("obs")
+    assert read(tmp_path / "pair.h5", format="scdeepcluster").n_obs == 30

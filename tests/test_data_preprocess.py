@@ -560,20 +560,24 @@ def test_fitting_a_large_dataset_shows_a_bar_per_pass_over_the_cells(counts, mon
     assert "gene statistics" not in capsys.readouterr().err
 
 
-def test_log1p_of_unnormalised_counts_and_unlogged_normalised_values_are_not_taken_for_log_normalised(counts):
-    """Non-integer values under 30 were all called log-normalised: log1p of raw counts (library
-    size never corrected) and normalised proportions (never logged) were used as they were."""
+def test_log1p_of_unnormalised_counts_is_flagged_and_unlogged_normalised_values_refused(counts):
+    """Non-integer values under 30 were all called log-normalised, silently: log1p of raw counts
+    (library size never corrected, or counts downsampled to one depth: a warning, as the two
+    cannot be told apart) and normalised proportions (never logged: refused)."""
     logged = sc.pp.log1p(counts.copy(), copy=True)
-    with pytest.raises(DataError, match=r"X looks like log1p of raw counts that were never normalised .* fix: pass "
-                                        r"the raw counts"):
+    with pytest.warns(UserWarning, match=r"expm1 of its values gives whole numbers, as log1p of raw counts does: if "
+                                         r"they were never normalised.* fix: then pass the raw counts"):
         Preprocessor(n_top_genes=50).fit(logged, progress=False)
-    assert Preprocessor(n_top_genes=50, input="log").fit(logged, progress=False).input_kind_ == "log"
     proportions = sc.pp.normalize_total(counts.copy(), target_sum=1, copy=True)
     with pytest.raises(DataError, match=r"X looks normalised but not log-transformed \(every cell sums to 1\); fix: "
                                         r"sc.pp.log1p it first"):
         Preprocessor(n_top_genes=50).fit(proportions, progress=False)
     lognorm = sc.pp.log1p(sc.pp.normalize_total(counts.copy(), target_sum=1e4, copy=True), copy=True)
-    assert Preprocessor(n_top_genes=50).fit(lognorm, progress=False).input_kind_ == "log"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert Preprocessor(n_top_genes=50).fit(lognorm, progress=False).input_kind_ == "log"
+    assert not [w for w in seen if "expm1" in str(w.message)]
     deep = counts[np.asarray(counts.X.sum(axis=1)).ravel() >= 300].copy()
     sc.pp.downsample_counts(deep, counts_per_cell=300, random_state=0)  # one depth: log1p of it is log-normalised
-    assert Preprocessor(n_top_genes=50).fit(sc.pp.log1p(deep, copy=True), progress=False).input_kind_ == "log"
+    with pytest.warns(UserWarning, match=r"counts downsampled to one depth are fine as they are"):
+        assert Preprocessor(n_top_genes=50).fit(sc.pp.log1p(deep, copy=True), progress=False).input_kind_ == "log"

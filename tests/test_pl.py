@@ -717,12 +717,15 @@ def test_stored_colours_colour_text_and_bool_columns_and_longer_lists_as_scanpy_
     assert _legend_colors(ax) == [to_rgba("#000000"), to_rgba("#ffffff")]
     ax = pl.embedding(cells.obsm["X_umap"], {"many": np.arange(90) % 25}).axes[0]
     assert _legend_colors(ax) == [to_rgba(c) for c in default_28[:25]]
-    numbered = rng.choice(["2", "10", "1"], 90).astype(object)  # natural order, as anndata makes them categories
+    numbered = rng.choice(["2", "10", "1", "01"], 90).astype(object)  # natural order, as anndata makes categories
     numbered[0] = np.nan  # text with a missing value is still text
     cells.obs["n"] = numbered
-    cells.uns["n_colors"] = ["#ff0000", "#00ff00", "#0000ff"]
+    cells.uns["n_colors"] = ["#ff0000", "#00ff00", "#0000ff", "#123456"]
     ax = pl.embedding(cells, "n", basis="umap").axes[0]
-    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["NA", "1", "2", "10"]
+    as_anndata = cells.copy()
+    as_anndata.strings_to_categoricals()  # what scanpy colours by
+    order = ["NA"] + list(as_anndata.obs["n"].cat.categories)
+    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == order == ["NA", "01", "1", "2", "10"]
     assert _legend_colors(ax)[1:] == [to_rgba(c) for c in cells.uns["n_colors"]]
 
 

@@ -825,3 +825,17 @@ def test_a_float64_embedding_far_from_the_origin_keeps_its_digits_in_tl():
     assert tl.evaluate(a, cluster_key="masksc_cluster")["silhouette"] == pytest.approx(silhouette_score(exact, y),
                                                                                           abs=1e-4)
     tl.cluster(a, neighbors_key="masksc_neighbors")  # the digest of a float64 embedding matches its graph's
+
+
+def test_a_float64_embedding_changed_below_float32s_resolution_is_not_its_old_graphs():
+    import anndata
+    rng = np.random.default_rng(0)
+    a = anndata.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(300)]))
+    a.obsm["X_masksc"] = 1e6 + rng.normal(scale=0.004, size=(300, 8))
+    tl.neighbors(a, key_added="graph")
+    a.obsm["X_masksc"] = 1e6 + rng.normal(scale=0.004, size=(300, 8))  # the same as float32: every value 1e6
+    with pytest.raises(DataError, match=r"adata.uns\['graph'\] was built from an earlier adata.obsm\['X_masksc'\]"):
+        tl.cluster(a, neighbors_key="graph")
+    a.obsm["X_masksc"] = np.full((300, 8), "x")  # not an embedding at all: named as such, not as a changed one
+    with pytest.raises(DataError, match=r"adata.obsm\['X_masksc'\] must hold real numbers"):
+        tl.cluster(a, neighbors_key="graph")

@@ -125,13 +125,15 @@ def detect_format(path: Path) -> str:
 
 def _hdf5_layout(path: Path) -> str | None:
     """The format an HDF5 file's layout says it is ("10x_h5", "h5ad", "scdeepcluster"), None for
-    another layout; OSError when it is not HDF5. An anndata < 0.7 file (X a dataset) reads as
-    "scdeepcluster": only a 10x layout is unambiguous."""
+    another layout; OSError when it is not HDF5. An anndata < 0.7 file is "h5ad" by its obs and var
+    tables (compound datasets), which an scDeepCluster X / Y pair lacks."""
     with h5py.File(path, "r") as f:
         if "matrix" in f and isinstance(f["matrix"], h5py.Group):
             return "10x_h5"
         if f.attrs.get("encoding-type") == "anndata" or isinstance(f.get("X"), h5py.Group):
             return "h5ad"
+        if all(isinstance(f.get(name), h5py.Dataset) and f[name].dtype.names for name in ("obs", "var")):
+            return "h5ad"  # anndata < 0.7: obs and var tables as compound datasets (X dense)
         if isinstance(f.get("X"), h5py.Dataset):
             return "scdeepcluster"
         groups = [k for k in f if isinstance(f[k], h5py.Group)]
@@ -142,16 +144,11 @@ def _hdf5_layout(path: Path) -> str | None:
 
 def _check_given_format(path: Path, fmt: str) -> None:
     """Refuse a ``format=`` that an HDF5 file's layout contradicts, naming the format it holds: a
-    10x or AnnData file read as another format, an scDeepCluster pair read as 10x or AnnData
-    (an AnnData written before anndata 0.7 shares its layout but has ``obs``), or any HDF5 file
-    read as a text format."""
+    10x or AnnData file read as another format, an scDeepCluster pair read as 10x or AnnData,
+    or any HDF5 file read as a text format."""
     if path.is_dir() or not h5py.is_hdf5(path):
         return  # not HDF5 (or missing): the reader says what is wrong with it
     layout = _hdf5_layout(path)
-    if layout == "scdeepcluster":
-        with h5py.File(path, "r") as f:
-            if "obs" in f:  # an AnnData written before anndata 0.7
-                layout = "h5ad"
     if layout == fmt:
         return
     holds = {"10x_h5": "a 10x Cell Ranger matrix", "h5ad": "an AnnData", "scdeepcluster": "an scDeepCluster "

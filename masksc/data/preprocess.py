@@ -68,30 +68,25 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
 
 
 def _check_log_normalised(X: sp.csr_matrix) -> None:
-    """Raise DataError when non-integer values under LOG_MAX are not log-normalised after all:
-    log1p of raw counts of unequal library sizes (expm1 gives back whole numbers whose cell sums
-    vary: never normalised; counts downsampled to one depth, or depth-corrected and rounded as
-    Seurat's SCTransform data are, sum alike or nearly: CV 0 - 0.17 against 0.56 - 0.82 on
-    PBMC) or normalised values never logged (every cell sums to the same total). Judged on the
-    first chunk, of at least 100 values of at least 10 cells, so a handful cannot mislead."""
+    """For non-integer values under LOG_MAX, taken as log-normalised: raise DataError when they
+    are normalised values never logged (every cell sums to the same total), and warn when expm1
+    gives back whole numbers, as of log1p of raw counts never normalised. Only a warning: counts
+    downsampled to one depth, or depth-corrected and rounded (Seurat's SCTransform data), give
+    whole numbers too, and no spread of their sums tells them apart once genes are subset.
+    Judged on the first chunk, of at least 100 values of at least 10 cells."""
     sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
     sums = sums[sums > 0]
     if X.nnz < 100 or sums.size < 10:
         return
-    values = np.expm1(X.data.astype(np.float64))
-    whole = np.mean(np.abs(values - np.round(values)) <= 1e-3 + 1e-5 * values) > 0.9  # log-normalised: ~0.1%
-    libraries = np.bincount(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr)), weights=values,
-                            minlength=X.shape[0])
-    libraries = libraries[libraries > 0]
-    if whole and libraries.std() > 0.25 * libraries.mean():
-        raise DataError("X looks like log1p of raw counts that were never normalised (expm1 of its values gives whole "
-                        f"numbers), so cells of larger libraries would look more expressed; fix: pass the raw counts"
-                        f"{COUNTS_LAYER_HINT} (np.expm1 of these values), or sc.pp.normalize_total before "
-                        "sc.pp.log1p; a Preprocessor(input='log') of your own takes them as they are.")
     if sums.std() <= 1e-3 * sums.mean():
         raise DataError(f"X looks normalised but not log-transformed (every cell sums to {sums.mean():.6g}); fix: "
-                        f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}; a Preprocessor(input='log') "
-                        "of your own takes the values as they are.")
+                        f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}.")
+    values = np.expm1(X.data.astype(np.float64))
+    if np.mean(np.abs(values - np.round(values)) <= 1e-3 + 1e-5 * values) > 0.9:  # log-normalised: ~0.1%
+        warn("X is taken as log-normalised, but expm1 of its values gives whole numbers, as log1p of raw counts does: "
+             "if they were never normalised, cells of larger libraries look more expressed; fix: then pass the raw "
+             f"counts{COUNTS_LAYER_HINT} (np.expm1 of these values), or sc.pp.normalize_total before sc.pp.log1p "
+             "(counts downsampled to one depth are fine as they are).")
 
 
 def _cells_named(a: int, b: int, rows: np.ndarray | None) -> str:

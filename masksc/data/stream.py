@@ -311,6 +311,7 @@ def open_source(source, layer: str | None = None, use_raw: bool = False) -> Chun
     if isinstance(source, ad.AnnData):
         if source.isbacked:
             check_not_backed_view(source)
+            _check_one_matrix(layer, use_raw)
             if use_raw:  # .raw may have been removed since it was opened
                 _check_raw(source)
             src = _h5ad_source(Path(source.filename), layer, use_raw)
