@@ -661,8 +661,8 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
 
     The cluster count is not strictly monotone in the resolution; when no tried resolution
     gives ``k`` within ``max_steps``, the closest count found is returned with a warning saying
-    why: the count skips ``k`` where bisection closed in, the steps ran out, or ``k`` lies past
-    the range. A graph of more than ``k`` connected components, which Leiden never joins, is
+    why: the count skips ``k`` where bisection converged, the steps ran out first, or every
+    count tried was on one side of ``k``. A graph of more than ``k`` connected components, which Leiden never joins, is
     clustered once, at the lowest resolution, with a warning. (Bisection on into a bracket
     already 1% wide hit k on 232 of 234 (graph, seed, k) cases of PBMC and worm kNN graphs,
     k = 2..40; trying points spread through that bracket instead hit 226.)
@@ -708,17 +708,18 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         else:
             hi, above = np.log(r), (r, found)
     labels, r, found = best
-    closed_in, bracketed = hi - lo <= np.log(1.01), below is not None and above is not None
+    # converged: the bracket a millionth wide in log-resolution (30 steps on the default range leave 1e-8)
+    closed_in, bracketed = hi - lo <= 1e-6, below is not None and above is not None
     if closed_in and bracketed:
-        why = (f" The count skips {k} between {below[1]} clusters at resolution {below[0]:.8g} and {above[1]} at "
-               f"{above[0]:.8g}; another seed may hit it.")
+        why = (f" The count skips {k} between {below[1]} clusters at resolution {below[0]:.12g} and {above[1]} at "
+               f"{above[0]:.12g}; another seed may hit it.")
     elif bracketed:
         why = f" The search stopped (max_steps={max_steps}) before closing in on it; more max_steps may hit it."
     else:
         side = "below" if above is None else "above"
         why = (f" Every count tried was {side} {k}; a wider resolution_range of masksc.cluster.leiden_for_k"
                f"{'' if closed_in else ' or more max_steps'} may find it.")
-    warn(f"leiden_for_k: no resolution in {resolution_range} gave {k} clusters; returning {found} "
+    warn(f"leiden_for_k: no resolution tried in {resolution_range} gave {k} clusters; returning {found} "
          f"(resolution {r:.4g}).{why} Use k-means for an exact k.")
     return labels, r
 

@@ -333,7 +333,7 @@ def test_leiden_for_k_says_whether_the_count_skips_k_the_steps_ran_out_or_k_lies
     fake, asked = _counting_leiden(lambda r: 27 if r < 4.46 else 29)
     monkeypatch.setattr(cluster, "leiden", fake)
     with pytest.warns(UserWarning, match=r"gave 28 clusters; returning 27 .* The count skips 28 between 27 clusters "
-                                         r"at resolution 4\.4\d+ and 29 at 4\.4\d+; another seed"):
+                                         r"at resolution 4\.4599\d+ and 29 at 4\.4600\d+; another seed"):
         leiden_for_k(G, 28, max_steps=30)
     fake, asked = _counting_leiden(lambda r: 2 * int(10 * r) + 1)  # odd counts only, 401 at the top of the range
     monkeypatch.setattr(cluster, "leiden", fake)
@@ -677,3 +677,16 @@ def test_clustering_settings_and_labels_of_the_wrong_kind_are_refused_by_name(ca
     X, _ = _blobs(300, k=3)
     with pytest.raises((DataError, ValueError), match=message):
         call(X, knn_graph(X, 15))
+
+
+def test_leiden_for_k_says_the_steps_ran_out_while_bisection_had_not_converged(monkeypatch):
+    """A bracket 1% wide after 10 steps was called a skip of k ("another seed may hit it"), where
+    more steps found k inside it."""
+    G = sp.csr_matrix(np.ones((100, 100)))
+    fake, _ = _counting_leiden(lambda r: 38 if 7.2181 < r < 7.2183 else 37 if r < 7.2182 else 39)
+    monkeypatch.setattr(cluster, "leiden", fake)
+    with pytest.warns(UserWarning, match=r"The search stopped \(max_steps=12\) before closing in on it; more "
+                                         r"max_steps may hit it"):
+        leiden_for_k(G, 38, max_steps=12)
+    labels, resolution = leiden_for_k(G, 38)
+    assert len(np.unique(labels)) == 38 and 7.2181 < resolution < 7.2183
