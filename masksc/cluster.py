@@ -672,7 +672,8 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         k: number of clusters wanted, 1 <= k <= n.
         seed: random seed of every :func:`leiden` call.
         resolution_range: (lowest, highest) resolution searched, both > 0.
-        max_steps: bisection steps (Leiden runs) at most.
+        max_steps: bisection steps (Leiden runs) at most; it stops sooner once the bracket is a
+            millionth wide in log-resolution (24 steps on the default range).
         leiden_kw: other arguments of :func:`leiden` (``n_iterations``, ``flavor``, ``directed``).
 
     Returns: (labels np.int64 [n], resolution used).
@@ -694,7 +695,10 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         return labels, low
     lo, hi = np.log(low), np.log(high)
     best, below, above = None, None, None  # the best try, and the tries nearest k from below and above
+    converged = 1e-6  # bracket width in log-resolution where the ends give the same partitions (24 steps by default)
     for _ in range(max_steps):
+        if below is not None and above is not None and hi - lo <= converged:
+            break
         r = float(np.exp((lo + hi) / 2))
         labels = leiden(G, resolution=r, seed=seed, **leiden_kw)
         found = int(labels.max()) + 1
@@ -708,8 +712,7 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
         else:
             hi, above = np.log(r), (r, found)
     labels, r, found = best
-    # converged: the bracket a millionth wide in log-resolution (30 steps on the default range leave 1e-8)
-    closed_in, bracketed = hi - lo <= 1e-6, below is not None and above is not None
+    closed_in, bracketed = hi - lo <= converged, below is not None and above is not None
     if closed_in and bracketed:
         why = (f" The count skips {k} between {below[1]} clusters at resolution {below[0]:.12g} and {above[1]} at "
                f"{above[0]:.12g}; another seed may hit it.")

@@ -334,7 +334,8 @@ def test_leiden_for_k_says_whether_the_count_skips_k_the_steps_ran_out_or_k_lies
     monkeypatch.setattr(cluster, "leiden", fake)
     with pytest.warns(UserWarning, match=r"gave 28 clusters; returning 27 .* The count skips 28 between 27 clusters "
                                          r"at resolution 4\.4599\d+ and 29 at 4\.4600\d+; another seed"):
-        leiden_for_k(G, 28, max_steps=30)
+        leiden_for_k(G, 28, max_steps=80)
+    assert len(asked) == 24  # converged: no runs spent inside a bracket whose ends print alike
     fake, asked = _counting_leiden(lambda r: 2 * int(10 * r) + 1)  # odd counts only, 401 at the top of the range
     monkeypatch.setattr(cluster, "leiden", fake)
     with pytest.warns(UserWarning, match=r"Every count tried was below 500; a wider resolution_range of "
