@@ -151,9 +151,14 @@ def _embedding(adata, use_rep: str, distances: bool = True) -> np.ndarray:
         raise DataError(f"adata.obsm has no {use_rep!r}; fix: run masksc.tl.embed(adata, model) first, or "
                         "`masksc embed DATA --model DIR -o OUT.h5ad` on the command line "
                         f"(or pass use_rep= one of {list(adata.obsm)}).")
-    Z = adata.obsm[use_rep]
-    return _cluster.check_embedding(Z.toarray() if sp.issparse(Z) else Z, f"adata.obsm[{use_rep!r}]", distances,
+    return _cluster.check_embedding(_obsm_matrix(adata, use_rep), f"adata.obsm[{use_rep!r}]", distances,
                                     centre=distances)
+
+
+def _obsm_matrix(adata, use_rep: str):
+    """``adata.obsm[use_rep]`` as a dense array-like (a sparse one densified)."""
+    Z = adata.obsm[use_rep]
+    return Z.toarray() if sp.issparse(Z) else Z
 
 
 def _graph_keys(adata, key: str) -> tuple[str, str]:
@@ -172,9 +177,7 @@ def _embedding_digest(adata, use_rep: str) -> str:
     resolution counts; float32, the usual dtype, gives earlier releases' digest), so a stored
     graph is reused only for the embedding it was built from (a re-embedding keeps ``use_rep``
     but changes every row). Called after :func:`_embedding` has checked them."""
-    Z = adata.obsm[use_rep]
-    Z = np.ascontiguousarray(Z.toarray() if sp.issparse(Z) else Z)
-    return hashlib.blake2b(Z.data, digest_size=16).hexdigest()
+    return hashlib.blake2b(np.ascontiguousarray(_obsm_matrix(adata, use_rep)).data, digest_size=16).hexdigest()
 
 
 def _params(adata, key: str) -> Mapping:
@@ -305,8 +308,9 @@ def _stored_graph(adata, key: str, kwargs: dict):
         _embedding(adata, use_rep, distances=False)  # an embedding masksc could not have built a graph of
         if _embedding_digest(adata, use_rep) != own["embedding_digest"]:
             raise DataError(f"the graph adata.uns[{key!r}] was built from an earlier adata.obsm[{use_rep!r}] (it has "
-                            f"changed since: embedded again, or its cells subset or reordered), so its clusters would not be this embedding's; fix: "
-                            f"masksc.tl.neighbors(adata, use_rep={use_rep!r}, key_added={key!r}) again first.")
+                            "changed since: embedded again, or its cells subset or reordered), so its clusters would "
+                            f"not be this embedding's; fix: masksc.tl.neighbors(adata, use_rep={use_rep!r}, "
+                            f"key_added={key!r}) again first.")
     return adata.obsp[conn_key], _params(adata, key).get("use_rep")
 
 

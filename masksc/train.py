@@ -186,8 +186,8 @@ def _legacy_rng_state(blob: str) -> dict:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
     # named as numpy 1.x pickled it, and as numpy 2 does: a blob written under either loads under either
-    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct"),
-               np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"),
+               (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
         s = torch.load(io.BytesIO(base64.b64decode(blob, validate=True)), weights_only=True)
     return {"torch": s["torch"], "cuda": s.get("cuda"), "numpy": tuple(s["numpy"]), "python": s["python"]}
@@ -319,7 +319,7 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
     if cfg.resume:
         last = ckpt.last_checkpoint(run_dir)
         if last is not None:
-            start_epoch, step = _restore(core, optimizer, scheduler, run_dir, cfg, result, steps_per_epoch)
+            start_epoch, step = _restore(core, optimizer, scheduler, run_dir, last, cfg, result, steps_per_epoch)
             if _is_main():  # a finished run writes nothing more: its model is the last checkpoint
                 result.checkpoint = str(last)
                 ckpt.remove_leftovers(run_dir)  # what a run killed while saving or pruning left
@@ -412,8 +412,10 @@ def check_resumable(run_dir: str | os.PathLike, model_cfg: MaskSCConfig, cfg: Tr
 _NEW_DIR = "(model_dir= in Python, -o on the command line)"
 
 
-def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig, result: TrainResult,
+def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, last: Path, cfg: TrainConfig, result: TrainResult,
              steps_per_epoch: int):
+    """Load the checkpoint ``last`` of the run ``run_dir`` into ``core``, ``optimizer``, ``scheduler``
+    and ``result``; return (epoch, step) to continue from. CheckpointError names what does not fit."""
     check_resumable(run_dir, core.cfg, cfg)
     opt_state, state = ckpt.load_training_state(run_dir)
     saved_steps = state.get("steps_per_epoch", steps_per_epoch)
@@ -421,10 +423,9 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
         raise CheckpointError(f"cannot resume: the run in {run_dir} took {saved_steps} steps per epoch and this data "
                               f"gives {steps_per_epoch}, so the schedule and masking would not continue the run; "
                               f"resume on the cells it was trained on, or use a new model directory {_NEW_DIR}.")
-    where = ckpt.last_checkpoint(run_dir)
     damage = _record_damage(state, cfg.epochs, steps_per_epoch)
     if damage:
-        raise CheckpointError(f"the training record {where / ckpt.STATE} is damaged ({damage}); fix: restore it from "
+        raise CheckpointError(f"the training record {last / ckpt.STATE} is damaged ({damage}); fix: restore it from "
                               f"a copy, or start the run again in a new directory {_NEW_DIR}.")
     try:
         core.load_state_dict(ckpt.load_state_dict(run_dir), strict=True)
@@ -442,7 +443,7 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, cfg: TrainConfig
     except Exception as exc:  # load_state_dict and the RNG setters raise many types on a damaged state
         damage = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
     if damage:
-        raise CheckpointError(f"the training state ({ckpt.OPTIMIZER}, {ckpt.STATE}) in {where} does not fit this run "
+        raise CheckpointError(f"the training state ({ckpt.OPTIMIZER}, {ckpt.STATE}) in {last} does not fit this run "
                               f"({damage}); fix: restore those files from a copy, or start the run again in a new "
                               f"directory {_NEW_DIR}.")
     result.losses = list(state["losses"])
@@ -516,7 +517,8 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
     run_dir = Path(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
     if run_dir is not None:
         ckpt.check_run_dir(run_dir, train_cfg.resume)
-    if cfg.med and teacher is None and train_cfg.resume and run_dir is not None and (run_dir / "last").exists():
+    if cfg.med and teacher is None and train_cfg.resume and run_dir is not None and \
+            ckpt.last_checkpoint(run_dir) is not None:
         # the teacher's weights come back with the checkpoint; don't retrain it
         teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher
     if cfg.med and teacher is None:
