@@ -193,9 +193,18 @@ def test_unreadable_file(tmp_path):
         read(tmp_path / "bad.h5")
 
 
-def test_empty_matrix(tmp_path):
+def test_header_only_table(tmp_path):
+    """A table of a header and no rows names what it lacks (it was reported as 0 cells x 0 genes)."""
     pd.DataFrame(np.zeros((0, 3)), columns=list("abc")).to_csv(tmp_path / "e.csv")
-    with pytest.raises(DataError, match="empty matrix"):
+    with pytest.raises(DataError, match="e.csv holds a header row and no rows of values: 0 cells"):
+        read(tmp_path / "e.csv")
+    with pytest.raises(DataError, match="no rows of values: 0 genes"):
+        read(tmp_path / "e.csv", transpose=True)
+
+
+def test_empty_matrix(tmp_path):
+    pd.DataFrame(np.ones((2, 0)), index=["c1", "c2"]).to_csv(tmp_path / "e.csv")
+    with pytest.raises(DataError, match="empty matrix: 2 cells x 0 genes"):
         read(tmp_path / "e.csv")
 
 

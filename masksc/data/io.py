@@ -547,8 +547,9 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     try:
         body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
     except pd.errors.EmptyDataError:  # a header and no rows
-        body = pd.DataFrame()
-    first = body.iloc[:, 0] if body.shape[1] else pd.Series(dtype=float)
+        raise DataError(f"{path} holds a header row and no rows of values: 0 {'genes' if transpose else 'cells'}; "
+                        "fix: check the path, or write the table again with its rows.") from None
+    first = body.iloc[:, 0]
     # a numeric first column under a gene's name is the first gene's counts: the table was written
     # without cell names (pandas' index=False, R's row.names=FALSE), unless it holds names
     unnamed = len(header) == body.shape[1] and header[0] != "" and pd.api.types.is_numeric_dtype(first) and (
