@@ -395,7 +395,9 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
     for (ds, m, preset, epochs, mask, ime, med, extras), runs in sorted(groups.items(), key=order):
         if m not in methods:
             continue
-        f = lambda key: f"{np.mean([r[key] for r in runs]):.4f} ± {np.std([r[key] for r in runs]):.4f}"
+        # one run has no spread to show: "± 0.0000" would read as three seeds agreeing
+        f = lambda key: f"{np.mean([r[key] for r in runs]):.4f}" + (
+            f" ± {np.std([r[key] for r in runs]):.4f}" if len(runs) > 1 else "")
         notes = "".join(f", {name} {value}" for name, value in extras)
         setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}{notes}"
                    if preset else (f"- / {epochs}" if epochs else "-"))

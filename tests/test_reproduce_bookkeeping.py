@@ -91,6 +91,16 @@ def test_a_group_run_on_two_devices_names_both_with_their_own_wall_times():
     assert reproduce._devices(rows) == "CPU (2 cores), NVIDIA H200"
 
 
+def test_a_row_of_one_run_shows_no_spread():
+    """One seed's row gives its scores alone; "± 0.0000" is kept for runs that agree."""
+    rows = [{**_row(m, seed=s), "ari": 0.5 + s / 10, "nmi": 0.6, "silhouette": 0.1, "wall_s": 1.0, "device": "cpu"}
+            for m, seeds in (("masksc", (0,)), ("pca-raw", (0, 1))) for s in seeds]
+    lines = {line.split("|")[2].strip(): line.split("|")[4:7] for line in
+             reproduce.markdown({"runs": rows}, reproduce.TABLE1, "t").splitlines() if line.startswith("| pbmc")}
+    assert [x.strip() for x in lines["masksc"]] == ["0.5000", "0.6000", "0.1000"]
+    assert [x.strip() for x in lines["pca-raw"]] == ["0.5500 ± 0.0500", "0.6000 ± 0.0000", "0.1000 ± 0.0000"]
+
+
 def test_a_row_of_an_earlier_preset_is_not_the_preset_s_row():
     """A row trained with another value of a field the setting column does not show (here the
     learning rate) is neither skipped as done nor grouped with the preset's rows; the table names it."""
