@@ -32,7 +32,7 @@ def _check(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, weight: tor
     if not weight.is_floating_point() or bias.dtype != weight.dtype:
         raise MaskscError(f"weight and bias must share a floating dtype; got {weight.dtype} and {bias.dtype}.")
     if crow.device.type == "cpu" and col.device.type == "cpu":
-        _check_csr(crow, col, g * s)
+        check_csr(crow, col, g * s)
     return crow.numel() - 1, g, s, P, weight.shape[0]
 
 
@@ -45,7 +45,7 @@ def _whole(name: str, value) -> int:
                           f"{value!r}. Pass ints.") from None
 
 
-def _check_csr(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> None:
+def check_csr(crow: torch.Tensor, col: torch.Tensor, n_cols: int) -> None:
     """Refuse a CSR structure the kernels would read out of bounds or misattribute."""
     nnz = col.numel()
     bad = None

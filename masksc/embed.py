@@ -34,7 +34,9 @@ def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
     ``amp`` uses bf16 autocast on CUDA. Returns float32 [n, cfg.embedding_dim].
     """
     from masksc.data import CellBatches
+    from masksc.models.targets import check_grid_columns
 
+    check_grid_columns(X_grid_csr, getattr(model, "module", model).cfg.grid_shape)
     with evaluating(model, device) as (core, device):
         out = np.empty((X_grid_csr.shape[0], core.cfg.embedding_dim), dtype=np.float32)
         batches = CellBatches(X_grid_csr, batch_size=batch_size, shuffle=False)

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.cluster import check_seed
 from masksc.errors import CheckpointError
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
+from masksc.models.targets import check_grid_columns
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -292,6 +294,8 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
     run_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if run_dir is not None:
         ckpt.check_run_dir(run_dir, cfg.resume)
+    if X_grid_csr is not None:
+        check_grid_columns(X_grid_csr, core.cfg.grid_shape)
     if batches is None:
         from masksc.data import CellBatches
         batches = CellBatches(X_grid_csr, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -497,6 +501,32 @@ def _optimizer_damage(optimizer, settings: list[dict], step: int) -> str | None:
     return None
 
 
+def _resumed_teacher(run_dir: Path, teacher, teacher_cfg):
+    """The teacher a resumed run continues with: an untrained one of the config saved in ``run_dir``,
+    whose weights come back with the checkpoint (it is not trained again). A ``teacher`` or
+    ``teacher_cfg`` other than the saved one is refused rather than ignored; a given ``teacher`` is
+    compared, never overwritten."""
+    config = ckpt.read_config(run_dir)
+    saved = config.get("teacher_config") or {}
+    if teacher_cfg is not None:
+        given = json.loads(json.dumps(teacher_cfg.to_dict()))
+        for key in sorted(set(given) | set(saved)):
+            if given.get(key) != saved.get(key):
+                raise CheckpointError(f"cannot resume: the teacher in {run_dir} was trained with {key}="
+                                      f"{saved.get(key)!r}, not {given.get(key)!r}; resume with the same teacher "
+                                      "settings (or none: the checkpoint holds them) or use a new checkpoint_dir.")
+    if teacher is not None:
+        weights = {name[len("teacher."):]: value for name, value in ckpt.load_state_dict(run_dir).items()
+                   if name.startswith("teacher.")}
+        given = teacher.state_dict()
+        if given.keys() != weights.keys() or any(not torch.equal(value.cpu(), weights[name])
+                                                 for name, value in given.items()):
+            raise CheckpointError(f"cannot resume: teacher= is not the teacher the run in {run_dir} was trained "
+                                  "with; resume without teacher= (the checkpoint holds it) or use a new "
+                                  "checkpoint_dir.")
+    return ckpt.build_model(config).teacher
+
+
 def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = None, *, is_padding=None,
                teacher_cfg=None, extra_state: dict | None = None, teacher=None, progress: bool = True,
                model_class: type[MaskSC] = MaskSC):
@@ -517,10 +547,8 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
     run_dir = Path(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
     if run_dir is not None:
         ckpt.check_run_dir(run_dir, train_cfg.resume)
-    if cfg.med and teacher is None and train_cfg.resume and run_dir is not None and \
-            ckpt.last_checkpoint(run_dir) is not None:
-        # the teacher's weights come back with the checkpoint; don't retrain it
-        teacher = ckpt.build_model(ckpt.read_config(run_dir)).teacher
+    if cfg.med and train_cfg.resume and run_dir is not None and ckpt.last_checkpoint(run_dir) is not None:
+        teacher = _resumed_teacher(run_dir, teacher, teacher_cfg)
     if cfg.med and teacher is None:
         teacher_cfg = teacher_cfg or teacher_config(cfg, train_cfg.seed, X_grid_csr)
         teacher = fit_teacher(X_grid_csr, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,

@@ -295,6 +295,13 @@ def test_nt_xent_matches_direct_computation():
     assert nt_xent(z1, z2, tau).item() == pytest.approx(total / n, rel=1e-5)
 
 
+def test_nt_xent_refuses_views_of_different_cells():
+    with pytest.raises(ValueError, match=r"two views of the same cells, both \[B, d\]; got \(3, 8\) and \(4, 8\)"):
+        nt_xent(torch.randn(3, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"got \(3,\) and \(3,\)"):
+        nt_xent(torch.randn(3), torch.randn(3))
+
+
 def test_contrastive_architecture_matches_authors():
     model = ContrastiveSC(ContrastiveConfig())
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

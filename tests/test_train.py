@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from masksc.data import CellBatches
 from masksc.embed import embed_matrix
-from masksc.errors import CheckpointError, DataError
+from masksc.errors import CheckpointError, DataError, MaskscError
 from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
 from masksc.train import TrainConfig, lr_factor, mask_seed, seed_everything, train
 
@@ -549,6 +549,51 @@ def test_fit_masksc_trains_teacher_then_model_and_resumes(tmp_path):
     assert res2.resumed_from_epoch == 2 and res2.losses == res.losses
     for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_fit_masksc_resumed_refuses_another_teacher_and_leaves_the_given_one_alone(tmp_path):
+    """A resumed run continues with the teacher its checkpoint holds: teacher settings or a teacher
+    other than that one are refused by name (they were ignored), the same ones are accepted, and a
+    given teacher object is not overwritten with the checkpoint's weights."""
+    from masksc.train import fit_masksc
+    X = structured_grid()
+    cfg = CFG.replace(med=True, target_fragment="cell", epochs=2, batch_size=16)
+    teacher_cfg = ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True, epochs=2, batch_size=16)
+    run = str(tmp_path / "run")
+    model, res = fit_masksc(X, cfg, tcfg(epochs=2, checkpoint_dir=run), teacher_cfg=teacher_cfg)
+    resume = tcfg(epochs=2, checkpoint_dir=run, resume=True)
+    with pytest.raises(CheckpointError, match=r"trained with dropout=0\.9, not 0\.3"):
+        fit_masksc(X, cfg, resume, teacher_cfg=teacher_cfg.replace(dropout=0.3))
+    other = ContrastiveSC(teacher_cfg)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="teacher= is not the teacher the run"):
+        fit_masksc(X, cfg, resume, teacher=other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    same = ContrastiveSC(teacher_cfg)
+    same.load_state_dict(model.teacher.state_dict())
+    same_before = {k: v.clone() for k, v in same.state_dict().items()}
+    again, res2 = fit_masksc(X, cfg, resume, teacher_cfg=teacher_cfg, teacher=same)
+    assert res2.resumed_from_epoch == 2 and res2.losses == res.losses and again.teacher is not same
+    assert all(torch.equal(v, same_before[k]) for k, v in same.state_dict().items())
+
+
+def test_a_matrix_not_of_the_model_s_grid_is_refused_by_train_and_embed():
+    """Fewer columns than the grid were read as its first positions, silently; with IME off, more
+    columns gave an IndexError and a negative column wrapped around."""
+    from masksc.data import CSRBatch
+    X = structured_grid(n=12)[:, :50]
+    with pytest.raises(ValueError, match=r"X has 50 columns but the grid \(8, 8\) has 64 positions"):
+        embed_matrix(make().eval(), X, progress=False)
+    with pytest.raises(ValueError, match="X has 50 columns"):
+        train(make(), X, tcfg(epochs=1))
+    ime_off = MaskSC(CFG.replace(ime=False)).eval()
+    wide = sp.hstack([structured_grid(n=4), sp.csr_matrix(np.ones((4, 2), np.float32))]).tocsr()
+    with pytest.raises(MaskscError, match=r"col must index grid positions 0 \.\. 63, got 0 \.\. 65"):
+        ime_off.embed(CSRBatch.from_csr(wide))
+    batch = CSRBatch.from_csr(structured_grid(n=4))
+    batch.col_indices[0] = -1
+    with pytest.raises(MaskscError, match=r"got -1 \.\. "):
+        ime_off.embed(batch)
 
 
 def test_fit_masksc_builds_and_trains_the_model_class_it_is_given():

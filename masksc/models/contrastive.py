@@ -163,6 +163,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07) -> to
     views is an anchor whose positive is its other view; all other 2B-2 views are negatives.
     Returns the mean over the 2B anchors of -log softmax(positive), a scalar.
     """
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"nt_xent needs two views of the same cells, both [B, d]; got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}. Pass the two views' embeddings of one batch.")
     b = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
     logits = z @ z.T / temperature

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from masksc import ops
 from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.data.grid import ORDERS
+from masksc.kernels.patch_embed_ref import check_csr
 from masksc.models.contrastive import ContrastiveSC
 from masksc.models.targets import FRAGMENTS, FragmentTargets, token_columns
 
@@ -356,7 +357,13 @@ class MaskSC(nn.Module):
     # ---- pieces ------------------------------------------------------------------------
     def tokenize(self, batch) -> torch.Tensor:
         """CSR batch -> patch tokens + positions [B, G, D] (through ops.patch_embed)."""
-        col = batch.col_indices if self.cfg.ime else self.col_remap[batch.col_indices]
+        col = batch.col_indices
+        if not self.cfg.ime:
+            # checked before the remap, as patch_embed checks after it (on the CPU, where it costs no device
+            # sync): the remap would raise an IndexError past the grid and wrap a negative index silently
+            if col.device.type == "cpu":
+                check_csr(batch.crow_indices, col, self.cfg.n_genes)
+            col = self.col_remap[col]
         tok = ops.patch_embed(batch.crow_indices, col, batch.values.float(), self.patch_weight, self.patch_bias,
                               tuple(self.cfg.grid_shape), self.cfg.patch)
         return tok + self.pos_embed

@@ -188,6 +188,15 @@ def teacher_config(model_cfg, seed: int = 0, X_grid_csr=None, **overrides) -> Co
     return cfg
 
 
+def check_grid_columns(X_grid_csr, grid_shape: tuple[int, int]) -> None:
+    """Raise ValueError unless ``X_grid_csr`` [n, g*s] has one column per position of ``grid_shape``
+    (g, s): a plain cells x genes matrix would be read as the grid's first positions, silently."""
+    n_genes = grid_shape[0] * grid_shape[1]
+    if X_grid_csr.shape[1] != n_genes:
+        raise ValueError(f"X has {X_grid_csr.shape[1]} columns but the grid {tuple(grid_shape)} has {n_genes} "
+                         "positions; pass GridLayout.to_grid(...) output of the model's grid.")
+
+
 def fit_teacher(X_grid_csr, grid_shape: tuple[int, int], patch: int, fragment: str, cfg: ContrastiveConfig,
                 is_padding: np.ndarray | None = None, ime: bool = True, device: str | torch.device = "cpu",
                 progress: bool = True) -> ContrastiveSC:
@@ -201,10 +210,8 @@ def fit_teacher(X_grid_csr, grid_shape: tuple[int, int], patch: int, fragment: s
     """
     from masksc.models.contrastive import fit_contrastive
 
+    check_grid_columns(X_grid_csr, grid_shape)
     n_genes = grid_shape[0] * grid_shape[1]
-    if X_grid_csr.shape[1] != n_genes:
-        raise ValueError(f"X has {X_grid_csr.shape[1]} columns but the grid {grid_shape} has {n_genes} positions; "
-                         "pass GridLayout.to_grid(...) output of the same grid.")
     if cfg.n_input != n_genes or not cfg.standardize:
         raise ValueError("the teacher config needs n_input = g*s and standardize=True.")
     torch.manual_seed(cfg.seed)
