@@ -136,6 +136,15 @@ def _device(name):
         raise MaskscError(str(exc)) from exc
 
 
+def _check_backend() -> None:
+    """MaskscError before any work when ``MASKSC_BACKEND`` holds no backend's name."""
+    from masksc.ops import forced_backend
+    try:
+        forced_backend()
+    except ValueError as exc:
+        raise MaskscError(str(exc)) from exc
+
+
 def _write_h5ad(adata, path) -> Path:
     from masksc.io_utils import atomic_write
     with atomic_write(path, suffix=".h5ad") as tmp:
@@ -573,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         # log lines go through tqdm.write, so a running bar is redrawn below them instead of cut in two
         with warnings.catch_warnings(), logging_redirect_tqdm():
             warnings.showwarning = show_warning
+            _check_backend()
             code = args.func(args)
     except (MaskscError, FileNotFoundError) as exc:
         print(f"masksc {args.command}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from masksc import masking
+
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 # Which backend `auto` picks, per op and device type. Each entry is justified by a
@@ -54,13 +56,24 @@ def _triton_available() -> bool:
     return True
 
 
-def _cpp_available(device: torch.device) -> bool:
-    """Whether masksc._C loads with kernels for ``device`` (a source checkout that was never
-    built, or built without nvcc, falls back to torch)."""
-    from masksc import masking
+def _load_cpp() -> bool:
+    """Whether masksc._C loads (a source checkout that was never built falls back to torch)."""
     try:
         masking.load_extension()
     except ImportError:
+        return False
+    return True
+
+
+# Loaded with this module, not at the first op: torch.compile(fullgraph=True) cannot trace the
+# registration of the ops' fake kernels that a compiled step's first call would make.
+_CPP_LOADED = _load_cpp()
+
+
+def _cpp_available(device: torch.device) -> bool:
+    """Whether masksc._C is loaded with kernels for ``device`` (one built without nvcc has none
+    for CUDA: torch runs)."""
+    if not _CPP_LOADED:
         return False
     if device.type in ("cpu", "meta"):  # meta: the fake kernels registered with the op
         return True
@@ -70,15 +83,23 @@ def _cpp_available(device: torch.device) -> bool:
         return False
 
 
+def forced_backend() -> str:
+    """``MASKSC_BACKEND`` lower-cased (unset or empty: ``auto``); ValueError naming the choices for any
+    other value. Checked where work starts (``fit``, the CLI), not only at the first op, which in a
+    fit comes after the teacher has trained."""
+    forced = (os.environ.get("MASKSC_BACKEND") or "auto").lower()
+    if forced not in BACKENDS:
+        raise ValueError(f"MASKSC_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those.")
+    return forced
+
+
 def backend_for(op: str, device: torch.device) -> str:
     """Resolve the backend for ``op`` (a key of ``AUTO_DEFAULTS``) on ``device`` under
     ``MASKSC_BACKEND``. A backend chosen for the user that cannot run here falls back to torch:
     ``auto``'s C++ op without a built ``masksc._C`` (or its kernels for ``device``), Triton
     without Triton installed or, outside its interpreter, without a GPU, and the C++ op that
     stands in for Triton's missing masking kernels; ``cpp`` forced is run as asked."""
-    forced = (os.environ.get("MASKSC_BACKEND") or "auto").lower()  # set but empty: as unset
-    if forced not in BACKENDS:
-        raise ValueError(f"MASKSC_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those.")
+    forced = forced_backend()
     masking_op = op in ("random_masking", "unmask", "unmask_narrow")
     if forced == "cpp":
         return "cpp" if masking_op else "torch"  # no C++ attention or patch embedding
@@ -135,7 +156,6 @@ def random_masking(tokens: torch.Tensor, n_keep: int, seed: int):
     Returns (kept [B, U, D] in tokens' dtype, ids_keep int64 [B, U] ascending, ids_restore
     int64 [B, G], mask bool [B, G] True where a token was masked). Differentiable in tokens.
     """
-    from masksc import masking
     if backend_for("random_masking", tokens.device) == "cpp":
         return masking.random_masking_cpp(tokens, n_keep, seed)
     return masking.random_masking_torch(tokens, n_keep, seed)
@@ -148,7 +168,6 @@ def unmask(kept: torch.Tensor, mask_token: torch.Tensor, ids_keep: torch.Tensor,
     ``mask_token`` [D] elsewhere. Each row of ``ids_keep`` must hold distinct positions in
     [0, n_tokens), as ``random_masking`` returns them (not checked, which would cost a device
     sync per call). Differentiable in kept and mask_token."""
-    from masksc import masking
     wide = kept.dim() > 0 and kept.shape[-1] >= UNMASK_WIDE  # a 0-d kept is refused by either path's checks
     if backend_for("unmask" if wide else "unmask_narrow", kept.device) == "cpp":
         return masking.unmask_cpp(kept, mask_token, ids_keep, n_tokens)

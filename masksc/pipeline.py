@@ -374,12 +374,14 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     ValueError, DataError or CheckpointError naming the problem, so a caller about to read a
     large file can check first."""
     from masksc.errors import DataError
+    from masksc.ops import forced_backend
     from masksc.train import check_resumable, resolve_device
 
     if resume and model_dir is None:
         raise ValueError("resume=True continues the run saved in model_dir, and none is given; fix: pass model_dir= "
                          "(the run's directory), or drop resume=True.")
     resolve_device(device)
+    forced_backend()
     cfg = get_preset(preset).replace(**overrides, **({} if epochs is None else {"epochs": epochs}))
     train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=device, progress=progress,
                               checkpoint_every=checkpoint_every)

@@ -573,6 +573,19 @@ def test_an_unusable_device_is_refused_before_reading_the_data(tmp_path, capsys)
     assert os.listdir(tmp_path) == []
 
 
+def test_an_unknown_backend_is_refused_before_reading_the_data(tmp_path, capsys, monkeypatch):
+    """A misspelt MASKSC_BACKEND surfaced at the first op: in fit, after the teacher had trained,
+    as a traceback."""
+    monkeypatch.setenv("MASKSC_BACKEND", "trition")
+    missing = str(tmp_path / "nope.h5ad")
+    for argv in (["fit", missing, "-o", str(tmp_path / "m"), *TINY],
+                 ["embed", missing, "--model", str(tmp_path / "m"), "-o", str(tmp_path / "e.npy")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"masksc {argv[0]}: error: MASKSC_BACKEND='trition' is not one of" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_cluster_logs_no_faiss_loader_lines(embedded, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "masksc", "cluster", str(embedded), "-k", "3", "-o",

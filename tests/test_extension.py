@@ -1,6 +1,7 @@
 """The compiled op masksc._C (torch.ops.masksc.*): built, registered correctly (opcheck),
 equal to the torch reference, differentiable. Fails (never skips) when _C was not built."""
 import importlib
+import os
 import sys
 
 import pytest
@@ -146,6 +147,31 @@ def test_torch_compile_fullgraph():
     ref.backward()
     assert torch.equal(out, ref)
     assert torch.equal(tokens.grad, ref_t.grad) and torch.equal(token.grad, ref_m.grad)
+
+
+def test_a_compiled_step_may_make_the_first_masking_call_of_the_process():
+    """ops loads the extension when imported: a first call inside torch.compile(fullgraph=True)
+    used to register the fake kernels there, which Dynamo refuses."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import torch\n"
+              "from masksc import masking, ops\n"
+              "def step(tokens):\n"
+              "    kept, ids_keep, _, mask = ops.random_masking(tokens, 3, 4)\n"
+              "    return ops.unmask(kept * 2, torch.zeros(4), ids_keep, 8).sum() + mask.sum()\n"
+              "tokens = torch.randn(2, 8, 4)\n"
+              "out = torch.compile(step, backend='eager', fullgraph=True)(tokens)\n"
+              "ref = masking.unmask_torch(masking.random_masking_torch(tokens, 3, 4)[0] * 2, torch.zeros(4),\n"
+              "                           masking.random_masking_torch(tokens, 3, 4)[1], 8).sum() + 10\n"
+              "assert ops.backend_for('random_masking', tokens.device) == 'cpp'\n"
+              "assert torch.allclose(out, ref), (out, ref)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env.pop("MASKSC_BACKEND", None)
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_op_level_errors_are_clear():

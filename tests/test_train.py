@@ -785,6 +785,10 @@ def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monke
         tl.fit(adata, "demo", epochs=0, **tiny)
     with pytest.raises(ValueError, match=r"device 'cuda:99'.*fix: pass"):
         tl.fit(adata, "demo", epochs=1, **{**tiny, "device": "cuda:99"})
+    with monkeypatch.context() as m:  # it was found at the first op, after the teacher had trained
+        m.setenv("MASKSC_BACKEND", "trition")
+        with pytest.raises(ValueError, match=r"MASKSC_BACKEND='trition' is not one of"):
+            tl.fit(adata, "demo", epochs=1, **tiny)
     for bad in (0, 1e5, "4096", True):  # 1e5 passed a `< 1` check and failed inside range()
         with pytest.raises(DataError, match=rf"chunk_size={bad!r}; fix: pass a positive whole number of cells"):
             tl.fit(adata, "demo", epochs=1, chunk_size=bad, **tiny)
