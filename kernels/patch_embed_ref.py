@@ -18,6 +18,8 @@ def _check(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, weight: tor
            bias: torch.Tensor, grid_shape, patch: int) -> tuple[int, int, int, int, int]:
     """Validate shapes and, for CPU tensors (where the check costs no device sync), the CSR
     structure; return (B, g, s, P, D)."""
+    if len(grid_shape) != 2:
+        raise MaskscError(f"patch embedding needs grid_shape (rows, columns); got {tuple(grid_shape)}.")
     g, s, P = (_whole(name, v) for name, v in (("grid rows", grid_shape[0]), ("grid columns", grid_shape[1]),
                                                 ("patch", patch)))
     if P < 1 or g < P or s < P:
@@ -39,6 +41,8 @@ def _check(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, weight: tor
 def _whole(name: str, value) -> int:
     """``value`` as an int; MaskscError for a fractional number rather than truncating it."""
     try:
+        if isinstance(value, bool):  # operator.index(True) is 1
+            raise TypeError
         return operator.index(value)
     except TypeError:
         raise MaskscError(f"patch embedding needs whole numbers for the grid and patch sizes; got {name} "

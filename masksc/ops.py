@@ -108,9 +108,9 @@ def backend_for(op: str, device: torch.device) -> str:
         choice = "cpp"
     if choice == "cpp" and not _cpp_available(device):
         return "torch"
-    if choice == "triton" and (not _triton_available() or (
-            device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1")):
-        return "torch"  # Triton needs a GPU, or the interpreter for tests
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if choice == "triton" and (not _triton_available() or not (device.type == "cuda" or interpreted)):
+        return "torch"  # Triton needs a GPU, or the interpreter (tests) on CPU tensors: not meta or fake ones
     return choice
 
 

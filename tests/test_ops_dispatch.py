@@ -131,6 +131,11 @@ def test_forced_triton_resolves_meta_tensors(auto):
         assert ops.backend_for(op, meta) == "cpp"  # the op's fake kernels serve meta tensors
     kept, ids, _, mask = ops.random_masking(torch.zeros(2, 8, 4, device="meta"), 3, 0)
     assert kept.shape == (2, 3, 4) and mask.shape == (2, 8)
+    auto.setenv("TRITON_INTERPRET", "1")  # the interpreter runs Triton on CPU tensors only: meta ones take torch
+    for op in KERNEL_OPS:
+        assert ops.backend_for(op, meta) == "torch", op
+    q = torch.zeros(1, 2, 5, 8, device="meta")
+    assert ops.attention(q, q, q, torch.zeros(1, 5, dtype=torch.bool, device="meta")).shape == (1, 2, 5, 8)
 
 
 def test_without_triton_or_the_extension_every_op_runs_in_torch(auto):

@@ -198,9 +198,12 @@ def test_bad_inputs_raise():
         patch_embed_torch(crow, col, val, w[:, :9], b, (8, 8), 4)
     with pytest.raises(MaskscError, match="patch"):
         patch_embed_reference(crow, col, val, w, b, (8, 8), 16)
-    for grid, patch in (((8, 8), 4.5), ((8.5, 8), 4)):  # never truncated
-        with pytest.raises(MaskscError, match=r"whole numbers for the grid and patch sizes; got (patch 4\.5|grid rows 8\.5)"):
+    for grid, patch in (((8, 8), 4.5), ((8.5, 8), 4), ((8, 8), True)):  # never truncated; True was taken as 1
+        with pytest.raises(MaskscError, match=r"whole numbers for the grid and patch sizes; got (patch 4\.5|grid rows "
+                                              r"8\.5|patch True)"):
             patch_embed_torch(crow, col, val, w, b, grid, patch)
+    with pytest.raises(MaskscError, match=r"needs grid_shape \(rows, columns\); got \(8,\)"):  # was an IndexError
+        patch_embed_torch(crow, col, val, w, b, (8,), 4)
     with pytest.raises(MaskscError, match="no gradient"):
         patch_embed_csr(crow, col, val.clone().requires_grad_(), w, b, (8, 8), 4)
     with pytest.raises(MaskscError, match="int64"):
