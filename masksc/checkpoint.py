@@ -510,9 +510,10 @@ def _training_state_damage(opt, state) -> str | None:
         return f"{STATE} has {', '.join(f'{key}={state[key]!r}' for key in bad)}, not a count"
     if not isinstance(state["losses"], list):
         return f"{STATE} has losses={state['losses']!r}, not a list"
-    per_epoch = state.get("steps_per_epoch", 1)  # absent from checkpoints of earlier releases
-    if isinstance(per_epoch, bool) or not isinstance(per_epoch, int) or per_epoch < 1:
-        return f"{STATE} has steps_per_epoch={per_epoch!r}, not a count"
+    for key in ("steps_per_epoch", "world_size"):  # absent from checkpoints of earlier releases
+        value = state.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{STATE} has {key}={value!r}, not a count"
     return None
 
 

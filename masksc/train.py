@@ -147,6 +147,21 @@ def _is_main() -> bool:
     return _rank() == 0
 
 
+def _world_size() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def _mean_over_ranks(total: float, count: int, device: torch.device) -> float:
+    """The epoch's mean loss over every rank's cells (``total`` / ``count`` in a single process),
+    so that the recorded history is the same on every rank and not rank 0's shard alone."""
+    if _world_size() == 1:
+        return total / max(count, 1)
+    both = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(both)
+    return float(both[0] / both[1].clamp(min=1))
+
+
 def _finite_on_every_rank(finite: bool, device: torch.device) -> bool:
     """Whether the loss is finite on all ranks (this rank's answer in a single process). Every
     rank then stops at the same step: a rank stopping alone would leave the others waiting
@@ -366,7 +381,7 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
             total += value * n
             count += n
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        mean = total / max(count, 1)
+        mean = _mean_over_ranks(total, count, device)
         result.losses.append(mean)
         log.info("epoch %d/%d loss %.5f (%.1fs)", epoch + 1, cfg.epochs, mean, time.time() - t0)
         if callback is not None:
@@ -374,7 +389,7 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
         done = epoch + 1
         if run_dir is not None and _is_main() and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
             state = {"epoch": done, "step": step, "losses": result.losses, "rng": _rng_state(),
-                     "steps_per_epoch": steps_per_epoch}
+                     "steps_per_epoch": steps_per_epoch, "world_size": _world_size()}
             name = f"epoch-{done:06d}"
             ckpt.save_checkpoint(run_dir / name, core, train_config=cfg.to_dict(), optimizer=optimizer,
                                  scheduler=scheduler, trainer_state=state, extra=extra_state)
@@ -422,6 +437,15 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, last: Path, cfg:
     and ``result``; return (epoch, step) to continue from. CheckpointError names what does not fit."""
     check_resumable(run_dir, core.cfg, cfg)
     opt_state, state = ckpt.load_training_state(run_dir)
+    saved_world = state.get("world_size", _world_size())  # absent from checkpoints of earlier releases
+    # before the steps per epoch, which may not tell (1,000 cells, batch 256: 2 and 3 ranks alike)
+    if saved_world != _world_size():
+        processes = lambda n: f"{n} process{'es' if n != 1 else ''}"
+        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained by {processes(saved_world)} and this "
+                              f"one has {processes(_world_size())}, so each one's cells and masks would not continue "
+                              f"the run; resume with torchrun --nproc_per_node {saved_world}"
+                              f"{' (or without torchrun)' if saved_world == 1 else ''}, or use a new model directory "
+                              f"{_NEW_DIR}.")
     saved_steps = state.get("steps_per_epoch", steps_per_epoch)
     if saved_steps != steps_per_epoch:
         raise CheckpointError(f"cannot resume: the run in {run_dir} took {saved_steps} steps per epoch and this data "

@@ -328,6 +328,8 @@ def _drop_one_state(opt):
      r"does not fit this run \(the parameter group's maximize=True where this run sets False\)"),
     (lambda run: _edit_state(run, lambda st: st.update(steps_per_epoch="3")),
      r"is damaged \(trainer_state.json has steps_per_epoch='3', not a count\)"),
+    (lambda run: _edit_state(run, lambda st: st.update(world_size=0)),
+     r"is damaged \(trainer_state.json has world_size=0, not a count\)"),
     (lambda run: _edit_optimizer(run, lambda opt: opt["scheduler"].pop("lr_lambdas")), r"does not fit this run"),
     (lambda run: _edit_state(run, lambda st: st.update(epoch=7)), r"is damaged \(epoch=7 of a run of 4 epochs\)"),
     (lambda run: _edit_state(run, lambda st: st.update(step=5)), r"is damaged \(step=5, where epoch 2 of 3 steps "
@@ -343,6 +345,17 @@ def test_a_training_state_that_does_not_fit_the_run_is_refused_by_name(tmp_path,
     _crashed_run(run)
     damage(run)
     with pytest.raises(CheckpointError, match=message + r".*fix: restore"):
+        train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True))
+
+
+def test_a_run_of_another_number_of_processes_is_not_resumed(tmp_path):
+    """The steps per epoch may not tell a run of two processes from one (each rank draws its own
+    masks from its own cells), so the record names its process count and resuming checks it."""
+    run = str(tmp_path / "run")
+    _crashed_run(run)
+    _edit_state(run, lambda st: st.update(world_size=2))
+    with pytest.raises(CheckpointError, match=r"was trained by 2 processes and this one has 1 process, so each "
+                                              r"one's cells and masks .* torchrun --nproc_per_node 2, or use a new"):
         train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True))
 
 
