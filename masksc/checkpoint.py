@@ -259,11 +259,32 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
                               f"{shlex.quote(str(path.parent))}, model_dir=) to resume that run.")
     if resume and not (path / "last" / CONFIG).is_file():
         saved = [p for p in epoch_dirs(path) if _is_checkpoint(p)]
-        if saved:
+        start = saved[-1] if saved else None
+        _check_later_epochs(path, start)
+        if start is not None:
             how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
-            warn(f"{path}/last {how}; resuming from the newest checkpoint there, {saved[-1].name}")
-            point_last(path, saved[-1].name)
+            warn(f"{path}/last {how}; resuming from the newest checkpoint there, {start.name}")
+            point_last(path, start.name)
+    elif resume:
+        _check_later_epochs(path, last_checkpoint(path))
     return path
+
+
+def _check_later_epochs(run_dir: Path, start: Path | None) -> None:
+    """CheckpointError, before any work, for an epoch folder after ``start`` (the checkpoint a
+    resumed run continues from; None: the run starts again) that is not a complete checkpoint,
+    e.g. its config.json lost in a copy: training would reach that epoch and could not save over
+    a folder masksc cannot tell it wrote (and a copied ``last`` folder has no epoch to compare)."""
+    begun = start.name if start is not None and re.fullmatch(r"epoch-\d{6}", start.name) else ""
+    for p in epoch_dirs(run_dir):
+        empty = p.is_dir() and not any(p.iterdir())  # saving there loses nothing
+        if p.name > begun and not empty and not _is_checkpoint(p):
+            what = ("is not a folder" if not p.is_dir() else f"has no {CONFIG}" if not (p / CONFIG).exists() else
+                    f"has a {CONFIG} masksc cannot read")
+            then = f"from {start.name}" if start is not None else "from the start"
+            raise CheckpointError(f"{p} {what}, so it is no complete checkpoint, and the resumed run would reach that "
+                                  f"epoch and could not save there; fix: restore {p.name}/{CONFIG} from a copy, or "
+                                  f"delete {p.name} (the run then resumes {then}).")
 
 
 _LOCKED: dict[str, list] = {}  # run directory -> [holding thread, depth] for the directories this process holds

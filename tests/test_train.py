@@ -400,6 +400,37 @@ def test_resume_continues_a_run_whose_last_link_was_copied_lost_or_left_dangling
     assert sorted(os.listdir(run)) == sorted(os.listdir(tmp_path / "full"))  # the folder copy is gone too
 
 
+def test_resume_refuses_a_later_epoch_folder_that_is_no_checkpoint_before_any_work(tmp_path):
+    """An epoch folder that lost its config.json (an interrupted copy) used to send the run back to
+    the checkpoint before it, with `last` re-pointed, to retrain up to it and then fail to save
+    there with a fix ("save to a new directory") that does not apply."""
+    run = tmp_path / "run"
+
+    def stop_in_epoch_3(epoch, loss):
+        if epoch == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(make(), structured_grid(), tcfg(checkpoint_dir=str(run), checkpoint_every=1), callback=stop_in_epoch_3)
+    (run / "epoch-000002" / "config.json").unlink()
+
+    def no_training(epoch, loss):
+        raise AssertionError("trained before refusing")
+    resume = tcfg(checkpoint_dir=str(run), checkpoint_every=1, resume=True)
+    with pytest.raises(CheckpointError, match=r"epoch-000002 has no config.json, so it is no complete checkpoint.*"
+                                              r"fix: restore epoch-000002/config.json from a copy, or delete "
+                                              r"epoch-000002 \(the run then resumes from epoch-000001\)"):
+        train(make(), structured_grid(), resume, callback=no_training)
+    assert os.readlink(run / "last") == "epoch-000002"  # left as it was
+    shutil.rmtree(run / "epoch-000002")
+    (run / "epoch-000003").write_text("a note")  # after a valid last link, and not a folder
+    with pytest.raises(CheckpointError, match=r"epoch-000003 is not a folder.*resumes from epoch-000001"):
+        train(make(), structured_grid(), resume, callback=no_training)
+    (run / "epoch-000003").unlink()
+    (run / "epoch-000003").mkdir()  # an empty folder loses nothing when saved over
+    with pytest.warns(UserWarning, match="resuming from the newest checkpoint there, epoch-000001"):
+        assert train(make(), structured_grid(), resume).resumed_from_epoch == 1
+
+
 def test_resume_pointed_at_one_checkpoint_of_a_run_names_the_run_directory(tmp_path):
     """-o run/epoch-000002 --resume used to start a new run nested inside that checkpoint."""
     run = tmp_path / "run"
