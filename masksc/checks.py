@@ -1,11 +1,16 @@
 """Which values are numbers and integers of any Python or numpy type, and storing them as plain
-Python ints and floats: checks shared by the model and training configs and the data layer's sizes."""
+Python ints and floats: checks shared by the model and training configs and the data layer's sizes;
+and the range of seeds every generator masksc seeds takes."""
 from __future__ import annotations
 
 import dataclasses
 import numbers
 
 import numpy as np
+
+from masksc.errors import DataError
+
+_MAX_SEED = 2**63 - 1  # leidenalg takes seeds up to a C ssize_t (and uses them modulo 2**32)
 
 
 def is_number(value) -> bool:
@@ -48,3 +53,15 @@ def plain_numbers(config) -> None:
         value = getattr(config, f.name)
         value = tuple(map(plain_number, value)) if isinstance(value, tuple) else plain_number(value)
         object.__setattr__(config, f.name, value)
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int; DataError unless it is an integer in [0, 2**63 - 1] (what numpy's,
+    torch's and leidenalg's generators all take). Leiden's ``flavor="leidenalg"`` uses it modulo
+    2**32 and the IVF index trains its lists with it modulo 2**31 (its sampled recall check
+    with all of it), so seeds that differ by a multiple of 2**32 can give the same partition
+    or graph there."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
+        raise DataError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}; fix: pass a non-negative "
+                        "integer, e.g. seed=0.")
+    return int(seed)

@@ -51,8 +51,8 @@ def _sample_size(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a seed, an integer ``cluster.check_seed`` takes (in [0, 2**63 - 1])."""
-    from masksc.cluster import check_seed
+    """An argparse type: a seed, an integer ``checks.check_seed`` takes (in [0, 2**63 - 1])."""
+    from masksc.checks import check_seed
     try:
         value = int(text)
     except ValueError:

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph  # noqa: F401  (sp.csgraph)
 from threadpoolctl import threadpool_limits
 
-from masksc.checks import is_integer, is_number
+from masksc.checks import check_seed, is_integer, is_number
 from masksc.data.validate import beyond_float32, check_count
 from masksc.errors import DataError, MaskscError, warn
 from masksc.progress import progress_bar
@@ -31,7 +31,6 @@ IVF_MIN_CELLS = 100_000
 _SEARCH_CHUNK = 65_536
 _DISTANCE_BUDGET = 1 << 23  # floats in a block of cells' neighbour vectors (and their differences): 2 x 32 MB
 _SMALL_WORK = 5e7  # below this many multiply-adds per pass FAISS runs on one thread
-_MAX_SEED = 2**63 - 1  # leidenalg takes seeds up to a C ssize_t (and uses them modulo 2**32)
 
 
 def _faiss():
@@ -119,18 +118,6 @@ def check_embedding(Z, name: str = "Z", distances: bool = True, centre: bool = F
                         f"in float32 at {Z.shape[1]} dimensions (at most {limit:.3g}); fix: rescale it, e.g. divide "
                         "it by its largest magnitude (all distances shrink alike, so the clusters stay).")
     return Z
-
-
-def check_seed(seed) -> int:
-    """``seed`` as an int; DataError unless it is an integer in [0, 2**63 - 1] (what numpy's,
-    torch's and leidenalg's generators all take). Leiden's ``flavor="leidenalg"`` uses it modulo
-    2**32 and the IVF index trains its lists with it modulo 2**31 (its sampled recall check
-    with all of it), so seeds that differ by a multiple of 2**32 can give the same partition
-    or graph there."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
-        raise DataError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}; fix: pass a non-negative "
-                        "integer, e.g. seed=0.")
-    return int(seed)
 
 
 def _resolve_gpus(use_gpu: bool | None, ngpu: int | None) -> int:

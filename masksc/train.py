@@ -31,7 +31,7 @@ import torch
 from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
-from masksc.cluster import check_seed
+from masksc.checks import check_seed
 from masksc.errors import CheckpointError
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
 from masksc.models.targets import check_grid_columns

@@ -72,6 +72,23 @@ def test_bad_inputs(X):
         with pytest.raises(DataError, match=rf"^batch_size={bad!r}; fix: pass a positive whole number of cells"):
             CellBatches(X, batch_size=bad)
     assert len(CellBatches(X, batch_size=np.int16(7), shuffle=False)) == -(-X.shape[0] // 7)  # numpy ints are taken
+    for seed in (-1, None, 2.5):  # failed at the first iteration, in numpy
+        with pytest.raises(DataError, match=rf"seed must be an integer in \[0, 2\*\*63 - 1\], got {seed!r}"):
+            CellBatches(X, seed=seed)
+    batches = CellBatches(X)
+    for epoch in (-1, 2.7):  # -1 failed at the next iteration, 2.7 was cut to 2
+        with pytest.raises(DataError, match=rf"^epoch={epoch!r}; fix: pass a whole number >= 0"):
+            batches.set_epoch(epoch)
+
+
+def test_repeated_entries_of_a_cell_are_summed_as_scipy_reads_them_and_the_input_is_kept():
+    """to_dense, the tests' reference, kept the last of repeated entries."""
+    dup = sp.csr_matrix((np.array([1.0, 2.0, 4.0], np.float32), np.array([5, 5, 3]), np.array([0, 3])), shape=(1, 8))
+    before = (dup.data.copy(), dup.indices.copy())
+    for batch in (next(iter(CellBatches(dup, 1, shuffle=False))), CSRBatch.from_csr(dup)):
+        np.testing.assert_array_equal(batch.to_dense(8).numpy(), dup.toarray())
+        assert batch.col_indices.tolist() == [3, 5]
+    assert np.array_equal(dup.data, before[0]) and np.array_equal(dup.indices, before[1])  # from_csr sorted in place
 
 
 def test_input_not_modified():

@@ -104,7 +104,32 @@ def test_corrupt_layout_dict_refused():
     X, genes = _data()
     with pytest.warns(UserWarning):
         d = GridLayout.fit(X, genes, shape=(4, 4), patch=2).to_dict()
-    with pytest.raises(DataError, match=r"lists 15 grid genes for a 4x4 grid \(16 positions\); it is corrupt"):
+    corrupt = r"^the layout is corrupt \({}\), e\.g\. an edited checkpoint config\.json; fix: restore it or retrain"
+    with pytest.raises(DataError, match=corrupt.format(r"it lists 15 grid genes for a 4x4 grid \(16 positions\)")):
         GridLayout.from_dict({**d, "genes": d["genes"][:-1]})
-    with pytest.raises(DataError, match="1 grid genes are not among the layout's source genes"):
+    with pytest.raises(DataError, match=corrupt.format("1 grid genes are not among its source genes")):
         GridLayout.from_dict({**d, "genes": ["nope"] + d["genes"][1:]})
+    # these were taken: wrong patch ids, an order no code knows, a gene read twice
+    with pytest.raises(DataError, match=corrupt.format("a 4x4 grid is not divisible into 3x3 patches")):
+        GridLayout.from_dict({**d, "patch": 3})
+    with pytest.raises(DataError, match=corrupt.format(r"order 'bogus' is not one of \('hvg', 'correlation'\)")):
+        GridLayout.from_dict({**d, "order": "bogus"})
+    with pytest.raises(DataError, match=corrupt.format("a grid gene sits at two positions")):
+        GridLayout.from_dict({**d, "genes": [d["genes"][1]] + d["genes"][1:]})
+    with pytest.raises(DataError, match=corrupt.format("its source genes repeat")):
+        GridLayout.from_dict({**d, "source_genes": d["source_genes"][:-1] + d["source_genes"][:1]})
+
+
+def test_repeated_gene_names_and_non_finite_values_are_named():
+    """Both failed inside pandas / scipy."""
+    X, genes = _data()
+    with pytest.warns(UserWarning):
+        lay = GridLayout.fit(X, genes, shape=(4, 4), patch=2)
+    a = ad.AnnData(X=X, var=pd.DataFrame(index=[genes[0]] + genes[:-1]))
+    with pytest.raises(DataError, match=rf"gene names repeat \(e\.g\. \['{genes[0]}'\]\).*var_names_make_unique"):
+        lay.to_grid(a)
+    bad = X.toarray()
+    bad[1, 2] = np.nan
+    with pytest.raises(DataError, match="NaN or infinite values, which have no correlation"):
+        with pytest.warns(UserWarning):
+            GridLayout.fit(bad, genes, shape=(4, 4), patch=2, order="correlation")

@@ -770,7 +770,7 @@ def test_train_config_takes_numpy_numbers_and_refuses_bools():
 @pytest.mark.parametrize("seed", [-1, True, 1.0, 2**63, 2**64])
 def test_train_config_refuses_a_seed_outside_the_range_every_generator_takes(seed):
     """SeedSequence refuses -1 mid-run, torch overflows on 2**64 ("Overflow when unpacking long long"):
-    both are refused when the config is made, naming the range, as cluster.check_seed does."""
+    both are refused when the config is made, naming the range, as checks.check_seed does."""
     with pytest.raises(DataError, match=r"^seed must be an integer in \[0, 2\*\*63 - 1\], got .*fix: "):
         tcfg(seed=seed)
     assert tcfg(seed=2**63 - 1).seed == 2**63 - 1

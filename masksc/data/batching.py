@@ -5,7 +5,9 @@ either directly (``for b in CellBatches(...)``) or through ``DataLoader(cb, batc
 num_workers=k, pin_memory=...)``. With ``num_workers=k`` worker ``w`` builds batches
 ``w, w+k, w+2k, ...`` of the epoch and the DataLoader's round-robin over workers returns them in
 the original order, so every cell still appears exactly once per epoch. Each worker holds a
-copy of the CSR matrix (fork shares it copy-on-write on Linux).
+copy of the CSR matrix (fork shares it copy-on-write on Linux). Call ``set_epoch`` before the
+DataLoader starts its workers each epoch, and leave ``persistent_workers`` off: persistent
+workers keep the copy made at the first epoch, and would repeat its order.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from masksc.checks import check_seed, is_integer
 from masksc.data.validate import check_count
 from masksc.errors import DataError
 
@@ -56,12 +59,22 @@ class CSRBatch:
 
     @classmethod
     def from_csr(cls, X: sp.csr_matrix, cell_index=None) -> CSRBatch:
-        """Wrap a scipy CSR matrix (rows = cells) as a CSRBatch (``cell_index`` default 0..B-1)."""
-        X = X.tocsr()
-        X.sort_indices()
+        """Wrap a scipy CSR matrix (rows = cells) as a CSRBatch (``cell_index`` default 0..B-1);
+        repeated entries of a cell's column are summed, as scipy reads them."""
+        X = _canonical(X.tocsr())
         idx = np.arange(X.shape[0]) if cell_index is None else np.asarray(cell_index)
         return cls(torch.from_numpy(X.indptr.astype(np.int64)), torch.from_numpy(X.indices.astype(np.int64)),
                    torch.from_numpy(X.data.astype(np.float32)), torch.from_numpy(idx.astype(np.int64)))
+
+
+def _canonical(X: sp.csr_matrix) -> sp.csr_matrix:
+    """``X`` with sorted column indices and repeated entries summed: itself when it has them, else a
+    copy (the caller's matrix is left as it is)."""
+    if X.has_canonical_format:
+        return X
+    X = X.copy()
+    X.sum_duplicates()
+    return X
 
 
 class CellBatches(torch.utils.data.IterableDataset):
@@ -79,17 +92,16 @@ class CellBatches(torch.utils.data.IterableDataset):
             raise DataError(f"CellBatches needs a scipy sparse matrix, got {type(X_grid_csr).__name__}; "
                             "fix: pass GridLayout.to_grid(...) output.")
         batch_size = check_count("batch_size", batch_size)
-        X = X_grid_csr.tocsr()
-        if X.dtype != np.float32 or not X.has_sorted_indices:
-            X = X.astype(np.float32)  # a copy: the caller's matrix is left as it is
-            X.sort_indices()
+        X = _canonical(X_grid_csr.tocsr().astype(np.float32, copy=False))
         if X.shape[0] == 0:
             raise DataError("no cells to batch; fix: check filtering upstream.")
-        self.X, self.batch_size, self.shuffle, self.seed, self.drop_last = X, batch_size, shuffle, seed, drop_last
-        self.epoch = 0
+        self.X, self.batch_size, self.shuffle, self.drop_last = X, batch_size, shuffle, drop_last
+        self.seed, self.epoch = check_seed(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose permutation the next iteration uses."""
+        """Select the epoch whose permutation the next iteration uses (a whole number >= 0)."""
+        if not is_integer(epoch) or epoch < 0:
+            raise DataError(f"epoch={epoch!r}; fix: pass a whole number >= 0.")
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

@@ -40,6 +40,9 @@ def correlation_order(X: sp.csr_matrix, n_sample: int = 2000, seed: int = 0) -> 
     n = X.shape[0]
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, n_sample), replace=False))
     D = np.asarray(X[rows].toarray(), dtype=np.float64)
+    if not np.isfinite(D).all():
+        raise DataError("the expression matrix holds NaN or infinite values, which have no correlation; fix: "
+                        "remove or replace them (masksc.data.validate_counts names the cells).")
     D -= D.mean(axis=0)
     norm = np.linalg.norm(D, axis=0)
     norm[norm == 0] = np.inf
@@ -78,19 +81,26 @@ class GridLayout:
         self.genes = list(genes)
         self.source_genes = list(source_genes)
         g, s = self.shape
-        if len(self.genes) != g * s:
-            raise DataError(f"the layout lists {len(self.genes)} grid genes for a {g}x{s} grid ({g * s} positions); "
-                            "it is corrupt (e.g. an edited checkpoint config.json); fix: restore it or retrain.")
+        P = self.patch
+        real_genes = [x for x in self.genes if x != ""]
+        bad = (f"it lists {len(self.genes)} grid genes for a {g}x{s} grid ({g * s} positions)"
+               if len(self.genes) != g * s else
+               f"a {g}x{s} grid is not divisible into {P}x{P} patches" if P < 1 or g % P or s % P else
+               f"order {order!r} is not one of {ORDERS}" if order not in ORDERS else
+               "a grid gene sits at two positions" if len(set(real_genes)) != len(real_genes) else
+               "its source genes repeat" if len(set(self.source_genes)) != len(self.source_genes) else None)
+        if bad:
+            raise DataError(f"the layout is corrupt ({bad}), e.g. an edited checkpoint config.json; fix: restore it "
+                            "or retrain.")
         self.is_padding = np.array([x == "" for x in self.genes], dtype=np.bool_)
         pos = np.arange(g * s)
-        P = self.patch
         self.patch_ids = ((pos // s // P) * (s // P) + (pos % s) // P).astype(np.int64)
         src = pd.Index(self.source_genes)
         real = np.flatnonzero(~self.is_padding)
         cols = src.get_indexer([self.genes[j] for j in real])
         if (cols < 0).any():
-            raise DataError(f"{int((cols < 0).sum())} grid genes are not among the layout's source genes; it is "
-                            "corrupt (e.g. an edited checkpoint config.json); fix: restore it or retrain.")
+            raise DataError(f"the layout is corrupt ({int((cols < 0).sum())} grid genes are not among its source "
+                            "genes), e.g. an edited checkpoint config.json; fix: restore it or retrain.")
         # to_grid: take source columns `_src_cols` and write them to grid positions `_grid_pos`
         self._src_cols, self._grid_pos = cols.astype(np.int64), real.astype(np.int64)
 
@@ -142,7 +152,13 @@ class GridLayout:
         """Cells in grid order: CSR float32 [n, g*s]; column j = grid position j. ``X`` is a
         matrix whose columns are ``source_genes``, or an AnnData (genes matched by name)."""
         if hasattr(X, "var_names"):
-            idx = pd.Index(X.var_names).get_indexer([self.genes[j] for j in self._grid_pos])
+            names = pd.Index(X.var_names)
+            if not names.is_unique:
+                repeated = names[names.duplicated()].unique().tolist()
+                raise DataError(f"the data's gene names repeat (e.g. {repeated[:5]}), so they cannot be matched to the "
+                                "grid's; fix: adata.var_names_make_unique(), or preprocess the data with the same "
+                                "Preprocessor first.")
+            idx = names.get_indexer([self.genes[j] for j in self._grid_pos])
             if (idx < 0).any():
                 miss = [self.genes[j] for j, i in zip(self._grid_pos, idx) if i < 0]
                 raise DataError(f"{len(miss)} grid genes are missing from the data (e.g. {miss[:5]}); "
@@ -172,6 +188,8 @@ class GridLayout:
         """Rebuild from :meth:`to_dict` output."""
         try:
             return cls(d["shape"], d["patch"], d["order"], d["genes"], d["source_genes"])
+        except DataError:  # a layout's own corruption, named
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"not a GridLayout dict ({type(exc).__name__}: {exc}); fix: pass GridLayout.to_dict() "
                             "output.") from exc
