@@ -259,32 +259,32 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
                               f"{shlex.quote(str(path.parent))}, model_dir=) to resume that run.")
     if resume and not (path / "last" / CONFIG).is_file():
         saved = [p for p in epoch_dirs(path) if _is_checkpoint(p)]
-        start = saved[-1] if saved else None
-        _check_later_epochs(path, start)
-        if start is not None:
+        if saved:
             how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
-            warn(f"{path}/last {how}; resuming from the newest checkpoint there, {start.name}")
-            point_last(path, start.name)
-    elif resume:
-        _check_later_epochs(path, last_checkpoint(path))
+            warn(f"{path}/last {how}; resuming from the newest checkpoint there, {saved[-1].name}")
+            point_last(path, saved[-1].name)
     return path
 
 
-def _check_later_epochs(run_dir: Path, start: Path | None) -> None:
-    """CheckpointError, before any work, for an epoch folder after ``start`` (the checkpoint a
-    resumed run continues from; None: the run starts again) that is not a complete checkpoint,
-    e.g. its config.json lost in a copy: training would reach that epoch and could not save over
-    a folder masksc cannot tell it wrote (and a copied ``last`` folder has no epoch to compare)."""
-    begun = start.name if start is not None and re.fullmatch(r"epoch-\d{6}", start.name) else ""
-    for p in epoch_dirs(run_dir):
-        empty = p.is_dir() and not any(p.iterdir())  # saving there loses nothing
-        if p.name > begun and not empty and not _is_checkpoint(p):
-            what = ("is not a folder" if not p.is_dir() else f"has no {CONFIG}" if not (p / CONFIG).exists() else
-                    f"has a {CONFIG} masksc cannot read")
-            then = f"from {start.name}" if start is not None else "from the start"
-            raise CheckpointError(f"{p} {what}, so it is no complete checkpoint, and the resumed run would reach that "
-                                  f"epoch and could not save there; fix: restore {p.name}/{CONFIG} from a copy, or "
-                                  f"delete {p.name} (the run then resumes {then}).")
+def check_resumed_saves(run_dir: str | os.PathLike, epochs, done: int) -> None:
+    """CheckpointError, before a resumed run trains, when an epoch folder it will save (``epochs``,
+    after ``done``) holds something ``save_checkpoint`` would refuse to replace, e.g. a folder whose
+    config.json was lost in a copy: the run would otherwise train up to that epoch and fail there."""
+    run_dir = Path(run_dir)
+    for epoch in epochs:
+        p = run_dir / f"epoch-{epoch:06d}"
+        if not os.path.lexists(p) or (p.is_dir() and not p.is_symlink() and not any(p.iterdir())):
+            continue
+        others = sorted(q.name for q in p.iterdir() if q.name not in (CONFIG, WEIGHTS, OPTIMIZER, STATE)) \
+            if p.is_dir() and not p.is_symlink() else []
+        what = ("is a symlink" if p.is_symlink() else "is not a folder" if not p.is_dir() else
+                f"has no {CONFIG}" if not (p / CONFIG).exists() else
+                f"has a {CONFIG} masksc cannot read" if not _is_checkpoint(p) else
+                f"also holds {others[:5]}" if others else None)
+        if what:
+            raise CheckpointError(f"{p} {what}, and the resumed run saves epoch {epoch} there; fix: restore "
+                                  f"{p.name} from a copy or move it out of {run_dir} (the run resumes after epoch "
+                                  f"{done}).")
 
 
 _LOCKED: dict[str, list] = {}  # run directory -> [holding thread, depth] for the directories this process holds

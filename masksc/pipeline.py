@@ -432,7 +432,8 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
         preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells, progress=progress)
         bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
                        "cells": _cells_record(adata.obs_names, X_grid)}
-    teacher_cfg = _teacher_config(cfg, seed, X_grid, teacher_overrides)
+    # resumed, the checkpoint's teacher continues (check_fit refused overrides that contradict it)
+    teacher_cfg = None if resume_from is not None else _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
     path = result.checkpoint

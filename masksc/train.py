@@ -345,6 +345,9 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
             log.info("resumed from %s at epoch %d (step %d)", last, start_epoch, step)
         else:
             log.info("resume=True but %s has no checkpoint yet; starting from scratch", run_dir)
+    if cfg.resume and run_dir is not None:
+        ckpt.check_resumed_saves(run_dir, [e for e in range(start_epoch + 1, cfg.epochs + 1)
+                                           if e % cfg.checkpoint_every == 0 or e == cfg.epochs], start_epoch)
     if start_epoch == 0:
         seed_everything(cfg.seed)
 
@@ -538,7 +541,8 @@ def _resumed_teacher(run_dir: Path, teacher, teacher_cfg):
             if given.get(key) != saved.get(key):
                 raise CheckpointError(f"cannot resume: the teacher in {run_dir} was trained with {key}="
                                       f"{saved.get(key)!r}, not {given.get(key)!r}; resume with the same teacher "
-                                      "settings (or none: the checkpoint holds them) or use a new checkpoint_dir.")
+                                      "settings (or teacher_cfg=None: the checkpoint holds them) or use a new "
+                                      "checkpoint_dir.")
     if teacher is not None:
         weights = {name[len("teacher."):]: value for name, value in ckpt.load_state_dict(run_dir).items()
                    if name.startswith("teacher.")}
@@ -571,8 +575,10 @@ def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = No
     run_dir = Path(train_cfg.checkpoint_dir) if train_cfg.checkpoint_dir else None
     if run_dir is not None:
         ckpt.check_run_dir(run_dir, train_cfg.resume)
-    if cfg.med and train_cfg.resume and run_dir is not None and ckpt.last_checkpoint(run_dir) is not None:
-        teacher = _resumed_teacher(run_dir, teacher, teacher_cfg)
+    if train_cfg.resume and run_dir is not None and ckpt.last_checkpoint(run_dir) is not None:
+        check_resumable(run_dir, cfg, train_cfg)  # first: a run without a teacher has no teacher settings to name
+        if cfg.med:
+            teacher = _resumed_teacher(run_dir, teacher, teacher_cfg)
     if cfg.med and teacher is None:
         teacher_cfg = teacher_cfg or teacher_config(cfg, train_cfg.seed, X_grid_csr)
         teacher = fit_teacher(X_grid_csr, cfg.grid_shape, cfg.patch, cfg.target_fragment, teacher_cfg,

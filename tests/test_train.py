@@ -400,10 +400,11 @@ def test_resume_continues_a_run_whose_last_link_was_copied_lost_or_left_dangling
     assert sorted(os.listdir(run)) == sorted(os.listdir(tmp_path / "full"))  # the folder copy is gone too
 
 
-def test_resume_refuses_a_later_epoch_folder_that_is_no_checkpoint_before_any_work(tmp_path):
-    """An epoch folder that lost its config.json (an interrupted copy) used to send the run back to
-    the checkpoint before it, with `last` re-pointed, to retrain up to it and then fail to save
-    there with a fix ("save to a new directory") that does not apply."""
+def test_resume_refuses_an_epoch_folder_it_would_save_to_before_training(tmp_path):
+    """An epoch folder that lost its config.json (an interrupted copy) used to be trained up to and
+    then refused at the save, with a fix ("save to a new directory") that did not apply. Only the
+    folders the run will save are checked: earlier ones, ones past the run or off its schedule,
+    and a run copied with its `last` link made a folder, resume as before."""
     run = tmp_path / "run"
 
     def stop_in_epoch_3(epoch, loss):
@@ -416,19 +417,28 @@ def test_resume_refuses_a_later_epoch_folder_that_is_no_checkpoint_before_any_wo
     def no_training(epoch, loss):
         raise AssertionError("trained before refusing")
     resume = tcfg(checkpoint_dir=str(run), checkpoint_every=1, resume=True)
-    with pytest.raises(CheckpointError, match=r"epoch-000002 has no config.json, so it is no complete checkpoint.*"
-                                              r"fix: restore epoch-000002/config.json from a copy, or delete "
-                                              r"epoch-000002 \(the run then resumes from epoch-000001\)"):
-        train(make(), structured_grid(), resume, callback=no_training)
-    assert os.readlink(run / "last") == "epoch-000002"  # left as it was
+    with pytest.warns(UserWarning, match="resuming from the newest checkpoint there, epoch-000001"):
+        with pytest.raises(CheckpointError, match=r"epoch-000002 has no config.json, and the resumed run saves epoch 2 "
+                                                  r"there; fix: restore epoch-000002 from a copy or move it out of "
+                                                  r".*run \(the run resumes after epoch 1\)"):
+            train(make(), structured_grid(), resume, callback=no_training)
     shutil.rmtree(run / "epoch-000002")
-    (run / "epoch-000003").write_text("a note")  # after a valid last link, and not a folder
-    with pytest.raises(CheckpointError, match=r"epoch-000003 is not a folder.*resumes from epoch-000001"):
+    (run / "epoch-000003").write_text("a note")
+    with pytest.raises(CheckpointError, match=r"epoch-000003 is not a folder, and the resumed run saves epoch 3"):
         train(make(), structured_grid(), resume, callback=no_training)
     (run / "epoch-000003").unlink()
-    (run / "epoch-000003").mkdir()  # an empty folder loses nothing when saved over
-    with pytest.warns(UserWarning, match="resuming from the newest checkpoint there, epoch-000001"):
-        assert train(make(), structured_grid(), resume).resumed_from_epoch == 1
+    # not saved by this run (checkpoint_every 2 saves 2 and 4) or past it (4 epochs): left alone
+    shutil.copytree(run / "epoch-000001", run / "epoch-000003")
+    (run / "epoch-000003" / "config.json").unlink()
+    (run / "epoch-000009").mkdir()
+    (run / "epoch-000009" / "notes.txt").write_text("mine")
+    shutil.copytree(run / "epoch-000001", run / "epoch-000000")  # before the start, and no checkpoint
+    (run / "epoch-000000" / "config.json").unlink()
+    os.unlink(run / "last")
+    shutil.copytree(run / "epoch-000001", run / "last")  # cp -rL
+    res = train(make(), structured_grid(), tcfg(checkpoint_dir=str(run), resume=True))
+    assert res.resumed_from_epoch == 1 and len(res.losses) == 4
+    assert (run / "epoch-000009" / "notes.txt").exists()
 
 
 def test_resume_pointed_at_one_checkpoint_of_a_run_names_the_run_directory(tmp_path):
@@ -811,6 +821,31 @@ def test_tl_fit_resuming_a_finished_run_records_its_model_dir(tmp_path):
     assert again.path == first.path == str(tmp_path / "run" / "epoch-000001")
     run = adata.uns["masksc"]["fit"]
     assert run["model_dir"] == str((tmp_path / "run").resolve()) and run["checkpoint"] == first.path
+
+
+def test_tl_fit_resumes_without_repeating_its_teacher_overrides(tmp_path):
+    """A resumed in-memory fit continues with the checkpoint's teacher; one given no teacher settings
+    contradicts nothing (it was refused: the defaults were compared with the saved teacher)."""
+    from masksc import tl
+    adata, tiny = _tiny_fit_args()
+    first = tl.fit(adata, "demo", model_dir=tmp_path / "run", epochs=1, **tiny)
+    rest = {k: v for k, v in tiny.items() if k != "teacher_overrides"}
+    layers = {"layers": [10, 8, 6]}  # needed by the tiny target_dim, not by the run: its teacher epochs are not repeated
+    again = tl.fit(adata, "demo", model_dir=tmp_path / "run", epochs=1, resume=True, **rest, teacher_overrides=layers)
+    assert again.path == first.path
+    with pytest.raises(CheckpointError, match=r"teacher in .* was trained with epochs=1, not 3"):
+        tl.fit(adata, "demo", model_dir=tmp_path / "run", epochs=1, resume=True, **rest,
+               teacher_overrides={**layers, "epochs": 3})
+
+
+def test_fit_masksc_resuming_a_run_without_a_teacher_with_med_on_names_the_model_config(tmp_path):
+    from masksc.train import fit_masksc
+    run = str(tmp_path / "run")
+    fit_masksc(structured_grid(), CFG.replace(med=False), tcfg(epochs=1, checkpoint_dir=run))
+    teacher_cfg = ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True, epochs=1, batch_size=16)
+    with pytest.raises(CheckpointError, match=r"different model config \(med: saved False, requested True\)"):
+        fit_masksc(structured_grid(), CFG.replace(med=True), tcfg(epochs=1, checkpoint_dir=run, resume=True),
+                   teacher_cfg=teacher_cfg)
 
 
 def test_fit_refuses_bad_settings_and_model_dirs_before_any_work(tmp_path, monkeypatch):
