@@ -40,6 +40,7 @@ from masksc.errors import warn
 from masksc.models import MaskSC
 from masksc.models.presets import get_preset
 from masksc.models.targets import teacher_config
+from masksc.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class MaskSCModel:
         whose ``last`` checkpoint is used) onto ``device``. Raises CheckpointError when it is
         missing or broken, ValueError for a device this machine lacks, before reading anything."""
         from masksc.errors import CheckpointError
-        network, config = ckpt.load_model(path, device=_weights_device(device))
+        network, config = ckpt.load_model(path, device=resolve_device(device))
         meta = config.get("meta") or {}
         if "preprocessor" not in meta or "grid" not in meta:
             raise CheckpointError(f"{config['path']} has no saved preprocessing/grid, so it cannot embed new data; "
@@ -93,8 +94,9 @@ class MaskSCModel:
     def to(self, device: str | torch.device) -> "MaskSCModel":
         """Move the network (with its teacher) to ``device`` and return this model, as
         ``nn.Module.to`` does; ``embed`` with ``device=None`` then runs there. Raises ValueError,
-        naming the fix, for a device this machine lacks or ``meta``, before moving anything."""
-        self.network.to(_weights_device(device, cpu_fix='call .to("cpu")'))
+        naming the fix, for a device this machine lacks or masksc does not run on (``meta``, ``mps``), before
+        moving anything."""
+        self.network.to(resolve_device(device, cpu_fix='call .to("cpu")'))
         return self
 
     def set_pool(self, pool: str) -> None:
@@ -285,20 +287,9 @@ def _input_arguments(layer: str | None, use_raw: bool) -> str:
     return "drop layer= / use_raw= (--layer / --use-raw)"
 
 
-def _weights_device(device: str | torch.device, cpu_fix: str | None = None) -> torch.device:
-    """``device`` as a torch.device that can hold a model's weights: checked by
-    ``train.resolve_device`` (``cpu_fix``: its fix for a torch without CUDA, None for its default),
-    and not ``meta`` (which holds no values, so nothing could embed)."""
-    from masksc.train import CPU_FIX, resolve_device
-    device = resolve_device(device, CPU_FIX if cpu_fix is None else cpu_fix)
-    if device.type == "meta":
-        raise ValueError("device 'meta' holds no weights, so the model could not embed; fix: use cpu or cuda.")
-    return device
-
-
 def _run_device(device: str | torch.device | None) -> torch.device | None:
-    """``device`` checked by ``_weights_device`` (None stays None: run where the weights are)."""
-    return None if device is None else _weights_device(device)
+    """``device`` checked by ``train.resolve_device`` (None stays None: run where the weights are)."""
+    return None if device is None else resolve_device(device)
 
 
 def _streamed(data) -> bool:
@@ -375,7 +366,7 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     large file can check first."""
     from masksc.errors import DataError
     from masksc.ops import forced_backend
-    from masksc.train import check_resumable, resolve_device
+    from masksc.train import check_resumable
 
     if resume and model_dir is None:
         raise ValueError("resume=True continues the run saved in model_dir, and none is given; fix: pass model_dir= "
@@ -587,7 +578,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
     from masksc.models.contrastive import ContrastiveSC
     from masksc.models.targets import fit_teacher
     from masksc.outofcore import StreamBatches, subsample_genes
-    from masksc.train import resolve_device, seed_everything, train
+    from masksc.train import seed_everything, train
 
     dev = ctx.device if ctx.distributed else resolve_device(device)
     teacher_cfg = _teacher_config(cfg, seed, None, teacher_overrides)

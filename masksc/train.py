@@ -241,8 +241,9 @@ CPU_FIX = "pass --device cpu (device='cpu'), or omit it to use CUDA only when th
 
 def resolve_device(device: str | torch.device | None, cpu_fix: str = CPU_FIX) -> torch.device:
     """``device`` as a torch.device (None: CUDA when available, else CPU). Raises ValueError
-    naming the fix for a name torch does not know or a CUDA device this machine lacks, so a
-    bad ``--device`` fails before any work. ``cpu_fix``: how the caller's user asks for the CPU
+    naming the fix for a name torch does not know, a device type other than cpu and cuda
+    (``meta``, ``mps`` ...) or a CUDA device this machine lacks, so a bad ``--device`` fails
+    before any work. ``cpu_fix``: how the caller's user asks for the CPU
     instead, the fix a torch without CUDA is answered with (e.g. ``'call .to("cpu")'``)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,6 +251,12 @@ def resolve_device(device: str | torch.device | None, cpu_fix: str = CPU_FIX) ->
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a device name ({exc}); fix: pass cpu, cuda or cuda:N.") from exc
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no weights or values, so nothing could train or embed; fix: pass cpu, "
+                         "cuda or cuda:N.")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: torch parses them, masksc's ops and tests cover neither
+        raise ValueError(f"device {device!r}: masksc runs on cpu and cuda devices only; fix: pass cpu, cuda or "
+                         "cuda:N.")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "finds no GPU" if torch.version.cuda else "was built without CUDA"

@@ -562,14 +562,17 @@ def test_fit_refuses_a_seed_beyond_2_63_before_any_work(trained, tmp_path, capsy
     assert not (tmp_path / "m").exists() and _sha(data) == before
 
 
-def test_an_unusable_device_is_refused_before_reading_the_data(tmp_path, capsys):
+@pytest.mark.parametrize("device, message", [("cuda:99", "device 'cuda:99'"),  # meta and mps failed after reading,
+                                             ("meta", "device 'meta' holds no weights or values"),  # as tracebacks
+                                             ("mps", "device 'mps': masksc runs on cpu and cuda devices only")])
+def test_an_unusable_device_is_refused_before_reading_the_data(tmp_path, capsys, device, message):
     missing = str(tmp_path / "nope.h5ad")  # read first, it would say "not found"
-    for argv in (["fit", missing, "-o", str(tmp_path / "m"), *TINY, "--device", "cuda:99"],
+    for argv in (["fit", missing, "-o", str(tmp_path / "m"), *TINY, "--device", device],
                  ["embed", missing, "--model", str(tmp_path / "m"), "-o", str(tmp_path / "e.npy"),
-                  "--device", "cuda:99"]):
+                  "--device", device]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "device 'cuda:99'" in err and "fix: pass" in err and "Traceback" not in err
+        assert message in err and "fix: pass" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []
 
 
