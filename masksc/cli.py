@@ -146,8 +146,8 @@ def _check_backend() -> None:
 
 
 def _write_h5ad(adata, path) -> Path:
-    from masksc.io_utils import atomic_write
-    with atomic_write(path, suffix=".h5ad") as tmp:
+    from masksc.io_utils import anndata_bytes, atomic_write
+    with atomic_write(path, suffix=".h5ad", min_bytes=anndata_bytes(adata)) as tmp:
         adata.write_h5ad(tmp)
     return path
 
@@ -587,12 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     except (MaskscError, FileNotFoundError) as exc:
         print(f"masksc {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the system's refusal (a full disk, a permission), not a bug: one line, -v for more
-        if args.verbose:
+    except (OSError, RuntimeError) as exc:  # the system's refusal (a full disk, a permission), not a bug: one line
+        if args.verbose or (isinstance(exc, RuntimeError) and not out_of_space(exc)):  # h5py's full disk: RuntimeError
             raise
         fix = ("free space there (or write elsewhere) and run it again" if out_of_space(exc) else
                "see the system's message; run with -v for the traceback")
-        print(f"masksc {args.command}: error: {exc}; fix: {fix}.", file=sys.stderr)
+        said = " ".join(str(exc).split())  # h5py's messages hold line breaks
+        print(f"masksc {args.command}: error: {said}; fix: {fix}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         saved = args.command == "fit" and os.path.lexists(Path(args.output) / "last")

@@ -38,7 +38,7 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
     from masksc import checkpoint, pl
     from masksc.data import load_demo
     from masksc.errors import CheckpointError
-    from masksc.io_utils import atomic_write
+    from masksc.io_utils import anndata_bytes, atomic_write
     try:
         checkpoint.check_run_dir(out / "model")
     except CheckpointError:  # an earlier demo's model: the demo is rerun from scratch, not resumed
@@ -67,7 +67,7 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
     picks = pl.one_cell_per_label(labels, seed, n=8)
     pl.attention_grid(model.attention_maps(adata[picks]), [str(x) for x in labels[picks]], out / "attention.png")
 
-    with atomic_write(out / "pbmc68k_masksc.h5ad", suffix=".h5ad") as tmp:
+    with atomic_write(out / "pbmc68k_masksc.h5ad", suffix=".h5ad", min_bytes=anndata_bytes(adata)) as tmp:
         adata.write_h5ad(tmp)
     with atomic_write(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps({"masksc": scores, "pca_kmeans": baseline, "wall_s": wall,

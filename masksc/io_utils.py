@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -110,12 +111,57 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def frame_bytes(frame) -> int:
+    """A lower bound of the bytes a pandas DataFrame (``obs``, ``var``) takes in an ``.h5ad``: its
+    names and text values (their characters and the 16-byte header HDF5 stores each one under),
+    its numbers, its categories' codes and names."""
+    import pandas as pd
+
+    text = lambda values: sum(len(str(x)) + 16 for x in values)
+    total = text(frame.index)
+    for _, column in frame.items():
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            total += column.cat.codes.to_numpy().nbytes + text(column.cat.categories)
+        elif pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype):
+            total += column.to_numpy().nbytes
+        else:
+            total += text(column)
+    return total
+
+
+def anndata_bytes(adata) -> int:
+    """A lower bound of the bytes an ``.h5ad`` of ``adata`` takes: the numbers of its matrices (``X``,
+    ``layers``, ``obsm``, ``varm``, ``obsp``, ``varp``, ``raw.X``) and its ``obs`` and ``var``
+    (:func:`frame_bytes`; ``uns`` not counted)."""
+    arrays = [adata.X, *adata.layers.values(), *adata.obsm.values(), *adata.varm.values(), *adata.obsp.values(),
+              *adata.varp.values(), *([adata.raw.X] if adata.raw is not None else [])]
+    sparse = lambda x: all(hasattr(x, part) for part in ("data", "indices", "indptr"))
+    return frame_bytes(adata.obs) + frame_bytes(adata.var) + sum(
+        x.data.nbytes + x.indices.nbytes + x.indptr.nbytes if sparse(x) else int(getattr(x, "nbytes", 0) or 0)
+        for x in arrays if x is not None)
+
+
+STRUCTURE_BYTES = 2**20  # room counted for an .h5ad's own structure (HDF5 headers, anndata's groups)
+
+
+def check_free_space(path: Path, nbytes: int) -> None:
+    """OSError (ENOSPC) before ``path`` is written when its folder has fewer than ``nbytes`` bytes
+    and ``STRUCTURE_BYTES`` free: h5py meets a full disk while closing a file, as a RuntimeError
+    after which the process can crash in its teardown, where this is an ordinary error. (Space
+    taken between this check and the write still fails there.)"""
+    need, free = nbytes + STRUCTURE_BYTES, shutil.disk_usage(path.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device: {path} needs at least {need / 2**20:.1f} MiB, and "
+                                    f"{free / 2**20:.1f} MiB are free")
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, suffix: str | None = None):
+def atomic_write(path: str | os.PathLike, suffix: str | None = None, min_bytes: int = 0):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically
     (after an fsync), on any exception it is removed and ``path`` is left untouched.
     Raises MaskscError naming ``path`` when its folder cannot be created or written or the
-    final rename fails."""
+    final rename fails, and OSError (ENOSPC) before anything is written when its folder lacks
+    room for ``min_bytes`` bytes (``check_free_space``; 0: not checked)."""
     path = Path(path)
     created = []
     try:
@@ -128,6 +174,8 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None):
     os.close(fd)
     os.chmod(tmp, default_mode())
     try:
+        if min_bytes:
+            check_free_space(path, min_bytes)
         yield Path(tmp)
         fsync_file(tmp)
         try:

@@ -521,13 +521,13 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             os.replace(tmp, output)
             fsync_dir(output.parent)
         else:
-            from masksc.io_utils import atomic_write
+            from masksc.io_utils import atomic_write, frame_bytes
             uns = {**_obs_colours(source, reader),
                    "masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
                                         "source": str(origin or "AnnData"), "n_cells": int(n),
                                         "layer": layer, "use_raw": use_raw, "config": model.config.to_dict()}}}
             Z = np.lib.format.open_memmap(tmp, mode="r")
-            with atomic_write(output, suffix=".h5ad") as out_tmp:
+            with atomic_write(output, suffix=".h5ad", min_bytes=Z.nbytes + frame_bytes(reader.obs)) as out_tmp:
                 write_embedding_h5ad(out_tmp, Z, reader.obs, uns)
             del Z
         done = True

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -444,6 +445,45 @@ def test_a_full_disk_during_embed_is_one_line_and_leaves_no_temp_file(trained, t
     err = capsys.readouterr().err
     assert "masksc embed: error: [Errno 28] No space left on device; fix: free space there" in err
     assert "Traceback" not in err and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["embed", "cluster"])
+def test_no_room_for_the_h5ad_is_one_line_before_it_is_written(trained, embedded, tmp_path, capsys, monkeypatch,
+                                                               command):
+    """h5py met a full disk while closing the file, as a RuntimeError with a multi-line message after
+    which the process could crash (exit 139, the temp file left): the room is checked first. The
+    existing output is kept."""
+    import shutil
+    from collections import namedtuple
+
+    from masksc.io_utils import STRUCTURE_BYTES
+    data, _, model = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "o.h5ad").write_text("the earlier output")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - STRUCTURE_BYTES, STRUCTURE_BYTES))
+    argv = {"embed": ["embed", str(data), "--model", str(model)], "cluster": ["cluster", str(embedded), "-k", "3"]}
+    assert main([*argv[command], "-o", str(out / "o.h5ad"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"masksc {command}: error: \[Errno 28\] No space left on device: .*o\.h5ad needs at least "
+                     r"1\.\d MiB, and 1\.0 MiB are free; fix: free space there", err), err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"masksc {command}: error")
+    assert os.listdir(out) == ["o.h5ad"] and (out / "o.h5ad").read_text() == "the earlier output"
+
+
+def test_an_h5py_full_disk_is_one_line(trained, embedded, tmp_path, capsys, monkeypatch):
+    """What room the check cannot foresee (taken meanwhile) still fails in h5py, as a RuntimeError."""
+    import anndata
+
+    def full(self, path, *a, **k):
+        raise RuntimeError("Can't decrement id ref count (file write failed: time = now\n, errno = 28, error "
+                           "message = 'No space left on device')")
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", full)
+    assert main(["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "c.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "masksc cluster: error: Can't decrement id ref count (file write failed: time = now , errno = 28" in err
+    assert "fix: free space there" in err and len(err.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
 
 
 def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one_and_names_the_fix(trained, tmp_path, capsys,
