@@ -29,6 +29,19 @@ def test_10x_h5_chunks_equal_read(tmp_path, data):
     assert full.n_vars == 298
 
 
+def test_a_streamed_10x_file_names_its_repeated_genes_as_read_does(tmp_path, data, caplog):
+    """The streamed reader made them unique silently; read() says so, as scanpy does."""
+    from masksc.outofcore import RowReader
+    genes = list(data.var_names)
+    genes[5] = genes[4]
+    write_10x_h5(tmp_path / "m.h5", data.X.toarray()[:20], list(data.obs_names[:20]), genes)
+    with caplog.at_level(logging.WARNING, logger="masksc.data.io"):
+        streamed = RowReader(tmp_path / "m.h5").var_names
+    assert list(streamed) == list(read(tmp_path / "m.h5").var_names) and streamed[5] == f"{genes[4]}-1"
+    said = [r.getMessage() for r in caplog.records if "duplicated gene names made unique" in r.getMessage()]
+    assert len(said) == 2 and all("1 duplicated gene names made unique as scanpy's" in m for m in said), said
+
+
 def test_fit_on_10x_file_equals_in_memory(tmp_path, data):
     write_10x_h5(tmp_path / "m.h5", data.X.toarray(), list(data.obs_names), list(data.var_names))
     a = Preprocessor(n_top_genes=100).fit(data)

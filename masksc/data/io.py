@@ -433,15 +433,21 @@ def _check_genome(path, genome: str | None, genomes: list[str], needed: bool) ->
                         + ("pass one of them." if genomes else "drop genome."))
 
 
-def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
-    """A file's duplicated gene names (10x symbols often repeat) made unique as scanpy does
+def unique_gene_names(names: pd.Index, path) -> pd.Index:
+    """A file's gene ``names`` with duplicates (10x symbols often repeat) made unique as scanpy does
     (``G``, ``G-1``, ..), with a warning; an AnnData the user built is refused instead (see
     :func:`masksc.data.validate.check_unique_genes`), since it is theirs to rename."""
-    dups = adata.var_names[adata.var_names.duplicated()].unique()
-    if len(dups):
-        log.warning("%s: %d duplicated gene names made unique as scanpy's var_names_make_unique does "
-                    "(e.g. %s)", path, len(dups), list(dups[:3]))
-        adata.var_names_make_unique()
+    dups = names[names.duplicated()].unique()
+    if not len(dups):
+        return names
+    log.warning("%s: %d duplicated gene names made unique as scanpy's var_names_make_unique does (e.g. %s)",
+                path, len(dups), list(dups[:3]))
+    return ad.utils.make_index_unique(names)
+
+
+def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
+    """``adata`` read from ``path`` with its gene names made unique (:func:`unique_gene_names`)."""
+    adata.var_names = unique_gene_names(adata.var_names, path)
     return adata
 
 

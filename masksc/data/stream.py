@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from masksc.data.io import (_CORRUPT_FIX, _decode, _gene_expression, as_float32, canonical_csr32, check_compressed,
-                             detect_format, read, set_labels, to_csr32)
+                             detect_format, read, set_labels, to_csr32, unique_gene_names)
 from masksc.data.validate import check_count
 from masksc.errors import DataError
 
@@ -294,7 +294,7 @@ def _10x_h5_source(path: Path) -> ChunkSource | None:
         if not gex.all():
             keep = np.flatnonzero(gex)
             names = names[keep]
-    var_names = ad.utils.make_index_unique(pd.Index(names))
+    var_names = unique_gene_names(pd.Index(names), path)
     return ChunkSource(n_cells, var_names, pd.DataFrame(index=pd.Index(barcodes)),
                        partial(_10x_rows, n_genes, keep), path)
 
