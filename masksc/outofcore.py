@@ -37,6 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from masksc.checks import check_seed, is_integer
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
@@ -160,19 +161,34 @@ def chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
 
 
+def rank_chunk_bounds(n: int, chunk_size: int, world_size: int) -> list[tuple[int, int]]:
+    """[(start, stop)] row ranges covering ``0..n`` in a multiple of ``world_size`` chunks of near-equal
+    size (one apart at most), about ``chunk_size`` cells each: dealt out ``world_size`` at a time,
+    every rank gets as many chunks and, whichever it gets, within a cell a chunk of the others'
+    counts (fixed-size chunks and a short last one made ranks top up by repeating many cells: 181
+    of 203 cells, in 64-cell chunks on 3 ranks; a rank could get no chunk at all). Needs
+    ``n >= world_size``."""
+    chunk_size = check_count("chunk_size", chunk_size)
+    rounds = min(math.ceil(math.ceil(n / chunk_size) / world_size), n // world_size)
+    edges = np.linspace(0, n, rounds * world_size + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
 class StreamBatches(torch.utils.data.IterableDataset):
     """Training batches (:class:`CSRBatch`, cells in grid order) streamed from disk.
 
-    Per epoch: the chunks (``chunk_size`` consecutive cells) are permuted with
+    Per epoch: the chunks (``chunk_size`` consecutive cells; under several processes a multiple of
+    ``world_size`` chunks of near-equal size, :func:`rank_chunk_bounds`) are permuted with
     ``default_rng([seed, epoch])``; rank ``r`` of ``world_size`` takes chunks ``perm[r::W]``
     (disjoint shards); it reads ``buffer_chunks`` of them at a time and shuffles their cells
     (``default_rng([seed, epoch, r])``); batches carry over across buffers, so all are full but
     the last. ``cell_index`` holds each cell's row in the dataset.
 
     Every rank takes ``len(self)`` steps per epoch (DDP needs equal step counts): it yields its
-    own cells once and, when its shard is smaller than the largest possible shard (or cells
-    were dropped by ``min_counts``), tops up with repeats of its first chunks. With one process
-    and no dropped cells this is exactly one pass: every cell once per epoch.
+    own cells once and, when its shard is smaller than the largest possible shard (by a cell a
+    chunk at most) or cells were dropped by ``min_counts``, tops up with repeats of its first
+    chunks. With one process and no dropped cells this is exactly one pass: every cell once per
+    epoch.
     Memory: ``buffer_chunks * chunk_size`` cells in grid order.
 
     In a ``DataLoader(batch_size=None, num_workers=k)`` worker ``w`` yields batches ``w, w+k, ...``
@@ -185,8 +201,10 @@ class StreamBatches(torch.utils.data.IterableDataset):
                  chunk_size: int = 4096, buffer_chunks: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1):
         batch_size, chunk_size = check_count("batch_size", batch_size), check_count("chunk_size", chunk_size)
         buffer_chunks = check_count("buffer_chunks", buffer_chunks, "chunks")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        world_size = check_count("world_size", world_size, "processes")
+        if not is_integer(rank) or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank!r} is not in 0..{world_size - 1}")
+        seed = check_seed(seed)
         self.reader = RowReader(source)
         self.preprocessor, self.grid = preprocessor, grid
         check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs)
@@ -195,14 +213,16 @@ class StreamBatches(torch.utils.data.IterableDataset):
         n = self.reader.n_obs
         if n < world_size:
             raise DataError(f"{n} cells cannot be split over {world_size} ranks; fix: use fewer processes.")
-        chunk_size = min(chunk_size, math.ceil(n / world_size))  # every rank gets at least one chunk
-        self.bounds = chunk_bounds(n, chunk_size)
+        self.bounds = chunk_bounds(n, chunk_size) if world_size == 1 else rank_chunk_bounds(n, chunk_size, world_size)
         sizes = sorted((b - a for a, b in self.bounds), reverse=True)
-        self.cells_per_rank = sum(sizes[:math.ceil(len(sizes) / world_size)]) if world_size > 1 else n
+        self.cells_per_rank = sum(sizes[:len(sizes) // world_size])
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose chunk permutation and shuffles the next iteration uses."""
+        """Select the epoch whose chunk permutation and shuffles the next iteration uses (a whole
+        number >= 0)."""
+        if not is_integer(epoch) or epoch < 0:
+            raise DataError(f"epoch={epoch!r}; fix: pass a whole number >= 0.")
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

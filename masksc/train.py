@@ -447,7 +447,12 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, last: Path, cfg:
     and ``result``; return (epoch, step) to continue from. CheckpointError names what does not fit."""
     check_resumable(run_dir, core.cfg, cfg)
     opt_state, state = ckpt.load_training_state(run_dir)
-    saved_world = state.get("world_size", _world_size())  # absent from checkpoints of earlier releases
+    if "world_size" not in state and _world_size() > 1:
+        raise CheckpointError(f"cannot resume under {_world_size()} processes: the run in {run_dir} was saved by an "
+                              "earlier masksc release, which split a streamed run's cells over processes otherwise, "
+                              "so it would not continue the same run; fix: resume it with that release, or start "
+                              f"again in a new model directory {_NEW_DIR}.")
+    saved_world = state.get("world_size", 1)  # absent from checkpoints of earlier releases: one process
     # before the steps per epoch, which may not tell (1,000 cells, batch 256: 2 and 3 ranks alike)
     if saved_world != _world_size():
         processes = lambda n: f"{n} process{'es' if n != 1 else ''}"

@@ -1,6 +1,7 @@
 """Out-of-core path: row blocks from disk, streamed training batches, streamed/atomic embedding."""
 import hashlib
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -131,10 +132,37 @@ def test_stream_batches_shard_disjointly_with_equal_step_counts(h5ad, fitted):
             assert sum(b.n_rows for b in sb) == sb.cells_per_rank
             first = idx[:len(set(idx.tolist()))]
             assert len(set(first.tolist())) == len(first)                # own cells first, each once
-            assert {int(i) // 64 for i in idx} <= own                  # only this rank's chunks
+            starts = np.array([a for a, _ in sb.bounds])
+            assert set(np.searchsorted(starts, idx, side="right") - 1) <= own   # only this rank's chunks
             seen.append(set(first.tolist()))
         assert set().union(*seen) == set(range(N))
         assert sum(len(s) for s in seen) == N                           # disjoint shards
+    # about one pass: the top-up is a cell a chunk at most (fixed-size chunks and a short last one
+    # repeated up to half a rank's cells: 64-cell chunks of these 500 cells on 3 ranks, 76 repeats; now 4)
+    sizes = [b - a for a, b in ranks[0].bounds]
+    assert len(sizes) % 3 == 0 and max(sizes) - min(sizes) <= 1 and max(sizes) <= 64
+    assert 3 * ranks[0].cells_per_rank - N <= len(sizes)
+    for world_size in (7, 16):  # few cells a rank: a 1,000-cell chunk size left ranks without a chunk
+        many = [StreamBatches(h5ad, pre, grid, batch_size=50, chunk_size=1000, rank=r, world_size=world_size)
+                for r in range(world_size)]
+        assert all(len(sb.chunks_of_rank()) == 1 for sb in many)
+        assert sorted(c for sb in many for c in sb.chunks_of_rank()) == list(range(world_size))
+
+
+def test_stream_batches_refuse_a_seed_rank_or_epoch_that_is_not_one(h5ad, fitted):
+    """They failed at the first iteration, after the file was opened, or were cut (epoch 1.7)."""
+    _, pre, grid, _ = fitted
+    for seed in (-1, None, 1.5, "3", True):
+        with pytest.raises(DataError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\], got " + re.escape(repr(seed))):
+            StreamBatches(h5ad, pre, grid, seed=seed)
+    with pytest.raises(ValueError, match=r"rank 1\.5 is not in 0\.\.1"):
+        StreamBatches(h5ad, pre, grid, rank=1.5, world_size=2)
+    with pytest.raises(DataError, match=r"world_size=0; fix: pass a positive whole number of processes"):
+        StreamBatches(h5ad, pre, grid, world_size=0)
+    sb = StreamBatches(h5ad, pre, grid)
+    for epoch in (1.7, -1, "2"):
+        with pytest.raises(DataError, match=rf"^epoch={re.escape(repr(epoch))}; fix: pass a whole number >= 0"):
+            sb.set_epoch(epoch)
 
 
 def test_subsample_is_seeded_and_transformed_like_in_memory(h5ad, fitted):

@@ -359,6 +359,21 @@ def test_a_run_of_another_number_of_processes_is_not_resumed(tmp_path):
         train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True))
 
 
+def test_a_run_of_an_earlier_release_resumes_in_one_process_only(tmp_path, monkeypatch):
+    """Its record names no process count, and several processes split a streamed run's cells otherwise
+    now; one process resumes it as before."""
+    import masksc.train
+    run = str(tmp_path / "run")
+    _crashed_run(run)
+    _edit_state(run, lambda st: st.pop("world_size"))
+    with monkeypatch.context() as m:
+        m.setattr(masksc.train, "_world_size", lambda: 2)
+        with pytest.raises(CheckpointError, match=r"cannot resume under 2 processes: .* saved by an earlier masksc "
+                                                  r"release"):
+            train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True))
+    assert train(make(), structured_grid(), tcfg(checkpoint_dir=run, resume=True)).resumed_from_epoch == 2
+
+
 def test_resuming_a_finished_run_clears_what_a_kill_while_pruning_left_and_nothing_else(tmp_path):
     """A finished run resumed (to get its model) writes nothing; it removes the half-deleted
     checkpoint a kill while pruning left, and keeps the checkpoints the run kept, whatever
