@@ -544,7 +544,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             from masksc.io_utils import atomic_write, frame_bytes
             uns = {**_obs_colours(source, reader),
                    "masksc": {"embed": {"model": str(model.path), "key": EMBEDDING_KEY,
-                                        "source": str(origin or "AnnData"), "n_cells": int(n),
+                                        "source": str(origin.resolve()) if origin else "AnnData", "n_cells": int(n),
                                         "layer": layer, "use_raw": use_raw, "config": model.config.to_dict()}}}
             Z = np.lib.format.open_memmap(tmp, mode="r")
             with atomic_write(output, suffix=".h5ad", min_bytes=Z.nbytes + frame_bytes(reader.obs)) as out_tmp:

@@ -607,6 +607,8 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
         at = np.flatnonzero(np.isfinite(v))  # NaN skipped, not breaking the line (a curve of gaps drew nothing)
         panel.plot(at + 1, v[at], marker="o" if at.size <= 30 else None, markersize=3, label=name)
     panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs or steps: no 1.5
+    if max(v.size for v in arrays.values()) == 1:  # the locator falls back to fractions on a range under one
+        panel.set_xticks([1])
     if logy:
         panel.set_yscale("log")
     panel.set_xlabel(xlabel)

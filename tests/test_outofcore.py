@@ -442,7 +442,7 @@ def test_embed_file_errors_name_the_dataset_cells(tmp_path, fitted):
         subsample_genes(path, pre, n_max=None, chunk_size=100)
 
 
-def test_source_path_names_an_in_memory_sources_file_and_never_hides_the_input(tmp_path, h5ad, fitted):
+def test_source_path_names_an_in_memory_sources_file_and_never_hides_the_input(tmp_path, h5ad, fitted, monkeypatch):
     """source_path records where an in-memory source came from, and the output may not be that file;
     a path source is its own origin: another source_path beside it is refused, so a mismatch can
     never let the output replace the input."""
@@ -451,6 +451,10 @@ def test_source_path_names_an_in_memory_sources_file_and_never_hides_the_input(t
     out = tmp_path / "e.h5ad"
     model.embed_file(adata, out, source_path=h5ad, progress=False)
     assert ad.read_h5ad(out).uns["masksc"]["embed"]["source"] == str(h5ad)
+    with monkeypatch.context() as m:  # a relative path is recorded absolute, as the model is
+        m.chdir(h5ad.parent)
+        model.embed_file(h5ad.name, tmp_path / "relative.h5ad", progress=False)
+    assert ad.read_h5ad(tmp_path / "relative.h5ad").uns["masksc"]["embed"]["source"] == str(h5ad.resolve())
     with pytest.raises(MaskscError, match="is the input file"):
         model.embed_file(adata, h5ad, source_path=h5ad, progress=False)
     victim = tmp_path / "victim.h5ad"
