@@ -132,6 +132,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); use 1 on a shared, oversubscribed machine")
     ap.add_argument("--cuda-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--name", default=None,
+                    help="results file name without .json (default masking_<device type>); a partial run under "
+                         "its own name leaves the committed figures alone")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +152,7 @@ def main() -> None:
                 rows += bench_shape(device, dtype, args.batch, G, D, args.mask_ratio, reps)
         print(f"\n== masking on {device_info(device)['device']}, {dtype}, torch threads {torch.get_num_threads()} ==")
         print_table(rows, ["op", "pass", "B", "G", "D", "U", "impl", "ms", "speedup_vs_mae"])
-        path = write_result(f"masking_{device.type}", {**device_info(device), "dtype": str(dtype), "reps": reps,
+        path = write_result(args.name or f"masking_{device.type}", {**device_info(device), "dtype": str(dtype), "reps": reps,
                                                        "threads": torch.get_num_threads(),
                                                        "mask_ratio": args.mask_ratio, "rows": rows})
         print(f"wrote {path}")

@@ -406,7 +406,7 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
         wall = " / ".join(f"{np.mean([r['wall_s'] for r in runs if r['device'] == d]):.0f}" for d in devices)
         device = ", ".join(d if len(devices) == 1 else f"{d} ×{sum(r['device'] == d for r in runs)}" for d in devices)
         rows.append(f"| {ds} | {m} | {setting} | {f('ari')} | {f('nmi')} | {f('silhouette')} | "
-                    f"{','.join(str(r['seed']) for r in runs)} | {wall} | {device} | "
+                    f"{','.join(str(seed) for seed in sorted(r['seed'] for r in runs))} | {wall} | {device} | "
                     f"{'%.2f / %.2f' % paper if paper else '-'} |")
     return "\n".join(rows) + "\n"
 

@@ -23,24 +23,25 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 # Which backend `auto` picks, per op and device type. Each entry is justified by a
 # benchmark in benchmarks/ (see README, "Kernels"); anything unmeasured stays on torch.
 AUTO_DEFAULTS: dict[str, dict[str, str]] = {
-    # Triton on CUDA: the paper-preset training step 1.30x and embedding 1.28x the torch model
+    # Triton on CUDA: the paper-preset training step 1.29x and embedding 1.28x the torch model
     # (H200, bf16, B=256; end_to_end_gpu.json), where SDPA gets the key-padding mask and cannot
     # take its flash kernel; the patch embedding, also Triton there, times equal to torch at B=256.
     "attention": {"cpu": "torch", "cuda": "triton"},
     # Without a key-padding mask SDPA takes its flash kernel, and Triton is 0.19-0.82x the best
     # SDPA backend at L = 65-1024 (attention_gpu.json): torch.
     "attention_unmasked": {"cpu": "torch", "cuda": "torch"},
-    # Triton on CUDA: no faster than patch_embed_torch at B=256, 2-2.5x slower at B=4096
+    # Triton on CUDA: no faster than patch_embed_torch at B=256, its forward 2-2.5x slower at B=4096
     # (patch_embed_gpu.json).
     "patch_embed": {"cpu": "torch", "cuda": "torch"},
     # C++ op on CPU: 2.6x (masking) and 3.1x (unmask) the torch reference fwd+bwd at B=256,
-    # G=144, D=128 (benchmarks/results/masking_cpu.json). CUDA (H200, bf16, B=256): 3.3-3.9x
+    # G=144, D=128 (benchmarks/results/masking_cpu.json). CUDA (H200, bf16, B=256): 3.3-4.05x
     # (masking) and 1.0-2.3x (unmask, D >= 128) the torch reference fwd+bwd (masking_cuda.json).
     "random_masking": {"cpu": "cpp", "cuda": "cpp"},
     "unmask": {"cpu": "cpp", "cuda": "cpp"},
     # Below D = 128 on CUDA the C++ op was 0.58-0.96x the reference at D = 1 and not measured
-    # between: torch. On CPU it is 0.54-0.79x at D = 1 but 3.1x at D = 128 (masking_cpu.json),
-    # and a review measured 2.2-2.4x from D = 16 (not committed): the models' widths are 32 and up.
+    # between: torch. On CPU it is 0.54-0.79x at D = 1 but 3.1x at D = 128 (masking_cpu.json), and
+    # unmask fwd+bwd 1.3x at D = 16, 2.4x at D = 32 and 64 (G=144, masking_cpu_narrow.json): the
+    # models' widths are 32 and up.
     "unmask_narrow": {"cpu": "cpp", "cuda": "torch"},
 }
 UNMASK_WIDE = 128  # the feature size from which unmask counts as "unmask" rather than "unmask_narrow"
