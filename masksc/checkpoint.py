@@ -130,7 +130,7 @@ def _check_replaceable(path: Path, training: bool) -> None:
     training checkpoint, whose optimiser state and training record the model would not keep."""
     if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink() and not any(path.iterdir())):
         return
-    if path.is_symlink() or not _is_checkpoint(path):
+    if path.is_symlink() or not is_checkpoint(path):
         what = "a symlink" if path.is_symlink() else "a folder that is not a masksc checkpoint"
         raise CheckpointError(f"{path} is {what}, and saving there would delete what it holds; fix: save to a new "
                               "directory (or to an existing checkpoint, which is replaced).")
@@ -146,7 +146,7 @@ def _check_replaceable(path: Path, training: bool) -> None:
                               "directory.")
 
 
-def _is_checkpoint(path: Path) -> bool:
+def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a checkpoint directory masksc wrote (so replacing it loses nothing else)."""
     try:
         return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
@@ -258,7 +258,7 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
                               f"no run to resume in it; fix: pass the run directory that holds it (-o "
                               f"{shlex.quote(str(path.parent))}, model_dir=) to resume that run.")
     if resume and not (path / "last" / CONFIG).is_file():
-        saved = [p for p in epoch_dirs(path) if _is_checkpoint(p)]
+        saved = [p for p in epoch_dirs(path) if is_checkpoint(p)]
         if saved:
             how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
             warn(f"{path}/last {how}; resuming from the newest checkpoint there, {saved[-1].name}")
@@ -279,7 +279,7 @@ def check_resumed_saves(run_dir: str | os.PathLike, epochs, done: int) -> None:
             if p.is_dir() and not p.is_symlink() else []
         what = ("is a symlink" if p.is_symlink() else "is not a folder" if not p.is_dir() else
                 f"has no {CONFIG}" if not (p / CONFIG).exists() else
-                f"has a {CONFIG} masksc cannot read" if not _is_checkpoint(p) else
+                f"has a {CONFIG} masksc cannot read" if not is_checkpoint(p) else
                 f"also holds {others[:5]}" if others else None)
         if what:
             raise CheckpointError(f"{p} {what}, and the resumed run saves epoch {epoch} there; fix: restore "
@@ -398,7 +398,7 @@ def resolve(path: str | os.PathLike) -> Path:
         return path
     if (path / "last" / CONFIG).is_file():
         return (path / "last").resolve()
-    saved = [p for p in epoch_dirs(path) if _is_checkpoint(p)] if path.is_dir() else []
+    saved = [p for p in epoch_dirs(path) if is_checkpoint(p)] if path.is_dir() else []
     if saved:  # a training run whose last link is missing or names a deleted checkpoint
         how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
         raise CheckpointError(f"{path} is a training run, but its last link {how}; the newest complete checkpoint "
@@ -417,7 +417,7 @@ def _moved_aside(path: Path) -> Path | None:
         return None
     pattern = re.escape(f".old-{path.name}-") + r"[a-z0-9_]{8}"  # tempfile.mkdtemp's suffix
     found = [p / _ASIDE for p in siblings if re.fullmatch(pattern, p.name)]
-    found = [p for p in found if _is_checkpoint(p) and (p / WEIGHTS).is_file()]
+    found = [p for p in found if is_checkpoint(p) and (p / WEIGHTS).is_file()]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 

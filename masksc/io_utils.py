@@ -113,19 +113,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def frame_bytes(frame) -> int:
     """A lower bound of the bytes a pandas DataFrame (``obs``, ``var``) takes in an ``.h5ad``: its
-    names and text values (their characters and the 16-byte header HDF5 stores each one under),
-    its numbers, its categories' codes and names."""
+    names, its numbers, and its text and categories as anndata writes them (a text column with
+    repeats as categories: each distinct value once, a code a cell); a text value counts its
+    characters and the 16-byte header HDF5 stores it under."""
     import pandas as pd
 
     text = lambda values: sum(len(str(x)) + 16 for x in values)
     total = text(frame.index)
     for _, column in frame.items():
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            total += column.cat.codes.to_numpy().nbytes + text(column.cat.categories)
-        elif pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype):
+        if pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype):
             total += column.to_numpy().nbytes
-        else:
-            total += text(column)
+            continue
+        categories = (column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else
+                      pd.Index(column.dropna().unique()))
+        numeric = pd.api.types.is_numeric_dtype(categories.dtype)
+        total += len(column) + (categories.to_numpy().nbytes if numeric else text(categories))  # codes: 1 byte+
     return total
 
 

@@ -255,7 +255,7 @@ def resolve_device(device: str | torch.device | None, cpu_fix: str = CPU_FIX) ->
         raise ValueError("device 'meta' holds no weights or values, so nothing could train or embed; fix: pass cpu, "
                          "cuda or cuda:N.")
     if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: torch parses them, masksc's ops and tests cover neither
-        raise ValueError(f"device {device!r}: masksc runs on cpu and cuda devices only; fix: pass cpu, cuda or "
+        raise ValueError(f"device '{dev}': masksc runs on cpu and cuda devices only; fix: pass cpu, cuda or "
                          "cuda:N.")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -268,8 +268,10 @@ def resolve_device(device: str | torch.device | None, cpu_fix: str = CPU_FIX) ->
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    """Delete epoch checkpoints beyond the newest ``keep + 1`` and what interrupted writes left."""
-    epochs = ckpt.epoch_dirs(run_dir)
+    """Delete epoch checkpoints beyond the newest ``keep + 1`` and what interrupted writes left. An
+    epoch folder that is no checkpoint (a copy that lost its config.json, a folder of the user's)
+    is neither counted nor deleted: masksc's own unfinished saves never carry an epoch's name."""
+    epochs = [p for p in ckpt.epoch_dirs(run_dir) if ckpt.is_checkpoint(p)]
     last = ckpt.last_checkpoint(run_dir)
     for p in epochs[:-(keep + 1)]:
         if p != last:

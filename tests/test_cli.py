@@ -472,6 +472,29 @@ def test_no_room_for_the_h5ad_is_one_line_before_it_is_written(trained, embedded
     assert os.listdir(out) == ["o.h5ad"] and (out / "o.h5ad").read_text() == "the earlier output"
 
 
+def test_the_room_counted_for_an_h5ad_never_exceeds_the_file(tmp_path):
+    """The room check must not refuse a write that fits: text with repeats is written as categories
+    (counting every value's characters put the estimate at 2.5x the file)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from masksc.io_utils import anndata_bytes
+    n = 3000
+    names = [f"AAACCTGAGC-{i}" for i in range(n)]
+    obs = pd.DataFrame({"sample": ["donor_07_lung_biopsy_replicate_2_" + "x" * 70] * n,
+                        "note": [f"note é {i}" for i in range(n)],
+                        "type": pd.Categorical(np.random.default_rng(0).choice(["T", "B", "NK"], n)),
+                        "dose": pd.Categorical(np.repeat([0.5, 1.5, 2.5], n // 3)),
+                        "flag": pd.array([True, None, False] * (n // 3), dtype="boolean"),
+                        "score": np.linspace(0, 1, n)}, index=names)
+    X = sp.random(n, 400, density=0.05, format="csr", dtype=np.float32, random_state=0)
+    for adata in (ad.AnnData(obs=obs, obsm={"X_masksc": np.zeros((n, 16), np.float32)}),
+                  ad.AnnData(X=X, obs=obs, layers={"counts": X.copy()})):
+        path = tmp_path / "a.h5ad"
+        adata.copy().write_h5ad(path)
+        assert 0.5 * path.stat().st_size < anndata_bytes(adata) <= path.stat().st_size
+
+
 def test_an_h5py_full_disk_is_one_line(trained, embedded, tmp_path, capsys, monkeypatch):
     """What room the check cannot foresee (taken meanwhile) still fails in h5py, as a RuntimeError."""
     import anndata

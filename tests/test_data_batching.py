@@ -89,6 +89,9 @@ def test_repeated_entries_of_a_cell_are_summed_as_scipy_reads_them_and_the_input
         np.testing.assert_array_equal(batch.to_dense(8).numpy(), dup.toarray())
         assert batch.col_indices.tolist() == [3, 5]
     assert np.array_equal(dup.data, before[0]) and np.array_equal(dup.indices, before[1])  # from_csr sorted in place
+    small = sp.csr_matrix((np.array([200, 100], np.uint8), np.array([1, 1]), np.array([0, 2])), shape=(1, 3))
+    for batch in (next(iter(CellBatches(small, 1, shuffle=False))), CSRBatch.from_csr(small)):
+        assert batch.to_dense(3).tolist() == [[0.0, 300.0, 0.0]]  # from_csr summed in uint8: 44
 
 
 def test_input_not_modified():

@@ -561,6 +561,22 @@ def test_prune_removes_interrupted_writes_and_nothing_else(tmp_path):
     assert left == [".old-link-abcdefgh", ".old-runs", ".tmp-notes"]
 
 
+def test_prune_deletes_and_counts_only_checkpoints(tmp_path):
+    """An epoch folder that is no checkpoint (its config.json lost, a folder of notes past the run)
+    was deleted with what it held, and counted among the checkpoints kept."""
+    def plant(epoch, loss):
+        if epoch == 0:
+            (tmp_path / "epoch-000000").mkdir()
+            (tmp_path / "epoch-000000" / "notes.txt").write_text("mine")
+            (tmp_path / "epoch-000009").mkdir()
+            (tmp_path / "epoch-000009" / "model.safetensors").write_text("a copy without its config")
+
+    train(make(), structured_grid(), tcfg(epochs=4, checkpoint_every=1, keep_checkpoints=1,
+                                          checkpoint_dir=str(tmp_path)), callback=plant)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-000000", "epoch-000003", "epoch-000004", "epoch-000009", "last"]
+    assert (tmp_path / "epoch-000000" / "notes.txt").read_text() == "mine"
+
+
 def test_crash_while_pruning_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
     """A kill part-way through deleting an old checkpoint (here: after its weights are gone) must
     not leave the rest of it under its epoch name, where resume and load would find it broken."""

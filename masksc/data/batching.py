@@ -61,10 +61,10 @@ class CSRBatch:
     def from_csr(cls, X: sp.csr_matrix, cell_index=None) -> CSRBatch:
         """Wrap a scipy CSR matrix (rows = cells) as a CSRBatch (``cell_index`` default 0..B-1);
         repeated entries of a cell's column are summed, as scipy reads them."""
-        X = _canonical(X.tocsr())
+        X = _canonical(X.tocsr().astype(np.float32, copy=False))  # summed in float32, as CellBatches sums them
         idx = np.arange(X.shape[0]) if cell_index is None else np.asarray(cell_index)
         return cls(torch.from_numpy(X.indptr.astype(np.int64)), torch.from_numpy(X.indices.astype(np.int64)),
-                   torch.from_numpy(X.data.astype(np.float32)), torch.from_numpy(idx.astype(np.int64)))
+                   torch.from_numpy(X.data.copy()), torch.from_numpy(idx.astype(np.int64)))
 
 
 def _canonical(X: sp.csr_matrix) -> sp.csr_matrix:
