@@ -38,10 +38,12 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes checkpoints and outputs."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process takes part."""
         return self.world_size > 1
 
     def barrier(self) -> None:

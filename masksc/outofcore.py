@@ -141,15 +141,17 @@ def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, re
 
 def check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
     """Blocks are transformed one at a time, without the gene-profile check (each may be too
-    small for it); check the first ``PROFILE_SAMPLE_CELLS`` cells of ``start .. stop-1`` at once,
-    before them, then warn once when the data lacks genes of the training data (the blocks do
-    not repeat it; after the check, which refuses data missing grid genes, as the warning says
-    none are). Reads nothing for named genes; leaves no file handle open (readers fork into
-    workers)."""
+    small for it) or the log-input check; check the first ``PROFILE_SAMPLE_CELLS`` cells of
+    ``start .. stop-1`` at once, before them, then warn once when the data lacks genes of the
+    training data (the blocks do not repeat it; after the check, which refuses data missing grid
+    genes, as the warning says none are). Reads nothing for named genes and counts input; leaves
+    no file handle open (readers fork into workers)."""
     b = min(stop, start + PROFILE_SAMPLE_CELLS)
-    if b > start and preprocessor.needs_profile_check():
+    if b > start and (preprocessor.needs_profile_check() or preprocessor.input_kind_ == "log"):
         try:
-            preprocessor.check_gene_profile(reader.rows(start, b), reader.var_names, f" in cells {start}..{b - 1}")
+            X = reader.rows(start, b)
+            preprocessor.check_gene_profile(X, reader.var_names, f" in cells {start}..{b - 1}")
+            preprocessor.check_log_input(X)
         finally:
             reader.close()
     preprocessor.library_columns(reader.var_names)

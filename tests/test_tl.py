@@ -396,6 +396,39 @@ def test_counts_layer_trains_and_embeds_as_counts_in_x(fitted, tmp_path):
         tl.fit(layered, "demo", layer="raw", progress=False, **TINY)
 
 
+def test_a_log_model_checks_new_data_as_fitting_checks_it(tmp_path):
+    """Normalised values never logged, and log1p of counts never normalised, were embedded by a
+    model fitted on log-normalised values without a word (embeddings off by up to 1.9); fitting
+    refuses the one and warns about the other. Values over 30 were called raw counts."""
+    import scanpy as sc
+    counts = synthetic(240, n_genes=300, n_types=3, seed=1)
+    log = counts.copy()
+    sc.pp.normalize_total(log, target_sum=1e4)
+    sc.pp.log1p(log)
+    model = tl.fit(log, "demo", epochs=1, progress=False, teacher_overrides={"epochs": 1}, **TINY)
+    never_logged = counts.copy()
+    sc.pp.normalize_total(never_logged, target_sum=20)
+    never_logged.write_h5ad(tmp_path / "never_logged.h5ad")
+    for embed in (lambda: tl.embed(never_logged, model, progress=False),
+                  lambda: model.embed_file(tmp_path / "never_logged.h5ad", tmp_path / "z.npy", chunk_size=50,
+                                           progress=False)):
+        with pytest.raises(DataError, match=r"looks normalised but not log-transformed \(every cell sums to 20\); "
+                                            r"fix: sc\.pp\.log1p it first, as the training data was\."):
+            embed()
+    assert sorted(os.listdir(tmp_path)) == ["never_logged.h5ad"]
+    never_normalised = counts.copy()
+    sc.pp.log1p(never_normalised)
+    with pytest.warns(UserWarning, match=r"expm1 of its values gives whole numbers.*fix: then sc\.pp\.normalize_total "
+                                         r"before sc\.pp\.log1p, as for the training data"):
+        tl.embed(never_normalised, model, progress=False)
+    big = counts.copy()
+    sc.pp.normalize_total(big, target_sum=200)
+    with pytest.raises(DataError, match=r"look like raw counts or normalised values never logged, but the "
+                                        r"preprocessor was fitted on log-normalised data"):
+        tl.embed(big, model, progress=False)
+    tl.embed(log, model, progress=False)  # the training data's kind passes
+
+
 def test_genes_named_otherwise_point_to_the_var_column_that_names_them(tmp_path):
     """Ensembl IDs as var_names with the model's symbols in a var column: the refusal names that
     column and code that matches by it, and following it embeds as the symbol-named data does."""

@@ -456,6 +456,17 @@ def test_resume_refuses_an_epoch_folder_it_would_save_to_before_training(tmp_pat
     assert (run / "epoch-000009" / "notes.txt").exists()
 
 
+def test_resume_of_a_run_whose_checkpoints_are_all_gone_says_it_starts_again(tmp_path):
+    """A `last` link left dangling with no checkpoint beside it started a new run in silence, where a
+    missing run directory is said."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink("epoch-000002", run / "last")
+    with pytest.warns(UserWarning, match=r"names no checkpoint and there is none in .*run; starting the run again"):
+        res = train(make(), structured_grid(), tcfg(epochs=2, checkpoint_dir=str(run), resume=True))
+    assert res.resumed_from_epoch is None and os.readlink(run / "last") == "epoch-000002"
+
+
 def test_resume_pointed_at_one_checkpoint_of_a_run_names_the_run_directory(tmp_path):
     """-o run/epoch-000002 --resume used to start a new run nested inside that checkpoint."""
     run = tmp_path / "run"

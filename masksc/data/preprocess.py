@@ -67,26 +67,32 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
     return bool(X.nnz) and float(np.mean(X.data == np.round(X.data))) > COUNTS_WHOLE_FRACTION
 
 
-def _check_log_normalised(X: sp.csr_matrix) -> None:
+def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
     """For non-integer values under LOG_MAX, taken as log-normalised: raise DataError when they
     are normalised values never logged (every cell sums to the same total), and warn when expm1
     gives back whole numbers, as of log1p of raw counts never normalised. Only a warning: counts
     downsampled to one depth, or depth-corrected and rounded (Seurat's SCTransform data), give
     whole numbers too, and no spread of their sums tells them apart once genes are subset.
-    Judged on the first chunk, of at least 100 values of at least 10 cells."""
+    Judged on the first chunk, of at least 100 values of at least 10 cells. ``fitted``: the
+    values are new data for a preprocessor fitted on log-normalised values, which raw counts
+    would not suit."""
     sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
     sums = sums[sums > 0]
     if X.nnz < 100 or sums.size < 10:
         return
     if sums.std() <= 1e-3 * sums.mean():
+        fix = ("sc.pp.log1p it first, as the training data was" if fitted else
+               f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}")
         raise DataError(f"X looks normalised but not log-transformed (every cell sums to {sums.mean():.6g}); fix: "
-                        f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}.")
+                        f"{fix}.")
     values = np.expm1(X.data.astype(np.float64))
     if np.mean(np.abs(values - np.round(values)) <= 1e-3 + 1e-5 * values) > 0.9:  # log-normalised: ~0.1%
+        fix = ("sc.pp.normalize_total before sc.pp.log1p, as for the training data" if fitted else
+               f"pass the raw counts{COUNTS_LAYER_HINT} (np.expm1 of these values), or sc.pp.normalize_total before "
+               "sc.pp.log1p")
         warn("X is taken as log-normalised, but expm1 of its values gives whole numbers, as log1p of raw counts does: "
-             "if they were never normalised, cells of larger libraries look more expressed; fix: then pass the raw "
-             f"counts{COUNTS_LAYER_HINT} (np.expm1 of these values), or sc.pp.normalize_total before sc.pp.log1p "
-             "(counts downsampled to one depth are fine as they are).")
+             f"if they were never normalised, cells of larger libraries look more expressed; fix: then {fix} (counts "
+             "downsampled to one depth are fine as they are).")
 
 
 def _cells_named(a: int, b: int, rows: np.ndarray | None) -> str:
@@ -204,9 +210,10 @@ class Preprocessor:
                 raise DataError(f"{looks_like}{where} look like raw counts, but {given}; fix: pass one kind of values "
                                 "for every cell: raw counts (input='auto' or 'counts') or log-normalised values.")
             if looks_like:
-                raise DataError(f"{looks_like}{where} look like raw counts, but the preprocessor was fitted on "
-                                "log-normalised data; fix: pass log-normalised values, as in fitting (the same "
-                                "layer or use_raw), or fit a model on raw counts.")
+                raise DataError(f"{looks_like}{where} look like raw counts or normalised values never logged, but "
+                                "the preprocessor was fitted on log-normalised data; fix: pass log-normalised values "
+                                "(sc.pp.normalize_total, then sc.pp.log1p), as in fitting (the same layer or "
+                                "use_raw), or fit a model on raw counts.")
         return self._library_sizes(X, kind, library_cols)
 
     def _library_sizes(self, X: sp.csr_matrix, kind: str, library_cols: np.ndarray | None
@@ -371,6 +378,14 @@ class Preprocessor:
         """Whether data must pass the detection-profile check: genes matched by position only."""
         return self.detection_ is not None and has_synthesised_names(self.genes_)
 
+    def check_log_input(self, X: sp.csr_matrix) -> None:
+        """For a preprocessor fitted on log-normalised values, the checks fitting made of them, on the
+        first cells of new data ``X`` (CSR, its own genes): normalised values never logged are
+        refused and log1p of counts never normalised is warned about; a no-op for counts."""
+        self._check_fitted()
+        if self.input_kind_ == "log":
+            _check_log_normalised(X, fitted=True)
+
     def check_gene_profile(self, X: sp.csr_matrix, var_names, where: str = "") -> None:
         """The check :meth:`transform_chunks` makes, on one block of raw cells (CSR [m,
         len(var_names)]) for callers that transform a dataset block by block: when the fitted
@@ -431,6 +446,7 @@ class Preprocessor:
         src = open_source(data)
         idx = self._gene_index(src.var_names)
         library_cols = self.library_columns(src.var_names)
+        check_log = check_profile  # the dataset's first cells are here: check log input as fitting did
         check_profile = check_profile and self.needs_profile_check()
         rows = None if rows is None else _check_rows(rows, src.n_obs)
         gathered, end = [], 0
@@ -438,6 +454,9 @@ class Preprocessor:
             end = a + X.shape[0]
             cell = _cell_namer(src, a, rows)
             sums, keep = self._keep_cells(X, self.input_kind_, _cells_named(a, end, rows), cell, library_cols)
+            if check_log:
+                self.check_log_input(X)
+                check_log = False
             if check_profile:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
                 gathered.append(X[:take][keep[:take]][:, idx])

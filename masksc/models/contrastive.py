@@ -78,18 +78,22 @@ class ContrastiveConfig:
 
     @property
     def out_dim(self) -> int:
+        """Width of the embedding: the last layer's."""
         return self.layers[-1]
 
     def replace(self, **kw) -> "ContrastiveConfig":
+        """A copy with the fields in ``kw`` changed (checked as a new config is)."""
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
+        """JSON-able fields (``from_dict`` restores an equal config)."""
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ContrastiveConfig":
+        """The config ``to_dict`` wrote; ValueError naming fields this masksc does not know."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -128,6 +132,7 @@ class ContrastiveSC(nn.Module):
 
     @property
     def out_dim(self) -> int:
+        """Width of the embedding (``cfg.out_dim``)."""
         return self.cfg.out_dim
 
     def fit_standardizer(self, mean: np.ndarray, std: np.ndarray) -> None:

@@ -146,18 +146,22 @@ class MaskSCConfig:
 
     @property
     def n_patches(self) -> int:
+        """Tokens G of a cell: (g / P) * (s / P)."""
         return (self.grid_shape[0] // self.patch) * (self.grid_shape[1] // self.patch)
 
     @property
     def n_genes(self) -> int:
+        """Grid positions g * s: the columns of the matrices the model reads."""
         return self.grid_shape[0] * self.grid_shape[1]
 
     @property
     def n_keep(self) -> int:
+        """Tokens left visible in training: G * (1 - mask_ratio), rounded, at least 1."""
         return max(1, int(round(self.n_patches * (1.0 - self.mask_ratio))))
 
     @property
     def out_dim(self) -> int:
+        """Width of the decoder's predictions: target_dim with MED, else a patch's P * P values."""
         return self.target_dim if self.med else self.patch * self.patch
 
     @property
@@ -174,6 +178,7 @@ class MaskSCConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
+        """JSON-able fields with the config version (``from_dict`` restores an equal config)."""
         d = dataclasses.asdict(self)
         d["grid_shape"] = list(self.grid_shape)
         d["betas"] = list(self.betas)
@@ -182,6 +187,7 @@ class MaskSCConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskSCConfig":
+        """The config ``to_dict`` wrote; ValueError for another config version or unknown fields."""
         d = dict(d)
         version = d.pop("config_version", None)
         if version != CONFIG_VERSION:
