@@ -136,6 +136,8 @@ def main() -> None:
                     help="results file name without .json (default masking_<device type>); a partial run under "
                          "its own name leaves the committed figures alone")
     args = ap.parse_args()
+    if args.name and len(args.devices) > 1:
+        ap.error("--name names one results file: pass one device with it")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -122,7 +122,7 @@ def frame_bytes(frame) -> int:
     total = text(frame.index)
     for _, column in frame.items():
         if pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype):
-            total += column.to_numpy().nbytes
+            total += column.array.nbytes  # a nullable column's values and mask, as written (not objects)
             continue
         categories = (column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else
                       pd.Index(column.dropna().unique()))

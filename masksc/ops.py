@@ -34,8 +34,8 @@ AUTO_DEFAULTS: dict[str, dict[str, str]] = {
     # (patch_embed_gpu.json).
     "patch_embed": {"cpu": "torch", "cuda": "torch"},
     # C++ op on CPU: 2.6x (masking) and 3.1x (unmask) the torch reference fwd+bwd at B=256,
-    # G=144, D=128 (benchmarks/results/masking_cpu.json). CUDA (H200, bf16, B=256): 3.3-4.05x
-    # (masking) and 1.0-2.3x (unmask, D >= 128) the torch reference fwd+bwd (masking_cuda.json).
+    # G=144, D=128 (benchmarks/results/masking_cpu.json). CUDA (H200, bf16, B=256, D >= 128):
+    # 3.3-4.05x (masking) and 1.0-2.3x (unmask) the torch reference fwd+bwd (masking_cuda.json).
     "random_masking": {"cpu": "cpp", "cuda": "cpp"},
     "unmask": {"cpu": "cpp", "cuda": "cpp"},
     # Below D = 128 on CUDA the C++ op was 0.58-0.96x the reference at D = 1 and not measured
