@@ -29,7 +29,7 @@ def time_once(out: Path) -> dict:
     run = subprocess.run([str(ROOT / "scripts" / "demo"), "-o", str(out)], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if run.returncode:
-        sys.exit(f"./scripts/demo failed (exit status {run.returncode}):\n{run.stderr[-3000:]}")
+        sys.exit(f"./scripts/demo failed (exit status {run.returncode}):\n{run.stdout[-2000:]}{run.stderr[-3000:]}")
     inside = re.search(r"demo finished in ([0-9.]+)s", run.stderr)
     metrics = json.loads((out / "metrics.json").read_text())
     return {"wall_s": round(wall, 1), "demo_s": float(inside.group(1)) if inside else None,

@@ -139,19 +139,23 @@ def grid_rows(preprocessor: Preprocessor, grid: GridLayout, X: sp.csr_matrix, re
     return keep, grid.to_grid(ad.AnnData(X=L, var=genes))
 
 
-def check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int) -> None:
+def check_first_cells(preprocessor: Preprocessor, reader: RowReader, start: int, stop: int,
+                      log_input: bool = True) -> None:
     """Blocks are transformed one at a time, without the gene-profile check (each may be too
     small for it) or the log-input check; check the first ``PROFILE_SAMPLE_CELLS`` cells of
     ``start .. stop-1`` at once, before them, then warn once when the data lacks genes of the
     training data (the blocks do not repeat it; after the check, which refuses data missing grid
-    genes, as the warning says none are). Reads nothing for named genes and counts input; leaves
-    no file handle open (readers fork into workers)."""
+    genes, as the warning says none are). ``log_input=False`` leaves out the log-input check, for
+    the data the preprocessor was just fitted on (fitting made it). Reads nothing for named genes
+    and counts input; leaves no file handle open (readers fork into workers)."""
     b = min(stop, start + PROFILE_SAMPLE_CELLS)
-    if b > start and (preprocessor.needs_profile_check() or preprocessor.input_kind_ == "log"):
+    log_input = log_input and preprocessor.input_kind_ == "log"
+    if b > start and (preprocessor.needs_profile_check() or log_input):
         try:
             X = reader.rows(start, b)
             preprocessor.check_gene_profile(X, reader.var_names, f" in cells {start}..{b - 1}")
-            preprocessor.check_log_input(X)
+            if log_input:
+                preprocessor.check_log_input(X)
         finally:
             reader.close()
     preprocessor.library_columns(reader.var_names)
@@ -209,7 +213,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         seed = check_seed(seed)
         self.reader = RowReader(source)
         self.preprocessor, self.grid = preprocessor, grid
-        check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs)
+        check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs, log_input=False)  # its fit checked it
         self.batch_size, self.buffer_chunks, self.seed = batch_size, buffer_chunks, seed
         self.rank, self.world_size = rank, world_size
         n = self.reader.n_obs
@@ -302,7 +306,7 @@ def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_0
     Returns (CSR float32 [m, len(preprocessor.genes_)] over the selected genes, int64 [m] rows
     of those cells in the dataset). Memory: the subsample plus one chunk."""
     reader = RowReader(source)
-    check_first_cells(preprocessor, reader, 0, reader.n_obs)
+    check_first_cells(preprocessor, reader, 0, reader.n_obs, log_input=False)  # the data it was fitted on
     rows = subsample_rows(reader.n_obs, n_max, seed)
     blocks, kept = [], []
     try:

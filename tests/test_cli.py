@@ -485,7 +485,7 @@ def test_the_room_counted_for_an_h5ad_never_exceeds_the_file(tmp_path):
                         "note": [f"note é {i}" for i in range(n)],
                         "type": pd.Categorical(np.random.default_rng(0).choice(["T", "B", "NK"], n)),
                         "dose": pd.Categorical(np.repeat([0.5, 1.5, 2.5], n // 3)),
-                        "flag": pd.array([True, None, False] * (n // 3), dtype="boolean"),  # NA: objects, 8 bytes
+                        "flag": pd.array([True, None, False] * (n // 3), dtype="boolean"),  # with NA: values + mask
                         **{f"q{j}": pd.array([1, None, 3] * (n // 3), dtype="Int8") for j in range(10)},
                         "score": np.linspace(0, 1, n)}, index=names)
     X = sp.random(n, 400, density=0.05, format="csr", dtype=np.float32, random_state=0)

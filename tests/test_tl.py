@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from masksc import cluster, tl
-from masksc.data import synthetic
+from masksc.data import Preprocessor, synthetic
 from masksc.errors import CheckpointError, DataError
 from masksc.pipeline import MaskSCModel
 
@@ -400,6 +401,7 @@ def test_a_log_model_checks_new_data_as_fitting_checks_it(tmp_path):
     """Normalised values never logged, and log1p of counts never normalised, were embedded by a
     model fitted on log-normalised values without a word (embeddings off by up to 1.9); fitting
     refuses the one and warns about the other. Values over 30 were called raw counts."""
+    import anndata as ad
     import scanpy as sc
     counts = synthetic(240, n_genes=300, n_types=3, seed=1)
     log = counts.copy()
@@ -416,8 +418,17 @@ def test_a_log_model_checks_new_data_as_fitting_checks_it(tmp_path):
                                             r"fix: sc\.pp\.log1p it first, as the training data was\."):
             embed()
     assert sorted(os.listdir(tmp_path)) == ["never_logged.h5ad"]
+    with pytest.raises(DataError, match="looks normalised but not log-transformed"):  # chunks of 5: the first cells
+        list(model.preprocessor.transform_chunks(never_logged, chunk_size=5))      # are gathered, not skipped
     never_normalised = counts.copy()
     sc.pp.log1p(never_normalised)
+    never_normalised.write_h5ad(tmp_path / "never_normalised.h5ad")
+    with warnings.catch_warnings(record=True) as caught:  # a streamed fit said it thrice, twice as for new data
+        warnings.simplefilter("always")
+        tl.fit(ad.read_h5ad(tmp_path / "never_normalised.h5ad", backed="r"), "demo", epochs=1, progress=False,
+               teacher_overrides={"epochs": 1}, **TINY)
+    said = [str(w.message) for w in caught if "expm1 of its values gives whole numbers" in str(w.message)]
+    assert len(said) == 1 and "pass the raw counts" in said[0], said
     with pytest.warns(UserWarning, match=r"expm1 of its values gives whole numbers.*fix: then sc\.pp\.normalize_total "
                                          r"before sc\.pp\.log1p, as for the training data"):
         tl.embed(never_normalised, model, progress=False)
@@ -427,6 +438,8 @@ def test_a_log_model_checks_new_data_as_fitting_checks_it(tmp_path):
                                         r"preprocessor was fitted on log-normalised data"):
         tl.embed(big, model, progress=False)
     tl.embed(log, model, progress=False)  # the training data's kind passes
+    told = Preprocessor(n_top_genes=100, input="log").fit(never_logged)  # the user's word: fit and embed take it
+    told.transform(never_logged)
 
 
 def test_genes_named_otherwise_point_to_the_var_column_that_names_them(tmp_path):

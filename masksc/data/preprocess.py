@@ -381,9 +381,10 @@ class Preprocessor:
     def check_log_input(self, X: sp.csr_matrix) -> None:
         """For a preprocessor fitted on log-normalised values, the checks fitting made of them, on the
         first cells of new data ``X`` (CSR, its own genes): normalised values never logged are
-        refused and log1p of counts never normalised is warned about; a no-op for counts."""
+        refused and log1p of counts never normalised is warned about; a no-op for counts and for
+        ``input="log"`` (the user's word, which fitting took too)."""
         self._check_fitted()
-        if self.input_kind_ == "log":
+        if self.input_kind_ == "log" and self.input == "auto":  # input="log" given: not checked, as in fitting
             _check_log_normalised(X, fitted=True)
 
     def check_gene_profile(self, X: sp.csr_matrix, var_names, where: str = "") -> None:
@@ -448,6 +449,7 @@ class Preprocessor:
         library_cols = self.library_columns(src.var_names)
         check_log = check_profile  # the dataset's first cells are here: check log input as fitting did
         check_profile = check_profile and self.needs_profile_check()
+        first_cells = []  # up to PROFILE_SAMPLE_CELLS raw cells, for the log check: small chunks do not skip it
         rows = None if rows is None else _check_rows(rows, src.n_obs)
         gathered, end = [], 0
         for a, X in src.chunks(self.chunk_size if chunk_size is None else chunk_size):
@@ -455,8 +457,10 @@ class Preprocessor:
             cell = _cell_namer(src, a, rows)
             sums, keep = self._keep_cells(X, self.input_kind_, _cells_named(a, end, rows), cell, library_cols)
             if check_log:
-                self.check_log_input(X)
-                check_log = False
+                first_cells.append(X[:max(0, PROFILE_SAMPLE_CELLS - a)])
+                if end >= PROFILE_SAMPLE_CELLS or end == src.n_obs:
+                    self.check_log_input(sp.vstack(first_cells, format="csr"))
+                    check_log, first_cells = False, []
             if check_profile:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
                 gathered.append(X[:take][keep[:take]][:, idx])
