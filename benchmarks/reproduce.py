@@ -74,7 +74,6 @@ ABLATIONS = {"masksc": {}, "ime-on": {"ime": True}, "ime-off": {"ime": False}, "
              "lr-2.5e-4": {"lr": 2.5e-4},
              "grid-32": {"grid_shape": (32, 32)}, "patch-8": {"patch": 8}, "decoder-4": {"decoder_depth": 4},
              "target-readout": {"pool": "target"}}
-DETERMINISTIC = {"pca-raw", "log-pca", "leiden"}  # seed only changes the clustering
 PAPER = {  # reference figures (ARI, NMI): the mask-sc paper, contrastive-sc authors, the README of ../shared/data
     ("pbmc", "masksc"): (0.8064, 0.7923), ("worm", "masksc"): (0.5777, 0.7190),
     ("pbmc", "contrastive-sc"): (0.70, 0.73), ("worm", "contrastive-sc"): (0.49, 0.63),
