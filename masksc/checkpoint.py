@@ -263,10 +263,6 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
             how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
             warn(f"{path}/last {how}; resuming from the newest checkpoint there, {saved[-1].name}")
             point_last(path, saved[-1].name)
-        elif (path / "last").is_symlink():  # as for a run directory that is not there: said, not silent
-            warn(f"resume=True (--resume), but {path}/last names no checkpoint and there is none in {path}; starting "
-                 "the run again there (restore its checkpoints first if you meant to continue it)")
-            (path / "last").unlink()  # it names nothing: said once, and the new run's first save links it again
     return path
 
 

@@ -188,7 +188,9 @@ class StreamBatches(torch.utils.data.IterableDataset):
     ``default_rng([seed, epoch])``; rank ``r`` of ``world_size`` takes chunks ``perm[r::W]``
     (disjoint shards); it reads ``buffer_chunks`` of them at a time and shuffles their cells
     (``default_rng([seed, epoch, r])``); batches carry over across buffers, so all are full but
-    the last. ``cell_index`` holds each cell's row in the dataset.
+    the last. ``cell_index`` holds each cell's row in the dataset. ``log_input=False`` leaves out
+    the log-input check of the first cells (``check_first_cells``), for the data the preprocessor
+    was just fitted on.
 
     Every rank takes ``len(self)`` steps per epoch (DDP needs equal step counts): it yields its
     own cells once and, when its shard is smaller than the largest possible shard (by a cell a
@@ -204,7 +206,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, source, preprocessor: Preprocessor, grid: GridLayout, batch_size: int = 256,
-                 chunk_size: int = 4096, buffer_chunks: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 chunk_size: int = 4096, buffer_chunks: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 log_input: bool = True):
         batch_size, chunk_size = check_count("batch_size", batch_size), check_count("chunk_size", chunk_size)
         buffer_chunks = check_count("buffer_chunks", buffer_chunks, "chunks")
         world_size = check_count("world_size", world_size, "processes")
@@ -213,7 +216,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         seed = check_seed(seed)
         self.reader = RowReader(source)
         self.preprocessor, self.grid = preprocessor, grid
-        check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs, log_input=False)  # its fit checked it
+        check_first_cells(preprocessor, self.reader, 0, self.reader.n_obs, log_input)
         self.batch_size, self.buffer_chunks, self.seed = batch_size, buffer_chunks, seed
         self.rank, self.world_size = rank, world_size
         n = self.reader.n_obs

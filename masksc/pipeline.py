@@ -620,7 +620,8 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
     train_cfg = _train_config(cfg, seed=seed, model_dir=model_dir, resume=resume, device=str(dev),
                               progress=progress and ctx.is_main, checkpoint_every=checkpoint_every)
     batches = StreamBatches(reader, preprocessor, grid, batch_size=train_cfg.batch_size, chunk_size=chunk_size,
-                            seed=seed, rank=ctx.rank, world_size=ctx.world_size)
+                            seed=seed, rank=ctx.rank, world_size=ctx.world_size,
+                            log_input=resume_from is not None)  # a fresh fit checked the data it fitted on
     from masksc import distributed
 
     result = train(distributed.wrap_model(network, ctx), None, train_cfg, extra_state=meta, batches=batches)

@@ -32,7 +32,7 @@ from masksc import checkpoint as ckpt
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.checks import check_seed
-from masksc.errors import CheckpointError
+from masksc.errors import CheckpointError, warn
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
 from masksc.models.targets import check_grid_columns
 from masksc.progress import progress_bar
@@ -352,6 +352,9 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
                 result.checkpoint = str(last)
                 ckpt.remove_leftovers(run_dir)  # what a run killed while saving or pruning left
             log.info("resumed from %s at epoch %d (step %d)", last, start_epoch, step)
+        elif (run_dir / "last").is_symlink():  # a run whose checkpoints are gone: said, as a missing directory is
+            warn(f"resume=True (--resume), but {run_dir}/last names no checkpoint and there is none in {run_dir}; "
+                 "starting the run again there (restore its checkpoints first if you meant to continue it)")
         else:
             log.info("resume=True but %s has no checkpoint yet; starting from scratch", run_dir)
     if cfg.resume and run_dir is not None:

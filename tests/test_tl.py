@@ -438,6 +438,17 @@ def test_a_log_model_checks_new_data_as_fitting_checks_it(tmp_path):
                                         r"preprocessor was fitted on log-normalised data"):
         tl.embed(big, model, progress=False)
     tl.embed(log, model, progress=False)  # the training data's kind passes
+    from masksc import pipeline  # a resumed streamed fit reads new data too: it is checked (it was not)
+    log.write_h5ad(tmp_path / "log.h5ad")
+    run = tmp_path / "run"
+    pipeline.fit(tmp_path / "log.h5ad", "demo", model_dir=run, epochs=2, checkpoint_every=1, progress=False,
+                 teacher_overrides={"epochs": 1}, **TINY)
+    shutil.rmtree(run / "epoch-000002")
+    os.unlink(run / "last")
+    os.symlink("epoch-000001", run / "last")
+    with pytest.raises(DataError, match="looks normalised but not log-transformed"):
+        pipeline.fit(tmp_path / "never_logged.h5ad", "demo", model_dir=run, epochs=2, checkpoint_every=1,
+                     resume=True, progress=False, teacher_overrides={"epochs": 1}, **TINY)
     told = Preprocessor(n_top_genes=100, input="log").fit(never_logged)  # the user's word: fit and embed take it
     told.transform(never_logged)
 
