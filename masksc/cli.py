@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from masksc import progress
 from masksc.cluster import LEIDEN_RESOLUTION, N_NEIGHBORS
 from masksc.data.io import FORMATS
 from masksc.errors import DataError, MaskscError, UncheckedGenesWarning
@@ -540,7 +541,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _interrupt(signum, frame):
-    raise Terminated()
+    progress.pending_interrupt = Terminated()  # raised again by the next progress step if Python drops it
+    raise progress.pending_interrupt
 
 
 def _one_process() -> bool:
@@ -602,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"masksc {args.command}: {'terminated' if stopped else 'interrupted'}{again}.", file=sys.stderr)
         return 128 + (signal.SIGTERM if stopped else signal.SIGINT)
     finally:
+        progress.pending_interrupt = None  # caught, or dropped after the last progress step: not for later
         if as_command:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         from masksc.distributed import shutdown

@@ -75,6 +75,32 @@ def test_sigterm_stops_the_command_cleanly_only_when_run_as_the_command(monkeypa
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sigterm_python_drops_is_raised_at_the_next_progress_step(monkeypatch, capsys):
+    """A signal that lands while Python runs a garbage-collection callback has its exception
+    dropped ("Exception ignored in ..."): a fit went on to finish and exit 0 (a CI run caught it).
+    The command's next progress step raises it again, and the command stops as for SIGTERM."""
+    import signal
+
+    from masksc import cli, progress
+    steps = []
+
+    class DiesOnCollection:
+        def __del__(self):  # the handler, run as the signal would run it inside a __del__
+            cli._interrupt(signal.SIGTERM, None)
+
+    def long_command(args):
+        for i in progress.progress_bar(range(100), disable=True):
+            steps.append(i)
+            if i == 3:
+                DiesOnCollection()  # collected at once: its exception is printed and dropped
+        return 0
+    monkeypatch.setattr(cli, "cmd_cluster", long_command)
+    assert cli.main(["cluster", "in.h5ad", "-k", "2", "-o", "out.h5ad"]) == 128 + signal.SIGTERM
+    assert steps == [0, 1, 2, 3] and progress.pending_interrupt is None
+    assert capsys.readouterr().err.rstrip().endswith("masksc cluster: terminated.")
+    assert list(progress.progress_bar(range(3), disable=True)) == [0, 1, 2]  # nothing left for later
+
+
 @pytest.fixture
 def umask_022():
     """A umask under which mkstemp's 0600 differs from a plain file's mode (0644)."""
