@@ -166,11 +166,10 @@ def _finite_on_every_rank(finite: bool, device: torch.device) -> bool:
     """Whether the loss is finite on all ranks (this rank's answer in a single process). Every
     rank then stops at the same step: a rank stopping alone would leave the others waiting
     in DDP's gradient all-reduce."""
-    d = torch.distributed
-    if not (d.is_available() and d.is_initialized()) or d.get_world_size() == 1:
+    if _world_size() == 1:
         return finite
     flag = torch.tensor([1.0 if finite else 0.0], device=device)
-    d.all_reduce(flag, op=d.ReduceOp.MIN)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
 
 

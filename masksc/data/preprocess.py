@@ -447,27 +447,25 @@ class Preprocessor:
         src = open_source(data)
         idx = self._gene_index(src.var_names)
         library_cols = self.library_columns(src.var_names)
-        check_log = check_profile  # the dataset's first cells are here: check log input as fitting did
-        check_profile = check_profile and self.needs_profile_check()
-        first_cells = []  # up to PROFILE_SAMPLE_CELLS raw cells, for the log check: small chunks do not skip it
+        # the dataset's first cells are here: its log input is checked as fitting did, its profile where needed
+        check_first, check_profile = check_profile, check_profile and self.needs_profile_check()
         rows = None if rows is None else _check_rows(rows, src.n_obs)
-        gathered, end = [], 0
+        first, first_kept, end = [], [], 0  # the first PROFILE_SAMPLE_CELLS cells: small chunks do not skip them
         for a, X in src.chunks(self.chunk_size if chunk_size is None else chunk_size):
             end = a + X.shape[0]
             cell = _cell_namer(src, a, rows)
             sums, keep = self._keep_cells(X, self.input_kind_, _cells_named(a, end, rows), cell, library_cols)
-            if check_log:
-                first_cells.append(X[:max(0, PROFILE_SAMPLE_CELLS - a)])
-                if end >= PROFILE_SAMPLE_CELLS or end == src.n_obs:
-                    self.check_log_input(sp.vstack(first_cells, format="csr"))
-                    check_log, first_cells = False, []
-            if check_profile:
+            if check_first:
                 take = min(X.shape[0], PROFILE_SAMPLE_CELLS - a)
-                gathered.append(X[:take][keep[:take]][:, idx])
-            if check_profile and (end >= PROFILE_SAMPLE_CELLS or end == src.n_obs):
-                self._check_profile(sp.vstack(gathered, format="csr"),
-                                    _cells_named(0, min(end, PROFILE_SAMPLE_CELLS), rows))
-                check_profile, gathered = False, []
+                first.append(X[:take])
+                first_kept.append(keep[:take])
+                if end >= PROFILE_SAMPLE_CELLS or end == src.n_obs:
+                    cells = sp.vstack(first, format="csr")
+                    self.check_log_input(cells)
+                    if check_profile:
+                        self._check_profile(cells[np.concatenate(first_kept)][:, idx],
+                                            _cells_named(0, min(end, PROFILE_SAMPLE_CELLS), rows))
+                    check_first, first, first_kept = False, [], []
             if not self.min_counts and (sums == 0).any():
                 raise DataError(self._zero_library_message(X, sums, cell, library_cols))
             L = self._lognorm(X[keep], sums[keep], self.input_kind_)[:, idx]
