@@ -118,6 +118,11 @@ def test_corrupt_layout_dict_refused():
         GridLayout.from_dict({**d, "genes": [d["genes"][1]] + d["genes"][1:]})
     with pytest.raises(DataError, match=corrupt.format("its source genes repeat")):
         GridLayout.from_dict({**d, "source_genes": d["source_genes"][:-1] + d["source_genes"][:1]})
+    # a fractional patch or side was cut to a whole one (2.5 -> 2) and taken
+    with pytest.raises(DataError, match=corrupt.format(r"its shape \[4, 4\] or patch 2\.5 is not whole")):
+        GridLayout.from_dict({**d, "patch": 2.5})
+    with pytest.raises(DataError, match=corrupt.format(r"its shape \[4\.5, 4\] or patch 2 is not whole")):
+        GridLayout.from_dict({**d, "shape": [4.5, 4]})
 
 
 def test_repeated_gene_names_and_non_finite_values_are_named():

@@ -83,7 +83,9 @@ class GridLayout:
         g, s = self.shape
         P = self.patch
         real_genes = [x for x in self.genes if x != ""]
-        bad = (f"it lists {len(self.genes)} grid genes for a {g}x{s} grid ({g * s} positions)"
+        bad = (f"its shape {list(shape)} or patch {patch!r} is not whole"
+               if [g, s, P] != [shape[0], shape[1], patch] else
+               f"it lists {len(self.genes)} grid genes for a {g}x{s} grid ({g * s} positions)"
                if len(self.genes) != g * s else
                f"a {g}x{s} grid is not divisible into {P}x{P} patches" if P < 1 or g % P or s % P else
                f"order {order!r} is not one of {ORDERS}" if order not in ORDERS else
