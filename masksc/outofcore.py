@@ -332,10 +332,13 @@ def subsample_genes(source, preprocessor: Preprocessor, n_max: int | None = 50_0
 @torch.no_grad()
 def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Preprocessor, grid: GridLayout,
                out: np.ndarray, start: int, stop: int, batch_size: int = 1024, chunk_size: int = 16_384,
-               device: str | torch.device | None = None, amp: bool = True, progress: bool = True) -> None:
+               device: str | torch.device | None = None, amp: bool = True, progress: bool = True,
+               checked: tuple[int, int] | None = None) -> None:
     """Embed cells ``start .. stop-1`` of ``reader`` into ``out[start:stop]`` (float32 [n, D],
     e.g. a memmap), chunk by chunk; cells dropped by the preprocessor (``min_counts``) get NaN,
-    with one warning counting them.
+    with one warning counting them. ``checked``: the cells whose first ones
+    :func:`check_first_cells` judges (default ``(start, stop)``; a rank embedding its shard
+    passes the whole dataset's, so that every rank judges the cells one process would).
     The next chunk is read and preprocessed in a background thread while the model embeds the
     current one (h5py, scipy and torch release the GIL for their heavy work). ``amp``: bf16
     autocast on CUDA (ignored on CPU)."""
@@ -350,7 +353,7 @@ def embed_rows(network: torch.nn.Module, reader: RowReader, preprocessor: Prepro
     bar = progress_bar(total=stop - start, desc="embed", unit="cell", disable=not progress, leave=False)
     n_dropped = 0
     try:
-        check_first_cells(preprocessor, reader, start, stop)
+        check_first_cells(preprocessor, reader, *(checked or (start, stop)))
         with ThreadPoolExecutor(max_workers=1) as pool:
             nxt = pool.submit(load, *bounds[0]) if bounds else None
             for i, (a, b) in enumerate(bounds):
@@ -486,7 +489,8 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
 
     ``output`` ends in ``.npy`` (float32 [n_cells, D] in row order) or ``.h5ad`` (``obs`` of the
     input + ``obsm["X_masksc"]`` + ``uns["masksc"]``, with scanpy's ``uns["<column>_colors"]`` of
-    the input; no ``X``). Rows are written chunk by chunk
+    the input; no ``X``). A path's ``obs`` is as :func:`masksc.read` reads it: a ``"label"``
+    column becomes a categorical of strings; an AnnData's is written as it is. Rows are written chunk by chunk
     into a hidden ``.npy`` memmap beside ``output``; in a distributed run (``dist``, default:
     the current process group, see :mod:`masksc.distributed`) rank ``r`` fills its contiguous
     shard of rows and rank 0 publishes the file (across nodes, ``output``'s folder must be on a
@@ -540,7 +544,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             with model.noting_fitted_input(layer, use_raw):
                 embed_rows(model.network, reader, model.preprocessor, model.grid, Z, a, b, batch_size=batch_size,
                            chunk_size=chunk_size, device=device if device is not None else ctx.device, amp=amp,
-                           progress=progress and ctx.is_main)
+                           progress=progress and ctx.is_main, checked=(0, n))
             Z.flush()
             del Z
         if not ctx.is_main:

@@ -66,7 +66,8 @@ tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads
 model, _ = pipeline.fit(data, "demo", epochs=1, progress=False, chunk_size=64, teacher_cells=200,
                         teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
 steps = {"fit": lambda: pipeline.fit(bad, "demo", epochs=1, progress=False, chunk_size=64, dist=ctx, **tiny),
-         "embed": lambda: model.embed_file(bad, f"{out}/e.npy", chunk_size=50, dist=ctx, progress=False)}
+         "embed": lambda: model.embed_file(bad, f"{out}/e.npy", chunk_size=50, dist=ctx, progress=False),
+         "shuffled": lambda: model.embed_file(f"{out}/shuffled.h5ad", f"{out}/s.npy", dist=ctx, progress=False)}
 for name, step in steps.items():
     try:
         step()
@@ -180,6 +181,11 @@ def test_an_input_error_on_one_rank_stops_every_rank_with_a_message(tmp_path):
     bad.X = bad.X.tocsr(copy=True)
     bad.X.data[bad.X.indptr[150]] = -1.0
     bad.write_h5ad(tmp_path / "bad.h5ad")
+    # 80 cells of other genes under the same (positional) names: each rank's shard of 40 is too few
+    # for the gene-profile check, and both ranks embedded them; one process refuses them
+    shuffled = ad.read_h5ad(tmp_path / "ok.h5ad")[:80]
+    ad.AnnData(shuffled.X[:, np.random.default_rng(1).permutation(300)], obs=shuffled.obs,
+               var=shuffled.var).write_h5ad(tmp_path / "shuffled.h5ad")
     _two_gloo_processes(ERROR_WORKER, 200, tmp_path)
     fit = [(tmp_path / f"fit{r}.txt").read_text() for r in (0, 1)]
     assert fit[0].startswith("DataError: X contains 1 negative values")
@@ -188,6 +194,10 @@ def test_an_input_error_on_one_rank_stops_every_rank_with_a_message(tmp_path):
     assert embed[0].startswith("MaskscError: rank 1 stopped with an error")
     assert embed[1].startswith("DataError: X contains 1 negative values") and "in cells 150.." in embed[1]
     assert not (tmp_path / "e.npy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    for r in (0, 1):
+        shuffled = (tmp_path / f"shuffled{r}.txt").read_text()
+        assert shuffled.startswith("DataError: ") and "are not the genes it was trained on" in shuffled, shuffled
+    assert not (tmp_path / "s.npy").exists()
 
 
 def test_a_run_directory_in_use_stops_every_rank(tmp_path):
