@@ -453,6 +453,30 @@ def test_a_log_model_checks_new_data_as_fitting_checks_it(tmp_path):
     told.transform(never_logged)
 
 
+def test_genes_named_otherwise_in_raw_point_to_raw_var_without_a_note_to_drop_use_raw():
+    """The same in .raw (scanpy's layout: counts in .raw, processed X): the pointer was left out,
+    and a model fitted on X added a note to drop use_raw, which would read the processed X."""
+    data = synthetic(240, n_genes=300, n_types=3, seed=1)
+    data.var_names = [f"SYM{i}" for i in range(data.n_vars)]
+    model = tl.fit(data, "demo", epochs=1, progress=False, **TINY)  # fitted on X
+    ens = data.copy()
+    ens.var["symbol"] = list(ens.var_names)
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    ens.raw = ens.copy()
+    ens.X = ens.X * 0.1
+    with pytest.raises(CheckpointError, match=r"The column adata\.raw\.var\['symbol'\] holds the model's genes: to "
+                                              r"match by it, raw = adata\.raw\.to_adata\(\); raw\.var_names = "
+                                              r"raw\.var\['symbol'\]\.astype\(str\); raw\.var_names_make_unique\(\); "
+                                              r"adata\.raw = raw\.$"):
+        tl.embed(ens, model, use_raw=True, progress=False)
+    raw = ens.raw.to_adata()
+    raw.var_names = raw.var["symbol"].astype(str)
+    raw.var_names_make_unique()
+    ens.raw = raw
+    tl.embed(ens, model, use_raw=True, progress=False)
+    np.testing.assert_allclose(ens.obsm["X_masksc"], model.embed(data, progress=False), rtol=1e-6)
+
+
 def test_genes_named_otherwise_point_to_the_var_column_that_names_them(tmp_path):
     """Ensembl IDs as var_names with the model's symbols in a var column: the refusal names that
     column and code that matches by it, and following it embeds as the symbol-named data does."""
