@@ -290,7 +290,8 @@ def test_a_table_cut_short_is_named_as_such_not_as_nan_to_clean(tmp_path, counts
         with pytest.raises(DataError, match=r"X contains 1 NaN and 0 infinite values"):
             read(tmp_path / f"{name}.csv")
     (tmp_path / "trailing.csv").write_text("\n".join(line + "," for line in lines) + "\n")  # every line ends in ","
-    with pytest.raises(DataError, match=r"X contains 30 NaN"):  # an empty last column, not a file cut short
+    # an empty last column, not a file cut short: named by its empty name (it was "30 NaN values", np.nan_to_num)
+    with pytest.raises(DataError, match=r"trailing\.csv: 1 gene names are empty \(columns \[12\]\)"):
         read(tmp_path / "trailing.csv")
 
 
@@ -490,6 +491,17 @@ def test_mtx_stored_cells_by_genes_geo_prefixes_and_header_lines(tmp_path, count
     with pytest.raises(DataError, match=r"barcodes\.tsv has one line more than the matrix has cells \(a header line\? "
                                         r"fix: remove it\)"):
         read(tmp_path / "header")
+
+
+def test_empty_gene_names_of_a_file_are_refused_naming_it(tmp_path, counts):
+    """Made unique, empty symbols became "", "-1", .. and matched another file's empty ones."""
+    from masksc.data import Preprocessor
+    X, cells, genes = counts
+    _mtx_folder(tmp_path / "blank", X, cells, ["", *genes[1:3], "", *genes[4:]])
+    with pytest.raises(DataError, match=r"blank: 2 gene names are empty \(columns \[0, 3\]\); fix: fill them"):
+        read(tmp_path / "blank")
+    with pytest.raises(DataError, match=r"2 gene names are empty"):
+        Preprocessor(n_top_genes=5).fit(tmp_path / "blank")
 
 
 def test_the_names_files_beside_a_10x_matrix_point_to_the_matrix(tmp_path, counts):

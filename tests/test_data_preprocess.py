@@ -165,8 +165,9 @@ def test_bad_values_name_the_first_cell_holding_one(counts, tmp_path):
     and name), in fit, in transform, in a later chunk, streamed from a file and, with rows=, by the
     rows of a larger dataset; a dense matrix alike. Every bad cell after it is counted, not named."""
     p = Preprocessor(n_top_genes=50, chunk_size=500).fit(counts)
-    for value, what in [(np.nan, "1 NaN and 0 infinite values"), (-1.0, "2 negative values"),
-                        (0.5, "non-integer values (2 entries")]:
+    for value, what, fit_says in [(np.nan, "1 NaN and 0 infinite values", None),
+                                  (-1.0, "2 negative values", None),
+                                  (0.5, "non-integer values (2 entries", "looks like raw counts, but 2 of its")]:
         b = ad.AnnData(counts.X.toarray(), obs=counts.obs.copy(), var=counts.var.copy())
         b.X[[700, 900], 3] = value
         if value != value:
@@ -175,7 +176,9 @@ def test_bad_values_name_the_first_cell_holding_one(counts, tmp_path):
         for data in (b, ad.AnnData(sp.csr_matrix(b.X), obs=b.obs, var=b.var)):
             with pytest.raises(DataError, match=expected):
                 p.transform(data)
-            with pytest.raises(DataError, match=expected):
+            # fitting judges the first 2000 cells (all 1200 here) before its chunks
+            fitting = rf"{re.escape(fit_says or what)}.* in cells 0\.\.1199.*the first in cell 700 \({b.obs_names[700]}\)"
+            with pytest.raises(DataError, match=fitting):
                 Preprocessor(n_top_genes=50, chunk_size=500).fit(data)
         ad.AnnData(sp.csr_matrix(b.X), obs=b.obs, var=b.var).write_h5ad(tmp_path / "bad.h5ad")
         with pytest.raises(DataError, match=expected):
@@ -402,6 +405,69 @@ def test_too_few_genes_named_as_the_cause():
         Preprocessor(n_top_genes=50, min_cells=3).fit(synthetic(20, 500, n_types=3, seed=0))
 
 
+def test_a_trend_fit_on_under_one_gene_a_local_fit_is_refused_not_a_segfault():
+    """skmisc's loess crashes the process when span x points < 1: 3 varying genes at span 0.3 did
+    (exit 139, scanpy's seurat_v3 too), as did a small span over many genes. Each run here in a
+    child process, so that a crash fails the test instead of ending the run."""
+    import subprocess
+    import sys
+    code = """
+import numpy as np, anndata as ad
+from masksc.data import Preprocessor, synthetic
+from masksc.errors import DataError
+X = np.ones((50, 100), np.float32)
+X[:, :3] = np.random.default_rng(0).poisson(3, (50, 3)) + 1
+three = ad.AnnData(X)
+three.var_names = [f"g{i}" for i in range(100)]
+for data, span in ((three, 0.3), (synthetic(200, 300, n_types=3, seed=0), 0.001)):
+    try:
+        Preprocessor(n_top_genes=10, span=span).fit(data)
+    except DataError as exc:
+        print(exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    three, small_span = proc.stdout.strip().split("\n")
+    assert re.match(r"only 3 genes vary across the 50 cells, too few for the seurat_v3 HVG trend fit; fix: ", three)
+    n = int(re.match(r"span=0.001 is too small for the seurat_v3 HVG trend fit over the (\d+) genes that vary across "
+                     r"the 200 cells: each local fit would take under one gene; fix: Preprocessor\(span=\.\.\.\) of at "
+                     r"least ([\d.]+) \(0\.3 is Seurat's\)\.$", small_span).group(1))
+    least = float(re.search(r"of at least ([\d.]+)", small_span).group(1))
+    assert least * n >= 1 and (least - 0.001) * n < 1  # the span named is enough, and the least such to 0.001
+
+
+def test_counts_with_rounding_error_are_named_as_such_not_taken_as_log_values():
+    """Counts a float product left off whole numbers by 1e-7 (max 26, under the log bound) were
+    taken as log-normalised without a word: no normalisation, no log1p, other HVG."""
+    rng = np.random.default_rng(0)
+    C = rng.poisson(np.outer(rng.lognormal(0, .3, 500), rng.gamma(0.3, 1.5, 800))).astype(np.float64)
+    assert 0 < C.max() <= 30
+    off = ad.AnnData(sp.csr_matrix(C * (1 + 1e-7)))
+    off.var_names = [f"g{i}" for i in range(800)]
+    rounding = (r"X looks like raw counts with rounding error: \d+ of its \d+ non-zero values in cells 0\.\.499 are "
+                r"off a whole number by under 1e-05 of it \(e\.g\. \d+\.\d{5,}, the first in cell .*\); fix: round them, "
+                r"e\.g\. adata\.X = np\.round\(adata\.X\)")
+    before = off.X.copy()
+    with pytest.raises(DataError, match=rounding):
+        Preprocessor(n_top_genes=100).fit(off)
+    with pytest.raises(DataError, match=rounding):  # deeper counts were "neither raw counts nor log-normalised"
+        Preprocessor(n_top_genes=100).fit(ad.AnnData(off.X * 5, var=off.var))
+    assert (off.X != before).nnz == 0
+    off.X.data = np.round(off.X.data)  # the fix given
+    exact = ad.AnnData(sp.csr_matrix(C), var=off.var)
+    assert Preprocessor(n_top_genes=100).fit(off).genes_ == Preprocessor(n_top_genes=100).fit(exact).genes_
+
+
+def test_the_input_kind_is_judged_on_the_same_cells_whatever_the_chunk_size():
+    """fit judged the first min(chunk_size, 2000) cells, and the normalised-never-logged check
+    needs 10: chunk_size=9 took such values as log-normalised."""
+    never_logged = synthetic(300, n_genes=500, seed=0)
+    sc.pp.normalize_total(never_logged, target_sum=20)
+    for chunk_size in (10_000, 9, 1):
+        with pytest.raises(DataError, match="looks normalised but not log-transformed"):
+            Preprocessor(n_top_genes=50, chunk_size=chunk_size).fit(never_logged)
+
+
 def test_a_failed_hvg_trend_fit_names_the_min_cells_a_pipeline_user_can_raise():
     """50 cells x 2000 genes: the fix names min_cells as tl.fit / masksc fit take it, with its
     present value (3 already), and that value raised is a fix indeed."""
@@ -499,9 +565,9 @@ def test_numpy_and_fraction_number_settings_are_kept_as_python_numbers():
 
 
 def test_counts_among_log_values_while_fitting_say_what_was_given():
-    lognorm = _lognorm(synthetic(200, 300, n_types=2, seed=0))
+    lognorm = _lognorm(synthetic(2100, 300, n_types=2, seed=0))
     values = lognorm.X.toarray()
-    values[150, 3] = 40.5
+    values[2050, 3] = 40.5  # beyond the first 2000 cells, which the input's kind is judged on
     lognorm.X = sp.csr_matrix(values)
     with pytest.raises(DataError, match=r"values up to 40\.5 in cells .* look like raw counts, but input='log' was "
                                         r"given; fix: pass one kind of values for every cell"):

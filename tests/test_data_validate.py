@@ -70,6 +70,13 @@ def test_duplicate_genes():
         validate_counts(a)
 
 
+def test_empty_gene_names_are_refused():
+    """An empty name was taken, and matched to another dataset's empty name, whatever gene that is."""
+    a = ad.AnnData(X=_X(), var=pd.DataFrame(index=["g0", "", "g2", " "] + [f"h{i}" for i in range(4)]))
+    with pytest.raises(DataError, match=r"^2 gene names are empty \(columns \[1, 3\]\): .*fix: name them"):
+        validate_counts(a)
+
+
 def test_labels_wrong_length():
     with pytest.raises(DataError, match="labels have length 19 but the matrix has 20 cells"):
         validate_counts(_X(), labels=np.zeros(19))

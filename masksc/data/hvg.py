@@ -7,6 +7,8 @@ paper's datasets 0-2 of 500-3000 selected genes differ for that reason alone.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -46,9 +48,14 @@ def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3)
         raise DataError("hvg_flavor='seurat_v3' needs the scikit-misc package; fix: pip install scikit-misc, "
                         "or use Preprocessor(hvg_flavor='dispersion').") from exc
     not_const = var > 0
-    if not_const.sum() < 3:
-        raise TrendFitError(f"only {int(not_const.sum())} genes vary across the {n} cells, too few for the seurat_v3 "
-                            "HVG trend fit", int(not_const.sum()))
+    n_varying = int(not_const.sum())
+    if n_varying < 4:  # skmisc's loess crashes the process (a segfault) on 3 points at the default span
+        raise TrendFitError(f"only {n_varying} genes vary across the {n} cells, too few for the seurat_v3 HVG trend "
+                            "fit", n_varying)
+    if span * n_varying < 1:  # and whenever a local fit would take under one point
+        raise DataError(f"span={span:g} is too small for the seurat_v3 HVG trend fit over the {n_varying} genes that "
+                        f"vary across the {n} cells: each local fit would take under one gene; fix: "
+                        f"Preprocessor(span=...) of at least {math.ceil(1000 / n_varying) / 1000:g} (0.3 is Seurat's).")
     est = np.zeros_like(mean)
     model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
     try:

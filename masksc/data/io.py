@@ -20,7 +20,8 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from masksc.data.validate import check_float32_range, check_labels, check_not_empty, check_values
+from masksc.data.validate import (blank_gene_names, check_float32_range, check_labels, check_not_empty,
+                                  check_values)
 from masksc.errors import DataError, warn
 
 log = logging.getLogger(__name__)
@@ -436,7 +437,14 @@ def _check_genome(path, genome: str | None, genomes: list[str], needed: bool) ->
 def unique_gene_names(names: pd.Index, path) -> pd.Index:
     """A file's gene ``names`` with duplicates (10x symbols often repeat) made unique as scanpy does
     (``G``, ``G-1``, ..), with a warning; an AnnData the user built is refused instead (see
-    :func:`masksc.data.validate.check_unique_genes`), since it is theirs to rename."""
+    :func:`masksc.data.validate.check_unique_genes`), since it is theirs to rename. Empty names
+    are refused, naming the file: made unique they would be "", "-1", .., matching another file's
+    empty names whatever genes those are."""
+    blank = blank_gene_names(names)
+    if blank.size:
+        raise DataError(f"{path}: {blank.size} gene names are empty (columns {blank[:5].tolist()}"
+                        f"{', ...' if blank.size > 5 else ''}); fix: fill them in the file's gene list (e.g. with "
+                        "their gene IDs), or read it with anndata and name or remove them, then write an .h5ad.")
     dups = names[names.duplicated()].unique()
     if not len(dups):
         return names

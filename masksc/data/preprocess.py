@@ -48,12 +48,17 @@ LIBRARY_GENES_MISSING = "genes of the training data are missing from the data"  
 # Above this fraction of whole non-zero values, non-integer input is counts with stray values, not
 # log-normalised data (log1p of normalised counts is almost never a whole number).
 COUNTS_WHOLE_FRACTION = 0.5
+# Counts through float arithmetic (a float32 product, a format conversion) come back off a whole
+# number by a few units in the last place; log-normalised values are this near one by chance only
+# (a 2e-5 share of them).
+ROUNDING_TOLERANCE = 1e-5
 # Files without gene names (scDeepCluster .h5) are matched by column position; below this Spearman
 # correlation between new cells' and the training cells' per-gene detection rates the columns are
 # not the same genes (same genes: r >= 0.83 even for a single PBMC type; other genes: r ~ 0).
 PROFILE_MIN_SPEARMAN = 0.5
 PROFILE_SAMPLE_CELLS = 1000  # the first cells the detection profile is checked on (at least PROFILE_MIN_CELLS)
 PROFILE_MIN_CELLS = 50
+DETECT_CELLS = 2000  # the first cells the input's kind is judged on, whatever chunk_size is
 ZERO_CELLS_FIX = ("fix: remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1), and for the command "
                   "line write the result to a new .h5ad (a Preprocessor(min_counts=1) of your own drops them "
                   "with a warning).")
@@ -61,10 +66,15 @@ _PARAMS = ("n_top_genes", "target_sum", "log1p", "scale", "max_value", "hvg_flav
            "min_cells", "input", "span", "n_bins", "chunk_size")
 
 
+def _near_whole(values: np.ndarray) -> np.ndarray:
+    """bool per value: within ROUNDING_TOLERANCE (relative, at least absolute) of a whole number."""
+    return np.abs(values - np.round(values)) <= ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values))
+
+
 def _mostly_whole(X: sp.csr_matrix) -> bool:
-    """Whether more than COUNTS_WHOLE_FRACTION of the non-zero values are whole numbers: counts,
-    even when not all are (log1p of normalised counts is almost never whole)."""
-    return bool(X.nnz) and float(np.mean(X.data == np.round(X.data))) > COUNTS_WHOLE_FRACTION
+    """Whether more than COUNTS_WHOLE_FRACTION of the non-zero values are whole numbers, up to
+    rounding: counts, even when not all are (log1p of normalised counts is almost never whole)."""
+    return bool(X.nnz) and float(np.mean(_near_whole(X.data))) > COUNTS_WHOLE_FRACTION
 
 
 def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
@@ -73,7 +83,8 @@ def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
     gives back whole numbers, as of log1p of raw counts never normalised. Only a warning: counts
     downsampled to one depth, or depth-corrected and rounded (Seurat's SCTransform data), give
     whole numbers too, and no spread of their sums tells them apart once genes are subset.
-    Judged on the first chunk, of at least 100 values of at least 10 cells. ``fitted``: the
+    Judged on the first cells (``DETECT_CELLS`` when fitting, ``PROFILE_SAMPLE_CELLS`` of new data),
+    of at least 100 values of at least 10 cells. ``fitted``: the
     values are new data for a preprocessor fitted on log-normalised values, which raw counts
     would not suit."""
     sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
@@ -167,7 +178,8 @@ class Preprocessor:
 
     # ---------------------------------------------------------------- helpers
     def _detect(self, X: sp.csr_matrix, cell: Callable[[int], str]) -> str:
-        integer = check_values(X, require_integer=False, where=" in the first chunk", cell=cell)
+        first = _cells_named(0, X.shape[0], None)
+        integer = check_values(X, require_integer=False, where=first, cell=cell)
         if self.input != "auto":
             return self.input
         if integer:
@@ -175,9 +187,15 @@ class Preprocessor:
         if _mostly_whole(X):
             fractional = X.data != np.round(X.data)
             odd = X.data[fractional]
-            raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values in the first "
-                            f"chunk are not whole numbers (e.g. {odd[0]:g}{first_flagged_cell(X, fractional, cell)}); "
-                            "fix: pass integer raw counts "
+            example = f"e.g. {float(odd[0]):.9g}{first_flagged_cell(X, fractional, cell)}"
+            if _near_whole(odd).all():
+                raise DataError(f"X looks like raw counts with rounding error: {odd.size} of its {X.nnz} non-zero "
+                                f"values{first} are off a whole number by under {ROUNDING_TOLERANCE:g} "
+                                f"of it ({example}); fix: round them, e.g. adata.X = np.round(adata.X) (for a sparse "
+                                "X: adata.X.data = np.round(adata.X.data)), and write the result to a new file for "
+                                "the command line.")
+            raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values{first} are "
+                            f"not whole numbers ({example}); fix: pass integer raw counts "
                             "(round corrected counts, e.g. after ambient-RNA removal); for log-normalised data "
                             "whose whole-number values are real, a Preprocessor(input='log') of your own.")
         vmax = float(X.data.max()) if X.nnz else 0.0
@@ -252,7 +270,7 @@ class Preprocessor:
         for each pass over the cells, from ``PROGRESS_MIN_CELLS`` cells (False: none)."""
         src = open_source(data)
         check_unique_genes(src.var_names)
-        first = next(src.chunks(min(self.chunk_size, 2000)), None)
+        first = next(src.chunks(DETECT_CELLS), None)
         if first is None or src.n_vars == 0:
             raise DataError(f"empty matrix: {src.n_obs} cells x {src.n_vars} genes; fix: check the input.")
         kind = self._detect(first[1], _cell_namer(src, 0))

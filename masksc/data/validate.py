@@ -135,7 +135,7 @@ def check_values(X, require_integer: bool = False, where: str = "", cell: Callab
     integer = not fractional.any()
     if require_integer and not integer:
         frac = v[fractional]
-        raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {frac[0]:g}){where}"
+        raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {float(frac[0]):.9g}){where}"
                         f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; fix: pass the raw "
                         f"count matrix{COUNTS_LAYER_HINT}; log-normalised data needs a model fitted on "
                         "log-normalised data.")
@@ -177,11 +177,22 @@ def check_unique_genes(var_names) -> None:
         raise DataError(f"{len(other)} gene names are not strings (e.g. {other[:5]}, of type "
                         f"{type(other[0]).__name__}); fix: adata.var_names = adata.var_names.astype(str) first "
                         "(then check they are unique).")
+    blank = blank_gene_names(names)
+    if blank.size:
+        more = ", ..." if blank.size > 5 else ""
+        raise DataError(f"{blank.size} gene names are empty (columns {blank[:5].tolist()}{more}): such genes are matched to another dataset's empty names, whatever gene that is; fix: "
+                        "name them, e.g. by their gene IDs (adata.var_names = adata.var['gene_ids'] where they are "
+                        "empty), or remove them.")
     if not names.is_unique:
         dups = [g for g, c in Counter(names).items() if c > 1]
         raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}); "
                         "fix: call adata.var_names_make_unique() first (for a file: read it with anndata, do so, "
                         "and write a new .h5ad with adata.write_h5ad).")
+
+
+def blank_gene_names(names) -> np.ndarray:
+    """int64 positions of the names in ``names`` that are empty or only whitespace."""
+    return np.flatnonzero([isinstance(g, str) and not g.strip() for g in names]).astype(np.int64)
 
 
 def check_labels(labels, n_cells: int) -> None:
