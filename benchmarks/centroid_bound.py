@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import ready_for_data, teacher_embedding  # noqa: E402
-from benchmarks.reproduce import (ABLATIONS, DATA, DATASETS, MODELS, _labels, _scanpy_logpca,  # noqa: E402
-                                  append_run, preset_model)
+from benchmarks.reproduce import (ABLATIONS, DATA, MODELS, _labels, _scanpy_logpca, append_run,  # noqa: E402
+                                  preset_model, read_dataset)
 from masksc.cluster import kmeans  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "centroid_bound.json"
@@ -78,13 +78,12 @@ def main(argv=None) -> int:
     if not ready_for_data(DATA, args.threads):
         return 0
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-    from masksc.data import read
 
     datasets = {}
     for run in args.runs.split(","):
         ds, seed = run.split(":")
         if ds not in datasets:
-            datasets[ds] = read(DATA / DATASETS[ds])
+            datasets[ds] = read_dataset(ds)
         seed, adata = int(seed), datasets[ds]
         truth = _labels(adata)
         readouts = _readouts(adata, ds, seed, args)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import device_info, print_table, teacher_embedding, write_result  # noqa: E402
-from benchmarks.reproduce import DATA, DATASETS, MODELS, _labels, preset_model  # noqa: E402
+from benchmarks.reproduce import DATA, MODELS, _labels, preset_model, read_dataset  # noqa: E402
 from masksc import ops  # noqa: E402
 from masksc.cluster import kmeans, knn_graph, knn_search, leiden_for_k  # noqa: E402
 from masksc.models.masksc_model import POOLS  # noqa: E402
@@ -146,14 +146,13 @@ def main(argv=None) -> int:
         print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project)")
         return 0
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-    from masksc.data import read
     from masksc.embed import embed_matrix
 
     rows = []
     for run in args.runs.split(","):
         ds, seed = run.split(":")
         seed = int(seed)
-        adata = read(DATA / DATASETS[ds])
+        adata = read_dataset(ds)
         truth = _labels(adata)
         k = len(np.unique(truth))
         model = preset_model(adata, ds, seed, args.models)

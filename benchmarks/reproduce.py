@@ -3,7 +3,8 @@ datasets in ../shared/data, k = number of labels, several seeds (mean +- std).
 
 Resumable: every finished run is appended to benchmarks/results/table1.json / table2.json
 (atomically) and skipped on the next call, so a long CPU reproduction can be completed over
-several invocations. A mask-sc run is identified by (dataset, seed, the model's whole config):
+several invocations; each row records its file's SHA-1, cells and genes, and a row computed on
+other data under the dataset's name (a trial on a subsample) is run again, not taken as done. A mask-sc run is identified by (dataset, seed, the model's whole config):
 an ablation whose switch the preset already has (``ime-on`` under ``cpu``) is the same run
 as ``masksc`` and is taken from it, not trained twice. The markdown tables, with the device
 and wall time of each row, go to benchmarks/results/table1.md / table2.md and replace the
@@ -223,15 +224,17 @@ def trained_masksc(adata, dataset: str, seed: int, args, method: str = "masksc")
     """The model ``method`` trains on ``dataset`` with ``seed`` (its read-out set to the
     method's), and {"train_s", "final_loss"}.
 
-    Models are kept in ``args.models``/<dataset>_s<seed>_<training id> with a train.json of
-    their training time and final loss, and a row that differs from a kept model only in its
-    read-out embeds with that model instead of training again: training is deterministic (a
-    retrain reproduces a row's scores exactly), so it is the network a retrain would give.
+    Models are kept in ``args.models``/<dataset>_s<seed>_<training id>_<data id> with a
+    train.json of their training time and final loss, and a row that differs from a kept model
+    only in its read-out embeds with that model instead of training again: training is
+    deterministic (a retrain reproduces a row's scores exactly), so it is the network a retrain
+    would give. The data id (``adata.uns["data"]``, see :func:`data_identity`) keeps a model
+    trained on other data under the dataset's name (a subsample, say) from standing in.
     """
     cfg = _model_config(method, args)
     if not args.models:
         return _train_masksc(adata, seed, args, method, None)
-    path = Path(args.models) / f"{dataset}_s{seed}_{_training_id(cfg)}"
+    path = Path(args.models) / f"{dataset}_s{seed}_{_training_id(cfg)}_{adata.uns['data']['sha1'][:8]}"
     with _locked(path):  # another invocation training the same model: wait for it, then use its model
         if (path / "train.json").is_file():
             from masksc.pipeline import MaskSCModel
@@ -361,15 +364,34 @@ def _run_key(dataset, method, seed, args):
     return _key({**row, "preset": args.preset, "epochs": cfg["epochs"], "config": cfg})
 
 
-def _same_run(docs: list[dict], dataset: str, seed: int, cfg: dict | None) -> dict | None:
-    """A finished mask-sc row (any method, either table) that trained exactly ``cfg``."""
+def _same_run(docs: list[dict], dataset: str, seed: int, cfg: dict | None, data: dict) -> dict | None:
+    """A finished mask-sc row (any method, either table) that trained exactly ``cfg`` on ``data``."""
     if cfg is None:
         return None
     for doc in docs:
         for r in doc["runs"]:
-            if r["method"] in ABLATIONS and (r["dataset"], r["seed"], r.get("config")) == (dataset, seed, cfg):
+            if r["method"] in ABLATIONS and (r["dataset"], r["seed"], r.get("config")) == (dataset, seed, cfg) and \
+                    _on_data(r, data):
                 return r
     return None
+
+
+def read_dataset(dataset: str, folder: Path | None = None):
+    """The AnnData of ``dataset`` (a key of DATASETS) from ``folder`` (default DATA), with
+    ``uns["dataset"]`` its name and ``uns["data"]`` what rows record of it: the file's name, its
+    SHA-1, cells and genes."""
+    from masksc.data import read
+    path = (folder or DATA) / DATASETS[dataset]
+    adata = read(path)
+    adata.uns["dataset"] = dataset
+    adata.uns["data"] = {"file": path.name, "sha1": hashlib.sha1(path.read_bytes()).hexdigest(),
+                         "cells": int(adata.n_obs), "genes": int(adata.n_vars)}
+    return adata
+
+
+def _on_data(row: dict, data: dict) -> bool:
+    """Whether ``row`` was computed on the data ``data`` (:func:`read_dataset`'s ``uns["data"]``)."""
+    return row.get("data", {}).get("sha1") == data["sha1"]
 
 
 def _beyond_switches(cfg: dict, preset: str) -> tuple[tuple[str, str], ...]:
@@ -496,11 +518,9 @@ def main(argv=None) -> int:
             print(f"skipping: {DATA} is absent (the benchmark datasets live beside the project, see "
                   "../shared/data/README.md)")
             return 0
-        from masksc.data import read
         cpu = device_info("cpu")["device"]
         for ds in datasets:
-            adata = read((args.data or DATA) / DATASETS[ds])
-            adata.uns["dataset"] = ds
+            adata = read_dataset(ds, args.data)
             k = int(adata.obs["label"].nunique())
             for method in methods:
                 for seed in seeds:
@@ -509,10 +529,14 @@ def main(argv=None) -> int:
                             continue
                         key = _run_key(ds, method, seed, args)
                         docs = [_load(files[table]), _load(files[3 - table])]
-                        if key in {_key(r) for r in docs[0]["runs"]}:
+                        done = [r for r in docs[0]["runs"] if _key(r) == key]
+                        if done and _on_data(done[0], adata.uns["data"]):
                             log.info("skip %s (done)", key)
                             continue
-                        same = _same_run(docs, ds, seed, _model_config(method, args))
+                        if done:  # e.g. a trial on a subsample saved under the dataset's name
+                            log.warning("%s: the row was computed on other data (%s); running it again on %s", key,
+                                        done[0].get("data", "not recorded"), adata.uns["data"])
+                        same = _same_run(docs, ds, seed, _model_config(method, args), adata.uns["data"])
                         if same is not None:  # masksc is in both tables; an ablation may equal the preset
                             log.info("%s: same run as %s", key, same["method"])
                             rec = {**same, "method": method}
@@ -523,7 +547,8 @@ def main(argv=None) -> int:
                             t0 = time.time()
                             scores, extra = METHODS[method](adata, k, seed, args)
                             device = extra.pop("device") if method in ABLATIONS else cpu
-                            rec = {"dataset": ds, "file": DATASETS[ds], "method": method, "seed": seed,
+                            rec = {"dataset": ds, "file": DATASETS[ds], "data": adata.uns["data"], "method": method,
+                                   "seed": seed,
                                    "preset": key[3], "epochs": key[4], **scores, "wall_s": time.time() - t0,
                                    "device": device, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
                             log.info("%s: ARI %.4f NMI %.4f (%.0fs)", key, rec["ari"], rec["nmi"], rec["wall_s"])

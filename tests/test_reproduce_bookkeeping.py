@@ -19,12 +19,13 @@ reproduce = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reproduce)
 
 ARGS = argparse.Namespace(preset="cpu", epochs=0, mask_ratio=0.0)
+DATA_ID = {"file": "10X_PBMC_top2000.h5", "sha1": "5" * 40, "cells": 120, "genes": 300}
 
 
 def _row(method, seed=0, dataset="pbmc", **switches):
     cfg = dataclasses.replace(get_preset("cpu"), **switches).to_dict()
     return {"dataset": dataset, "method": method, "seed": seed, "preset": "cpu", "epochs": cfg["epochs"],
-            "config": cfg, "ari": 0.5, "nmi": 0.5}
+            "config": cfg, "ari": 0.5, "nmi": 0.5, "data": DATA_ID}
 
 
 def test_run_key_matches_the_row_it_writes():
@@ -42,17 +43,19 @@ def test_ablation_equal_to_the_preset_reuses_its_run():
     same_as_preset = "ime-on" if preset_ime else "ime-off"
     other = "ime-off" if preset_ime else "ime-on"
     docs = [{"runs": [_row("masksc", seed=1, ime=preset_ime)]}, {"runs": []}]
-    found = reproduce._same_run(docs, "pbmc", 1, reproduce._model_config(same_as_preset, ARGS))
+    found = reproduce._same_run(docs, "pbmc", 1, reproduce._model_config(same_as_preset, ARGS), DATA_ID)
     assert found is docs[0]["runs"][0]
-    assert reproduce._same_run(docs, "pbmc", 1, reproduce._model_config(other, ARGS)) is None
-    assert reproduce._same_run(docs, "pbmc", 2, reproduce._model_config(same_as_preset, ARGS)) is None
-    assert reproduce._same_run(docs, "worm", 1, reproduce._model_config(same_as_preset, ARGS)) is None
+    assert reproduce._same_run(docs, "pbmc", 1, reproduce._model_config(other, ARGS), DATA_ID) is None
+    assert reproduce._same_run(docs, "pbmc", 2, reproduce._model_config(same_as_preset, ARGS), DATA_ID) is None
+    assert reproduce._same_run(docs, "worm", 1, reproduce._model_config(same_as_preset, ARGS), DATA_ID) is None
+    other_data = {**DATA_ID, "sha1": "6" * 40}  # a subsample under the dataset's name, say
+    assert reproduce._same_run(docs, "pbmc", 1, reproduce._model_config(same_as_preset, ARGS), other_data) is None
 
 
 def test_non_model_methods_never_reuse_model_runs():
     docs = [{"runs": [_row("masksc")]}]
     assert reproduce._model_config("log-pca", ARGS) is None
-    assert reproduce._same_run(docs, "pbmc", 0, None) is None
+    assert reproduce._same_run(docs, "pbmc", 0, None, DATA_ID) is None
 
 
 def test_epochs_and_mask_overrides_enter_the_config():
@@ -66,8 +69,8 @@ def test_correlation_patches_are_not_the_ime_on_run():
     docs = [{"runs": [_row("ime-on", ime=True)]}, {"runs": []}]
     cfg = reproduce._model_config("corr-patches", ARGS)
     assert (cfg["ime"], cfg["layout"]) == (True, "correlation")
-    assert reproduce._same_run(docs, "pbmc", 0, cfg) is None
-    assert reproduce._same_run(docs, "pbmc", 0, reproduce._model_config("ime-on", ARGS)) is docs[0]["runs"][0]
+    assert reproduce._same_run(docs, "pbmc", 0, cfg, DATA_ID) is None
+    assert reproduce._same_run(docs, "pbmc", 0, reproduce._model_config("ime-on", ARGS), DATA_ID) is docs[0]["runs"][0]
 
 
 def test_table_names_layout_and_size_where_they_differ_from_the_preset():
@@ -132,6 +135,7 @@ def test_a_kept_model_is_reused_only_for_another_read_out(monkeypatch, tmp_path)
 
     monkeypatch.setattr(masksc.pipeline, "fit", counting_fit)
     adata = synthetic(120, n_genes=300, n_types=3, seed=1)
+    adata.uns["data"] = DATA_ID
     args = argparse.Namespace(preset="demo", epochs=1, mask_ratio=0.0, models=str(tmp_path), progress=False)
 
     first, info = reproduce.trained_masksc(adata, "syn", 0, args, "masksc")
@@ -143,6 +147,9 @@ def test_a_kept_model_is_reused_only_for_another_read_out(monkeypatch, tmp_path)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     reproduce.trained_masksc(adata, "syn", 1, args, "target-readout")
     assert calls == [0, 1]
+    adata.uns["data"] = {**DATA_ID, "sha1": "6" * 40}  # other data under the same name: not the kept model
+    reproduce.trained_masksc(adata, "syn", 0, args, "masksc")
+    assert calls == [0, 1, 0]
     assert reproduce._training_id(reproduce._model_config("masksc", args)) == \
         reproduce._training_id(reproduce._model_config("target-readout", args))
 
@@ -270,7 +277,8 @@ def test_two_invocations_needing_one_model_train_it_once(tmp_path, monkeypatch):
     monkeypatch.setattr(masksc.pipeline.MaskSCModel, "load", classmethod(lambda cls, path: Model()))
     args = argparse.Namespace(**vars(ARGS), models=str(tmp_path), progress=False)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        infos = list(pool.map(lambda _: reproduce.trained_masksc(None, "pbmc", 0, args)[1], range(2)))
+        adata = types.SimpleNamespace(uns={"data": DATA_ID})
+        infos = list(pool.map(lambda _: reproduce.trained_masksc(adata, "pbmc", 0, args)[1], range(2)))
     assert trained == ["cpu"]
     assert infos[0] == infos[1] and infos[0]["final_loss"] == 0.25
 
@@ -283,3 +291,37 @@ def test_a_dataset_missing_from_the_default_folder_is_named_before_any_run(tmp_p
         reproduce.main(["--datasets", "pbmc,worm", "--methods", "pca-raw"])
     assert stop.value.code == 2
     assert re.search(r"worm_neuron_cell\.h5'\] not found; fix: --data", capsys.readouterr().err)
+
+
+def test_a_row_computed_on_other_data_under_the_dataset_s_name_is_run_again(tmp_path, monkeypatch, caplog):
+    """A trial on a subsample saved as 10X_PBMC_top2000.h5 stood in for the real run: the row was
+    skipped as done. Rows now record the file's SHA-1, cells and genes, and are run again on other data."""
+    import h5py
+    import numpy as np
+
+    def write(folder, n_cells):
+        folder.mkdir()
+        rng = np.random.default_rng(n_cells)
+        with h5py.File(folder / reproduce.DATASETS["pbmc"], "w") as f:
+            f["X"], f["Y"] = rng.poisson(2.0, (n_cells, 60)).astype(np.float64), np.arange(n_cells) % 3
+
+    write(tmp_path / "trial", 60)
+    write(tmp_path / "real", 90)
+    (tmp_path / "README.md").write_text("#### Table 1: clustering (k = number of labels)\n| a |\n\n"
+                                        "#### Table 2: ablations\n| a |\n")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
+    ran = []
+
+    def pca_raw(adata, k, seed, args):
+        ran.append(adata.n_obs)
+        return {"ari": 0.5, "nmi": 0.5, "silhouette": 0.1, "n_clusters": 3}, {}
+
+    monkeypatch.setattr(reproduce, "METHODS", {**reproduce.METHODS, "pca-raw": pca_raw})
+    argv = ["--datasets", "pbmc", "--methods", "pca-raw", "--seeds", "0", "--threads", "1", "--models", ""]
+    for folder in ("trial", "trial", "real", "real"):
+        reproduce.main([*argv, "--data", str(tmp_path / folder)])
+    assert ran == [60, 90]  # the second call on each data skips; the real data replaces the trial's row
+    rows = reproduce._load(tmp_path / "table1.json")["runs"]
+    assert len(rows) == 1 and rows[0]["data"]["cells"] == 90 and rows[0]["data"]["genes"] == 60
+    assert "the row was computed on other data" in caplog.text
