@@ -1,6 +1,7 @@
 """``masksc demo``: the whole workflow on the 700-cell dataset bundled with scanpy."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -17,19 +18,27 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     """Train the ``demo`` preset on pbmc68k_reduced, cluster with k = number of labels, print
     ARI / NMI / silhouette, and write into ``out_dir``: ``model/`` (checkpoint),
     ``pbmc68k_masksc.h5ad`` (embedding + clusters), ``embedding_umap.png`` (coloured by cluster
-    and by label, paper Fig. 4), ``attention.png`` (paper Fig. 6), ``loss.png``, ``metrics.json``.
+    and by label, paper Fig. 4), ``attention.png`` (paper Fig. 6), ``loss.png``, ``metrics.json``
+    (the scores, ``train_s`` the mask-sc training loop's seconds and ``wall_s`` those from
+    loading the data to the scores: teacher, training, embedding, clustering, PCA reference).
     A rerun into the same ``out_dir`` replaces the earlier demo's files. Returns the metrics."""
     from masksc import checkpoint
-    from masksc.errors import MaskscError
+    from masksc.errors import CheckpointError, MaskscError
     from masksc.io_utils import check_output
 
     out = check_output(out_dir, folder=True)
     replaced = [name for name in OUTPUTS if (out / name).exists()]
     if replaced and not _earlier_demo_run(out / "model"):
         raise MaskscError(f"{out} holds {', '.join(replaced)}, which the demo would replace, and no earlier demo's "
-                          "model (no model/ of this release's demo preset: another fit's, or an earlier release's "
-                          "demo); fix: -o a new folder, or delete those yourself if they are an earlier demo's.")
-    with checkpoint.run_lock(out / "model"):  # a demo still running there is not deleted under it
+                          "model (no model/ of this release's demo preset trained on the demo's cells: another "
+                          "fit's, or an earlier release's demo); fix: -o a new folder, or delete those yourself if "
+                          "they are an earlier demo's.")
+    with contextlib.ExitStack() as held:
+        try:  # a demo still running there is not deleted under it
+            held.enter_context(checkpoint.run_lock(out / "model"))
+        except CheckpointError as exc:
+            raise MaskscError(f"{out / 'model'} is in use: a demo (or a fit) is running there; fix: wait for it to "
+                              "finish, or -o another folder.") from exc
         return _run_demo(out, epochs, seed, device)
 
 
@@ -55,8 +64,9 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
     print(f"[demo] pbmc68k_reduced: {adata.n_obs} cells x {adata.n_vars} genes, "
           f"{adata.obs['label'].nunique()} labelled types")
     model, scores, baseline = fit_and_score(adata, seed, device=device, model_dir=out / "model", epochs=epochs)
-    wall = time.time() - t0
-    print(f"[demo] mask-sc ({model.config.epochs} epochs, {wall:.0f}s): {_fmt(scores)}")
+    wall, train = time.time() - t0, adata.uns["masksc"]["fit"]["wall_s"]
+    print(f"[demo] mask-sc ({model.config.epochs} epochs: {train:.0f}s of training, {wall:.0f}s from loading the "
+          f"data to the scores): {_fmt(scores)}")
     print(f"[demo] baseline PCA(50) + k-means on the same log-normalised genes: {_fmt(baseline)}")
 
     pl.embedding(adata, {"mask-sc cluster": adata.obs["masksc_cluster"].to_numpy(),
@@ -70,7 +80,7 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
     with atomic_write(out / "pbmc68k_masksc.h5ad", suffix=".h5ad", min_bytes=anndata_bytes(adata)) as tmp:
         adata.write_h5ad(tmp)
     with atomic_write(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"masksc": scores, "pca_kmeans": baseline, "wall_s": wall,
+        tmp.write_text(json.dumps({"masksc": scores, "pca_kmeans": baseline, "wall_s": wall, "train_s": train,
                                    "epochs": model.config.epochs}, indent=2) + "\n")
     print(f"[demo] wrote {out}/: pbmc68k_masksc.h5ad, embedding_umap.png, attention.png, loss.png, "
           "metrics.json, model/")
@@ -81,27 +91,34 @@ OUTPUTS = ("model", "pbmc68k_masksc.h5ad", "embedding_umap.png", "attention.png"
 
 
 def _earlier_demo_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` is a training run of the ``demo`` preset and nothing else (its entries
-    are checkpoints and what an interrupted save leaves; every checkpoint's model is the preset's,
-    whatever its epochs), so a rerun of the demo may delete it."""
+    """Whether ``run_dir`` is a training run of the ``demo`` preset on the demo's cells and
+    nothing else (its entries are checkpoints and what an interrupted save leaves; every
+    checkpoint's model is the preset's, whatever its epochs, trained on pbmc68k_reduced's cells:
+    a user's own fit of the preset on other data is not the demo's), so a rerun of the demo may
+    delete it."""
     import re
 
     from masksc import checkpoint
+    from masksc.data import load_demo
     from masksc.errors import CheckpointError
     from masksc.models.presets import get_preset
+    from masksc.pipeline import cells_record
     if not run_dir.is_dir() or run_dir.is_symlink():
         return False
     demo = {**get_preset("demo").to_dict(), "epochs": None}
+    demo_cells = cells_record(load_demo().obs_names)
     for entry in run_dir.iterdir():
         if entry.is_symlink() or re.fullmatch(r"\.(tmp|old)-.+", entry.name):
             continue  # last (and .last-*.tmp) links, what an interrupted save leaves
         if not re.fullmatch(r"epoch-\d{6}|last", entry.name):  # last: a folder where a copy made it one
             return False
         try:
-            saved = checkpoint.read_config(entry)["model_config"]
+            config = checkpoint.read_config(entry)
         except CheckpointError:  # unreadable: not known to be the demo's
             return False
-        if {**saved, "epochs": None} != demo:
+        cells = config.get("meta", {}).get("cells") or {}
+        if {**config["model_config"], "epochs": None} != demo or \
+                (cells.get("n"), cells.get("digest")) != (demo_cells["n"], demo_cells["digest"]):
             return False
     return True
 

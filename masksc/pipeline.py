@@ -435,7 +435,7 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
     else:
         preprocessor, grid, X_grid = preprocess_to_grid(adata, cfg, seed=seed, min_cells=min_cells, progress=progress)
         bundle_meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
-                       "cells": _cells_record(adata.obs_names, X_grid)}
+                       "cells": cells_record(adata.obs_names, X_grid)}
     # resumed, the checkpoint's teacher continues (check_fit refused overrides that contradict it)
     teacher_cfg = None if resume_from is not None else _teacher_config(cfg, seed, X_grid, teacher_overrides)
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
@@ -496,7 +496,7 @@ _STREAMED = ("streamed its cells from a file (a path or backed AnnData in Python
 _IN_MEMORY = "trained on cells held in memory (an AnnData in Python, a csv, mtx or scDeepCluster file on the command line)"
 
 
-def _cells_record(names, X_grid=None) -> dict:
+def cells_record(names, X_grid=None) -> dict:
     """What a run records of the cells it trains on (``names``: their obs names, in order): their
     number, a digest of the names in that order and, for cells held in memory (``X_grid``, CSR
     [n, g*s]), a digest of their values on the grid."""
@@ -538,7 +538,7 @@ def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
     if not (isinstance(saved, dict) and isinstance(saved.get("n"), int) and isinstance(saved.get("digest"), str)):
         raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
                               "config.json from a copy, or start the run again in a new directory.")
-    now = _cells_record(names)
+    now = cells_record(names)
     if (now["n"], now["digest"]) != (saved["n"], saved["digest"]):
         what = (f"{saved['n']} cells, and this data has {now['n']}" if now["n"] != saved["n"] else
                 f"{saved['n']} cells with other names or in another order than this data's")
@@ -619,7 +619,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
                                           is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
                 meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
                         "streamed": {"n_cells": reader.n_obs, "teacher_cells": int(len(rows)),
-                                     "chunk_size": chunk_size}, "cells": _cells_record(reader.obs.index)}
+                                     "chunk_size": chunk_size}, "cells": cells_record(reader.obs.index)}
                 del X_sub
     meta = ctx.broadcast_object(meta)
     preprocessor, grid, _ = _transform_from_meta(meta, resume_from and ckpt.resolve(resume_from))

@@ -303,16 +303,21 @@ def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsy
     assert main(["demo", "-o", str(out), "--epochs", "2"]) == 0
     (out / "notes.txt").write_text("mine")
     assert main(["demo", "-o", str(out), "--epochs", "1"]) == 0
-    assert f"replacing the earlier demo in {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"replacing the earlier demo in {out}" in printed
     assert sorted(p.name for p in (out / "model").iterdir() if p.name.startswith("epoch-")) == ["epoch-000001"]
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 1
+    assert 0 < metrics["train_s"] < metrics["wall_s"]  # the training loop, apart from loading to scores
+    assert f"1 epochs: {metrics['train_s']:.0f}s of training, {metrics['wall_s']:.0f}s from loading the data to " \
+        "the scores" in printed
     assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_demo_refuses_a_folder_whose_model_or_outputs_are_not_an_earlier_demos(trained, tmp_path, capsys):
     """`demo -o DIR` deleted any masksc run in DIR/model (another fit's, with the user's notes)
     and overwrote a metrics.json of the user's."""
-    _, _, model = trained
+    data, _, model = trained
     project = tmp_path / "project"
     shutil.copytree(model, project / "model", symlinks=True)  # another fit's run (a 16 x 16 grid, not the preset)
     (project / "model" / "NOTES.txt").write_text("mine")
@@ -325,12 +330,21 @@ def test_demo_refuses_a_folder_whose_model_or_outputs_are_not_an_earlier_demos(t
         assert main(["demo", "-o", str(out), "--epochs", "1"]) == 2
         err = capsys.readouterr().err
         assert f"{out} holds " in err and "which the demo would replace, and no earlier demo's model (no model/ of " \
-            "this release's demo preset: another fit's, or an earlier release's demo); fix: -o a new folder" in err
+            "this release's demo preset trained on the demo's cells: another fit's, or an earlier release's demo); " \
+            "fix: -o a new folder" in err
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     from masksc.demo import _earlier_demo_run
     assert not _earlier_demo_run(project / "model")
     (project / "model" / "NOTES.txt").unlink()
     assert not _earlier_demo_run(project / "model")  # its checkpoints are not the demo preset's
+    # the demo preset fitted on the user's own cells was taken for an earlier demo, and deleted
+    own = tmp_path / "own"
+    assert main(["fit", str(data), "-o", str(own / "model"), "--preset", "demo", "--epochs", "1"]) == 0
+    files = {p: p.read_bytes() for p in own.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["demo", "-o", str(own), "--epochs", "1"]) == 2
+    assert "no earlier demo's model" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in own.rglob("*") if p.is_file()} == files
 
 
 def test_a_demo_rerun_stopped_before_its_first_checkpoint_leaves_a_folder_the_demo_accepts(tmp_path, capsys,
@@ -365,7 +379,8 @@ def test_a_demo_never_deletes_a_demo_still_running_in_its_folder(tmp_path, capsy
         assert holder.stdout.readline().strip() == "held"
         capsys.readouterr()
         assert main(["demo", "-o", str(out), "--epochs", "1"]) == 2
-        assert "model is in use: another fit is writing its run there" in capsys.readouterr().err
+        assert capsys.readouterr().err.strip().endswith(
+            "model is in use: a demo (or a fit) is running there; fix: wait for it to finish, or -o another folder.")
     finally:
         holder.kill()
         holder.wait()
