@@ -123,6 +123,8 @@ def test_corrupt_layout_dict_refused():
         GridLayout.from_dict({**d, "patch": 2.5})
     with pytest.raises(DataError, match=corrupt.format(r"its shape \[4\.5, 4\] or patch 2 is not whole")):
         GridLayout.from_dict({**d, "shape": [4.5, 4]})
+    with pytest.raises(DataError, match=r"grid shape \(16\.5, 16\) or patch 4 is not whole"):  # fit cut it too
+        GridLayout.fit(X, genes, shape=(16.5, 16), patch=4)
 
 
 def test_repeated_gene_names_and_non_finite_values_are_named():

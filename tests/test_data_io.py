@@ -291,7 +291,7 @@ def test_a_table_cut_short_is_named_as_such_not_as_nan_to_clean(tmp_path, counts
             read(tmp_path / f"{name}.csv")
     (tmp_path / "trailing.csv").write_text("\n".join(line + "," for line in lines) + "\n")  # every line ends in ","
     # an empty last column, not a file cut short: named by its empty name (it was "30 NaN values", np.nan_to_num)
-    with pytest.raises(DataError, match=r"trailing\.csv: 1 gene names are empty \(columns \[12\]\)"):
+    with pytest.raises(DataError, match=r"trailing\.csv: 1 gene name is empty \(column \[12\]\)"):
         read(tmp_path / "trailing.csv")
 
 

@@ -75,6 +75,14 @@ def test_empty_gene_names_are_refused():
     a = ad.AnnData(X=_X(), var=pd.DataFrame(index=["g0", "", "g2", " "] + [f"h{i}" for i in range(4)]))
     with pytest.raises(DataError, match=r"^2 gene names are empty \(columns \[1, 3\]\): .*fix: name them"):
         validate_counts(a)
+    from masksc.data import Preprocessor
+    named = ad.AnnData(X=_X(), var=pd.DataFrame(index=[f"g{i}" for i in range(8)]))
+    p = Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(named)
+    with pytest.raises(DataError, match=r"^1 gene name is empty \(column \[8\]\)"):
+        Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(ad.concat([named, a[:, 1:2]], axis=1))
+    # new data may carry such a column: no model fitted since holds an empty name to match it to
+    extra = ad.concat([named, a[:, 1:2]], axis=1)
+    assert (p.transform(extra).X != p.transform(named).X).nnz == 0
 
 
 def test_labels_wrong_length():

@@ -7,8 +7,6 @@ paper's datasets 0-2 of 500-3000 selected genes differ for that reason alone.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
@@ -54,8 +52,8 @@ def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3)
                             "fit", n_varying)
     if span * n_varying < 1:  # and whenever a local fit would take under one point
         raise DataError(f"span={span:g} is too small for the seurat_v3 HVG trend fit over the {n_varying} genes that "
-                        f"vary across the {n} cells: each local fit would take under one gene; fix: "
-                        f"Preprocessor(span=...) of at least {math.ceil(1000 / n_varying) / 1000:g} (0.3 is Seurat's).")
+                        f"vary across the {n} cells: each local fit would take under one gene; fix: a larger span, "
+                        "e.g. Seurat's 0.3 (Preprocessor(span=0.3)); spans much under it often fail the fit too.")
     est = np.zeros_like(mean)
     model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
     try:

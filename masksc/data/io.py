@@ -21,7 +21,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from masksc.data.validate import (blank_gene_names, check_float32_range, check_labels, check_not_empty,
-                                  check_values)
+                                  check_values, genes_are_empty)
 from masksc.errors import DataError, warn
 
 log = logging.getLogger(__name__)
@@ -442,9 +442,9 @@ def unique_gene_names(names: pd.Index, path) -> pd.Index:
     empty names whatever genes those are."""
     blank = blank_gene_names(names)
     if blank.size:
-        raise DataError(f"{path}: {blank.size} gene names are empty (columns {blank[:5].tolist()}"
-                        f"{', ...' if blank.size > 5 else ''}); fix: fill them in the file's gene list (e.g. with "
-                        "their gene IDs), or read it with anndata and name or remove them, then write an .h5ad.")
+        raise DataError(f"{path}: {genes_are_empty(blank)}; fix: fill them in the file's gene list (e.g. with "
+                        "their gene IDs), or read it with scanpy (sc.read_10x_h5 / sc.read_10x_mtx / sc.read_csv), "
+                        "name or remove them, and write an .h5ad.")
     dups = names[names.duplicated()].unique()
     if not len(dups):
         return names

@@ -35,7 +35,8 @@ from masksc.checks import is_finite_number, is_integer, is_number, plain_number
 from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
-from masksc.data.validate import COUNTS_LAYER_HINT, check_unique_genes, check_values, first_flagged_cell
+from masksc.data.validate import (COUNTS_LAYER_HINT, ROUNDING_FIX, ROUNDING_TOLERANCE, check_gene_names,
+                                  check_unique_genes, check_values, first_flagged_cell, near_whole)
 from masksc.errors import DataError, UncheckedGenesWarning, warn
 from masksc.progress import progress_bar
 
@@ -48,10 +49,6 @@ LIBRARY_GENES_MISSING = "genes of the training data are missing from the data"  
 # Above this fraction of whole non-zero values, non-integer input is counts with stray values, not
 # log-normalised data (log1p of normalised counts is almost never a whole number).
 COUNTS_WHOLE_FRACTION = 0.5
-# Counts through float arithmetic (a float32 product, a format conversion) come back off a whole
-# number by a few units in the last place; log-normalised values are this near one by chance only
-# (a 2e-5 share of them).
-ROUNDING_TOLERANCE = 1e-5
 # Files without gene names (scDeepCluster .h5) are matched by column position; below this Spearman
 # correlation between new cells' and the training cells' per-gene detection rates the columns are
 # not the same genes (same genes: r >= 0.83 even for a single PBMC type; other genes: r ~ 0).
@@ -66,15 +63,10 @@ _PARAMS = ("n_top_genes", "target_sum", "log1p", "scale", "max_value", "hvg_flav
            "min_cells", "input", "span", "n_bins", "chunk_size")
 
 
-def _near_whole(values: np.ndarray) -> np.ndarray:
-    """bool per value: within ROUNDING_TOLERANCE (relative, at least absolute) of a whole number."""
-    return np.abs(values - np.round(values)) <= ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values))
-
-
 def _mostly_whole(X: sp.csr_matrix) -> bool:
     """Whether more than COUNTS_WHOLE_FRACTION of the non-zero values are whole numbers, up to
     rounding: counts, even when not all are (log1p of normalised counts is almost never whole)."""
-    return bool(X.nnz) and float(np.mean(_near_whole(X.data))) > COUNTS_WHOLE_FRACTION
+    return bool(X.nnz) and float(np.mean(near_whole(X.data))) > COUNTS_WHOLE_FRACTION
 
 
 def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
@@ -188,12 +180,10 @@ class Preprocessor:
             fractional = X.data != np.round(X.data)
             odd = X.data[fractional]
             example = f"e.g. {float(odd[0]):.9g}{first_flagged_cell(X, fractional, cell)}"
-            if _near_whole(odd).all():
+            if near_whole(odd).all():
                 raise DataError(f"X looks like raw counts with rounding error: {odd.size} of its {X.nnz} non-zero "
                                 f"values{first} are off a whole number by under {ROUNDING_TOLERANCE:g} "
-                                f"of it ({example}); fix: round them, e.g. adata.X = np.round(adata.X) (for a sparse "
-                                "X: adata.X.data = np.round(adata.X.data)), and write the result to a new file for "
-                                "the command line.")
+                                f"of it ({example}); {ROUNDING_FIX}")
             raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values{first} are "
                             f"not whole numbers ({example}); fix: pass integer raw counts "
                             "(round corrected counts, e.g. after ambient-RNA removal); for log-normalised data "
@@ -269,7 +259,7 @@ class Preprocessor:
         any path :func:`masksc.data.read` accepts. Never modifies the input. ``progress``: a bar
         for each pass over the cells, from ``PROGRESS_MIN_CELLS`` cells (False: none)."""
         src = open_source(data)
-        check_unique_genes(src.var_names)
+        check_gene_names(src.var_names)
         first = next(src.chunks(DETECT_CELLS), None)
         if first is None or src.n_vars == 0:
             raise DataError(f"empty matrix: {src.n_obs} cells x {src.n_vars} genes; fix: check the input.")

@@ -108,6 +108,19 @@ def first_flagged_cell(X, flagged: np.ndarray, cell: Callable[[int], str] | None
     return f", the first in cell {cell(row)}"
 
 
+# Counts through float arithmetic (a float32 product, a format conversion) come back off a whole
+# number by a few units in the last place; log-normalised values are this near one by chance only
+# (a 2e-5 share of them).
+ROUNDING_TOLERANCE = 1e-5
+ROUNDING_FIX = ("fix: round them, e.g. adata.X = np.round(adata.X) (for a sparse X: adata.X.data = "
+                "np.round(adata.X.data)), and write the result to a new file for the command line.")
+
+
+def near_whole(values: np.ndarray) -> np.ndarray:
+    """bool per value: within ROUNDING_TOLERANCE (relative, at least absolute) of a whole number."""
+    return np.abs(values - np.round(values)) <= ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values))
+
+
 def check_values(X, require_integer: bool = False, where: str = "", cell: Callable[[int], str] | None = None) -> bool:
     """Raise DataError on NaN/inf, finite values too large for float32, negative values, or
     (``require_integer``) non-integer values.
@@ -135,6 +148,10 @@ def check_values(X, require_integer: bool = False, where: str = "", cell: Callab
     integer = not fractional.any()
     if require_integer and not integer:
         frac = v[fractional]
+        if near_whole(frac).all():
+            raise DataError(f"X holds whole numbers with rounding error ({frac.size} entries off one by under "
+                            f"{ROUNDING_TOLERANCE:g} of it, e.g. {float(frac[0]):.9g}){where}"
+                            f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; {ROUNDING_FIX}")
         raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {float(frac[0]):.9g}){where}"
                         f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; fix: pass the raw "
                         f"count matrix{COUNTS_LAYER_HINT}; log-normalised data needs a model fitted on "
@@ -177,17 +194,30 @@ def check_unique_genes(var_names) -> None:
         raise DataError(f"{len(other)} gene names are not strings (e.g. {other[:5]}, of type "
                         f"{type(other[0]).__name__}); fix: adata.var_names = adata.var_names.astype(str) first "
                         "(then check they are unique).")
-    blank = blank_gene_names(names)
-    if blank.size:
-        more = ", ..." if blank.size > 5 else ""
-        raise DataError(f"{blank.size} gene names are empty (columns {blank[:5].tolist()}{more}): such genes are matched to another dataset's empty names, whatever gene that is; fix: "
-                        "name them, e.g. by their gene IDs (adata.var_names = adata.var['gene_ids'] where they are "
-                        "empty), or remove them.")
     if not names.is_unique:
         dups = [g for g, c in Counter(names).items() if c > 1]
         raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}); "
                         "fix: call adata.var_names_make_unique() first (for a file: read it with anndata, do so, "
                         "and write a new .h5ad with adata.write_h5ad).")
+
+
+def check_gene_names(var_names) -> None:
+    """:func:`check_unique_genes`, and a DataError for empty names, for data a model is fitted
+    on: a model holding an empty name would match it to another dataset's, whatever gene that
+    is. (New data may hold such columns: no model fitted since has them to match.)"""
+    check_unique_genes(var_names)
+    blank = blank_gene_names(var_names)
+    if blank.size:
+        raise DataError(f"{genes_are_empty(blank)}: such genes would be matched to another dataset's empty names, "
+                        "whatever gene that is; fix: name them, e.g. by their gene IDs (adata.var_names = "
+                        "adata.var['gene_ids'] where they are empty), or remove them.")
+
+
+def genes_are_empty(blank: np.ndarray) -> str:
+    """"N gene names are empty (columns ..)" for the positions ``blank``."""
+    more = ", ..." if blank.size > 5 else ""
+    verb = "name is" if blank.size == 1 else "names are"
+    return f"{blank.size} gene {verb} empty (column{'s' if blank.size > 1 else ''} {blank[:5].tolist()}{more})"
 
 
 def blank_gene_names(names) -> np.ndarray:
@@ -223,7 +253,7 @@ def validate_counts(adata_or_X, require_integer: bool = True, allow_zero_cells: 
     if not allow_zero_cells:
         check_zero_cells(X)
     if hasattr(adata_or_X, "var_names"):
-        check_unique_genes(adata_or_X.var_names)
+        check_gene_names(adata_or_X.var_names)
     if labels is None and hasattr(adata_or_X, "obs") and "label" in adata_or_X.obs:
         labels = adata_or_X.obs["label"]
     if labels is not None:
