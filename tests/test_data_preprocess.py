@@ -177,7 +177,8 @@ def test_bad_values_name_the_first_cell_holding_one(counts, tmp_path):
             with pytest.raises(DataError, match=expected):
                 p.transform(data)
             # fitting judges the first 2000 cells (all 1200 here) before its chunks
-            fitting = rf"{re.escape(fit_says or what)}.* in cells 0\.\.1199.*the first in cell 700 \({b.obs_names[700]}\)"
+            fitting = (rf"{re.escape(fit_says or what)}.* in cells 0\.\.1199.*the first in cell 700 "
+                       rf"\({b.obs_names[700]}\)")
             with pytest.raises(DataError, match=fitting):
                 Preprocessor(n_top_genes=50, chunk_size=500).fit(data)
         ad.AnnData(sp.csr_matrix(b.X), obs=b.obs, var=b.var).write_h5ad(tmp_path / "bad.h5ad")
@@ -444,7 +445,8 @@ def test_counts_with_rounding_error_are_named_as_such_not_taken_as_log_values():
     off = ad.AnnData(sp.csr_matrix(C * (1 + 1e-7)))
     off.var_names = [f"g{i}" for i in range(800)]
     rounding = (r"X looks like raw counts with rounding error: \d+ of its \d+ non-zero values in cells 0\.\.499 are "
-                r"off a whole number by under 1e-05 of it \(e\.g\. \d+\.\d{5,}, the first in cell .*\); fix: round them, "
+                r"off a whole number by under 1e-05 of it \(e\.g\. \d+\.\d{5,}, the first in cell .*\); "
+                r"fix: round them, "
                 r"e\.g\. adata\.X = np\.round\(adata\.X\)")
     before = off.X.copy()
     with pytest.raises(DataError, match=rounding):
