@@ -193,9 +193,13 @@ class MaskSCModel:
         weights are; another device moves the weights there). ``amp``: bf16 autocast on CUDA,
         as :meth:`embed_file` (False: float32 there too; the CPU always runs float32). Raises
         ValueError, naming the fix, for a device this machine lacks or ``meta``, before any work."""
+        from masksc.errors import DataError
         from masksc.outofcore import warn_nan_rows
         device = _run_device(device)
         check_count("batch_size", batch_size)  # before the preprocessing
+        if adata.shape[0] == 0:
+            raise DataError(f"the data to embed holds no cells (0 x {adata.shape[1]}); fix: pass the cells to embed "
+                            "(check a filter upstream).")
         X, keep = self._kept_on_grid(adata, layer, use_raw)
         if keep.all():
             return embed_matrix(self.network, X, batch_size=batch_size, device=device, progress=progress, amp=amp)

@@ -504,6 +504,37 @@ def test_empty_gene_names_of_a_file_are_refused_naming_it(tmp_path, counts):
         Preprocessor(n_top_genes=5).fit(tmp_path / "blank")
 
 
+def test_files_no_reader_takes_as_they_are_are_named_with_their_fix(tmp_path, counts):
+    """A gzipped .h5ad, a float16 sparse X (scipy holds none) and an AnnData with only layers were
+    "check the file is complete" / "set adata.X" errors."""
+    from masksc.data import Preprocessor
+    X, cells, genes = counts
+    adata = ad.AnnData(sp.csr_matrix(X.astype(np.float32)), obs=pd.DataFrame(index=cells),
+                       var=pd.DataFrame(index=genes))
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    (tmp_path / "a.h5ad.gz").write_bytes(gzip.compress((tmp_path / "a.h5ad").read_bytes()))
+    for call in (read, Preprocessor().fit):
+        with pytest.raises(DataError, match=r"a\.h5ad\.gz is gzip-compressed; .*fix: gunzip -k .*a\.h5ad\.gz, then "
+                                            r"pass .*a\.h5ad\.$"):
+            call(tmp_path / "a.h5ad.gz")
+    half = tmp_path / "half.h5ad"
+    half.write_bytes((tmp_path / "a.h5ad").read_bytes())
+    with h5py.File(half, "r+") as f:
+        data = f["X/data"][()].astype(np.float16)
+        del f["X/data"]
+        f["X/data"] = data
+    with pytest.raises(DataError, match=r"stored as float16, which scipy\.sparse \(so anndata too\) cannot hold"):
+        read(half)
+    with h5py.File(half, "r+") as f:  # the fix given
+        d = f['X/data'][()]
+        del f['X/data']
+        f['X/data'] = d.astype('float32')
+    _check(read(half), X, cells, genes)
+    only_layers = ad.AnnData(obs=adata.obs, var=adata.var, layers={"counts": adata.X})
+    with pytest.raises(DataError, match=r"no X matrix, only the layers \['counts'\]; fix: pass layer='counts'"):
+        Preprocessor().fit(only_layers)
+
+
 def test_the_names_files_beside_a_10x_matrix_point_to_the_matrix(tmp_path, counts):
     """A path to barcodes.tsv / features.tsv (GEO-prefixed too) names the matrix beside it, where
     it was read as a table (one column, or text columns); a tsv of that name with no matrix beside

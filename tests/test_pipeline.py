@@ -242,3 +242,14 @@ def test_embed_refuses_a_batch_size_before_preprocessing(tiny, monkeypatch):
     from masksc.errors import DataError
     with pytest.raises(DataError, match=r"^batch_size=2\.5; fix: pass a positive whole number of cells"):
         model.embed(adata, batch_size=2.5, progress=False)
+
+
+def test_embedding_no_cells_names_the_empty_data(tiny):
+    """It was "no cells to batch; fix: check filtering upstream", from deep in batching."""
+    from masksc import tl
+    from masksc.errors import DataError
+    model, adata = tiny
+    for call in (lambda: model.embed(adata[:0], progress=False), lambda: tl.embed(adata[:0].copy(), model)):
+        with pytest.raises(DataError, match=rf"^the data to embed holds no cells \(0 x {adata.n_vars}\); fix: pass "
+                                            r"the cells to embed"):
+            call()

@@ -93,6 +93,9 @@ def detect_format(path: Path) -> str:
     name = path.name.lower()
     stem = name[:-3] if name.endswith(".gz") else name
     _refuse_10x_companion(path, stem)
+    if name.endswith(".gz") and stem.endswith((".h5ad", ".h5", ".hdf5", ".hdf")):
+        raise DataError(f"{path} is gzip-compressed; HDF5 files (.h5ad, .h5) are read uncompressed (they compress "
+                        f"inside); fix: gunzip -k {path}, then pass {path.with_suffix('')}.")
     if stem.endswith(".h5ad"):
         try:
             renamed_10x = _hdf5_layout(path) == "10x_h5"
@@ -203,6 +206,11 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
                         "and pass the AnnData.") from exc
     except (OSError, EOFError, zlib.error, KeyError, ValueError, TypeError, AttributeError, RuntimeError,
             pd.errors.ParserError) as exc:  # what a damaged or misnamed file raises
+        if isinstance(exc, ValueError) and "float16" in str(exc) and fmt == "h5ad":  # scipy.sparse holds no float16
+            raise DataError(f"cannot read {path}: a sparse matrix in it is stored as float16, which scipy.sparse "
+                            "(so anndata too) cannot hold; fix: store it as float32, e.g. on a copy with h5py: with "
+                            "h5py.File(path, 'r+') as f: d = f['X/data'][()]; del f['X/data']; f['X/data'] = "
+                            "d.astype('float32') (the same for a layer's or raw/X's data).") from exc
         raise DataError(f"cannot read {path} as {fmt} ({type(exc).__name__}: {exc}); fix: check the file "
                         "is complete and in that format, or pass the right format=.") from exc
     if not backed:

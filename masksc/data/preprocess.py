@@ -419,8 +419,8 @@ class Preprocessor:
         ``PROFILE_MIN_CELLS`` cells are too few to tell: a warning says they go unchecked."""
         from scipy.stats import spearmanr
         if X.shape[0] < PROFILE_MIN_CELLS:
-            warn(f"the data's genes are named gene_0000.. (a file without gene names), so they are matched to the "
-                 f"model's by column position, and {X.shape[0]} cells are too few to check that these columns are the "
+            warn(f"the data's genes are named gene_0000.. (a file without gene names: the names give column "
+                 f"positions, not genes), and {X.shape[0]} cells are too few to check that these columns are the "
                  f"genes it was trained on (it takes {PROFILE_MIN_CELLS}); they are used unchecked: pass cells "
                  "measured on the training file's genes in its column order.", UncheckedGenesWarning)
             return
@@ -428,7 +428,7 @@ class Preprocessor:
         r = float(spearmanr(detection, self.detection_)[0])
         if not r >= PROFILE_MIN_SPEARMAN:  # also catches NaN (a constant profile)
             raise DataError(f"the data's genes are named gene_0000.. (the names masksc.read gives a file without "
-                            f"gene names), so they are matched to the model's by column position, and these columns "
+                            f"gene names: column positions, not genes), and these columns "
                             f"are not the genes it was trained on: their per-gene detection rates{where} correlate "
                             f"with the training data's at Spearman r = {r:.2f} (the same genes give r above 0.8); "
                             "fix: pass cells "

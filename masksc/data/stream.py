@@ -35,7 +35,7 @@ import scipy.sparse as sp
 
 from masksc.data.io import (_CORRUPT_FIX, _decode, _gene_expression, as_float32, canonical_csr32, check_compressed,
                              detect_format, read, set_labels, to_csr32, unique_gene_names)
-from masksc.data.validate import check_count
+from masksc.data.validate import check_count, no_x_matrix
 from masksc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ _RAW_FIX = "use_raw=True (--use-raw) to read .raw, or layer= (--layer) a counts 
 def _memory_source(adata: ad.AnnData) -> ChunkSource:
     X = adata.X
     if X is None:
-        raise DataError("the AnnData has no X matrix; fix: set adata.X to the counts matrix (cells x genes).")
+        raise no_x_matrix(adata)
     if sp.issparse(X) and X.format != "csr":
         X = X.tocsr()  # a copy: slicing rows of CSC is quadratic
     if adata.raw is not None:

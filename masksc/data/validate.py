@@ -25,10 +25,19 @@ def _values(X) -> np.ndarray:
     return np.asarray(X).ravel()
 
 
+def no_x_matrix(adata) -> DataError:
+    """The error for an AnnData without ``X``: naming its layers, and ``layer=``, when it has some."""
+    layers = list(getattr(adata, "layers", None) or [])
+    if layers:
+        return DataError(f"the AnnData has no X matrix, only the layers {layers}; fix: pass layer={layers[0]!r} "
+                         "(masksc.tl.fit / embed take it), or set adata.X to the counts matrix (cells x genes).")
+    return DataError("the AnnData has no X matrix; fix: set adata.X to the counts matrix (cells x genes).")
+
+
 def _as_matrix(adata_or_X):
     X = getattr(adata_or_X, "X", adata_or_X)
     if X is None:
-        raise DataError("the AnnData has no X matrix; fix: set adata.X to the counts matrix (cells x genes).")
+        raise no_x_matrix(adata_or_X)
     if not (sp.issparse(X) or isinstance(X, np.ndarray)):
         try:
             X = np.asarray(X)
