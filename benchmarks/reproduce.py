@@ -228,7 +228,7 @@ def trained_masksc(adata, dataset: str, seed: int, args, method: str = "masksc")
     train.json of their training time and final loss, and a row that differs from a kept model
     only in its read-out embeds with that model instead of training again: training is
     deterministic (a retrain reproduces a row's scores exactly), so it is the network a retrain
-    would give. The data id (``adata.uns["data"]``, see :func:`data_identity`) keeps a model
+    would give. The data id (``adata.uns["data"]``, see :func:`read_dataset`) keeps a model
     trained on other data under the dataset's name (a subsample, say) from standing in.
     """
     cfg = _model_config(method, args)

@@ -116,8 +116,10 @@ def _earlier_demo_run(run_dir: Path) -> bool:
             config = checkpoint.read_config(entry)
         except CheckpointError:  # unreadable: not known to be the demo's
             return False
-        cells = config.get("meta", {}).get("cells") or {}
-        if {**config["model_config"], "epochs": None} != demo or \
+        meta, model_config = config.get("meta"), config.get("model_config")
+        cells = meta.get("cells") if isinstance(meta, dict) else None  # a damaged record is not the demo's
+        if not isinstance(model_config, dict) or not isinstance(cells, dict) or \
+                {**model_config, "epochs": None} != demo or \
                 (cells.get("n"), cells.get("digest")) != (demo_cells["n"], demo_cells["digest"]):
             return False
     return True

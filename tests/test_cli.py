@@ -345,6 +345,13 @@ def test_demo_refuses_a_folder_whose_model_or_outputs_are_not_an_earlier_demos(t
     assert main(["demo", "-o", str(own), "--epochs", "1"]) == 2
     assert "no earlier demo's model" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in own.rglob("*") if p.is_file()} == files
+    config = own / "model" / "epoch-000001" / "config.json"
+    saved = json.loads(config.read_text())
+    for meta in (None, {**saved["meta"], "cells": "23ffc29f54ffc640"}, {**saved["meta"], "cells": [700]}):
+        config.write_text(json.dumps({**saved, "meta": meta}))  # damaged: a traceback before, not the refusal
+        assert not _earlier_demo_run(own / "model")
+    config.write_text(json.dumps({**saved, "model_config": None}))
+    assert not _earlier_demo_run(own / "model")
 
 
 def test_a_demo_rerun_stopped_before_its_first_checkpoint_leaves_a_folder_the_demo_accepts(tmp_path, capsys,

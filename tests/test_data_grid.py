@@ -125,6 +125,9 @@ def test_corrupt_layout_dict_refused():
         GridLayout.from_dict({**d, "shape": [4.5, 4]})
     with pytest.raises(DataError, match=r"grid shape \(16\.5, 16\) or patch 4 is not whole"):  # fit cut it too
         GridLayout.fit(X, genes, shape=(16.5, 16), patch=4)
+    for shape, patch in (((8, 8), float("nan")), ((8, 8), float("inf")), ((float("nan"), 8), 4)):  # a ValueError
+        with pytest.raises(DataError, match=r"is not whole; fix: pass whole numbers"):  # and an OverflowError
+            GridLayout.fit(X, genes, shape=shape, patch=patch)
 
 
 def test_repeated_gene_names_and_non_finite_values_are_named():

@@ -469,6 +469,31 @@ def test_counts_with_rounding_error_are_named_as_such_not_taken_as_log_values():
     assert Preprocessor(n_top_genes=100).fit(off).genes_ == fitted.genes_
 
 
+def test_values_never_logged_of_shallow_cells_are_not_taken_for_counts_with_rounding_error():
+    """A relative gap alone called every value from 5e4 on whole: CPM of shallow cells, never
+    logged, was named counts with rounding error, and rounding it (the fix given) fitted it as counts."""
+    rng = np.random.default_rng(5)
+    X = rng.poisson(rng.gamma(0.5, 0.1, size=120), size=(300, 120)).astype(float)
+    X[:, 0] += 1
+    cpm = ad.AnnData(sp.csr_matrix(X))
+    sc.pp.normalize_total(cpm, target_sum=1e6)
+    with pytest.raises(DataError, match=r"X is neither raw counts \(non-integer values\) nor log-normalised"):
+        Preprocessor(n_top_genes=50).fit(cpm, progress=False)
+
+
+def test_a_small_span_that_fails_the_trend_fit_is_named_as_the_cause():
+    """span=0.02 over 290 genes (6 a local fit) failed with "raise min_cells", which did not help."""
+    rng = np.random.default_rng(0)
+    X = rng.poisson(rng.gamma(0.5, 2, size=300), size=(400, 300)).astype(np.float32)
+    X[:, 0] += 1
+    data = ad.AnnData(sp.csr_matrix(X))
+    data.var_names = [f"g{i}" for i in range(300)]
+    with pytest.raises(DataError, match=r"trend fit failed .*; fix: a larger span: span=0\.02 gives each local fit "
+                                        r"\d+ of the \d+ genes; Seurat's 0\.3 \(the default\) fits"):
+        Preprocessor(n_top_genes=100, hvg_flavor="seurat_v3", span=0.02).fit(data, progress=False)
+    Preprocessor(n_top_genes=100, hvg_flavor="seurat_v3").fit(data, progress=False)
+
+
 def test_the_input_kind_is_judged_on_the_same_cells_whatever_the_chunk_size():
     """fit judged the first min(chunk_size, 2000) cells, and the normalised-never-logged check
     needs 10: chunk_size=9 took such values as log-normalised."""

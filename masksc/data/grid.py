@@ -120,8 +120,11 @@ class GridLayout:
         DataError under ``strict``). ``order="correlation"`` uses ``X_csr`` (cells x genes,
         any sparse/dense matrix) on a subsample of ``n_sample`` cells drawn with ``seed``.
         """
-        g, s = int(shape[0]), int(shape[1])
-        if [g, s] != [shape[0], shape[1]] or int(patch) != patch:
+        try:
+            g, s, whole = int(shape[0]), int(shape[1]), int(patch) == patch
+        except (TypeError, ValueError, OverflowError):  # NaN, inf, text
+            g, s, whole = 0, 0, False
+        if not whole or [g, s] != [shape[0], shape[1]]:
             raise DataError(f"grid shape {tuple(shape)} or patch {patch!r} is not whole; fix: pass whole numbers.")
         if g < 1 or s < 1 or patch < 1 or g % patch or s % patch:
             raise DataError(f"grid {g}x{s} is not divisible into {patch}x{patch} patches; fix: choose g and s "

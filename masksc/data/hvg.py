@@ -22,6 +22,7 @@ def mean_var(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
     return mean, var
 
 
+SEURAT_SPAN = 0.3  # the loess span of Seurat's (and scanpy's) seurat_v3 flavour
 MIN_TREND_GENES = 200  # below this many varying genes a failed loess fit is put down to too few, not sparse, genes
 
 
@@ -34,7 +35,7 @@ class TrendFitError(DataError):
         self.n_varying = n_varying
 
 
-def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = SEURAT_SPAN) -> tuple[np.ndarray, np.ndarray]:
     """Seurat v3 step 1: loess fit of log10 variance on log10 mean over non-constant genes.
 
     Returns ``(reg_std, clip_val)``: the regularised std per gene and the value each count is
@@ -53,7 +54,8 @@ def seurat_v3_clip(mean: np.ndarray, var: np.ndarray, n: int, span: float = 0.3)
     if span * n_varying < 1:  # and whenever a local fit would take under one point
         raise DataError(f"span={span:g} is too small for the seurat_v3 HVG trend fit over the {n_varying} genes that "
                         f"vary across the {n} cells: each local fit would take under one gene; fix: a larger span, "
-                        "e.g. Seurat's 0.3 (Preprocessor(span=0.3)); spans much under it often fail the fit too.")
+                        f"e.g. Seurat's {SEURAT_SPAN:g} (Preprocessor(span={SEURAT_SPAN:g})); spans much under it "
+                        "often fail the fit too.")
     est = np.zeros_like(mean)
     model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
     try:

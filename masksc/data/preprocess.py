@@ -145,7 +145,7 @@ class Preprocessor:
     def __init__(self, n_top_genes: int | None = 4096, target_sum: float = 1e4, log1p: bool = True,
                  scale: bool = False, max_value: float | None = 10.0, hvg_flavor: str = "auto",
                  min_counts: float | None = None, min_cells: int | None = None, input: str = "auto",
-                 span: float = 0.3, n_bins: int = 20, chunk_size: int = 10_000):
+                 span: float = hvg.SEURAT_SPAN, n_bins: int = 20, chunk_size: int = 10_000):
         if hvg_flavor not in ("auto", "seurat_v3", "dispersion"):
             raise DataError(f"hvg_flavor={hvg_flavor!r}; fix: use 'auto', 'seurat_v3' or 'dispersion'.")
         if input not in ("auto", "counts", "log"):
@@ -318,6 +318,9 @@ class Preprocessor:
 
     def _trend_fix(self, n_varying: int, n_cells: int, n_genes: int) -> str:
         """What to change when the seurat_v3 trend fit failed with ``n_varying`` genes varying."""
+        if self.span < hvg.SEURAT_SPAN:  # local fits of few genes fail, whatever the genes' sparsity
+            return (f"a larger span: span={self.span:g} gives each local fit {self.span * n_varying:.0f} of the "
+                    f"{n_varying} genes; Seurat's {hvg.SEURAT_SPAN:g} (the default) fits where smaller spans fail")
         if n_varying >= hvg.MIN_TREND_GENES:  # genes enough, but too sparse for a smooth trend
             return (f"keep only genes detected in more cells: raise min_cells (now {self.min_cells or 0}; tl.fit and "
                     "masksc fit use 3, scanpy's usual filter, which very sparse data such as worm_neuron_cell "

@@ -119,15 +119,19 @@ def first_flagged_cell(X, flagged: np.ndarray, cell: Callable[[int], str] | None
 
 # Counts through float arithmetic (a float32 product, a format conversion) come back off a whole
 # number by a few units in the last place; log-normalised values are this near one by chance only
-# (a 2e-5 share of them).
+# (a 2e-5 share of them). The gap allowed stops at ROUNDING_MAX_GAP: relative alone, it would call
+# any value from 5e4 on whole (CPM values never logged among them).
 ROUNDING_TOLERANCE = 1e-5
+ROUNDING_MAX_GAP = 0.01
 ROUNDING_FIX = ("fix: round them, e.g. adata.X = np.round(adata.X) (for a sparse X: adata.X.data = "
                 "np.round(adata.X.data)), and write the result to a new file for the command line.")
 
 
 def near_whole(values: np.ndarray) -> np.ndarray:
-    """bool per value: within ROUNDING_TOLERANCE (relative, at least absolute) of a whole number."""
-    return np.abs(values - np.round(values)) <= ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values))
+    """bool per value: within ROUNDING_TOLERANCE (relative, at least absolute, at most
+    ROUNDING_MAX_GAP) of a whole number."""
+    gap = np.minimum(ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values)), ROUNDING_MAX_GAP)
+    return np.abs(values - np.round(values)) <= gap
 
 
 def check_values(X, require_integer: bool = False, where: str = "", cell: Callable[[int], str] | None = None) -> bool:
