@@ -533,16 +533,18 @@ def _check_resumed_values(run_dir: Path, meta: dict, X_grid) -> None:
 
 def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
     """A resumed run sees the cells it stopped on, in the same order (``meta``: its saved
-    metadata, whose ``cells`` record runs saved before it was kept lack; ``names``: this data's
-    obs names), so its batches and masks continue the run; else a CheckpointError."""
+    metadata, whose ``cells`` record runs saved before it was kept lack: then only the number of
+    cells a streamed run recorded is compared; ``names``: this data's obs names), so its batches
+    and masks continue the run; else a CheckpointError."""
     from masksc.errors import CheckpointError
-    saved = meta.get("cells")
-    if saved is None:
-        return
+    saved, now = meta.get("cells"), cells_record(names)
+    if saved is None:  # saved before it was kept: a streamed run recorded its number of cells
+        streamed = meta.get("streamed")
+        n_cells = streamed.get("n_cells") if isinstance(streamed, dict) else None
+        saved = {"n": n_cells, "digest": now["digest"]} if isinstance(n_cells, int) else now
     if not (isinstance(saved, dict) and isinstance(saved.get("n"), int) and isinstance(saved.get("digest"), str)):
         raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
                               "config.json from a copy, or start the run again in a new directory.")
-    now = cells_record(names)
     if (now["n"], now["digest"]) != (saved["n"], saved["digest"]):
         what = (f"{saved['n']} cells, and this data has {now['n']}" if now["n"] != saved["n"] else
                 f"{saved['n']} cells with other names or in another order than this data's")

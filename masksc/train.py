@@ -467,9 +467,13 @@ def _restore(core: MaskSC, optimizer, scheduler, run_dir: Path, last: Path, cfg:
                               f"{_NEW_DIR}.")
     saved_steps = state.get("steps_per_epoch", steps_per_epoch)
     if saved_steps != steps_per_epoch:
+        unrecorded = (" (the run was saved by an earlier masksc release, which did not record how many processes "
+                      "trained it: if torchrun ran it on several, resume it with that release)"
+                      if "world_size" not in state else "")
         raise CheckpointError(f"cannot resume: the run in {run_dir} took {saved_steps} steps per epoch and this data "
                               f"gives {steps_per_epoch}, so the schedule and masking would not continue the run; "
-                              f"resume on the cells it was trained on, or use a new model directory {_NEW_DIR}.")
+                              f"resume on the cells it was trained on{unrecorded}, or use a new model directory "
+                              f"{_NEW_DIR}.")
     damage = _record_damage(state, cfg.epochs, steps_per_epoch)
     if damage:
         raise CheckpointError(f"the training record {last / ckpt.STATE} is damaged ({damage}); fix: restore it from "

@@ -13,7 +13,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from masksc.data import Preprocessor, load_demo, synthetic, write_synthetic_h5ad
-from masksc.errors import DataError
+from masksc.errors import DataError, UncheckedGenesWarning
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +365,11 @@ def test_unnamed_genes_must_match_the_training_profile(counts):
     with pytest.raises(DataError, match=r"named gene_0000\.\. .* in cells 3\.\.302"):
         p.check_gene_profile(other.X[3:303], other.var_names, " in cells 3..302")
     p.check_gene_profile(counts.X[:300], counts.var_names)  # the same genes pass
+    # a preprocessor saved before detection rates were kept cannot check: it said nothing before
+    old = Preprocessor.from_dict({k: v for k, v in p.to_dict().items() if k != "detection"})
+    with pytest.warns(UncheckedGenesWarning, match=r"saved by a masksc release that did not keep its training data's "
+                                                   r"per-gene detection rates"):
+        old.transform(other)
     named = counts[:300].copy()
     named.var_names = [f"G{i}" for i in range(counts.n_vars)]
     q = Preprocessor(n_top_genes=80).fit(named)

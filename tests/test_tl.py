@@ -123,6 +123,12 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
     adata[::-1].copy().write_h5ad(tmp_path / "reversed.h5ad")
     with pytest.raises(CheckpointError, match=r"trained on 240 cells with other names or in another order"):
         pipeline.fit(tmp_path / "reversed.h5ad", "demo", model_dir=run, resume=True, **settings)
+    config = json.loads((run / "epoch-000001" / "config.json").read_text())
+    del config["meta"]["cells"]  # as an earlier release saved it: its streamed record's count is compared
+    (run / "epoch-000001" / "config.json").write_text(json.dumps(config))
+    adata[:230].copy().write_h5ad(tmp_path / "fewer.h5ad")
+    with pytest.raises(CheckpointError, match=r"was trained on 240 cells, and this data has 230"):
+        pipeline.fit(tmp_path / "fewer.h5ad", "demo", model_dir=run, resume=True, **settings)
     model, _ = pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
     np.testing.assert_array_equal(model.embed(adata, progress=False), ref.embed(adata, progress=False))
 

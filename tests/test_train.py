@@ -1,4 +1,5 @@
 """Training loop: learning, schedule, seeds, checkpoint cadence and exact resume."""
+import json
 import math
 import os
 import re
@@ -493,6 +494,15 @@ def test_resume_refuses_different_settings(tmp_path):
         m = MaskSC(CFG.replace(med=False, embed_dim=32, mask_ratio=0.6))
         train(m, X, tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
     with pytest.raises(CheckpointError, match=r"took 3 steps per epoch and this data gives 6"):  # twice the cells
+        train(make(), sp.vstack([X, X]).tocsr(), tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+    state_file = tmp_path / "last" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["world_size"]  # as an earlier release saved it: the steps may differ by its process count
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"this data gives 6, .*resume on the cells it was trained on \(the run "
+                                              r"was saved by an earlier masksc release, which did not record how many "
+                                              r"processes trained it: if torchrun ran it on several, resume it with "
+                                              r"that release\)"):
         train(make(), sp.vstack([X, X]).tocsr(), tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
 
 

@@ -386,8 +386,9 @@ class Preprocessor:
         return np.sort(cols[cols >= 0])
 
     def needs_profile_check(self) -> bool:
-        """Whether data must pass the detection-profile check: genes matched by position only."""
-        return self.detection_ is not None and has_synthesised_names(self.genes_)
+        """Whether data must pass the detection-profile check: genes matched by position only
+        (a preprocessor saved without detection rates warns that it cannot check them)."""
+        return has_synthesised_names(self.genes_)
 
     def check_log_input(self, X: sp.csr_matrix) -> None:
         """For a preprocessor fitted on log-normalised values, the checks fitting made of them, on the
@@ -421,6 +422,13 @@ class Preprocessor:
         are matched by position and this is the only sign that they are other genes. Fewer than
         ``PROFILE_MIN_CELLS`` cells are too few to tell: a warning says they go unchecked."""
         from scipy.stats import spearmanr
+        if self.detection_ is None:
+            warn("the data's genes are named gene_0000.. (a file without gene names: the names give column "
+                 "positions, not genes), and the model was saved by a masksc release that did not keep its training "
+                 "data's per-gene detection rates, so nothing can check that these columns are the genes it was "
+                 "trained on; they are used unchecked: pass cells measured on the training file's genes in its "
+                 "column order (a model trained by this release checks them).", UncheckedGenesWarning)
+            return
         if X.shape[0] < PROFILE_MIN_CELLS:
             warn(f"the data's genes are named gene_0000.. (a file without gene names: the names give column "
                  f"positions, not genes), and {X.shape[0]} cells are too few to check that these columns are the "
