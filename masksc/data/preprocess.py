@@ -260,10 +260,14 @@ class Preprocessor:
         for each pass over the cells, from ``PROGRESS_MIN_CELLS`` cells (False: none)."""
         src = open_source(data)
         check_gene_names(src.var_names)
-        first = next(src.chunks(DETECT_CELLS), None)
-        if first is None or src.n_vars == 0:
+        first = []  # the first DETECT_CELLS cells, read in chunks of chunk_size (memory is bounded by it)
+        for a, X in src.chunks(min(self.chunk_size, DETECT_CELLS)):
+            first.append(X[:DETECT_CELLS - a])
+            if a + X.shape[0] >= DETECT_CELLS:
+                break
+        if not first or src.n_vars == 0:
             raise DataError(f"empty matrix: {src.n_obs} cells x {src.n_vars} genes; fix: check the input.")
-        kind = self._detect(first[1], _cell_namer(src, 0))
+        kind = self._detect(sp.vstack(first, format="csr"), _cell_namer(src, 0))
         flavor = self.hvg_flavor if self.hvg_flavor != "auto" else ("seurat_v3" if kind == "counts" else "dispersion")
         if flavor == "seurat_v3" and kind == "log":
             raise DataError("hvg_flavor='seurat_v3' needs raw counts but the input is log-normalised; "
