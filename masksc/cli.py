@@ -309,10 +309,16 @@ def _cells_to_draw(args, model):
     path, fmt = _input_format(args)
     if fmt == "h5ad":
         with h5py.File(path, "r") as f:
-            if "X" not in f:  # read backed, it would fail later, on the cells' X, as a raw h5py KeyError
-                raise MaskscError(f"{path} holds no expression matrix X (a `masksc embed` output stores only obs "
+            layers = list(f["layers"]) if "layers" in f else []
+            if "X" not in f and args.layer is None and not args.use_raw:  # read backed, it would fail later, on
+                # the cells' X, as a raw h5py KeyError
+                raise MaskscError(f"{path} holds no expression matrix X, only the layers {layers}; fix: --layer "
+                                  f"{layers[0]}." if layers else
+                                  f"{path} holds no expression matrix X (a `masksc embed` output stores only obs "
                                   "and the embedding); fix: pass the counts file the model was fitted on.")
-        adata = ad.read_h5ad(path, backed="r")
+            has_x = "X" in f
+        # backed, only the drawn cells are read; anndata cannot take them into memory from a file without X
+        adata = ad.read_h5ad(path, backed="r") if has_x else ad.read_h5ad(path)
     else:
         adata = read(path, format=fmt, transpose=args.transpose, genome=args.genome)
     if model.preprocessor.needs_profile_check():

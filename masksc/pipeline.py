@@ -540,9 +540,9 @@ def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
     saved, now = meta.get("cells"), cells_record(names)
     if saved is None:  # saved before it was kept: a streamed run recorded its number of cells
         streamed = meta.get("streamed")
-        n_cells = streamed.get("n_cells") if isinstance(streamed, dict) else None
-        saved = {"n": n_cells, "digest": now["digest"]} if isinstance(n_cells, int) else now
-    if not (isinstance(saved, dict) and isinstance(saved.get("n"), int) and isinstance(saved.get("digest"), str)):
+        saved = {"n": streamed.get("n_cells"), "digest": now["digest"]} if isinstance(streamed, dict) else now
+    n = saved.get("n") if isinstance(saved, dict) else None
+    if not (type(n) is int and n >= 0 and isinstance(saved.get("digest"), str)):
         raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
                               "config.json from a copy, or start the run again in a new directory.")
     if (now["n"], now["digest"]) != (saved["n"], saved["digest"]):

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from masksc import cluster as _cluster
 from masksc.data.stream import SCALED_SAMPLE_CELLS, check_not_backed_view, check_not_scaled_beside_raw, with_layer
-from masksc.data.validate import _as_matrix
+from masksc.data.validate import _as_matrix, no_x_matrix
 from masksc.errors import DataError, warn
 from masksc.pipeline import MaskSCModel
 from masksc.pipeline import fit as _fit
@@ -88,7 +88,12 @@ def _check_expression(adata, step: str, layer: str | None) -> None:
     """Raise DataError unless ``adata`` has the expression matrix to read, ``X`` or the layer
     ``layer``; scaled values in ``X`` with ``adata.raw`` set get the fix ``use_raw=True``."""
     # backed: the first cells stand for the file (scaled values are negative in almost every cell)
-    X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
+    try:
+        X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
+    except KeyError as exc:  # a backed file without X: h5py's raw KeyError
+        if layer is None and adata.isbacked:
+            raise no_x_matrix(adata) from exc
+        raise
     if layer is None and adata.raw is not None:
         check_not_scaled_beside_raw(X, f"masksc.tl.{step}(..., use_raw=True), or layer= a counts layer")
 

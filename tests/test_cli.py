@@ -1035,6 +1035,14 @@ def test_plot_attention_on_an_embedding_without_x_names_the_file_and_the_fix(tra
                  "-o", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
     assert f"{embedded} holds no expression matrix X" in err and "Traceback" not in err
+    data, _, _ = trained  # a file holding its counts only in a layer: refused even with --layer before
+    counts = ad.read_h5ad(data)
+    ad.AnnData(obs=counts.obs, var=counts.var, layers={"counts": counts.X}).write_h5ad(tmp_path / "layers.h5ad")
+    command = ["plot", "attention", str(tmp_path / "layers.h5ad"), "--model", str(model_dir), "--device", "cpu"]
+    assert main([*command, "-o", str(tmp_path / "b.png")]) == 2
+    assert "holds no expression matrix X, only the layers ['counts']; fix: --layer counts." in capsys.readouterr().err
+    assert main([*command, "--layer", "counts", "-o", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b.png").stat().st_size > 0
     assert "fix: pass the counts file the model was fitted on." in err
     assert not (tmp_path / "a.png").exists()
 

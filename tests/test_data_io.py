@@ -513,6 +513,8 @@ def test_files_no_reader_takes_as_they_are_are_named_with_their_fix(tmp_path, co
                        var=pd.DataFrame(index=genes))
     adata.write_h5ad(tmp_path / "a.h5ad")
     (tmp_path / "a.h5ad.gz").write_bytes(gzip.compress((tmp_path / "a.h5ad").read_bytes()))
+    (tmp_path / "kept_name.h5ad.gz").write_bytes((tmp_path / "a.h5ad").read_bytes())  # decompressed, name kept
+    _check(read(tmp_path / "kept_name.h5ad.gz"), X, cells, genes)
     for call in (read, Preprocessor().fit):
         with pytest.raises(DataError, match=r"a\.h5ad\.gz is gzip-compressed; .*fix: gunzip -k .*a\.h5ad\.gz, then "
                                             r"pass .*a\.h5ad\.$"):
@@ -523,7 +525,8 @@ def test_files_no_reader_takes_as_they_are_are_named_with_their_fix(tmp_path, co
         data = f["X/data"][()].astype(np.float16)
         del f["X/data"]
         f["X/data"] = data
-    with pytest.raises(DataError, match=r"stored as float16, which scipy\.sparse \(so anndata too\) cannot hold"):
+    with pytest.raises(DataError, match=r"its sparse matrices \['X'\] are stored as float16, which scipy\.sparse \(so "
+                                        r"anndata too\) cannot hold"):
         read(half)
     with h5py.File(half, "r+") as f:  # the fix given
         d = f['X/data'][()]

@@ -472,6 +472,14 @@ def test_counts_with_rounding_error_are_named_as_such_not_taken_as_log_values():
                                                       off]))
     off.X.data = np.round(off.X.data)  # the fix given
     assert Preprocessor(n_top_genes=100).fit(off).genes_ == fitted.genes_
+    # large counts: from 131072 on, a float32 step (1/64) is over the 0.01 gap, and was "non-integer values"
+    C = rng.poisson(1.0, (300, 200)).astype(np.float32)
+    C[:, 0] = rng.integers(140_000, 200_000, 300)
+    s = rng.uniform(0.5, 2, (300, 1)).astype(np.float32)
+    large = ad.AnnData(sp.csr_matrix(C * s / s))
+    assert (large.X != sp.csr_matrix(C)).nnz and (sp.csr_matrix(np.round(large.X.toarray())) != sp.csr_matrix(C)).nnz == 0
+    with pytest.raises(DataError, match=r"X looks like raw counts with rounding error"):
+        Preprocessor(n_top_genes=50).fit(large)
 
 
 def test_values_never_logged_of_shallow_cells_are_not_taken_for_counts_with_rounding_error():
@@ -519,6 +527,8 @@ def test_a_failed_hvg_trend_fit_names_the_min_cells_a_pipeline_user_can_raise():
                                         r"tl\.fit\(min_cells=5\) or masksc fit --min-cells 5"):
         tl.fit(cells, "demo", epochs=1, progress=False)
     Preprocessor(n_top_genes=256, min_cells=5).fit(cells)
+    with pytest.raises(DataError, match=r"fix: keep only genes detected in more cells: raise min_cells"):
+        Preprocessor(n_top_genes=256, min_cells=3, span=0.25).fit(cells)  # 240 genes a local fit: not the span
 
 
 def test_normalised_unlogged_input_names_fixes_the_pipeline_accepts():

@@ -129,6 +129,12 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
     adata[:230].copy().write_h5ad(tmp_path / "fewer.h5ad")
     with pytest.raises(CheckpointError, match=r"was trained on 240 cells, and this data has 230"):
         pipeline.fit(tmp_path / "fewer.h5ad", "demo", model_dir=run, resume=True, **settings)
+    for n_cells in (-5, True, 240.0, None):  # a damaged count was taken ("trained on -5 cells"), or skipped
+        damaged = {**config, "meta": {**config["meta"], "streamed": {**config["meta"]["streamed"], "n_cells": n_cells}}}
+        (run / "epoch-000001" / "config.json").write_text(json.dumps(damaged))
+        with pytest.raises(CheckpointError, match=r"the cells record of the run in .* is damaged"):
+            pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
+    (run / "epoch-000001" / "config.json").write_text(json.dumps(config))
     model, _ = pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
     np.testing.assert_array_equal(model.embed(adata, progress=False), ref.embed(adata, progress=False))
 
@@ -926,3 +932,13 @@ def test_a_float64_embedding_changed_below_float32s_resolution_is_not_its_old_gr
     a.obsm["X_masksc"] = np.full((300, 8), "x")  # not an embedding at all: named as such, not as a changed one
     with pytest.raises(DataError, match=r"adata.obsm\['X_masksc'\] must hold real numbers"):
         tl.cluster(a, neighbors_key="graph")
+
+
+def test_a_backed_file_holding_only_layers_names_them(tmp_path):
+    """tl.fit / tl.embed on such a file opened backed raised h5py's KeyError for X."""
+    import anndata as ad
+    data = synthetic(60, n_genes=300, n_types=3, seed=1)
+    ad.AnnData(obs=data.obs, var=data.var, layers={"counts": data.X}).write_h5ad(tmp_path / "layers.h5ad")
+    backed = ad.read_h5ad(tmp_path / "layers.h5ad", backed="r")
+    with pytest.raises(DataError, match=r"no X matrix, only the layers \['counts'\]; fix: pass layer='counts'"):
+        tl.fit(backed, "demo", epochs=1, progress=False, **TINY)

@@ -80,6 +80,29 @@ def _refuse_10x_companion(path: Path, stem: str) -> None:
                                 + " (masksc reads the names beside it).")
 
 
+def _gzip_compressed(path: Path) -> bool:
+    """Whether the file ``path`` starts as gzip does (a download tool may keep ``.gz`` on a file it
+    already decompressed)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:  # unreadable: the reader says why
+        return False
+
+
+def _float16_sparse(path: Path) -> list[str]:
+    """The sparse matrices (HDF5 groups holding data / indices / indptr) stored as float16 in ``path``."""
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Group) and {"data", "indices", "indptr"} <= set(obj) and \
+                obj["data"].dtype == np.float16:
+            found.append(name)
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return found
+
+
 def detect_format(path: Path) -> str:
     """Return one of :data:`FORMATS` for ``path`` or raise DataError."""
     if path.is_dir():
@@ -93,7 +116,7 @@ def detect_format(path: Path) -> str:
     name = path.name.lower()
     stem = name[:-3] if name.endswith(".gz") else name
     _refuse_10x_companion(path, stem)
-    if name.endswith(".gz") and stem.endswith((".h5ad", ".h5", ".hdf5", ".hdf")):
+    if name.endswith(".gz") and stem.endswith((".h5ad", ".h5", ".hdf5", ".hdf")) and _gzip_compressed(path):
         raise DataError(f"{path} is gzip-compressed; HDF5 files (.h5ad, .h5) are read uncompressed (they compress "
                         f"inside); fix: gunzip -k {path}, then pass {path.with_suffix('')}.")
     if stem.endswith(".h5ad"):
@@ -206,11 +229,13 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
                         "and pass the AnnData.") from exc
     except (OSError, EOFError, zlib.error, KeyError, ValueError, TypeError, AttributeError, RuntimeError,
             pd.errors.ParserError) as exc:  # what a damaged or misnamed file raises
-        if isinstance(exc, ValueError) and "float16" in str(exc) and fmt == "h5ad":  # scipy.sparse holds no float16
-            raise DataError(f"cannot read {path}: a sparse matrix in it is stored as float16, which scipy.sparse "
-                            "(so anndata too) cannot hold; fix: store it as float32, e.g. on a copy with h5py: with "
-                            "h5py.File(path, 'r+') as f: d = f['X/data'][()]; del f['X/data']; f['X/data'] = "
-                            "d.astype('float32') (the same for a layer's or raw/X's data).") from exc
+        half = _float16_sparse(path) if isinstance(exc, ValueError) and fmt == "h5ad" else []
+        if half:  # scipy.sparse holds no float16
+            rewrite = "; ".join(f"d = f['{g}/data'][()]; del f['{g}/data']; f['{g}/data'] = d.astype('float32')"
+                                for g in half)
+            raise DataError(f"cannot read {path}: its sparse matrices {half} are stored as float16, which scipy.sparse "
+                            "(so anndata too) cannot hold; fix: store them as float32, e.g. on a copy with h5py: "
+                            f"with h5py.File(path, 'r+') as f: {rewrite}.") from exc
         raise DataError(f"cannot read {path} as {fmt} ({type(exc).__name__}: {exc}); fix: check the file "
                         "is complete and in that format, or pass the right format=.") from exc
     if not backed:

@@ -322,7 +322,7 @@ class Preprocessor:
 
     def _trend_fix(self, n_varying: int, n_cells: int, n_genes: int) -> str:
         """What to change when the seurat_v3 trend fit failed with ``n_varying`` genes varying."""
-        if self.span < hvg.SEURAT_SPAN:  # local fits of few genes fail, whatever the genes' sparsity
+        if self.span < hvg.SEURAT_SPAN and self.span * n_varying < hvg.MIN_LOCAL_GENES:  # few genes a local fit
             return (f"a larger span: span={self.span:g} gives each local fit {self.span * n_varying:.0f} of the "
                     f"{n_varying} genes; Seurat's {hvg.SEURAT_SPAN:g} (the default) fits where smaller spans fail")
         if n_varying >= hvg.MIN_TREND_GENES:  # genes enough, but too sparse for a smooth trend

@@ -129,8 +129,10 @@ ROUNDING_FIX = ("fix: round them, e.g. adata.X = np.round(adata.X) (for a sparse
 
 def near_whole(values: np.ndarray) -> np.ndarray:
     """bool per value: within ROUNDING_TOLERANCE (relative, at least absolute, at most
-    ROUNDING_MAX_GAP) of a whole number."""
-    gap = np.minimum(ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values)), ROUNDING_MAX_GAP)
+    ROUNDING_MAX_GAP) of a whole number, or within two float32 steps of it (from 131072 on, a
+    float32 step exceeds ROUNDING_MAX_GAP)."""
+    gap = np.maximum(np.minimum(ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values)), ROUNDING_MAX_GAP),
+                     2 * np.spacing(np.abs(values).astype(np.float32)).astype(np.float64))
     return np.abs(values - np.round(values)) <= gap
 
 
