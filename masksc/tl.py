@@ -91,11 +91,17 @@ def _check_expression(adata, step: str, layer: str | None) -> None:
     try:
         X = _as_matrix(with_layer(adata, layer)[:SCALED_SAMPLE_CELLS].X if adata.isbacked else with_layer(adata, layer))
     except KeyError as exc:  # a backed file without X: h5py's raw KeyError
-        if layer is None and adata.isbacked:
+        if layer is None and adata.isbacked and not _file_has_x(adata.filename):
             raise no_x_matrix(adata) from exc
         raise
     if layer is None and adata.raw is not None:
         check_not_scaled_beside_raw(X, f"masksc.tl.{step}(..., use_raw=True), or layer= a counts layer")
+
+
+def _file_has_x(path) -> bool:
+    import h5py
+    with h5py.File(path, "r") as f:
+        return "X" in f
 
 
 def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool = False, **kwargs) -> MaskSCModel:

@@ -942,3 +942,10 @@ def test_a_backed_file_holding_only_layers_names_them(tmp_path):
     backed = ad.read_h5ad(tmp_path / "layers.h5ad", backed="r")
     with pytest.raises(DataError, match=r"no X matrix, only the layers \['counts'\]; fix: pass layer='counts'"):
         tl.fit(backed, "demo", epochs=1, progress=False, **TINY)
+    import h5py
+    data.write_h5ad(tmp_path / "damaged.h5ad")
+    with h5py.File(tmp_path / "damaged.h5ad", "r+") as f:  # an X lacking a part is not a missing X
+        del f["X/indices"]
+    with pytest.raises(Exception) as exc:
+        tl.fit(ad.read_h5ad(tmp_path / "damaged.h5ad", backed="r"), "demo", epochs=1, progress=False, **TINY)
+    assert "no X matrix" not in str(exc.value)

@@ -23,7 +23,6 @@ def mean_var(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[np.ndarray, np.ndar
 
 
 SEURAT_SPAN = 0.3  # the loess span of Seurat's (and scanpy's) seurat_v3 flavour
-MIN_LOCAL_GENES = 30  # under this many genes a local loess fit often fails (6-15 failed, 29 fitted over 290 genes)
 MIN_TREND_GENES = 200  # below this many varying genes a failed loess fit is put down to too few, not sparse, genes
 
 

@@ -322,9 +322,14 @@ class Preprocessor:
 
     def _trend_fix(self, n_varying: int, n_cells: int, n_genes: int) -> str:
         """What to change when the seurat_v3 trend fit failed with ``n_varying`` genes varying."""
-        if self.span < hvg.SEURAT_SPAN and self.span * n_varying < hvg.MIN_LOCAL_GENES:  # few genes a local fit
-            return (f"a larger span: span={self.span:g} gives each local fit {self.span * n_varying:.0f} of the "
-                    f"{n_varying} genes; Seurat's {hvg.SEURAT_SPAN:g} (the default) fits where smaller spans fail")
+        if self.span < hvg.SEURAT_SPAN:  # smaller spans fail where it fits; sparse genes fail it too
+            return (f"first Seurat's span {hvg.SEURAT_SPAN:g}, the default (span={self.span:g} gives each local fit "
+                    f"{self.span * n_varying:.0f} of the {n_varying} genes; smaller spans fail where it fits); if "
+                    f"that fails too: {self._trend_fix_at_default_span(n_varying, n_cells, n_genes)}")
+        return self._trend_fix_at_default_span(n_varying, n_cells, n_genes)
+
+    def _trend_fix_at_default_span(self, n_varying: int, n_cells: int, n_genes: int) -> str:
+        """:meth:`_trend_fix` for a fit that failed at Seurat's span: the genes or cells are the cause."""
         if n_varying >= hvg.MIN_TREND_GENES:  # genes enough, but too sparse for a smooth trend
             return (f"keep only genes detected in more cells: raise min_cells (now {self.min_cells or 0}; tl.fit and "
                     "masksc fit use 3, scanpy's usual filter, which very sparse data such as worm_neuron_cell "

@@ -130,9 +130,10 @@ ROUNDING_FIX = ("fix: round them, e.g. adata.X = np.round(adata.X) (for a sparse
 def near_whole(values: np.ndarray) -> np.ndarray:
     """bool per value: within ROUNDING_TOLERANCE (relative, at least absolute, at most
     ROUNDING_MAX_GAP) of a whole number, or within two float32 steps of it (from 131072 on, a
-    float32 step exceeds ROUNDING_MAX_GAP)."""
-    gap = np.maximum(np.minimum(ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values)), ROUNDING_MAX_GAP),
-                     2 * np.spacing(np.abs(values).astype(np.float32)).astype(np.float64))
+    float32 step exceeds ROUNDING_MAX_GAP), at most 1/32: wider, a sixteenth of any values would pass
+    (normalised values never logged among them: counts over 2.6e5 in one gene of one cell are not met)."""
+    steps = np.minimum(2 * np.spacing(np.abs(values).astype(np.float32)).astype(np.float64), 1 / 32)
+    gap = np.maximum(np.minimum(ROUNDING_TOLERANCE * np.maximum(1.0, np.abs(values)), ROUNDING_MAX_GAP), steps)
     return np.abs(values - np.round(values)) <= gap
 
 
