@@ -488,6 +488,14 @@ def test_values_never_logged_of_shallow_cells_are_not_taken_for_counts_with_roun
     rng = np.random.default_rng(5)
     X = rng.poisson(rng.gamma(0.5, 0.1, size=120), size=(300, 120)).astype(float)
     X[:, 0] += 1
+    rng = np.random.default_rng(0)  # float32, cells of 1-10 counts: 999.99994 and the like are near whole, and
+    p = rng.dirichlet(np.full(2000, 0.1))  # were over half of the values: "raw counts, but N not whole", and
+    C = np.array([rng.multinomial(rng.integers(1, 11), p) for _ in range(500)], np.float32)  # rounding them
+    few = ad.AnnData(sp.csr_matrix(C))  # fitted them as counts
+    few.var_names = [f"g{i}" for i in range(2000)]
+    sc.pp.normalize_total(few, target_sum=1e4)
+    with pytest.raises(DataError, match=r"X is neither raw counts \(non-integer values\) nor log-normalised"):
+        Preprocessor(hvg_flavor="dispersion").fit(few, progress=False)
     for target in (1e6, 1e7):  # two float32 steps from 2**21 on are >= 0.5: every value passed, capped at 1/8
         cpm = ad.AnnData(sp.csr_matrix(X))
         sc.pp.normalize_total(cpm, target_sum=target)

@@ -49,6 +49,7 @@ LIBRARY_GENES_MISSING = "genes of the training data are missing from the data"  
 # Above this fraction of whole non-zero values, non-integer input is counts with stray values, not
 # log-normalised data (log1p of normalised counts is almost never a whole number).
 COUNTS_WHOLE_FRACTION = 0.5
+ROUNDED_WHOLE_FRACTION = 0.9  # counts through float arithmetic: nearly all off whole by rounding only
 # Files without gene names (scDeepCluster .h5) are matched by column position; below this Spearman
 # correlation between new cells' and the training cells' per-gene detection rates the columns are
 # not the same genes (same genes: r >= 0.83 even for a single PBMC type; other genes: r ~ 0).
@@ -64,9 +65,12 @@ _PARAMS = ("n_top_genes", "target_sum", "log1p", "scale", "max_value", "hvg_flav
 
 
 def _mostly_whole(X: sp.csr_matrix) -> bool:
-    """Whether more than COUNTS_WHOLE_FRACTION of the non-zero values are whole numbers, up to
-    rounding: counts, even when not all are (log1p of normalised counts is almost never whole)."""
-    return bool(X.nnz) and float(np.mean(near_whole(X.data))) > COUNTS_WHOLE_FRACTION
+    """Whether more than COUNTS_WHOLE_FRACTION of the non-zero values are whole numbers, or more
+    than ROUNDED_WHOLE_FRACTION whole up to rounding: counts, even when not all are (log1p of
+    normalised counts is almost never whole). Up to rounding, half is not enough: float32
+    normalised values of cells of a few counts come back near whole too (999.99994)."""
+    return bool(X.nnz) and (float(np.mean(X.data == np.round(X.data))) > COUNTS_WHOLE_FRACTION or
+                            float(np.mean(near_whole(X.data))) > ROUNDED_WHOLE_FRACTION)
 
 
 def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
