@@ -496,6 +496,16 @@ def test_values_never_logged_of_shallow_cells_are_not_taken_for_counts_with_roun
     sc.pp.normalize_total(few, target_sum=1e4)
     with pytest.raises(DataError, match=r"X is neither raw counts \(non-integer values\) nor log-normalised"):
         Preprocessor(hvg_flavor="dispersion").fit(few, progress=False)
+    # the same in float64, and counts downsampled to one depth then normalised (float32): "raw counts, but N not
+    # whole" / "with rounding error", whose fix (round them) fitted normalised values as counts; every cell's equal
+    # sum names them
+    few64 = ad.AnnData(sp.csr_matrix(C.astype(np.float64)), var=few.var)
+    sc.pp.normalize_total(few64, target_sum=1e4)
+    one_depth = ad.AnnData(sp.csr_matrix(np.array([rng.multinomial(500, p) for _ in range(300)], np.float32)))
+    sc.pp.normalize_total(one_depth, target_sum=1e6)
+    for never_logged in (few64, one_depth):
+        with pytest.raises(DataError, match=r"X looks normalised but not log-transformed \(every cell sums to "):
+            Preprocessor(hvg_flavor="dispersion").fit(never_logged, progress=False)
     for target in (1e6, 1e7):  # two float32 steps from 2**21 on are >= 0.5: every value passed, capped at 1/8
         cpm = ad.AnnData(sp.csr_matrix(X))
         sc.pp.normalize_total(cpm, target_sum=target)

@@ -73,6 +73,19 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
                             float(np.mean(near_whole(X.data))) > ROUNDED_WHOLE_FRACTION)
 
 
+def _refuse_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
+    """DataError when every cell of ``X`` with values (at least 10 of them, 100 values in all)
+    sums to the same total: values normalised and never logged (counts downsampled to one depth,
+    whole numbers, are told apart before). ``fitted``: as in :func:`_check_log_normalised`."""
+    sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    sums = sums[sums > 0]
+    if X.nnz >= 100 and sums.size >= 10 and sums.std() <= 1e-3 * sums.mean():
+        fix = ("sc.pp.log1p it first, as the training data was" if fitted else
+               f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}")
+        raise DataError(f"X looks normalised but not log-transformed (every cell sums to {sums.mean():.6g}); fix: "
+                        f"{fix}.")
+
+
 def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
     """For non-integer values under LOG_MAX, taken as log-normalised: raise DataError when they
     are normalised values never logged (every cell sums to the same total), and warn when expm1
@@ -83,15 +96,9 @@ def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
     of at least 100 values of at least 10 cells. ``fitted``: the
     values are new data for a preprocessor fitted on log-normalised values, which raw counts
     would not suit."""
-    sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
-    sums = sums[sums > 0]
-    if X.nnz < 100 or sums.size < 10:
+    if X.nnz < 100 or np.count_nonzero(X.sum(axis=1)) < 10:
         return
-    if sums.std() <= 1e-3 * sums.mean():
-        fix = ("sc.pp.log1p it first, as the training data was" if fitted else
-               f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}")
-        raise DataError(f"X looks normalised but not log-transformed (every cell sums to {sums.mean():.6g}); fix: "
-                        f"{fix}.")
+    _refuse_normalised(X, fitted)
     values = np.expm1(X.data.astype(np.float64))
     if np.mean(np.abs(values - np.round(values)) <= 1e-3 + 1e-5 * values) > 0.9:  # log-normalised: ~0.1%
         fix = ("sc.pp.normalize_total before sc.pp.log1p, as for the training data" if fitted else
@@ -181,6 +188,7 @@ class Preprocessor:
         if integer:
             return "counts"
         if _mostly_whole(X):
+            _refuse_normalised(X)  # values normalised to a total of a few counts' multiple come back near whole
             fractional = X.data != np.round(X.data)
             odd = X.data[fractional]
             example = f"e.g. {float(odd[0]):.9g}{first_flagged_cell(X, fractional, cell)}"
