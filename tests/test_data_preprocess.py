@@ -503,9 +503,23 @@ def test_values_never_logged_of_shallow_cells_are_not_taken_for_counts_with_roun
     sc.pp.normalize_total(few64, target_sum=1e4)
     one_depth = ad.AnnData(sp.csr_matrix(np.array([rng.multinomial(500, p) for _ in range(300)], np.float32)))
     sc.pp.normalize_total(one_depth, target_sum=1e6)
-    for never_logged in (few64, one_depth):
+    whole = ad.AnnData(sp.csr_matrix(np.array([rng.multinomial(1000, p) for _ in range(300)], np.float64)))
+    sc.pp.normalize_total(whole, target_sum=1e4)  # whole values (x10): fitted as counts without a word
+    for never_logged in (few64, one_depth, whole):
         with pytest.raises(DataError, match=r"X looks normalised but not log-transformed \(every cell sums to "):
             Preprocessor(hvg_flavor="dispersion").fit(never_logged, progress=False)
+    # counts of one depth (or of a narrow window of depths), with rounding error or a few corrected values,
+    # hold ones: they are counts, whatever their sums (a review found them named normalised)
+    depth = np.array([rng.multinomial(1000, p) for _ in range(300)], np.float32)
+    assert Preprocessor(hvg_flavor="dispersion").fit(ad.AnnData(sp.csr_matrix(depth))).input_kind_ == "counts"
+    with pytest.raises(DataError, match=r"X looks like raw counts with rounding error"):
+        Preprocessor(hvg_flavor="dispersion").fit(ad.AnnData(sp.csr_matrix(depth * np.float32(1 / 3) * np.float32(3))))
+    corrected = depth.astype(np.float64)
+    r, c = np.nonzero(corrected)
+    i = rng.choice(r.size, 300, replace=False)
+    corrected[r[i], c[i]] = np.maximum(corrected[r[i], c[i]] - 0.37, 0.1)
+    with pytest.raises(DataError, match=r"X looks like raw counts, but 300 of its"):
+        Preprocessor(hvg_flavor="dispersion").fit(ad.AnnData(sp.csr_matrix(corrected)))
     for target in (1e6, 1e7):  # two float32 steps from 2**21 on are >= 0.5: every value passed, capped at 1/8
         cpm = ad.AnnData(sp.csr_matrix(X))
         sc.pp.normalize_total(cpm, target_sum=target)

@@ -185,10 +185,12 @@ class Preprocessor:
         integer = check_values(X, require_integer=False, where=first, cell=cell)
         if self.input != "auto":
             return self.input
+        if integer or _mostly_whole(X):  # whole values, or nearly, may be normalised by a whole factor: named
+            if X.nnz and not (np.round(X.data) == 1).any():  # when scaled (counts hold ones) and of one total
+                _refuse_normalised(X)
         if integer:
             return "counts"
         if _mostly_whole(X):
-            _refuse_normalised(X)  # values normalised to a total of a few counts' multiple come back near whole
             fractional = X.data != np.round(X.data)
             odd = X.data[fractional]
             example = f"e.g. {float(odd[0]):.9g}{first_flagged_cell(X, fractional, cell)}"
