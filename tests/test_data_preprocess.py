@@ -509,7 +509,14 @@ def test_values_never_logged_of_shallow_cells_are_not_taken_for_counts_with_roun
         with pytest.raises(DataError, match=r"X looks normalised but not log-transformed \(every cell sums to "):
             Preprocessor(hvg_flavor="dispersion").fit(never_logged, progress=False)
     # counts of one depth (or of a narrow window of depths), with rounding error or a few corrected values,
-    # hold ones: they are counts, whatever their sums (a review found them named normalised)
+    # hold ones, or, deep in few genes, values without a common factor: they are counts, whatever their sums
+    # (reviews found them named normalised)
+    panel = rng.multinomial(2000, np.full(20, 1 / 20), size=50).astype(np.float32)  # no ones
+    assert Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(
+        ad.AnnData(sp.csr_matrix(panel))).input_kind_ == "counts"
+    with pytest.raises(DataError, match=r"X looks like raw counts with rounding error"):
+        Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(
+            ad.AnnData(sp.csr_matrix(panel * np.float32(1 / 3) * np.float32(3))))
     depth = np.array([rng.multinomial(1000, p) for _ in range(300)], np.float32)
     assert Preprocessor(hvg_flavor="dispersion").fit(ad.AnnData(sp.csr_matrix(depth))).input_kind_ == "counts"
     with pytest.raises(DataError, match=r"X looks like raw counts with rounding error"):

@@ -86,6 +86,20 @@ def _refuse_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
                         f"{fix}.")
 
 
+def _scaled_counts(X: sp.csr_matrix) -> bool:
+    """Whether in over 90% of the cells with values every value is, up to rounding, a whole
+    multiple of the cell's smallest, which exceeds 1: counts times a per-cell factor, as
+    normalising gives (a count-1 gene is the factor itself). Counts hold ones, or, deep in few
+    genes, values with no common factor."""
+    starts = X.indptr[:-1][np.diff(X.indptr) > 0]
+    if not starts.size:
+        return False
+    smallest = np.minimum.reduceat(X.data, starts)
+    multiples = near_whole(X.data / np.repeat(smallest, np.diff(np.append(starts, X.nnz))))
+    scaled = (smallest > 1.5) & np.logical_and.reduceat(multiples, starts)
+    return float(np.mean(scaled)) > 0.9
+
+
 def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
     """For non-integer values under LOG_MAX, taken as log-normalised: raise DataError when they
     are normalised values never logged (every cell sums to the same total), and warn when expm1
@@ -185,9 +199,8 @@ class Preprocessor:
         integer = check_values(X, require_integer=False, where=first, cell=cell)
         if self.input != "auto":
             return self.input
-        if integer or _mostly_whole(X):  # whole values, or nearly, may be normalised by a whole factor: named
-            if X.nnz and not (np.round(X.data) == 1).any():  # when scaled (counts hold ones) and of one total
-                _refuse_normalised(X)
+        if (integer or _mostly_whole(X)) and _scaled_counts(X):  # whole values may be counts normalised by a
+            _refuse_normalised(X)  # whole factor: named when every cell also sums to one total
         if integer:
             return "counts"
         if _mostly_whole(X):
