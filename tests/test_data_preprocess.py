@@ -740,3 +740,16 @@ def test_log1p_of_unnormalised_counts_is_flagged_and_unlogged_normalised_values_
     sc.pp.downsample_counts(deep, counts_per_cell=300, random_state=0)  # one depth: log1p of it is log-normalised
     with pytest.warns(UserWarning, match=r"counts downsampled to one depth are fine as they are"):
         assert Preprocessor(n_top_genes=50).fit(sc.pp.log1p(deep, copy=True), progress=False).input_kind_ == "log"
+
+
+def test_a_stored_zero_makes_a_cell_not_scaled_without_a_warning():
+    """The per-cell smallest value of a CSR holding explicit zeros is 0 (a division by zero)."""
+    from masksc.data.preprocess import _scaled_counts
+    scaled = sp.csr_matrix(np.array([[2000, 4000, 0], [6000, 0, 2000]] * 10, np.float32))
+    assert _scaled_counts(scaled)
+    stored = scaled.copy()
+    stored.data[::3] = 0  # kept as stored entries
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _scaled_counts(stored)
+        assert not _scaled_counts(sp.csr_matrix((0, 5), dtype=np.float32))

@@ -95,7 +95,8 @@ def _scaled_counts(X: sp.csr_matrix) -> bool:
     if not starts.size:
         return False
     smallest = np.minimum.reduceat(X.data, starts)
-    multiples = near_whole(X.data / np.repeat(smallest, np.diff(np.append(starts, X.nnz))))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a stored zero: that cell is not scaled
+        multiples = near_whole(X.data / np.repeat(smallest, np.diff(np.append(starts, X.nnz))))
     scaled = (smallest > 1.5) & np.logical_and.reduceat(multiples, starts)
     return float(np.mean(scaled)) > 0.9
 
