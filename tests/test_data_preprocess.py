@@ -496,37 +496,29 @@ def test_values_never_logged_of_shallow_cells_are_not_taken_for_counts_with_roun
     sc.pp.normalize_total(few, target_sum=1e4)
     with pytest.raises(DataError, match=r"X is neither raw counts \(non-integer values\) nor log-normalised"):
         Preprocessor(hvg_flavor="dispersion").fit(few, progress=False)
-    # the same in float64, and counts downsampled to one depth then normalised (float32): "raw counts, but N not
-    # whole" / "with rounding error", whose fix (round them) fitted normalised values as counts; every cell's equal
-    # sum names them
+    # the same in float64, and counts downsampled to one depth then normalised (float32), were "raw counts, but
+    # N not whole" / "with rounding error", whose fix (round them) fitted normalised values as counts. Nearly
+    # whole values whose cells all sum to one total may be either: the message names both, with both fixes
     few64 = ad.AnnData(sp.csr_matrix(C.astype(np.float64)), var=few.var)
     sc.pp.normalize_total(few64, target_sum=1e4)
     one_depth = ad.AnnData(sp.csr_matrix(np.array([rng.multinomial(500, p) for _ in range(300)], np.float32)))
     sc.pp.normalize_total(one_depth, target_sum=1e6)
-    whole = ad.AnnData(sp.csr_matrix(np.array([rng.multinomial(1000, p) for _ in range(300)], np.float64)))
-    sc.pp.normalize_total(whole, target_sum=1e4)  # whole values (x10): fitted as counts without a word
-    for never_logged in (few64, one_depth, whole):
-        with pytest.raises(DataError, match=r"X looks normalised but not log-transformed \(every cell sums to "):
-            Preprocessor(hvg_flavor="dispersion").fit(never_logged, progress=False)
-    # counts of one depth (or of a narrow window of depths), with rounding error or a few corrected values,
-    # hold ones, or, deep in few genes, values without a common factor: they are counts, whatever their sums
-    # (reviews found them named normalised)
-    panel = rng.multinomial(2000, np.full(20, 1 / 20), size=50).astype(np.float32)  # no ones
-    assert Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(
-        ad.AnnData(sp.csr_matrix(panel))).input_kind_ == "counts"
-    with pytest.raises(DataError, match=r"X looks like raw counts with rounding error"):
-        Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(
-            ad.AnnData(sp.csr_matrix(panel * np.float32(1 / 3) * np.float32(3))))
+    panel = rng.multinomial(2000, np.full(20, 1 / 20), size=50).astype(np.float32)  # deep in few genes
+    panel_cpm = ad.AnnData(sp.csr_matrix(panel))
+    sc.pp.normalize_total(panel_cpm, target_sum=1e6)
+    either = (r"X looks normalised but not log-transformed, or like raw counts of one depth with rounding error: "
+              r"its values are nearly whole and every cell sums to [\d.e+]+; fix: if normalised, sc\.pp\.log1p it "
+              r"first .*; if raw counts, round them, e\.g\. adata\.X = np\.round\(adata\.X\)")
     depth = np.array([rng.multinomial(1000, p) for _ in range(300)], np.float32)
-    assert Preprocessor(hvg_flavor="dispersion").fit(ad.AnnData(sp.csr_matrix(depth))).input_kind_ == "counts"
-    with pytest.raises(DataError, match=r"X looks like raw counts with rounding error"):
-        Preprocessor(hvg_flavor="dispersion").fit(ad.AnnData(sp.csr_matrix(depth * np.float32(1 / 3) * np.float32(3))))
-    corrected = depth.astype(np.float64)
-    r, c = np.nonzero(corrected)
-    i = rng.choice(r.size, 300, replace=False)
-    corrected[r[i], c[i]] = np.maximum(corrected[r[i], c[i]] - 0.37, 0.1)
-    with pytest.raises(DataError, match=r"X looks like raw counts, but 300 of its"):
-        Preprocessor(hvg_flavor="dispersion").fit(ad.AnnData(sp.csr_matrix(corrected)))
+    rounded = ad.AnnData(sp.csr_matrix(depth * np.float32(1 / 3) * np.float32(3)))  # counts of one depth, rounding
+    for nearly_whole in (few64, one_depth, panel_cpm, rounded, ad.AnnData(sp.csr_matrix(panel * np.float32(1 / 3) *
+                                                                                       np.float32(3)))):
+        with pytest.raises(DataError, match=either):
+            Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(nearly_whole, progress=False)
+    # whole counts are counts, whatever their sums: one depth, deep in few genes, all even
+    for counts in (depth, panel, 2 * panel):
+        assert Preprocessor(n_top_genes=None, hvg_flavor="dispersion").fit(
+            ad.AnnData(sp.csr_matrix(counts))).input_kind_ == "counts"
     for target in (1e6, 1e7):  # two float32 steps from 2**21 on are >= 0.5: every value passed, capped at 1/8
         cpm = ad.AnnData(sp.csr_matrix(X))
         sc.pp.normalize_total(cpm, target_sum=target)
@@ -741,15 +733,3 @@ def test_log1p_of_unnormalised_counts_is_flagged_and_unlogged_normalised_values_
     with pytest.warns(UserWarning, match=r"counts downsampled to one depth are fine as they are"):
         assert Preprocessor(n_top_genes=50).fit(sc.pp.log1p(deep, copy=True), progress=False).input_kind_ == "log"
 
-
-def test_a_stored_zero_makes_a_cell_not_scaled_without_a_warning():
-    """The per-cell smallest value of a CSR holding explicit zeros is 0 (a division by zero)."""
-    from masksc.data.preprocess import _scaled_counts
-    scaled = sp.csr_matrix(np.array([[2000, 4000, 0], [6000, 0, 2000]] * 10, np.float32))
-    assert _scaled_counts(scaled)
-    stored = scaled.copy()
-    stored.data[::3] = 0  # kept as stored entries
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not _scaled_counts(stored)
-        assert not _scaled_counts(sp.csr_matrix((0, 5), dtype=np.float32))

@@ -73,32 +73,14 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
                             float(np.mean(near_whole(X.data))) > ROUNDED_WHOLE_FRACTION)
 
 
-def _refuse_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
-    """DataError when every cell of ``X`` with values (at least 10 of them, 100 values in all)
-    sums to the same total: values normalised and never logged (counts downsampled to one depth,
-    whole numbers, are told apart before). ``fitted``: as in :func:`_check_log_normalised`."""
+def _one_total(X: sp.csr_matrix) -> float | None:
+    """The total every cell of ``X`` with values sums to (at least 10 cells, 100 values), as
+    normalised values give; None when their sums differ."""
     sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
     sums = sums[sums > 0]
     if X.nnz >= 100 and sums.size >= 10 and sums.std() <= 1e-3 * sums.mean():
-        fix = ("sc.pp.log1p it first, as the training data was" if fitted else
-               f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}")
-        raise DataError(f"X looks normalised but not log-transformed (every cell sums to {sums.mean():.6g}); fix: "
-                        f"{fix}.")
-
-
-def _scaled_counts(X: sp.csr_matrix) -> bool:
-    """Whether in over 90% of the cells with values every value is, up to rounding, a whole
-    multiple of the cell's smallest, which exceeds 1: counts times a per-cell factor, as
-    normalising gives (a count-1 gene is the factor itself). Counts hold ones, or, deep in few
-    genes, values with no common factor."""
-    starts = X.indptr[:-1][np.diff(X.indptr) > 0]
-    if not starts.size:
-        return False
-    smallest = np.minimum.reduceat(X.data, starts)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a stored zero: that cell is not scaled
-        multiples = near_whole(X.data / np.repeat(smallest, np.diff(np.append(starts, X.nnz))))
-    scaled = (smallest > 1.5) & np.logical_and.reduceat(multiples, starts)
-    return float(np.mean(scaled)) > 0.9
+        return float(sums.mean())
+    return None
 
 
 def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
@@ -111,9 +93,14 @@ def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
     of at least 100 values of at least 10 cells. ``fitted``: the
     values are new data for a preprocessor fitted on log-normalised values, which raw counts
     would not suit."""
-    if X.nnz < 100 or np.count_nonzero(X.sum(axis=1)) < 10:
+    sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    if X.nnz < 100 or np.count_nonzero(sums) < 10:
         return
-    _refuse_normalised(X, fitted)
+    total = _one_total(X)
+    if total is not None:
+        fix = ("sc.pp.log1p it first, as the training data was" if fitted else
+               f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}")
+        raise DataError(f"X looks normalised but not log-transformed (every cell sums to {total:.6g}); fix: {fix}.")
     values = np.expm1(X.data.astype(np.float64))
     if np.mean(np.abs(values - np.round(values)) <= 1e-3 + 1e-5 * values) > 0.9:  # log-normalised: ~0.1%
         fix = ("sc.pp.normalize_total before sc.pp.log1p, as for the training data" if fitted else
@@ -200,11 +187,15 @@ class Preprocessor:
         integer = check_values(X, require_integer=False, where=first, cell=cell)
         if self.input != "auto":
             return self.input
-        if (integer or _mostly_whole(X)) and _scaled_counts(X):  # whole values may be counts normalised by a
-            _refuse_normalised(X)  # whole factor: named when every cell also sums to one total
         if integer:
             return "counts"
         if _mostly_whole(X):
+            total = _one_total(X)  # normalised values of shallow cells come back near whole too: either may be
+            if total is not None:
+                raise DataError(f"X looks normalised but not log-transformed, or like raw counts of one depth with "
+                                f"rounding error: its values are nearly whole and every cell sums to {total:.6g}; "
+                                f"fix: if normalised, sc.pp.log1p it first (or pass the raw counts"
+                                f"{COUNTS_LAYER_HINT}); if raw counts, {ROUNDING_FIX[len('fix: '):]}")
             fractional = X.data != np.round(X.data)
             odd = X.data[fractional]
             example = f"e.g. {float(odd[0]):.9g}{first_flagged_cell(X, fractional, cell)}"
