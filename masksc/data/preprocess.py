@@ -195,14 +195,14 @@ class Preprocessor:
                 raise DataError(f"X looks normalised but not log-transformed, or like raw counts of one depth with "
                                 f"rounding error: its values are nearly whole and every cell sums to {total:.6g}; "
                                 f"fix: if normalised, sc.pp.log1p it first (or pass the raw counts"
-                                f"{COUNTS_LAYER_HINT}); if raw counts, {ROUNDING_FIX[len('fix: '):]}")
+                                f"{COUNTS_LAYER_HINT}); if raw counts, {ROUNDING_FIX}")
             fractional = X.data != np.round(X.data)
             odd = X.data[fractional]
             example = f"e.g. {float(odd[0]):.9g}{first_flagged_cell(X, fractional, cell)}"
             if near_whole(odd).all():
                 raise DataError(f"X looks like raw counts with rounding error: {odd.size} of its {X.nnz} non-zero "
                                 f"values{first} are off a whole number by under {ROUNDING_TOLERANCE:g} "
-                                f"of it ({example}); {ROUNDING_FIX}")
+                                f"of it ({example}); fix: {ROUNDING_FIX}")
             raise DataError(f"X looks like raw counts, but {odd.size} of its {X.nnz} non-zero values{first} are "
                             f"not whole numbers ({example}); fix: pass integer raw counts "
                             "(round corrected counts, e.g. after ambient-RNA removal); for log-normalised data "

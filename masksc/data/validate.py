@@ -123,7 +123,7 @@ def first_flagged_cell(X, flagged: np.ndarray, cell: Callable[[int], str] | None
 # any value from 5e4 on whole (CPM values never logged among them).
 ROUNDING_TOLERANCE = 1e-5
 ROUNDING_MAX_GAP = 0.01
-ROUNDING_FIX = ("fix: round them, e.g. adata.X = np.round(adata.X) (for a sparse X: adata.X.data = "
+ROUNDING_FIX = ("round them, e.g. adata.X = np.round(adata.X) (for a sparse X: adata.X.data = "
                 "np.round(adata.X.data)), and write the result to a new file for the command line.")
 
 
@@ -167,7 +167,7 @@ def check_values(X, require_integer: bool = False, where: str = "", cell: Callab
         if near_whole(frac).all():
             raise DataError(f"X holds whole numbers with rounding error ({frac.size} entries off one by under "
                             f"{ROUNDING_TOLERANCE:g} of it, e.g. {float(frac[0]):.9g}){where}"
-                            f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; {ROUNDING_FIX}")
+                            f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; fix: {ROUNDING_FIX}")
         raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {float(frac[0]):.9g}){where}"
                         f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; fix: pass the raw "
                         f"count matrix{COUNTS_LAYER_HINT}; log-normalised data needs a model fitted on "
