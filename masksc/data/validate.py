@@ -167,7 +167,8 @@ def check_values(X, require_integer: bool = False, where: str = "", cell: Callab
         if near_whole(frac).all():
             raise DataError(f"X holds whole numbers with rounding error ({frac.size} entries off one by under "
                             f"{ROUNDING_TOLERANCE:g} of it, e.g. {float(frac[0]):.9g}){where}"
-                            f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; fix: {ROUNDING_FIX}")
+                            f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; "
+                            f"fix: {ROUNDING_FIX}")
         raise DataError(f"X holds non-integer values ({frac.size} entries, e.g. {float(frac[0]):.9g}){where}"
                         f"{first_flagged_cell(X, fractional, cell)} where raw counts are required; fix: pass the raw "
                         f"count matrix{COUNTS_LAYER_HINT}; log-normalised data needs a model fitted on "
