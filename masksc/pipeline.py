@@ -154,34 +154,35 @@ class MaskSCModel:
 
     def _kept_on_grid(self, adata, layer, use_raw, rows=None) -> tuple:
         """(:meth:`to_grid`'s CSR matrix, bool [n_cells]: False for the cells it leaves out)."""
+        from masksc.errors import CheckpointError
         with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
-        self._refuse_genes_named_by_a_column(expression, use_raw)
-        with self.noting_fitted_input(layer, use_raw):
+        try:
             ckpt.check_genes(self.grid.to_dict(), expression.var_names)
+        except CheckpointError as exc:
+            self._refuse_missing_genes(exc, expression, layer, use_raw)
+        with self.noting_fitted_input(layer, use_raw):
             keep, X = self.preprocessor.transform_kept(expression, rows=rows)
         genes = pd.DataFrame(index=pd.Index(self.preprocessor.genes_))  # X's columns, which the grid matches by name
         return self.grid.to_grid(ad.AnnData(X=X, var=genes)), keep
 
-    def _refuse_genes_named_by_a_column(self, expression, use_raw: bool) -> None:
-        """CheckpointError when ``expression`` (the AnnData read) lacks grid genes under its
-        var_names but a column of its ``var`` holds them (symbols beside Ensembl IDs), naming the
-        column. Raised outside :meth:`noting_fitted_input`: the naming is the cause, not the matrix
-        read, so a note to read another would mislead."""
+    def _refuse_missing_genes(self, exc, expression, layer: str | None, use_raw: bool) -> None:
+        """Raise ``exc`` (``expression``, the AnnData read, lacks grid genes): when a column of its
+        ``var`` holds them (symbols beside Ensembl IDs), naming the column, without
+        :meth:`noting_fitted_input`'s note (the naming is the cause, not the matrix read, so a note
+        to read another would mislead); else with that note."""
         from masksc.errors import CheckpointError
-        try:
-            ckpt.check_genes(self.grid.to_dict(), expression.var_names)
-        except CheckpointError as exc:
-            column = _column_naming(expression.var, self.genes)
-            if column is None:
-                return  # _kept_on_grid's check raises it, with the note
-            rename = (f"raw = adata.raw.to_adata(); raw.var_names = raw.var[{column!r}].astype(str); "
-                      "raw.var_names_make_unique(); adata.raw = raw" if use_raw else
-                      f"adata.var_names = adata.var[{column!r}].astype(str) (then adata.var_names_make_unique() if "
-                      "names repeat)")
-            where = "adata.raw.var" if use_raw else "var"
-            raise CheckpointError(f"{exc} The column {where}[{column!r}] holds the model's genes: to match by it, "
-                                  f"{rename}.") from exc
+        column = _column_naming(expression.var, self.genes)
+        if column is None:
+            with self.noting_fitted_input(layer, use_raw):
+                raise exc
+        rename = (f"raw = adata.raw.to_adata(); raw.var_names = raw.var[{column!r}].astype(str); "
+                  "raw.var_names_make_unique(); adata.raw = raw" if use_raw else
+                  f"adata.var_names = adata.var[{column!r}].astype(str) (then adata.var_names_make_unique() if "
+                  "names repeat)")
+        where = "adata.raw.var" if use_raw else "var"
+        raise CheckpointError(f"{exc} The column {where}[{column!r}] holds the model's genes: to match by it, "
+                              f"{rename}.") from exc
 
     def embed(self, adata, batch_size: int = 1024, device: str | torch.device | None = None,
               progress: bool = True, layer: str | None = None, use_raw: bool = False,

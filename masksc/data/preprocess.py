@@ -73,14 +73,18 @@ def _mostly_whole(X: sp.csr_matrix) -> bool:
                             float(np.mean(near_whole(X.data))) > ROUNDED_WHOLE_FRACTION)
 
 
-def _one_total(X: sp.csr_matrix) -> float | None:
-    """The total every cell of ``X`` with values sums to (at least 10 cells, 100 values), as
-    normalised values give; None when their sums differ."""
+def _judged_sums(X: sp.csr_matrix) -> np.ndarray | None:
+    """float64 sums of the cells of ``X`` with values, when there are enough to judge them (at
+    least 10 cells, 100 values); else None."""
     sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
     sums = sums[sums > 0]
-    if X.nnz >= 100 and sums.size >= 10 and sums.std() <= 1e-3 * sums.mean():
-        return float(sums.mean())
-    return None
+    return sums if X.nnz >= 100 and sums.size >= 10 else None
+
+
+def _one_total(sums: np.ndarray | None) -> float | None:
+    """The total every cell sums to (``sums``: :func:`_judged_sums`), as normalised values give;
+    None when their sums differ or there are too few to judge."""
+    return float(sums.mean()) if sums is not None and sums.std() <= 1e-3 * sums.mean() else None
 
 
 def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
@@ -93,10 +97,10 @@ def _check_log_normalised(X: sp.csr_matrix, fitted: bool = False) -> None:
     of at least 100 values of at least 10 cells. ``fitted``: the
     values are new data for a preprocessor fitted on log-normalised values, which raw counts
     would not suit."""
-    sums = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
-    if X.nnz < 100 or np.count_nonzero(sums) < 10:
+    sums = _judged_sums(X)
+    if sums is None:
         return
-    total = _one_total(X)
+    total = _one_total(sums)
     if total is not None:
         fix = ("sc.pp.log1p it first, as the training data was" if fitted else
                f"sc.pp.log1p it first, or pass the raw counts{COUNTS_LAYER_HINT}")
@@ -190,7 +194,8 @@ class Preprocessor:
         if integer:
             return "counts"
         if _mostly_whole(X):
-            total = _one_total(X)  # normalised values of shallow cells come back near whole too: either may be
+            # normalised values of shallow cells come back near whole too: with one total, either may be
+            total = _one_total(_judged_sums(X))
             if total is not None:
                 raise DataError(f"X looks normalised but not log-transformed, or like raw counts of one depth with "
                                 f"rounding error: its values are nearly whole and every cell sums to {total:.6g}; "
