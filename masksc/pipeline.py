@@ -69,7 +69,7 @@ class MaskSCModel:
         c = self.config
         g, s = c.grid_shape
         return (f"MaskSCModel({len(self.genes)} genes on a {g}x{s} grid, {c.patch}x{c.patch} patches, "
-                f"D={c.embed_dim}, depth {c.depth}, {c.epochs} epochs, pool={c.pool!r}, "
+                f"D={c.embed_dim}, depth {c.depth}, {c.epochs} epoch{'' if c.epochs == 1 else 's'}, pool={c.pool!r}, "
                 f"embedding_dim={c.embedding_dim}, path={self.path!r})")
 
     @property

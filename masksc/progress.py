@@ -21,11 +21,18 @@ class _Bar(tqdm):
             if pending_interrupt is not None:
                 raise pending_interrupt
 
+    def update(self, n=1):
+        shown = super().update(n)
+        if pending_interrupt is not None:
+            raise pending_interrupt
+        return shown
+
 
 def progress_bar(iterable=None, **kwargs) -> tqdm:
     """``tqdm(iterable, **kwargs)``, at most one redraw per ``LOG_REFRESH_S`` seconds unless
     stderr is a terminal (or ``mininterval`` is given). Set postfixes with ``refresh=False``
-    so they wait for the next redraw too. Each step raises ``pending_interrupt`` when set."""
+    so they wait for the next redraw too. Each step (iterated or ``update()``) raises
+    ``pending_interrupt`` when set."""
     if "mininterval" not in kwargs and not sys.stderr.isatty():
         kwargs["mininterval"] = LOG_REFRESH_S
     return _Bar(iterable, **kwargs)

@@ -101,6 +101,31 @@ def test_a_sigterm_python_drops_is_raised_at_the_next_progress_step(monkeypatch,
     assert list(progress.progress_bar(range(3), disable=True)) == [0, 1, 2]  # nothing left for later
 
 
+def test_a_dropped_sigterm_is_raised_by_a_bar_stepped_with_update(monkeypatch, capsys):
+    """The embed bar is stepped by ``update()``, not iterated: its steps raise a dropped SIGTERM too."""
+    import signal
+
+    from masksc import cli, progress
+    steps = []
+
+    class DiesOnCollection:
+        def __del__(self):
+            cli._interrupt(signal.SIGTERM, None)
+
+    def long_command(args):
+        bar = progress.progress_bar(total=100, disable=True)
+        for i in range(100):
+            steps.append(i)
+            if i == 3:
+                DiesOnCollection()
+            bar.update(1)
+        return 0
+    monkeypatch.setattr(cli, "cmd_cluster", long_command)
+    assert cli.main(["cluster", "in.h5ad", "-k", "2", "-o", "out.h5ad"]) == 128 + signal.SIGTERM
+    assert steps == [0, 1, 2, 3] and progress.pending_interrupt is None
+    assert capsys.readouterr().err.rstrip().endswith("masksc cluster: terminated.")
+
+
 @pytest.fixture
 def umask_022():
     """A umask under which mkstemp's 0600 differs from a plain file's mode (0644)."""
