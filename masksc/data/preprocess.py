@@ -578,7 +578,8 @@ class Preprocessor:
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
-        """JSON-able dict of parameters and fitted state (``from_dict`` restores it exactly)."""
+        """JSON-able dict of parameters and fitted state. ``from_dict`` restores it exactly but for
+        the genes' detection rates (only the gene-profile check reads them), kept to 6 decimals."""
         self._check_fitted()
         d = {"params": {k: getattr(self, k) for k in _PARAMS}, "genes": list(self.genes_),
              "input_kind": self.input_kind_, "flavor": self.flavor_, "n_cells_fit": self.n_cells_fit_}
