@@ -44,10 +44,11 @@ def _at_least(low: int):
 
 
 def _sample_size(text: str) -> int:
-    """An argparse type: a silhouette sample, 0 (all cells) or at least 2 cells."""
+    """An argparse type: a silhouette sample, 0 (all cells) or at least 3 cells."""
     value = _at_least(0)(text)
-    if value == 1:
-        raise argparse.ArgumentTypeError("must be 0 (all cells) or at least 2 (a silhouette compares cells), got 1")
+    if value in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be 0 (all cells) or at least 3 (a silhouette needs 2 clusters and a "
+                                         f"cell more), got {value}")
     return value
 
 
@@ -476,11 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="silhouette only (data without labels)")
     sp.add_argument("--cluster-key", dest="cluster_key", default="masksc_cluster",
                     help="obs column of the clusters scored (default masksc_cluster)")
-    sp.add_argument("--use-rep", dest="use_rep", default="X_masksc",
-                    help="obsm key the silhouette is computed on (default X_masksc)")
+    sp.add_argument("--use-rep", dest="use_rep", default=None,
+                    help="obsm key the silhouette is computed on (default: the one the clusters were made from, "
+                         "else X_masksc)")
     sp.add_argument("--silhouette-cells", dest="silhouette_cells", type=_sample_size, default=10_000,
                     help="the silhouette is computed on a random sample of this many cells when there are more "
-                         "(default 10000, at least 2 and best far more than the clusters; 0 = all cells, whose "
+                         "(default 10000, at least 3 and best far more than the clusters; 0 = all cells, whose "
                          "cost grows with the square of their number)")
     sp.add_argument("--seed", type=_seed, default=0, help="seed of the silhouette's sample (default 0)")
     sp.add_argument("--json", default=None, help="also write the scores to this .json file")

@@ -178,9 +178,10 @@ def _kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return centers
 
 
-def _bad_k(k, n: int) -> str:
+def _bad_k(k, n: int, method: str = "kmeans") -> str:
+    other = "cluster with Leiden, which needs no k" if method == "kmeans" else "k=None for Leiden's own number"
     return (f"k must be an integer in [1, n_cells={n}], got {k!r}; fix: ask for at most as many clusters as there "
-            "are cells (e.g. the number of cell types expected), or cluster with Leiden, which needs no k.")
+            f"are cells (e.g. the number of cell types expected), or {other}.")
 
 
 def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init: str = "k-means++",
@@ -219,8 +220,8 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
     n_init, max_iter = check_count("n_init", n_init, "restarts"), check_count("max_iter", max_iter, "iterations")
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}.")
-    if max_points_per_centroid is not None and max_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}.")
+    if max_points_per_centroid is not None:
+        max_points_per_centroid = check_count("max_points_per_centroid", max_points_per_centroid, "cells, or None")
     seed = check_seed(seed)
     k = int(k)
     if k == 1:
@@ -667,12 +668,13 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     """
     G = _check_graph(graph)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= G.shape[0]:
-        raise DataError(_bad_k(k, G.shape[0]))
+        raise DataError(_bad_k(k, G.shape[0], "leiden"))
     max_steps = check_count("max_steps", max_steps, "Leiden runs")
-    low, high = (float(r) for r in resolution_range)
+    bounds = np.asarray(resolution_range, dtype=object).ravel()
+    low, high = (float(r) if is_number(r) else np.nan for r in bounds) if len(bounds) == 2 else (np.nan, np.nan)
     if not 0 < low < high < np.inf:
         raise ValueError(f"resolution_range must be (lowest, highest) with 0 < lowest < highest, finite, got "
-                         f"{tuple(resolution_range)}; fix: e.g. the default (0.001, 20.0).")
+                         f"{resolution_range!r}; fix: e.g. the default (0.001, 20.0).")
     n_comp = sp.csgraph.connected_components(G, directed=False)[0]
     if n_comp > k:
         labels = leiden(G, resolution=low, seed=seed, **leiden_kw)
@@ -802,7 +804,8 @@ def cluster_graph(graph, k: int | None = None, seed: int = 0, resolution: float 
 
 def _check_resolution(resolution: float) -> None:
     if not is_number(resolution) or not 0 < resolution < np.inf:  # also NaN
-        raise ValueError(f"resolution must be a finite number > 0, got {resolution}; fix: e.g. 0.5 for fewer, larger "
+        shown = float(resolution) if is_number(resolution) else repr(resolution)  # the text "1" is not 1
+        raise ValueError(f"resolution must be a finite number > 0, got {shown}; fix: e.g. 0.5 for fewer, larger "
                          "clusters or 2 for more, smaller ones.")
 
 
@@ -877,9 +880,9 @@ def evaluate(Z, pred, truth=None, silhouette_sample: int | None = 10_000, seed: 
 
     X = check_embedding(Z, centre=True)
     seed = check_seed(seed)
-    if silhouette_sample is not None and (not is_integer(silhouette_sample) or silhouette_sample < 2):
-        raise DataError(f"silhouette_sample={silhouette_sample!r}; fix: pass a whole number of cells >= 2, or None "
-                        "to score every cell.")
+    if silhouette_sample is not None and (not is_integer(silhouette_sample) or silhouette_sample < 3):
+        raise DataError(f"silhouette_sample={silhouette_sample!r}; fix: pass a whole number of cells >= 3 (a "
+                        "silhouette needs 2 clusters and a cell more), or None to score every cell.")
     n = X.shape[0]
     pred = _as_labels(pred, n, "pred")
     n_clusters = len(np.unique(pred))

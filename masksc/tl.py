@@ -159,9 +159,9 @@ def _embedding(adata, use_rep: str, distances: bool = True) -> np.ndarray:
     for euclidean distances, checked for their squares and centred before a cast to float32; a
     cosine graph takes any scale and is never centred)."""
     if use_rep not in adata.obsm:
+        others = f" (or pass use_rep= (--use-rep) one of {list(adata.obsm)})" if len(adata.obsm) else ""
         raise DataError(f"adata.obsm has no {use_rep!r}; fix: run masksc.tl.embed(adata, model) first, or "
-                        "`masksc embed DATA --model DIR -o OUT.h5ad` on the command line "
-                        f"(or pass use_rep= one of {list(adata.obsm)}).")
+                        f"`masksc embed DATA --model DIR -o OUT.h5ad` on the command line{others}.")
     return _cluster.check_embedding(_obsm_matrix(adata, use_rep), f"adata.obsm[{use_rep!r}]", distances,
                                     centre=distances)
 
@@ -419,11 +419,11 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     return adata if copy else None
 
 
-def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,
+def evaluate(adata, label_key: str | None = "label", *, use_rep: str | None = None,
              cluster_key: str = CLUSTER_KEY, silhouette_sample: int | None = 10_000, seed: int = 0) -> dict:
     """ARI and NMI of ``adata.obs[cluster_key]`` against ``adata.obs[label_key]`` (None: no labels,
     silhouette only; a missing column is a DataError) and the silhouette of the embedding ``adata.obsm[use_rep]`` under the predicted
-    clusters, on a ``seed``-ed random sample of ``silhouette_sample`` cells when there are more
+    clusters (None: the embedding :func:`cluster` made them from, as recorded, else ``"X_masksc"``), on a ``seed``-ed random sample of ``silhouette_sample`` cells when there are more
     (None: all cells). Cells without a label (NaN) are left out of ARI / NMI, with a warning.
     Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette, n_clusters), also stored
     in ``adata.uns["masksc"]["metrics"]`` with the keys it was computed from."""
@@ -434,6 +434,9 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
     if label_key == cluster_key:
         raise DataError(f"label_key and cluster_key are both {label_key!r}: the clusters would be scored against "
                         "themselves; fix: pass the column of true labels as label_key (--label-key).")
+    if use_rep is None:
+        made = adata.uns.get("masksc", {}).get("cluster", {})
+        use_rep = made.get("use_rep") if made.get("key") == cluster_key and made.get("use_rep") else EMBEDDING_KEY
     Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
     unclustered = int(adata.obs[cluster_key].isna().sum())
     if unclustered:

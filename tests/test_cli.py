@@ -854,11 +854,14 @@ def test_evaluate_samples_the_silhouette_as_asked(embedded, tmp_path, capsys):
         json.loads((tmp_path / "0.json").read_text())["silhouette"], rel=1e-6)
 
 
-def test_a_silhouette_sample_of_one_cell_is_refused_by_the_parser(embedded, capsys):
+@pytest.mark.parametrize("cells", ["1", "2"])
+def test_a_silhouette_sample_of_one_or_two_cells_is_refused_by_the_parser(embedded, capsys, cells):
+    """Two cells never give a silhouette (2 clusters need a third cell): it went missing, exit 0."""
     with pytest.raises(SystemExit) as stop:
-        main(["evaluate", str(embedded), "--silhouette-cells", "1"])
+        main(["evaluate", str(embedded), "--silhouette-cells", cells])
     assert stop.value.code == 2
-    assert "must be 0 (all cells) or at least 2 (a silhouette compares cells), got 1" in capsys.readouterr().err
+    assert (f"must be 0 (all cells) or at least 3 (a silhouette needs 2 clusters and a cell more), got {cells}"
+            in capsys.readouterr().err)
 
 
 def test_cluster_and_evaluate_keys(embedded, tmp_path):

@@ -427,10 +427,12 @@ def test_evaluate_edge_cases_and_validation():
     X, y = _blobs(n=50, k=2)
     out = evaluate(X, np.zeros(50, int))
     assert out["ari"] is None and out["nmi"] is None and out["silhouette"] is None
-    one_outlier = np.r_[np.zeros(49, int), 1]  # 2 clusters, but a 2-cell sample holding only cluster 0
-    seed = next(s for s in range(100) if 49 not in np.random.default_rng(s).choice(50, size=2, replace=False))
-    out = evaluate(X, one_outlier, silhouette_sample=2, seed=seed)
+    one_outlier = np.r_[np.zeros(49, int), 1]  # 2 clusters, but a 3-cell sample holding only cluster 0
+    seed = next(s for s in range(100) if 49 not in np.random.default_rng(s).choice(50, size=3, replace=False))
+    out = evaluate(X, one_outlier, silhouette_sample=3, seed=seed)
     assert out["n_clusters"] == 2 and out["silhouette"] is None
+    with pytest.raises(DataError, match=r"silhouette_sample=2; fix: .* >= 3 \(a silhouette needs 2 clusters and a "):
+        evaluate(X, y, silhouette_sample=2)  # sklearn needs 2 <= clusters <= cells - 1: never on 2 cells
     with pytest.raises(DataError, match="one label per cell"):
         evaluate(X, y[:-1])
     with pytest.raises(DataError, match="truth"):
@@ -581,7 +583,7 @@ def test_labels_equal_in_python_are_one_label():
 
 def test_leiden_for_k_checks_its_range_and_says_when_the_count_skips_k():
     G = knn_graph(_blobs(300, k=3)[0], 15)
-    for bad in [(0, 20), (-1, 2), (20, 0.001), (1, np.inf)]:
+    for bad in [(0, 20), (-1, 2), (20, 0.001), (1, np.inf), (1,), (1, 2, 3), ("1", 2), 5]:
         with pytest.raises(ValueError, match=r"resolution_range must be \(lowest, highest\) with 0 < lowest < "):
             leiden_for_k(G, 3, resolution_range=bad)
     with pytest.raises(ValueError, match=r"nprobe must be an integer >= 1 or None .*got 0"):
@@ -663,7 +665,15 @@ def test_float64_input_keeps_its_digits_at_a_large_offset():
     (lambda X, G: kmeans(X, 3, max_iter=1.5), r"max_iter=1\.5; fix: pass a positive whole number of iterations"),
     (lambda X, G: evaluate(X, np.arange(300) % 3, silhouette_sample=10.5), r"silhouette_sample=10\.5; fix"),
     (lambda X, G: evaluate(X, np.arange(300) % 3, silhouette_sample="50"), r"silhouette_sample='50'; fix"),
-    (lambda X, G: leiden(G, resolution="1"), r"resolution must be a finite number > 0, got 1"),
+    (lambda X, G: leiden(G, resolution="1"), r"resolution must be a finite number > 0, got '1'"),
+    (lambda X, G: leiden(G, resolution=np.float32(-1)), r"resolution must be a finite number > 0, got -1\.0;"),
+    (lambda X, G: kmeans(X, 3, max_points_per_centroid=2.5), r"max_points_per_centroid=2\.5; fix: pass a positive "
+                                                             r"whole number of cells, or None"),
+    (lambda X, G: kmeans(X, 3, max_points_per_centroid=np.nan), r"max_points_per_centroid=nan; fix"),
+    (lambda X, G: kmeans(X, 3, max_points_per_centroid="10"), r"max_points_per_centroid='10'; fix"),
+    (lambda X, G: leiden_for_k(G, 301), r"got 301; fix: .*, or k=None for Leiden's own number\.$"),
+    (lambda X, G: cluster.cluster_embedding(X, k=301, method="leiden"), r"or k=None for Leiden's own number\.$"),
+    (lambda X, G: kmeans(X, 301), r"got 301; fix: .*, or cluster with Leiden, which needs no k\.$"),
     (lambda X, G: leiden(G, n_iterations=0), r"n_iterations=0; fix"),
     (lambda X, G: leiden(G, n_iterations=1.5), r"n_iterations=1\.5; fix"),
     (lambda X, G: leiden(sp.csr_matrix((0, 0))), r"graph has no cells"),

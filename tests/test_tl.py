@@ -227,6 +227,31 @@ def test_cluster_and_evaluate_need_their_inputs(fitted):
     tl.cluster(ad, k=2)
     with pytest.raises(DataError, match=r"no 'celltype'.* one of \['label'\]"):  # not the clusters themselves
         tl.evaluate(ad, label_key="celltype")
+    with pytest.raises(DataError, match=r"on the command line \(or pass use_rep= \(--use-rep\) one of \['X_masksc'\]\)"):
+        tl.cluster(ad, k=2, use_rep="X_other")
+    del ad.obsm["X_masksc"]
+    with pytest.raises(DataError, match=r"`masksc embed DATA --model DIR -o OUT.h5ad` on the command line\.$"):
+        tl.cluster(ad, k=2)  # no "one of []" to pick from
+
+
+def test_evaluate_scores_the_embedding_the_clusters_were_made_from(fitted):
+    """After tl.cluster(use_rep="X_other"), evaluate's silhouette was of X_masksc, without a word."""
+    from sklearn.metrics import silhouette_score
+    adata, _, _, _ = fitted
+    ad = adata.copy()
+    rng = np.random.default_rng(0)
+    ad.obsm["X_masksc"] = rng.normal(size=(ad.n_obs, 4)).astype(np.float32)
+    ad.obsm["X_other"] = (np.eye(3)[ad.obs["label"].cat.codes] * 5 + rng.normal(size=(ad.n_obs, 3))).astype(np.float32)
+    tl.cluster(ad, k=3, use_rep="X_other")
+    pred = ad.obs["masksc_cluster"].to_numpy()
+    scores = tl.evaluate(ad, silhouette_sample=None)
+    assert scores["silhouette"] == pytest.approx(silhouette_score(ad.obsm["X_other"], pred), abs=1e-5)
+    assert ad.uns["masksc"]["metrics"]["use_rep"] == "X_other"
+    assert tl.evaluate(ad, use_rep="X_masksc", silhouette_sample=None)["silhouette"] == \
+        pytest.approx(silhouette_score(ad.obsm["X_masksc"], pred), abs=1e-5)
+    tl.cluster(ad, k=3, key_added="mine")  # the record is now of "mine": other clusters score X_masksc
+    assert tl.evaluate(ad, silhouette_sample=None)["silhouette"] == \
+        pytest.approx(silhouette_score(ad.obsm["X_masksc"], pred), abs=1e-5)
 
 
 def test_clusters_never_replace_the_users_columns_nor_score_against_themselves(fitted):
