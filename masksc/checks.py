@@ -11,6 +11,7 @@ import numpy as np
 from masksc.errors import DataError
 
 _MAX_SEED = 2**63 - 1  # leidenalg takes seeds up to a C ssize_t (and uses them modulo 2**32)
+MAX_MAP_SEED = 2**32 - 1  # the most UMAP, t-SNE and sklearn's PCA take as a seed (numpy's legacy random_state)
 
 
 def is_number(value) -> bool:

@@ -65,6 +65,16 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {value}") from None
 
 
+def _map_seed(text: str) -> int:
+    """An argparse type: a seed UMAP, t-SNE and sklearn's PCA take too (in [0, 2**32 - 1])."""
+    from masksc.checks import MAX_MAP_SEED
+    value = _seed(text)
+    if value > MAX_MAP_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1] (UMAP and PCA take no more), "
+                                         f"got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     """An argparse type: a finite float > 0."""
     try:
@@ -176,14 +186,18 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def _overrides(args) -> dict:
+    """The MaskSCConfig fields ``fit``'s --set and its own flags set (epochs among them)."""
     overrides = {}
     for key, value in args.set or []:
         overrides[key] = tuple(value) if isinstance(value, list) else value
-    if args.grid:
-        overrides["grid_shape"] = args.grid
-    for key in ("mask_ratio", "layout", "batch_size"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
+    flags = {"grid_shape": ("--grid", args.grid), "epochs": ("--epochs", args.epochs),
+             **{key: ("--" + key.replace("_", "-"), getattr(args, key)) for key in ("mask_ratio", "layout", "batch_size")}}
+    for key, (flag, value) in flags.items():
+        if value is None:
+            continue
+        if key in overrides:
+            raise MaskscError(f"{key} is given twice, by --set {key}= and by {flag}; fix: drop one of them.")
+        overrides[key] = value
     from masksc.models.masksc_model import MaskSCConfig
     unknown = set(overrides) - {f.name for f in dataclasses.fields(MaskSCConfig)}
     if unknown:
@@ -197,10 +211,11 @@ def cmd_fit(args) -> int:
     on one process or, under torchrun, with DDP over all ranks."""
     from masksc import distributed, pipeline
     from masksc.train import holding_run_dir
-    settings = dict(model_dir=args.output, epochs=args.epochs, seed=args.seed, device=args.device, resume=args.resume,
-                    checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
+    overrides = _overrides(args)
+    settings = dict(model_dir=args.output, epochs=overrides.pop("epochs", None), seed=args.seed, device=args.device,
+                    resume=args.resume, checkpoint_every=args.checkpoint_every, chunk_size=args.chunk_size,
                     teacher_cells=args.teacher_cells or None, teacher_overrides=dict(args.teacher_set or []),
-                    **_overrides(args))
+                    **overrides)
     _device(args.device)
     try:  # settings out of range, or a run that cannot resume with them, are refused before reading the data
         pipeline.check_fit(args.preset, layer=args.layer, use_raw=args.use_raw, **settings)
@@ -275,7 +290,7 @@ def cmd_cluster(args) -> int:
         "resolution": args.resolution or LEIDEN_RESOLUTION}
     tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)
     n = adata.obs[args.key_added].nunique()
-    print(f"{n} clusters written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
+    print(f"{n} cluster{'' if n == 1 else 's'} written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
     return 0
 
 
@@ -301,7 +316,6 @@ def _cells_to_draw(args, model):
     does: the few drawn are too few to tell) are read. Returns (AnnData of those cells, panel
     titles, their int64 rows in the file, which errors name)."""
     import anndata as ad
-    import h5py
     import numpy as np
 
     from masksc.data import read
@@ -309,38 +323,53 @@ def _cells_to_draw(args, model):
     from masksc.pl import one_cell_per_label
     path, fmt = _input_format(args)
     if fmt == "h5ad":
-        with h5py.File(path, "r") as f:
-            layers = list(f["layers"]) if "layers" in f else []
-            if "X" not in f and args.layer is None and not args.use_raw:  # read backed, it would fail later, on
-                # the cells' X, as a raw h5py KeyError
-                raise MaskscError(f"{path} holds no expression matrix X, only the layers {layers}; fix: --layer "
-                                  f"{layers[0]}." if layers else
-                                  f"{path} holds no expression matrix X (a `masksc embed` output stores only obs "
-                                  "and the embedding); fix: pass the counts file the model was fitted on.")
-            has_x = "X" in f
-        # backed, only the drawn cells are read; anndata cannot take them into memory from a file without X
-        adata = ad.read_h5ad(path, backed="r") if has_x else ad.read_h5ad(path)
+        try:
+            has_x = _h5ad_has_x(path, args)
+            # backed, only the drawn cells are read; anndata cannot take them into memory from a file without X
+            adata = ad.read_h5ad(path, backed="r") if has_x else ad.read_h5ad(path)
+        except (OSError, KeyError, ValueError, TypeError) as exc:  # what h5py and anndata raise on a foreign file
+            raise MaskscError(f"cannot read {path} as .h5ad ({type(exc).__name__}: {exc}); fix: check the file is "
+                              "complete and an .h5ad, or pass --format for another format.") from exc
     else:
         adata = read(path, format=fmt, transpose=args.transpose, genome=args.genome)
     if model.preprocessor.needs_profile_check():
         with model.noting_fitted_input(args.layer, args.use_raw):
             reader = RowReader(adata, args.layer, args.use_raw)
             check_first_cells(model.preprocessor, reader, 0, reader.n_obs)
-    if args.label_key in adata.obs and adata.obs[args.label_key].notna().any():
-        labels = adata.obs[args.label_key]
+    label_key = args.label_key or "label"  # not given: one cell per label when the data has labels
+    if args.label_key is not None and label_key not in adata.obs:
+        raise MaskscError(f"{path} has no obs column {label_key!r} (--label-key); fix: pass one of "
+                          f"{list(adata.obs.columns)}, or drop --label-key to draw --cells random cells.")
+    if label_key in adata.obs and adata.obs[label_key].notna().any():
+        labels = adata.obs[label_key]
         every_label = one_cell_per_label(labels, args.seed)  # counted as the legend counts them
         n_labels, picks = every_label.size, every_label[:args.cells]
         if n_labels > args.cells:
-            warnings.warn(f"{args.label_key!r} holds {n_labels} labels; drawing a cell of each of the first "
+            warnings.warn(f"{label_key!r} holds {n_labels} labels; drawing a cell of each of the first "
                           f"{args.cells} in the legend's order (--cells {n_labels} draws them all)", stacklevel=2)
         # the label and the cell drawn; not to_numpy(): NaN makes integer categories 2.0
         titles = [f"{label}\n{name}" for label, name in zip(labels.iloc[picks], adata.obs_names[picks])]
     else:
         picks = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, min(args.cells, adata.n_obs),
                                                                  replace=False))
-        titles = [f"cell {name}" for name in adata.obs_names[picks]]
+        titles = [name if name.lower().startswith("cell") else f"cell {name}" for name in adata.obs_names[picks]]
     cells = adata[picks]
     return (cells.to_memory() if adata.isbacked else cells.copy()), titles, picks
+
+
+def _h5ad_has_x(path: Path, args) -> bool:
+    """Whether the .h5ad at ``path`` holds X; MaskscError when it holds neither X nor what
+    --layer / --use-raw read instead."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        layers = list(f["layers"]) if "layers" in f else []
+        if "X" not in f and args.layer is None and not args.use_raw:  # read backed, it would fail later, on the
+            # cells' X, as a raw h5py KeyError
+            raise MaskscError(f"{path} holds no expression matrix X, only the layers {layers}; fix: --layer "
+                              f"{layers[0]}." if layers else
+                              f"{path} holds no expression matrix X (a `masksc embed` output stores only obs "
+                              "and the embedding); fix: pass the counts file the model was fitted on.")
+        return "X" in f
 
 
 def cmd_plot(args) -> int:
@@ -477,9 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="silhouette only (data without labels)")
     sp.add_argument("--cluster-key", dest="cluster_key", default="masksc_cluster",
                     help="obs column of the clusters scored (default masksc_cluster)")
-    sp.add_argument("--use-rep", dest="use_rep", default=None,
-                    help="obsm key the silhouette is computed on (default: the one the clusters were made from, "
-                         "else X_masksc)")
+    sp.add_argument("--use-rep", dest="use_rep", default="X_masksc",
+                    help="obsm key the silhouette is computed on (default X_masksc)")
     sp.add_argument("--silhouette-cells", dest="silhouette_cells", type=_sample_size, default=10_000,
                     help="the silhouette is computed on a random sample of this many cells when there are more "
                          "(default 10000, at least 3 and best far more than the clusters; 0 = all cells, whose "
@@ -502,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="obsm key to map (default X_masksc; a 2-D one such as X_umap is drawn as it is)")
     kp.add_argument("--max-cells", dest="max_cells", type=_at_least(2), default=50_000,
                     help="map a random sample of this many cells when there are more (default 50000)")
-    kp.add_argument("--seed", type=_seed, default=0, help="seed of the map and the sample (default 0)")
+    kp.add_argument("--seed", type=_map_seed, default=0,
+                    help="seed of the map and the sample (default 0; at most 2**32 - 1)")
     kp.add_argument("--layer", default=None,
                     help="read --color genes from this layer (default: .raw when the file has one, else X)")
     kp.add_argument("--use-raw", dest="use_raw", action=argparse.BooleanOptionalAction, default=None,
@@ -515,8 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("data", help="counts: .h5ad (read backed: only the drawn cells are loaded), 10x .h5, mtx, "
                                  "csv/tsv, scDeepCluster .h5")
     kp.add_argument("--model", required=True, help="the directory `masksc fit -o` wrote")
-    kp.add_argument("--label-key", dest="label_key", default="label",
-                    help="obs column whose labels get one cell each (default label; absent: random cells)")
+    kp.add_argument("--label-key", dest="label_key", default=None,
+                    help="obs column whose labels get one cell each (default: label, when the data has it; "
+                         "else --cells random cells)")
     kp.add_argument("--cells", type=_at_least(1), default=8, help="most panels to draw (default 8)")
     kp.add_argument("--seed", type=_seed, default=0, help="seed of the cells picked (default 0)")
     kp.add_argument("--format", default=None, choices=FORMATS, help="force the reader (default: detect)")
@@ -533,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="train on scanpy's bundled pbmc68k_reduced, cluster, score, plot")
     sp.add_argument("-o", "--output", default="masksc-demo", help="output folder (default ./masksc-demo)")
     sp.add_argument("--epochs", type=_at_least(1), default=None, help="override the demo preset's epochs")
-    sp.add_argument("--seed", type=_seed, default=0, help="seed of training and clustering (default 0)")
+    sp.add_argument("--seed", type=_map_seed, default=0,
+                    help="seed of training, clustering and the maps (default 0; at most 2**32 - 1)")
     sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     sp.set_defaults(func=cmd_demo)
     for name, command in sub.choices.items():  # each command's own parser reports its stray arguments

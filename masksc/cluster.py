@@ -670,7 +670,7 @@ def leiden_for_k(graph, k: int, seed: int = 0, resolution_range: tuple[float, fl
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= G.shape[0]:
         raise DataError(_bad_k(k, G.shape[0], "leiden"))
     max_steps = check_count("max_steps", max_steps, "Leiden runs")
-    bounds = np.asarray(resolution_range, dtype=object).ravel()
+    bounds = list(resolution_range) if isinstance(resolution_range, (tuple, list, np.ndarray)) else []
     low, high = (float(r) if is_number(r) else np.nan for r in bounds) if len(bounds) == 2 else (np.nan, np.nan)
     if not 0 < low < high < np.inf:
         raise ValueError(f"resolution_range must be (lowest, highest) with 0 < lowest < highest, finite, got "

@@ -23,9 +23,13 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     loading the data to the scores: teacher, training, embedding, clustering, PCA reference).
     A rerun into the same ``out_dir`` replaces the earlier demo's files. Returns the metrics."""
     from masksc import checkpoint
-    from masksc.errors import CheckpointError, MaskscError
+    from masksc.checks import MAX_MAP_SEED
+    from masksc.errors import CheckpointError, DataError, MaskscError
     from masksc.io_utils import check_output
 
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_MAP_SEED:
+        raise DataError(f"seed={seed!r}; fix: pass an integer in [0, 2**32 - 1], the seeds the PCA reference and "
+                        "the UMAP take (checked before training).")
     out = check_output(out_dir, folder=True)
     replaced = [name for name in OUTPUTS if (out / name).exists()]
     if replaced and not _earlier_demo_run(out / "model"):
@@ -65,7 +69,8 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
           f"{adata.obs['label'].nunique()} labelled types")
     model, scores, baseline = fit_and_score(adata, seed, device=device, model_dir=out / "model", epochs=epochs)
     wall, train = time.time() - t0, adata.uns["masksc"]["fit"]["wall_s"]
-    print(f"[demo] mask-sc ({model.config.epochs} epochs: {train:.0f}s of training, {wall:.0f}s from loading the "
+    epochs_run = f"{model.config.epochs} epoch{'' if model.config.epochs == 1 else 's'}"
+    print(f"[demo] mask-sc ({epochs_run}: {train:.0f}s of training, {wall:.0f}s from loading the "
           f"data to the scores): {_fmt(scores)}")
     print(f"[demo] baseline PCA(50) + k-means on the same log-normalised genes: {_fmt(baseline)}")
 
@@ -74,7 +79,7 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
                  method="umap", seed=seed)
     pl.loss_curve(adata.uns["masksc"]["fit"]["losses"], out / "loss.png")
     labels = adata.obs["label"].to_numpy()
-    picks = pl.one_cell_per_label(labels, seed, n=8)
+    picks = pl.one_cell_per_label(labels, seed)  # all 10 types
     pl.attention_grid(model.attention_maps(adata[picks]), [str(x) for x in labels[picks]], out / "attention.png")
 
     with atomic_write(out / "pbmc68k_masksc.h5ad", suffix=".h5ad", min_bytes=anndata_bytes(adata)) as tmp:

@@ -252,7 +252,7 @@ def _fewer_for_few_cells(n_neighbors, n_cells: int):
     if isinstance(n_neighbors, (int, np.integer)) and not isinstance(n_neighbors, bool) and n_neighbors > n_cells:
         lowered = 1 + n_cells // 2
         warn(f"n_neighbors={n_neighbors} is more than the {n_cells} cells; lowered to {lowered}, as scanpy's "
-             "pp.neighbors does (pass n_neighbors= at most the number of cells to choose it)")
+             "pp.neighbors does (pass n_neighbors= (--n-neighbors) at most the number of cells to choose it)")
         return lowered
     return n_neighbors
 
@@ -419,24 +419,32 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     return adata if copy else None
 
 
-def evaluate(adata, label_key: str | None = "label", *, use_rep: str | None = None,
+def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,
              cluster_key: str = CLUSTER_KEY, silhouette_sample: int | None = 10_000, seed: int = 0) -> dict:
     """ARI and NMI of ``adata.obs[cluster_key]`` against ``adata.obs[label_key]`` (None: no labels,
     silhouette only; a missing column is a DataError) and the silhouette of the embedding ``adata.obsm[use_rep]`` under the predicted
-    clusters (None: the embedding :func:`cluster` made them from, as recorded, else ``"X_masksc"``), on a ``seed``-ed random sample of ``silhouette_sample`` cells when there are more
+    clusters (a warning names the embedding :func:`cluster` recorded making them from when that is
+    another one of ``adata.obsm``), on a ``seed``-ed random sample of ``silhouette_sample`` cells when there are more
     (None: all cells). Cells without a label (NaN) are left out of ARI / NMI, with a warning.
     Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette, n_clusters), also stored
     in ``adata.uns["masksc"]["metrics"]`` with the keys it was computed from."""
     _check_adata(adata, "evaluate")
     if cluster_key not in adata.obs:
+        made = adata.uns.get("masksc", {}).get("cluster", {}).get("key")
+        if made in adata.obs:
+            raise DataError(f"adata.obs has no {cluster_key!r}; masksc.tl.cluster wrote its clusters to {made!r}; fix: "
+                            f"cluster_key={made!r} (--cluster-key {made}).")
         raise DataError(f"adata.obs has no {cluster_key!r}; fix: run masksc.tl.cluster(adata) first "
                         "(`masksc cluster` on the command line).")
     if label_key == cluster_key:
         raise DataError(f"label_key and cluster_key are both {label_key!r}: the clusters would be scored against "
                         "themselves; fix: pass the column of true labels as label_key (--label-key).")
-    if use_rep is None:
-        made = adata.uns.get("masksc", {}).get("cluster", {})
-        use_rep = made.get("use_rep") if made.get("key") == cluster_key and made.get("use_rep") else EMBEDDING_KEY
+    made = adata.uns.get("masksc", {}).get("cluster", {})
+    made_from = made.get("use_rep") if made.get("key") == cluster_key else None
+    if made_from is not None and made_from != use_rep and made_from in adata.obsm:
+        warn(f"the clusters in adata.obs[{cluster_key!r}] were made from adata.obsm[{made_from!r}] (as masksc.tl.cluster "
+             f"recorded), and the silhouette is of adata.obsm[{use_rep!r}]; pass use_rep={made_from!r} (--use-rep "
+             f"{made_from}) for theirs")
     Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
     unclustered = int(adata.obs[cluster_key].isna().sum())
     if unclustered:
@@ -452,8 +460,8 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str | None = No
         labelled = adata.obs[label_key].notna().to_numpy()
         n_labelled = int(labelled.sum())
         if n_labelled == 0:
-            raise DataError(f"no cell has a {label_key!r} label; fix: pass label_key= a labelled column, or "
-                            "label_key=None for silhouette only.")
+            raise DataError(f"no cell has a {label_key!r} label; fix: pass label_key= (--label-key) a labelled "
+                            "column, or label_key=None (--no-labels) for silhouette only.")
         if n_labelled < len(labelled):
             warn(f"{len(labelled) - n_labelled} of {len(labelled)} cells have no {label_key!r} label; ARI "
                  "and NMI are computed on the labelled cells")

@@ -660,6 +660,10 @@ def test_ctrl_c_during_fit_is_one_line_naming_resume_once_there_is_a_checkpoint(
     (["plot", "attention", "D.h5ad", "--model", "M", "-o", "p.png", "--seed", str(2**63)],
      "argument --seed: must be an integer in"),
     (["demo", "--seed", str(2**64)], "argument --seed: must be an integer in [0, 2**63 - 1]"),
+    # the demo trained, then its PCA reference failed in sklearn with a traceback
+    (["demo", "--seed", str(2**32)], f"argument --seed: must be an integer in [0, 2**32 - 1] (UMAP and PCA take no "
+                                     f"more), got {2**32}"),
+    (["plot", "embedding", "E.h5ad", "-o", "p.png", "--seed", str(2**32)], "must be an integer in [0, 2**32 - 1]"),
 ])
 def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -681,6 +685,42 @@ def test_stray_arguments_are_reported_with_the_commands_usage(argv, usage, stray
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and usage in err and f"error: unrecognized arguments: {stray}" in err
+
+
+def test_set_epochs_trains_that_many_and_a_field_given_twice_is_refused(trained, tmp_path, capsys):
+    """`--set epochs=1` was a TypeError traceback (epochs passed twice); a --set field that a flag
+    also sets took the flag's value without a word."""
+    data, _, _ = trained
+    no_epochs = [a for i, a in enumerate(TINY) if a != "--epochs" and (i == 0 or TINY[i - 1] != "--epochs")]
+    assert main(["fit", str(data), "-o", str(tmp_path / "m"), *no_epochs, "--set", "epochs=1"]) == 0
+    from masksc.pipeline import MaskSCModel
+    assert MaskSCModel.load(tmp_path / "m").config.epochs == 1
+    capsys.readouterr()
+    for field, flag in (("epochs=3", "--epochs"), ("batch_size=16", "--batch-size"), ("grid_shape=8,8", "--grid")):
+        assert main(["fit", str(data), "-o", str(tmp_path / "m2"), *TINY, "--set", field]) == 2
+        name = field.split("=")[0]
+        assert f"{name} is given twice, by --set {name}= and by {flag}; fix: drop one of them." in \
+            capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
+
+
+def test_demo_refuses_a_seed_its_maps_cannot_take_before_training(tmp_path, monkeypatch):
+    from masksc import demo
+    from masksc.errors import DataError
+    monkeypatch.setattr(demo, "_run_demo", lambda *a: pytest.fail("the demo started"))
+    with pytest.raises(DataError, match=r"seed=4294967296; fix: pass an integer in \[0, 2\*\*32 - 1\]"):
+        demo.run_demo(tmp_path / "d", seed=2**32)
+    assert not (tmp_path / "d").exists()
+
+
+def test_evaluate_without_the_default_clusters_names_the_recorded_column(embedded, tmp_path, capsys):
+    clustered = tmp_path / "c.h5ad"
+    assert main(["cluster", str(embedded), "-k", "3", "--key-added", "mykey", "-o", str(clustered)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(clustered)]) == 2
+    assert ("adata.obs has no 'masksc_cluster'; masksc.tl.cluster wrote its clusters to 'mykey'; fix: "
+            "cluster_key='mykey' (--cluster-key mykey).") in capsys.readouterr().err
+    assert main(["evaluate", str(clustered), "--cluster-key", "mykey"]) == 0
 
 
 def test_fit_refuses_a_seed_beyond_2_63_before_any_work(trained, tmp_path, capsys, monkeypatch):
@@ -1034,13 +1074,31 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
                  "-o", str(tmp_path / "one.png")]) == 0
     assert f"warning: 'label' holds {n_labels} labels; drawing a cell of each of the first 1 in the legend's order " \
            f"(--cells {n_labels} draws them all)" in capsys.readouterr().err
-    assert main(["plot", "attention", str(data), "--model", str(model_dir), "--label-key", "none", "--cells", "2",
+    assert main(["plot", "attention", str(data), "--model", str(model_dir), "--label-key", "none",
+                 "-o", str(tmp_path / "none.png")]) == 2  # a column asked for and absent: not random cells
+    assert ("has no obs column 'none' (--label-key); fix: pass one of ['label'], or drop --label-key to draw --cells "
+            "random cells.") in capsys.readouterr().err and not (tmp_path / "none.png").exists()
+    unlabelled = cells.copy()
+    del unlabelled.obs["label"]
+    unlabelled.write_h5ad(tmp_path / "unlabelled.h5ad")
+    assert main(["plot", "attention", str(tmp_path / "unlabelled.h5ad"), "--model", str(model_dir), "--cells", "2",
                  "--seed", "5", "-o", str(tmp_path / "two.png")]) == 0
     rng_picks = np.sort(np.random.default_rng(5).choice(cells.n_obs, 2, replace=False))
-    pl.attention_grid(model.attention_maps(cells[rng_picks]), [f"cell {n}" for n in cells.obs_names[rng_picks]],
-                      tmp_path / "two_api.png")
+    titles = list(cells.obs_names[rng_picks])  # "cell_0065", not "cell cell_0065"
+    assert all(t.startswith("cell_") for t in titles)
+    pl.attention_grid(model.attention_maps(cells[rng_picks]), titles, tmp_path / "two_api.png")
     np.testing.assert_array_equal(_pixels(tmp_path / "two.png"), _pixels(tmp_path / "two_api.png"))
     assert _sha(data) == before
+
+
+def test_plot_attention_of_an_unreadable_h5ad_names_the_file(trained, tmp_path, capsys):
+    """It was h5py's "Unable to synchronously open file (file signature not found)" alone."""
+    _, _, model_dir = trained
+    fake = tmp_path / "fake.h5ad"
+    fake.write_bytes(b"not an hdf5 file" * 100)
+    assert main(["plot", "attention", str(fake), "--model", str(model_dir), "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {fake} as .h5ad (OSError: " in err and "fix: check the file is complete" in err
 
 
 def test_plot_attention_of_data_missing_genes_gives_the_error_alone(trained, tmp_path, capsys):

@@ -583,7 +583,8 @@ def test_labels_equal_in_python_are_one_label():
 
 def test_leiden_for_k_checks_its_range_and_says_when_the_count_skips_k():
     G = knn_graph(_blobs(300, k=3)[0], 15)
-    for bad in [(0, 20), (-1, 2), (20, 0.001), (1, np.inf), (1,), (1, 2, 3), ("1", 2), 5]:
+    for bad in [(0, 20), (-1, 2), (20, 0.001), (1, np.inf), (1,), (1, 2, 3), ("1", 2), 5,
+                [[0.1, 5]]]:
         with pytest.raises(ValueError, match=r"resolution_range must be \(lowest, highest\) with 0 < lowest < "):
             leiden_for_k(G, 3, resolution_range=bad)
     with pytest.raises(ValueError, match=r"nprobe must be an integer >= 1 or None .*got 0"):

@@ -234,8 +234,9 @@ def test_cluster_and_evaluate_need_their_inputs(fitted):
         tl.cluster(ad, k=2)  # no "one of []" to pick from
 
 
-def test_evaluate_scores_the_embedding_the_clusters_were_made_from(fitted):
-    """After tl.cluster(use_rep="X_other"), evaluate's silhouette was of X_masksc, without a word."""
+def test_evaluate_warns_when_the_clusters_were_made_from_another_embedding(fitted):
+    """After tl.cluster(use_rep="X_other"), evaluate's silhouette is of X_masksc (use_rep's
+    default), which said nothing: a score of an embedding the clusters were not made from."""
     from sklearn.metrics import silhouette_score
     adata, _, _, _ = fitted
     ad = adata.copy()
@@ -244,14 +245,16 @@ def test_evaluate_scores_the_embedding_the_clusters_were_made_from(fitted):
     ad.obsm["X_other"] = (np.eye(3)[ad.obs["label"].cat.codes] * 5 + rng.normal(size=(ad.n_obs, 3))).astype(np.float32)
     tl.cluster(ad, k=3, use_rep="X_other")
     pred = ad.obs["masksc_cluster"].to_numpy()
-    scores = tl.evaluate(ad, silhouette_sample=None)
-    assert scores["silhouette"] == pytest.approx(silhouette_score(ad.obsm["X_other"], pred), abs=1e-5)
-    assert ad.uns["masksc"]["metrics"]["use_rep"] == "X_other"
-    assert tl.evaluate(ad, use_rep="X_masksc", silhouette_sample=None)["silhouette"] == \
-        pytest.approx(silhouette_score(ad.obsm["X_masksc"], pred), abs=1e-5)
-    tl.cluster(ad, k=3, key_added="mine")  # the record is now of "mine": other clusters score X_masksc
-    assert tl.evaluate(ad, silhouette_sample=None)["silhouette"] == \
-        pytest.approx(silhouette_score(ad.obsm["X_masksc"], pred), abs=1e-5)
+    with pytest.warns(UserWarning, match=r"the clusters in adata.obs\['masksc_cluster'\] were made from "
+                                         r"adata.obsm\['X_other'\] .* pass use_rep='X_other' \(--use-rep X_other\)"):
+        scores = tl.evaluate(ad, silhouette_sample=None)
+    assert scores["silhouette"] == pytest.approx(silhouette_score(ad.obsm["X_masksc"], pred), abs=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tl.evaluate(ad, use_rep="X_other", silhouette_sample=None)["silhouette"] == \
+            pytest.approx(silhouette_score(ad.obsm["X_other"], pred), abs=1e-5)
+        del ad.obsm["X_other"]  # nothing to point to
+        tl.evaluate(ad, silhouette_sample=None)
 
 
 def test_clusters_never_replace_the_users_columns_nor_score_against_themselves(fitted):
