@@ -189,6 +189,8 @@ def _overrides(args) -> dict:
     """The MaskSCConfig fields ``fit``'s --set and its own flags set (epochs among them)."""
     overrides = {}
     for key, value in args.set or []:
+        if key in overrides:
+            raise MaskscError(f"--set {key}= is given twice; fix: keep one of them.")
         overrides[key] = tuple(value) if isinstance(value, list) else value
     flags = {"grid_shape": ("--grid", args.grid), "epochs": ("--epochs", args.epochs),
              **{key: ("--" + key.replace("_", "-"), getattr(args, key)) for key in ("mask_ratio", "layout", "batch_size")}}
@@ -337,9 +339,13 @@ def _cells_to_draw(args, model):
             reader = RowReader(adata, args.layer, args.use_raw)
             check_first_cells(model.preprocessor, reader, 0, reader.n_obs)
     label_key = args.label_key or "label"  # not given: one cell per label when the data has labels
-    if args.label_key is not None and label_key not in adata.obs:
-        raise MaskscError(f"{path} has no obs column {label_key!r} (--label-key); fix: pass one of "
-                          f"{list(adata.obs.columns)}, or drop --label-key to draw --cells random cells.")
+    if args.label_key is not None and (label_key not in adata.obs or adata.obs[label_key].isna().all()):
+        without = ("to draw one cell per 'label'" if "label" in adata.obs and label_key != "label" else
+                   "to draw --cells random cells")
+        problem = (f"{path} has no obs column {label_key!r}" if label_key not in adata.obs else
+                   f"no cell of {path} has a {label_key!r} label")
+        raise MaskscError(f"{problem} (--label-key); fix: pass one of {list(adata.obs.columns)}, or drop --label-key "
+                          f"{without}.")
     if label_key in adata.obs and adata.obs[label_key].notna().any():
         labels = adata.obs[label_key]
         every_label = one_cell_per_label(labels, args.seed)  # counted as the legend counts them

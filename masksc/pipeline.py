@@ -446,8 +446,8 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
     path = result.checkpoint
-    log.info("trained %s preset for %d epochs in %.1fs (final loss %.4f)", preset, result.epochs, result.wall_s,
-             result.losses[-1] if result.losses else float("nan"))
+    log.info("trained %s preset for %d epoch%s in %.1fs (final loss %.4f)", preset, result.epochs,
+             "" if result.epochs == 1 else "s", result.wall_s, result.losses[-1] if result.losses else float("nan"))
     return MaskSCModel(network, preprocessor, grid, path=path, fitted_input=bundle_meta.get("input")), result
 
 
@@ -646,6 +646,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
 
     result = train(distributed.wrap_model(network, ctx), None, train_cfg, extra_state=meta, batches=batches)
     network.eval()
-    log.info("trained %s preset (streamed, %d rank(s)) for %d epochs in %.1fs (final loss %.4f)", preset,
-             ctx.world_size, result.epochs, result.wall_s, result.losses[-1] if result.losses else float("nan"))
+    log.info("trained %s preset (streamed, %d rank(s)) for %d epoch%s in %.1fs (final loss %.4f)", preset,
+             ctx.world_size, result.epochs, "" if result.epochs == 1 else "s", result.wall_s,
+             result.losses[-1] if result.losses else float("nan"))
     return MaskSCModel(network, preprocessor, grid, path=result.checkpoint, fitted_input=meta.get("input")), result

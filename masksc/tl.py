@@ -439,13 +439,15 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
     if label_key == cluster_key:
         raise DataError(f"label_key and cluster_key are both {label_key!r}: the clusters would be scored against "
                         "themselves; fix: pass the column of true labels as label_key (--label-key).")
+    Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
     made = adata.uns.get("masksc", {}).get("cluster", {})
     made_from = made.get("use_rep") if made.get("key") == cluster_key else None
-    if made_from is not None and made_from != use_rep and made_from in adata.obsm:
+    # a column rewritten since (scanpy's leiden into it) no longer has the recorded number of clusters
+    still_theirs = made.get("n_clusters") == adata.obs[cluster_key].nunique()
+    if made_from is not None and made_from != use_rep and made_from in adata.obsm and still_theirs:
         warn(f"the clusters in adata.obs[{cluster_key!r}] were made from adata.obsm[{made_from!r}] (as masksc.tl.cluster "
              f"recorded), and the silhouette is of adata.obsm[{use_rep!r}]; pass use_rep={made_from!r} (--use-rep "
              f"{made_from}) for theirs")
-    Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
     unclustered = int(adata.obs[cluster_key].isna().sum())
     if unclustered:
         raise DataError(f"{unclustered} of {adata.n_obs} cells have no cluster in adata.obs[{cluster_key!r}] (e.g. "

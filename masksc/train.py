@@ -330,7 +330,7 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
     if warmup_steps >= total_steps:
         log.warning("warmup_epochs=%s covers all %d epoch%s: the learning rate rises the whole run and never decays; "
                     "for a schedule that does, train more epochs than that, or set warmup_epochs below epochs "
-                    "(`masksc fit --set warmup_epochs=N`)", cfg.warmup_epochs, cfg.epochs, "" if cfg.epochs == 1 else "s")
+                    "(warmup_epochs=N; `--set warmup_epochs=N` on `masksc fit`)", cfg.warmup_epochs, cfg.epochs, "" if cfg.epochs == 1 else "s")
 
     model.to(device)
     params = [p for p in core.parameters() if p.requires_grad]

@@ -334,7 +334,7 @@ def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsy
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 1
     assert 0 < metrics["train_s"] < metrics["wall_s"]  # the training loop, apart from loading to scores
-    assert f"1 epochs: {metrics['train_s']:.0f}s of training, {metrics['wall_s']:.0f}s from loading the data to " \
+    assert f"(1 epoch: {metrics['train_s']:.0f}s of training, {metrics['wall_s']:.0f}s from loading the data to " \
         "the scores" in printed
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -701,6 +701,8 @@ def test_set_epochs_trains_that_many_and_a_field_given_twice_is_refused(trained,
         name = field.split("=")[0]
         assert f"{name} is given twice, by --set {name}= and by {flag}; fix: drop one of them." in \
             capsys.readouterr().err
+    assert main(["fit", str(data), "-o", str(tmp_path / "m2"), *TINY, "--set", "lr=1e-3", "--set", "lr=1e-4"]) == 2
+    assert "--set lr= is given twice; fix: keep one of them." in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
 
 
@@ -1076,11 +1078,16 @@ def test_plot_attention_draws_one_cell_per_label(trained, tmp_path, capsys):
            f"(--cells {n_labels} draws them all)" in capsys.readouterr().err
     assert main(["plot", "attention", str(data), "--model", str(model_dir), "--label-key", "none",
                  "-o", str(tmp_path / "none.png")]) == 2  # a column asked for and absent: not random cells
-    assert ("has no obs column 'none' (--label-key); fix: pass one of ['label'], or drop --label-key to draw --cells "
-            "random cells.") in capsys.readouterr().err and not (tmp_path / "none.png").exists()
+    assert ("has no obs column 'none' (--label-key); fix: pass one of ['label'], or drop --label-key to draw one cell "
+            "per 'label'.") in capsys.readouterr().err and not (tmp_path / "none.png").exists()
     unlabelled = cells.copy()
+    unlabelled.obs["empty"] = np.nan
     del unlabelled.obs["label"]
     unlabelled.write_h5ad(tmp_path / "unlabelled.h5ad")
+    assert main(["plot", "attention", str(tmp_path / "unlabelled.h5ad"), "--model", str(model_dir), "--label-key",
+                 "empty", "-o", str(tmp_path / "empty.png")]) == 2
+    assert ("has a 'empty' label (--label-key); fix: pass one of ['empty'], or drop --label-key to draw --cells random "
+            "cells.") in capsys.readouterr().err
     assert main(["plot", "attention", str(tmp_path / "unlabelled.h5ad"), "--model", str(model_dir), "--cells", "2",
                  "--seed", "5", "-o", str(tmp_path / "two.png")]) == 0
     rng_picks = np.sort(np.random.default_rng(5).choice(cells.n_obs, 2, replace=False))

@@ -253,6 +253,8 @@ def test_evaluate_warns_when_the_clusters_were_made_from_another_embedding(fitte
         warnings.simplefilter("error")
         assert tl.evaluate(ad, use_rep="X_other", silhouette_sample=None)["silhouette"] == \
             pytest.approx(silhouette_score(ad.obsm["X_other"], pred), abs=1e-5)
+        ad.obs["masksc_cluster"] = pd.Categorical((np.arange(ad.n_obs) % 5).astype(str))  # rewritten by another tool
+        tl.evaluate(ad, silhouette_sample=None)  # its 5 clusters are not the 3 recorded: no advice about X_other
         del ad.obsm["X_other"]  # nothing to point to
         tl.evaluate(ad, silhouette_sample=None)
 
