@@ -40,6 +40,7 @@ from masksc.errors import warn
 from masksc.models import MaskSC
 from masksc.models.presets import get_preset
 from masksc.models.targets import teacher_config
+from masksc.rng import keeping_global_rngs
 from masksc.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,7 @@ def _streamed(data) -> bool:
     return isinstance(data, (str, os.PathLike)) or bool(getattr(data, "isbacked", False))
 
 
+@keeping_global_rngs()
 def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = None, epochs: int | None = None,
         seed: int = 0, device: str | None = None, resume: bool = False, checkpoint_every: int | None = None,
         progress: bool = True, chunk_size: int = 4096, teacher_cells: int | None = 50_000,

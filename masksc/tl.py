@@ -382,7 +382,8 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     _check_adata(adata, "cluster")
     _cluster.check_settings(kwargs, allowed=[name for name in _cluster.CLUSTER_SETTINGS + _cluster.KMEANS_SETTINGS
                                              if name not in ("seed", "graph")])
-    written = adata.uns.get("masksc", {}).get("cluster", {}).get("keys_written", [])
+    earlier = adata.uns.get("masksc", {}).get("cluster", {})
+    written = earlier.get("keys_written", [])
     if key_added in adata.obs and key_added != CLUSTER_KEY and key_added not in written:
         raise DataError(f"adata.obs[{key_added!r}] exists and was not written by masksc.tl.cluster (it may be your "
                         "labels); fix: key_added= a new column name (--key-added), or delete that column first.")
@@ -413,9 +414,13 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
                                                                 if name != "method"}}
     if leiden:
         recorded["resolution"] = resolution
+    # each column's embedding, for evaluate's advice; a graph of scanpy's default representation names none
+    made_from = {key: dict(made) for key, made in earlier.get("made_from", {}).items() if key != key_added}
+    if clustered is not None:
+        made_from[key_added] = {"use_rep": clustered, "n_clusters": len(names)}
     _record(adata, "cluster", {"k": k, "use_rep": clustered, "key": key_added, "seed": seed, "n_clusters": len(names),
                                "neighbors_key": graph_key, "settings": recorded,
-                               "keys_written": sorted({*written, key_added})})
+                               "keys_written": sorted({*written, key_added}), "made_from": made_from})
     return adata if copy else None
 
 
@@ -440,8 +445,8 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
         raise DataError(f"label_key and cluster_key are both {label_key!r}: the clusters would be scored against "
                         "themselves; fix: pass the column of true labels as label_key (--label-key).")
     Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
-    made = adata.uns.get("masksc", {}).get("cluster", {})
-    made_from = made.get("use_rep") if made.get("key") == cluster_key else None
+    made = adata.uns.get("masksc", {}).get("cluster", {}).get("made_from", {}).get(cluster_key, {})
+    made_from = made.get("use_rep")
     # a column rewritten since (scanpy's leiden into it) no longer has the recorded number of clusters
     still_theirs = made.get("n_clusters") == adata.obs[cluster_key].nunique()
     if made_from is not None and made_from != use_rep and made_from in adata.obsm and still_theirs:

@@ -36,6 +36,7 @@ from masksc.errors import CheckpointError, warn
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
 from masksc.models.targets import check_grid_columns
 from masksc.progress import progress_bar
+from masksc.rng import keeping_global_rngs
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,7 @@ def _prune(run_dir: Path, keep: int) -> None:
     ckpt.remove_leftovers(run_dir)
 
 
+@keeping_global_rngs()
 def train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: dict | None = None,
           batches=None, callback=None) -> TrainResult:
     """Train a MaskSC (teacher set when MED is on) on cells in grid order.
@@ -575,6 +577,7 @@ def _resumed_teacher(run_dir: Path, teacher, teacher_cfg):
     return ckpt.build_model(config).teacher
 
 
+@keeping_global_rngs()
 def fit_masksc(X_grid_csr, cfg: MaskSCConfig, train_cfg: TrainConfig | None = None, *, is_padding=None,
                teacher_cfg=None, extra_state: dict | None = None, teacher=None, progress: bool = True,
                model_class: type[MaskSC] = MaskSC):

@@ -4,6 +4,7 @@ import os
 import shutil
 import warnings
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -234,7 +235,7 @@ def test_cluster_and_evaluate_need_their_inputs(fitted):
         tl.cluster(ad, k=2)  # no "one of []" to pick from
 
 
-def test_evaluate_warns_when_the_clusters_were_made_from_another_embedding(fitted):
+def test_evaluate_warns_when_the_clusters_were_made_from_another_embedding(fitted, tmp_path):
     """After tl.cluster(use_rep="X_other"), evaluate's silhouette is of X_masksc (use_rep's
     default), which said nothing: a score of an embedding the clusters were not made from."""
     from sklearn.metrics import silhouette_score
@@ -253,6 +254,13 @@ def test_evaluate_warns_when_the_clusters_were_made_from_another_embedding(fitte
         warnings.simplefilter("error")
         assert tl.evaluate(ad, use_rep="X_other", silhouette_sample=None)["silhouette"] == \
             pytest.approx(silhouette_score(ad.obsm["X_other"], pred), abs=1e-5)
+        tl.cluster(ad, k=2, key_added="other")  # another column clustered since: the record of the first is kept
+    ad.write_h5ad(tmp_path / "clustered.h5ad")  # and read back
+    ad = anndata.read_h5ad(tmp_path / "clustered.h5ad")
+    with pytest.warns(UserWarning, match=r"made from adata.obsm\['X_other'\]"):
+        tl.evaluate(ad, silhouette_sample=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ad.obs["masksc_cluster"] = pd.Categorical((np.arange(ad.n_obs) % 5).astype(str))  # rewritten by another tool
         tl.evaluate(ad, silhouette_sample=None)  # its 5 clusters are not the 3 recorded: no advice about X_other
         del ad.obsm["X_other"]  # nothing to point to
@@ -667,6 +675,24 @@ def test_evaluate_leaves_out_unlabelled_cells_and_records_its_keys(fitted):
     ad_.obs["none"] = np.full(240, np.nan)
     with pytest.raises(DataError, match="no cell has a 'none' label"):
         tl.evaluate(ad_, label_key="none")
+
+
+def test_fit_leaves_the_notebooks_global_generators_as_they_were(tmp_path):
+    """tl.fit reset python's, numpy's and torch's global generators to its seed, so draws after it
+    were the same whatever the notebook had seeded; scanpy's tools leave them alone."""
+    import random
+
+    import torch
+    adata = synthetic(120, n_genes=300, n_types=3, seed=2)
+    draws = []
+    for user_seed in (123, 456):
+        random.seed(user_seed), np.random.seed(user_seed), torch.manual_seed(user_seed)
+        expected = (random.random(), np.random.rand(), torch.rand(1).item())
+        random.seed(user_seed), np.random.seed(user_seed), torch.manual_seed(user_seed)
+        tl.fit(adata, "demo", model_dir=tmp_path / str(user_seed), epochs=1, progress=False, **TINY)
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+        assert draws[-1] == expected
+    assert draws[0] != draws[1]
 
 
 def test_model_repr_says_what_it_is(fitted):

@@ -142,6 +142,33 @@ def test_train_equals_a_plain_torch_reference_loop():
         torch.testing.assert_close(v, want[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def _global_draws():
+    import random
+    return random.random(), np.random.rand(), torch.rand(1).item()
+
+
+def test_training_leaves_the_callers_global_generators_as_they_were():
+    """train, fit_masksc and the teacher seeded python's, numpy's and torch's global generators
+    and left them at their own seed: a notebook's later unseeded draws repeated whatever it seeded."""
+    import random
+
+    from masksc.models.contrastive import train_contrastive_dense
+    from masksc.train import fit_masksc
+    X = structured_grid()
+    model = make()  # make seeds torch itself: built before the caller's seed below
+    teacher_cfg = ContrastiveConfig(n_input=64, layers=(10, 8, 6), standardize=True, epochs=1, batch_size=16)
+    calls = [lambda: train(model, X, tcfg(epochs=1)),
+             lambda: fit_masksc(X, CFG.replace(med=True), tcfg(epochs=1), teacher_cfg=teacher_cfg),
+             lambda: train_contrastive_dense(X.toarray(), ContrastiveConfig(n_input=64, layers=(8, 4), epochs=1,
+                                                                            batch_size=16), progress=False)]
+    for call in calls:
+        random.seed(321), np.random.seed(321), torch.manual_seed(321)
+        expected = _global_draws()
+        random.seed(321), np.random.seed(321), torch.manual_seed(321)
+        call()
+        assert _global_draws() == expected
+
+
 def test_same_seed_same_result_with_and_without_workers():
     X = structured_grid()
     a, b = make(), make()

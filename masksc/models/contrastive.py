@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.progress import progress_bar
+from masksc.rng import keeping_global_rngs
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def authors_lr(cfg: ContrastiveConfig, epoch: int) -> float:
     return eta_min + (cfg.lr - eta_min) * (1 + math.cos(math.pi * epoch / cfg.lr_horizon_epochs)) / 2
 
 
+@keeping_global_rngs()
 def fit_contrastive(model: ContrastiveSC, batches_fn, n_cells: int, device: str | torch.device = "cpu",
                     progress: bool = True) -> list[float]:
     """Train ``model`` with NT-Xent under its config (Adam, the authors' schedule).
@@ -226,6 +228,7 @@ def fit_contrastive(model: ContrastiveSC, batches_fn, n_cells: int, device: str 
     return losses
 
 
+@keeping_global_rngs()
 def train_contrastive_dense(X: np.ndarray, cfg: ContrastiveConfig, device: str | torch.device = "cpu",
                             progress: bool = True) -> tuple[ContrastiveSC, list[float]]:
     """The contrastive-sc baseline on a dense preprocessed matrix X [n, n_input] float32 (e.g. the

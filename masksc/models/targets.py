@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
+from masksc.rng import keeping_global_rngs
 
 FRAGMENTS = ("patch", "row", "cell")
 
@@ -197,6 +198,7 @@ def check_grid_columns(X_grid_csr, grid_shape: tuple[int, int]) -> None:
                          "positions; pass GridLayout.to_grid(...) output of the model's grid.")
 
 
+@keeping_global_rngs()
 def fit_teacher(X_grid_csr, grid_shape: tuple[int, int], patch: int, fragment: str, cfg: ContrastiveConfig,
                 is_padding: np.ndarray | None = None, ime: bool = True, device: str | torch.device = "cpu",
                 progress: bool = True) -> ContrastiveSC:
