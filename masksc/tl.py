@@ -414,14 +414,28 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
                                                                 if name != "method"}}
     if leiden:
         recorded["resolution"] = resolution
-    # each column's embedding, for evaluate's advice; a graph of scanpy's default representation names none
-    made_from = {key: dict(made) for key, made in earlier.get("made_from", {}).items() if key != key_added}
+    # each column's embedding, for evaluate's advice; a graph of scanpy's default representation names none.
+    # Columns as values, not keys: an h5ad turns a "/" in a key into nested groups
+    made_from = [made for made in _made_from(earlier) if made[0] != key_added]
     if clustered is not None:
-        made_from[key_added] = {"use_rep": clustered, "n_clusters": len(names)}
+        made_from.append((key_added, clustered, len(names)))
     _record(adata, "cluster", {"k": k, "use_rep": clustered, "key": key_added, "seed": seed, "n_clusters": len(names),
                                "neighbors_key": graph_key, "settings": recorded,
-                               "keys_written": sorted({*written, key_added}), "made_from": made_from})
+                               "keys_written": sorted({*written, key_added}),
+                               "made_from": {field: [str(made[i]) if i < 2 else int(made[i]) for made in made_from]
+                                             for i, field in enumerate(("key", "use_rep", "n_clusters"))}})
     return adata if copy else None
+
+
+def _made_from(record: dict) -> list[tuple[str, str, int]]:
+    """(column, embedding, number of clusters) of each column ``tl.cluster`` recorded in ``record``
+    (``uns["masksc"]["cluster"]``); a record of a release before ``made_from`` names its last column."""
+    if "made_from" in record:
+        made = record["made_from"]
+        return [(str(k), str(r), int(n)) for k, r, n in zip(made["key"], made["use_rep"], made["n_clusters"])]
+    if record.get("key") is not None and record.get("use_rep") is not None:
+        return [(str(record["key"]), str(record["use_rep"]), int(record.get("n_clusters", -1)))]
+    return []
 
 
 def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING_KEY,
@@ -445,10 +459,10 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
         raise DataError(f"label_key and cluster_key are both {label_key!r}: the clusters would be scored against "
                         "themselves; fix: pass the column of true labels as label_key (--label-key).")
     Z, pred = _embedding(adata, use_rep), adata.obs[cluster_key].to_numpy()
-    made = adata.uns.get("masksc", {}).get("cluster", {}).get("made_from", {}).get(cluster_key, {})
-    made_from = made.get("use_rep")
+    made = {key: (rep, n) for key, rep, n in _made_from(adata.uns.get("masksc", {}).get("cluster", {}))}
+    made_from, n_made = made.get(cluster_key, (None, None))
     # a column rewritten since (scanpy's leiden into it) no longer has the recorded number of clusters
-    still_theirs = made.get("n_clusters") == adata.obs[cluster_key].nunique()
+    still_theirs = n_made == adata.obs[cluster_key].nunique()
     if made_from is not None and made_from != use_rep and made_from in adata.obsm and still_theirs:
         warn(f"the clusters in adata.obs[{cluster_key!r}] were made from adata.obsm[{made_from!r}] (as masksc.tl.cluster "
              f"recorded), and the silhouette is of adata.obsm[{use_rep!r}]; pass use_rep={made_from!r} (--use-rep "

@@ -255,10 +255,16 @@ def test_evaluate_warns_when_the_clusters_were_made_from_another_embedding(fitte
         assert tl.evaluate(ad, use_rep="X_other", silhouette_sample=None)["silhouette"] == \
             pytest.approx(silhouette_score(ad.obsm["X_other"], pred), abs=1e-5)
         tl.cluster(ad, k=2, key_added="other")  # another column clustered since: the record of the first is kept
+    tl.cluster(ad, k=3, use_rep="X_other", key_added="a/b")  # a "/" in an uns key became nested h5 groups
     ad.write_h5ad(tmp_path / "clustered.h5ad")  # and read back
     ad = anndata.read_h5ad(tmp_path / "clustered.h5ad")
+    for key in ("masksc_cluster", "a/b"):
+        with pytest.warns(UserWarning, match=rf"obs\['{key}'\] were made from adata.obsm\['X_other'\]"):
+            tl.evaluate(ad, cluster_key=key, silhouette_sample=None)
+    earlier = ad.copy()  # a record of a release before made_from names its last column alone
+    earlier.uns["masksc"]["cluster"] = {"key": "masksc_cluster", "use_rep": "X_other", "n_clusters": 3}
     with pytest.warns(UserWarning, match=r"made from adata.obsm\['X_other'\]"):
-        tl.evaluate(ad, silhouette_sample=None)
+        tl.evaluate(earlier, silhouette_sample=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ad.obs["masksc_cluster"] = pd.Categorical((np.arange(ad.n_obs) % 5).astype(str))  # rewritten by another tool
