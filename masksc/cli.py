@@ -248,13 +248,15 @@ def cmd_embed(args) -> int:
     ctx = distributed.init_from_env(args.device)
     if ctx.distributed:
         device = ctx.device
-    model = MaskSCModel.load(args.model, device=device)
-    if args.pool:
-        try:
-            model.set_pool(args.pool)
-        except ValueError as exc:
-            raise MaskscError(f"--pool {args.pool}: {exc}") from exc
-    out = model.embed_file(_source(args), args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+    with ctx.together():  # a model or file one rank cannot read stops them all
+        model = MaskSCModel.load(args.model, device=device)
+        if args.pool:
+            try:
+                model.set_pool(args.pool)
+            except ValueError as exc:
+                raise MaskscError(f"--pool {args.pool}: {exc}") from exc
+        source = _source(args)
+    out = model.embed_file(source, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
                            device=device, dist=ctx, layer=args.layer, use_raw=args.use_raw, source_path=args.data)
     if ctx.is_main:
         print(f"embedding of {model.config.embedding_dim} dims written to {out}")
@@ -625,12 +627,14 @@ def main(argv: list[str] | None = None) -> int:
     on_term = signal.getsignal(signal.SIGTERM) if as_command else None
     if as_command:
         signal.signal(signal.SIGTERM, _interrupt)
+    finished = False
     try:
         # log lines go through tqdm.write, so a running bar is redrawn below them instead of cut in two
         with warnings.catch_warnings(), logging_redirect_tqdm():
             warnings.showwarning = show_warning
             _check_backend()
             code = args.func(args)
+        finished = True
     except (MaskscError, FileNotFoundError) as exc:
         print(f"masksc {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -653,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         if as_command:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         from masksc.distributed import shutdown
-        shutdown()
+        shutdown(wait_for_peers=finished)
     log.info("%s finished in %.1fs", args.command, time.time() - t0)
     return code
 

@@ -137,13 +137,16 @@ def init_from_env(device: str | torch.device | None = None,
     return ctx
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = True) -> None:
     """Leave the process group if this process joined one. Under gloo the ranks first meet once
-    more, so none tears its connections down while a peer is still using them (a rank leaving
-    early could abort another at exit). A peer that is gone already is not waited for; one still
-    working (rank 0 writing a large output) is, for up to ``SHUTDOWN_WAIT``."""
+    more (``wait_for_peers``), so none tears its connections down while a peer is still using them
+    (a rank leaving early could abort another at exit). A peer that is gone already is not waited
+    for; one still working (rank 0 writing a large output) is, for up to ``SHUTDOWN_WAIT`` on rank 0
+    (other ranks wait up to the group's timeout: gloo's barrier takes no shorter one there). A rank
+    that stopped with an error passes ``wait_for_peers=False``: its peers may be blocked in a
+    collective it will never join, and its exit is what lets torchrun stop them."""
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "gloo":
+        if dist.get_backend() == "gloo" and wait_for_peers:
             with contextlib.suppress(RuntimeError):
                 dist.monitored_barrier(timeout=SHUTDOWN_WAIT)
         dist.destroy_process_group()

@@ -509,21 +509,22 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     if output.suffix.lower() not in EMBED_SUFFIXES:
         raise MaskscError(f"output {output} must end in {' or '.join(EMBED_SUFFIXES)}; fix: e.g. "
                           f"-o {output.with_suffix(EMBED_SUFFIXES[0])}.")
-    with model.noting_fitted_input(layer, use_raw):
-        reader = RowReader(source, layer, use_raw)
-    if source_path is not None and reader.path is not None and \
-            Path(source_path).resolve() != Path(reader.path).resolve():
-        raise MaskscError(f"source_path={str(source_path)!r} names the file an in-memory source was read from, but "
-                          f"the source is the file {reader.path} itself; fix: drop source_path.")
-    origin = Path(source_path) if source_path is not None else reader.path
-    check_output(output, origin)
-    with model.noting_fitted_input(layer, use_raw):
-        ckpt.check_genes(model.grid.to_dict(), reader.var_names)
-    n, dim = reader.n_obs, model.network.cfg.embedding_dim
-    if n == 0:
-        raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")
-    if output.suffix.lower() == ".h5ad":
-        check_obs_writable(reader.obs)
+    with ctx.together():  # a file, output or genes one rank finds wrong stops every rank here
+        with model.noting_fitted_input(layer, use_raw):
+            reader = RowReader(source, layer, use_raw)
+        if source_path is not None and reader.path is not None and \
+                Path(source_path).resolve() != Path(reader.path).resolve():
+            raise MaskscError(f"source_path={str(source_path)!r} names the file an in-memory source was read from, "
+                              f"but the source is the file {reader.path} itself; fix: drop source_path.")
+        origin = Path(source_path) if source_path is not None else reader.path
+        check_output(output, origin)
+        with model.noting_fitted_input(layer, use_raw):
+            ckpt.check_genes(model.grid.to_dict(), reader.var_names)
+        n, dim = reader.n_obs, model.network.cfg.embedding_dim
+        if n == 0:
+            raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")
+        if output.suffix.lower() == ".h5ad":
+            check_obs_writable(reader.obs)
     created, tmp, done = [], None, False
     if ctx.is_main:
         created = make_folders(output.parent)

@@ -174,6 +174,24 @@ def _finite_on_every_rank(finite: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def _read_on_every_rank(batches):
+    """``batches``, each read checked on every rank under torchrun: a rank whose chunk is bad
+    (a value error met on a resumed streamed run, whose first pass is skipped) stops with its
+    error and the others name it, where they would wait in DDP's next collective."""
+    from masksc import distributed
+    ctx = distributed.context()
+    if not ctx.distributed:
+        yield from batches
+        return
+    batch, end = iter(batches), object()
+    while True:
+        with ctx.together():
+            item = next(batch, end)
+        if item is end:
+            return
+        yield item
+
+
 def _rng_state() -> dict:
     """The global RNG states as plain JSON (nothing a resumed run reads can run code): torch's and
     CUDA's byte states in base64, numpy's and Python's Mersenne Twister states as lists."""
@@ -377,7 +395,7 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
         total, count = 0.0, 0
         bar = progress_bar(source, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not cfg.progress or not _is_main(), leave=False)
-        for i, batch in enumerate(bar):
+        for i, batch in enumerate(_read_on_every_rank(bar)):
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(batch, mask_seed(cfg.seed, epoch, i, rank))

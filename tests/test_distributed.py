@@ -76,6 +76,49 @@ for name, step in steps.items():
 distributed.shutdown()
 """
 
+READ_WORKER = """
+import sys
+from masksc import distributed, pipeline
+from masksc.errors import DataError, MaskscError
+from masksc.outofcore import StreamBatches
+data, out = sys.argv[1], sys.argv[2]
+ctx = distributed.init_from_env("cpu")
+if ctx.rank == 1:  # a bad chunk met while training (as on a resumed run, which skips the first pass)
+    real_iter = StreamBatches.__iter__
+    def failing_iter(self):
+        for i, batch in enumerate(real_iter(self)):
+            if i == 1:
+                raise DataError("X contains 1 NaN values (a chunk of rank 1)")
+            yield batch
+    StreamBatches.__iter__ = failing_iter
+tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+            decoder_depth=1, decoder_heads=2)
+try:
+    pipeline.fit(data, "demo", epochs=2, progress=False, chunk_size=64, teacher_cells=200,
+                 teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
+except MaskscError as exc:
+    open(f"{out}/read{ctx.rank}.txt", "w").write(f"{type(exc).__name__}: {exc}")
+distributed.shutdown()
+"""
+
+UNREADABLE_WORKER = """
+import contextlib, io, sys
+from masksc import distributed, pipeline
+from masksc.cli import main
+data, out = sys.argv[1], sys.argv[2]
+ctx = distributed.init_from_env("cpu")
+tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
+            decoder_depth=1, decoder_heads=2)
+pipeline.fit(data, "demo", model_dir=f"{out}/run", epochs=1, progress=False, chunk_size=64, teacher_cells=200,
+             teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
+ctx.barrier()  # rank 0 has written the model
+path = data if ctx.rank == 0 else f"{out}/absent.h5ad"  # a node that cannot see the file
+said = io.StringIO()
+with contextlib.redirect_stderr(said):
+    code = main(["embed", path, "--model", f"{out}/run", "-o", f"{out}/e.npy", "--device", "cpu"])
+open(f"{out}/embed{ctx.rank}.txt", "w").write(f"{code} {said.getvalue()}")
+"""
+
 LOCKED_WORKER = """
 import fcntl, os, sys
 from masksc import distributed, pipeline
@@ -170,6 +213,26 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     stopped = [(tmp_path / f"stopped{r}.txt").read_text() for r in (0, 1)]
     assert stopped[0].startswith("training loss became non-finite on another rank at epoch 1, step 1;")
     assert stopped[1].startswith("training loss became nan at epoch 1, step 1;")
+
+
+def test_a_read_error_on_one_rank_while_training_stops_every_rank(tmp_path):
+    """A rank meeting a bad chunk while training (a resumed streamed run skips the first pass that
+    checks every cell) stopped alone: the other waited in DDP's next collective, for the 6-hour
+    timeout under gloo's wait (a review's run hung until killed)."""
+    _two_gloo_processes(READ_WORKER, 200, tmp_path)
+    read = [(tmp_path / f"read{r}.txt").read_text() for r in (0, 1)]
+    assert read[0].startswith("MaskscError: rank 1 stopped with an error")
+    assert read[1] == "DataError: X contains 1 NaN values (a chunk of rank 1)"
+
+
+def test_masksc_embed_stops_every_rank_when_one_cannot_read_the_file(tmp_path):
+    """`masksc embed` under torchrun with the file missing on one rank: that rank waited in its
+    shutdown barrier and the other in the first broadcast, until killed (fit named it)."""
+    _two_gloo_processes(UNREADABLE_WORKER, 200, tmp_path)
+    said = [(tmp_path / f"embed{r}.txt").read_text() for r in (0, 1)]
+    assert said[0].startswith("2 masksc embed: error: rank 1 stopped with an error")
+    assert said[1].startswith("2 masksc embed: error: file not found: ") and "absent.h5ad" in said[1]
+    assert not (tmp_path / "e.npy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".e.npy")]
 
 
 def test_an_input_error_on_one_rank_stops_every_rank_with_a_message(tmp_path):
