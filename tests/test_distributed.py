@@ -17,15 +17,20 @@ from masksc.pipeline import MaskSCModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORKER = """
-import json, sys
-from safetensors.torch import save_file
+# each worker's start: argv (data, out folder), the process group, tiny model settings
+PREAMBLE = """
+import sys
 from masksc import distributed, pipeline
 data, out = sys.argv[1], sys.argv[2]
 ctx = distributed.init_from_env("cpu")
-assert ctx.world_size == 2 and ctx.distributed
 tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
             decoder_depth=1, decoder_heads=2)
+"""
+
+WORKER = PREAMBLE + """
+import json
+from safetensors.torch import save_file
+assert ctx.world_size == 2 and ctx.distributed
 model, result = pipeline.fit(data, "demo", model_dir=f"{out}/run", epochs=4, progress=False, chunk_size=64,
                              teacher_cells=200, teacher_overrides={"epochs": 2}, dist=ctx, **tiny)
 save_file({k: v.contiguous() for k, v in model.network.state_dict().items()}, f"{out}/rank{ctx.rank}.safetensors")
@@ -35,17 +40,11 @@ model.embed_file(data, f"{out}/sharded.npy", chunk_size=50, dist=ctx, progress=F
 distributed.shutdown()
 """
 
-NAN_WORKER = """
-import sys
-from masksc import distributed, pipeline
+NAN_WORKER = PREAMBLE + """
 from masksc.models import MaskSC
-data, out = sys.argv[1], sys.argv[2]
-ctx = distributed.init_from_env("cpu")
 if ctx.rank == 1:  # this rank's loss turns non-finite at its first step
     real_forward = MaskSC.forward
     MaskSC.forward = lambda self, batch, seed: real_forward(self, batch, seed) * float("nan")
-tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
-            decoder_depth=1, decoder_heads=2)
 try:
     pipeline.fit(data, "demo", epochs=2, progress=False, chunk_size=64, teacher_cells=200,
                  teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
@@ -54,15 +53,9 @@ except FloatingPointError as exc:
 distributed.shutdown()
 """
 
-ERROR_WORKER = """
-import sys
-from masksc import distributed, pipeline
+ERROR_WORKER = PREAMBLE + """
 from masksc.errors import MaskscError
-data, out = sys.argv[1], sys.argv[2]
 bad = f"{out}/bad.h5ad"  # a negative count in cell 150: rank 1's half when embedding
-ctx = distributed.init_from_env("cpu")
-tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
-            decoder_depth=1, decoder_heads=2)
 model, _ = pipeline.fit(data, "demo", epochs=1, progress=False, chunk_size=64, teacher_cells=200,
                         teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
 steps = {"fit": lambda: pipeline.fit(bad, "demo", epochs=1, progress=False, chunk_size=64, dist=ctx, **tiny),
@@ -76,13 +69,9 @@ for name, step in steps.items():
 distributed.shutdown()
 """
 
-READ_WORKER = """
-import sys
-from masksc import distributed, pipeline
+READ_WORKER = PREAMBLE + """
 from masksc.errors import DataError, MaskscError
 from masksc.outofcore import StreamBatches
-data, out = sys.argv[1], sys.argv[2]
-ctx = distributed.init_from_env("cpu")
 if ctx.rank == 1:  # a bad chunk met while training (as on a resumed run, which skips the first pass)
     real_iter = StreamBatches.__iter__
     def failing_iter(self):
@@ -91,8 +80,6 @@ if ctx.rank == 1:  # a bad chunk met while training (as on a resumed run, which 
                 raise DataError("X contains 1 NaN values (a chunk of rank 1)")
             yield batch
     StreamBatches.__iter__ = failing_iter
-tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
-            decoder_depth=1, decoder_heads=2)
 try:
     pipeline.fit(data, "demo", epochs=2, progress=False, chunk_size=64, teacher_cells=200,
                  teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
@@ -101,14 +88,9 @@ except MaskscError as exc:
 distributed.shutdown()
 """
 
-UNREADABLE_WORKER = """
-import contextlib, io, sys
-from masksc import distributed, pipeline
+UNREADABLE_WORKER = PREAMBLE + """
+import contextlib, io
 from masksc.cli import main
-data, out = sys.argv[1], sys.argv[2]
-ctx = distributed.init_from_env("cpu")
-tiny = dict(grid_shape=(16, 16), batch_size=40, embed_dim=32, depth=1, num_heads=2, decoder_dim=32,
-            decoder_depth=1, decoder_heads=2)
 pipeline.fit(data, "demo", model_dir=f"{out}/run", epochs=1, progress=False, chunk_size=64, teacher_cells=200,
              teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
 ctx.barrier()  # rank 0 has written the model
@@ -119,12 +101,9 @@ with contextlib.redirect_stderr(said):
 open(f"{out}/embed{ctx.rank}.txt", "w").write(f"{code} {said.getvalue()}")
 """
 
-LOCKED_WORKER = """
-import fcntl, os, sys
-from masksc import distributed, pipeline
+LOCKED_WORKER = PREAMBLE + """
+import fcntl, os
 from masksc.errors import MaskscError
-data, out = sys.argv[1], sys.argv[2]
-ctx = distributed.init_from_env("cpu")
 if ctx.rank == 0:  # another fit holds the run directory (an flock of another open file stands in for it)
     os.makedirs(f"{out}/held")
     other = os.open(f"{out}/held", os.O_RDONLY)
