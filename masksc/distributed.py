@@ -73,6 +73,7 @@ class DistContext:
         flags = torch.zeros(self.world_size, device=self.device if self.device is not None else "cpu")
         flags[self.rank] = float(error is not None)
         dist.all_reduce(flags)
+        flags = flags.cpu()  # one device-to-host copy, not one per rank read below
         if error is not None:
             raise error
         failed = [r for r in range(self.world_size) if flags[r] > 0]

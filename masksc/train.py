@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from masksc import checkpoint as ckpt
+from masksc import distributed
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.checks import check_seed
@@ -178,7 +179,6 @@ def _read_on_every_rank(batches):
     """``batches``, each read checked on every rank under torchrun: a rank whose chunk is bad
     (a value error met on a resumed streamed run, whose first pass is skipped) stops with its
     error and the others name it, where they would wait in DDP's next collective."""
-    from masksc import distributed
     ctx = distributed.context()
     if not ctx.distributed:
         yield from batches
@@ -421,15 +421,16 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
         if callback is not None:
             callback(epoch, mean)
         done = epoch + 1
-        if run_dir is not None and _is_main() and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-            state = {"epoch": done, "step": step, "losses": result.losses, "rng": _rng_state(),
-                     "steps_per_epoch": steps_per_epoch, "world_size": _world_size()}
-            name = f"epoch-{done:06d}"
-            ckpt.save_checkpoint(run_dir / name, core, train_config=cfg.to_dict(), optimizer=optimizer,
-                                 scheduler=scheduler, trainer_state=state, extra=extra_state)
-            ckpt.point_last(run_dir, name)
-            _prune(run_dir, cfg.keep_checkpoints)
-            result.checkpoint = str(run_dir / name)
+        with distributed.context().together():  # a save failing on rank 0 (a full disk) stops every rank
+            if run_dir is not None and _is_main() and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
+                state = {"epoch": done, "step": step, "losses": result.losses, "rng": _rng_state(),
+                         "steps_per_epoch": steps_per_epoch, "world_size": _world_size()}
+                name = f"epoch-{done:06d}"
+                ckpt.save_checkpoint(run_dir / name, core, train_config=cfg.to_dict(), optimizer=optimizer,
+                                     scheduler=scheduler, trainer_state=state, extra=extra_state)
+                ckpt.point_last(run_dir, name)
+                _prune(run_dir, cfg.keep_checkpoints)
+                result.checkpoint = str(run_dir / name)
     result.epochs = cfg.epochs
     result.steps = step
     result.wall_s = time.time() - t0

@@ -88,6 +88,24 @@ except MaskscError as exc:
 distributed.shutdown()
 """
 
+SAVE_WORKER = PREAMBLE + """
+import errno
+from masksc import checkpoint
+from masksc.errors import MaskscError
+real_save = checkpoint.save_checkpoint
+def full_disk_at_epoch_2(path, *args, **kwargs):
+    if str(path).endswith("epoch-000002"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(path, *args, **kwargs)
+checkpoint.save_checkpoint = full_disk_at_epoch_2
+try:
+    pipeline.fit(data, "demo", model_dir=f"{out}/run", epochs=3, checkpoint_every=1, progress=False, chunk_size=64,
+                 teacher_cells=200, teacher_overrides={"epochs": 1}, dist=ctx, **tiny)
+except (OSError, MaskscError) as exc:
+    open(f"{out}/save{ctx.rank}.txt", "w").write(f"{type(exc).__name__}: {exc}")
+distributed.shutdown()
+"""
+
 UNREADABLE_WORKER = PREAMBLE + """
 import contextlib, io
 from masksc.cli import main
@@ -202,6 +220,16 @@ def test_a_read_error_on_one_rank_while_training_stops_every_rank(tmp_path):
     read = [(tmp_path / f"read{r}.txt").read_text() for r in (0, 1)]
     assert read[0].startswith("MaskscError: rank 1 stopped with an error")
     assert read[1] == "DataError: X contains 1 NaN values (a chunk of rank 1)"
+
+
+def test_a_checkpoint_rank_0_cannot_save_stops_every_rank(tmp_path):
+    """Rank 0 alone saves checkpoints; a full disk there left rank 1 to die in its next collective
+    with gloo's 'Connection closed by peer' traceback (a review's run), not a line naming rank 0."""
+    _two_gloo_processes(SAVE_WORKER, 200, tmp_path)
+    said = [(tmp_path / f"save{r}.txt").read_text() for r in (0, 1)]
+    assert said[0] == "OSError: [Errno 28] No space left on device"
+    assert said[1].startswith("MaskscError: rank 0 stopped with an error")
+    assert os.readlink(tmp_path / "run" / "last") == "epoch-000001"
 
 
 def test_masksc_embed_stops_every_rank_when_one_cannot_read_the_file(tmp_path):
