@@ -56,6 +56,11 @@ def plain_numbers(config) -> None:
         object.__setattr__(config, f.name, value)
 
 
+def is_map_seed(seed) -> bool:
+    """Whether ``seed`` is an integer UMAP, t-SNE and sklearn's PCA take (in [0, MAX_MAP_SEED])."""
+    return not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and 0 <= seed <= MAX_MAP_SEED
+
+
 def check_seed(seed) -> int:
     """``seed`` as an int; DataError unless it is an integer in [0, 2**63 - 1] (what numpy's,
     torch's and leidenalg's generators all take). Leiden's ``flavor="leidenalg"`` uses it modulo

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from masksc import progress
 from masksc.cluster import LEIDEN_RESOLUTION, N_NEIGHBORS
 from masksc.data.io import FORMATS
-from masksc.errors import DataError, MaskscError, UncheckedGenesWarning
+from masksc.errors import DataError, MaskscError, UncheckedGenesWarning, counted
 from masksc.io_utils import out_of_space
 from masksc.models import PRESETS
 from masksc.models.masksc_model import POOLS
@@ -67,9 +67,9 @@ def _seed(text: str) -> int:
 
 def _map_seed(text: str) -> int:
     """An argparse type: a seed UMAP, t-SNE and sklearn's PCA take too (in [0, 2**32 - 1])."""
-    from masksc.checks import MAX_MAP_SEED
+    from masksc.checks import is_map_seed
     value = _seed(text)
-    if value > MAX_MAP_SEED:
+    if not is_map_seed(value):
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1] (UMAP and PCA take no more), "
                                          f"got {value}")
     return value
@@ -193,7 +193,8 @@ def _overrides(args) -> dict:
             raise MaskscError(f"--set {key}= is given twice; fix: keep one of them.")
         overrides[key] = tuple(value) if isinstance(value, list) else value
     flags = {"grid_shape": ("--grid", args.grid), "epochs": ("--epochs", args.epochs),
-             **{key: ("--" + key.replace("_", "-"), getattr(args, key)) for key in ("mask_ratio", "layout", "batch_size")}}
+             **{key: ("--" + key.replace("_", "-"), getattr(args, key))
+                for key in ("mask_ratio", "layout", "batch_size")}}
     for key, (flag, value) in flags.items():
         if value is None:
             continue
@@ -294,7 +295,7 @@ def cmd_cluster(args) -> int:
         "resolution": args.resolution or LEIDEN_RESOLUTION}
     tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)
     n = adata.obs[args.key_added].nunique()
-    print(f"{n} cluster{'' if n == 1 else 's'} written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
+    print(f"{counted(n, 'cluster')} written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
     return 0
 
 

@@ -23,11 +23,11 @@ def run_demo(out_dir: str | Path = "masksc-demo", epochs: int | None = None, see
     loading the data to the scores: teacher, training, embedding, clustering, PCA reference).
     A rerun into the same ``out_dir`` replaces the earlier demo's files. Returns the metrics."""
     from masksc import checkpoint
-    from masksc.checks import MAX_MAP_SEED
+    from masksc.checks import is_map_seed
     from masksc.errors import CheckpointError, DataError, MaskscError
     from masksc.io_utils import check_output
 
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_MAP_SEED:
+    if not is_map_seed(seed):
         raise DataError(f"seed={seed!r}; fix: pass an integer in [0, 2**32 - 1], the seeds the PCA reference and "
                         "the UMAP take (checked before training).")
     out = check_output(out_dir, folder=True)
@@ -50,7 +50,7 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
     """``run_demo``'s work, holding ``out / "model"``."""
     from masksc import checkpoint, pl
     from masksc.data import load_demo
-    from masksc.errors import CheckpointError
+    from masksc.errors import CheckpointError, counted
     from masksc.io_utils import anndata_bytes, atomic_write
     try:
         checkpoint.check_run_dir(out / "model")
@@ -69,8 +69,7 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
           f"{adata.obs['label'].nunique()} labelled types")
     model, scores, baseline = fit_and_score(adata, seed, device=device, model_dir=out / "model", epochs=epochs)
     wall, train = time.time() - t0, adata.uns["masksc"]["fit"]["wall_s"]
-    epochs_run = f"{model.config.epochs} epoch{'' if model.config.epochs == 1 else 's'}"
-    print(f"[demo] mask-sc ({epochs_run}: {train:.0f}s of training, {wall:.0f}s from loading the "
+    print(f"[demo] mask-sc ({counted(model.config.epochs, 'epoch')}: {train:.0f}s of training, {wall:.0f}s from loading the "
           f"data to the scores): {_fmt(scores)}")
     print(f"[demo] baseline PCA(50) + k-means on the same log-normalised genes: {_fmt(baseline)}")
 

@@ -34,4 +34,9 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 epoch", "40 epochs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep

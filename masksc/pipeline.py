@@ -36,7 +36,7 @@ from masksc.checks import is_integer
 from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
 from masksc.data.validate import check_count
 from masksc.embed import embed_matrix
-from masksc.errors import warn
+from masksc.errors import counted, warn
 from masksc.models import MaskSC
 from masksc.models.presets import get_preset
 from masksc.models.targets import teacher_config
@@ -70,7 +70,7 @@ class MaskSCModel:
         c = self.config
         g, s = c.grid_shape
         return (f"MaskSCModel({len(self.genes)} genes on a {g}x{s} grid, {c.patch}x{c.patch} patches, "
-                f"D={c.embed_dim}, depth {c.depth}, {c.epochs} epoch{'' if c.epochs == 1 else 's'}, pool={c.pool!r}, "
+                f"D={c.embed_dim}, depth {c.depth}, {counted(c.epochs, 'epoch')}, pool={c.pool!r}, "
                 f"embedding_dim={c.embedding_dim}, path={self.path!r})")
 
     @property
@@ -448,8 +448,8 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
     path = result.checkpoint
-    log.info("trained %s preset for %d epoch%s in %.1fs (final loss %.4f)", preset, result.epochs,
-             "" if result.epochs == 1 else "s", result.wall_s, result.losses[-1] if result.losses else float("nan"))
+    log.info("trained %s preset for %s in %.1fs (final loss %.4f)", preset, counted(result.epochs, "epoch"),
+             result.wall_s, result.losses[-1] if result.losses else float("nan"))
     return MaskSCModel(network, preprocessor, grid, path=path, fitted_input=bundle_meta.get("input")), result
 
 
@@ -648,7 +648,7 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
 
     result = train(distributed.wrap_model(network, ctx), None, train_cfg, extra_state=meta, batches=batches)
     network.eval()
-    log.info("trained %s preset (streamed, %d rank(s)) for %d epoch%s in %.1fs (final loss %.4f)", preset,
-             ctx.world_size, result.epochs, "" if result.epochs == 1 else "s", result.wall_s,
+    log.info("trained %s preset (streamed, %d rank(s)) for %s in %.1fs (final loss %.4f)", preset,
+             ctx.world_size, counted(result.epochs, "epoch"), result.wall_s,
              result.losses[-1] if result.losses else float("nan"))
     return MaskSCModel(network, preprocessor, grid, path=result.checkpoint, fitted_input=meta.get("input")), result

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 from natsort import natsorted
 
-from masksc.checks import MAX_MAP_SEED
+from masksc.checks import is_map_seed
 from masksc.cluster import check_embedding
 from masksc.errors import DataError, warn
 from masksc.io_utils import atomic_write
@@ -426,7 +426,7 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
     if point_size is not None and not point_size > 0:
         raise ValueError(f"point_size is a marker area and must be > 0, got {point_size!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_MAP_SEED:
+    if not is_map_seed(seed):
         raise DataError(f"seed must be an integer in [0, 2**32 - 1] (what UMAP and t-SNE take), got {seed!r}; fix: "
                         "e.g. seed=0.")
     if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer))

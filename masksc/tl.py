@@ -422,8 +422,9 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     _record(adata, "cluster", {"k": k, "use_rep": clustered, "key": key_added, "seed": seed, "n_clusters": len(names),
                                "neighbors_key": graph_key, "settings": recorded,
                                "keys_written": sorted({*written, key_added}),
-                               "made_from": {field: [str(made[i]) if i < 2 else int(made[i]) for made in made_from]
-                                             for i, field in enumerate(("key", "use_rep", "n_clusters"))}})
+                               "made_from": {"key": [key for key, _, _ in made_from],
+                                             "use_rep": [str(rep) for _, rep, _ in made_from],
+                                             "n_clusters": [n for _, _, n in made_from]}})
     return adata if copy else None
 
 
@@ -464,9 +465,9 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
     # a column rewritten since (scanpy's leiden into it) no longer has the recorded number of clusters
     still_theirs = n_made == adata.obs[cluster_key].nunique()
     if made_from is not None and made_from != use_rep and made_from in adata.obsm and still_theirs:
-        warn(f"the clusters in adata.obs[{cluster_key!r}] were made from adata.obsm[{made_from!r}] (as masksc.tl.cluster "
-             f"recorded), and the silhouette is of adata.obsm[{use_rep!r}]; pass use_rep={made_from!r} (--use-rep "
-             f"{made_from}) for theirs")
+        warn(f"the clusters in adata.obs[{cluster_key!r}] were made from adata.obsm[{made_from!r}] (as "
+             f"masksc.tl.cluster recorded), and the silhouette is of adata.obsm[{use_rep!r}]; pass use_rep="
+             f"{made_from!r} (--use-rep {made_from}) for theirs")
     unclustered = int(adata.obs[cluster_key].isna().sum())
     if unclustered:
         raise DataError(f"{unclustered} of {adata.n_obs} cells have no cluster in adata.obs[{cluster_key!r}] (e.g. "

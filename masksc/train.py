@@ -33,7 +33,7 @@ from masksc import distributed
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
 from masksc.checks import check_seed
-from masksc.errors import CheckpointError, warn
+from masksc.errors import CheckpointError, counted, warn
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
 from masksc.models.targets import check_grid_columns
 from masksc.progress import progress_bar
@@ -348,9 +348,10 @@ def _train(model: torch.nn.Module, X_grid_csr, cfg: TrainConfig, extra_state: di
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     if warmup_steps >= total_steps:
-        log.warning("warmup_epochs=%s covers all %d epoch%s: the learning rate rises the whole run and never decays; "
+        log.warning("warmup_epochs=%s covers all %s: the learning rate rises the whole run and never decays; "
                     "for a schedule that does, train more epochs than that, or set warmup_epochs below epochs "
-                    "(warmup_epochs=N; `--set warmup_epochs=N` on `masksc fit`)", cfg.warmup_epochs, cfg.epochs, "" if cfg.epochs == 1 else "s")
+                    "(warmup_epochs=N; `--set warmup_epochs=N` on `masksc fit`)", cfg.warmup_epochs,
+                    counted(cfg.epochs, "epoch"))
 
     model.to(device)
     params = [p for p in core.parameters() if p.requires_grad]
