@@ -40,6 +40,7 @@ from masksc.errors import CheckpointError, warn
 from masksc.io_utils import check_output, default_mode, fsync_dir, fsync_file, out_of_space
 from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
 from masksc.models.masksc_model import MaskSC, MaskSCConfig
+from masksc.rng import keeping_global_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -452,11 +453,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: dict) -> MaskSC:
-    """An untrained MaskSC (with an untrained teacher where the config has one) from a config.json dict."""
+    """An untrained MaskSC (with an untrained teacher where the config has one) from a config.json dict.
+    The caller's global generators are left as they were (the initial weights are overwritten by
+    loading, so drawing them must not shift the user's later random draws)."""
     try:
-        model = MaskSC(MaskSCConfig.from_dict(config["model_config"]))
-        if config.get("teacher_config") is not None:
-            model.set_teacher(ContrastiveSC(ContrastiveConfig.from_dict(config["teacher_config"])))
+        with keeping_global_rngs():
+            model = MaskSC(MaskSCConfig.from_dict(config["model_config"]))
+            if config.get("teacher_config") is not None:
+                model.set_teacher(ContrastiveSC(ContrastiveConfig.from_dict(config["teacher_config"])))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the checkpoint's model config does not fit this masksc version ({exc}); it was "
                               "written by another version or edited: load it with the masksc version that wrote it, "

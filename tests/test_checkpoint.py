@@ -54,6 +54,18 @@ def test_round_trip_embeddings_equal(tmp_path, med):
     assert not loaded.training
 
 
+def test_loading_leaves_the_callers_generator_alone(tmp_path):
+    """Loading draws initial weights it then overwrites: the caller's next random draw must be the
+    one it would have been without the load (as after an unseeded scanpy call)."""
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    load_model(tmp_path / "m")
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
 def test_overwrite_is_atomic_and_failed_save_keeps_old(tmp_path, monkeypatch):
     model, layout, Xg = setup()
     save_checkpoint(tmp_path / "m", model)
