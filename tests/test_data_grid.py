@@ -126,8 +126,15 @@ def test_corrupt_layout_dict_refused():
     with pytest.raises(DataError, match=r"grid shape \(16\.5, 16\) or patch 4 is not whole"):  # fit cut it too
         GridLayout.fit(X, genes, shape=(16.5, 16), patch=4)
     for shape, patch in (((8, 8), float("nan")), ((8, 8), float("inf")), ((float("nan"), 8), 4)):  # a ValueError
-        with pytest.raises(DataError, match=r"is not whole; fix: pass whole numbers"):  # and an OverflowError
+        with pytest.raises(DataError, match=r"is not whole .*; fix: pass whole numbers"):  # and an OverflowError
             GridLayout.fit(X, genes, shape=shape, patch=patch)
+    # a shape not of two values: an IndexError (one), the third dropped silently (three), a TypeError (none)
+    for shape in ((16,), (16, 16, 1), 16):
+        with pytest.raises(DataError, match=r"is not whole \(the shape is two numbers, g and s\)"):
+            GridLayout.fit(X, genes, shape=shape, patch=4)
+        if isinstance(shape, tuple):
+            with pytest.raises(DataError, match=corrupt.format(r"its shape \[.*\] is not two numbers")):
+                GridLayout.from_dict({**d, "shape": list(shape)})
 
 
 def test_repeated_gene_names_and_non_finite_values_are_named():

@@ -75,7 +75,8 @@ class GridLayout:
     """
 
     def __init__(self, shape, patch, order, genes, source_genes):
-        self.shape = (int(shape[0]), int(shape[1]))
+        shape = list(shape)
+        self.shape = (int(shape[0]), int(shape[1])) if len(shape) == 2 else (0, 0)
         self.patch = int(patch)
         self.order = order
         self.genes = list(genes)
@@ -83,8 +84,8 @@ class GridLayout:
         g, s = self.shape
         P = self.patch
         real_genes = [x for x in self.genes if x != ""]
-        bad = (f"its shape {list(shape)} or patch {patch!r} is not whole"
-               if [g, s, P] != [shape[0], shape[1], patch] else
+        bad = (f"its shape {shape} is not two numbers" if len(shape) != 2 else
+               f"its shape {shape} or patch {patch!r} is not whole" if [g, s, P] != [*shape, patch] else
                f"it lists {len(self.genes)} grid genes for a {g}x{s} grid ({g * s} positions)"
                if len(self.genes) != g * s else
                f"a {g}x{s} grid is not divisible into {P}x{P} patches" if P < 1 or g % P or s % P else
@@ -121,11 +122,14 @@ class GridLayout:
         any sparse/dense matrix) on a subsample of ``n_sample`` cells drawn with ``seed``.
         """
         try:
-            g, s, whole = int(shape[0]), int(shape[1]), int(patch) == patch
-        except (TypeError, ValueError, OverflowError):  # NaN, inf, text
-            g, s, whole = 0, 0, False
-        if not whole or [g, s] != [shape[0], shape[1]]:
-            raise DataError(f"grid shape {tuple(shape)} or patch {patch!r} is not whole; fix: pass whole numbers.")
+            g, s = shape
+            whole = [int(g), int(s), int(patch)] == [g, s, patch]
+        except (TypeError, ValueError, OverflowError):  # not two values, NaN, inf, text
+            whole = False
+        if not whole:
+            raise DataError(f"grid shape {shape!r} or patch {patch!r} is not whole (the shape is two numbers, g and "
+                            "s); fix: pass whole numbers, e.g. shape=(64, 64), patch=4.")
+        g, s, patch = int(g), int(s), int(patch)
         if g < 1 or s < 1 or patch < 1 or g % patch or s % patch:
             raise DataError(f"grid {g}x{s} is not divisible into {patch}x{patch} patches; fix: choose g and s "
                             "multiples of the patch size.")
