@@ -427,7 +427,7 @@ def read_config(path: str | os.PathLike) -> dict:
     ckpt = resolve(path)
     try:
         config = json.loads((ckpt / CONFIG).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+    except (OSError, ValueError, RecursionError) as exc:  # bad JSON, not UTF-8, nested past the parser's depth
         raise CheckpointError(f"{ckpt / CONFIG} is unreadable or corrupt ({exc}); retrain or restore the "
                               "checkpoint from a copy.") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:

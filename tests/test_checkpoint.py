@@ -282,6 +282,9 @@ def test_corrupt_config(tmp_path):
     (tmp_path / "m" / "config.json").write_bytes(b"\xff\xfe{")  # not UTF-8
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[" * 100_000)  # nested past json's recursion limit
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "m")
 
 
 def test_config_from_another_version(tmp_path):
