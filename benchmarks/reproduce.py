@@ -4,7 +4,9 @@ datasets in ../shared/data, k = number of labels, several seeds (mean +- std).
 Resumable: every finished run is appended to benchmarks/results/table1.json / table2.json
 (atomically) and skipped on the next call, so a long CPU reproduction can be completed over
 several invocations; each row records its file's SHA-1, cells and genes, and a row computed on
-other data under the dataset's name (a trial on a subsample) is run again, not taken as done. A mask-sc run is identified by (dataset, seed, the model's whole config):
+other data under the dataset's name (a trial on a subsample) is run again, not taken as done,
+and rows of different files are never averaged together (the table names each file's SHA-1
+where they differ). A mask-sc run is identified by (dataset, seed, the model's whole config):
 an ablation whose switch the preset already has (``ime-on`` under ``cpu``) is the same run
 as ``masksc`` and is taken from it, not trained twice. The markdown tables, with the device
 and wall time of each row, go to benchmarks/results/table1.md / table2.md and replace the
@@ -37,6 +39,7 @@ again, and its wall time is the kept model's training time plus its own read-out
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -293,9 +296,18 @@ METHODS = {
 
 # ---- bookkeeping ---------------------------------------------------------------------------
 def _load(path: Path) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"runs": []}
+    """The results document at ``path`` ({"runs": []} when there is none yet); SystemExit naming
+    the file when it is not one (it is left as it is)."""
+    if not path.exists():
+        return {"runs": []}
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+            raise ValueError('not an object with a "runs" list')
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path} is not a results file ({exc}); fix: restore it (git checkout -- {path}) or "
+                         "move it aside to start the table again.") from exc
+    return doc
 
 
 def _save(path: Path, doc: dict) -> None:
@@ -408,20 +420,23 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
     rows = [f"### {title}", "",
             "| dataset | method | preset / epochs / mask / switches | ARI | NMI | silhouette | seeds | wall (s/run) | device | reference ARI / NMI |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}  # rows computed on different data are never averaged together
     for r in doc["runs"]:
         ds, m, _seed, *setting = _key(r)
-        groups.setdefault((ds, m, *setting), []).append(r)
+        groups.setdefault((ds, m, *setting, r.get("data", {}).get("sha1")), []).append(r)
+    files = collections.Counter(key[:-1] for key in groups)
     order = lambda kv: (kv[0][0], methods.index(kv[0][1]) if kv[0][1] in methods else 99)
-    for (ds, m, preset, epochs, mask, ime, med, extras), runs in sorted(groups.items(), key=order):
+    for key, runs in sorted(groups.items(), key=order):
+        ds, m, preset, epochs, mask, ime, med, extras, sha1 = key
         if m not in methods:
             continue
+        data = f" (data {sha1[:8] if sha1 else 'not recorded'})" if files[key[:-1]] > 1 else ""
         # one run has no spread to show: "± 0.0000" would read as three seeds agreeing
         f = lambda key: f"{np.mean([r[key] for r in runs]):.4f}" + (
             f" ± {np.std([r[key] for r in runs]):.4f}" if len(runs) > 1 else "")
         notes = "".join(f", {name} {value}" for name, value in extras)
         setting = (f"{preset} / {epochs} / {mask:g} / IME {'on' if ime else 'off'}, MED {'on' if med else 'off'}{notes}"
-                   if preset else (f"- / {epochs}" if epochs else "-"))
+                   if preset else (f"- / {epochs}" if epochs else "-")) + data
         paper = PAPER.get((ds, m))
         devices = list(dict.fromkeys(r["device"] for r in runs))  # in run order
         wall = " / ".join(f"{np.mean([r['wall_s'] for r in runs if r['device'] == d]):.0f}" for d in devices)
@@ -559,9 +574,9 @@ def main(argv=None) -> int:
                             _save(files[table], doc)
     readme = ROOT / "README.md"
     with _locked(readme):
-        text = readme.read_text()
-        for table, methods, title in TABLES:
-            md = markdown(_load(files[table]), methods, title)
+        tables = [(table, title, markdown(_load(files[table]), methods, title)) for table, methods, title in TABLES]
+        text = readme.read_text()  # both results files read before anything is written
+        for table, title, md in tables:
             with atomic_write(RESULTS / f"table{table}.md") as tmp:
                 Path(tmp).write_text(md)
             text = replace_readme_table(text, title, md)

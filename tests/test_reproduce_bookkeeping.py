@@ -325,3 +325,33 @@ def test_a_row_computed_on_other_data_under_the_dataset_s_name_is_run_again(tmp_
     rows = reproduce._load(tmp_path / "table1.json")["runs"]
     assert len(rows) == 1 and rows[0]["data"]["cells"] == 90 and rows[0]["data"]["genes"] == 60
     assert "the row was computed on other data" in caplog.text
+
+
+def test_rows_on_different_data_are_never_averaged_together():
+    """Seeds 1, 2 of a trial on a subsample and seed 0 run again on the real file: one row read
+    as the mean of three seeds of one dataset. Each file's rows now make their own row, named."""
+    rows = [{**_row("pca-raw", seed=s), "ari": a, "silhouette": 0.1, "wall_s": 1.0, "device": "cpu",
+             "data": {**DATA_ID, "sha1": sha1 * 40}}
+            for s, a, sha1 in ((1, 0.61, "a"), (2, 0.62, "a"), (0, 0.90, "b"))]
+    lines = [line for line in reproduce.markdown({"runs": rows}, reproduce.TABLE1, "t").splitlines()
+             if line.startswith("| pbmc")]
+    assert len(lines) == 2
+    trial, real = sorted(lines, key=lambda line: "data bbbbbbbb" in line)
+    assert "(data aaaaaaaa)" in trial and "| 0.6150 ± 0.0050 |" in trial and "| 1,2 |" in trial
+    assert "(data bbbbbbbb)" in real and "| 0.9000 |" in real and "| 0 |" in real
+    one_file = reproduce.markdown({"runs": rows[:2]}, reproduce.TABLE1, "t")
+    assert "(data" not in one_file  # named only where the files differ
+
+
+@pytest.mark.parametrize("text", ["{\"runs\": [", "", "[]", "{\"rows\": []}"])
+def test_a_corrupt_results_file_is_named_and_left_as_it_is(tmp_path, monkeypatch, text):
+    """A truncated or foreign table2.json was a bare JSONDecodeError / KeyError naming no file."""
+    (tmp_path / "README.md").write_text("#### Table 1: clustering (k = number of labels)\n| a |\n\n"
+                                        "#### Table 2: ablations\n| a |\n")
+    (tmp_path / "table2.json").write_text(text)
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(str(tmp_path / "table2.json")) + " is not a results file"):
+        reproduce.main(["--tables-only"])
+    assert (tmp_path / "table2.json").read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "table2.json"]  # nothing written
