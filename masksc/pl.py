@@ -166,7 +166,7 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
             color = [c for c in (cluster_key, "label") if c in data.obs]
         if isinstance(color, str):
             color = [color]
-        if isinstance(color, (np.ndarray, pd.Index)):  # e.g. adata.var_names[:4]
+        if isinstance(color, (np.ndarray, pd.Index, pd.Series)):  # e.g. adata.var_names[:4]
             color = color.tolist()
         if isinstance(color, (list, tuple)):
             from masksc.data import with_layer
@@ -222,12 +222,12 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
     if Z.ndim != 2 or Z.shape[0] < 2:
         raise DataError(f"{where} must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
     Z = check_embedding(Z, where)  # NaN / inf, and values float32 cannot hold, named apart
+    if color is not None and not isinstance(color, dict):
+        raise DataError(f"color must be a dict {{panel title: labels per cell}} (or, for AnnData, obs column or gene "
+                        f"names), got a {type(color).__name__}; fix: e.g. color={{'label': values}}.")
     uncoloured = not color
     if uncoloured:
         color = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
-    if not isinstance(color, dict):
-        raise DataError("color must be a dict {panel title: labels per cell} (or, for AnnData, obs column or gene "
-                        "names).")
     out = {}
     obs_names = data.obs_names if hasattr(data, "obs_names") else None
     for name, labels in color.items():
@@ -335,10 +335,11 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
     categorical = isinstance(labels, pd.Categorical)
     numeric_many = not categorical and labels.dtype.kind in "fiu" and len(np.unique(labels)) > MAX_LEGEND
     if continuous or numeric_many:  # a continuous value (a gene, a count per cell): colour map and colour bar
-        missing = np.isnan(labels) if labels.dtype.kind == "f" else np.zeros(len(labels), dtype=bool)
-        if missing.any():  # NaN: grey underneath, as unlabelled cells are drawn (matplotlib would drop them)
+        missing = ~np.isfinite(labels) if labels.dtype.kind == "f" else np.zeros(len(labels), dtype=bool)
+        if missing.any():  # NaN, inf: grey underneath, as unlabelled cells are drawn (matplotlib would drop them)
+            what = "NA" if np.isnan(labels[missing]).all() else "NA / inf"
             ax.scatter(xy[missing, 0], xy[missing, 1], s=size, color="lightgrey", linewidths=0, rasterized=True,
-                       label=f"NA ({int(missing.sum())})")
+                       label=f"{what} ({int(missing.sum())})")
             ax.legend(loc="upper left", frameon=False, fontsize=8, markerscale=max(1.0, 6.0 / math.sqrt(size)))
         shown = np.flatnonzero(~missing)
         shown = shown[np.argsort(labels[shown], kind="stable")]  # high values on top, as scanpy draws them
@@ -502,6 +503,9 @@ def attention_to_grid(attn, grid_shape: tuple[int, int], patch: int, ime: bool =
 
     a = _to_numpy(attn).astype(np.float32)
     g, s = grid_shape
+    if patch < 1 or g % patch or s % patch:
+        raise DataError(f"grid {g}x{s} is not divisible into {patch}x{patch} patches; fix: pass the model's "
+                        "config.grid_shape and config.patch.")
     cols = token_columns((g, s), patch, ime)  # [G, P*P] grid positions of each token
     if a.ndim != 4 or a.shape[2] != a.shape[3] or a.shape[3] != n_prefix + len(cols):
         raise DataError(f"attn must be [B, heads, L, L] with L = n_prefix + (g/P)*(s/P) = {n_prefix + len(cols)}, "

@@ -167,6 +167,11 @@ def test_numbers_with_many_values_get_a_colour_bar_and_their_nan_cells_are_drawn
     assert len(grey.get_offsets()) == 9 and len(coloured.get_offsets()) == 291
     assert [t.get_text() for t in panels["score"].get_legend().get_texts()] == ["NA (9)"]
     assert len(panels["label"].get_legend().get_texts()) == 8
+    score[:2] = [np.inf, -np.inf]  # matplotlib masked them: the cells left the map without a word
+    panel = pl.embedding(xy, {"score": score}, method="precomputed").axes[0]
+    grey, coloured = panel.collections
+    assert len(grey.get_offsets()) == 9 and not np.ma.is_masked(coloured.get_offsets())
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == ["NA / inf (9)"]
 
 
 def test_a_categorical_column_of_many_integer_categories_stays_categorical():
@@ -296,6 +301,8 @@ def test_attention_to_grid_gives_each_gene_its_patchs_weight():
     assert grid[1, 5, 9] == pytest.approx(attn[1, :, 0, 1 + (5 // P) * gw + 9 // P].mean().item(), rel=1e-6)
     with pytest.raises(DataError, match="n_prefix"):
         pl.attention_to_grid(attn, (16, 16), P)
+    with pytest.raises(DataError, match=r"grid 10x12 is not divisible into 4x4 patches"):  # a row of 0s drawn
+        pl.attention_to_grid(attn, (10, 12), P)
 
 
 def test_attention_to_grid_without_ime_follows_gene_runs():
@@ -594,6 +601,13 @@ def test_gene_colours_refuse_what_they_cannot_read_naming_the_fix():
                                         r"them\): pass it as color=\{'title': values\}") as exc:
         pl.embedding(ad, ad.obs["label"].to_numpy(), basis="umap")  # values, not names
     assert len(str(exc.value)) < 400
+    # the same values as a Series (an obs column), or with an array: a numpy/pandas "truth value is ambiguous"
+    with pytest.raises(DataError, match=r"color looks like one value per cell \(120 of them\)"):
+        pl.embedding(ad, color=ad.obs["label"], basis="umap")
+    for values in (ad.obs["label"], ad.obs["label"].to_numpy()):
+        with pytest.raises(DataError, match=rf"color must be a dict .*got a {type(values).__name__}; fix: e\.g\. "
+                                            r"color=\{'label': values\}"):
+            pl.embedding(ad.obsm["X_umap"], values, method="precomputed")
 
 
 def test_the_earlier_color_by_name_still_works_with_a_future_warning(tmp_path):
