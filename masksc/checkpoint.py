@@ -434,7 +434,7 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{ckpt / CONFIG} is not a masksc checkpoint config; pass a directory written by "
                               "masksc.")
     if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint format version {config.get('format_version')} (masksc "
+        raise CheckpointError(f"checkpoint format version {config.get('format_version')!r} (masksc "
                               f"{config.get('masksc_version')}) is not {FORMAT_VERSION} (this masksc {__version__}); "
                               "load it with the masksc version that wrote it or retrain.")
     return config

@@ -296,10 +296,29 @@ def test_config_from_another_version(tmp_path):
     path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="format version 99"):
         load_model(tmp_path / "m")
+    cfg["format_version"] = "1"  # read "format version 1 ... is not 1"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="format version '1' .* is not 1 "):
+        load_model(tmp_path / "m")
     cfg["format_version"] = 1
     cfg["model_config"]["config_version"] = 7
     path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not fit this masksc version"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("section, field", [("model_config", "num_heads"), ("model_config", "ime"),
+                                            ("teacher_config", "dropout")])
+def test_a_config_field_deleted_is_named_not_defaulted(tmp_path, section, field):
+    """Every release wrote every field; a deleted one took its default (4 heads for 2, 2-D patches
+    for 1-D tokens), whose weights have the same shapes: another model loaded without a word."""
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    del cfg[section][field]
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"lacks \['{field}'\]; it was edited"):
         load_model(tmp_path / "m")
 
 

@@ -94,12 +94,17 @@ class ContrastiveConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ContrastiveConfig":
-        """The config ``to_dict`` wrote; ValueError naming fields this masksc does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        """The config ``to_dict`` wrote; ValueError naming fields this masksc does not know, or
+        missing ones (every release wrote them all: a default would silently build another model)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(d) - set(names)
         if unknown:
             raise ValueError(f"unknown ContrastiveConfig fields {sorted(unknown)}; the config comes from "
                              "another masksc version — retrain or upgrade masksc.")
+        missing = [name for name in names if name not in d]
+        if missing:
+            raise ValueError(f"the teacher config lacks {missing}; it was edited — restore it from a copy or "
+                             "retrain.")
         d = dict(d)
         for name in _INTEGER_FIELDS:  # a whole float (e.g. lr_horizon_epochs=500.0) was taken before its type was checked
             if isinstance(d.get(name), float) and d[name].is_integer():

@@ -187,16 +187,21 @@ class MaskSCConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskSCConfig":
-        """The config ``to_dict`` wrote; ValueError for another config version or unknown fields."""
+        """The config ``to_dict`` wrote; ValueError for another config version, unknown fields or
+        missing ones (every release wrote them all: a default would silently build another model)."""
         d = dict(d)
         version = d.pop("config_version", None)
         if version != CONFIG_VERSION:
-            raise ValueError(f"model config version {version} is not {CONFIG_VERSION} (this masksc); the model "
+            raise ValueError(f"model config version {version!r} is not {CONFIG_VERSION} (this masksc); the model "
                              "was saved by another masksc version — use that version or retrain.")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(d) - set(names)
         if unknown:
             raise ValueError(f"unknown MaskSCConfig fields {sorted(unknown)}; the model was saved by another "
                              "masksc version — use that version or retrain.")
+        missing = [name for name in names if name not in d]
+        if missing:
+            raise ValueError(f"the model config lacks {missing}; it was edited — restore it from a copy or retrain.")
         for key in ("grid_shape", "betas"):
             if key in d:
                 d[key] = tuple(d[key])
