@@ -260,11 +260,30 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
                               f"{shlex.quote(str(path.parent))}, model_dir=) to resume that run.")
     if resume and not (path / "last" / CONFIG).is_file():
         saved = [p for p in epoch_dirs(path) if is_checkpoint(p)]
+        named = (path / "last").resolve() if (path / "last").is_symlink() else None
+        what = _unsavable(named) if named is not None and named.parent == path.resolve() else None
+        if what:  # the checkpoint resumed from, damaged: refused before the link is moved (and that epoch retrained)
+            instead = f"to resume from {saved[-1].name}" if saved else "to start the run again"
+            raise CheckpointError(f"{path}/last names {named.name}, which {what}; fix: restore {named.name} from a "
+                                  f"copy (the run resumes from it), or move it out of {path} {instead}.")
         if saved:
             how = "names no checkpoint" if os.path.lexists(path / "last") else "is missing"
             warn(f"{path}/last {how}; resuming from the newest checkpoint there, {saved[-1].name}")
             point_last(path, saved[-1].name)
     return path
+
+
+def _unsavable(p: Path) -> str | None:
+    """What in the epoch folder ``p`` save_checkpoint would refuse to replace (e.g. "has no
+    config.json"); None when ``p`` is absent, an empty folder or a whole checkpoint."""
+    if not os.path.lexists(p) or (p.is_dir() and not p.is_symlink() and not any(p.iterdir())):
+        return None
+    others = sorted(q.name for q in p.iterdir() if q.name not in (CONFIG, WEIGHTS, OPTIMIZER, STATE)) \
+        if p.is_dir() and not p.is_symlink() else []
+    return ("is a symlink" if p.is_symlink() else "is not a folder" if not p.is_dir() else
+            f"has no {CONFIG}" if not (p / CONFIG).exists() else
+            f"has a {CONFIG} masksc cannot read" if not is_checkpoint(p) else
+            f"also holds {others[:5]}" if others else None)
 
 
 def check_resumed_saves(run_dir: str | os.PathLike, epochs, done: int) -> None:
@@ -274,14 +293,7 @@ def check_resumed_saves(run_dir: str | os.PathLike, epochs, done: int) -> None:
     run_dir = Path(run_dir)
     for epoch in epochs:
         p = run_dir / f"epoch-{epoch:06d}"
-        if not os.path.lexists(p) or (p.is_dir() and not p.is_symlink() and not any(p.iterdir())):
-            continue
-        others = sorted(q.name for q in p.iterdir() if q.name not in (CONFIG, WEIGHTS, OPTIMIZER, STATE)) \
-            if p.is_dir() and not p.is_symlink() else []
-        what = ("is a symlink" if p.is_symlink() else "is not a folder" if not p.is_dir() else
-                f"has no {CONFIG}" if not (p / CONFIG).exists() else
-                f"has a {CONFIG} masksc cannot read" if not is_checkpoint(p) else
-                f"also holds {others[:5]}" if others else None)
+        what = _unsavable(p)
         if what:
             raise CheckpointError(f"{p} {what}, and the resumed run saves epoch {epoch} there; fix: restore "
                                   f"{p.name} from a copy or move it out of {run_dir} (the run resumes after epoch "

@@ -455,16 +455,35 @@ def test_resume_refuses_an_epoch_folder_it_would_save_to_before_training(tmp_pat
             raise Interrupt
     with pytest.raises(Interrupt):
         train(make(), structured_grid(), tcfg(checkpoint_dir=str(run), checkpoint_every=1), callback=stop_in_epoch_3)
+    config = (run / "epoch-000002" / "config.json").read_bytes()
     (run / "epoch-000002" / "config.json").unlink()
 
     def no_training(epoch, loss):
         raise AssertionError("trained before refusing")
     resume = tcfg(checkpoint_dir=str(run), checkpoint_every=1, resume=True)
-    with pytest.warns(UserWarning, match="resuming from the newest checkpoint there, epoch-000001"):
-        with pytest.raises(CheckpointError, match=r"epoch-000002 has no config.json, and the resumed run saves epoch 2 "
-                                                  r"there; fix: restore epoch-000002 from a copy or move it out of "
-                                                  r".*run \(the run resumes after epoch 1\)"):
-            train(make(), structured_grid(), resume, callback=no_training)
+    # the checkpoint `last` names, damaged: refused as it is (it was moved to epoch-000001, so the fix, followed,
+    # retrained epoch 2 over the restored folder)
+    with pytest.raises(CheckpointError, match=r"run/last names epoch-000002, which has no config.json; fix: restore "
+                                              r"epoch-000002 from a copy \(the run resumes from it\), or move it out "
+                                              r"of .*run to resume from epoch-000001\."):
+        train(make(), structured_grid(), resume, callback=no_training)
+    assert os.readlink(run / "last") == "epoch-000002"
+    (run / "epoch-000002" / "config.json").write_bytes(config)
+    trained = []
+
+    def first_epoch(epoch, loss):
+        trained.append(epoch)
+        raise Interrupt
+    with pytest.raises(Interrupt):
+        train(make(), structured_grid(), resume, callback=first_epoch)
+    assert trained == [2]  # resumed from the restored checkpoint: the third epoch is the first it trains
+    (run / "epoch-000002" / "config.json").unlink()
+    (run / "last").unlink()
+    os.symlink("epoch-000001", run / "last")  # `last` on the checkpoint before: the damaged one is the next save
+    with pytest.raises(CheckpointError, match=r"epoch-000002 has no config.json, and the resumed run saves epoch 2 "
+                                              r"there; fix: restore epoch-000002 from a copy or move it out of "
+                                              r".*run \(the run resumes after epoch 1\)"):
+        train(make(), structured_grid(), resume, callback=no_training)
     shutil.rmtree(run / "epoch-000002")
     (run / "epoch-000003").write_text("a note")
     with pytest.raises(CheckpointError, match=r"epoch-000003 is not a folder, and the resumed run saves epoch 3"):
