@@ -85,7 +85,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
     rather than deleted.
     """
     model = _unwrap(model)
-    path = check_output(path, folder=True)
+    path = check_output(path, folder=True, via_sibling=True)
     _check_replaceable(path, training=optimizer is not None or trainer_state is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))

@@ -53,14 +53,17 @@ def _unwritable(path: Path, folder: Path, exc: OSError) -> MaskscError:
 
 
 def check_output(path: str | os.PathLike, source: str | os.PathLike | None = None, *, folder: bool = False,
-                 suffixes: tuple[str, ...] = (), overwrite: bool = True, flag: str = "-o") -> Path:
+                 suffixes: tuple[str, ...] = (), overwrite: bool = True, flag: str = "-o",
+                 via_sibling: bool = False) -> Path:
     """Refuse, before any work, an output that would fail or do harm: ``path`` does not end in
     one of ``suffixes`` (when given; e.g. ``(".h5ad",)``), is the input file ``source``, is a
     folder where a file goes (a file where a folder goes when ``folder``), is an existing file
     and ``overwrite`` is False (the command line's default: a user's file is not replaced
     unasked), lies under a file, or lies in a folder this process cannot write. Creates nothing
     (the check makes and removes a hidden probe directory). Raises MaskscError naming ``path``
-    and the fix (``flag``: the option that names it); returns ``path``."""
+    and the fix (``flag``: the option that names it); returns ``path``. ``via_sibling``: a folder
+    written as a hidden sibling and renamed into place (a checkpoint), so the folder holding it
+    must be writable rather than the folder itself."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise MaskscError(f"output {path} must end in {' or '.join(suffixes)}; fix: e.g. "
@@ -74,7 +77,7 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
     if not overwrite and not folder and path.exists():
         raise MaskscError(f"output {path} exists; fix: pass --overwrite to replace it, or choose a new path "
                           f"({flag}).")
-    existing = path if folder else path.parent
+    existing = path if folder and not via_sibling else path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():

@@ -14,7 +14,7 @@ from masksc import checkpoint as ckpt
 from masksc.checkpoint import check_genes, load_model, save_checkpoint
 from masksc.data import GridLayout
 from masksc.embed import embed_matrix
-from masksc.errors import CheckpointError
+from masksc.errors import CheckpointError, MaskscError
 from masksc.models import ContrastiveConfig, ContrastiveSC, MaskSC, MaskSCConfig
 
 CFG = MaskSCConfig(grid_shape=(8, 8), patch=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
@@ -52,6 +52,27 @@ def test_round_trip_embeddings_equal(tmp_path, med):
         for (k, v), w in zip(model.teacher.state_dict().items(), loaded.teacher.state_dict().values()):
             assert torch.equal(v, w), k
     assert not loaded.training
+
+
+def test_saving_over_a_checkpoint_in_a_folder_it_cannot_write_is_named(tmp_path, monkeypatch):
+    """The replacement is written beside the checkpoint, but the check probed inside it: a folder
+    that can't be written (chattr +i, a read-only mount) raised PermissionError on a temp path."""
+    import tempfile
+    model, _, _ = setup()
+    save_checkpoint(tmp_path / "m", model)
+    real = tempfile.mkdtemp
+
+    def read_only_folder(*a, dir=None, **k):
+        if Path(dir) == tmp_path:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_folder)
+    with pytest.raises(MaskscError, match=rf"cannot write {re.escape(str(tmp_path / 'm'))}: cannot write in "
+                                          rf"{re.escape(str(tmp_path))} \(Operation not permitted\)"):
+        save_checkpoint(tmp_path / "m", setup(seed=1)[0])
+    monkeypatch.undo()
+    saved, got = model.state_dict(), load_model(tmp_path / "m")[0].state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.items())
 
 
 def test_loading_leaves_the_callers_generator_alone(tmp_path):
