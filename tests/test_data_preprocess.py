@@ -226,6 +226,17 @@ def test_roundtrip_dict_and_gene_reordering(counts):
     np.testing.assert_array_equal(q.transform(shuffled).X.toarray(), p.transform(counts[:200]).X.toarray())
 
 
+@pytest.mark.parametrize("field, value", [("genes", "dup"), ("input_genes", "dup"), ("input_genes", "abc"),
+                                          ("genes", [1, 2])])
+def test_a_damaged_gene_list_is_named_as_the_dicts(counts, field, value):
+    """A repeated gene in a saved transform blamed the user's data (var_names_make_unique); a
+    string where the list goes was pandas' TypeError."""
+    d = Preprocessor(n_top_genes=80).fit(counts).to_dict()
+    d[field] = [d[field][0]] + d[field][:-1] if value == "dup" else value
+    with pytest.raises(DataError, match=rf"not a Preprocessor dict \({field} is not a list of distinct gene names\)"):
+        Preprocessor.from_dict(d)
+
+
 def test_missing_genes_named(counts):
     p = Preprocessor(n_top_genes=80).fit(counts)
     missing = p.genes_[:3]

@@ -600,6 +600,10 @@ class Preprocessor:
             p.genes_, p.input_kind_, p.flavor_ = list(d["genes"]), d["input_kind"], d["flavor"]
             p.n_cells_fit_ = d.get("n_cells_fit")
             p.input_genes_ = d.get("input_genes")  # absent from earlier checkpoints: sum every gene, as they did
+            for name, genes in (("genes", d["genes"]), ("input_genes", p.input_genes_)):
+                if genes is not None and (not isinstance(genes, list) or not all(isinstance(g, str) for g in genes)
+                                          or len(set(genes)) != len(genes)):
+                    raise ValueError(f"{name} is not a list of distinct gene names")
             p.detection_ = np.asarray(d["detection"], dtype=np.float64) if "detection" in d else None
             if p.scale:
                 p.scale_mean_ = np.asarray(d["scale_mean"], dtype=np.float64)
