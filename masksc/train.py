@@ -456,7 +456,16 @@ def check_resumable(run_dir: str | os.PathLike, model_cfg: MaskSCConfig, cfg: Tr
                          for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k))
         raise CheckpointError(f"the checkpoint in {run_dir} was trained with a different model config ({diff}); "
                               f"resume with the same preset/options or use a new model directory {_NEW_DIR}.")
-    saved = TrainConfig.from_dict(config.get("train_config") or {})
+    recorded = config.get("train_config")
+    lacking = [key for key in _RESUME_FIXED if not isinstance(recorded, dict) or key not in recorded]
+    try:  # every release recorded them all: a default would be compared as if the run had used it
+        if lacking:
+            raise ValueError(f"it lacks {lacking}")
+        saved = TrainConfig.from_dict(recorded)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the training settings (train_config) saved in {run_dir} are damaged ({exc}); fix: "
+                              f"restore the checkpoint's config.json from a copy, or use a new model directory "
+                              f"{_NEW_DIR}.") from exc
     for key in _RESUME_FIXED:
         if getattr(saved, key) != getattr(cfg, key):
             raise CheckpointError(f"cannot resume: {key} was {getattr(saved, key)} in {run_dir} and is "

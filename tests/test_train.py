@@ -552,6 +552,23 @@ def test_resume_refuses_different_settings(tmp_path):
         train(make(), sp.vstack([X, X]).tocsr(), tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
 
 
+@pytest.mark.parametrize("damage, detail", [(None, r"it lacks \['batch_size', 'seed', .*'amp'\]"),
+                                            ({"batch_size": 8}, r"it lacks \['seed', .*'amp'\]"),
+                                            ({**tcfg(epochs=2).to_dict(), "batch_size": "abc"}, "batch_size='abc'")])
+def test_resume_names_damaged_training_settings(tmp_path, damage, detail):
+    """A checkpoint whose train_config was lost was compared as if the run had used the defaults
+    ("batch_size was 256 ... and is 8 now"); a wrong type was a raw ValueError."""
+    X = structured_grid()
+    train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path)))
+    path = tmp_path / "last" / "config.json"
+    config = json.loads(path.read_text())
+    config["train_config"] = damage
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"the training settings \(train_config\) saved in .* are damaged "
+                                              rf"\({detail}.*\); fix: restore the checkpoint's config.json"):
+        train(make(), X, tcfg(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+
+
 @pytest.mark.parametrize("key, value", [("seed", 1), ("epochs", 3), ("lr", 1e-3), ("warmup_epochs", 0.5),
                                         ("batch_size", 8), ("weight_decay", 0.1), ("betas", (0.9, 0.99)),
                                         ("min_lr_ratio", 0.1), ("clip", 0.5), ("amp", False)])
