@@ -453,6 +453,32 @@ def test_a_damaged_gzip_is_one_error_naming_the_file(tmp_path, counts, damage):
         read(tmp_path / "a.csv.gz")
 
 
+def test_a_file_whose_name_and_content_disagree_on_gzip_is_named_with_the_rename(tmp_path, counts):
+    """Readers pick gzip by the name: a compressed .csv was 'names are not text the reader
+    decodes ... write it again with UTF-8', a plain .csv.gz and an mtx folder's files 'BadGzipFile
+    ... check the file is complete'."""
+    X, cells, genes = counts
+    pd.DataFrame(X, index=cells, columns=genes).to_csv(tmp_path / "plain.csv")
+    (tmp_path / "packed.csv").write_bytes(gzip.compress((tmp_path / "plain.csv").read_bytes()))
+    (tmp_path / "named.csv.gz").write_bytes((tmp_path / "plain.csv").read_bytes())
+    for fmt in (None, "csv"):
+        with pytest.raises(DataError, match=r"packed\.csv is gzip-compressed, but its name does not end in \.gz.*; "
+                                            r"fix: rename it packed\.csv\.gz\.$"):
+            read(tmp_path / "packed.csv", format=fmt)
+        with pytest.raises(DataError, match=r"named\.csv\.gz is named \.gz but is not gzip-compressed .*; fix: "
+                                            r"rename it named\.csv\.$"):
+            read(tmp_path / "named.csv.gz", format=fmt)
+    _mtx_folder(tmp_path / "d", X, cells, genes)
+    (tmp_path / "d" / "barcodes.tsv").write_bytes(gzip.compress((tmp_path / "d" / "barcodes.tsv").read_bytes()))
+    with pytest.raises(DataError, match=r"d/barcodes\.tsv is gzip-compressed, but its name"):
+        read(tmp_path / "d")
+    _mtx_folder(tmp_path / "e", X, cells, genes)
+    (tmp_path / "e" / "matrix.mtx").rename(tmp_path / "e" / "matrix.mtx.gz")
+    with pytest.raises(DataError, match=r"e/matrix\.mtx\.gz is named \.gz but is not gzip-compressed"):
+        read(tmp_path / "e")
+    _check(read(tmp_path / "plain.csv"), X, cells, genes)
+
+
 def test_a_table_with_another_separator_names_it(tmp_path, counts):
     X, cells, genes = counts
     df = pd.DataFrame(X, index=cells, columns=genes)
@@ -516,9 +542,14 @@ def test_files_no_reader_takes_as_they_are_are_named_with_their_fix(tmp_path, co
     (tmp_path / "kept_name.h5ad.gz").write_bytes((tmp_path / "a.h5ad").read_bytes())  # decompressed, name kept
     _check(read(tmp_path / "kept_name.h5ad.gz"), X, cells, genes)
     for call in (read, Preprocessor().fit):
-        with pytest.raises(DataError, match=r"a\.h5ad\.gz is gzip-compressed; .*fix: gunzip -k .*a\.h5ad\.gz, then "
-                                            r"pass .*a\.h5ad\.$"):
+        with pytest.raises(DataError, match=r"a\.h5ad\.gz is gzip-compressed; .*fix: gunzip -c .*a\.h5ad\.gz > "
+                                            r".*a\.h5ad, then pass .*a\.h5ad\.$"):
             call(tmp_path / "a.h5ad.gz")
+    (tmp_path / "packed.h5ad").write_bytes((tmp_path / "a.h5ad.gz").read_bytes())  # compressed, named as not
+    for call in (read, lambda p: read(p, format="h5ad"), Preprocessor().fit):  # was "file signature not found"
+        with pytest.raises(DataError, match=r"packed\.h5ad is gzip-compressed; .*fix: gunzip -c .*packed\.h5ad > "
+                                            r".*unpacked_packed\.h5ad, then pass"):
+            call(tmp_path / "packed.h5ad")
     half = tmp_path / "half.h5ad"
     half.write_bytes((tmp_path / "a.h5ad").read_bytes())
     with h5py.File(half, "r+") as f:

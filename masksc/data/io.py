@@ -90,6 +90,29 @@ def _gzip_compressed(path: Path) -> bool:
         return False
 
 
+def check_compression(path: Path) -> None:
+    """DataError when the file ``path``'s name and content disagree on gzip: text and mtx readers
+    pick the decompression by the name, so a misnamed file failed as if damaged. HDF5 files
+    (.h5ad, .h5), read by content whatever their name, are refused gzip-compressed: they
+    compress inside."""
+    if path.is_dir() or not path.exists() or path.stat().st_size == 0:  # the reader names these
+        return
+    named, packed = path.name.lower().endswith(".gz"), _gzip_compressed(path)
+    stem = path.name.lower()[:-3] if named else path.name.lower()
+    if stem.endswith((".h5ad", ".h5", ".hdf5", ".hdf")):
+        if packed:
+            plain = path.with_name(path.name[:-3]) if named else path.with_name(f"unpacked_{path.name}")
+            raise DataError(f"{path} is gzip-compressed; HDF5 files (.h5ad, .h5) are read uncompressed (they "
+                            f"compress inside); fix: gunzip -c {path} > {plain}, then pass {plain}.")
+        return
+    if packed and not named:
+        raise DataError(f"{path} is gzip-compressed, but its name does not end in .gz, which is how masksc (and "
+                        f"pandas, scanpy) know to decompress it; fix: rename it {path.name}.gz.")
+    if named and not packed:
+        raise DataError(f"{path} is named .gz but is not gzip-compressed (a download tool may have decompressed it "
+                        f"and kept the name); fix: rename it {path.name[:-3]}.")
+
+
 def _float16_sparse(path: Path) -> list[str]:
     """The sparse matrices (HDF5 groups holding data / indices / indptr) stored as float16 in ``path``."""
     found = []
@@ -116,9 +139,7 @@ def detect_format(path: Path) -> str:
     name = path.name.lower()
     stem = name[:-3] if name.endswith(".gz") else name
     _refuse_10x_companion(path, stem)
-    if name.endswith(".gz") and stem.endswith((".h5ad", ".h5", ".hdf5", ".hdf")) and _gzip_compressed(path):
-        raise DataError(f"{path} is gzip-compressed; HDF5 files (.h5ad, .h5) are read uncompressed (they compress "
-                        f"inside); fix: gunzip -k {path}, then pass {path.with_suffix('')}.")
+    check_compression(path)
     if stem.endswith(".h5ad"):
         try:
             renamed_10x = _hdf5_layout(path) == "10x_h5"
@@ -205,7 +226,8 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; fix: use one of {FORMATS} or format=None to auto-detect.")
-    if format is not None:
+    if format is not None:  # detect_format checked it otherwise
+        check_compression(path)
         _check_given_format(path, fmt)
     if transpose and fmt not in ("csv", "tsv"):
         raise DataError(f"transpose=True (--transpose) applies to csv/tsv tables only, not format {fmt!r}, whose "
@@ -499,6 +521,7 @@ def _open_text(p: Path):
 def _read_part(part: Path, read):
     """``read(part)`` for one file of a 10x mtx folder; a DataError naming that file when it is
     empty or damaged (the folder alone would leave the user to guess which of three)."""
+    check_compression(part)
     try:
         return read(part)
     except pd.errors.EmptyDataError:
