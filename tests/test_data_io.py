@@ -683,6 +683,34 @@ def test_small_tables_without_cell_names_read_as_scanpy_reads_them(tmp_path):
            barcodes, ["0", "1", "2"])
 
 
+def test_numeric_ids_or_a_gene_title_heading_a_genes_by_cells_table(tmp_path):
+    """Transposed, Entrez IDs under a title not read as a name column's became a cell, and every
+    gene was named 0..n-1, without a word; a first gene named IDS lost its counts to the cells'
+    names; a genes x cells table titled gene_symbol was read as cells."""
+    ids, counts = [51248, 63633, 7157, 1956], np.array([[1, 0, 0], [0, 2, 0], [3, 0, 0], [0, 0, 4]])
+    (tmp_path / "entrez.tsv").write_text("EntrezID\tc0\tc1\tc2\n" + "".join(
+        f"{g}\t{chr(9).join(map(str, row))}\n" for g, row in zip(ids, counts)))
+    with pytest.warns(UserWarning, match=r"its first column 'EntrezID' holds distinct whole numbers, read as the first "
+                                         r"cell's counts; if they are gene IDs, title that column gene_id"):
+        read(tmp_path / "entrez.tsv", transpose=True)
+    (tmp_path / "gene_id.tsv").write_text((tmp_path / "entrez.tsv").read_text().replace("EntrezID", "gene_id"))
+    _check(read(tmp_path / "gene_id.tsv", transpose=True), counts.T.astype(np.float32), ["c0", "c1", "c2"],
+           [str(g) for g in ids])
+    (tmp_path / "ids_first.csv").write_text("IDS,ACTB,CD3E\n3,10,0\n0,7,2\n3,9,0\n5,4,4\n")  # IDS: a gene
+    with pytest.warns(UserWarning, match=r"'IDS' is titled as names but repeats values, so it is read as the first "
+                                         r"gene's counts"):
+        got = read(tmp_path / "ids_first.csv")
+    _check(got, np.array([[3, 10, 0], [0, 7, 2], [3, 9, 0], [5, 4, 4]], dtype=np.float32), ["0", "1", "2", "3"],
+           ["IDS", "ACTB", "CD3E"])
+    (tmp_path / "symbols.csv").write_text("gene_symbol,c1,c2,c3\nG1,1,0,2\nG2,0,3,1\nG3,2,2,0\n")
+    with pytest.raises(DataError, match=r"symbols\.csv: its first column is titled 'gene_symbol', so its rows are "
+                                        r"genes and its columns cells; fix: transpose=True \(--transpose\)"):
+        read(tmp_path / "symbols.csv")
+    _check(read(tmp_path / "symbols.csv", transpose=True), np.array([[1, 0, 2], [0, 3, 2], [2, 1, 0]],
+                                                                     dtype=np.float32), ["c1", "c2", "c3"],
+           ["G1", "G2", "G3"])
+
+
 def test_a_malformed_line_is_named_not_taken_for_a_file_cut_short(tmp_path):
     (tmp_path / "odd.csv").write_text(",A,B\nc0,1,2,7\nc1,2,3\nc2,4,5\n")
     with pytest.raises(DataError, match=r"odd\.csv: line 2 holds 4 fields where the other rows hold 3; fix: correct "

@@ -625,8 +625,9 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     unnamed = len(header) == body.shape[1] and header[0] != "" and pd.api.types.is_numeric_dtype(first) and (
         body.shape[1] == 1 or not _holds_names(path, header[0], first, transpose))
     if unnamed:  # a blank first header cell (pandas, R's write.csv) always marks a name column
-        log.info("%s: its first column holds numbers, not cell names (header %r): read as the first gene, the "
-                 "cells named 0..%d", path, header[0], len(body) - 1)
+        rows, values = ("gene", "cell") if transpose else ("cell", "gene")
+        log.info("%s: its first column holds numbers, not %s names (header %r): read as the first %s, the %ss named "
+                 "0..%d", path, rows, header[0], values, rows, len(body) - 1)
     n_values = max(body.shape[1] - (0 if unnamed else 1), 0)
     check_not_empty(np.broadcast_to(np.float32(0), (len(body), n_values)))  # shape only
     if len(header) not in (n_values, n_values + 1):
@@ -638,6 +639,9 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     df.columns = header[len(header) - n_values:]
     if transpose:
         df = df.T
+    elif _GENE_TITLE.fullmatch(str(header[0]).strip()) and not unnamed:
+        raise DataError(f"{path}: its first column is titled {header[0]!r}, so its rows are genes and its columns "
+                        "cells; fix: transpose=True (--transpose) to read it genes x cells.")
     elif _mostly_matching(_BARCODE, df.columns):
         raise DataError(f"{path}: its header row looks like cell barcodes (e.g. {df.columns[0]!r}), so its rows are "
                         "genes and its columns cells; fix: transpose=True (--transpose) to read it genes x cells.")
@@ -655,6 +659,8 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     return _finish(_unique_genes(adata, path), where)
 
 
+# the title of a genes x cells table's name column: gene, gene_id, Gene Symbol, feature_name, ...
+_GENE_TITLE = re.compile(r"(?i)(genes?|features?)([ _.]?(ids?|names?|symbols?))?")
 # a name column's title: cell_id, index, barcode, gene_id, ..., R's "X" (read.csv's name for a blank one),
 # pandas' "Unnamed: 0"
 _ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?|genes?|features?)?[ _.]?"
@@ -663,20 +669,27 @@ _ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?|genes?|feature
 
 def _holds_names(path, title: str, column: pd.Series, transpose: bool) -> bool:
     """Whether a table's numeric first column, headed ``title``, holds the rows' names (cell IDs;
-    gene IDs when ``transpose``) rather than the first column of values: under a name column's
-    title (``cell_id``, ``index``, ``X``, ...), or numbering three or more cells 0.. or 1.. in
-    order. Distinct whole numbers under any other title are read as values, with a warning."""
-    if _ID_TITLE.fullmatch(title.strip()):
-        return True
-    if transpose:  # the title is a cell: its column holds that cell's counts
-        return False
+    gene IDs when ``transpose``) rather than the first column of values: distinct values under a
+    name column's title (``cell_id``, ``index``, ``X``, ...), or numbering three or more rows 0..
+    or 1.. in order (not under a cell barcode, when ``transpose``). Distinct whole numbers under
+    any other title are read as values, with a warning, as are repeated ones under a name's title
+    (a gene called IDS)."""
     values = column.to_numpy(dtype=np.float64)
     n = len(values)
+    value, names, title_for = ("cell", "gene IDs", "gene_id") if transpose else ("gene", "cell IDs", "cell_id")
+    if _ID_TITLE.fullmatch(title.strip()):
+        if column.is_unique:
+            return True
+        warn(f"{path}: its first column {title!r} is titled as names but repeats values, so it is read as the first "
+             f"{value}'s counts; if it holds names, make them distinct")
+        return False
+    if transpose and _BARCODE.fullmatch(title.strip()):  # a cell: its column holds that cell's counts
+        return False
     if n >= 3 and (np.array_equal(values, np.arange(n)) or np.array_equal(values, np.arange(1, n + 1))):
         return True
     if n >= 3 and column.is_unique and np.all(np.mod(values, 1) == 0):
-        warn(f"{path}: its first column {title!r} holds distinct whole numbers, read as the first gene's counts; if "
-             "they are cell IDs, title that column cell_id")
+        warn(f"{path}: its first column {title!r} holds distinct whole numbers, read as the first {value}'s counts; "
+             f"if they are {names}, title that column {title_for}")
     return False
 
 
