@@ -290,9 +290,19 @@ def test_a_table_cut_short_is_named_as_such_not_as_nan_to_clean(tmp_path, counts
         with pytest.raises(DataError, match=r"X contains 1 NaN and 0 infinite values"):
             read(tmp_path / f"{name}.csv")
     (tmp_path / "trailing.csv").write_text("\n".join(line + "," for line in lines) + "\n")  # every line ends in ","
-    # an empty last column, not a file cut short: named by its empty name (it was "30 NaN values", np.nan_to_num)
-    with pytest.raises(DataError, match=r"trailing\.csv: 1 gene name is empty \(column \[12\]\)"):
+    # not a file cut short, nor an empty gene name (it was "30 NaN values", np.nan_to_num, then "1 gene name is empty")
+    trailing = r"every row ends in an empty field \(a separator ',' at the end of each line\); fix: remove the trailing"
+    with pytest.raises(DataError, match=r"trailing\.csv: " + trailing):
         read(tmp_path / "trailing.csv")
+    (tmp_path / "rows_only.csv").write_text("\n".join(lines[:1] + [line + "," for line in lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"rows_only\.csv: " + trailing):  # the header shifted onto the values: NaN
+        read(tmp_path / "rows_only.csv")
+    (tmp_path / "sheet.csv").write_text("\n".join(lines + [",,,", ",,,"]) + "\n")  # a spreadsheet's empty rows
+    with pytest.raises(DataError, match=rf"sheet\.csv: line {len(lines) + 1} holds separators and no values \(a "
+                                        r"spreadsheet's empty row\); fix: delete such lines"):  # "X contains 24 NaN"
+        read(tmp_path / "sheet.csv")
+    (tmp_path / "blank_lines.csv").write_text("\n".join(lines + ["", ""]) + "\n")  # empty lines are skipped
+    _check(read(tmp_path / "blank_lines.csv"), X, cells, genes)
 
 
 def write_10x_v2_h5(path, genomes: dict, cells):

@@ -698,16 +698,30 @@ def _check_line_lengths(path: Path, sep: str, header_fields: int) -> None:
     of fields: a last line short of them is a file cut short (an interrupted download or copy),
     which pandas would pad with NaN, not missing values to be cleaned; any other odd line is named
     with its number. Empty fields (``1,,2`` or a trailing ``,``) still count as fields."""
+    lengths = array("i")  # 4 bytes a row (a million-row table: 4 MB); 0 for a row without values, left out
+    ends_empty, blank = True, None
     with _open_text(Path(path)) as fh:
         rows = csv.reader(fh, delimiter=sep)
         next(rows, None)  # the header
-        # 4 bytes a row (a million-row table: 4 MB); 0 for a row without values, which is left out
-        lengths = np.array(array("i", (len(fields) if any(field.strip() for field in fields) else 0
-                                       for fields in rows)), dtype=np.int32)
+        for number, fields in enumerate(rows, start=2):
+            if any(field.strip() for field in fields):
+                lengths.append(len(fields))
+                ends_empty = ends_empty and not fields[-1].strip()
+            else:
+                lengths.append(0)
+                if len(fields) > 1 and blank is None:
+                    blank = number
+    if blank is not None:  # pandas reads it as a cell of NaN (an empty line it skips)
+        raise DataError(f"{path}: line {blank} holds separators and no values (a spreadsheet's empty row); fix: "
+                        "delete such lines and read it again.")
+    lengths = np.array(lengths, dtype=np.int32)
     numbers = np.flatnonzero(lengths) + 2  # the line number of each row with values (the header is line 1)
     lengths = lengths[lengths > 0]
     if not lengths.size:
         return
+    if ends_empty and lengths.min() > 1:  # no gene is empty in every cell: the names would shift onto the values
+        raise DataError(f"{path}: every row ends in an empty field (a separator {sep!r} at the end of each line); "
+                        "fix: remove the trailing separators and read it again.")
     values, tally = np.unique(lengths, return_counts=True)
     # rows hold as many fields as the header, or one more (a name column it leaves untitled): on a tie, those,
     # and the longer (a line cut short is likelier than a stray separator)
