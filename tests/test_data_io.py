@@ -218,11 +218,19 @@ def test_nan_values(tmp_path, counts):
 
 
 def test_labels_wrong_length(tmp_path, counts):
+    """The file's own labels were named as labels the user passed ("pass exactly one label per
+    cell"); one per gene says the matrix is stored genes x cells."""
     X, _, _ = counts
     with h5py.File(tmp_path / "s.h5", "w") as f:
         f["X"], f["Y"] = X, np.arange(29)
-    with pytest.raises(DataError, match="labels have length 29 but the matrix has 30 cells"):
+    with pytest.raises(DataError, match=r"s\.h5: Y holds 29 labels, but X has 30 rows \(cells\) and 12 columns "
+                                        r"\(genes\); fix: store one label per row \(cell\) of X\.$"):
         read(tmp_path / "s.h5")
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f["X"], f["Y"] = X.T, np.arange(30)
+    with pytest.raises(DataError, match=r"t\.h5: Y holds 30 labels, but X has 12 rows \(cells\) and 30 columns "
+                                        r"\(genes\); X looks stored genes x cells; fix: write it cells x genes"):
+        read(tmp_path / "t.h5")
 
 
 def test_tables_keep_names_as_written_and_take_r_headers(tmp_path):

@@ -764,5 +764,12 @@ def _read_scdeepcluster(path, where, **_):
     adata = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"cell_{i:0{width}d}" for i in range(n_cells)]),
                        var=pd.DataFrame(index=gene_names(n_genes)))
     if labels is not None:
-        set_labels(adata, np.asarray(labels).ravel())
+        labels = np.asarray(labels).ravel()
+        if len(labels) != n_cells:  # set_labels' message is for labels a user passes
+            stored = (f"X looks stored genes x cells; fix: write it cells x genes (with h5py: X = f['X'][()]; "
+                      "del f['X']; f['X'] = X.T, on a copy)" if len(labels) == n_genes else
+                      "fix: store one label per row (cell) of X")
+            raise DataError(f"{path}: Y holds {len(labels)} labels, but X has {n_cells} rows (cells) and {n_genes} "
+                            f"columns (genes); {stored}.")
+        set_labels(adata, labels)
     return _finish(adata, where)
