@@ -217,6 +217,20 @@ def test_nan_values(tmp_path, counts):
         read(tmp_path / "n.csv")
 
 
+def test_a_loom_file_is_named_with_its_conversion(tmp_path, counts):
+    """Its fix said "pass format=", and every format was then refused ("check the file")."""
+    X, _, _ = counts
+    for name in ("a.loom", "a.h5"):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["matrix"] = X.T
+            f.create_group("row_attrs")["Gene"] = np.array([b"g%d" % j for j in range(X.shape[1])])
+            f.create_group("col_attrs")["CellID"] = np.array([b"c%d" % i for i in range(X.shape[0])])
+        for fmt in (None, "h5ad", "10x_h5"):
+            with pytest.raises(DataError, match=rf"a\.{name[2:]} is a loom file, which masksc does not read; fix: "
+                                                r"convert it to \.h5ad, e\.g\. anndata\.read_loom\("):
+                read(tmp_path / name, format=fmt)
+
+
 def test_labels_wrong_length(tmp_path, counts):
     """The file's own labels were named as labels the user passed ("pass exactly one label per
     cell"); one per gene says the matrix is stored genes x cells."""

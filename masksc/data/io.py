@@ -165,10 +165,22 @@ def detect_format(path: Path) -> str:
         except OSError as exc:
             raise DataError(f"cannot open {path} as HDF5 ({exc}); fix: check the file is complete "
                             "and not corrupted (re-download or re-export it).") from exc
+        if _LOOM_KEYS <= set(keys):
+            raise DataError(_loom_refused(path))
         raise DataError(f"{path}: HDF5 file with keys {keys} matches no known layout (10x 'matrix' group, "
-                        "AnnData, or scDeepCluster 'X'/'Y'); fix: pass format= explicitly or convert to .h5ad.")
+                        "AnnData, or scDeepCluster 'X'/'Y'); fix: convert it to .h5ad with the tool that wrote it.")
+    if stem.endswith(".loom"):
+        raise DataError(_loom_refused(path))
     raise DataError(f"unknown format for {path}; fix: use one of .h5ad, .h5 (10x or scDeepCluster), a 10x "
                     f"mtx folder, .csv or .tsv, or pass format= one of {FORMATS}.")
+
+
+_LOOM_KEYS = {"matrix", "row_attrs", "col_attrs"}  # a loom file's HDF5 layout
+
+
+def _loom_refused(path: Path) -> str:
+    return (f"{path} is a loom file, which masksc does not read; fix: convert it to .h5ad, e.g. "
+            f"anndata.read_loom({str(path)!r}).write_h5ad('data.h5ad'), and pass that.")
 
 
 def _hdf5_layout(path: Path) -> str | None:
@@ -199,6 +211,9 @@ def _check_given_format(path: Path, fmt: str) -> None:
     layout = _hdf5_layout(path)
     if layout == fmt:
         return
+    with h5py.File(path, "r") as f:
+        if layout is None and _LOOM_KEYS <= set(f):
+            raise DataError(_loom_refused(path))
     holds = {"10x_h5": "a 10x Cell Ranger matrix", "h5ad": "an AnnData", "scdeepcluster": "an scDeepCluster "
              "X / Y pair", None: "an HDF5 layout masksc does not read"}[layout]
     fix = f"format={layout!r} (--format {layout}), or drop format=" if layout else "check the file"
