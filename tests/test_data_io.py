@@ -10,6 +10,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
+from masksc.data import io as io_module
 from masksc.data import open_source, read
 from masksc.errors import DataError
 
@@ -325,6 +326,10 @@ def test_a_table_cut_short_is_named_as_such_not_as_nan_to_clean(tmp_path, counts
         read(tmp_path / "sheet.csv")
     (tmp_path / "blank_lines.csv").write_text("\n".join(lines + ["", ""]) + "\n")  # empty lines are skipped
     _check(read(tmp_path / "blank_lines.csv"), X, cells, genes)
+    # a last gene the header names, empty in every cell, is missing values, not a trailing separator
+    (tmp_path / "last_nan.csv").write_text("\n".join(lines[:1] + [line[:line.rindex(",") + 1] for line in lines[1:]]))
+    with pytest.raises(DataError, match=r"X contains 30 NaN"):
+        read(tmp_path / "last_nan.csv")
 
 
 def write_10x_v2_h5(path, genomes: dict, cells):
@@ -485,7 +490,7 @@ def test_a_damaged_gzip_is_one_error_naming_the_file(tmp_path, counts, damage):
         read(tmp_path / "a.csv.gz")
 
 
-def test_a_file_whose_name_and_content_disagree_on_gzip_is_named_with_the_rename(tmp_path, counts):
+def test_a_file_whose_name_and_content_disagree_on_gzip_is_named_with_the_rename(tmp_path, counts, monkeypatch):
     """Readers pick gzip by the name: a compressed .csv was 'names are not text the reader
     decodes ... write it again with UTF-8', a plain .csv.gz and an mtx folder's files 'BadGzipFile
     ... check the file is complete'."""
@@ -509,6 +514,17 @@ def test_a_file_whose_name_and_content_disagree_on_gzip_is_named_with_the_rename
     with pytest.raises(DataError, match=r"e/matrix\.mtx\.gz is named \.gz but is not gzip-compressed"):
         read(tmp_path / "e")
     _check(read(tmp_path / "plain.csv"), X, cells, genes)
+    (tmp_path / "locked.csv.gz").write_bytes(gzip.compress((tmp_path / "plain.csv").read_bytes()))
+    real_open = open
+
+    def locked(file, *a, **k):  # as chmod 000 for a user without root's override
+        if str(file).endswith("locked.csv.gz"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+    monkeypatch.setattr(io_module, "open", locked, raising=False)
+    # the check cannot open it and leaves it to the reader (it said "not gzip-compressed; rename it"); pandas opens
+    # the file itself, past the fake, so it is read here
+    _check(read(tmp_path / "locked.csv.gz"), X, cells, genes)
 
 
 def test_a_table_with_another_separator_names_it(tmp_path, counts):
@@ -728,12 +744,12 @@ def test_numeric_ids_or_a_gene_title_heading_a_genes_by_cells_table(tmp_path):
     (tmp_path / "gene_id.tsv").write_text((tmp_path / "entrez.tsv").read_text().replace("EntrezID", "gene_id"))
     _check(read(tmp_path / "gene_id.tsv", transpose=True), counts.T.astype(np.float32), ["c0", "c1", "c2"],
            [str(g) for g in ids])
-    (tmp_path / "ids_first.csv").write_text("IDS,ACTB,CD3E\n3,10,0\n0,7,2\n3,9,0\n5,4,4\n")  # IDS: a gene
-    with pytest.warns(UserWarning, match=r"'IDS' is titled as names but repeats values, so it is read as the first "
-                                         r"gene's counts"):
-        got = read(tmp_path / "ids_first.csv")
-    _check(got, np.array([[3, 10, 0], [0, 7, 2], [3, 9, 0], [5, 4, 4]], dtype=np.float32), ["0", "1", "2", "3"],
-           ["IDS", "ACTB", "CD3E"])
+    # two samples' cells numbered alike under a name title are names still (repeated IDs are not counts)
+    (tmp_path / "concat.csv").write_text("cell_id,GeneA,GeneB\n0,1,2\n1,0,3\n0,4,0\n1,2,2\n")
+    with pytest.warns(UserWarning, match="not unique"):  # anndata's
+        got = read(tmp_path / "concat.csv")
+    np.testing.assert_array_equal(got.X.toarray(), [[1, 2], [0, 3], [4, 0], [2, 2]])
+    assert list(got.var_names) == ["GeneA", "GeneB"]
     (tmp_path / "symbols.csv").write_text("gene_symbol,c1,c2,c3\nG1,1,0,2\nG2,0,3,1\nG3,2,2,0\n")
     with pytest.raises(DataError, match=r"symbols\.csv: its first column is titled 'gene_symbol', so its rows are "
                                         r"genes and its columns cells; fix: transpose=True \(--transpose\)"):

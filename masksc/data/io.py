@@ -80,24 +80,19 @@ def _refuse_10x_companion(path: Path, stem: str) -> None:
                                 + " (masksc reads the names beside it).")
 
 
-def _gzip_compressed(path: Path) -> bool:
-    """Whether the file ``path`` starts as gzip does (a download tool may keep ``.gz`` on a file it
-    already decompressed)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(2) == b"\x1f\x8b"
-    except OSError:  # unreadable: the reader says why
-        return False
-
-
 def check_compression(path: Path) -> None:
     """DataError when the file ``path``'s name and content disagree on gzip: text and mtx readers
     pick the decompression by the name, so a misnamed file failed as if damaged. HDF5 files
     (.h5ad, .h5), read by content whatever their name, are refused gzip-compressed: they
     compress inside."""
-    if path.is_dir() or not path.exists() or path.stat().st_size == 0:  # the reader names these
+    try:
+        with open(path, "rb") as fh:
+            packed = fh.read(2) == b"\x1f\x8b"
+    except OSError:  # missing, a folder, unreadable: the reader names these
         return
-    named, packed = path.name.lower().endswith(".gz"), _gzip_compressed(path)
+    if path.stat().st_size == 0:  # named as empty by the reader
+        return
+    named = path.name.lower().endswith(".gz")
     stem = path.name.lower()[:-3] if named else path.name.lower()
     if stem.endswith((".h5ad", ".h5", ".hdf5", ".hdf")):
         if packed:
@@ -628,7 +623,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                      f"sep={seen[0]!r}, index_col=0).to_csv(new_path, sep={sep!r})")
         raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values (a "
                         f"{marks[seen[0]]} does); fix: {fix}.")
-    _check_line_lengths(path, sep, len(header))
+    _check_line_lengths(path, sep, len(header), not str(header[-1]).strip())
     try:
         body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
     except pd.errors.EmptyDataError:  # a header and no rows
@@ -684,20 +679,16 @@ _ID_TITLE = re.compile(r"(?i)(cells?|obs|rows?|samples?|barcodes?|genes?|feature
 
 def _holds_names(path, title: str, column: pd.Series, transpose: bool) -> bool:
     """Whether a table's numeric first column, headed ``title``, holds the rows' names (cell IDs;
-    gene IDs when ``transpose``) rather than the first column of values: distinct values under a
-    name column's title (``cell_id``, ``index``, ``X``, ...), or numbering three or more rows 0..
-    or 1.. in order (not under a cell barcode, when ``transpose``). Distinct whole numbers under
-    any other title are read as values, with a warning, as are repeated ones under a name's title
-    (a gene called IDS)."""
+    gene IDs when ``transpose``) rather than the first column of values: under a name column's
+    title (``cell_id``, ``index``, ``X``, ...; repeated IDs too, two samples' cells numbered
+    alike), or numbering three or more rows 0.. or 1.. in order (not under a cell barcode, when
+    ``transpose``). Distinct whole numbers under any other title are read as values, with a
+    warning."""
     values = column.to_numpy(dtype=np.float64)
     n = len(values)
     value, names, title_for = ("cell", "gene IDs", "gene_id") if transpose else ("gene", "cell IDs", "cell_id")
     if _ID_TITLE.fullmatch(title.strip()):
-        if column.is_unique:
-            return True
-        warn(f"{path}: its first column {title!r} is titled as names but repeats values, so it is read as the first "
-             f"{value}'s counts; if it holds names, make them distinct")
-        return False
+        return True
     if transpose and _BARCODE.fullmatch(title.strip()):  # a cell: its column holds that cell's counts
         return False
     if n >= 3 and (np.array_equal(values, np.arange(n)) or np.array_equal(values, np.arange(1, n + 1))):
@@ -708,11 +699,14 @@ def _holds_names(path, title: str, column: pd.Series, transpose: bool) -> bool:
     return False
 
 
-def _check_line_lengths(path: Path, sep: str, header_fields: int) -> None:
+def _check_line_lengths(path: Path, sep: str, header_fields: int, header_ends_empty: bool) -> None:
     """Raise DataError when the table's rows (after the header) do not all hold the same number
     of fields: a last line short of them is a file cut short (an interrupted download or copy),
     which pandas would pad with NaN, not missing values to be cleaned; any other odd line is named
-    with its number. Empty fields (``1,,2`` or a trailing ``,``) still count as fields."""
+    with its number. Empty fields (``1,,2`` or a trailing ``,``) still count as fields. Also
+    named: rows of separators alone (a spreadsheet's empty rows) and a separator ending every line
+    (every row's last field empty, under an empty last header field or one field past the
+    header's: a last column the header names, empty throughout, is a gene of missing values)."""
     lengths = array("i")  # 4 bytes a row (a million-row table: 4 MB); 0 for a row without values, left out
     ends_empty, blank = True, None
     with _open_text(Path(path)) as fh:
@@ -734,7 +728,7 @@ def _check_line_lengths(path: Path, sep: str, header_fields: int) -> None:
     lengths = lengths[lengths > 0]
     if not lengths.size:
         return
-    if ends_empty and lengths.min() > 1:  # no gene is empty in every cell: the names would shift onto the values
+    if ends_empty and lengths.min() > 1 and (header_ends_empty or lengths.min() == header_fields + 1):
         raise DataError(f"{path}: every row ends in an empty field (a separator {sep!r} at the end of each line); "
                         "fix: remove the trailing separators and read it again.")
     values, tally = np.unique(lengths, return_counts=True)
