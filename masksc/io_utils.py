@@ -63,7 +63,7 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
     (the check makes and removes a hidden probe directory). Raises MaskscError naming ``path``
     and the fix (``flag``: the option that names it); returns ``path``. ``via_sibling``: a folder
     written as a hidden sibling and renamed into place (a checkpoint), so the folder holding it
-    must be writable rather than the folder itself."""
+    must be writable, and an existing one too (its old files are deleted)."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise MaskscError(f"output {path} must end in {' or '.join(suffixes)}; fix: e.g. "
@@ -83,10 +83,13 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
     if not existing.is_dir():
         raise MaskscError(f"cannot create {path}: {existing} is a file, not a folder; fix: choose an output "
                           "path inside a folder.")
-    try:  # os.access is not enough: it says yes to root in /proc, where nothing can be created
-        os.rmdir(tempfile.mkdtemp(prefix=".masksc-probe-", dir=existing))
-    except OSError as exc:
-        raise _unwritable(path, existing, exc) from exc
+    # replaced through a sibling, an existing folder is emptied too: written in (a folder a user made read-only
+    # would be left behind, hidden, its files undeletable)
+    for folder_written in [existing] + ([path] if via_sibling and path.is_dir() else []):
+        try:  # os.access is not enough: it says yes to root in /proc, where nothing can be created
+            os.rmdir(tempfile.mkdtemp(prefix=".masksc-probe-", dir=folder_written))
+        except OSError as exc:
+            raise _unwritable(path, folder_written, exc) from exc
     return path
 
 

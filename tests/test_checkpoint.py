@@ -54,23 +54,28 @@ def test_round_trip_embeddings_equal(tmp_path, med):
     assert not loaded.training
 
 
-def test_saving_over_a_checkpoint_in_a_folder_it_cannot_write_is_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_only", ["parent", "checkpoint"])
+def test_saving_over_a_checkpoint_in_a_folder_it_cannot_write_is_named(tmp_path, monkeypatch, read_only):
     """The replacement is written beside the checkpoint, but the check probed inside it: a folder
-    that can't be written (chattr +i, a read-only mount) raised PermissionError on a temp path."""
+    that can't be written (chattr +i, a read-only mount) raised PermissionError on a temp path;
+    probing only beside it, a checkpoint made read-only was replaced and left hidden beside the
+    new one, its files undeletable."""
     import tempfile
     model, _, _ = setup()
     save_checkpoint(tmp_path / "m", model)
     real = tempfile.mkdtemp
+    locked = tmp_path if read_only == "parent" else tmp_path / "m"
 
     def read_only_folder(*a, dir=None, **k):
-        if Path(dir) == tmp_path:
+        if Path(dir) == locked:
             raise PermissionError(errno.EPERM, "Operation not permitted")
         return real(*a, dir=dir, **k)
     monkeypatch.setattr(tempfile, "mkdtemp", read_only_folder)
     with pytest.raises(MaskscError, match=rf"cannot write {re.escape(str(tmp_path / 'm'))}: cannot write in "
-                                          rf"{re.escape(str(tmp_path))} \(Operation not permitted\)"):
+                                          rf"{re.escape(str(locked))} \(Operation not permitted\)"):
         save_checkpoint(tmp_path / "m", setup(seed=1)[0])
     monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["m"]
     saved, got = model.state_dict(), load_model(tmp_path / "m")[0].state_dict()
     assert all(torch.equal(got[k], v) for k, v in saved.items())
 
