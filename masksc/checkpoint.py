@@ -151,7 +151,7 @@ def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a checkpoint directory masksc wrote (so replacing it loses nothing else)."""
     try:
         return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: nested past json's depth
         return False
 
 

@@ -311,6 +311,11 @@ def test_corrupt_config(tmp_path):
     (tmp_path / "m" / "config.json").write_text("[" * 100_000)  # nested past json's recursion limit
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(tmp_path / "m")
+    run = tmp_path / "run"  # a run without its last link: its epoch folders are looked at one by one
+    save_checkpoint(run / "epoch-000001", model)
+    (run / "epoch-000001" / "config.json").write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match="is not a masksc checkpoint"):
+        load_model(run)
 
 
 def test_config_from_another_version(tmp_path):

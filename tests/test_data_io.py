@@ -228,7 +228,8 @@ def test_a_loom_file_is_named_with_its_conversion(tmp_path, counts):
             f.create_group("col_attrs")["CellID"] = np.array([b"c%d" % i for i in range(X.shape[0])])
         for fmt in (None, "h5ad", "10x_h5"):
             with pytest.raises(DataError, match=rf"a\.{name[2:]} is a loom file, which masksc does not read; fix: "
-                                                r"convert it to \.h5ad, e\.g\. anndata\.read_loom\("):
+                                                r"convert it to \.h5ad, e\.g\. \(after pip install loompy\) "
+                                                r"anndata\.read_loom\("):
                 read(tmp_path / name, format=fmt)
 
 

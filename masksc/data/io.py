@@ -174,8 +174,8 @@ _LOOM_KEYS = {"matrix", "row_attrs", "col_attrs"}  # a loom file's HDF5 layout
 
 
 def _loom_refused(path: Path) -> str:
-    return (f"{path} is a loom file, which masksc does not read; fix: convert it to .h5ad, e.g. "
-            f"anndata.read_loom({str(path)!r}).write_h5ad('data.h5ad'), and pass that.")
+    return (f"{path} is a loom file, which masksc does not read; fix: convert it to .h5ad, e.g. (after pip install "
+            f"loompy) anndata.read_loom({str(path)!r}).write_h5ad('data.h5ad'), and pass that.")
 
 
 def _hdf5_layout(path: Path) -> str | None:
