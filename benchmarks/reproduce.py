@@ -403,7 +403,7 @@ def read_dataset(dataset: str, folder: Path | None = None):
 
 def _on_data(row: dict, data: dict) -> bool:
     """Whether ``row`` was computed on the data ``data`` (:func:`read_dataset`'s ``uns["data"]``)."""
-    return row.get("data", {}).get("sha1") == data["sha1"]
+    return (row.get("data") or {}).get("sha1") == data["sha1"]
 
 
 def _beyond_switches(cfg: dict, preset: str) -> tuple[tuple[str, str], ...]:
@@ -423,7 +423,7 @@ def markdown(doc: dict, methods: list[str], title: str) -> str:
     groups: dict[tuple, list[dict]] = {}  # rows computed on different data are never averaged together
     for r in doc["runs"]:
         ds, m, _seed, *setting = _key(r)
-        groups.setdefault((ds, m, *setting, r.get("data", {}).get("sha1")), []).append(r)
+        groups.setdefault((ds, m, *setting, (r.get("data") or {}).get("sha1")), []).append(r)
     files = collections.Counter(key[:-1] for key in groups)
     order = lambda kv: (kv[0][0], methods.index(kv[0][1]) if kv[0][1] in methods else 99)
     for key, runs in sorted(groups.items(), key=order):

@@ -222,7 +222,7 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
     if Z.ndim != 2 or Z.shape[0] < 2:
         raise DataError(f"{where} must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
     Z = check_embedding(Z, where)  # NaN / inf, and values float32 cannot hold, named apart
-    if color is not None and not isinstance(color, dict):
+    if color is not None and not isinstance(color, dict) and not (isinstance(color, (list, tuple)) and not color):
         raise DataError(f"color must be a dict {{panel title: labels per cell}} (or, for AnnData, obs column or gene "
                         f"names), got a {type(color).__name__}; fix: e.g. color={{'label': values}}.")
     uncoloured = not color

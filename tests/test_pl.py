@@ -699,6 +699,7 @@ def test_labels_whose_texts_collide_are_each_counted_and_coloured():
     (drawn,) = ax.collections
     assert len(np.unique(drawn.get_facecolors(), axis=0)) == 4
     assert pl.embedding(Z, method="tsne").axes[0].get_legend() is None
+    assert pl.embedding(Z, [], method="tsne").axes[0].get_legend() is None  # no colourings: uncoloured, as ever
     ax = pl.embedding(Z, {"c": np.array([1e300, 2.0] * 100)}, method="tsne").axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["2 (100)", "1e+300 (100)"]
     with pytest.raises(ValueError, match=r"point_size is a marker area and must be > 0, got 0"):

@@ -341,6 +341,8 @@ def test_rows_on_different_data_are_never_averaged_together():
     assert "(data bbbbbbbb)" in real and "| 0.9000 |" in real and "| 0 |" in real
     one_file = reproduce.markdown({"runs": rows[:2]}, reproduce.TABLE1, "t")
     assert "(data" not in one_file  # named only where the files differ
+    unrecorded = reproduce.markdown({"runs": [rows[0], {**rows[2], "data": None}]}, reproduce.TABLE1, "t")
+    assert "(data not recorded)" in unrecorded  # a hand-edited row: an AttributeError
 
 
 @pytest.mark.parametrize("text", ["{\"runs\": [", "", "[]", "{\"rows\": []}"])
