@@ -7,8 +7,8 @@ from masksc.data import read  # noqa: E402  (the one-call entry point: masksc.re
 
 # Submodules reachable as attributes after a plain `import masksc` (masksc.tl, masksc.pipeline, ...),
 # imported on first use so that `import masksc` stays light (torch, FAISS, matplotlib load when needed).
-_SUBMODULES = ("checkpoint", "cluster", "data", "distributed", "embed", "errors", "io_utils", "models", "ops",
-               "outofcore", "pipeline", "pl", "tl", "train")
+_SUBMODULES = ("checkpoint", "checks", "cli", "cluster", "data", "demo", "distributed", "embed", "errors",
+               "io_utils", "masking", "models", "ops", "outofcore", "pipeline", "pl", "progress", "rng", "tl", "train")
 
 __all__ = ["read", "__version__", *_SUBMODULES]
 

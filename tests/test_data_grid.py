@@ -128,6 +128,8 @@ def test_corrupt_layout_dict_refused():
     for shape, patch in (((8, 8), float("nan")), ((8, 8), float("inf")), ((float("nan"), 8), 4)):  # a ValueError
         with pytest.raises(DataError, match=r"is not whole .*; fix: pass whole numbers"):  # and an OverflowError
             GridLayout.fit(X, genes, shape=shape, patch=patch)
+    with pytest.raises(DataError, match=r"patch 0 must be >= 1 .*; fix: e\.g\. patch=4"):  # "into 0x0 patches"
+        GridLayout.fit(X, genes, shape=(16, 16), patch=0)
     # a shape not of two values: an IndexError (one), the third dropped silently (three), a TypeError (none)
     for shape in ((16,), (16, 16, 1), 16):
         with pytest.raises(DataError, match=r"is not whole \(the shape is two numbers, g and s\)"):

@@ -492,6 +492,20 @@ def test_config_grid_sides_must_be_positive():
         TINY.replace(grid_shape=(0, 8))  # 0 is divisible by the patch, so only this check catches it
 
 
+def test_sincos_embeddings_have_the_asked_width_or_refuse_it():
+    """An odd width, or 2-D one not a multiple of 4, gave fewer columns than asked without a word."""
+    from masksc.models.masksc_model import sincos_1d, sincos_2d
+    pos = np.arange(5)
+    e = sincos_1d(6, pos)
+    omega = 1.0 / 10000 ** (np.arange(3) / 3.0)
+    np.testing.assert_allclose(e, np.concatenate([np.sin(np.outer(pos, omega)), np.cos(np.outer(pos, omega))], 1))
+    assert sincos_2d(8, 2, 3).shape == (6, 8)
+    with pytest.raises(ValueError, match="dim=5 must be even"):
+        sincos_1d(5, pos)
+    with pytest.raises(ValueError, match="dim=6 must be a multiple of 4"):
+        sincos_2d(6, 2, 2)
+
+
 def test_config_refuses_what_would_fail_or_learn_nothing_later():
     """Each of these built a model that failed at its first step (after the teacher had trained)
     or trained on nothing without an error."""

@@ -130,7 +130,9 @@ class GridLayout:
             raise DataError(f"grid shape {shape!r} or patch {patch!r} is not whole (the shape is two numbers, g and "
                             "s); fix: pass whole numbers, e.g. shape=(64, 64), patch=4.")
         g, s, patch = int(g), int(s), int(patch)
-        if g < 1 or s < 1 or patch < 1 or g % patch or s % patch:
+        if patch < 1:
+            raise DataError(f"patch {patch} must be >= 1 (the side of a patch, in grid positions); fix: e.g. patch=4.")
+        if g < 1 or s < 1 or g % patch or s % patch:
             raise DataError(f"grid {g}x{s} is not divisible into {patch}x{patch} patches; fix: choose g and s "
                             "multiples of the patch size.")
         if order not in ORDERS:

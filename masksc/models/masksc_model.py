@@ -209,7 +209,10 @@ class MaskSCConfig:
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """Fixed sin-cos embedding of 1-D positions: float64 [len(positions), dim] (dim even)."""
+    """Fixed sin-cos embedding of 1-D positions: float64 [len(positions), dim]; ValueError unless
+    dim is even (a sin and a cos per frequency)."""
+    if dim % 2:
+        raise ValueError(f"dim={dim} must be even for a sin-cos embedding (a sin and a cos per frequency).")
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     out = np.outer(positions.reshape(-1).astype(np.float64), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
@@ -217,7 +220,10 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
     """Fixed 2-D sin-cos embedding (half the channels encode the row, half the column):
-    float64 [rows*cols, dim], positions row-major. dim must be a multiple of 4."""
+    float64 [rows*cols, dim], positions row-major; ValueError unless dim is a multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"dim={dim} must be a multiple of 4 for a 2-D sin-cos embedding (half the channels per "
+                         "axis, a sin and a cos per frequency).")
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     return np.concatenate([sincos_1d(dim // 2, r), sincos_1d(dim // 2, c)], axis=1)
 
