@@ -157,9 +157,9 @@ def _check_backend() -> None:
         raise MaskscError(str(exc)) from exc
 
 
-def _write_h5ad(adata, path) -> Path:
+def _write_h5ad(adata, path, overwrite: bool) -> Path:
     from masksc.io_utils import anndata_bytes, atomic_write
-    with atomic_write(path, suffix=".h5ad", min_bytes=anndata_bytes(adata)) as tmp:
+    with atomic_write(path, suffix=".h5ad", min_bytes=anndata_bytes(adata), replace=overwrite) as tmp:
         adata.write_h5ad(tmp)
     return path
 
@@ -258,7 +258,8 @@ def cmd_embed(args) -> int:
                 raise MaskscError(f"--pool {args.pool}: {exc}") from exc
         source = _source(args)
     out = model.embed_file(source, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                           device=device, dist=ctx, layer=args.layer, use_raw=args.use_raw, source_path=args.data)
+                           device=device, dist=ctx, layer=args.layer, use_raw=args.use_raw, source_path=args.data,
+                           overwrite=args.overwrite)
     if ctx.is_main:
         print(f"embedding of {model.config.embedding_dim} dims written to {out}")
     return 0
@@ -294,8 +295,8 @@ def cmd_cluster(args) -> int:
         "n_neighbors": args.n_neighbors or N_NEIGHBORS, "metric": "euclidean",
         "resolution": args.resolution or LEIDEN_RESOLUTION}
     tl.cluster(adata, k=args.k, seed=args.seed, use_rep=args.use_rep, key_added=args.key_added, **leiden)
-    n = adata.obs[args.key_added].nunique()
-    print(f"{counted(n, 'cluster')} written to obs[{args.key_added!r}] of {_write_h5ad(adata, output)}")
+    written = _write_h5ad(adata, output, args.overwrite)
+    print(f"{counted(adata.obs[args.key_added].nunique(), 'cluster')} written to obs[{args.key_added!r}] of {written}")
     return 0
 
 
@@ -309,7 +310,7 @@ def cmd_evaluate(args) -> int:
                          silhouette_sample=args.silhouette_cells or None, seed=args.seed)
     _print_metrics(scores)
     if args.json:
-        with atomic_write(args.json) as tmp:
+        with atomic_write(args.json, replace=args.overwrite) as tmp:
             tmp.write_text(json.dumps(scores, indent=2) + "\n")
     return 0
 

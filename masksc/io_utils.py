@@ -164,9 +164,10 @@ def check_free_space(path: Path, nbytes: int) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, suffix: str | None = None, min_bytes: int = 0):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically
-    (after an fsync), on any exception it is removed and ``path`` is left untouched.
+def atomic_write(path: str | os.PathLike, suffix: str | None = None, min_bytes: int = 0, replace: bool = True):
+    """Yield a temporary path beside ``path``; on success it is published as ``path`` atomically
+    (after an fsync; see :func:`publish`, ``replace=False`` keeps a ``path`` that exists by
+    then), on any exception it is removed and ``path`` is left untouched.
     Raises MaskscError naming ``path`` when its folder cannot be created or written or the
     final rename fails, and OSError (ENOSPC) before anything is written when its folder lacks
     room for ``min_bytes`` bytes (``check_free_space``; 0: not checked)."""
@@ -186,16 +187,48 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None, min_bytes: 
             check_free_space(path, min_bytes)
         yield Path(tmp)
         fsync_file(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise _unwritable(path, path.parent, exc) from exc
-        fsync_dir(path.parent)
+        publish(tmp, path, replace)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         remove_empty_folders(created)
         raise
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True) -> None:
+    """Rename the finished file ``tmp`` to ``path`` in one step and sync the folder. With
+    ``replace=False`` an existing ``path`` (one another command wrote since the output was
+    checked, say) is kept and MaskscError raised, ``tmp`` left for the caller to remove.
+    MaskscError names ``path`` when the rename fails."""
+    path = Path(path)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        elif not _move_unless_taken(tmp, path):
+            raise MaskscError(f"output {path} was written by another command while this one ran, and is kept; fix: "
+                              "pass --overwrite (overwrite=True) to replace it, or choose a new path.")
+    except OSError as exc:
+        raise _unwritable(path, path.parent, exc) from exc
+    fsync_dir(path.parent)
+
+
+def _move_unless_taken(tmp, path: Path) -> bool:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (False, ``tmp`` left): a hard link fails
+    rather than replaces; where the filesystem has none, an existence check before the rename
+    leaves a moment's race."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if os.path.lexists(path):
+            return False
+        os.replace(tmp, path)
+        return True
+    os.unlink(tmp)
+    return True
 
 
 def make_folders(folder: str | os.PathLike) -> list[Path]:

@@ -43,7 +43,7 @@ from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
 from masksc.data.validate import check_count
 from masksc.errors import DataError, MaskscError, warn
-from masksc.io_utils import (check_output, default_mode, fsync_dir, fsync_file, make_folders, remove_empty_folders,
+from masksc.io_utils import (check_output, default_mode, fsync_file, make_folders, publish, remove_empty_folders,
                              reserve)
 from masksc.progress import progress_bar
 
@@ -479,13 +479,14 @@ def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
 def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                device: str | torch.device | None = None, amp: bool = True, dist=None,
                progress: bool = True, layer: str | None = None, use_raw: bool = False,
-               source_path: str | os.PathLike | None = None) -> Path | None:
+               source_path: str | os.PathLike | None = None, overwrite: bool = True) -> Path | None:
     """Embed every cell of ``source`` (path or AnnData; see :class:`RowReader`; its ``X`` or the
     layer ``layer``, or with ``use_raw`` its ``.raw``) with ``model`` (a ``masksc.pipeline.MaskSCModel``)
     into ``output``.
     ``source_path``: the file an in-memory ``source`` was read from (default: the path of a path
     or backed source); the ``.h5ad`` output records it as its source ("AnnData" without one), and
-    ``output`` may not be it.
+    ``output`` may not be it. ``overwrite=False`` refuses an existing ``output``, also one another
+    command writes while this one runs (the command line's default).
 
     ``output`` ends in ``.npy`` (float32 [n_cells, D] in row order) or ``.h5ad`` (``obs`` of the
     input + ``obsm["X_masksc"]`` + ``uns["masksc"]``, with scanpy's ``uns["<column>_colors"]`` of
@@ -517,7 +518,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             raise MaskscError(f"source_path={str(source_path)!r} names the file an in-memory source was read from, "
                               f"but the source is the file {reader.path} itself; fix: drop source_path.")
         origin = Path(source_path) if source_path is not None else reader.path
-        check_output(output, origin)
+        check_output(output, origin, overwrite=overwrite)
         with model.noting_fitted_input(layer, use_raw):
             ckpt.check_genes(model.grid.to_dict(), reader.var_names)
         n, dim = reader.n_obs, model.network.cfg.embedding_dim
@@ -552,8 +553,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
             return None
         fsync_file(tmp)
         if output.suffix.lower() == ".npy":
-            os.replace(tmp, output)
-            fsync_dir(output.parent)
+            publish(tmp, output, replace=overwrite)
         else:
             from masksc.io_utils import atomic_write, frame_bytes
             uns = {**_obs_colours(source, reader),
@@ -561,7 +561,8 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
                                         "source": str(origin.resolve()) if origin else "AnnData", "n_cells": int(n),
                                         "layer": layer, "use_raw": use_raw, "config": model.config.to_dict()}}}
             Z = np.lib.format.open_memmap(tmp, mode="r")
-            with atomic_write(output, suffix=".h5ad", min_bytes=Z.nbytes + frame_bytes(reader.obs)) as out_tmp:
+            with atomic_write(output, suffix=".h5ad", min_bytes=Z.nbytes + frame_bytes(reader.obs),
+                              replace=overwrite) as out_tmp:
                 write_embedding_h5ad(out_tmp, Z, reader.obs, uns)
             del Z
         done = True

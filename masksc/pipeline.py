@@ -246,16 +246,16 @@ class MaskSCModel:
     def embed_file(self, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                    device: str | torch.device | None = None, amp: bool = True, dist=None,
                    progress: bool = True, layer: str | None = None, use_raw: bool = False,
-                   source_path: str | os.PathLike | None = None) -> Path | None:
+                   source_path: str | os.PathLike | None = None, overwrite: bool = True) -> Path | None:
         """Stream the cells of ``source`` (an .h5ad / 10x .h5 path or an AnnData; its ``X``, the
         layer ``layer`` or, with ``use_raw``, its ``.raw``) through the model into ``output`` (.npy or .h5ad with obs +
         obsm["X_masksc"]) without loading the dataset; sharded over the ranks of a distributed run.
         ``source_path``: the file an in-memory ``source`` was read from, recorded as the source.
-        See ``masksc.outofcore.embed_file``."""
+        ``overwrite=False``: an existing ``output`` is refused. See ``masksc.outofcore.embed_file``."""
         from masksc.outofcore import embed_file
         return embed_file(self, source, output, batch_size=batch_size, chunk_size=chunk_size,
                           device=_run_device(device), amp=amp, dist=dist, progress=progress, layer=layer,
-                          use_raw=use_raw, source_path=source_path)
+                          use_raw=use_raw, source_path=source_path, overwrite=overwrite)
 
 
 def _transform_from_meta(meta: dict, path) -> tuple[Preprocessor, GridLayout, dict | None]:

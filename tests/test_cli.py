@@ -1,4 +1,5 @@
 """The `masksc` command: help, fit -> embed -> cluster -> evaluate round trip, bad input."""
+import errno
 import hashlib
 import io
 import json
@@ -269,6 +270,57 @@ def test_an_existing_output_file_is_replaced_only_with_overwrite(trained, embedd
         assert main([*argv, "--overwrite"]) == 0, argv
     assert ad.read_h5ad(mine["counts.h5ad"]).obs["masksc_cluster"].nunique() == 3
     assert json.loads(mine["scores.json"].read_text())["silhouette"] <= 1
+
+
+def test_an_output_another_command_writes_meanwhile_is_kept_without_overwrite(trained, embedded, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Two commands writing one output at once both succeeded, the later silently replacing the
+    other's file: the check for an existing output ran only at the start."""
+    from masksc import io_utils, outofcore
+    data, _, model = trained
+    real_fsync = io_utils.fsync_file
+    embed = ["embed", str(data), "--model", str(model)]
+    outputs = {"emb.h5ad": embed, "emb.npy": embed, "clustered.h5ad": ["cluster", str(embedded), "-k", "3"],
+               "scores.json": ["evaluate", str(embedded), "--no-labels", "--cluster-key", "label", "--json"]}
+    for name, argv in outputs.items():
+        target = tmp_path / name
+        argv = [*argv, str(target)] if name == "scores.json" else [*argv, "-o", str(target)]
+
+        def racing(path):  # the other command publishes its output just before this one does
+            real_fsync(path)
+            target.write_text("theirs")
+        monkeypatch.setattr(io_utils, "fsync_file", racing)
+        monkeypatch.setattr(outofcore, "fsync_file", racing)
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert f"output {target} was written by another command while this one ran, and is kept; fix: pass " \
+               "--overwrite" in capsys.readouterr().err
+        assert target.read_text() == "theirs"
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp file left
+        assert main([*argv, "--overwrite"]) == 0, argv  # asked to, it replaces the other's file
+        monkeypatch.undo()
+        assert target.read_bytes() != b"theirs"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_publishing_without_replacing_keeps_a_file_that_exists_by_then(tmp_path, monkeypatch, hard_links):
+    """publish(replace=False) links the file in, which fails rather than replaces; on a filesystem
+    without hard links it checks, then renames."""
+    from masksc.errors import MaskscError
+    from masksc.io_utils import publish
+    if not hard_links:
+        def no_links(*a, **k):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "new.tmp").write_text("mine")
+    publish(tmp_path / "new.tmp", tmp_path / "out.txt", replace=False)
+    assert (tmp_path / "out.txt").read_text() == "mine" and not (tmp_path / "new.tmp").exists()
+    (tmp_path / "late.tmp").write_text("later")
+    with pytest.raises(MaskscError, match=r"out\.txt was written by another command while this one ran, and is kept"):
+        publish(tmp_path / "late.tmp", tmp_path / "out.txt", replace=False)
+    assert (tmp_path / "out.txt").read_text() == "mine" and (tmp_path / "late.tmp").exists()
+    publish(tmp_path / "late.tmp", tmp_path / "out.txt")  # replace=True, the default
+    assert (tmp_path / "out.txt").read_text() == "later" and sorted(os.listdir(tmp_path)) == ["out.txt"]
 
 
 def test_unwritable_outputs_are_one_line_errors_before_any_work(trained, embedded, tmp_path, capsys, monkeypatch):
