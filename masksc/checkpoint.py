@@ -251,6 +251,9 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
             warn(f"resume=True (--resume), but there is no run directory {path}; starting a new run there (check the "
                  "path if you meant to continue one)")
         return path
+    if (path / CONFIG).exists() and not is_checkpoint(path):  # --resume, then "-o its parent", were the advice
+        raise CheckpointError(f"{path} holds a {CONFIG} that is not a masksc checkpoint's (a folder of other work?); "
+                              "fix: choose a new directory for the run (-o, model_dir=).")
     if not resume and (os.path.lexists(path / "last") or (path / CONFIG).exists() or epoch_dirs(path)):
         raise CheckpointError(f"{path} already holds a training run or a saved model; fix: pass --resume "
                               "(resume=True) to continue that run, or choose a new directory.")

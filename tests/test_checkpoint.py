@@ -614,6 +614,14 @@ def test_check_run_dir_refuses_a_directory_holding_a_run_unless_resuming(tmp_pat
                                          r"a new run there \(check the path"):
         ckpt.check_run_dir(tmp_path / "runn", resume=True)  # a typo: nothing to continue
     assert not (tmp_path / "runn").exists()
+    mine = tmp_path / "mine"  # a folder of the user's own work that happens to hold a config.json
+    mine.mkdir()
+    (mine / "config.json").write_text('{"lr": 0.1}')
+    for resume in (False, True):  # --resume was the advice, and then "-o <its parent>"
+        with pytest.raises(CheckpointError, match=r"mine holds a config\.json that is not a masksc checkpoint's .*; "
+                                                  r"fix: choose a new directory for the run"):
+            ckpt.check_run_dir(mine, resume=resume)
+    assert os.listdir(mine) == ["config.json"]
 
 
 def test_a_model_saved_on_a_full_disk_is_told_to_save_elsewhere_not_to_resume(tmp_path, monkeypatch):
