@@ -132,7 +132,8 @@ def _check_replaceable(path: Path, training: bool) -> None:
     if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink() and not any(path.iterdir())):
         return
     if path.is_symlink() or not is_checkpoint(path):
-        what = "a symlink" if path.is_symlink() else "a folder that is not a masksc checkpoint"
+        what = ("a symlink" if path.is_symlink() else "a training run directory (its checkpoints and last link)"
+                if os.path.lexists(path / "last") or epoch_dirs(path) else "a folder that is not a masksc checkpoint")
         raise CheckpointError(f"{path} is {what}, and saving there would delete what it holds; fix: save to a new "
                               "directory (or to an existing checkpoint, which is replaced).")
     others = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG, WEIGHTS, OPTIMIZER, STATE))

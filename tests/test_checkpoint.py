@@ -238,7 +238,7 @@ def test_save_replaces_only_a_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "run" / "epoch-000001", model)
     os.symlink("epoch-000001", tmp_path / "run" / "last")
     for target, message in ((tmp_path / "results", "is a folder that is not a masksc checkpoint"),
-                            (tmp_path / "run", "is a folder that is not a masksc checkpoint"),
+                            (tmp_path / "run", r"is a training run directory \(its checkpoints and last link\)"),
                             (tmp_path / "run" / "last", "is a symlink"),
                             (tmp_path / "notes.txt", "is a file, not a folder"),
                             (tmp_path / "notes.txt" / "m", "is a file, not a folder")):
