@@ -643,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError) as exc:  # the system's refusal (a full disk, a permission), not a bug: one line
         if args.verbose or (isinstance(exc, RuntimeError) and not out_of_space(exc)):  # h5py's full disk: RuntimeError
             raise
-        fix = ("free space there (or write elsewhere) and run it again" if out_of_space(exc) else
+        output = getattr(args, "json", None) or getattr(args, "output", None)  # what the command writes
+        where = f"on the disk of {Path(output).resolve().parent}" if output else "on the output's disk"
+        fix = (f"free space {where} (or write elsewhere) and run it again" if out_of_space(exc) else
                "see the system's message; run with -v for the traceback")
         said = " ".join(str(exc).split())  # h5py's messages hold line breaks
         print(f"masksc {args.command}: error: {said}; fix: {fix}.", file=sys.stderr)
