@@ -54,6 +54,27 @@ def test_help_lists_the_commands(module):
         assert f"    {command} " in out.stdout
 
 
+def test_ctrl_c_while_the_command_loads_its_libraries_is_one_line(monkeypatch, capsys):
+    """The first seconds of every command import anndata, torch, ...: a Ctrl-C there printed a
+    32-line KeyboardInterrupt traceback and exited -2, where later it is one line and 130."""
+    import builtins
+
+    from masksc.__main__ import run
+    real_import = builtins.__import__
+
+    def ctrl_c_on_cli(name, *a, **k):
+        if name == "masksc.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", ctrl_c_on_cli)
+    assert run() == 130
+    assert capsys.readouterr().err == "masksc: interrupted.\n"
+    monkeypatch.undo()
+    code = "import sys, masksc; assert 'anndata' not in sys.modules and 'torch' not in sys.modules; masksc.read"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr  # `import masksc` (what the command's import runs first) loads neither
+
+
 @pytest.mark.parametrize("as_command, world_size, stops_cleanly", [(True, "1", True), (False, "1", False),
                                                                    (True, "2", False), (True, "", True)])
 def test_sigterm_stops_the_command_cleanly_only_when_run_as_the_command(monkeypatch, as_command, world_size,
