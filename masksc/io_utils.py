@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -177,14 +175,17 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None, min_bytes: 
     created = []
     try:
         created = make_folders(path.parent)
-        tmp = temp_beside(path, suffix if suffix is not None else ".tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp",
+                                   dir=path.parent)
     except OSError as exc:
         remove_empty_folders(created)
         raise _unwritable(path, path.parent, exc) from exc
+    os.close(fd)
+    os.chmod(tmp, default_mode())
     try:
         if min_bytes:
             check_free_space(path, min_bytes)
-        yield tmp
+        yield Path(tmp)
         fsync_file(tmp)
         publish(tmp, path, replace)
     except BaseException:
@@ -192,50 +193,6 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None, min_bytes: 
             os.unlink(tmp)
         remove_empty_folders(created)
         raise
-
-
-def temp_beside(path: Path, suffix: str) -> Path:
-    """A new hidden temp file ``.NAME.HOST-PID.XXXXXXXX<suffix>`` beside ``path`` (the mode a plain
-    open gives). Such files a command killed on this host left beside ``path`` (their process is
-    gone) are removed first. OSError when the folder cannot be written."""
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, default_mode())
-    return Path(tmp)
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:20] or "host"
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Delete the temp files :func:`temp_beside` made for ``path`` on this host whose process is
-    gone (a SIGKILL left them; an embedding's is preallocated at its full size). A running
-    command's, and other hosts' on a shared folder, are left alone."""
-    name = re.compile(re.escape(f".{path.name}.") + r"(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\."
-                      r"[a-z0-9_]{8}\.[A-Za-z0-9.]+")  # mkstemp's 8 characters, then the suffix
-    try:
-        found = [(p, name.fullmatch(p.name)) for p in path.parent.iterdir()]
-    except OSError:
-        return
-    for p, match in found:
-        if match is None or match["host"] != _host() or _running(int(match["pid"])):
-            continue
-        with contextlib.suppress(OSError):
-            if p.is_file() and not p.is_symlink():
-                p.unlink()
-
-
-def _running(pid: int) -> bool:
-    """Whether a process ``pid`` may be running on this host (only its certain absence is False)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # another user's process (EPERM), or a number no pid can be
-        pass
-    return True
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True) -> None:

@@ -26,6 +26,7 @@ import io
 import logging
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -42,8 +43,8 @@ from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
 from masksc.data.validate import check_count
 from masksc.errors import DataError, MaskscError, warn
-from masksc.io_utils import (check_output, fsync_file, make_folders, publish, remove_empty_folders, reserve,
-                             temp_beside)
+from masksc.io_utils import (check_output, default_mode, fsync_file, make_folders, publish, remove_empty_folders,
+                             reserve)
 from masksc.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -528,7 +529,10 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     created, tmp, done = [], None, False
     if ctx.is_main:
         created = make_folders(output.parent)
-        tmp = temp_beside(output, ".npy.tmp")
+        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".npy.tmp", dir=output.parent)
+        os.close(fd)
+        os.chmod(name, default_mode())  # mkstemp's 0600 would become the .npy's mode
+        tmp = Path(name)
     tmp = Path(ctx.broadcast_object(str(tmp) if tmp else None))
     try:
         with ctx.together():  # a full disk stops every rank here, not as a SIGBUS in the memory map's writes

@@ -344,33 +344,6 @@ def test_publishing_without_replacing_keeps_a_file_that_exists_by_then(tmp_path,
     assert (tmp_path / "out.txt").read_text() == "later" and sorted(os.listdir(tmp_path)) == ["out.txt"]
 
 
-def test_temp_files_a_killed_command_left_are_removed_by_the_next_write_only(trained, tmp_path):
-    """A SIGKILL left `.OUT.*.npy.tmp` (an embedding's, preallocated at full size) or `.OUT.*.h5ad`
-    beside the output, and no later run removed it. The next write there now removes the temp
-    files of processes gone from this host, not a running command's, another host's, nor other
-    files."""
-    from masksc.io_utils import _host, atomic_write
-    data, _, model = trained
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a pid no process has now
-    out, host = tmp_path / "emb.npy", _host()
-    stale = [tmp_path / f".emb.npy.{host}-{gone}.k2j4_x9q.npy.tmp", tmp_path / f".emb.npy.{host}-{gone}.a1b2c3d4.tmp"]
-    kept = [tmp_path / f".emb.npy.{host}-{os.getpid()}.zzzzzzzz.npy.tmp",  # this test's own process runs
-            tmp_path / f".emb.npy.otherhost-{gone}.yyyyyyyy.npy.tmp",  # a shared folder's other host
-            tmp_path / ".emb.npy.abcdefgh.npy.tmp", tmp_path / f".emb.npy.{host}-{gone}.notes",
-            tmp_path / f".other.npy.{host}-{gone}.abcdefgh.tmp", tmp_path / f"emb.npy.{host}-{gone}.abcdefgh.tmp"]
-    for p in [*stale, *kept]:
-        p.write_bytes(b"x" * 100)
-    assert main(["embed", str(data), "--model", str(model), "-o", str(out)]) == 0
-    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
-    left = tmp_path / f".scores.json.{host}-{gone}.qwertyui.tmp"
-    left.write_text("{")
-    with atomic_write(tmp_path / "scores.json") as tmp:  # cluster, evaluate, plots, the demo
-        assert tmp.name.startswith(f".scores.json.{host}-{os.getpid()}.")
-        tmp.write_text("{}")
-    assert not left.exists() and all(p.exists() for p in kept)
-
-
 def test_unwritable_outputs_are_one_line_errors_before_any_work(trained, embedded, tmp_path, capsys, monkeypatch):
     from masksc import pipeline, tl
 
