@@ -524,8 +524,8 @@ def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
     return adata
 
 
-def _open_text(p: Path):
-    return gzip.open(p, "rt") if p.suffix.lower() == ".gz" else open(p)
+def _open_text(p: Path, encoding: str | None = None):
+    return gzip.open(p, "rt", encoding=encoding) if p.suffix.lower() == ".gz" else open(p, encoding=encoding)
 
 
 def _read_part(part: Path, read):
@@ -611,10 +611,11 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     def names(**kw) -> np.ndarray:
         return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, **kw).iloc[:, 0].to_numpy()
 
-    try:
-        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].to_numpy()
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path} is empty; fix: check the path, or write the table again.") from None
+    with _open_text(Path(path), encoding="utf-8-sig") as fh:  # as pandas reads it, in a fraction of its time
+        header = next((np.array(fields, dtype=object) for fields in csv.reader(fh, delimiter=sep)
+                       if len(fields) > 1 or fields and fields[0].strip()), None)  # blank lines skipped
+    if header is None:
+        raise DataError(f"{path} is empty; fix: check the path, or write the table again.")
     marks = {",": "comma", "\t": "tab", ";": "semicolon", " ": "space"}
     seen = [mark for mark in marks if mark != sep and mark in header[0].strip()]
     if len(header) == 1 and seen:  # one column of one gene is a table too; one holding another separator is not
