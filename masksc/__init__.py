@@ -12,6 +12,10 @@ _SUBMODULES = ("checkpoint", "checks", "cli", "cluster", "data", "demo", "distri
 __all__ = ["read", "__version__", *_SUBMODULES]
 
 
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str):
     if name == "read":  # the one-call entry point: masksc.read(path)
         return importlib.import_module("masksc.data").read

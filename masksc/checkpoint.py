@@ -252,7 +252,8 @@ def check_run_dir(path: str | os.PathLike, resume: bool = False) -> Path:
             warn(f"resume=True (--resume), but there is no run directory {path}; starting a new run there (check the "
                  "path if you meant to continue one)")
         return path
-    if (path / CONFIG).exists() and not is_checkpoint(path):  # --resume, then "-o its parent", were the advice
+    if (path / CONFIG).exists() and not is_checkpoint(path) and not (path / WEIGHTS).exists():
+        # a folder of the user's: --resume, then "-o its parent", were the advice (a damaged checkpoint's is below)
         raise CheckpointError(f"{path} holds a {CONFIG} that is not a masksc checkpoint's (a folder of other work?); "
                               "fix: choose a new directory for the run (-o, model_dir=).")
     if not resume and (os.path.lexists(path / "last") or (path / CONFIG).exists() or epoch_dirs(path)):

@@ -644,7 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose or (isinstance(exc, RuntimeError) and not out_of_space(exc)):  # h5py's full disk: RuntimeError
             raise
         output = getattr(args, "json", None) or getattr(args, "output", None)  # what the command writes
-        where = f"on the disk of {Path(output).resolve().parent}" if output else "on the output's disk"
+        folder = Path(output).resolve().parent if output else None
+        while folder is not None and not folder.exists():  # one the command made, and removed again
+            folder = folder.parent
+        where = f"on the disk of {folder}" if folder else "on the output's disk"
         fix = (f"free space {where} (or write elsewhere) and run it again" if out_of_space(exc) else
                "see the system's message; run with -v for the traceback")
         said = " ".join(str(exc).split())  # h5py's messages hold line breaks

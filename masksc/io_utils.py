@@ -74,8 +74,9 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
     if path.exists() and path.is_dir() != folder:
         want, found = ("a folder", "a file") if folder else ("a file", "a folder")
         raise MaskscError(f"output {path} is {found}, not {want}; fix: choose another output path.")
-    if not overwrite and not folder and path.exists():
-        raise MaskscError(f"output {path} exists; fix: pass --overwrite to replace it, or choose a new path "
+    if not overwrite and not folder and os.path.lexists(path):  # a symlink pointing nowhere is there too
+        what = "exists" if path.exists() else f"is a symlink to {os.readlink(path)}, which does not exist"
+        raise MaskscError(f"output {path} {what}; fix: pass --overwrite to replace it, or choose a new path "
                           f"({flag}).")
     existing = path if folder and not via_sibling else path.parent
     while not existing.exists():
@@ -221,7 +222,7 @@ def _move_unless_taken(tmp, path: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV, errno.ENOSYS):
             raise
         if os.path.lexists(path):
             return False

@@ -622,6 +622,9 @@ def test_check_run_dir_refuses_a_directory_holding_a_run_unless_resuming(tmp_pat
                                                   r"fix: choose a new directory for the run"):
             ckpt.check_run_dir(mine, resume=resume)
     assert os.listdir(mine) == ["config.json"]
+    (tmp_path / "saved" / "config.json").write_text('{"format": "mask')  # a damaged checkpoint is still one
+    with pytest.raises(CheckpointError, match=r"saved is one checkpoint \(a saved model\), not a training run"):
+        ckpt.check_run_dir(tmp_path / "saved", resume=True)
 
 
 def test_a_model_saved_on_a_full_disk_is_told_to_save_elsewhere_not_to_resume(tmp_path, monkeypatch):

@@ -265,6 +265,13 @@ def test_no_command_overwrites_its_input(trained, embedded, tmp_path, capsys):
     # --json took any path: it replaced the counts file it was pointed at with the scores
     assert main(["evaluate", str(embedded), "--json", str(data)]) == 2
     assert f"output {data} must end in .json; fix: e.g. --json {data.with_suffix('.json')}." in capsys.readouterr().err
+    # a symlink pointing nowhere: refused at the start (it was "written by another command" after the work)
+    os.symlink(tmp_path / "gone" / "c.h5ad", tmp_path / "dangling.h5ad")
+    argv = ["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "dangling.h5ad")]
+    assert main(argv) == 2
+    assert f"is a symlink to {tmp_path / 'gone' / 'c.h5ad'}, which does not exist; fix: pass --overwrite" in \
+        capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0 and not (tmp_path / "dangling.h5ad").is_symlink()
     assert _sha(embedded) == emb_hash and _sha(data) == before
 
 
@@ -323,16 +330,16 @@ def test_an_output_another_command_writes_meanwhile_is_kept_without_overwrite(tr
         assert target.read_bytes() != b"theirs"
 
 
-@pytest.mark.parametrize("hard_links", [True, False])
-def test_publishing_without_replacing_keeps_a_file_that_exists_by_then(tmp_path, monkeypatch, hard_links):
+@pytest.mark.parametrize("no_links", [None, errno.EPERM, errno.ENOSYS])
+def test_publishing_without_replacing_keeps_a_file_that_exists_by_then(tmp_path, monkeypatch, no_links):
     """publish(replace=False) links the file in, which fails rather than replaces; on a filesystem
-    without hard links it checks, then renames."""
+    without hard links (EPERM; ENOSYS from an older kernel's FUSE) it checks, then renames."""
     from masksc.errors import MaskscError
     from masksc.io_utils import publish
-    if not hard_links:
-        def no_links(*a, **k):
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        monkeypatch.setattr(os, "link", no_links)
+    if no_links is not None:
+        def refused(*a, **k):
+            raise OSError(no_links, os.strerror(no_links))
+        monkeypatch.setattr(os, "link", refused)
     (tmp_path / "new.tmp").write_text("mine")
     publish(tmp_path / "new.tmp", tmp_path / "out.txt", replace=False)
     assert (tmp_path / "out.txt").read_text() == "mine" and not (tmp_path / "new.tmp").exists()
@@ -592,6 +599,9 @@ def test_a_full_disk_during_embed_is_one_line_and_leaves_no_temp_file(trained, t
     assert f"masksc embed: error: [Errno 28] No space left on device; fix: free space on the disk of {out} (or " \
            "write elsewhere)" in err  # it said "there", naming no place
     assert "Traceback" not in err and list(out.iterdir()) == []
+    assert main(["embed", str(data), "--model", str(model), "-o", str(out / "new" / "e.h5ad")]) == 2
+    assert f"free space on the disk of {out} (or" in capsys.readouterr().err  # not the folder made and removed
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["embed", "cluster"])

@@ -152,6 +152,7 @@ def test_submodules_are_attributes_after_a_plain_import():
     modules = {p.stem for p in package.glob("*.py")} | {p.parent.name for p in package.glob("*/__init__.py")}
     import masksc
     assert set(masksc._SUBMODULES) == {m for m in modules if not m.startswith("_")}  # masksc.masking was missing
+    assert {"read", "tl", "masking"} <= set(dir(masksc))  # tab completion offers what resolves lazily
     code = ("import masksc; assert masksc.pipeline.MaskSCModel.load and masksc.tl.neighbors and "
             "masksc.cluster.kmeans and masksc.models.PRESETS and masksc.masking.random_masking_torch\n"
             "try:\n    masksc.no_such_module\nexcept AttributeError as e:\n    print(e)")
