@@ -204,7 +204,8 @@ def test_header_only_table(tmp_path):
 
 
 def test_empty_matrix(tmp_path):
-    pd.DataFrame(np.ones((2, 0)), index=["c1", "c2"]).to_csv(tmp_path / "e.csv")
+    # (the index titled: untitled, the header line would be blank, and blank lines before a header are skipped)
+    pd.DataFrame(np.ones((2, 0)), index=pd.Index(["c1", "c2"], name="cell")).to_csv(tmp_path / "e.csv")
     with pytest.raises(DataError, match="empty matrix: 2 cells x 0 genes"):
         read(tmp_path / "e.csv")
 
@@ -758,6 +759,24 @@ def test_numeric_ids_or_a_gene_title_heading_a_genes_by_cells_table(tmp_path):
     _check(read(tmp_path / "symbols.csv", transpose=True), np.array([[1, 0, 2], [0, 3, 2], [2, 1, 0]],
                                                                      dtype=np.float32), ["c1", "c2", "c3"],
            ["G1", "G2", "G3"])
+
+
+def test_header_rows_the_csv_module_cannot_judge_are_read_as_before(tmp_path):
+    """The header is read with the csv module (pandas took seconds on wide tables); blank lines
+    before it are skipped for the rows too (they became a row of values); a header read with the
+    wrong separator past the csv module's field limit, or over several lines, is pandas' to judge,
+    as before (a raw _csv.Error; 'the header names 2 columns')."""
+    (tmp_path / "blank.csv").write_text("\n\n,g1,g2\nc1,1,0\nc2,0,3\n")
+    _check(read(tmp_path / "blank.csv"), np.array([[1, 0], [0, 3]], dtype=np.float32), ["c1", "c2"], ["g1", "g2"])
+    genes = [f"GENE{i}" for i in range(20_000)]  # R write.table's defaults: a space between quoted names
+    (tmp_path / "r_default.txt").write_text(" ".join(f'"{g}"' for g in genes) + "\n" + '"c0" ' + " ".join(
+        ["0"] * 20_000) + "\n")
+    with pytest.raises(DataError, match=r"its first line holds one column: no tab separates its values \(a space "
+                                        r"does\)"):
+        read(tmp_path / "r_default.txt")
+    (tmp_path / "quote.csv").write_text(',"g1,g2,g3\nc1,1,0,2\nc2,0,3,1\n')  # a quote never closed
+    with pytest.raises(DataError, match=r"cannot read .*quote\.csv as csv \(ParserError"):
+        read(tmp_path / "quote.csv")
 
 
 def test_a_malformed_line_is_named_not_taken_for_a_file_cut_short(tmp_path):

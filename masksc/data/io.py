@@ -611,9 +611,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     def names(**kw) -> np.ndarray:
         return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, **kw).iloc[:, 0].to_numpy()
 
-    with _open_text(Path(path), encoding="utf-8-sig") as fh:  # as pandas reads it, in a fraction of its time
-        header = next((np.array(fields, dtype=object) for fields in csv.reader(fh, delimiter=sep)
-                       if len(fields) > 1 or fields and fields[0].strip()), None)  # blank lines skipped
+    header, header_end = _header_row(path, sep)
     if header is None:
         raise DataError(f"{path} is empty; fix: check the path, or write the table again.")
     marks = {",": "comma", "\t": "tab", ";": "semicolon", " ": "space"}
@@ -624,9 +622,9 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                      f"sep={seen[0]!r}, index_col=0).to_csv(new_path, sep={sep!r})")
         raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values (a "
                         f"{marks[seen[0]]} does); fix: {fix}.")
-    _check_line_lengths(path, sep, len(header), not str(header[-1]).strip())
+    _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
     try:
-        body = pd.read_csv(path, sep=sep, header=None, skiprows=1)
+        body = pd.read_csv(path, sep=sep, header=None, skiprows=header_end)
     except pd.errors.EmptyDataError:  # a header and no rows
         raise DataError(f"{path} holds a header row and no rows of values: 0 {'genes' if transpose else 'cells'}; "
                         "fix: check the path, or write the table again with its rows.") from None
@@ -646,7 +644,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")
     df = body if unnamed else body.iloc[:, 1:]
-    df.index = pd.Index([str(i) for i in range(len(body))]) if unnamed else names(skiprows=1, usecols=[0])
+    df.index = pd.Index([str(i) for i in range(len(body))]) if unnamed else names(skiprows=header_end, usecols=[0])
     df.columns = header[len(header) - n_values:]
     if transpose:
         df = df.T
@@ -700,8 +698,35 @@ def _holds_names(path, title: str, column: pd.Series, transpose: bool) -> bool:
     return False
 
 
-def _check_line_lengths(path: Path, sep: str, header_fields: int, header_ends_empty: bool) -> None:
-    """Raise DataError when the table's rows (after the header) do not all hold the same number
+def _header_row(path, sep: str) -> tuple[np.ndarray | None, int]:
+    """(the table's header row, names as written, or None for a file of blank lines; the line it
+    ends on: blank lines before it are skipped, as pandas skips them). Read with the csv module,
+    in a fraction of pandas' time on wide tables (one Series a column); a row pandas must judge
+    (over several lines: an unclosed quote, a name holding a line break; or a field past the csv
+    module's limit: a wide header read with the wrong separator) is read by pandas, as before."""
+    try:
+        with _open_text(Path(path), encoding="utf-8-sig") as fh:
+            rows, blank = csv.reader(fh, delimiter=sep), 0
+            for fields in rows:
+                if len(fields) > 1 or fields and fields[0].strip():
+                    if rows.line_num - blank == 1:
+                        return np.array(fields, dtype=object), rows.line_num
+                    break
+                blank += 1
+            else:
+                return None, 0
+    except csv.Error:
+        pass
+    try:
+        return pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str,
+                           keep_default_na=False).iloc[0].to_numpy(), 1
+    except pd.errors.EmptyDataError:
+        return None, 0
+
+
+def _check_line_lengths(path: Path, sep: str, header_end: int, header_fields: int, header_ends_empty: bool) -> None:
+    """Raise DataError when the table's rows (after the header, which ends on line ``header_end``) do not all hold
+    the same number
     of fields: a last line short of them is a file cut short (an interrupted download or copy),
     which pandas would pad with NaN, not missing values to be cleaned; any other odd line is named
     with its number. Empty fields (``1,,2`` or a trailing ``,``) still count as fields. Also
@@ -712,8 +737,10 @@ def _check_line_lengths(path: Path, sep: str, header_fields: int, header_ends_em
     ends_empty, blank = True, None
     with _open_text(Path(path)) as fh:
         rows = csv.reader(fh, delimiter=sep)
-        next(rows, None)  # the header
-        for number, fields in enumerate(rows, start=2):
+        for _ in rows:  # up to the header's end
+            if rows.line_num >= header_end:
+                break
+        for number, fields in enumerate(rows, start=header_end + 1):
             if any(field.strip() for field in fields):
                 lengths.append(len(fields))
                 ends_empty = ends_empty and not fields[-1].strip()
@@ -725,7 +752,7 @@ def _check_line_lengths(path: Path, sep: str, header_fields: int, header_ends_em
         raise DataError(f"{path}: line {blank} holds separators and no values (a spreadsheet's empty row); fix: "
                         "delete such lines and read it again.")
     lengths = np.array(lengths, dtype=np.int32)
-    numbers = np.flatnonzero(lengths) + 2  # the line number of each row with values (the header is line 1)
+    numbers = np.flatnonzero(lengths) + header_end + 1  # the line number of each row with values
     lengths = lengths[lengths > 0]
     if not lengths.size:
         return
@@ -776,7 +803,7 @@ def _read_scdeepcluster(path, where, **_):
     if labels is not None:
         labels = np.asarray(labels).ravel()
         if len(labels) != n_cells:  # set_labels' message is for labels a user passes
-            stored = (f"X looks stored genes x cells; fix: write it cells x genes (with h5py: X = f['X'][()]; "
+            stored = ("X looks stored genes x cells; fix: write it cells x genes (with h5py: X = f['X'][()]; "
                       "del f['X']; f['X'] = X.T, on a copy)" if len(labels) == n_genes else
                       "fix: store one label per row (cell) of X")
             raise DataError(f"{path}: Y holds {len(labels)} labels, but X has {n_cells} rows (cells) and {n_genes} "
