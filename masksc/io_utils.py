@@ -75,7 +75,7 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
         want, found = ("a folder", "a file") if folder else ("a file", "a folder")
         raise MaskscError(f"output {path} is {found}, not {want}; fix: choose another output path.")
     if not overwrite and not folder and os.path.lexists(path):  # a symlink pointing nowhere is there too
-        what = "exists" if path.exists() else f"is a symlink to {os.readlink(path)}, which does not exist"
+        what = "exists" if path.exists() else f"is a symlink to {os.readlink(path)}, which leads to no file"
         raise MaskscError(f"output {path} {what}; fix: pass --overwrite to replace it, or choose a new path "
                           f"({flag}).")
     existing = path if folder and not via_sibling else path.parent
@@ -95,11 +95,11 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
     try:
+        if a.resolve() == b.resolve():
+            return True
         return os.path.samefile(a, b)
-    except OSError:  # either one does not exist
+    except (OSError, RuntimeError):  # either one does not exist, or is a symlink loop
         return False
 
 

@@ -269,9 +269,13 @@ def test_no_command_overwrites_its_input(trained, embedded, tmp_path, capsys):
     os.symlink(tmp_path / "gone" / "c.h5ad", tmp_path / "dangling.h5ad")
     argv = ["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "dangling.h5ad")]
     assert main(argv) == 2
-    assert f"is a symlink to {tmp_path / 'gone' / 'c.h5ad'}, which does not exist; fix: pass --overwrite" in \
+    assert f"is a symlink to {tmp_path / 'gone' / 'c.h5ad'}, which leads to no file; fix: pass --overwrite" in \
         capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0 and not (tmp_path / "dangling.h5ad").is_symlink()
+    os.symlink("loop.h5ad", tmp_path / "loop.h5ad")  # a symlink loop: a RuntimeError traceback
+    argv = ["cluster", str(embedded), "-k", "3", "-o", str(tmp_path / "loop.h5ad")]
+    assert main(argv) == 2
+    assert "is a symlink to loop.h5ad, which leads to no file; fix: pass --overwrite" in capsys.readouterr().err
     assert _sha(embedded) == emb_hash and _sha(data) == before
 
 
