@@ -763,11 +763,19 @@ def test_numeric_ids_or_a_gene_title_heading_a_genes_by_cells_table(tmp_path):
 
 def test_header_rows_the_csv_module_cannot_judge_are_read_as_before(tmp_path):
     """The header is read with the csv module (pandas took seconds on wide tables); blank lines
-    before it are skipped for the rows too (they became a row of values); a header read with the
-    wrong separator past the csv module's field limit, or over several lines, is pandas' to judge,
-    as before (a raw _csv.Error; 'the header names 2 columns')."""
-    (tmp_path / "blank.csv").write_text("\n\n,g1,g2\nc1,1,0\nc2,0,3\n")
-    _check(read(tmp_path / "blank.csv"), np.array([[1, 0], [0, 3]], dtype=np.float32), ["c1", "c2"], ["g1", "g2"])
+    before it are skipped for the rows too, whatever ends the lines (the header became a row of
+    values); a name holding a line break is read, and lines are counted as they are; a header read
+    with the wrong separator past the csv module's field limit, or a quote never closed, is
+    pandas' to judge, as before (a raw _csv.Error; 'the header names 2 columns')."""
+    expected = np.array([[1, 0], [0, 3]], dtype=np.float32)
+    for name, end in (("blank.csv", "\n"), ("mac.csv", "\r"), ("dos.csv", "\r\n")):  # bare CR: old Excel for Mac
+        (tmp_path / name).write_bytes(end.join(["", "", ",g1,g2", "c1,1,0", "c2,0,3", ""]).encode())
+        _check(read(tmp_path / name), expected, ["c1", "c2"], ["g1", "g2"])  # pandas' skiprows lost c1 after \r\r
+    (tmp_path / "break.csv").write_text('cell,"g\n1",g2\nc1,1,0\nc2,0,3\n')  # a quoted name holding a line break
+    _check(read(tmp_path / "break.csv"), expected, ["c1", "c2"], ["g\n1", "g2"])  # a ParserError before
+    (tmp_path / "break_short.csv").write_text('cell,"g\n1",g2\nc1,1,0\nc2,0\nc3,1,1\n')
+    with pytest.raises(DataError, match=r"line 4 holds 2 fields where the other rows hold 3"):  # it said line 3
+        read(tmp_path / "break_short.csv")
     genes = [f"GENE{i}" for i in range(20_000)]  # R write.table's defaults: a space between quoted names
     (tmp_path / "r_default.txt").write_text(" ".join(f'"{g}"' for g in genes) + "\n" + '"c0" ' + " ".join(
         ["0"] * 20_000) + "\n")

@@ -5,6 +5,7 @@ file holds labels, ``obs["label"]`` as a categorical of strings. Files are opene
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import logging
@@ -608,8 +609,12 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     as written: "001" stays "001", a gene called "NA" stays "NA" (pandas would parse either)."""
     sep = "," if fmt == "csv" else "\t"
 
-    def names(**kw) -> np.ndarray:
-        return pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, **kw).iloc[:, 0].to_numpy()
+    @contextlib.contextmanager
+    def past_header():  # pandas' skiprows does not count empty lines ended by a bare CR, as Python's lines do
+        with _open_text(Path(path), encoding="utf-8-sig") as fh:
+            for _ in range(header_end):
+                fh.readline()
+            yield fh
 
     header, header_end = _header_row(path, sep)
     if header is None:
@@ -624,7 +629,8 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                         f"{marks[seen[0]]} does); fix: {fix}.")
     _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
     try:
-        body = pd.read_csv(path, sep=sep, header=None, skiprows=header_end)
+        with past_header() as fh:
+            body = pd.read_csv(fh, sep=sep, header=None)
     except pd.errors.EmptyDataError:  # a header and no rows
         raise DataError(f"{path} holds a header row and no rows of values: 0 {'genes' if transpose else 'cells'}; "
                         "fix: check the path, or write the table again with its rows.") from None
@@ -644,7 +650,12 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")
     df = body if unnamed else body.iloc[:, 1:]
-    df.index = pd.Index([str(i) for i in range(len(body))]) if unnamed else names(skiprows=header_end, usecols=[0])
+    if unnamed:
+        df.index = pd.Index([str(i) for i in range(len(body))])
+    else:
+        with past_header() as fh:
+            df.index = pd.read_csv(fh, sep=sep, header=None, dtype=str, keep_default_na=False,
+                                   usecols=[0]).iloc[:, 0].to_numpy()
     df.columns = header[len(header) - n_values:]
     if transpose:
         df = df.T
@@ -702,17 +713,17 @@ def _header_row(path, sep: str) -> tuple[np.ndarray | None, int]:
     """(the table's header row, names as written, or None for a file of blank lines; the line it
     ends on: blank lines before it are skipped, as pandas skips them). Read with the csv module,
     in a fraction of pandas' time on wide tables (one Series a column); a row pandas must judge
-    (over several lines: an unclosed quote, a name holding a line break; or a field past the csv
-    module's limit: a wide header read with the wrong separator) is read by pandas, as before."""
+    (one running to the end of the file: a quote never closed; or a field past the csv module's
+    limit: a wide header read with the wrong separator) is read by pandas, as before."""
     try:
         with _open_text(Path(path), encoding="utf-8-sig") as fh:
-            rows, blank = csv.reader(fh, delimiter=sep), 0
+            rows = csv.reader(fh, delimiter=sep)
             for fields in rows:
                 if len(fields) > 1 or fields and fields[0].strip():
-                    if rows.line_num - blank == 1:
-                        return np.array(fields, dtype=object), rows.line_num
+                    end = rows.line_num
+                    if next(rows, None) is not None:  # rows follow it (over several lines: a name holding a break)
+                        return np.array(fields, dtype=object), end
                     break
-                blank += 1
             else:
                 return None, 0
     except csv.Error:
@@ -733,27 +744,25 @@ def _check_line_lengths(path: Path, sep: str, header_end: int, header_fields: in
     named: rows of separators alone (a spreadsheet's empty rows) and a separator ending every line
     (every row's last field empty, under an empty last header field or one field past the
     header's: a last column the header names, empty throughout, is a gene of missing values)."""
-    lengths = array("i")  # 4 bytes a row (a million-row table: 4 MB); 0 for a row without values, left out
+    # the fields and the line it ends on of each row with values: 8 bytes a row (a million-row table: 8 MB)
+    lengths, numbers = array("i"), array("l")
     ends_empty, blank = True, None
     with _open_text(Path(path)) as fh:
         rows = csv.reader(fh, delimiter=sep)
         for _ in rows:  # up to the header's end
             if rows.line_num >= header_end:
                 break
-        for number, fields in enumerate(rows, start=header_end + 1):
+        for fields in rows:
             if any(field.strip() for field in fields):
                 lengths.append(len(fields))
+                numbers.append(rows.line_num)  # a name holding a line break spans lines: counted as they are
                 ends_empty = ends_empty and not fields[-1].strip()
-            else:
-                lengths.append(0)
-                if len(fields) > 1 and blank is None:
-                    blank = number
+            elif len(fields) > 1 and blank is None:
+                blank = rows.line_num
     if blank is not None:  # pandas reads it as a cell of NaN (an empty line it skips)
         raise DataError(f"{path}: line {blank} holds separators and no values (a spreadsheet's empty row); fix: "
                         "delete such lines and read it again.")
-    lengths = np.array(lengths, dtype=np.int32)
-    numbers = np.flatnonzero(lengths) + header_end + 1  # the line number of each row with values
-    lengths = lengths[lengths > 0]
+    lengths, numbers = np.array(lengths, dtype=np.int32), np.array(numbers, dtype=np.int64)
     if not lengths.size:
         return
     if ends_empty and lengths.min() > 1 and (header_ends_empty or lengths.min() == header_fields + 1):
