@@ -773,6 +773,12 @@ def test_header_rows_the_csv_module_cannot_judge_are_read_as_before(tmp_path):
         _check(read(tmp_path / name), expected, ["c1", "c2"], ["g1", "g2"])  # pandas' skiprows lost c1 after \r\r
     (tmp_path / "break.csv").write_text('cell,"g\n1",g2\nc1,1,0\nc2,0,3\n')  # a quoted name holding a line break
     _check(read(tmp_path / "break.csv"), expected, ["c1", "c2"], ["g\n1", "g2"])  # a ParserError before
+    (tmp_path / "cr_kept.csv").write_bytes(b'cell,"g\r1",g2\r\n"c\r\n1",1,0\r\nc2,0,3\r\n')  # as pandas keeps them
+    _check(read(tmp_path / "cr_kept.csv"), expected, ["c\r\n1", "c2"], ["g\r1", "g2"])
+    for text in ("\n\ncell,g1,g2\n", "\r\r,0,1,2\r", 'cell,"g\n1",g2\n'):  # a header alone, after blank lines
+        (tmp_path / "alone.csv").write_bytes(text.encode())  # or over two lines: it read as a row of values
+        with pytest.raises(DataError, match="holds a header row and no rows of values: 0 cells"):
+            read(tmp_path / "alone.csv")
     (tmp_path / "break_short.csv").write_text('cell,"g\n1",g2\nc1,1,0\nc2,0\nc3,1,1\n')
     with pytest.raises(DataError, match=r"line 4 holds 2 fields where the other rows hold 3"):  # it said line 3
         read(tmp_path / "break_short.csv")

@@ -525,8 +525,9 @@ def _unique_genes(adata: ad.AnnData, path) -> ad.AnnData:
     return adata
 
 
-def _open_text(p: Path, encoding: str | None = None):
-    return gzip.open(p, "rt", encoding=encoding) if p.suffix.lower() == ".gz" else open(p, encoding=encoding)
+def _open_text(p: Path, encoding: str | None = None, newline: str | None = None):
+    return (gzip.open(p, "rt", encoding=encoding, newline=newline) if p.suffix.lower() == ".gz" else
+            open(p, encoding=encoding, newline=newline))
 
 
 def _read_part(part: Path, read):
@@ -611,7 +612,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
 
     @contextlib.contextmanager
     def past_header():  # pandas' skiprows does not count empty lines ended by a bare CR, as Python's lines do
-        with _open_text(Path(path), encoding="utf-8-sig") as fh:
+        with _open_text(Path(path), encoding="utf-8-sig", newline="") as fh:  # a CR inside quotes kept
             for _ in range(header_end):
                 fh.readline()
             yield fh
@@ -712,25 +713,23 @@ def _holds_names(path, title: str, column: pd.Series, transpose: bool) -> bool:
 def _header_row(path, sep: str) -> tuple[np.ndarray | None, int]:
     """(the table's header row, names as written, or None for a file of blank lines; the line it
     ends on: blank lines before it are skipped, as pandas skips them). Read with the csv module,
-    in a fraction of pandas' time on wide tables (one Series a column); a row pandas must judge
-    (one running to the end of the file: a quote never closed; or a field past the csv module's
-    limit: a wide header read with the wrong separator) is read by pandas, as before."""
+    in a fraction of pandas' time on wide tables (one Series a column); a row the csv module
+    refuses (a quote never closed or followed by text; a field past its limit: a wide header read
+    with the wrong separator) is read by pandas, as before."""
+    blank = 0
     try:
-        with _open_text(Path(path), encoding="utf-8-sig") as fh:
-            rows = csv.reader(fh, delimiter=sep)
+        with _open_text(Path(path), encoding="utf-8-sig", newline="") as fh:  # a CR inside quotes kept
+            rows = csv.reader(fh, delimiter=sep, strict=True)  # strict: a quote never closed is a csv.Error
             for fields in rows:
                 if len(fields) > 1 or fields and fields[0].strip():
-                    end = rows.line_num
-                    if next(rows, None) is not None:  # rows follow it (over several lines: a name holding a break)
-                        return np.array(fields, dtype=object), end
-                    break
-            else:
-                return None, 0
+                    return np.array(fields, dtype=object), rows.line_num
+                blank += 1
+            return None, 0
     except csv.Error:
         pass
-    try:
+    try:  # its first line ends the header for the rows read after it, as before
         return pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str,
-                           keep_default_na=False).iloc[0].to_numpy(), 1
+                           keep_default_na=False).iloc[0].to_numpy(), blank + 1
     except pd.errors.EmptyDataError:
         return None, 0
 
