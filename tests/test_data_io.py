@@ -779,6 +779,12 @@ def test_header_rows_the_csv_module_cannot_judge_are_read_as_before(tmp_path):
         (tmp_path / "alone.csv").write_bytes(text.encode())  # or over two lines: it read as a row of values
         with pytest.raises(DataError, match="holds a header row and no rows of values: 0 cells"):
             read(tmp_path / "alone.csv")
+    # a header the csv module refuses (a space after a closing quote) that also holds a quoted break: pandas reads
+    # it, and the rows start after its last line (they started on its second: an error, or a row of its numbers)
+    (tmp_path / "refused.csv").write_text('cell,"g1" ,"g\n2"\nc1,1,0\nc2,0,3\n')
+    _check(read(tmp_path / "refused.csv"), expected, ["c1", "c2"], ["g1 ", "g\n2"])
+    (tmp_path / "refused_title.csv").write_text('"cell\nid"x,10,20\nc1,1,0\nc2,0,3\n')
+    _check(read(tmp_path / "refused_title.csv"), expected, ["c1", "c2"], ["10", "20"])
     (tmp_path / "break_short.csv").write_text('cell,"g\n1",g2\nc1,1,0\nc2,0\nc3,1,1\n')
     with pytest.raises(DataError, match=r"line 4 holds 2 fields where the other rows hold 3"):  # it said line 3
         read(tmp_path / "break_short.csv")

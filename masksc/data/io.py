@@ -727,9 +727,9 @@ def _header_row(path, sep: str) -> tuple[np.ndarray | None, int]:
             return None, 0
     except csv.Error:
         pass
-    try:  # its first line ends the header for the rows read after it, as before
-        return pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str,
-                           keep_default_na=False).iloc[0].to_numpy(), blank + 1
+    try:  # the rows start after its last line: a quoted name may hold line breaks
+        row = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].to_numpy()
+        return row, blank + 1 + sum(len(re.findall(r"\r\n|\r|\n", str(name))) for name in row)
     except pd.errors.EmptyDataError:
         return None, 0
 
