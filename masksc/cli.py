@@ -23,7 +23,7 @@ from masksc import progress
 from masksc.cluster import LEIDEN_RESOLUTION, N_NEIGHBORS
 from masksc.data.io import FORMATS
 from masksc.errors import DataError, MaskscError, UncheckedGenesWarning, counted
-from masksc.io_utils import out_of_space
+from masksc.io_utils import nearest_existing, out_of_space
 from masksc.models import PRESETS
 from masksc.models.masksc_model import POOLS
 
@@ -644,9 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose or (isinstance(exc, RuntimeError) and not out_of_space(exc)):  # h5py's full disk: RuntimeError
             raise
         output = getattr(args, "json", None) or getattr(args, "output", None)  # what the command writes
-        folder = Path(output).resolve().parent if output else None
-        while folder is not None and not folder.exists():  # one the command made, and removed again
-            folder = folder.parent
+        # an existing folder: not one the command made for its output and removed again
+        folder = nearest_existing(Path(output).resolve().parent) if output else None
         where = f"on the disk of {folder}" if folder else "on the output's disk"
         fix = (f"free space {where} (or write elsewhere) and run it again" if out_of_space(exc) else
                "see the system's message; run with -v for the traceback")

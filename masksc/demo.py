@@ -69,8 +69,8 @@ def _run_demo(out: Path, epochs: int | None, seed: int, device: str | None) -> d
           f"{adata.obs['label'].nunique()} labelled types")
     model, scores, baseline = fit_and_score(adata, seed, device=device, model_dir=out / "model", epochs=epochs)
     wall, train = time.time() - t0, adata.uns["masksc"]["fit"]["wall_s"]
-    print(f"[demo] mask-sc ({counted(model.config.epochs, 'epoch')}: {train:.0f}s of training, {wall:.0f}s from loading the "
-          f"data to the scores): {_fmt(scores)}")
+    print(f"[demo] mask-sc ({counted(model.config.epochs, 'epoch')}: {train:.0f}s of training, {wall:.0f}s from "
+          f"loading the data to the scores): {_fmt(scores)}")
     print(f"[demo] baseline PCA(50) + k-means on the same log-normalised genes: {_fmt(baseline)}")
 
     pl.embedding(adata, {"mask-sc cluster": adata.obs["masksc_cluster"].to_numpy(),

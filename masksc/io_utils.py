@@ -78,9 +78,7 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
         what = "exists" if path.exists() else f"is a symlink to {os.readlink(path)}, which leads to no file"
         raise MaskscError(f"output {path} {what}; fix: pass --overwrite to replace it, or choose a new path "
                           f"({flag}).")
-    existing = path if folder and not via_sibling else path.parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(path if folder and not via_sibling else path.parent)
     if not existing.is_dir():
         raise MaskscError(f"cannot create {path}: {existing} is a file, not a folder; fix: choose an output "
                           "path inside a folder.")
@@ -91,6 +89,14 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
             os.rmdir(tempfile.mkdtemp(prefix=".masksc-probe-", dir=folder_written))
         except OSError as exc:
             raise _unwritable(path, folder_written, exc) from exc
+    return path
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself when it exists, else its nearest ancestor that does (what a folder still to
+    be made would be made in)."""
+    while not path.exists():
+        path = path.parent
     return path
 
 

@@ -222,10 +222,10 @@ def _color_sets(data, color, basis: str, layer: str | None = None, use_raw: bool
     if Z.ndim != 2 or Z.shape[0] < 2:
         raise DataError(f"{where} must be 2-D [n_cells >= 2, n_dims], got shape {Z.shape}.")
     Z = check_embedding(Z, where)  # NaN / inf, and values float32 cannot hold, named apart
-    if color is not None and not isinstance(color, dict) and not (isinstance(color, (list, tuple)) and not color):
+    uncoloured = color is None or isinstance(color, (dict, list, tuple)) and not color
+    if not uncoloured and not isinstance(color, dict):
         raise DataError(f"color must be a dict {{panel title: labels per cell}} (or, for AnnData, obs column or gene "
                         f"names), got a {type(color).__name__}; fix: e.g. color={{'label': values}}.")
-    uncoloured = not color
     if uncoloured:
         color = {"cells": np.zeros(Z.shape[0], dtype=np.int64)}
     out = {}
@@ -503,9 +503,6 @@ def attention_to_grid(attn, grid_shape: tuple[int, int], patch: int, ime: bool =
 
     a = _to_numpy(attn).astype(np.float32)
     g, s = grid_shape
-    if patch < 1 or g % patch or s % patch:
-        raise DataError(f"grid {g}x{s} is not divisible into {patch}x{patch} patches; fix: pass the model's "
-                        "config.grid_shape and config.patch.")
     cols = token_columns((g, s), patch, ime)  # [G, P*P] grid positions of each token
     if a.ndim != 4 or a.shape[2] != a.shape[3] or a.shape[3] != n_prefix + len(cols):
         raise DataError(f"attn must be [B, heads, L, L] with L = n_prefix + (g/P)*(s/P) = {n_prefix + len(cols)}, "

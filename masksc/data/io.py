@@ -735,14 +735,14 @@ def _header_row(path, sep: str) -> tuple[np.ndarray | None, int]:
 
 
 def _check_line_lengths(path: Path, sep: str, header_end: int, header_fields: int, header_ends_empty: bool) -> None:
-    """Raise DataError when the table's rows (after the header, which ends on line ``header_end``) do not all hold
-    the same number
-    of fields: a last line short of them is a file cut short (an interrupted download or copy),
-    which pandas would pad with NaN, not missing values to be cleaned; any other odd line is named
-    with its number. Empty fields (``1,,2`` or a trailing ``,``) still count as fields. Also
-    named: rows of separators alone (a spreadsheet's empty rows) and a separator ending every line
-    (every row's last field empty, under an empty last header field or one field past the
-    header's: a last column the header names, empty throughout, is a gene of missing values)."""
+    """Raise DataError when the table's rows (after the header, which ends on line ``header_end``)
+    do not all hold the same number of fields: a last line short of them is a file cut short (an
+    interrupted download or copy), which pandas would pad with NaN, not missing values to be
+    cleaned; any other odd line is named with its number. Empty fields (``1,,2`` or a trailing
+    ``,``) still count as fields. Also named: rows of separators alone (a spreadsheet's empty
+    rows) and a separator ending every line (every row's last field empty, under an empty last
+    header field or one field past the header's: a last column the header names, empty
+    throughout, is a gene of missing values)."""
     # the fields and the line it ends on of each row with values: 8 bytes a row (a million-row table: 8 MB)
     lengths, numbers = array("i"), array("l")
     ends_empty, blank = True, None

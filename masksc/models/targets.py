@@ -40,6 +40,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from masksc.errors import DataError
 from masksc.models.contrastive import ContrastiveConfig, ContrastiveSC
 from masksc.rng import keeping_global_rngs
 
@@ -61,10 +62,14 @@ def patch_columns(grid_shape: tuple[int, int], patch: int) -> np.ndarray:
 def token_columns(grid_shape: tuple[int, int], patch: int, ime: bool = True) -> np.ndarray:
     """Grid columns of each token: int64 [G, P*P]. IME on: the 2-D ``P x P`` patches
     (``patch_columns``); IME off: runs of ``P*P`` consecutive grid positions (1-D gene
-    sequences in layout order, HVG rank under the ``hvg`` layout)."""
+    sequences in layout order, HVG rank under the ``hvg`` layout). DataError for a grid the
+    patch does not divide (its last rows or columns would belong to no token)."""
+    g, s = grid_shape
+    if patch < 1 or g % patch or s % patch:
+        raise DataError(f"grid {g}x{s} is not divisible into {patch}x{patch} patches; fix: pass the model's "
+                        "config.grid_shape and config.patch.")
     if ime:
         return patch_columns(grid_shape, patch)
-    g, s = grid_shape
     n_tokens = (g // patch) * (s // patch)
     return np.arange(n_tokens * patch * patch, dtype=np.int64).reshape(n_tokens, patch * patch)
 
