@@ -397,11 +397,12 @@ def cmd_plot(args) -> int:
                               "`masksc embed` the counts first, or pass --use-rep one of those.")
         try:
             out = pl.embedding(adata, args.color, output, method=args.method, basis=args.use_rep, seed=args.seed,
-                               max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw)
+                               max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw,
+                               overwrite=args.overwrite)
         finally:
             adata.file.close()
     elif args.kind == "loss":
-        out = pl.loss_curve(args.data, output)
+        out = pl.loss_curve(args.data, output, overwrite=args.overwrite)
     else:
         from masksc.pipeline import MaskSCModel
         device = _device(args.device)
@@ -410,7 +411,7 @@ def cmd_plot(args) -> int:
         with warnings.catch_warnings():  # the file's first cells were checked (or their too few flagged)
             warnings.simplefilter("ignore", UncheckedGenesWarning)
             maps = model.attention_maps(cells, layer=args.layer, use_raw=args.use_raw, rows=rows)
-        out = pl.attention_grid(maps, titles, output)
+        out = pl.attention_grid(maps, titles, output, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

@@ -41,15 +41,15 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _check_png(path) -> None:
-    """Refuse a path that is not a .png, or one that cannot be written, before any work (a UMAP
-    can take minutes)."""
+def _check_png(path, overwrite: bool) -> None:
+    """Refuse a path that is not a .png, one that cannot be written, or an existing file when not
+    ``overwrite``, before any work (a UMAP can take minutes)."""
     if path is not None and Path(path).suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; give a path ending in .png (or None for the Figure), "
                          f"got {str(path)!r}.")
     if path is not None:
         from masksc.io_utils import check_output
-        check_output(path)
+        check_output(path, overwrite=overwrite)
 
 
 def _panels(ax, path, n: int, width: float, height: float):
@@ -70,12 +70,13 @@ def _panels(ax, path, n: int, width: float, height: float):
     return ax.figure, [ax]
 
 
-def _save(fig, path):
-    """Write ``fig`` to ``path`` atomically and return the path; with no path, return ``fig``."""
+def _save(fig, path, overwrite: bool):
+    """Write ``fig`` to ``path`` atomically and return the path; with no path, return ``fig``.
+    Not ``overwrite``: a file another command wrote at ``path`` meanwhile is kept (MaskscError)."""
     if path is None:
         return fig
     path = Path(path)
-    with atomic_write(path, suffix=".png") as tmp:
+    with atomic_write(path, suffix=".png", replace=overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
 
@@ -383,7 +384,7 @@ def _draw_panel(ax, xy: np.ndarray, labels, title: str, size: float, palette: li
 def embedding(data, color=None, path: str | os.PathLike | None = None, method: str = "umap",
               basis: str = "X_masksc", seed: int = 0, max_cells: int | None = 50_000,
               point_size: float | None = None, ax=None, layer: str | None = None, use_raw: bool | None = None, *,
-              color_by=None):
+              overwrite: bool = True, color_by=None):
     """2-D map (UMAP or t-SNE) of a cell embedding, one panel per colouring (paper Fig. 4).
 
     Args:
@@ -398,7 +399,8 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
             None for the clusters of the last ``tl.cluster`` and the ``label`` column, those that
             exist. A name that is both a column and a gene is refused.
         path: output .png path (written atomically; parent folders created); None returns the
-            Figure instead.
+            Figure instead. ``overwrite=False`` refuses an existing ``path``, also one another
+            command writes while the map is drawn (MaskscError).
         method: "umap" (umap-learn; falls back to t-SNE with a warning when it cannot be
             imported or for fewer than 16 cells), "tsne" (sklearn; PCA init, random for a
             one-column embedding) or "precomputed" (data already [n, 2]). An embedding where
@@ -422,7 +424,7 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
             raise TypeError("pass color= alone (color_by= is its earlier name).")
         warn("pl.embedding's color_by= is now color=, scanpy's name; color_by= will be removed", FutureWarning)
         color = color_by
-    _check_png(path)
+    _check_png(path, overwrite)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
     if point_size is not None and not point_size > 0:
@@ -459,7 +461,7 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
     if ax is not None:
         return ax
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, overwrite)
 
 
 def one_cell_per_label(labels, seed: int = 0, n: int | None = None) -> np.ndarray:
@@ -516,7 +518,7 @@ def attention_to_grid(attn, grid_shape: tuple[int, int], patch: int, ime: bool =
 
 
 def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None, ncols: int = 4,
-                   cmap: str = "magma"):
+                   cmap: str = "magma", *, overwrite: bool = True):
     """Heatmaps of attention over the gene grid for sample cells (paper Fig. 6).
 
     Args:
@@ -526,11 +528,11 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
             Attention probabilities are never negative, so negative values raise DataError.
         titles: one title per cell, or None for "cell 0", "cell 1", ...
         path: output .png path; None returns the Figure. ncols: panels per row. cmap: matplotlib
-            colour map.
+            colour map. overwrite: as in :func:`embedding`.
 
     Returns: the path written, or the Figure.
     """
-    _check_png(path)
+    _check_png(path, overwrite)
     maps = _to_numpy(attn_maps)
     if maps.ndim != 3 or 0 in maps.shape:
         raise DataError(f"attn_maps must be [n_cells, h, w] (one grid per cell), got shape {maps.shape}.")
@@ -565,11 +567,11 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
     fig.suptitle(f"last-layer attention over the {maps.shape[1]}x{maps.shape[2]} grid"
                  + (" (grey: no gene)" if no_gene.any() else ""))
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, overwrite)
 
 
 def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epoch", logy: bool | None = None,
-               ax=None):
+               ax=None, *, overwrite: bool = True):
     """Training loss per epoch (or step).
 
     Args:
@@ -577,11 +579,11 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
             the directory ``fit`` wrote (its recorded per-epoch losses).
         path: output .png path; None returns the Figure. logy: log y-axis; None = when all values
             are positive and span more than two decades. ax: a matplotlib Axes to draw into (with
-            ``path=None``).
+            ``path=None``). overwrite: as in :func:`embedding`.
 
     Returns: the path written; with no path the Figure, or ``ax`` when given.
     """
-    _check_png(path)
+    _check_png(path, overwrite)
     if isinstance(losses, (str, os.PathLike)):
         from masksc.checkpoint import read_losses
         losses = read_losses(losses)
@@ -621,4 +623,4 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
     if ax is not None:
         return ax
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, overwrite)

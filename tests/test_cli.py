@@ -313,7 +313,8 @@ def test_an_output_another_command_writes_meanwhile_is_kept_without_overwrite(tr
     real_fsync = io_utils.fsync_file
     embed = ["embed", str(data), "--model", str(model)]
     outputs = {"emb.h5ad": embed, "emb.npy": embed, "clustered.h5ad": ["cluster", str(embedded), "-k", "3"],
-               "scores.json": ["evaluate", str(embedded), "--no-labels", "--cluster-key", "label", "--json"]}
+               "scores.json": ["evaluate", str(embedded), "--no-labels", "--cluster-key", "label", "--json"],
+               "loss.png": ["plot", "loss", str(model)]}
     for name, argv in outputs.items():
         target = tmp_path / name
         argv = [*argv, str(target)] if name == "scores.json" else [*argv, "-o", str(target)]

@@ -369,6 +369,24 @@ def test_loss_curve(tmp_path):
         pl.loss_curve({}, tmp_path / "x.png")
 
 
+def test_plots_keep_an_existing_file_unless_told_to_overwrite(tmp_path):
+    """overwrite=False (the command line without --overwrite) refuses an existing PNG before any
+    work; the default replaces it, as matplotlib's savefig does."""
+    Z, y = _data(n=40, k=2)
+    path = tmp_path / "p.png"
+    path.write_bytes(b"mine")
+    calls = [lambda **kw: pl.loss_curve([3.0, 2.0], path, **kw),
+             lambda **kw: pl.embedding(Z[:, :2], {"label": y}, path, **kw),
+             lambda **kw: pl.attention_grid(np.ones((1, 4, 4)), None, path, **kw)]
+    for draw in calls:
+        with pytest.raises(MaskscError, match=r"p\.png exists; fix: pass --overwrite"):
+            draw(overwrite=False)
+        assert path.read_bytes() == b"mine"
+    for draw in calls:
+        _png(draw())
+        path.write_bytes(b"mine")
+
+
 def test_embedding_takes_scanpy_style_basis_and_color(tmp_path, monkeypatch):
     """basis="umap" finds obsm["X_umap"], a 2-D map is drawn as it is, color= one obs column."""
     import anndata
