@@ -1,21 +1,58 @@
 """Shared helpers for benchmark scripts: device description, result JSON, printed table."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+COMMITTED_RESULTS = Path(__file__).resolve().parent / "results"
+# where every script writes: the committed figures the README quotes, or, for a trial run that
+# must leave those alone, the folder MASKSC_BENCH_RESULTS names
+RESULTS = Path(os.environ.get("MASKSC_BENCH_RESULTS") or COMMITTED_RESULTS).resolve()
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a whole number >= 1 (cells, a batch, a step count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type of a comma-separated list of whole numbers >= 1, e.g. ``1000,10000``."""
+    values = [positive_int(s) for s in text.split(",") if s.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1 separated by commas, got {text!r}")
+    return values
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type of a comma-separated list of seeds (whole numbers >= 0)."""
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, e.g. 0,1,2; got {text!r}")
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected seeds >= 0 separated by commas; got {text!r}")
+    return values
 
 
 def device_info(device: str | torch.device | None = None) -> dict:
     """Describe the machine a benchmark ran on (GPU name where CUDA is used, else CPU)."""
+    import torch
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {"device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version()}
@@ -30,6 +67,7 @@ def device_info(device: str | torch.device | None = None) -> dict:
 def interpret_triton_without_cuda(smoke: bool) -> None:
     """For a ``--smoke`` run on a machine without CUDA, run Triton kernels under its interpreter.
     Call it before triton is first imported: the interpreter is chosen at import."""
+    import torch
     if smoke and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -40,6 +78,7 @@ def use_threads(n: int) -> None:
     core, whenever it starts a parallel loop (after the log-PCA baseline's scanpy calls torch
     reported 2 threads where 1 was set), so numba is held to ``n`` too."""
     import numba
+    import torch
     torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
@@ -59,6 +98,7 @@ def ready_for_data(data: Path, threads: int) -> bool:
 def teacher_embedding(teacher, X_grid) -> np.ndarray:
     """The frozen teacher's own feature of every cell: X_grid [n, g*s] scipy sparse rows on the
     model's grid -> [n, out_dim] float32 numpy (eval mode, no gradients)."""
+    import torch
     with torch.no_grad():
         return teacher(torch.from_numpy(X_grid.toarray()).float()).numpy()
 

@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import device_info, print_table, write_result  # noqa: E402
+from benchmarks._common import device_info, positive_ints, print_table, write_result  # noqa: E402
 from masksc import cluster  # noqa: E402
 
 
@@ -62,6 +62,9 @@ def bench_kmeans(n: int, k: int, iters: int, n_init: int, rows: list) -> None:
     from sklearn.metrics import adjusted_rand_score as ari
 
     X, y = mixture(n, k=k)
+    for warm in (lambda: KMeans(k, n_init=1, max_iter=2, random_state=0).fit(X[:4096]),  # thread pools start once
+                 lambda: cluster.kmeans(X[:4096], k, seed=0, n_init=1, max_iter=2)):
+        warm()
     sk_km = KMeans(k, n_init=n_init, max_iter=iters, tol=0.0, algorithm="lloyd", random_state=0)
     sk, t_sk = timed(lambda: sk_km.fit(X))
     sk_in = inertia(X, sk.labels_)
@@ -104,7 +107,8 @@ def bench_silhouette(n: int, sample: int, rows: list) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100000,1000000", help="k-means sizes (cells), comma-separated")
+    ap.add_argument("--sizes", default=[100_000, 1_000_000], type=positive_ints,
+                    help="k-means sizes (cells), comma-separated")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--iters", type=int, default=20, help="Lloyd iterations for both libraries")
     ap.add_argument("--n-init", type=int, default=5, help="k-means restarts for both libraries")
@@ -112,8 +116,10 @@ def main() -> None:
     ap.add_argument("--silhouette-n", type=int, default=30_000, help="cells for exact vs sampled silhouette (0 = skip)")
     ap.add_argument("--silhouette-sample", type=int, default=10_000)
     args = ap.parse_args()
+    if min(args.sizes) < args.k:
+        ap.error(f"--sizes {min(args.sizes)}: k-means needs at least --k {args.k} cells")
     rows: list[dict] = []
-    for n in (int(s) for s in args.sizes.split(",") if s):
+    for n in args.sizes:
         bench_kmeans(n, args.k, args.iters, args.n_init, rows)
         print_table(rows[-3:], ["task", "n", "method", "time_s", "speedup", "ari_vs_sklearn", "ari_vs_truth",
                                 "inertia_ratio"])

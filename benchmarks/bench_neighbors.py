@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import device_info, print_table, write_result  # noqa: E402
+from benchmarks._common import device_info, positive_ints, print_table, write_result  # noqa: E402
 from benchmarks.bench_cluster import mixture  # noqa: E402
 from masksc import tl  # noqa: E402
 
@@ -117,13 +117,13 @@ def bench(n: int, rows: list, scanpy_max: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000", help="cells, comma-separated")
+    ap.add_argument("--sizes", default=[10_000, 100_000], type=positive_ints, help="cells, comma-separated")
     ap.add_argument("--scanpy-max", type=int, default=100_000,
                     help="largest size to run sc.pp.neighbors on (it repeats pynndescent's search)")
     args = ap.parse_args()
     bench(5000, [], 5000)  # compiles numba (scanpy, pynndescent) and loads FAISS before anything is timed
     rows: list[dict] = []
-    for n in (int(s) for s in args.sizes.split(",") if s):
+    for n in args.sizes:
         bench(n, rows, args.scanpy_max)
         print_table([r for r in rows if r["n"] == n], COLUMNS)
     print()

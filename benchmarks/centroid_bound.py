@@ -30,12 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import ready_for_data, teacher_embedding  # noqa: E402
+from benchmarks._common import RESULTS, ready_for_data, teacher_embedding  # noqa: E402
 from benchmarks.reproduce import (ABLATIONS, DATA, MODELS, _labels, _scanpy_logpca, append_run,  # noqa: E402
                                   preset_model, read_dataset)
 from masksc.cluster import kmeans  # noqa: E402
 
-RESULT = ROOT / "benchmarks" / "results" / "centroid_bound.json"
+RESULT = RESULTS / "centroid_bound.json"
 
 
 def objective(Z: np.ndarray, labels: np.ndarray) -> float:

@@ -20,9 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import RESULTS, seed_list  # noqa: E402
 from benchmarks.reproduce import append_run  # noqa: E402
 
-RESULT = ROOT / "benchmarks" / "results" / "demo_seeds.json"
+RESULT = RESULTS / "demo_seeds.json"
 
 
 def run(seed: int, overrides: dict) -> dict:
@@ -41,13 +42,13 @@ def main(argv=None) -> int:
     from masksc.cli import _override
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated")
+    p.add_argument("--seeds", default=[0, 1, 2, 3, 4], type=seed_list, help="comma-separated")
     p.add_argument("--set", action="append", default=[], type=_override, metavar="KEY=VALUE",
                    help="override a demo preset field (repeatable)")
     args = p.parse_args(argv)
     overrides = dict(args.set)
     rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in args.seeds:
         row = run(seed, overrides)
         rows.append(row)
         print(f"seed {seed} {overrides or 'demo preset'}: mask-sc ARI {row['ari']:.4f} NMI {row['nmi']:.4f}; "

@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import positive_ints  # noqa: E402  (light: torch is imported where a stage needs it)
 
 N_GENES, N_TYPES, SEED, K = 4096, 10, 0, 10
 
@@ -168,17 +169,21 @@ def run_stage(name: str, n: int, args) -> dict:
     return row
 
 
-def _merge_previous(name: str, preset: str, rows: list[dict]) -> list[dict]:
-    """Rows of this run plus those of an earlier run of the same preset (same result file, same
-    device) for (size, stage) pairs not measured now, so sizes can be run one at a time; a stage
-    that was cached now (model, data file) keeps the timing measured when it really ran, unless
-    the cached file carries the timing of the run that wrote it (``timed_by``)."""
-    from _common import RESULTS, device_info
+def _merge_previous(name: str, settings: dict, rows: list[dict]) -> list[dict]:
+    """Rows of this run plus those of an earlier run with the same ``settings`` (same result file:
+    device, preset, model, k-means and embedding batch) for (size, stage) pairs not measured now,
+    so sizes can be run one at a time; a stage that was cached now (model, data file) keeps the
+    timing measured when it really ran, unless the cached file carries the timing of the run
+    that wrote it (``timed_by``). An earlier run with other settings is replaced, saying so."""
+    from _common import RESULTS
     path = RESULTS / f"{name}.json"
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
-    if old.get("preset") != preset or old.get("device") != device_info(_device())["device"]:
+    differ = [key for key in settings if old.get(key) != settings[key]]
+    if differ:
+        print(f"{path}: its rows were measured with other settings ({', '.join(differ)}) and are replaced, not "
+              "merged (git checkout restores committed ones; MASKSC_BENCH_RESULTS=DIR writes elsewhere)")
         return rows
     measured = {(r["n_cells"], r["stage"]): r for r in old.get("rows", []) if not r.get("cached") and "error" not in r}
     rows = [measured.get((r["n_cells"], r["stage"]), r) if r.get("cached") and not r.get("timed_by") else r
@@ -196,7 +201,8 @@ COLS = ["n_cells", "stage", "seconds", "cells_per_s", "peak_rss_mb", "ari_truth"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000", help="cells, comma-separated (add 1000000 for the 1M run)")
+    ap.add_argument("--sizes", default=[10_000, 100_000], type=positive_ints,
+                    help="cells, comma-separated (add 1000000 for the 1M run)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "masksc-scale"))
     ap.add_argument("--preset", default="auto", help="auto (paper on a GPU, cpu on the CPU), cpu, paper")
     ap.add_argument("--train-cells", type=int, default=4096)
@@ -224,20 +230,20 @@ def main() -> None:
     rows = [run_stage("train", args.train_cells, args)]
     print_table(rows, ["n_cells", "stage", "seconds", "peak_rss_mb", "cached"])
     stages = [s for s in args.stages.split(",") if s]
-    for n in (int(s) for s in args.sizes.split(",") if s):
+    for n in args.sizes:
         for name in stages:
             rows.append(run_stage(name, n, args))
             print_table(rows[-1:], COLS)
-    rows = _merge_previous(f"scale{args.tag}", args.preset, rows)
+    settings = {"device": device_info(_device())["device"], "preset": args.preset,
+                "model": f"{args.preset} preset trained {args.train_epochs} epochs on the first {args.train_cells} "
+                         "cells (pipeline.fit, streamed, teacher with default settings)",
+                "kmeans": {"n_init": args.n_init, "max_iter": args.kmeans_iters}, "embed_batch": args.embed_batch}
+    rows = _merge_previous(f"scale{args.tag}", settings, rows)
     print()
     print_table(rows, COLS)
-    dev = _device()
     path = write_result(f"scale{args.tag}", {
-        **device_info(dev), "preset": args.preset, "n_genes": N_GENES, "n_types": N_TYPES, "k": K,
-        "model": f"{args.preset} preset trained {args.train_epochs} epochs on the first {args.train_cells} cells "
-                 "(pipeline.fit, streamed, teacher with default settings)",
-        "kmeans": {"n_init": args.n_init, "max_iter": args.kmeans_iters},
-        "embed_batch": args.embed_batch, "chunk_size": 16_384, "workdir": args.workdir, "rows": rows})
+        **device_info(_device()), **settings, "n_genes": N_GENES, "n_types": N_TYPES, "k": K, "chunk_size": 16_384,
+        "workdir": args.workdir, "rows": rows})
     print(f"\nwrote {path}")
 
 

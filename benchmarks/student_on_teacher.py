@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import teacher_embedding  # noqa: E402
+from benchmarks._common import RESULTS, seed_list, teacher_embedding  # noqa: E402
 from benchmarks.reproduce import DATASETS, _cluster_and_score, _labels, append_run, seeded_runs  # noqa: E402
 
-RESULT = ROOT / "benchmarks" / "results" / "student_on_teacher.json"
+RESULT = RESULTS / "student_on_teacher.json"
 
 
 def run(adata, seed: int, temperature: float) -> dict:
@@ -43,7 +43,7 @@ def run(adata, seed: int, temperature: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="pbmc", choices=sorted(DATASETS))
-    p.add_argument("--seeds", default="0", help="comma-separated")
+    p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated")
     p.add_argument("--temperature", type=float, default=0.5, help="the teacher's NT-Xent temperature")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     args = p.parse_args(argv)

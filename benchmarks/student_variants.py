@@ -48,12 +48,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import RESULTS, seed_list  # noqa: E402
 from benchmarks.reproduce import DATASETS, _cluster_and_score, _labels, append_run, seeded_runs  # noqa: E402
 from masksc import ops  # noqa: E402
 from masksc.models.contrastive import nt_xent  # noqa: E402
 from masksc.models.masksc_model import MaskSC, csr_to_dense  # noqa: E402
 
-RESULT = ROOT / "benchmarks" / "results" / "student_variants.json"
+RESULT = RESULTS / "student_variants.json"
 CLIP = 10.0
 
 
@@ -181,7 +182,7 @@ def run(adata, seed: int, variant: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="pbmc", choices=sorted(DATASETS))
-    p.add_argument("--seeds", default="0", help="comma-separated")
+    p.add_argument("--seeds", default=[0], type=seed_list, help="comma-separated")
     p.add_argument("--variant", required=True, choices=sorted(VARIANT_MODELS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's figures: 1)")
     args = p.parse_args(argv)

@@ -1,8 +1,10 @@
 """The benchmark scripts' own model pieces against the shipped ones they vary (their oracles):
 readout.py's read-outs, centroid_bound.py's partitions, student_variants.py's input scaling,
-per-patch embedding and joint targets."""
+per-patch embedding and joint targets; and where the scripts write their results."""
 import dataclasses
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +201,36 @@ def test_use_threads_holds_numba_to_torchs_count():
     finally:
         use_threads(before)
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+def test_scale_keeps_earlier_rows_only_when_they_were_measured_with_the_same_settings(tmp_path, monkeypatch, capsys):
+    """A tiny trial (another model, other k-means settings) kept the committed rows under its own
+    header; rows are merged only with an earlier run of the same settings."""
+    scale = _load("scale")
+    import _common  # the module scale.py imports, with benchmarks/ on sys.path
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    settings = {"device": "CPU (2 cores)", "preset": "cpu", "model": "cpu preset trained 20 epochs on 4096 cells",
+                "kmeans": {"n_init": 3, "max_iter": 20}, "embed_batch": 1024}
+    old = [{"n_cells": 100_000, "stage": "embed", "seconds": 9.0}, {"n_cells": 500, "stage": "embed", "seconds": 1.0}]
+    (tmp_path / "scale.json").write_text(json.dumps({**settings, "rows": old}))
+    new = [{"n_cells": 500, "stage": "embed", "seconds": 2.0}]
+    assert scale._merge_previous("scale", settings, new) == [new[0], old[0]]  # sorted by size
+    other = {**settings, "model": "cpu preset trained 1 epochs on 400 cells"}
+    assert scale._merge_previous("scale", other, new) == new
+    assert "measured with other settings (model) and are replaced, not merged" in capsys.readouterr().out
+
+
+def test_a_benchmark_writes_to_the_folder_masksc_bench_results_names(tmp_path):
+    """A trial run replaced the committed figures the README quotes; MASKSC_BENCH_RESULTS sends it elsewhere."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    committed = (root / "benchmarks" / "results" / "cluster.json").read_bytes()
+    env = {**os.environ, "MASKSC_BENCH_RESULTS": str(tmp_path / "trial"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_cluster.py"), "--sizes", "40", "--k", "2",
+                           "--iters", "2", "--n-init", "1", "--graph-n", "0", "--silhouette-n", "0"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "trial" / "cluster.json").read_text())["rows"]
+    assert [r["n"] for r in rows] == [40, 40, 40]
+    assert (root / "benchmarks" / "results" / "cluster.json").read_bytes() == committed

@@ -357,3 +357,19 @@ def test_a_corrupt_results_file_is_named_and_left_as_it_is(tmp_path, monkeypatch
         reproduce.main(["--tables-only"])
     assert (tmp_path / "table2.json").read_text() == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "table2.json"]  # nothing written
+
+
+def test_a_trial_results_folder_leaves_the_readme_as_it_is(tmp_path, monkeypatch, capsys):
+    """MASKSC_BENCH_RESULTS names a folder for a trial run: its tables are written there, and the
+    README, which quotes the committed results, is not rewritten from them."""
+    readme = "#### Table 1: clustering (k = number of labels)\n| a |\n\n#### Table 2: ablations\n| a |\n"
+    (tmp_path / "README.md").write_text(readme)
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "trial")
+    reproduce.main(["--tables-only"])
+    assert (tmp_path / "README.md").read_text() == readme
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["table1.md", "table2.md"]
+    assert f"README left as it is: these tables are of the results in {tmp_path / 'trial'}" in capsys.readouterr().out
+    monkeypatch.setattr(reproduce, "COMMITTED_RESULTS", tmp_path / "trial")  # the committed folder: rewritten
+    reproduce.main(["--tables-only"])
+    assert (tmp_path / "README.md").read_text() != readme
