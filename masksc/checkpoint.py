@@ -573,6 +573,10 @@ def check_genes(meta: dict, genes) -> None:
     have = set(map(str, genes))
     missing = [g for g in needed if g not in have]
     if missing:
+        folded = {g.casefold(): g for g in have}
+        case = [(g, folded[g.casefold()]) for g in missing if g.casefold() in folded]
+        cased = (f" Every one is in the data in another case (e.g. {case[0][1]!r} for {case[0][0]!r}): names must match "
+                 "exactly." if len(case) == len(missing) else "")
         raise CheckpointError(f"{len(missing)} of the {len(needed)} genes on the model's grid (its input) are missing "
                               f"from the data (e.g. {missing[:5]}); fix: use data measured on the same genes with the same "
-                              "gene naming (e.g. symbols vs Ensembl ids), or retrain the model on this data.")
+                              f"gene naming (e.g. symbols vs Ensembl ids), or retrain the model on this data.{cased}")

@@ -29,6 +29,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import h5py
@@ -42,7 +43,7 @@ from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_so
 from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
 from masksc.data.validate import check_count
-from masksc.errors import DataError, MaskscError, warn
+from masksc.errors import CheckpointError, DataError, MaskscError, warn
 from masksc.io_utils import (check_output, default_mode, fsync_file, make_folders, publish, remove_empty_folders,
                              reserve)
 from masksc.progress import progress_bar
@@ -519,8 +520,12 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
                               f"but the source is the file {reader.path} itself; fix: drop source_path.")
         origin = Path(source_path) if source_path is not None else reader.path
         check_output(output, origin, overwrite=overwrite)
-        with model.noting_fitted_input(layer, use_raw):
+        try:
             ckpt.check_genes(model.grid.to_dict(), reader.var_names)
+        except CheckpointError as exc:  # an AnnData's var columns may name the genes (symbols beside Ensembl IDs)
+            var = (source.raw.var if use_raw else source.var) if isinstance(source, ad.AnnData) else \
+                pd.DataFrame(index=reader.var_names)
+            model._refuse_missing_genes(exc, SimpleNamespace(var=var), layer, use_raw)
         n, dim = reader.n_obs, model.network.cfg.embedding_dim
         if n == 0:
             raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")

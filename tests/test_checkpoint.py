@@ -369,8 +369,13 @@ def test_gene_mismatch_refused_with_count_and_fix(tmp_path):
     save_checkpoint(tmp_path / "m", model, extra={"grid": layout.to_dict()})
     _, meta = load_model(tmp_path / "m")
     check_genes(meta, GENES + ["extra"])  # a superset is fine
-    with pytest.raises(CheckpointError, match=r"7 of the 60 genes .* missing.*fix"):
+    with pytest.raises(CheckpointError, match=r"7 of the 60 genes .* missing.*fix") as exc:
         check_genes(meta, GENES[:53])
+    assert "another case" not in str(exc.value)
+    cased = [g.upper() for g in GENES[:3]] + GENES[3:]  # mouse symbols written as human ones, say
+    with pytest.raises(CheckpointError, match=rf"3 of the 60 genes .* Every one is in the data in another case \(e\.g\. "
+                                              rf"'{GENES[0].upper()}' for '{GENES[0]}'\): names must match exactly\.$"):
+        check_genes(meta, cased)
     with pytest.raises(CheckpointError, match="no saved gene layout"):
         check_genes({"meta": {}}, GENES)
 

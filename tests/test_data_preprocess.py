@@ -51,6 +51,24 @@ def test_dispersion_equals_scanpy(counts):
     assert np.all(np.diff(ref.loc[p.genes_, "dispersions_norm"].to_numpy()) <= 1e-9)
 
 
+def test_dispersion_leaves_out_genes_that_do_not_vary_as_scanpy_does():
+    """Genes without dispersion (never detected, or alike in every cell) filled n_top_genes;
+    scanpy's seurat flavour never selects them and keeps fewer genes."""
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, size=(200, 50)).astype(np.float32)
+    X[:, :5] = 0  # never detected
+    adata = ad.AnnData(X, var=pd.DataFrame(index=[f"g{i}" for i in range(50)]))
+    for n_top in (10, 48):
+        p = Preprocessor(n_top_genes=n_top, hvg_flavor="dispersion").fit(adata)
+        ref = sc.pp.highly_variable_genes(_lognorm(adata), flavor="seurat", n_top_genes=n_top, inplace=False)
+        assert set(p.genes_) == set(ref.index[ref["highly_variable"]])
+        assert not {"g0", "g1", "g2", "g3", "g4"} & set(p.genes_)
+    assert len(p.genes_) < 48
+    alike = ad.AnnData(np.ones((20, 8), np.float32))
+    with pytest.raises(DataError, match=r"none of the 8 genes varies across the 20 cells"):
+        Preprocessor(n_top_genes=4, hvg_flavor="dispersion").fit(alike)
+
+
 def test_scale_equals_scanpy(counts):
     p = Preprocessor(n_top_genes=100, scale=True, max_value=3.0).fit(counts)
     ref = _lognorm(counts)[:, p.genes_].copy()

@@ -91,7 +91,9 @@ def dispersion_score(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.
 
 
 def rank_genes(score: np.ndarray, n_top: int | None) -> np.ndarray:
-    """Indices of the ``n_top`` highest scores, best first (NaN last); all genes when None.
+    """Indices of the ``n_top`` highest scores, best first, leaving out NaN scores (genes without
+    dispersion: scanpy's ``seurat`` flavour never selects them, so fewer than ``n_top`` may be
+    returned); all genes when None, NaN last.
 
     Scores are compared at 10 significant digits and ties go to the lower gene index, so the
     ranking does not depend on floating-point summation order (chunk size of a streamed fit):
@@ -99,4 +101,4 @@ def rank_genes(score: np.ndarray, n_top: int | None) -> np.ndarray:
     """
     s = np.array([float(f"{v:.10g}") for v in np.where(np.isnan(score), -np.inf, score)])
     order = np.argsort(-s, kind="stable")
-    return order if n_top is None else order[:n_top]
+    return order if n_top is None else order[~np.isnan(score[order])][:n_top]

@@ -331,8 +331,12 @@ class Preprocessor:
             mean, var = hvg.mean_var(acc["norm_s"][cand], acc["norm_ss"][cand], n)
             score = hvg.dispersion_score(mean, var, self.n_bins)
         sel = cand[hvg.rank_genes(score, self.n_top_genes)]
+        if sel.size == 0:
+            raise DataError(f"none of the {cand.size} genes varies across the {n} cells, so none can be selected; fix: "
+                            "check the data (every cell alike?) or pass more cells.")
         if self.n_top_genes is not None and sel.size < self.n_top_genes:
-            log.info("only %d candidate genes for n_top_genes=%d: keeping all", sel.size, self.n_top_genes)
+            log.info("only %d candidate genes for n_top_genes=%d (genes that do not vary are left out): keeping "
+                     "all", sel.size, self.n_top_genes)
         self.genes_ = [str(g) for g in src.var_names[sel]]
         self.input_kind_, self.flavor_, self.n_cells_fit_ = kind, flavor, n
         self.input_genes_ = [str(g) for g in src.var_names]
