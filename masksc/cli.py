@@ -68,9 +68,12 @@ def _seed(text: str) -> int:
 def _map_seed(text: str) -> int:
     """An argparse type: a seed UMAP, t-SNE and sklearn's PCA take too (in [0, 2**32 - 1])."""
     from masksc.checks import is_map_seed
-    value = _seed(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
     if not is_map_seed(value):
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1] (UMAP and PCA take no more), "
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1] (the most UMAP and PCA take), "
                                          f"got {value}")
     return value
 

@@ -413,8 +413,9 @@ def test_demo_rerun_replaces_its_earlier_output_and_nothing_else(tmp_path, capsy
     assert main(["demo", "-o", str(out), "--epochs", "2"]) == 0
     (out / "notes.txt").write_text("mine")
     assert main(["demo", "-o", str(out), "--epochs", "1"]) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert f"replacing the earlier demo in {out}" in printed
+    assert "warning" not in err  # the preset's own grid padding was a warning the user could not act on
     assert sorted(p.name for p in (out / "model").iterdir() if p.name.startswith("epoch-")) == ["epoch-000001"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 1
@@ -749,10 +750,13 @@ def test_ctrl_c_during_fit_is_one_line_naming_resume_once_there_is_a_checkpoint(
     (["plot", "embedding", "E.h5ad", "-o", "p.png", "--seed", str(2**63)], "argument --seed: must be an integer in"),
     (["plot", "attention", "D.h5ad", "--model", "M", "-o", "p.png", "--seed", str(2**63)],
      "argument --seed: must be an integer in"),
-    (["demo", "--seed", str(2**64)], "argument --seed: must be an integer in [0, 2**63 - 1]"),
+    (["demo", "--seed", str(2**64)], f"argument --seed: must be an integer in [0, 2**32 - 1] (the most UMAP and PCA "
+                                     f"take), got {2**64}"),
     # the demo trained, then its PCA reference failed in sklearn with a traceback
-    (["demo", "--seed", str(2**32)], f"argument --seed: must be an integer in [0, 2**32 - 1] (UMAP and PCA take no "
-                                     f"more), got {2**32}"),
+    (["demo", "--seed", str(2**32)], f"argument --seed: must be an integer in [0, 2**32 - 1] (the most UMAP and PCA "
+                                     f"take), got {2**32}"),
+    (["demo", "--seed", "-1"], "argument --seed: must be an integer in [0, 2**32 - 1] (the most UMAP and PCA take), "
+                               "got -1"),  # it named 2**63 - 1
     (["plot", "embedding", "E.h5ad", "-o", "p.png", "--seed", str(2**32)], "must be an integer in [0, 2**32 - 1]"),
 ])
 def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):

@@ -547,6 +547,21 @@ def test_a_table_with_another_separator_names_it(tmp_path, counts):
     _check(read(tmp_path / "comma.txt", format="csv"), X, cells, genes)
 
 
+@pytest.mark.parametrize("comments", [["# exported by tool v1"], ["#v1"], ["# tool, v1"], ["#a", "#b"]])
+def test_comment_lines_above_the_header_are_named(tmp_path, counts, comments):
+    """They were 'no comma separates its values (a space does)', a header of the wrong length or
+    a line of the wrong length; a header whose first name starts with '#' is read as a header."""
+    X, cells, genes = counts
+    text = pd.DataFrame(X, index=cells, columns=genes).to_csv()
+    (tmp_path / "t.csv").write_text("\n".join(comments) + "\n" + text)
+    with pytest.raises(DataError, match=rf"t\.csv: its first line \({comments[0]!r}\) starts with '#': a comment, "
+                                        r"which is not skipped, read as the header; fix: delete the comment lines "
+                                        r"above the header row \(e\.g\. grep -v '\^#' old\.csv > new\.csv\)\.$"):
+        read(tmp_path / "t.csv")
+    (tmp_path / "h.csv").write_text("#" + text)  # "#,g0,g1,...": a header after all
+    _check(read(tmp_path / "h.csv"), X, cells, genes)
+
+
 def _mtx_folder(d, X, cells, genes, prefix="", cells_by_genes=False, barcode_header=False):
     d.mkdir(exist_ok=True)
     scipy.io.mmwrite(str(d / f"{prefix}matrix.mtx"), sp.coo_matrix(X if cells_by_genes else X.T))

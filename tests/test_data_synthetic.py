@@ -76,3 +76,27 @@ def test_sizes_that_are_not_positive_whole_numbers_are_refused_by_name(tmp_path)
     assert not list(tmp_path.iterdir())
     write_synthetic_h5ad(tmp_path / "s.h5ad", np.int64(30), n_genes=np.int16(10), chunk_size=np.int32(8))
     assert read(tmp_path / "s.h5ad").shape == (30, 10)
+
+
+def test_model_settings_are_checked_and_a_misspelled_one_is_refused(tmp_path):
+    """write_synthetic_h5ad read its model settings from **kwargs by name, so drop_out=0.9 wrote
+    the defaults without a word; NaN dropout acted as 0, mean_library=0 gave no counts, a bad
+    seed was numpy's error."""
+    import pytest
+
+    from masksc.errors import DataError
+    with pytest.raises(TypeError, match="drop_out"):
+        write_synthetic_h5ad(tmp_path / "s.h5ad", 30, n_genes=10, drop_out=0.9)
+    write_synthetic_h5ad(tmp_path / "s.h5ad", 30, n_genes=40, seed=3, dropout=0.9, mean_library=50.0)
+    mem = synthetic(30, n_genes=40, seed=3, dropout=0.9, mean_library=50.0)
+    np.testing.assert_array_equal(read(tmp_path / "s.h5ad").X.toarray(), mem.X.toarray())
+    assert mem.X.nnz < synthetic(30, n_genes=40, seed=3, mean_library=50.0).X.nnz  # the setting is used
+    for kwargs, message in (({"dropout": float("nan")}, r"dropout must be a number in \[0, 1\] \(a probability\), "
+                                                        r"got nan"),
+                            ({"dropout": 2}, r"dropout must be a number in \[0, 1\]"),
+                            ({"mean_library": 0}, r"mean_library must be a number > 0 \(counts per cell\), got 0"),
+                            ({"library_sigma": -1}, r"library_sigma must be a number >= 0, got -1"),
+                            ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63 - 1\], got -1"),
+                            ({"seed": None}, r"seed must be an integer")):
+        with pytest.raises(DataError, match=message):
+            synthetic(30, n_genes=10, **kwargs)

@@ -620,15 +620,27 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     header, header_end = _header_row(path, sep)
     if header is None:
         raise DataError(f"{path} is empty; fix: check the path, or write the table again.")
+    def refuse_comment():  # a line such as "# exported by ..." above the header is read as the header
+        if str(header[0]).lstrip().startswith("#"):
+            line = sep.join(map(str, header))
+            raise DataError(f"{path}: its first line ({line[:60] + ('...' if len(line) > 60 else '')!r}) starts "
+                            "with '#': a comment, which is not skipped, read as the header; fix: delete the comment "
+                            "lines above the header row (e.g. grep -v '^#' old.csv > new.csv).")
+
     marks = {",": "comma", "\t": "tab", ";": "semicolon", " ": "space"}
     seen = [mark for mark in marks if mark != sep and mark in header[0].strip()]
-    if len(header) == 1 and seen:  # one column of one gene is a table too; one holding another separator is not
+    if len(header) == 1 and seen:
+        refuse_comment()  # one column of one gene is a table too; one holding another separator is not
         fix = {",": "format='csv' (--format csv)", "\t": "format='tsv' (--format tsv)"}.get(
             seen[0], f"write the table again with a {marks[sep]} between values, e.g. pandas.read_csv(path, "
                      f"sep={seen[0]!r}, index_col=0).to_csv(new_path, sep={sep!r})")
         raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values (a "
                         f"{marks[seen[0]]} does); fix: {fix}.")
-    _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
+    try:
+        _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
+    except DataError:  # "# b" on line 2 of two comment lines: the comment is the cause
+        refuse_comment()
+        raise
     try:
         with past_header() as fh:
             body = pd.read_csv(fh, sep=sep, header=None)
@@ -647,6 +659,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     n_values = max(body.shape[1] - (0 if unnamed else 1), 0)
     check_not_empty(np.broadcast_to(np.float32(0), (len(body), n_values)))  # shape only
     if len(header) not in (n_values, n_values + 1):
+        refuse_comment()
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")

@@ -16,6 +16,7 @@ Cells are generated in fixed blocks of ``BLOCK`` cells, each from a generator se
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import anndata as ad
@@ -24,8 +25,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from masksc.checks import check_seed, is_number
 from masksc.data.io import gene_names
 from masksc.data.validate import check_count
+from masksc.errors import DataError
 from masksc.io_utils import atomic_write
 from masksc.progress import progress_bar
 
@@ -46,9 +49,15 @@ class _Model:
 
 def _model(n_genes, n_types, seed, mean_library, library_sigma, dropout) -> _Model:
     n_genes, n_types = check_count("n_genes", n_genes, "genes"), check_count("n_types", n_types, "cell types")
-    rng = np.random.default_rng([seed, 0])
+    seed = check_seed(seed)
     if mean_library is None:
         mean_library = 900.0 * n_genes / 4096
+    for name, value, ok, rule in (("mean_library", mean_library, lambda v: v > 0, "> 0 (counts per cell)"),
+                                  ("library_sigma", library_sigma, lambda v: v >= 0, ">= 0"),
+                                  ("dropout", dropout, lambda v: 0 <= v <= 1, "in [0, 1] (a probability)")):
+        if not is_number(value) or not math.isfinite(value) or not ok(value):
+            raise DataError(f"{name} must be a number {rule}, got {value!r}.")
+    rng = np.random.default_rng([seed, 0])
     base = rng.lognormal(0.0, 1.5, n_genes)
     fold = np.ones((n_types, n_genes))
     n_prog = max(1, int(round(0.03 * n_genes)))
@@ -100,7 +109,8 @@ def synthetic(n_cells: int, n_genes: int = 4096, n_types: int = 10, seed: int = 
 
 
 def write_synthetic_h5ad(path, n_cells: int, n_genes: int = 4096, n_types: int = 10, seed: int = 0,
-                         chunk_size: int = 16 * BLOCK, **model_kw) -> None:
+                         mean_library: float | None = None, library_sigma: float = 0.5, dropout: float = 0.3,
+                         chunk_size: int = 16 * BLOCK) -> None:
     """Write :func:`synthetic` data to ``path`` (.h5ad, X as CSR) chunk by chunk.
 
     Memory is bounded by one chunk (``chunk_size`` cells, rounded up to a multiple of BLOCK)
@@ -110,8 +120,7 @@ def write_synthetic_h5ad(path, n_cells: int, n_genes: int = 4096, n_types: int =
     ``backed="r"``) and :func:`masksc.data.iter_chunks`.
     """
     n_cells, chunk_size = check_count("n_cells", n_cells), check_count("chunk_size", chunk_size)
-    m = _model(n_genes, n_types, seed, model_kw.get("mean_library"), model_kw.get("library_sigma", 0.5),
-               model_kw.get("dropout", 0.3))
+    m = _model(n_genes, n_types, seed, mean_library, library_sigma, dropout)
     per_chunk = max(1, -(-chunk_size // BLOCK))
     labels = np.empty(n_cells, dtype=np.int64)
     with atomic_write(path, suffix=".h5ad") as tmp, h5py.File(tmp, "w") as f:
