@@ -18,6 +18,9 @@ COMMITTED_RESULTS = Path(__file__).resolve().parent / "results"
 # where every script writes: the committed figures the README quotes, or, for a trial run that
 # must leave those alone, the folder MASKSC_BENCH_RESULTS names
 RESULTS = Path(os.environ.get("MASKSC_BENCH_RESULTS") or COMMITTED_RESULTS).resolve()
+if RESULTS.exists() and not RESULTS.is_dir():  # found before the benchmark runs, not when its results are written
+    raise SystemExit(f"MASKSC_BENCH_RESULTS={os.environ['MASKSC_BENCH_RESULTS']} is a file; fix: name a folder "
+                     "(it is created if missing).")
 
 
 def positive_int(text: str) -> int:

@@ -62,8 +62,9 @@ def bench_kmeans(n: int, k: int, iters: int, n_init: int, rows: list) -> None:
     from sklearn.metrics import adjusted_rand_score as ari
 
     X, y = mixture(n, k=k)
-    for warm in (lambda: KMeans(k, n_init=1, max_iter=2, random_state=0).fit(X[:4096]),  # thread pools start once
-                 lambda: cluster.kmeans(X[:4096], k, seed=0, n_init=1, max_iter=2)):
+    few = X[:max(4096, k)]
+    for warm in (lambda: KMeans(k, n_init=1, max_iter=2, random_state=0).fit(few),  # thread pools start once
+                 lambda: cluster.kmeans(few, k, seed=0, n_init=1, max_iter=2)):
         warm()
     sk_km = KMeans(k, n_init=n_init, max_iter=iters, tol=0.0, algorithm="lloyd", random_state=0)
     sk, t_sk = timed(lambda: sk_km.fit(X))

@@ -237,6 +237,7 @@ def main() -> None:
     settings = {"device": device_info(_device())["device"], "preset": args.preset,
                 "model": f"{args.preset} preset trained {args.train_epochs} epochs on the first {args.train_cells} "
                          "cells (pipeline.fit, streamed, teacher with default settings)",
+                "preset_config": _preset_hash(args.preset),  # the preset's fields change between releases
                 "kmeans": {"n_init": args.n_init, "max_iter": args.kmeans_iters}, "embed_batch": args.embed_batch}
     rows = _merge_previous(f"scale{args.tag}", settings, rows)
     print()

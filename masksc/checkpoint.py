@@ -570,11 +570,14 @@ def check_genes(meta: dict, genes) -> None:
         raise CheckpointError("the checkpoint has no saved gene layout, so new data cannot be matched to it; "
                               "save the model with extra={'grid': GridLayout.to_dict()}.")
     needed = [g for g in grid["genes"] if g]
-    have = set(map(str, genes))
+    needed_set, have = set(needed), set(map(str, genes))
     missing = [g for g in needed if g not in have]
     if missing:
-        folded = {g.casefold(): g for g in have}
-        case = [(g, folded[g.casefold()]) for g in missing if g.casefold() in folded]
+        folded = {}  # the data's names the model lacks, by lower case (the first in the data's order)
+        for name in map(str, genes):
+            if name not in needed_set:
+                folded.setdefault(name.lower(), name)
+        case = [(g, folded[g.lower()]) for g in missing if g.lower() in folded]
         cased = (f" Every one is in the data in another case (e.g. {case[0][1]!r} for {case[0][0]!r}): names must match "
                  "exactly." if len(case) == len(missing) else "")
         raise CheckpointError(f"{len(missing)} of the {len(needed)} genes on the model's grid (its input) are missing "

@@ -76,7 +76,7 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
         raise MaskscError(f"output {path} is {found}, not {want}; fix: choose another output path.")
     if not overwrite and not folder and os.path.lexists(path):  # a symlink pointing nowhere is there too
         what = "exists" if path.exists() else f"is a symlink to {os.readlink(path)}, which leads to no file"
-        raise MaskscError(f"output {path} {what}; fix: pass --overwrite to replace it, or choose a new path "
+        raise MaskscError(f"output {path} {what}; fix: pass --overwrite (overwrite=True) to replace it, or choose a new path "
                           f"({flag}).")
     existing = nearest_existing(path if folder and not via_sibling else path.parent)
     if not existing.is_dir():

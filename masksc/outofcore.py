@@ -477,6 +477,21 @@ def _writable_obs(obs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _gene_annotations(source, reader: RowReader, use_raw: bool) -> pd.DataFrame:
+    """The ``var`` table (of ``.raw`` with ``use_raw``) of an AnnData or ``.h5ad`` source, whose
+    columns may name genes otherwise than its index; an empty one for other sources or a var
+    that cannot be read."""
+    if isinstance(source, ad.AnnData):
+        return source.raw.var if use_raw else source.var
+    if reader.path is not None and detect_format(reader.path) == "h5ad":
+        try:
+            with h5py.File(reader.path, "r") as f:
+                return ad.io.read_elem(f["raw/var" if use_raw else "var"])
+        except (OSError, KeyError, ValueError, TypeError):
+            pass
+    return pd.DataFrame(index=reader.var_names)
+
+
 def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 1024, chunk_size: int = 16_384,
                device: str | torch.device | None = None, amp: bool = True, dist=None,
                progress: bool = True, layer: str | None = None, use_raw: bool = False,
@@ -522,10 +537,9 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         check_output(output, origin, overwrite=overwrite)
         try:
             ckpt.check_genes(model.grid.to_dict(), reader.var_names)
-        except CheckpointError as exc:  # an AnnData's var columns may name the genes (symbols beside Ensembl IDs)
-            var = (source.raw.var if use_raw else source.var) if isinstance(source, ad.AnnData) else \
-                pd.DataFrame(index=reader.var_names)
-            model._refuse_missing_genes(exc, SimpleNamespace(var=var), layer, use_raw)
+        except CheckpointError as exc:  # a var column may name the genes (symbols beside Ensembl IDs)
+            model._refuse_missing_genes(exc, SimpleNamespace(var=_gene_annotations(source, reader, use_raw)), layer,
+                                        use_raw)
         n, dim = reader.n_obs, model.network.cfg.embedding_dim
         if n == 0:
             raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")

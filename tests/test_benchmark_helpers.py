@@ -234,3 +234,9 @@ def test_a_benchmark_writes_to_the_folder_masksc_bench_results_names(tmp_path):
     rows = json.loads((tmp_path / "trial" / "cluster.json").read_text())["rows"]
     assert [r["n"] for r in rows] == [40, 40, 40]
     assert (root / "benchmarks" / "results" / "cluster.json").read_bytes() == committed
+    (tmp_path / "trial.json").write_text("")  # a file: refused before the benchmark runs, not after
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_cluster.py"), "--help"],
+                          env={**env, "MASKSC_BENCH_RESULTS": str(tmp_path / "trial.json")}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith(
+        f"MASKSC_BENCH_RESULTS={tmp_path / 'trial.json'} is a file; fix: name a folder (it is created if missing).")

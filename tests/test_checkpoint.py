@@ -376,6 +376,12 @@ def test_gene_mismatch_refused_with_count_and_fix(tmp_path):
     with pytest.raises(CheckpointError, match=rf"3 of the 60 genes .* Every one is in the data in another case \(e\.g\. "
                                               rf"'{GENES[0].upper()}' for '{GENES[0]}'\): names must match exactly\.$"):
         check_genes(meta, cased)
+    both = {"genes": ["Actb", "ACTB", "Gapdh"]}  # the model has both: ACTB is its own gene, not Actb in another case
+    with pytest.raises(CheckpointError) as exc:
+        check_genes(both, ["ACTB", "Gapdh"])
+    assert "another case" not in str(exc.value)
+    with pytest.raises(CheckpointError, match=r"\(e\.g\. 'Actb' for 'actb'\)"):  # the data's first, every run
+        check_genes({"genes": ["actb"]}, ["Actb", "ACTB"])
     with pytest.raises(CheckpointError, match="no saved gene layout"):
         check_genes({"meta": {}}, GENES)
 

@@ -332,8 +332,10 @@ class Preprocessor:
             score = hvg.dispersion_score(mean, var, self.n_bins)
         sel = cand[hvg.rank_genes(score, self.n_top_genes)]
         if sel.size == 0:
-            raise DataError(f"none of the {cand.size} genes varies across the {n} cells, so none can be selected; fix: "
-                            "check the data (every cell alike?) or pass more cells.")
+            raise DataError(f"none of the {cand.size} genes has a dispersion score to rank it by: none varies across the "
+                            f"{n} cells, or the dispersions of each mean bin tie exactly (scanpy's seurat flavour "
+                            "leaves such genes out); fix: check the data (every cell alike?), or keep every gene "
+                            "(n_top_genes=None).")
         if self.n_top_genes is not None and sel.size < self.n_top_genes:
             log.info("only %d candidate genes for n_top_genes=%d (genes that do not vary are left out): keeping "
                      "all", sel.size, self.n_top_genes)
