@@ -657,8 +657,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"masksc {args.command}: error: {said}; fix: {fix}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        saved = args.command == "fit" and os.path.lexists(Path(args.output) / "last")
-        again = f"; continue with the same command and --resume (checkpoints are in {args.output})" if saved else ""
+        saved = args.command in ("fit", "demo") and \
+            os.path.lexists(Path(args.output) / ("model" if args.command == "demo" else "") / "last")
+        again = "" if not saved else \
+            f"; continue with the same command and --resume (checkpoints are in {args.output})" if args.command == "fit" \
+            else f"; {Path(args.output) / 'model'} keeps the checkpoints saved so far (a rerun of the demo replaces them)"
         stopped = isinstance(exc, Terminated)
         print(f"masksc {args.command}: {'terminated' if stopped else 'interrupted'}{again}.", file=sys.stderr)
         return 128 + (signal.SIGTERM if stopped else signal.SIGINT)

@@ -483,6 +483,12 @@ def test_a_demo_rerun_stopped_before_its_first_checkpoint_leaves_a_folder_the_de
     capsys.readouterr()
     assert main(["demo", "-o", str(out), "--epochs", "1"]) == 130  # accepted: it got as far as training again
     assert "no earlier demo's model" not in capsys.readouterr().err
+    monkeypatch.undo()
+    import masksc.pl
+    monkeypatch.setattr(masksc.pl, "embedding", stopped)  # after training: the message says where its checkpoints are
+    assert main(["demo", "-o", str(out), "--epochs", "1"]) == 130
+    assert capsys.readouterr().err.endswith(f"masksc demo: interrupted; {out / 'model'} keeps the checkpoints saved so "
+                                            "far (a rerun of the demo replaces them).\n")
 
 
 def test_a_demo_never_deletes_a_demo_still_running_in_its_folder(tmp_path, capsys):
