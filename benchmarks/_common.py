@@ -18,9 +18,10 @@ COMMITTED_RESULTS = Path(__file__).resolve().parent / "results"
 # where every script writes: the committed figures the README quotes, or, for a trial run that
 # must leave those alone, the folder MASKSC_BENCH_RESULTS names
 RESULTS = Path(os.environ.get("MASKSC_BENCH_RESULTS") or COMMITTED_RESULTS).resolve()
-if RESULTS.exists() and not RESULTS.is_dir():  # found before the benchmark runs, not when its results are written
-    raise SystemExit(f"MASKSC_BENCH_RESULTS={os.environ['MASKSC_BENCH_RESULTS']} is a file; fix: name a folder "
-                     "(it is created if missing).")
+_existing = next(p for p in (RESULTS, *RESULTS.parents) if p.exists())
+if not _existing.is_dir():  # found before the benchmark runs, not when its results are written
+    raise SystemExit(f"MASKSC_BENCH_RESULTS={os.environ['MASKSC_BENCH_RESULTS']}: {_existing} is a file; fix: name a "
+                     "folder (it is created if missing).")
 
 
 def positive_int(text: str) -> int:

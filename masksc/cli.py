@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from masksc import progress
+from masksc import __version__, progress
 from masksc.cluster import LEIDEN_RESOLUTION, N_NEIGHBORS
 from masksc.data.io import FORMATS
 from masksc.errors import DataError, MaskscError, UncheckedGenesWarning, counted
@@ -311,10 +311,12 @@ def cmd_evaluate(args) -> int:
     adata = _read_h5ad(args.data)
     scores = tl.evaluate(adata, label_key=args.label_key, cluster_key=args.cluster_key, use_rep=args.use_rep,
                          silhouette_sample=args.silhouette_cells or None, seed=args.seed)
-    _print_metrics(scores)
-    if args.json:
+    if args.json:  # before printing: a reader gone from the pipe (`| head`) does not cost the file
         with atomic_write(args.json, replace=args.overwrite) as tmp:
             tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    _print_metrics(scores)
+    if args.json:
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -396,8 +398,10 @@ def cmd_plot(args) -> int:
         adata = _read_h5ad(args.data, backed=True)  # the expression stays on disk unless a gene is coloured
         if args.use_rep not in adata.obsm and f"X_{args.use_rep}" not in adata.obsm:
             adata.file.close()
-            raise MaskscError(f"{args.data} has no obsm[{args.use_rep!r}] (its obsm: {list(adata.obsm)}); fix: "
-                              "`masksc embed` the counts first, or pass --use-rep one of those.")
+            held = (f"its obsm: {list(adata.obsm)}", ", or pass --use-rep one of those") if len(adata.obsm) else \
+                ("its obsm is empty", "")
+            raise MaskscError(f"{args.data} has no obsm[{args.use_rep!r}] ({held[0]}); fix: `masksc embed` the counts "
+                              f"first{held[1]}.")
         try:
             out = pl.embedding(adata, args.color, output, method=args.method, basis=args.use_rep, seed=args.seed,
                                max_cells=args.max_cells, layer=args.layer, use_raw=args.use_raw,
@@ -430,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``masksc`` command."""
     p = argparse.ArgumentParser(prog="masksc", description="Masked expression modeling (mask-sc) for "
                                 "single-cell RNA-seq: learn cell embeddings and cluster cells.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log masksc's debug messages and show tracebacks (also taken after COMMAND)")
+    p.add_argument("--version", action="version", version=f"masksc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_args(sp):
@@ -614,12 +620,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv) if argv_given else sys.argv[1:]
     parser = build_parser()
     args, stray = parser.parse_known_args(argv)
+    if {"-v", "--verbose"} & set(stray):  # after the command, where people often put it
+        args.verbose = True
+        stray = [s for s in stray if s not in ("-v", "--verbose")]
     if stray:  # with the usage of the command they follow (e.g. `--color KEY`, one value a flag)
         before_command = argv.index(stray[0]) < argv.index(args.command)
         (parser if before_command else args.command_parser).error(f"unrecognized arguments: {' '.join(stray)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every SIMD build it tried
+    # other libraries' warnings, masksc's own info (debug with -v): numba's debug alone is tens of thousands of lines
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("masksc").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not argv_given and hasattr(sys.stdout, "reconfigure"):  # a name the terminal's encoding lacks is printed
+        sys.stdout.reconfigure(errors="backslashreplace")  # escaped, not a UnicodeEncodeError after the work
     t0 = time.time()
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -640,7 +652,18 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = show_warning
             _check_backend()
             code = args.func(args)
+            sys.stdout.flush()  # a closed pipe is found here, not in the interpreter's exit
         finished = True
+    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as Unix tools do
+        if not argv_given:  # and the interpreter's last flush finds nothing to write
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.dup2(null, sys.stderr.fileno())
+        return 128 + signal.SIGPIPE
+    except Warning as exc:  # PYTHONWARNINGS=error / -W error makes warnings exceptions: one line, as errors are
+        print(f"masksc {args.command}: error: {exc} (a warning, raised as an error by the warnings filter, e.g. "
+              "PYTHONWARNINGS=error)", file=sys.stderr)
+        return 2
     except (MaskscError, FileNotFoundError) as exc:
         print(f"masksc {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -105,7 +105,9 @@ def _coords_2d(Z: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
         method = "tsne"
     if method == "umap":
         try:
-            import umap
+            with warnings.catch_warnings():  # its own import-time notes (no TensorFlow: no ParametricUMAP) are not ours
+                warnings.simplefilter("ignore")
+                import umap
         except Exception as exc:  # numba/llvmlite failures surface as non-ImportError exceptions too
             warn(f"umap-learn is unavailable ({exc}); falling back to t-SNE.")
             method = "tsne"

@@ -239,4 +239,5 @@ def test_a_benchmark_writes_to_the_folder_masksc_bench_results_names(tmp_path):
                           env={**env, "MASKSC_BENCH_RESULTS": str(tmp_path / "trial.json")}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 1 and proc.stderr.strip().endswith(
-        f"MASKSC_BENCH_RESULTS={tmp_path / 'trial.json'} is a file; fix: name a folder (it is created if missing).")
+        f"MASKSC_BENCH_RESULTS={tmp_path / 'trial.json'}: {tmp_path / 'trial.json'} is a file; fix: name a folder (it "
+        "is created if missing).")

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -20,7 +21,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from masksc.cli import main
-from masksc.data import write_synthetic_h5ad
+from masksc.data import synthetic, write_synthetic_h5ad
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "demo", "--epochs", "2", "--grid", "16x16", "--batch-size", "50", "--set", "embed_dim=32",
@@ -777,7 +778,7 @@ def test_bad_numbers_and_names_are_refused_by_the_parser(argv, message, capsys):
      "usage: masksc plot embedding [-h] [--color KEY]", "masksc_cluster"),
     (["fit", "DATA", "-o", "M", "--set", "embed_dim=32", "depth=1"], "usage: masksc fit [-h]", "depth=1"),
     (["cluster", "E.h5ad", "-o", "C.h5ad", "--bogus"], "usage: masksc cluster [-h]", "--bogus"),
-    (["--bogus", "cluster", "E.h5ad", "-o", "C.h5ad"], "usage: masksc [-h] [-v] COMMAND", "--bogus"),
+    (["--bogus", "cluster", "E.h5ad", "-o", "C.h5ad"], "usage: masksc [-h] [-v] [--version] COMMAND", "--bogus"),
 ])
 def test_stray_arguments_are_reported_with_the_commands_usage(argv, usage, stray, capsys):
     """`--color a b` (one value a flag) shows the command's usage, which says so, not the top-level one;
@@ -875,6 +876,56 @@ def test_cluster_logs_no_faiss_loader_lines(embedded, tmp_path):
                           str(tmp_path / "c.h5ad")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and (tmp_path / "c.h5ad").is_file()
     assert "faiss" not in out.stderr and "ModuleNotFoundError" not in out.stderr, out.stderr
+
+
+def test_verbose_logs_masksc_debug_not_other_libraries_and_is_taken_after_the_command(embedded, tmp_path):
+    """-v set the root logger to DEBUG: a t-SNE map logged 225 lines of matplotlib's font search
+    (UMAP tens of thousands of numba's); and `-v` after the command was an unrecognised argument."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "masksc", "plot", "embedding", str(embedded), "-o",
+                          str(tmp_path / "m.png"), "--method", "tsne", "--color", "label", "-v"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and (tmp_path / "m.png").is_file(), out.stderr
+    lines = out.stderr.splitlines()
+    assert all(" masksc" in line for line in lines) and any("INFO masksc.pl: t-SNE of" in line for line in lines), \
+        out.stderr
+
+
+def test_a_reader_gone_from_the_pipe_stops_the_command_quietly_after_its_files(embedded, tmp_path):
+    """`masksc evaluate --json s.json | true` (stdout unbuffered, as in many containers) printed
+    'error: [Errno 32] Broken pipe', exited 2 and never wrote s.json; buffered, Python's own
+    'Exception ignored ... BrokenPipeError' and exit 120."""
+    for unbuffered in ("1", ""):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED=unbuffered)
+        scores = tmp_path / f"s{unbuffered}.json"
+        proc = subprocess.Popen([sys.executable, "-m", "masksc", "evaluate", str(embedded), "--no-labels",
+                                 "--cluster-key", "label", "--json", str(scores)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader is gone before the command prints
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 141 and "error" not in err.lower(), err
+        assert json.loads(scores.read_text())["silhouette"] <= 1
+
+
+def test_warnings_made_errors_are_one_line_errors(tmp_path, capsys):
+    """PYTHONWARNINGS=error (or -W error) made a warning a traceback and exit 1."""
+    few = ad.AnnData(np.zeros((10, 2), np.float32))
+    few.obsm["X_masksc"] = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    few.write_h5ad(tmp_path / "few.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["plot", "embedding", str(tmp_path / "few.h5ad"), "-o", str(tmp_path / "m.png")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "masksc plot: error: 10 cells are too few for UMAP's spectral layout (it needs 16); drawing them with t-SNE "
+        "(a warning, raised as an error by the warnings filter, e.g. PYTHONWARNINGS=error)")
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_version(capsys):
+    from masksc import __version__
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"masksc {__version__}\n"
 
 
 def test_cluster_leiden_options_reach_leiden(embedded, tmp_path):
@@ -1345,3 +1396,25 @@ def test_use_raw_reads_scanpys_layout_as_the_log_values_in_x_are_read(tmp_path, 
     assert main(["embed", str(tmp_path / "log.h5ad"), "--model", str(tmp_path / "m_log"), "-o",
                  str(tmp_path / "e2.h5ad"), "--use-raw"]) == 2
     assert "has no .raw to read with use_raw (--use-raw); fix: drop it" in capsys.readouterr().err
+
+
+def test_the_demo_quiets_only_its_own_presets_grid_padding(monkeypatch):
+    """The demo preset's 28 x 28 grid pads the demo's 765 genes: no news to a user. A grid or
+    another setting given through fit_and_score (benchmarks/demo_seeds.py --set) keeps its warning."""
+    import masksc.demo
+    from masksc import tl
+    from masksc.data import GridLayout
+
+    class Fitted(Exception):
+        pass
+
+    def fit(adata, preset, **kwargs):
+        GridLayout.fit(None, [f"g{i}" for i in range(3)], shape=(2, 2), patch=1)  # warns: 3 genes for 4 positions
+        raise Fitted
+    monkeypatch.setattr(tl, "fit", fit)
+    for kwargs, warned in (({"epochs": 1, "model_dir": None}, False), ({"grid_shape": (64, 64)}, True)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(Fitted):
+                masksc.demo.fit_and_score(synthetic(10, n_genes=5, n_types=2), 0, **kwargs)
+        assert any("padding the last 1 positions" in str(w.message) for w in seen) == warned, kwargs

@@ -547,19 +547,38 @@ def test_a_table_with_another_separator_names_it(tmp_path, counts):
     _check(read(tmp_path / "comma.txt", format="csv"), X, cells, genes)
 
 
-@pytest.mark.parametrize("comments", [["# exported by tool v1"], ["#v1"], ["# tool, v1"], ["#a", "#b"]])
+@pytest.mark.parametrize("comments", [["# exported by tool v1"], ["#v1"], ["# tool, v1"], ["", "#a", "#b"]])
 def test_comment_lines_above_the_header_are_named(tmp_path, counts, comments):
     """They were 'no comma separates its values (a space does)', a header of the wrong length or
-    a line of the wrong length; a header whose first name starts with '#' is read as a header."""
+    a line of the wrong length."""
+    X, cells, genes = counts
+    text = "\n".join(comments) + "\n" + pd.DataFrame(X, index=cells, columns=genes).to_csv()
+    (tmp_path / "t.csv").write_text(text)
+    with gzip.open(tmp_path / "t.csv.gz", "wt") as fh:
+        fh.write(text)
+    what = (rf"line 1 \({comments[0]!r}\) is a comment \('#'\), which is not skipped: it" if len(comments) == 1 else
+            r"lines 2-3 \('#a', \.\.\.\) are comments \('#'\), which are not skipped: the first")  # after the blank
+    for name, cmd in (("t.csv", r"grep -v '\^#' t\.csv > new\.csv"),
+                      ("t.csv.gz", r"zcat t\.csv\.gz \| grep -v '\^#' > new\.csv")):
+        with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: {what} would be read as the header; fix: "
+                                            rf"delete the comment lines above the header row, e\.g\. {cmd}\.$"):
+            read(tmp_path / name)
+
+
+def test_headers_starting_with_a_hash_are_headers_and_keep_their_tables_messages(tmp_path, counts):
+    """'#,g0,...' or '#cell,g0,...' over rows of as many fields is a header; a fault of its table
+    (a row cut short, a header short of names) was blamed on a comment, with advice deleting it."""
     X, cells, genes = counts
     text = pd.DataFrame(X, index=cells, columns=genes).to_csv()
-    (tmp_path / "t.csv").write_text("\n".join(comments) + "\n" + text)
-    with pytest.raises(DataError, match=rf"t\.csv: its first line \({comments[0]!r}\) starts with '#': a comment, "
-                                        r"which is not skipped, read as the header; fix: delete the comment lines "
-                                        r"above the header row \(e\.g\. grep -v '\^#' old\.csv > new\.csv\)\.$"):
-        read(tmp_path / "t.csv")
-    (tmp_path / "h.csv").write_text("#" + text)  # "#,g0,g1,...": a header after all
-    _check(read(tmp_path / "h.csv"), X, cells, genes)
+    for head in ("#", "#cell"):
+        (tmp_path / "h.csv").write_text(head + text)
+        _check(read(tmp_path / "h.csv"), X, cells, genes)
+        (tmp_path / "cut.csv").write_text(head + text.rstrip("\n").rsplit(",", 1)[0] + "\n")
+        with pytest.raises(DataError, match=r"its last line holds \d+ of the \d+ fields"):
+            read(tmp_path / "cut.csv")
+    (tmp_path / "short.csv").write_text("#cell," + ",".join(genes[:-2]) + "\n" + text.split("\n", 1)[1])
+    with pytest.raises(DataError, match=r"the header names \d+ columns but the rows hold a name and \d+ values"):
+        read(tmp_path / "short.csv")
 
 
 def _mtx_folder(d, X, cells, genes, prefix="", cells_by_genes=False, barcode_header=False):

@@ -100,3 +100,9 @@ def test_model_settings_are_checked_and_a_misspelled_one_is_refused(tmp_path):
                             ({"seed": None}, r"seed must be an integer")):
         with pytest.raises(DataError, match=message):
             synthetic(30, n_genes=10, **kwargs)
+    import fractions
+    same = synthetic(30, n_genes=40, seed=3, mean_library=fractions.Fraction(50), library_sigma=-0.0)
+    np.testing.assert_array_equal(same.X.toarray(), synthetic(30, n_genes=40, seed=3, mean_library=50.0,
+                                                             library_sigma=0.0).X.toarray())
+    with pytest.raises(TypeError):  # chunk_size was the 6th positional argument: now it cannot be taken for another
+        write_synthetic_h5ad(tmp_path / "p.h5ad", 30, 10, 2, 0, 2048)

@@ -620,27 +620,16 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     header, header_end = _header_row(path, sep)
     if header is None:
         raise DataError(f"{path} is empty; fix: check the path, or write the table again.")
-    def refuse_comment():  # a line such as "# exported by ..." above the header is read as the header
-        if str(header[0]).lstrip().startswith("#"):
-            line = sep.join(map(str, header))
-            raise DataError(f"{path}: its first line ({line[:60] + ('...' if len(line) > 60 else '')!r}) starts "
-                            "with '#': a comment, which is not skipped, read as the header; fix: delete the comment "
-                            "lines above the header row (e.g. grep -v '^#' old.csv > new.csv).")
-
+    _refuse_comment_lines(Path(path), sep)
     marks = {",": "comma", "\t": "tab", ";": "semicolon", " ": "space"}
     seen = [mark for mark in marks if mark != sep and mark in header[0].strip()]
-    if len(header) == 1 and seen:
-        refuse_comment()  # one column of one gene is a table too; one holding another separator is not
+    if len(header) == 1 and seen:  # one column of one gene is a table too; one holding another separator is not
         fix = {",": "format='csv' (--format csv)", "\t": "format='tsv' (--format tsv)"}.get(
             seen[0], f"write the table again with a {marks[sep]} between values, e.g. pandas.read_csv(path, "
                      f"sep={seen[0]!r}, index_col=0).to_csv(new_path, sep={sep!r})")
         raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values (a "
                         f"{marks[seen[0]]} does); fix: {fix}.")
-    try:
-        _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
-    except DataError:  # "# b" on line 2 of two comment lines: the comment is the cause
-        refuse_comment()
-        raise
+    _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
     try:
         with past_header() as fh:
             body = pd.read_csv(fh, sep=sep, header=None)
@@ -659,7 +648,6 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     n_values = max(body.shape[1] - (0 if unnamed else 1), 0)
     check_not_empty(np.broadcast_to(np.float32(0), (len(body), n_values)))  # shape only
     if len(header) not in (n_values, n_values + 1):
-        refuse_comment()
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "
                         "values; fix: write one header name per value column (a first name for the cell column "
                         "is optional).")
@@ -721,6 +709,39 @@ def _holds_names(path, title: str, column: pd.Series, transpose: bool) -> bool:
         warn(f"{path}: its first column {title!r} holds distinct whole numbers, read as the first {value}'s counts; "
              f"if they are {names}, title that column {title_for}")
     return False
+
+
+def _refuse_comment_lines(path: Path, sep: str) -> None:
+    """DataError naming comment lines ("# exported by ...") above a table's header, which the
+    reader would take for the header. A first line starting with '#' is taken for a comment when
+    another '#' line follows it, or when it holds one field or '#' and a space and the line after
+    it holds another number of fields: '#cell,g1,g2' or '#,g1,g2' over rows of as many fields is a
+    header, and its table's other faults keep their own messages."""
+    comments, after = [], None
+    try:
+        with _open_text(path, encoding="utf-8-sig") as fh:
+            for number, line in enumerate(fh, 1):
+                text = line.rstrip("\r\n")
+                if not text.strip():
+                    continue  # blank lines before the header are skipped
+                if not text.lstrip().startswith("#"):
+                    after = text
+                    break
+                comments.append((number, text))
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error):  # the reader names what is wrong with the file
+        return
+    if not comments or after is None:
+        return
+    (number, first), fields = comments[0], len(comments[0][1].split(sep))
+    if len(comments) == 1 and (fields > 1 and not first.lstrip().startswith("# ") or fields == len(after.split(sep))):
+        return
+    shown = repr(first[:60] + ("..." if len(first) > 60 else ""))
+    what = (f"line {number} ({shown}) is a comment ('#'), which is not skipped: it" if len(comments) == 1 else
+            f"lines {number}-{comments[-1][0]} ({shown}, ...) are comments ('#'), which are not skipped: the first")
+    cmd = f"zcat {path.name} | grep -v '^#' > new{''.join(path.suffixes[-2:-1])}" if path.suffix.lower() == ".gz" \
+        else f"grep -v '^#' {path.name} > new{path.suffix}"
+    raise DataError(f"{path}: {what} would be read as the header; fix: delete the comment lines above the header row, "
+                    f"e.g. {cmd}.")
 
 
 def _header_row(path, sep: str) -> tuple[np.ndarray | None, int]:

@@ -337,8 +337,8 @@ class Preprocessor:
                             "leaves such genes out); fix: check the data (every cell alike?), or keep every gene "
                             "(n_top_genes=None).")
         if self.n_top_genes is not None and sel.size < self.n_top_genes:
-            log.info("only %d candidate genes for n_top_genes=%d (genes that do not vary are left out): keeping "
-                     "all", sel.size, self.n_top_genes)
+            log.info("only %d genes can be ranked for n_top_genes=%d (detected in min_cells cells%s): keeping all",
+                     sel.size, self.n_top_genes, ", with a dispersion" if flavor == "dispersion" else "")
         self.genes_ = [str(g) for g in src.var_names[sel]]
         self.input_kind_, self.flavor_, self.n_cells_fit_ = kind, flavor, n
         self.input_genes_ = [str(g) for g in src.var_names]

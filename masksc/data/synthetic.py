@@ -52,11 +52,14 @@ def _model(n_genes, n_types, seed, mean_library, library_sigma, dropout) -> _Mod
     seed = check_seed(seed)
     if mean_library is None:
         mean_library = 900.0 * n_genes / 4096
+    settings = []
     for name, value, ok, rule in (("mean_library", mean_library, lambda v: v > 0, "> 0 (counts per cell)"),
                                   ("library_sigma", library_sigma, lambda v: v >= 0, ">= 0"),
                                   ("dropout", dropout, lambda v: 0 <= v <= 1, "in [0, 1] (a probability)")):
         if not is_number(value) or not math.isfinite(value) or not ok(value):
             raise DataError(f"{name} must be a number {rule}, got {value!r}.")
+        settings.append(float(value) + 0.0)  # a Fraction or -0.0 as numpy's draws take them
+    mean_library, library_sigma, dropout = settings
     rng = np.random.default_rng([seed, 0])
     base = rng.lognormal(0.0, 1.5, n_genes)
     fold = np.ones((n_types, n_genes))
@@ -108,7 +111,7 @@ def synthetic(n_cells: int, n_genes: int = 4096, n_types: int = 10, seed: int = 
     return ad.AnnData(X=sp.vstack(mats, format="csr"), obs=obs, var=var)
 
 
-def write_synthetic_h5ad(path, n_cells: int, n_genes: int = 4096, n_types: int = 10, seed: int = 0,
+def write_synthetic_h5ad(path, n_cells: int, n_genes: int = 4096, n_types: int = 10, seed: int = 0, *,
                          mean_library: float | None = None, library_sigma: float = 0.5, dropout: float = 0.3,
                          chunk_size: int = 16 * BLOCK) -> None:
     """Write :func:`synthetic` data to ``path`` (.h5ad, X as CSR) chunk by chunk.
