@@ -763,3 +763,16 @@ def test_log1p_of_unnormalised_counts_is_flagged_and_unlogged_normalised_values_
     with pytest.warns(UserWarning, match=r"counts downsampled to one depth are fine as they are"):
         assert Preprocessor(n_top_genes=50).fit(sc.pp.log1p(deep, copy=True), progress=False).input_kind_ == "log"
 
+
+
+def test_spearman_equals_scipys_with_ties_and_is_nan_for_a_constant_profile():
+    """The gene-profile check ranks with pandas: importing scipy.stats cost a one-off command ~0.5 s."""
+    from scipy.stats import spearmanr
+
+    from masksc.data.preprocess import spearman
+    rng = np.random.default_rng(0)
+    for a, b in ((rng.random(300), rng.random(300)), (rng.integers(0, 5, 300) / 300, rng.integers(0, 3, 300) / 300)):
+        assert spearman(a, b) == pytest.approx(spearmanr(a, b)[0], abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(spearman(np.zeros(10), rng.random(10)))

@@ -141,6 +141,15 @@ def _check_rows(rows, n_obs: int) -> np.ndarray:
     return rows.astype(np.int64, copy=False)
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two 1-D arrays (ties take their mean rank, as in
+    ``scipy.stats.spearmanr``); NaN when either is constant. numpy and pandas alone: importing
+    ``scipy.stats`` costs a one-off command about half a second."""
+    ra, rb = (pd.Series(v, dtype=np.float64).rank().to_numpy() for v in (a, b))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.corrcoef(ra, rb)[0, 1])
+
+
 class Preprocessor:
     """Fitted preprocessing transform (scanpy conventions).
 
@@ -460,7 +469,6 @@ class Preprocessor:
         detection rates do not resemble the fitted data's: with synthesised gene names, columns
         are matched by position and this is the only sign that they are other genes. Fewer than
         ``PROFILE_MIN_CELLS`` cells are too few to tell: a warning says they go unchecked."""
-        from scipy.stats import spearmanr
         if self.detection_ is None:
             warn("the data's genes are named gene_0000.. (a file without gene names: the names give column "
                  "positions, not genes), and the model was saved by a masksc release that did not keep its training "
@@ -475,7 +483,7 @@ class Preprocessor:
                  "measured on the training file's genes in its column order.", UncheckedGenesWarning)
             return
         detection = np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) / X.shape[0]
-        r = float(spearmanr(detection, self.detection_)[0])
+        r = spearman(detection, self.detection_)
         if not r >= PROFILE_MIN_SPEARMAN:  # also catches NaN (a constant profile)
             raise DataError(f"the data's genes are named gene_0000.. (the names masksc.read gives a file without "
                             f"gene names: column positions, not genes), and these columns "
