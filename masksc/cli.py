@@ -629,10 +629,17 @@ def main(argv: list[str] | None = None) -> int:
     # other libraries' warnings, masksc's own info (debug with -v): numba's debug alone is tens of thousands of lines
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    logging.getLogger("masksc").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    level_before = log.level  # the "masksc" logger: a script calling main() gets its own level back
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not argv_given and hasattr(sys.stdout, "reconfigure"):  # a name the terminal's encoding lacks is printed
         sys.stdout.reconfigure(errors="backslashreplace")  # escaped, not a UnicodeEncodeError after the work
     t0 = time.time()
+
+    def say(text: str) -> None:  # an error line on stderr, whose reader may be gone too (`2>&1 | head`)
+        try:
+            print(text, file=sys.stderr)
+        except BrokenPipeError:
+            _drop([sys.stderr], as_process=not argv_given)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         # a command's user has no source line to be pointed at: the message alone, as errors are printed
@@ -652,22 +659,21 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = show_warning
             _check_backend()
             code = args.func(args)
-            sys.stdout.flush()  # a closed pipe is found here, not in the interpreter's exit
+            log.info("%s finished in %.1fs", args.command, time.time() - t0)
         finished = True
-    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as Unix tools do
-        if not argv_given:  # and the interpreter's last flush finds nothing to write
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())
-            os.dup2(null, sys.stderr.fileno())
-        return 128 + signal.SIGPIPE
+        return _flushed(code, args.command, as_process=not argv_given)
     except Warning as exc:  # PYTHONWARNINGS=error / -W error makes warnings exceptions: one line, as errors are
-        print(f"masksc {args.command}: error: {exc} (a warning, raised as an error by the warnings filter, e.g. "
-              "PYTHONWARNINGS=error)", file=sys.stderr)
+        say(f"masksc {args.command}: error: {exc} (a warning, raised as an error by the warnings filter, e.g. "
+            "PYTHONWARNINGS=error)")
         return 2
     except (MaskscError, FileNotFoundError) as exc:
-        print(f"masksc {args.command}: error: {exc}", file=sys.stderr)
+        say(f"masksc {args.command}: error: {exc}")
         return 2
     except (OSError, RuntimeError) as exc:  # the system's refusal (a full disk, a permission), not a bug: one line
+        gone = _readers_gone() if isinstance(exc, BrokenPipeError) else []
+        if gone:  # the reader of the output went away (`| head`): stop quietly, as Unix tools do
+            _drop(gone, as_process=not argv_given)
+            return 128 + signal.SIGPIPE
         if args.verbose or (isinstance(exc, RuntimeError) and not out_of_space(exc)):  # h5py's full disk: RuntimeError
             raise
         output = getattr(args, "json", None) or getattr(args, "output", None)  # what the command writes
@@ -677,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         fix = (f"free space {where} (or write elsewhere) and run it again" if out_of_space(exc) else
                "see the system's message; run with -v for the traceback")
         said = " ".join(str(exc).split())  # h5py's messages hold line breaks
-        print(f"masksc {args.command}: error: {said}; fix: {fix}.", file=sys.stderr)
+        say(f"masksc {args.command}: error: {said}; fix: {fix}.")
         return 2
     except KeyboardInterrupt as exc:
         saved = args.command in ("fit", "demo") and \
@@ -686,15 +692,59 @@ def main(argv: list[str] | None = None) -> int:
             f"; continue with the same command and --resume (checkpoints are in {args.output})" if args.command == "fit" \
             else f"; {Path(args.output) / 'model'} keeps the checkpoints saved so far (a rerun of the demo replaces them)"
         stopped = isinstance(exc, Terminated)
-        print(f"masksc {args.command}: {'terminated' if stopped else 'interrupted'}{again}.", file=sys.stderr)
+        say(f"masksc {args.command}: {'terminated' if stopped else 'interrupted'}{again}.")
         return 128 + (signal.SIGTERM if stopped else signal.SIGINT)
     finally:
         progress.pending_interrupt = None  # caught, or dropped after the last progress step: not for later
         if as_command:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
+        if argv_given:
+            log.setLevel(level_before)
         from masksc.distributed import shutdown
         shutdown(wait_for_peers=finished)
-    log.info("%s finished in %.1fs", args.command, time.time() - t0)
+
+
+def _readers_gone() -> list:
+    """The standard streams (stdout, stderr) whose pipe's reader has gone (``| head`` done)."""
+    import select
+    gone = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poll = select.poll()
+            poll.register(stream.fileno(), select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poll.poll(0)):
+                gone.append(stream)
+        except (OSError, ValueError, AttributeError):  # no file behind it (a test's capture)
+            continue
+    return gone
+
+
+def _drop(streams: list, as_process: bool) -> None:
+    """Point ``streams`` at /dev/null, so that the interpreter's last flush of what they still
+    buffer does not fail the exit ("Exception ignored ... BrokenPipeError", status 120); only in
+    the command's own process (a script calling main() keeps its streams)."""
+    if as_process:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for stream in streams:
+            os.dup2(null, stream.fileno())
+        os.close(null)
+
+
+def _flushed(code: int, command: str, as_process: bool) -> int:
+    """``code`` once the command's printed lines have left their buffers. Where stdout cannot take
+    them, its files are written all the same: a reader gone from the pipe (``| head``) ends the
+    command quietly with 141, as Unix tools end; a full device, with one line and status 2."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        _drop(_readers_gone() or [sys.stdout], as_process)
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        _drop([sys.stdout], as_process)
+        print(f"masksc {command}: error: cannot print to standard output ({exc.strerror}); the command's files are "
+              "written; fix: send its output elsewhere.", file=sys.stderr)
+        return 2
     return code
 
 

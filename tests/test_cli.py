@@ -905,6 +905,35 @@ def test_a_reader_gone_from_the_pipe_stops_the_command_quietly_after_its_files(e
         err = proc.stderr.read()
         assert proc.wait(timeout=300) == 141 and "error" not in err.lower(), err
         assert json.loads(scores.read_text())["silhouette"] <= 1
+        for argv, status in ((proc.args[:-2], 141), (proc.args, 2)):  # 2>&1 | head: its output, or its error line
+            both = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            both.stdout.close()
+            assert both.wait(timeout=300) == status  # 120 (Python's 'Exception ignored' at exit) or 1 (a traceback)
+    with open("/dev/full", "w") as full:  # a full device: one line, the files written
+        out = subprocess.run([*proc.args[:-1], str(tmp_path / "full.json")], env=env, stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().endswith(
+        "masksc evaluate: error: cannot print to standard output (No space left on device); the command's files are "
+        "written; fix: send its output elsewhere."), out.stderr
+    assert (tmp_path / "full.json").is_file()
+
+
+def test_a_broken_pipe_not_of_the_output_is_an_error_and_logging_is_left_as_the_script_set_it(embedded, capsys,
+                                                                                                monkeypatch):
+    """Every BrokenPipeError was taken for a reader gone from stdout: exit 141 and no word, even
+    with -v. And main() called from a script left the "masksc" logger at its own level."""
+    from masksc import tl
+
+    def peer_gone(*args, **kwargs):  # a socket or a worker's pipe, say
+        raise BrokenPipeError(32, "Broken pipe")
+    masksc_log = logging.getLogger("masksc")
+    monkeypatch.setattr(masksc_log, "level", logging.ERROR)
+    monkeypatch.setattr(tl, "evaluate", peer_gone)
+    assert main(["evaluate", str(embedded), "--no-labels", "--cluster-key", "label"]) == 2
+    assert "masksc evaluate: error: [Errno 32] Broken pipe; fix: see the system's message" in capsys.readouterr().err
+    with pytest.raises(BrokenPipeError):
+        main(["evaluate", str(embedded), "--no-labels", "--cluster-key", "label", "-v"])
+    assert masksc_log.level == logging.ERROR
 
 
 def test_warnings_made_errors_are_one_line_errors(tmp_path, capsys):

@@ -577,8 +577,13 @@ def test_headers_starting_with_a_hash_are_headers_and_keep_their_tables_messages
         with pytest.raises(DataError, match=r"its last line holds \d+ of the \d+ fields"):
             read(tmp_path / "cut.csv")
     (tmp_path / "short.csv").write_text("#cell," + ",".join(genes[:-2]) + "\n" + text.split("\n", 1)[1])
-    with pytest.raises(DataError, match=r"the header names \d+ columns but the rows hold a name and \d+ values"):
+    with pytest.raises(DataError, match=r"the header names \d+ columns but the rows hold a name and \d+ values; fix: "
+                                        r".* If the first line is a comment \('#'\), delete it: comments are not "
+                                        r"skipped\.$"):
         read(tmp_path / "short.csv")
+    (tmp_path / "only.csv").write_text("# a\n# b\n")  # comments alone: named (it was 'a space separates values')
+    with pytest.raises(DataError, match=r"lines 1-2 \('# a', \.\.\.\) are comments"):
+        read(tmp_path / "only.csv")
 
 
 def _mtx_folder(d, X, cells, genes, prefix="", cells_by_genes=False, barcode_header=False):

@@ -648,9 +648,11 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     n_values = max(body.shape[1] - (0 if unnamed else 1), 0)
     check_not_empty(np.broadcast_to(np.float32(0), (len(body), n_values)))  # shape only
     if len(header) not in (n_values, n_values + 1):
+        hashed = " If the first line is a comment ('#'), delete it: comments are not skipped." if \
+            str(header[0]).lstrip().startswith("#") else ""
         raise DataError(f"{path}: the header names {len(header)} columns but the rows hold a name and {n_values} "
                         "values; fix: write one header name per value column (a first name for the cell column "
-                        "is optional).")
+                        f"is optional).{hashed}")
     df = body if unnamed else body.iloc[:, 1:]
     if unnamed:
         df.index = pd.Index([str(i) for i in range(len(body))])
@@ -730,10 +732,11 @@ def _refuse_comment_lines(path: Path, sep: str) -> None:
                 comments.append((number, text))
     except (OSError, EOFError, UnicodeDecodeError, zlib.error):  # the reader names what is wrong with the file
         return
-    if not comments or after is None:
+    if not comments:
         return
     (number, first), fields = comments[0], len(comments[0][1].split(sep))
-    if len(comments) == 1 and (fields > 1 and not first.lstrip().startswith("# ") or fields == len(after.split(sep))):
+    if len(comments) == 1 and after is not None and \
+            (fields > 1 and not first.lstrip().startswith("# ") or fields == len(after.split(sep))):
         return
     shown = repr(first[:60] + ("..." if len(first) > 60 else ""))
     what = (f"line {number} ({shown}) is a comment ('#'), which is not skipped: it" if len(comments) == 1 else
