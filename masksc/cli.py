@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:  # an error line on stderr, whose reader may be gone too (`2>&1 | head`)
         try:
             print(text, file=sys.stderr)
-        except BrokenPipeError:
+        except OSError:  # gone (`2>&1 | head`) or full: nothing can be said there
             _drop([sys.stderr], as_process=not argv_given)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = show_warning
             _check_backend()
             code = args.func(args)
-            log.info("%s finished in %.1fs", args.command, time.time() - t0)
+        log.info("%s finished in %.1fs", args.command, time.time() - t0)
         finished = True
         return _flushed(code, args.command, as_process=not argv_given)
     except Warning as exc:  # PYTHONWARNINGS=error / -W error makes warnings exceptions: one line, as errors are
@@ -712,7 +712,8 @@ def _readers_gone() -> list:
         try:
             poll = select.poll()
             poll.register(stream.fileno(), select.POLLOUT)
-            if any(events & select.POLLERR for _, events in poll.poll(0)):
+            # a pipe's gone reader is POLLERR on Linux, POLLHUP on BSD and macOS, and a socket's POLLHUP
+            if any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0)):
                 gone.append(stream)
         except (OSError, ValueError, AttributeError):  # no file behind it (a test's capture)
             continue
@@ -735,8 +736,9 @@ def _flushed(code: int, command: str, as_process: bool) -> int:
     them, its files are written all the same: a reader gone from the pipe (``| head``) ends the
     command quietly with 141, as Unix tools end; a full device, with one line and status 2."""
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: closed by the caller (`2>&-`)
+                stream.flush()
     except BrokenPipeError:
         _drop(_readers_gone() or [sys.stdout], as_process)
         return 128 + signal.SIGPIPE

@@ -909,6 +909,15 @@ def test_a_reader_gone_from_the_pipe_stops_the_command_quietly_after_its_files(e
             both = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             both.stdout.close()
             assert both.wait(timeout=300) == status  # 120 (Python's 'Exception ignored' at exit) or 1 (a traceback)
+        import socket
+        ours, theirs = socket.socketpair()  # a socket's gone peer is POLLHUP, not a pipe's POLLERR
+        sock = subprocess.Popen(proc.args[:-2], env=env, stdout=theirs, stderr=subprocess.PIPE, text=True)
+        theirs.close()
+        ours.close()
+        assert sock.wait(timeout=300) == 141, sock.stderr.read()
+    closed = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "-", *proc.args[:-2]], env=env, capture_output=True,
+                            text=True, timeout=300)  # stderr closed: a clean run is a clean exit (it was 1)
+    assert closed.returncode == 0 and closed.stdout.startswith("SILHOUETTE"), closed
     with open("/dev/full", "w") as full:  # a full device: one line, the files written
         out = subprocess.run([*proc.args[:-1], str(tmp_path / "full.json")], env=env, stdout=full,
                              stderr=subprocess.PIPE, text=True, timeout=300)

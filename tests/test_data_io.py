@@ -581,6 +581,9 @@ def test_headers_starting_with_a_hash_are_headers_and_keep_their_tables_messages
                                         r".* If the first line is a comment \('#'\), delete it: comments are not "
                                         r"skipped\.$"):
         read(tmp_path / "short.csv")
+    (tmp_path / "alone.csv").write_text("#a,b\n")  # a header alone, not a comment
+    with pytest.raises(DataError, match=r"holds a header row and no rows of values"):
+        read(tmp_path / "alone.csv")
     (tmp_path / "only.csv").write_text("# a\n# b\n")  # comments alone: named (it was 'a space separates values')
     with pytest.raises(DataError, match=r"lines 1-2 \('# a', \.\.\.\) are comments"):
         read(tmp_path / "only.csv")

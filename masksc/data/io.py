@@ -735,9 +735,9 @@ def _refuse_comment_lines(path: Path, sep: str) -> None:
     if not comments:
         return
     (number, first), fields = comments[0], len(comments[0][1].split(sep))
-    if len(comments) == 1 and after is not None and \
-            (fields > 1 and not first.lstrip().startswith("# ") or fields == len(after.split(sep))):
-        return
+    if len(comments) == 1 and (fields > 1 and not first.lstrip().startswith("# ") or
+                               after is not None and fields == len(after.split(sep))):
+        return  # '#cell,g1,g2': a header (alone, a header without rows, which the reader names)
     shown = repr(first[:60] + ("..." if len(first) > 60 else ""))
     what = (f"line {number} ({shown}) is a comment ('#'), which is not skipped: it" if len(comments) == 1 else
             f"lines {number}-{comments[-1][0]} ({shown}, ...) are comments ('#'), which are not skipped: the first")
