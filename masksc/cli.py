@@ -636,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     def say(text: str) -> None:  # an error line on stderr, whose reader may be gone too (`2>&1 | head`)
+        if sys.stderr is None:  # closed (`2>&-`): print would write it to stdout, among the data
+            return
         try:
             print(text, file=sys.stderr)
         except OSError:  # gone (`2>&1 | head`) or full: nothing can be said there

@@ -918,6 +918,9 @@ def test_a_reader_gone_from_the_pipe_stops_the_command_quietly_after_its_files(e
     closed = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "-", *proc.args[:-2]], env=env, capture_output=True,
                             text=True, timeout=300)  # stderr closed: a clean run is a clean exit (it was 1)
     assert closed.returncode == 0 and closed.stdout.startswith("SILHOUETTE"), closed
+    missing = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "-", *proc.args[:4], str(tmp_path / "nope.h5ad")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and missing.stdout == ""  # its error line went to stdout, among the data
     with open("/dev/full", "w") as full:  # a full device: one line, the files written
         out = subprocess.run([*proc.args[:-1], str(tmp_path / "full.json")], env=env, stdout=full,
                              stderr=subprocess.PIPE, text=True, timeout=300)
