@@ -578,8 +578,8 @@ def check_genes(meta: dict, genes) -> None:
             if name not in needed_set:
                 folded.setdefault(name.lower(), name)
         case = [(g, folded[g.lower()]) for g in missing if g.lower() in folded]
-        cased = (f" Every one is in the data in another case (e.g. {case[0][1]!r} for {case[0][0]!r}): names must match "
-                 "exactly." if len(case) == len(missing) else "")
+        cased = (f" Every one is in the data in another case (e.g. {case[0][1]!r} for {case[0][0]!r}): names must "
+                 "match exactly." if len(case) == len(missing) else "")
         raise CheckpointError(f"{len(missing)} of the {len(needed)} genes on the model's grid (its input) are missing "
                               f"from the data (e.g. {missing[:5]}); fix: use data measured on the same genes with the same "
                               f"gene naming (e.g. symbols vs Ensembl ids), or retrain the model on this data.{cased}")

@@ -30,13 +30,18 @@ from masksc.models.masksc_model import POOLS
 log = logging.getLogger("masksc")
 
 
+def _integer(text: str) -> int:
+    """``text`` as an int, or the argparse error every integer option gives."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
+
+
 def _at_least(low: int):
     """An argparse type: an integer >= ``low``."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
+        value = _integer(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
@@ -55,10 +60,7 @@ def _sample_size(text: str) -> int:
 def _seed(text: str) -> int:
     """An argparse type: a seed, an integer ``checks.check_seed`` takes (in [0, 2**63 - 1])."""
     from masksc.checks import check_seed
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
+    value = _integer(text)
     try:
         return check_seed(value)
     except DataError:
@@ -68,10 +70,7 @@ def _seed(text: str) -> int:
 def _map_seed(text: str) -> int:
     """An argparse type: a seed UMAP, t-SNE and sklearn's PCA take too (in [0, 2**32 - 1])."""
     from masksc.checks import is_map_seed
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
+    value = _integer(text)
     if not is_map_seed(value):
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1] (the most UMAP and PCA take), "
                                          f"got {value}")
@@ -688,11 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"masksc {args.command}: error: {said}; fix: {fix}.")
         return 2
     except KeyboardInterrupt as exc:
-        saved = args.command in ("fit", "demo") and \
-            os.path.lexists(Path(args.output) / ("model" if args.command == "demo" else "") / "last")
-        again = "" if not saved else \
-            f"; continue with the same command and --resume (checkpoints are in {args.output})" if args.command == "fit" \
-            else f"; {Path(args.output) / 'model'} keeps the checkpoints saved so far (a rerun of the demo replaces them)"
+        again = ""
+        if args.command == "fit" and os.path.lexists(Path(args.output) / "last"):
+            again = f"; continue with the same command and --resume (checkpoints are in {args.output})"
+        elif args.command == "demo" and os.path.lexists(Path(args.output) / "model" / "last"):
+            again = (f"; {Path(args.output) / 'model'} keeps the checkpoints saved so far (a rerun of the demo "
+                     "replaces them)")
         stopped = isinstance(exc, Terminated)
         say(f"masksc {args.command}: {'terminated' if stopped else 'interrupted'}{again}.")
         return 128 + (signal.SIGTERM if stopped else signal.SIGINT)

@@ -76,8 +76,8 @@ def check_output(path: str | os.PathLike, source: str | os.PathLike | None = Non
         raise MaskscError(f"output {path} is {found}, not {want}; fix: choose another output path.")
     if not overwrite and not folder and os.path.lexists(path):  # a symlink pointing nowhere is there too
         what = "exists" if path.exists() else f"is a symlink to {os.readlink(path)}, which leads to no file"
-        raise MaskscError(f"output {path} {what}; fix: pass --overwrite (overwrite=True) to replace it, or choose a new path "
-                          f"({flag}).")
+        raise MaskscError(f"output {path} {what}; fix: pass --overwrite (overwrite=True) to replace it, or choose a "
+                          f"new path ({flag}).")
     existing = nearest_existing(path if folder and not via_sibling else path.parent)
     if not existing.is_dir():
         raise MaskscError(f"cannot create {path}: {existing} is a file, not a folder; fix: choose an output "

@@ -29,7 +29,6 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import anndata as ad
 import h5py
@@ -538,8 +537,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
         try:
             ckpt.check_genes(model.grid.to_dict(), reader.var_names)
         except CheckpointError as exc:  # a var column may name the genes (symbols beside Ensembl IDs)
-            model._refuse_missing_genes(exc, SimpleNamespace(var=_gene_annotations(source, reader, use_raw)), layer,
-                                        use_raw)
+            model._refuse_missing_genes(exc, _gene_annotations(source, reader, use_raw), layer, use_raw)
         n, dim = reader.n_obs, model.network.cfg.embedding_dim
         if n == 0:
             raise DataError(f"{origin or 'the data'} holds no cells; fix: pass a dataset with cells.")

@@ -161,19 +161,19 @@ class MaskSCModel:
         try:
             ckpt.check_genes(self.grid.to_dict(), expression.var_names)
         except CheckpointError as exc:
-            self._refuse_missing_genes(exc, expression, layer, use_raw)
+            self._refuse_missing_genes(exc, expression.var, layer, use_raw)
         with self.noting_fitted_input(layer, use_raw):
             keep, X = self.preprocessor.transform_kept(expression, rows=rows)
         genes = pd.DataFrame(index=pd.Index(self.preprocessor.genes_))  # X's columns, which the grid matches by name
         return self.grid.to_grid(ad.AnnData(X=X, var=genes)), keep
 
-    def _refuse_missing_genes(self, exc, expression, layer: str | None, use_raw: bool) -> None:
-        """Raise ``exc`` (``expression``, the AnnData read, lacks grid genes): when a column of its
+    def _refuse_missing_genes(self, exc, var: pd.DataFrame, layer: str | None, use_raw: bool) -> None:
+        """Raise ``exc`` (the data read lacks grid genes): when a column of its gene annotations
         ``var`` holds them (symbols beside Ensembl IDs), naming the column, without
         :meth:`noting_fitted_input`'s note (the naming is the cause, not the matrix read, so a note
         to read another would mislead); else with that note."""
         from masksc.errors import CheckpointError
-        column = _column_naming(expression.var, self.genes)
+        column = _column_naming(var, self.genes)
         if column is None:
             with self.noting_fitted_input(layer, use_raw):
                 raise exc

@@ -373,8 +373,9 @@ def test_gene_mismatch_refused_with_count_and_fix(tmp_path):
         check_genes(meta, GENES[:53])
     assert "another case" not in str(exc.value)
     cased = [g.upper() for g in GENES[:3]] + GENES[3:]  # mouse symbols written as human ones, say
-    with pytest.raises(CheckpointError, match=rf"3 of the 60 genes .* Every one is in the data in another case \(e\.g\. "
-                                              rf"'{GENES[0].upper()}' for '{GENES[0]}'\): names must match exactly\.$"):
+    with pytest.raises(CheckpointError, match=rf"3 of the 60 genes .* Every one is in the data in another case "
+                                              rf"\(e\.g\. '{GENES[0].upper()}' for '{GENES[0]}'\): names must match "
+                                              r"exactly\.$"):
         check_genes(meta, cased)
     both = {"genes": ["Actb", "ACTB", "Gapdh"]}  # the model has both: ACTB is its own gene, not Actb in another case
     with pytest.raises(CheckpointError) as exc:

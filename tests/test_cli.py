@@ -297,8 +297,8 @@ def test_an_existing_output_file_is_replaced_only_with_overwrite(trained, embedd
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         flag = "--json" if "--json" in argv else "-o"
-        assert err.strip().endswith(f"exists; fix: pass --overwrite (overwrite=True) to replace it, or choose a new path "
-                                       f"({flag})."), err
+        assert err.strip().endswith(f"exists; fix: pass --overwrite (overwrite=True) to replace it, or choose a new "
+                                    f"path ({flag})."), err
     assert all(_sha(path) == before for path in mine.values())
     for argv in commands:
         assert main([*argv, "--overwrite"]) == 0, argv

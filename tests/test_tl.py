@@ -548,7 +548,8 @@ def test_genes_named_otherwise_point_to_the_var_column_that_names_them(tmp_path)
                                               r"'gene_symbols'\].astype\(str\)"):
         tl.embed(ens, model, progress=False)
     ens.write_h5ad(tmp_path / "ens.h5ad")
-    for source in (ens, anndata.read_h5ad(tmp_path / "ens.h5ad", backed="r"), tmp_path / "ens.h5ad"):  # streamed too (it gave no pointer)
+    # streamed too (it gave no pointer)
+    for source in (ens, anndata.read_h5ad(tmp_path / "ens.h5ad", backed="r"), tmp_path / "ens.h5ad"):
         with pytest.raises(CheckpointError, match=r"The column var\['gene_symbols'\] holds the model's genes"):
             model.embed_file(source, tmp_path / "e.npy", progress=False)
     ens.var_names = ens.var["gene_symbols"].astype(str)

@@ -341,10 +341,10 @@ class Preprocessor:
             score = hvg.dispersion_score(mean, var, self.n_bins)
         sel = cand[hvg.rank_genes(score, self.n_top_genes)]
         if sel.size == 0:
-            raise DataError(f"none of the {cand.size} genes has a dispersion score to rank it by: none varies across the "
-                            f"{n} cells, or the dispersions of each mean bin tie exactly (scanpy's seurat flavour "
-                            "leaves such genes out); fix: check the data (every cell alike?), or keep every gene "
-                            "(n_top_genes=None).")
+            raise DataError(f"none of the {cand.size} genes has a dispersion score to rank it by: none varies "
+                            f"across the {n} cells, or the dispersions of each mean bin tie exactly (scanpy's seurat "
+                            "flavour leaves such genes out); fix: check the data (every cell alike?), or keep every "
+                            "gene (n_top_genes=None).")
         if self.n_top_genes is not None and sel.size < self.n_top_genes:
             log.info("only %d genes can be ranked for n_top_genes=%d (detected in min_cells cells%s): keeping all",
                      sel.size, self.n_top_genes, ", with a dispersion" if flavor == "dispersion" else "")
