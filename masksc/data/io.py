@@ -629,13 +629,18 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
                      f"sep={seen[0]!r}, index_col=0).to_csv(new_path, sep={sep!r})")
         raise DataError(f"{path}: its first line holds one column: no {marks[sep]} separates its values (a "
                         f"{marks[seen[0]]} does); fix: {fix}.")
-    _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
     try:
         with past_header() as fh:
             body = pd.read_csv(fh, sep=sep, header=None)
     except pd.errors.EmptyDataError:  # a header and no rows
         raise DataError(f"{path} holds a header row and no rows of values: 0 {'genes' if transpose else 'cells'}; "
                         "fix: check the path, or write the table again with its rows.") from None
+    except pd.errors.ParserError:  # a line longer than the first: named, with its number
+        _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
+        raise
+    # pandas pads a short line with NaN: only then is the file read again line by line, to name the fault
+    if body.isna().to_numpy().any():
+        _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
     first = body.iloc[:, 0]
     # a numeric first column under a gene's name is the first gene's counts: the table was written
     # without cell names (pandas' index=False, R's row.names=FALSE), unless it holds names
@@ -677,7 +682,10 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
         raise DataError(f"{path}: columns {non_numeric[:5]} are not numeric; fix: the file must be cells x "
                         "genes with a header row of gene names and a first column of cell names "
                         "(transpose=True if rows are genes); remove annotation columns.")
-    adata = ad.AnnData(X=_dense_rows_to_csr(df.to_numpy(dtype=np.float64), where),
+    values = df.to_numpy()  # whole numbers: a view of pandas' int64 block, no float64 copy
+    if values.dtype == object:  # numbers of several kinds (int and bool)
+        values = df.to_numpy(dtype=np.float64)
+    adata = ad.AnnData(X=_dense_rows_to_csr(values, where),
                        obs=pd.DataFrame(index=df.index.astype(str)),
                        var=pd.DataFrame(index=df.columns.astype(str)))
     return _finish(_unique_genes(adata, path), where)

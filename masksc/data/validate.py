@@ -88,7 +88,7 @@ def check_float32_range(X, where: str = "") -> None:
     """Raise DataError when a finite value of ``X`` (matrix or array) is too large for float32,
     which masksc converts every expression matrix to (it would become infinite). NaN and inf are
     :func:`check_values`' to report. ``where`` is appended to the message."""
-    v = _values(X)
+    v = np.asarray(X.data) if sp.issparse(X) else np.asarray(X)  # not flattened: a strided block is not copied
     if not _may_exceed_float32(v):
         return
     big = beyond_float32(v)
