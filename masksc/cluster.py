@@ -397,12 +397,13 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 or None (chosen for you), got {value!r}.")
+    if n < 2:
+        raise DataError(f"a kNN graph needs at least 2 cells, got {n}; fix: pass at least 2 cells.")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or not 2 <= n_neighbors <= n:
-        fix = (f"pass n_neighbors= an integer in that range (e.g. n_neighbors={min(n, N_NEIGHBORS)}; tl.cluster, "
-               "cluster_embedding and `masksc cluster --n-neighbors` take it too)" if n >= 2
-               else "pass at least 2 cells (a kNN graph needs them)")
-        raise DataError(f"n_neighbors (including the cell itself) must be an integer in [2, n_cells={n}], "
-                        f"got {n_neighbors!r}; fix: {fix}.")
+        raise DataError(f"n_neighbors (including the cell itself) must be an integer in [2, n_cells={n}], got "
+                        f"{n_neighbors!r}; fix: pass n_neighbors= an integer in that range (e.g. n_neighbors="
+                        f"{min(n, N_NEIGHBORS)}; tl.cluster, cluster_embedding and `masksc cluster --n-neighbors` take "
+                        "it too).")
     seed = check_seed(seed)
     if metric == "cosine":
         peak = np.abs(X).max(axis=1, keepdims=True)  # scaled first, so squaring large values cannot overflow

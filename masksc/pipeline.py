@@ -35,6 +35,7 @@ from masksc import checkpoint as ckpt
 from masksc.checks import is_integer
 from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
 from masksc.data.validate import check_count
+from masksc.data.stream import ScaledBesideRawError
 from masksc.embed import embed_matrix
 from masksc.errors import counted, warn
 from masksc.models import MaskSC
@@ -129,6 +130,11 @@ class MaskSCModel:
         except (DataError, CheckpointError) as exc:
             fitted = self.fitted_input
             if fitted is None or (fitted["layer"], fitted["use_raw"]) == (layer, bool(use_raw)):
+                if isinstance(exc, ScaledBesideRawError) and self.preprocessor.input_kind_ == "counts":
+                    raise type(exc)("X holds negative (scaled) values and .raw is set, and this model was fitted "
+                                    "on raw counts, which scanpy's .raw does not hold (it keeps log-normalised "
+                                    "values); fix: read a layer of raw counts (layer=, --layer), or .raw "
+                                    "(use_raw=True, --use-raw) where it holds counts.") from exc
                 raise
             if isinstance(exc, CheckpointError) and fitted["use_raw"] == bool(use_raw):
                 raise  # missing genes: a layer has X's genes, so reading another layer is not the cause

@@ -248,8 +248,8 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
 
 def _fewer_for_few_cells(n_neighbors, n_cells: int):
     """``n_neighbors``, or scanpy's ``1 + n_cells // 2`` with a warning when it exceeds the
-    ``n_cells`` there are (a bad value is left for ``knn_search`` to refuse)."""
-    if isinstance(n_neighbors, (int, np.integer)) and not isinstance(n_neighbors, bool) and n_neighbors > n_cells:
+    ``n_cells`` there are (a bad value, and fewer than 2 cells, are left for ``knn_search`` to refuse)."""
+    if isinstance(n_neighbors, (int, np.integer)) and not isinstance(n_neighbors, bool) and n_neighbors > n_cells >= 2:
         lowered = 1 + n_cells // 2
         warn(f"n_neighbors={n_neighbors} is more than the {n_cells} cells; lowered to {lowered}, as scanpy's "
              "pp.neighbors does (pass n_neighbors= (--n-neighbors) at most the number of cells to choose it)")

@@ -237,6 +237,20 @@ def test_duplicate_genes_refused(counts):
         Preprocessor(n_top_genes=50).fit(b)
 
 
+def test_a_repeated_extra_gene_is_ignored_and_a_repeated_gene_read_is_refused(counts):
+    p = Preprocessor(n_top_genes=50).fit(counts[:, :500])  # genes 500.. are extra to it
+    b = counts[:100].copy()
+    b.var_names = list(b.var_names[:500]) + ["extra"] * 100  # anndata warns; 10x symbols often repeat
+    np.testing.assert_array_equal(p.transform(b).X.toarray(), p.transform(counts[:100, :500]).X.toarray())
+    on_grid, library_only = p.genes_[0], next(g for g in p.input_genes_ if g not in set(p.genes_))
+    for read in (on_grid, library_only):  # library sizes sum the training data's genes: those are read too
+        c = counts[:100].copy()
+        c.var_names = [read if g == counts.var_names[550] else g for g in c.var_names]
+        with pytest.raises(DataError, match=rf"1 gene names are duplicated \(e.g. \['{read}'\]\) among the genes "
+                                            "the model reads.*var_names_make_unique"):
+            p.transform(c)
+
+
 def test_roundtrip_dict_and_gene_reordering(counts):
     p = Preprocessor(n_top_genes=80, scale=True).fit(counts)
     q = Preprocessor.from_dict(json.loads(json.dumps(p.to_dict())))

@@ -360,6 +360,11 @@ def test_fewer_cells_than_n_neighbors_lower_it_as_scanpy_does():
     assert ad.uns["wide"]["params"]["n_neighbors"] == 6
     with pytest.raises(DataError, match=r"must be an integer in \[2, n_cells=10\], got 1"):
         tl.neighbors(ad, n_neighbors=1, key_added="one")
+    one = ad[:1].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lowered to 1" before the refusal
+        with pytest.raises(DataError, match=r"^a kNN graph needs at least 2 cells, got 1; fix: pass at least 2 "):
+            tl.cluster(one)
 
 
 def test_cluster_refuses_kmeans_arguments_under_leiden(fitted):
@@ -642,6 +647,10 @@ def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
         tl.embed(backed, from_raw, progress=False)
     with pytest.raises(DataError, match=r"negative \(scaled\) values .* Note: this model was fitted on adata\.raw "):
         tl.embed(counts, from_raw, progress=False)  # the model's own matrix named, as model.embed names it
+    for data in (counts, backed):  # a model of counts: .raw's log values will not do either
+        with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set, and this model "
+                                            r"was fitted on raw counts, .*; fix: read a layer of raw counts"):
+            tl.embed(data, fitted[2], progress=False)
     for step in (lambda: tl.embed(backed[:20], from_raw, use_raw=True, progress=False),
                  lambda: tl.fit(backed[:20], "demo", use_raw=True, epochs=1, progress=False, **TINY)):
         with pytest.raises(DataError, match=r"this is a view \(20 cells x 300 genes\) of the backed file"):

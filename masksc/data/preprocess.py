@@ -408,8 +408,9 @@ class Preprocessor:
             raise DataError("this Preprocessor is not fitted; fix: call .fit(adata) first (or from_dict).")
 
     def _gene_index(self, var_names: pd.Index) -> np.ndarray:
-        check_unique_genes(var_names)
-        idx = pd.Index(var_names).get_indexer(self.genes_)
+        read = set(self.genes_) | set(self.input_genes_ if self.input_genes_ is not None else ())
+        check_unique_genes(var_names, read)
+        idx = _columns(pd.Index(var_names), self.genes_)
         missing = [g for g, i in zip(self.genes_, idx) if i < 0]
         if missing:
             raise DataError(f"{len(missing)} of the {len(self.genes_)} genes the preprocessor was fitted on are "
@@ -424,7 +425,7 @@ class Preprocessor:
         normalised input is not normalised: its sums only tell empty cells, over every column."""
         if self.input_genes_ is None or self.input_kind_ == "log" or set(var_names) == set(self.input_genes_):
             return None
-        cols = pd.Index(var_names).get_indexer(self.input_genes_)
+        cols = _columns(pd.Index(var_names), self.input_genes_)
         n_missing = int((cols < 0).sum())
         if n_missing:
             warn(f"{n_missing} of the {len(cols)} {LIBRARY_GENES_MISSING} (none on "
@@ -629,6 +630,12 @@ class Preprocessor:
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"not a Preprocessor dict ({exc}); fix: pass the output of Preprocessor.to_dict().") from exc
         return p
+
+
+def _columns(names: pd.Index, genes) -> np.ndarray:
+    """The column of each of ``genes`` among ``names`` (-1: absent), where ``names`` may repeat
+    names other than ``genes``."""
+    return names.get_indexer(genes) if names.is_unique else names.get_indexer_non_unique(genes)[0]
 
 
 def _check_params(**params) -> list:

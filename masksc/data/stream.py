@@ -131,12 +131,16 @@ def with_layer(adata: ad.AnnData, layer: str | None, use_raw: bool = False) -> a
 SCALED_SAMPLE_CELLS = 1000  # cells read to tell a scaled X beside .raw (negative in almost every cell) at once
 
 
+class ScaledBesideRawError(DataError):
+    """``X`` holds scaled values and ``.raw`` is set (scanpy's usual layout)."""
+
+
 def check_not_scaled_beside_raw(first_cells, fix: str) -> None:
-    """Raise DataError, naming ``fix``, when ``X`` (its first cells: any matrix) of data that has a
-    ``.raw`` holds negative values: scanpy's usual file, whose log-normalised values are in ``.raw``.
-    Call it only for data with a ``.raw``."""
+    """Raise ScaledBesideRawError (a DataError), naming ``fix``, when ``X`` (its first cells: any
+    matrix) of data that has a ``.raw`` holds negative values: scanpy's usual file, whose
+    log-normalised values are in ``.raw``. Call it only for data with a ``.raw``."""
     if first_cells.size and first_cells.min() < 0:
-        raise DataError(f"X holds negative (scaled) values and .raw is set: scanpy's layout keeps the "
+        raise ScaledBesideRawError(f"X holds negative (scaled) values and .raw is set: scanpy's layout keeps the "
                         f"log-normalised values there; fix: {fix}.")
 
 

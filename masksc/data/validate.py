@@ -202,18 +202,21 @@ def check_count(name: str, value, unit: str = "cells") -> int:
     return int(value)
 
 
-def check_unique_genes(var_names) -> None:
+def check_unique_genes(var_names, read: set | None = None) -> None:
     """Raise DataError for gene names that are not strings (an integer 1 and the text "1" would
-    be one gene once written to a file) or that are duplicated, listing them."""
+    be one gene once written to a file) or that are duplicated, listing them. ``read``: the genes
+    a fitted model reads; a name repeated outside them is an extra gene, ignored as extra genes are."""
     names = pd.Index(var_names)
     other = [g for g in names if not isinstance(g, str)]
     if other:
         raise DataError(f"{len(other)} gene names are not strings (e.g. {other[:5]}, of type "
                         f"{type(other[0]).__name__}); fix: adata.var_names = adata.var_names.astype(str) first "
                         "(then check they are unique).")
-    if not names.is_unique:
-        dups = [g for g, c in Counter(names).items() if c > 1]
-        raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}); "
+    dups = [] if names.is_unique else [g for g, c in Counter(names).items() if c > 1 and (read is None or g in read)]
+    if dups:
+        among = "" if read is None else (" among the genes the model reads (its grid's, and the training data's "
+                                         "that a cell's library size sums)")
+        raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}){among}; "
                         "fix: call adata.var_names_make_unique() first (for a file: read it with anndata, do so, "
                         "and write a new .h5ad with adata.write_h5ad).")
 
