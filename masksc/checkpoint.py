@@ -29,6 +29,7 @@ import shlex
 import shutil
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import torch
@@ -96,17 +97,19 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, train_co
                   "teacher_config": model.teacher.cfg.to_dict() if model.teacher is not None else None,
                   "train_config": train_config, "meta": extra or {}}
         _write_json(tmp / CONFIG, config)
+        save = uuid.uuid4().hex  # in each file: files of two saves (epochs, runs) put together are told apart
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "save": save})
         os.chmod(tmp / WEIGHTS, default_mode())  # safetensors creates it 0600; the other files get open()'s mode
         if optimizer is not None:
             with open(tmp / OPTIMIZER, "wb") as fh:
                 torch.save({"optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict() if scheduler is not None else None}, fh)
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None, "save": save}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
         if trainer_state is not None:
-            _write_json(tmp / STATE, trainer_state)
+            _write_json(tmp / STATE, {**trainer_state, "save": save} if isinstance(trainer_state, dict) else
+                        trainer_state)
         fsync_file(tmp / WEIGHTS)
         fsync_dir(tmp)
         old = _put_in_place(tmp, path)
@@ -533,7 +536,32 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict, dict]:
     if damage:
         raise CheckpointError(f"the training state in {ckpt} is damaged ({damage}); fix: restore it from a copy, or "
                               "start the run again in a new directory.")
+    _check_one_save(ckpt, opt, state)
     return opt, state
+
+
+def _check_one_save(ckpt: Path, opt: dict, state: dict) -> None:
+    """Raise CheckpointError when the weights, optimiser state and training record of the training
+    checkpoint ``ckpt`` were not written by one save (a file copied in from another epoch's folder:
+    the run would go on from one epoch's weights with another's optimiser state, or retrain an
+    epoch). Checkpoints of earlier releases record no save: theirs are not compared. Weights that
+    cannot be read are left for loading them to name."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(ckpt / WEIGHTS), framework="pt") as fh:
+            weights = (fh.metadata() or {}).get("save")
+    except (SafetensorError, OSError, ValueError):
+        return
+    saves = {WEIGHTS: weights, OPTIMIZER: opt.get("save"), STATE: state.get("save")}
+    if len(set(saves.values())) > 1:
+        groups = {}
+        for name, save in saves.items():
+            groups.setdefault(save, []).append(name)
+        apart = " apart from ".join(" and ".join(names) for names in groups.values())
+        raise CheckpointError(f"the files of the checkpoint {ckpt} were written by different saves ({apart}), as when "
+                              "one is copied in from another epoch's folder: the run would go on from one epoch's "
+                              "weights with another's optimiser state or epoch count; fix: restore the folder whole "
+                              "from one copy, or start the run again in a new directory.")
 
 
 def _training_state_damage(opt, state) -> str | None:

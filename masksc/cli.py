@@ -233,7 +233,9 @@ def cmd_fit(args) -> int:
     except ValueError as exc:
         raise MaskscError(str(exc)) from exc
     if ctx.is_main:
-        print(f"model written to {args.output} (last checkpoint {Path(model.path).name}, final loss "
+        done = "nothing trained: the run had finished; its model is in" if result.resumed_from_epoch == result.epochs \
+            else "model written to"
+        print(f"{done} {args.output} (last checkpoint {Path(model.path).name}, final loss "
               f"{result.losses[-1]:.4f}, {ctx.world_size} process(es)); use it as --model {args.output}")
     return 0
 

@@ -29,13 +29,14 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from masksc import checkpoint as ckpt
 from masksc.checks import is_integer
 from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
-from masksc.data.validate import check_count
 from masksc.data.stream import ScaledBesideRawError
+from masksc.data.validate import check_count
 from masksc.embed import embed_matrix
 from masksc.errors import counted, warn
 from masksc.models import MaskSC
@@ -47,6 +48,7 @@ from masksc.train import resolve_device
 log = logging.getLogger(__name__)
 
 MIN_FIT_CELLS = 20  # below this there is nothing to learn a cell embedding from (hundreds in practice)
+STREAMED_CELLS_COMPARED = 1024  # a resumed streamed run compares the values of this many first cells, not all
 
 
 class MaskSCModel:
@@ -454,8 +456,7 @@ def _fit_memory(adata, preset, cfg, train_cfg, *, resume_from, seed, progress, t
     network, result = fit_masksc(X_grid, cfg, train_cfg, is_padding=grid.is_padding, extra_state=bundle_meta,
                                  teacher_cfg=teacher_cfg, progress=progress)
     path = result.checkpoint
-    log.info("trained %s preset for %s in %.1fs (final loss %.4f)", preset, counted(result.epochs, "epoch"),
-             result.wall_s, result.losses[-1] if result.losses else float("nan"))
+    _log_trained(preset, result)
     return MaskSCModel(network, preprocessor, grid, path=path, fitted_input=bundle_meta.get("input")), result
 
 
@@ -509,6 +510,19 @@ _STREAMED = ("streamed its cells from a file (a path or backed AnnData in Python
 _IN_MEMORY = "trained on cells held in memory (an AnnData in Python, a csv, mtx or scDeepCluster file on the command line)"
 
 
+def _log_trained(preset: str, result, how: str = "") -> None:
+    """Log what this call trained (a resumed run: the epochs after its checkpoint; a finished one: none)."""
+    loss = result.losses[-1] if result.losses else float("nan")
+    done = result.resumed_from_epoch or 0
+    if done >= result.epochs:
+        log.info("nothing to train: the run had finished its %s (final loss %.4f)", counted(result.epochs, "epoch"),
+                 loss)
+        return
+    epochs = counted(result.epochs, "epoch") if not done else \
+        f"epochs {done + 1}-{result.epochs} of {result.epochs} (resumed after epoch {done})"
+    log.info("trained %s preset%s for %s in %.1fs (final loss %.4f)", preset, how, epochs, result.wall_s, loss)
+
+
 def cells_record(names, X_grid=None) -> dict:
     """What a run records of the cells it trains on (``names``: their obs names, in order): their
     number, a digest of the names in that order and, for cells held in memory (``X_grid``, CSR
@@ -538,6 +552,43 @@ def _check_resumed_values(run_dir: Path, meta: dict, X_grid) -> None:
                               f"{X_grid.shape[0]} cells (the same names in the same order); a resumed run must see the "
                               "data it stopped on to continue as it would have; fix: pass the data the run started on, "
                               "or start a new run in another directory (-o, model_dir=).")
+
+
+def _first_values_record(reader, preprocessor, grid, chunk_size: int, m: int | None = None,
+                         new_data: bool = False) -> dict:
+    """What a streamed run records of its cells' values, which it cannot hold: the number ``m`` of
+    first cells compared (default :data:`STREAMED_CELLS_COMPARED`, or all there are) and a digest
+    of their values on the grid (``reader``: a RowReader, read ``chunk_size`` cells at a time).
+    ``new_data`` (a resumed run's): values of another kind than the run's are named by the
+    preprocessor's check of log input first."""
+    m = min(reader.n_obs, STREAMED_CELLS_COMPARED) if m is None else m
+    blocks = []
+    for a in range(0, m, chunk_size):
+        b = min(a + chunk_size, m)
+        cells = ad.AnnData(X=reader.rows(a, b), obs=pd.DataFrame(index=reader.obs.index[a:b].astype(str)),
+                           var=pd.DataFrame(index=reader.var_names))
+        if new_data:
+            preprocessor.check_log_input(cells.X)
+        blocks.append(grid.to_grid(preprocessor.transform(cells, check_profile=False).X))
+    return {"cells": m, "digest": _values_digest(sp.vstack(blocks, format="csr"))}
+
+
+def _check_resumed_first_values(run_dir: Path, meta: dict, reader, preprocessor, grid, chunk_size: int) -> None:
+    """A resumed streamed run sees the values it stopped on, in its first cells (``meta``: its saved
+    metadata; runs saved before the record was kept lack it); else a CheckpointError."""
+    from masksc.errors import CheckpointError
+    saved = (meta.get("cells") or {}).get("first_values")
+    if saved is None:
+        return
+    m = saved.get("cells") if isinstance(saved, dict) else None
+    if not (type(m) is int and 0 < m <= reader.n_obs and isinstance(saved.get("digest"), str)):
+        raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
+                              "config.json from a copy, or start the run again in a new directory.")
+    if _first_values_record(reader, preprocessor, grid, chunk_size, m, new_data=True)["digest"] != saved["digest"]:
+        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on other values for these cells (the "
+                              f"same names in the same order; a streamed run compares its first {m} cells'); a "
+                              "resumed run must see the data it stopped on to continue as it would have; fix: pass "
+                              "the data the run started on, or start a new run in another directory (-o, model_dir=).")
 
 
 def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
@@ -634,10 +685,14 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
                                           is_padding=grid.is_padding, ime=cfg.ime, device=dev, progress=progress)
                 meta = {"preprocessor": preprocessor.to_dict(), "grid": grid.to_dict(), "input": fitted_input,
                         "streamed": {"n_cells": reader.n_obs, "teacher_cells": int(len(rows)),
-                                     "chunk_size": chunk_size}, "cells": cells_record(reader.obs.index)}
+                                     "chunk_size": chunk_size},
+                        "cells": {**cells_record(reader.obs.index),
+                                  "first_values": _first_values_record(reader, preprocessor, grid, chunk_size)}}
                 del X_sub
     meta = ctx.broadcast_object(meta)
     preprocessor, grid, _ = _transform_from_meta(meta, resume_from and ckpt.resolve(resume_from))
+    if resume_from is not None:
+        _check_resumed_first_values(resume_from, meta, reader, preprocessor, grid, chunk_size)
     if cfg.med and teacher is None:  # other ranks: same architecture; DDP copies rank 0's weights into it
         teacher = ContrastiveSC(teacher_cfg)
     seed_everything(seed)
@@ -654,7 +709,5 @@ def _fit_streaming(reader, preset, cfg, *, model_dir, resume_from, seed, device,
 
     result = train(distributed.wrap_model(network, ctx), None, train_cfg, extra_state=meta, batches=batches)
     network.eval()
-    log.info("trained %s preset (streamed, %d rank(s)) for %s in %.1fs (final loss %.4f)", preset,
-             ctx.world_size, counted(result.epochs, "epoch"), result.wall_s,
-             result.losses[-1] if result.losses else float("nan"))
+    _log_trained(preset, result, f" (streamed, {ctx.world_size} rank(s))")
     return MaskSCModel(network, preprocessor, grid, path=result.checkpoint, fitted_input=meta.get("input")), result

@@ -406,7 +406,8 @@ def test_fit_into_a_run_needs_resume_and_resuming_a_finished_run_names_its_model
     assert "already holds a training run" in err and "fix: pass --resume" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == files
     assert main(["fit", str(data), "-o", str(model), *TINY, "--resume"]) == 0
-    assert f"model written to {model} (last checkpoint epoch-000002, " in capsys.readouterr().out
+    out = capsys.readouterr().out  # not "model written" after "trained ... for 2 epochs in 0.0s"
+    assert f"nothing trained: the run had finished; its model is in {model} (last checkpoint epoch-000002, " in out
     assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == files
 
 
@@ -574,7 +575,9 @@ def test_fit_and_embed_check_settings_and_output_before_reading_a_file_into_memo
                           (["embed", str(table), "--model", str(model), "-o", str(tmp_path / "e.txt")],
                            "e.txt must end in .h5ad or .npy; fix: e.g. -o "),
                           (["fit", str(table), "-o", str(tmp_path / "run"), *TINY, "--resume", "--epochs", "3"],
-                           "resume with the same preset/options")):
+                           "different training settings (epochs: saved 2, requested 3) (the learning-rate schedule "
+                           "spans the run's epochs, so a longer or shorter run is a new one); resume with the same "
+                           "preset/options")):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
     assert not (tmp_path / "m").exists()

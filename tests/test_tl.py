@@ -124,7 +124,21 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
     adata[::-1].copy().write_h5ad(tmp_path / "reversed.h5ad")
     with pytest.raises(CheckpointError, match=r"trained on 240 cells with other names or in another order"):
         pipeline.fit(tmp_path / "reversed.h5ad", "demo", model_dir=run, resume=True, **settings)
-    config = json.loads((run / "epoch-000001" / "config.json").read_text())
+    recounted = adata.copy()  # the same cells and genes, counts changed (ambient RNA removed): resumed silently before
+    recounted.X = recounted.X.copy()
+    recounted.X.data[::7] += 3
+    recounted.write_h5ad(tmp_path / "recounted.h5ad")
+    with pytest.raises(CheckpointError, match=r"cannot resume: the run in .* was trained on other values for these "
+                                              r"cells \(the same names in the same order; a streamed run compares its "
+                                              r"first 240 cells'\);.* fix: pass the data the run started on"):
+        pipeline.fit(tmp_path / "recounted.h5ad", "demo", model_dir=run, resume=True, **settings)
+    original = (run / "epoch-000001" / "config.json").read_text()
+    config = json.loads(original)
+    for record in ({"cells": 241, "digest": "0"}, {"cells": 0, "digest": "0"}, {"cells": 240}, "0"):
+        damaged = {**config, "meta": {**config["meta"], "cells": {**config["meta"]["cells"], "first_values": record}}}
+        (run / "epoch-000001" / "config.json").write_text(json.dumps(damaged))
+        with pytest.raises(CheckpointError, match=r"the cells record of the run in .* is damaged"):
+            pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
     del config["meta"]["cells"]  # as an earlier release saved it: its streamed record's count is compared
     (run / "epoch-000001" / "config.json").write_text(json.dumps(config))
     adata[:230].copy().write_h5ad(tmp_path / "fewer.h5ad")
@@ -135,7 +149,7 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
         (run / "epoch-000001" / "config.json").write_text(json.dumps(damaged))
         with pytest.raises(CheckpointError, match=r"the cells record of the run in .* is damaged"):
             pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
-    (run / "epoch-000001" / "config.json").write_text(json.dumps(config))
+    (run / "epoch-000001" / "config.json").write_text(original)  # the first cells' values compared, and equal
     model, _ = pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=run, resume=True, **settings)
     np.testing.assert_array_equal(model.embed(adata, progress=False), ref.embed(adata, progress=False))
 

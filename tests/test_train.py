@@ -294,6 +294,30 @@ def test_a_run_saved_with_pickled_rng_states_resumes_exactly(tmp_path, numpy1):
         torch.testing.assert_close(va, vb, atol=1e-6, rtol=0, msg=k)
 
 
+@pytest.mark.parametrize("copied", [["model.safetensors"], ["optimizer.pt", "trainer_state.json"]])
+def test_files_copied_in_from_another_epoch_are_refused(tmp_path, copied):
+    """Weights from one epoch with another's optimiser state and record resumed silently, on other
+    weights than the run's (or retraining an epoch); a whole earlier epoch's folder still resumes."""
+    run = tmp_path / "run"
+    def stop_at_epoch_3(epoch, loss):
+        if epoch == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(make(), structured_grid(), tcfg(checkpoint_every=1, keep_checkpoints=5, checkpoint_dir=str(run)),
+              callback=stop_at_epoch_3)
+    for name in copied:  # what "restore those files from a copy" may lead to, with older epochs lying around
+        shutil.copy(run / "epoch-000001" / name, run / "epoch-000002" / name)
+    with pytest.raises(CheckpointError, match=r"the files of the checkpoint .*epoch-000002 were written by different "
+                                              r"saves \(model\.safetensors apart from optimizer\.pt and "
+                                              r"trainer_state\.json\), .*; fix: restore the folder whole"):
+        train(make(), structured_grid(), tcfg(checkpoint_every=1, checkpoint_dir=str(run), resume=True))
+    shutil.rmtree(run / "epoch-000002")
+    (run / "last").unlink()
+    os.symlink("epoch-000001", run / "last")
+    assert train(make(), structured_grid(), tcfg(checkpoint_every=1, checkpoint_dir=str(run),
+                                                 resume=True)).resumed_from_epoch == 1
+
+
 def test_a_doctored_training_state_cannot_run_code(tmp_path):
     """The RNG blob and optimizer.pt were read with torch.load(weights_only=False): a pickled object
     in either ran its code on resume."""
