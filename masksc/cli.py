@@ -313,8 +313,9 @@ def cmd_evaluate(args) -> int:
     scores = tl.evaluate(adata, label_key=args.label_key, cluster_key=args.cluster_key, use_rep=args.use_rep,
                          silhouette_sample=args.silhouette_cells or None, seed=args.seed)
     if args.json:  # before printing: a reader gone from the pipe (`| head`) does not cost the file
+        sample = {key: adata.uns["masksc"]["metrics"][key] for key in ("silhouette_cells", "silhouette_seed")}
         with atomic_write(args.json, replace=args.overwrite) as tmp:
-            tmp.write_text(json.dumps(scores, indent=2) + "\n")
+            tmp.write_text(json.dumps({**scores, **sample}, indent=2) + "\n")
     _print_metrics(scores)
     if args.json:
         print(f"wrote {args.json}")

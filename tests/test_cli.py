@@ -189,6 +189,7 @@ def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys, umask_
     truth, pred = C.obs["label"].to_numpy(), C.obs["masksc_cluster"].to_numpy()
     ari, nmi = adjusted_rand_score(truth, pred), normalized_mutual_info_score(truth, pred)
     assert scores["ari"] == pytest.approx(ari, abs=1e-12) and scores["nmi"] == pytest.approx(nmi, abs=1e-12)
+    assert (scores["silhouette_cells"], scores["silhouette_seed"]) == (C.n_obs, None)  # below the sample: every cell
     assert f"ARI {ari:.4f}  NMI {nmi:.4f}" in printed, printed
     assert _sha(data) == before                                   # the input file is never modified
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

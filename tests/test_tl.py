@@ -706,6 +706,13 @@ def test_evaluate_leaves_out_unlabelled_cells_and_records_its_keys(fitted):
     rec = ad_.uns["masksc"]["metrics"]
     assert (rec["label_key"], rec["cluster_key"], rec["use_rep"], rec["n_labelled"]) == \
         ("partial", "masksc_cluster", "X_masksc", 220)
+    assert (rec["silhouette_cells"], rec["silhouette_seed"]) == (240, None)  # every cell: no sample to reproduce
+    sampled = tl.evaluate(ad_, label_key=None, silhouette_sample=100, seed=3)
+    rec = ad_.uns["masksc"]["metrics"]
+    assert (rec["silhouette_cells"], rec["silhouette_seed"]) == (100, 3)
+    Z, pred = ad_.obsm["X_masksc"], ad_.obs["masksc_cluster"].to_numpy()
+    assert sampled["silhouette"] == cluster.evaluate(Z, pred, silhouette_sample=rec["silhouette_cells"],
+                                                     seed=rec["silhouette_seed"])["silhouette"]
     ad_.obs["none"] = np.full(240, np.nan)
     with pytest.raises(DataError, match="no cell has a 'none' label"):
         tl.evaluate(ad_, label_key="none")
