@@ -535,7 +535,8 @@ class Preprocessor:
                     check_first, first, first_kept = False, [], []
             if not self.min_counts and (sums == 0).any():
                 raise DataError(self._zero_library_message(X, sums, cell, library_cols))
-            L = self._lognorm(X[keep], sums[keep], self.input_kind_)[:, idx]
+            # the model's genes first: normalising every gene of a wide chunk took several times its memory
+            L = self._lognorm((X if keep.all() else X[keep])[:, idx], sums[keep], self.input_kind_)
             yield a, keep, self._scale(L)
 
     def _zero_library_message(self, X: sp.csr_matrix, sums: np.ndarray, cell: Callable[[int], str],
