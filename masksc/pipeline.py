@@ -131,12 +131,9 @@ class MaskSCModel:
                 yield
         except (DataError, CheckpointError) as exc:
             fitted = self.fitted_input
+            if isinstance(exc, ScaledBesideRawError):  # the fix is the model's matrix, not any usable one
+                raise type(exc)(self._scaled_x_message()) from exc
             if fitted is None or (fitted["layer"], fitted["use_raw"]) == (layer, bool(use_raw)):
-                if isinstance(exc, ScaledBesideRawError) and self.preprocessor.input_kind_ == "counts":
-                    raise type(exc)("X holds negative (scaled) values and .raw is set, and this model was fitted "
-                                    "on raw counts, which scanpy's .raw does not hold (it keeps log-normalised "
-                                    "values); fix: read a layer of raw counts (layer=, --layer), or .raw "
-                                    "(use_raw=True, --use-raw) where it holds counts.") from exc
                 raise
             if isinstance(exc, CheckpointError) and fitted["use_raw"] == bool(use_raw):
                 raise  # missing genes: a layer has X's genes, so reading another layer is not the cause
@@ -147,6 +144,20 @@ class MaskSCModel:
             raise type(exc)(f"{exc} Note: this model was fitted on {_describe_input(**fitted)}{held}, and "
                             f"{_describe_input(layer, use_raw)} was read here; to read the same, "
                             f"{_input_arguments(**fitted)}{others}.") from exc
+
+    def _scaled_x_message(self) -> str:
+        """The error for scaled X read beside ``.raw``, whose fix is the matrix this model reads."""
+        fitted = self.fitted_input
+        if fitted is not None and (fitted["layer"] is not None or fitted["use_raw"]):
+            fix = f"read {_describe_input(**fitted)}, which this model was fitted on: {_input_arguments(**fitted)}"
+        elif self.preprocessor.input_kind_ == "counts":
+            fix = ("this model was fitted on raw counts, which scanpy's .raw does not hold (it keeps log-normalised "
+                   "values): read a layer of raw counts (layer=, --layer), or .raw (use_raw=True, --use-raw) where "
+                   "it holds counts")
+        else:
+            fix = ("use_raw=True (--use-raw) to read .raw's log-normalised values, the kind this model was fitted "
+                   "on")
+        return f"X holds negative (scaled) values and .raw is set; fix: {fix}."
 
     def to_grid(self, adata, layer: str | None = None, use_raw: bool = False, rows: np.ndarray | None = None):
         """Preprocess ``adata`` (its ``X``, ``adata.layers[layer]``, or with ``use_raw`` its

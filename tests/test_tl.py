@@ -656,15 +656,18 @@ def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
                                rtol=1e-5, atol=1e-7)
     counts.write_h5ad(tmp_path / "layout.h5ad")
     backed = ad.read_h5ad(tmp_path / "layout.h5ad", backed="r")
-    with pytest.raises(DataError, match=r"negative \(scaled\) values and \.raw is set.*"
-                                        r"tl\.(fit|embed)\(\.\.\., use_raw=True\)"):
-        tl.embed(backed, from_raw, progress=False)
-    with pytest.raises(DataError, match=r"negative \(scaled\) values .* Note: this model was fitted on adata\.raw "):
-        tl.embed(counts, from_raw, progress=False)  # the model's own matrix named, as model.embed names it
-    for data in (counts, backed):  # a model of counts: .raw's log values will not do either
-        with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set, and this model "
-                                            r"was fitted on raw counts, .*; fix: read a layer of raw counts"):
-            tl.embed(data, fitted[2], progress=False)
+    for data in (counts, backed):  # the fix is the model's own matrix, as model.embed names it
+        with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set; fix: read "
+                                            r"adata\.raw, which this model was fitted on: pass use_raw=True "
+                                            r"\(--use-raw\)\.$"):
+            tl.embed(data, from_raw, progress=False)
+        with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set; fix: use_raw=True "
+                                            r"\(--use-raw\) to read \.raw's log-normalised values, the kind this model "
+                                            r"was fitted on\.$"):
+            tl.embed(data, from_log, progress=False)
+        with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set; fix: this model "
+                                            r"was fitted on raw counts, .*: read a layer of raw counts"):
+            tl.embed(data, fitted[2], progress=False)  # .raw's log values will not do: not use_raw=True
     for step in (lambda: tl.embed(backed[:20], from_raw, use_raw=True, progress=False),
                  lambda: tl.fit(backed[:20], "demo", use_raw=True, epochs=1, progress=False, **TINY)):
         with pytest.raises(DataError, match=r"this is a view \(20 cells x 300 genes\) of the backed file"):

@@ -638,8 +638,9 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
     except pd.errors.ParserError:  # a line longer than the first: named, with its number
         _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
         raise
-    # pandas pads a short line with NaN: only then is the file read again line by line, to name the fault
-    if body.isna().to_numpy().any():
+    # pandas pads a short line with NaN, and reads blank fields as text: only then is the file read again line
+    # by line, to name the fault
+    if body.isna().to_numpy().any() or (body.dtypes.iloc[1:] == object).any():
         _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
     first = body.iloc[:, 0]
     # a numeric first column under a gene's name is the first gene's counts: the table was written

@@ -408,7 +408,9 @@ class Preprocessor:
             raise DataError("this Preprocessor is not fitted; fix: call .fit(adata) first (or from_dict).")
 
     def _gene_index(self, var_names: pd.Index) -> np.ndarray:
-        read = set(self.genes_) | set(self.input_genes_ if self.input_genes_ is not None else ())
+        # library sizes sum the training data's genes (counts input): their names must be unique too
+        summed = self.input_genes_ if self.input_genes_ is not None and self.input_kind_ != "log" else ()
+        read = set(self.genes_) | set(summed)
         check_unique_genes(var_names, read)
         idx = _columns(pd.Index(var_names), self.genes_)
         missing = [g for g, i in zip(self.genes_, idx) if i < 0]
