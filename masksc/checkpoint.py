@@ -553,6 +553,11 @@ def _check_one_save(ckpt: Path, opt: dict, state: dict) -> None:
     except (SafetensorError, OSError, ValueError):
         return
     saves = {WEIGHTS: weights, OPTIMIZER: opt.get("save"), STATE: state.get("save")}
+    damaged = [name for name, save in saves.items() if save is not None and not isinstance(save, str)]
+    if damaged:
+        raise CheckpointError(f"the training state in {ckpt} is damaged ({damaged[0]} holds save="
+                              f"{saves[damaged[0]]!r}, not a save's id); fix: restore it from a copy, or start the "
+                              "run again in a new directory.")
     if len(set(saves.values())) > 1:
         groups = {}
         for name, save in saves.items():

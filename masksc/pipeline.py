@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -565,22 +566,19 @@ def _check_resumed_values(run_dir: Path, meta: dict, X_grid) -> None:
                               "or start a new run in another directory (-o, model_dir=).")
 
 
-def _first_values_record(reader, preprocessor, grid, chunk_size: int, m: int | None = None,
-                         new_data: bool = False) -> dict:
+def _first_values_record(reader, preprocessor, grid, chunk_size: int, m: int | None = None) -> dict:
     """What a streamed run records of its cells' values, which it cannot hold: the number ``m`` of
     first cells compared (default :data:`STREAMED_CELLS_COMPARED`, or all there are) and a digest
-    of their values on the grid (``reader``: a RowReader, read ``chunk_size`` cells at a time).
-    ``new_data`` (a resumed run's): values of another kind than the run's are named by the
-    preprocessor's check of log input first."""
+    of their values on the grid (``reader``: a RowReader, read ``chunk_size`` cells at a time)."""
     m = min(reader.n_obs, STREAMED_CELLS_COMPARED) if m is None else m
     blocks = []
     for a in range(0, m, chunk_size):
         b = min(a + chunk_size, m)
-        cells = ad.AnnData(X=reader.rows(a, b), obs=pd.DataFrame(index=reader.obs.index[a:b].astype(str)),
-                           var=pd.DataFrame(index=reader.var_names))
-        if new_data:
-            preprocessor.check_log_input(cells.X)
-        blocks.append(grid.to_grid(preprocessor.transform(cells, check_profile=False).X))
+        with warnings.catch_warnings():  # repeated cell names: anndata's warning, given once already
+            warnings.filterwarnings("ignore", message="Observation names are not unique")
+            cells = ad.AnnData(X=reader.rows(a, b), obs=pd.DataFrame(index=reader.obs.index[a:b].astype(str)),
+                               var=pd.DataFrame(index=reader.var_names))
+        blocks.append(grid.to_grid(preprocessor.transform_kept(cells, check_profile=False)[1]))
     return {"cells": m, "digest": _values_digest(sp.vstack(blocks, format="csr"))}
 
 
@@ -595,7 +593,9 @@ def _check_resumed_first_values(run_dir: Path, meta: dict, reader, preprocessor,
     if not (type(m) is int and 0 < m <= reader.n_obs and isinstance(saved.get("digest"), str)):
         raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
                               "config.json from a copy, or start the run again in a new directory.")
-    if _first_values_record(reader, preprocessor, grid, chunk_size, m, new_data=True)["digest"] != saved["digest"]:
+    if _first_values_record(reader, preprocessor, grid, chunk_size, m)["digest"] != saved["digest"]:
+        # values of another kind than the run's (normalised, never logged) are named as such first
+        preprocessor.check_log_input(reader.rows(0, min(m, chunk_size)))
         raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on other values for these cells (the "
                               f"same names in the same order; a streamed run compares its first {m} cells'); a "
                               "resumed run must see the data it stopped on to continue as it would have; fix: pass "

@@ -454,10 +454,11 @@ def check_resumable(run_dir: str | os.PathLike, model_cfg: MaskSCConfig, cfg: Tr
     if was != now:
         keys = [k for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
         diff = "; ".join(f"{k}: saved {was.get(k)!r}, requested {now.get(k)!r}" for k in keys)
-        what = "training settings" if set(keys) <= {f.name for f in dataclasses.fields(TrainConfig)} else "model config"
+        what = "other training settings" if set(keys) <= {f.name for f in dataclasses.fields(TrainConfig)} else \
+            "a different model config"
         why = (" (the learning-rate schedule spans the run's epochs, so a longer or shorter run is a new one)"
                if "epochs" in keys else "")
-        raise CheckpointError(f"the checkpoint in {run_dir} was trained with a different {what} ({diff}){why}; "
+        raise CheckpointError(f"the checkpoint in {run_dir} was trained with {what} ({diff}){why}; "
                               f"resume with the same preset/options or use a new model directory {_NEW_DIR}.")
     recorded = config.get("train_config")
     lacking = [key for key in _RESUME_FIXED if not isinstance(recorded, dict) or key not in recorded]

@@ -401,6 +401,17 @@ def _training_checkpoint(path, model, state=None):
                            {"epoch": 1, "step": 3, "losses": [0.5], "rng": {}})
 
 
+def test_an_edited_save_id_is_named_as_damage(tmp_path):
+    model, _, _ = setup()
+    _training_checkpoint(tmp_path / "m", model)
+    assert ckpt.load_training_state(tmp_path / "m")[1]["epoch"] == 1
+    record = json.loads((tmp_path / "m" / "trainer_state.json").read_text())
+    (tmp_path / "m" / "trainer_state.json").write_text(json.dumps({**record, "save": ["edited"]}))
+    with pytest.raises(CheckpointError, match=r"damaged \(trainer_state\.json holds save=\['edited'\], not a "
+                                              r"save's id\)"):  # not "unhashable type: 'list'"
+        ckpt.load_training_state(tmp_path / "m")
+
+
 @pytest.mark.parametrize("state, damage", [({}, r"trainer_state\.json lacks \['epoch', 'step', 'losses', 'rng'\]"),
                                            ({"epoch": "one", "step": 3, "losses": [], "rng": {}},
                                             r"trainer_state\.json has epoch='one', not a count"),

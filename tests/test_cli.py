@@ -189,7 +189,7 @@ def test_fit_embed_cluster_evaluate_round_trip(trained, tmp_path, capsys, umask_
     truth, pred = C.obs["label"].to_numpy(), C.obs["masksc_cluster"].to_numpy()
     ari, nmi = adjusted_rand_score(truth, pred), normalized_mutual_info_score(truth, pred)
     assert scores["ari"] == pytest.approx(ari, abs=1e-12) and scores["nmi"] == pytest.approx(nmi, abs=1e-12)
-    assert (scores["silhouette_cells"], scores["silhouette_seed"]) == (C.n_obs, None)  # below the sample: every cell
+    assert (scores["silhouette_cells"], scores["silhouette_seed"]) == (C.n_obs, 0)  # below the sample: every cell
     assert f"ARI {ari:.4f}  NMI {nmi:.4f}" in printed, printed
     assert _sha(data) == before                                   # the input file is never modified
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -576,7 +576,7 @@ def test_fit_and_embed_check_settings_and_output_before_reading_a_file_into_memo
                           (["embed", str(table), "--model", str(model), "-o", str(tmp_path / "e.txt")],
                            "e.txt must end in .h5ad or .npy; fix: e.g. -o "),
                           (["fit", str(table), "-o", str(tmp_path / "run"), *TINY, "--resume", "--epochs", "3"],
-                           "different training settings (epochs: saved 2, requested 3) (the learning-rate schedule "
+                           "trained with other training settings (epochs: saved 2, requested 3) (the learning-rate schedule "
                            "spans the run's epochs, so a longer or shorter run is a new one); resume with the same "
                            "preset/options")):
         assert main(argv) == 2, argv

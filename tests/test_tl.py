@@ -161,6 +161,22 @@ def test_a_streamed_run_resumes_only_streamed_in_chunks_of_its_size(tmp_path):
         pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=memory, resume=True, **settings)
 
 
+def test_a_streamed_fit_of_repeated_cell_names_warns_once(tmp_path):
+    """anndata's warning about repeated cell names was given again for every chunk of the first
+    cells whose values a streamed run records."""
+    from masksc import pipeline
+    adata = synthetic(240, n_genes=300, n_types=3, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata.obs_names = ["cell"] * 240  # two samples' barcodes, say
+        adata.write_h5ad(tmp_path / "d.h5ad")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline.fit(tmp_path / "d.h5ad", "demo", model_dir=tmp_path / "run", epochs=1, progress=False,
+                     chunk_size=100, teacher_overrides={"epochs": 1}, **TINY)
+    assert sum("Observation names are not unique" in str(w.message) for w in caught) == 1
+
+
 def test_a_run_whose_saved_input_or_stream_record_is_damaged_is_refused_on_resume(tmp_path):
     """Resume read meta['input'] and meta['streamed'] before anything checked them: a TypeError,
     KeyError or AttributeError traceback where load named the damage."""
@@ -709,13 +725,18 @@ def test_evaluate_leaves_out_unlabelled_cells_and_records_its_keys(fitted):
     rec = ad_.uns["masksc"]["metrics"]
     assert (rec["label_key"], rec["cluster_key"], rec["use_rep"], rec["n_labelled"]) == \
         ("partial", "masksc_cluster", "X_masksc", 220)
-    assert (rec["silhouette_cells"], rec["silhouette_seed"]) == (240, None)  # every cell: no sample to reproduce
-    sampled = tl.evaluate(ad_, label_key=None, silhouette_sample=100, seed=3)
-    rec = ad_.uns["masksc"]["metrics"]
-    assert (rec["silhouette_cells"], rec["silhouette_seed"]) == (100, 3)
+    assert (rec["silhouette_cells"], rec["silhouette_seed"]) == (240, 0)  # every cell
     Z, pred = ad_.obsm["X_masksc"], ad_.obs["masksc_cluster"].to_numpy()
-    assert sampled["silhouette"] == cluster.evaluate(Z, pred, silhouette_sample=rec["silhouette_cells"],
-                                                     seed=rec["silhouette_seed"])["silhouette"]
+    for sample in (100, None):  # the record, passed back, gives the same silhouette
+        again = tl.evaluate(ad_, label_key=None, silhouette_sample=sample, seed=np.int64(3))
+        rec = ad_.uns["masksc"]["metrics"]
+        assert (rec["silhouette_cells"], rec["silhouette_seed"]) == (sample or 240, 3)
+        assert type(rec["silhouette_seed"]) is int
+        assert again["silhouette"] == cluster.evaluate(Z, pred, silhouette_sample=rec["silhouette_cells"],
+                                                       seed=rec["silhouette_seed"])["silhouette"]
+    ad_.obs["one"] = pd.Categorical(["a"] * 240)
+    assert tl.evaluate(ad_, label_key=None, cluster_key="one", silhouette_sample=100)["silhouette"] is None
+    assert ad_.uns["masksc"]["metrics"]["silhouette_cells"] is None  # no sample was scored
     ad_.obs["none"] = np.full(240, np.nan)
     with pytest.raises(DataError, match="no cell has a 'none' label"):
         tl.evaluate(ad_, label_key="none")
