@@ -576,9 +576,9 @@ def test_fit_and_embed_check_settings_and_output_before_reading_a_file_into_memo
                           (["embed", str(table), "--model", str(model), "-o", str(tmp_path / "e.txt")],
                            "e.txt must end in .h5ad or .npy; fix: e.g. -o "),
                           (["fit", str(table), "-o", str(tmp_path / "run"), *TINY, "--resume", "--epochs", "3"],
-                           "trained with other training settings (epochs: saved 2, requested 3) (the learning-rate schedule "
-                           "spans the run's epochs, so a longer or shorter run is a new one); resume with the same "
-                           "preset/options")):
+                           "trained with other training settings (epochs: saved 2, requested 3) (the learning-rate "
+                           "schedule spans the run's epochs, so a longer or shorter run is a new one); resume with the "
+                           "same preset/options")):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
