@@ -149,15 +149,18 @@ class MaskSCModel:
     def _scaled_x_message(self) -> str:
         """The error for scaled X read beside ``.raw``, whose fix is the matrix this model reads."""
         fitted = self.fitted_input
+        kind = self.preprocessor.input_kind_
         if fitted is not None and (fitted["layer"] is not None or fitted["use_raw"]):
-            fix = f"read {_describe_input(**fitted)}, which this model was fitted on: {_input_arguments(**fitted)}"
-        elif self.preprocessor.input_kind_ == "counts":
+            held = {"counts": "raw counts", "log": "log-normalised values"}.get(kind, "its values")
+            fix = (f"read {_describe_input(**fitted)} ({held}), which this model was fitted on: "
+                   f"{_input_arguments(**fitted)}")
+        elif kind == "counts":
             fix = ("this model was fitted on raw counts, which scanpy's .raw does not hold (it keeps log-normalised "
                    "values): read a layer of raw counts (layer=, --layer), or .raw (use_raw=True, --use-raw) where "
                    "it holds counts")
         else:
             fix = ("use_raw=True (--use-raw) to read .raw's log-normalised values, the kind this model was fitted "
-                   "on")
+                   "on, or layer= (--layer) a layer of them")
         return f"X holds negative (scaled) values and .raw is set; fix: {fix}."
 
     def to_grid(self, adata, layer: str | None = None, use_raw: bool = False, rows: np.ndarray | None = None):

@@ -448,7 +448,7 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
     (None: all cells). Cells without a label (NaN) are left out of ARI / NMI, with a warning.
     Returns ``masksc.cluster.evaluate``'s dict (ari, nmi, silhouette, n_clusters), also stored
     in ``adata.uns["masksc"]["metrics"]`` with the keys it was computed from, the number of cells
-    the silhouette was computed on (``silhouette_cells``; None without a silhouette) and the seed
+    the silhouette was computed on (``silhouette_cells``: the sample's, or every cell) and the seed
     (``silhouette_seed``): passed back as ``silhouette_sample`` and ``seed`` they give it again."""
     _check_adata(adata, "evaluate")
     if cluster_key not in adata.obs:
@@ -492,7 +492,7 @@ def evaluate(adata, label_key: str | None = "label", *, use_rep: str = EMBEDDING
         agreement = _cluster.agreement(adata.obs[label_key].to_numpy()[labelled], pred[labelled])
     scores = {**_cluster.evaluate(Z, pred, None, silhouette_sample=silhouette_sample, seed=seed), **agreement}
     sampled = silhouette_sample is not None and Z.shape[0] > silhouette_sample
-    cells = None if scores["silhouette"] is None else int(silhouette_sample) if sampled else int(Z.shape[0])
+    cells = int(silhouette_sample) if sampled else int(Z.shape[0])
     _record(adata, "metrics", {**scores, "label_key": label_key, "cluster_key": cluster_key, "use_rep": use_rep,
                                "n_labelled": n_labelled,
                                # silhouette_sample= and seed= these give the same silhouette again

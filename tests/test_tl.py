@@ -674,12 +674,12 @@ def test_use_raw_reads_log_values_beside_scaled_x(fitted, tmp_path):
     backed = ad.read_h5ad(tmp_path / "layout.h5ad", backed="r")
     for data in (counts, backed):  # the fix is the model's own matrix, as model.embed names it
         with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set; fix: read "
-                                            r"adata\.raw, which this model was fitted on: pass use_raw=True "
-                                            r"\(--use-raw\)\.$"):
+                                            r"adata\.raw \(log-normalised values\), which this model was fitted on: "
+                                            r"pass use_raw=True \(--use-raw\)\.$"):
             tl.embed(data, from_raw, progress=False)
         with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set; fix: use_raw=True "
                                             r"\(--use-raw\) to read \.raw's log-normalised values, the kind this model "
-                                            r"was fitted on\.$"):
+                                            r"was fitted on, or layer= \(--layer\) a layer of them\.$"):
             tl.embed(data, from_log, progress=False)
         with pytest.raises(DataError, match=r"^X holds negative \(scaled\) values and \.raw is set; fix: this model "
                                             r"was fitted on raw counts, .*: read a layer of raw counts"):
@@ -734,9 +734,12 @@ def test_evaluate_leaves_out_unlabelled_cells_and_records_its_keys(fitted):
         assert type(rec["silhouette_seed"]) is int
         assert again["silhouette"] == cluster.evaluate(Z, pred, silhouette_sample=rec["silhouette_cells"],
                                                        seed=rec["silhouette_seed"])["silhouette"]
-    ad_.obs["one"] = pd.Categorical(["a"] * 240)
-    assert tl.evaluate(ad_, label_key=None, cluster_key="one", silhouette_sample=100)["silhouette"] is None
-    assert ad_.uns["masksc"]["metrics"]["silhouette_cells"] is None  # no sample was scored
+    # a sample holding one cluster has no silhouette, though every cell has two: passed back, the same None
+    ad_.obs["few"] = pd.Categorical(["a"] * 238 + ["b"] * 2)
+    assert tl.evaluate(ad_, label_key=None, cluster_key="few", silhouette_sample=3)["silhouette"] is None
+    rec = ad_.uns["masksc"]["metrics"]
+    assert tl.evaluate(ad_, label_key=None, cluster_key="few", silhouette_sample=rec["silhouette_cells"],
+                       seed=rec["silhouette_seed"])["silhouette"] is None
     ad_.obs["none"] = np.full(240, np.nan)
     with pytest.raises(DataError, match="no cell has a 'none' label"):
         tl.evaluate(ad_, label_key="none")

@@ -640,7 +640,7 @@ def _read_table(path, where, fmt="csv", transpose=False, **_):
         raise
     # pandas pads a short line with NaN, and reads blank fields as text: only then is the file read again line
     # by line, to name the fault
-    if body.isna().to_numpy().any() or (body.dtypes.iloc[1:] == object).any():
+    if body.isna().to_numpy().any() or not all(map(pd.api.types.is_numeric_dtype, body.dtypes.iloc[1:])):
         _check_line_lengths(path, sep, header_end, len(header), not str(header[-1]).strip())
     first = body.iloc[:, 0]
     # a numeric first column under a gene's name is the first gene's counts: the table was written

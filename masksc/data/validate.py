@@ -214,8 +214,7 @@ def check_unique_genes(var_names, read: set | None = None) -> None:
                         "(then check they are unique).")
     dups = [] if names.is_unique else [g for g, c in Counter(names).items() if c > 1 and (read is None or g in read)]
     if dups:
-        among = "" if read is None else (" among the genes the model reads (its grid's, and the training data's "
-                                         "that a cell's library size sums)")
+        among = "" if read is None else " among the genes the model reads (on its grid, or summed into library sizes)"
         raise DataError(f"{len(dups)} gene names are duplicated (e.g. {dups[:5]}){among}; "
                         "fix: call adata.var_names_make_unique() first (for a file: read it with anndata, do so, "
                         "and write a new .h5ad with adata.write_h5ad).")
