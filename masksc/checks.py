@@ -56,6 +56,17 @@ def plain_numbers(config) -> None:
         object.__setattr__(config, f.name, value)
 
 
+def check_flags(optional: tuple = (), **flags) -> None:
+    """Raise DataError naming each of ``flags`` (name=value) that is not True or False (a bool or
+    numpy bool; those named in ``optional`` may be None too): a string such as "no" is truthy,
+    and would switch it on without a word."""
+    bad = [f"{name}={value!r}" for name, value in flags.items()
+           if not isinstance(value, (bool, np.bool_)) and not (value is None and name in optional)]
+    if bad:
+        raise DataError(f"{', '.join(bad)}: a switch must be True or False; fix: pass a bool, e.g. "
+                        f"{bad[0].split('=')[0]}=False.")
+
+
 def is_map_seed(seed) -> bool:
     """Whether ``seed`` is an integer UMAP, t-SNE and sklearn's PCA take (in [0, MAX_MAP_SEED])."""
     return not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and 0 <= seed <= MAX_MAP_SEED

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph  # noqa: F401  (sp.csgraph)
 from threadpoolctl import threadpool_limits
 
-from masksc.checks import check_seed, is_integer, is_number
+from masksc.checks import check_flags, check_seed, is_integer, is_number
 from masksc.data.validate import beyond_float32, check_count
 from masksc.errors import DataError, MaskscError, warn
 from masksc.progress import progress_bar
@@ -122,6 +122,7 @@ def check_embedding(Z, name: str = "Z", distances: bool = True, centre: bool = F
 
 def _resolve_gpus(use_gpu: bool | None, ngpu: int | None) -> int:
     """Number of GPUs FAISS should use (0 = CPU)."""
+    check_flags(("use_gpu",), use_gpu=use_gpu)
     available = _faiss().get_num_gpus()
     if use_gpu is False:
         return 0
@@ -304,7 +305,7 @@ def _build_index(X: np.ndarray, metric: str, index: str, nlist: int | None, npro
         if not 1 <= nlist <= n:
             raise DataError(f"nlist={nlist} IVF lists for {n} cells; fix: pass 1 <= nlist <= n_cells (or None for "
                             "~4*sqrt(n)), or index='flat' for so few cells.")
-        idx = faiss.IndexIVFFlat(faiss.IndexFlat(d, faiss_metric), d, nlist, faiss_metric)
+        idx = faiss.IndexIVFFlat(faiss.IndexFlat(d, faiss_metric), d, int(nlist), faiss_metric)  # SWIG: no np.int64
         idx.cp.seed = int(seed) & 0x7FFFFFFF
         idx.cp.min_points_per_centroid = 1
         # Coarse centroids from <= 64 cells each: at 1M x 128, 24 s instead of FAISS's 256
@@ -620,6 +621,7 @@ def leiden(graph, resolution: float = LEIDEN_RESOLUTION, seed: int = 0, n_iterat
     if flavor not in LEIDEN_FLAVORS:
         raise ValueError(f"flavor must be one of {LEIDEN_FLAVORS}, got {flavor!r}.")
     seed = check_seed(seed)
+    check_flags(directed=directed)
     if n_iterations is not None and (not is_integer(n_iterations) or not (n_iterations == -1 or n_iterations >= 1)):
         raise DataError(f"n_iterations={n_iterations!r}; fix: pass a whole number of passes >= 1, -1 to iterate "
                         "until no improvement, or None for the flavour's default.")

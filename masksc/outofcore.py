@@ -37,7 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from masksc.checks import check_seed, is_integer
+from masksc.checks import check_flags, check_seed, is_integer
 from masksc.data import ChunkSource, CSRBatch, GridLayout, Preprocessor, open_source
 from masksc.data.io import detect_format
 from masksc.data.preprocess import LIBRARY_GENES_MISSING, PROFILE_SAMPLE_CELLS
@@ -520,6 +520,7 @@ def embed_file(model, source, output: str | os.PathLike, *, batch_size: int = 10
     from masksc import distributed
 
     chunk_size, batch_size = check_count("chunk_size", chunk_size), check_count("batch_size", batch_size)
+    check_flags(amp=amp, progress=progress, use_raw=use_raw, overwrite=overwrite)
     ctx = dist or distributed.context()
     output = Path(output)
     if output.suffix.lower() not in EMBED_SUFFIXES:

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 import torch
 
 from masksc import checkpoint as ckpt
-from masksc.checks import is_integer
+from masksc.checks import check_flags, is_integer
 from masksc.data import GridLayout, Preprocessor, naming_matrix, with_layer
 from masksc.data.stream import ScaledBesideRawError
 from masksc.data.validate import check_count
@@ -178,6 +178,7 @@ class MaskSCModel:
 
     def _kept_on_grid(self, adata, layer, use_raw, rows=None) -> tuple:
         """(:meth:`to_grid`'s CSR matrix, bool [n_cells]: False for the cells it leaves out)."""
+        check_flags(use_raw=use_raw)
         from masksc.errors import CheckpointError
         with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
@@ -222,6 +223,7 @@ class MaskSCModel:
         from masksc.outofcore import warn_nan_rows
         device = _run_device(device)
         check_count("batch_size", batch_size)  # before the preprocessing
+        check_flags(progress=progress, amp=amp)
         if adata.shape[0] == 0:
             raise DataError(f"the data to embed holds no cells (0 x {adata.shape[1]}); fix: pass the cells to embed "
                             "(check a filter upstream).")
@@ -411,6 +413,7 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     from masksc.ops import forced_backend
     from masksc.train import check_resumable
 
+    check_flags(("streamed",), resume=resume, progress=progress, use_raw=use_raw, streamed=streamed)
     if resume and model_dir is None:
         raise ValueError("resume=True continues the run saved in model_dir, and none is given; fix: pass model_dir= "
                          "(the run's directory), or drop resume=True.")

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 from natsort import natsorted
 
-from masksc.checks import is_map_seed
+from masksc.checks import check_flags, is_map_seed
 from masksc.cluster import check_embedding
 from masksc.errors import DataError, warn
 from masksc.io_utils import atomic_write
@@ -44,6 +44,7 @@ def _figure(width: float, height: float):
 def _check_png(path, overwrite: bool) -> None:
     """Refuse a path that is not a .png, one that cannot be written, or an existing file when not
     ``overwrite``, before any work (a UMAP can take minutes)."""
+    check_flags(overwrite=overwrite)
     if path is not None and Path(path).suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; give a path ending in .png (or None for the Figure), "
                          f"got {str(path)!r}.")
@@ -427,6 +428,7 @@ def embedding(data, color=None, path: str | os.PathLike | None = None, method: s
         warn("pl.embedding's color_by= is now color=, scanpy's name; color_by= will be removed", FutureWarning)
         color = color_by
     _check_png(path, overwrite)
+    check_flags(("use_raw",), use_raw=use_raw)
     if method not in ("umap", "tsne", "precomputed"):
         raise ValueError(f"method must be 'umap', 'tsne' or 'precomputed', got {method!r}.")
     if point_size is not None and not point_size > 0:
@@ -586,6 +588,7 @@ def loss_curve(losses, path: str | os.PathLike | None = None, xlabel: str = "epo
     Returns: the path written; with no path the Figure, or ``ax`` when given.
     """
     _check_png(path, overwrite)
+    check_flags(("logy",), logy=logy)
     if isinstance(losses, (str, os.PathLike)):
         from masksc.checkpoint import read_losses
         losses = read_losses(losses)

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from masksc import cluster as _cluster
+from masksc.checks import check_flags
 from masksc.data.stream import SCALED_SAMPLE_CELLS, check_not_backed_view, check_not_scaled_beside_raw, with_layer
 from masksc.data.validate import _as_matrix, no_x_matrix
 from masksc.errors import DataError, warn
@@ -84,6 +85,13 @@ def _check_adata(adata, step: str) -> None:
                         "fix: adata[mask].to_memory() first, or run it on the whole backed object.")
 
 
+def _check_key(key_added) -> None:
+    """Refuse a ``key_added`` that cannot name a result (None, a number): anndata stores it, and
+    writing the object fails later."""
+    if not isinstance(key_added, str) or not key_added:
+        raise DataError(f"key_added={key_added!r}; fix: pass a name for the result, a non-empty string.")
+
+
 def _check_expression(adata, step: str, layer: str | None) -> None:
     """Raise DataError unless ``adata`` has the expression matrix to read, ``X`` or the layer
     ``layer``; scaled values in ``X`` with ``adata.raw`` set get the fix ``use_raw=True``."""
@@ -112,6 +120,7 @@ def fit(adata, preset: str = "cpu", *, layer: str | None = None, use_raw: bool =
     preset, matrix read and per-epoch losses in ``adata.uns["masksc"]``; returns the model.
     Raises DataError when ``adata`` is a path or a bare matrix, before any work."""
     _check_adata(adata, "fit")
+    check_flags(use_raw=use_raw)
     if not use_raw:
         _check_expression(adata, "fit", layer)
     model, result = _fit(adata, preset, layer=layer, use_raw=use_raw, **kwargs)  # streamed when backed
@@ -138,6 +147,8 @@ def embed(adata, model: MaskSCModel | str | os.PathLike, *, layer: str | None = 
     copy of ``adata`` with the embedding and leave ``adata`` as it is (else None is returned)."""
     from masksc.train import resolve_device
     _check_adata(adata, "embed")
+    check_flags(use_raw=use_raw, progress=progress, amp=amp, copy=copy)
+    _check_key(key_added)
     if not isinstance(model, (MaskSCModel, str, os.PathLike)):
         raise DataError(f"model must be a MaskSCModel or the directory `fit` wrote it to, got a {type(model).__name__}; "
                         "fix: pass tl.fit's return value or its model_dir.")
@@ -233,6 +244,8 @@ def neighbors(adata, n_neighbors: int = _cluster.N_NEIGHBORS, *, use_rep: str = 
     scanpy's) is not replaced: a DataError names the fix. ``copy``: return a copy of ``adata``
     with the graph and leave ``adata`` as it is (else None is returned)."""
     _check_adata(adata, "neighbors")
+    check_flags(("use_gpu",), copy=copy, use_gpu=use_gpu)
+    _check_key(key_added)
     _check_search_settings(search_kw)
     foreign = _foreign_graph(adata, key_added)
     if foreign:
@@ -380,6 +393,8 @@ def cluster(adata, k: int | None = None, *, use_rep: str = EMBEDDING_KEY, key_ad
     refused before any work. ``copy``: return a copy of ``adata`` with the clusters and leave ``adata``
     as it is (else None is returned)."""
     _check_adata(adata, "cluster")
+    check_flags(copy=copy)
+    _check_key(key_added)
     _cluster.check_settings(kwargs, allowed=[name for name in _cluster.CLUSTER_SETTINGS + _cluster.KMEANS_SETTINGS
                                              if name not in ("seed", "graph")])
     earlier = adata.uns.get("masksc", {}).get("cluster", {})

@@ -32,7 +32,7 @@ from masksc import checkpoint as ckpt
 from masksc import distributed
 from masksc.checkpoint import load_model  # re-exported: the contract names masksc.train.load_model
 from masksc.checks import is_finite_number, is_integer, is_number, plain_numbers
-from masksc.checks import check_seed
+from masksc.checks import check_flags, check_seed
 from masksc.errors import CheckpointError, counted, warn
 from masksc.models.masksc_model import MaskSC, MaskSCConfig, check_recipe
 from masksc.models.targets import check_grid_columns
@@ -77,6 +77,7 @@ class TrainConfig:
             if not is_integer(value) or value < low:
                 raise ValueError(f"{key}={value!r} must be an integer >= {low}; fix: pass {key} >= {low}.")
         check_seed(self.seed)
+        check_flags(amp=self.amp, resume=self.resume, progress=self.progress)
         check_recipe(self.lr, self.weight_decay, self.betas, self.warmup_epochs, self.clip)
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True continues the run saved in checkpoint_dir, and none is given; fix: pass "

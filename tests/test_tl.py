@@ -1073,3 +1073,50 @@ def test_a_backed_file_holding_only_layers_names_them(tmp_path):
     with pytest.raises(Exception) as exc:
         tl.fit(ad.read_h5ad(tmp_path / "damaged.h5ad", backed="r"), "demo", epochs=1, progress=False, **TINY)
     assert "no X matrix" not in str(exc.value)
+
+
+def test_a_switch_given_a_string_is_refused_not_read_as_true(fitted, tmp_path):
+    """A truthy string turned a switch on: overwrite="no" replaced the user's file, copy="no"
+    returned a copy and left the object without its result, log1p="no" logged."""
+    from masksc import pl
+    from masksc.data import CellBatches, GridLayout
+    from masksc.train import TrainConfig
+    adata, _, model, _ = fitted
+    ad_ = adata.copy()
+    tl.embed(ad_, model, progress=False)
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"the user's file")
+    graph = sp.csr_matrix(np.ones((4, 4), np.float32))
+    steps = [("overwrite", lambda: pl.embedding(ad_, "label", mine, overwrite="no")),
+             ("copy", lambda: tl.embed(ad_, model, copy="no", progress=False)),
+             ("copy", lambda: tl.cluster(ad_, 3, copy="no")),
+             ("use_gpu", lambda: tl.neighbors(ad_, use_gpu="no")),
+             ("use_gpu", lambda: cluster.kmeans(ad_.obsm["X_masksc"], 3, use_gpu="False")),
+             ("directed", lambda: cluster.leiden(graph, directed="no")),
+             ("use_raw", lambda: tl.fit(ad_, "demo", use_raw="no", epochs=1, progress=False, **TINY)),
+             ("resume", lambda: tl.fit(ad_, "demo", resume="no", epochs=1, progress=False, **TINY)),
+             ("amp", lambda: model.embed(ad_, amp="no", progress=False)),
+             ("overwrite", lambda: model.embed_file(ad_, tmp_path / "z.npy", overwrite="no", progress=False)),
+             ("log1p", lambda: Preprocessor(log1p="no")),
+             ("shuffle", lambda: CellBatches(sp.csr_matrix(np.ones((4, 4))), shuffle="no")),
+             ("strict", lambda: GridLayout.fit(adata.X, adata.var_names, shape=(16, 16), strict="no")),
+             ("amp", lambda: TrainConfig(amp=1))]
+    for name, step in steps:
+        with pytest.raises(DataError, match=rf"^{name}=('no'|'False'|1): a switch must be True or False; fix: pass "
+                                            rf"a bool, e.g\. {name}=False\.$"):
+            step()
+    assert mine.read_bytes() == b"the user's file" and "masksc_cluster" not in ad_.obs
+    for key in (None, 3, ""):  # obs[None] was stored, and writing the object failed later
+        with pytest.raises(DataError, match=rf"^key_added={key!r}; fix: pass a name for the result"):
+            tl.cluster(ad_, 3, key_added=key)
+    assert list(ad_.obs.columns) == list(adata.obs.columns)
+    with pytest.raises(DataError, match=r"grid shape \(16, 16\) or patch True is not whole"):
+        GridLayout.fit(adata.X, adata.var_names, shape=(16, 16), patch=True)  # 1 x 1 patches, without a word
+
+
+def test_a_numpy_integer_nlist_builds_the_ivf_index():
+    """nlist=np.int64 passed the check, then failed in FAISS's SWIG constructor."""
+    Z = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    got = cluster.knn_search(Z, 5, index="ivf", nlist=np.int64(4))
+    want = cluster.knn_search(Z, 5, index="ivf", nlist=4)
+    np.testing.assert_array_equal(got[0], want[0])

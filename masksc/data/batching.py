@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from masksc.checks import check_seed, is_integer
+from masksc.checks import check_flags, check_seed, is_integer
 from masksc.data.validate import check_count
 from masksc.errors import DataError
 
@@ -92,6 +92,7 @@ class CellBatches(torch.utils.data.IterableDataset):
             raise DataError(f"CellBatches needs a scipy sparse matrix, got {type(X_grid_csr).__name__}; "
                             "fix: pass GridLayout.to_grid(...) output.")
         batch_size = check_count("batch_size", batch_size)
+        check_flags(shuffle=shuffle, drop_last=drop_last)
         X = _canonical(X_grid_csr.tocsr().astype(np.float32, copy=False))
         if X.shape[0] == 0:
             raise DataError("no cells to batch; fix: check filtering upstream.")

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from masksc.checks import check_flags
 from masksc.errors import DataError, warn
 
 ORDERS = ("hvg", "correlation")
@@ -121,9 +122,12 @@ class GridLayout:
         DataError under ``strict``). ``order="correlation"`` uses ``X_csr`` (cells x genes,
         any sparse/dense matrix) on a subsample of ``n_sample`` cells drawn with ``seed``.
         """
+        check_flags(strict=strict)
         try:
             g, s = shape
-            whole = [int(g), int(s), int(patch)] == [g, s, patch]
+            # True is 1 to int(): patch=True built 1 x 1 patches without a word
+            whole = [int(g), int(s), int(patch)] == [g, s, patch] and not any(
+                isinstance(v, (bool, np.bool_)) for v in (g, s, patch))
         except (TypeError, ValueError, OverflowError):  # not two values, NaN, inf, text
             whole = False
         if not whole:

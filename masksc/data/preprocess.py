@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.checks import is_finite_number, is_integer, is_number, plain_number
+from masksc.checks import check_flags, is_finite_number, is_integer, is_number, plain_number
 from masksc.data import hvg
 from masksc.data.io import has_synthesised_names
 from masksc.data.stream import ChunkSource, open_source
@@ -176,6 +176,7 @@ class Preprocessor:
             raise DataError(f"hvg_flavor={hvg_flavor!r}; fix: use 'auto', 'seurat_v3' or 'dispersion'.")
         if input not in ("auto", "counts", "log"):
             raise DataError(f"input={input!r}; fix: use 'auto', 'counts' or 'log'.")
+        check_flags(log1p=log1p, scale=scale)
         n_top_genes, target_sum, max_value, min_counts, min_cells, span, n_bins, chunk_size = _check_params(
             n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, min_counts=min_counts,
             min_cells=min_cells, span=span, n_bins=n_bins, chunk_size=chunk_size)
