@@ -178,8 +178,12 @@ class MaskSCModel:
 
     def _kept_on_grid(self, adata, layer, use_raw, rows=None) -> tuple:
         """(:meth:`to_grid`'s CSR matrix, bool [n_cells]: False for the cells it leaves out)."""
+        from masksc.errors import CheckpointError, DataError
         check_flags(use_raw=use_raw)
-        from masksc.errors import CheckpointError
+        if not isinstance(adata, ad.AnnData):  # a bare matrix has no gene names to match the model's by
+            raise DataError(f"the model reads an AnnData, whose gene names it matches to its own, got a "
+                            f"{type(adata).__name__}; fix: wrap the cells x genes matrix as anndata.AnnData(X) with "
+                            "var_names set to the gene names (or pass a file's path to model.embed_file).")
         with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
         try:
@@ -414,6 +418,9 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
     from masksc.train import check_resumable
 
     check_flags(("streamed",), resume=resume, progress=progress, use_raw=use_raw, streamed=streamed)
+    if model_dir is not None and not os.fspath(model_dir):  # "" trained and kept no checkpoint, without a word
+        raise DataError("model_dir='' names no directory; fix: pass the directory to save the model in (or None to "
+                        "keep no checkpoint).")
     if resume and model_dir is None:
         raise ValueError("resume=True continues the run saved in model_dir, and none is given; fix: pass model_dir= "
                          "(the run's directory), or drop resume=True.")

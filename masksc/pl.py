@@ -22,6 +22,7 @@ from natsort import natsorted
 
 from masksc.checks import check_flags, is_map_seed
 from masksc.cluster import check_embedding
+from masksc.data.validate import check_count
 from masksc.errors import DataError, warn
 from masksc.io_utils import atomic_write
 
@@ -554,7 +555,7 @@ def attention_grid(attn_maps, titles=None, path: str | os.PathLike | None = None
     titles = [f"cell {i}" for i in range(n)] if titles is None else [str(t) for t in titles]
     if len(titles) != n:
         raise DataError(f"got {len(titles)} titles for {n} attention maps; pass one per cell or None.")
-    ncols = max(1, min(ncols, n))
+    ncols = min(check_count("ncols", ncols, "columns"), n)
     nrows = math.ceil(n / ncols)
     fig = _figure(3.6 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()

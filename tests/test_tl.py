@@ -1120,3 +1120,31 @@ def test_a_numpy_integer_nlist_builds_the_ivf_index():
     got = cluster.knn_search(Z, 5, index="ivf", nlist=np.int64(4))
     want = cluster.knn_search(Z, 5, index="ivf", nlist=4)
     np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_a_model_given_a_bare_matrix_says_it_reads_an_anndata(fitted):
+    """model.embed(X) raised AttributeError: 'ndarray' object has no attribute 'var_names'."""
+    adata, _, model, _ = fitted
+    for X in (adata.X, adata.X.toarray()):
+        for step in (lambda: model.embed(X, progress=False), lambda: model.attention_maps(X[:2])):
+            with pytest.raises(DataError, match=r"^the model reads an AnnData, whose gene names it matches to its "
+                                                r"own, got a \w+; fix: wrap the cells x genes matrix as "
+                                                r"anndata\.AnnData\(X\)"):
+                step()
+
+
+def test_counts_of_plots_and_layouts_and_an_empty_model_dir_are_checked(fitted):
+    """ncols=0 or True drew a layout of one column, numpy's own errors named neither n_sample nor
+    seed, and model_dir="" trained and kept no checkpoint."""
+    from masksc import pl
+    from masksc.data import GridLayout
+    adata, _, _, _ = fitted
+    for ncols in (0, -1, True, 2.0):
+        with pytest.raises(DataError, match=rf"^ncols={ncols!r}; fix: pass a positive whole number of columns"):
+            pl.attention_grid(np.ones((2, 4, 4), np.float32), ncols=ncols)
+    for setting, message in (({"n_sample": -1}, r"^n_sample=-1; fix"), ({"n_sample": 2.5}, r"^n_sample=2\.5; fix"),
+                             ({"seed": -1}, r"^seed must be an integer in \[0, 2\*\*63 - 1\], got -1")):
+        with pytest.raises(DataError, match=message):
+            GridLayout.fit(adata.X, adata.var_names, shape=(16, 16), order="correlation", **setting)
+    with pytest.raises(DataError, match=r"^model_dir='' names no directory"):
+        tl.fit(adata.copy(), "demo", model_dir="", epochs=1, progress=False, **TINY)

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.checks import check_flags
+from masksc.checks import check_flags, check_seed
+from masksc.data.validate import check_count
 from masksc.errors import DataError, warn
 
 ORDERS = ("hvg", "correlation")
@@ -38,6 +39,7 @@ def correlation_order(X: sp.csr_matrix, n_sample: int = 2000, seed: int = 0) -> 
     from scipy.cluster.hierarchy import leaves_list, linkage
     from scipy.spatial.distance import squareform
 
+    n_sample, seed = check_count("n_sample", n_sample), check_seed(seed)  # numpy's own errors named neither
     n = X.shape[0]
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, n_sample), replace=False))
     D = np.asarray(X[rows].toarray(), dtype=np.float64)
