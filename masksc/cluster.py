@@ -123,6 +123,7 @@ def check_embedding(Z, name: str = "Z", distances: bool = True, centre: bool = F
 def _resolve_gpus(use_gpu: bool | None, ngpu: int | None) -> int:
     """Number of GPUs FAISS should use (0 = CPU)."""
     check_flags(("use_gpu",), use_gpu=use_gpu)
+    use_gpu = None if use_gpu is None else bool(use_gpu)  # np.False_ is not False
     available = _faiss().get_num_gpus()
     if use_gpu is False:
         return 0

@@ -6,6 +6,7 @@ import contextlib
 import numpy as np
 import torch
 
+from masksc.checks import check_flags
 from masksc.progress import progress_bar
 
 
@@ -36,6 +37,7 @@ def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
     from masksc.data import CellBatches
     from masksc.models.targets import check_grid_columns
 
+    check_flags(progress=progress, amp=amp)
     check_grid_columns(X_grid_csr, getattr(model, "module", model).cfg.grid_shape)
     with evaluating(model, device) as (core, device):
         out = np.empty((X_grid_csr.shape[0], core.cfg.embedding_dim), dtype=np.float32)
@@ -43,7 +45,7 @@ def embed_matrix(model: torch.nn.Module, X_grid_csr, batch_size: int = 1024,
         for batch in progress_bar(batches, total=len(batches), desc="embed", disable=not progress, leave=False):
             batch = batch.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                enabled=amp and device.type == "cuda"):
+                                enabled=bool(amp) and device.type == "cuda"):  # torch takes no np.bool_
                 z = core.embed(batch)
             out[batch.cell_index.cpu().numpy()] = z.float().cpu().numpy()
     return out

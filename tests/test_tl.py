@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import types
 import warnings
 
 import anndata
@@ -1078,12 +1079,14 @@ def test_a_backed_file_holding_only_layers_names_them(tmp_path):
 def test_a_switch_given_a_string_is_refused_not_read_as_true(fitted, tmp_path):
     """A truthy string turned a switch on: overwrite="no" replaced the user's file, copy="no"
     returned a copy and left the object without its result, log1p="no" logged."""
+    import masksc
     from masksc import pl
-    from masksc.data import CellBatches, GridLayout
+    from masksc.data import CellBatches, GridLayout, validate_counts, with_layer
     from masksc.train import TrainConfig
     adata, _, model, _ = fitted
     ad_ = adata.copy()
     tl.embed(ad_, model, progress=False)
+    (tmp_path / "t.csv").write_text("cell,g1,g2\nc1,1,2\n")
     mine = tmp_path / "mine.png"
     mine.write_bytes(b"the user's file")
     graph = sp.csr_matrix(np.ones((4, 4), np.float32))
@@ -1100,7 +1103,10 @@ def test_a_switch_given_a_string_is_refused_not_read_as_true(fitted, tmp_path):
              ("log1p", lambda: Preprocessor(log1p="no")),
              ("shuffle", lambda: CellBatches(sp.csr_matrix(np.ones((4, 4))), shuffle="no")),
              ("strict", lambda: GridLayout.fit(adata.X, adata.var_names, shape=(16, 16), strict="no")),
-             ("amp", lambda: TrainConfig(amp=1))]
+             ("amp", lambda: TrainConfig(amp=1)),
+             ("transpose", lambda: masksc.read(tmp_path / "t.csv", transpose="no")),  # cells and genes swapped
+             ("use_raw", lambda: with_layer(ad_, None, "no")),  # read .raw
+             ("require_integer", lambda: validate_counts(ad_, require_integer="no"))]
     for name, step in steps:
         with pytest.raises(DataError, match=rf"^{name}=('no'|'False'|1): a switch must be True or False; fix: pass "
                                             rf"a bool, e.g\. {name}=False\.$"):
@@ -1148,3 +1154,23 @@ def test_counts_of_plots_and_layouts_and_an_empty_model_dir_are_checked(fitted):
             GridLayout.fit(adata.X, adata.var_names, shape=(16, 16), order="correlation", **setting)
     with pytest.raises(DataError, match=r"^model_dir='' names no directory"):
         tl.fit(adata.copy(), "demo", model_dir="", epochs=1, progress=False, **TINY)
+
+
+def test_numpy_bools_act_as_bools_and_old_runs_saved_switches_as_numbers(fitted, monkeypatch):
+    """np.False_ is not False: use_gpu=np.False_ still chose the GPU, amp=np.False_ failed in
+    torch, a Preprocessor kept np.True_ and could not be saved as JSON; a run saved progress=0
+    (accepted then) and could no longer resume."""
+    import json
+    from masksc.models.contrastive import ContrastiveConfig
+    from masksc.train import TrainConfig
+    adata, _, model, _ = fitted
+    monkeypatch.setattr(cluster, "_faiss", lambda: types.SimpleNamespace(get_num_gpus=lambda: 1))
+    assert cluster._resolve_gpus(np.False_, None) == 0 and cluster._resolve_gpus(False, None) == 0
+    np.testing.assert_array_equal(model.embed(adata, amp=np.False_, progress=np.False_),
+                                  model.embed(adata, progress=False))
+    p = Preprocessor(n_top_genes=50, log1p=np.True_).fit(adata)
+    assert json.loads(json.dumps(p.to_dict()))["params"]["log1p"] is True
+    assert ContrastiveConfig(standardize=np.True_).standardize is True
+    saved = TrainConfig(progress=False).to_dict()
+    old = TrainConfig.from_dict({**saved, "progress": 0, "amp": 1, "resume": 0})
+    assert (old.progress, old.amp, old.resume) == (False, True, False)

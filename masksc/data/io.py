@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from masksc.checks import check_flags
 from masksc.data.validate import (blank_gene_names, check_float32_range, check_labels, check_not_empty,
                                   check_values, genes_are_empty)
 from masksc.errors import DataError, warn
@@ -231,6 +232,7 @@ def read(path, format: str | None = None, transpose: bool = False, backed: bool 
     Raises DataError for a missing/unreadable file, unknown format, empty matrix, NaN/inf
     values, or labels whose length differs from the number of cells.
     """
+    check_flags(transpose=transpose, backed=backed)
     path = Path(path)
     if not path.exists():
         raise DataError(f"file not found: {path}; fix: check the path (relative paths resolve from {Path.cwd()}).")

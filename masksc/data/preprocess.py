@@ -177,6 +177,7 @@ class Preprocessor:
         if input not in ("auto", "counts", "log"):
             raise DataError(f"input={input!r}; fix: use 'auto', 'counts' or 'log'.")
         check_flags(log1p=log1p, scale=scale)
+        log1p, scale = bool(log1p), bool(scale)  # np.bool_ is not JSON
         n_top_genes, target_sum, max_value, min_counts, min_cells, span, n_bins, chunk_size = _check_params(
             n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, min_counts=min_counts,
             min_cells=min_cells, span=span, n_bins=n_bins, chunk_size=chunk_size)

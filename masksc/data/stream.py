@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from masksc.checks import check_flags
 from masksc.data.io import (_CORRUPT_FIX, _decode, _gene_expression, as_float32, canonical_csr32, check_compressed,
                              detect_format, read, set_labels, to_csr32, unique_gene_names)
 from masksc.data.validate import check_count, no_x_matrix
@@ -95,6 +96,7 @@ def _memory_rows(X, _f, a, b) -> sp.csr_matrix:
 
 def _check_one_matrix(layer: str | None, use_raw: bool) -> None:
     """Refuse a layer and .raw named together: each names the matrix to read."""
+    check_flags(use_raw=use_raw)
     if use_raw and layer is not None:
         raise DataError("use_raw=True (--use-raw) and layer= (--layer) both name the matrix to read; fix: pass one "
                         "of them.")
@@ -308,6 +310,7 @@ def open_source(source, layer: str | None = None, use_raw: bool = False) -> Chun
     :func:`read` accepts, read in memory) as a :class:`ChunkSource` of its ``X``, of the layer
     ``layer``, or with ``use_raw`` of its ``.raw`` (AnnData and ``.h5ad`` only; a backed one's
     layer or ``.raw`` is streamed from the file)."""
+    check_flags(use_raw=use_raw)
     if isinstance(source, ChunkSource):
         if layer is not None or use_raw:
             raise DataError("a ChunkSource is already one matrix; fix: pass layer= / use_raw= where it is opened.")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from masksc.checks import is_integer
+from masksc.checks import check_flags, is_integer
 from masksc.errors import DataError
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4e38: masksc computes in float32
@@ -265,6 +265,7 @@ def validate_counts(adata_or_X, require_integer: bool = True, allow_zero_cells: 
     Returns a summary dict: ``n_cells``, ``n_genes``, ``integer`` (all values whole numbers),
     ``max`` (largest value), ``n_zero_cells``.
     """
+    check_flags(require_integer=require_integer, allow_zero_cells=allow_zero_cells)
     X = _as_matrix(adata_or_X)
     check_not_empty(X)
     integer = check_values(X, require_integer=require_integer)

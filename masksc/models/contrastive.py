@@ -58,6 +58,8 @@ class ContrastiveConfig:
                  if not check(getattr(self, name))]
         if not (isinstance(self.layers, tuple) and all(is_integer(width) for width in self.layers)):
             wrong.append(f"layers={self.layers!r} must be integers (layer widths)")
+        if isinstance(self.standardize, np.bool_):  # as MaskSCConfig takes its switches
+            object.__setattr__(self, "standardize", bool(self.standardize))
         if not isinstance(self.standardize, bool):
             wrong.append(f"standardize={self.standardize!r} must be True or False")
         if wrong:  # before the comparisons below, which these would fail with a TypeError
