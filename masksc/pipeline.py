@@ -178,12 +178,9 @@ class MaskSCModel:
 
     def _kept_on_grid(self, adata, layer, use_raw, rows=None) -> tuple:
         """(:meth:`to_grid`'s CSR matrix, bool [n_cells]: False for the cells it leaves out)."""
-        from masksc.errors import CheckpointError, DataError
+        from masksc.errors import CheckpointError
         check_flags(use_raw=use_raw)
-        if not isinstance(adata, ad.AnnData):  # a bare matrix has no gene names to match the model's by
-            raise DataError(f"the model reads an AnnData, whose gene names it matches to its own, got a "
-                            f"{type(adata).__name__}; fix: wrap the cells x genes matrix as anndata.AnnData(X) with "
-                            "var_names set to the gene names (or pass a file's path to model.embed_file).")
+        _check_anndata(adata)
         with self.noting_fitted_input(layer, use_raw):
             expression = with_layer(adata, layer, use_raw)
         try:
@@ -225,6 +222,7 @@ class MaskSCModel:
         ValueError, naming the fix, for a device this machine lacks or ``meta``, before any work."""
         from masksc.errors import DataError
         from masksc.outofcore import warn_nan_rows
+        _check_anndata(adata)
         device = _run_device(device)
         check_count("batch_size", batch_size)  # before the preprocessing
         check_flags(progress=progress, amp=amp)
@@ -320,6 +318,19 @@ def _column_naming(var, genes: list[str]) -> str | None:
         if hits > best_hits:
             best, best_hits = column, hits
     return best
+
+
+def _check_anndata(adata) -> None:
+    """Refuse what is not an AnnData: a bare matrix has no gene names to match the model's by, and
+    a path is for ``embed_file``."""
+    from masksc.errors import DataError
+    if isinstance(adata, (str, os.PathLike)):
+        raise DataError(f"the model reads an AnnData, got the path {os.fspath(adata)!r}; fix: model.embed_file(path, "
+                        "OUT) streams a file, or read it first with masksc.read(path).")
+    if not isinstance(adata, ad.AnnData):
+        raise DataError(f"the model reads an AnnData, whose gene names it matches to its own, got a "
+                        f"{type(adata).__name__}; fix: wrap the cells x genes matrix as anndata.AnnData(X) with "
+                        "var_names set to the gene names (or pass a file's path to model.embed_file).")
 
 
 def _describe_input(layer: str | None, use_raw: bool) -> str:
@@ -419,8 +430,8 @@ def check_fit(preset: str = "cpu", *, epochs: int | None = None, seed: int = 0,
 
     check_flags(("streamed",), resume=resume, progress=progress, use_raw=use_raw, streamed=streamed)
     if model_dir is not None and not os.fspath(model_dir):  # "" trained and kept no checkpoint, without a word
-        raise DataError("model_dir='' names no directory; fix: pass the directory to save the model in (or None to "
-                        "keep no checkpoint).")
+        raise DataError("model_dir='' names no directory; fix: pass the directory to save the model in (-o on the "
+                        "command line; model_dir=None in Python keeps no checkpoint).")
     if resume and model_dir is None:
         raise ValueError("resume=True continues the run saved in model_dir, and none is given; fix: pass model_dir= "
                          "(the run's directory), or drop resume=True.")

@@ -110,8 +110,8 @@ class TrainConfig:
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
-        for key in ("amp", "resume", "progress"):  # earlier releases saved what was passed: progress=0, say
-            if isinstance(d.get(key), (int, np.integer)):
+        for key in ("amp", "resume", "progress"):  # earlier releases saved what was passed (progress=0 or None):
+            if key in d:                           # read as it acted, by its truth
                 d[key] = bool(d[key])
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 

@@ -1137,6 +1137,9 @@ def test_a_model_given_a_bare_matrix_says_it_reads_an_anndata(fitted):
                                                 r"own, got a \w+; fix: wrap the cells x genes matrix as "
                                                 r"anndata\.AnnData\(X\)"):
                 step()
+    with pytest.raises(DataError, match=r"^the model reads an AnnData, got the path 'cells\.h5ad'; fix: "
+                                        r"model\.embed_file\(path, OUT\) streams a file"):
+        model.embed("cells.h5ad", progress=False)  # AttributeError: 'str' object has no attribute 'shape'
 
 
 def test_counts_of_plots_and_layouts_and_an_empty_model_dir_are_checked(fitted):
@@ -1172,5 +1175,9 @@ def test_numpy_bools_act_as_bools_and_old_runs_saved_switches_as_numbers(fitted,
     assert json.loads(json.dumps(p.to_dict()))["params"]["log1p"] is True
     assert ContrastiveConfig(standardize=np.True_).standardize is True
     saved = TrainConfig(progress=False).to_dict()
-    old = TrainConfig.from_dict({**saved, "progress": 0, "amp": 1, "resume": 0})
-    assert (old.progress, old.amp, old.resume) == (False, True, False)
+    for progress in (0, None):  # progress=None, tqdm's habit, was saved as null
+        old = TrainConfig.from_dict({**saved, "progress": progress, "amp": 1, "resume": 0})
+        assert (old.progress, old.amp, old.resume) == (False, True, False)
+    d = p.to_dict()
+    again = Preprocessor.from_dict({**d, "params": {**d["params"], "log1p": 1, "scale": 0}})  # as saved before
+    np.testing.assert_array_equal(again.transform(adata).X.toarray(), p.transform(adata).X.toarray())

@@ -616,7 +616,10 @@ class Preprocessor:
     def from_dict(cls, d: dict) -> Preprocessor:
         """Rebuild a fitted Preprocessor from :meth:`to_dict` output."""
         try:
-            p = cls(**d["params"])
+            # earlier releases saved the switches as given (log1p=1): read as they acted, by truth
+            params = {k: bool(v) if k in ("log1p", "scale") and isinstance(v, (int, np.integer)) else v
+                      for k, v in d["params"].items()}
+            p = cls(**params)
             p.genes_, p.input_kind_, p.flavor_ = list(d["genes"]), d["input_kind"], d["flavor"]
             p.n_cells_fit_ = d.get("n_cells_fit")
             p.input_genes_ = d.get("input_genes")  # absent from earlier checkpoints: sum every gene, as they did
