@@ -616,9 +616,8 @@ class Preprocessor:
     def from_dict(cls, d: dict) -> Preprocessor:
         """Rebuild a fitted Preprocessor from :meth:`to_dict` output."""
         try:
-            # earlier releases saved the switches as given (log1p=1): read as they acted, by truth
-            params = {k: bool(v) if k in ("log1p", "scale") and isinstance(v, (int, np.integer)) else v
-                      for k, v in d["params"].items()}
+            # earlier releases saved the switches as given (log1p=1, None): read as they acted, by truth
+            params = {k: bool(v) if k in ("log1p", "scale") else v for k, v in d["params"].items()}
             p = cls(**params)
             p.genes_, p.input_kind_, p.flavor_ = list(d["genes"]), d["input_kind"], d["flavor"]
             p.n_cells_fit_ = d.get("n_cells_fit")
