@@ -220,8 +220,9 @@ def kmeans(Z, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 100, init
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise DataError(_bad_k(k, n))
     n_init, max_iter = check_count("n_init", n_init, "restarts"), check_count("max_iter", max_iter, "iterations")
-    if init not in ("k-means++", "random"):
-        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}.")
+    if not isinstance(init, str) or init not in ("k-means++", "random"):  # an array (sklearn's centroids) failed
+        shown = repr(init) if isinstance(init, str) else f"a {type(init).__name__}"  # as "ambiguous truth value"
+        raise ValueError(f"init must be 'k-means++' or 'random' (initial centroids are not taken), got {shown}.")
     if max_points_per_centroid is not None:
         max_points_per_centroid = check_count("max_points_per_centroid", max_points_per_centroid, "cells, or None")
     seed = check_seed(seed)
@@ -394,8 +395,8 @@ def knn_search(Z, n_neighbors: int = N_NEIGHBORS, metric: str = "euclidean", ind
     # cosine: of the unit rows, whatever the scale (and never centred, which would change the angles)
     X = check_embedding(Z, distances=metric == "euclidean", centre=metric == "euclidean")
     n = X.shape[0]
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}.")
+    if not is_number(target_recall) or not 0 < target_recall <= 1:  # "0.9" failed comparing a str, True was 1.0
+        raise ValueError(f"target_recall must be a number in (0, 1], got {target_recall!r}.")
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 or None (chosen for you), got {value!r}.")

@@ -386,6 +386,9 @@ def fit(adata, preset: str = "cpu", *, model_dir: str | os.PathLike | None = Non
     from masksc.outofcore import RowReader
 
     ctx = dist or distributed.context()
+    if teacher_overrides is not None and not isinstance(teacher_overrides, dict):  # "epochs=1": dict() failed
+        raise ValueError(f"teacher_overrides must be a dict of teacher settings, e.g. {{'epochs': 5}}, got "
+                         f"{teacher_overrides!r}.")
     teacher_overrides = dict(teacher_overrides or {})
     # bad settings, an unusable model_dir and a run that cannot resume fail here, before any reading or training
     cfg, train_cfg, resume_from = check_fit(preset, epochs=epochs, seed=seed, model_dir=model_dir, resume=resume,

@@ -702,3 +702,15 @@ def test_leiden_for_k_says_the_steps_ran_out_while_bisection_had_not_converged(m
         leiden_for_k(G, 38, max_steps=12)
     labels, resolution = leiden_for_k(G, 38)
     assert len(np.unique(labels)) == 38 and 7.2181 < resolution < 7.2183
+
+
+def test_settings_of_the_wrong_type_are_named():
+    """target_recall="0.9" failed comparing a str and True searched as 1.0; an array of initial
+    centroids (sklearn's init=) failed as "the truth value of an array is ambiguous"."""
+    X = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    for recall in ("0.9", True, None):
+        with pytest.raises(ValueError, match=rf"^target_recall must be a number in \(0, 1\], got {recall!r}\.$"):
+            knn_search(X, 5, index="ivf", target_recall=recall)
+    with pytest.raises(ValueError, match=r"^init must be 'k-means\+\+' or 'random' \(initial centroids are not "
+                                         r"taken\), got a ndarray\.$"):
+        kmeans(X, 3, init=X[:3])

@@ -1181,3 +1181,10 @@ def test_numpy_bools_act_as_bools_and_old_runs_saved_switches_as_numbers(fitted,
     d = p.to_dict()
     again = Preprocessor.from_dict({**d, "params": {**d["params"], "log1p": 1, "scale": None}})  # as saved before
     np.testing.assert_array_equal(again.transform(adata).X.toarray(), p.transform(adata).X.toarray())
+
+
+def test_teacher_overrides_must_be_a_dict(fitted):
+    adata = fitted[0]
+    with pytest.raises(ValueError, match=r"^teacher_overrides must be a dict of teacher settings, e\.g\. "
+                                         r"\{'epochs': 5\}, got 'epochs=1'\.$"):  # dict() said "sequence element #0"
+        tl.fit(adata.copy(), "demo", teacher_overrides="epochs=1", epochs=1, progress=False, **TINY)
