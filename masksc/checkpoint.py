@@ -552,12 +552,7 @@ def _check_one_save(ckpt: Path, opt: dict, state: dict) -> None:
             weights = (fh.metadata() or {}).get("save")
     except (SafetensorError, OSError, ValueError):
         return
-    saves = {WEIGHTS: weights, OPTIMIZER: opt.get("save"), STATE: state.get("save")}
-    damaged = [name for name, save in saves.items() if save is not None and not isinstance(save, str)]
-    if damaged:
-        raise CheckpointError(f"the training state in {ckpt} is damaged ({damaged[0]} holds save="
-                              f"{saves[damaged[0]]!r}, not a save's id); fix: restore it from a copy, or start the "
-                              "run again in a new directory.")
+    saves = {WEIGHTS: weights, OPTIMIZER: opt.get("save"), STATE: state.get("save")}  # ids' types: checked before
     if len(set(saves.values())) > 1:
         groups = {}
         for name, save in saves.items():
@@ -589,6 +584,9 @@ def _training_state_damage(opt, state) -> str | None:
         value = state.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"{STATE} has {key}={value!r}, not a count"
+    for name, record in ((OPTIMIZER, opt), (STATE, state)):  # the id of the save that wrote it (weights: a str)
+        if record.get("save") is not None and not isinstance(record["save"], str):
+            return f"{name} holds save={record['save']!r}, not a save's id"
     return None
 
 

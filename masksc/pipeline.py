@@ -584,13 +584,26 @@ def _check_resumed_values(run_dir: Path, meta: dict, X_grid) -> None:
     """A resumed in-memory run sees the values it stopped on (``meta``: its saved metadata, whose
     ``cells`` record runs saved before it was kept lack): other counts under the same cell names
     would continue the run on other data; else a CheckpointError."""
-    from masksc.errors import CheckpointError
     saved = (meta.get("cells") or {}).get("values")
     if saved is not None and saved != _values_digest(X_grid):
-        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on other values for these "
-                              f"{X_grid.shape[0]} cells (the same names in the same order); a resumed run must see the "
-                              "data it stopped on to continue as it would have; fix: pass the data the run started on, "
-                              "or start a new run in another directory (-o, model_dir=).")
+        raise _other_values(run_dir, f"{X_grid.shape[0]} cells")
+
+
+def _other_values(run_dir: Path, these: str, compared: str = ""):
+    """The CheckpointError for a resumed run given other values under the run's cell names
+    (``these``: which cells; ``compared``: which of them the check read, when not all)."""
+    from masksc.errors import CheckpointError
+    return CheckpointError(f"cannot resume: the run in {run_dir} was trained on other values for these {these} (the "
+                           f"same names in the same order{compared}); a resumed run must see the data it stopped on to "
+                           "continue as it would have; fix: pass the data the run started on, or start a new run in "
+                           "another directory (-o, model_dir=).")
+
+
+def _damaged_cells_record(run_dir: Path, saved):
+    """The CheckpointError for a run whose record of its cells (``saved``) is damaged."""
+    from masksc.errors import CheckpointError
+    return CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
+                           "config.json from a copy, or start the run again in a new directory.")
 
 
 def _first_values_record(reader, preprocessor, grid, chunk_size: int, m: int | None = None) -> dict:
@@ -612,21 +625,16 @@ def _first_values_record(reader, preprocessor, grid, chunk_size: int, m: int | N
 def _check_resumed_first_values(run_dir: Path, meta: dict, reader, preprocessor, grid, chunk_size: int) -> None:
     """A resumed streamed run sees the values it stopped on, in its first cells (``meta``: its saved
     metadata; runs saved before the record was kept lack it); else a CheckpointError."""
-    from masksc.errors import CheckpointError
     saved = (meta.get("cells") or {}).get("first_values")
     if saved is None:
         return
     m = saved.get("cells") if isinstance(saved, dict) else None
     if not (type(m) is int and 0 < m <= reader.n_obs and isinstance(saved.get("digest"), str)):
-        raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
-                              "config.json from a copy, or start the run again in a new directory.")
+        raise _damaged_cells_record(run_dir, saved)
     if _first_values_record(reader, preprocessor, grid, chunk_size, m)["digest"] != saved["digest"]:
         # values of another kind than the run's (normalised, never logged) are named as such first
         preprocessor.check_log_input(reader.rows(0, min(m, chunk_size)))
-        raise CheckpointError(f"cannot resume: the run in {run_dir} was trained on other values for these cells (the "
-                              f"same names in the same order; a streamed run compares its first {m} cells'); a "
-                              "resumed run must see the data it stopped on to continue as it would have; fix: pass "
-                              "the data the run started on, or start a new run in another directory (-o, model_dir=).")
+        raise _other_values(run_dir, "cells", f"; a streamed run compares its first {m} cells'")
 
 
 def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
@@ -641,8 +649,7 @@ def _check_resumed_cells(run_dir: Path, meta: dict, names) -> None:
         saved = {"n": streamed.get("n_cells"), "digest": now["digest"]} if isinstance(streamed, dict) else now
     n = saved.get("n") if isinstance(saved, dict) else None
     if not (type(n) is int and n >= 0 and isinstance(saved.get("digest"), str)):
-        raise CheckpointError(f"the cells record of the run in {run_dir} is damaged ({saved!r}); fix: restore its "
-                              "config.json from a copy, or start the run again in a new directory.")
+        raise _damaged_cells_record(run_dir, saved)
     if (now["n"], now["digest"]) != (saved["n"], saved["digest"]):
         what = (f"{saved['n']} cells, and this data has {now['n']}" if now["n"] != saved["n"] else
                 f"{saved['n']} cells with other names or in another order than this data's")
